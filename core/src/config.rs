@@ -1,0 +1,221 @@
+//! Broker configuration: the TOML file, its defaults, and validation that names the key at fault.
+//!
+//! Every queue and table the broker keeps has its bound here. Command-line flags override these
+//! values in the binary; this module only knows the file.
+
+use serde::Deserialize;
+
+/// The commented default configuration printed by `sluice generate-config`.
+pub const DEFAULT_CONFIG_TOML: &str = include_str!("../../sluice.toml");
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub limits: Limits,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address the MQTT listener binds on every shard (SO_REUSEPORT).
+    pub listen: String,
+    /// Number of shards; 0 means one per CPU the process may run on.
+    pub cores: usize,
+    /// Exact CPUs, e.g. "0,2-5"; overrides `cores` when set.
+    pub cpuset: Option<String>,
+    pub data_dir: String,
+    /// How often `$SYS/` statistics are published, in seconds; 0 turns them off.
+    pub sys_interval_secs: u64,
+}
+
+/// What to do with a message for an offline session whose queue is full.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum QueueFullPolicy {
+    /// Keep the queue, drop the arriving message (Mosquitto's behaviour).
+    DropNewest,
+    /// Drop the oldest queued message to make room.
+    DropOldest,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_packet_size: u32,
+    /// Receive Maximum we advertise: QoS 1/2 publishes a client may have unacknowledged towards us,
+    /// and our own cap on what we keep in flight towards a client.
+    pub max_inflight: u16,
+    pub max_queued_messages: usize,
+    pub queue_full_policy: QueueFullPolicy,
+    pub max_topic_levels: usize,
+    pub max_topic_length: usize,
+    pub max_subscriptions_per_session: usize,
+    /// Topic aliases a client may use towards us.
+    pub topic_alias_maximum: u16,
+    /// Upper bound on the session expiry a client may ask for, in seconds.
+    pub max_session_expiry_secs: u32,
+    /// Keep-alive the broker imposes when a client asks for more (or for none); 0 = no cap.
+    pub max_keep_alive_secs: u16,
+    /// Bytes buffered towards one connection before QoS 0 messages to it are dropped.
+    pub max_outbound_buffer_bytes: usize,
+    /// Retained messages kept by each shard (each holds a hash-partition of the topics).
+    pub max_retained_messages: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "0.0.0.0:1883".into(),
+            cores: 0,
+            cpuset: None,
+            data_dir: "./data".into(),
+            sys_interval_secs: 10,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 1_000_000,
+            max_packet_size: 1 << 20,
+            max_inflight: 64,
+            max_queued_messages: 1000,
+            queue_full_policy: QueueFullPolicy::DropNewest,
+            max_topic_levels: 32,
+            max_topic_length: 1024,
+            max_subscriptions_per_session: 1000,
+            topic_alias_maximum: 64,
+            max_session_expiry_secs: u32::MAX,
+            max_keep_alive_secs: 0,
+            max_outbound_buffer_bytes: 4 << 20,
+            max_retained_messages: 1_000_000,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config { server: ServerConfig::default(), limits: Limits::default() }
+    }
+}
+
+/// A configuration error that says which key is wrong and why.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("config key `{key}`: {problem}")]
+pub struct ConfigError {
+    pub key: String,
+    pub problem: String,
+}
+
+impl Config {
+    /// Parses and validates a TOML document.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| {
+            let msg = e.message().to_string();
+            // toml names unknown keys in the message; the span gives the line otherwise.
+            let key = msg
+                .split('`')
+                .nth(1)
+                .map(str::to_string)
+                .unwrap_or_else(|| e.span().map(|s| span_key(text, s.start)).unwrap_or_default());
+            ConfigError { key, problem: msg }
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks values the types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |key: &str, problem: &str| Err(ConfigError { key: key.into(), problem: problem.into() });
+        if self.server.listen.parse::<std::net::SocketAddr>().is_err() {
+            return err("server.listen", "must be an IP address and port, e.g. 0.0.0.0:1883");
+        }
+        if let Some(set) = &self.server.cpuset {
+            if let Err(e) = parse_cpuset(set) {
+                return err("server.cpuset", &e);
+            }
+        }
+        let l = &self.limits;
+        if l.max_packet_size < 64 {
+            return err("limits.max_packet_size", "must be at least 64 bytes");
+        }
+        if l.max_packet_size > 268_435_455 {
+            return err("limits.max_packet_size", "must be at most 268435455 bytes (the MQTT maximum)");
+        }
+        if l.max_inflight == 0 {
+            return err("limits.max_inflight", "must be at least 1");
+        }
+        if l.max_connections == 0 {
+            return err("limits.max_connections", "must be at least 1");
+        }
+        if l.max_topic_levels == 0 || l.max_topic_length == 0 {
+            return err("limits.max_topic_levels", "topic limits must be at least 1");
+        }
+        if l.max_topic_length > 65_535 {
+            return err("limits.max_topic_length", "must be at most 65535 (an MQTT string)");
+        }
+        Ok(())
+    }
+}
+
+fn span_key(text: &str, offset: usize) -> String {
+    let line = text[..offset.min(text.len())].lines().last().unwrap_or("");
+    let full = text.lines().nth(text[..offset.min(text.len())].matches('\n').count()).unwrap_or(line);
+    full.split('=').next().unwrap_or("").trim().to_string()
+}
+
+/// Parses "0,2-5" into [0, 2, 3, 4, 5].
+pub fn parse_cpuset(s: &str) -> Result<Vec<usize>, String> {
+    let mut cpus = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let bad = || format!("`{part}` is not a CPU number or range like 2-5");
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (usize, usize) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+                if a > b {
+                    return Err(bad());
+                }
+                cpus.extend(a..=b);
+            }
+            None => cpus.push(part.parse().map_err(|_| bad())?),
+        }
+    }
+    if cpus.is_empty() {
+        return Err("names no CPU".into());
+    }
+    cpus.sort_unstable();
+    cpus.dedup();
+    Ok(cpus)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_file_parses_to_defaults() {
+        assert_eq!(Config::from_toml(DEFAULT_CONFIG_TOML).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = Config::from_toml("[limits]\nmax_packet_size = 3\n").unwrap_err();
+        assert_eq!(e.key, "limits.max_packet_size");
+        let e = Config::from_toml("[limits]\nmax_pakcet_size = 3\n").unwrap_err();
+        assert!(e.key.contains("max_pakcet_size"), "{e}");
+        let e = Config::from_toml("[limits]\nmax_inflight = \"many\"\n").unwrap_err();
+        assert!(e.to_string().contains("max_inflight"), "{e}");
+        let e = Config::from_toml("[server]\ncpuset = \"1-x\"\n").unwrap_err();
+        assert_eq!(e.key, "server.cpuset");
+    }
+
+    #[test]
+    fn cpusets() {
+        assert_eq!(parse_cpuset("0,2-4").unwrap(), vec![0, 2, 3, 4]);
+        assert!(parse_cpuset("4-2").is_err());
+        assert!(parse_cpuset("").is_err());
+    }
+}

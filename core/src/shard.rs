@@ -1,0 +1,1344 @@
+//! The broker state one core owns, as a sans-I/O state machine.
+//!
+//! A [`Shard`] holds the connections its core accepted, the sessions hosted there, a trie of those
+//! sessions' subscriptions, and the hash-partition of retained messages, session directory entries
+//! and shared-subscription groups that this shard owns. It never blocks, never locks and never
+//! touches a socket: the caller feeds it bytes ([`Shard::on_bytes`]), lost connections, ticks and
+//! [`ShardMsg`]s from other shards, then drains [`Shard::take_output`] (bytes per connection) and
+//! [`Shard::drain_effects`] (connections to close, messages for other shards).
+//!
+//! How the shards cooperate, all by message passing:
+//! - Publish: matched against the local trie, and sent as one [`ShardMsg::Publish`] to every other
+//!   shard, which matches its own trie. One FIFO channel per pair of shards keeps per-publisher order.
+//! - Retained messages: stored by the shard that owns `hash(topic)`; a new subscription asks every
+//!   shard ([`ShardMsg::RetainedQuery`]) and delivers the replies after its SUBACK.
+//! - Sessions: the shard owning `hash(client_id)` keeps the directory entry "which shard hosts this
+//!   session". A CONNECT claims the id there; the directory evicts the previous host, which closes
+//!   the old connection (0x8E) and ships the session over ([`ShardMsg::Transfer`]).
+//! - Shared subscriptions: the shard owning `hash(group/filter)` keeps the member list and picks
+//!   one member per message, round-robin, wherever the member's shard is.
+//!
+//! Invariants: every queue has a bound from [`Limits`]; a session is hosted by at most one shard;
+//! a session's subscriptions are in the trie of exactly the shard hosting it.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::config::{Limits, QueueFullPolicy};
+use crate::packet::{
+    self, reason, ConnAck, Connect, Disconnect, Packet, Properties, PubResp, Publish, SubAck, SubOptions, Subscribe,
+    UnsubAck, Unsubscribe, Version, Will,
+};
+use crate::topic::{self, TopicLimits, Trie};
+
+pub type ShardId = usize;
+/// A connection's id, unique within its shard.
+pub type ConnId = u64;
+pub type ClientId = Arc<str>;
+
+/// An application message as it travels between shards: immutable, shared.
+#[derive(Debug)]
+pub struct Message {
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: u8,
+    pub retain: bool,
+    /// Publish properties to forward (no alias, no subscription ids, no expiry: see `expiry_at_ms`).
+    pub properties: Properties,
+    pub expiry_at_ms: Option<u64>,
+    /// Client id of the publisher, for No Local.
+    pub origin: ClientId,
+}
+
+pub type Msg = Arc<Message>;
+
+/// Work one shard asks of another.
+#[derive(Debug)]
+pub enum ShardMsg {
+    Publish(Msg),
+    /// To the directory shard: `host` wants the session of `client_id` for connection `conn`.
+    Claim { client_id: ClientId, host: ShardId, conn: ConnId, clean_start: bool },
+    /// To the previous host: close the old connection and send the session to `to`.
+    Evict { client_id: ClientId, to: ShardId, conn: ConnId, clean_start: bool },
+    /// To the new host: the session (if any) for the pending connection `conn`.
+    Transfer { client_id: ClientId, conn: ConnId, session: Option<Box<Session>> },
+    /// To the directory shard: the session ended on `host`.
+    Release { client_id: ClientId, host: ShardId },
+    RetainedQuery { filter: String, to: ShardId, client_id: ClientId, opts: SubOptions, sub_id: Option<u32> },
+    RetainedReply { client_id: ClientId, msgs: Vec<Msg>, opts: SubOptions, sub_id: Option<u32> },
+    ShareJoin { key: String, member: ShareMember },
+    ShareLeave { key: String, client_id: ClientId },
+    ShareDeliver { client_id: ClientId, msg: Msg, opts: SubOptions, sub_id: Option<u32> },
+    /// To shard 0: this shard's counters, for the `$SYS/broker/...` totals.
+    Stats { from: ShardId, stats: Stats },
+}
+
+#[derive(Clone, Debug)]
+pub struct ShareMember {
+    pub client_id: ClientId,
+    pub shard: ShardId,
+    pub opts: SubOptions,
+    pub sub_id: Option<u32>,
+}
+
+/// Counters a shard keeps; published under `$SYS/`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub clients_connected: u64,
+    pub sessions: u64,
+    pub subscriptions: u64,
+    pub retained: u64,
+    pub messages_received: u64,
+    pub messages_sent: u64,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    pub dropped_queue_full: u64,
+    pub dropped_slow_qos0: u64,
+    pub dropped_too_large: u64,
+    pub dropped_expired: u64,
+    pub malformed: u64,
+}
+
+#[derive(Clone, Debug)]
+struct Sub {
+    opts: SubOptions,
+    sub_id: Option<u32>,
+}
+
+/// One message on its way to one session.
+#[derive(Clone, Debug)]
+struct Delivery {
+    msg: Msg,
+    qos: u8,
+    retain: bool,
+    sub_ids: Vec<u32>,
+}
+
+#[derive(Clone, Debug)]
+enum Inflight {
+    /// PUBLISH sent, waiting for PUBACK (QoS 1) or PUBREC (QoS 2).
+    Publish(Delivery),
+    /// PUBREL sent, waiting for PUBCOMP.
+    Release,
+}
+
+/// A session: what survives a connection. Moves between shards in [`ShardMsg::Transfer`].
+#[derive(Debug)]
+pub struct Session {
+    client_id: ClientId,
+    conn: Option<ConnId>,
+    subs: HashMap<String, Sub>,
+    inflight: BTreeMap<u16, Inflight>,
+    queue: VecDeque<Delivery>,
+    next_pid: u16,
+    /// QoS 2 packet ids received and PUBREC'd, waiting for PUBREL.
+    incoming_qos2: HashSet<u16>,
+    expiry_secs: u32,
+    expires_at_ms: Option<u64>,
+    /// A will waiting out its delay while the session is offline.
+    pending_will: Option<(u64, Will)>,
+}
+
+impl Session {
+    fn new(client_id: ClientId) -> Self {
+        Session {
+            client_id,
+            conn: None,
+            subs: HashMap::new(),
+            inflight: BTreeMap::new(),
+            queue: VecDeque::new(),
+            next_pid: 1,
+            incoming_qos2: HashSet::new(),
+            expiry_secs: 0,
+            expires_at_ms: None,
+            pending_will: None,
+        }
+    }
+
+    fn alloc_pid(&mut self) -> u16 {
+        loop {
+            let pid = self.next_pid;
+            self.next_pid = if pid == u16::MAX { 1 } else { pid + 1 };
+            if !self.inflight.contains_key(&pid) {
+                return pid;
+            }
+        }
+    }
+}
+
+enum ConnState {
+    AwaitConnect,
+    /// CONNECT accepted, waiting for the directory and the previous host.
+    Pending(Box<Connect>),
+    Active,
+    /// Closing: the last bytes are being flushed; input is ignored.
+    Closing,
+}
+
+struct Conn {
+    state: ConnState,
+    version: Option<Version>,
+    client_id: Option<ClientId>,
+    out: BytesMut,
+    keep_alive_ms: u64,
+    last_rx_ms: u64,
+    client_max_packet: usize,
+    client_receive_max: u16,
+    client_alias_max: u16,
+    in_aliases: HashMap<u16, String>,
+    out_aliases: HashMap<String, u16>,
+    will: Option<Will>,
+    assigned_id: bool,
+    /// Session expiry asked for in CONNECT (MQTT 5); DISCONNECT may not raise it from 0.
+    connect_expiry: u32,
+}
+
+/// What the caller must do besides writing bytes.
+#[derive(Debug, Default)]
+pub struct Effects {
+    /// Connections whose output buffer has bytes to write.
+    pub dirty: Vec<ConnId>,
+    /// Connections to close once their output is flushed.
+    pub close: Vec<ConnId>,
+    /// Messages for other shards, in send order.
+    pub to_shards: Vec<(ShardId, ShardMsg)>,
+}
+
+pub struct Shard {
+    id: ShardId,
+    n_shards: usize,
+    limits: Limits,
+    topic_limits: TopicLimits,
+    conns: HashMap<ConnId, Conn>,
+    sessions: HashMap<ClientId, Session>,
+    trie: Trie<ClientId, Sub>,
+    retained: HashMap<String, Msg>,
+    directory: HashMap<ClientId, ShardId>,
+    shared: Trie<String, ShareGroup>,
+    effects: Effects,
+    local: VecDeque<ShardMsg>,
+    stats: Stats,
+    shard_stats: Vec<Stats>,
+    /// Connections open on all shards, as last reported; the max_connections check uses it.
+    started_ms: u64,
+    next_assigned: u64,
+    last_sys_ms: u64,
+    last_keepalive_scan_ms: u64,
+}
+
+#[derive(Default)]
+struct ShareGroup {
+    members: Vec<ShareMember>,
+    next: usize,
+}
+
+fn shard_of(key: &str, n: usize) -> ShardId {
+    // FNV-1a: stable across processes and releases, unlike std's RandomState.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    (h % n as u64) as usize
+}
+
+/// Which shard owns the directory entry of `client_id` among `n` shards.
+pub fn directory_shard(client_id: &str, n: usize) -> ShardId {
+    shard_of(client_id, n)
+}
+
+fn expiry_left_secs(msg: &Message, now_ms: u64) -> Option<Option<u32>> {
+    match msg.expiry_at_ms {
+        None => Some(None),
+        Some(at) if at > now_ms => Some(Some((at - now_ms).div_ceil(1000) as u32)),
+        Some(_) => None,
+    }
+}
+
+impl Shard {
+    pub fn new(id: ShardId, n_shards: usize, limits: Limits, now_ms: u64) -> Self {
+        let topic_limits = TopicLimits { max_levels: limits.max_topic_levels, max_len: limits.max_topic_length };
+        Shard {
+            id,
+            n_shards,
+            limits,
+            topic_limits,
+            conns: HashMap::new(),
+            sessions: HashMap::new(),
+            trie: Trie::default(),
+            retained: HashMap::new(),
+            directory: HashMap::new(),
+            shared: Trie::default(),
+            effects: Effects::default(),
+            local: VecDeque::new(),
+            stats: Stats::default(),
+            shard_stats: vec![Stats::default(); n_shards],
+            started_ms: now_ms,
+            next_assigned: 0,
+            last_sys_ms: now_ms,
+            last_keepalive_scan_ms: now_ms,
+        }
+    }
+
+    pub fn id(&self) -> ShardId {
+        self.id
+    }
+
+    pub fn stats(&self) -> Stats {
+        let mut s = self.stats;
+        s.sessions = self.sessions.len() as u64;
+        s.subscriptions = self.trie.len() as u64;
+        s.retained = self.retained.len() as u64;
+        s
+    }
+
+    /// Connections open on this shard (accepted, any state).
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Whether one more connection may be accepted, from the last known totals of all shards.
+    pub fn may_accept(&self) -> bool {
+        let others: u64 =
+            self.shard_stats.iter().enumerate().filter(|(i, _)| *i != self.id).map(|(_, s)| s.clients_connected).sum();
+        (others as usize + self.conns.len()) < self.limits.max_connections
+    }
+
+    /// A new connection was accepted.
+    pub fn on_open(&mut self, conn: ConnId, now_ms: u64) {
+        self.conns.insert(
+            conn,
+            Conn {
+                state: ConnState::AwaitConnect,
+                version: None,
+                client_id: None,
+                out: BytesMut::new(),
+                keep_alive_ms: 0,
+                last_rx_ms: now_ms,
+                client_max_packet: usize::MAX,
+                client_receive_max: u16::MAX,
+                client_alias_max: 0,
+                in_aliases: HashMap::new(),
+                out_aliases: HashMap::new(),
+                will: None,
+                assigned_id: false,
+                connect_expiry: 0,
+            },
+        );
+    }
+
+    /// Bytes arrived on `conn`. Decodes and handles every whole packet in `buf`, leaving a partial one.
+    pub fn on_bytes(&mut self, conn: ConnId, buf: &mut BytesMut, now_ms: u64) {
+        self.stats.bytes_received += buf.len() as u64;
+        loop {
+            let Some(c) = self.conns.get_mut(&conn) else { return };
+            if matches!(c.state, ConnState::Closing) {
+                buf.clear();
+                return;
+            }
+            // A pending CONNECT must finish before we read on: later packets depend on the session.
+            if matches!(c.state, ConnState::Pending(_)) {
+                break;
+            }
+            c.last_rx_ms = now_ms;
+            let version = c.version;
+            match packet::decode(buf, version, self.limits.max_packet_size as usize) {
+                Ok(Some(p)) => self.on_packet(conn, p, now_ms),
+                Ok(None) => break,
+                Err(e) => {
+                    self.stats.malformed += 1;
+                    if version.is_none() && e.code == reason::UNSUPPORTED_PROTOCOL_VERSION {
+                        // Answer in the 3.1.1 form every client version understands.
+                        self.send(conn, Packet::ConnAck(ConnAck { session_present: false, code: e.code, properties: Properties::default() }));
+                        self.conns.get_mut(&conn).unwrap().version = Some(Version::V311);
+                        self.close(conn, None, now_ms);
+                    } else {
+                        self.protocol_close(conn, e.code, e.what, now_ms);
+                    }
+                    buf.clear();
+                    break;
+                }
+            }
+        }
+        self.run_local(now_ms);
+    }
+
+    /// Whether the connection is waiting for its session; the caller should hold further input.
+    pub fn is_pending(&self, conn: ConnId) -> bool {
+        matches!(self.conns.get(&conn).map(|c| &c.state), Some(ConnState::Pending(_)))
+    }
+
+    /// The socket closed or failed without a DISCONNECT (or after we decided to close it).
+    pub fn on_lost(&mut self, conn: ConnId, now_ms: u64) {
+        if let Some(c) = self.conns.get(&conn) {
+            if !matches!(c.state, ConnState::Closing) {
+                self.detach(conn, true, now_ms);
+            }
+        }
+        self.conns.remove(&conn);
+        self.run_local(now_ms);
+    }
+
+    /// Takes the bytes waiting to be written to `conn`.
+    pub fn take_output(&mut self, conn: ConnId) -> Option<BytesMut> {
+        let c = self.conns.get_mut(&conn)?;
+        if c.out.is_empty() {
+            return None;
+        }
+        Some(c.out.split())
+    }
+
+    pub fn drain_effects(&mut self) -> Effects {
+        std::mem::take(&mut self.effects)
+    }
+
+    /// Messages from another shard.
+    pub fn on_shard_msgs(&mut self, msgs: impl IntoIterator<Item = ShardMsg>, now_ms: u64) {
+        for m in msgs {
+            self.handle_shard_msg(m, now_ms);
+        }
+        self.run_local(now_ms);
+    }
+
+    /// Periodic work: keep-alive, delayed wills, session expiry, `$SYS`. Call every ~100 ms.
+    pub fn tick(&mut self, now_ms: u64, sys_interval_ms: u64) {
+        if now_ms.saturating_sub(self.last_keepalive_scan_ms) >= 500 {
+            self.last_keepalive_scan_ms = now_ms;
+            let expired: Vec<ConnId> = self
+                .conns
+                .iter()
+                .filter(|(_, c)| match c.state {
+                    ConnState::Active | ConnState::AwaitConnect => {
+                        let limit = if c.keep_alive_ms > 0 { c.keep_alive_ms * 3 / 2 } else { u64::MAX };
+                        // A connection that never sends CONNECT is dropped after 10 s.
+                        let limit = if c.version.is_none() { 10_000 } else { limit };
+                        now_ms.saturating_sub(c.last_rx_ms) > limit
+                    }
+                    _ => false,
+                })
+                .map(|(id, _)| *id)
+                .collect();
+            for id in expired {
+                self.protocol_close(id, reason::KEEP_ALIVE_TIMEOUT, "keep alive timeout", now_ms);
+            }
+            let mut wills = Vec::new();
+            let mut ended = Vec::new();
+            for s in self.sessions.values_mut() {
+                if let Some((at, _)) = &s.pending_will {
+                    if *at <= now_ms {
+                        wills.push((s.client_id.clone(), s.pending_will.take().unwrap().1));
+                    }
+                }
+                if let Some(at) = s.expires_at_ms {
+                    if s.conn.is_none() && at <= now_ms {
+                        ended.push(s.client_id.clone());
+                    }
+                }
+            }
+            for (id, w) in wills {
+                self.publish_will(&id, w, now_ms);
+            }
+            for id in ended {
+                if let Some(s) = self.sessions.remove(&id) {
+                    self.end_session(s, now_ms);
+                }
+            }
+        }
+        if sys_interval_ms > 0 && now_ms.saturating_sub(self.last_sys_ms) >= sys_interval_ms {
+            self.last_sys_ms = now_ms;
+            self.publish_sys(now_ms);
+        }
+        self.run_local(now_ms);
+    }
+
+    /// Clean shutdown: close every connection without publishing wills; sessions stay as they are.
+    pub fn shutdown(&mut self, now_ms: u64) {
+        let ids: Vec<ConnId> = self.conns.keys().copied().collect();
+        for id in ids {
+            if let Some(c) = self.conns.get_mut(&id) {
+                c.will = None;
+            }
+            self.close(id, Some(reason::SERVER_SHUTTING_DOWN), now_ms);
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Output helpers
+    // -----------------------------------------------------------------------------------------
+
+    fn to_shard(&mut self, to: ShardId, msg: ShardMsg) {
+        if to == self.id {
+            self.local.push_back(msg);
+        } else {
+            self.effects.to_shards.push((to, msg));
+        }
+    }
+
+    fn run_local(&mut self, now_ms: u64) {
+        while let Some(m) = self.local.pop_front() {
+            self.handle_shard_msg(m, now_ms);
+        }
+    }
+
+    /// Encodes `p` for `conn`. Returns false (and sends nothing) when the client's Maximum Packet
+    /// Size would be exceeded.
+    fn send(&mut self, conn: ConnId, p: Packet) -> bool {
+        let Some(c) = self.conns.get_mut(&conn) else { return false };
+        let version = c.version.unwrap_or(Version::V311);
+        if c.client_max_packet != usize::MAX && packet::encoded_len(&p, version) > c.client_max_packet {
+            return false;
+        }
+        let was_empty = c.out.is_empty();
+        let n = packet::encode(&p, version, &mut c.out);
+        self.stats.bytes_sent += n as u64;
+        if was_empty {
+            self.effects.dirty.push(conn);
+        }
+        true
+    }
+
+    /// Closes `conn`: for MQTT 5 a DISCONNECT with `code` first. The will is published unless the
+    /// client sent DISCONNECT 0x00 (the caller clears it then) or the broker is shutting down.
+    fn close(&mut self, conn: ConnId, code: Option<u8>, now_ms: u64) {
+        let Some(c) = self.conns.get(&conn) else { return };
+        if matches!(c.state, ConnState::Closing) {
+            return;
+        }
+        if let (Some(code), Some(Version::V5), ConnState::Active) = (code, c.version, &c.state) {
+            self.send(conn, Packet::Disconnect(Disconnect { code, properties: Properties::default() }));
+        }
+        self.detach(conn, true, now_ms);
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.state = ConnState::Closing;
+        }
+        self.effects.close.push(conn);
+    }
+
+    fn protocol_close(&mut self, conn: ConnId, code: u8, _why: &str, now_ms: u64) {
+        self.close(conn, Some(code), now_ms);
+    }
+
+    /// Separates a connection from its session: will handling and session expiry start here.
+    fn detach(&mut self, conn: ConnId, publish_will: bool, now_ms: u64) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        let was_active = matches!(c.state, ConnState::Active);
+        let will = if publish_will { c.will.take() } else { None };
+        let client_id = c.client_id.clone();
+        c.state = ConnState::Closing;
+        if !was_active {
+            return;
+        }
+        self.stats.clients_connected = self.stats.clients_connected.saturating_sub(1);
+        let Some(id) = client_id else { return };
+        let Some(s) = self.sessions.get_mut(&id) else { return };
+        if s.conn != Some(conn) {
+            return;
+        }
+        s.conn = None;
+        let expiry = s.expiry_secs;
+        if let Some(w) = will {
+            let delay = w.properties.will_delay_interval.unwrap_or(0);
+            if delay > 0 && expiry > 0 {
+                s.pending_will = Some((now_ms + u64::from(delay.min(expiry)) * 1000, w));
+            } else {
+                self.publish_will(&id, w, now_ms);
+            }
+        }
+        let s = self.sessions.get_mut(&id).unwrap();
+        if expiry == 0 {
+            let s = self.sessions.remove(&id).unwrap();
+            self.end_session(s, now_ms);
+        } else if expiry != u32::MAX {
+            s.expires_at_ms = Some(now_ms + u64::from(expiry) * 1000);
+        }
+    }
+
+    /// A session ends for good: its will (if still waiting) goes out, its subscriptions go away.
+    fn end_session(&mut self, mut s: Session, now_ms: u64) {
+        if let Some((_, w)) = s.pending_will.take() {
+            self.publish_will(&s.client_id, w, now_ms);
+        }
+        self.drop_subscriptions(&mut s);
+        let dir = directory_shard(&s.client_id, self.n_shards);
+        self.to_shard(dir, ShardMsg::Release { client_id: s.client_id.clone(), host: self.id });
+    }
+
+    fn drop_subscriptions(&mut self, s: &mut Session) {
+        for (filter, _) in s.subs.drain() {
+            self.unsubscribe_one(&s.client_id, &filter);
+        }
+    }
+
+    fn unsubscribe_one(&mut self, client_id: &ClientId, filter: &str) {
+        match topic::parse_shared(filter) {
+            Some(Ok((group, f))) => {
+                let key = format!("{group}/{f}");
+                let owner = shard_of(&key, self.n_shards);
+                self.to_shard(owner, ShardMsg::ShareLeave { key, client_id: client_id.clone() });
+            }
+            _ => {
+                self.trie.remove(filter, client_id);
+            }
+        }
+    }
+
+    fn publish_will(&mut self, client_id: &ClientId, w: Will, now_ms: u64) {
+        let mut properties = w.properties;
+        properties.will_delay_interval = None;
+        let expiry = properties.message_expiry_interval.take();
+        let msg = Arc::new(Message {
+            topic: w.topic,
+            payload: w.payload,
+            qos: w.qos,
+            retain: w.retain,
+            properties,
+            expiry_at_ms: expiry.map(|e| now_ms + u64::from(e) * 1000),
+            origin: client_id.clone(),
+        });
+        self.route(msg, now_ms);
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Packets from clients
+    // -----------------------------------------------------------------------------------------
+
+    fn on_packet(&mut self, conn: ConnId, p: Packet, now_ms: u64) {
+        let c = self.conns.get(&conn).unwrap();
+        if matches!(c.state, ConnState::AwaitConnect) {
+            if let Packet::Connect(connect) = p {
+                self.on_connect(conn, connect, now_ms);
+            } else {
+                self.close(conn, None, now_ms);
+            }
+            return;
+        }
+        match p {
+            Packet::Publish(publish) => self.on_publish(conn, publish, now_ms),
+            Packet::PubAck(r) => self.on_ack(conn, r.packet_id, false, now_ms),
+            Packet::PubRec(r) => {
+                if r.code >= 0x80 {
+                    // The client refused the message: the exchange ends here.
+                    self.on_ack(conn, r.packet_id, false, now_ms);
+                } else {
+                    self.on_ack(conn, r.packet_id, true, now_ms);
+                }
+            }
+            Packet::PubRel(r) => {
+                let Some(s) = self.session_of(conn) else { return };
+                let found = s.incoming_qos2.remove(&r.packet_id);
+                let code = if found { reason::SUCCESS } else { reason::PACKET_ID_NOT_FOUND };
+                self.send(conn, Packet::PubComp(PubResp { packet_id: r.packet_id, code, properties: Properties::default() }));
+            }
+            Packet::PubComp(r) => self.on_ack(conn, r.packet_id, false, now_ms),
+            Packet::Subscribe(s) => self.on_subscribe(conn, s, now_ms),
+            Packet::Unsubscribe(u) => self.on_unsubscribe(conn, u),
+            Packet::PingReq => {
+                self.send(conn, Packet::PingResp);
+            }
+            Packet::Disconnect(d) => {
+                let c = self.conns.get_mut(&conn).unwrap();
+                if let Some(e) = d.properties.session_expiry_interval {
+                    if c.connect_expiry == 0 && e != 0 {
+                        self.protocol_close(conn, reason::PROTOCOL_ERROR, "session expiry raised from 0", now_ms);
+                        return;
+                    }
+                    let e = e.min(self.limits.max_session_expiry_secs);
+                    if let Some(id) = c.client_id.clone() {
+                        if let Some(s) = self.sessions.get_mut(&id) {
+                            s.expiry_secs = e;
+                        }
+                    }
+                }
+                let c = self.conns.get_mut(&conn).unwrap();
+                if d.code != reason::DISCONNECT_WITH_WILL {
+                    c.will = None;
+                }
+                self.close(conn, None, now_ms);
+            }
+            Packet::Auth(_) => {
+                // No enhanced authentication method is offered, so AUTH is never expected.
+                self.protocol_close(conn, reason::PROTOCOL_ERROR, "AUTH without an authentication method", now_ms);
+            }
+            Packet::Connect(_) => self.protocol_close(conn, reason::PROTOCOL_ERROR, "second CONNECT", now_ms),
+            Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
+                self.protocol_close(conn, reason::PROTOCOL_ERROR, "server-to-client packet from a client", now_ms)
+            }
+        }
+    }
+
+    fn session_of(&mut self, conn: ConnId) -> Option<&mut Session> {
+        let id = self.conns.get(&conn)?.client_id.clone()?;
+        self.sessions.get_mut(&id)
+    }
+
+    fn on_connect(&mut self, conn: ConnId, mut connect: Box<Connect>, now_ms: u64) {
+        let v5 = connect.version.is_v5();
+        let c = self.conns.get_mut(&conn).unwrap();
+        c.version = Some(connect.version);
+        let refuse = |shard: &mut Shard, code: u8| {
+            shard.send(conn, Packet::ConnAck(ConnAck { session_present: false, code, properties: Properties::default() }));
+            if let Some(c) = shard.conns.get_mut(&conn) {
+                c.will = None;
+            }
+            shard.close(conn, None, now_ms);
+        };
+        if connect.properties.authentication_method.is_some() {
+            return refuse(self, reason::BAD_AUTHENTICATION_METHOD);
+        }
+        if connect.client_id.is_empty() {
+            if !v5 && !connect.clean_start {
+                return refuse(self, reason::CLIENT_IDENTIFIER_NOT_VALID);
+            }
+            self.next_assigned += 1;
+            connect.client_id = format!("sluice-{}-{}-{}", self.id, now_ms, self.next_assigned);
+            self.conns.get_mut(&conn).unwrap().assigned_id = true;
+        }
+        if let Some(w) = &connect.will {
+            if !topic::valid_topic_name(&w.topic, &self.topic_limits) {
+                return refuse(self, reason::TOPIC_NAME_INVALID);
+            }
+            if w.properties.payload_format_indicator == Some(1) && std::str::from_utf8(&w.payload).is_err() {
+                return refuse(self, reason::PAYLOAD_FORMAT_INVALID);
+            }
+        }
+        if !self.may_accept() {
+            return refuse(self, if v5 { reason::QUOTA_EXCEEDED } else { reason::SERVER_UNAVAILABLE });
+        }
+        let c = self.conns.get_mut(&conn).unwrap();
+        let mut ka = u64::from(connect.keep_alive);
+        let cap = u64::from(self.limits.max_keep_alive_secs);
+        if cap > 0 && (ka == 0 || ka > cap) {
+            ka = cap;
+        }
+        c.keep_alive_ms = ka * 1000;
+        c.will = connect.will.take();
+        if v5 {
+            let p = &connect.properties;
+            c.client_max_packet = p.maximum_packet_size.map_or(usize::MAX, |m| m as usize);
+            c.client_receive_max = p.receive_maximum.unwrap_or(u16::MAX);
+            c.client_alias_max = p.topic_alias_maximum.unwrap_or(0);
+            c.connect_expiry = p.session_expiry_interval.unwrap_or(0);
+        }
+        let client_id: ClientId = connect.client_id.as_str().into();
+        c.client_id = Some(client_id.clone());
+        let clean_start = connect.clean_start;
+        c.state = ConnState::Pending(connect);
+        let dir = directory_shard(&client_id, self.n_shards);
+        self.to_shard(dir, ShardMsg::Claim { client_id, host: self.id, conn, clean_start });
+    }
+
+    /// The session for a pending connection arrived (or there is none): finish the CONNECT.
+    fn on_transfer(&mut self, client_id: ClientId, conn: ConnId, session: Option<Box<Session>>, now_ms: u64) {
+        let pending = match self.conns.get_mut(&conn) {
+            Some(c) if matches!(c.state, ConnState::Pending(_)) && c.client_id.as_ref() == Some(&client_id) => {
+                match std::mem::replace(&mut c.state, ConnState::Active) {
+                    ConnState::Pending(p) => Some(p),
+                    _ => unreachable!(),
+                }
+            }
+            _ => None,
+        };
+        let Some(connect) = pending else {
+            // The connection went away while its session was on the way: keep the session here.
+            match session {
+                Some(mut s) if s.expiry_secs > 0 => {
+                    s.conn = None;
+                    if s.expiry_secs != u32::MAX {
+                        s.expires_at_ms = Some(now_ms + u64::from(s.expiry_secs) * 1000);
+                    }
+                    self.adopt(*s);
+                }
+                Some(s) => self.end_session(*s, now_ms),
+                None => {
+                    let dir = directory_shard(&client_id, self.n_shards);
+                    self.to_shard(dir, ShardMsg::Release { client_id, host: self.id });
+                }
+            }
+            return;
+        };
+        let v5 = connect.version.is_v5();
+        let mut session_present = false;
+        let mut session = match session {
+            Some(mut old) if !connect.clean_start => {
+                session_present = true;
+                // A new connection to this session cancels a will still waiting out its delay.
+                old.pending_will = None;
+                *old
+            }
+            Some(old) => {
+                self.end_session_quietly(*old, now_ms);
+                Session::new(client_id.clone())
+            }
+            None => Session::new(client_id.clone()),
+        };
+        session.expiry_secs = if v5 {
+            connect.properties.session_expiry_interval.unwrap_or(0).min(self.limits.max_session_expiry_secs)
+        } else if connect.clean_start {
+            0
+        } else {
+            u32::MAX
+        };
+        session.expires_at_ms = None;
+        session.conn = Some(conn);
+        self.stats.clients_connected += 1;
+        let c = self.conns.get(&conn).unwrap();
+        let mut props = Properties::default();
+        if v5 {
+            if c.assigned_id {
+                props.assigned_client_identifier = Some(client_id.to_string());
+            }
+            props.receive_maximum = Some(self.limits.max_inflight);
+            props.topic_alias_maximum = Some(self.limits.topic_alias_maximum);
+            props.maximum_packet_size = Some(self.limits.max_packet_size);
+            props.retain_available = Some(1);
+            props.wildcard_subscription_available = Some(1);
+            props.subscription_identifier_available = Some(1);
+            props.shared_subscription_available = Some(1);
+            let asked = connect.properties.session_expiry_interval.unwrap_or(0);
+            if asked != session.expiry_secs {
+                props.session_expiry_interval = Some(session.expiry_secs);
+            }
+            if u64::from(connect.keep_alive) * 1000 != c.keep_alive_ms {
+                props.server_keep_alive = Some((c.keep_alive_ms / 1000) as u16);
+            }
+        }
+        self.send(conn, Packet::ConnAck(ConnAck { session_present, code: reason::SUCCESS, properties: props }));
+        self.adopt(session);
+        // Redeliver what was in flight, in order, then whatever waited in the queue.
+        let s = self.sessions.get_mut(&client_id).unwrap();
+        let resend: Vec<(u16, Inflight)> = s.inflight.iter().map(|(k, v)| (*k, v.clone())).collect();
+        for (pid, inf) in resend {
+            match inf {
+                Inflight::Publish(d) => {
+                    if !self.write_publish(conn, &d, pid, true, now_ms) {
+                        self.sessions.get_mut(&client_id).unwrap().inflight.remove(&pid);
+                    }
+                }
+                Inflight::Release => {
+                    self.send(conn, Packet::PubRel(PubResp { packet_id: pid, code: 0, properties: Properties::default() }));
+                }
+            }
+        }
+        self.pump(&client_id, now_ms);
+    }
+
+    /// Installs a session on this shard: its subscriptions enter this shard's trie.
+    fn adopt(&mut self, s: Session) {
+        let id = s.client_id.clone();
+        for (filter, sub) in &s.subs {
+            match topic::parse_shared(filter) {
+                Some(Ok((group, f))) => {
+                    let key = format!("{group}/{f}");
+                    let owner = shard_of(&key, self.n_shards);
+                    let member = ShareMember { client_id: id.clone(), shard: self.id, opts: sub.opts, sub_id: sub.sub_id };
+                    self.to_shard(owner, ShardMsg::ShareJoin { key, member });
+                }
+                _ => {
+                    self.trie.insert(filter, id.clone(), sub.clone());
+                }
+            }
+        }
+        self.sessions.insert(id, s);
+    }
+
+    /// A session replaced by a clean start: its will goes out, subscriptions go; the directory
+    /// already names the new host, so no Release.
+    fn end_session_quietly(&mut self, mut s: Session, now_ms: u64) {
+        if let Some((_, w)) = s.pending_will.take() {
+            self.publish_will(&s.client_id, w, now_ms);
+        }
+        self.drop_subscriptions(&mut s);
+    }
+
+    fn on_publish(&mut self, conn: ConnId, mut p: Publish, now_ms: u64) {
+        self.stats.messages_received += 1;
+        let c = self.conns.get_mut(&conn).unwrap();
+        let v5 = c.version == Some(Version::V5);
+        if let Some(alias) = p.properties.topic_alias.take() {
+            if alias > self.limits.topic_alias_maximum {
+                return self.protocol_close(conn, reason::TOPIC_ALIAS_INVALID, "topic alias above maximum", now_ms);
+            }
+            if p.topic.is_empty() {
+                match c.in_aliases.get(&alias) {
+                    Some(t) => p.topic = t.clone(),
+                    None => return self.protocol_close(conn, reason::PROTOCOL_ERROR, "unknown topic alias", now_ms),
+                }
+            } else {
+                c.in_aliases.insert(alias, p.topic.clone());
+            }
+        }
+        if !topic::valid_topic_name(&p.topic, &self.topic_limits) {
+            return self.protocol_close(conn, reason::TOPIC_NAME_INVALID, "invalid topic name", now_ms);
+        }
+        let client_id = c.client_id.clone().unwrap();
+        if p.properties.payload_format_indicator == Some(1) && std::str::from_utf8(&p.payload).is_err() {
+            if p.qos > 0 {
+                let r = PubResp { packet_id: p.packet_id, code: reason::PAYLOAD_FORMAT_INVALID, properties: Properties::default() };
+                self.send(conn, if p.qos == 1 { Packet::PubAck(r) } else { Packet::PubRec(r) });
+            }
+            return;
+        }
+        if p.qos == 2 {
+            let s = self.sessions.get_mut(&client_id).unwrap();
+            if s.incoming_qos2.contains(&p.packet_id) {
+                // A resend of a message we already took: acknowledge again, route nothing.
+                self.send(conn, Packet::PubRec(PubResp { packet_id: p.packet_id, code: 0, properties: Properties::default() }));
+                return;
+            }
+            if s.incoming_qos2.len() >= usize::from(self.limits.max_inflight) {
+                return self.protocol_close(conn, reason::RECEIVE_MAXIMUM_EXCEEDED, "receive maximum exceeded", now_ms);
+            }
+            s.incoming_qos2.insert(p.packet_id);
+        }
+        let mut properties = std::mem::take(&mut p.properties);
+        properties.subscription_identifiers.clear();
+        let expiry = properties.message_expiry_interval.take();
+        let (qos, pid) = (p.qos, p.packet_id);
+        let msg = Arc::new(Message {
+            topic: p.topic,
+            payload: p.payload,
+            qos,
+            retain: p.retain,
+            properties,
+            expiry_at_ms: expiry.map(|e| now_ms + u64::from(e) * 1000),
+            origin: client_id,
+        });
+        self.route(msg, now_ms);
+        let ack = PubResp { packet_id: pid, code: reason::SUCCESS, properties: Properties::default() };
+        match qos {
+            1 => {
+                self.send(conn, Packet::PubAck(ack));
+            }
+            2 => {
+                self.send(conn, Packet::PubRec(ack));
+            }
+            _ => {}
+        }
+        let _ = v5;
+    }
+
+    /// PUBACK, PUBREC (`rec`) or PUBCOMP for a message we sent.
+    fn on_ack(&mut self, conn: ConnId, pid: u16, rec: bool, now_ms: u64) {
+        let Some(s) = self.session_of(conn) else { return };
+        let id = s.client_id.clone();
+        match s.inflight.get(&pid) {
+            Some(Inflight::Publish(d)) if rec && d.qos == 2 => {
+                s.inflight.insert(pid, Inflight::Release);
+                self.send(conn, Packet::PubRel(PubResp { packet_id: pid, code: 0, properties: Properties::default() }));
+            }
+            Some(Inflight::Release) if rec => {
+                self.send(conn, Packet::PubRel(PubResp { packet_id: pid, code: 0, properties: Properties::default() }));
+            }
+            Some(_) if !rec => {
+                s.inflight.remove(&pid);
+                self.pump(&id, now_ms);
+            }
+            _ => {}
+        }
+    }
+
+    fn on_subscribe(&mut self, conn: ConnId, sub: Subscribe, now_ms: u64) {
+        let c = self.conns.get(&conn).unwrap();
+        let v5 = c.version == Some(Version::V5);
+        let client_id = c.client_id.clone().unwrap();
+        let sub_id = sub.properties.subscription_identifiers.first().copied();
+        let mut codes = Vec::with_capacity(sub.filters.len());
+        let mut queries = Vec::new();
+        for (filter, opts) in sub.filters {
+            let shared = topic::parse_shared(&filter);
+            let plain = match shared {
+                Some(Ok((_, f))) => f,
+                Some(Err(())) => {
+                    codes.push(reason::TOPIC_FILTER_INVALID);
+                    continue;
+                }
+                None => filter.as_str(),
+            };
+            if !topic::valid_filter(plain, &self.topic_limits) {
+                codes.push(if v5 { reason::TOPIC_FILTER_INVALID } else { 0x80 });
+                continue;
+            }
+            if shared.is_some() && opts.no_local && v5 {
+                return self.protocol_close(conn, reason::PROTOCOL_ERROR, "No Local on a shared subscription", now_ms);
+            }
+            let s = self.sessions.get_mut(&client_id).unwrap();
+            let existed = s.subs.contains_key(&filter);
+            if !existed && s.subs.len() >= self.limits.max_subscriptions_per_session {
+                codes.push(if v5 { reason::QUOTA_EXCEEDED } else { 0x80 });
+                continue;
+            }
+            let entry = Sub { opts, sub_id };
+            s.subs.insert(filter.clone(), entry.clone());
+            match shared {
+                Some(Ok((group, f))) => {
+                    let key = format!("{group}/{f}");
+                    let owner = shard_of(&key, self.n_shards);
+                    let member = ShareMember { client_id: client_id.clone(), shard: self.id, opts, sub_id };
+                    self.to_shard(owner, ShardMsg::ShareJoin { key, member });
+                }
+                _ => {
+                    self.trie.insert(&filter, client_id.clone(), entry);
+                    let send_retained = match opts.retain_handling {
+                        0 => true,
+                        1 => !existed,
+                        _ => false,
+                    };
+                    if send_retained {
+                        queries.push((filter.clone(), opts));
+                    }
+                }
+            }
+            codes.push(opts.qos);
+        }
+        self.send(conn, Packet::SubAck(SubAck { packet_id: sub.packet_id, codes, properties: Properties::default() }));
+        for (filter, opts) in queries {
+            for shard in 0..self.n_shards {
+                let q = ShardMsg::RetainedQuery { filter: filter.clone(), to: self.id, client_id: client_id.clone(), opts, sub_id };
+                self.to_shard(shard, q);
+            }
+        }
+    }
+
+    fn on_unsubscribe(&mut self, conn: ConnId, u: Unsubscribe) {
+        let Some(s) = self.session_of(conn) else { return };
+        let id = s.client_id.clone();
+        let mut codes = Vec::with_capacity(u.filters.len());
+        for f in &u.filters {
+            let s = self.sessions.get_mut(&id).unwrap();
+            if s.subs.remove(f).is_some() {
+                self.unsubscribe_one(&id, f);
+                codes.push(reason::SUCCESS);
+            } else {
+                codes.push(reason::NO_SUBSCRIPTION_EXISTED);
+            }
+        }
+        self.send(conn, Packet::UnsubAck(UnsubAck { packet_id: u.packet_id, codes, properties: Properties::default() }));
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Routing and delivery
+    // -----------------------------------------------------------------------------------------
+
+    /// A message published on this shard: deliver here and hand it to every other shard.
+    fn route(&mut self, msg: Msg, now_ms: u64) {
+        for shard in 0..self.n_shards {
+            if shard != self.id {
+                self.effects.to_shards.push((shard, ShardMsg::Publish(msg.clone())));
+            }
+        }
+        self.route_here(&msg, now_ms);
+    }
+
+    /// Delivery on this shard of a message published anywhere.
+    fn route_here(&mut self, msg: &Msg, now_ms: u64) {
+        if msg.retain && shard_of(&msg.topic, self.n_shards) == self.id {
+            if msg.payload.is_empty() {
+                self.retained.remove(&msg.topic);
+            } else if self.retained.len() < self.limits.max_retained_messages || self.retained.contains_key(&msg.topic) {
+                self.retained.insert(msg.topic.clone(), msg.clone());
+            }
+        }
+        // One delivery per session: highest QoS over its matching filters, all their ids.
+        let mut targets: HashMap<ClientId, (u8, bool, Vec<u32>)> = HashMap::new();
+        self.trie.for_each_match(&msg.topic, |id, sub| {
+            if sub.opts.no_local && *id == msg.origin {
+                return;
+            }
+            let t = targets.entry(id.clone()).or_insert((0, false, Vec::new()));
+            t.0 = t.0.max(sub.opts.qos);
+            t.1 |= sub.opts.retain_as_published;
+            if let Some(sid) = sub.sub_id {
+                t.2.push(sid);
+            }
+        });
+        for (id, (qos, rap, sub_ids)) in targets {
+            let d = Delivery { msg: msg.clone(), qos: qos.min(msg.qos), retain: rap && msg.retain, sub_ids };
+            self.deliver(&id, d, now_ms);
+        }
+        let mut picks = Vec::new();
+        self.shared.for_each_match_mut(&msg.topic, |_, g| {
+            if !g.members.is_empty() {
+                let m = g.members[g.next % g.members.len()].clone();
+                g.next = g.next.wrapping_add(1);
+                picks.push(m);
+            }
+        });
+        for m in picks {
+            if m.shard == self.id {
+                self.deliver_shared(&m.client_id, msg.clone(), m.opts, m.sub_id, now_ms);
+            } else {
+                let sd = ShardMsg::ShareDeliver { client_id: m.client_id, msg: msg.clone(), opts: m.opts, sub_id: m.sub_id };
+                self.to_shard(m.shard, sd);
+            }
+        }
+    }
+
+    fn deliver_shared(&mut self, id: &ClientId, msg: Msg, opts: SubOptions, sub_id: Option<u32>, now_ms: u64) {
+        let d = Delivery {
+            qos: opts.qos.min(msg.qos),
+            retain: opts.retain_as_published && msg.retain,
+            sub_ids: sub_id.into_iter().collect(),
+            msg,
+        };
+        self.deliver(id, d, now_ms);
+    }
+
+    /// Hands one message to one session: straight out if connected and the window allows,
+    /// otherwise into its bounded queue (QoS 0 is not queued for offline sessions).
+    fn deliver(&mut self, id: &ClientId, d: Delivery, now_ms: u64) {
+        let Some(s) = self.sessions.get_mut(id) else { return };
+        match s.conn {
+            Some(conn) if d.qos == 0 => {
+                let c = self.conns.get(&conn).unwrap();
+                if c.out.len() >= self.limits.max_outbound_buffer_bytes {
+                    self.stats.dropped_slow_qos0 += 1;
+                    return;
+                }
+                self.write_publish(conn, &d, 0, false, now_ms);
+            }
+            None if d.qos == 0 => {}
+            _ => {
+                if s.queue.len() >= self.limits.max_queued_messages {
+                    self.stats.dropped_queue_full += 1;
+                    match self.limits.queue_full_policy {
+                        QueueFullPolicy::DropNewest => return,
+                        QueueFullPolicy::DropOldest => {
+                            s.queue.pop_front();
+                        }
+                    }
+                }
+                s.queue.push_back(d);
+                self.pump(id, now_ms);
+            }
+        }
+    }
+
+    /// Moves queued messages into flight while the client's window has room.
+    fn pump(&mut self, id: &ClientId, now_ms: u64) {
+        loop {
+            let Some(s) = self.sessions.get_mut(id) else { return };
+            let Some(conn) = s.conn else { return };
+            let c = self.conns.get(&conn).unwrap();
+            if !matches!(c.state, ConnState::Active) {
+                return;
+            }
+            let window = usize::from(c.client_receive_max.min(self.limits.max_inflight));
+            if s.inflight.len() >= window {
+                return;
+            }
+            let Some(d) = s.queue.pop_front() else { return };
+            if d.qos == 0 {
+                self.write_publish(conn, &d, 0, false, now_ms);
+                continue;
+            }
+            let pid = s.alloc_pid();
+            s.inflight.insert(pid, Inflight::Publish(d.clone()));
+            if !self.write_publish(conn, &d, pid, false, now_ms) {
+                self.sessions.get_mut(id).unwrap().inflight.remove(&pid);
+            }
+        }
+    }
+
+    /// Encodes one PUBLISH to `conn`. Returns false when the message was dropped instead (expired,
+    /// or larger than the client accepts): it then counts as delivered.
+    fn write_publish(&mut self, conn: ConnId, d: &Delivery, pid: u16, dup: bool, now_ms: u64) -> bool {
+        let Some(left) = expiry_left_secs(&d.msg, now_ms) else {
+            self.stats.dropped_expired += 1;
+            return false;
+        };
+        let c = self.conns.get_mut(&conn).unwrap();
+        let v5 = c.version == Some(Version::V5);
+        let mut properties = Properties::default();
+        let mut topic = d.msg.topic.clone();
+        if v5 {
+            properties = d.msg.properties.clone();
+            properties.message_expiry_interval = left;
+            properties.subscription_identifiers = d.sub_ids.clone();
+            if c.client_alias_max > 0 {
+                if let Some(a) = c.out_aliases.get(&topic) {
+                    properties.topic_alias = Some(*a);
+                    topic.clear();
+                } else if c.out_aliases.len() < usize::from(c.client_alias_max) {
+                    let a = c.out_aliases.len() as u16 + 1;
+                    c.out_aliases.insert(topic.clone(), a);
+                    properties.topic_alias = Some(a);
+                }
+            }
+        }
+        let p = Publish { dup, qos: d.qos, retain: d.retain, topic, packet_id: pid, properties, payload: d.msg.payload.clone() };
+        if self.send(conn, Packet::Publish(p)) {
+            self.stats.messages_sent += 1;
+            true
+        } else {
+            self.stats.dropped_too_large += 1;
+            false
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Messages between shards
+    // -----------------------------------------------------------------------------------------
+
+    fn handle_shard_msg(&mut self, m: ShardMsg, now_ms: u64) {
+        match m {
+            ShardMsg::Publish(msg) => self.route_here(&msg, now_ms),
+            ShardMsg::Claim { client_id, host, conn, clean_start } => {
+                match self.directory.insert(client_id.clone(), host) {
+                    Some(prev) => self.to_shard(prev, ShardMsg::Evict { client_id, to: host, conn, clean_start }),
+                    None => self.to_shard(host, ShardMsg::Transfer { client_id, conn, session: None }),
+                }
+            }
+            ShardMsg::Evict { client_id, to, conn, clean_start } => {
+                let mut session = None;
+                if let Some(old_conn) = self.sessions.get(&client_id).and_then(|s| s.conn) {
+                    // Takeover: the old connection goes; its will follows the MQTT 5 rules — sent
+                    // now unless the session continues and the will has a delay.
+                    if let Some(c) = self.conns.get_mut(&old_conn) {
+                        let keep_delayed = !clean_start
+                            && c.will.as_ref().is_some_and(|w| w.properties.will_delay_interval.unwrap_or(0) > 0);
+                        if keep_delayed {
+                            c.will = None;
+                        }
+                        if c.version == Some(Version::V5) {
+                            self.send(
+                                old_conn,
+                                Packet::Disconnect(Disconnect { code: reason::SESSION_TAKEN_OVER, properties: Properties::default() }),
+                            );
+                        }
+                    }
+                    // Detach with the session kept: expiry does not apply, the session moves.
+                    if let Some(s) = self.sessions.get_mut(&client_id) {
+                        s.expiry_secs = s.expiry_secs.max(1);
+                    }
+                    self.detach(old_conn, true, now_ms);
+                    self.effects.close.push(old_conn);
+                }
+                if let Some(mut s) = self.sessions.remove(&client_id) {
+                    for (filter, _) in s.subs.iter() {
+                        if topic::parse_shared(filter).is_none() {
+                            self.trie.remove(filter, &client_id);
+                        }
+                    }
+                    s.conn = None;
+                    session = Some(Box::new(s));
+                }
+                self.to_shard(to, ShardMsg::Transfer { client_id, conn, session });
+            }
+            ShardMsg::Transfer { client_id, conn, session } => self.on_transfer(client_id, conn, session, now_ms),
+            ShardMsg::Release { client_id, host } => {
+                if self.directory.get(&client_id) == Some(&host) {
+                    self.directory.remove(&client_id);
+                }
+            }
+            ShardMsg::RetainedQuery { filter, to, client_id, opts, sub_id } => {
+                let msgs: Vec<Msg> = self
+                    .retained
+                    .values()
+                    .filter(|m| topic::matches(&filter, &m.topic) && expiry_left_secs(m, now_ms).is_some())
+                    .cloned()
+                    .collect();
+                if !msgs.is_empty() {
+                    self.to_shard(to, ShardMsg::RetainedReply { client_id, msgs, opts, sub_id });
+                }
+            }
+            ShardMsg::RetainedReply { client_id, msgs, opts, sub_id } => {
+                for msg in msgs {
+                    let d = Delivery { qos: opts.qos.min(msg.qos), retain: true, sub_ids: sub_id.into_iter().collect(), msg };
+                    self.deliver(&client_id, d, now_ms);
+                }
+            }
+            ShardMsg::ShareJoin { key, member } => {
+                let (group, filter) = key.split_once('/').unwrap();
+                let group = group.to_string();
+                let mut g = self.shared.remove(filter, &group).unwrap_or_default();
+                match g.members.iter_mut().find(|m| m.client_id == member.client_id) {
+                    Some(m) => *m = member,
+                    None => g.members.push(member),
+                }
+                self.shared.insert(filter, group, g);
+            }
+            ShardMsg::ShareLeave { key, client_id } => {
+                let (group, filter) = key.split_once('/').unwrap();
+                let group = group.to_string();
+                if let Some(mut g) = self.shared.remove(filter, &group) {
+                    g.members.retain(|m| m.client_id != client_id);
+                    if !g.members.is_empty() {
+                        self.shared.insert(filter, group, g);
+                    }
+                }
+            }
+            ShardMsg::ShareDeliver { client_id, msg, opts, sub_id } => {
+                self.deliver_shared(&client_id, msg, opts, sub_id, now_ms)
+            }
+            ShardMsg::Stats { from, stats } => {
+                if let Some(s) = self.shard_stats.get_mut(from) {
+                    *s = stats;
+                }
+            }
+        }
+    }
+
+    fn publish_sys(&mut self, now_ms: u64) {
+        let stats = self.stats();
+        self.shard_stats[self.id] = stats;
+        for shard in 0..self.n_shards {
+            if shard != self.id {
+                self.effects.to_shards.push((shard, ShardMsg::Stats { from: self.id, stats }));
+            }
+        }
+        let uptime = (now_ms.saturating_sub(self.started_ms) / 1000).to_string();
+        let mut values = vec![(format!("$SYS/broker/shard/{}/uptime", self.id), uptime.clone())];
+        let fields = |s: &Stats| {
+            [
+                ("clients/connected", s.clients_connected),
+                ("sessions", s.sessions),
+                ("subscriptions/count", s.subscriptions),
+                ("retained messages/count", s.retained),
+                ("messages/received", s.messages_received),
+                ("messages/sent", s.messages_sent),
+                ("bytes/received", s.bytes_received),
+                ("bytes/sent", s.bytes_sent),
+                ("messages/dropped", s.dropped_queue_full + s.dropped_slow_qos0 + s.dropped_too_large + s.dropped_expired),
+            ]
+        };
+        for (name, v) in fields(&stats) {
+            values.push((format!("$SYS/broker/shard/{}/{name}", self.id), v.to_string()));
+        }
+        if self.id == 0 {
+            let mut total = Stats::default();
+            for s in &self.shard_stats {
+                total.clients_connected += s.clients_connected;
+                total.sessions += s.sessions;
+                total.subscriptions += s.subscriptions;
+                total.retained += s.retained;
+                total.messages_received += s.messages_received;
+                total.messages_sent += s.messages_sent;
+                total.bytes_received += s.bytes_received;
+                total.bytes_sent += s.bytes_sent;
+                total.dropped_queue_full += s.dropped_queue_full;
+                total.dropped_slow_qos0 += s.dropped_slow_qos0;
+                total.dropped_too_large += s.dropped_too_large;
+                total.dropped_expired += s.dropped_expired;
+            }
+            values.push(("$SYS/broker/uptime".into(), uptime));
+            for (name, v) in fields(&total) {
+                values.push((format!("$SYS/broker/{name}"), v.to_string()));
+            }
+        }
+        let origin: ClientId = Arc::from("$SYS");
+        for (topic, value) in values {
+            let msg = Arc::new(Message {
+                topic,
+                payload: Bytes::from(value),
+                qos: 0,
+                retain: true,
+                properties: Properties::default(),
+                expiry_at_ms: None,
+                origin: origin.clone(),
+            });
+            self.route(msg, now_ms);
+        }
+    }
+}

@@ -1,0 +1,338 @@
+//! Topic names, topic filters and the subscription trie.
+//!
+//! The trie maps filters to entries keyed by `K` (a session's client id, a shared group…). Matching
+//! walks one path per topic level plus the `+` and `#` branches, so its cost follows the depth of
+//! the topic and the number of wildcard branches on the way, not the number of subscriptions.
+//! Topics that start with `$` are not matched by a leading `+` or `#` (MQTT 4.7.2).
+
+use std::collections::HashMap;
+use std::hash::Hash;
+
+/// Limits on names and filters, from the config.
+#[derive(Clone, Copy, Debug)]
+pub struct TopicLimits {
+    pub max_levels: usize,
+    pub max_len: usize,
+}
+
+impl Default for TopicLimits {
+    fn default() -> Self {
+        TopicLimits { max_levels: 64, max_len: 65_535 }
+    }
+}
+
+/// A topic name a client may publish to: no wildcards, within limits.
+pub fn valid_topic_name(t: &str, lim: &TopicLimits) -> bool {
+    !t.is_empty()
+        && t.len() <= lim.max_len
+        && !t.contains(['+', '#'])
+        && t.split('/').count() <= lim.max_levels
+}
+
+/// A topic filter: `+` only as a whole level, `#` only as the whole last level.
+pub fn valid_filter(f: &str, lim: &TopicLimits) -> bool {
+    if f.is_empty() || f.len() > lim.max_len {
+        return false;
+    }
+    let levels: Vec<&str> = f.split('/').collect();
+    if levels.len() > lim.max_levels {
+        return false;
+    }
+    let last = levels.len() - 1;
+    levels.iter().enumerate().all(|(i, l)| match *l {
+        "#" => i == last,
+        "+" => true,
+        l => !l.contains(['+', '#']),
+    })
+}
+
+/// `$share/{group}/{filter}` split into group and filter; `None` for an ordinary filter.
+/// `Some(Err(()))` when it starts with `$share/` but is not a valid shared subscription.
+pub fn parse_shared(f: &str) -> Option<Result<(&str, &str), ()>> {
+    let rest = f.strip_prefix("$share/")?;
+    let Some((group, filter)) = rest.split_once('/') else { return Some(Err(())) };
+    if group.is_empty() || group.contains(['+', '#']) || filter.is_empty() {
+        return Some(Err(()));
+    }
+    Some(Ok((group, filter)))
+}
+
+/// Whether `filter` matches `topic` (both already valid). The reference the trie is tested against.
+pub fn matches(filter: &str, topic: &str) -> bool {
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+        return false;
+    }
+    let mut f = filter.split('/');
+    let mut t = topic.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+struct Node<K, V> {
+    children: HashMap<Box<str>, Node<K, V>>,
+    entries: HashMap<K, V>,
+}
+
+impl<K, V> Default for Node<K, V> {
+    fn default() -> Self {
+        Node { children: HashMap::new(), entries: HashMap::new() }
+    }
+}
+
+impl<K, V> Node<K, V> {
+    fn is_empty(&self) -> bool {
+        self.children.is_empty() && self.entries.is_empty()
+    }
+}
+
+/// Filters → entries keyed by `K`; one entry per key per filter.
+pub struct Trie<K, V> {
+    root: Node<K, V>,
+    len: usize,
+}
+
+impl<K: Eq + Hash, V> Default for Trie<K, V> {
+    fn default() -> Self {
+        Trie { root: Node::default(), len: 0 }
+    }
+}
+
+impl<K: Eq + Hash, V> Trie<K, V> {
+    /// Number of (filter, key) entries.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Inserts or replaces the entry of `key` under `filter`; returns the old value.
+    pub fn insert(&mut self, filter: &str, key: K, value: V) -> Option<V> {
+        let mut node = &mut self.root;
+        for level in filter.split('/') {
+            node = node.children.entry(level.into()).or_default();
+        }
+        let old = node.entries.insert(key, value);
+        if old.is_none() {
+            self.len += 1;
+        }
+        old
+    }
+
+    /// Removes the entry of `key` under `filter`, pruning empty branches.
+    pub fn remove(&mut self, filter: &str, key: &K) -> Option<V> {
+        fn walk<K: Eq + Hash, V>(node: &mut Node<K, V>, levels: &[&str], key: &K) -> Option<V> {
+            match levels.split_first() {
+                None => node.entries.remove(key),
+                Some((first, rest)) => {
+                    let child = node.children.get_mut(*first)?;
+                    let v = walk(child, rest, key);
+                    if child.is_empty() {
+                        node.children.remove(*first);
+                    }
+                    v
+                }
+            }
+        }
+        let levels: Vec<&str> = filter.split('/').collect();
+        let v = walk(&mut self.root, &levels, key);
+        if v.is_some() {
+            self.len -= 1;
+        }
+        v
+    }
+
+    pub fn get(&self, filter: &str, key: &K) -> Option<&V> {
+        let mut node = &self.root;
+        for level in filter.split('/') {
+            node = node.children.get(level)?;
+        }
+        node.entries.get(key)
+    }
+
+    /// Calls `f` for every entry whose filter matches `topic`. A key subscribed through several
+    /// matching filters is reported once per filter; the caller merges.
+    pub fn for_each_match(&self, topic: &str, mut f: impl FnMut(&K, &V)) {
+        fn walk<K, V>(node: &Node<K, V>, levels: &[&str], first: bool, dollar: bool, f: &mut impl FnMut(&K, &V)) {
+            let wild_ok = !(first && dollar);
+            if wild_ok {
+                if let Some(h) = node.children.get("#") {
+                    h.entries.iter().for_each(|(k, v)| f(k, v));
+                }
+            }
+            let Some((level, rest)) = levels.split_first() else {
+                node.entries.iter().for_each(|(k, v)| f(k, v));
+                return;
+            };
+            if wild_ok {
+                if let Some(p) = node.children.get("+") {
+                    walk(p, rest, false, dollar, f);
+                }
+            }
+            if let Some(c) = node.children.get(*level) {
+                walk(c, rest, false, dollar, f);
+            }
+        }
+        let levels: Vec<&str> = topic.split('/').collect();
+        walk(&self.root, &levels, true, topic.starts_with('$'), &mut f);
+    }
+}
+
+impl<K: Eq + Hash, V> Trie<K, V> {
+    /// Like [`Trie::for_each_match`], with mutable entries (round-robin counters of shared groups).
+    pub fn for_each_match_mut(&mut self, topic: &str, mut f: impl FnMut(&K, &mut V)) {
+        fn walk<K, V>(node: &mut Node<K, V>, levels: &[&str], first: bool, dollar: bool, f: &mut impl FnMut(&K, &mut V)) {
+            let wild_ok = !(first && dollar);
+            if wild_ok {
+                if let Some(h) = node.children.get_mut("#") {
+                    h.entries.iter_mut().for_each(|(k, v)| f(k, v));
+                }
+            }
+            let Some((level, rest)) = levels.split_first() else {
+                node.entries.iter_mut().for_each(|(k, v)| f(k, v));
+                return;
+            };
+            if wild_ok {
+                if let Some(p) = node.children.get_mut("+") {
+                    walk(p, rest, false, dollar, f);
+                }
+            }
+            if *level != "+" && *level != "#" {
+                if let Some(c) = node.children.get_mut(*level) {
+                    walk(c, rest, false, dollar, f);
+                }
+            }
+        }
+        let levels: Vec<&str> = topic.split('/').collect();
+        walk(&mut self.root, &levels, true, topic.starts_with('$'), &mut f);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TABLE: &[(&str, &str, bool)] = &[
+        ("a/b/c", "a/b/c", true),
+        ("a/+/c", "a/b/c", true),
+        ("a/+", "a/b/c", false),
+        ("a/#", "a/b/c", true),
+        ("a/#", "a", true),
+        ("#", "a/b", true),
+        ("+", "a", true),
+        ("+", "a/b", false),
+        ("+/+", "/a", true),
+        ("/+", "/a", true),
+        ("+", "", true),
+        ("a/b", "a/b/", false),
+        ("a/b/+", "a/b/", true),
+        ("#", "$SYS/uptime", false),
+        ("+/uptime", "$SYS/uptime", false),
+        ("$SYS/#", "$SYS/uptime", true),
+        ("$SYS/+", "$SYS/uptime", true),
+        ("sport/tennis/#", "sport/tennis", true),
+        ("sport/+/player1", "sport/tennis/player1", true),
+        ("fleet/+/+/+/speed", "fleet/eu/group-3/car-1045107/speed", true),
+        ("fleet/#", "fleet/eu/group-3/car-1045107/speed", true),
+        ("fleet/+/speed", "fleet/eu/group-3/car-1045107/speed", false),
+    ];
+
+    #[test]
+    fn reference_matcher_table() {
+        for &(f, t, want) in TABLE {
+            assert_eq!(matches(f, t), want, "{f} vs {t}");
+        }
+    }
+
+    #[test]
+    fn trie_agrees_with_table() {
+        let mut trie = Trie::default();
+        for (i, &(f, _, _)) in TABLE.iter().enumerate() {
+            trie.insert(f, i, ());
+        }
+        for &(_, t, _) in TABLE {
+            let mut got = Vec::new();
+            trie.for_each_match(t, |k, _| got.push(*k));
+            got.sort();
+            let want: Vec<usize> =
+                TABLE.iter().enumerate().filter(|(_, (f, _, _))| matches(f, t)).map(|(i, _)| i).collect();
+            assert_eq!(got, want, "topic {t}");
+        }
+    }
+
+    #[test]
+    fn remove_prunes() {
+        let mut trie = Trie::default();
+        trie.insert("a/b/c", 1, ());
+        trie.insert("a/+", 2, ());
+        assert_eq!(trie.len(), 2);
+        assert!(trie.remove("a/b/c", &1).is_some());
+        assert!(trie.remove("a/b/c", &1).is_none());
+        assert!(trie.remove("a/+", &2).is_some());
+        assert!(trie.is_empty());
+        assert!(trie.root.children.is_empty());
+    }
+
+    #[test]
+    fn validation() {
+        let l = TopicLimits::default();
+        for f in ["a", "a/+", "+/+/#", "#", "/", "$share/g/a/#"] {
+            assert!(valid_filter(f, &l), "{f}");
+        }
+        for f in ["", "a/#/b", "a+", "a/b#", "##"] {
+            assert!(!valid_filter(f, &l), "{f}");
+        }
+        assert!(valid_topic_name("a/b", &l));
+        assert!(!valid_topic_name("a/+", &l));
+        assert!(!valid_topic_name("", &l));
+        let short = TopicLimits { max_levels: 2, max_len: 5 };
+        assert!(!valid_topic_name("a/b/c", &short));
+        assert!(!valid_topic_name("abcdef", &short));
+        assert_eq!(parse_shared("$share/g/a/b"), Some(Ok(("g", "a/b"))));
+        assert_eq!(parse_shared("$share/g"), Some(Err(())));
+        assert_eq!(parse_shared("$share//a"), Some(Err(())));
+        assert_eq!(parse_shared("a/b"), None);
+    }
+
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn level() -> impl Strategy<Value = String> {
+            prop_oneof![Just("a".to_string()), Just("b".to_string()), Just("".to_string()), Just("$x".to_string())]
+        }
+        fn filter_level() -> impl Strategy<Value = String> {
+            prop_oneof![level(), Just("+".to_string())]
+        }
+
+        proptest! {
+            #[test]
+            fn trie_matches_reference(
+                filters in proptest::collection::vec((proptest::collection::vec(filter_level(), 1..4), any::<bool>()), 1..20),
+                topic in proptest::collection::vec(level(), 1..5),
+            ) {
+                let filters: Vec<String> = filters.into_iter().map(|(ls, hash)| {
+                    let mut f = ls.join("/");
+                    if hash { f.push_str("/#"); }
+                    f
+                }).collect();
+                let topic = topic.join("/");
+                let mut trie = Trie::default();
+                for (i, f) in filters.iter().enumerate() { trie.insert(f, i, ()); }
+                let mut got = Vec::new();
+                trie.for_each_match(&topic, |k, _| got.push(*k));
+                got.sort();
+                let want: Vec<usize> = filters.iter().enumerate().filter(|(_, f)| matches(f, &topic)).map(|(i, _)| i).collect();
+                prop_assert_eq!(got, want);
+            }
+        }
+    }
+}
