@@ -1,1 +1,193 @@
-fn main(){}
+//! The `sluice` binary: flags and config file in, shards running, clean shutdown on SIGINT/SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use sluice_core::config::{parse_cpuset, Config, QueueFullPolicy, DEFAULT_CONFIG_TOML};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// sluice: a thread-per-core MQTT 3.1.1/5.0 broker with a native Kafka bridge.
+///
+/// Flags override the config file; the file overrides the defaults (`sluice generate-config`).
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// TOML config file.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// MQTT listener address, e.g. 127.0.0.1:1883 (port 0 picks a free port).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Number of shards, one pinned thread each, on the first N CPUs this process may use.
+    #[arg(long, value_name = "N")]
+    cores: Option<usize>,
+    /// Exact CPUs to pin shards to, e.g. 0,2-5 (overrides --cores).
+    #[arg(long, value_name = "LIST")]
+    cpuset: Option<String>,
+    /// Directory for persistent state.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Largest MQTT packet accepted, in bytes.
+    #[arg(long, value_name = "BYTES")]
+    max_packet_size: Option<u32>,
+    /// Connections accepted in total.
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
+    /// Unacknowledged QoS 1/2 messages per session in each direction (Receive Maximum).
+    #[arg(long, value_name = "N")]
+    max_inflight: Option<u16>,
+    /// Messages queued per offline or busy session.
+    #[arg(long, value_name = "N")]
+    max_queued_messages: Option<usize>,
+    /// What to drop when a session queue is full: drop-newest or drop-oldest.
+    #[arg(long, value_name = "POLICY")]
+    queue_full_policy: Option<String>,
+    /// Subscriptions one session may hold.
+    #[arg(long, value_name = "N")]
+    max_subscriptions_per_session: Option<usize>,
+    /// Seconds between $SYS/ statistics messages (0 turns them off).
+    #[arg(long, value_name = "SECS")]
+    sys_interval: Option<u64>,
+    /// Print the address each shard listens on (for scripts using port 0).
+    #[arg(long)]
+    print_listen: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print a commented default config file.
+    GenerateConfig,
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("sluice: error: {e:#}");
+        std::process::exit(2);
+    }
+}
+
+fn real_main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Some(Command::GenerateConfig) = cli.command {
+        print!("{DEFAULT_CONFIG_TOML}");
+        return Ok(());
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let mut cfg = match &cli.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
+            Config::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        }
+        None => Config::default(),
+    };
+    apply_flags(&cli, &mut cfg)?;
+    let cpus = choose_cpus(&cfg)?;
+    let listen: SocketAddr = cfg.server.listen.parse().context("server.listen")?;
+    std::fs::create_dir_all(&cfg.server.data_dir)
+        .with_context(|| format!("cannot create data dir {}", cfg.server.data_dir))?;
+
+    let shutdown = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, shutdown.clone()).context("installing signal handler")?;
+    }
+    tracing::info!(%listen, shards = cpus.len(), ?cpus, "sluice starting");
+    let print = cli.print_listen;
+    sluice_net::run(
+        sluice_net::RuntimeConfig {
+            listen,
+            cpus,
+            limits: cfg.limits.clone(),
+            sys_interval_ms: cfg.server.sys_interval_secs * 1000,
+        },
+        shutdown,
+        move |shard, addr| {
+            tracing::info!(shard, %addr, "listening");
+            if print && shard == 0 {
+                println!("listening {addr}");
+            }
+        },
+    )?;
+    tracing::info!("sluice stopped");
+    Ok(())
+}
+
+fn apply_flags(cli: &Cli, cfg: &mut Config) -> anyhow::Result<()> {
+    if let Some(v) = &cli.listen {
+        cfg.server.listen = v.clone();
+    }
+    if let Some(v) = cli.cores {
+        cfg.server.cores = v;
+    }
+    if let Some(v) = &cli.cpuset {
+        cfg.server.cpuset = Some(v.clone());
+    }
+    if let Some(v) = &cli.data_dir {
+        cfg.server.data_dir = v.display().to_string();
+    }
+    if let Some(v) = cli.sys_interval {
+        cfg.server.sys_interval_secs = v;
+    }
+    let l = &mut cfg.limits;
+    if let Some(v) = cli.max_packet_size {
+        l.max_packet_size = v;
+    }
+    if let Some(v) = cli.max_connections {
+        l.max_connections = v;
+    }
+    if let Some(v) = cli.max_inflight {
+        l.max_inflight = v;
+    }
+    if let Some(v) = cli.max_queued_messages {
+        l.max_queued_messages = v;
+    }
+    if let Some(v) = cli.max_subscriptions_per_session {
+        l.max_subscriptions_per_session = v;
+    }
+    if let Some(v) = &cli.queue_full_policy {
+        l.queue_full_policy = match v.as_str() {
+            "drop-newest" => QueueFullPolicy::DropNewest,
+            "drop-oldest" => QueueFullPolicy::DropOldest,
+            other => bail!("--queue-full-policy: `{other}` is not drop-newest or drop-oldest"),
+        };
+    }
+    cfg.validate().map_err(|e| anyhow::anyhow!("{e} (from flags or file)"))
+}
+
+/// CPUs this process may run on, from the kernel's view of our affinity.
+fn allowed_cpus() -> anyhow::Result<Vec<usize>> {
+    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .context("no Cpus_allowed_list in /proc/self/status")?;
+    parse_cpuset(list.trim()).map_err(|e| anyhow::anyhow!("Cpus_allowed_list: {e}"))
+}
+
+fn choose_cpus(cfg: &Config) -> anyhow::Result<Vec<usize>> {
+    let allowed = allowed_cpus()?;
+    if let Some(set) = &cfg.server.cpuset {
+        let cpus = parse_cpuset(set).map_err(|e| anyhow::anyhow!("--cpuset / server.cpuset: {e}"))?;
+        if let Some(c) = cpus.iter().find(|c| !allowed.contains(c)) {
+            bail!("--cpuset / server.cpuset: CPU {c} is not in this process's allowed set {allowed:?}");
+        }
+        return Ok(cpus);
+    }
+    let n = if cfg.server.cores == 0 { allowed.len() } else { cfg.server.cores };
+    if n > allowed.len() {
+        bail!("--cores / server.cores: {n} shards asked for, but only {} CPUs are allowed ({allowed:?})", allowed.len());
+    }
+    Ok(allowed[..n].to_vec())
+}

@@ -1,1 +1,111 @@
-//! placeholder
+//! sluice-net: the thread-per-core runtime that moves bytes for `sluice-core`.
+//!
+//! # Layout
+//! - [`run`]: starts one glommio executor per CPU, each pinned, and waits for them.
+//! - `shard`: one core's loop — its SO_REUSEPORT listener, its connection tasks, its end of the
+//!   channel mesh to every other core, and the ticker. All broker decisions are the
+//!   [`sluice_core::shard::Shard`] state machine's; this crate only reads, writes and forwards.
+//! - [`notify`]: a single-waiter wake-up flag, the one synchronisation primitive a shard needs
+//!   (everything a shard owns lives in `Rc`/`RefCell` on its own thread).
+//!
+//! This crate never sees Kafka types; the binary wires bridges in through `sluice-core` types.
+
+pub mod notify;
+mod shard;
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Instant;
+
+use glommio::channels::channel_mesh::MeshBuilder;
+use glommio::{LocalExecutorBuilder, Placement};
+use sluice_core::config::Limits;
+
+/// What the runtime needs to know; the binary builds it from flags and the config file.
+#[derive(Clone, Debug)]
+pub struct RuntimeConfig {
+    pub listen: SocketAddr,
+    /// One shard per entry, pinned to that CPU.
+    pub cpus: Vec<usize>,
+    pub limits: Limits,
+    pub sys_interval_ms: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot start shard {shard} on CPU {cpu}: {message}")]
+    Spawn { shard: usize, cpu: usize, message: String },
+    #[error("shard {shard} failed: {message}")]
+    Shard { shard: usize, message: String },
+}
+
+/// Cross-shard channel depth, in batches. A full channel makes the sending shard wait, which in
+/// turn stops it reading from its sockets: back-pressure rather than unbounded memory.
+const MESH_CHANNEL_BATCHES: usize = 1024;
+
+/// Runs the broker until `shutdown` becomes true. Blocks the calling thread.
+///
+/// `on_listening` is called once per shard with the bound address (useful when port 0 was asked).
+pub fn run(
+    cfg: RuntimeConfig,
+    shutdown: Arc<AtomicBool>,
+    on_listening: impl Fn(usize, SocketAddr) + Send + Sync + 'static,
+) -> Result<(), RunError> {
+    let n = cfg.cpus.len();
+    let mesh = MeshBuilder::full(n, MESH_CHANNEL_BATCHES);
+    let epoch = Instant::now();
+    let on_listening = Arc::new(on_listening);
+    // With port 0 every shard must share the port the first one got: bind shard 0 first.
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel::<SocketAddr>();
+    let mut addr_tx = Some(addr_tx);
+    let mut handles = Vec::with_capacity(n);
+    let mut listen = cfg.listen;
+    for (shard_id, &cpu) in cfg.cpus.iter().enumerate() {
+        let mesh = mesh.clone();
+        let shutdown = shutdown.clone();
+        let on_listening = on_listening.clone();
+        let addr_tx = addr_tx.take();
+        let shard_cfg = shard::ShardConfig {
+            id: shard_id,
+            n_shards: n,
+            listen,
+            limits: cfg.limits.clone(),
+            sys_interval_ms: cfg.sys_interval_ms,
+            epoch,
+        };
+        let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
+            .name(&format!("sluice-shard-{shard_id}"))
+            .spawn(move || async move {
+                shard::run_shard(shard_cfg, mesh, shutdown, move |addr| {
+                    if let Some(tx) = &addr_tx {
+                        let _ = tx.send(addr);
+                    }
+                    on_listening(shard_id, addr);
+                })
+                .await
+            })
+            .map_err(|e| RunError::Spawn { shard: shard_id, cpu, message: e.to_string() })?;
+        handles.push(handle);
+        if shard_id == 0 {
+            match addr_rx.recv() {
+                Ok(addr) => listen = addr,
+                Err(_) => break,
+            }
+        }
+    }
+    let mut first_err = None;
+    for (shard, h) in handles.into_iter().enumerate() {
+        let res = match h.join() {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(message)) => Err(RunError::Shard { shard, message }),
+            Err(e) => Err(RunError::Shard { shard, message: e.to_string() }),
+        };
+        if let Err(e) = res {
+            // One shard failing (say, the port is taken) stops the others too.
+            shutdown.store(true, std::sync::atomic::Ordering::SeqCst);
+            first_err.get_or_insert(e);
+        }
+    }
+    first_err.map_or(Ok(()), Err)
+}

@@ -1,0 +1,263 @@
+//! One core's event loop: listener, connection tasks, mesh endpoints and ticker around one
+//! [`Shard`] state machine.
+//!
+//! Everything here is owned by this core's thread (`Rc`, `RefCell`); the only things that cross
+//! threads are the batches of [`ShardMsg`] on the channel mesh. After every call into the state
+//! machine, [`Core::dispatch`] wakes the writers of connections with output, starts closing the
+//! connections it asked to close, and appends cross-shard messages to per-peer batches that one
+//! sender task per peer ships — one channel operation per batch, not per message.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use futures_lite::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
+use glommio::net::{TcpListener, TcpStream};
+use sluice_core::config::Limits;
+use sluice_core::shard::{ConnId, Shard, ShardMsg};
+
+use crate::notify::Notify;
+
+pub(crate) struct ShardConfig {
+    pub id: usize,
+    pub n_shards: usize,
+    pub listen: SocketAddr,
+    pub limits: Limits,
+    pub sys_interval_ms: u64,
+    pub epoch: Instant,
+}
+
+/// Bytes read from a socket per read call.
+const READ_CHUNK: usize = 16 * 1024;
+const TICK: Duration = Duration::from_millis(100);
+
+struct ConnHandle {
+    /// Output is waiting, or the connection is closing.
+    wake_writer: Rc<Notify>,
+    /// The connection must stop reading.
+    stop_reader: Rc<Notify>,
+    closing: Cell<bool>,
+}
+
+/// The per-core state shared by this core's tasks.
+struct Core {
+    shard: RefCell<Shard>,
+    conns: RefCell<HashMap<ConnId, Rc<ConnHandle>>>,
+    /// Batches being filled for each peer shard.
+    outbox: RefCell<Vec<Vec<ShardMsg>>>,
+    outbox_ready: Vec<Rc<Notify>>,
+    epoch: Instant,
+}
+
+impl Core {
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn dispatch(&self) {
+        let fx = self.shard.borrow_mut().drain_effects();
+        if fx.dirty.is_empty() && fx.close.is_empty() && fx.to_shards.is_empty() {
+            return;
+        }
+        let conns = self.conns.borrow();
+        for id in fx.dirty {
+            if let Some(h) = conns.get(&id) {
+                h.wake_writer.notify();
+            }
+        }
+        for id in fx.close {
+            if let Some(h) = conns.get(&id) {
+                h.closing.set(true);
+                h.wake_writer.notify();
+            }
+        }
+        let mut outbox = self.outbox.borrow_mut();
+        for (to, msg) in fx.to_shards {
+            outbox[to].push(msg);
+            self.outbox_ready[to].notify();
+        }
+    }
+}
+
+pub(crate) async fn run_shard(
+    cfg: ShardConfig,
+    mesh: MeshBuilder<Vec<ShardMsg>, Full>,
+    shutdown: Arc<AtomicBool>,
+    on_listening: impl FnOnce(SocketAddr),
+) -> Result<(), String> {
+    let listener = TcpListener::bind(cfg.listen).map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    on_listening(local);
+    let (senders, mut receivers) = mesh.join().await.map_err(|_| "cannot join the shard mesh".to_string())?;
+    let now0 = cfg.epoch.elapsed().as_millis() as u64;
+    let core = Rc::new(Core {
+        shard: RefCell::new(Shard::new(cfg.id, cfg.n_shards, cfg.limits, now0)),
+        conns: RefCell::new(HashMap::new()),
+        outbox: RefCell::new((0..cfg.n_shards).map(|_| Vec::new()).collect()),
+        outbox_ready: (0..cfg.n_shards).map(|_| Rc::new(Notify::default())).collect(),
+        epoch: cfg.epoch,
+    });
+
+    // Receivers: one task per peer, each batch handled in one call into the state machine.
+    for (_peer, mut stream) in receivers.streams() {
+        let core = core.clone();
+        glommio::spawn_local(async move {
+            while let Some(batch) = stream.next().await {
+                let now = core.now_ms();
+                core.shard.borrow_mut().on_shard_msgs(batch, now);
+                core.dispatch();
+            }
+        })
+        .detach();
+    }
+
+    // Senders: one task per peer, shipping whatever accumulated since its last send.
+    let senders = Rc::new(senders);
+    let mut sender_tasks = Vec::new();
+    for peer in 0..cfg.n_shards {
+        if peer == cfg.id {
+            continue;
+        }
+        let core = core.clone();
+        let senders: Rc<Senders<Vec<ShardMsg>>> = senders.clone();
+        sender_tasks.push(glommio::spawn_local(async move {
+            loop {
+                core.outbox_ready[peer].notified().await;
+                let batch = std::mem::take(&mut core.outbox.borrow_mut()[peer]);
+                if batch.is_empty() {
+                    continue;
+                }
+                if senders.send_to(peer, batch).await.is_err() {
+                    break;
+                }
+            }
+        }));
+    }
+
+    // Ticker: keep-alive, delayed wills, session expiry, $SYS; also watches for shutdown.
+    let stop_accept = Rc::new(Notify::default());
+    {
+        let core = core.clone();
+        let stop_accept = stop_accept.clone();
+        let sys = cfg.sys_interval_ms;
+        glommio::spawn_local(async move {
+            loop {
+                glommio::timer::sleep(TICK).await;
+                if shutdown.load(Ordering::Relaxed) {
+                    stop_accept.notify();
+                    break;
+                }
+                let now = core.now_ms();
+                core.shard.borrow_mut().tick(now, sys);
+                core.dispatch();
+            }
+        })
+        .detach();
+    }
+
+    let mut next_conn: ConnId = 0;
+    loop {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            stop_accept.notified().await;
+            None
+        })
+        .await;
+        let stream = match accepted {
+            None => break,
+            Some(Ok(s)) => s,
+            Some(Err(e)) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(shard = cfg.id, error = %e, "accept failed");
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if !core.shard.borrow().may_accept() {
+            drop(stream);
+            continue;
+        }
+        next_conn += 1;
+        glommio::spawn_local(serve(core.clone(), stream, next_conn)).detach();
+    }
+
+    // Clean shutdown: every connection gets its last bytes (DISCONNECT 0x8B on MQTT 5), no wills.
+    let now = core.now_ms();
+    core.shard.borrow_mut().shutdown(now);
+    core.dispatch();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !core.conns.borrow().is_empty() && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+    drop(sender_tasks);
+    Ok(())
+}
+
+async fn serve(core: Rc<Core>, stream: TcpStream, id: ConnId) {
+    let _ = stream.set_nodelay(true);
+    let handle = Rc::new(ConnHandle {
+        wake_writer: Rc::new(Notify::default()),
+        stop_reader: Rc::new(Notify::default()),
+        closing: Cell::new(false),
+    });
+    core.conns.borrow_mut().insert(id, handle.clone());
+    core.shard.borrow_mut().on_open(id, core.now_ms());
+    let (mut reader, mut writer) = futures_lite::io::split(stream);
+
+    let writer_task = {
+        let core = core.clone();
+        let handle = handle.clone();
+        glommio::spawn_local(async move {
+            loop {
+                handle.wake_writer.notified().await;
+                loop {
+                    let out = core.shard.borrow_mut().take_output(id);
+                    let Some(out) = out else { break };
+                    if writer.write_all(&out).await.is_err() {
+                        handle.closing.set(true);
+                        break;
+                    }
+                }
+                if handle.closing.get() {
+                    let _ = writer.close().await;
+                    handle.stop_reader.notify();
+                    return;
+                }
+            }
+        })
+    };
+
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut chunk = vec![0u8; READ_CHUNK];
+    loop {
+        let read = futures_lite::future::or(async { Some(reader.read(&mut chunk).await) }, async {
+            handle.stop_reader.notified().await;
+            None
+        })
+        .await;
+        let n = match read {
+            Some(Ok(n)) if n > 0 => n,
+            _ => break,
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        let now = core.now_ms();
+        core.shard.borrow_mut().on_bytes(id, &mut buf, now);
+        core.dispatch();
+        if handle.closing.get() {
+            break;
+        }
+    }
+    // Let the writer flush what is left (it closes the socket), then forget the connection.
+    handle.closing.set(true);
+    handle.wake_writer.notify();
+    writer_task.await;
+    let now = core.now_ms();
+    core.shard.borrow_mut().on_lost(id, now);
+    core.conns.borrow_mut().remove(&id);
+    core.dispatch();
+}
