@@ -56,6 +56,10 @@ struct Cli {
     /// Seconds between $SYS/ statistics messages (0 turns them off).
     #[arg(long, value_name = "SECS")]
     sys_interval: Option<u64>,
+    /// An extra listener for one shard, given once per shard in shard order: clients connecting
+    /// there are served by that shard (deterministic placement for tests and debugging).
+    #[arg(long, value_name = "ADDR")]
+    shard_listen: Vec<SocketAddr>,
     /// Print the address each shard listens on (for scripts using port 0).
     #[arg(long)]
     print_listen: bool,
@@ -104,19 +108,30 @@ fn real_main() -> anyhow::Result<()> {
         signal_hook::flag::register(sig, shutdown.clone()).context("installing signal handler")?;
     }
     tracing::info!(%listen, shards = cpus.len(), ?cpus, "sluice starting");
+    if !cli.shard_listen.is_empty() && cli.shard_listen.len() != cpus.len() {
+        bail!("--shard-listen: given {} times for {} shards; give it once per shard", cli.shard_listen.len(), cpus.len());
+    }
     let print = cli.print_listen;
     sluice_net::run(
         sluice_net::RuntimeConfig {
             listen,
+            shard_listen: cli.shard_listen.clone(),
             cpus,
             limits: cfg.limits.clone(),
             sys_interval_ms: cfg.server.sys_interval_secs * 1000,
         },
         shutdown,
-        move |shard, addr| {
-            tracing::info!(shard, %addr, "listening");
-            if print && shard == 0 {
-                println!("listening {addr}");
+        move |shard, addr, dedicated| {
+            tracing::info!(shard, %addr, dedicated, "listening");
+            if print {
+                use std::io::Write;
+                let mut out = std::io::stdout().lock();
+                let _ = match (dedicated, shard) {
+                    (true, _) => writeln!(out, "shard {shard} listening {addr}"),
+                    (false, 0) => writeln!(out, "listening {addr}"),
+                    _ => Ok(()),
+                };
+                let _ = out.flush();
             }
         },
     )?;

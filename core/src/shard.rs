@@ -68,7 +68,10 @@ pub enum ShardMsg {
     Release { client_id: ClientId, host: ShardId },
     RetainedQuery { filter: String, to: ShardId, client_id: ClientId, opts: SubOptions, sub_id: Option<u32> },
     RetainedReply { client_id: ClientId, msgs: Vec<Msg>, opts: SubOptions, sub_id: Option<u32> },
-    ShareJoin { key: String, member: ShareMember },
+    /// To the group's owner. With `ack`, the owner answers [`ShardMsg::ShareJoined`] so that the
+    /// SUBACK goes out only once the member can receive.
+    ShareJoin { key: String, member: ShareMember, ack: Option<ConnId> },
+    ShareJoined { conn: ConnId },
     ShareLeave { key: String, client_id: ClientId },
     ShareDeliver { client_id: ClientId, msg: Msg, opts: SubOptions, sub_id: Option<u32> },
     /// To shard 0: this shard's counters, for the `$SYS/broker/...` totals.
@@ -193,6 +196,23 @@ struct Conn {
     assigned_id: bool,
     /// Session expiry asked for in CONNECT (MQTT 5); DISCONNECT may not raise it from 0.
     connect_expiry: u32,
+    /// Input that arrived while the connection was blocked (pending CONNECT or SUBSCRIBE),
+    /// decoded once it unblocks, so packets are handled strictly in order.
+    held: BytesMut,
+    /// A SUBSCRIBE waiting for shared-group owners to confirm.
+    pending_sub: Option<PendingSub>,
+}
+
+struct PendingSub {
+    acks_left: usize,
+    suback: SubAck,
+    retained_queries: Vec<(String, SubOptions, Option<u32>)>,
+}
+
+impl Conn {
+    fn blocked(&self) -> bool {
+        matches!(self.state, ConnState::Pending(_)) || self.pending_sub.is_some()
+    }
 }
 
 /// What the caller must do besides writing bytes.
@@ -325,44 +345,76 @@ impl Shard {
                 will: None,
                 assigned_id: false,
                 connect_expiry: 0,
+                held: BytesMut::new(),
+                pending_sub: None,
             },
         );
     }
 
-    /// Bytes arrived on `conn`. Decodes and handles every whole packet in `buf`, leaving a partial one.
+    /// Bytes arrived on `conn`. Decodes and handles every whole packet in `buf`, leaving a partial
+    /// one there for the next call.
     pub fn on_bytes(&mut self, conn: ConnId, buf: &mut BytesMut, now_ms: u64) {
         self.stats.bytes_received += buf.len() as u64;
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        if c.blocked() || !c.held.is_empty() {
+            c.held.extend_from_slice(buf);
+            buf.clear();
+            if !c.blocked() {
+                self.resume(conn, now_ms);
+            }
+        } else {
+            self.decode_all(conn, buf, now_ms);
+            if let Some(c) = self.conns.get_mut(&conn) {
+                if c.blocked() && !buf.is_empty() {
+                    c.held.extend_from_slice(buf);
+                    buf.clear();
+                }
+            }
+        }
+        self.run_local(now_ms);
+    }
+
+    /// Handles packets held while the connection was blocked.
+    fn resume(&mut self, conn: ConnId, now_ms: u64) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        let mut held = std::mem::take(&mut c.held);
+        self.decode_all(conn, &mut held, now_ms);
+        if let Some(c) = self.conns.get_mut(&conn) {
+            held.extend_from_slice(&c.held);
+            c.held = held;
+        }
+    }
+
+    fn decode_all(&mut self, conn: ConnId, buf: &mut BytesMut, now_ms: u64) {
         loop {
             let Some(c) = self.conns.get_mut(&conn) else { return };
             if matches!(c.state, ConnState::Closing) {
                 buf.clear();
                 return;
             }
-            // A pending CONNECT must finish before we read on: later packets depend on the session.
-            if matches!(c.state, ConnState::Pending(_)) {
-                break;
+            if c.blocked() {
+                return;
             }
             c.last_rx_ms = now_ms;
             let version = c.version;
             match packet::decode(buf, version, self.limits.max_packet_size as usize) {
                 Ok(Some(p)) => self.on_packet(conn, p, now_ms),
-                Ok(None) => break,
+                Ok(None) => return,
                 Err(e) => {
                     self.stats.malformed += 1;
                     if version.is_none() && e.code == reason::UNSUPPORTED_PROTOCOL_VERSION {
                         // Answer in the 3.1.1 form every client version understands.
-                        self.send(conn, Packet::ConnAck(ConnAck { session_present: false, code: e.code, properties: Properties::default() }));
                         self.conns.get_mut(&conn).unwrap().version = Some(Version::V311);
+                        self.send(conn, Packet::ConnAck(ConnAck { session_present: false, code: e.code, properties: Properties::default() }));
                         self.close(conn, None, now_ms);
                     } else {
                         self.protocol_close(conn, e.code, e.what, now_ms);
                     }
                     buf.clear();
-                    break;
+                    return;
                 }
             }
         }
-        self.run_local(now_ms);
     }
 
     /// Whether the connection is waiting for its session; the caller should hold further input.
@@ -822,6 +874,7 @@ impl Shard {
             }
         }
         self.pump(&client_id, now_ms);
+        self.resume(conn, now_ms);
     }
 
     /// Installs a session on this shard: its subscriptions enter this shard's trie.
@@ -833,7 +886,7 @@ impl Shard {
                     let key = format!("{group}/{f}");
                     let owner = shard_of(&key, self.n_shards);
                     let member = ShareMember { client_id: id.clone(), shard: self.id, opts: sub.opts, sub_id: sub.sub_id };
-                    self.to_shard(owner, ShardMsg::ShareJoin { key, member });
+                    self.to_shard(owner, ShardMsg::ShareJoin { key, member, ack: None });
                 }
                 _ => {
                     self.trie.insert(filter, id.clone(), sub.clone());
@@ -946,6 +999,7 @@ impl Shard {
         let sub_id = sub.properties.subscription_identifiers.first().copied();
         let mut codes = Vec::with_capacity(sub.filters.len());
         let mut queries = Vec::new();
+        let mut acks_left = 0;
         for (filter, opts) in sub.filters {
             let shared = topic::parse_shared(&filter);
             let plain = match shared {
@@ -976,7 +1030,8 @@ impl Shard {
                     let key = format!("{group}/{f}");
                     let owner = shard_of(&key, self.n_shards);
                     let member = ShareMember { client_id: client_id.clone(), shard: self.id, opts, sub_id };
-                    self.to_shard(owner, ShardMsg::ShareJoin { key, member });
+                    self.to_shard(owner, ShardMsg::ShareJoin { key, member, ack: Some(conn) });
+                    acks_left += 1;
                 }
                 _ => {
                     self.trie.insert(&filter, client_id.clone(), entry);
@@ -986,14 +1041,28 @@ impl Shard {
                         _ => false,
                     };
                     if send_retained {
-                        queries.push((filter.clone(), opts));
+                        queries.push((filter.clone(), opts, sub_id));
                     }
                 }
             }
             codes.push(opts.qos);
         }
-        self.send(conn, Packet::SubAck(SubAck { packet_id: sub.packet_id, codes, properties: Properties::default() }));
-        for (filter, opts) in queries {
+        let pending = PendingSub {
+            acks_left,
+            suback: SubAck { packet_id: sub.packet_id, codes, properties: Properties::default() },
+            retained_queries: queries,
+        };
+        if acks_left > 0 {
+            self.conns.get_mut(&conn).unwrap().pending_sub = Some(pending);
+        } else {
+            self.finish_subscribe(conn, client_id, pending);
+        }
+    }
+
+    /// SUBACK, then the retained messages the new subscriptions asked for.
+    fn finish_subscribe(&mut self, conn: ConnId, client_id: ClientId, p: PendingSub) {
+        self.send(conn, Packet::SubAck(p.suback));
+        for (filter, opts, sub_id) in p.retained_queries {
             for shard in 0..self.n_shards {
                 let q = ShardMsg::RetainedQuery { filter: filter.clone(), to: self.id, client_id: client_id.clone(), opts, sub_id };
                 self.to_shard(shard, q);
@@ -1249,7 +1318,21 @@ impl Shard {
                     self.deliver(&client_id, d, now_ms);
                 }
             }
-            ShardMsg::ShareJoin { key, member } => {
+            ShardMsg::ShareJoined { conn } => {
+                let Some(c) = self.conns.get_mut(&conn) else { return };
+                let Some(p) = c.pending_sub.as_mut() else { return };
+                p.acks_left -= 1;
+                if p.acks_left == 0 {
+                    let p = c.pending_sub.take().unwrap();
+                    let id = c.client_id.clone().unwrap();
+                    self.finish_subscribe(conn, id, p);
+                    self.resume(conn, now_ms);
+                }
+            }
+            ShardMsg::ShareJoin { key, member, ack } => {
+                if let Some(conn) = ack {
+                    self.to_shard(member.shard, ShardMsg::ShareJoined { conn });
+                }
                 let (group, filter) = key.split_once('/').unwrap();
                 let group = group.to_string();
                 let mut g = self.shared.remove(filter, &group).unwrap_or_default();

@@ -28,6 +28,9 @@ pub struct RuntimeConfig {
     pub listen: SocketAddr,
     /// One shard per entry, pinned to that CPU.
     pub cpus: Vec<usize>,
+    /// Optional extra listener per shard (index = shard): a client connecting there is served by
+    /// that shard. Used to place clients deterministically in tests and to debug one shard.
+    pub shard_listen: Vec<SocketAddr>,
     pub limits: Limits,
     pub sys_interval_ms: u64,
 }
@@ -46,11 +49,12 @@ const MESH_CHANNEL_BATCHES: usize = 1024;
 
 /// Runs the broker until `shutdown` becomes true. Blocks the calling thread.
 ///
-/// `on_listening` is called once per shard with the bound address (useful when port 0 was asked).
+/// `on_listening(shard, addr, dedicated)` is called for every bound listener (useful with port
+/// 0); `dedicated` marks a shard's own extra listener.
 pub fn run(
     cfg: RuntimeConfig,
     shutdown: Arc<AtomicBool>,
-    on_listening: impl Fn(usize, SocketAddr) + Send + Sync + 'static,
+    on_listening: impl Fn(usize, SocketAddr, bool) + Send + Sync + 'static,
 ) -> Result<(), RunError> {
     let n = cfg.cpus.len();
     let mesh = MeshBuilder::full(n, MESH_CHANNEL_BATCHES);
@@ -70,6 +74,7 @@ pub fn run(
             id: shard_id,
             n_shards: n,
             listen,
+            own_listen: cfg.shard_listen.get(shard_id).copied(),
             limits: cfg.limits.clone(),
             sys_interval_ms: cfg.sys_interval_ms,
             epoch,
@@ -77,11 +82,11 @@ pub fn run(
         let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("sluice-shard-{shard_id}"))
             .spawn(move || async move {
-                shard::run_shard(shard_cfg, mesh, shutdown, move |addr| {
-                    if let Some(tx) = &addr_tx {
+                shard::run_shard(shard_cfg, mesh, shutdown, move |addr, dedicated| {
+                    if let (Some(tx), false) = (&addr_tx, dedicated) {
                         let _ = tx.send(addr);
                     }
-                    on_listening(shard_id, addr);
+                    on_listening(shard_id, addr, dedicated);
                 })
                 .await
             })

@@ -28,6 +28,7 @@ pub(crate) struct ShardConfig {
     pub id: usize,
     pub n_shards: usize,
     pub listen: SocketAddr,
+    pub own_listen: Option<SocketAddr>,
     pub limits: Limits,
     pub sys_interval_ms: u64,
     pub epoch: Instant,
@@ -89,11 +90,15 @@ pub(crate) async fn run_shard(
     cfg: ShardConfig,
     mesh: MeshBuilder<Vec<ShardMsg>, Full>,
     shutdown: Arc<AtomicBool>,
-    on_listening: impl FnOnce(SocketAddr),
+    on_listening: impl Fn(SocketAddr, bool),
 ) -> Result<(), String> {
-    let listener = TcpListener::bind(cfg.listen).map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
-    let local = listener.local_addr().map_err(|e| e.to_string())?;
-    on_listening(local);
+    let bind = |addr: SocketAddr, dedicated: bool| {
+        let l = TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        on_listening(l.local_addr().map_err(|e| e.to_string())?, dedicated);
+        Ok::<_, String>(l)
+    };
+    let listener = bind(cfg.listen, false)?;
+    let own_listener = cfg.own_listen.map(|a| bind(a, true)).transpose()?;
     let (senders, mut receivers) = mesh.join().await.map_err(|_| "cannot join the shard mesh".to_string())?;
     let now0 = cfg.epoch.elapsed().as_millis() as u64;
     let core = Rc::new(Core {
@@ -161,29 +166,17 @@ pub(crate) async fn run_shard(
         .detach();
     }
 
-    let mut next_conn: ConnId = 0;
-    loop {
-        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
-            stop_accept.notified().await;
-            None
-        })
-        .await;
-        let stream = match accepted {
-            None => break,
-            Some(Ok(s)) => s,
-            Some(Err(e)) => {
-                // EMFILE and friends: back off briefly instead of spinning.
-                tracing::warn!(shard = cfg.id, error = %e, "accept failed");
-                glommio::timer::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        if !core.shard.borrow().may_accept() {
-            drop(stream);
-            continue;
-        }
-        next_conn += 1;
-        glommio::spawn_local(serve(core.clone(), stream, next_conn)).detach();
+    let next_conn = Rc::new(Cell::new(0));
+    // A Notify has one waiter: the extra listener gets its own, fired when the main loop ends.
+    let stop_own = Rc::new(Notify::default());
+    let own_accept = own_listener.map(|l| {
+        let (core, stop, next_conn) = (core.clone(), stop_own.clone(), next_conn.clone());
+        glommio::spawn_local(async move { accept_loop(core, l, stop, next_conn).await })
+    });
+    accept_loop(core.clone(), listener, stop_accept.clone(), next_conn).await;
+    if let Some(t) = own_accept {
+        stop_own.notify();
+        t.await;
     }
 
     // Clean shutdown: every connection gets its last bytes (DISCONNECT 0x8B on MQTT 5), no wills.
@@ -196,6 +189,34 @@ pub(crate) async fn run_shard(
     }
     drop(sender_tasks);
     Ok(())
+}
+
+/// Accepts until `stop` fires; each connection gets its own task on this core.
+async fn accept_loop(core: Rc<Core>, listener: TcpListener, stop: Rc<Notify>, next_conn: Rc<Cell<ConnId>>) {
+    loop {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            stop.notified().await;
+            None
+        })
+        .await;
+        let stream = match accepted {
+            None => return,
+            Some(Ok(s)) => s,
+            Some(Err(e)) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if !core.shard.borrow().may_accept() {
+            drop(stream);
+            continue;
+        }
+        let id = next_conn.get() + 1;
+        next_conn.set(id);
+        glommio::spawn_local(serve(core.clone(), stream, id)).detach();
+    }
 }
 
 async fn serve(core: Rc<Core>, stream: TcpStream, id: ConnId) {
