@@ -85,14 +85,13 @@ fn real_main() -> anyhow::Result<()> {
         return Ok(());
     }
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     let mut cfg = match &cli.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
             Config::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
         }
         None => Config::default(),
@@ -109,7 +108,11 @@ fn real_main() -> anyhow::Result<()> {
     }
     tracing::info!(%listen, shards = cpus.len(), ?cpus, "sluice starting");
     if !cli.shard_listen.is_empty() && cli.shard_listen.len() != cpus.len() {
-        bail!("--shard-listen: given {} times for {} shards; give it once per shard", cli.shard_listen.len(), cpus.len());
+        bail!(
+            "--shard-listen: given {} times for {} shards; give it once per shard",
+            cli.shard_listen.len(),
+            cpus.len()
+        );
     }
     let print = cli.print_listen;
     sluice_net::run(
@@ -202,7 +205,10 @@ fn choose_cpus(cfg: &Config) -> anyhow::Result<Vec<usize>> {
     }
     let n = if cfg.server.cores == 0 { allowed.len() } else { cfg.server.cores };
     if n > allowed.len() {
-        bail!("--cores / server.cores: {n} shards asked for, but only {} CPUs are allowed ({allowed:?})", allowed.len());
+        bail!(
+            "--cores / server.cores: {n} shards asked for, but only {} CPUs are allowed ({allowed:?})",
+            allowed.len()
+        );
     }
     Ok(allowed[..n].to_vec())
 }

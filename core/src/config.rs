@@ -8,7 +8,7 @@ use serde::Deserialize;
 /// The commented default configuration printed by `sluice generate-config`.
 pub const DEFAULT_CONFIG_TOML: &str = include_str!("../../sluice.toml");
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
@@ -93,12 +93,6 @@ impl Default for Limits {
             max_outbound_buffer_bytes: 4 << 20,
             max_retained_messages: 1_000_000,
         }
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config { server: ServerConfig::default(), limits: Limits::default() }
     }
 }
 

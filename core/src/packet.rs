@@ -432,10 +432,7 @@ impl Reader {
                 0x23 => {
                     let v = r.u16()?;
                     if v == 0 {
-                        return Err(DecodeError {
-                            code: reason::TOPIC_ALIAS_INVALID,
-                            what: "topic alias 0",
-                        });
+                        return Err(DecodeError { code: reason::TOPIC_ALIAS_INVALID, what: "topic alias 0" });
                     }
                     once(&mut p.topic_alias, v)?
                 }
@@ -468,11 +465,7 @@ impl Reader {
 /// `version` is the connection's negotiated version (`None` before CONNECT: only CONNECT is
 /// accepted then). `max_size` bounds the whole packet, fixed header included. Returns
 /// `Ok(None)` when `buf` does not yet hold a whole packet; nothing is consumed then.
-pub fn decode(
-    buf: &mut BytesMut,
-    version: Option<Version>,
-    max_size: usize,
-) -> Result<Option<Packet>, DecodeError> {
+pub fn decode(buf: &mut BytesMut, version: Option<Version>, max_size: usize) -> Result<Option<Packet>, DecodeError> {
     if buf.len() < 2 {
         return Ok(None);
     }
@@ -626,7 +619,11 @@ pub fn decode(
             if r.remaining() != 0 {
                 return Err(malformed("PINGREQ/PINGRESP with a body"));
             }
-            if kind == 12 { Packet::PingReq } else { Packet::PingResp }
+            if kind == 12 {
+                Packet::PingReq
+            } else {
+                Packet::PingResp
+            }
         }
         14 => {
             need_flags(0)?;
@@ -683,10 +680,7 @@ fn decode_connect(r: &mut Reader, flags: u8) -> Result<Connect, DecodeError> {
         (b"MQTT", 4) => Version::V311,
         (b"MQTT", 5) => Version::V5,
         (b"MQTT", _) | (b"MQIsdp", 3) => {
-            return Err(DecodeError {
-                code: reason::UNSUPPORTED_PROTOCOL_VERSION,
-                what: "unsupported protocol level",
-            })
+            return Err(DecodeError { code: reason::UNSUPPORTED_PROTOCOL_VERSION, what: "unsupported protocol level" })
         }
         _ => return Err(protocol("protocol name is not MQTT")),
     };
@@ -1054,10 +1048,10 @@ mod tests {
     #[test]
     fn bad_flags_and_lengths_are_malformed() {
         for raw in [
-            &[0x36u8, 0x00][..],        // PUBLISH QoS 3
-            &[0x80, 0x02, 0x00, 0x01],  // SUBSCRIBE with wrong flags
-            &[0xC0, 0x01, 0x00],        // PINGREQ with body
-            &[0x30, 0x03, 0x00, 0x05, b'a'], // string length past end
+            &[0x36u8, 0x00][..],                   // PUBLISH QoS 3
+            &[0x80, 0x02, 0x00, 0x01],             // SUBSCRIBE with wrong flags
+            &[0xC0, 0x01, 0x00],                   // PINGREQ with body
+            &[0x30, 0x03, 0x00, 0x05, b'a'],       // string length past end
             &[0x30, 0x80, 0x80, 0x80, 0x80, 0x01], // 5-byte varint
         ] {
             let mut b = BytesMut::from(raw);
@@ -1168,14 +1162,15 @@ mod tests {
                         }),
                     }))
                 });
-            let connack = (any::<bool>(), prop_oneof![Just(0u8), Just(0x85u8), Just(0x86u8), Just(0x87u8)], option::of(s()))
-                .prop_map(move |(sp, c, aci)| {
-                    Packet::ConnAck(ConnAck {
-                        session_present: sp,
-                        code: c,
-                        properties: props(Properties { assigned_client_identifier: aci, ..Default::default() }),
-                    })
-                });
+            let connack =
+                (any::<bool>(), prop_oneof![Just(0u8), Just(0x85u8), Just(0x86u8), Just(0x87u8)], option::of(s()))
+                    .prop_map(move |(sp, c, aci)| {
+                        Packet::ConnAck(ConnAck {
+                            session_present: sp,
+                            code: c,
+                            properties: props(Properties { assigned_client_identifier: aci, ..Default::default() }),
+                        })
+                    });
             let publish = (0..=2u8, any::<bool>(), any::<bool>(), "[a-z/]{1,12}", pid(), publish_props(), bin())
                 .prop_map(move |(qos, dup, retain, topic, id, p, payload)| {
                     Packet::Publish(Publish {
@@ -1199,7 +1194,11 @@ mod tests {
                     }
                 },
             );
-            let subscribe = (pid(), vec(("[a-z/+#]{1,10}", 0..=2u8, any::<bool>(), any::<bool>(), 0..=2u8), 1..4), option::of(1..=1000u32))
+            let subscribe = (
+                pid(),
+                vec(("[a-z/+#]{1,10}", 0..=2u8, any::<bool>(), any::<bool>(), 0..=2u8), 1..4),
+                option::of(1..=1000u32),
+            )
                 .prop_map(move |(id, fs, sid)| {
                     Packet::Subscribe(Subscribe {
                         packet_id: id,
@@ -1214,7 +1213,10 @@ mod tests {
                                 (f, o)
                             })
                             .collect(),
-                        properties: props(Properties { subscription_identifiers: sid.into_iter().collect(), ..Default::default() }),
+                        properties: props(Properties {
+                            subscription_identifiers: sid.into_iter().collect(),
+                            ..Default::default()
+                        }),
                     })
                 });
             let suback = (pid(), vec(prop_oneof![Just(0u8), Just(1), Just(2), Just(0x80)], 1..4), resp_props())
@@ -1226,26 +1228,36 @@ mod tests {
                     properties: props(Properties { user_properties: up, ..Default::default() }),
                 })
             });
-            let unsuback = (pid(), vec(prop_oneof![Just(0u8), Just(0x11)], 1..4), resp_props()).prop_map(move |(id, codes, p)| {
-                Packet::UnsubAck(UnsubAck {
-                    packet_id: id,
-                    codes: if v5 { codes } else { Vec::new() },
-                    properties: props(p),
-                })
-            });
+            let unsuback =
+                (pid(), vec(prop_oneof![Just(0u8), Just(0x11)], 1..4), resp_props()).prop_map(move |(id, codes, p)| {
+                    Packet::UnsubAck(UnsubAck {
+                        packet_id: id,
+                        codes: if v5 { codes } else { Vec::new() },
+                        properties: props(p),
+                    })
+                });
             let disconnect = (prop_oneof![Just(0u8), Just(4), Just(0x8E)], option::of(any::<u32>()), option::of(s()))
                 .prop_map(move |(c, sei, rs)| {
                     Packet::Disconnect(Disconnect {
                         code: code(c),
-                        properties: props(Properties { session_expiry_interval: sei, reason_string: rs, ..Default::default() }),
+                        properties: props(Properties {
+                            session_expiry_interval: sei,
+                            reason_string: rs,
+                            ..Default::default()
+                        }),
                     })
                 });
-            let auth = (prop_oneof![Just(0u8), Just(0x18)], option::of(s()), option::of(bin())).prop_map(|(c, m, d)| {
-                Packet::Auth(Auth {
-                    code: c,
-                    properties: Properties { authentication_method: m, authentication_data: d, ..Default::default() },
-                })
-            });
+            let auth =
+                (prop_oneof![Just(0u8), Just(0x18)], option::of(s()), option::of(bin())).prop_map(|(c, m, d)| {
+                    Packet::Auth(Auth {
+                        code: c,
+                        properties: Properties {
+                            authentication_method: m,
+                            authentication_data: d,
+                            ..Default::default()
+                        },
+                    })
+                });
             let mut all = vec![
                 connect.boxed(),
                 connack.boxed(),

@@ -59,23 +59,68 @@ pub type Msg = Arc<Message>;
 pub enum ShardMsg {
     Publish(Msg),
     /// To the directory shard: `host` wants the session of `client_id` for connection `conn`.
-    Claim { client_id: ClientId, host: ShardId, conn: ConnId, clean_start: bool },
+    Claim {
+        client_id: ClientId,
+        host: ShardId,
+        conn: ConnId,
+        clean_start: bool,
+    },
     /// To the previous host: close the old connection and send the session to `to`.
-    Evict { client_id: ClientId, to: ShardId, conn: ConnId, clean_start: bool },
+    Evict {
+        client_id: ClientId,
+        to: ShardId,
+        conn: ConnId,
+        clean_start: bool,
+    },
     /// To the new host: the session (if any) for the pending connection `conn`.
-    Transfer { client_id: ClientId, conn: ConnId, session: Option<Box<Session>> },
+    Transfer {
+        client_id: ClientId,
+        conn: ConnId,
+        session: Option<Box<Session>>,
+    },
     /// To the directory shard: the session ended on `host`.
-    Release { client_id: ClientId, host: ShardId },
-    RetainedQuery { filter: String, to: ShardId, client_id: ClientId, opts: SubOptions, sub_id: Option<u32> },
-    RetainedReply { client_id: ClientId, msgs: Vec<Msg>, opts: SubOptions, sub_id: Option<u32> },
+    Release {
+        client_id: ClientId,
+        host: ShardId,
+    },
+    RetainedQuery {
+        filter: String,
+        to: ShardId,
+        client_id: ClientId,
+        opts: SubOptions,
+        sub_id: Option<u32>,
+    },
+    RetainedReply {
+        client_id: ClientId,
+        msgs: Vec<Msg>,
+        opts: SubOptions,
+        sub_id: Option<u32>,
+    },
     /// To the group's owner. With `ack`, the owner answers [`ShardMsg::ShareJoined`] so that the
     /// SUBACK goes out only once the member can receive.
-    ShareJoin { key: String, member: ShareMember, ack: Option<ConnId> },
-    ShareJoined { conn: ConnId },
-    ShareLeave { key: String, client_id: ClientId },
-    ShareDeliver { client_id: ClientId, msg: Msg, opts: SubOptions, sub_id: Option<u32> },
+    ShareJoin {
+        key: String,
+        member: ShareMember,
+        ack: Option<ConnId>,
+    },
+    ShareJoined {
+        conn: ConnId,
+    },
+    ShareLeave {
+        key: String,
+        client_id: ClientId,
+    },
+    ShareDeliver {
+        client_id: ClientId,
+        msg: Msg,
+        opts: SubOptions,
+        sub_id: Option<u32>,
+    },
     /// To shard 0: this shard's counters, for the `$SYS/broker/...` totals.
-    Stats { from: ShardId, stats: Stats },
+    Stats {
+        from: ShardId,
+        stats: Stats,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -405,7 +450,14 @@ impl Shard {
                     if version.is_none() && e.code == reason::UNSUPPORTED_PROTOCOL_VERSION {
                         // Answer in the 3.1.1 form every client version understands.
                         self.conns.get_mut(&conn).unwrap().version = Some(Version::V311);
-                        self.send(conn, Packet::ConnAck(ConnAck { session_present: false, code: e.code, properties: Properties::default() }));
+                        self.send(
+                            conn,
+                            Packet::ConnAck(ConnAck {
+                                session_present: false,
+                                code: e.code,
+                                properties: Properties::default(),
+                            }),
+                        );
                         self.close(conn, None, now_ms);
                     } else {
                         self.protocol_close(conn, e.code, e.what, now_ms);
@@ -520,7 +572,7 @@ impl Shard {
     // Output helpers
     // -----------------------------------------------------------------------------------------
 
-    fn to_shard(&mut self, to: ShardId, msg: ShardMsg) {
+    fn send_to_shard(&mut self, to: ShardId, msg: ShardMsg) {
         if to == self.id {
             self.local.push_back(msg);
         } else {
@@ -614,7 +666,7 @@ impl Shard {
         }
         self.drop_subscriptions(&mut s);
         let dir = directory_shard(&s.client_id, self.n_shards);
-        self.to_shard(dir, ShardMsg::Release { client_id: s.client_id.clone(), host: self.id });
+        self.send_to_shard(dir, ShardMsg::Release { client_id: s.client_id.clone(), host: self.id });
     }
 
     fn drop_subscriptions(&mut self, s: &mut Session) {
@@ -628,7 +680,7 @@ impl Shard {
             Some(Ok((group, f))) => {
                 let key = format!("{group}/{f}");
                 let owner = shard_of(&key, self.n_shards);
-                self.to_shard(owner, ShardMsg::ShareLeave { key, client_id: client_id.clone() });
+                self.send_to_shard(owner, ShardMsg::ShareLeave { key, client_id: client_id.clone() });
             }
             _ => {
                 self.trie.remove(filter, client_id);
@@ -681,7 +733,10 @@ impl Shard {
                 let Some(s) = self.session_of(conn) else { return };
                 let found = s.incoming_qos2.remove(&r.packet_id);
                 let code = if found { reason::SUCCESS } else { reason::PACKET_ID_NOT_FOUND };
-                self.send(conn, Packet::PubComp(PubResp { packet_id: r.packet_id, code, properties: Properties::default() }));
+                self.send(
+                    conn,
+                    Packet::PubComp(PubResp { packet_id: r.packet_id, code, properties: Properties::default() }),
+                );
             }
             Packet::PubComp(r) => self.on_ack(conn, r.packet_id, false, now_ms),
             Packet::Subscribe(s) => self.on_subscribe(conn, s, now_ms),
@@ -730,7 +785,10 @@ impl Shard {
         let c = self.conns.get_mut(&conn).unwrap();
         c.version = Some(connect.version);
         let refuse = |shard: &mut Shard, code: u8| {
-            shard.send(conn, Packet::ConnAck(ConnAck { session_present: false, code, properties: Properties::default() }));
+            shard.send(
+                conn,
+                Packet::ConnAck(ConnAck { session_present: false, code, properties: Properties::default() }),
+            );
             if let Some(c) = shard.conns.get_mut(&conn) {
                 c.will = None;
             }
@@ -778,7 +836,7 @@ impl Shard {
         let clean_start = connect.clean_start;
         c.state = ConnState::Pending(connect);
         let dir = directory_shard(&client_id, self.n_shards);
-        self.to_shard(dir, ShardMsg::Claim { client_id, host: self.id, conn, clean_start });
+        self.send_to_shard(dir, ShardMsg::Claim { client_id, host: self.id, conn, clean_start });
     }
 
     /// The session for a pending connection arrived (or there is none): finish the CONNECT.
@@ -805,7 +863,7 @@ impl Shard {
                 Some(s) => self.end_session(*s, now_ms),
                 None => {
                     let dir = directory_shard(&client_id, self.n_shards);
-                    self.to_shard(dir, ShardMsg::Release { client_id, host: self.id });
+                    self.send_to_shard(dir, ShardMsg::Release { client_id, host: self.id });
                 }
             }
             return;
@@ -869,7 +927,10 @@ impl Shard {
                     }
                 }
                 Inflight::Release => {
-                    self.send(conn, Packet::PubRel(PubResp { packet_id: pid, code: 0, properties: Properties::default() }));
+                    self.send(
+                        conn,
+                        Packet::PubRel(PubResp { packet_id: pid, code: 0, properties: Properties::default() }),
+                    );
                 }
             }
         }
@@ -885,8 +946,9 @@ impl Shard {
                 Some(Ok((group, f))) => {
                     let key = format!("{group}/{f}");
                     let owner = shard_of(&key, self.n_shards);
-                    let member = ShareMember { client_id: id.clone(), shard: self.id, opts: sub.opts, sub_id: sub.sub_id };
-                    self.to_shard(owner, ShardMsg::ShareJoin { key, member, ack: None });
+                    let member =
+                        ShareMember { client_id: id.clone(), shard: self.id, opts: sub.opts, sub_id: sub.sub_id };
+                    self.send_to_shard(owner, ShardMsg::ShareJoin { key, member, ack: None });
                 }
                 _ => {
                     self.trie.insert(filter, id.clone(), sub.clone());
@@ -928,7 +990,11 @@ impl Shard {
         let client_id = c.client_id.clone().unwrap();
         if p.properties.payload_format_indicator == Some(1) && std::str::from_utf8(&p.payload).is_err() {
             if p.qos > 0 {
-                let r = PubResp { packet_id: p.packet_id, code: reason::PAYLOAD_FORMAT_INVALID, properties: Properties::default() };
+                let r = PubResp {
+                    packet_id: p.packet_id,
+                    code: reason::PAYLOAD_FORMAT_INVALID,
+                    properties: Properties::default(),
+                };
                 self.send(conn, if p.qos == 1 { Packet::PubAck(r) } else { Packet::PubRec(r) });
             }
             return;
@@ -937,7 +1003,10 @@ impl Shard {
             let s = self.sessions.get_mut(&client_id).unwrap();
             if s.incoming_qos2.contains(&p.packet_id) {
                 // A resend of a message we already took: acknowledge again, route nothing.
-                self.send(conn, Packet::PubRec(PubResp { packet_id: p.packet_id, code: 0, properties: Properties::default() }));
+                self.send(
+                    conn,
+                    Packet::PubRec(PubResp { packet_id: p.packet_id, code: 0, properties: Properties::default() }),
+                );
                 return;
             }
             if s.incoming_qos2.len() >= usize::from(self.limits.max_inflight) {
@@ -1030,7 +1099,7 @@ impl Shard {
                     let key = format!("{group}/{f}");
                     let owner = shard_of(&key, self.n_shards);
                     let member = ShareMember { client_id: client_id.clone(), shard: self.id, opts, sub_id };
-                    self.to_shard(owner, ShardMsg::ShareJoin { key, member, ack: Some(conn) });
+                    self.send_to_shard(owner, ShardMsg::ShareJoin { key, member, ack: Some(conn) });
                     acks_left += 1;
                 }
                 _ => {
@@ -1064,8 +1133,14 @@ impl Shard {
         self.send(conn, Packet::SubAck(p.suback));
         for (filter, opts, sub_id) in p.retained_queries {
             for shard in 0..self.n_shards {
-                let q = ShardMsg::RetainedQuery { filter: filter.clone(), to: self.id, client_id: client_id.clone(), opts, sub_id };
-                self.to_shard(shard, q);
+                let q = ShardMsg::RetainedQuery {
+                    filter: filter.clone(),
+                    to: self.id,
+                    client_id: client_id.clone(),
+                    opts,
+                    sub_id,
+                };
+                self.send_to_shard(shard, q);
             }
         }
     }
@@ -1083,7 +1158,10 @@ impl Shard {
                 codes.push(reason::NO_SUBSCRIPTION_EXISTED);
             }
         }
-        self.send(conn, Packet::UnsubAck(UnsubAck { packet_id: u.packet_id, codes, properties: Properties::default() }));
+        self.send(
+            conn,
+            Packet::UnsubAck(UnsubAck { packet_id: u.packet_id, codes, properties: Properties::default() }),
+        );
     }
 
     // -----------------------------------------------------------------------------------------
@@ -1105,7 +1183,8 @@ impl Shard {
         if msg.retain && shard_of(&msg.topic, self.n_shards) == self.id {
             if msg.payload.is_empty() {
                 self.retained.remove(&msg.topic);
-            } else if self.retained.len() < self.limits.max_retained_messages || self.retained.contains_key(&msg.topic) {
+            } else if self.retained.len() < self.limits.max_retained_messages || self.retained.contains_key(&msg.topic)
+            {
                 self.retained.insert(msg.topic.clone(), msg.clone());
             }
         }
@@ -1138,8 +1217,9 @@ impl Shard {
             if m.shard == self.id {
                 self.deliver_shared(&m.client_id, msg.clone(), m.opts, m.sub_id, now_ms);
             } else {
-                let sd = ShardMsg::ShareDeliver { client_id: m.client_id, msg: msg.clone(), opts: m.opts, sub_id: m.sub_id };
-                self.to_shard(m.shard, sd);
+                let sd =
+                    ShardMsg::ShareDeliver { client_id: m.client_id, msg: msg.clone(), opts: m.opts, sub_id: m.sub_id };
+                self.send_to_shard(m.shard, sd);
             }
         }
     }
@@ -1236,7 +1316,15 @@ impl Shard {
                 }
             }
         }
-        let p = Publish { dup, qos: d.qos, retain: d.retain, topic, packet_id: pid, properties, payload: d.msg.payload.clone() };
+        let p = Publish {
+            dup,
+            qos: d.qos,
+            retain: d.retain,
+            topic,
+            packet_id: pid,
+            properties,
+            payload: d.msg.payload.clone(),
+        };
         if self.send(conn, Packet::Publish(p)) {
             self.stats.messages_sent += 1;
             true
@@ -1255,8 +1343,8 @@ impl Shard {
             ShardMsg::Publish(msg) => self.route_here(&msg, now_ms),
             ShardMsg::Claim { client_id, host, conn, clean_start } => {
                 match self.directory.insert(client_id.clone(), host) {
-                    Some(prev) => self.to_shard(prev, ShardMsg::Evict { client_id, to: host, conn, clean_start }),
-                    None => self.to_shard(host, ShardMsg::Transfer { client_id, conn, session: None }),
+                    Some(prev) => self.send_to_shard(prev, ShardMsg::Evict { client_id, to: host, conn, clean_start }),
+                    None => self.send_to_shard(host, ShardMsg::Transfer { client_id, conn, session: None }),
                 }
             }
             ShardMsg::Evict { client_id, to, conn, clean_start } => {
@@ -1273,7 +1361,10 @@ impl Shard {
                         if c.version == Some(Version::V5) {
                             self.send(
                                 old_conn,
-                                Packet::Disconnect(Disconnect { code: reason::SESSION_TAKEN_OVER, properties: Properties::default() }),
+                                Packet::Disconnect(Disconnect {
+                                    code: reason::SESSION_TAKEN_OVER,
+                                    properties: Properties::default(),
+                                }),
                             );
                         }
                     }
@@ -1293,7 +1384,7 @@ impl Shard {
                     s.conn = None;
                     session = Some(Box::new(s));
                 }
-                self.to_shard(to, ShardMsg::Transfer { client_id, conn, session });
+                self.send_to_shard(to, ShardMsg::Transfer { client_id, conn, session });
             }
             ShardMsg::Transfer { client_id, conn, session } => self.on_transfer(client_id, conn, session, now_ms),
             ShardMsg::Release { client_id, host } => {
@@ -1309,12 +1400,17 @@ impl Shard {
                     .cloned()
                     .collect();
                 if !msgs.is_empty() {
-                    self.to_shard(to, ShardMsg::RetainedReply { client_id, msgs, opts, sub_id });
+                    self.send_to_shard(to, ShardMsg::RetainedReply { client_id, msgs, opts, sub_id });
                 }
             }
             ShardMsg::RetainedReply { client_id, msgs, opts, sub_id } => {
                 for msg in msgs {
-                    let d = Delivery { qos: opts.qos.min(msg.qos), retain: true, sub_ids: sub_id.into_iter().collect(), msg };
+                    let d = Delivery {
+                        qos: opts.qos.min(msg.qos),
+                        retain: true,
+                        sub_ids: sub_id.into_iter().collect(),
+                        msg,
+                    };
                     self.deliver(&client_id, d, now_ms);
                 }
             }
@@ -1331,7 +1427,7 @@ impl Shard {
             }
             ShardMsg::ShareJoin { key, member, ack } => {
                 if let Some(conn) = ack {
-                    self.to_shard(member.shard, ShardMsg::ShareJoined { conn });
+                    self.send_to_shard(member.shard, ShardMsg::ShareJoined { conn });
                 }
                 let (group, filter) = key.split_once('/').unwrap();
                 let group = group.to_string();
@@ -1383,7 +1479,10 @@ impl Shard {
                 ("messages/sent", s.messages_sent),
                 ("bytes/received", s.bytes_received),
                 ("bytes/sent", s.bytes_sent),
-                ("messages/dropped", s.dropped_queue_full + s.dropped_slow_qos0 + s.dropped_too_large + s.dropped_expired),
+                (
+                    "messages/dropped",
+                    s.dropped_queue_full + s.dropped_slow_qos0 + s.dropped_too_large + s.dropped_expired,
+                ),
             ]
         };
         for (name, v) in fields(&stats) {

@@ -23,10 +23,7 @@ impl Default for TopicLimits {
 
 /// A topic name a client may publish to: no wildcards, within limits.
 pub fn valid_topic_name(t: &str, lim: &TopicLimits) -> bool {
-    !t.is_empty()
-        && t.len() <= lim.max_len
-        && !t.contains(['+', '#'])
-        && t.split('/').count() <= lim.max_levels
+    !t.is_empty() && t.len() <= lim.max_len && !t.contains(['+', '#']) && t.split('/').count() <= lim.max_levels
 }
 
 /// A topic filter: `+` only as a whole level, `#` only as the whole last level.
@@ -189,7 +186,13 @@ impl<K: Eq + Hash, V> Trie<K, V> {
 impl<K: Eq + Hash, V> Trie<K, V> {
     /// Like [`Trie::for_each_match`], with mutable entries (round-robin counters of shared groups).
     pub fn for_each_match_mut(&mut self, topic: &str, mut f: impl FnMut(&K, &mut V)) {
-        fn walk<K, V>(node: &mut Node<K, V>, levels: &[&str], first: bool, dollar: bool, f: &mut impl FnMut(&K, &mut V)) {
+        fn walk<K, V>(
+            node: &mut Node<K, V>,
+            levels: &[&str],
+            first: bool,
+            dollar: bool,
+            f: &mut impl FnMut(&K, &mut V),
+        ) {
             let wild_ok = !(first && dollar);
             if wild_ok {
                 if let Some(h) = node.children.get_mut("#") {

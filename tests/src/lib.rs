@@ -26,7 +26,11 @@ pub fn sluice_bin() -> PathBuf {
         return p.into();
     }
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/sluice");
-    assert!(p.exists(), "{} is missing: run `cargo build --bin sluice` first (the README's test command does)", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --bin sluice` first (the README's test command does)",
+        p.display()
+    );
     p
 }
 
@@ -81,7 +85,12 @@ impl Broker {
                 _ => {}
             }
         }
-        Broker { child, addr: addr.unwrap(), shard_addrs: shard_addrs.into_iter().map(Option::unwrap).collect(), data_dir }
+        Broker {
+            child,
+            addr: addr.unwrap(),
+            shard_addrs: shard_addrs.into_iter().map(Option::unwrap).collect(),
+            data_dir,
+        }
     }
 
     pub fn shard(&self, i: usize) -> SocketAddr {
@@ -203,7 +212,9 @@ impl Client {
     pub fn recv_within(&mut self, d: Duration) -> Option<Option<Packet>> {
         let deadline = Instant::now() + d;
         loop {
-            if let Some(p) = packet::decode(&mut self.buf, Some(self.version), usize::MAX).expect("broker sent a malformed packet") {
+            if let Some(p) =
+                packet::decode(&mut self.buf, Some(self.version), usize::MAX).expect("broker sent a malformed packet")
+            {
                 return Some(Some(p));
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -215,7 +226,9 @@ impl Client {
             match self.stream.read(&mut chunk) {
                 Ok(0) => return Some(None),
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => return None,
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                    return None
+                }
                 Err(_) => return Some(None),
             }
         }
@@ -249,7 +262,11 @@ impl Client {
                     self.ack(&p);
                     return p;
                 }
-                Some(Packet::PubRel(r)) => self.send(&Packet::PubComp(PubResp { packet_id: r.packet_id, code: 0, properties: Properties::default() })),
+                Some(Packet::PubRel(r)) => self.send(&Packet::PubComp(PubResp {
+                    packet_id: r.packet_id,
+                    code: 0,
+                    properties: Properties::default(),
+                })),
                 Some(other) => panic!("expected PUBLISH, got {other:?}"),
                 None => panic!("connection closed while waiting for PUBLISH"),
             }
@@ -284,7 +301,11 @@ impl Client {
 
     pub fn unsubscribe(&mut self, filter: &str) -> Packet {
         let packet_id = self.pid();
-        self.send(&Packet::Unsubscribe(Unsubscribe { packet_id, filters: vec![filter.into()], properties: Properties::default() }));
+        self.send(&Packet::Unsubscribe(Unsubscribe {
+            packet_id,
+            filters: vec![filter.into()],
+            properties: Properties::default(),
+        }));
         self.recv().expect("UNSUBACK")
     }
 

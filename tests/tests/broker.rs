@@ -186,7 +186,15 @@ fn incoming_qos2_resend_is_not_delivered_twice() {
     let mut sub = Client::v5(b.shard(1), "s");
     sub.subscribe("x", 2);
     let mut publ = Client::v5(b.shard(0), "p");
-    let p = Publish { dup: false, qos: 2, retain: false, topic: "x".into(), packet_id: 7, properties: props(), payload: Bytes::from_static(b"m") };
+    let p = Publish {
+        dup: false,
+        qos: 2,
+        retain: false,
+        topic: "x".into(),
+        packet_id: 7,
+        properties: props(),
+        payload: Bytes::from_static(b"m"),
+    };
     publ.send(&Packet::Publish(p.clone()));
     assert!(matches!(publ.recv(), Some(Packet::PubRec(_))));
     publ.send(&Packet::Publish(Publish { dup: true, ..p }));
@@ -230,7 +238,13 @@ fn will_on_abnormal_disconnect_not_on_clean_one() {
     watcher.subscribe("will/#", 1);
     for version in [V3, V5] {
         let mut c = connect_packet(version, &format!("dies-{version:?}"), true);
-        c.will = Some(Will { topic: "will/gone".into(), payload: Bytes::from_static(b"bye"), qos: 1, retain: false, properties: props() });
+        c.will = Some(Will {
+            topic: "will/gone".into(),
+            payload: Bytes::from_static(b"bye"),
+            qos: 1,
+            retain: false,
+            properties: props(),
+        });
         let dies = Client::connect(b.shard(0), c.clone());
         dies.kill();
         let p = watcher.next_publish();
@@ -252,7 +266,13 @@ fn v5_disconnect_with_will_and_will_delay() {
     let mut wp = props();
     wp.will_delay_interval = Some(1);
     c.properties.session_expiry_interval = Some(60);
-    c.will = Some(Will { topic: "wd/late".into(), payload: Bytes::from_static(b"late"), qos: 0, retain: false, properties: wp });
+    c.will = Some(Will {
+        topic: "wd/late".into(),
+        payload: Bytes::from_static(b"late"),
+        qos: 0,
+        retain: false,
+        properties: wp,
+    });
     // Reconnecting within the delay cancels the will.
     Client::connect(b.shard(0), c.clone()).kill();
     let mut again = c.clone();
@@ -287,7 +307,13 @@ fn keep_alive_expiry_closes_with_0x8d_and_sends_will() {
     watcher.subscribe("ka/#", 0);
     let mut c = connect_packet(V5, "sleepy", true);
     c.keep_alive = 1;
-    c.will = Some(Will { topic: "ka/dead".into(), payload: Bytes::from_static(b"timeout"), qos: 0, retain: false, properties: props() });
+    c.will = Some(Will {
+        topic: "ka/dead".into(),
+        payload: Bytes::from_static(b"timeout"),
+        qos: 0,
+        retain: false,
+        properties: props(),
+    });
     let mut sleepy = Client::connect(b.shard(1), c);
     let got = sleepy.until_closed();
     assert!(matches!(got.as_slice(), [Packet::Disconnect(d)] if d.code == reason::KEEP_ALIVE_TIMEOUT), "{got:?}");
@@ -340,15 +366,15 @@ fn malformed_packets_close_only_that_connection() {
     let mut bystander = Client::v5(b.shard(1), "bystander");
     bystander.subscribe("ok", 0);
     let cases: &[(&[u8], u8)] = &[
-        (&[0x36, 0x02, 0x00, 0x00], reason::MALFORMED_PACKET),             // QoS 3
-        (&[0x82, 0x03, 0x00, 0x01, 0x00], reason::PROTOCOL_ERROR),          // SUBSCRIBE without filters
-        (&[0x80, 0x02, 0x00, 0x01], reason::MALFORMED_PACKET),             // SUBSCRIBE reserved flags
+        (&[0x36, 0x02, 0x00, 0x00], reason::MALFORMED_PACKET),     // QoS 3
+        (&[0x82, 0x03, 0x00, 0x01, 0x00], reason::PROTOCOL_ERROR), // SUBSCRIBE without filters
+        (&[0x80, 0x02, 0x00, 0x01], reason::MALFORMED_PACKET),     // SUBSCRIBE reserved flags
         (&[0x30, 0x05, 0x00, 0x09, b'a', 0x00, 0x00], reason::MALFORMED_PACKET), // topic length past end
         (&[0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F], reason::MALFORMED_PACKET), // 5-byte length
         (&[0x30, 0x04, 0x00, 0x02, 0xC3, 0x28, 0x00], reason::MALFORMED_PACKET), // invalid UTF-8 topic (+props)
-        (&[0x30, 0x90, 0x4E], reason::PACKET_TOO_LARGE),                  // 10000 bytes
+        (&[0x30, 0x90, 0x4E], reason::PACKET_TOO_LARGE),           // 10000 bytes
         (&[0x30, 0x05, 0x00, 0x01, b'+', 0x00, b'x'], reason::TOPIC_NAME_INVALID), // wildcard in topic
-        (&[0x00, 0x00], reason::MALFORMED_PACKET),                         // reserved type 0
+        (&[0x00, 0x00], reason::MALFORMED_PACKET),                 // reserved type 0
     ];
     for (i, (raw, code)) in cases.iter().enumerate() {
         let mut c = Client::v5(b.shard(i % 2), &format!("bad{i}"));
@@ -374,7 +400,10 @@ fn subscription_limits_and_invalid_filters() {
     let mut c = Client::v5(b.addr, "lim");
     let q = SubOptions { qos: 1, ..Default::default() };
     let ack = c.subscribe_with(&[("a", q), ("a/#/b", q), ("b", q), ("c", q), ("$share/g", q)], props());
-    assert_eq!(ack.codes, vec![1, reason::TOPIC_FILTER_INVALID, 1, reason::QUOTA_EXCEEDED, reason::TOPIC_FILTER_INVALID]);
+    assert_eq!(
+        ack.codes,
+        vec![1, reason::TOPIC_FILTER_INVALID, 1, reason::QUOTA_EXCEEDED, reason::TOPIC_FILTER_INVALID]
+    );
     match c.unsubscribe("zzz") {
         Packet::UnsubAck(u) => assert_eq!(u.codes, vec![reason::NO_SUBSCRIPTION_EXISTED]),
         o => panic!("{o:?}"),
@@ -607,7 +636,8 @@ fn sys_topics_report_per_shard_and_totals() {
 fn sigterm_shuts_down_cleanly_without_wills() {
     let b = Broker::start(&[]);
     let mut c = connect_packet(V5, "will-on-shutdown", true);
-    c.will = Some(Will { topic: "w".into(), payload: Bytes::from_static(b"x"), qos: 0, retain: false, properties: props() });
+    c.will =
+        Some(Will { topic: "w".into(), payload: Bytes::from_static(b"x"), qos: 0, retain: false, properties: props() });
     let mut client = Client::connect(b.shard(0), c);
     let code = b.terminate();
     assert_eq!(code, Some(0));
