@@ -272,6 +272,9 @@ async fn serve(core: Rc<Core>, stream: TcpStream, id: ConnId) {
         if handle.closing.get() {
             break;
         }
+        // A read that finds data ready completes without suspending; yield so that writers (and
+        // other readers) on this core get their turn instead of starving behind a busy publisher.
+        futures_lite::future::yield_now().await;
     }
     // Let the writer flush what is left (it closes the socket), then forget the connection.
     handle.closing.set(true);

@@ -1,0 +1,365 @@
+//! sluice-perf: an MQTT load generator that works against any broker (sluice, Mosquitto, rumqttd).
+//!
+//! Scenarios:
+//! - `fan-in`: N publishers → one subscriber on a wildcard filter.
+//! - `fan-out`: one publisher → N subscribers of the same topic.
+//!
+//! Payloads carry a send timestamp (ns since this process started), so latency is measured
+//! end to end in one clock. It prints a progress line each second, a summary, then one JSON line.
+//! It reads the broker's CPU time from /proc/PID/stat (`--broker-pid`) and its own, so results
+//! on a shared 2-core machine can be read fairly. Pin it and the broker to different CPUs
+//! (`taskset`).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::{Bytes, BytesMut};
+use clap::{Parser, ValueEnum};
+use hdrhistogram::Histogram;
+use sluice_core::packet::{self, Connect, Packet, Properties, Publish, SubOptions, Subscribe, Version};
+
+#[derive(Copy, Clone, Debug, ValueEnum, PartialEq)]
+enum Scenario {
+    FanIn,
+    FanOut,
+}
+
+#[derive(Parser, Debug)]
+#[command(about = "MQTT load generator: fan-in and fan-out, messages/s, latency, broker CPU per message")]
+struct Args {
+    #[arg(value_enum)]
+    scenario: Scenario,
+    /// Broker address.
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    addr: SocketAddr,
+    /// Publishers (fan-in) or subscribers (fan-out).
+    #[arg(long, default_value_t = 8)]
+    clients: usize,
+    #[arg(long, default_value_t = 64)]
+    payload: usize,
+    #[arg(long, default_value_t = 0)]
+    qos: u8,
+    /// Seconds of publishing.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Total publish rate in messages/s; 0 = as fast as possible.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Broker process id, to report its CPU time per message.
+    #[arg(long)]
+    broker_pid: Option<u32>,
+    /// Label for the JSON line (e.g. the broker's name).
+    #[arg(long, default_value = "broker")]
+    label: String,
+}
+
+fn epoch() -> Instant {
+    static E: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *E.get_or_init(Instant::now)
+}
+
+fn now_ns() -> u64 {
+    epoch().elapsed().as_nanos() as u64
+}
+
+/// utime + stime of a process, in seconds, from /proc.
+fn cpu_secs(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
+}
+
+struct Conn {
+    s: TcpStream,
+    buf: BytesMut,
+}
+
+impl Conn {
+    fn connect(addr: SocketAddr, id: &str) -> anyhow::Result<Conn> {
+        let s = TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
+        s.set_nodelay(true)?;
+        let mut c = Conn { s, buf: BytesMut::with_capacity(1 << 16) };
+        c.send(&Packet::Connect(Box::new(Connect {
+            version: Version::V311,
+            clean_start: true,
+            keep_alive: 120,
+            client_id: id.into(),
+            will: None,
+            username: None,
+            password: None,
+            properties: Properties::default(),
+        })))?;
+        match c.recv()? {
+            Packet::ConnAck(a) if a.code == 0 => Ok(c),
+            other => bail!("{id}: CONNACK refused: {other:?}"),
+        }
+    }
+
+    fn send(&mut self, p: &Packet) -> anyhow::Result<()> {
+        let mut out = BytesMut::new();
+        packet::encode(p, Version::V311, &mut out);
+        self.s.write_all(&out)?;
+        Ok(())
+    }
+
+    fn recv(&mut self) -> anyhow::Result<Packet> {
+        loop {
+            if let Some(p) = packet::decode(&mut self.buf, Some(Version::V311), usize::MAX)? {
+                return Ok(p);
+            }
+            self.fill()?;
+        }
+    }
+
+    fn fill(&mut self) -> anyhow::Result<usize> {
+        let mut chunk = [0u8; 65536];
+        let n = self.s.read(&mut chunk)?;
+        if n == 0 {
+            bail!("connection closed by broker");
+        }
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(n)
+    }
+
+    fn subscribe(&mut self, filter: &str, qos: u8) -> anyhow::Result<()> {
+        self.send(&Packet::Subscribe(Subscribe {
+            packet_id: 1,
+            filters: vec![(filter.into(), SubOptions { qos, ..Default::default() })],
+            properties: Properties::default(),
+        }))?;
+        match self.recv()? {
+            Packet::SubAck(_) => Ok(()),
+            other => bail!("expected SUBACK, got {other:?}"),
+        }
+    }
+}
+
+struct Shared {
+    sent: AtomicU64,
+    received: AtomicU64,
+    stop_publishing: AtomicBool,
+    stop_receiving: AtomicBool,
+    hist: Mutex<Histogram<u64>>,
+}
+
+/// Publishes as fast as allowed until told to stop. QoS 0 is written in batches; QoS 1 keeps a
+/// window of 64 in flight.
+fn publisher(addr: SocketAddr, id: usize, topic: String, a: Arc<Shared>, payload: usize, qos: u8, rate: u64) -> anyhow::Result<()> {
+    let mut c = Conn::connect(addr, &format!("perf-pub-{id}"))?;
+    let batch = if qos == 0 { 64 } else { 1 };
+    let mut out = BytesMut::with_capacity(batch * (payload + 64));
+    let mut pid: u16 = 0;
+    let mut inflight = 0usize;
+    let start = Instant::now();
+    let mut sent: u64 = 0;
+    let mut body = vec![0u8; payload.max(8)];
+    while !a.stop_publishing.load(Ordering::Relaxed) {
+        if rate > 0 {
+            let due = (start.elapsed().as_secs_f64() * rate as f64) as u64;
+            if sent >= due {
+                std::thread::sleep(Duration::from_micros(200));
+                continue;
+            }
+        }
+        for _ in 0..batch {
+            body[..8].copy_from_slice(&now_ns().to_le_bytes());
+            let packet_id = if qos > 0 {
+                pid = pid % u16::MAX + 1;
+                pid
+            } else {
+                0
+            };
+            packet::encode(
+                &Packet::Publish(Publish {
+                    dup: false,
+                    qos,
+                    retain: false,
+                    topic: topic.clone(),
+                    packet_id,
+                    properties: Properties::default(),
+                    payload: Bytes::copy_from_slice(&body),
+                }),
+                Version::V311,
+                &mut out,
+            );
+        }
+        c.s.write_all(&out)?;
+        out.clear();
+        sent += batch as u64;
+        a.sent.fetch_add(batch as u64, Ordering::Relaxed);
+        if qos > 0 {
+            inflight += 1;
+            while inflight >= 64 {
+                if let Packet::PubAck(_) = c.recv()? {
+                    inflight -= 1;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn subscriber(mut c: Conn, a: Arc<Shared>) -> anyhow::Result<()> {
+    c.s.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let mut local = Histogram::<u64>::new_with_bounds(1_000, 60_000_000_000, 3)?;
+    let mut count = 0u64;
+    let mut acks = BytesMut::new();
+    loop {
+        while let Some(p) = packet::decode(&mut c.buf, Some(Version::V311), usize::MAX)? {
+            if let Packet::Publish(p) = p {
+                if p.payload.len() >= 8 {
+                    let t = u64::from_le_bytes(p.payload[..8].try_into().unwrap());
+                    let _ = local.record(now_ns().saturating_sub(t).max(1_000));
+                }
+                if p.qos == 1 {
+                    packet::encode(
+                        &Packet::PubAck(packet::PubResp { packet_id: p.packet_id, code: 0, properties: Properties::default() }),
+                        Version::V311,
+                        &mut acks,
+                    );
+                }
+                count += 1;
+                if count % 1024 == 0 {
+                    a.received.fetch_add(1024, Ordering::Relaxed);
+                }
+            }
+        }
+        if !acks.is_empty() {
+            c.s.write_all(&acks)?;
+            acks.clear();
+        }
+        match c.fill() {
+            Ok(_) => {}
+            Err(e) => {
+                let timeout = e
+                    .downcast_ref::<std::io::Error>()
+                    .is_some_and(|e| matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut));
+                if !timeout {
+                    return Err(e);
+                }
+                if a.stop_receiving.load(Ordering::Relaxed) {
+                    break;
+                }
+            }
+        }
+    }
+    a.received.fetch_add(count % 1024, Ordering::Relaxed);
+    a.hist.lock().unwrap().add(&local)?;
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let _ = epoch();
+    let shared = Arc::new(Shared {
+        sent: AtomicU64::new(0),
+        received: AtomicU64::new(0),
+        stop_publishing: AtomicBool::new(false),
+        stop_receiving: AtomicBool::new(false),
+        hist: Mutex::new(Histogram::new_with_bounds(1_000, 60_000_000_000, 3)?),
+    });
+    let (n_pub, n_sub) = match args.scenario {
+        Scenario::FanIn => (args.clients, 1),
+        Scenario::FanOut => (1, args.clients),
+    };
+    let mut subs = Vec::new();
+    for i in 0..n_sub {
+        let mut c = Conn::connect(args.addr, &format!("perf-sub-{i}"))?;
+        let filter = if args.scenario == Scenario::FanIn { "perf/#" } else { "perf/fanout" };
+        c.subscribe(filter, args.qos)?;
+        let a = shared.clone();
+        subs.push(std::thread::spawn(move || subscriber(c, a)));
+    }
+    let broker_pid = args.broker_pid.map(|p| p.to_string());
+    let cpu0 = broker_pid.as_deref().and_then(cpu_secs);
+    let self0 = cpu_secs("self");
+    let t0 = Instant::now();
+    let mut pubs = Vec::new();
+    for i in 0..n_pub {
+        let topic = match args.scenario {
+            Scenario::FanIn => format!("perf/{i}/data"),
+            Scenario::FanOut => "perf/fanout".into(),
+        };
+        let a = shared.clone();
+        let (addr, payload, qos, rate) = (args.addr, args.payload, args.qos, args.rate / n_pub as u64);
+        pubs.push(std::thread::spawn(move || publisher(addr, i, topic, a, payload, qos, rate)));
+    }
+    let mut last = (0u64, 0u64);
+    for sec in 1..=args.duration {
+        std::thread::sleep(Duration::from_secs(1).saturating_sub(t0.elapsed().saturating_sub(Duration::from_secs(sec - 1))));
+        let (s, r) = (shared.sent.load(Ordering::Relaxed), shared.received.load(Ordering::Relaxed));
+        eprintln!("[{sec:>3}s] sent {:>10}/s  received {:>10}/s", s - last.0, r - last.1);
+        last = (s, r);
+    }
+    shared.stop_publishing.store(true, Ordering::Relaxed);
+    for p in pubs {
+        p.join().unwrap()?;
+    }
+    let publish_secs = t0.elapsed().as_secs_f64();
+    let sent = shared.sent.load(Ordering::Relaxed);
+    let expected = sent * n_sub as u64;
+    // Drain: wait until everything arrived or nothing has arrived for 2 s.
+    let mut prev = u64::MAX;
+    let mut still = Instant::now();
+    loop {
+        let r = shared.received.load(Ordering::Relaxed);
+        if r >= expected.saturating_sub(1024 * n_sub as u64) || still.elapsed() > Duration::from_secs(2) {
+            break;
+        }
+        if r != prev {
+            prev = r;
+            still = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let total_secs = t0.elapsed().as_secs_f64();
+    shared.stop_receiving.store(true, Ordering::Relaxed);
+    for s in subs {
+        s.join().unwrap()?;
+    }
+    let received = shared.received.load(Ordering::Relaxed);
+    let broker_cpu = match (broker_pid.as_deref().and_then(cpu_secs), cpu0) {
+        (Some(b), Some(a)) => Some(b - a),
+        _ => None,
+    };
+    let self_cpu = cpu_secs("self").zip(self0).map(|(b, a)| b - a);
+    let h = shared.hist.lock().unwrap();
+    let p50 = h.value_at_quantile(0.50) as f64 / 1e3;
+    let p99 = h.value_at_quantile(0.99) as f64 / 1e3;
+    let sent_rate = sent as f64 / publish_secs;
+    let recv_rate = received as f64 / total_secs;
+    let drop_pct = if expected > 0 { 100.0 * (expected.saturating_sub(received)) as f64 / expected as f64 } else { 0.0 };
+    let cpu_us = broker_cpu.map(|c| c * 1e6 / received.max(1) as f64);
+    println!(
+        "{} {:?} qos{} {}B x{}: sent {sent} ({sent_rate:.0}/s), delivered {received} ({recv_rate:.0}/s), dropped {drop_pct:.2}%, \
+         latency p50 {p50:.0} us p99 {p99:.0} us, broker CPU {} s ({} us/delivery), load CPU {} s",
+        args.label,
+        args.scenario,
+        args.qos,
+        args.payload,
+        args.clients,
+        broker_cpu.map_or("?".into(), |c| format!("{c:.2}")),
+        cpu_us.map_or("?".into(), |c| format!("{c:.2}")),
+        self_cpu.map_or("?".into(), |c| format!("{c:.2}")),
+    );
+    println!(
+        "{{\"label\":\"{}\",\"scenario\":\"{:?}\",\"qos\":{},\"payload\":{},\"clients\":{},\"sent\":{sent},\"delivered\":{received},\
+         \"sent_per_s\":{sent_rate:.0},\"delivered_per_s\":{recv_rate:.0},\"drop_pct\":{drop_pct:.3},\"p50_us\":{p50:.1},\"p99_us\":{p99:.1},\
+         \"broker_cpu_s\":{},\"broker_cpu_us_per_delivery\":{},\"load_cpu_s\":{}}}",
+        args.label,
+        args.scenario,
+        args.qos,
+        args.payload,
+        args.clients,
+        broker_cpu.map_or("null".into(), |c| format!("{c:.3}")),
+        cpu_us.map_or("null".into(), |c| format!("{c:.3}")),
+        self_cpu.map_or("null".into(), |c| format!("{c:.3}")),
+    );
+    Ok(())
+}
