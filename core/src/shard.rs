@@ -1524,3 +1524,208 @@ impl Shard {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The state machine driven in memory: several shards, messages routed between them until
+    //! quiet, packets in and out through the real codec.
+    use super::*;
+    use crate::packet::{Connect, SubOptions};
+
+    struct World {
+        shards: Vec<Shard>,
+        closed: HashSet<(ShardId, ConnId)>,
+        now: u64,
+    }
+
+    impl World {
+        fn new(n: usize, limits: Limits) -> World {
+            World {
+                shards: (0..n).map(|i| Shard::new(i, n, limits.clone(), 0)).collect(),
+                closed: HashSet::new(),
+                now: 0,
+            }
+        }
+
+        fn settle(&mut self) {
+            loop {
+                let mut moved = false;
+                for i in 0..self.shards.len() {
+                    let fx = self.shards[i].drain_effects();
+                    for c in fx.close {
+                        self.closed.insert((i, c));
+                    }
+                    for (to, m) in fx.to_shards {
+                        moved = true;
+                        self.shards[to].on_shard_msgs([m], self.now);
+                    }
+                }
+                if !moved {
+                    return;
+                }
+            }
+        }
+
+        fn send(&mut self, shard: ShardId, conn: ConnId, v: Version, p: Packet) {
+            let mut b = BytesMut::new();
+            packet::encode(&p, v, &mut b);
+            self.shards[shard].on_bytes(conn, &mut b, self.now);
+            self.settle();
+        }
+
+        fn recv(&mut self, shard: ShardId, conn: ConnId, v: Version) -> Vec<Packet> {
+            let mut out = Vec::new();
+            if let Some(mut b) = self.shards[shard].take_output(conn) {
+                while let Some(p) = packet::decode(&mut b, Some(v), usize::MAX).unwrap() {
+                    out.push(p);
+                }
+            }
+            out
+        }
+
+        fn connect(&mut self, shard: ShardId, conn: ConnId, v: Version, id: &str, clean: bool) -> ConnAck {
+            self.shards[shard].on_open(conn, self.now);
+            let c = Connect {
+                version: v,
+                clean_start: clean,
+                keep_alive: 10,
+                client_id: id.into(),
+                will: None,
+                username: None,
+                password: None,
+                properties: Properties { session_expiry_interval: (!clean).then_some(600), ..Default::default() },
+            };
+            self.send(shard, conn, v, Packet::Connect(Box::new(c)));
+            match self.recv(shard, conn, v).into_iter().next() {
+                Some(Packet::ConnAck(a)) => a,
+                o => panic!("{o:?}"),
+            }
+        }
+    }
+
+    fn publish(topic: &str, qos: u8, pid: u16, payload: &'static [u8]) -> Packet {
+        Packet::Publish(Publish {
+            dup: false,
+            qos,
+            retain: false,
+            topic: topic.into(),
+            packet_id: pid,
+            properties: Properties::default(),
+            payload: Bytes::from_static(payload),
+        })
+    }
+
+    fn subscribe(filter: &str, qos: u8) -> Packet {
+        Packet::Subscribe(Subscribe {
+            packet_id: 1,
+            filters: vec![(filter.into(), SubOptions { qos, ..Default::default() })],
+            properties: Properties::default(),
+        })
+    }
+
+    fn resp(pid: u16) -> PubResp {
+        PubResp { packet_id: pid, code: 0, properties: Properties::default() }
+    }
+
+    const V5: Version = Version::V5;
+
+    #[test]
+    fn outbound_qos2_state_machine() {
+        let mut w = World::new(2, Limits::default());
+        w.connect(0, 1, V5, "sub", true);
+        w.send(0, 1, V5, subscribe("t", 2));
+        assert!(matches!(w.recv(0, 1, V5).as_slice(), [Packet::SubAck(_)]));
+        w.connect(1, 1, V5, "pub", true);
+        w.send(1, 1, V5, publish("t", 2, 9, b"x"));
+        assert!(matches!(w.recv(1, 1, V5).as_slice(), [Packet::PubRec(r)] if r.packet_id == 9));
+        let pid = match w.recv(0, 1, V5).as_slice() {
+            [Packet::Publish(p)] if p.qos == 2 => p.packet_id,
+            o => panic!("{o:?}"),
+        };
+        w.send(0, 1, V5, Packet::PubRec(resp(pid)));
+        assert!(matches!(w.recv(0, 1, V5).as_slice(), [Packet::PubRel(r)] if r.packet_id == pid));
+        assert!(matches!(w.shards[0].sessions[&ClientId::from("sub")].inflight.get(&pid), Some(Inflight::Release)));
+        w.send(0, 1, V5, Packet::PubComp(resp(pid)));
+        assert!(w.shards[0].sessions[&ClientId::from("sub")].inflight.is_empty());
+        // PUBREL for the incoming side completes with PUBCOMP; an unknown id says so.
+        w.send(1, 1, V5, Packet::PubRel(resp(9)));
+        assert!(matches!(w.recv(1, 1, V5).as_slice(), [Packet::PubComp(r)] if r.code == 0));
+        w.send(1, 1, V5, Packet::PubRel(resp(9)));
+        assert!(matches!(w.recv(1, 1, V5).as_slice(), [Packet::PubComp(r)] if r.code == reason::PACKET_ID_NOT_FOUND));
+    }
+
+    #[test]
+    fn session_moves_between_shards_on_takeover() {
+        let mut w = World::new(3, Limits::default());
+        w.connect(0, 1, V5, "dev", false);
+        w.send(0, 1, V5, subscribe("a/#", 1));
+        w.recv(0, 1, V5);
+        let ack = w.connect(2, 7, V5, "dev", false);
+        assert!(ack.session_present);
+        assert!(w.closed.contains(&(0, 1)));
+        assert!(matches!(w.recv(0, 1, V5).as_slice(), [Packet::Disconnect(d)] if d.code == reason::SESSION_TAKEN_OVER));
+        assert!(!w.shards[0].sessions.contains_key("dev"));
+        assert!(w.shards[2].sessions.contains_key("dev"));
+        assert_eq!(w.shards[0].trie.len(), 0);
+        assert_eq!(w.shards[2].trie.len(), 1);
+        let dir = directory_shard("dev", 3);
+        assert_eq!(w.shards[dir].directory.get("dev"), Some(&2));
+    }
+
+    #[test]
+    fn queue_full_policies() {
+        for (policy, want) in [(QueueFullPolicy::DropNewest, [b"0", b"1"]), (QueueFullPolicy::DropOldest, [b"2", b"3"])]
+        {
+            let limits = Limits { max_queued_messages: 2, queue_full_policy: policy, ..Limits::default() };
+            let mut w = World::new(1, limits);
+            w.connect(0, 1, V5, "off", false);
+            w.send(0, 1, V5, subscribe("q", 1));
+            w.shards[0].on_lost(1, 0);
+            w.connect(0, 2, V5, "pub", true);
+            for (i, p) in [b"0", b"1", b"2", b"3"].iter().enumerate() {
+                w.send(0, 2, V5, publish("q", 1, i as u16 + 1, *p));
+            }
+            let q: Vec<&[u8]> =
+                w.shards[0].sessions[&ClientId::from("off")].queue.iter().map(|d| &d.msg.payload[..]).collect();
+            assert_eq!(q, want.iter().map(|b| &b[..]).collect::<Vec<_>>(), "{policy:?}");
+            assert_eq!(w.shards[0].stats.dropped_queue_full, 2);
+        }
+    }
+
+    #[test]
+    fn keep_alive_is_one_and_a_half_times_the_interval() {
+        let mut w = World::new(1, Limits::default());
+        w.connect(0, 1, V5, "ka", true); // keep-alive 10 s
+        w.now = 14_900;
+        w.shards[0].tick(w.now, 0);
+        assert!(w.shards[0].drain_effects().close.is_empty());
+        w.now = 15_600;
+        w.shards[0].tick(w.now, 0);
+        assert_eq!(w.shards[0].drain_effects().close, vec![1]);
+    }
+
+    #[test]
+    fn packets_pipelined_behind_connect_are_handled_in_order() {
+        let mut w = World::new(2, Limits::default());
+        w.shards[1].on_open(1, 0);
+        let mut b = BytesMut::new();
+        let c = Connect {
+            version: V5,
+            clean_start: true,
+            keep_alive: 0,
+            client_id: "pipelined".into(), // its directory shard may be the other one
+            will: None,
+            username: None,
+            password: None,
+            properties: Properties::default(),
+        };
+        packet::encode(&Packet::Connect(Box::new(c)), V5, &mut b);
+        packet::encode(&subscribe("p", 0), V5, &mut b);
+        packet::encode(&Packet::PingReq, V5, &mut b);
+        w.shards[1].on_bytes(1, &mut b, 0);
+        w.settle();
+        let got = w.recv(1, 1, V5);
+        let names: Vec<&str> = got.iter().map(Packet::name).collect();
+        assert_eq!(names, ["CONNACK", "SUBACK", "PINGRESP"]);
+    }
+}

@@ -150,7 +150,15 @@ struct Shared {
 
 /// Publishes as fast as allowed until told to stop. QoS 0 is written in batches; QoS 1 keeps a
 /// window of 64 in flight.
-fn publisher(addr: SocketAddr, id: usize, topic: String, a: Arc<Shared>, payload: usize, qos: u8, rate: u64) -> anyhow::Result<()> {
+fn publisher(
+    addr: SocketAddr,
+    id: usize,
+    topic: String,
+    a: Arc<Shared>,
+    payload: usize,
+    qos: u8,
+    rate: u64,
+) -> anyhow::Result<()> {
     let mut c = Conn::connect(addr, &format!("perf-pub-{id}"))?;
     let batch = if qos == 0 { 64 } else { 1 };
     let mut out = BytesMut::with_capacity(batch * (payload + 64));
@@ -219,7 +227,11 @@ fn subscriber(mut c: Conn, a: Arc<Shared>) -> anyhow::Result<()> {
                 }
                 if p.qos == 1 {
                     packet::encode(
-                        &Packet::PubAck(packet::PubResp { packet_id: p.packet_id, code: 0, properties: Properties::default() }),
+                        &Packet::PubAck(packet::PubResp {
+                            packet_id: p.packet_id,
+                            code: 0,
+                            properties: Properties::default(),
+                        }),
                         Version::V311,
                         &mut acks,
                     );
@@ -292,7 +304,9 @@ fn main() -> anyhow::Result<()> {
     }
     let mut last = (0u64, 0u64);
     for sec in 1..=args.duration {
-        std::thread::sleep(Duration::from_secs(1).saturating_sub(t0.elapsed().saturating_sub(Duration::from_secs(sec - 1))));
+        std::thread::sleep(
+            Duration::from_secs(1).saturating_sub(t0.elapsed().saturating_sub(Duration::from_secs(sec - 1))),
+        );
         let (s, r) = (shared.sent.load(Ordering::Relaxed), shared.received.load(Ordering::Relaxed));
         eprintln!("[{sec:>3}s] sent {:>10}/s  received {:>10}/s", s - last.0, r - last.1);
         last = (s, r);
@@ -334,7 +348,8 @@ fn main() -> anyhow::Result<()> {
     let p99 = h.value_at_quantile(0.99) as f64 / 1e3;
     let sent_rate = sent as f64 / publish_secs;
     let recv_rate = received as f64 / total_secs;
-    let drop_pct = if expected > 0 { 100.0 * (expected.saturating_sub(received)) as f64 / expected as f64 } else { 0.0 };
+    let drop_pct =
+        if expected > 0 { 100.0 * (expected.saturating_sub(received)) as f64 / expected as f64 } else { 0.0 };
     let cpu_us = broker_cpu.map(|c| c * 1e6 / received.max(1) as f64);
     println!(
         "{} {:?} qos{} {}B x{}: sent {sent} ({sent_rate:.0}/s), delivered {received} ({recv_rate:.0}/s), dropped {drop_pct:.2}%, \
