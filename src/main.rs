@@ -53,6 +53,10 @@ struct Cli {
     /// Subscriptions one session may hold.
     #[arg(long, value_name = "N")]
     max_subscriptions_per_session: Option<usize>,
+    /// Keep-alive the broker imposes (Server Keep Alive) when a client asks for more or for none;
+    /// 0 accepts the client's value.
+    #[arg(long, value_name = "SECS")]
+    max_keep_alive: Option<u16>,
     /// Seconds between $SYS/ statistics messages (0 turns them off).
     #[arg(long, value_name = "SECS")]
     sys_interval: Option<u64>,
@@ -170,6 +174,9 @@ fn apply_flags(cli: &Cli, cfg: &mut Config) -> anyhow::Result<()> {
     }
     if let Some(v) = cli.max_queued_messages {
         l.max_queued_messages = v;
+    }
+    if let Some(v) = cli.max_keep_alive {
+        l.max_keep_alive_secs = v;
     }
     if let Some(v) = cli.max_subscriptions_per_session {
         l.max_subscriptions_per_session = v;

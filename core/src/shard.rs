@@ -246,6 +246,8 @@ struct Conn {
     held: BytesMut,
     /// A SUBSCRIBE waiting for shared-group owners to confirm.
     pending_sub: Option<PendingSub>,
+    /// The socket went away while the CONNECT was pending.
+    lost: bool,
 }
 
 struct PendingSub {
@@ -392,6 +394,7 @@ impl Shard {
                 connect_expiry: 0,
                 held: BytesMut::new(),
                 pending_sub: None,
+                lost: false,
             },
         );
     }
@@ -476,12 +479,19 @@ impl Shard {
 
     /// The socket closed or failed without a DISCONNECT (or after we decided to close it).
     pub fn on_lost(&mut self, conn: ConnId, now_ms: u64) {
-        if let Some(c) = self.conns.get(&conn) {
-            if !matches!(c.state, ConnState::Closing) {
-                self.detach(conn, true, now_ms);
+        match self.conns.get_mut(&conn).map(|c| (&c.state, &mut c.lost)) {
+            // The CONNECT was accepted but its session is still on the way: finish it when it
+            // arrives, then treat the connection as lost (so its will is published).
+            Some((ConnState::Pending(_), lost)) => *lost = true,
+            Some((ConnState::Closing, _)) => {
+                self.conns.remove(&conn);
             }
+            Some(_) => {
+                self.detach(conn, true, now_ms);
+                self.conns.remove(&conn);
+            }
+            None => {}
         }
-        self.conns.remove(&conn);
         self.run_local(now_ms);
     }
 
@@ -935,6 +945,11 @@ impl Shard {
             }
         }
         self.pump(&client_id, now_ms);
+        if self.conns.get(&conn).is_some_and(|c| c.lost) {
+            self.detach(conn, true, now_ms);
+            self.conns.remove(&conn);
+            return;
+        }
         self.resume(conn, now_ms);
     }
 
@@ -1702,6 +1717,41 @@ mod tests {
         w.now = 15_600;
         w.shards[0].tick(w.now, 0);
         assert_eq!(w.shards[0].drain_effects().close, vec![1]);
+    }
+
+    #[test]
+    fn will_survives_a_connection_lost_before_its_connack() {
+        let mut w = World::new(2, Limits::default());
+        w.connect(0, 1, V5, "watcher", true);
+        w.send(0, 1, V5, subscribe("will/#", 0));
+        w.recv(0, 1, V5);
+        // Find a client id whose directory shard is the other one, so the CONNECT stays pending.
+        let id = (0..).map(|i| format!("c{i}")).find(|id| directory_shard(id, 2) == 0).unwrap();
+        w.shards[1].on_open(5, 0);
+        let c = Connect {
+            version: V5,
+            clean_start: true,
+            keep_alive: 0,
+            client_id: id,
+            will: Some(Will {
+                topic: "will/x".into(),
+                payload: Bytes::from_static(b"w"),
+                qos: 0,
+                retain: false,
+                properties: Properties::default(),
+            }),
+            username: None,
+            password: None,
+            properties: Properties::default(),
+        };
+        let mut b = BytesMut::new();
+        packet::encode(&Packet::Connect(Box::new(c)), V5, &mut b);
+        w.shards[1].on_bytes(5, &mut b, 0);
+        assert!(w.shards[1].is_pending(5));
+        w.shards[1].on_lost(5, 0);
+        w.settle();
+        assert!(matches!(w.recv(0, 1, V5).as_slice(), [Packet::Publish(p)] if p.topic == "will/x"));
+        assert!(!w.shards[1].conns.contains_key(&5));
     }
 
     #[test]

@@ -34,6 +34,10 @@ pub(crate) struct ShardConfig {
     pub epoch: Instant,
 }
 
+/// Messages waiting for one peer shard beyond which this shard stops reading its sockets until
+/// the peer catches up (the mesh channel itself holds `MESH_CHANNEL_BATCHES` batches).
+const OUTBOX_MESSAGES_MAX: usize = 64 * 1024;
+
 /// Bytes read from a socket per read call.
 const READ_CHUNK: usize = 16 * 1024;
 const TICK: Duration = Duration::from_millis(100);
@@ -59,6 +63,11 @@ struct Core {
 impl Core {
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Whether some peer is so far behind that reading more input would only grow memory.
+    fn backlogged(&self) -> bool {
+        self.outbox.borrow().iter().any(|b| b.len() > OUTBOX_MESSAGES_MAX)
     }
 
     fn dispatch(&self) {
@@ -275,6 +284,9 @@ async fn serve(core: Rc<Core>, stream: TcpStream, id: ConnId) {
         // A read that finds data ready completes without suspending; yield so that writers (and
         // other readers) on this core get their turn instead of starving behind a busy publisher.
         futures_lite::future::yield_now().await;
+        while core.backlogged() && !handle.closing.get() {
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+        }
     }
     // Let the writer flush what is left (it closes the socket), then forget the connection.
     handle.closing.set(true);
