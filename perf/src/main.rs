@@ -364,11 +364,12 @@ fn main() -> anyhow::Result<()> {
         self_cpu.map_or("?".into(), |c| format!("{c:.2}")),
     );
     println!(
-        "{{\"label\":\"{}\",\"scenario\":\"{:?}\",\"qos\":{},\"payload\":{},\"clients\":{},\"sent\":{sent},\"delivered\":{received},\
+        "{{\"label\":\"{}\",\"scenario\":\"{:?}\",\"rate\":{},\"qos\":{},\"payload\":{},\"clients\":{},\"sent\":{sent},\"delivered\":{received},\
          \"sent_per_s\":{sent_rate:.0},\"delivered_per_s\":{recv_rate:.0},\"drop_pct\":{drop_pct:.3},\"p50_us\":{p50:.1},\"p99_us\":{p99:.1},\
          \"broker_cpu_s\":{},\"broker_cpu_us_per_delivery\":{},\"load_cpu_s\":{}}}",
         args.label,
         args.scenario,
+        args.rate,
         args.qos,
         args.payload,
         args.clients,
