@@ -108,14 +108,8 @@ impl Config {
     /// Parses and validates a TOML document.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
         let cfg: Config = toml::from_str(text).map_err(|e| {
-            let msg = e.message().to_string();
-            // toml names unknown keys in the message; the span gives the line otherwise.
-            let key = msg
-                .split('`')
-                .nth(1)
-                .map(str::to_string)
-                .unwrap_or_else(|| e.span().map(|s| span_key(text, s.start)).unwrap_or_default());
-            ConfigError { key, problem: msg }
+            let key = e.span().map(|s| span_key(text, s.start)).unwrap_or_default();
+            ConfigError { key, problem: e.message().to_string() }
         })?;
         cfg.validate()?;
         Ok(cfg)
@@ -155,10 +149,22 @@ impl Config {
     }
 }
 
+/// The dotted key at byte `offset` of a TOML document: the table header above it plus the key
+/// on its line (`limits.max_packet_size`).
 fn span_key(text: &str, offset: usize) -> String {
-    let line = text[..offset.min(text.len())].lines().last().unwrap_or("");
-    let full = text.lines().nth(text[..offset.min(text.len())].matches('\n').count()).unwrap_or(line);
-    full.split('=').next().unwrap_or("").trim().to_string()
+    let offset = offset.min(text.len());
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let key = line.split('=').next().unwrap_or("").trim().trim_matches(|c| c == '[' || c == ']');
+    let table = text[..line_start]
+        .lines()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix('[').and_then(|l| l.strip_suffix(']')))
+        .map(str::trim);
+    match table {
+        Some(t) if !line.trim_start().starts_with('[') => format!("{t}.{key}"),
+        _ => key.to_string(),
+    }
 }
 
 /// Parses "0,2-5" into [0, 2, 3, 4, 5].
@@ -199,7 +205,9 @@ mod tests {
         let e = Config::from_toml("[limits]\nmax_packet_size = 3\n").unwrap_err();
         assert_eq!(e.key, "limits.max_packet_size");
         let e = Config::from_toml("[limits]\nmax_pakcet_size = 3\n").unwrap_err();
-        assert!(e.key.contains("max_pakcet_size"), "{e}");
+        assert_eq!(e.key, "limits.max_pakcet_size", "{e}");
+        let e = Config::from_toml("[limits]\nqueue_full_policy = \"drop-random\"\n").unwrap_err();
+        assert_eq!(e.key, "limits.queue_full_policy", "{e}");
         let e = Config::from_toml("[limits]\nmax_inflight = \"many\"\n").unwrap_err();
         assert!(e.to_string().contains("max_inflight"), "{e}");
         let e = Config::from_toml("[server]\ncpuset = \"1-x\"\n").unwrap_err();

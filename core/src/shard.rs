@@ -292,8 +292,12 @@ pub struct Shard {
     started_ms: u64,
     next_assigned: u64,
     last_sys_ms: u64,
+    last_stats_ms: u64,
     last_keepalive_scan_ms: u64,
 }
+
+/// How often shards exchange their counters.
+const STATS_SHARE_INTERVAL_MS: u64 = 1000;
 
 #[derive(Default)]
 struct ShareGroup {
@@ -345,6 +349,7 @@ impl Shard {
             started_ms: now_ms,
             next_assigned: 0,
             last_sys_ms: now_ms,
+            last_stats_ms: now_ms,
             last_keepalive_scan_ms: now_ms,
         }
     }
@@ -366,11 +371,21 @@ impl Shard {
         self.conns.len()
     }
 
-    /// Whether one more connection may be accepted, from the last known totals of all shards.
+    /// Whether one more socket may be accepted: open sockets on this shard plus connected clients
+    /// on the others, as last reported, stay below `max_connections`.
     pub fn may_accept(&self) -> bool {
+        self.others_connected() + self.conns.len() < self.limits.max_connections
+    }
+
+    /// Whether one more client may complete CONNECT, counting connected clients on all shards.
+    fn may_connect(&self) -> bool {
+        self.others_connected() + (self.stats.clients_connected as usize) < self.limits.max_connections
+    }
+
+    fn others_connected(&self) -> usize {
         let others: u64 =
             self.shard_stats.iter().enumerate().filter(|(i, _)| *i != self.id).map(|(_, s)| s.clients_connected).sum();
-        (others as usize + self.conns.len()) < self.limits.max_connections
+        others as usize
     }
 
     /// A new connection was accepted.
@@ -559,6 +574,10 @@ impl Shard {
                     self.end_session(s, now_ms);
                 }
             }
+        }
+        if now_ms.saturating_sub(self.last_stats_ms) >= STATS_SHARE_INTERVAL_MS {
+            self.last_stats_ms = now_ms;
+            self.share_stats();
         }
         if sys_interval_ms > 0 && now_ms.saturating_sub(self.last_sys_ms) >= sys_interval_ms {
             self.last_sys_ms = now_ms;
@@ -823,7 +842,7 @@ impl Shard {
                 return refuse(self, reason::PAYLOAD_FORMAT_INVALID);
             }
         }
-        if !self.may_accept() {
+        if !self.may_connect() {
             return refuse(self, if v5 { reason::QUOTA_EXCEEDED } else { reason::SERVER_UNAVAILABLE });
         }
         let c = self.conns.get_mut(&conn).unwrap();
@@ -1474,7 +1493,9 @@ impl Shard {
         }
     }
 
-    fn publish_sys(&mut self, now_ms: u64) {
+    /// Tells every other shard this shard's counters: the connection limit and the `$SYS`
+    /// totals read them.
+    fn share_stats(&mut self) {
         let stats = self.stats();
         self.shard_stats[self.id] = stats;
         for shard in 0..self.n_shards {
@@ -1482,6 +1503,11 @@ impl Shard {
                 self.effects.to_shards.push((shard, ShardMsg::Stats { from: self.id, stats }));
             }
         }
+    }
+
+    fn publish_sys(&mut self, now_ms: u64) {
+        self.share_stats();
+        let stats = self.stats();
         let uptime = (now_ms.saturating_sub(self.started_ms) / 1000).to_string();
         let mut values = vec![(format!("$SYS/broker/shard/{}/uptime", self.id), uptime.clone())];
         let fields = |s: &Stats| {
