@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use sluice_core::config::{parse_cpuset, Config, QueueFullPolicy, DEFAULT_CONFIG_TOML};
+use sluice_core::bridge::{Destination, KeySource, MappingConfig, TopicTemplate};
+use sluice_core::config::{parse_cpuset, ClusterConfig, Config, QueueFullPolicy, DEFAULT_CONFIG_TOML};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -64,6 +65,17 @@ struct Cli {
     /// there are served by that shard (deterministic placement for tests and debugging).
     #[arg(long, value_name = "ADDR")]
     shard_listen: Vec<SocketAddr>,
+    /// Kafka bootstrap broker(s), comma-separated, for the cluster named `default` (quick start
+    /// without a config file; `[kafka.clusters.NAME]` tables in the file do the full job).
+    #[arg(long, value_name = "HOST:PORT")]
+    kafka: Option<String>,
+    /// MQTT → Kafka mapping FILTER=TOPIC onto the `default` cluster, keyed by MQTT topic, e.g.
+    /// 'devices/#=iot-telemetry'. Repeatable.
+    #[arg(long = "map", value_name = "FILTER=TOPIC")]
+    maps: Vec<String>,
+    /// Let the `default` cluster create missing Kafka topics.
+    #[arg(long)]
+    kafka_auto_create: bool,
     /// Print the address each shard listens on (for scripts using port 0).
     #[arg(long)]
     print_listen: bool,
@@ -111,6 +123,22 @@ fn real_main() -> anyhow::Result<()> {
         signal_hook::flag::register(sig, shutdown.clone()).context("installing signal handler")?;
     }
     tracing::info!(%listen, shards = cpus.len(), ?cpus, "sluice starting");
+    let (kafka, bridge) = if cfg.mqtt_to_kafka.is_empty() {
+        (None, None)
+    } else {
+        let (kafka, links) = sluice_kafka::start(&cfg.kafka.clusters, cpus.len())?;
+        let links = links.into_iter().map(|l| (l.requests, l.results)).collect();
+        for m in &cfg.mqtt_to_kafka {
+            tracing::info!(mapping = %m.name, filters = ?m.filters, destinations = m.destinations.len(), "MQTT → Kafka mapping");
+        }
+        let bridge = sluice_net::BridgeSetup {
+            mappings: cfg.mqtt_to_kafka.clone(),
+            clusters: cfg.kafka.clusters.keys().cloned().collect(),
+            max_pending_records_per_shard: cfg.kafka.max_pending_records_per_shard,
+            links,
+        };
+        (Some(kafka), Some(bridge))
+    };
     if !cli.shard_listen.is_empty() && cli.shard_listen.len() != cpus.len() {
         bail!(
             "--shard-listen: given {} times for {} shards; give it once per shard",
@@ -127,6 +155,7 @@ fn real_main() -> anyhow::Result<()> {
             limits: cfg.limits.clone(),
             sys_interval_ms: cfg.server.sys_interval_secs * 1000,
         },
+        bridge,
         shutdown,
         move |shard, addr, dedicated| {
             tracing::info!(shard, %addr, dedicated, "listening");
@@ -142,6 +171,9 @@ fn real_main() -> anyhow::Result<()> {
             }
         },
     )?;
+    if let Some(k) = kafka {
+        k.shutdown(std::time::Duration::from_secs(2));
+    }
     tracing::info!("sluice stopped");
     Ok(())
 }
@@ -187,6 +219,29 @@ fn apply_flags(cli: &Cli, cfg: &mut Config) -> anyhow::Result<()> {
             "drop-oldest" => QueueFullPolicy::DropOldest,
             other => bail!("--queue-full-policy: `{other}` is not drop-newest or drop-oldest"),
         };
+    }
+    if let Some(k) = &cli.kafka {
+        let c = cfg.kafka.clusters.entry("default".into()).or_insert_with(ClusterConfig::default);
+        c.bootstrap = k.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+        if cli.kafka_auto_create {
+            c.auto_create_topics = true;
+        }
+    }
+    for (i, m) in cli.maps.iter().enumerate() {
+        let Some((filter, topic)) = m.rsplit_once('=') else {
+            bail!("--map `{m}`: expected FILTER=TOPIC, e.g. 'devices/#=iot-telemetry'");
+        };
+        if !cfg.kafka.clusters.contains_key("default") {
+            bail!("--map needs --kafka HOST:PORT (or a [kafka.clusters.default] table)");
+        }
+        let topic = TopicTemplate::parse(topic).map_err(|e| anyhow::anyhow!("--map `{m}`: {e}"))?;
+        cfg.mqtt_to_kafka.push(MappingConfig {
+            name: format!("map-{}", i + 1),
+            filters: vec![filter.to_string()],
+            destinations: vec![Destination { cluster: "default".into(), topic }],
+            key: KeySource::Topic,
+            headers: true,
+        });
     }
     cfg.validate().map_err(|e| anyhow::anyhow!("{e} (from flags or file)"))
 }

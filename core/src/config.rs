@@ -3,7 +3,11 @@
 //! Every queue and table the broker keeps has its bound here. Command-line flags override these
 //! values in the binary; this module only knows the file.
 
+use std::collections::BTreeMap;
+
 use serde::Deserialize;
+
+use crate::bridge::{MappingConfig, Router};
 
 /// The commented default configuration printed by `sluice generate-config`.
 pub const DEFAULT_CONFIG_TOML: &str = include_str!("../../sluice.toml");
@@ -13,6 +17,102 @@ pub const DEFAULT_CONFIG_TOML: &str = include_str!("../../sluice.toml");
 pub struct Config {
     pub server: ServerConfig,
     pub limits: Limits,
+    pub kafka: KafkaConfig,
+    /// `[[mqtt_to_kafka]]` mappings.
+    pub mqtt_to_kafka: Vec<MappingConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// `[kafka.clusters.NAME]` tables.
+    pub clusters: BTreeMap<String, ClusterConfig>,
+    /// Records waiting for Kafka per shard beyond which the shard stops reading from publishing
+    /// clients (MQTT flow control instead of unbounded memory).
+    pub max_pending_records_per_shard: usize,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig { clusters: BTreeMap::new(), max_pending_records_per_shard: 100_000 }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    #[default]
+    None,
+    Gzip,
+    Lz4,
+    Snappy,
+    Zstd,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "SCREAMING-KEBAB-CASE")]
+pub enum SaslMechanism {
+    Plain,
+    ScramSha256,
+    ScramSha512,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SaslConfig {
+    pub mechanism: SaslMechanism,
+    pub username: String,
+    pub password: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM file with the CA certificates to trust; the system roots when absent.
+    pub ca_file: Option<String>,
+    /// PEM client certificate and key, for mutual TLS.
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// host:port of one or more brokers.
+    pub bootstrap: Vec<String>,
+    /// How long a partition batch waits for more records before it is sent.
+    pub linger_ms: u64,
+    /// Uncompressed bytes that make a batch full.
+    pub batch_bytes: usize,
+    pub compression: Compression,
+    /// Time from a record's hand-over until it is acknowledged or failed, retries included.
+    pub delivery_timeout_ms: u64,
+    /// Time one produce or metadata request may take before it counts as failed.
+    pub request_timeout_ms: u64,
+    /// Create missing topics with `partitions` and `replication_factor`.
+    pub auto_create_topics: bool,
+    pub partitions: i32,
+    pub replication_factor: i16,
+    pub tls: Option<TlsConfig>,
+    pub sasl: Option<SaslConfig>,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            bootstrap: Vec::new(),
+            linger_ms: 5,
+            batch_bytes: 1 << 20,
+            compression: Compression::None,
+            delivery_timeout_ms: 30_000,
+            request_timeout_ms: 5_000,
+            auto_create_topics: false,
+            partitions: 3,
+            replication_factor: 1,
+            tls: None,
+            sasl: None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -145,6 +245,29 @@ impl Config {
         if l.max_topic_length > 65_535 {
             return err("limits.max_topic_length", "must be at most 65535 (an MQTT string)");
         }
+        for (name, c) in &self.kafka.clusters {
+            let key = |k: &str| format!("kafka.clusters.{name}.{k}");
+            if c.bootstrap.is_empty() {
+                return err(&key("bootstrap"), "names no broker; give host:port entries");
+            }
+            if let Some(b) =
+                c.bootstrap.iter().find(|b| b.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none())
+            {
+                return err(&key("bootstrap"), &format!("`{b}` is not host:port"));
+            }
+            if c.partitions < 1 {
+                return err(&key("partitions"), "must be at least 1");
+            }
+            if c.delivery_timeout_ms == 0 || c.request_timeout_ms == 0 {
+                return err(&key("delivery_timeout_ms"), "time-outs must be above 0");
+            }
+            if c.batch_bytes == 0 {
+                return err(&key("batch_bytes"), "must be at least 1");
+            }
+        }
+        let names: Vec<String> = self.kafka.clusters.keys().cloned().collect();
+        Router::new(&self.mqtt_to_kafka, &names)
+            .map_err(|problem| ConfigError { key: "mqtt_to_kafka".into(), problem })?;
         Ok(())
     }
 }

@@ -4,6 +4,8 @@
 //! - [`packet`]: the MQTT 3.1.1 and 5.0 codec over `BytesMut` (decode is "not yet" on an incomplete
 //!   frame, an error with a reason code on a malformed one). Performs no I/O.
 //! - [`topic`]: topic name and filter validation, and the subscription [`topic::Trie`].
+//! - [`bridge`]: MQTT → Kafka mappings — which messages become which Kafka records, keys,
+//!   headers, and Kafka's murmur2 partitioner.
 //! - [`config`]: limits and listener settings, parsed from TOML with errors that name the key.
 //! - [`shard`]: the state one core owns — connections, sessions, its trie, its share of retained
 //!   messages — as a state machine. It takes bytes, ticks (`now_ms`) and messages from other shards,
@@ -12,6 +14,7 @@
 //! Nothing here knows glommio, tokio, sockets, files or Kafka: `sluice-net` moves the bytes.
 #![forbid(unsafe_code)]
 
+pub mod bridge;
 pub mod config;
 pub mod packet;
 pub mod shard;

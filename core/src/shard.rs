@@ -26,6 +26,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
+use crate::bridge::{ProduceRequest, ProduceResult, Router};
 use crate::config::{Limits, QueueFullPolicy};
 use crate::packet::{
     self, reason, ConnAck, Connect, Disconnect, Packet, Properties, PubResp, Publish, SubAck, SubOptions, Subscribe,
@@ -248,6 +249,9 @@ struct Conn {
     pending_sub: Option<PendingSub>,
     /// The socket went away while the CONNECT was pending.
     lost: bool,
+    /// PUBACK/PUBREC not yet sent, in PUBLISH order; `acks_front_seq` numbers the front one.
+    acks: VecDeque<PendingAck>,
+    acks_front_seq: u64,
 }
 
 struct PendingSub {
@@ -271,6 +275,29 @@ pub struct Effects {
     pub close: Vec<ConnId>,
     /// Messages for other shards, in send order.
     pub to_shards: Vec<(ShardId, ShardMsg)>,
+    /// Records for the Kafka producers, in publish order.
+    pub produce: Vec<ProduceRequest>,
+    /// Things an operator should read in the log (each says what and where, once per cause).
+    pub warnings: Vec<String>,
+}
+
+/// Per-mapping counters of the MQTT → Kafka bridge, published under `$SYS/broker/kafka/NAME/`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MappingStats {
+    pub messages_in: u64,
+    pub bytes_in: u64,
+    pub records_produced: u64,
+    pub records_failed: u64,
+}
+
+/// A QoS 1/2 acknowledgement waiting for Kafka or for an earlier one.
+struct PendingAck {
+    pid: u16,
+    qos: u8,
+    /// Records of this publish Kafka has not answered yet.
+    waiting: u32,
+    /// First failure's reason code, or success.
+    code: u8,
 }
 
 pub struct Shard {
@@ -294,6 +321,18 @@ pub struct Shard {
     last_sys_ms: u64,
     last_stats_ms: u64,
     last_keepalive_scan_ms: u64,
+    router: Router,
+    /// Unix time in ms at `now_ms == 0`, for Kafka record timestamps.
+    wall_offset_ms: i64,
+    next_produce_id: u64,
+    /// Record id → the acknowledgement waiting for it.
+    kafka_waiters: HashMap<u64, (ConnId, u64)>,
+    /// Record id → its mapping, for per-mapping counters.
+    kafka_inflight_mapping: HashMap<u64, u16>,
+    kafka_pending: usize,
+    max_pending_records: usize,
+    mapping_stats: Vec<MappingStats>,
+    logged_failures: HashSet<(u16, &'static str)>,
 }
 
 /// How often shards exchange their counters.
@@ -351,7 +390,26 @@ impl Shard {
             last_sys_ms: now_ms,
             last_stats_ms: now_ms,
             last_keepalive_scan_ms: now_ms,
+            router: Router::default(),
+            wall_offset_ms: 0,
+            next_produce_id: 0,
+            kafka_waiters: HashMap::new(),
+            kafka_inflight_mapping: HashMap::new(),
+            kafka_pending: 0,
+            max_pending_records: usize::MAX,
+            mapping_stats: Vec::new(),
+            logged_failures: HashSet::new(),
         }
+    }
+
+    /// Turns on the MQTT → Kafka bridge: messages matching `router` become produce requests in
+    /// [`Effects::produce`], and QoS 1/2 acknowledgements wait for Kafka.
+    pub fn with_bridge(mut self, router: Router, max_pending_records: usize, wall_offset_ms: i64) -> Self {
+        self.mapping_stats = vec![MappingStats::default(); router.mapping_count()];
+        self.router = router;
+        self.max_pending_records = max_pending_records.max(1);
+        self.wall_offset_ms = wall_offset_ms;
+        self
     }
 
     pub fn id(&self) -> ShardId {
@@ -410,6 +468,8 @@ impl Shard {
                 held: BytesMut::new(),
                 pending_sub: None,
                 lost: false,
+                acks: VecDeque::new(),
+                acks_front_seq: 0,
             },
         );
     }
@@ -1036,11 +1096,9 @@ impl Shard {
         if p.qos == 2 {
             let s = self.sessions.get_mut(&client_id).unwrap();
             if s.incoming_qos2.contains(&p.packet_id) {
-                // A resend of a message we already took: acknowledge again, route nothing.
-                self.send(
-                    conn,
-                    Packet::PubRec(PubResp { packet_id: p.packet_id, code: 0, properties: Properties::default() }),
-                );
+                // A resend of a message we already took: acknowledge again (after any earlier
+                // acknowledgement still waiting for Kafka), route nothing.
+                self.queue_ack(conn, p.packet_id, 2, &[]);
                 return;
             }
             if s.incoming_qos2.len() >= usize::from(self.limits.max_inflight) {
@@ -1061,18 +1119,96 @@ impl Shard {
             expiry_at_ms: expiry.map(|e| now_ms + u64::from(e) * 1000),
             origin: client_id,
         });
-        self.route(msg, now_ms);
-        let ack = PubResp { packet_id: pid, code: reason::SUCCESS, properties: Properties::default() };
-        match qos {
-            1 => {
-                self.send(conn, Packet::PubAck(ack));
-            }
-            2 => {
-                self.send(conn, Packet::PubRec(ack));
-            }
-            _ => {}
+        let produced = self.route(msg, now_ms);
+        if qos > 0 {
+            self.queue_ack(conn, pid, qos, &produced);
         }
         let _ = v5;
+    }
+
+    /// Queues the PUBACK/PUBREC of a QoS 1/2 publish. It goes out once Kafka acknowledged every
+    /// record in `records` (at once when there are none) and every earlier acknowledgement of
+    /// this connection went out: MQTT requires them in the order the PUBLISHes arrived.
+    fn queue_ack(&mut self, conn: ConnId, pid: u16, qos: u8, records: &[u64]) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        let seq = c.acks_front_seq + c.acks.len() as u64;
+        c.acks.push_back(PendingAck { pid, qos, waiting: records.len() as u32, code: reason::SUCCESS });
+        for id in records {
+            self.kafka_waiters.insert(*id, (conn, seq));
+        }
+        self.flush_acks(conn);
+    }
+
+    fn flush_acks(&mut self, conn: ConnId) {
+        loop {
+            let Some(c) = self.conns.get_mut(&conn) else { return };
+            let Some(front) = c.acks.front() else { return };
+            if front.waiting > 0 {
+                return;
+            }
+            let a = c.acks.pop_front().unwrap();
+            c.acks_front_seq += 1;
+            if a.code != reason::SUCCESS && c.version != Some(Version::V5) {
+                // 3.1.1 has no negative acknowledgement: close without one, so the client
+                // publishes again after reconnecting. Nothing acknowledged is lost.
+                self.close(conn, None, 0);
+                return;
+            }
+            let r = PubResp { packet_id: a.pid, code: a.code, properties: Properties::default() };
+            self.send(conn, if a.qos == 1 { Packet::PubAck(r) } else { Packet::PubRec(r) });
+        }
+    }
+
+    /// Outcomes of records handed to Kafka.
+    pub fn on_produce_results(&mut self, results: impl IntoIterator<Item = ProduceResult>, now_ms: u64) {
+        let mut touched = Vec::new();
+        for r in results {
+            self.kafka_pending = self.kafka_pending.saturating_sub(1);
+            let mapping = self.kafka_inflight_mapping.remove(&r.id).unwrap_or(0);
+            let ms = self.mapping_stats.get_mut(usize::from(mapping));
+            match &r.outcome {
+                Ok(()) => {
+                    if let Some(ms) = ms {
+                        ms.records_produced += 1;
+                    }
+                }
+                Err(e) => {
+                    if let Some(ms) = ms {
+                        ms.records_failed += 1;
+                    }
+                    if self.logged_failures.insert((mapping, e.cause())) {
+                        let name = self.router.mapping_name(mapping).to_string();
+                        self.effects.warnings.push(format!(
+                            "Kafka refused records of mapping `{name}`: {} ({e:?}); further failures of this kind are counted in $SYS/broker/kafka/{name}/records/failed",
+                            e.cause()
+                        ));
+                    }
+                }
+            }
+            let Some((conn, seq)) = self.kafka_waiters.remove(&r.id) else { continue };
+            let Some(c) = self.conns.get_mut(&conn) else { continue };
+            let Some(a) = seq.checked_sub(c.acks_front_seq).and_then(|i| c.acks.get_mut(i as usize)) else { continue };
+            a.waiting = a.waiting.saturating_sub(1);
+            if let (Err(e), reason::SUCCESS) = (&r.outcome, a.code) {
+                a.code = e.reason_code();
+            }
+            touched.push(conn);
+        }
+        touched.dedup();
+        for conn in touched {
+            self.flush_acks(conn);
+        }
+        self.run_local(now_ms);
+    }
+
+    /// Whether so many records wait for Kafka that this shard should stop reading publishers.
+    pub fn kafka_backlogged(&self) -> bool {
+        self.kafka_pending >= self.max_pending_records
+    }
+
+    /// Records handed to Kafka and not yet answered.
+    pub fn kafka_pending(&self) -> usize {
+        self.kafka_pending
     }
 
     /// PUBACK, PUBREC (`rec`) or PUBCOMP for a message we sent.
@@ -1203,13 +1339,41 @@ impl Shard {
     // -----------------------------------------------------------------------------------------
 
     /// A message published on this shard: deliver here and hand it to every other shard.
-    fn route(&mut self, msg: Msg, now_ms: u64) {
+    /// Returns the ids of the Kafka records the message became (MQTT → Kafka mappings).
+    fn route(&mut self, msg: Msg, now_ms: u64) -> Vec<u64> {
         for shard in 0..self.n_shards {
             if shard != self.id {
                 self.effects.to_shards.push((shard, ShardMsg::Publish(msg.clone())));
             }
         }
         self.route_here(&msg, now_ms);
+        self.bridge_to_kafka(&msg, now_ms)
+    }
+
+    fn bridge_to_kafka(&mut self, msg: &Msg, now_ms: u64) -> Vec<u64> {
+        if self.router.is_empty() {
+            return Vec::new();
+        }
+        let mut records = Vec::new();
+        self.router.route(msg, self.wall_offset_ms + now_ms as i64, &mut records);
+        let mut ids = Vec::with_capacity(records.len());
+        let mut last_mapping = None;
+        for record in records {
+            if let Some(ms) = self.mapping_stats.get_mut(usize::from(record.mapping)) {
+                if last_mapping != Some(record.mapping) {
+                    ms.messages_in += 1;
+                    ms.bytes_in += msg.payload.len() as u64;
+                    last_mapping = Some(record.mapping);
+                }
+            }
+            self.next_produce_id += 1;
+            let id = self.next_produce_id;
+            self.kafka_inflight_mapping.insert(id, record.mapping);
+            self.kafka_pending += 1;
+            self.effects.produce.push(ProduceRequest { id, record });
+            ids.push(id);
+        }
+        ids
     }
 
     /// Delivery on this shard of a message published anywhere.
@@ -1549,6 +1713,20 @@ impl Shard {
             for (name, v) in fields(&total) {
                 values.push((format!("$SYS/broker/{name}"), v.to_string()));
             }
+        }
+        for (i, ms) in self.mapping_stats.iter().enumerate() {
+            let name = self.router.mapping_name(i as u16);
+            for (field, v) in [
+                ("messages/received", ms.messages_in),
+                ("bytes/received", ms.bytes_in),
+                ("records/produced", ms.records_produced),
+                ("records/failed", ms.records_failed),
+            ] {
+                values.push((format!("$SYS/broker/shard/{}/kafka/{name}/{field}", self.id), v.to_string()));
+            }
+        }
+        if !self.router.is_empty() {
+            values.push((format!("$SYS/broker/shard/{}/kafka/pending", self.id), self.kafka_pending.to_string()));
         }
         let origin: ClientId = Arc::from("$SYS");
         for (topic, value) in values {

@@ -20,7 +20,20 @@ use std::time::Instant;
 
 use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::{LocalExecutorBuilder, Placement};
+use sluice_core::bridge::{MappingConfig, ProduceRequest, ProduceResult};
 use sluice_core::config::Limits;
+use tokio::sync::mpsc;
+
+/// The MQTT → Kafka bridge as the shards see it: the mappings, and one link per shard to the
+/// producers (which the binary starts; this crate never sees them).
+pub struct BridgeSetup {
+    pub mappings: Vec<MappingConfig>,
+    /// Cluster names, in the order the records' `cluster` index uses.
+    pub clusters: Vec<String>,
+    pub max_pending_records_per_shard: usize,
+    /// Index = shard.
+    pub links: Vec<(mpsc::Sender<Vec<ProduceRequest>>, mpsc::UnboundedReceiver<Vec<ProduceResult>>)>,
+}
 
 /// What the runtime needs to know; the binary builds it from flags and the config file.
 #[derive(Clone, Debug)]
@@ -53,6 +66,7 @@ const MESH_CHANNEL_BATCHES: usize = 1024;
 /// 0); `dedicated` marks a shard's own extra listener.
 pub fn run(
     cfg: RuntimeConfig,
+    bridge: Option<BridgeSetup>,
     shutdown: Arc<AtomicBool>,
     on_listening: impl Fn(usize, SocketAddr, bool) + Send + Sync + 'static,
 ) -> Result<(), RunError> {
@@ -65,6 +79,13 @@ pub fn run(
     let mut addr_tx = Some(addr_tx);
     let mut handles = Vec::with_capacity(n);
     let mut listen = cfg.listen;
+    let (mut links, bridge_cfg) = match bridge {
+        Some(b) => {
+            let links: Vec<_> = b.links.into_iter().map(Some).collect();
+            (links, Some((b.mappings, b.clusters, b.max_pending_records_per_shard)))
+        }
+        None => (Vec::new(), None),
+    };
     for (shard_id, &cpu) in cfg.cpus.iter().enumerate() {
         let mesh = mesh.clone();
         let shutdown = shutdown.clone();
@@ -78,6 +99,16 @@ pub fn run(
             limits: cfg.limits.clone(),
             sys_interval_ms: cfg.sys_interval_ms,
             epoch,
+            bridge: match (&bridge_cfg, links.get_mut(shard_id).and_then(Option::take)) {
+                (Some((mappings, clusters, max_pending)), Some((requests, results))) => Some(shard::ShardBridge {
+                    mappings: mappings.clone(),
+                    clusters: clusters.clone(),
+                    max_pending: *max_pending,
+                    requests,
+                    results,
+                }),
+                _ => None,
+            },
         };
         let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("sluice-shard-{shard_id}"))

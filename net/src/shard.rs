@@ -19,8 +19,10 @@ use bytes::BytesMut;
 use futures_lite::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
 use glommio::net::{TcpListener, TcpStream};
+use sluice_core::bridge::{MappingConfig, ProduceRequest, ProduceResult, Router};
 use sluice_core::config::Limits;
 use sluice_core::shard::{ConnId, Shard, ShardMsg};
+use tokio::sync::mpsc;
 
 use crate::notify::Notify;
 
@@ -32,6 +34,16 @@ pub(crate) struct ShardConfig {
     pub limits: Limits,
     pub sys_interval_ms: u64,
     pub epoch: Instant,
+    pub bridge: Option<ShardBridge>,
+}
+
+/// This shard's end of the MQTT → Kafka bridge.
+pub(crate) struct ShardBridge {
+    pub mappings: Vec<MappingConfig>,
+    pub clusters: Vec<String>,
+    pub max_pending: usize,
+    pub requests: mpsc::Sender<Vec<ProduceRequest>>,
+    pub results: mpsc::UnboundedReceiver<Vec<ProduceResult>>,
 }
 
 /// Messages waiting for one peer shard beyond which this shard stops reading its sockets until
@@ -57,6 +69,9 @@ struct Core {
     /// Batches being filled for each peer shard.
     outbox: RefCell<Vec<Vec<ShardMsg>>>,
     outbox_ready: Vec<Rc<Notify>>,
+    /// Records for Kafka since the last hand-over, and the flag that wakes the task handing over.
+    kafka_outbox: RefCell<Vec<ProduceRequest>>,
+    kafka_ready: Notify,
     epoch: Instant,
 }
 
@@ -67,11 +82,18 @@ impl Core {
 
     /// Whether some peer is so far behind that reading more input would only grow memory.
     fn backlogged(&self) -> bool {
-        self.outbox.borrow().iter().any(|b| b.len() > OUTBOX_MESSAGES_MAX)
+        self.outbox.borrow().iter().any(|b| b.len() > OUTBOX_MESSAGES_MAX) || self.shard.borrow().kafka_backlogged()
     }
 
     fn dispatch(&self) {
-        let fx = self.shard.borrow_mut().drain_effects();
+        let mut fx = self.shard.borrow_mut().drain_effects();
+        for w in fx.warnings.drain(..) {
+            tracing::warn!("{w}");
+        }
+        if !fx.produce.is_empty() {
+            self.kafka_outbox.borrow_mut().append(&mut fx.produce);
+            self.kafka_ready.notify();
+        }
         if fx.dirty.is_empty() && fx.close.is_empty() && fx.to_shards.is_empty() {
             return;
         }
@@ -110,13 +132,50 @@ pub(crate) async fn run_shard(
     let own_listener = cfg.own_listen.map(|a| bind(a, true)).transpose()?;
     let (senders, mut receivers) = mesh.join().await.map_err(|_| "cannot join the shard mesh".to_string())?;
     let now0 = cfg.epoch.elapsed().as_millis() as u64;
+    let mut shard = Shard::new(cfg.id, cfg.n_shards, cfg.limits, now0);
+    let mut kafka_link = None;
+    if let Some(b) = cfg.bridge {
+        let router = Router::new(&b.mappings, &b.clusters)?;
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        shard = shard.with_bridge(router, b.max_pending, unix_ms - cfg.epoch.elapsed().as_millis() as i64);
+        kafka_link = Some((b.requests, b.results));
+    }
     let core = Rc::new(Core {
-        shard: RefCell::new(Shard::new(cfg.id, cfg.n_shards, cfg.limits, now0)),
+        shard: RefCell::new(shard),
         conns: RefCell::new(HashMap::new()),
         outbox: RefCell::new((0..cfg.n_shards).map(|_| Vec::new()).collect()),
         outbox_ready: (0..cfg.n_shards).map(|_| Rc::new(Notify::default())).collect(),
+        kafka_outbox: RefCell::new(Vec::new()),
+        kafka_ready: Notify::default(),
         epoch: cfg.epoch,
     });
+
+    // The Kafka link: one task hands batches of records over, one takes results back.
+    if let Some((requests, mut results)) = kafka_link {
+        let c = core.clone();
+        glommio::spawn_local(async move {
+            loop {
+                c.kafka_ready.notified().await;
+                let batch = std::mem::take(&mut *c.kafka_outbox.borrow_mut());
+                if !batch.is_empty() && requests.send(batch).await.is_err() {
+                    break;
+                }
+            }
+        })
+        .detach();
+        let c = core.clone();
+        glommio::spawn_local(async move {
+            while let Some(batch) = results.recv().await {
+                let now = c.now_ms();
+                c.shard.borrow_mut().on_produce_results(batch, now);
+                c.dispatch();
+            }
+        })
+        .detach();
+    }
 
     // Receivers: one task per peer, each batch handled in one call into the state machine.
     for (_peer, mut stream) in receivers.streams() {

@@ -151,3 +151,103 @@ def paho():
             p.close()
         except Exception:
             pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Kafka: a real Kafka-compatible broker (tansu, in-memory storage) on a free port.
+# ---------------------------------------------------------------------------------------------
+
+def free_port():
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def tansu_bin():
+    p = shutil.which("tansu") or str(Path.home() / ".cargo" / "bin" / "tansu")
+    assert Path(p).exists(), "tansu missing: scripts/install-test-deps installs it"
+    return p
+
+
+class Tansu:
+    def __init__(self, port=None):
+        self.port = port or free_port()
+        self.bootstrap = f"127.0.0.1:{self.port}"
+        url = f"tcp://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile(prefix="tansu-", suffix=".log", delete=False)
+        self.proc = subprocess.Popen(
+            [tansu_bin(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+             "--storage-engine", "memory://tansu/"],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        self.wait_ready()
+
+    def wait_ready(self):
+        from confluent_kafka.admin import AdminClient
+        deadline = time.monotonic() + 30
+        while True:
+            assert self.proc.poll() is None, open(self.log.name).read()
+            try:
+                AdminClient({"bootstrap.servers": self.bootstrap}).list_topics(timeout=1)
+                return
+            except Exception:
+                assert time.monotonic() < deadline, "tansu did not come up"
+                time.sleep(0.1)
+
+    def create_topic(self, name, partitions=3):
+        from confluent_kafka.admin import AdminClient, NewTopic
+        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        fs = admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
+        for f in fs.values():
+            f.result(WAIT)
+        deadline = time.monotonic() + WAIT
+        while name not in admin.list_topics(timeout=WAIT).topics:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+    def consume(self, topic, n, timeout=30):
+        """The first `n` records of `topic` (all partitions, from the start), or fewer at timeout."""
+        from confluent_kafka import Consumer, TopicPartition
+        c = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"t-{time.monotonic_ns()}",
+                      "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+        parts = c.list_topics(topic, timeout=WAIT).topics[topic].partitions
+        c.assign([TopicPartition(topic, p, 0) for p in parts])
+        got = []
+        deadline = time.monotonic() + timeout
+        while len(got) < n and time.monotonic() < deadline:
+            m = c.poll(0.2)
+            if m is None or m.error():
+                continue
+            got.append(m)
+        c.close()
+        return got
+
+    def pause(self):
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self):
+        self.proc.send_signal(signal.SIGCONT)
+
+    def stop(self):
+        self.resume()
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def kafka():
+    t = Tansu()
+    yield t
+    t.stop()
+
+
+def broker_with(*args, cores=2, config=None):
+    extra = list(args)
+    if config is not None:
+        f = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False)
+        f.write(config)
+        f.close()
+        extra += ["--config", f.name]
+    return Broker(*extra, cores=cores)

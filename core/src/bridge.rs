@@ -1,0 +1,497 @@
+//! MQTT → Kafka mapping: which MQTT messages become which Kafka records.
+//!
+//! Sans-I/O like the rest of `sluice-core`: a [`Router`] turns one MQTT [`Message`] into zero or
+//! more [`KafkaRecord`]s (several mappings or several destinations: multicast), choosing the Kafka
+//! topic, key and headers. The `sluice-kafka` crate produces them; results come back to the shard
+//! as [`ProduceResult`]s, which decide the PUBACK/PUBREC of QoS 1/2 publishes.
+//!
+//! Partitioning is Kafka's default: murmur2 of the key, so Java and librdkafka (`murmur2_random`)
+//! consumers and Kafka Streams agree on placement; it lives here so it is unit-tested against
+//! Kafka's own test vectors.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::Deserialize;
+
+use crate::shard::Message;
+use crate::topic::{self, TopicLimits, Trie};
+
+/// Where the record key comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeySource {
+    /// The MQTT topic (default): same topic → same partition, so per-topic order holds.
+    Topic,
+    ClientId,
+    /// One level of the MQTT topic, 0-based (`fleet/eu/car-1` level 2 is `car-1`).
+    Level(usize),
+    None,
+}
+
+impl<'de> Deserialize<'de> for KeySource {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        KeySource::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+impl KeySource {
+    pub fn parse(s: &str) -> Result<KeySource, String> {
+        match s {
+            "topic" => Ok(KeySource::Topic),
+            "client-id" => Ok(KeySource::ClientId),
+            "none" => Ok(KeySource::None),
+            _ => match s.strip_prefix("level:").and_then(|n| n.parse().ok()) {
+                Some(n) => Ok(KeySource::Level(n)),
+                None => Err(format!("`{s}` is not topic, client-id, none or level:N")),
+            },
+        }
+    }
+}
+
+/// A Kafka topic name, fixed or built from MQTT topic levels: `iot-{1}` takes level 1.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TopicTemplate {
+    parts: Vec<TemplatePart>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum TemplatePart {
+    Text(String),
+    Level(usize),
+}
+
+impl TopicTemplate {
+    pub fn parse(s: &str) -> Result<TopicTemplate, String> {
+        let mut parts = Vec::new();
+        let mut rest = s;
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                parts.push(TemplatePart::Text(rest[..open].to_string()));
+            }
+            let close = rest[open..].find('}').ok_or_else(|| format!("`{s}`: unclosed `{{`"))? + open;
+            let n = rest[open + 1..close]
+                .parse()
+                .map_err(|_| format!("`{s}`: `{{{}}}` is not a topic level number", &rest[open + 1..close]))?;
+            parts.push(TemplatePart::Level(n));
+            rest = &rest[close + 1..];
+        }
+        if !rest.is_empty() {
+            parts.push(TemplatePart::Text(rest.to_string()));
+        }
+        if parts.is_empty() {
+            return Err("empty Kafka topic".into());
+        }
+        Ok(TopicTemplate { parts })
+    }
+
+    /// The Kafka topic for an MQTT topic; `None` when a referenced level does not exist or the
+    /// result is not a legal Kafka topic name.
+    pub fn render(&self, mqtt_topic: &str) -> Option<String> {
+        if let [TemplatePart::Text(t)] = self.parts.as_slice() {
+            return Some(t.clone());
+        }
+        let mut out = String::new();
+        for p in &self.parts {
+            match p {
+                TemplatePart::Text(t) => out.push_str(t),
+                TemplatePart::Level(n) => out.push_str(mqtt_topic.split('/').nth(*n)?),
+            }
+        }
+        let legal = !out.is_empty()
+            && out.len() <= 249
+            && out.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+        legal.then_some(out)
+    }
+}
+
+impl<'de> Deserialize<'de> for TopicTemplate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        TopicTemplate::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Destination {
+    /// Name of a `[kafka.clusters.NAME]` table.
+    pub cluster: String,
+    pub topic: TopicTemplate,
+}
+
+/// One `[[mqtt_to_kafka]]` table.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MappingConfig {
+    pub name: String,
+    /// MQTT topic filters (wildcards allowed).
+    pub filters: Vec<String>,
+    pub destinations: Vec<Destination>,
+    #[serde(default = "default_key")]
+    pub key: KeySource,
+    /// Carry MQTT metadata (topic, QoS, retain, client id, MQTT 5 properties) as Kafka headers.
+    #[serde(default = "default_true")]
+    pub headers: bool,
+}
+
+fn default_key() -> KeySource {
+    KeySource::Topic
+}
+fn default_true() -> bool {
+    true
+}
+
+/// A record for Kafka, before partitioning.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KafkaRecord {
+    /// Index of the cluster in [`Router::clusters`].
+    pub cluster: u16,
+    /// Index of the mapping, for per-mapping metrics and logs.
+    pub mapping: u16,
+    pub topic: Arc<str>,
+    pub key: Option<Bytes>,
+    pub value: Bytes,
+    /// Header names are unique: rskafka models headers as a map, so a repeated MQTT user property
+    /// keeps its last value.
+    pub headers: Vec<(String, Bytes)>,
+    pub timestamp_ms: i64,
+}
+
+impl KafkaRecord {
+    pub fn size(&self) -> usize {
+        self.key.as_ref().map_or(0, |k| k.len())
+            + self.value.len()
+            + self.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+    }
+}
+
+/// A record handed to the producers, with the shard-local id its result will carry.
+#[derive(Clone, Debug)]
+pub struct ProduceRequest {
+    pub id: u64,
+    pub record: KafkaRecord,
+}
+
+/// Why Kafka did not take a record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProduceError {
+    TooLarge,
+    UnknownTopic,
+    NotAuthorized,
+    /// Retries ran out (Kafka down, hanging, or no leader) within the delivery time-out.
+    TimedOut,
+    Other(String),
+}
+
+impl ProduceError {
+    /// The MQTT 5 PUBACK/PUBREC reason code telling the publisher what happened.
+    pub fn reason_code(&self) -> u8 {
+        use crate::packet::reason;
+        match self {
+            // PUBACK has no "packet too large"; 0x97 (quota exceeded) is the closest allowed code.
+            ProduceError::TooLarge => reason::QUOTA_EXCEEDED,
+            ProduceError::UnknownTopic => reason::TOPIC_NAME_INVALID,
+            ProduceError::NotAuthorized => reason::NOT_AUTHORIZED,
+            ProduceError::TimedOut => reason::UNSPECIFIED_ERROR,
+            ProduceError::Other(_) => reason::IMPLEMENTATION_SPECIFIC,
+        }
+    }
+
+    pub fn cause(&self) -> &'static str {
+        match self {
+            ProduceError::TooLarge => "record too large",
+            ProduceError::UnknownTopic => "unknown topic",
+            ProduceError::NotAuthorized => "not authorized",
+            ProduceError::TimedOut => "timed out",
+            ProduceError::Other(_) => "other error",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ProduceResult {
+    pub id: u64,
+    pub outcome: Result<(), ProduceError>,
+}
+
+struct Mapping {
+    name: String,
+    destinations: Vec<(u16, TopicTemplate)>,
+    key: KeySource,
+    headers: bool,
+}
+
+/// Matches MQTT topics against the mappings' filters.
+#[derive(Default)]
+pub struct Router {
+    trie: Trie<u16, ()>,
+    mappings: Vec<Mapping>,
+    clusters: Vec<String>,
+}
+
+impl Router {
+    /// Builds the router; every destination's cluster must be in `clusters`.
+    pub fn new(mappings: &[MappingConfig], clusters: &[String]) -> Result<Router, String> {
+        let mut r = Router { clusters: clusters.to_vec(), ..Default::default() };
+        let lim = TopicLimits::default();
+        for (i, m) in mappings.iter().enumerate() {
+            if m.filters.is_empty() {
+                return Err(format!("mapping `{}`: no filters", m.name));
+            }
+            if m.destinations.is_empty() {
+                return Err(format!("mapping `{}`: no destinations", m.name));
+            }
+            for f in &m.filters {
+                if !topic::valid_filter(f, &lim) {
+                    return Err(format!("mapping `{}`: `{f}` is not a valid MQTT topic filter", m.name));
+                }
+                r.trie.insert(f, i as u16, ());
+            }
+            let mut destinations = Vec::new();
+            for d in &m.destinations {
+                let c = clusters
+                    .iter()
+                    .position(|c| *c == d.cluster)
+                    .ok_or_else(|| format!("mapping `{}`: unknown cluster `{}`", m.name, d.cluster))?;
+                destinations.push((c as u16, d.topic.clone()));
+            }
+            r.mappings.push(Mapping { name: m.name.clone(), destinations, key: m.key.clone(), headers: m.headers });
+        }
+        Ok(r)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.mappings.is_empty()
+    }
+
+    pub fn mapping_count(&self) -> usize {
+        self.mappings.len()
+    }
+
+    pub fn mapping_name(&self, i: u16) -> &str {
+        &self.mappings[usize::from(i)].name
+    }
+
+    pub fn clusters(&self) -> &[String] {
+        &self.clusters
+    }
+
+    /// The records for one MQTT message, one per (matching mapping, destination). A mapping that
+    /// matches through several of its filters produces its records once.
+    pub fn route(&self, msg: &Message, now_ms: i64, out: &mut Vec<KafkaRecord>) {
+        if self.mappings.is_empty() {
+            return;
+        }
+        let mut hit: Vec<u16> = Vec::new();
+        self.trie.for_each_match(&msg.topic, |m, _| {
+            if !hit.contains(m) {
+                hit.push(*m);
+            }
+        });
+        hit.sort_unstable();
+        for mi in hit {
+            let m = &self.mappings[usize::from(mi)];
+            let key = match &m.key {
+                KeySource::Topic => Some(Bytes::copy_from_slice(msg.topic.as_bytes())),
+                KeySource::ClientId => Some(Bytes::copy_from_slice(msg.origin.as_bytes())),
+                KeySource::Level(n) => msg.topic.split('/').nth(*n).map(|l| Bytes::copy_from_slice(l.as_bytes())),
+                KeySource::None => None,
+            };
+            let headers = if m.headers { headers_of(msg) } else { Vec::new() };
+            for (cluster, template) in &m.destinations {
+                // A template referring to a level the topic lacks yields no record for it.
+                let Some(topic) = template.render(&msg.topic) else { continue };
+                out.push(KafkaRecord {
+                    cluster: *cluster,
+                    mapping: mi,
+                    topic: topic.into(),
+                    key: key.clone(),
+                    value: msg.payload.clone(),
+                    headers: headers.clone(),
+                    timestamp_ms: now_ms,
+                });
+            }
+        }
+    }
+}
+
+fn headers_of(msg: &Message) -> Vec<(String, Bytes)> {
+    let p = &msg.properties;
+    let mut h = vec![
+        ("mqtt.topic".to_string(), Bytes::copy_from_slice(msg.topic.as_bytes())),
+        ("mqtt.qos".to_string(), Bytes::from(msg.qos.to_string())),
+        ("mqtt.retain".to_string(), Bytes::from_static(if msg.retain { b"true" } else { b"false" })),
+        ("mqtt.client_id".to_string(), Bytes::copy_from_slice(msg.origin.as_bytes())),
+    ];
+    if let Some(ct) = &p.content_type {
+        h.push(("content-type".into(), Bytes::copy_from_slice(ct.as_bytes())));
+    }
+    if let Some(rt) = &p.response_topic {
+        h.push(("mqtt.response_topic".into(), Bytes::copy_from_slice(rt.as_bytes())));
+    }
+    if let Some(cd) = &p.correlation_data {
+        h.push(("mqtt.correlation_data".into(), cd.clone()));
+    }
+    if let Some(f) = p.payload_format_indicator {
+        h.push(("mqtt.payload_format".into(), Bytes::from(f.to_string())));
+    }
+    for (k, v) in &p.user_properties {
+        // MQTT 5 user properties pass through under their own names; a later duplicate wins.
+        h.retain(|(hk, _)| hk != k);
+        h.push((k.clone(), Bytes::copy_from_slice(v.as_bytes())));
+    }
+    h
+}
+
+/// Kafka's murmur2 (the Java client's `Utils.murmur2`), as a signed 32-bit value.
+pub fn murmur2(data: &[u8]) -> i32 {
+    const SEED: u32 = 0x9747_b28c;
+    const M: u32 = 0x5bd1_e995;
+    const R: u32 = 24;
+    let len = data.len();
+    let mut h: u32 = SEED ^ (len as u32);
+    let chunks = data.chunks_exact(4);
+    let tail = chunks.remainder();
+    for c in chunks {
+        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> R;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    match tail.len() {
+        3 => {
+            h ^= u32::from(tail[2]) << 16;
+            h ^= u32::from(tail[1]) << 8;
+            h ^= u32::from(tail[0]);
+            h = h.wrapping_mul(M);
+        }
+        2 => {
+            h ^= u32::from(tail[1]) << 8;
+            h ^= u32::from(tail[0]);
+            h = h.wrapping_mul(M);
+        }
+        1 => {
+            h ^= u32::from(tail[0]);
+            h = h.wrapping_mul(M);
+        }
+        _ => {}
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h as i32
+}
+
+/// The partition Kafka's default partitioner picks for `key` among `partitions`.
+pub fn partition_for_key(key: &[u8], partitions: i32) -> i32 {
+    ((murmur2(key) as u32 & 0x7fff_ffff) % partitions as u32) as i32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packet::Properties;
+
+    #[test]
+    fn murmur2_matches_kafka_test_vectors() {
+        // From Apache Kafka's UtilsTest.testMurmur2.
+        for (s, want) in [
+            ("21", -973_932_308),
+            ("foobar", -790_332_482),
+            ("a-little-bit-long-string", -985_981_536),
+            ("a-little-bit-longer-string", -1_486_304_829),
+            ("lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8", -58_897_971),
+            ("abc", 479_470_107),
+        ] {
+            assert_eq!(murmur2(s.as_bytes()), want, "{s}");
+        }
+    }
+
+    fn msg(topic: &str) -> Message {
+        Message {
+            topic: topic.into(),
+            payload: Bytes::from_static(b"v"),
+            qos: 1,
+            retain: false,
+            properties: Properties {
+                user_properties: vec![("a".into(), "1".into()), ("a".into(), "2".into())],
+                content_type: Some("text/plain".into()),
+                ..Default::default()
+            },
+            expiry_at_ms: None,
+            origin: "dev-1".into(),
+        }
+    }
+
+    fn mapping(name: &str, filters: &[&str], dests: &[(&str, &str)], key: &str) -> MappingConfig {
+        MappingConfig {
+            name: name.into(),
+            filters: filters.iter().map(|f| f.to_string()).collect(),
+            destinations: dests
+                .iter()
+                .map(|(c, t)| Destination { cluster: c.to_string(), topic: TopicTemplate::parse(t).unwrap() })
+                .collect(),
+            key: KeySource::parse(key).unwrap(),
+            headers: true,
+        }
+    }
+
+    #[test]
+    fn routes_firehose_templates_keys_and_multicast() {
+        let clusters = vec!["a".to_string(), "b".to_string()];
+        let r = Router::new(
+            &[
+                mapping("fire", &["fleet/#", "fleet/+/+/+/speed"], &[("a", "firehose")], "topic"),
+                mapping("per-region", &["fleet/+/#"], &[("a", "fleet-{1}"), ("b", "copy")], "level:3"),
+                mapping("other", &["other/#"], &[("a", "x")], "none"),
+            ],
+            &clusters,
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        r.route(&msg("fleet/eu/group-3/car-1045107/speed"), 7, &mut out);
+        let got: Vec<(u16, &str, Option<&[u8]>)> =
+            out.iter().map(|r| (r.cluster, &*r.topic, r.key.as_deref())).collect();
+        assert_eq!(
+            got,
+            vec![
+                (0, "firehose", Some(&b"fleet/eu/group-3/car-1045107/speed"[..])),
+                (0, "fleet-eu", Some(&b"car-1045107"[..])),
+                (1, "copy", Some(&b"car-1045107"[..])),
+            ]
+        );
+        let h = &out[0].headers;
+        assert!(h.contains(&("mqtt.client_id".into(), Bytes::from_static(b"dev-1"))));
+        assert!(h.contains(&("content-type".into(), Bytes::from_static(b"text/plain"))));
+        assert!(h.contains(&("a".into(), Bytes::from_static(b"2"))));
+        assert_eq!(out[0].timestamp_ms, 7);
+        out.clear();
+        r.route(&msg("nowhere"), 0, &mut out);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn config_errors() {
+        let c = vec!["a".to_string()];
+        assert!(Router::new(&[mapping("m", &["x/#/y"], &[("a", "t")], "topic")], &c).is_err());
+        assert!(Router::new(&[mapping("m", &["x"], &[("zz", "t")], "topic")], &c).is_err());
+        assert!(TopicTemplate::parse("a-{x}").is_err());
+        assert!(TopicTemplate::parse("a-{1").is_err());
+        assert!(KeySource::parse("level:x").is_err());
+        let t = TopicTemplate::parse("t-{5}").unwrap();
+        assert_eq!(t.render("a/b"), None);
+        let t = TopicTemplate::parse("t-{0}").unwrap();
+        assert_eq!(t.render("bad topic/b"), None, "space is not legal in a Kafka topic");
+    }
+
+    #[test]
+    fn partitions_spread_by_key() {
+        assert_eq!(partition_for_key(b"21", 3), ((-973_932_308i32 as u32 & 0x7fff_ffff) % 3) as i32);
+        let hits: std::collections::HashSet<i32> =
+            (0..100).map(|i| partition_for_key(format!("k{i}").as_bytes(), 4)).collect();
+        assert_eq!(hits.len(), 4);
+    }
+}

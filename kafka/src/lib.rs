@@ -1,0 +1,148 @@
+//! sluice-kafka: the producers behind the MQTT → Kafka bridge.
+//!
+//! # Layout
+//! - [`start`]: builds one tokio runtime for all Kafka I/O and returns one [`ShardLink`] per
+//!   shard. rskafka is tokio-only while the shards run on glommio, so Kafka I/O lives on its own
+//!   small runtime; ownership stays per shard all the same: each shard has its own task here, its
+//!   own partition workers and its own batches — nothing on the produce path is shared between
+//!   shards except the rskafka connection pool of a cluster.
+//! - [`cluster`]: a cluster's connection (built lazily, rebuilt after failures), its metadata
+//!   cache and topic auto-creation.
+//! - [`worker`]: one task per (shard, topic, partition): lingers for a batch, produces it, retries
+//!   with backoff until the delivery time-out, and reports every record's outcome in order.
+//!
+//! Invariants: records of one partition from one shard are produced in hand-over order, one
+//! request in flight at a time, so MQTT per-topic order survives retries. Every record handed over
+//! gets exactly one [`ProduceResult`].
+
+mod cluster;
+mod tls;
+mod worker;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Instant;
+
+use sluice_core::bridge::{partition_for_key, ProduceRequest, ProduceResult};
+use sluice_core::config::ClusterConfig;
+use tokio::sync::mpsc;
+
+use crate::cluster::Cluster;
+use crate::worker::{Item, WorkerKey};
+
+/// Batches of produce requests a shard may have queued towards its Kafka task before its sends
+/// wait (the shard's own pending-record limit usually stops it first).
+pub const REQUEST_CHANNEL_BATCHES: usize = 1024;
+
+/// The shard's ends of its link to the Kafka runtime.
+pub struct ShardLink {
+    pub requests: mpsc::Sender<Vec<ProduceRequest>>,
+    pub results: mpsc::UnboundedReceiver<Vec<ProduceResult>>,
+}
+
+/// The running Kafka side; dropping it stops the runtime.
+pub struct KafkaBridge {
+    runtime: tokio::runtime::Runtime,
+}
+
+impl KafkaBridge {
+    /// Stops the producers, giving in-flight requests up to `grace` to finish.
+    pub fn shutdown(self, grace: std::time::Duration) {
+        self.runtime.shutdown_timeout(grace);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    #[error("cannot start the Kafka runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("kafka.clusters.{cluster}.tls: {problem}")]
+    Tls { cluster: String, problem: String },
+}
+
+/// Starts the producers for `clusters` (in the order the router numbers them) and returns one
+/// link per shard.
+pub fn start(
+    clusters: &BTreeMap<String, ClusterConfig>,
+    n_shards: usize,
+) -> Result<(KafkaBridge, Vec<ShardLink>), StartError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("sluice-kafka")
+        .enable_all()
+        .build()
+        .map_err(StartError::Runtime)?;
+    let mut built = Vec::new();
+    for (name, cfg) in clusters {
+        let tls = match &cfg.tls {
+            Some(t) => {
+                Some(tls::client_config(t).map_err(|problem| StartError::Tls { cluster: name.clone(), problem })?)
+            }
+            None => None,
+        };
+        built.push(Arc::new(Cluster::new(name.clone(), cfg.clone(), tls)));
+    }
+    let clusters: Arc<[Arc<Cluster>]> = built.into();
+    let mut links = Vec::with_capacity(n_shards);
+    for shard in 0..n_shards {
+        let (req_tx, req_rx) = mpsc::channel(REQUEST_CHANNEL_BATCHES);
+        let (res_tx, res_rx) = mpsc::unbounded_channel();
+        runtime.spawn(shard_task(shard, clusters.clone(), req_rx, res_tx));
+        links.push(ShardLink { requests: req_tx, results: res_rx });
+    }
+    Ok((KafkaBridge { runtime }, links))
+}
+
+/// One shard's producer: places each record on a partition and hands it to that partition's
+/// worker, in hand-over order.
+async fn shard_task(
+    shard: usize,
+    clusters: Arc<[Arc<Cluster>]>,
+    mut requests: mpsc::Receiver<Vec<ProduceRequest>>,
+    results: mpsc::UnboundedSender<Vec<ProduceResult>>,
+) {
+    let mut workers: HashMap<WorkerKey, mpsc::UnboundedSender<Item>> = HashMap::new();
+    // Keyless records stick to one partition per topic for a batch's worth, then move on
+    // (Kafka's sticky partitioner): big batches without a hot partition.
+    let mut sticky: HashMap<(u16, Arc<str>), (i32, usize)> = HashMap::new();
+    while let Some(batch) = requests.recv().await {
+        for req in batch {
+            let cluster = &clusters[usize::from(req.record.cluster)];
+            let enqueued = Instant::now();
+            let deadline = enqueued + cluster.delivery_timeout();
+            let partitions = match cluster.partitions(&req.record.topic, deadline).await {
+                Ok(n) => n,
+                Err(e) => {
+                    let _ = results.send(vec![ProduceResult { id: req.id, outcome: Err(e) }]);
+                    continue;
+                }
+            };
+            let partition = match &req.record.key {
+                Some(k) => partition_for_key(k, partitions),
+                None => {
+                    let e = sticky
+                        .entry((req.record.cluster, req.record.topic.clone()))
+                        .or_insert((shard as i32 % partitions, 0));
+                    e.1 += req.record.size();
+                    if e.1 >= cluster.config().batch_bytes {
+                        *e = ((e.0 + 1) % partitions, 0);
+                    }
+                    e.0 % partitions
+                }
+            };
+            let key = WorkerKey { cluster: req.record.cluster, topic: req.record.topic.clone(), partition };
+            let tx = workers.entry(key.clone()).or_insert_with(|| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                tokio::spawn(worker::run(cluster.clone(), key, rx, results.clone()));
+                tx
+            });
+            if let Err(e) = tx.send(Item { req, deadline }) {
+                let _ = results.send(vec![ProduceResult {
+                    id: e.0.req.id,
+                    outcome: Err(sluice_core::bridge::ProduceError::Other("partition worker stopped".into())),
+                }]);
+            }
+        }
+    }
+}

@@ -1,0 +1,228 @@
+"""MQTT → Kafka through a real Kafka-compatible broker (tansu), checked with confluent-kafka
+(librdkafka), an independent Kafka client."""
+import signal
+import subprocess
+import time
+import uuid
+
+import paho.mqtt.client as mqtt
+import pytest
+from confluent_kafka import Producer
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from conftest import WAIT, Tansu, broker_with, free_port
+
+
+def topic_name(prefix):
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def headers(m):
+    return {k: v for k, v in (m.headers() or [])}
+
+
+def librdkafka_partition(bootstrap, topic, key):
+    """The partition librdkafka's murmur2_random partitioner (Java's default) picks for `key`."""
+    p = Producer({"bootstrap.servers": bootstrap, "partitioner": "murmur2_random"})
+    got = []
+    p.produce(topic, key=key, value=b"probe", on_delivery=lambda err, msg: got.append(msg.partition()))
+    p.flush(WAIT)
+    return got[0]
+
+
+def test_all_qos_from_both_shards_land_in_kafka_in_order(kafka, paho):
+    topic = topic_name("iot-telemetry")
+    kafka.create_topic(topic, partitions=3)
+    b = broker_with("--kafka", kafka.bootstrap, "--map", f"devices/#={topic}")
+    try:
+        pubs = [paho(b.shard(i), f"dev-{i}", v5=(i == 1)) for i in range(2)]
+        sent = {}
+        for i, p in enumerate(pubs):
+            for qos in (0, 1, 2):
+                t = f"devices/car-{i}/q{qos}"
+                sent[t] = [f"{i}:{qos}:{n}".encode() + bytes([0, 255]) for n in range(20)]
+                for payload in sent[t]:
+                    p.publish(t, payload, qos)
+        total = sum(len(v) for v in sent.values())
+        got = kafka.consume(topic, total)
+        assert len(got) == total
+        by_topic = {}
+        for m in got:
+            by_topic.setdefault(m.key().decode(), []).append(m)
+        for t, payloads in sent.items():
+            ms = by_topic[t]
+            # Values byte-identical, per-topic order kept (Kafka keeps order within a partition).
+            assert [m.value() for m in ms] == payloads, t
+            assert len({m.partition() for m in ms}) == 1
+            h = headers(ms[0])
+            assert h["mqtt.topic"] == t.encode()
+            assert h["mqtt.qos"] == t[-1].encode()
+            assert h["mqtt.client_id"] in (b"dev-0", b"dev-1")
+            assert h["mqtt.retain"] == b"false"
+            # Same placement as librdkafka's murmur2_random for the same key.
+            assert ms[0].partition() == librdkafka_partition(kafka.bootstrap, topic, t.encode()), t
+    finally:
+        b.stop()
+
+
+def test_v5_properties_become_headers(kafka, paho):
+    topic = topic_name("props")
+    kafka.create_topic(topic, partitions=1)
+    b = broker_with("--kafka", kafka.bootstrap, "--map", f"req/#={topic}")
+    try:
+        c = paho(b.shard(0), "props-client", v5=True)
+        props = Properties(PacketTypes.PUBLISH)
+        props.UserProperty = [("tenant", "acme"), ("trace", "t-1")]
+        props.ContentType = "application/json"
+        props.ResponseTopic = "resp/1"
+        props.CorrelationData = b"\x01\x02"
+        c.publish("req/x", b'{"a":1}', 1, props=props)
+        [m] = kafka.consume(topic, 1)
+        h = headers(m)
+        assert h["tenant"] == b"acme" and h["trace"] == b"t-1"
+        assert h["content-type"] == b"application/json"
+        assert h["mqtt.response_topic"] == b"resp/1"
+        assert h["mqtt.correlation_data"] == b"\x01\x02"
+        assert m.value() == b'{"a":1}'
+    finally:
+        b.stop()
+
+
+def test_multicast_to_two_topics_on_two_clusters(kafka, paho):
+    other = Tansu()
+    try:
+        t1, t2, t3 = topic_name("fire"), topic_name("copy"), topic_name("region")
+        kafka.create_topic(t1)
+        kafka.create_topic(t3)
+        other.create_topic(t2)
+        config = f"""
+[kafka.clusters.a]
+bootstrap = ["{kafka.bootstrap}"]
+[kafka.clusters.b]
+bootstrap = ["{other.bootstrap}"]
+
+[[mqtt_to_kafka]]
+name = "firehose"
+filters = ["fleet/#"]
+destinations = [{{ cluster = "a", topic = "{t1}" }}, {{ cluster = "b", topic = "{t2}" }}]
+key = "client-id"
+
+[[mqtt_to_kafka]]
+name = "by-car"
+filters = ["fleet/+/+/speed"]
+destinations = [{{ cluster = "a", topic = "{t3}" }}]
+key = "level:2"
+headers = false
+"""
+        b = broker_with(config=config)
+        try:
+            c = paho(b.shard(1), "car-publisher")
+            c.publish("fleet/eu/car-7/speed", b"88", 1)
+            [m1] = kafka.consume(t1, 1)
+            [m2] = other.consume(t2, 1)
+            [m3] = kafka.consume(t3, 1)
+            assert (m1.value(), m1.key()) == (b"88", b"car-publisher")
+            assert (m2.value(), m2.key()) == (b"88", b"car-publisher")
+            assert (m3.value(), m3.key(), m3.headers()) == (b"88", b"car-7", None)
+        finally:
+            b.stop()
+    finally:
+        other.stop()
+
+
+def test_unknown_topic_is_reported_to_the_publisher(kafka, paho):
+    missing = topic_name("missing")
+    b = broker_with("--kafka", kafka.bootstrap, "--map", f"nowhere/#={missing}")
+    try:
+        c = paho(b.shard(0), "v5-pub", v5=True)
+        acks = []
+        c.c.on_publish = lambda cl, u, mid, rc, p: acks.append(rc)
+        c.c.publish("nowhere/x", b"lost?", 1).wait_for_publish(WAIT)
+        assert acks and acks[0].value == 0x90, acks  # Topic Name invalid: the Kafka topic is unknown
+        # 3.1.1 has no negative PUBACK: the connection closes unacknowledged (the client resends).
+        v3 = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="v3-pub")
+        v3.reconnect_delay_set(60, 60)
+        gone = []
+        v3.on_disconnect = lambda *a: gone.append(True)
+        v3.connect(*b.shard(1))
+        v3.loop_start()
+        info = v3.publish("nowhere/y", b"x", 1)
+        deadline = time.monotonic() + WAIT
+        while not gone and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert gone and not info.is_published()
+        v3.loop_stop()
+        # The broker keeps serving.
+        ok = paho(b.shard(0), "after")
+        ok.subscribe("still/here", 0)
+        ok.publish("still/here", b"yes", 0)
+        assert ok.message().payload == b"yes"
+    finally:
+        b.stop()
+
+
+def test_auto_create_topic(kafka, paho):
+    topic = topic_name("auto")
+    b = broker_with("--kafka", kafka.bootstrap, "--kafka-auto-create", "--map", f"auto/#={topic}")
+    try:
+        paho(b.shard(0), "auto-pub").publish("auto/x", b"made it", 1)
+        [m] = kafka.consume(topic, 1)
+        assert m.value() == b"made it"
+    finally:
+        b.stop()
+
+
+def test_puback_waits_for_kafka_through_a_pause(kafka, paho):
+    topic = topic_name("paused")
+    kafka.create_topic(topic, partitions=1)
+    b = broker_with("--kafka", kafka.bootstrap, "--map", f"p/#={topic}")
+    try:
+        c = paho(b.shard(0), "pauser", v5=True)
+        c.publish("p/warmup", b"w", 1)  # connection and metadata are warm
+        kafka.pause()
+        try:
+            infos = [c.c.publish("p/x", f"m{i}".encode(), 1) for i in range(20)]
+            time.sleep(0.5)
+            assert not any(i.is_published() for i in infos), "PUBACK before Kafka acknowledged"
+        finally:
+            kafka.resume()
+        for i in infos:
+            i.wait_for_publish(30)
+            assert i.is_published()
+        got = kafka.consume(topic, 21)
+        assert [m.value() for m in got] == [b"w"] + [f"m{i}".encode() for i in range(20)]
+    finally:
+        b.stop()
+
+
+def test_kafka_unreachable_at_start_then_appears(paho):
+    port = free_port()
+    config = f"""
+[kafka.clusters.default]
+bootstrap = ["127.0.0.1:{port}"]
+delivery_timeout_ms = 60000
+auto_create_topics = true
+partitions = 1
+
+[[mqtt_to_kafka]]
+name = "late"
+filters = ["late/#"]
+destinations = [{{ cluster = "default", topic = "late-topic" }}]
+"""
+    b = broker_with(config=config)
+    late = None
+    try:
+        c = paho(b.shard(1), "early-bird", v5=True)
+        info = c.c.publish("late/x", b"waited", 1)
+        time.sleep(0.3)
+        assert not info.is_published()
+        late = Tansu(port=port)
+        info.wait_for_publish(60)
+        assert info.is_published()
+        [m] = late.consume("late-topic", 1)
+        assert m.value() == b"waited"
+    finally:
+        b.stop()
+        if late:
+            late.stop()
