@@ -142,7 +142,7 @@ async fn produce_batch(
                 cluster.reset().await;
             }
         }
-        if attempt == 1 || attempt % 10 == 0 {
+        if attempt == 1 || attempt.is_multiple_of(10) {
             tracing::warn!(cluster = %cluster.name, topic = %key.topic, partition = key.partition, attempt, error = %err,
                 "produce failed; retrying until the delivery time-out");
         }

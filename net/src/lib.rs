@@ -24,6 +24,9 @@ use sluice_core::bridge::{MappingConfig, ProduceRequest, ProduceResult};
 use sluice_core::config::Limits;
 use tokio::sync::mpsc;
 
+/// One shard's link to the producers: records out, their results back.
+pub type KafkaLink = (mpsc::Sender<Vec<ProduceRequest>>, mpsc::UnboundedReceiver<Vec<ProduceResult>>);
+
 /// The MQTT → Kafka bridge as the shards see it: the mappings, and one link per shard to the
 /// producers (which the binary starts; this crate never sees them).
 pub struct BridgeSetup {
@@ -32,7 +35,7 @@ pub struct BridgeSetup {
     pub clusters: Vec<String>,
     pub max_pending_records_per_shard: usize,
     /// Index = shard.
-    pub links: Vec<(mpsc::Sender<Vec<ProduceRequest>>, mpsc::UnboundedReceiver<Vec<ProduceResult>>)>,
+    pub links: Vec<KafkaLink>,
 }
 
 /// What the runtime needs to know; the binary builds it from flags and the config file.
