@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use sluice_core::bridge::{Destination, KeySource, MappingConfig, TopicTemplate};
-use sluice_core::config::{parse_cpuset, ClusterConfig, Config, QueueFullPolicy, DEFAULT_CONFIG_TOML};
+use sluice_core::config::{parse_cpuset, Config, QueueFullPolicy, DEFAULT_CONFIG_TOML};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -221,7 +221,7 @@ fn apply_flags(cli: &Cli, cfg: &mut Config) -> anyhow::Result<()> {
         };
     }
     if let Some(k) = &cli.kafka {
-        let c = cfg.kafka.clusters.entry("default".into()).or_insert_with(ClusterConfig::default);
+        let c = cfg.kafka.clusters.entry("default".into()).or_default();
         c.bootstrap = k.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
         if cli.kafka_auto_create {
             c.auto_create_topics = true;
