@@ -213,6 +213,19 @@ impl ProduceError {
 pub struct ProduceResult {
     pub id: u64,
     pub outcome: Result<(), ProduceError>,
+    /// Produce requests it took (1 = no retry).
+    pub attempts: u32,
+    /// Records in the batch it travelled in.
+    pub batch_records: u32,
+    /// From hand-over to the producers until Kafka's answer.
+    pub latency_us: u64,
+}
+
+impl ProduceResult {
+    /// A record that failed before it was sent.
+    pub fn failed(id: u64, e: ProduceError) -> Self {
+        ProduceResult { id, outcome: Err(e), attempts: 0, batch_records: 0, latency_us: 0 }
+    }
 }
 
 struct Mapping {

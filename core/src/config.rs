@@ -84,6 +84,9 @@ pub struct ClusterConfig {
     pub linger_ms: u64,
     /// Uncompressed bytes that make a batch full.
     pub batch_bytes: usize,
+    /// Largest record (key + value + headers) sent; larger ones fail at once as too large, like
+    /// the Java client's `max.request.size`, instead of failing a whole batch at the broker.
+    pub max_record_bytes: usize,
     pub compression: Compression,
     /// Time from a record's hand-over until it is acknowledged or failed, retries included.
     pub delivery_timeout_ms: u64,
@@ -103,6 +106,7 @@ impl Default for ClusterConfig {
             bootstrap: Vec::new(),
             linger_ms: 5,
             batch_bytes: 1 << 20,
+            max_record_bytes: 1 << 20,
             compression: Compression::None,
             delivery_timeout_ms: 30_000,
             request_timeout_ms: 5_000,

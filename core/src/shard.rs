@@ -288,6 +288,12 @@ pub struct MappingStats {
     pub bytes_in: u64,
     pub records_produced: u64,
     pub records_failed: u64,
+    /// Produce requests beyond the first, summed over records.
+    pub records_retried: u64,
+    pub latency_us_sum: u64,
+    pub latency_us_max: u64,
+    /// Records by the size of the batch they travelled in: 1, ≤10, ≤100, ≤1000, more.
+    pub batch_records: [u64; 5],
 }
 
 /// A QoS 1/2 acknowledgement waiting for Kafka or for an earlier one.
@@ -328,10 +334,11 @@ pub struct Shard {
     /// Record id → the acknowledgement waiting for it.
     kafka_waiters: HashMap<u64, (ConnId, u64)>,
     /// Record id → its mapping, for per-mapping counters.
-    kafka_inflight_mapping: HashMap<u64, u16>,
+    kafka_inflight_mapping: HashMap<u64, (u16, u16)>,
     kafka_pending: usize,
     max_pending_records: usize,
-    mapping_stats: Vec<MappingStats>,
+    /// Per (mapping, cluster).
+    mapping_stats: HashMap<(u16, u16), MappingStats>,
     logged_failures: HashSet<(u16, &'static str)>,
 }
 
@@ -397,7 +404,7 @@ impl Shard {
             kafka_inflight_mapping: HashMap::new(),
             kafka_pending: 0,
             max_pending_records: usize::MAX,
-            mapping_stats: Vec::new(),
+            mapping_stats: HashMap::new(),
             logged_failures: HashSet::new(),
         }
     }
@@ -405,7 +412,6 @@ impl Shard {
     /// Turns on the MQTT → Kafka bridge: messages matching `router` become produce requests in
     /// [`Effects::produce`], and QoS 1/2 acknowledgements wait for Kafka.
     pub fn with_bridge(mut self, router: Router, max_pending_records: usize, wall_offset_ms: i64) -> Self {
-        self.mapping_stats = vec![MappingStats::default(); router.mapping_count()];
         self.router = router;
         self.max_pending_records = max_pending_records.max(1);
         self.wall_offset_ms = wall_offset_ms;
@@ -1164,23 +1170,29 @@ impl Shard {
         let mut touched = Vec::new();
         for r in results {
             self.kafka_pending = self.kafka_pending.saturating_sub(1);
-            let mapping = self.kafka_inflight_mapping.remove(&r.id).unwrap_or(0);
-            let ms = self.mapping_stats.get_mut(usize::from(mapping));
+            let (mapping, cluster) = self.kafka_inflight_mapping.remove(&r.id).unwrap_or((0, 0));
+            let ms = self.mapping_stats.entry((mapping, cluster)).or_default();
+            ms.records_retried += u64::from(r.attempts.saturating_sub(1));
+            ms.latency_us_sum += r.latency_us;
+            ms.latency_us_max = ms.latency_us_max.max(r.latency_us);
+            let bucket = match r.batch_records {
+                0..=1 => 0,
+                2..=10 => 1,
+                11..=100 => 2,
+                101..=1000 => 3,
+                _ => 4,
+            };
+            ms.batch_records[bucket] += 1;
             match &r.outcome {
-                Ok(()) => {
-                    if let Some(ms) = ms {
-                        ms.records_produced += 1;
-                    }
-                }
+                Ok(()) => ms.records_produced += 1,
                 Err(e) => {
-                    if let Some(ms) = ms {
-                        ms.records_failed += 1;
-                    }
+                    ms.records_failed += 1;
                     if self.logged_failures.insert((mapping, e.cause())) {
                         let name = self.router.mapping_name(mapping).to_string();
                         self.effects.warnings.push(format!(
-                            "Kafka refused records of mapping `{name}`: {} ({e:?}); further failures of this kind are counted in $SYS/broker/kafka/{name}/records/failed",
-                            e.cause()
+                            "Kafka refused records of mapping `{name}`: {} ({e:?}); further failures of this kind are counted in $SYS/broker/shard/{}/kafka/{name}/.../records/failed",
+                            e.cause(),
+                            self.id
                         ));
                     }
                 }
@@ -1357,18 +1369,13 @@ impl Shard {
         let mut records = Vec::new();
         self.router.route(msg, self.wall_offset_ms + now_ms as i64, &mut records);
         let mut ids = Vec::with_capacity(records.len());
-        let mut last_mapping = None;
         for record in records {
-            if let Some(ms) = self.mapping_stats.get_mut(usize::from(record.mapping)) {
-                if last_mapping != Some(record.mapping) {
-                    ms.messages_in += 1;
-                    ms.bytes_in += msg.payload.len() as u64;
-                    last_mapping = Some(record.mapping);
-                }
-            }
+            let ms = self.mapping_stats.entry((record.mapping, record.cluster)).or_default();
+            ms.messages_in += 1;
+            ms.bytes_in += msg.payload.len() as u64;
             self.next_produce_id += 1;
             let id = self.next_produce_id;
-            self.kafka_inflight_mapping.insert(id, record.mapping);
+            self.kafka_inflight_mapping.insert(id, (record.mapping, record.cluster));
             self.kafka_pending += 1;
             self.effects.produce.push(ProduceRequest { id, record });
             ids.push(id);
@@ -1714,15 +1721,26 @@ impl Shard {
                 values.push((format!("$SYS/broker/{name}"), v.to_string()));
             }
         }
-        for (i, ms) in self.mapping_stats.iter().enumerate() {
-            let name = self.router.mapping_name(i as u16);
+        for ((mapping, cluster), ms) in &self.mapping_stats {
+            let name = self.router.mapping_name(*mapping);
+            let cluster = &self.router.clusters()[usize::from(*cluster)];
+            let done = ms.records_produced + ms.records_failed;
+            let [b1, b10, b100, b1000, bmore] = ms.batch_records;
             for (field, v) in [
                 ("messages/received", ms.messages_in),
                 ("bytes/received", ms.bytes_in),
                 ("records/produced", ms.records_produced),
                 ("records/failed", ms.records_failed),
+                ("records/retried", ms.records_retried),
+                ("latency_us/avg", ms.latency_us_sum.checked_div(done).unwrap_or(0)),
+                ("latency_us/max", ms.latency_us_max),
+                ("batch_records/1", b1),
+                ("batch_records/2-10", b10),
+                ("batch_records/11-100", b100),
+                ("batch_records/101-1000", b1000),
+                ("batch_records/1001+", bmore),
             ] {
-                values.push((format!("$SYS/broker/shard/{}/kafka/{name}/{field}", self.id), v.to_string()));
+                values.push((format!("$SYS/broker/shard/{}/kafka/{name}/{cluster}/{field}", self.id), v.to_string()));
             }
         }
         if !self.router.is_empty() {

@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
-use sluice_core::bridge::{partition_for_key, ProduceRequest, ProduceResult};
+use sluice_core::bridge::{partition_for_key, ProduceError, ProduceRequest, ProduceResult};
 use sluice_core::config::ClusterConfig;
 use tokio::sync::mpsc;
 
@@ -109,12 +109,16 @@ async fn shard_task(
     while let Some(batch) = requests.recv().await {
         for req in batch {
             let cluster = &clusters[usize::from(req.record.cluster)];
+            if req.record.size() > cluster.config().max_record_bytes {
+                let _ = results.send(vec![ProduceResult::failed(req.id, ProduceError::TooLarge)]);
+                continue;
+            }
             let enqueued = Instant::now();
             let deadline = enqueued + cluster.delivery_timeout();
             let partitions = match cluster.partitions(&req.record.topic, deadline).await {
                 Ok(n) => n,
                 Err(e) => {
-                    let _ = results.send(vec![ProduceResult { id: req.id, outcome: Err(e) }]);
+                    let _ = results.send(vec![ProduceResult::failed(req.id, e)]);
                     continue;
                 }
             };
@@ -137,11 +141,11 @@ async fn shard_task(
                 tokio::spawn(worker::run(cluster.clone(), key, rx, results.clone()));
                 tx
             });
-            if let Err(e) = tx.send(Item { req, deadline }) {
-                let _ = results.send(vec![ProduceResult {
-                    id: e.0.req.id,
-                    outcome: Err(sluice_core::bridge::ProduceError::Other("partition worker stopped".into())),
-                }]);
+            if let Err(e) = tx.send(Item { req, deadline, enqueued }) {
+                let _ = results.send(vec![ProduceResult::failed(
+                    e.0.req.id,
+                    ProduceError::Other("partition worker stopped".into()),
+                )]);
             }
         }
     }

@@ -29,6 +29,7 @@ pub(crate) struct Item {
     pub req: ProduceRequest,
     /// When the record fails if Kafka has not acknowledged it.
     pub deadline: Instant,
+    pub enqueued: Instant,
 }
 
 fn compression(c: Compression) -> RsCompression {
@@ -85,21 +86,33 @@ pub(crate) async fn run(
                 _ => break,
             }
         }
-        let outcomes = produce_batch(&cluster, &key, &mut client, &batch).await;
-        let out = batch.iter().zip(outcomes).map(|(i, outcome)| ProduceResult { id: i.req.id, outcome }).collect();
+        let (outcomes, attempts) = produce_batch(&cluster, &key, &mut client, &batch).await;
+        let n = batch.len() as u32;
+        let out = batch
+            .iter()
+            .zip(outcomes)
+            .map(|(i, outcome)| ProduceResult {
+                id: i.req.id,
+                outcome,
+                attempts,
+                batch_records: n,
+                latency_us: i.enqueued.elapsed().as_micros() as u64,
+            })
+            .collect();
         if results.send(out).is_err() {
             return;
         }
     }
 }
 
-/// Produces `batch`, retrying until the earliest deadline in it. Returns one outcome per record.
+/// Produces `batch`, retrying until the earliest deadline in it. Returns one outcome per record
+/// and the number of produce requests it took.
 async fn produce_batch(
     cluster: &Cluster,
     key: &WorkerKey,
     client: &mut Option<PartitionClient>,
     batch: &[Item],
-) -> Vec<Result<(), ProduceError>> {
+) -> (Vec<Result<(), ProduceError>>, u32) {
     let deadline = batch.iter().map(|i| i.deadline).min().unwrap();
     let records: Vec<Record> = batch.iter().map(|i| to_record(&i.req)).collect();
     let comp = compression(cluster.config().compression);
@@ -119,22 +132,24 @@ async fn produce_batch(
         }
         .await;
         let err = match res {
-            Ok(()) => return vec![Ok(()); batch.len()],
+            Ok(()) => return (vec![Ok(()); batch.len()], attempt),
             Err(e) => e,
         };
         if let (Some(ProduceError::TooLarge), true) = (classify(&err), batch.len() > 1) {
             // Find out which records are too large, one by one, in order.
             let mut outs = Vec::with_capacity(batch.len());
+            let mut attempts = attempt;
             for i in batch {
-                let one = Box::pin(produce_batch(cluster, key, client, std::slice::from_ref(i))).await;
+                let (one, a) = Box::pin(produce_batch(cluster, key, client, std::slice::from_ref(i))).await;
+                attempts += a;
                 outs.push(one.into_iter().next().unwrap());
             }
-            return outs;
+            return (outs, attempts);
         }
         if !retryable(&err) {
             let e = classify(&err).unwrap_or_else(|| ProduceError::Other(err.to_string()));
             tracing::debug!(cluster = %cluster.name, topic = %key.topic, partition = key.partition, error = %err, "Kafka refused a batch");
-            return vec![Err(e); batch.len()];
+            return (vec![Err(e); batch.len()], attempt);
         }
         if is_connection_error(&err) || matches!(classify(&err), Some(ProduceError::UnknownTopic)) {
             *client = None;
@@ -149,7 +164,7 @@ async fn produce_batch(
         let now = Instant::now();
         if now + backoff >= deadline {
             tokio::time::sleep_until(deadline.into()).await;
-            return vec![Err(ProduceError::TimedOut); batch.len()];
+            return (vec![Err(ProduceError::TimedOut); batch.len()], attempt);
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(1));

@@ -226,3 +226,114 @@ destinations = [{{ cluster = "default", topic = "late-topic" }}]
         b.stop()
         if late:
             late.stop()
+
+
+def test_hanging_kafka_times_out_instead_of_wedging(paho):
+    """A 'Kafka' that accepts connections and never answers: the publisher gets a failure after
+    the delivery time-out, and the broker keeps serving."""
+    import socket
+    import threading
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    port = listener.getsockname()[1]
+    held = []
+    stop = threading.Event()
+
+    def accept_and_ignore():
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                pass
+    threading.Thread(target=accept_and_ignore, daemon=True).start()
+    config = f"""
+[kafka.clusters.default]
+bootstrap = ["127.0.0.1:{port}"]
+delivery_timeout_ms = 2000
+request_timeout_ms = 500
+
+[[mqtt_to_kafka]]
+name = "hang"
+filters = ["hang/#"]
+destinations = [{{ cluster = "default", topic = "never" }}]
+"""
+    b = broker_with(config=config)
+    try:
+        c = paho(b.shard(0), "hang-pub", v5=True)
+        acks = []
+        c.c.on_publish = lambda cl, u, mid, rc, p: acks.append(rc)
+        start = time.monotonic()
+        c.c.publish("hang/x", b"?", 1).wait_for_publish(WAIT)
+        assert acks and acks[0].value == 0x80, acks  # unspecified error: Kafka did not answer in time
+        assert time.monotonic() - start >= 1.5
+        assert held, "sluice never connected to the hanging Kafka"
+        c.subscribe("alive", 0)
+        c.publish("alive", b"yes", 0)
+        assert c.message().payload == b"yes"
+    finally:
+        stop.set()
+        b.stop()
+        listener.close()
+        for s in held:
+            s.close()
+
+
+def test_oversized_record_fails_alone(kafka, paho):
+    topic = topic_name("big")
+    kafka.create_topic(topic, partitions=1)
+    config = f"""
+[kafka.clusters.default]
+bootstrap = ["{kafka.bootstrap}"]
+max_record_bytes = 65536
+linger_ms = 50
+
+[[mqtt_to_kafka]]
+name = "big"
+filters = ["big/#"]
+destinations = [{{ cluster = "default", topic = "{topic}" }}]
+"""
+    b = broker_with(config=config)
+    try:
+        c = paho(b.shard(0), "big-pub", v5=True)
+        acks = []
+        c.c.on_publish = lambda cl, u, mid, rc, p: acks.append(rc.value)
+        infos = [c.c.publish("big/a", b"small-1", 1), c.c.publish("big/a", b"x" * 100_000, 1),
+                 c.c.publish("big/a", b"small-2", 1)]
+        for i in infos:
+            i.wait_for_publish(30)
+        assert acks == [0x00, 0x97, 0x00], acks  # quota exceeded: the closest PUBACK code to "too large"
+        got = kafka.consume(topic, 2)
+        assert [m.value() for m in got] == [b"small-1", b"small-2"]
+    finally:
+        b.stop()
+
+
+def test_bridge_metrics_in_sys_topics(kafka, paho):
+    topic = topic_name("metrics")
+    kafka.create_topic(topic, partitions=2)
+    b = broker_with("--kafka", kafka.bootstrap, "--map", f"m/#={topic}", "--sys-interval", "1")
+    try:
+        c = paho(b.shard(0), "metrics-pub")
+        for i in range(10):
+            c.publish(f"m/{i}", b"x" * 10, 1)
+        watch = paho(b.shard(0), "metrics-watch")
+        watch.subscribe("$SYS/broker/shard/0/kafka/#", 0)
+        seen = {}
+        base = "$SYS/broker/shard/0/kafka/map-1/default/"
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            m = watch.message()
+            seen[m.topic] = m.payload.decode()
+            # The pending count is published last in each round.
+            if m.topic.endswith("/kafka/pending") and seen.get(base + "records/produced") == "10":
+                break
+        assert seen[base + "records/produced"] == "10", seen
+        assert seen[base + "messages/received"] == "10"
+        assert seen[base + "bytes/received"] == "100"
+        assert seen[base + "records/failed"] == "0"
+        assert int(seen[base + "latency_us/max"]) > 0
+        assert seen["$SYS/broker/shard/0/kafka/pending"] == "0"
+    finally:
+        b.stop()
