@@ -3,6 +3,8 @@
 //! Scenarios:
 //! - `fan-in`: N publishers → one subscriber on a wildcard filter.
 //! - `fan-out`: one publisher → N subscribers of the same topic.
+//! - `to-kafka`: N publishers into a bridged topic; counts the records that reach Kafka (sum of
+//!   partition end offsets, read with rskafka) and the rate at which they got there.
 //!
 //! Payloads carry a send timestamp (ns since this process started), so latency is measured
 //! end to end in one clock. It prints a progress line each second, a summary, then one JSON line.
@@ -26,6 +28,7 @@ use sluice_core::packet::{self, Connect, Packet, Properties, Publish, SubOptions
 enum Scenario {
     FanIn,
     FanOut,
+    ToKafka,
 }
 
 #[derive(Parser, Debug)]
@@ -52,6 +55,12 @@ struct Args {
     /// Broker process id, to report its CPU time per message.
     #[arg(long)]
     broker_pid: Option<u32>,
+    /// Kafka bootstrap server, for `to-kafka`.
+    #[arg(long)]
+    kafka: Option<String>,
+    /// Kafka topic the broker bridges `perf/#` into, for `to-kafka`.
+    #[arg(long, default_value = "perf")]
+    kafka_topic: String,
     /// Label for the JSON line (e.g. the broker's name).
     #[arg(long, default_value = "broker")]
     label: String,
@@ -266,6 +275,52 @@ fn subscriber(mut c: Conn, a: Arc<Shared>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Counts the records in a Kafka topic by reading them (tansu 0.6's "latest offset" answer lags
+/// behind the records it holds, so end offsets cannot be trusted for counting).
+struct KafkaCount {
+    rt: tokio::runtime::Runtime,
+    parts: Vec<(rskafka::client::partition::PartitionClient, i64)>,
+    seen: u64,
+}
+
+impl KafkaCount {
+    fn new(bootstrap: &str, topic: &str) -> anyhow::Result<Self> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let parts = rt.block_on(async {
+            let c = rskafka::client::ClientBuilder::new(vec![bootstrap.to_string()]).build().await?;
+            let t = c
+                .list_topics()
+                .await?
+                .into_iter()
+                .find(|t| t.name == topic)
+                .with_context(|| format!("Kafka topic {topic} does not exist"))?;
+            let mut parts = Vec::new();
+            for p in t.partitions {
+                let pc = c.partition_client(topic, p, rskafka::client::partition::UnknownTopicHandling::Retry).await?;
+                parts.push((pc, 0));
+            }
+            anyhow::Ok(parts)
+        })?;
+        Ok(KafkaCount { rt, parts, seen: 0 })
+    }
+
+    /// Records in the topic so far.
+    fn total(&mut self) -> anyhow::Result<u64> {
+        let KafkaCount { rt, parts, seen } = self;
+        rt.block_on(async {
+            for (pc, next) in parts.iter_mut() {
+                loop {
+                    let (records, _) = pc.fetch_records(*next, 1..8_000_000, 10).await?;
+                    let Some(last) = records.last() else { break };
+                    *next = last.offset + 1;
+                    *seen += records.len() as u64;
+                }
+            }
+            Ok(*seen)
+        })
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let _ = epoch();
@@ -279,7 +334,14 @@ fn main() -> anyhow::Result<()> {
     let (n_pub, n_sub) = match args.scenario {
         Scenario::FanIn => (args.clients, 1),
         Scenario::FanOut => (1, args.clients),
+        Scenario::ToKafka => (args.clients, 0),
     };
+    let mut kafka = match (args.scenario, &args.kafka) {
+        (Scenario::ToKafka, Some(k)) => Some(KafkaCount::new(k, &args.kafka_topic)?),
+        (Scenario::ToKafka, None) => bail!("to-kafka needs --kafka HOST:PORT"),
+        _ => None,
+    };
+    let kafka_base = kafka.as_mut().map(KafkaCount::total).transpose()?.unwrap_or(0);
     let mut subs = Vec::new();
     for i in 0..n_sub {
         let mut c = Conn::connect(args.addr, &format!("perf-sub-{i}"))?;
@@ -295,7 +357,7 @@ fn main() -> anyhow::Result<()> {
     let mut pubs = Vec::new();
     for i in 0..n_pub {
         let topic = match args.scenario {
-            Scenario::FanIn => format!("perf/{i}/data"),
+            Scenario::FanIn | Scenario::ToKafka => format!("perf/{i}/data"),
             Scenario::FanOut => "perf/fanout".into(),
         };
         let a = shared.clone();
@@ -317,7 +379,23 @@ fn main() -> anyhow::Result<()> {
     }
     let publish_secs = t0.elapsed().as_secs_f64();
     let sent = shared.sent.load(Ordering::Relaxed);
-    let expected = sent * n_sub as u64;
+    if let Some(k) = &mut kafka {
+        // Wait until Kafka holds every record, or nothing has arrived for 5 s.
+        let (mut last, mut still) = (0u64, Instant::now());
+        let in_kafka = loop {
+            let n = k.total()? - kafka_base;
+            if n >= sent || still.elapsed() > Duration::from_secs(5) {
+                break n;
+            }
+            if n != last {
+                last = n;
+                still = Instant::now();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        shared.received.store(in_kafka, Ordering::Relaxed);
+    }
+    let expected = sent * n_sub.max(1) as u64;
     // Drain: wait until everything arrived or nothing has arrived for 2 s.
     let mut prev = u64::MAX;
     let mut still = Instant::now();
@@ -332,7 +410,7 @@ fn main() -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let total_secs = t0.elapsed().as_secs_f64();
+    let total_secs = t0.elapsed().as_secs_f64().max(publish_secs);
     shared.stop_receiving.store(true, Ordering::Relaxed);
     for s in subs {
         s.join().unwrap()?;
