@@ -241,6 +241,7 @@ fn apply_flags(cli: &Cli, cfg: &mut Config) -> anyhow::Result<()> {
             destinations: vec![Destination { cluster: "default".into(), topic }],
             key: KeySource::Topic,
             headers: true,
+            dead_letter: None,
         });
     }
     cfg.validate().map_err(|e| anyhow::anyhow!("{e} (from flags or file)"))

@@ -133,6 +133,17 @@ pub struct MappingConfig {
     /// Carry MQTT metadata (topic, QoS, retain, client id, MQTT 5 properties) as Kafka headers.
     #[serde(default = "default_true")]
     pub headers: bool,
+    /// Where records Kafka refuses (too large, unknown topic, not authorized…) go instead, with
+    /// `sluice.error` and `sluice.topic` headers saying why and where they were headed.
+    #[serde(default)]
+    pub dead_letter: Option<DeadLetter>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLetter {
+    pub cluster: String,
+    pub topic: String,
 }
 
 fn default_key() -> KeySource {
@@ -156,6 +167,8 @@ pub struct KafkaRecord {
     /// keeps its last value.
     pub headers: Vec<(String, Bytes)>,
     pub timestamp_ms: i64,
+    /// (cluster, topic) for the record if Kafka refuses it.
+    pub dead_letter: Option<(u16, Arc<str>)>,
 }
 
 impl KafkaRecord {
@@ -233,6 +246,7 @@ struct Mapping {
     destinations: Vec<(u16, TopicTemplate)>,
     key: KeySource,
     headers: bool,
+    dead_letter: Option<(u16, Arc<str>)>,
 }
 
 /// Matches MQTT topics against the mappings' filters.
@@ -269,7 +283,22 @@ impl Router {
                     .ok_or_else(|| format!("mapping `{}`: unknown cluster `{}`", m.name, d.cluster))?;
                 destinations.push((c as u16, d.topic.clone()));
             }
-            r.mappings.push(Mapping { name: m.name.clone(), destinations, key: m.key.clone(), headers: m.headers });
+            let dead_letter = match &m.dead_letter {
+                None => None,
+                Some(d) => {
+                    let c = clusters.iter().position(|c| *c == d.cluster).ok_or_else(|| {
+                        format!("mapping `{}`: dead_letter names unknown cluster `{}`", m.name, d.cluster)
+                    })?;
+                    Some((c as u16, Arc::from(d.topic.as_str())))
+                }
+            };
+            r.mappings.push(Mapping {
+                name: m.name.clone(),
+                destinations,
+                key: m.key.clone(),
+                headers: m.headers,
+                dead_letter,
+            });
         }
         Ok(r)
     }
@@ -323,6 +352,7 @@ impl Router {
                     value: msg.payload.clone(),
                     headers: headers.clone(),
                     timestamp_ms: now_ms,
+                    dead_letter: m.dead_letter.clone(),
                 });
             }
         }
@@ -449,6 +479,7 @@ mod tests {
                 .collect(),
             key: KeySource::parse(key).unwrap(),
             headers: true,
+            dead_letter: None,
         }
     }
 

@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
-use sluice_core::bridge::{partition_for_key, ProduceError, ProduceRequest, ProduceResult};
+use sluice_core::bridge::{partition_for_key, KafkaRecord, ProduceError, ProduceRequest, ProduceResult};
 use sluice_core::config::ClusterConfig;
 use tokio::sync::mpsc;
 
@@ -94,6 +94,26 @@ pub fn start(
     Ok((KafkaBridge { runtime }, links))
 }
 
+/// The copy of a refused record for its mapping's dead-letter topic, if it has one: headers
+/// `sluice.error` (the cause) and `sluice.topic` (where it was headed). A time-out is not a
+/// refusal (Kafka may hold the record), and a record too large keeps only its metadata.
+pub(crate) fn dead_letter_copy(r: &KafkaRecord, e: &ProduceError) -> Option<KafkaRecord> {
+    let (cluster, topic) = r.dead_letter.clone()?;
+    if matches!(e, ProduceError::TimedOut) {
+        return None;
+    }
+    let mut d = r.clone();
+    if matches!(e, ProduceError::TooLarge) {
+        d.value = bytes::Bytes::new();
+    }
+    d.headers.push(("sluice.error".into(), bytes::Bytes::from_static(e.cause().as_bytes())));
+    d.headers.push(("sluice.topic".into(), bytes::Bytes::copy_from_slice(r.topic.as_bytes())));
+    d.cluster = cluster;
+    d.topic = topic;
+    d.dead_letter = None;
+    Some(d)
+}
+
 /// One shard's producer: places each record on a partition and hands it to that partition's
 /// worker, in hand-over order.
 async fn shard_task(
@@ -103,14 +123,29 @@ async fn shard_task(
     results: mpsc::UnboundedSender<Vec<ProduceResult>>,
 ) {
     let mut workers: HashMap<WorkerKey, mpsc::UnboundedSender<Item>> = HashMap::new();
+    // Records Kafka refused come back here to go to their mapping's dead-letter topic.
+    let (dl_tx, mut dl_rx) = mpsc::unbounded_channel::<ProduceRequest>();
     // Keyless records stick to one partition per topic for a batch's worth, then move on
     // (Kafka's sticky partitioner): big batches without a hot partition.
     let mut sticky: HashMap<(u16, Arc<str>), (i32, usize)> = HashMap::new();
-    while let Some(batch) = requests.recv().await {
+    loop {
+        let (batch, report) = tokio::select! {
+            biased;
+            Some(dl) = dl_rx.recv() => (vec![dl], false),
+            b = requests.recv() => match b {
+                Some(b) => (b, true),
+                None => return,
+            },
+        };
         for req in batch {
             let cluster = &clusters[usize::from(req.record.cluster)];
             if req.record.size() > cluster.config().max_record_bytes {
-                let _ = results.send(vec![ProduceResult::failed(req.id, ProduceError::TooLarge)]);
+                if report {
+                    let _ = results.send(vec![ProduceResult::failed(req.id, ProduceError::TooLarge)]);
+                }
+                if let (Some(record), true) = (dead_letter_copy(&req.record, &ProduceError::TooLarge), report) {
+                    let _ = dl_tx.send(ProduceRequest { id: req.id, record });
+                }
                 continue;
             }
             let enqueued = Instant::now();
@@ -118,7 +153,12 @@ async fn shard_task(
             let partitions = match cluster.partitions(&req.record.topic, deadline).await {
                 Ok(n) => n,
                 Err(e) => {
-                    let _ = results.send(vec![ProduceResult::failed(req.id, e)]);
+                    if report {
+                        if let Some(record) = dead_letter_copy(&req.record, &e) {
+                            let _ = dl_tx.send(ProduceRequest { id: req.id, record });
+                        }
+                        let _ = results.send(vec![ProduceResult::failed(req.id, e)]);
+                    }
                     continue;
                 }
             };
@@ -138,14 +178,16 @@ async fn shard_task(
             let key = WorkerKey { cluster: req.record.cluster, topic: req.record.topic.clone(), partition };
             let tx = workers.entry(key.clone()).or_insert_with(|| {
                 let (tx, rx) = mpsc::unbounded_channel();
-                tokio::spawn(worker::run(cluster.clone(), key, rx, results.clone()));
+                tokio::spawn(worker::run(cluster.clone(), key, rx, results.clone(), dl_tx.clone()));
                 tx
             });
-            if let Err(e) = tx.send(Item { req, deadline, enqueued }) {
-                let _ = results.send(vec![ProduceResult::failed(
-                    e.0.req.id,
-                    ProduceError::Other("partition worker stopped".into()),
-                )]);
+            if let Err(e) = tx.send(Item { req, report, deadline, enqueued }) {
+                if report {
+                    let _ = results.send(vec![ProduceResult::failed(
+                        e.0.req.id,
+                        ProduceError::Other("partition worker stopped".into()),
+                    )]);
+                }
             }
         }
     }

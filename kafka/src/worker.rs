@@ -27,6 +27,8 @@ pub(crate) struct WorkerKey {
 
 pub(crate) struct Item {
     pub req: ProduceRequest,
+    /// False for dead-letter copies: their outcome is not the publisher's business.
+    pub report: bool,
     /// When the record fails if Kafka has not acknowledged it.
     pub deadline: Instant,
     pub enqueued: Instant,
@@ -57,6 +59,7 @@ pub(crate) async fn run(
     key: WorkerKey,
     mut rx: mpsc::UnboundedReceiver<Item>,
     results: mpsc::UnboundedSender<Vec<ProduceResult>>,
+    dead_letters: mpsc::UnboundedSender<ProduceRequest>,
 ) {
     let linger = Duration::from_millis(cluster.config().linger_ms);
     let batch_bytes = cluster.config().batch_bytes;
@@ -88,17 +91,26 @@ pub(crate) async fn run(
         }
         let (outcomes, attempts) = produce_batch(&cluster, &key, &mut client, &batch).await;
         let n = batch.len() as u32;
-        let out = batch
-            .iter()
-            .zip(outcomes)
-            .map(|(i, outcome)| ProduceResult {
-                id: i.req.id,
-                outcome,
-                attempts,
-                batch_records: n,
-                latency_us: i.enqueued.elapsed().as_micros() as u64,
-            })
-            .collect();
+        let mut out = Vec::with_capacity(batch.len());
+        for (i, outcome) in batch.into_iter().zip(outcomes) {
+            if let (Err(e), true) = (&outcome, i.report) {
+                if let Some(record) = crate::dead_letter_copy(&i.req.record, e) {
+                    let _ = dead_letters.send(ProduceRequest { id: i.req.id, record });
+                }
+            }
+            if i.report {
+                out.push(ProduceResult {
+                    id: i.req.id,
+                    outcome,
+                    attempts,
+                    batch_records: n,
+                    latency_us: i.enqueued.elapsed().as_micros() as u64,
+                });
+            }
+        }
+        if out.is_empty() {
+            continue;
+        }
         if results.send(out).is_err() {
             return;
         }

@@ -132,14 +132,28 @@ headers = false
 
 
 def test_unknown_topic_is_reported_to_the_publisher(kafka, paho):
-    missing = topic_name("missing")
-    b = broker_with("--kafka", kafka.bootstrap, "--map", f"nowhere/#={missing}")
+    missing, dlq = topic_name("missing"), topic_name("dlq")
+    kafka.create_topic(dlq, partitions=1)
+    config = f"""
+[kafka.clusters.default]
+bootstrap = ["{kafka.bootstrap}"]
+
+[[mqtt_to_kafka]]
+name = "nowhere"
+filters = ["nowhere/#"]
+destinations = [{{ cluster = "default", topic = "{missing}" }}]
+dead_letter = {{ cluster = "default", topic = "{dlq}" }}
+"""
+    b = broker_with(config=config)
     try:
         c = paho(b.shard(0), "v5-pub", v5=True)
         acks = []
         c.c.on_publish = lambda cl, u, mid, rc, p: acks.append(rc)
         c.c.publish("nowhere/x", b"lost?", 1).wait_for_publish(WAIT)
         assert acks and acks[0].value == 0x90, acks  # Topic Name invalid: the Kafka topic is unknown
+        [d] = kafka.consume(dlq, 1)
+        assert (d.value(), headers(d)["sluice.error"], headers(d)["sluice.topic"]) == (
+            b"lost?", b"unknown topic", missing.encode())
         # 3.1.1 has no negative PUBACK: the connection closes unacknowledged (the client resends).
         v3 = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="v3-pub")
         v3.reconnect_delay_set(60, 60)
@@ -280,9 +294,10 @@ destinations = [{{ cluster = "default", topic = "never" }}]
             s.close()
 
 
-def test_oversized_record_fails_alone(kafka, paho):
-    topic = topic_name("big")
+def test_oversized_record_fails_alone_and_goes_to_the_dead_letter_topic(kafka, paho):
+    topic, dlq = topic_name("big"), topic_name("dlq")
     kafka.create_topic(topic, partitions=1)
+    kafka.create_topic(dlq, partitions=1)
     config = f"""
 [kafka.clusters.default]
 bootstrap = ["{kafka.bootstrap}"]
@@ -293,6 +308,7 @@ linger_ms = 50
 name = "big"
 filters = ["big/#"]
 destinations = [{{ cluster = "default", topic = "{topic}" }}]
+dead_letter = {{ cluster = "default", topic = "{dlq}" }}
 """
     b = broker_with(config=config)
     try:
@@ -306,6 +322,11 @@ destinations = [{{ cluster = "default", topic = "{topic}" }}]
         assert acks == [0x00, 0x97, 0x00], acks  # quota exceeded: the closest PUBACK code to "too large"
         got = kafka.consume(topic, 2)
         assert [m.value() for m in got] == [b"small-1", b"small-2"]
+        [d] = kafka.consume(dlq, 1)
+        h = headers(d)
+        assert h["sluice.error"] == b"record too large"
+        assert h["sluice.topic"] == topic.encode()
+        assert h["mqtt.topic"] == b"big/a" and d.key() == b"big/a"
     finally:
         b.stop()
 
