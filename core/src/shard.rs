@@ -249,6 +249,8 @@ struct Conn {
     pending_sub: Option<PendingSub>,
     /// The socket went away while the CONNECT was pending.
     lost: bool,
+    /// MQTT 5 Request Problem Information: reason strings allowed on DISCONNECT.
+    problem_information: bool,
     /// PUBACK/PUBREC not yet sent, in PUBLISH order; `acks_front_seq` numbers the front one.
     acks: VecDeque<PendingAck>,
     acks_front_seq: u64,
@@ -474,6 +476,7 @@ impl Shard {
                 held: BytesMut::new(),
                 pending_sub: None,
                 lost: false,
+                problem_information: true,
                 acks: VecDeque::new(),
                 acks_front_seq: 0,
             },
@@ -701,12 +704,20 @@ impl Shard {
     /// Closes `conn`: for MQTT 5 a DISCONNECT with `code` first. The will is published unless the
     /// client sent DISCONNECT 0x00 (the caller clears it then) or the broker is shutting down.
     fn close(&mut self, conn: ConnId, code: Option<u8>, now_ms: u64) {
+        self.close_why(conn, code, None, now_ms)
+    }
+
+    /// [`Shard::close`] with a reason string for MQTT 5 clients that did not opt out of problem
+    /// information.
+    fn close_why(&mut self, conn: ConnId, code: Option<u8>, why: Option<&str>, now_ms: u64) {
         let Some(c) = self.conns.get(&conn) else { return };
         if matches!(c.state, ConnState::Closing) {
             return;
         }
         if let (Some(code), Some(Version::V5), ConnState::Active) = (code, c.version, &c.state) {
-            self.send(conn, Packet::Disconnect(Disconnect { code, properties: Properties::default() }));
+            let reason_string = why.filter(|_| c.problem_information).map(str::to_string);
+            let properties = Properties { reason_string, ..Default::default() };
+            self.send(conn, Packet::Disconnect(Disconnect { code, properties }));
         }
         self.detach(conn, true, now_ms);
         if let Some(c) = self.conns.get_mut(&conn) {
@@ -715,8 +726,8 @@ impl Shard {
         self.effects.close.push(conn);
     }
 
-    fn protocol_close(&mut self, conn: ConnId, code: u8, _why: &str, now_ms: u64) {
-        self.close(conn, Some(code), now_ms);
+    fn protocol_close(&mut self, conn: ConnId, code: u8, why: &str, now_ms: u64) {
+        self.close_why(conn, Some(code), Some(why), now_ms);
     }
 
     /// Separates a connection from its session: will handling and session expiry start here.
@@ -925,6 +936,7 @@ impl Shard {
             c.client_receive_max = p.receive_maximum.unwrap_or(u16::MAX);
             c.client_alias_max = p.topic_alias_maximum.unwrap_or(0);
             c.connect_expiry = p.session_expiry_interval.unwrap_or(0);
+            c.problem_information = p.request_problem_information != Some(0);
         }
         let client_id: ClientId = connect.client_id.as_str().into();
         c.client_id = Some(client_id.clone());

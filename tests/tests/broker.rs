@@ -509,6 +509,33 @@ fn topic_aliases_both_ways() {
 }
 
 #[test]
+fn client_exceeding_our_receive_maximum_is_disconnected_with_0x93() {
+    let b = Broker::start(&["--max-inflight", "4"]);
+    let mut c = Client::v5(b.addr, "greedy");
+    assert_eq!(c.connack.as_ref().unwrap().properties.receive_maximum, Some(4));
+    for pid in 1..=5u16 {
+        // QoS 2 without PUBREL: each stays unacknowledged on our side.
+        c.send(&Packet::Publish(Publish {
+            dup: false,
+            qos: 2,
+            retain: false,
+            topic: "rm/x".into(),
+            packet_id: pid,
+            properties: props(),
+            payload: Bytes::from_static(b"x"),
+        }));
+    }
+    let got = c.until_closed();
+    let last = got.last().unwrap();
+    assert!(
+        matches!(last, Packet::Disconnect(d) if d.code == reason::RECEIVE_MAXIMUM_EXCEEDED
+            && d.properties.reason_string.as_deref() == Some("receive maximum exceeded")),
+        "{got:?}"
+    );
+    assert_eq!(got.iter().filter(|p| matches!(p, Packet::PubRec(_))).count(), 4);
+}
+
+#[test]
 fn receive_maximum_limits_messages_in_flight_to_a_client() {
     let b = Broker::start(&[]);
     let mut cp = connect_packet(V5, "slow", true);
