@@ -22,6 +22,7 @@ fn record(i: u64) -> ProduceRequest {
             timestamp_ms: 0,
             dead_letter: None,
         },
+        durable: false,
     }
 }
 

@@ -73,6 +73,10 @@ struct Cli {
     /// 'devices/#=iot-telemetry'. Repeatable.
     #[arg(long = "map", value_name = "FILTER=TOPIC")]
     maps: Vec<String>,
+    /// When QoS 1/2 publishes to bridged topics are acknowledged: kafka-ack (after Kafka) or
+    /// local-durable (after the shard's spill log on disk; Kafka later, replayed after crashes).
+    #[arg(long, value_name = "MODE")]
+    delivery: Option<String>,
     /// Let the `default` cluster create missing Kafka topics.
     #[arg(long)]
     kafka_auto_create: bool,
@@ -135,6 +139,12 @@ fn real_main() -> anyhow::Result<()> {
             mappings: cfg.mqtt_to_kafka.clone(),
             clusters: cfg.kafka.clusters.keys().cloned().collect(),
             max_pending_records_per_shard: cfg.kafka.max_pending_records_per_shard,
+            delivery: cfg.kafka.delivery,
+            spill_dir: std::path::Path::new(&cfg.server.data_dir).join("spill"),
+            spill: sluice_storage::LogOptions {
+                segment_bytes: cfg.kafka.spill_segment_bytes,
+                max_bytes: cfg.kafka.spill_max_bytes_per_shard,
+            },
             links,
         };
         (Some(kafka), Some(bridge))
@@ -226,6 +236,13 @@ fn apply_flags(cli: &Cli, cfg: &mut Config) -> anyhow::Result<()> {
         if cli.kafka_auto_create {
             c.auto_create_topics = true;
         }
+    }
+    if let Some(d) = &cli.delivery {
+        cfg.kafka.delivery = match d.as_str() {
+            "kafka-ack" => sluice_core::bridge::Delivery::KafkaAck,
+            "local-durable" => sluice_core::bridge::Delivery::LocalDurable,
+            other => bail!("--delivery: `{other}` is not kafka-ack or local-durable"),
+        };
     }
     for (i, m) in cli.maps.iter().enumerate() {
         let Some((filter, topic)) = m.rsplit_once('=') else {

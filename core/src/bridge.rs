@@ -172,6 +172,73 @@ pub struct KafkaRecord {
 }
 
 impl KafkaRecord {
+    /// The spill-log form: self-describing (cluster and topic by name), so a record written by
+    /// one configuration replays under another.
+    pub fn encode(&self, cluster_name: &str, out: &mut Vec<u8>) {
+        fn put(out: &mut Vec<u8>, b: &[u8]) {
+            out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+            out.extend_from_slice(b);
+        }
+        out.push(1); // format version
+        put(out, cluster_name.as_bytes());
+        put(out, self.topic.as_bytes());
+        match &self.key {
+            Some(k) => {
+                out.push(1);
+                put(out, k);
+            }
+            None => out.push(0),
+        }
+        put(out, &self.value);
+        out.extend_from_slice(&self.timestamp_ms.to_le_bytes());
+        out.extend_from_slice(&(self.headers.len() as u32).to_le_bytes());
+        for (k, v) in &self.headers {
+            put(out, k.as_bytes());
+            put(out, v);
+        }
+    }
+
+    /// Inverse of [`KafkaRecord::encode`]: the cluster name and the record (cluster index 0, no
+    /// mapping or dead letter: the caller fills them in).
+    pub fn decode(mut b: &[u8]) -> Result<(String, KafkaRecord), &'static str> {
+        fn take<'a>(b: &mut &'a [u8], n: usize) -> Result<&'a [u8], &'static str> {
+            if b.len() < n {
+                return Err("record ends early");
+            }
+            let (h, t) = b.split_at(n);
+            *b = t;
+            Ok(h)
+        }
+        fn u32_(b: &mut &[u8]) -> Result<usize, &'static str> {
+            Ok(u32::from_le_bytes(take(b, 4)?.try_into().unwrap()) as usize)
+        }
+        fn bytes(b: &mut &[u8]) -> Result<Bytes, &'static str> {
+            let n = u32_(b)?;
+            Ok(Bytes::copy_from_slice(take(b, n)?))
+        }
+        fn string(b: &mut &[u8]) -> Result<String, &'static str> {
+            String::from_utf8(bytes(b)?.to_vec()).map_err(|_| "name is not UTF-8")
+        }
+        if take(&mut b, 1)? != [1] {
+            return Err("unknown record format version");
+        }
+        let cluster = string(&mut b)?;
+        let topic: Arc<str> = string(&mut b)?.into();
+        let key = match take(&mut b, 1)?[0] {
+            0 => None,
+            _ => Some(bytes(&mut b)?),
+        };
+        let value = bytes(&mut b)?;
+        let timestamp_ms = i64::from_le_bytes(take(&mut b, 8)?.try_into().unwrap());
+        let n = u32_(&mut b)?;
+        let mut headers = Vec::with_capacity(n.min(64));
+        for _ in 0..n {
+            headers.push((string(&mut b)?, bytes(&mut b)?));
+        }
+        let r = KafkaRecord { cluster: 0, mapping: 0, topic, key, value, headers, timestamp_ms, dead_letter: None };
+        Ok((cluster, r))
+    }
+
     pub fn size(&self) -> usize {
         self.key.as_ref().map_or(0, |k| k.len())
             + self.value.len()
@@ -184,6 +251,21 @@ impl KafkaRecord {
 pub struct ProduceRequest {
     pub id: u64,
     pub record: KafkaRecord,
+    /// `local-durable` delivery: the record is in the shard's spill log, so the producers retry it
+    /// until Kafka takes it (no delivery time-out), and its publisher was acknowledged already.
+    pub durable: bool,
+}
+
+/// When a QoS 1/2 publish that feeds Kafka is acknowledged to the device.
+#[derive(Clone, Copy, Debug, Default, serde::Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Delivery {
+    /// After Kafka acknowledged every record of the message.
+    #[default]
+    KafkaAck,
+    /// After the records are in the shard's spill log on disk (group commit); Kafka later, with
+    /// replay after outages and crashes.
+    LocalDurable,
 }
 
 /// Why Kafka did not take a record.
@@ -194,6 +276,8 @@ pub enum ProduceError {
     NotAuthorized,
     /// Retries ran out (Kafka down, hanging, or no leader) within the delivery time-out.
     TimedOut,
+    /// `local-durable`: the shard's spill log is at its disk limit (or the disk is full).
+    SpillFull,
     Other(String),
 }
 
@@ -207,6 +291,7 @@ impl ProduceError {
             ProduceError::UnknownTopic => reason::TOPIC_NAME_INVALID,
             ProduceError::NotAuthorized => reason::NOT_AUTHORIZED,
             ProduceError::TimedOut => reason::UNSPECIFIED_ERROR,
+            ProduceError::SpillFull => reason::QUOTA_EXCEEDED,
             ProduceError::Other(_) => reason::IMPLEMENTATION_SPECIFIC,
         }
     }
@@ -217,6 +302,7 @@ impl ProduceError {
             ProduceError::UnknownTopic => "unknown topic",
             ProduceError::NotAuthorized => "not authorized",
             ProduceError::TimedOut => "timed out",
+            ProduceError::SpillFull => "spill log full",
             ProduceError::Other(_) => "other error",
         }
     }
@@ -529,6 +615,26 @@ mod tests {
         assert_eq!(t.render("a/b"), None);
         let t = TopicTemplate::parse("t-{0}").unwrap();
         assert_eq!(t.render("bad topic/b"), None, "space is not legal in a Kafka topic");
+    }
+
+    #[test]
+    fn spill_form_round_trips() {
+        let r = KafkaRecord {
+            cluster: 3,
+            mapping: 1,
+            topic: "t".into(),
+            key: Some(Bytes::from_static(b"k")),
+            value: Bytes::from_static(b"\x00\xffv"),
+            headers: vec![("a".into(), Bytes::from_static(b"1"))],
+            timestamp_ms: -5,
+            dead_letter: None,
+        };
+        let mut b = Vec::new();
+        r.encode("main", &mut b);
+        let (c, back) = KafkaRecord::decode(&b).unwrap();
+        assert_eq!(c, "main");
+        assert_eq!(back, KafkaRecord { cluster: 0, mapping: 0, ..r });
+        assert!(KafkaRecord::decode(&b[..b.len() - 1]).is_err());
     }
 
     #[test]

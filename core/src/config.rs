@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use crate::bridge::{MappingConfig, Router};
+use crate::bridge::{Delivery, MappingConfig, Router};
 
 /// The commented default configuration printed by `sluice generate-config`.
 pub const DEFAULT_CONFIG_TOML: &str = include_str!("../../sluice.toml");
@@ -30,11 +30,22 @@ pub struct KafkaConfig {
     /// Records waiting for Kafka per shard beyond which the shard stops reading from publishing
     /// clients (MQTT flow control instead of unbounded memory).
     pub max_pending_records_per_shard: usize,
+    /// `kafka-ack` or `local-durable`: when QoS 1/2 publishes to bridged topics are acknowledged.
+    pub delivery: Delivery,
+    /// Spill log (local-durable): segment file size, and the most disk one shard may use.
+    pub spill_segment_bytes: u64,
+    pub spill_max_bytes_per_shard: u64,
 }
 
 impl Default for KafkaConfig {
     fn default() -> Self {
-        KafkaConfig { clusters: BTreeMap::new(), max_pending_records_per_shard: 100_000 }
+        KafkaConfig {
+            clusters: BTreeMap::new(),
+            max_pending_records_per_shard: 100_000,
+            delivery: Delivery::KafkaAck,
+            spill_segment_bytes: 64 << 20,
+            spill_max_bytes_per_shard: 4 << 30,
+        }
     }
 }
 
@@ -268,6 +279,14 @@ impl Config {
             if c.batch_bytes == 0 {
                 return err(&key("batch_bytes"), "must be at least 1");
             }
+        }
+        if self.kafka.spill_segment_bytes < 4096
+            || self.kafka.spill_max_bytes_per_shard < self.kafka.spill_segment_bytes
+        {
+            return err(
+                "kafka.spill_max_bytes_per_shard",
+                "segments must be at least 4096 bytes and the limit at least one segment",
+            );
         }
         let names: Vec<String> = self.kafka.clusters.keys().cloned().collect();
         Router::new(&self.mqtt_to_kafka, &names)

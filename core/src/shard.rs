@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
-use crate::bridge::{ProduceRequest, ProduceResult, Router};
+use crate::bridge::{Delivery as DeliveryMode, ProduceError, ProduceRequest, ProduceResult, Router};
 use crate::config::{Limits, QueueFullPolicy};
 use crate::packet::{
     self, reason, ConnAck, Connect, Disconnect, Packet, Properties, PubResp, Publish, SubAck, SubOptions, Subscribe,
@@ -336,7 +336,8 @@ pub struct Shard {
     /// Record id → the acknowledgement waiting for it.
     kafka_waiters: HashMap<u64, (ConnId, u64)>,
     /// Record id → its mapping, for per-mapping counters.
-    kafka_inflight_mapping: HashMap<u64, (u16, u16)>,
+    kafka_inflight_mapping: HashMap<u64, (u16, u16, bool)>,
+    delivery: DeliveryMode,
     kafka_pending: usize,
     max_pending_records: usize,
     /// Per (mapping, cluster).
@@ -404,6 +405,7 @@ impl Shard {
             next_produce_id: 0,
             kafka_waiters: HashMap::new(),
             kafka_inflight_mapping: HashMap::new(),
+            delivery: DeliveryMode::KafkaAck,
             kafka_pending: 0,
             max_pending_records: usize::MAX,
             mapping_stats: HashMap::new(),
@@ -413,7 +415,14 @@ impl Shard {
 
     /// Turns on the MQTT → Kafka bridge: messages matching `router` become produce requests in
     /// [`Effects::produce`], and QoS 1/2 acknowledgements wait for Kafka.
-    pub fn with_bridge(mut self, router: Router, max_pending_records: usize, wall_offset_ms: i64) -> Self {
+    pub fn with_bridge(
+        mut self,
+        router: Router,
+        delivery: DeliveryMode,
+        max_pending_records: usize,
+        wall_offset_ms: i64,
+    ) -> Self {
+        self.delivery = delivery;
         self.router = router;
         self.max_pending_records = max_pending_records.max(1);
         self.wall_offset_ms = wall_offset_ms;
@@ -1182,7 +1191,7 @@ impl Shard {
         let mut touched = Vec::new();
         for r in results {
             self.kafka_pending = self.kafka_pending.saturating_sub(1);
-            let (mapping, cluster) = self.kafka_inflight_mapping.remove(&r.id).unwrap_or((0, 0));
+            let (mapping, cluster, durable) = self.kafka_inflight_mapping.remove(&r.id).unwrap_or((0, 0, false));
             let ms = self.mapping_stats.entry((mapping, cluster)).or_default();
             ms.records_retried += u64::from(r.attempts.saturating_sub(1));
             ms.latency_us_sum += r.latency_us;
@@ -1209,20 +1218,41 @@ impl Shard {
                     }
                 }
             }
-            let Some((conn, seq)) = self.kafka_waiters.remove(&r.id) else { continue };
-            let Some(c) = self.conns.get_mut(&conn) else { continue };
-            let Some(a) = seq.checked_sub(c.acks_front_seq).and_then(|i| c.acks.get_mut(i as usize)) else { continue };
-            a.waiting = a.waiting.saturating_sub(1);
-            if let (Err(e), reason::SUCCESS) = (&r.outcome, a.code) {
-                a.code = e.reason_code();
+            // A durable record's publisher heard back when it reached the spill log.
+            if !durable {
+                self.resolve_waiter(r.id, &r.outcome, &mut touched);
             }
-            touched.push(conn);
         }
         touched.dedup();
         for conn in touched {
             self.flush_acks(conn);
         }
         self.run_local(now_ms);
+    }
+
+    /// `local-durable` records reached the spill log on disk (or could not: a full log). Their
+    /// publishers' acknowledgements may go out now.
+    pub fn on_durable(&mut self, ids: &[u64], outcome: Result<(), ProduceError>, now_ms: u64) {
+        let mut touched = Vec::new();
+        for id in ids {
+            self.resolve_waiter(*id, &outcome, &mut touched);
+        }
+        touched.dedup();
+        for conn in touched {
+            self.flush_acks(conn);
+        }
+        self.run_local(now_ms);
+    }
+
+    fn resolve_waiter(&mut self, id: u64, outcome: &Result<(), ProduceError>, touched: &mut Vec<ConnId>) {
+        let Some((conn, seq)) = self.kafka_waiters.remove(&id) else { return };
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        let Some(a) = seq.checked_sub(c.acks_front_seq).and_then(|i| c.acks.get_mut(i as usize)) else { return };
+        a.waiting = a.waiting.saturating_sub(1);
+        if let (Err(e), reason::SUCCESS) = (outcome, a.code) {
+            a.code = e.reason_code();
+        }
+        touched.push(conn);
     }
 
     /// Whether so many records wait for Kafka that this shard should stop reading publishers.
@@ -1387,9 +1417,10 @@ impl Shard {
             ms.bytes_in += msg.payload.len() as u64;
             self.next_produce_id += 1;
             let id = self.next_produce_id;
-            self.kafka_inflight_mapping.insert(id, (record.mapping, record.cluster));
+            let durable = self.delivery == DeliveryMode::LocalDurable && msg.qos > 0;
+            self.kafka_inflight_mapping.insert(id, (record.mapping, record.cluster, durable));
             self.kafka_pending += 1;
-            self.effects.produce.push(ProduceRequest { id, record });
+            self.effects.produce.push(ProduceRequest { id, record, durable });
             ids.push(id);
         }
         ids

@@ -21,7 +21,7 @@ mod worker;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use sluice_core::bridge::{partition_for_key, KafkaRecord, ProduceError, ProduceRequest, ProduceResult};
 use sluice_core::config::ClusterConfig;
@@ -144,18 +144,21 @@ async fn shard_task(
                     let _ = results.send(vec![ProduceResult::failed(req.id, ProduceError::TooLarge)]);
                 }
                 if let (Some(record), true) = (dead_letter_copy(&req.record, &ProduceError::TooLarge), report) {
-                    let _ = dl_tx.send(ProduceRequest { id: req.id, record });
+                    let _ = dl_tx.send(ProduceRequest { id: req.id, record, durable: false });
                 }
                 continue;
             }
             let enqueued = Instant::now();
-            let deadline = enqueued + cluster.delivery_timeout();
+            // A durable record is safe in the spill log and its publisher was answered: it is
+            // retried until Kafka takes it (a year stands in for "no deadline").
+            let timeout = if req.durable { Duration::from_secs(365 * 24 * 3600) } else { cluster.delivery_timeout() };
+            let deadline = enqueued + timeout;
             let partitions = match cluster.partitions(&req.record.topic, deadline).await {
                 Ok(n) => n,
                 Err(e) => {
                     if report {
                         if let Some(record) = dead_letter_copy(&req.record, &e) {
-                            let _ = dl_tx.send(ProduceRequest { id: req.id, record });
+                            let _ = dl_tx.send(ProduceRequest { id: req.id, record, durable: false });
                         }
                         let _ = results.send(vec![ProduceResult::failed(req.id, e)]);
                     }

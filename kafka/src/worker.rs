@@ -95,7 +95,7 @@ pub(crate) async fn run(
         for (i, outcome) in batch.into_iter().zip(outcomes) {
             if let (Err(e), true) = (&outcome, i.report) {
                 if let Some(record) = crate::dead_letter_copy(&i.req.record, e) {
-                    let _ = dead_letters.send(ProduceRequest { id: i.req.id, record });
+                    let _ = dead_letters.send(ProduceRequest { id: i.req.id, record, durable: false });
                 }
             }
             if i.report {

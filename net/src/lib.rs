@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::{LocalExecutorBuilder, Placement};
-use sluice_core::bridge::{MappingConfig, ProduceRequest, ProduceResult};
+use sluice_core::bridge::{Delivery, MappingConfig, ProduceRequest, ProduceResult};
 use sluice_core::config::Limits;
 use tokio::sync::mpsc;
 
@@ -34,6 +34,10 @@ pub struct BridgeSetup {
     /// Cluster names, in the order the records' `cluster` index uses.
     pub clusters: Vec<String>,
     pub max_pending_records_per_shard: usize,
+    pub delivery: Delivery,
+    /// Spill logs (local-durable) live in `spill_dir/shard-N`.
+    pub spill_dir: std::path::PathBuf,
+    pub spill: sluice_storage::LogOptions,
     /// Index = shard.
     pub links: Vec<KafkaLink>,
 }
@@ -85,7 +89,7 @@ pub fn run(
     let (mut links, bridge_cfg) = match bridge {
         Some(b) => {
             let links: Vec<_> = b.links.into_iter().map(Some).collect();
-            (links, Some((b.mappings, b.clusters, b.max_pending_records_per_shard)))
+            (links, Some((b.mappings, b.clusters, b.max_pending_records_per_shard, b.delivery, b.spill_dir, b.spill)))
         }
         None => (Vec::new(), None),
     };
@@ -103,13 +107,18 @@ pub fn run(
             sys_interval_ms: cfg.sys_interval_ms,
             epoch,
             bridge: match (&bridge_cfg, links.get_mut(shard_id).and_then(Option::take)) {
-                (Some((mappings, clusters, max_pending)), Some((requests, results))) => Some(shard::ShardBridge {
-                    mappings: mappings.clone(),
-                    clusters: clusters.clone(),
-                    max_pending: *max_pending,
-                    requests,
-                    results,
-                }),
+                (Some((mappings, clusters, max_pending, delivery, spill_dir, spill)), Some((requests, results))) => {
+                    Some(shard::ShardBridge {
+                        mappings: mappings.clone(),
+                        clusters: clusters.clone(),
+                        max_pending: *max_pending,
+                        delivery: *delivery,
+                        spill: (*delivery == Delivery::LocalDurable)
+                            .then(|| (spill_dir.join(format!("shard-{shard_id}")), *spill)),
+                        requests,
+                        results,
+                    })
+                }
                 _ => None,
             },
         };

@@ -8,7 +8,7 @@
 //! sender task per peer ships — one channel operation per batch, not per message.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,7 +19,7 @@ use bytes::BytesMut;
 use futures_lite::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
 use glommio::net::{TcpListener, TcpStream};
-use sluice_core::bridge::{MappingConfig, ProduceRequest, ProduceResult, Router};
+use sluice_core::bridge::{Delivery, KafkaRecord, MappingConfig, ProduceError, ProduceRequest, ProduceResult, Router};
 use sluice_core::config::Limits;
 use sluice_core::shard::{ConnId, Shard, ShardMsg};
 use tokio::sync::mpsc;
@@ -42,8 +42,27 @@ pub(crate) struct ShardBridge {
     pub mappings: Vec<MappingConfig>,
     pub clusters: Vec<String>,
     pub max_pending: usize,
+    pub delivery: Delivery,
+    /// The spill log's directory and options, for `local-durable`.
+    pub spill: Option<(std::path::PathBuf, sluice_storage::LogOptions)>,
     pub requests: mpsc::Sender<Vec<ProduceRequest>>,
     pub results: mpsc::UnboundedReceiver<Vec<ProduceResult>>,
+}
+
+/// Ids of records replayed from the spill log: outside the state machine's id space, so their
+/// results confirm the log and go no further.
+const REPLAY_ID: u64 = 1 << 63;
+
+/// This shard's spill log (local-durable delivery) and what it is waiting for.
+struct Spill {
+    log: RefCell<sluice_storage::Log>,
+    clusters: Vec<String>,
+    /// Record id → its sequence number in the log, until Kafka answers.
+    seq_of: RefCell<HashMap<u64, u64>>,
+    /// Appended, not yet covered by a group commit: (id, seq), in order.
+    awaiting_sync: RefCell<VecDeque<(u64, u64)>>,
+    sync_ready: Notify,
+    last_cursor_write: Cell<Option<Instant>>,
 }
 
 /// Messages waiting for one peer shard beyond which this shard stops reading its sockets until
@@ -72,6 +91,7 @@ struct Core {
     /// Records for Kafka since the last hand-over, and the flag that wakes the task handing over.
     kafka_outbox: RefCell<Vec<ProduceRequest>>,
     kafka_ready: Notify,
+    spill: Option<Spill>,
     epoch: Instant,
 }
 
@@ -91,8 +111,27 @@ impl Core {
             tracing::warn!("{w}");
         }
         if !fx.produce.is_empty() {
-            self.kafka_outbox.borrow_mut().append(&mut fx.produce);
-            self.kafka_ready.notify();
+            let mut refused = Vec::new();
+            if let Some(spill) = &self.spill {
+                fx.produce.retain(|req| !req.durable || spill.append(req, &mut refused));
+            }
+            if !fx.produce.is_empty() {
+                self.kafka_outbox.borrow_mut().append(&mut fx.produce);
+                self.kafka_ready.notify();
+            }
+            if !refused.is_empty() {
+                // Not on disk, so not acknowledged and not sent: the publisher hears 0x97.
+                let now = self.now_ms();
+                let mut shard = self.shard.borrow_mut();
+                shard.on_durable(&refused, Err(ProduceError::SpillFull), now);
+                shard.on_produce_results(
+                    refused.iter().map(|id| ProduceResult::failed(*id, ProduceError::SpillFull)),
+                    now,
+                );
+                drop(shard);
+                self.dispatch();
+                return;
+            }
         }
         if fx.dirty.is_empty() && fx.close.is_empty() && fx.to_shards.is_empty() {
             return;
@@ -117,6 +156,130 @@ impl Core {
     }
 }
 
+impl Spill {
+    /// Appends a durable record; false (and its id in `refused`) when the log is full.
+    fn append(&self, req: &ProduceRequest, refused: &mut Vec<u64>) -> bool {
+        let cluster = self.clusters.get(usize::from(req.record.cluster)).map_or("", String::as_str);
+        let mut buf = Vec::with_capacity(req.record.size() + 64);
+        req.record.encode(cluster, &mut buf);
+        match self.log.borrow_mut().append(&buf, req.record.timestamp_ms) {
+            Ok(seq) => {
+                self.seq_of.borrow_mut().insert(req.id, seq);
+                self.awaiting_sync.borrow_mut().push_back((req.id, seq));
+                self.sync_ready.notify();
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "spill log refused a record");
+                refused.push(req.id);
+                false
+            }
+        }
+    }
+
+    /// Kafka answered `id`: its log entry is delivered (or refused for good) either way.
+    fn confirm(&self, id: u64) {
+        if let Some(seq) = self.seq_of.borrow_mut().remove(&id) {
+            if let Err(e) = self.log.borrow_mut().confirm(seq) {
+                tracing::warn!(error = %e, "spill log: deleting a confirmed segment failed");
+            }
+        }
+    }
+}
+
+/// Group commit: one msync (on a blocking thread) for everything appended since the last, then
+/// the publishers of those records get their acknowledgements.
+async fn group_commit(core: Rc<Core>) {
+    let spill = core.spill.as_ref().unwrap();
+    loop {
+        spill.sync_ready.notified().await;
+        let job = spill.log.borrow_mut().sync_job();
+        let durable_below = job.durable_below;
+        let outcome = if job.is_empty() {
+            Ok(())
+        } else {
+            match glommio::executor().spawn_blocking(move || job.run()).await {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    tracing::error!(error = %e, "spill log: msync failed; refusing the records it covered");
+                    Err(ProduceError::SpillFull)
+                }
+            }
+        };
+        spill.log.borrow_mut().synced(durable_below);
+        let mut ids = Vec::new();
+        {
+            let mut waiting = spill.awaiting_sync.borrow_mut();
+            while waiting.front().is_some_and(|(_, seq)| *seq < durable_below) {
+                ids.push(waiting.pop_front().unwrap().0);
+            }
+            if !waiting.is_empty() {
+                spill.sync_ready.notify();
+            }
+        }
+        let now = core.now_ms();
+        core.shard.borrow_mut().on_durable(&ids, outcome, now);
+        core.dispatch();
+        // The delivery cursor, at most every 100 ms: a stale one only replays a few records.
+        if spill.last_cursor_write.get().is_none_or(|t| t.elapsed() >= Duration::from_millis(100)) {
+            spill.last_cursor_write.set(Some(Instant::now()));
+            if let Err(e) = spill.log.borrow_mut().persist_cursor() {
+                tracing::warn!(error = %e, "spill log: writing the cursor failed");
+            }
+        }
+    }
+}
+
+/// Opens the spill log and turns what it holds unconfirmed into produce requests to replay.
+fn open_spill(
+    dir: &std::path::Path,
+    opts: sluice_storage::LogOptions,
+    clusters: &[String],
+    shard: usize,
+) -> Result<(Spill, Vec<ProduceRequest>), String> {
+    let (mut log, recovered) =
+        sluice_storage::Log::open(dir, opts).map_err(|e| format!("shard {shard}: opening the spill log: {e}"))?;
+    if let Some(t) = &recovered.truncation {
+        tracing::warn!(shard, segment = %t.segment.display(), offset = t.offset, dropped_bytes = t.dropped_bytes,
+            reason = %t.reason, "spill log: damaged record found; everything before it is kept");
+    }
+    let mut replay = Vec::new();
+    let seq_of = RefCell::new(HashMap::new());
+    for (n, r) in recovered.records.into_iter().enumerate() {
+        let decoded = KafkaRecord::decode(&r.payload).ok().and_then(|(cluster, mut rec)| {
+            rec.cluster = clusters.iter().position(|c| *c == cluster)? as u16;
+            Some(rec)
+        });
+        match decoded {
+            Some(record) => {
+                let id = REPLAY_ID | n as u64;
+                seq_of.borrow_mut().insert(id, r.seq);
+                replay.push(ProduceRequest { id, record, durable: true });
+            }
+            None => {
+                tracing::warn!(
+                    shard,
+                    seq = r.seq,
+                    "spill log: record for an unknown cluster (config changed?); dropped"
+                );
+                let _ = log.confirm(r.seq);
+            }
+        }
+    }
+    if !replay.is_empty() {
+        tracing::info!(shard, records = replay.len(), "spill log: replaying records not yet confirmed by Kafka");
+    }
+    let spill = Spill {
+        log: RefCell::new(log),
+        clusters: clusters.to_vec(),
+        seq_of,
+        awaiting_sync: RefCell::new(VecDeque::new()),
+        sync_ready: Notify::default(),
+        last_cursor_write: Cell::new(None),
+    };
+    Ok((spill, replay))
+}
+
 pub(crate) async fn run_shard(
     cfg: ShardConfig,
     mesh: MeshBuilder<Vec<ShardMsg>, Full>,
@@ -134,13 +297,20 @@ pub(crate) async fn run_shard(
     let now0 = cfg.epoch.elapsed().as_millis() as u64;
     let mut shard = Shard::new(cfg.id, cfg.n_shards, cfg.limits, now0);
     let mut kafka_link = None;
+    let mut spill = None;
+    let mut replay = Vec::new();
     if let Some(b) = cfg.bridge {
         let router = Router::new(&b.mappings, &b.clusters)?;
         let unix_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)
             .unwrap_or(0);
-        shard = shard.with_bridge(router, b.max_pending, unix_ms - cfg.epoch.elapsed().as_millis() as i64);
+        shard = shard.with_bridge(router, b.delivery, b.max_pending, unix_ms - cfg.epoch.elapsed().as_millis() as i64);
+        if let Some((dir, opts)) = &b.spill {
+            let (s, r) = open_spill(dir, *opts, &b.clusters, cfg.id)?;
+            spill = Some(s);
+            replay = r;
+        }
         kafka_link = Some((b.requests, b.results));
     }
     let core = Rc::new(Core {
@@ -148,10 +318,17 @@ pub(crate) async fn run_shard(
         conns: RefCell::new(HashMap::new()),
         outbox: RefCell::new((0..cfg.n_shards).map(|_| Vec::new()).collect()),
         outbox_ready: (0..cfg.n_shards).map(|_| Rc::new(Notify::default())).collect(),
-        kafka_outbox: RefCell::new(Vec::new()),
+        kafka_outbox: RefCell::new(replay),
         kafka_ready: Notify::default(),
+        spill,
         epoch: cfg.epoch,
     });
+    if core.spill.is_some() {
+        glommio::spawn_local(group_commit(core.clone())).detach();
+    }
+    if !core.kafka_outbox.borrow().is_empty() {
+        core.kafka_ready.notify();
+    }
 
     // The Kafka link: one task hands batches of records over, one takes results back.
     if let Some((requests, mut results)) = kafka_link {
@@ -168,7 +345,13 @@ pub(crate) async fn run_shard(
         .detach();
         let c = core.clone();
         glommio::spawn_local(async move {
-            while let Some(batch) = results.recv().await {
+            while let Some(mut batch) = results.recv().await {
+                if let Some(spill) = &c.spill {
+                    for r in &batch {
+                        spill.confirm(r.id);
+                    }
+                    batch.retain(|r| r.id & REPLAY_ID == 0);
+                }
                 let now = c.now_ms();
                 c.shard.borrow_mut().on_produce_results(batch, now);
                 c.dispatch();

@@ -27,8 +27,9 @@ def sluice_bin():
 
 
 class Broker:
-    def __init__(self, *extra, cores=2):
-        self.data_dir = tempfile.mkdtemp(prefix="sluice-py-")
+    def __init__(self, *extra, cores=2, data_dir=None):
+        self.keep_data = data_dir is not None
+        self.data_dir = data_dir or tempfile.mkdtemp(prefix="sluice-py-")
         args = [sluice_bin(), "--listen", "127.0.0.1:0", "--cores", str(cores), "--print-listen",
                 "--data-dir", self.data_dir]
         for _ in range(cores):
@@ -57,6 +58,11 @@ class Broker:
     def port(self):
         return self.addr[1]
 
+    def kill(self):
+        """SIGKILL: no clean shutdown, nothing flushed beyond what the broker already made durable."""
+        self.proc.kill()
+        self.proc.wait()
+
     def stop(self):
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -65,7 +71,8 @@ class Broker:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        shutil.rmtree(self.data_dir, ignore_errors=True)
+        if not self.keep_data:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
 def parse(hostport):
@@ -243,11 +250,11 @@ def kafka():
     t.stop()
 
 
-def broker_with(*args, cores=2, config=None):
+def broker_with(*args, cores=2, config=None, data_dir=None):
     extra = list(args)
     if config is not None:
         f = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False)
         f.write(config)
         f.close()
         extra += ["--config", f.name]
-    return Broker(*extra, cores=cores)
+    return Broker(*extra, cores=cores, data_dir=data_dir)
