@@ -343,6 +343,7 @@ pub struct Shard {
     /// Per (mapping, cluster).
     mapping_stats: HashMap<(u16, u16), MappingStats>,
     logged_failures: HashSet<(u16, &'static str)>,
+    spill_stats: Option<(u64, u64, u64)>,
 }
 
 /// How often shards exchange their counters.
@@ -410,6 +411,7 @@ impl Shard {
             max_pending_records: usize::MAX,
             mapping_stats: HashMap::new(),
             logged_failures: HashSet::new(),
+            spill_stats: None,
         }
     }
 
@@ -1190,8 +1192,10 @@ impl Shard {
     pub fn on_produce_results(&mut self, results: impl IntoIterator<Item = ProduceResult>, now_ms: u64) {
         let mut touched = Vec::new();
         for r in results {
-            self.kafka_pending = self.kafka_pending.saturating_sub(1);
             let (mapping, cluster, durable) = self.kafka_inflight_mapping.remove(&r.id).unwrap_or((0, 0, false));
+            if !durable {
+                self.kafka_pending = self.kafka_pending.saturating_sub(1);
+            }
             let ms = self.mapping_stats.entry((mapping, cluster)).or_default();
             ms.records_retried += u64::from(r.attempts.saturating_sub(1));
             ms.latency_us_sum += r.latency_us;
@@ -1228,6 +1232,19 @@ impl Shard {
             self.flush_acks(conn);
         }
         self.run_local(now_ms);
+    }
+
+    /// `local-durable` records that stay on disk behind a backlog: the net layer replays them to
+    /// Kafka itself, so this state machine stops counting them as pending.
+    pub fn on_spilled(&mut self, ids: &[u64]) {
+        for id in ids {
+            self.kafka_inflight_mapping.remove(id);
+        }
+    }
+
+    /// Counters of the spill log, published under `$SYS/broker/shard/N/spill/`.
+    pub fn set_spill_stats(&mut self, backlog: u64, disk_bytes: u64, replayed: u64) {
+        self.spill_stats = Some((backlog, disk_bytes, replayed));
     }
 
     /// `local-durable` records reached the spill log on disk (or could not: a full log). Their
@@ -1419,7 +1436,10 @@ impl Shard {
             let id = self.next_produce_id;
             let durable = self.delivery == DeliveryMode::LocalDurable && msg.qos > 0;
             self.kafka_inflight_mapping.insert(id, (record.mapping, record.cluster, durable));
-            self.kafka_pending += 1;
+            // Durable records are bounded by the spill log (disk), not by memory here.
+            if !durable {
+                self.kafka_pending += 1;
+            }
             self.effects.produce.push(ProduceRequest { id, record, durable });
             ids.push(id);
         }
@@ -1785,6 +1805,11 @@ impl Shard {
             ] {
                 values.push((format!("$SYS/broker/shard/{}/kafka/{name}/{cluster}/{field}", self.id), v.to_string()));
             }
+        }
+        if let Some((backlog, disk, replayed)) = self.spill_stats {
+            values.push((format!("$SYS/broker/shard/{}/spill/records", self.id), backlog.to_string()));
+            values.push((format!("$SYS/broker/shard/{}/spill/disk_bytes", self.id), disk.to_string()));
+            values.push((format!("$SYS/broker/shard/{}/spill/replayed", self.id), replayed.to_string()));
         }
         if !self.router.is_empty() {
             values.push((format!("$SYS/broker/shard/{}/kafka/pending", self.id), self.kafka_pending.to_string()));

@@ -63,6 +63,14 @@ struct Spill {
     awaiting_sync: RefCell<VecDeque<(u64, u64)>>,
     sync_ready: Notify,
     last_cursor_write: Cell<Option<Instant>>,
+    /// Durable records handed to Kafka and not answered yet, and the most there may be; records
+    /// beyond wait on disk only and are read back (`refill`) as answers come in.
+    handed: Cell<usize>,
+    max_handed: usize,
+    /// Log sequence number of the first record not yet handed to Kafka.
+    next_unsent: Cell<u64>,
+    next_replay_id: Cell<u64>,
+    replayed: Cell<u64>,
 }
 
 /// Messages waiting for one peer shard beyond which this shard stops reading its sockets until
@@ -112,8 +120,13 @@ impl Core {
         }
         if !fx.produce.is_empty() {
             let mut refused = Vec::new();
+            let mut spilled = Vec::new();
             if let Some(spill) = &self.spill {
-                fx.produce.retain(|req| !req.durable || spill.append(req, &mut refused));
+                fx.produce.retain(|req| !req.durable || spill.append(req, &mut refused, &mut spilled));
+            }
+            if !spilled.is_empty() {
+                // On disk only for now; they come back through `refill` under replay ids.
+                self.shard.borrow_mut().on_spilled(&spilled);
             }
             if !fx.produce.is_empty() {
                 self.kafka_outbox.borrow_mut().append(&mut fx.produce);
@@ -157,31 +170,76 @@ impl Core {
 }
 
 impl Spill {
-    /// Appends a durable record; false (and its id in `refused`) when the log is full.
-    fn append(&self, req: &ProduceRequest, refused: &mut Vec<u64>) -> bool {
+    /// Appends a durable record. Returns whether to hand it to Kafka now: false when it was
+    /// refused (`refused`: the log is full) or left on disk behind a backlog (`spilled`).
+    fn append(&self, req: &ProduceRequest, refused: &mut Vec<u64>, spilled: &mut Vec<u64>) -> bool {
         let cluster = self.clusters.get(usize::from(req.record.cluster)).map_or("", String::as_str);
         let mut buf = Vec::with_capacity(req.record.size() + 64);
         req.record.encode(cluster, &mut buf);
-        match self.log.borrow_mut().append(&buf, req.record.timestamp_ms) {
-            Ok(seq) => {
-                self.seq_of.borrow_mut().insert(req.id, seq);
-                self.awaiting_sync.borrow_mut().push_back((req.id, seq));
-                self.sync_ready.notify();
-                true
-            }
+        let seq = match self.log.borrow_mut().append(&buf, req.record.timestamp_ms) {
+            Ok(seq) => seq,
             Err(e) => {
                 tracing::warn!(error = %e, "spill log refused a record");
                 refused.push(req.id);
-                false
+                return false;
             }
+        };
+        self.awaiting_sync.borrow_mut().push_back((req.id, seq));
+        self.sync_ready.notify();
+        // Straight to Kafka only when nothing older waits on disk (order) and there is room.
+        if self.next_unsent.get() == seq && self.handed.get() < self.max_handed {
+            self.next_unsent.set(seq + 1);
+            self.handed.set(self.handed.get() + 1);
+            self.seq_of.borrow_mut().insert(req.id, seq);
+            true
+        } else {
+            spilled.push(req.id);
+            false
         }
     }
 
     /// Kafka answered `id`: its log entry is delivered (or refused for good) either way.
     fn confirm(&self, id: u64) {
         if let Some(seq) = self.seq_of.borrow_mut().remove(&id) {
+            self.handed.set(self.handed.get().saturating_sub(1));
             if let Err(e) = self.log.borrow_mut().confirm(seq) {
                 tracing::warn!(error = %e, "spill log: deleting a confirmed segment failed");
+            }
+        }
+    }
+
+    /// Reads records waiting on disk back into produce requests while Kafka has room for them.
+    fn refill(&self) -> Vec<ProduceRequest> {
+        let mut out = Vec::new();
+        loop {
+            let room = self.max_handed.saturating_sub(self.handed.get());
+            let next = self.next_unsent.get();
+            if room == 0 || next >= self.log.borrow().next_seq() {
+                return out;
+            }
+            let records = self.log.borrow().read_from(next, room.min(4096));
+            let Some(last) = records.last() else {
+                // Everything from `next` on was confirmed meanwhile.
+                self.next_unsent.set(self.log.borrow().next_seq());
+                return out;
+            };
+            self.next_unsent.set(last.seq + 1);
+            for r in records {
+                let decoded = KafkaRecord::decode(&r.payload).ok().and_then(|(cluster, mut rec)| {
+                    rec.cluster = self.clusters.iter().position(|c| *c == cluster)? as u16;
+                    Some(rec)
+                });
+                let Some(record) = decoded else {
+                    tracing::warn!(seq = r.seq, "spill log: record for an unknown cluster (config changed?); dropped");
+                    let _ = self.log.borrow_mut().confirm(r.seq);
+                    continue;
+                };
+                let id = REPLAY_ID | self.next_replay_id.get();
+                self.next_replay_id.set(self.next_replay_id.get() + 1);
+                self.seq_of.borrow_mut().insert(id, r.seq);
+                self.handed.set(self.handed.get() + 1);
+                self.replayed.set(self.replayed.get() + 1);
+                out.push(ProduceRequest { id, record, durable: true });
             }
         }
     }
@@ -230,54 +288,37 @@ async fn group_commit(core: Rc<Core>) {
     }
 }
 
-/// Opens the spill log and turns what it holds unconfirmed into produce requests to replay.
+/// Opens the spill log; what it holds unconfirmed is replayed through `Spill::refill`.
 fn open_spill(
     dir: &std::path::Path,
     opts: sluice_storage::LogOptions,
     clusters: &[String],
+    max_handed: usize,
     shard: usize,
-) -> Result<(Spill, Vec<ProduceRequest>), String> {
-    let (mut log, recovered) =
-        sluice_storage::Log::open(dir, opts).map_err(|e| format!("shard {shard}: opening the spill log: {e}"))?;
+) -> Result<Spill, String> {
+    let (log, recovered) =
+        sluice_storage::Log::open_lazy(dir, opts).map_err(|e| format!("shard {shard}: opening the spill log: {e}"))?;
     if let Some(t) = &recovered.truncation {
         tracing::warn!(shard, segment = %t.segment.display(), offset = t.offset, dropped_bytes = t.dropped_bytes,
             reason = %t.reason, "spill log: damaged record found; everything before it is kept");
     }
-    let mut replay = Vec::new();
-    let seq_of = RefCell::new(HashMap::new());
-    for (n, r) in recovered.records.into_iter().enumerate() {
-        let decoded = KafkaRecord::decode(&r.payload).ok().and_then(|(cluster, mut rec)| {
-            rec.cluster = clusters.iter().position(|c| *c == cluster)? as u16;
-            Some(rec)
-        });
-        match decoded {
-            Some(record) => {
-                let id = REPLAY_ID | n as u64;
-                seq_of.borrow_mut().insert(id, r.seq);
-                replay.push(ProduceRequest { id, record, durable: true });
-            }
-            None => {
-                tracing::warn!(
-                    shard,
-                    seq = r.seq,
-                    "spill log: record for an unknown cluster (config changed?); dropped"
-                );
-                let _ = log.confirm(r.seq);
-            }
-        }
+    let backlog = log.unconfirmed();
+    if backlog > 0 {
+        tracing::info!(shard, records = backlog, "spill log: replaying records not yet confirmed by Kafka");
     }
-    if !replay.is_empty() {
-        tracing::info!(shard, records = replay.len(), "spill log: replaying records not yet confirmed by Kafka");
-    }
-    let spill = Spill {
+    Ok(Spill {
         log: RefCell::new(log),
         clusters: clusters.to_vec(),
-        seq_of,
+        seq_of: RefCell::new(HashMap::new()),
         awaiting_sync: RefCell::new(VecDeque::new()),
         sync_ready: Notify::default(),
         last_cursor_write: Cell::new(None),
-    };
-    Ok((spill, replay))
+        handed: Cell::new(0),
+        max_handed: max_handed.max(1),
+        next_unsent: Cell::new(recovered.first_unconfirmed),
+        next_replay_id: Cell::new(0),
+        replayed: Cell::new(0),
+    })
 }
 
 pub(crate) async fn run_shard(
@@ -298,7 +339,6 @@ pub(crate) async fn run_shard(
     let mut shard = Shard::new(cfg.id, cfg.n_shards, cfg.limits, now0);
     let mut kafka_link = None;
     let mut spill = None;
-    let mut replay = Vec::new();
     if let Some(b) = cfg.bridge {
         let router = Router::new(&b.mappings, &b.clusters)?;
         let unix_ms = std::time::SystemTime::now()
@@ -307,9 +347,7 @@ pub(crate) async fn run_shard(
             .unwrap_or(0);
         shard = shard.with_bridge(router, b.delivery, b.max_pending, unix_ms - cfg.epoch.elapsed().as_millis() as i64);
         if let Some((dir, opts)) = &b.spill {
-            let (s, r) = open_spill(dir, *opts, &b.clusters, cfg.id)?;
-            spill = Some(s);
-            replay = r;
+            spill = Some(open_spill(dir, *opts, &b.clusters, b.max_pending, cfg.id)?);
         }
         kafka_link = Some((b.requests, b.results));
     }
@@ -318,15 +356,14 @@ pub(crate) async fn run_shard(
         conns: RefCell::new(HashMap::new()),
         outbox: RefCell::new((0..cfg.n_shards).map(|_| Vec::new()).collect()),
         outbox_ready: (0..cfg.n_shards).map(|_| Rc::new(Notify::default())).collect(),
-        kafka_outbox: RefCell::new(replay),
+        kafka_outbox: RefCell::new(Vec::new()),
         kafka_ready: Notify::default(),
         spill,
         epoch: cfg.epoch,
     });
-    if core.spill.is_some() {
+    if let Some(spill) = &core.spill {
         glommio::spawn_local(group_commit(core.clone())).detach();
-    }
-    if !core.kafka_outbox.borrow().is_empty() {
+        core.kafka_outbox.borrow_mut().extend(spill.refill());
         core.kafka_ready.notify();
     }
 
@@ -351,6 +388,11 @@ pub(crate) async fn run_shard(
                         spill.confirm(r.id);
                     }
                     batch.retain(|r| r.id & REPLAY_ID == 0);
+                    let more = spill.refill();
+                    if !more.is_empty() {
+                        c.kafka_outbox.borrow_mut().extend(more);
+                        c.kafka_ready.notify();
+                    }
                 }
                 let now = c.now_ms();
                 c.shard.borrow_mut().on_produce_results(batch, now);
@@ -410,6 +452,12 @@ pub(crate) async fn run_shard(
                     break;
                 }
                 let now = core.now_ms();
+                if let Some(spill) = &core.spill {
+                    let log = spill.log.borrow();
+                    let stats = (log.unconfirmed(), log.disk_bytes(), spill.replayed.get());
+                    drop(log);
+                    core.shard.borrow_mut().set_spill_stats(stats.0, stats.1, stats.2);
+                }
                 core.shard.borrow_mut().tick(now, sys);
                 core.dispatch();
             }

@@ -95,8 +95,11 @@ pub struct Truncation {
 /// What [`Log::open`] found: the unconfirmed records, in order, to replay; and any damage.
 #[derive(Debug, Default)]
 pub struct Recovered {
+    /// Empty from [`Log::open_lazy`], which leaves them on disk for [`Log::read_from`].
     pub records: Vec<Record>,
     pub truncation: Option<Truncation>,
+    /// Sequence number of the first unconfirmed record (replay starts here).
+    pub first_unconfirmed: u64,
 }
 
 struct Segment {
@@ -108,6 +111,8 @@ struct Segment {
     synced_pos: u64,
     /// Sequence number of its last record, if any.
     last_seq: Option<u64>,
+    /// A known record boundary `(seq, offset)`, so sequential reads do not rescan the segment.
+    read_hint: std::cell::Cell<(u64, u64)>,
 }
 
 impl Segment {
@@ -174,9 +179,19 @@ fn frame_crc(seq: u64, ts: i64, payload: &[u8]) -> u32 {
 }
 
 impl Log {
-    /// Opens (or creates) the log in `dir`, recovering what is there.
+    /// Opens (or creates) the log in `dir`, recovering what is there and returning the
+    /// unconfirmed records.
     pub fn open(dir: impl Into<PathBuf>, opts: LogOptions) -> Result<(Log, Recovered), LogError> {
-        let dir = dir.into();
+        Self::open_inner(dir.into(), opts, true)
+    }
+
+    /// Like [`Log::open`], but validates without collecting: a big backlog stays on disk and is
+    /// read with [`Log::read_from`] as it is replayed.
+    pub fn open_lazy(dir: impl Into<PathBuf>, opts: LogOptions) -> Result<(Log, Recovered), LogError> {
+        Self::open_inner(dir.into(), opts, false)
+    }
+
+    fn open_inner(dir: PathBuf, opts: LogOptions, collect: bool) -> Result<(Log, Recovered), LogError> {
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         let confirmed_below = read_cursor(&dir)?;
         let mut bases: Vec<u64> = std::fs::read_dir(&dir)
@@ -223,7 +238,8 @@ impl Log {
                 std::fs::remove_file(&path).map_err(io_err(&path))?;
                 continue;
             }
-            let (end, last, damage) = scan(&seg, base, confirmed_below, &mut recovered.records);
+            let keep_from = if collect { confirmed_below } else { u64::MAX };
+            let (end, last, damage) = scan(&seg, base, keep_from, &mut recovered.records);
             seg.write_pos = end;
             seg.synced_pos = end;
             seg.last_seq = last;
@@ -242,6 +258,11 @@ impl Log {
         }
         log.durable_below = log.next_seq;
         log.confirmed_below = log.confirmed_below.min(log.next_seq);
+        // Records below the first surviving segment are gone (deleted once confirmed).
+        if let Some(first) = log.segments.front() {
+            log.confirmed_below = log.confirmed_below.max(first.base_seq);
+        }
+        recovered.first_unconfirmed = log.confirmed_below;
         log.drop_confirmed_segments()?;
         Ok((log, recovered))
     }
@@ -382,22 +403,41 @@ impl Log {
     }
 
     /// The unconfirmed records from `from` on, in order (replay after an outage).
+    ///
+    /// Each record's CRC is checked again on the way out; a record that no longer matches stops
+    /// the read there (it was valid when written or recovered, so this means the disk changed).
     pub fn read_from(&self, from: u64, max: usize) -> Vec<Record> {
         let mut out = Vec::new();
+        let from = from.max(self.confirmed_below);
         for s in &self.segments {
             if s.last_seq.is_none_or(|l| l < from) {
                 continue;
             }
-            let mut recs = Vec::new();
-            scan(s, s.base_seq, from, &mut recs);
-            for r in recs {
-                if !self.confirmed_above.contains(&r.seq) && r.seq >= self.confirmed_below {
-                    out.push(r);
-                    if out.len() >= max {
+            let bytes = s.bytes();
+            let (mut seq, mut pos) = match s.read_hint.get() {
+                (hs, ho) if hs <= from && hs >= s.base_seq => (hs, ho as usize),
+                _ => (s.base_seq, 0),
+            };
+            while (pos as u64) < s.write_pos {
+                let len = u32::from_le_bytes(bytes[pos..pos + 4].try_into().unwrap()) as usize;
+                let crc = u32::from_le_bytes(bytes[pos + 4..pos + 8].try_into().unwrap());
+                let ts = i64::from_le_bytes(bytes[pos + 16..pos + 24].try_into().unwrap());
+                let start = pos + HEADER_BYTES as usize;
+                let payload = &bytes[start..start + len];
+                if seq >= from && !self.confirmed_above.contains(&seq) {
+                    if frame_crc(seq, ts, payload) != crc {
                         return out;
                     }
+                    out.push(Record { seq, timestamp_ms: ts, payload: payload.to_vec() });
+                }
+                pos = start + len;
+                seq += 1;
+                if out.len() >= max {
+                    s.read_hint.set((seq, pos as u64));
+                    return out;
                 }
             }
+            s.read_hint.set((seq, pos as u64));
         }
         out
     }
@@ -433,6 +473,7 @@ fn map_segment(path: &Path, base: u64) -> Result<Segment, LogError> {
         write_pos: 0,
         synced_pos: 0,
         last_seq: None,
+        read_hint: std::cell::Cell::new((base, 0)),
     })
 }
 
@@ -585,6 +626,15 @@ mod tests {
         log.confirm(3).unwrap();
         let got: Vec<u64> = log.read_from(2, 5).iter().map(|r| r.seq).collect();
         assert_eq!(got, vec![2, 4, 5, 6, 7]);
+        // Sequential reads continue from the hint, across segments.
+        let next: Vec<u64> = log.read_from(8, 100).iter().map(|r| r.seq).collect();
+        assert_eq!(next, (8..30).collect::<Vec<_>>());
+        assert!(log.read_from(2, 100).iter().all(|r| r.payload == payload(r.seq)));
+        drop(log);
+        let (lazy, rec) = Log::open_lazy(dir.path(), opts(512, 1 << 20)).unwrap();
+        assert!(rec.records.is_empty());
+        assert_eq!(rec.first_unconfirmed, 0, "the cursor was never persisted");
+        assert_eq!(lazy.read_from(0, 3).iter().map(|r| r.seq).collect::<Vec<_>>(), vec![0, 1, 2]);
     }
 
     mod prop {

@@ -68,3 +68,71 @@ def test_acknowledged_messages_survive_sigkill_and_replay(kafka, paho):
         assert first_seen == acked, "every acknowledged message, in order, after the restart"
     finally:
         b2.stop()
+
+
+def test_outage_longer_than_memory_spills_to_disk_and_drains(kafka, paho):
+    """Kafka paused while 4 publishers send QoS 1 flat out; with room for only 200 records in
+    flight per shard the rest waits on disk. After the pause every acknowledged message is in
+    Kafka, in order per topic, and the spill backlog returns to zero."""
+    import threading
+    topic = topic_name("outage")
+    kafka.create_topic(topic, partitions=4)
+    config = f"""
+[kafka]
+delivery = "local-durable"
+max_pending_records_per_shard = 200
+
+[kafka.clusters.default]
+bootstrap = ["{kafka.bootstrap}"]
+
+[[mqtt_to_kafka]]
+name = "outage"
+filters = ["o/#"]
+destinations = [{{ cluster = "default", topic = "{topic}" }}]
+"""
+    b = broker_with("--sys-interval", "1", config=config)
+    try:
+        pubs = [paho(b.shard(i % 2), f"outage-{i}") for i in range(4)]
+        pubs[0].publish("o/warm", b"w", 1)
+        acked = {i: [] for i in range(4)}
+        stop = threading.Event()
+
+        def run(i):
+            n = 0
+            while not stop.is_set():
+                info = pubs[i].c.publish(f"o/{i}", f"{i}:{n}".encode(), 1)
+                info.wait_for_publish(WAIT)
+                assert info.is_published()
+                acked[i].append(f"{i}:{n}".encode())
+                n += 1
+        kafka.pause()
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+        try:
+            for t in threads:
+                t.start()
+            deadline = time.monotonic() + 30
+            while sum(len(v) for v in acked.values()) < 2000 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+            kafka.resume()
+        total = sum(len(v) for v in acked.values())
+        assert total >= 2000, f"only {total} acknowledged while Kafka was paused"
+        got = kafka.consume(topic, total + 1, timeout=60)
+        for i in range(4):
+            per_topic = [m.value() for m in got if m.key() == f"o/{i}".encode()]
+            assert list(dict.fromkeys(per_topic)) == acked[i], f"publisher {i}: order or loss"
+        watch = paho(b.shard(0), "spill-watch")
+        for shard in (0, 1):
+            watch.subscribe(f"$SYS/broker/shard/{shard}/spill/records", 0)
+        zero = set()
+        deadline = time.monotonic() + 20
+        while zero != {0, 1} and time.monotonic() < deadline:
+            m = watch.message()
+            if m.payload == b"0":
+                zero.add(int(m.topic.split("/")[3]))
+        assert zero == {0, 1}, "spill backlog did not return to zero"
+    finally:
+        b.stop()
