@@ -136,3 +136,52 @@ destinations = [{{ cluster = "default", topic = "{topic}" }}]
         assert zero == {0, 1}, "spill backlog did not return to zero"
     finally:
         b.stop()
+
+
+def test_full_spill_log_refuses_with_0x97_and_recovers(kafka, paho):
+    topic = topic_name("full")
+    kafka.create_topic(topic, partitions=1)
+    config = f"""
+[kafka]
+delivery = "local-durable"
+spill_segment_bytes = 4096
+spill_max_bytes_per_shard = 8192
+
+[kafka.clusters.default]
+bootstrap = ["{kafka.bootstrap}"]
+
+[[mqtt_to_kafka]]
+name = "full"
+filters = ["f/#"]
+destinations = [{{ cluster = "default", topic = "{topic}" }}]
+"""
+    b = broker_with(config=config)
+    try:
+        c = paho(b.shard(0), "filler", v5=True)
+        acks = []
+        c.c.on_publish = lambda cl, u, mid, rc, p: acks.append(rc.value)
+        c.publish("f/warm", b"w", 1)
+        kafka.pause()
+        try:
+            n = 0
+            while 0x97 not in acks and n < 500:
+                c.c.publish("f/x", b"y" * 200, 1).wait_for_publish(WAIT)
+                n += 1
+            assert 0x97 in acks, "the spill log never filled"
+            accepted = acks.count(0) - 1  # minus the warm-up
+            assert accepted > 10
+        finally:
+            kafka.resume()
+        # Kafka drains the log; space returns and publishes are accepted again.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            acks.clear()
+            c.c.publish("f/x", b"again", 1).wait_for_publish(WAIT)
+            if acks == [0]:
+                break
+            time.sleep(0.2)
+        assert acks == [0], acks
+        got = [m.value() for m in kafka.consume(topic, accepted + 2)]
+        assert got.count(b"y" * 200) == accepted and got[-1] == b"again"
+    finally:
+        b.stop()
