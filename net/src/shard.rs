@@ -77,8 +77,10 @@ struct Spill {
 /// the peer catches up (the mesh channel itself holds `MESH_CHANNEL_BATCHES` batches).
 const OUTBOX_MESSAGES_MAX: usize = 64 * 1024;
 
-/// Bytes read from a socket per read call.
+/// Bytes read from a socket per read call: a connection starts at the minimum and grows to the
+/// maximum when its reads keep filling the buffer.
 const READ_CHUNK: usize = 16 * 1024;
+const READ_CHUNK_MIN: usize = 256;
 const TICK: Duration = Duration::from_millis(100);
 
 struct ConnHandle {
@@ -552,8 +554,10 @@ async fn serve(core: Rc<Core>, stream: TcpStream, id: ConnId) {
         })
     };
 
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
-    let mut chunk = vec![0u8; READ_CHUNK];
+    // Buffers start small and grow only for connections that send a lot: most of a million
+    // devices are idle most of the time, and their memory is the broker's.
+    let mut buf = BytesMut::new();
+    let mut chunk = vec![0u8; READ_CHUNK_MIN];
     loop {
         let read = futures_lite::future::or(async { Some(reader.read(&mut chunk).await) }, async {
             handle.stop_reader.notified().await;
@@ -565,9 +569,15 @@ async fn serve(core: Rc<Core>, stream: TcpStream, id: ConnId) {
             _ => break,
         };
         buf.extend_from_slice(&chunk[..n]);
+        if n == chunk.len() && chunk.len() < READ_CHUNK {
+            chunk = vec![0u8; (chunk.len() * 4).min(READ_CHUNK)];
+        }
         let now = core.now_ms();
         core.shard.borrow_mut().on_bytes(id, &mut buf, now);
         core.dispatch();
+        if buf.is_empty() && buf.capacity() > READ_CHUNK_MIN {
+            buf = BytesMut::new();
+        }
         if handle.closing.get() {
             break;
         }

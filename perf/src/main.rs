@@ -3,6 +3,8 @@
 //! Scenarios:
 //! - `fan-in`: N publishers → one subscriber on a wildcard filter.
 //! - `fan-out`: one publisher → N subscribers of the same topic.
+//! - `p2p`: N publisher → subscriber pairs, each on its own topic.
+//! - `idle`: N idle connections; reports the broker's resident memory per connection.
 //! - `to-kafka`: N publishers into a bridged topic; counts the records that reach Kafka (sum of
 //!   partition end offsets, read with rskafka) and the rate at which they got there.
 //!
@@ -28,6 +30,8 @@ use sluice_core::packet::{self, Connect, Packet, Properties, Publish, SubOptions
 enum Scenario {
     FanIn,
     FanOut,
+    P2p,
+    Idle,
     ToKafka,
 }
 
@@ -321,9 +325,50 @@ impl KafkaCount {
     }
 }
 
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.split_whitespace().next()?.parse().ok()
+}
+
+/// Opens `n` idle connections and reports the broker's memory per connection.
+fn idle(args: &Args) -> anyhow::Result<()> {
+    let pid = args.broker_pid.context("idle needs --broker-pid")?.to_string();
+    let before = rss_kib(&pid).context("cannot read the broker's /proc status")?;
+    let t0 = Instant::now();
+    let mut conns = Vec::with_capacity(args.clients);
+    for i in 0..args.clients {
+        conns.push(Conn::connect(args.addr, &format!("perf-idle-{i}"))?);
+        if (i + 1) % 1000 == 0 {
+            eprintln!("[{:>6.1}s] {} connections", t0.elapsed().as_secs_f64(), i + 1);
+        }
+    }
+    let connect_secs = t0.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_secs(1));
+    let after = rss_kib(&pid).context("cannot read the broker's /proc status")?;
+    let per = (after.saturating_sub(before)) as f64 / args.clients as f64;
+    println!(
+        "{} idle x{}: broker RSS {before} KiB -> {after} KiB, {per:.2} KiB per connection; {:.0} connects/s",
+        args.label,
+        args.clients,
+        args.clients as f64 / connect_secs
+    );
+    println!(
+        "{{\"label\":\"{}\",\"scenario\":\"Idle\",\"clients\":{},\"rss_before_kib\":{before},\"rss_after_kib\":{after},\"kib_per_connection\":{per:.3},\"connects_per_s\":{:.0}}}",
+        args.label,
+        args.clients,
+        args.clients as f64 / connect_secs
+    );
+    drop(conns);
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let _ = epoch();
+    if args.scenario == Scenario::Idle {
+        return idle(&args);
+    }
     let shared = Arc::new(Shared {
         sent: AtomicU64::new(0),
         received: AtomicU64::new(0),
@@ -335,6 +380,8 @@ fn main() -> anyhow::Result<()> {
         Scenario::FanIn => (args.clients, 1),
         Scenario::FanOut => (1, args.clients),
         Scenario::ToKafka => (args.clients, 0),
+        Scenario::P2p => (args.clients, args.clients),
+        Scenario::Idle => unreachable!(),
     };
     let mut kafka = match (args.scenario, &args.kafka) {
         (Scenario::ToKafka, Some(k)) => Some(KafkaCount::new(k, &args.kafka_topic)?),
@@ -345,8 +392,12 @@ fn main() -> anyhow::Result<()> {
     let mut subs = Vec::new();
     for i in 0..n_sub {
         let mut c = Conn::connect(args.addr, &format!("perf-sub-{i}"))?;
-        let filter = if args.scenario == Scenario::FanIn { "perf/#" } else { "perf/fanout" };
-        c.subscribe(filter, args.qos)?;
+        let filter = match args.scenario {
+            Scenario::FanIn => "perf/#".to_string(),
+            Scenario::P2p => format!("perf/{i}/data"),
+            _ => "perf/fanout".to_string(),
+        };
+        c.subscribe(&filter, args.qos)?;
         let a = shared.clone();
         subs.push(std::thread::spawn(move || subscriber(c, a)));
     }
@@ -357,8 +408,8 @@ fn main() -> anyhow::Result<()> {
     let mut pubs = Vec::new();
     for i in 0..n_pub {
         let topic = match args.scenario {
-            Scenario::FanIn | Scenario::ToKafka => format!("perf/{i}/data"),
-            Scenario::FanOut => "perf/fanout".into(),
+            Scenario::FanIn | Scenario::ToKafka | Scenario::P2p => format!("perf/{i}/data"),
+            Scenario::FanOut | Scenario::Idle => "perf/fanout".into(),
         };
         let a = shared.clone();
         let (addr, payload, qos, rate) = (args.addr, args.payload, args.qos, args.rate / n_pub as u64);
@@ -395,7 +446,10 @@ fn main() -> anyhow::Result<()> {
         };
         shared.received.store(in_kafka, Ordering::Relaxed);
     }
-    let expected = sent * n_sub.max(1) as u64;
+    let expected = match args.scenario {
+        Scenario::P2p => sent,
+        _ => sent * n_sub.max(1) as u64,
+    };
     // Drain: wait until everything arrived or nothing has arrived for 2 s.
     let mut prev = u64::MAX;
     let mut still = Instant::now();
