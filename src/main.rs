@@ -127,16 +127,20 @@ fn real_main() -> anyhow::Result<()> {
         signal_hook::flag::register(sig, shutdown.clone()).context("installing signal handler")?;
     }
     tracing::info!(%listen, shards = cpus.len(), ?cpus, "sluice starting");
-    let (kafka, bridge) = if cfg.mqtt_to_kafka.is_empty() {
+    let (kafka, bridge) = if cfg.mqtt_to_kafka.is_empty() && cfg.kafka_to_mqtt.is_empty() {
         (None, None)
     } else {
-        let (kafka, links) = sluice_kafka::start(&cfg.kafka.clusters, cpus.len())?;
-        let links = links.into_iter().map(|l| (l.requests, l.results)).collect();
+        let (kafka, links) = sluice_kafka::start(&cfg.kafka.clusters, &cfg.kafka_to_mqtt, cpus.len())?;
+        let links = links.into_iter().map(|l| (l.requests, l.results, l.inbound)).collect();
+        for m in &cfg.kafka_to_mqtt {
+            tracing::info!(mapping = %m.name, kafka_topics = ?m.kafka_topics, mqtt_topics = ?m.mqtt_topics, "Kafka → MQTT mapping");
+        }
         for m in &cfg.mqtt_to_kafka {
             tracing::info!(mapping = %m.name, filters = ?m.filters, destinations = m.destinations.len(), "MQTT → Kafka mapping");
         }
         let bridge = sluice_net::BridgeSetup {
             mappings: cfg.mqtt_to_kafka.clone(),
+            inbound: cfg.kafka_to_mqtt.clone(),
             clusters: cfg.kafka.clusters.keys().cloned().collect(),
             max_pending_records_per_shard: cfg.kafka.max_pending_records_per_shard,
             delivery: cfg.kafka.delivery,

@@ -20,6 +20,8 @@ pub struct Config {
     pub kafka: KafkaConfig,
     /// `[[mqtt_to_kafka]]` mappings.
     pub mqtt_to_kafka: Vec<MappingConfig>,
+    /// `[[kafka_to_mqtt]]` mappings.
+    pub kafka_to_mqtt: Vec<crate::inbound::InboundMappingConfig>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]

@@ -6,6 +6,7 @@
 //! - [`topic`]: topic name and filter validation, and the subscription [`topic::Trie`].
 //! - [`bridge`]: MQTT → Kafka mappings — which messages become which Kafka records, keys,
 //!   headers, and Kafka's murmur2 partitioner.
+//! - [`inbound`]: Kafka → MQTT mappings — MQTT topics and payloads rendered from Kafka records.
 //! - [`config`]: limits and listener settings, parsed from TOML with errors that name the key.
 //! - [`shard`]: the state one core owns — connections, sessions, its trie, its share of retained
 //!   messages — as a state machine. It takes bytes, ticks (`now_ms`) and messages from other shards,
@@ -16,6 +17,7 @@
 
 pub mod bridge;
 pub mod config;
+pub mod inbound;
 pub mod packet;
 pub mod shard;
 pub mod topic;

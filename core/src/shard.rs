@@ -28,6 +28,7 @@ use bytes::{Bytes, BytesMut};
 
 use crate::bridge::{Delivery as DeliveryMode, ProduceError, ProduceRequest, ProduceResult, Router};
 use crate::config::{Limits, QueueFullPolicy};
+use crate::inbound::{Inbound, InboundRecord, Skip};
 use crate::packet::{
     self, reason, ConnAck, Connect, Disconnect, Packet, Properties, PubResp, Publish, SubAck, SubOptions, Subscribe,
     UnsubAck, Unsubscribe, Version, Will,
@@ -344,6 +345,10 @@ pub struct Shard {
     mapping_stats: HashMap<(u16, u16), MappingStats>,
     logged_failures: HashSet<(u16, &'static str)>,
     spill_stats: Option<(u64, u64, u64)>,
+    inbound: Inbound,
+    /// Per Kafka → MQTT mapping: records read, MQTT messages published, records skipped.
+    inbound_stats: Vec<(u64, u64, u64)>,
+    logged_skips: HashSet<(u16, Skip)>,
 }
 
 /// How often shards exchange their counters.
@@ -412,6 +417,9 @@ impl Shard {
             mapping_stats: HashMap::new(),
             logged_failures: HashSet::new(),
             spill_stats: None,
+            inbound: Inbound::default(),
+            inbound_stats: Vec::new(),
+            logged_skips: HashSet::new(),
         }
     }
 
@@ -1234,6 +1242,49 @@ impl Shard {
         self.run_local(now_ms);
     }
 
+    /// Turns on Kafka → MQTT: records handed to [`Shard::on_kafka_records`] are transformed and
+    /// published to MQTT subscribers on every shard.
+    pub fn with_inbound(mut self, inbound: Inbound, mappings: usize) -> Self {
+        self.inbound = inbound;
+        self.inbound_stats = vec![(0, 0, 0); mappings];
+        self
+    }
+
+    /// Records read from Kafka: each becomes MQTT messages (or is skipped, counted, and logged
+    /// once per mapping and cause) routed like a publish from a client.
+    pub fn on_kafka_records(&mut self, records: impl IntoIterator<Item = InboundRecord>, now_ms: u64) {
+        for r in records {
+            let stats = self.inbound_stats.get_mut(usize::from(r.mapping));
+            if let Some(s) = stats {
+                s.0 += 1;
+            }
+            match self.inbound.transform(&r, now_ms) {
+                Ok(msgs) => {
+                    if let Some(s) = self.inbound_stats.get_mut(usize::from(r.mapping)) {
+                        s.1 += msgs.len() as u64;
+                    }
+                    for m in msgs {
+                        self.stats.messages_received += 1;
+                        self.route(Arc::new(m), now_ms);
+                    }
+                }
+                Err(skip) => {
+                    if let Some(s) = self.inbound_stats.get_mut(usize::from(r.mapping)) {
+                        s.2 += 1;
+                    }
+                    if self.logged_skips.insert((r.mapping, skip)) {
+                        let name = self.inbound.mapping_name(r.mapping).to_string();
+                        self.effects.warnings.push(format!(
+                            "kafka_to_mqtt `{name}`: skipped a record of {}/{} at offset {}: {}; further ones are counted in $SYS/broker/shard/{}/kafka_to_mqtt/{name}/records/skipped",
+                            r.topic, r.partition, r.offset, skip.cause(), self.id
+                        ));
+                    }
+                }
+            }
+        }
+        self.run_local(now_ms);
+    }
+
     /// `local-durable` records that stay on disk behind a backlog: the net layer replays them to
     /// Kafka itself, so this state machine stops counting them as pending.
     pub fn on_spilled(&mut self, ids: &[u64]) {
@@ -1418,6 +1469,10 @@ impl Shard {
             }
         }
         self.route_here(&msg, now_ms);
+        if &*msg.origin == "$kafka" {
+            // What came from Kafka does not go back to it: no loops between the two directions.
+            return Vec::new();
+        }
         self.bridge_to_kafka(&msg, now_ms)
     }
 
@@ -1804,6 +1859,14 @@ impl Shard {
                 ("batch_records/1001+", bmore),
             ] {
                 values.push((format!("$SYS/broker/shard/{}/kafka/{name}/{cluster}/{field}", self.id), v.to_string()));
+            }
+        }
+        for (i, (read, published, skipped)) in self.inbound_stats.iter().enumerate() {
+            let name = self.inbound.mapping_name(i as u16);
+            for (field, v) in
+                [("records/received", read), ("messages/published", published), ("records/skipped", skipped)]
+            {
+                values.push((format!("$SYS/broker/shard/{}/kafka_to_mqtt/{name}/{field}", self.id), v.to_string()));
             }
         }
         if let Some((backlog, disk, replayed)) = self.spill_stats {

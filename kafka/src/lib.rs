@@ -16,6 +16,7 @@
 //! gets exactly one [`ProduceResult`].
 
 mod cluster;
+mod consumer;
 mod tls;
 mod worker;
 
@@ -25,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use sluice_core::bridge::{partition_for_key, KafkaRecord, ProduceError, ProduceRequest, ProduceResult};
 use sluice_core::config::ClusterConfig;
+use sluice_core::inbound::{InboundMappingConfig, InboundRecord};
 use tokio::sync::mpsc;
 
 use crate::cluster::Cluster;
@@ -38,7 +40,12 @@ pub const REQUEST_CHANNEL_BATCHES: usize = 1024;
 pub struct ShardLink {
     pub requests: mpsc::Sender<Vec<ProduceRequest>>,
     pub results: mpsc::UnboundedReceiver<Vec<ProduceResult>>,
+    /// Records of the Kafka partitions placed on this shard (Kafka → MQTT).
+    pub inbound: mpsc::Receiver<Vec<InboundRecord>>,
 }
+
+/// Batches of consumed records waiting for a shard before its consumers pause.
+pub const INBOUND_CHANNEL_BATCHES: usize = 64;
 
 /// The running Kafka side; dropping it stops the runtime.
 pub struct KafkaBridge {
@@ -65,6 +72,7 @@ pub enum StartError {
 /// link per shard.
 pub fn start(
     clusters: &BTreeMap<String, ClusterConfig>,
+    inbound: &[InboundMappingConfig],
     n_shards: usize,
 ) -> Result<(KafkaBridge, Vec<ShardLink>), StartError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -73,6 +81,7 @@ pub fn start(
         .enable_all()
         .build()
         .map_err(StartError::Runtime)?;
+    let names: Vec<String> = clusters.keys().cloned().collect();
     let mut built = Vec::new();
     for (name, cfg) in clusters {
         let tls = match &cfg.tls {
@@ -85,11 +94,19 @@ pub fn start(
     }
     let clusters: Arc<[Arc<Cluster>]> = built.into();
     let mut links = Vec::with_capacity(n_shards);
+    let mut inbound_tx = Vec::with_capacity(n_shards);
     for shard in 0..n_shards {
         let (req_tx, req_rx) = mpsc::channel(REQUEST_CHANNEL_BATCHES);
         let (res_tx, res_rx) = mpsc::unbounded_channel();
+        let (in_tx, in_rx) = mpsc::channel(INBOUND_CHANNEL_BATCHES);
         runtime.spawn(shard_task(shard, clusters.clone(), req_rx, res_tx));
-        links.push(ShardLink { requests: req_tx, results: res_rx });
+        links.push(ShardLink { requests: req_tx, results: res_rx, inbound: in_rx });
+        inbound_tx.push(in_tx);
+    }
+    for (i, m) in inbound.iter().enumerate() {
+        let c = names.iter().position(|n| *n == m.cluster).expect("validated: kafka_to_mqtt names a known cluster");
+        let _guard = runtime.enter();
+        consumer::spawn(i as u16, m.clone(), clusters[c].clone(), inbound_tx.clone());
     }
     Ok((KafkaBridge { runtime }, links))
 }

@@ -24,13 +24,18 @@ use sluice_core::bridge::{Delivery, MappingConfig, ProduceRequest, ProduceResult
 use sluice_core::config::Limits;
 use tokio::sync::mpsc;
 
-/// One shard's link to the producers: records out, their results back.
-pub type KafkaLink = (mpsc::Sender<Vec<ProduceRequest>>, mpsc::UnboundedReceiver<Vec<ProduceResult>>);
+/// One shard's link to the Kafka side: records out, their results back, consumed records in.
+pub type KafkaLink = (
+    mpsc::Sender<Vec<ProduceRequest>>,
+    mpsc::UnboundedReceiver<Vec<ProduceResult>>,
+    mpsc::Receiver<Vec<sluice_core::inbound::InboundRecord>>,
+);
 
 /// The MQTT → Kafka bridge as the shards see it: the mappings, and one link per shard to the
 /// producers (which the binary starts; this crate never sees them).
 pub struct BridgeSetup {
     pub mappings: Vec<MappingConfig>,
+    pub inbound: Vec<sluice_core::inbound::InboundMappingConfig>,
     /// Cluster names, in the order the records' `cluster` index uses.
     pub clusters: Vec<String>,
     pub max_pending_records_per_shard: usize,
@@ -89,7 +94,18 @@ pub fn run(
     let (mut links, bridge_cfg) = match bridge {
         Some(b) => {
             let links: Vec<_> = b.links.into_iter().map(Some).collect();
-            (links, Some((b.mappings, b.clusters, b.max_pending_records_per_shard, b.delivery, b.spill_dir, b.spill)))
+            (
+                links,
+                Some((
+                    b.mappings,
+                    b.inbound,
+                    b.clusters,
+                    b.max_pending_records_per_shard,
+                    b.delivery,
+                    b.spill_dir,
+                    b.spill,
+                )),
+            )
         }
         None => (Vec::new(), None),
     };
@@ -107,18 +123,21 @@ pub fn run(
             sys_interval_ms: cfg.sys_interval_ms,
             epoch,
             bridge: match (&bridge_cfg, links.get_mut(shard_id).and_then(Option::take)) {
-                (Some((mappings, clusters, max_pending, delivery, spill_dir, spill)), Some((requests, results))) => {
-                    Some(shard::ShardBridge {
-                        mappings: mappings.clone(),
-                        clusters: clusters.clone(),
-                        max_pending: *max_pending,
-                        delivery: *delivery,
-                        spill: (*delivery == Delivery::LocalDurable)
-                            .then(|| (spill_dir.join(format!("shard-{shard_id}")), *spill)),
-                        requests,
-                        results,
-                    })
-                }
+                (
+                    Some((mappings, inbound, clusters, max_pending, delivery, spill_dir, spill)),
+                    Some((requests, results, inbound_rx)),
+                ) => Some(shard::ShardBridge {
+                    mappings: mappings.clone(),
+                    inbound: inbound.clone(),
+                    inbound_rx,
+                    clusters: clusters.clone(),
+                    max_pending: *max_pending,
+                    delivery: *delivery,
+                    spill: (*delivery == Delivery::LocalDurable)
+                        .then(|| (spill_dir.join(format!("shard-{shard_id}")), *spill)),
+                    requests,
+                    results,
+                }),
                 _ => None,
             },
         };

@@ -40,6 +40,8 @@ pub(crate) struct ShardConfig {
 /// This shard's end of the MQTT → Kafka bridge.
 pub(crate) struct ShardBridge {
     pub mappings: Vec<MappingConfig>,
+    pub inbound: Vec<sluice_core::inbound::InboundMappingConfig>,
+    pub inbound_rx: mpsc::Receiver<Vec<sluice_core::inbound::InboundRecord>>,
     pub clusters: Vec<String>,
     pub max_pending: usize,
     pub delivery: Delivery,
@@ -351,7 +353,9 @@ pub(crate) async fn run_shard(
         if let Some((dir, opts)) = &b.spill {
             spill = Some(open_spill(dir, *opts, &b.clusters, b.max_pending, cfg.id)?);
         }
-        kafka_link = Some((b.requests, b.results));
+        let inbound = sluice_core::inbound::Inbound::new(&b.inbound, &b.clusters)?;
+        shard = shard.with_inbound(inbound, b.inbound.len());
+        kafka_link = Some((b.requests, b.results, b.inbound_rx));
     }
     let core = Rc::new(Core {
         shard: RefCell::new(shard),
@@ -370,7 +374,21 @@ pub(crate) async fn run_shard(
     }
 
     // The Kafka link: one task hands batches of records over, one takes results back.
-    if let Some((requests, mut results)) = kafka_link {
+    if let Some((requests, mut results, mut inbound)) = kafka_link {
+        let c = core.clone();
+        glommio::spawn_local(async move {
+            while let Some(batch) = inbound.recv().await {
+                let now = c.now_ms();
+                c.shard.borrow_mut().on_kafka_records(batch, now);
+                c.dispatch();
+                // Let this core's connections drain what the batch queued before taking more.
+                futures_lite::future::yield_now().await;
+                while c.backlogged() {
+                    glommio::timer::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        })
+        .detach();
         let c = core.clone();
         glommio::spawn_local(async move {
             loop {

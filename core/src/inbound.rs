@@ -1,0 +1,391 @@
+//! Kafka → MQTT: which Kafka records become which MQTT messages.
+//!
+//! Sans-I/O: the `sluice-kafka` consumers hand a shard [`InboundRecord`]s; [`Inbound`] turns each
+//! into one or more MQTT messages (a mapping may name several MQTT topics: multicast) by
+//! rendering topic templates over the record — `${key}`, `${topic}`, `${partition}`,
+//! `${header.NAME}`, `${json./pointer}` — and choosing the payload (the whole value, one JSON
+//! field, or the value without some fields). A record that cannot be transformed (no key, value
+//! not JSON, field missing) is skipped with its cause, for the caller to count and log once.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::Deserialize;
+
+use crate::packet::Properties;
+use crate::shard::Message;
+use crate::topic::{self, TopicLimits};
+
+/// A record read from Kafka, as the consumers hand it over.
+#[derive(Clone, Debug)]
+pub struct InboundRecord {
+    /// Index of the `[[kafka_to_mqtt]]` mapping that consumes this topic.
+    pub mapping: u16,
+    pub topic: Arc<str>,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Bytes>,
+    pub value: Option<Bytes>,
+    pub headers: Vec<(String, Bytes)>,
+}
+
+/// Where a consumer starts when it has no stored position.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StartAt {
+    #[default]
+    Latest,
+    Earliest,
+}
+
+/// What the MQTT payload is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PayloadSource {
+    /// The record value as it is.
+    Value,
+    /// One field of a JSON value (JSON pointer, e.g. `/command`), re-serialised (strings raw).
+    JsonField(String),
+    /// The JSON value with these top-level fields removed.
+    JsonWithout(Vec<String>),
+}
+
+impl<'de> Deserialize<'de> for PayloadSource {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        PayloadSource::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+impl PayloadSource {
+    pub fn parse(s: &str) -> Result<PayloadSource, String> {
+        if s == "value" {
+            return Ok(PayloadSource::Value);
+        }
+        if let Some(p) = s.strip_prefix("json:") {
+            if !p.starts_with('/') {
+                return Err(format!("`{s}`: a JSON pointer starts with `/`"));
+            }
+            return Ok(PayloadSource::JsonField(p.to_string()));
+        }
+        if let Some(fields) = s.strip_prefix("without:") {
+            return Ok(PayloadSource::JsonWithout(fields.split(',').map(|f| f.trim().to_string()).collect()));
+        }
+        Err(format!("`{s}` is not value, json:/pointer or without:field1,field2"))
+    }
+}
+
+/// One `[[kafka_to_mqtt]]` table.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct InboundMappingConfig {
+    pub name: String,
+    /// Name of a `[kafka.clusters.NAME]` table.
+    pub cluster: String,
+    pub kafka_topics: Vec<String>,
+    /// MQTT topic templates; one message per template (multicast).
+    pub mqtt_topics: Vec<String>,
+    #[serde(default = "default_payload")]
+    pub payload: PayloadSource,
+    #[serde(default)]
+    pub qos: u8,
+    #[serde(default)]
+    pub retain: bool,
+    #[serde(default)]
+    pub start: StartAt,
+}
+
+fn default_payload() -> PayloadSource {
+    PayloadSource::Value
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Part {
+    Text(String),
+    Key,
+    Topic,
+    Partition,
+    Header(String),
+    Json(String),
+}
+
+/// An MQTT topic template over a Kafka record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MqttTemplate {
+    parts: Vec<Part>,
+}
+
+impl MqttTemplate {
+    pub fn parse(s: &str) -> Result<MqttTemplate, String> {
+        let mut parts = Vec::new();
+        let mut rest = s;
+        while let Some(i) = rest.find("${") {
+            if i > 0 {
+                parts.push(Part::Text(rest[..i].to_string()));
+            }
+            let end = rest[i..].find('}').ok_or_else(|| format!("`{s}`: unclosed `${{`"))? + i;
+            let name = &rest[i + 2..end];
+            parts.push(match name {
+                "key" => Part::Key,
+                "topic" => Part::Topic,
+                "partition" => Part::Partition,
+                n if n.starts_with("header.") => Part::Header(n["header.".len()..].to_string()),
+                n if n.starts_with("json.") && n["json.".len()..].starts_with('/') => {
+                    Part::Json(n["json.".len()..].to_string())
+                }
+                other => {
+                    return Err(format!(
+                        "`{s}`: unknown field `${{{other}}}` (key, topic, partition, header.NAME, json./pointer)"
+                    ))
+                }
+            });
+            rest = &rest[end + 1..];
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Text(rest.to_string()));
+        }
+        Ok(MqttTemplate { parts })
+    }
+
+    fn needs_json(&self) -> bool {
+        self.parts.iter().any(|p| matches!(p, Part::Json(_)))
+    }
+
+    fn render(&self, r: &InboundRecord, json: Option<&serde_json::Value>) -> Result<String, Skip> {
+        let mut out = String::new();
+        for p in &self.parts {
+            match p {
+                Part::Text(t) => out.push_str(t),
+                Part::Topic => out.push_str(&r.topic),
+                Part::Partition => out.push_str(&r.partition.to_string()),
+                Part::Key => {
+                    let k = r.key.as_ref().ok_or(Skip::MissingKey)?;
+                    out.push_str(std::str::from_utf8(k).map_err(|_| Skip::NotUtf8)?);
+                }
+                Part::Header(h) => {
+                    let v = r.headers.iter().rev().find(|(k, _)| k == h).ok_or(Skip::MissingField)?;
+                    out.push_str(std::str::from_utf8(&v.1).map_err(|_| Skip::NotUtf8)?);
+                }
+                Part::Json(ptr) => {
+                    let v = json.ok_or(Skip::NotJson)?.pointer(ptr).ok_or(Skip::MissingField)?;
+                    match v {
+                        serde_json::Value::String(s) => out.push_str(s),
+                        serde_json::Value::Number(n) => out.push_str(&n.to_string()),
+                        serde_json::Value::Bool(b) => out.push_str(&b.to_string()),
+                        _ => return Err(Skip::MissingField),
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Why a record was skipped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Skip {
+    MissingKey,
+    NotJson,
+    MissingField,
+    NotUtf8,
+    InvalidTopic,
+}
+
+impl Skip {
+    pub fn cause(&self) -> &'static str {
+        match self {
+            Skip::MissingKey => "record has no key",
+            Skip::NotJson => "value is not JSON",
+            Skip::MissingField => "template field absent",
+            Skip::NotUtf8 => "key or header is not UTF-8",
+            Skip::InvalidTopic => "rendered MQTT topic is invalid",
+        }
+    }
+}
+
+struct Mapping {
+    templates: Vec<MqttTemplate>,
+    payload: PayloadSource,
+    qos: u8,
+    retain: bool,
+    needs_json: bool,
+}
+
+/// The Kafka → MQTT transformations of all mappings.
+#[derive(Default)]
+pub struct Inbound {
+    mappings: Vec<Mapping>,
+    names: Vec<String>,
+}
+
+impl Inbound {
+    pub fn new(cfgs: &[InboundMappingConfig], clusters: &[String]) -> Result<Inbound, String> {
+        let mut me = Inbound::default();
+        for c in cfgs {
+            if !clusters.contains(&c.cluster) {
+                return Err(format!("kafka_to_mqtt `{}`: unknown cluster `{}`", c.name, c.cluster));
+            }
+            if c.kafka_topics.is_empty() || c.mqtt_topics.is_empty() {
+                return Err(format!("kafka_to_mqtt `{}`: needs kafka_topics and mqtt_topics", c.name));
+            }
+            if c.qos > 2 {
+                return Err(format!("kafka_to_mqtt `{}`: qos must be 0, 1 or 2", c.name));
+            }
+            let templates = c
+                .mqtt_topics
+                .iter()
+                .map(|t| MqttTemplate::parse(t).map_err(|e| format!("kafka_to_mqtt `{}`: {e}", c.name)))
+                .collect::<Result<Vec<_>, _>>()?;
+            let needs_json = templates.iter().any(MqttTemplate::needs_json) || c.payload != PayloadSource::Value;
+            me.mappings.push(Mapping {
+                templates,
+                payload: c.payload.clone(),
+                qos: c.qos,
+                retain: c.retain,
+                needs_json,
+            });
+            me.names.push(c.name.clone());
+        }
+        Ok(me)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.mappings.is_empty()
+    }
+
+    pub fn mapping_name(&self, i: u16) -> &str {
+        &self.names[usize::from(i)]
+    }
+
+    /// The MQTT messages for one record, or why there are none.
+    pub fn transform(&self, r: &InboundRecord, now_ms: u64) -> Result<Vec<Message>, Skip> {
+        let m = self.mappings.get(usize::from(r.mapping)).ok_or(Skip::MissingField)?;
+        let value = r.value.clone().unwrap_or_default();
+        let json: Option<serde_json::Value> = if m.needs_json { serde_json::from_slice(&value).ok() } else { None };
+        if m.needs_json && json.is_none() {
+            return Err(Skip::NotJson);
+        }
+        let payload = match &m.payload {
+            PayloadSource::Value => value,
+            PayloadSource::JsonField(ptr) => match json.as_ref().unwrap().pointer(ptr).ok_or(Skip::MissingField)? {
+                serde_json::Value::String(s) => Bytes::from(s.clone()),
+                other => Bytes::from(other.to_string()),
+            },
+            PayloadSource::JsonWithout(fields) => {
+                let mut v = json.clone().unwrap();
+                if let Some(obj) = v.as_object_mut() {
+                    for f in fields {
+                        obj.remove(f);
+                    }
+                }
+                Bytes::from(v.to_string())
+            }
+        };
+        let mut properties = Properties::default();
+        let mut expiry_at_ms = None;
+        for (k, v) in &r.headers {
+            match k.as_str() {
+                "content-type" => properties.content_type = std::str::from_utf8(v).ok().map(str::to_string),
+                "mqtt.response_topic" => properties.response_topic = std::str::from_utf8(v).ok().map(str::to_string),
+                "mqtt.correlation_data" => properties.correlation_data = Some(v.clone()),
+                "mqtt.message_expiry" => {
+                    expiry_at_ms =
+                        std::str::from_utf8(v).ok().and_then(|s| s.parse::<u64>().ok()).map(|s| now_ms + s * 1000)
+                }
+                _ => {
+                    if let Ok(s) = std::str::from_utf8(v) {
+                        properties.user_properties.push((k.clone(), s.to_string()));
+                    }
+                }
+            }
+        }
+        let lim = TopicLimits::default();
+        let origin: Arc<str> = Arc::from("$kafka");
+        let mut out = Vec::with_capacity(m.templates.len());
+        for t in &m.templates {
+            let topic = t.render(r, json.as_ref())?;
+            if !topic::valid_topic_name(&topic, &lim) {
+                return Err(Skip::InvalidTopic);
+            }
+            out.push(Message {
+                topic,
+                payload: payload.clone(),
+                qos: m.qos,
+                retain: m.retain,
+                properties: properties.clone(),
+                expiry_at_ms,
+                origin: origin.clone(),
+            });
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(topics: &[&str], payload: &str) -> InboundMappingConfig {
+        InboundMappingConfig {
+            name: "m".into(),
+            cluster: "c".into(),
+            kafka_topics: vec!["commands".into()],
+            mqtt_topics: topics.iter().map(|t| t.to_string()).collect(),
+            payload: PayloadSource::parse(payload).unwrap(),
+            qos: 1,
+            retain: false,
+            start: StartAt::Latest,
+        }
+    }
+
+    fn rec(key: Option<&str>, value: &str, headers: &[(&str, &str)]) -> InboundRecord {
+        InboundRecord {
+            mapping: 0,
+            topic: "commands".into(),
+            partition: 2,
+            offset: 7,
+            key: key.map(|k| Bytes::copy_from_slice(k.as_bytes())),
+            value: Some(Bytes::copy_from_slice(value.as_bytes())),
+            headers: headers.iter().map(|(k, v)| (k.to_string(), Bytes::copy_from_slice(v.as_bytes()))).collect(),
+        }
+    }
+
+    #[test]
+    fn templates_payloads_and_headers() {
+        let c = vec!["c".to_string()];
+        let i = Inbound::new(
+            &[cfg(&["devices/${key}/commands", "fleet/${json./region}/${topic}/${partition}"], "json:/cmd")],
+            &c,
+        )
+        .unwrap();
+        let r = rec(
+            Some("car-1"),
+            r#"{"cmd":"reboot","region":"eu"}"#,
+            &[("trace", "t1"), ("content-type", "application/json")],
+        );
+        let ms = i.transform(&r, 0).unwrap();
+        assert_eq!(
+            ms.iter().map(|m| m.topic.as_str()).collect::<Vec<_>>(),
+            ["devices/car-1/commands", "fleet/eu/commands/2"]
+        );
+        assert_eq!(&ms[0].payload[..], b"reboot");
+        assert_eq!(ms[0].qos, 1);
+        assert_eq!(ms[0].properties.user_properties, vec![("trace".to_string(), "t1".to_string())]);
+        assert_eq!(ms[0].properties.content_type.as_deref(), Some("application/json"));
+        let i = Inbound::new(&[cfg(&["x/${header.dev}"], "without:secret")], &c).unwrap();
+        let ms = i.transform(&rec(None, r#"{"a":1,"secret":2}"#, &[("dev", "d9")]), 0).unwrap();
+        assert_eq!((ms[0].topic.as_str(), &ms[0].payload[..]), ("x/d9", &br#"{"a":1}"#[..]));
+    }
+
+    #[test]
+    fn bad_records_are_skipped_with_a_cause() {
+        let c = vec!["c".to_string()];
+        let i = Inbound::new(&[cfg(&["devices/${key}/c"], "value")], &c).unwrap();
+        assert_eq!(i.transform(&rec(None, "x", &[]), 0).unwrap_err(), Skip::MissingKey);
+        assert_eq!(i.transform(&rec(Some("a/+"), "x", &[]), 0).unwrap_err(), Skip::InvalidTopic);
+        let i = Inbound::new(&[cfg(&["d/${json./id}"], "value")], &c).unwrap();
+        assert_eq!(i.transform(&rec(None, "not json", &[]), 0).unwrap_err(), Skip::NotJson);
+        assert_eq!(i.transform(&rec(None, "{}", &[]), 0).unwrap_err(), Skip::MissingField);
+        assert!(MqttTemplate::parse("a/${nope}").is_err());
+        assert!(Inbound::new(&[InboundMappingConfig { cluster: "zz".into(), ..cfg(&["a"], "value") }], &c).is_err());
+    }
+}

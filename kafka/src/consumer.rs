@@ -1,0 +1,123 @@
+//! Kafka → MQTT consumers: one task per (mapping, topic, partition), no consumer group.
+//!
+//! Every broker node must see every record (MQTT fan-out is per node), so each node reads all
+//! partitions itself. Partitions are spread over shards; a consumer hands its records to its
+//! shard over a bounded channel, so a shard that cannot keep up slows its consumers down
+//! instead of buffering without bound.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rskafka::client::partition::{OffsetAt, PartitionClient};
+use sluice_core::inbound::{InboundMappingConfig, InboundRecord, StartAt};
+use tokio::sync::mpsc;
+
+use crate::cluster::Cluster;
+
+/// Bytes one fetch may return, and how long it waits for records.
+const FETCH_BYTES: i32 = 1 << 20;
+const FETCH_WAIT_MS: i32 = 250;
+
+/// Starts the consumers of one mapping; `shards[i]` receives the records of the partitions
+/// placed on shard i.
+pub(crate) fn spawn(
+    mapping: u16,
+    cfg: InboundMappingConfig,
+    cluster: Arc<Cluster>,
+    shards: Vec<mpsc::Sender<Vec<InboundRecord>>>,
+) {
+    for topic in cfg.kafka_topics.clone() {
+        let (cluster, shards, start) = (cluster.clone(), shards.clone(), cfg.start);
+        tokio::spawn(async move {
+            let topic: Arc<str> = topic.into();
+            let partitions = loop {
+                match cluster.partitions(&topic, std::time::Instant::now() + cluster.request_timeout()).await {
+                    Ok(n) => break n,
+                    Err(e) => {
+                        tracing::warn!(cluster = %cluster.name, %topic, error = ?e, "kafka_to_mqtt: topic not available yet; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            };
+            let spread = topic.bytes().fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(usize::from(b)));
+            for p in 0..partitions {
+                let shard = (spread + p as usize) % shards.len();
+                tokio::spawn(consume(mapping, cluster.clone(), topic.clone(), p, start, shards[shard].clone()));
+            }
+        });
+    }
+}
+
+async fn consume(
+    mapping: u16,
+    cluster: Arc<Cluster>,
+    topic: Arc<str>,
+    partition: i32,
+    start: StartAt,
+    to_shard: mpsc::Sender<Vec<InboundRecord>>,
+) {
+    let mut client: Option<PartitionClient> = None;
+    let mut offset: Option<i64> = None;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let step = async {
+            if client.is_none() {
+                client = Some(cluster.partition_client(&topic, partition).await?);
+            }
+            let pc = client.as_ref().unwrap();
+            let from = match offset {
+                Some(o) => o,
+                None => {
+                    let at = match start {
+                        StartAt::Earliest => OffsetAt::Earliest,
+                        StartAt::Latest => OffsetAt::Latest,
+                    };
+                    let o = pc.get_offset(at).await?;
+                    offset = Some(o);
+                    o
+                }
+            };
+            let fetch = pc.fetch_records(from, 1..FETCH_BYTES, FETCH_WAIT_MS);
+            match tokio::time::timeout(cluster.request_timeout() + Duration::from_millis(FETCH_WAIT_MS as u64), fetch)
+                .await
+            {
+                Ok(r) => r.map(|(records, _)| records),
+                Err(_) => Err(rskafka::client::error::Error::Timeout),
+            }
+        }
+        .await;
+        match step {
+            Ok(records) => {
+                backoff = Duration::from_millis(100);
+                let Some(last) = records.last() else { continue };
+                let next = last.offset + 1;
+                let batch: Vec<InboundRecord> = records
+                    .into_iter()
+                    .filter(|r| r.offset >= offset.unwrap_or(0))
+                    .map(|r| InboundRecord {
+                        mapping,
+                        topic: topic.clone(),
+                        partition,
+                        offset: r.offset,
+                        key: r.record.key.map(bytes::Bytes::from),
+                        value: r.record.value.map(bytes::Bytes::from),
+                        headers: r.record.headers.into_iter().map(|(k, v)| (k, bytes::Bytes::from(v))).collect(),
+                    })
+                    .collect();
+                offset = Some(next);
+                if !batch.is_empty() && to_shard.send(batch).await.is_err() {
+                    return; // shutting down
+                }
+            }
+            Err(e) => {
+                tracing::debug!(cluster = %cluster.name, %topic, partition, error = %e, "kafka_to_mqtt: fetch failed; retrying");
+                client = None;
+                if crate::cluster::is_connection_error(&e) {
+                    cluster.reset().await;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}

@@ -1,0 +1,100 @@
+"""Kafka → MQTT: records produced with confluent-kafka (librdkafka) reach MQTT subscribers
+(paho-mqtt and mosquitto_sub) on both shards, transformed by the mapping."""
+import json
+import subprocess
+import time
+import uuid
+
+from confluent_kafka import Producer
+
+from conftest import WAIT, broker_with
+
+
+def produce(bootstrap, topic, records):
+    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0})
+    for key, value, headers in records:
+        p.produce(topic, key=key, value=value, headers=headers)
+    assert p.flush(WAIT) == 0
+
+
+def test_commands_reach_devices_on_both_shards(kafka, paho):
+    topic = f"commands-{uuid.uuid4().hex[:8]}"
+    kafka.create_topic(topic, partitions=3)
+    config = f"""
+[[kafka_to_mqtt]]
+name = "commands"
+cluster = "default"
+kafka_topics = ["{topic}"]
+mqtt_topics = ["devices/${{key}}/commands"]
+qos = 1
+start = "earliest"
+"""
+    b = broker_with("--kafka", kafka.bootstrap, config=config)
+    try:
+        subs = {f"car-{i}": paho(b.shard(i % 2), f"car-{i}", v5=True) for i in range(4)}
+        for dev, s in subs.items():
+            s.subscribe(f"devices/{dev}/commands", 1)
+        # mosquitto_sub on every device's topic; a retained marker tells us it is subscribed.
+        subs["car-0"].publish("devices/marker/commands", b"ready", 1, retain=True)
+        mosq = subprocess.Popen(["mosquitto_sub", "-h", b.shard(1)[0], "-p", str(b.shard(1)[1]), "-q", "1",
+                                 "-t", "devices/+/commands", "-C", "21", "-V", "mqttv5", "-v"],
+                                stdout=subprocess.PIPE, text=True)
+        assert mosq.stdout.readline().split() == ["devices/marker/commands", "ready"]
+        produce(kafka.bootstrap, topic, [
+            (f"car-{n % 4}".encode(), f"cmd-{n}".encode(), [("trace", f"t{n}".encode())]) for n in range(20)
+        ])
+        for i, (dev, s) in enumerate(subs.items()):
+            got = [s.message() for _ in range(5)]
+            assert [m.payload.decode() for m in got] == [f"cmd-{n}" for n in range(20) if n % 4 == i], dev
+            assert all(m.qos == 1 for m in got)
+            assert got[0].properties.UserProperty == [("trace", f"t{i}")]
+        out, _ = mosq.communicate(timeout=WAIT)
+        car0 = [line.split()[1] for line in out.splitlines() if line.startswith("devices/car-0/")]
+        assert car0 == [f"cmd-{n}" for n in range(20) if n % 4 == 0]
+        assert len(out.splitlines()) == 20
+    finally:
+        b.stop()
+
+
+def test_json_templates_multicast_retained_and_bad_records(kafka, paho):
+    topic = f"cfg-{uuid.uuid4().hex[:8]}"
+    kafka.create_topic(topic, partitions=1)
+    config = f"""
+[[kafka_to_mqtt]]
+name = "config"
+cluster = "default"
+kafka_topics = ["{topic}"]
+mqtt_topics = ["fleet/${{json./region}}/${{json./device}}/config", "audit/${{topic}}/${{partition}}"]
+payload = "without:secret"
+retain = true
+start = "earliest"
+"""
+    b = broker_with("--kafka", kafka.bootstrap, "--sys-interval", "1", config=config)
+    try:
+        audit = paho(b.shard(0), "auditor")
+        audit.subscribe("audit/#", 0)
+        produce(kafka.bootstrap, topic, [
+            (None, b"not json", []),
+            (None, json.dumps({"region": "eu", "device": "d1", "speed": 80, "secret": "x"}).encode(), []),
+            (None, json.dumps({"device": "no-region"}).encode(), []),
+        ])
+        m = audit.message()
+        assert m.topic == f"audit/{topic}/0"
+        assert json.loads(m.payload) == {"region": "eu", "device": "d1", "speed": 80}
+        audit.no_message(0.5)  # the two bad records were skipped
+        # Retained: a device that subscribes later still gets its configuration.
+        late = paho(b.shard(1), "late-device")
+        late.subscribe("fleet/eu/+/config", 0)
+        m = late.message()
+        assert (m.topic, m.retain) == ("fleet/eu/d1/config", True)
+        # Skips are counted.
+        watch = paho(b.shard(0), "skip-watch")
+        watch.subscribe("$SYS/broker/shard/+/kafka_to_mqtt/config/records/skipped", 0)
+        deadline = time.monotonic() + 10
+        total = {}
+        while sum(total.values()) < 2 and time.monotonic() < deadline:
+            m = watch.message()
+            total[m.topic] = int(m.payload)
+        assert sum(total.values()) == 2, total
+    finally:
+        b.stop()
