@@ -130,7 +130,17 @@ fn real_main() -> anyhow::Result<()> {
     let (kafka, bridge) = if cfg.mqtt_to_kafka.is_empty() && cfg.kafka_to_mqtt.is_empty() {
         (None, None)
     } else {
-        let (kafka, links) = sluice_kafka::start(&cfg.kafka.clusters, &cfg.kafka_to_mqtt, cpus.len())?;
+        // Kafka → MQTT consumer positions stored by every shard of the last run.
+        let mut positions = sluice_core::inbound::Positions::new();
+        let pos_dir = std::path::Path::new(&cfg.server.data_dir).join("positions");
+        if let Ok(entries) = std::fs::read_dir(&pos_dir) {
+            for e in entries.flatten() {
+                if let Ok(text) = std::fs::read_to_string(e.path()) {
+                    sluice_core::inbound::decode_positions(&text, &mut positions);
+                }
+            }
+        }
+        let (kafka, links) = sluice_kafka::start(&cfg.kafka.clusters, &cfg.kafka_to_mqtt, positions, cpus.len())?;
         let links = links.into_iter().map(|l| (l.requests, l.results, l.inbound)).collect();
         for m in &cfg.kafka_to_mqtt {
             tracing::info!(mapping = %m.name, kafka_topics = ?m.kafka_topics, mqtt_topics = ?m.mqtt_topics, "Kafka → MQTT mapping");

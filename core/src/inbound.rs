@@ -180,6 +180,34 @@ impl MqttTemplate {
     }
 }
 
+/// Consumer positions: (mapping name, Kafka topic, partition) → next offset to read. Stored
+/// per shard as text lines `mapping<TAB>topic<TAB>partition<TAB>offset`; all shards' files
+/// together give every partition's position (partitions may move between shards when `--cores`
+/// changes).
+pub type Positions = std::collections::BTreeMap<(String, String, i32), i64>;
+
+pub fn encode_positions(p: &Positions) -> String {
+    let mut out = String::new();
+    for ((m, t, part), off) in p {
+        out.push_str(&format!("{m}\t{t}\t{part}\t{off}\n"));
+    }
+    out
+}
+
+/// Parses what [`encode_positions`] wrote; malformed lines are ignored (a position lost means
+/// starting from the mapping's `start`, never a crash).
+pub fn decode_positions(text: &str, into: &mut Positions) {
+    for line in text.lines() {
+        let f: Vec<&str> = line.split('\t').collect();
+        if let [m, t, part, off] = f.as_slice() {
+            if let (Ok(part), Ok(off)) = (part.parse(), off.parse()) {
+                let e = into.entry((m.to_string(), t.to_string(), part)).or_insert(off);
+                *e = (*e).max(off);
+            }
+        }
+    }
+}
+
 /// Why a record was skipped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Skip {
@@ -374,6 +402,15 @@ mod tests {
         let i = Inbound::new(&[cfg(&["x/${header.dev}"], "without:secret")], &c).unwrap();
         let ms = i.transform(&rec(None, r#"{"a":1,"secret":2}"#, &[("dev", "d9")]), 0).unwrap();
         assert_eq!((ms[0].topic.as_str(), &ms[0].payload[..]), ("x/d9", &br#"{"a":1}"#[..]));
+    }
+
+    #[test]
+    fn positions_round_trip() {
+        let mut p = Positions::new();
+        p.insert(("m".into(), "t".into(), 3), 42);
+        let mut back = Positions::new();
+        decode_positions(&(encode_positions(&p) + "garbage\n"), &mut back);
+        assert_eq!(back, p);
     }
 
     #[test]

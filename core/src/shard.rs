@@ -28,7 +28,7 @@ use bytes::{Bytes, BytesMut};
 
 use crate::bridge::{Delivery as DeliveryMode, ProduceError, ProduceRequest, ProduceResult, Router};
 use crate::config::{Limits, QueueFullPolicy};
-use crate::inbound::{Inbound, InboundRecord, Skip};
+use crate::inbound::{Inbound, InboundRecord, Positions, Skip};
 use crate::packet::{
     self, reason, ConnAck, Connect, Disconnect, Packet, Properties, PubResp, Publish, SubAck, SubOptions, Subscribe,
     UnsubAck, Unsubscribe, Version, Will,
@@ -349,6 +349,9 @@ pub struct Shard {
     /// Per Kafka → MQTT mapping: records read, MQTT messages published, records skipped.
     inbound_stats: Vec<(u64, u64, u64)>,
     logged_skips: HashSet<(u16, Skip)>,
+    /// Next offset per consumed partition, and whether it moved since the caller last took it.
+    positions: Positions,
+    positions_dirty: bool,
 }
 
 /// How often shards exchange their counters.
@@ -420,6 +423,8 @@ impl Shard {
             inbound: Inbound::default(),
             inbound_stats: Vec::new(),
             logged_skips: HashSet::new(),
+            positions: Positions::new(),
+            positions_dirty: false,
         }
     }
 
@@ -1254,6 +1259,11 @@ impl Shard {
     /// once per mapping and cause) routed like a publish from a client.
     pub fn on_kafka_records(&mut self, records: impl IntoIterator<Item = InboundRecord>, now_ms: u64) {
         for r in records {
+            // Routed (delivered or queued on this shard, handed to the others) → the position
+            // may move past it.
+            let key = (self.inbound.mapping_name(r.mapping).to_string(), r.topic.to_string(), r.partition);
+            self.positions.insert(key, r.offset + 1);
+            self.positions_dirty = true;
             let stats = self.inbound_stats.get_mut(usize::from(r.mapping));
             if let Some(s) = stats {
                 s.0 += 1;
@@ -1283,6 +1293,15 @@ impl Shard {
             }
         }
         self.run_local(now_ms);
+    }
+
+    /// The consumer positions of this shard, if they moved since the last call (to be stored).
+    pub fn take_positions(&mut self) -> Option<Positions> {
+        if !self.positions_dirty {
+            return None;
+        }
+        self.positions_dirty = false;
+        Some(self.positions.clone())
     }
 
     /// `local-durable` records that stay on disk behind a backlog: the net layer replays them to

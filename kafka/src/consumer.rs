@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rskafka::client::partition::{OffsetAt, PartitionClient};
-use sluice_core::inbound::{InboundMappingConfig, InboundRecord, StartAt};
+use sluice_core::inbound::{InboundMappingConfig, InboundRecord, Positions, StartAt};
 use tokio::sync::mpsc;
 
 use crate::cluster::Cluster;
@@ -25,9 +25,11 @@ pub(crate) fn spawn(
     cfg: InboundMappingConfig,
     cluster: Arc<Cluster>,
     shards: Vec<mpsc::Sender<Vec<InboundRecord>>>,
+    positions: Arc<Positions>,
 ) {
     for topic in cfg.kafka_topics.clone() {
-        let (cluster, shards, start) = (cluster.clone(), shards.clone(), cfg.start);
+        let (cluster, shards, start, positions, name) =
+            (cluster.clone(), shards.clone(), cfg.start, positions.clone(), cfg.name.clone());
         tokio::spawn(async move {
             let topic: Arc<str> = topic.into();
             let partitions = loop {
@@ -42,7 +44,8 @@ pub(crate) fn spawn(
             let spread = topic.bytes().fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(usize::from(b)));
             for p in 0..partitions {
                 let shard = (spread + p as usize) % shards.len();
-                tokio::spawn(consume(mapping, cluster.clone(), topic.clone(), p, start, shards[shard].clone()));
+                let stored = positions.get(&(name.clone(), topic.to_string(), p)).copied();
+                tokio::spawn(consume(mapping, cluster.clone(), topic.clone(), p, start, stored, shards[shard].clone()));
             }
         });
     }
@@ -54,10 +57,12 @@ async fn consume(
     topic: Arc<str>,
     partition: i32,
     start: StartAt,
+    stored: Option<i64>,
     to_shard: mpsc::Sender<Vec<InboundRecord>>,
 ) {
     let mut client: Option<PartitionClient> = None;
-    let mut offset: Option<i64> = None;
+    // A stored position resumes exactly where the last run's delivery got to.
+    let mut offset: Option<i64> = stored;
     let mut backoff = Duration::from_millis(100);
     loop {
         let step = async {

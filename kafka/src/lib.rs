@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use sluice_core::bridge::{partition_for_key, KafkaRecord, ProduceError, ProduceRequest, ProduceResult};
 use sluice_core::config::ClusterConfig;
-use sluice_core::inbound::{InboundMappingConfig, InboundRecord};
+use sluice_core::inbound::{InboundMappingConfig, InboundRecord, Positions};
 use tokio::sync::mpsc;
 
 use crate::cluster::Cluster;
@@ -73,6 +73,7 @@ pub enum StartError {
 pub fn start(
     clusters: &BTreeMap<String, ClusterConfig>,
     inbound: &[InboundMappingConfig],
+    positions: Positions,
     n_shards: usize,
 ) -> Result<(KafkaBridge, Vec<ShardLink>), StartError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -103,10 +104,11 @@ pub fn start(
         links.push(ShardLink { requests: req_tx, results: res_rx, inbound: in_rx });
         inbound_tx.push(in_tx);
     }
+    let positions = Arc::new(positions);
     for (i, m) in inbound.iter().enumerate() {
         let c = names.iter().position(|n| *n == m.cluster).expect("validated: kafka_to_mqtt names a known cluster");
         let _guard = runtime.enter();
-        consumer::spawn(i as u16, m.clone(), clusters[c].clone(), inbound_tx.clone());
+        consumer::spawn(i as u16, m.clone(), clusters[c].clone(), inbound_tx.clone(), positions.clone());
     }
     Ok((KafkaBridge { runtime }, links))
 }

@@ -130,6 +130,11 @@ pub fn run(
                     mappings: mappings.clone(),
                     inbound: inbound.clone(),
                     inbound_rx,
+                    positions_file: spill_dir
+                        .parent()
+                        .unwrap_or(spill_dir)
+                        .join("positions")
+                        .join(format!("shard-{shard_id}")),
                     clusters: clusters.clone(),
                     max_pending: *max_pending,
                     delivery: *delivery,

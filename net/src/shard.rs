@@ -42,6 +42,8 @@ pub(crate) struct ShardBridge {
     pub mappings: Vec<MappingConfig>,
     pub inbound: Vec<sluice_core::inbound::InboundMappingConfig>,
     pub inbound_rx: mpsc::Receiver<Vec<sluice_core::inbound::InboundRecord>>,
+    /// Where this shard stores its Kafka → MQTT consumer positions.
+    pub positions_file: std::path::PathBuf,
     pub clusters: Vec<String>,
     pub max_pending: usize,
     pub delivery: Delivery,
@@ -104,6 +106,7 @@ struct Core {
     kafka_outbox: RefCell<Vec<ProduceRequest>>,
     kafka_ready: Notify,
     spill: Option<Spill>,
+    positions_file: Option<std::path::PathBuf>,
     epoch: Instant,
 }
 
@@ -169,6 +172,21 @@ impl Core {
         for (to, msg) in fx.to_shards {
             outbox[to].push(msg);
             self.outbox_ready[to].notify();
+        }
+    }
+}
+
+impl Core {
+    /// Stores the Kafka → MQTT positions if they moved (temp file + rename: never half-written).
+    fn store_positions(&self) {
+        let Some(path) = &self.positions_file else { return };
+        let Some(p) = self.shard.borrow_mut().take_positions() else { return };
+        let tmp = path.with_extension("tmp");
+        let res = std::fs::create_dir_all(path.parent().unwrap())
+            .and_then(|_| std::fs::write(&tmp, sluice_core::inbound::encode_positions(&p)))
+            .and_then(|_| std::fs::rename(&tmp, path));
+        if let Err(e) = res {
+            tracing::warn!(path = %path.display(), error = %e, "cannot store Kafka → MQTT positions");
         }
     }
 }
@@ -343,6 +361,7 @@ pub(crate) async fn run_shard(
     let mut shard = Shard::new(cfg.id, cfg.n_shards, cfg.limits, now0);
     let mut kafka_link = None;
     let mut spill = None;
+    let mut positions_file = None;
     if let Some(b) = cfg.bridge {
         let router = Router::new(&b.mappings, &b.clusters)?;
         let unix_ms = std::time::SystemTime::now()
@@ -355,6 +374,7 @@ pub(crate) async fn run_shard(
         }
         let inbound = sluice_core::inbound::Inbound::new(&b.inbound, &b.clusters)?;
         shard = shard.with_inbound(inbound, b.inbound.len());
+        positions_file = Some(b.positions_file.clone());
         kafka_link = Some((b.requests, b.results, b.inbound_rx));
     }
     let core = Rc::new(Core {
@@ -365,6 +385,7 @@ pub(crate) async fn run_shard(
         kafka_outbox: RefCell::new(Vec::new()),
         kafka_ready: Notify::default(),
         spill,
+        positions_file,
         epoch: cfg.epoch,
     });
     if let Some(spill) = &core.spill {
@@ -479,6 +500,7 @@ pub(crate) async fn run_shard(
                     core.shard.borrow_mut().set_spill_stats(stats.0, stats.1, stats.2);
                 }
                 core.shard.borrow_mut().tick(now, sys);
+                core.store_positions();
                 core.dispatch();
             }
         })
@@ -499,6 +521,7 @@ pub(crate) async fn run_shard(
     }
 
     // Clean shutdown: every connection gets its last bytes (DISCONNECT 0x8B on MQTT 5), no wills.
+    core.store_positions();
     let now = core.now_ms();
     core.shard.borrow_mut().shutdown(now);
     core.dispatch();
