@@ -145,3 +145,49 @@ start = "earliest"
         assert collect(b2, second) == second
     finally:
         b2.stop()
+
+
+def test_request_response_through_kafka(kafka, paho):
+    """An MQTT 5 requester asks a Kafka service: response topic and correlation data travel as
+    Kafka headers one way and come back as MQTT 5 properties the other way."""
+    from confluent_kafka import Consumer, TopicPartition
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+    requests, replies = f"req-{uuid.uuid4().hex[:8]}", f"rep-{uuid.uuid4().hex[:8]}"
+    kafka.create_topic(requests, partitions=1)
+    kafka.create_topic(replies, partitions=1)
+    config = f"""
+[kafka.clusters.default]
+bootstrap = ["{kafka.bootstrap}"]
+
+[[mqtt_to_kafka]]
+name = "requests"
+filters = ["svc/price"]
+destinations = [{{ cluster = "default", topic = "{requests}" }}]
+
+[[kafka_to_mqtt]]
+name = "replies"
+cluster = "default"
+kafka_topics = ["{replies}"]
+mqtt_topics = ["${{header.mqtt.response_topic}}"]
+qos = 1
+start = "earliest"
+"""
+    b = broker_with(config=config)
+    try:
+        client = paho(b.shard(1), "requester", v5=True)
+        client.subscribe("replies/requester", 1)
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = "replies/requester"
+        props.CorrelationData = b"req-42"
+        client.publish("svc/price", b"BTC", 1, props=props)
+        # The "service": reads the request from Kafka, answers on the reply topic with the headers.
+        [req] = kafka.consume(requests, 1)
+        h = dict(req.headers())
+        assert h["mqtt.response_topic"] == b"replies/requester" and h["mqtt.correlation_data"] == b"req-42"
+        produce(kafka.bootstrap, replies, [(None, b"42000", [("mqtt.response_topic", h["mqtt.response_topic"]),
+                                                           ("mqtt.correlation_data", h["mqtt.correlation_data"])])])
+        m = client.message()
+        assert (m.topic, m.payload, m.properties.CorrelationData) == ("replies/requester", b"42000", b"req-42")
+    finally:
+        b.stop()

@@ -84,3 +84,56 @@ fn records_read_back_with_rskafka() {
         assert_eq!(mine[0].record.headers.get("mqtt.client_id").map(Vec::as_slice), Some(&b"rs-pub"[..]));
     }
 }
+
+#[test]
+fn records_produced_with_rskafka_reach_mqtt_subscribers() {
+    use rskafka::client::partition::Compression;
+    use rskafka::record::Record;
+    let k = tansu();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let client = rt.block_on(async {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            match ClientBuilder::new(vec![k.bootstrap.clone()]).build().await {
+                Ok(c) => break c,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "tansu did not come up: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    });
+    rt.block_on(client.controller_client().unwrap().create_topic("cmds", 1, 1, 5_000)).unwrap();
+    let cfg = std::env::temp_dir().join(format!("sluice-k2m-{}.toml", std::process::id()));
+    std::fs::write(
+        &cfg,
+        "[[kafka_to_mqtt]]\nname = \"cmds\"\ncluster = \"default\"\nkafka_topics = [\"cmds\"]\n\
+         mqtt_topics = [\"devices/${key}/commands\"]\nqos = 1\nstart = \"earliest\"\n",
+    )
+    .unwrap();
+    let b = Broker::start(&["--kafka", &k.bootstrap, "--config", cfg.to_str().unwrap()]);
+    let mut subs: Vec<Client> = (0..2).map(|i| Client::v5(b.shard(i), &format!("dev-{i}"))).collect();
+    for (i, s) in subs.iter_mut().enumerate() {
+        s.subscribe(&format!("devices/dev-{i}/commands"), 1);
+    }
+    let pc = rt.block_on(client.partition_client("cmds", 0, UnknownTopicHandling::Retry)).unwrap();
+    let records: Vec<Record> = (0..6)
+        .map(|n| Record {
+            key: Some(format!("dev-{}", n % 2).into_bytes()),
+            value: Some(format!("c{n}").into_bytes()),
+            headers: [("origin".to_string(), b"rskafka".to_vec())].into_iter().collect(),
+            timestamp: rskafka::chrono::DateTime::from_timestamp_millis(1_700_000_000_000).unwrap(),
+        })
+        .collect();
+    rt.block_on(pc.produce(records, Compression::NoCompression)).unwrap();
+    for (i, s) in subs.iter_mut().enumerate() {
+        for n in (0..6).filter(|n| n % 2 == i) {
+            let p = s.next_publish();
+            assert_eq!(
+                (p.topic.as_str(), &p.payload[..], p.qos),
+                (format!("devices/dev-{i}/commands").as_str(), format!("c{n}").as_bytes(), 1)
+            );
+            assert_eq!(p.properties.user_properties, vec![("origin".to_string(), "rskafka".to_string())]);
+        }
+    }
+}
