@@ -14,9 +14,10 @@ use tokio::sync::mpsc;
 
 use crate::cluster::Cluster;
 
-/// Bytes one fetch may return, and how long it waits for records.
+/// Bytes one fetch may return, and how long it waits for records (tansu holds a fetch for the
+/// whole wait even when records are there, so the wait is short: it bounds delivery latency).
 const FETCH_BYTES: i32 = 1 << 20;
-const FETCH_WAIT_MS: i32 = 250;
+const FETCH_WAIT_MS: i32 = 20;
 
 /// Starts the consumers of one mapping; `shards[i]` receives the records of the partitions
 /// placed on shard i.

@@ -5,6 +5,8 @@
 //! - `fan-out`: one publisher → N subscribers of the same topic.
 //! - `p2p`: N publisher → subscriber pairs, each on its own topic.
 //! - `idle`: N idle connections; reports the broker's resident memory per connection.
+//! - `from-kafka`: records produced to a Kafka topic (with rskafka) that the broker maps to
+//!   `perf/k2m`, received by N MQTT subscribers.
 //! - `to-kafka`: N publishers into a bridged topic; counts the records that reach Kafka (sum of
 //!   partition end offsets, read with rskafka) and the rate at which they got there.
 //!
@@ -33,6 +35,7 @@ enum Scenario {
     P2p,
     Idle,
     ToKafka,
+    FromKafka,
 }
 
 #[derive(Parser, Debug)]
@@ -279,6 +282,39 @@ fn subscriber(mut c: Conn, a: Arc<Shared>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Produces timestamped records to Kafka (partition 0) until told to stop, in batches of 500.
+fn kafka_producer(bootstrap: &str, topic: &str, a: Arc<Shared>, payload: usize, rate: u64) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let c = rskafka::client::ClientBuilder::new(vec![bootstrap.to_string()]).build().await?;
+        let pc = c.partition_client(topic, 0, rskafka::client::partition::UnknownTopicHandling::Retry).await?;
+        let start = Instant::now();
+        let mut sent = 0u64;
+        let mut body = vec![0u8; payload.max(8)];
+        while !a.stop_publishing.load(Ordering::Relaxed) {
+            if rate > 0 && sent >= (start.elapsed().as_secs_f64() * rate as f64) as u64 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                continue;
+            }
+            let records: Vec<rskafka::record::Record> = (0..500)
+                .map(|_| {
+                    body[..8].copy_from_slice(&now_ns().to_le_bytes());
+                    rskafka::record::Record {
+                        key: None,
+                        value: Some(body.clone()),
+                        headers: Default::default(),
+                        timestamp: rskafka::chrono::DateTime::from_timestamp_millis(0).unwrap(),
+                    }
+                })
+                .collect();
+            pc.produce(records, rskafka::client::partition::Compression::NoCompression).await?;
+            sent += 500;
+            a.sent.fetch_add(500, Ordering::Relaxed);
+        }
+        anyhow::Ok(())
+    })
+}
+
 /// Counts the records in a Kafka topic by reading them (tansu 0.6's "latest offset" answer lags
 /// behind the records it holds, so end offsets cannot be trusted for counting).
 struct KafkaCount {
@@ -381,6 +417,7 @@ fn main() -> anyhow::Result<()> {
         Scenario::FanOut => (1, args.clients),
         Scenario::ToKafka => (args.clients, 0),
         Scenario::P2p => (args.clients, args.clients),
+        Scenario::FromKafka => (0, args.clients),
         Scenario::Idle => unreachable!(),
     };
     let mut kafka = match (args.scenario, &args.kafka) {
@@ -395,6 +432,7 @@ fn main() -> anyhow::Result<()> {
         let filter = match args.scenario {
             Scenario::FanIn => "perf/#".to_string(),
             Scenario::P2p => format!("perf/{i}/data"),
+            Scenario::FromKafka => "perf/k2m".to_string(),
             _ => "perf/fanout".to_string(),
         };
         c.subscribe(&filter, args.qos)?;
@@ -409,11 +447,16 @@ fn main() -> anyhow::Result<()> {
     for i in 0..n_pub {
         let topic = match args.scenario {
             Scenario::FanIn | Scenario::ToKafka | Scenario::P2p => format!("perf/{i}/data"),
-            Scenario::FanOut | Scenario::Idle => "perf/fanout".into(),
+            Scenario::FanOut | Scenario::Idle | Scenario::FromKafka => "perf/fanout".into(),
         };
         let a = shared.clone();
         let (addr, payload, qos, rate) = (args.addr, args.payload, args.qos, args.rate / n_pub as u64);
         pubs.push(std::thread::spawn(move || publisher(addr, i, topic, a, payload, qos, rate)));
+    }
+    if args.scenario == Scenario::FromKafka {
+        let bootstrap = args.kafka.clone().context("from-kafka needs --kafka HOST:PORT")?;
+        let (topic, a, payload, rate) = (args.kafka_topic.clone(), shared.clone(), args.payload, args.rate);
+        pubs.push(std::thread::spawn(move || kafka_producer(&bootstrap, &topic, a, payload, rate)));
     }
     let mut last = (0u64, 0u64);
     for sec in 1..=args.duration {
