@@ -43,12 +43,9 @@ fn tansu() -> Tansu {
     Tansu { child, bootstrap: format!("127.0.0.1:{port}") }
 }
 
-#[test]
-fn records_read_back_with_rskafka() {
-    let k = tansu();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let topic = "rs-check";
-    let client = rt.block_on(async {
+/// An rskafka client of `k`, once it answers.
+fn connect(rt: &tokio::runtime::Runtime, k: &Tansu) -> rskafka::client::Client {
+    rt.block_on(async {
         let deadline = Instant::now() + WAIT;
         loop {
             match ClientBuilder::new(vec![k.bootstrap.clone()]).build().await {
@@ -59,7 +56,15 @@ fn records_read_back_with_rskafka() {
                 }
             }
         }
-    });
+    })
+}
+
+#[test]
+fn records_read_back_with_rskafka() {
+    let k = tansu();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let topic = "rs-check";
+    let client = connect(&rt, &k);
     rt.block_on(client.controller_client().unwrap().create_topic(topic, 4, 1, 5_000)).unwrap();
 
     let b = Broker::start(&["--kafka", &k.bootstrap, "--map", &format!("plant/#={topic}")]);
@@ -91,18 +96,7 @@ fn records_produced_with_rskafka_reach_mqtt_subscribers() {
     use rskafka::record::Record;
     let k = tansu();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let client = rt.block_on(async {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            match ClientBuilder::new(vec![k.bootstrap.clone()]).build().await {
-                Ok(c) => break c,
-                Err(e) => {
-                    assert!(Instant::now() < deadline, "tansu did not come up: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
-    });
+    let client = connect(&rt, &k);
     rt.block_on(client.controller_client().unwrap().create_topic("cmds", 1, 1, 5_000)).unwrap();
     let cfg = std::env::temp_dir().join(format!("sluice-k2m-{}.toml", std::process::id()));
     std::fs::write(
