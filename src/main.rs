@@ -178,6 +178,7 @@ fn real_main() -> anyhow::Result<()> {
             cpus,
             limits: cfg.limits.clone(),
             sys_interval_ms: cfg.server.sys_interval_secs * 1000,
+            data_dir: cfg.server.data_dir.clone().into(),
         },
         bridge,
         shutdown,

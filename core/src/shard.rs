@@ -282,6 +282,9 @@ pub struct Effects {
     pub produce: Vec<ProduceRequest>,
     /// Things an operator should read in the log (each says what and where, once per cause).
     pub warnings: Vec<String>,
+    /// Retained messages this shard stored (`Some`) or cleared (`None`), in order, for the
+    /// caller to persist (`$SYS/` topics excluded).
+    pub retained: Vec<(String, Option<Msg>)>,
 }
 
 /// Per-mapping counters of the MQTT → Kafka bridge, published under `$SYS/broker/kafka/NAME/`.
@@ -349,6 +352,10 @@ pub struct Shard {
     /// Per Kafka → MQTT mapping: records read, MQTT messages published, records skipped.
     inbound_stats: Vec<(u64, u64, u64)>,
     logged_skips: HashSet<(u16, Skip)>,
+    /// Sessions waiting for retained-message replies: replies still to come, and the messages
+    /// delivered live meanwhile. A message published while the subscription is being set up can
+    /// reach it both live and through the owner's retained store; the reply skips those.
+    retained_pending: HashMap<ClientId, (usize, HashSet<usize>)>,
     /// Next offset per consumed partition, and whether it moved since the caller last took it.
     positions: Positions,
     positions_dirty: bool,
@@ -423,6 +430,7 @@ impl Shard {
             inbound: Inbound::default(),
             inbound_stats: Vec::new(),
             logged_skips: HashSet::new(),
+            retained_pending: HashMap::new(),
             positions: Positions::new(),
             positions_dirty: false,
         }
@@ -1247,6 +1255,34 @@ impl Shard {
         self.run_local(now_ms);
     }
 
+    /// Unix time in ms at `now_ms == 0`, for what is stored on disk (expiry survives restarts).
+    pub fn set_wall_offset(&mut self, wall_offset_ms: i64) {
+        self.wall_offset_ms = wall_offset_ms;
+    }
+
+    /// Retained messages read back from disk at start. Ones this shard owns are stored; others
+    /// (the shard count changed) go to their owner, which persists them; their topics are
+    /// returned so the caller can drop them from this shard's store.
+    ///
+    /// `adopt`: the messages come from the store of a shard that no longer exists (fewer cores
+    /// now); every one goes to its owner to be stored and persisted there.
+    pub fn restore_retained(&mut self, stored: Vec<StoredMessage>, adopt: bool, now_ms: u64) -> Vec<String> {
+        let mut moved = Vec::new();
+        for s in stored {
+            let Some(msg) = s.into_message(self.wall_offset_ms, now_ms) else { continue };
+            let msg = Arc::new(msg);
+            let owner = shard_of(&msg.topic, self.n_shards);
+            if owner == self.id && !adopt {
+                self.retained.insert(msg.topic.clone(), msg);
+            } else {
+                moved.push(msg.topic.clone());
+                self.send_to_shard(owner, ShardMsg::Publish(msg));
+            }
+        }
+        self.run_local(now_ms);
+        moved
+    }
+
     /// Turns on Kafka → MQTT: records handed to [`Shard::on_kafka_records`] are transformed and
     /// published to MQTT subscribers on every shard.
     pub fn with_inbound(mut self, inbound: Inbound, mappings: usize) -> Self {
@@ -1442,6 +1478,10 @@ impl Shard {
     /// SUBACK, then the retained messages the new subscriptions asked for.
     fn finish_subscribe(&mut self, conn: ConnId, client_id: ClientId, p: PendingSub) {
         self.send(conn, Packet::SubAck(p.suback));
+        if !p.retained_queries.is_empty() {
+            let e = self.retained_pending.entry(client_id.clone()).or_default();
+            e.0 += p.retained_queries.len() * self.n_shards;
+        }
         for (filter, opts, sub_id) in p.retained_queries {
             for shard in 0..self.n_shards {
                 let q = ShardMsg::RetainedQuery {
@@ -1523,11 +1563,17 @@ impl Shard {
     /// Delivery on this shard of a message published anywhere.
     fn route_here(&mut self, msg: &Msg, now_ms: u64) {
         if msg.retain && shard_of(&msg.topic, self.n_shards) == self.id {
+            let persist = !msg.topic.starts_with("$SYS");
             if msg.payload.is_empty() {
-                self.retained.remove(&msg.topic);
+                if self.retained.remove(&msg.topic).is_some() && persist {
+                    self.effects.retained.push((msg.topic.clone(), None));
+                }
             } else if self.retained.len() < self.limits.max_retained_messages || self.retained.contains_key(&msg.topic)
             {
                 self.retained.insert(msg.topic.clone(), msg.clone());
+                if persist {
+                    self.effects.retained.push((msg.topic.clone(), Some(msg.clone())));
+                }
             }
         }
         // One delivery per session: highest QoS over its matching filters, all their ids.
@@ -1544,6 +1590,11 @@ impl Shard {
             }
         });
         for (id, (qos, rap, sub_ids)) in targets {
+            if msg.retain {
+                if let Some(e) = self.retained_pending.get_mut(&id) {
+                    e.1.insert(Arc::as_ptr(msg) as usize);
+                }
+            }
             let d = Delivery { msg: msg.clone(), qos: qos.min(msg.qos), retain: rap && msg.retain, sub_ids };
             self.deliver(&id, d, now_ms);
         }
@@ -1741,12 +1792,25 @@ impl Shard {
                     .filter(|m| topic::matches(&filter, &m.topic) && expiry_left_secs(m, now_ms).is_some())
                     .cloned()
                     .collect();
-                if !msgs.is_empty() {
-                    self.send_to_shard(to, ShardMsg::RetainedReply { client_id, msgs, opts, sub_id });
-                }
+                // Always answered, even with nothing: the asking shard counts the replies.
+                self.send_to_shard(to, ShardMsg::RetainedReply { client_id, msgs, opts, sub_id });
             }
             ShardMsg::RetainedReply { client_id, msgs, opts, sub_id } => {
+                let live = match self.retained_pending.get_mut(&client_id) {
+                    Some(e) => {
+                        e.0 = e.0.saturating_sub(1);
+                        if e.0 == 0 {
+                            self.retained_pending.remove(&client_id).map(|e| e.1).unwrap_or_default()
+                        } else {
+                            e.1.clone()
+                        }
+                    }
+                    None => HashSet::new(),
+                };
                 for msg in msgs {
+                    if live.contains(&(Arc::as_ptr(&msg) as usize)) {
+                        continue;
+                    }
                     let d = Delivery {
                         qos: opts.qos.min(msg.qos),
                         retain: true,
@@ -2149,5 +2213,119 @@ mod tests {
         let got = w.recv(1, 1, V5);
         let names: Vec<&str> = got.iter().map(Packet::name).collect();
         assert_eq!(names, ["CONNACK", "SUBACK", "PINGRESP"]);
+    }
+}
+
+/// A message in its on-disk form (retained messages): self-contained, expiry as wall-clock time.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredMessage {
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: u8,
+    pub properties: Properties,
+    /// Unix ms, 0 = never.
+    pub expiry_at_unix_ms: i64,
+    pub origin: String,
+}
+
+impl StoredMessage {
+    pub fn from_message(m: &Message, wall_offset_ms: i64) -> StoredMessage {
+        StoredMessage {
+            topic: m.topic.clone(),
+            payload: m.payload.clone(),
+            qos: m.qos,
+            properties: m.properties.clone(),
+            expiry_at_unix_ms: m.expiry_at_ms.map_or(0, |e| wall_offset_ms + e as i64),
+            origin: m.origin.to_string(),
+        }
+    }
+
+    /// `None` when it expired while stored.
+    fn into_message(self, wall_offset_ms: i64, now_ms: u64) -> Option<Message> {
+        let expiry_at_ms = match self.expiry_at_unix_ms {
+            0 => None,
+            at => {
+                let local = at - wall_offset_ms;
+                if local <= now_ms as i64 {
+                    return None;
+                }
+                Some(local as u64)
+            }
+        };
+        Some(Message {
+            topic: self.topic,
+            payload: self.payload,
+            qos: self.qos,
+            retain: true,
+            properties: self.properties,
+            expiry_at_ms,
+            origin: self.origin.into(),
+        })
+    }
+
+    /// Binary form: the topic and payload as an MQTT 5 PUBLISH (reusing the codec and its
+    /// checks), then expiry and origin.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let p = Packet::Publish(Publish {
+            dup: false,
+            qos: self.qos,
+            retain: true,
+            topic: self.topic.clone(),
+            packet_id: if self.qos > 0 { 1 } else { 0 },
+            properties: self.properties.clone(),
+            payload: self.payload.clone(),
+        });
+        let mut b = BytesMut::new();
+        packet::encode(&p, Version::V5, &mut b);
+        out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+        out.extend_from_slice(&b);
+        out.extend_from_slice(&self.expiry_at_unix_ms.to_le_bytes());
+        out.extend_from_slice(self.origin.as_bytes());
+    }
+
+    pub fn decode(b: &[u8]) -> Option<StoredMessage> {
+        let n = u32::from_le_bytes(b.get(..4)?.try_into().ok()?) as usize;
+        let mut pkt = BytesMut::from(b.get(4..4 + n)?);
+        let Ok(Some(Packet::Publish(p))) = packet::decode(&mut pkt, Some(Version::V5), usize::MAX) else { return None };
+        let rest = b.get(4 + n..)?;
+        let expiry_at_unix_ms = i64::from_le_bytes(rest.get(..8)?.try_into().ok()?);
+        let origin = std::str::from_utf8(rest.get(8..)?).ok()?.to_string();
+        Some(StoredMessage {
+            topic: p.topic,
+            payload: p.payload,
+            qos: p.qos,
+            properties: p.properties,
+            expiry_at_unix_ms,
+            origin,
+        })
+    }
+}
+
+#[cfg(test)]
+mod stored_tests {
+    use super::*;
+
+    #[test]
+    fn stored_message_round_trip_and_expiry() {
+        let m = Message {
+            topic: "a/b".into(),
+            payload: Bytes::from_static(b"\x00hi"),
+            qos: 1,
+            retain: true,
+            properties: Properties { user_properties: vec![("k".into(), "v".into())], ..Default::default() },
+            expiry_at_ms: Some(5_000),
+            origin: "dev".into(),
+        };
+        let s = StoredMessage::from_message(&m, 1_000_000);
+        let mut b = Vec::new();
+        s.encode(&mut b);
+        let back = StoredMessage::decode(&b).unwrap();
+        assert_eq!(back, s);
+        assert_eq!(back.expiry_at_unix_ms, 1_005_000);
+        // Restored under another clock origin: still 4 s left.
+        let restored = back.clone().into_message(1_001_000, 0).unwrap();
+        assert_eq!(restored.expiry_at_ms, Some(4_000));
+        assert!(back.into_message(1_010_000, 0).is_none(), "expired while stored");
+        assert!(StoredMessage::decode(&b[..b.len() / 2]).is_none());
     }
 }

@@ -58,6 +58,8 @@ pub struct RuntimeConfig {
     pub shard_listen: Vec<SocketAddr>,
     pub limits: Limits,
     pub sys_interval_ms: u64,
+    /// Persistent state (retained messages under `retained/shard-N`).
+    pub data_dir: std::path::PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +123,7 @@ pub fn run(
             own_listen: cfg.shard_listen.get(shard_id).copied(),
             limits: cfg.limits.clone(),
             sys_interval_ms: cfg.sys_interval_ms,
+            data_dir: cfg.data_dir.clone(),
             epoch,
             bridge: match (&bridge_cfg, links.get_mut(shard_id).and_then(Option::take)) {
                 (
