@@ -180,13 +180,14 @@ def tansu_bin():
 
 
 class Tansu:
-    def __init__(self, port=None):
+    def __init__(self, port=None, advertised_port=None):
         self.port = port or free_port()
         self.bootstrap = f"127.0.0.1:{self.port}"
         url = f"tcp://127.0.0.1:{self.port}"
+        advertised = f"tcp://127.0.0.1:{advertised_port}" if advertised_port else url
         self.log = tempfile.NamedTemporaryFile(prefix="tansu-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(
-            [tansu_bin(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+            [tansu_bin(), "broker", "--listener-url", url, "--advertised-listener-url", advertised,
              "--storage-engine", "memory://tansu/"],
             stdout=self.log, stderr=subprocess.STDOUT)
         self.wait_ready()

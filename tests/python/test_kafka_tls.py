@@ -1,0 +1,151 @@
+"""MQTT → Kafka over TLS with a custom CA. tansu 0.6.0 cannot serve TLS with a key, so a TLS
+terminator (Python's ssl module) stands in front of it and tansu advertises the terminator's port:
+every Kafka connection sluice makes — bootstrap, metadata, produce, topic creation — goes over TLS."""
+import socket
+import ssl
+import subprocess
+import tempfile
+import threading
+import uuid
+from pathlib import Path
+
+from confluent_kafka import Consumer, TopicPartition
+
+from conftest import WAIT, Tansu, broker_with, free_port
+
+
+def make_certs(d):
+    def run(*args):
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+        "-subj", "/CN=sluice-test-ca")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    Path(d, "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf")
+
+
+class TlsTerminator:
+    def __init__(self, port, backend_port, cert, key):
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(cert, key)
+        self.backend = ("127.0.0.1", backend_port)
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", port))
+        self.sock.listen(64)
+        self.handshakes = 0
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        while True:
+            try:
+                raw, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.handle, args=(raw,), daemon=True).start()
+
+    def handle(self, raw):
+        try:
+            tls = self.ctx.wrap_socket(raw, server_side=True)
+        except (ssl.SSLError, OSError):
+            raw.close()
+            return
+        self.handshakes += 1
+        back = socket.create_connection(self.backend)
+
+        def pump(src, dst):
+            try:
+                while data := src.recv(65536):
+                    dst.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for s in (src, dst):
+                    try:
+                        s.close()
+                    except OSError:
+                        pass
+        threading.Thread(target=pump, args=(back, tls), daemon=True).start()
+        pump(tls, back)
+
+    def close(self):
+        self.sock.close()
+
+
+def test_bridge_over_tls_with_a_custom_ca(paho):
+    d = tempfile.mkdtemp(prefix="sluice-tls-")
+    make_certs(d)
+    tls_port, plain_port = free_port(), free_port()
+    term = TlsTerminator(tls_port, plain_port, f"{d}/server.pem", f"{d}/server.key")
+    kafka = Tansu(port=plain_port, advertised_port=tls_port)
+    topic = f"tls-{uuid.uuid4().hex[:8]}"
+    config = f"""
+[kafka.clusters.secure]
+bootstrap = ["127.0.0.1:{tls_port}"]
+auto_create_topics = true
+partitions = 1
+tls = {{ ca_file = "{d}/ca.pem" }}
+
+[[mqtt_to_kafka]]
+name = "secure"
+filters = ["s/#"]
+destinations = [{{ cluster = "secure", topic = "{topic}" }}]
+"""
+    b = broker_with(config=config)
+    try:
+        c = paho(b.shard(0), "tls-pub", v5=True)
+        acks = []
+        c.c.on_publish = lambda cl, u, mid, rc, p: acks.append(rc.value)
+        c.c.publish("s/x", b"over tls", 1).wait_for_publish(30)
+        assert acks == [0], acks
+        assert term.handshakes >= 1
+        consumer = Consumer({"bootstrap.servers": f"127.0.0.1:{tls_port}", "security.protocol": "SSL",
+                             "ssl.ca.location": f"{d}/ca.pem", "group.id": "tls-check"})
+        consumer.assign([TopicPartition(topic, 0, 0)])
+        m = None
+        for _ in range(100):
+            m = consumer.poll(0.2)
+            if m is not None and not m.error():
+                break
+        consumer.close()
+        assert m is not None and m.value() == b"over tls"
+    finally:
+        b.stop()
+        kafka.stop()
+        term.close()
+
+
+def test_untrusted_certificate_is_refused(paho):
+    """The same terminator, but sluice trusts another CA: nothing is produced, the publisher hears
+    0x80 after the delivery time-out, and the broker keeps running."""
+    d, other = tempfile.mkdtemp(prefix="sluice-tls-"), tempfile.mkdtemp(prefix="sluice-tls-other-")
+    make_certs(d)
+    make_certs(other)
+    tls_port, plain_port = free_port(), free_port()
+    term = TlsTerminator(tls_port, plain_port, f"{d}/server.pem", f"{d}/server.key")
+    kafka = Tansu(port=plain_port, advertised_port=tls_port)
+    config = f"""
+[kafka.clusters.secure]
+bootstrap = ["127.0.0.1:{tls_port}"]
+delivery_timeout_ms = 2000
+request_timeout_ms = 500
+tls = {{ ca_file = "{other}/ca.pem" }}
+
+[[mqtt_to_kafka]]
+name = "secure"
+filters = ["s/#"]
+destinations = [{{ cluster = "secure", topic = "never" }}]
+"""
+    b = broker_with(config=config)
+    try:
+        c = paho(b.shard(0), "tls-pub", v5=True)
+        acks = []
+        c.c.on_publish = lambda cl, u, mid, rc, p: acks.append(rc.value)
+        c.c.publish("s/x", b"x", 1).wait_for_publish(WAIT)
+        assert acks == [0x80], acks
+        assert term.handshakes == 0, "a handshake with an untrusted certificate must not complete"
+    finally:
+        b.stop()
+        kafka.stop()
+        term.close()
