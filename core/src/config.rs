@@ -63,10 +63,12 @@ pub enum Compression {
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "SCREAMING-KEBAB-CASE")]
 pub enum SaslMechanism {
+    #[serde(rename = "PLAIN")]
     Plain,
+    #[serde(rename = "SCRAM-SHA-256")]
     ScramSha256,
+    #[serde(rename = "SCRAM-SHA-512")]
     ScramSha512,
 }
 
@@ -360,6 +362,21 @@ mod tests {
         assert!(e.to_string().contains("max_inflight"), "{e}");
         let e = Config::from_toml("[server]\ncpuset = \"1-x\"\n").unwrap_err();
         assert_eq!(e.key, "server.cpuset");
+    }
+
+    #[test]
+    fn sasl_mechanisms_parse_by_their_kafka_names() {
+        for (name, want) in [
+            ("PLAIN", SaslMechanism::Plain),
+            ("SCRAM-SHA-256", SaslMechanism::ScramSha256),
+            ("SCRAM-SHA-512", SaslMechanism::ScramSha512),
+        ] {
+            let text = format!(
+                "[kafka.clusters.c]\nbootstrap = [\"h:1\"]\nsasl = {{ mechanism = \"{name}\", username = \"u\", password = \"p\" }}\n"
+            );
+            let cfg = Config::from_toml(&text).unwrap();
+            assert_eq!(cfg.kafka.clusters["c"].sasl.as_ref().unwrap().mechanism, want);
+        }
     }
 
     #[test]

@@ -215,11 +215,14 @@ class Tansu:
             assert time.monotonic() < deadline
             time.sleep(0.05)
 
-    def consume(self, topic, n, timeout=30):
-        """The first `n` records of `topic` (all partitions, from the start), or fewer at timeout."""
+    def consume(self, topic, n, timeout=30, bootstrap=None, **extra):
+        """The first `n` records of `topic` (all partitions, from the start), or fewer at timeout.
+        `extra`: librdkafka settings (dots as underscores), e.g. for SASL in front of tansu."""
         from confluent_kafka import Consumer, TopicPartition
-        c = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"t-{time.monotonic_ns()}",
-                      "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+        conf = {"bootstrap.servers": bootstrap or self.bootstrap, "group.id": f"t-{time.monotonic_ns()}",
+                "enable.auto.commit": False, "auto.offset.reset": "earliest"}
+        conf.update({k.replace("_", "."): v for k, v in extra.items()})
+        c = Consumer(conf)
         parts = c.list_topics(topic, timeout=WAIT).topics[topic].partitions
         c.assign([TopicPartition(topic, p, 0) for p in parts])
         got = []
