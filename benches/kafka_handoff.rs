@@ -21,6 +21,7 @@ fn record(i: u64) -> ProduceRequest {
             headers: Vec::new(),
             timestamp_ms: 0,
             dead_letter: None,
+            partition: None,
         },
         durable: false,
     }

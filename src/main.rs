@@ -270,7 +270,7 @@ fn apply_flags(cli: &Cli, cfg: &mut Config) -> anyhow::Result<()> {
         cfg.mqtt_to_kafka.push(MappingConfig {
             name: format!("map-{}", i + 1),
             filters: vec![filter.to_string()],
-            destinations: vec![Destination { cluster: "default".into(), topic }],
+            destinations: vec![Destination { cluster: "default".into(), topic, partition: None }],
             key: KeySource::Topic,
             headers: true,
             dead_letter: None,

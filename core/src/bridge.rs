@@ -118,6 +118,9 @@ pub struct Destination {
     /// Name of a `[kafka.clusters.NAME]` table.
     pub cluster: String,
     pub topic: TopicTemplate,
+    /// Always this partition, instead of placing by key (murmur2) or sticky for keyless records.
+    #[serde(default)]
+    pub partition: Option<i32>,
 }
 
 /// One `[[mqtt_to_kafka]]` table.
@@ -169,6 +172,8 @@ pub struct KafkaRecord {
     pub timestamp_ms: i64,
     /// (cluster, topic) for the record if Kafka refuses it.
     pub dead_letter: Option<(u16, Arc<str>)>,
+    /// An explicit partition from the mapping; placement by key otherwise.
+    pub partition: Option<i32>,
 }
 
 impl KafkaRecord {
@@ -235,7 +240,17 @@ impl KafkaRecord {
         for _ in 0..n {
             headers.push((string(&mut b)?, bytes(&mut b)?));
         }
-        let r = KafkaRecord { cluster: 0, mapping: 0, topic, key, value, headers, timestamp_ms, dead_letter: None };
+        let r = KafkaRecord {
+            cluster: 0,
+            mapping: 0,
+            topic,
+            key,
+            value,
+            headers,
+            timestamp_ms,
+            dead_letter: None,
+            partition: None,
+        };
         Ok((cluster, r))
     }
 
@@ -329,7 +344,7 @@ impl ProduceResult {
 
 struct Mapping {
     name: String,
-    destinations: Vec<(u16, TopicTemplate)>,
+    destinations: Vec<(u16, TopicTemplate, Option<i32>)>,
     key: KeySource,
     headers: bool,
     dead_letter: Option<(u16, Arc<str>)>,
@@ -367,7 +382,10 @@ impl Router {
                     .iter()
                     .position(|c| *c == d.cluster)
                     .ok_or_else(|| format!("mapping `{}`: unknown cluster `{}`", m.name, d.cluster))?;
-                destinations.push((c as u16, d.topic.clone()));
+                if d.partition.is_some_and(|p| p < 0) {
+                    return Err(format!("mapping `{}`: partition must be 0 or more", m.name));
+                }
+                destinations.push((c as u16, d.topic.clone(), d.partition));
             }
             let dead_letter = match &m.dead_letter {
                 None => None,
@@ -427,7 +445,7 @@ impl Router {
                 KeySource::None => None,
             };
             let headers = if m.headers { headers_of(msg) } else { Vec::new() };
-            for (cluster, template) in &m.destinations {
+            for (cluster, template, partition) in &m.destinations {
                 // A template referring to a level the topic lacks yields no record for it.
                 let Some(topic) = template.render(&msg.topic) else { continue };
                 out.push(KafkaRecord {
@@ -439,6 +457,7 @@ impl Router {
                     headers: headers.clone(),
                     timestamp_ms: now_ms,
                     dead_letter: m.dead_letter.clone(),
+                    partition: *partition,
                 });
             }
         }
@@ -561,7 +580,11 @@ mod tests {
             filters: filters.iter().map(|f| f.to_string()).collect(),
             destinations: dests
                 .iter()
-                .map(|(c, t)| Destination { cluster: c.to_string(), topic: TopicTemplate::parse(t).unwrap() })
+                .map(|(c, t)| Destination {
+                    cluster: c.to_string(),
+                    topic: TopicTemplate::parse(t).unwrap(),
+                    partition: None,
+                })
                 .collect(),
             key: KeySource::parse(key).unwrap(),
             headers: true,
@@ -628,6 +651,7 @@ mod tests {
             headers: vec![("a".into(), Bytes::from_static(b"1"))],
             timestamp_ms: -5,
             dead_letter: None,
+            partition: None,
         };
         let mut b = Vec::new();
         r.encode("main", &mut b);

@@ -107,6 +107,9 @@ pub struct ClusterConfig {
     pub delivery_timeout_ms: u64,
     /// Time one produce or metadata request may take before it counts as failed.
     pub request_timeout_ms: u64,
+    /// How long a topic's partition count is trusted before it is asked again, so partitions
+    /// added to a topic are used.
+    pub metadata_max_age_ms: u64,
     /// Create missing topics with `partitions` and `replication_factor`.
     pub auto_create_topics: bool,
     pub partitions: i32,
@@ -125,6 +128,7 @@ impl Default for ClusterConfig {
             compression: Compression::None,
             delivery_timeout_ms: 30_000,
             request_timeout_ms: 5_000,
+            metadata_max_age_ms: 30_000,
             auto_create_topics: false,
             partitions: 3,
             replication_factor: 1,

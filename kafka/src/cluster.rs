@@ -17,8 +17,6 @@ use sluice_core::bridge::ProduceError;
 use sluice_core::config::{ClusterConfig, SaslMechanism};
 use tokio::sync::Mutex;
 
-/// How long partition counts are trusted before they are asked again (new partitions show up).
-const METADATA_MAX_AGE: Duration = Duration::from_secs(30);
 /// Pause between attempts while Kafka is unreachable.
 const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
@@ -87,7 +85,7 @@ impl Cluster {
     /// Partitions of `topic`, creating it when configured to; retries until `deadline`.
     pub async fn partitions(&self, topic: &Arc<str>, deadline: Instant) -> Result<i32, ProduceError> {
         if let Some((n, at)) = self.metadata.lock().await.get(topic) {
-            if at.elapsed() < METADATA_MAX_AGE {
+            if at.elapsed() < Duration::from_millis(self.cfg.metadata_max_age_ms) {
                 return Ok(*n);
             }
         }

@@ -184,9 +184,19 @@ async fn shard_task(
                     continue;
                 }
             };
-            let partition = match &req.record.key {
-                Some(k) => partition_for_key(k, partitions),
-                None => {
+            let partition = match (&req.record.key, req.record.partition) {
+                (_, Some(p)) if p < partitions => p,
+                (_, Some(p)) => {
+                    if report {
+                        let _ = results.send(vec![ProduceResult::failed(
+                            req.id,
+                            ProduceError::Other(format!("partition {p} does not exist ({partitions} partitions)")),
+                        )]);
+                    }
+                    continue;
+                }
+                (Some(k), None) => partition_for_key(k, partitions),
+                (None, None) => {
                     let e = sticky
                         .entry((req.record.cluster, req.record.topic.clone()))
                         .or_insert((shard as i32 % partitions, 0));

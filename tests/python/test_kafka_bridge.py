@@ -358,3 +358,53 @@ def test_bridge_metrics_in_sys_topics(kafka, paho):
         assert seen["$SYS/broker/shard/0/kafka/pending"] == "0"
     finally:
         b.stop()
+
+
+@pytest.mark.parametrize("compression", ["gzip", "lz4", "snappy", "zstd"])
+def test_compressed_batches_read_back_by_librdkafka(kafka, paho, compression):
+    topic = topic_name(f"z-{compression}")
+    kafka.create_topic(topic, partitions=1)
+    config = f"""
+[kafka.clusters.default]
+bootstrap = ["{kafka.bootstrap}"]
+compression = "{compression}"
+linger_ms = 20
+
+[[mqtt_to_kafka]]
+name = "z"
+filters = ["z/#"]
+destinations = [{{ cluster = "default", topic = "{topic}" }}]
+"""
+    b = broker_with(config=config)
+    try:
+        c = paho(b.shard(0), "zipper")
+        sent = [f"{compression}-{i}-".encode() * 20 for i in range(50)]
+        infos = [c.c.publish("z/x", v, 1) for v in sent]
+        for i in infos:
+            i.wait_for_publish(WAIT)
+        assert [m.value() for m in kafka.consume(topic, 50)] == sent
+    finally:
+        b.stop()
+
+
+def test_explicit_partition(kafka, paho):
+    topic = topic_name("pinned")
+    kafka.create_topic(topic, partitions=3)
+    config = f"""
+[kafka.clusters.default]
+bootstrap = ["{kafka.bootstrap}"]
+
+[[mqtt_to_kafka]]
+name = "pinned"
+filters = ["pin/#"]
+destinations = [{{ cluster = "default", topic = "{topic}", partition = 2 }}]
+"""
+    b = broker_with(config=config)
+    try:
+        c = paho(b.shard(1), "pinner")
+        for i in range(12):
+            c.publish(f"pin/{i}", b"x", 1)  # 12 different keys, one partition
+        got = kafka.consume(topic, 12)
+        assert len(got) == 12 and {m.partition() for m in got} == {2}
+    finally:
+        b.stop()

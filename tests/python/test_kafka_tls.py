@@ -25,10 +25,24 @@ def make_certs(d):
         "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf")
 
 
+def make_client_cert(d):
+    def run(*args):
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "client.key", "-out", "client.csr", "-subj", "/CN=sluice")
+    # Extensions make it an X.509 v3 certificate, which rustls (webpki) requires.
+    Path(d, "client-ext.cnf").write_text("basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n")
+    run("x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "client.pem", "-days", "2", "-extfile", "client-ext.cnf")
+
+
 class TlsTerminator:
-    def __init__(self, port, backend_port, cert, key):
+    def __init__(self, port, backend_port, cert, key, client_ca=None):
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.ctx.load_cert_chain(cert, key)
+        if client_ca:
+            # Mutual TLS: only clients with a certificate from this CA get through.
+            self.ctx.verify_mode = ssl.CERT_REQUIRED
+            self.ctx.load_verify_locations(client_ca)
         self.backend = ("127.0.0.1", backend_port)
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -110,6 +124,40 @@ destinations = [{{ cluster = "secure", topic = "{topic}" }}]
                 break
         consumer.close()
         assert m is not None and m.value() == b"over tls"
+    finally:
+        b.stop()
+        kafka.stop()
+        term.close()
+
+
+def test_mutual_tls_with_a_client_certificate(paho):
+    d = tempfile.mkdtemp(prefix="sluice-mtls-")
+    make_certs(d)
+    make_client_cert(d)
+    tls_port, plain_port = free_port(), free_port()
+    term = TlsTerminator(tls_port, plain_port, f"{d}/server.pem", f"{d}/server.key", client_ca=f"{d}/ca.pem")
+    kafka = Tansu(port=plain_port, advertised_port=tls_port)
+    topic = f"mtls-{uuid.uuid4().hex[:8]}"
+    config = f"""
+[kafka.clusters.secure]
+bootstrap = ["127.0.0.1:{tls_port}"]
+auto_create_topics = true
+partitions = 1
+tls = {{ ca_file = "{d}/ca.pem", cert_file = "{d}/client.pem", key_file = "{d}/client.key" }}
+
+[[mqtt_to_kafka]]
+name = "secure"
+filters = ["s/#"]
+destinations = [{{ cluster = "secure", topic = "{topic}" }}]
+"""
+    b = broker_with(config=config)
+    try:
+        c = paho(b.shard(1), "mtls-pub", v5=True)
+        acks = []
+        c.c.on_publish = lambda cl, u, mid, rc, p: acks.append(rc.value)
+        c.c.publish("s/x", b"mutual", 1).wait_for_publish(30)
+        assert acks == [0], acks
+        assert term.handshakes >= 1
     finally:
         b.stop()
         kafka.stop()
