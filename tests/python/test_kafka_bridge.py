@@ -408,3 +408,46 @@ destinations = [{{ cluster = "default", topic = "{topic}", partition = 2 }}]
         assert len(got) == 12 and {m.partition() for m in got} == {2}
     finally:
         b.stop()
+
+
+def test_new_partitions_are_used_after_metadata_refresh(paho):
+    """tansu cannot add partitions to a topic, so the topic is recreated with more partitions on a
+    new tansu at the same address: sluice must notice (metadata_max_age_ms) and place keys over
+    all of them, the way Kafka's partitioner would."""
+    from conftest import Tansu
+    k1 = Tansu()
+    port = k1.port
+    topic = topic_name("grow")
+    k1.create_topic(topic, partitions=1)
+    config = f"""
+[kafka.clusters.default]
+bootstrap = ["127.0.0.1:{port}"]
+metadata_max_age_ms = 300
+delivery_timeout_ms = 60000
+
+[[mqtt_to_kafka]]
+name = "grow"
+filters = ["g/#"]
+destinations = [{{ cluster = "default", topic = "{topic}" }}]
+"""
+    b = broker_with(config=config)
+    k2 = None
+    try:
+        c = paho(b.shard(0), "grower", v5=True)
+        c.publish("g/first", b"1", 1)
+        assert {m.partition() for m in k1.consume(topic, 1)} == {0}
+        k1.stop()
+        k2 = Tansu(port=port)
+        k2.create_topic(topic, partitions=4)
+        keys = [f"g/{i}" for i in range(40)]
+        for t in keys:
+            c.publish(t, b"x", 1)
+        got = k2.consume(topic, len(keys))
+        assert len(got) == len(keys)
+        for m in got:
+            assert m.partition() == librdkafka_partition(k2.bootstrap, topic, m.key()), m.key()
+        assert len({m.partition() for m in got}) > 1
+    finally:
+        b.stop()
+        if k2:
+            k2.stop()
