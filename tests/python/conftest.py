@@ -128,6 +128,18 @@ class Paho:
         assert info.is_published()
         return info
 
+    def publish_rc(self, topic, payload, qos=1, timeout=WAIT):
+        """Publishes and returns the reason code of the PUBACK/PUBREC (MQTT 5)."""
+        codes = []
+        previous = self.c.on_publish
+        self.c.on_publish = lambda c, u, mid, rc, p: codes.append(rc.value)
+        try:
+            self.c.publish(topic, payload, qos).wait_for_publish(timeout)
+        finally:
+            self.c.on_publish = previous
+        assert len(codes) == 1, codes
+        return codes[0]
+
     def message(self, timeout=WAIT):
         return self.messages.get(timeout=timeout)
 

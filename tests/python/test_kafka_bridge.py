@@ -1,7 +1,5 @@
 """MQTT → Kafka through a real Kafka-compatible broker (tansu), checked with confluent-kafka
 (librdkafka), an independent Kafka client."""
-import signal
-import subprocess
 import time
 import uuid
 

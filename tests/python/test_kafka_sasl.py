@@ -29,10 +29,7 @@ destinations = [{{ cluster = "secure", topic = "{topic}" }}]
     b = broker_with(config=config)
     try:
         c = paho(b.shard(0), "sasl-pub", v5=True)
-        acks = []
-        c.c.on_publish = lambda cl, u, mid, rc, p: acks.append(rc.value)
-        c.c.publish("s/x", b"authenticated", 1).wait_for_publish(30)
-        assert acks == [0], acks
+        assert c.publish_rc("s/x", b"authenticated", timeout=30) == 0
         assert mechanism in proxy.succeeded and not proxy.failed, (proxy.succeeded, proxy.failed)
         # Read back through the front as well, with librdkafka's own SASL PLAIN.
         [m] = kafka.consume(topic, 1, bootstrap=f"127.0.0.1:{front}", security_protocol="SASL_PLAINTEXT",
@@ -63,10 +60,7 @@ destinations = [{{ cluster = "secure", topic = "never" }}]
     b = broker_with(config=config)
     try:
         c = paho(b.shard(0), "sasl-pub", v5=True)
-        acks = []
-        c.c.on_publish = lambda cl, u, mid, rc, p: acks.append(rc.value)
-        c.c.publish("s/x", b"x", 1).wait_for_publish(WAIT)
-        assert acks == [0x80], acks
+        assert c.publish_rc("s/x", b"x", timeout=WAIT) == 0x80
         assert proxy.failed and not proxy.succeeded
     finally:
         b.stop()

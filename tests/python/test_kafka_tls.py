@@ -109,10 +109,7 @@ destinations = [{{ cluster = "secure", topic = "{topic}" }}]
     b = broker_with(config=config)
     try:
         c = paho(b.shard(0), "tls-pub", v5=True)
-        acks = []
-        c.c.on_publish = lambda cl, u, mid, rc, p: acks.append(rc.value)
-        c.c.publish("s/x", b"over tls", 1).wait_for_publish(30)
-        assert acks == [0], acks
+        assert c.publish_rc("s/x", b"over tls", timeout=30) == 0
         assert term.handshakes >= 1
         consumer = Consumer({"bootstrap.servers": f"127.0.0.1:{tls_port}", "security.protocol": "SSL",
                              "ssl.ca.location": f"{d}/ca.pem", "group.id": "tls-check"})
@@ -153,10 +150,7 @@ destinations = [{{ cluster = "secure", topic = "{topic}" }}]
     b = broker_with(config=config)
     try:
         c = paho(b.shard(1), "mtls-pub", v5=True)
-        acks = []
-        c.c.on_publish = lambda cl, u, mid, rc, p: acks.append(rc.value)
-        c.c.publish("s/x", b"mutual", 1).wait_for_publish(30)
-        assert acks == [0], acks
+        assert c.publish_rc("s/x", b"mutual", timeout=30) == 0
         assert term.handshakes >= 1
     finally:
         b.stop()
@@ -188,10 +182,7 @@ destinations = [{{ cluster = "secure", topic = "never" }}]
     b = broker_with(config=config)
     try:
         c = paho(b.shard(0), "tls-pub", v5=True)
-        acks = []
-        c.c.on_publish = lambda cl, u, mid, rc, p: acks.append(rc.value)
-        c.c.publish("s/x", b"x", 1).wait_for_publish(WAIT)
-        assert acks == [0x80], acks
+        assert c.publish_rc("s/x", b"x", timeout=WAIT) == 0x80
         assert term.handshakes == 0, "a handshake with an untrusted certificate must not complete"
     finally:
         b.stop()

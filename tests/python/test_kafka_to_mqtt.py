@@ -160,7 +160,6 @@ start = "earliest"
 def test_request_response_through_kafka(kafka, paho):
     """An MQTT 5 requester asks a Kafka service: response topic and correlation data travel as
     Kafka headers one way and come back as MQTT 5 properties the other way."""
-    from confluent_kafka import Consumer, TopicPartition
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
     requests, replies = f"req-{uuid.uuid4().hex[:8]}", f"rep-{uuid.uuid4().hex[:8]}"
