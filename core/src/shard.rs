@@ -2156,6 +2156,34 @@ mod tests {
     }
 
     #[test]
+    fn a_retained_publish_racing_a_new_subscription_arrives_once() {
+        let mut w = World::new(2, Limits::default());
+        let topic = (0..).map(|i| format!("r/{i}")).find(|t| shard_of(t, 2) == 0).unwrap();
+        w.connect(1, 1, V5, "sub", true);
+        w.connect(0, 2, V5, "pub", true);
+        // The publish is stored by its owner (shard 0) but its copy for shard 1 is still in
+        // flight when the subscription is made on shard 1.
+        let mut b = BytesMut::new();
+        let p = Publish {
+            dup: false,
+            qos: 0,
+            retain: true,
+            topic: topic.clone(),
+            packet_id: 0,
+            properties: Properties::default(),
+            payload: Bytes::from_static(b"once"),
+        };
+        packet::encode(&Packet::Publish(p), V5, &mut b);
+        w.shards[0].on_bytes(2, &mut b, 0);
+        let mut b = BytesMut::new();
+        packet::encode(&subscribe("r/#", 0), V5, &mut b);
+        w.shards[1].on_bytes(1, &mut b, 0);
+        w.settle();
+        let got: Vec<Packet> = w.recv(1, 1, V5).into_iter().filter(|p| matches!(p, Packet::Publish(_))).collect();
+        assert_eq!(got.len(), 1, "delivered live and again from the retained store: {got:?}");
+    }
+
+    #[test]
     fn will_survives_a_connection_lost_before_its_connack() {
         let mut w = World::new(2, Limits::default());
         w.connect(0, 1, V5, "watcher", true);
