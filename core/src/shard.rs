@@ -356,6 +356,13 @@ pub struct Shard {
     /// delivered live meanwhile. A message published while the subscription is being set up can
     /// reach it both live and through the owner's retained store; the reply skips those.
     retained_pending: HashMap<ClientId, (usize, HashSet<usize>)>,
+    /// The connection whose PUBLISH is being routed, and the connected sessions on this shard
+    /// whose queues that publish pushed past half full: its acknowledgement waits for them to
+    /// drain (back-pressure: the publisher's in-flight window fills instead of queues overflowing).
+    publishing: Option<ConnId>,
+    congested: Vec<ClientId>,
+    /// Session → acknowledgements `(conn, ack seq)` waiting for its queue to drain.
+    drain_waiters: HashMap<ClientId, Vec<(ConnId, u64)>>,
     /// Next offset per consumed partition, and whether it moved since the caller last took it.
     positions: Positions,
     positions_dirty: bool,
@@ -431,6 +438,9 @@ impl Shard {
             inbound_stats: Vec::new(),
             logged_skips: HashSet::new(),
             retained_pending: HashMap::new(),
+            publishing: None,
+            congested: Vec::new(),
+            drain_waiters: HashMap::new(),
             positions: Positions::new(),
             positions_dirty: false,
         }
@@ -780,6 +790,9 @@ impl Shard {
         }
         s.conn = None;
         let expiry = s.expiry_secs;
+        // Nobody reads this session's queue now: publishers are not held back for it.
+        self.release_drain_waiters(&id);
+        let s = self.sessions.get_mut(&id).unwrap();
         if let Some(w) = will {
             let delay = w.properties.will_delay_interval.unwrap_or(0);
             if delay > 0 && expiry > 0 {
@@ -1169,9 +1182,14 @@ impl Shard {
             expiry_at_ms: expiry.map(|e| now_ms + u64::from(e) * 1000),
             origin: client_id,
         });
-        let produced = self.route(msg, now_ms);
         if qos > 0 {
-            self.queue_ack(conn, pid, qos, &produced);
+            self.publishing = Some(conn);
+        }
+        let produced = self.route(msg, now_ms);
+        self.publishing = None;
+        if qos > 0 {
+            let congested = std::mem::take(&mut self.congested);
+            self.queue_ack_waiting(conn, pid, qos, &produced, &congested);
         }
         let _ = v5;
     }
@@ -1180,13 +1198,38 @@ impl Shard {
     /// record in `records` (at once when there are none) and every earlier acknowledgement of
     /// this connection went out: MQTT requires them in the order the PUBLISHes arrived.
     fn queue_ack(&mut self, conn: ConnId, pid: u16, qos: u8, records: &[u64]) {
+        self.queue_ack_waiting(conn, pid, qos, records, &[]);
+    }
+
+    /// [`Shard::queue_ack`] that also waits for the queues of `congested` sessions to drain.
+    fn queue_ack_waiting(&mut self, conn: ConnId, pid: u16, qos: u8, records: &[u64], congested: &[ClientId]) {
         let Some(c) = self.conns.get_mut(&conn) else { return };
         let seq = c.acks_front_seq + c.acks.len() as u64;
-        c.acks.push_back(PendingAck { pid, qos, waiting: records.len() as u32, code: reason::SUCCESS });
+        let waiting = (records.len() + congested.len()) as u32;
+        c.acks.push_back(PendingAck { pid, qos, waiting, code: reason::SUCCESS });
         for id in records {
             self.kafka_waiters.insert(*id, (conn, seq));
         }
+        for id in congested {
+            self.drain_waiters.entry(id.clone()).or_default().push((conn, seq));
+        }
         self.flush_acks(conn);
+    }
+
+    /// A session's queue drained (or it went offline): acknowledgements held for it go on.
+    fn release_drain_waiters(&mut self, id: &ClientId) {
+        let Some(waiters) = self.drain_waiters.remove(id) else { return };
+        let mut touched = Vec::new();
+        for (conn, seq) in waiters {
+            let Some(c) = self.conns.get_mut(&conn) else { continue };
+            let Some(a) = seq.checked_sub(c.acks_front_seq).and_then(|i| c.acks.get_mut(i as usize)) else { continue };
+            a.waiting = a.waiting.saturating_sub(1);
+            touched.push(conn);
+        }
+        touched.dedup();
+        for conn in touched {
+            self.flush_acks(conn);
+        }
     }
 
     fn flush_acks(&mut self, conn: ConnId) {
@@ -1403,6 +1446,11 @@ impl Shard {
             Some(_) if !rec => {
                 s.inflight.remove(&pid);
                 self.pump(&id, now_ms);
+                let drained =
+                    self.sessions.get(&id).is_some_and(|s| s.queue.len() * 4 <= self.limits.max_queued_messages);
+                if drained {
+                    self.release_drain_waiters(&id);
+                }
             }
             _ => {}
         }
@@ -1652,6 +1700,12 @@ impl Shard {
                     }
                 }
                 s.queue.push_back(d);
+                let congested = s.conn.is_some()
+                    && s.conn != self.publishing
+                    && s.queue.len() * 2 >= self.limits.max_queued_messages;
+                if congested && self.publishing.is_some() && !self.congested.contains(id) {
+                    self.congested.push(id.clone());
+                }
                 self.pump(id, now_ms);
             }
         }
@@ -2181,6 +2235,41 @@ mod tests {
         w.settle();
         let got: Vec<Packet> = w.recv(1, 1, V5).into_iter().filter(|p| matches!(p, Packet::Publish(_))).collect();
         assert_eq!(got.len(), 1, "delivered live and again from the retained store: {got:?}");
+    }
+
+    #[test]
+    fn a_filling_subscriber_queue_holds_back_the_publishers_acknowledgements() {
+        let limits = Limits { max_queued_messages: 8, max_inflight: 1, ..Limits::default() };
+        let mut w = World::new(1, limits);
+        w.connect(0, 1, V5, "slow", true);
+        w.send(0, 1, V5, subscribe("bp", 1));
+        w.recv(0, 1, V5);
+        w.connect(0, 2, V5, "fast", true);
+        // One message in flight (window 1), then the queue: past half full (4) acks are held.
+        for pid in 1..=8u16 {
+            w.send(0, 2, V5, publish("bp", 1, pid, b"m"));
+        }
+        let acks: Vec<u16> = w
+            .recv(0, 2, V5)
+            .into_iter()
+            .filter_map(|p| if let Packet::PubAck(r) = p { Some(r.packet_id) } else { None })
+            .collect();
+        assert_eq!(acks, vec![1, 2, 3, 4], "acks after the queue passed half full must wait");
+        assert_eq!(w.shards[0].stats.dropped_queue_full, 0);
+        // The subscriber catches up: once its queue is a quarter full, the held acks go out, in order.
+        let mut released = Vec::new();
+        for _ in 0..8 {
+            let pid = match w.recv(0, 1, V5).as_slice() {
+                [Packet::Publish(p)] => p.packet_id,
+                o => panic!("{o:?}"),
+            };
+            w.send(0, 1, V5, Packet::PubAck(resp(pid)));
+            released.extend(w.recv(0, 2, V5).into_iter().filter_map(|p| match p {
+                Packet::PubAck(r) => Some(r.packet_id),
+                _ => None,
+            }));
+        }
+        assert_eq!(released, vec![5, 6, 7, 8]);
     }
 
     #[test]
