@@ -33,7 +33,7 @@ fn bench(c: &mut Criterion) {
                 })
             });
         }
-        g.bench_with_input(BenchmarkId::new("plain_write", size), &payload, |b, payload| {
+        g.bench_with_input(BenchmarkId::new("plain_write", size), &payload, |b, _| {
             let dir = tempfile::tempdir().unwrap();
             let mut f = std::fs::File::create(dir.path().join("plain")).unwrap();
             let frame = vec![0u8; size + HEADER_BYTES as usize];
@@ -47,7 +47,6 @@ fn bench(c: &mut Criterion) {
                     f.set_len(0).unwrap();
                     written = 0;
                 }
-                let _ = payload;
             })
         });
         g.bench_with_input(BenchmarkId::new("plain_write_fdatasync", size), &payload, |b, _| {

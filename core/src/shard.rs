@@ -1127,7 +1127,6 @@ impl Shard {
     fn on_publish(&mut self, conn: ConnId, mut p: Publish, now_ms: u64) {
         self.stats.messages_received += 1;
         let c = self.conns.get_mut(&conn).unwrap();
-        let v5 = c.version == Some(Version::V5);
         if let Some(alias) = p.properties.topic_alias.take() {
             if alias > self.limits.topic_alias_maximum {
                 return self.protocol_close(conn, reason::TOPIC_ALIAS_INVALID, "topic alias above maximum", now_ms);
@@ -1191,7 +1190,6 @@ impl Shard {
             let congested = std::mem::take(&mut self.congested);
             self.queue_ack_waiting(conn, pid, qos, &produced, &congested);
         }
-        let _ = v5;
     }
 
     /// Queues the PUBACK/PUBREC of a QoS 1/2 publish. It goes out once Kafka acknowledged every
