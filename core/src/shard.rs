@@ -218,6 +218,15 @@ impl Session {
     }
 }
 
+/// Why a connection leaves its session.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Detach {
+    /// Closed or lost: the session goes offline here (or ends, with expiry 0).
+    Lost,
+    /// Taken over by a new connection: the session moves to it.
+    Moves,
+}
+
 enum ConnState {
     AwaitConnect,
     /// CONNECT accepted, waiting for the directory and the previous host.
@@ -613,7 +622,7 @@ impl Shard {
                 self.conns.remove(&conn);
             }
             Some(_) => {
-                self.detach(conn, true, now_ms);
+                self.detach(conn, Detach::Lost, now_ms);
                 self.conns.remove(&conn);
             }
             None => {}
@@ -761,7 +770,7 @@ impl Shard {
             let properties = Properties { reason_string, ..Default::default() };
             self.send(conn, Packet::Disconnect(Disconnect { code, properties }));
         }
-        self.detach(conn, true, now_ms);
+        self.detach(conn, Detach::Lost, now_ms);
         if let Some(c) = self.conns.get_mut(&conn) {
             c.state = ConnState::Closing;
         }
@@ -772,11 +781,13 @@ impl Shard {
         self.close_why(conn, Some(code), Some(why), now_ms);
     }
 
-    /// Separates a connection from its session: will handling and session expiry start here.
-    fn detach(&mut self, conn: ConnId, publish_will: bool, now_ms: u64) {
+    /// Separates a connection from its session: will handling starts here, and for a session
+    /// that stays on this shard (`Detach::Lost`) so does its expiry. A session that `Moves` to
+    /// another connection's shard keeps living there; a will with a delay waits with it.
+    fn detach(&mut self, conn: ConnId, how: Detach, now_ms: u64) {
         let Some(c) = self.conns.get_mut(&conn) else { return };
         let was_active = matches!(c.state, ConnState::Active);
-        let will = if publish_will { c.will.take() } else { None };
+        let will = c.will.take();
         let client_id = c.client_id.clone();
         c.state = ConnState::Closing;
         if !was_active {
@@ -795,11 +806,14 @@ impl Shard {
         let s = self.sessions.get_mut(&id).unwrap();
         if let Some(w) = will {
             let delay = w.properties.will_delay_interval.unwrap_or(0);
-            if delay > 0 && expiry > 0 {
+            if delay > 0 && (expiry > 0 || how == Detach::Moves) {
                 s.pending_will = Some((now_ms + u64::from(delay.min(expiry)) * 1000, w));
             } else {
                 self.publish_will(&id, w, now_ms);
             }
+        }
+        if how == Detach::Moves {
+            return;
         }
         let s = self.sessions.get_mut(&id).unwrap();
         if expiry == 0 {
@@ -1088,7 +1102,7 @@ impl Shard {
         }
         self.pump(&client_id, now_ms);
         if self.conns.get(&conn).is_some_and(|c| c.lost) {
-            self.detach(conn, true, now_ms);
+            self.detach(conn, Detach::Lost, now_ms);
             self.conns.remove(&conn);
             return;
         }
@@ -1813,11 +1827,7 @@ impl Shard {
                             );
                         }
                     }
-                    // Detach with the session kept: expiry does not apply, the session moves.
-                    if let Some(s) = self.sessions.get_mut(&client_id) {
-                        s.expiry_secs = s.expiry_secs.max(1);
-                    }
-                    self.detach(old_conn, true, now_ms);
+                    self.detach(old_conn, Detach::Moves, now_ms);
                     self.effects.close.push(old_conn);
                 }
                 if let Some(mut s) = self.sessions.remove(&client_id) {
