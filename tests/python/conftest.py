@@ -274,3 +274,34 @@ def broker_with(*args, cores=2, config=None, data_dir=None):
         f.close()
         extra += ["--config", f.name]
     return Broker(*extra, cores=cores, data_dir=data_dir)
+
+
+class FrontedBridge:
+    """tansu behind a front (TLS terminator, SASL front) whose address it advertises, and a sluice
+    broker bridging `s/#` to `topic` on cluster `secure`, reached through the front with
+    `cluster_settings` (TOML lines: tls, sasl, time-outs…). Use as a context manager."""
+
+    def __init__(self, make_front, cluster_settings, topic="never"):
+        self.front_port, plain_port = free_port(), free_port()
+        self.front = make_front(self.front_port, plain_port)
+        self.kafka = Tansu(port=plain_port, advertised_port=self.front_port)
+        self.topic = topic
+        config = f"""
+[kafka.clusters.secure]
+bootstrap = ["127.0.0.1:{self.front_port}"]
+{cluster_settings}
+
+[[mqtt_to_kafka]]
+name = "secure"
+filters = ["s/#"]
+destinations = [{{ cluster = "secure", topic = "{topic}" }}]
+"""
+        self.broker = broker_with(config=config)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.broker.stop()
+        self.kafka.stop()
+        self.front.close()

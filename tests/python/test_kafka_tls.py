@@ -9,9 +9,7 @@ import threading
 import uuid
 from pathlib import Path
 
-from confluent_kafka import Consumer, TopicPartition
-
-from conftest import WAIT, Tansu, broker_with, free_port
+from conftest import WAIT, FrontedBridge
 
 
 def make_certs(d):
@@ -87,75 +85,36 @@ class TlsTerminator:
         self.sock.close()
 
 
+def terminator(d, client_ca=None):
+    return lambda port, backend: TlsTerminator(port, backend, f"{d}/server.pem", f"{d}/server.key", client_ca)
+
+
 def test_bridge_over_tls_with_a_custom_ca(paho):
     d = tempfile.mkdtemp(prefix="sluice-tls-")
     make_certs(d)
-    tls_port, plain_port = free_port(), free_port()
-    term = TlsTerminator(tls_port, plain_port, f"{d}/server.pem", f"{d}/server.key")
-    kafka = Tansu(port=plain_port, advertised_port=tls_port)
-    topic = f"tls-{uuid.uuid4().hex[:8]}"
-    config = f"""
-[kafka.clusters.secure]
-bootstrap = ["127.0.0.1:{tls_port}"]
-auto_create_topics = true
+    settings = f"""auto_create_topics = true
 partitions = 1
-tls = {{ ca_file = "{d}/ca.pem" }}
-
-[[mqtt_to_kafka]]
-name = "secure"
-filters = ["s/#"]
-destinations = [{{ cluster = "secure", topic = "{topic}" }}]
-"""
-    b = broker_with(config=config)
-    try:
-        c = paho(b.shard(0), "tls-pub", v5=True)
+tls = {{ ca_file = "{d}/ca.pem" }}"""
+    with FrontedBridge(terminator(d), settings, topic=f"tls-{uuid.uuid4().hex[:8]}") as f:
+        c = paho(f.broker.shard(0), "tls-pub", v5=True)
         assert c.publish_rc("s/x", b"over tls", timeout=30) == 0
-        assert term.handshakes >= 1
-        consumer = Consumer({"bootstrap.servers": f"127.0.0.1:{tls_port}", "security.protocol": "SSL",
-                             "ssl.ca.location": f"{d}/ca.pem", "group.id": "tls-check"})
-        consumer.assign([TopicPartition(topic, 0, 0)])
-        m = None
-        for _ in range(100):
-            m = consumer.poll(0.2)
-            if m is not None and not m.error():
-                break
-        consumer.close()
-        assert m is not None and m.value() == b"over tls"
-    finally:
-        b.stop()
-        kafka.stop()
-        term.close()
+        assert f.front.handshakes >= 1
+        [m] = f.kafka.consume(f.topic, 1, bootstrap=f"127.0.0.1:{f.front_port}", security_protocol="SSL",
+                              ssl_ca_location=f"{d}/ca.pem")
+        assert m.value() == b"over tls"
 
 
 def test_mutual_tls_with_a_client_certificate(paho):
     d = tempfile.mkdtemp(prefix="sluice-mtls-")
     make_certs(d)
     make_client_cert(d)
-    tls_port, plain_port = free_port(), free_port()
-    term = TlsTerminator(tls_port, plain_port, f"{d}/server.pem", f"{d}/server.key", client_ca=f"{d}/ca.pem")
-    kafka = Tansu(port=plain_port, advertised_port=tls_port)
-    topic = f"mtls-{uuid.uuid4().hex[:8]}"
-    config = f"""
-[kafka.clusters.secure]
-bootstrap = ["127.0.0.1:{tls_port}"]
-auto_create_topics = true
+    settings = f"""auto_create_topics = true
 partitions = 1
-tls = {{ ca_file = "{d}/ca.pem", cert_file = "{d}/client.pem", key_file = "{d}/client.key" }}
-
-[[mqtt_to_kafka]]
-name = "secure"
-filters = ["s/#"]
-destinations = [{{ cluster = "secure", topic = "{topic}" }}]
-"""
-    b = broker_with(config=config)
-    try:
-        c = paho(b.shard(1), "mtls-pub", v5=True)
+tls = {{ ca_file = "{d}/ca.pem", cert_file = "{d}/client.pem", key_file = "{d}/client.key" }}"""
+    with FrontedBridge(terminator(d, client_ca=f"{d}/ca.pem"), settings, topic=f"mtls-{uuid.uuid4().hex[:8]}") as f:
+        c = paho(f.broker.shard(1), "mtls-pub", v5=True)
         assert c.publish_rc("s/x", b"mutual", timeout=30) == 0
-        assert term.handshakes >= 1
-    finally:
-        b.stop()
-        kafka.stop()
-        term.close()
+        assert f.front.handshakes >= 1
 
 
 def test_untrusted_certificate_is_refused(paho):
@@ -164,27 +123,10 @@ def test_untrusted_certificate_is_refused(paho):
     d, other = tempfile.mkdtemp(prefix="sluice-tls-"), tempfile.mkdtemp(prefix="sluice-tls-other-")
     make_certs(d)
     make_certs(other)
-    tls_port, plain_port = free_port(), free_port()
-    term = TlsTerminator(tls_port, plain_port, f"{d}/server.pem", f"{d}/server.key")
-    kafka = Tansu(port=plain_port, advertised_port=tls_port)
-    config = f"""
-[kafka.clusters.secure]
-bootstrap = ["127.0.0.1:{tls_port}"]
-delivery_timeout_ms = 2000
+    settings = f"""delivery_timeout_ms = 2000
 request_timeout_ms = 500
-tls = {{ ca_file = "{other}/ca.pem" }}
-
-[[mqtt_to_kafka]]
-name = "secure"
-filters = ["s/#"]
-destinations = [{{ cluster = "secure", topic = "never" }}]
-"""
-    b = broker_with(config=config)
-    try:
-        c = paho(b.shard(0), "tls-pub", v5=True)
+tls = {{ ca_file = "{other}/ca.pem" }}"""
+    with FrontedBridge(terminator(d), settings) as f:
+        c = paho(f.broker.shard(0), "tls-pub", v5=True)
         assert c.publish_rc("s/x", b"x", timeout=WAIT) == 0x80
-        assert term.handshakes == 0, "a handshake with an untrusted certificate must not complete"
-    finally:
-        b.stop()
-        kafka.stop()
-        term.close()
+        assert f.front.handshakes == 0, "a handshake with an untrusted certificate must not complete"
