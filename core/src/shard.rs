@@ -373,7 +373,8 @@ pub struct Shard {
     /// Session → acknowledgements `(conn, ack seq)` waiting for its queue to drain.
     drain_waiters: HashMap<ClientId, Vec<(ConnId, u64)>>,
     /// Next offset per consumed partition, and whether it moved since the caller last took it.
-    positions: Positions,
+    /// (mapping, topic, partition) → next offset; names are looked up only when stored.
+    positions: HashMap<(u16, Arc<str>, i32), i64>,
     positions_dirty: bool,
 }
 
@@ -450,7 +451,7 @@ impl Shard {
             publishing: None,
             congested: Vec::new(),
             drain_waiters: HashMap::new(),
-            positions: Positions::new(),
+            positions: HashMap::new(),
             positions_dirty: false,
         }
     }
@@ -1352,8 +1353,7 @@ impl Shard {
         for r in records {
             // Routed (delivered or queued on this shard, handed to the others) → the position
             // may move past it.
-            let key = (self.inbound.mapping_name(r.mapping).to_string(), r.topic.to_string(), r.partition);
-            self.positions.insert(key, r.offset + 1);
+            self.positions.insert((r.mapping, r.topic.clone(), r.partition), r.offset + 1);
             self.positions_dirty = true;
             let stats = self.inbound_stats.get_mut(usize::from(r.mapping));
             if let Some(s) = stats {
@@ -1392,7 +1392,12 @@ impl Shard {
             return None;
         }
         self.positions_dirty = false;
-        Some(self.positions.clone())
+        Some(
+            self.positions
+                .iter()
+                .map(|((m, t, p), off)| ((self.inbound.mapping_name(*m).to_string(), t.to_string(), *p), *off))
+                .collect(),
+        )
     }
 
     /// `local-durable` records that stay on disk behind a backlog: the net layer replays them to
