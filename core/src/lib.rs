@@ -8,6 +8,7 @@
 //!   headers, and Kafka's murmur2 partitioner.
 //! - [`inbound`]: Kafka → MQTT mappings — MQTT topics and payloads rendered from Kafka records.
 //! - [`config`]: limits and listener settings, parsed from TOML with errors that name the key.
+//! - [`session`]: sessions and retained messages as data, and their on-disk forms.
 //! - [`shard`]: the state one core owns — connections, sessions, its trie, its share of retained
 //!   messages — as a state machine. It takes bytes, ticks (`now_ms`) and messages from other shards,
 //!   and returns bytes to write, connections to close and messages for other shards.
@@ -19,5 +20,6 @@ pub mod bridge;
 pub mod config;
 pub mod inbound;
 pub mod packet;
+pub mod session;
 pub mod shard;
 pub mod topic;

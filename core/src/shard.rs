@@ -21,7 +21,7 @@
 //! Invariants: every queue has a bound from [`Limits`]; a session is hosted by at most one shard;
 //! a session's subscriptions are in the trie of exactly the shard hosting it.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -33,6 +33,8 @@ use crate::packet::{
     self, reason, ConnAck, Connect, Disconnect, Packet, Properties, PubResp, Publish, SubAck, SubOptions, Subscribe,
     UnsubAck, Unsubscribe, Version, Will,
 };
+use crate::session::{Delivery, Inflight, Sub};
+pub use crate::session::{Session, StoredMessage};
 use crate::topic::{self, TopicLimits, Trie};
 
 pub type ShardId = usize;
@@ -151,73 +153,6 @@ pub struct Stats {
     pub malformed: u64,
 }
 
-#[derive(Clone, Debug)]
-struct Sub {
-    opts: SubOptions,
-    sub_id: Option<u32>,
-}
-
-/// One message on its way to one session.
-#[derive(Clone, Debug)]
-struct Delivery {
-    msg: Msg,
-    qos: u8,
-    retain: bool,
-    sub_ids: Vec<u32>,
-}
-
-#[derive(Clone, Debug)]
-enum Inflight {
-    /// PUBLISH sent, waiting for PUBACK (QoS 1) or PUBREC (QoS 2).
-    Publish(Delivery),
-    /// PUBREL sent, waiting for PUBCOMP.
-    Release,
-}
-
-/// A session: what survives a connection. Moves between shards in [`ShardMsg::Transfer`].
-#[derive(Debug)]
-pub struct Session {
-    client_id: ClientId,
-    conn: Option<ConnId>,
-    subs: HashMap<String, Sub>,
-    inflight: BTreeMap<u16, Inflight>,
-    queue: VecDeque<Delivery>,
-    next_pid: u16,
-    /// QoS 2 packet ids received and PUBREC'd, waiting for PUBREL.
-    incoming_qos2: HashSet<u16>,
-    expiry_secs: u32,
-    expires_at_ms: Option<u64>,
-    /// A will waiting out its delay while the session is offline.
-    pending_will: Option<(u64, Will)>,
-}
-
-impl Session {
-    fn new(client_id: ClientId) -> Self {
-        Session {
-            client_id,
-            conn: None,
-            subs: HashMap::new(),
-            inflight: BTreeMap::new(),
-            queue: VecDeque::new(),
-            next_pid: 1,
-            incoming_qos2: HashSet::new(),
-            expiry_secs: 0,
-            expires_at_ms: None,
-            pending_will: None,
-        }
-    }
-
-    fn alloc_pid(&mut self) -> u16 {
-        loop {
-            let pid = self.next_pid;
-            self.next_pid = if pid == u16::MAX { 1 } else { pid + 1 };
-            if !self.inflight.contains_key(&pid) {
-                return pid;
-            }
-        }
-    }
-}
-
 /// Why a connection leaves its session.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Detach {
@@ -294,6 +229,8 @@ pub struct Effects {
     /// Retained messages this shard stored (`Some`) or cleared (`None`), in order, for the
     /// caller to persist (`$SYS/` topics excluded).
     pub retained: Vec<(String, Option<Msg>)>,
+    /// An acknowledgement waits for the session store: commit now rather than at the next tick.
+    pub sessions_urgent: bool,
 }
 
 /// Per-mapping counters of the MQTT → Kafka bridge, published under `$SYS/broker/kafka/NAME/`.
@@ -376,6 +313,34 @@ pub struct Shard {
     /// (mapping, topic, partition) → next offset; names are looked up only when stored.
     positions: HashMap<(u16, Arc<str>, i32), i64>,
     positions_dirty: bool,
+    /// The caller stores persistent sessions ([`Shard::with_session_store`]).
+    persist_sessions: bool,
+    /// Sessions changed since the caller last took the changes.
+    dirty_sessions: HashSet<ClientId>,
+    /// Acknowledgements `(conn, ack seq)` and SUBSCRIBEs (conn) that wait for the next session
+    /// store commit: what they acknowledge must survive a crash.
+    store_ack_waiters: Vec<(ConnId, u64)>,
+    store_sub_waiters: Vec<ConnId>,
+    /// Waiters of changes taken and not yet reported durable, by commit token.
+    store_flushing: VecDeque<(u64, Vec<(ConnId, u64)>, Vec<ConnId>)>,
+    next_store_token: u64,
+    /// Set while routing a publish when it went to a stored session at QoS > 0.
+    publish_stored: bool,
+}
+
+/// A change to one persistent session, for the caller's session store.
+#[derive(Debug)]
+pub enum SessionChange {
+    Put { client_id: ClientId, generation: u64, bytes: Vec<u8> },
+    Delete { client_id: ClientId },
+}
+
+/// Marks `s` for the session store if it is (or was) persistent.
+fn touch(persist: bool, dirty: &mut HashSet<ClientId>, s: &mut Session) {
+    if persist && (s.expiry_secs > 0 || s.stored) {
+        s.stored = s.expiry_secs > 0;
+        dirty.insert(s.client_id.clone());
+    }
 }
 
 /// How often shards exchange their counters.
@@ -453,6 +418,13 @@ impl Shard {
             drain_waiters: HashMap::new(),
             positions: HashMap::new(),
             positions_dirty: false,
+            persist_sessions: false,
+            dirty_sessions: HashSet::new(),
+            store_ack_waiters: Vec::new(),
+            store_sub_waiters: Vec::new(),
+            store_flushing: VecDeque::new(),
+            next_store_token: 0,
+            publish_stored: false,
         }
     }
 
@@ -817,6 +789,7 @@ impl Shard {
             return;
         }
         let s = self.sessions.get_mut(&id).unwrap();
+        touch(self.persist_sessions, &mut self.dirty_sessions, s);
         if expiry == 0 {
             let s = self.sessions.remove(&id).unwrap();
             self.end_session(s, now_ms);
@@ -827,6 +800,7 @@ impl Shard {
 
     /// A session ends for good: its will (if still waiting) goes out, its subscriptions go away.
     fn end_session(&mut self, mut s: Session, now_ms: u64) {
+        touch(self.persist_sessions, &mut self.dirty_sessions, &mut s);
         if let Some((_, w)) = s.pending_will.take() {
             self.publish_will(&s.client_id, w, now_ms);
         }
@@ -896,8 +870,10 @@ impl Shard {
                 }
             }
             Packet::PubRel(r) => {
-                let Some(s) = self.session_of(conn) else { return };
+                let Some(id) = self.conns.get(&conn).and_then(|c| c.client_id.clone()) else { return };
+                let Some(s) = self.sessions.get_mut(&id) else { return };
                 let found = s.incoming_qos2.remove(&r.packet_id);
+                touch(self.persist_sessions, &mut self.dirty_sessions, s);
                 let code = if found { reason::SUCCESS } else { reason::PACKET_ID_NOT_FOUND };
                 self.send(
                     conn,
@@ -1111,7 +1087,9 @@ impl Shard {
     }
 
     /// Installs a session on this shard: its subscriptions enter this shard's trie.
-    fn adopt(&mut self, s: Session) {
+    fn adopt(&mut self, mut s: Session) {
+        s.generation += 1;
+        touch(self.persist_sessions, &mut self.dirty_sessions, &mut s);
         let id = s.client_id.clone();
         for (filter, sub) in &s.subs {
             match topic::parse_shared(filter) {
@@ -1133,6 +1111,7 @@ impl Shard {
     /// A session replaced by a clean start: its will goes out, subscriptions go; the directory
     /// already names the new host, so no Release.
     fn end_session_quietly(&mut self, mut s: Session, now_ms: u64) {
+        touch(self.persist_sessions, &mut self.dirty_sessions, &mut s);
         if let Some((_, w)) = s.pending_will.take() {
             self.publish_will(&s.client_id, w, now_ms);
         }
@@ -1182,6 +1161,7 @@ impl Shard {
                 return self.protocol_close(conn, reason::RECEIVE_MAXIMUM_EXCEEDED, "receive maximum exceeded", now_ms);
             }
             s.incoming_qos2.insert(p.packet_id);
+            touch(self.persist_sessions, &mut self.dirty_sessions, s);
         }
         let mut properties = std::mem::take(&mut p.properties);
         properties.subscription_identifiers.clear();
@@ -1201,9 +1181,10 @@ impl Shard {
         }
         let produced = self.route(msg, now_ms);
         self.publishing = None;
+        let stored = std::mem::take(&mut self.publish_stored);
         if qos > 0 {
             let congested = std::mem::take(&mut self.congested);
-            self.queue_ack_waiting(conn, pid, qos, &produced, &congested);
+            self.queue_ack_waiting(conn, pid, qos, &produced, &congested, stored);
         }
     }
 
@@ -1211,14 +1192,28 @@ impl Shard {
     /// record in `records` (at once when there are none) and every earlier acknowledgement of
     /// this connection went out: MQTT requires them in the order the PUBLISHes arrived.
     fn queue_ack(&mut self, conn: ConnId, pid: u16, qos: u8, records: &[u64]) {
-        self.queue_ack_waiting(conn, pid, qos, records, &[]);
+        self.queue_ack_waiting(conn, pid, qos, records, &[], false);
     }
 
-    /// [`Shard::queue_ack`] that also waits for the queues of `congested` sessions to drain.
-    fn queue_ack_waiting(&mut self, conn: ConnId, pid: u16, qos: u8, records: &[u64], congested: &[ClientId]) {
+    /// [`Shard::queue_ack`] that also waits for the queues of `congested` sessions to drain,
+    /// and with `stored`, for the session store to commit (the message went to a persistent
+    /// session).
+    fn queue_ack_waiting(
+        &mut self,
+        conn: ConnId,
+        pid: u16,
+        qos: u8,
+        records: &[u64],
+        congested: &[ClientId],
+        stored: bool,
+    ) {
         let Some(c) = self.conns.get_mut(&conn) else { return };
         let seq = c.acks_front_seq + c.acks.len() as u64;
-        let waiting = (records.len() + congested.len()) as u32;
+        let waiting = (records.len() + congested.len() + usize::from(stored)) as u32;
+        if stored {
+            self.store_ack_waiters.push((conn, seq));
+            self.effects.sessions_urgent = true;
+        }
         c.acks.push_back(PendingAck { pid, qos, waiting, code: reason::SUCCESS });
         for id in records {
             self.kafka_waiters.insert(*id, (conn, seq));
@@ -1232,6 +1227,11 @@ impl Shard {
     /// A session's queue drained (or it went offline): acknowledgements held for it go on.
     fn release_drain_waiters(&mut self, id: &ClientId) {
         let Some(waiters) = self.drain_waiters.remove(id) else { return };
+        self.release_acks(waiters);
+    }
+
+    /// One thing each of these acknowledgements waited for happened.
+    fn release_acks(&mut self, waiters: Vec<(ConnId, u64)>) {
         let mut touched = Vec::new();
         for (conn, seq) in waiters {
             let Some(c) = self.conns.get_mut(&conn) else { continue };
@@ -1337,6 +1337,76 @@ impl Shard {
         }
         self.run_local(now_ms);
         moved
+    }
+
+    /// Turns on session persistence: changes to persistent sessions (session expiry > 0) are
+    /// collected for [`Shard::take_session_changes`], and acknowledgements that promise
+    /// something a crash must not lose (SUBACK of a persistent session, PUBACK/PUBREC of a
+    /// message queued for one on this shard) wait for [`Shard::on_sessions_synced`].
+    pub fn with_session_store(mut self) -> Self {
+        self.persist_sessions = true;
+        self
+    }
+
+    /// Sessions from the store of the last run: `(client id, generation, bytes)`. The caller
+    /// hands each session to the shard owning its directory entry. Returns the client ids
+    /// whose records are to be dropped (expired while stored, or unreadable).
+    pub fn restore_sessions(&mut self, stored: Vec<(String, u64, Vec<u8>)>, now_ms: u64) -> Vec<String> {
+        let mut dropped = Vec::new();
+        for (client_id, generation, bytes) in stored {
+            let id: ClientId = client_id.as_str().into();
+            let s = match Session::decode(id.clone(), generation, &bytes, self.wall_offset_ms, now_ms) {
+                Some(s) if s.expires_at_ms.is_none_or(|at| at > now_ms) => s,
+                _ => {
+                    dropped.push(client_id);
+                    continue;
+                }
+            };
+            self.directory.insert(id.clone(), self.id);
+            let mut s = s;
+            // `adopt` counts a new generation; this is the same session, already stored.
+            s.generation = generation.saturating_sub(1);
+            self.adopt(s);
+            self.dirty_sessions.remove(&id);
+        }
+        self.run_local(now_ms);
+        dropped
+    }
+
+    /// Changes to persistent sessions since the last call, and the token to hand to
+    /// [`Shard::on_sessions_synced`] once they are durable.
+    pub fn take_session_changes(&mut self) -> (Vec<SessionChange>, u64) {
+        let mut changes = Vec::with_capacity(self.dirty_sessions.len());
+        for id in self.dirty_sessions.drain() {
+            match self.sessions.get(&id) {
+                Some(s) if s.expiry_secs > 0 => {
+                    let mut bytes = Vec::new();
+                    s.encode(self.wall_offset_ms, &mut bytes);
+                    changes.push(SessionChange::Put { client_id: id, generation: s.generation, bytes });
+                }
+                _ => changes.push(SessionChange::Delete { client_id: id }),
+            }
+        }
+        self.next_store_token += 1;
+        let acks = std::mem::take(&mut self.store_ack_waiters);
+        let subs = std::mem::take(&mut self.store_sub_waiters);
+        if !acks.is_empty() || !subs.is_empty() {
+            self.store_flushing.push_back((self.next_store_token, acks, subs));
+        }
+        (changes, self.next_store_token)
+    }
+
+    /// The changes taken with `token` (and every earlier token) are durable: acknowledgements
+    /// waiting for them go out.
+    pub fn on_sessions_synced(&mut self, token: u64, now_ms: u64) {
+        while self.store_flushing.front().is_some_and(|(t, ..)| *t <= token) {
+            let (_, acks, subs) = self.store_flushing.pop_front().unwrap();
+            self.release_acks(acks);
+            for conn in subs {
+                self.subscribe_step_done(conn, now_ms);
+            }
+        }
+        self.run_local(now_ms);
     }
 
     /// Turns on Kafka → MQTT: records handed to [`Shard::on_kafka_records`] are transformed and
@@ -1450,8 +1520,9 @@ impl Shard {
 
     /// PUBACK, PUBREC (`rec`) or PUBCOMP for a message we sent.
     fn on_ack(&mut self, conn: ConnId, pid: u16, rec: bool, now_ms: u64) {
-        let Some(s) = self.session_of(conn) else { return };
-        let id = s.client_id.clone();
+        let Some(id) = self.conns.get(&conn).and_then(|c| c.client_id.clone()) else { return };
+        let Some(s) = self.sessions.get_mut(&id) else { return };
+        touch(self.persist_sessions, &mut self.dirty_sessions, s);
         match s.inflight.get(&pid) {
             Some(Inflight::Publish(d)) if rec && d.qos == 2 => {
                 s.inflight.insert(pid, Inflight::Release);
@@ -1528,6 +1599,14 @@ impl Shard {
             }
             codes.push(opts.qos);
         }
+        let s = self.sessions.get_mut(&client_id).unwrap();
+        touch(self.persist_sessions, &mut self.dirty_sessions, s);
+        if s.stored {
+            // The SUBACK promises the subscription: it goes out once the store has it.
+            self.store_sub_waiters.push(conn);
+            self.effects.sessions_urgent = true;
+            acks_left += 1;
+        }
         let pending = PendingSub {
             acks_left,
             suback: SubAck { packet_id: sub.packet_id, codes, properties: Properties::default() },
@@ -1537,6 +1616,19 @@ impl Shard {
             self.conns.get_mut(&conn).unwrap().pending_sub = Some(pending);
         } else {
             self.finish_subscribe(conn, client_id, pending);
+        }
+    }
+
+    /// One of the confirmations a pending SUBSCRIBE waits for arrived.
+    fn subscribe_step_done(&mut self, conn: ConnId, now_ms: u64) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        let Some(p) = c.pending_sub.as_mut() else { return };
+        p.acks_left -= 1;
+        if p.acks_left == 0 {
+            let p = c.pending_sub.take().unwrap();
+            let id = c.client_id.clone().unwrap();
+            self.finish_subscribe(conn, id, p);
+            self.resume(conn, now_ms);
         }
     }
 
@@ -1567,6 +1659,7 @@ impl Shard {
         let mut codes = Vec::with_capacity(u.filters.len());
         for f in &u.filters {
             let s = self.sessions.get_mut(&id).unwrap();
+            touch(self.persist_sessions, &mut self.dirty_sessions, s);
             if s.subs.remove(f).is_some() {
                 self.unsubscribe_one(&id, f);
                 codes.push(reason::SUCCESS);
@@ -1717,6 +1810,10 @@ impl Shard {
                     }
                 }
                 s.queue.push_back(d);
+                touch(self.persist_sessions, &mut self.dirty_sessions, s);
+                if s.stored && self.publishing.is_some() {
+                    self.publish_stored = true;
+                }
                 let congested = s.conn.is_some()
                     && s.conn != self.publishing
                     && s.queue.len() * 2 >= self.limits.max_queued_messages;
@@ -1836,6 +1933,7 @@ impl Shard {
                     self.effects.close.push(old_conn);
                 }
                 if let Some(mut s) = self.sessions.remove(&client_id) {
+                    touch(self.persist_sessions, &mut self.dirty_sessions, &mut s);
                     for (filter, _) in s.subs.iter() {
                         if topic::parse_shared(filter).is_none() {
                             self.trie.remove(filter, &client_id);
@@ -1887,17 +1985,7 @@ impl Shard {
                     self.deliver(&client_id, d, now_ms);
                 }
             }
-            ShardMsg::ShareJoined { conn } => {
-                let Some(c) = self.conns.get_mut(&conn) else { return };
-                let Some(p) = c.pending_sub.as_mut() else { return };
-                p.acks_left -= 1;
-                if p.acks_left == 0 {
-                    let p = c.pending_sub.take().unwrap();
-                    let id = c.client_id.clone().unwrap();
-                    self.finish_subscribe(conn, id, p);
-                    self.resume(conn, now_ms);
-                }
-            }
+            ShardMsg::ShareJoined { conn } => self.subscribe_step_done(conn, now_ms),
             ShardMsg::ShareJoin { key, member, ack } => {
                 if let Some(conn) = ack {
                     self.send_to_shard(member.shard, ShardMsg::ShareJoined { conn });
@@ -2102,6 +2190,14 @@ mod tests {
         }
 
         fn connect(&mut self, shard: ShardId, conn: ConnId, v: Version, id: &str, clean: bool) -> ConnAck {
+            match self.connect_all(shard, conn, v, id, clean).into_iter().next() {
+                Some(Packet::ConnAck(a)) => a,
+                o => panic!("{o:?}"),
+            }
+        }
+
+        /// CONNECT, and the CONNACK with whatever followed it.
+        fn connect_all(&mut self, shard: ShardId, conn: ConnId, v: Version, id: &str, clean: bool) -> Vec<Packet> {
             self.shards[shard].on_open(conn, self.now);
             let c = Connect {
                 version: v,
@@ -2114,10 +2210,7 @@ mod tests {
                 properties: Properties { session_expiry_interval: (!clean).then_some(600), ..Default::default() },
             };
             self.send(shard, conn, v, Packet::Connect(Box::new(c)));
-            match self.recv(shard, conn, v).into_iter().next() {
-                Some(Packet::ConnAck(a)) => a,
-                o => panic!("{o:?}"),
-            }
+            self.recv(shard, conn, v)
         }
     }
 
@@ -2146,6 +2239,81 @@ mod tests {
     }
 
     const V5: Version = Version::V5;
+
+    /// What `sluice-net` does with [`SessionChange`]s, in memory: a store per shard, merged at
+    /// start by the highest generation. Holds `(generation, bytes, shard whose store has it)`.
+    fn commit_sessions(w: &mut World, store: &mut HashMap<String, (u64, Vec<u8>, ShardId)>) {
+        for i in 0..w.shards.len() {
+            let (changes, token) = w.shards[i].take_session_changes();
+            for c in changes {
+                match c {
+                    SessionChange::Put { client_id, generation, bytes } => {
+                        let e = store.entry(client_id.to_string()).or_insert((0, Vec::new(), i));
+                        if generation >= e.0 {
+                            *e = (generation, bytes, i);
+                        }
+                    }
+                    SessionChange::Delete { client_id } => {
+                        if store.get(client_id.as_ref()).is_some_and(|e| e.2 == i) {
+                            store.remove(client_id.as_ref());
+                        }
+                    }
+                }
+            }
+            w.shards[i].on_sessions_synced(token, w.now);
+        }
+        w.settle();
+    }
+
+    #[test]
+    fn a_persistent_session_comes_back_from_the_store_after_a_restart() {
+        let persistent = |n: usize| {
+            let mut w = World::new(n, Limits::default());
+            w.shards = (0..n).map(|i| Shard::new(i, n, Limits::default(), 0).with_session_store()).collect();
+            w
+        };
+        let mut store = HashMap::new();
+        let mut w = persistent(2);
+        w.connect(1, 1, V5, "dev", false);
+        w.send(1, 1, V5, subscribe("cmd/#", 1));
+        assert!(w.recv(1, 1, V5).is_empty(), "SUBACK before the store has the subscription");
+        commit_sessions(&mut w, &mut store);
+        assert!(matches!(w.recv(1, 1, V5).as_slice(), [Packet::SubAck(_)]));
+        w.shards[1].on_lost(1, w.now);
+        w.settle();
+        // A publisher on the same shard: its PUBACK waits for the offline queue to be stored.
+        w.connect(1, 2, V5, "app", true);
+        w.send(1, 2, V5, publish("cmd/1", 1, 7, b"reboot"));
+        assert!(w.recv(1, 2, V5).is_empty(), "PUBACK before the queued message is stored");
+        commit_sessions(&mut w, &mut store);
+        assert!(matches!(w.recv(1, 2, V5).as_slice(), [Packet::PubAck(r)] if r.packet_id == 7));
+        // A clean session is never stored.
+        assert_eq!(store.keys().collect::<Vec<_>>(), ["dev"]);
+
+        // Restart with another shard count: every session goes to its directory shard.
+        let mut w = persistent(3);
+        for (id, (generation, bytes, _)) in store.clone() {
+            let at = directory_shard(&id, 3);
+            assert!(w.shards[at].restore_sessions(vec![(id, generation, bytes)], 0).is_empty());
+        }
+        w.settle();
+        match w.connect_all(2, 5, V5, "dev", false).as_slice() {
+            [Packet::ConnAck(a), Packet::Publish(p)] if a.session_present => {
+                assert_eq!((p.topic.as_str(), p.qos, &p.payload[..]), ("cmd/1", 1, &b"reboot"[..]))
+            }
+            o => panic!("{o:?}"),
+        }
+        // The subscription came back too.
+        w.connect(0, 6, V5, "app", true);
+        w.send(0, 6, V5, publish("cmd/2", 0, 0, b"again"));
+        assert!(matches!(w.recv(2, 5, V5).as_slice(), [Packet::Publish(p)] if p.topic == "cmd/2"));
+        // Ending the session (clean start) deletes it from the store.
+        w.shards[2].on_lost(5, w.now);
+        w.settle();
+        w.connect(1, 7, V5, "dev", true);
+        commit_sessions(&mut w, &mut store);
+        assert!(store.is_empty(), "{store:?}");
+    }
 
     #[test]
     fn outbound_qos2_state_machine() {
@@ -2343,119 +2511,5 @@ mod tests {
         let got = w.recv(1, 1, V5);
         let names: Vec<&str> = got.iter().map(Packet::name).collect();
         assert_eq!(names, ["CONNACK", "SUBACK", "PINGRESP"]);
-    }
-}
-
-/// A message in its on-disk form (retained messages): self-contained, expiry as wall-clock time.
-#[derive(Clone, Debug, PartialEq)]
-pub struct StoredMessage {
-    pub topic: String,
-    pub payload: Bytes,
-    pub qos: u8,
-    pub properties: Properties,
-    /// Unix ms, 0 = never.
-    pub expiry_at_unix_ms: i64,
-    pub origin: String,
-}
-
-impl StoredMessage {
-    pub fn from_message(m: &Message, wall_offset_ms: i64) -> StoredMessage {
-        StoredMessage {
-            topic: m.topic.clone(),
-            payload: m.payload.clone(),
-            qos: m.qos,
-            properties: m.properties.clone(),
-            expiry_at_unix_ms: m.expiry_at_ms.map_or(0, |e| wall_offset_ms + e as i64),
-            origin: m.origin.to_string(),
-        }
-    }
-
-    /// `None` when it expired while stored.
-    fn into_message(self, wall_offset_ms: i64, now_ms: u64) -> Option<Message> {
-        let expiry_at_ms = match self.expiry_at_unix_ms {
-            0 => None,
-            at => {
-                let local = at - wall_offset_ms;
-                if local <= now_ms as i64 {
-                    return None;
-                }
-                Some(local as u64)
-            }
-        };
-        Some(Message {
-            topic: self.topic,
-            payload: self.payload,
-            qos: self.qos,
-            retain: true,
-            properties: self.properties,
-            expiry_at_ms,
-            origin: self.origin.into(),
-        })
-    }
-
-    /// Binary form: the topic and payload as an MQTT 5 PUBLISH (reusing the codec and its
-    /// checks), then expiry and origin.
-    pub fn encode(&self, out: &mut Vec<u8>) {
-        let p = Packet::Publish(Publish {
-            dup: false,
-            qos: self.qos,
-            retain: true,
-            topic: self.topic.clone(),
-            packet_id: if self.qos > 0 { 1 } else { 0 },
-            properties: self.properties.clone(),
-            payload: self.payload.clone(),
-        });
-        let mut b = BytesMut::new();
-        packet::encode(&p, Version::V5, &mut b);
-        out.extend_from_slice(&(b.len() as u32).to_le_bytes());
-        out.extend_from_slice(&b);
-        out.extend_from_slice(&self.expiry_at_unix_ms.to_le_bytes());
-        out.extend_from_slice(self.origin.as_bytes());
-    }
-
-    pub fn decode(b: &[u8]) -> Option<StoredMessage> {
-        let n = u32::from_le_bytes(b.get(..4)?.try_into().ok()?) as usize;
-        let mut pkt = BytesMut::from(b.get(4..4 + n)?);
-        let Ok(Some(Packet::Publish(p))) = packet::decode(&mut pkt, Some(Version::V5), usize::MAX) else { return None };
-        let rest = b.get(4 + n..)?;
-        let expiry_at_unix_ms = i64::from_le_bytes(rest.get(..8)?.try_into().ok()?);
-        let origin = std::str::from_utf8(rest.get(8..)?).ok()?.to_string();
-        Some(StoredMessage {
-            topic: p.topic,
-            payload: p.payload,
-            qos: p.qos,
-            properties: p.properties,
-            expiry_at_unix_ms,
-            origin,
-        })
-    }
-}
-
-#[cfg(test)]
-mod stored_tests {
-    use super::*;
-
-    #[test]
-    fn stored_message_round_trip_and_expiry() {
-        let m = Message {
-            topic: "a/b".into(),
-            payload: Bytes::from_static(b"\x00hi"),
-            qos: 1,
-            retain: true,
-            properties: Properties { user_properties: vec![("k".into(), "v".into())], ..Default::default() },
-            expiry_at_ms: Some(5_000),
-            origin: "dev".into(),
-        };
-        let s = StoredMessage::from_message(&m, 1_000_000);
-        let mut b = Vec::new();
-        s.encode(&mut b);
-        let back = StoredMessage::decode(&b).unwrap();
-        assert_eq!(back, s);
-        assert_eq!(back.expiry_at_unix_ms, 1_005_000);
-        // Restored under another clock origin: still 4 s left.
-        let restored = back.clone().into_message(1_001_000, 0).unwrap();
-        assert_eq!(restored.expiry_at_ms, Some(4_000));
-        assert!(back.into_message(1_010_000, 0).is_none(), "expired while stored");
-        assert!(StoredMessage::decode(&b[..b.len() / 2]).is_none());
     }
 }

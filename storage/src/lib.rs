@@ -27,6 +27,9 @@ use std::sync::Arc;
 
 use memmap2::{MmapOptions, MmapRaw};
 
+pub mod keyed;
+pub use keyed::{Entry, KeyedLog};
+
 /// Frame header bytes before the payload.
 pub const HEADER_BYTES: u64 = 24;
 
@@ -354,6 +357,15 @@ impl Log {
     /// Bytes of segment files on disk.
     pub fn disk_bytes(&self) -> u64 {
         self.segments.len() as u64 * self.opts.segment_bytes
+    }
+
+    /// Sequence number just past the oldest segment's records, when there is a newer segment
+    /// (the oldest is the one a compaction would free).
+    pub fn first_segment_end(&self) -> Option<u64> {
+        if self.segments.len() < 2 {
+            return None;
+        }
+        Some(self.segments[1].base_seq)
     }
 
     /// Marks one record delivered. Confirmations may arrive in any order; the cursor moves over
