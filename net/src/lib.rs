@@ -5,6 +5,8 @@
 //! - `shard`: one core's loop — its SO_REUSEPORT listener, its connection tasks, its end of the
 //!   channel mesh to every other core, and the ticker. All broker decisions are the
 //!   [`sluice_core::shard::Shard`] state machine's; this crate only reads, writes and forwards.
+//! - `store`: the retained-message and session stores of a shard, and the start-up merge of
+//!   session stores.
 //! - [`notify`]: a single-waiter wake-up flag, the one synchronisation primitive a shard needs
 //!   (everything a shard owns lives in `Rc`/`RefCell` on its own thread).
 //!
@@ -12,6 +14,7 @@
 
 pub mod notify;
 mod shard;
+mod store;
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
@@ -58,7 +61,8 @@ pub struct RuntimeConfig {
     pub shard_listen: Vec<SocketAddr>,
     pub limits: Limits,
     pub sys_interval_ms: u64,
-    /// Persistent state (retained messages under `retained/shard-N`).
+    /// Persistent state: retained messages under `retained/shard-N`, persistent sessions under
+    /// `sessions/shard-N`.
     pub data_dir: std::path::PathBuf,
 }
 
@@ -68,6 +72,8 @@ pub enum RunError {
     Spawn { shard: usize, cpu: usize, message: String },
     #[error("shard {shard} failed: {message}")]
     Shard { shard: usize, message: String },
+    #[error("{0}")]
+    Store(String),
 }
 
 /// Cross-shard channel depth, in batches. A full channel makes the sending shard wait, which in
@@ -85,6 +91,7 @@ pub fn run(
     on_listening: impl Fn(usize, SocketAddr, bool) + Send + Sync + 'static,
 ) -> Result<(), RunError> {
     let n = cfg.cpus.len();
+    store::prepare_sessions(&cfg.data_dir.join("sessions"), n).map_err(RunError::Store)?;
     let mesh = MeshBuilder::full(n, MESH_CHANNEL_BATCHES);
     let epoch = Instant::now();
     let on_listening = Arc::new(on_listening);

@@ -21,10 +21,11 @@ use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
 use glommio::net::{TcpListener, TcpStream};
 use sluice_core::bridge::{Delivery, KafkaRecord, MappingConfig, ProduceError, ProduceRequest, ProduceResult, Router};
 use sluice_core::config::Limits;
-use sluice_core::shard::{ConnId, Msg, Shard, ShardMsg, StoredMessage};
+use sluice_core::shard::{ConnId, Shard, ShardMsg};
 use tokio::sync::mpsc;
 
 use crate::notify::Notify;
+use crate::store::{RetainedStore, SessionStore};
 
 pub(crate) struct ShardConfig {
     pub id: usize,
@@ -36,108 +37,6 @@ pub(crate) struct ShardConfig {
     pub data_dir: std::path::PathBuf,
     pub epoch: Instant,
     pub bridge: Option<ShardBridge>,
-}
-
-/// This shard's retained messages on disk: a log of sets and clears, replayed in order at start
-/// (last one wins). A replaced or cleared message's record is confirmed, so the log's cursor and
-/// segment deletion follow the live set.
-struct RetainedStore {
-    log: RefCell<sluice_storage::Log>,
-    seq_of: RefCell<HashMap<String, u64>>,
-    dirty: Cell<bool>,
-}
-
-impl RetainedStore {
-    fn open(dir: &std::path::Path, shard: usize) -> Result<(RetainedStore, Vec<(u64, StoredMessage)>), String> {
-        let opts = sluice_storage::LogOptions { segment_bytes: 16 << 20, max_bytes: 64 << 30 };
-        let (log, recovered) =
-            sluice_storage::Log::open(dir, opts).map_err(|e| format!("shard {shard}: opening retained store: {e}"))?;
-        if let Some(t) = &recovered.truncation {
-            tracing::warn!(shard, segment = %t.segment.display(), offset = t.offset, reason = %t.reason,
-                "retained store: damaged record found; everything before it is kept");
-        }
-        let first = recovered.first_unconfirmed;
-        let mut live: HashMap<String, (u64, Option<StoredMessage>)> = HashMap::new();
-        for r in recovered.records {
-            // Record: 1 = set (then a stored message), 0 = clear (then the topic).
-            match r.payload.split_first() {
-                Some((1, rest)) => {
-                    if let Some(m) = StoredMessage::decode(rest) {
-                        live.insert(m.topic.clone(), (r.seq, Some(m)));
-                    }
-                }
-                Some((0, topic)) => {
-                    if let Ok(t) = std::str::from_utf8(topic) {
-                        live.insert(t.to_string(), (r.seq, None));
-                    }
-                }
-                _ => {}
-            }
-        }
-        let restored: Vec<(u64, StoredMessage)> =
-            live.into_values().filter_map(|(seq, m)| m.map(|m| (seq, m))).collect();
-        // Everything else after the cursor was superseded or cleared: confirm it, so the cursor
-        // and segment deletion follow the live set.
-        let keep: std::collections::HashSet<u64> = restored.iter().map(|(s, _)| *s).collect();
-        let next = log.next_seq();
-        let mut log = log;
-        for seq in first..next {
-            if !keep.contains(&seq) {
-                let _ = log.confirm(seq);
-            }
-        }
-        let store =
-            RetainedStore { log: RefCell::new(log), seq_of: RefCell::new(HashMap::new()), dirty: Cell::new(true) };
-        Ok((store, restored))
-    }
-
-    fn record(&self, topic: &str, msg: Option<&Msg>, wall_offset_ms: i64) {
-        let mut buf = Vec::new();
-        match msg {
-            Some(m) => {
-                buf.push(1);
-                StoredMessage::from_message(m, wall_offset_ms).encode(&mut buf);
-            }
-            None => {
-                buf.push(0);
-                buf.extend_from_slice(topic.as_bytes());
-            }
-        }
-        let mut log = self.log.borrow_mut();
-        match log.append(&buf, 0) {
-            Ok(seq) => {
-                let old = if msg.is_some() {
-                    self.seq_of.borrow_mut().insert(topic.to_string(), seq)
-                } else {
-                    // A clear needs no record of its own once the cursor passes the old one.
-                    let _ = log.confirm(seq);
-                    self.seq_of.borrow_mut().remove(topic)
-                };
-                if let Some(old) = old {
-                    let _ = log.confirm(old);
-                }
-                self.dirty.set(true);
-            }
-            Err(e) => tracing::warn!(%topic, error = %e, "retained store: cannot persist"),
-        }
-    }
-
-    /// Group commit of the retained store (off the reactor) and its cursor.
-    async fn sync(&self) {
-        if !self.dirty.replace(false) {
-            return;
-        }
-        let job = self.log.borrow_mut().sync_job();
-        let below = job.durable_below;
-        if let Err(e) = glommio::executor().spawn_blocking(move || job.run()).await {
-            tracing::warn!(error = %e, "retained store: msync failed");
-        }
-        let mut log = self.log.borrow_mut();
-        log.synced(below);
-        if let Err(e) = log.persist_cursor() {
-            tracing::warn!(error = %e, "retained store: writing the cursor failed");
-        }
-    }
 }
 
 /// This shard's end of the MQTT → Kafka bridge.
@@ -211,6 +110,9 @@ struct Core {
     spill: Option<Spill>,
     positions_file: Option<std::path::PathBuf>,
     retained: RetainedStore,
+    sessions: SessionStore,
+    /// Wakes the session store's commit task.
+    sessions_ready: Notify,
     wall_offset_ms: i64,
     epoch: Instant,
 }
@@ -260,6 +162,9 @@ impl Core {
         }
         for (topic, msg) in fx.retained.drain(..) {
             self.retained.record(&topic, msg.as_ref(), self.wall_offset_ms);
+        }
+        if fx.sessions_urgent {
+            self.sessions_ready.notify();
         }
         if fx.dirty.is_empty() && fx.close.is_empty() && fx.to_shards.is_empty() {
             return;
@@ -466,13 +371,14 @@ pub(crate) async fn run_shard(
     let own_listener = cfg.own_listen.map(|a| bind(a, true)).transpose()?;
     let (senders, mut receivers) = mesh.join().await.map_err(|_| "cannot join the shard mesh".to_string())?;
     let now0 = cfg.epoch.elapsed().as_millis() as u64;
-    let mut shard = Shard::new(cfg.id, cfg.n_shards, cfg.limits, now0);
+    let mut shard = Shard::new(cfg.id, cfg.n_shards, cfg.limits, now0).with_session_store();
     let wall_offset_ms =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
             - cfg.epoch.elapsed().as_millis() as i64;
     shard.set_wall_offset(wall_offset_ms);
     let (retained, restored) =
-        RetainedStore::open(&cfg.data_dir.join("retained").join(format!("shard-{}", cfg.id)), cfg.id)?;
+        RetainedStore::open(&cfg.data_dir.join("retained").join(format!("shard-{}", cfg.id)))
+            .map_err(|e| format!("shard {}: {e}", cfg.id))?;
     let mut adopted_dirs: Vec<std::path::PathBuf> = Vec::new();
     let mut kafka_link = None;
     let mut spill = None;
@@ -492,6 +398,12 @@ pub(crate) async fn run_shard(
         positions_file = Some(b.positions_file.clone());
         kafka_link = Some((b.requests, b.results, b.inbound_rx));
     }
+    let sessions = SessionStore::open(
+        &cfg.data_dir.join("sessions").join(format!("shard-{}", cfg.id)),
+        &mut shard,
+        cfg.epoch.elapsed().as_millis() as u64,
+    )
+    .map_err(|e| format!("shard {}: {e}", cfg.id))?;
     let core = Rc::new(Core {
         shard: RefCell::new(shard),
         conns: RefCell::new(HashMap::new()),
@@ -502,6 +414,8 @@ pub(crate) async fn run_shard(
         spill,
         positions_file,
         retained,
+        sessions,
+        sessions_ready: Notify::default(),
         wall_offset_ms,
         epoch: cfg.epoch,
     });
@@ -509,46 +423,38 @@ pub(crate) async fn run_shard(
     // bound but nothing is accepted until the accept loop below).
     if !restored.is_empty() {
         let count = restored.len();
-        let seqs: HashMap<String, u64> = restored.iter().map(|(seq, m)| (m.topic.clone(), *seq)).collect();
-        let msgs = restored.into_iter().map(|(_, m)| m).collect();
-        let moved = core.shard.borrow_mut().restore_retained(msgs, false, core.now_ms());
-        let mut seq_of = seqs;
-        for t in moved {
-            if let Some(seq) = seq_of.remove(&t) {
-                let _ = core.retained.log.borrow_mut().confirm(seq);
-            }
-        }
-        *core.retained.seq_of.borrow_mut() = seq_of;
+        let moved = core.shard.borrow_mut().restore_retained(restored, false, core.now_ms());
+        core.retained.forget(&moved);
         tracing::info!(shard = cfg.id, count, "retained messages restored");
         core.dispatch();
     }
+    // Restored sessions joined their shared groups on other shards.
+    core.dispatch();
     // Stores of shards that no longer exist (the process runs with fewer cores now): shard 0
     // hands their messages to their new owners, lets the group commit make them durable there,
     // then removes the old store.
     if cfg.id == 0 {
-        let root = cfg.data_dir.join("retained");
-        let orphans: Vec<std::path::PathBuf> = std::fs::read_dir(&root)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .and_then(|n| n.strip_prefix("shard-"))
-                    .and_then(|n| n.parse::<usize>().ok())
-                    .is_some_and(|i| i >= cfg.n_shards)
-            })
-            .collect();
+        let orphans = crate::store::orphan_retained_dirs(&cfg.data_dir.join("retained"), cfg.n_shards);
         for dir in orphans {
-            let (orphan, msgs) = RetainedStore::open(&dir, cfg.id)?;
+            let (orphan, msgs) = RetainedStore::open(&dir)?;
             drop(orphan);
             let count = msgs.len();
-            core.shard.borrow_mut().restore_retained(msgs.into_iter().map(|(_, m)| m).collect(), true, core.now_ms());
+            core.shard.borrow_mut().restore_retained(msgs, true, core.now_ms());
             core.dispatch();
             adopted_dirs.push(dir.clone());
             tracing::info!(from = %dir.display(), count, "retained messages adopted from a former shard");
         }
+    }
+    {
+        let c = core.clone();
+        glommio::spawn_local(async move {
+            loop {
+                c.sessions_ready.notified().await;
+                c.sessions.commit(&c.shard, || c.now_ms()).await;
+                c.dispatch();
+            }
+        })
+        .detach();
     }
     if let Some(spill) = &core.spill {
         glommio::spawn_local(group_commit(core.clone())).detach();
@@ -663,6 +569,7 @@ pub(crate) async fn run_shard(
                 }
                 core.shard.borrow_mut().tick(now, sys);
                 core.store_positions();
+                core.sessions_ready.notify();
                 core.retained.sync().await;
                 core.dispatch();
             }
@@ -705,6 +612,7 @@ pub(crate) async fn run_shard(
     let now = core.now_ms();
     core.shard.borrow_mut().shutdown(now);
     core.dispatch();
+    core.sessions.commit(&core.shard, || core.now_ms()).await;
     let deadline = Instant::now() + Duration::from_secs(2);
     while !core.conns.borrow().is_empty() && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(10)).await;
