@@ -322,10 +322,17 @@ pub struct Shard {
     store_ack_waiters: Vec<(ConnId, u64)>,
     store_sub_waiters: Vec<ConnId>,
     /// Waiters of changes taken and not yet reported durable, by commit token.
-    store_flushing: VecDeque<(u64, Vec<(ConnId, u64)>, Vec<ConnId>)>,
+    store_flushing: VecDeque<StoreWaiters>,
     next_store_token: u64,
     /// Set while routing a publish when it went to a stored session at QoS > 0.
     publish_stored: bool,
+}
+
+/// What waits for one commit of the session store.
+struct StoreWaiters {
+    token: u64,
+    acks: Vec<(ConnId, u64)>,
+    subscribes: Vec<ConnId>,
 }
 
 /// A change to one persistent session, for the caller's session store.
@@ -1391,7 +1398,7 @@ impl Shard {
         let acks = std::mem::take(&mut self.store_ack_waiters);
         let subs = std::mem::take(&mut self.store_sub_waiters);
         if !acks.is_empty() || !subs.is_empty() {
-            self.store_flushing.push_back((self.next_store_token, acks, subs));
+            self.store_flushing.push_back(StoreWaiters { token: self.next_store_token, acks, subscribes: subs });
         }
         (changes, self.next_store_token)
     }
@@ -1399,10 +1406,10 @@ impl Shard {
     /// The changes taken with `token` (and every earlier token) are durable: acknowledgements
     /// waiting for them go out.
     pub fn on_sessions_synced(&mut self, token: u64, now_ms: u64) {
-        while self.store_flushing.front().is_some_and(|(t, ..)| *t <= token) {
-            let (_, acks, subs) = self.store_flushing.pop_front().unwrap();
-            self.release_acks(acks);
-            for conn in subs {
+        while self.store_flushing.front().is_some_and(|w| w.token <= token) {
+            let w = self.store_flushing.pop_front().unwrap();
+            self.release_acks(w.acks);
+            for conn in w.subscribes {
                 self.subscribe_step_done(conn, now_ms);
             }
         }

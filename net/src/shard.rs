@@ -376,9 +376,8 @@ pub(crate) async fn run_shard(
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
             - cfg.epoch.elapsed().as_millis() as i64;
     shard.set_wall_offset(wall_offset_ms);
-    let (retained, restored) =
-        RetainedStore::open(&cfg.data_dir.join("retained").join(format!("shard-{}", cfg.id)))
-            .map_err(|e| format!("shard {}: {e}", cfg.id))?;
+    let (retained, restored) = RetainedStore::open(&cfg.data_dir.join("retained").join(format!("shard-{}", cfg.id)))
+        .map_err(|e| format!("shard {}: {e}", cfg.id))?;
     let mut adopted_dirs: Vec<std::path::PathBuf> = Vec::new();
     let mut kafka_link = None;
     let mut spill = None;

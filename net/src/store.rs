@@ -142,10 +142,8 @@ impl SessionStore {
     pub(crate) fn open(dir: &Path, shard: &mut Shard, now_ms: u64) -> Result<SessionStore, String> {
         let (mut log, entries) = open(dir, "session store")?;
         let count = entries.len();
-        let stored = entries
-            .into_iter()
-            .filter_map(|e| Some((String::from_utf8(e.key).ok()?, e.version, e.value)))
-            .collect();
+        let stored =
+            entries.into_iter().filter_map(|e| Some((String::from_utf8(e.key).ok()?, e.version, e.value))).collect();
         let dropped = shard.restore_sessions(stored, now_ms);
         for id in &dropped {
             if let Err(e) = log.delete(id.as_bytes()) {
@@ -153,8 +151,12 @@ impl SessionStore {
             }
         }
         if count > 0 {
-            tracing::info!(shard = shard.id(), restored = count - dropped.len(), expired = dropped.len(),
-                "persistent sessions restored");
+            tracing::info!(
+                shard = shard.id(),
+                restored = count - dropped.len(),
+                expired = dropped.len(),
+                "persistent sessions restored"
+            );
         }
         Ok(SessionStore { log: RefCell::new(log) })
     }
