@@ -13,7 +13,7 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("spill_append");
     for size in [100usize, 1024] {
         let payload = vec![0xA5u8; size];
-        g.throughput(Throughput::Bytes(((size as u64 + HEADER_BYTES) * BATCH as u64) as u64));
+        g.throughput(Throughput::Bytes((size as u64 + HEADER_BYTES) * BATCH as u64));
         for (name, sync) in [("no_sync", false), ("group_commit", true)] {
             g.bench_with_input(BenchmarkId::new(name, size), &payload, |b, payload| {
                 let dir = tempfile::tempdir().unwrap();

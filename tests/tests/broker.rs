@@ -599,7 +599,7 @@ fn message_expiry_drops_stale_and_forwards_remaining_interval() {
     let mut sub = Client::connect(b.shard(1), cp);
     let p = sub.next_publish();
     assert_eq!(&p.payload[..], b"fresh");
-    assert!(p.properties.message_expiry_interval.is_some_and(|s| s <= 100 && s >= 95));
+    assert!(p.properties.message_expiry_interval.is_some_and(|s| (95..=100).contains(&s)));
 }
 
 #[test]
