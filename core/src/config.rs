@@ -34,6 +34,8 @@ pub struct KafkaConfig {
     pub max_pending_records_per_shard: usize,
     /// `kafka-ack` or `local-durable`: when QoS 1/2 publishes to bridged topics are acknowledged.
     pub delivery: Delivery,
+    /// `kafka-ack`: records that time out go to the spill log instead of failing.
+    pub spill_on_timeout: bool,
     /// Spill log (local-durable): segment file size, and the most disk one shard may use.
     pub spill_segment_bytes: u64,
     pub spill_max_bytes_per_shard: u64,
@@ -45,6 +47,7 @@ impl Default for KafkaConfig {
             clusters: BTreeMap::new(),
             max_pending_records_per_shard: 100_000,
             delivery: Delivery::KafkaAck,
+            spill_on_timeout: true,
             spill_segment_bytes: 64 << 20,
             spill_max_bytes_per_shard: 4 << 30,
         }

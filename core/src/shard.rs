@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
-use crate::bridge::{Delivery as DeliveryMode, ProduceError, ProduceRequest, ProduceResult, Router};
+use crate::bridge::{Delivery as DeliveryMode, KafkaRecord, ProduceError, ProduceRequest, ProduceResult, Router};
 use crate::config::{Limits, QueueFullPolicy};
 use crate::inbound::{Inbound, InboundRecord, Positions, Skip};
 use crate::packet::{
@@ -242,6 +242,8 @@ pub struct MappingStats {
     pub records_failed: u64,
     /// Produce requests beyond the first, summed over records.
     pub records_retried: u64,
+    /// QoS 1/2 records that timed out (`kafka-ack`) and went to the spill log instead.
+    pub records_spilled: u64,
     pub latency_us_sum: u64,
     pub latency_us_max: u64,
     /// Records by the size of the batch they travelled in: 1, ≤10, ≤100, ≤1000, more.
@@ -326,6 +328,15 @@ pub struct Shard {
     next_store_token: u64,
     /// Set while routing a publish when it went to a stored session at QoS > 0.
     publish_stored: bool,
+    /// `kafka-ack` with a spill log: QoS 1/2 records that time out (Kafka down or hanging) go
+    /// to the spill log instead of failing, and records after them follow until it drained.
+    outage_spill: bool,
+    spilling: bool,
+    /// Copies of QoS 1/2 records in flight (with `outage_spill`), to spill if they time out.
+    kafka_copies: HashMap<u64, KafkaRecord>,
+    /// Spilling: records waiting for the ones still in flight to succeed or reach the spill
+    /// log first, so that order per partition holds across the switch.
+    held_produce: Vec<ProduceRequest>,
 }
 
 /// What waits for one commit of the session store.
@@ -432,7 +443,19 @@ impl Shard {
             store_flushing: VecDeque::new(),
             next_store_token: 0,
             publish_stored: false,
+            outage_spill: false,
+            spilling: false,
+            kafka_copies: HashMap::new(),
+            held_produce: Vec::new(),
         }
+    }
+
+    /// `kafka-ack` with a spill log: QoS 1/2 records that time out go to the spill log (and
+    /// the publisher hears back once they are on disk) instead of failing; records after them
+    /// follow until the caller reports the log drained ([`Shard::end_spilling`]).
+    pub fn with_outage_spill(mut self) -> Self {
+        self.outage_spill = self.delivery == DeliveryMode::KafkaAck;
+        self
     }
 
     /// Turns on the MQTT → Kafka bridge: messages matching `router` become produce requests in
@@ -1280,6 +1303,22 @@ impl Shard {
             if !durable {
                 self.kafka_pending = self.kafka_pending.saturating_sub(1);
             }
+            let copy = self.kafka_copies.remove(&r.id);
+            if let (Err(ProduceError::TimedOut), Some(record)) = (&r.outcome, copy) {
+                // Kafka is down or hanging: the record goes to the spill log, the publisher
+                // hears back once it is on disk, and Kafka gets it on replay.
+                if !self.spilling {
+                    self.spilling = true;
+                    self.effects.warnings.push(format!(
+                        "shard {}: Kafka timed out; QoS 1/2 records go to the spill log until Kafka takes them again",
+                        self.id
+                    ));
+                }
+                self.kafka_inflight_mapping.insert(r.id, (mapping, cluster, true));
+                self.mapping_stats.entry((mapping, cluster)).or_default().records_spilled += 1;
+                self.effects.produce.push(ProduceRequest { id: r.id, record, durable: true });
+                continue;
+            }
             let ms = self.mapping_stats.entry((mapping, cluster)).or_default();
             ms.records_retried += u64::from(r.attempts.saturating_sub(1));
             ms.latency_us_sum += r.latency_us;
@@ -1311,11 +1350,28 @@ impl Shard {
                 self.resolve_waiter(r.id, &r.outcome, &mut touched);
             }
         }
+        if self.kafka_copies.is_empty() && !self.held_produce.is_empty() {
+            self.effects.produce.append(&mut self.held_produce);
+        }
         touched.dedup();
         for conn in touched {
             self.flush_acks(conn);
         }
         self.run_local(now_ms);
+    }
+
+    /// Whether QoS 1/2 records go to the spill log because Kafka timed out (`kafka-ack`).
+    pub fn kafka_spilling(&self) -> bool {
+        self.spilling
+    }
+
+    /// The spill log drained after an outage: QoS 1/2 records go straight to Kafka again.
+    pub fn end_spilling(&mut self) {
+        // Records that may still time out and go to the log must not be overtaken.
+        if self.spilling && self.held_produce.is_empty() && self.kafka_copies.is_empty() {
+            self.spilling = false;
+            self.effects.warnings.push(format!("shard {}: spill log drained; records go straight to Kafka", self.id));
+        }
     }
 
     /// Unix time in ms at `now_ms == 0`, for what is stored on disk (expiry survives restarts).
@@ -1517,7 +1573,7 @@ impl Shard {
 
     /// Whether so many records wait for Kafka that this shard should stop reading publishers.
     pub fn kafka_backlogged(&self) -> bool {
-        self.kafka_pending >= self.max_pending_records
+        self.kafka_pending + self.held_produce.len() >= self.max_pending_records
     }
 
     /// Records handed to Kafka and not yet answered.
@@ -1713,14 +1769,22 @@ impl Shard {
             ms.bytes_in += msg.payload.len() as u64;
             self.next_produce_id += 1;
             let id = self.next_produce_id;
-            let durable = self.delivery == DeliveryMode::LocalDurable && msg.qos > 0;
+            let durable = msg.qos > 0 && (self.delivery == DeliveryMode::LocalDurable || self.spilling);
             self.kafka_inflight_mapping.insert(id, (record.mapping, record.cluster, durable));
+            ids.push(id);
+            if durable && self.delivery == DeliveryMode::KafkaAck && !self.kafka_copies.is_empty() {
+                // Spilling after an outage began: behind the records still in flight.
+                self.held_produce.push(ProduceRequest { id, record, durable });
+                continue;
+            }
             // Durable records are bounded by the spill log (disk), not by memory here.
             if !durable {
                 self.kafka_pending += 1;
+                if self.outage_spill && msg.qos > 0 {
+                    self.kafka_copies.insert(id, record.clone());
+                }
             }
             self.effects.produce.push(ProduceRequest { id, record, durable });
-            ids.push(id);
         }
         ids
     }
@@ -2095,6 +2159,7 @@ impl Shard {
                 ("records/produced", ms.records_produced),
                 ("records/failed", ms.records_failed),
                 ("records/retried", ms.records_retried),
+                ("records/spilled", ms.records_spilled),
                 ("latency_us/avg", ms.latency_us_sum.checked_div(done).unwrap_or(0)),
                 ("latency_us/max", ms.latency_us_max),
                 ("batch_records/1", b1),

@@ -43,6 +43,8 @@ pub struct BridgeSetup {
     pub clusters: Vec<String>,
     pub max_pending_records_per_shard: usize,
     pub delivery: Delivery,
+    /// `kafka-ack`: records that time out go to the spill log instead of failing.
+    pub spill_on_timeout: bool,
     /// Spill logs (local-durable) live in `spill_dir/shard-N`.
     pub spill_dir: std::path::PathBuf,
     pub spill: sluice_storage::LogOptions,
@@ -111,6 +113,7 @@ pub fn run(
                     b.clusters,
                     b.max_pending_records_per_shard,
                     b.delivery,
+                    b.spill_on_timeout,
                     b.spill_dir,
                     b.spill,
                 )),
@@ -134,7 +137,7 @@ pub fn run(
             epoch,
             bridge: match (&bridge_cfg, links.get_mut(shard_id).and_then(Option::take)) {
                 (
-                    Some((mappings, inbound, clusters, max_pending, delivery, spill_dir, spill)),
+                    Some((mappings, inbound, clusters, max_pending, delivery, spill_on_timeout, spill_dir, spill)),
                     Some((requests, results, inbound_rx)),
                 ) => Some(shard::ShardBridge {
                     mappings: mappings.clone(),
@@ -148,8 +151,9 @@ pub fn run(
                     clusters: clusters.clone(),
                     max_pending: *max_pending,
                     delivery: *delivery,
-                    spill: (*delivery == Delivery::LocalDurable)
-                        .then(|| (spill_dir.join(format!("shard-{shard_id}")), *spill)),
+                    spill_on_timeout: *spill_on_timeout,
+                    // kafka-ack uses it too, for records that time out during an outage.
+                    spill: Some((spill_dir.join(format!("shard-{shard_id}")), *spill)),
                     requests,
                     results,
                 }),

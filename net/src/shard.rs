@@ -49,6 +49,7 @@ pub(crate) struct ShardBridge {
     pub clusters: Vec<String>,
     pub max_pending: usize,
     pub delivery: Delivery,
+    pub spill_on_timeout: bool,
     /// The spill log's directory and options, for `local-durable`.
     pub spill: Option<(std::path::PathBuf, sluice_storage::LogOptions)>,
     pub requests: mpsc::Sender<Vec<ProduceRequest>>,
@@ -233,6 +234,11 @@ impl Spill {
         }
     }
 
+    /// Nothing waits in the log or for its group commit.
+    fn drained(&self) -> bool {
+        self.log.borrow().unconfirmed() == 0 && self.awaiting_sync.borrow().is_empty()
+    }
+
     /// Kafka answered `id`: its log entry is delivered (or refused for good) either way.
     fn confirm(&self, id: u64) {
         if let Some(seq) = self.seq_of.borrow_mut().remove(&id) {
@@ -391,6 +397,9 @@ pub(crate) async fn run_shard(
         shard = shard.with_bridge(router, b.delivery, b.max_pending, unix_ms - cfg.epoch.elapsed().as_millis() as i64);
         if let Some((dir, opts)) = &b.spill {
             spill = Some(open_spill(dir, *opts, &b.clusters, b.max_pending, cfg.id)?);
+            if b.spill_on_timeout {
+                shard = shard.with_outage_spill();
+            }
         }
         let inbound = sluice_core::inbound::Inbound::new(&b.inbound, &b.clusters)?;
         shard = shard.with_inbound(inbound, b.inbound.len());
@@ -505,6 +514,11 @@ pub(crate) async fn run_shard(
                 let now = c.now_ms();
                 c.shard.borrow_mut().on_produce_results(batch, now);
                 c.dispatch();
+                // After the dispatch: records that just timed out are in the log by now.
+                if c.shard.borrow().kafka_spilling() && c.spill.as_ref().is_some_and(Spill::drained) {
+                    c.shard.borrow_mut().end_spilling();
+                    c.dispatch();
+                }
             }
         })
         .detach();

@@ -266,6 +266,9 @@ bootstrap = ["127.0.0.1:{port}"]
 delivery_timeout_ms = 2000
 request_timeout_ms = 500
 
+[kafka]
+spill_on_timeout = false
+
 [[mqtt_to_kafka]]
 name = "hang"
 filters = ["hang/#"]

@@ -185,3 +185,69 @@ destinations = [{{ cluster = "default", topic = "{topic}" }}]
         assert got.count(b"y" * 200) == accepted and got[-1] == b"again"
     finally:
         b.stop()
+
+
+def test_kafka_ack_spills_what_times_out_and_replays_it_in_order(kafka, paho):
+    """kafka-ack through an outage longer than the delivery time-out: the records in flight wait
+    that long, then go to the spill log and are acknowledged with success; later ones are
+    acknowledged from disk while Kafka is still down. After the outage everything is in Kafka in
+    order per topic, the log drains, and acknowledgements wait for Kafka again."""
+    topic = topic_name("kafka-ack-outage")
+    kafka.create_topic(topic, partitions=2)
+    config = f"""
+[kafka.clusters.default]
+bootstrap = ["{kafka.bootstrap}"]
+delivery_timeout_ms = 1500
+request_timeout_ms = 500
+
+[[mqtt_to_kafka]]
+name = "outage"
+filters = ["k/#"]
+destinations = [{{ cluster = "default", topic = "{topic}" }}]
+"""
+    b = broker_with("--sys-interval", "1", config=config)
+    try:
+        c = paho(b.shard(0), "ka-pub", v5=True)
+        codes = []
+        c.c.on_publish = lambda cl, u, mid, rc, p: codes.append(rc.value)
+        c.publish("k/warm", b"w", 1)
+        kafka.pause()
+        try:
+            first = [c.c.publish(f"k/{i % 2}", f"m{i}".encode(), 1) for i in range(20)]
+            for i in first:
+                i.wait_for_publish(WAIT)  # after the time-out, from the spill log
+            later = [c.c.publish(f"k/{i % 2}", f"m{i}".encode(), 1) for i in range(20, 40)]
+            for i in later:
+                i.wait_for_publish(WAIT)
+            assert all(i.is_published() for i in first + later)
+            assert codes == [0] * 41, codes
+        finally:
+            kafka.resume()
+        # At-least-once: a request Kafka held through the pause may land besides the replay.
+        n = 41
+        while True:
+            got = kafka.consume(topic, n, timeout=60 if n == 41 else 10)
+            if len({m.value() for m in got}) == 41 or len(got) < n:
+                break
+            n += 40
+        for t in range(2):
+            per_topic = [m.value() for m in got if m.key() == f"k/{t}".encode()]
+            want = [f"m{i}".encode() for i in range(40) if i % 2 == t]
+            assert list(dict.fromkeys(per_topic)) == want, "order per MQTT topic"
+        watch = paho(b.shard(0), "ka-watch")
+        watch.subscribe("$SYS/broker/shard/0/spill/records", 0)
+        deadline = time.monotonic() + 20
+        while watch.message().payload != b"0":
+            assert time.monotonic() < deadline, "spill backlog did not return to zero"
+        # Drained: back to acknowledging after Kafka.
+        kafka.pause()
+        try:
+            info = c.c.publish("k/0", b"after", 1)
+            time.sleep(0.5)
+            assert not info.is_published(), "acknowledged before Kafka after the log drained"
+        finally:
+            kafka.resume()
+        info.wait_for_publish(WAIT)
+        assert info.is_published() and codes[-1] == 0
+    finally:
+        b.stop()
