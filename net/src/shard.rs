@@ -78,6 +78,8 @@ struct Spill {
     next_unsent: Cell<u64>,
     next_replay_id: Cell<u64>,
     replayed: Cell<u64>,
+    /// The last append failed (limit or disk full): logged once per episode.
+    refusing: Cell<bool>,
 }
 
 /// Messages waiting for one peer shard beyond which this shard stops reading its sockets until
@@ -215,11 +217,16 @@ impl Spill {
         let seq = match self.log.borrow_mut().append(&buf, req.record.timestamp_ms) {
             Ok(seq) => seq,
             Err(e) => {
-                tracing::warn!(error = %e, "spill log refused a record");
+                if !self.refusing.replace(true) {
+                    tracing::warn!(error = %e, "spill log refuses records (QoS 1/2 publishers hear 0x97 or are not acknowledged) until space returns");
+                }
                 refused.push(req.id);
                 return false;
             }
         };
+        if self.refusing.replace(false) {
+            tracing::warn!("spill log takes records again");
+        }
         self.awaiting_sync.borrow_mut().push_back((req.id, seq));
         self.sync_ready.notify();
         // Straight to Kafka only when nothing older waits on disk (order) and there is room.
@@ -359,6 +366,7 @@ fn open_spill(
         next_unsent: Cell::new(recovered.first_unconfirmed),
         next_replay_id: Cell::new(0),
         replayed: Cell::new(0),
+        refusing: Cell::new(false),
     })
 }
 

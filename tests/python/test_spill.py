@@ -251,3 +251,64 @@ destinations = [{{ cluster = "default", topic = "{topic}" }}]
         assert info.is_published() and codes[-1] == 0
     finally:
         b.stop()
+
+
+def test_disk_full_from_the_os_is_refused_with_0x97_and_survived(kafka, paho):
+    """ENOSPC, not the configured limit: the data directory is a 640 KiB tmpfs while the limit
+    allows 64 MiB. Publishes are refused with 0x97 once the disk is full, nothing crashes, and
+    once Kafka drained the log the space returns and publishes are accepted again."""
+    import pytest
+    import subprocess
+    mount = tempfile.mkdtemp(prefix="sluice-enospc-")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=640k", "tmpfs", mount], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {r.stderr.decode().strip()}")
+    try:
+        topic = topic_name("enospc")
+        kafka.create_topic(topic, partitions=1)
+        config = f"""
+[kafka]
+delivery = "local-durable"
+spill_segment_bytes = 262144
+spill_max_bytes_per_shard = 67108864
+
+[kafka.clusters.default]
+bootstrap = ["{kafka.bootstrap}"]
+
+[[mqtt_to_kafka]]
+name = "enospc"
+filters = ["e/#"]
+destinations = [{{ cluster = "default", topic = "{topic}" }}]
+"""
+        b = broker_with(config=config, data_dir=mount)
+        try:
+            c = paho(b.shard(0), "disk-filler", v5=True)
+            acks = []
+            c.c.on_publish = lambda cl, u, mid, rc, p: acks.append(rc.value)
+            c.publish("e/warm", b"w", 1)
+            kafka.pause()
+            try:
+                n = 0
+                while 0x97 not in acks and n < 400:
+                    c.c.publish("e/x", b"z" * 4000, 1).wait_for_publish(WAIT)
+                    n += 1
+                assert 0x97 in acks, "the disk never filled"
+                accepted = acks.count(0) - 1
+                assert 0 < accepted < 200, accepted  # well below the configured limit
+                assert b.proc.poll() is None, "the broker died on a full disk"
+            finally:
+                kafka.resume()
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                acks.clear()
+                c.c.publish("e/x", b"space again", 1).wait_for_publish(WAIT)
+                if acks == [0]:
+                    break
+                time.sleep(0.2)
+            assert acks == [0], acks
+            got = [m.value() for m in kafka.consume(topic, accepted + 2)]
+            assert got.count(b"z" * 4000) == accepted and got[-1] == b"space again"
+        finally:
+            b.stop()
+    finally:
+        subprocess.run(["umount", mount])
