@@ -104,6 +104,7 @@ pub fn run(
     let mut listen = cfg.listen;
     let (mut links, bridge_cfg) = match bridge {
         Some(b) => {
+            store::adopt_orphan_spills(&b.spill_dir, n, b.spill).map_err(RunError::Store)?;
             let links: Vec<_> = b.links.into_iter().map(Some).collect();
             (
                 links,

@@ -236,3 +236,32 @@ impl RetainedStore {
 pub(crate) fn orphan_retained_dirs(root: &Path, n: usize) -> Vec<PathBuf> {
     shard_dirs(root).into_iter().filter(|(i, _)| *i >= n).map(|(_, d)| d).collect()
 }
+
+/// Spill logs of shards that no longer exist (fewer cores than last run): their unconfirmed
+/// records are appended to the spill log of shard `k % n` and made durable there before the old
+/// log is removed, so that they are replayed to Kafka like the shard's own.
+pub(crate) fn adopt_orphan_spills(root: &Path, n: usize, opts: LogOptions) -> Result<(), String> {
+    for (k, dir) in shard_dirs(root).into_iter().filter(|(k, _)| *k >= n) {
+        let (old, _) = sluice_storage::Log::open_lazy(&dir, opts).map_err(|e| format!("opening {}: {e}", dir.display()))?;
+        let target = root.join(format!("shard-{}", k % n));
+        let (mut new, _) =
+            sluice_storage::Log::open_lazy(&target, opts).map_err(|e| format!("opening {}: {e}", target.display()))?;
+        let mut next = 0;
+        let mut moved = 0u64;
+        loop {
+            let batch = old.read_from(next, 1024);
+            let Some(last) = batch.last() else { break };
+            next = last.seq + 1;
+            for r in &batch {
+                new.append(&r.payload, r.timestamp_ms).map_err(|e| format!("spill log {}: {e}", target.display()))?;
+            }
+            moved += batch.len() as u64;
+        }
+        new.sync().map_err(|e| format!("spill log {}: {e}", target.display()))?;
+        drop(old);
+        std::fs::remove_dir_all(&dir).map_err(|e| format!("removing {}: {e}", dir.display()))?;
+        tracing::info!(from = %dir.display(), to = %target.display(), records = moved,
+            "spill log of a former shard adopted; its records are replayed from there");
+    }
+    Ok(())
+}

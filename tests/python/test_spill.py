@@ -312,3 +312,31 @@ destinations = [{{ cluster = "default", topic = "{topic}" }}]
             b.stop()
     finally:
         subprocess.run(["umount", mount])
+
+
+def test_spill_log_of_a_removed_shard_is_replayed_after_restarting_with_fewer_cores(kafka, paho):
+    topic = topic_name("fewer-cores")
+    kafka.create_topic(topic, partitions=1)
+    data_dir = tempfile.mkdtemp(prefix="sluice-fewer-")
+    args = ("--kafka", kafka.bootstrap, "--map", f"s/#={topic}", "--delivery", "local-durable")
+    b = broker_with(*args, data_dir=data_dir)
+    kafka.pause()
+    try:
+        c = paho(b.shard(1), "shard-one-pub", v5=True)  # records land in shard 1's spill log
+        for i in range(30):
+            c.publish("s/x", f"r{i}".encode(), 1)
+        b.kill()
+    finally:
+        kafka.resume()
+    b2 = broker_with(*args, data_dir=data_dir, cores=1)
+    try:
+        want = [f"r{i}".encode() for i in range(30)]
+        n = 30
+        while True:
+            got = [m.value() for m in kafka.consume(topic, n, timeout=30 if n == 30 else 10)]
+            if set(want) <= set(got) or len(got) < n:
+                break
+            n += 30
+        assert list(dict.fromkeys(got)) == want
+    finally:
+        b2.stop()
