@@ -155,6 +155,7 @@ fn real_main() -> anyhow::Result<()> {
             max_pending_records_per_shard: cfg.kafka.max_pending_records_per_shard,
             delivery: cfg.kafka.delivery,
             spill_on_timeout: cfg.kafka.spill_on_timeout,
+            qos0_when_backlogged: cfg.kafka.qos0_when_backlogged,
             spill_dir: std::path::Path::new(&cfg.server.data_dir).join("spill"),
             spill: sluice_storage::LogOptions {
                 segment_bytes: cfg.kafka.spill_segment_bytes,

@@ -36,6 +36,9 @@ pub struct KafkaConfig {
     pub delivery: Delivery,
     /// `kafka-ack`: records that time out go to the spill log instead of failing.
     pub spill_on_timeout: bool,
+    /// QoS 0 records beyond `max_pending_records_per_shard`: wait (back-pressure on every
+    /// publisher of the shard) or be dropped, newest or oldest first, counted.
+    pub qos0_when_backlogged: Qos0Policy,
     /// Spill log (local-durable): segment file size, and the most disk one shard may use.
     pub spill_segment_bytes: u64,
     pub spill_max_bytes_per_shard: u64,
@@ -48,6 +51,7 @@ impl Default for KafkaConfig {
             max_pending_records_per_shard: 100_000,
             delivery: Delivery::KafkaAck,
             spill_on_timeout: true,
+            qos0_when_backlogged: Qos0Policy::BackPressure,
             spill_segment_bytes: 64 << 20,
             spill_max_bytes_per_shard: 4 << 30,
         }
@@ -153,6 +157,19 @@ pub struct ServerConfig {
     pub data_dir: String,
     /// How often `$SYS/` statistics are published, in seconds; 0 turns them off.
     pub sys_interval_secs: u64,
+}
+
+/// What happens to QoS 0 records for Kafka when the shard's Kafka backlog is full.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Qos0Policy {
+    /// The shard stops reading from its publishers until Kafka catches up (nothing dropped).
+    #[default]
+    BackPressure,
+    /// Up to as many again wait in memory; beyond that the arriving record is dropped.
+    DropNewest,
+    /// Up to as many again wait in memory; beyond that the oldest waiting record is dropped.
+    DropOldest,
 }
 
 /// What to do with a message for an offline session whose queue is full.

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 
 use crate::bridge::{Delivery as DeliveryMode, KafkaRecord, ProduceError, ProduceRequest, ProduceResult, Router};
-use crate::config::{Limits, QueueFullPolicy};
+use crate::config::{Limits, Qos0Policy, QueueFullPolicy};
 use crate::inbound::{Inbound, InboundRecord, Positions, Skip};
 use crate::packet::{
     self, reason, ConnAck, Connect, Disconnect, Packet, Properties, PubResp, Publish, SubAck, SubOptions, Subscribe,
@@ -244,6 +244,8 @@ pub struct MappingStats {
     pub records_retried: u64,
     /// QoS 1/2 records that timed out (`kafka-ack`) and went to the spill log instead.
     pub records_spilled: u64,
+    /// QoS 0 records dropped by `qos0_when_backlogged`.
+    pub records_dropped: u64,
     pub latency_us_sum: u64,
     pub latency_us_max: u64,
     /// Records by the size of the batch they travelled in: 1, ≤10, ≤100, ≤1000, more.
@@ -288,7 +290,7 @@ pub struct Shard {
     /// Record id → the acknowledgement waiting for it.
     kafka_waiters: HashMap<u64, (ConnId, u64)>,
     /// Record id → its mapping, for per-mapping counters.
-    kafka_inflight_mapping: HashMap<u64, (u16, u16, bool)>,
+    kafka_inflight_mapping: HashMap<u64, RecordMeta>,
     delivery: DeliveryMode,
     kafka_pending: usize,
     max_pending_records: usize,
@@ -337,6 +339,21 @@ pub struct Shard {
     /// Spilling: records waiting for the ones still in flight to succeed or reach the spill
     /// log first, so that order per partition holds across the switch.
     held_produce: Vec<ProduceRequest>,
+    qos0_policy: Qos0Policy,
+    /// QoS 0 records among `kafka_pending`.
+    kafka_pending_qos0: usize,
+    /// QoS 0 records waiting for room in the Kafka backlog (drop policies only).
+    qos0_waiting: VecDeque<ProduceRequest>,
+}
+
+/// What the shard remembers of a record handed to Kafka.
+#[derive(Clone, Copy)]
+struct RecordMeta {
+    mapping: u16,
+    cluster: u16,
+    /// In the spill log: its publisher heard back when it got there.
+    durable: bool,
+    qos0: bool,
 }
 
 /// What waits for one commit of the session store.
@@ -447,7 +464,16 @@ impl Shard {
             spilling: false,
             kafka_copies: HashMap::new(),
             held_produce: Vec::new(),
+            qos0_policy: Qos0Policy::BackPressure,
+            kafka_pending_qos0: 0,
+            qos0_waiting: VecDeque::new(),
         }
+    }
+
+    /// What QoS 0 records do when `max_pending_records` already wait for Kafka.
+    pub fn with_qos0_policy(mut self, policy: Qos0Policy) -> Self {
+        self.qos0_policy = policy;
+        self
     }
 
     /// `kafka-ack` with a spill log: QoS 1/2 records that time out go to the spill log (and
@@ -1299,9 +1325,14 @@ impl Shard {
     pub fn on_produce_results(&mut self, results: impl IntoIterator<Item = ProduceResult>, now_ms: u64) {
         let mut touched = Vec::new();
         for r in results {
-            let (mapping, cluster, durable) = self.kafka_inflight_mapping.remove(&r.id).unwrap_or((0, 0, false));
+            let meta = self.kafka_inflight_mapping.remove(&r.id);
+            let RecordMeta { mapping, cluster, durable, qos0 } =
+                meta.unwrap_or(RecordMeta { mapping: 0, cluster: 0, durable: false, qos0: false });
             if !durable {
                 self.kafka_pending = self.kafka_pending.saturating_sub(1);
+            }
+            if qos0 {
+                self.kafka_pending_qos0 = self.kafka_pending_qos0.saturating_sub(1);
             }
             let copy = self.kafka_copies.remove(&r.id);
             if let (Err(ProduceError::TimedOut), Some(record)) = (&r.outcome, copy) {
@@ -1314,7 +1345,7 @@ impl Shard {
                         self.id
                     ));
                 }
-                self.kafka_inflight_mapping.insert(r.id, (mapping, cluster, true));
+                self.kafka_inflight_mapping.insert(r.id, RecordMeta { mapping, cluster, durable: true, qos0: false });
                 self.mapping_stats.entry((mapping, cluster)).or_default().records_spilled += 1;
                 self.effects.produce.push(ProduceRequest { id: r.id, record, durable: true });
                 continue;
@@ -1352,6 +1383,12 @@ impl Shard {
         }
         if self.kafka_copies.is_empty() && !self.held_produce.is_empty() {
             self.effects.produce.append(&mut self.held_produce);
+        }
+        while self.kafka_pending < self.max_pending_records {
+            let Some(req) = self.qos0_waiting.pop_front() else { break };
+            self.kafka_pending += 1;
+            self.kafka_pending_qos0 += 1;
+            self.effects.produce.push(req);
         }
         touched.dedup();
         for conn in touched {
@@ -1573,7 +1610,12 @@ impl Shard {
 
     /// Whether so many records wait for Kafka that this shard should stop reading publishers.
     pub fn kafka_backlogged(&self) -> bool {
-        self.kafka_pending + self.held_produce.len() >= self.max_pending_records
+        let pending = match self.qos0_policy {
+            Qos0Policy::BackPressure => self.kafka_pending,
+            // QoS 0 records have their own bound: they never stop the shard reading.
+            _ => self.kafka_pending - self.kafka_pending_qos0,
+        };
+        pending + self.held_produce.len() >= self.max_pending_records
     }
 
     /// Records handed to Kafka and not yet answered.
@@ -1770,8 +1812,29 @@ impl Shard {
             self.next_produce_id += 1;
             let id = self.next_produce_id;
             let durable = msg.qos > 0 && (self.delivery == DeliveryMode::LocalDurable || self.spilling);
-            self.kafka_inflight_mapping.insert(id, (record.mapping, record.cluster, durable));
+            let qos0 = msg.qos == 0;
+            let meta = RecordMeta { mapping: record.mapping, cluster: record.cluster, durable, qos0 };
+            self.kafka_inflight_mapping.insert(id, meta);
             ids.push(id);
+            let waits = !self.qos0_waiting.is_empty() || self.kafka_pending >= self.max_pending_records;
+            if qos0 && self.qos0_policy != Qos0Policy::BackPressure && waits {
+                self.qos0_waiting.push_back(ProduceRequest { id, record, durable });
+                if self.qos0_waiting.len() > self.max_pending_records {
+                    let dropped = match self.qos0_policy {
+                        Qos0Policy::DropOldest => self.qos0_waiting.pop_front(),
+                        _ => self.qos0_waiting.pop_back(),
+                    };
+                    if let Some(d) = dropped {
+                        self.kafka_inflight_mapping.remove(&d.id);
+                        let ms = self.mapping_stats.entry((d.record.mapping, d.record.cluster)).or_default();
+                        ms.records_dropped += 1;
+                    }
+                }
+                continue;
+            }
+            if qos0 {
+                self.kafka_pending_qos0 += 1;
+            }
             if durable && self.delivery == DeliveryMode::KafkaAck && !self.kafka_copies.is_empty() {
                 // Spilling after an outage began: behind the records still in flight.
                 self.held_produce.push(ProduceRequest { id, record, durable });
@@ -2160,6 +2223,7 @@ impl Shard {
                 ("records/failed", ms.records_failed),
                 ("records/retried", ms.records_retried),
                 ("records/spilled", ms.records_spilled),
+                ("records/dropped", ms.records_dropped),
                 ("latency_us/avg", ms.latency_us_sum.checked_div(done).unwrap_or(0)),
                 ("latency_us/max", ms.latency_us_max),
                 ("batch_records/1", b1),

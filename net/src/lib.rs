@@ -45,6 +45,7 @@ pub struct BridgeSetup {
     pub delivery: Delivery,
     /// `kafka-ack`: records that time out go to the spill log instead of failing.
     pub spill_on_timeout: bool,
+    pub qos0_when_backlogged: sluice_core::config::Qos0Policy,
     /// Spill logs (local-durable) live in `spill_dir/shard-N`.
     pub spill_dir: std::path::PathBuf,
     pub spill: sluice_storage::LogOptions,
@@ -103,22 +104,10 @@ pub fn run(
     let mut handles = Vec::with_capacity(n);
     let mut listen = cfg.listen;
     let (mut links, bridge_cfg) = match bridge {
-        Some(b) => {
+        Some(mut b) => {
             store::adopt_orphan_spills(&b.spill_dir, n, b.spill).map_err(RunError::Store)?;
-            let links: Vec<_> = b.links.into_iter().map(Some).collect();
-            (
-                links,
-                Some((
-                    b.mappings,
-                    b.inbound,
-                    b.clusters,
-                    b.max_pending_records_per_shard,
-                    b.delivery,
-                    b.spill_on_timeout,
-                    b.spill_dir,
-                    b.spill,
-                )),
-            )
+            let links: Vec<_> = std::mem::take(&mut b.links).into_iter().map(Some).collect();
+            (links, Some(b))
         }
         None => (Vec::new(), None),
     };
@@ -137,24 +126,23 @@ pub fn run(
             data_dir: cfg.data_dir.clone(),
             epoch,
             bridge: match (&bridge_cfg, links.get_mut(shard_id).and_then(Option::take)) {
-                (
-                    Some((mappings, inbound, clusters, max_pending, delivery, spill_on_timeout, spill_dir, spill)),
-                    Some((requests, results, inbound_rx)),
-                ) => Some(shard::ShardBridge {
-                    mappings: mappings.clone(),
-                    inbound: inbound.clone(),
+                (Some(b), Some((requests, results, inbound_rx))) => Some(shard::ShardBridge {
+                    mappings: b.mappings.clone(),
+                    inbound: b.inbound.clone(),
                     inbound_rx,
-                    positions_file: spill_dir
+                    positions_file: b
+                        .spill_dir
                         .parent()
-                        .unwrap_or(spill_dir)
+                        .unwrap_or(&b.spill_dir)
                         .join("positions")
                         .join(format!("shard-{shard_id}")),
-                    clusters: clusters.clone(),
-                    max_pending: *max_pending,
-                    delivery: *delivery,
-                    spill_on_timeout: *spill_on_timeout,
+                    clusters: b.clusters.clone(),
+                    max_pending: b.max_pending_records_per_shard,
+                    delivery: b.delivery,
+                    spill_on_timeout: b.spill_on_timeout,
+                    qos0_when_backlogged: b.qos0_when_backlogged,
                     // kafka-ack uses it too, for records that time out during an outage.
-                    spill: Some((spill_dir.join(format!("shard-{shard_id}")), *spill)),
+                    spill: Some((b.spill_dir.join(format!("shard-{shard_id}")), b.spill)),
                     requests,
                     results,
                 }),

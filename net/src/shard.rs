@@ -50,6 +50,7 @@ pub(crate) struct ShardBridge {
     pub max_pending: usize,
     pub delivery: Delivery,
     pub spill_on_timeout: bool,
+    pub qos0_when_backlogged: sluice_core::config::Qos0Policy,
     /// The spill log's directory and options, for `local-durable`.
     pub spill: Option<(std::path::PathBuf, sluice_storage::LogOptions)>,
     pub requests: mpsc::Sender<Vec<ProduceRequest>>,
@@ -405,6 +406,7 @@ pub(crate) async fn run_shard(
         shard = shard.with_bridge(router, b.delivery, b.max_pending, unix_ms - cfg.epoch.elapsed().as_millis() as i64);
         if let Some((dir, opts)) = &b.spill {
             spill = Some(open_spill(dir, *opts, &b.clusters, b.max_pending, cfg.id)?);
+            shard = shard.with_qos0_policy(b.qos0_when_backlogged);
             if b.spill_on_timeout {
                 shard = shard.with_outage_spill();
             }

@@ -242,7 +242,8 @@ pub(crate) fn orphan_retained_dirs(root: &Path, n: usize) -> Vec<PathBuf> {
 /// log is removed, so that they are replayed to Kafka like the shard's own.
 pub(crate) fn adopt_orphan_spills(root: &Path, n: usize, opts: LogOptions) -> Result<(), String> {
     for (k, dir) in shard_dirs(root).into_iter().filter(|(k, _)| *k >= n) {
-        let (old, _) = sluice_storage::Log::open_lazy(&dir, opts).map_err(|e| format!("opening {}: {e}", dir.display()))?;
+        let (old, _) =
+            sluice_storage::Log::open_lazy(&dir, opts).map_err(|e| format!("opening {}: {e}", dir.display()))?;
         let target = root.join(format!("shard-{}", k % n));
         let (mut new, _) =
             sluice_storage::Log::open_lazy(&target, opts).map_err(|e| format!("opening {}: {e}", target.display()))?;

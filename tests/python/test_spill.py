@@ -5,6 +5,7 @@ import time
 import uuid
 
 import paho.mqtt.client as mqtt
+import pytest
 
 from conftest import WAIT, broker_with
 
@@ -257,7 +258,6 @@ def test_disk_full_from_the_os_is_refused_with_0x97_and_survived(kafka, paho):
     """ENOSPC, not the configured limit: the data directory is a 640 KiB tmpfs while the limit
     allows 64 MiB. Publishes are refused with 0x97 once the disk is full, nothing crashes, and
     once Kafka drained the log the space returns and publishes are accepted again."""
-    import pytest
     import subprocess
     mount = tempfile.mkdtemp(prefix="sluice-enospc-")
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=640k", "tmpfs", mount], capture_output=True)
@@ -340,3 +340,56 @@ def test_spill_log_of_a_removed_shard_is_replayed_after_restarting_with_fewer_co
         assert list(dict.fromkeys(got)) == want
     finally:
         b2.stop()
+
+
+
+@pytest.mark.parametrize("policy", ["drop-newest", "drop-oldest"])
+def test_qos0_policy_when_the_kafka_backlog_is_full(kafka, paho, policy):
+    """With room for 50 records per shard and Kafka paused, QoS 0 records beyond 50 in flight
+    and 50 waiting are dropped — the newest or the oldest waiting — and counted; the shard keeps
+    reading, so QoS 1 publishes still reach the spill log and are acknowledged."""
+    topic = topic_name("qos0")
+    kafka.create_topic(topic, partitions=1)
+    config = f"""
+[kafka]
+delivery = "local-durable"
+max_pending_records_per_shard = 50
+qos0_when_backlogged = "{policy}"
+
+[kafka.clusters.default]
+bootstrap = ["{kafka.bootstrap}"]
+
+[[mqtt_to_kafka]]
+name = "telemetry"
+filters = ["q/#"]
+destinations = [{{ cluster = "default", topic = "{topic}" }}]
+"""
+    b = broker_with("--sys-interval", "1", config=config)
+    try:
+        c = paho(b.shard(0), "qos0-pub", v5=True)
+        c.publish("q/warm", b"warm", 1)
+        kafka.pause()
+        try:
+            for i in range(500):
+                c.c.publish("q/t", f"m{i}".encode(), 0)
+            # Same connection, so handled after every QoS 0 message above: acknowledged from disk.
+            c.publish("q/t", b"qos1", 1)
+        finally:
+            kafka.resume()
+        if policy == "drop-newest":
+            kept = list(range(100))
+        else:
+            kept = list(range(50)) + list(range(450, 500))
+        want = [b"warm"] + [f"m{i}".encode() for i in kept]
+        got = [m.value() for m in kafka.consume(topic, len(want) + 1, timeout=30)]
+        assert sorted(got) == sorted(want + [b"qos1"])
+        # In flight first (in order), then the waiting ones (in order); the QoS 1 record took
+        # the spill log's own path.
+        assert [v for v in got if v != b"qos1"] == want
+        watch = paho(b.shard(0), "qos0-watch")
+        watch.subscribe("$SYS/broker/shard/0/kafka/telemetry/default/records/dropped", 0)
+        deadline = time.monotonic() + 10
+        while watch.message().payload != b"400":
+            assert time.monotonic() < deadline, "dropped records not counted"
+    finally:
+        b.stop()
