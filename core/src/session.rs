@@ -52,7 +52,7 @@ pub struct Session {
     pub(crate) expiry_secs: u32,
     pub(crate) expires_at_ms: Option<u64>,
     /// A will waiting out its delay while the session is offline.
-    pub(crate) pending_will: Option<(u64, Will)>,
+    pub(crate) pending_will: Option<(u64, Box<Will>)>,
     /// Bumped each time a shard adopts the session: when a crash leaves it in the stores of two
     /// shards, the higher generation is the newer.
     pub(crate) generation: u64,

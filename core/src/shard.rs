@@ -181,9 +181,9 @@ struct Conn {
     client_max_packet: usize,
     client_receive_max: u16,
     client_alias_max: u16,
-    in_aliases: HashMap<u16, String>,
-    out_aliases: HashMap<String, u16>,
-    will: Option<Will>,
+    /// Topic aliases, both ways (MQTT 5 clients that use them only).
+    aliases: Option<Box<Aliases>>,
+    will: Option<Box<Will>>,
     assigned_id: bool,
     /// Session expiry asked for in CONNECT (MQTT 5); DISCONNECT may not raise it from 0.
     connect_expiry: u32,
@@ -191,7 +191,7 @@ struct Conn {
     /// decoded once it unblocks, so packets are handled strictly in order.
     held: BytesMut,
     /// A SUBSCRIBE waiting for shared-group owners to confirm.
-    pending_sub: Option<PendingSub>,
+    pending_sub: Option<Box<PendingSub>>,
     /// The socket went away while the CONNECT was pending.
     lost: bool,
     /// MQTT 5 Request Problem Information: reason strings allowed on DISCONNECT.
@@ -199,6 +199,12 @@ struct Conn {
     /// PUBACK/PUBREC not yet sent, in PUBLISH order; `acks_front_seq` numbers the front one.
     acks: VecDeque<PendingAck>,
     acks_front_seq: u64,
+}
+
+#[derive(Default)]
+struct Aliases {
+    inbound: HashMap<u16, String>,
+    outbound: HashMap<String, u16>,
 }
 
 struct PendingSub {
@@ -267,8 +273,10 @@ pub struct Shard {
     n_shards: usize,
     limits: Limits,
     topic_limits: TopicLimits,
-    conns: HashMap<ConnId, Conn>,
-    sessions: HashMap<ClientId, Session>,
+    /// Boxed: the tables hold pointers, so their spare capacity costs 8 bytes a slot, not a
+    /// whole connection or session (most of a million devices are idle; this is their memory).
+    conns: HashMap<ConnId, Box<Conn>>,
+    sessions: HashMap<ClientId, Box<Session>>,
     trie: Trie<ClientId, Sub>,
     retained: HashMap<String, Msg>,
     directory: HashMap<ClientId, ShardId>,
@@ -538,7 +546,7 @@ impl Shard {
     pub fn on_open(&mut self, conn: ConnId, now_ms: u64) {
         self.conns.insert(
             conn,
-            Conn {
+            Box::new(Conn {
                 state: ConnState::AwaitConnect,
                 version: None,
                 client_id: None,
@@ -548,8 +556,7 @@ impl Shard {
                 client_max_packet: usize::MAX,
                 client_receive_max: u16::MAX,
                 client_alias_max: 0,
-                in_aliases: HashMap::new(),
-                out_aliases: HashMap::new(),
+                aliases: None,
                 will: None,
                 assigned_id: false,
                 connect_expiry: 0,
@@ -559,7 +566,7 @@ impl Shard {
                 problem_information: true,
                 acks: VecDeque::new(),
                 acks_front_seq: 0,
-            },
+            }),
         );
     }
 
@@ -716,7 +723,7 @@ impl Shard {
                 }
             }
             for (id, w) in wills {
-                self.publish_will(&id, w, now_ms);
+                self.publish_will(&id, *w, now_ms);
             }
             for id in ended {
                 if let Some(s) = self.sessions.remove(&id) {
@@ -838,7 +845,7 @@ impl Shard {
             if delay > 0 && (expiry > 0 || how == Detach::Moves) {
                 s.pending_will = Some((now_ms + u64::from(delay.min(expiry)) * 1000, w));
             } else {
-                self.publish_will(&id, w, now_ms);
+                self.publish_will(&id, *w, now_ms);
             }
         }
         if how == Detach::Moves {
@@ -855,10 +862,10 @@ impl Shard {
     }
 
     /// A session ends for good: its will (if still waiting) goes out, its subscriptions go away.
-    fn end_session(&mut self, mut s: Session, now_ms: u64) {
+    fn end_session(&mut self, mut s: Box<Session>, now_ms: u64) {
         touch(self.persist_sessions, &mut self.dirty_sessions, &mut s);
         if let Some((_, w)) = s.pending_will.take() {
-            self.publish_will(&s.client_id, w, now_ms);
+            self.publish_will(&s.client_id, *w, now_ms);
         }
         self.drop_subscriptions(&mut s);
         let dir = directory_shard(&s.client_id, self.n_shards);
@@ -975,7 +982,7 @@ impl Shard {
 
     fn session_of(&mut self, conn: ConnId) -> Option<&mut Session> {
         let id = self.conns.get(&conn)?.client_id.clone()?;
-        self.sessions.get_mut(&id)
+        self.sessions.get_mut(&id).map(|s| &mut **s)
     }
 
     fn on_connect(&mut self, conn: ConnId, mut connect: Box<Connect>, now_ms: u64) {
@@ -1021,7 +1028,7 @@ impl Shard {
             ka = cap;
         }
         c.keep_alive_ms = ka * 1000;
-        c.will = connect.will.take();
+        c.will = connect.will.take().map(Box::new);
         if v5 {
             let p = &connect.properties;
             c.client_max_packet = p.maximum_packet_size.map_or(usize::MAX, |m| m as usize);
@@ -1057,9 +1064,9 @@ impl Shard {
                     if s.expiry_secs != u32::MAX {
                         s.expires_at_ms = Some(now_ms + u64::from(s.expiry_secs) * 1000);
                     }
-                    self.adopt(*s);
+                    self.adopt(s);
                 }
-                Some(s) => self.end_session(*s, now_ms),
+                Some(s) => self.end_session(s, now_ms),
                 None => {
                     let dir = directory_shard(&client_id, self.n_shards);
                     self.send_to_shard(dir, ShardMsg::Release { client_id, host: self.id });
@@ -1074,13 +1081,13 @@ impl Shard {
                 session_present = true;
                 // A new connection to this session cancels a will still waiting out its delay.
                 old.pending_will = None;
-                *old
+                old
             }
             Some(old) => {
-                self.end_session_quietly(*old, now_ms);
-                Session::new(client_id.clone())
+                self.end_session_quietly(old, now_ms);
+                Box::new(Session::new(client_id.clone()))
             }
-            None => Session::new(client_id.clone()),
+            None => Box::new(Session::new(client_id.clone())),
         };
         session.expiry_secs = if v5 {
             connect.properties.session_expiry_interval.unwrap_or(0).min(self.limits.max_session_expiry_secs)
@@ -1143,7 +1150,7 @@ impl Shard {
     }
 
     /// Installs a session on this shard: its subscriptions enter this shard's trie.
-    fn adopt(&mut self, mut s: Session) {
+    fn adopt(&mut self, mut s: Box<Session>) {
         s.generation += 1;
         touch(self.persist_sessions, &mut self.dirty_sessions, &mut s);
         let id = s.client_id.clone();
@@ -1166,10 +1173,10 @@ impl Shard {
 
     /// A session replaced by a clean start: its will goes out, subscriptions go; the directory
     /// already names the new host, so no Release.
-    fn end_session_quietly(&mut self, mut s: Session, now_ms: u64) {
+    fn end_session_quietly(&mut self, mut s: Box<Session>, now_ms: u64) {
         touch(self.persist_sessions, &mut self.dirty_sessions, &mut s);
         if let Some((_, w)) = s.pending_will.take() {
-            self.publish_will(&s.client_id, w, now_ms);
+            self.publish_will(&s.client_id, *w, now_ms);
         }
         self.drop_subscriptions(&mut s);
     }
@@ -1182,12 +1189,12 @@ impl Shard {
                 return self.protocol_close(conn, reason::TOPIC_ALIAS_INVALID, "topic alias above maximum", now_ms);
             }
             if p.topic.is_empty() {
-                match c.in_aliases.get(&alias) {
+                match c.aliases.as_ref().and_then(|a| a.inbound.get(&alias)) {
                     Some(t) => p.topic = t.clone(),
                     None => return self.protocol_close(conn, reason::PROTOCOL_ERROR, "unknown topic alias", now_ms),
                 }
             } else {
-                c.in_aliases.insert(alias, p.topic.clone());
+                c.aliases.get_or_insert_with(Default::default).inbound.insert(alias, p.topic.clone());
             }
         }
         if !topic::valid_topic_name(&p.topic, &self.topic_limits) {
@@ -1466,7 +1473,7 @@ impl Shard {
             let mut s = s;
             // `adopt` counts a new generation; this is the same session, already stored.
             s.generation = generation.saturating_sub(1);
-            self.adopt(s);
+            self.adopt(Box::new(s));
             self.dirty_sessions.remove(&id);
         }
         self.run_local(now_ms);
@@ -1718,7 +1725,7 @@ impl Shard {
             retained_queries: queries,
         };
         if acks_left > 0 {
-            self.conns.get_mut(&conn).unwrap().pending_sub = Some(pending);
+            self.conns.get_mut(&conn).unwrap().pending_sub = Some(Box::new(pending));
         } else {
             self.finish_subscribe(conn, client_id, pending);
         }
@@ -1730,7 +1737,7 @@ impl Shard {
         let Some(p) = c.pending_sub.as_mut() else { return };
         p.acks_left -= 1;
         if p.acks_left == 0 {
-            let p = c.pending_sub.take().unwrap();
+            let p = *c.pending_sub.take().unwrap();
             let id = c.client_id.clone().unwrap();
             self.finish_subscribe(conn, id, p);
             self.resume(conn, now_ms);
@@ -2001,12 +2008,13 @@ impl Shard {
             properties.message_expiry_interval = left;
             properties.subscription_identifiers = d.sub_ids.clone();
             if c.client_alias_max > 0 {
-                if let Some(a) = c.out_aliases.get(&topic) {
+                let out = &mut c.aliases.get_or_insert_with(Default::default).outbound;
+                if let Some(a) = out.get(&topic) {
                     properties.topic_alias = Some(*a);
                     topic.clear();
-                } else if c.out_aliases.len() < usize::from(c.client_alias_max) {
-                    let a = c.out_aliases.len() as u16 + 1;
-                    c.out_aliases.insert(topic.clone(), a);
+                } else if out.len() < usize::from(c.client_alias_max) {
+                    let a = out.len() as u16 + 1;
+                    out.insert(topic.clone(), a);
                     properties.topic_alias = Some(a);
                 }
             }
@@ -2074,7 +2082,7 @@ impl Shard {
                         }
                     }
                     s.conn = None;
-                    session = Some(Box::new(s));
+                    session = Some(s);
                 }
                 self.send_to_shard(to, ShardMsg::Transfer { client_id, conn, session });
             }

@@ -5,7 +5,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
-use std::task::{Poll, Waker};
+use std::task::{Context, Poll, Waker};
 
 #[derive(Default)]
 pub struct Notify {
@@ -23,14 +23,19 @@ impl Notify {
 
     /// Completes once a notification arrived since the last completion.
     pub async fn notified(&self) {
-        poll_fn(|cx| {
-            if self.flag.replace(false) {
-                Poll::Ready(())
-            } else {
-                *self.waker.borrow_mut() = Some(cx.waker().clone());
-                Poll::Pending
+        poll_fn(|cx| self.poll_notified(cx)).await
+    }
+
+    /// [`Notify::notified`] for hand-written futures that wait on several things at once.
+    pub fn poll_notified(&self, cx: &Context<'_>) -> Poll<()> {
+        if self.flag.replace(false) {
+            Poll::Ready(())
+        } else {
+            let mut w = self.waker.borrow_mut();
+            if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *w = Some(cx.waker().clone());
             }
-        })
-        .await
+            Poll::Pending
+        }
     }
 }

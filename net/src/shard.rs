@@ -10,13 +10,15 @@
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use futures_lite::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use futures_lite::{AsyncRead, AsyncWriteExt, StreamExt};
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
 use glommio::net::{TcpListener, TcpStream};
 use sluice_core::bridge::{Delivery, KafkaRecord, MappingConfig, ProduceError, ProduceRequest, ProduceResult, Router};
@@ -87,23 +89,22 @@ struct Spill {
 /// the peer catches up (the mesh channel itself holds `MESH_CHANNEL_BATCHES` batches).
 const OUTBOX_MESSAGES_MAX: usize = 64 * 1024;
 
-/// Bytes read from a socket per read call: a connection starts at the minimum and grows to the
-/// maximum when its reads keep filling the buffer.
+/// Bytes read from a socket per read call, into the core's scratch buffer.
 const READ_CHUNK: usize = 16 * 1024;
-const READ_CHUNK_MIN: usize = 256;
 const TICK: Duration = Duration::from_millis(100);
 
 struct ConnHandle {
     /// Output is waiting, or the connection is closing.
-    wake_writer: Rc<Notify>,
-    /// The connection must stop reading.
-    stop_reader: Rc<Notify>,
+    wake: Notify,
     closing: Cell<bool>,
 }
 
 /// The per-core state shared by this core's tasks.
 struct Core {
     shard: RefCell<Shard>,
+    /// Every read on this core lands here first: borrowed only inside one poll, never across a
+    /// suspension, so one buffer serves every connection.
+    scratch: RefCell<Vec<u8>>,
     conns: RefCell<HashMap<ConnId, Rc<ConnHandle>>>,
     /// Batches being filled for each peer shard.
     outbox: RefCell<Vec<Vec<ShardMsg>>>,
@@ -176,13 +177,13 @@ impl Core {
         let conns = self.conns.borrow();
         for id in fx.dirty {
             if let Some(h) = conns.get(&id) {
-                h.wake_writer.notify();
+                h.wake.notify();
             }
         }
         for id in fx.close {
             if let Some(h) = conns.get(&id) {
                 h.closing.set(true);
-                h.wake_writer.notify();
+                h.wake.notify();
             }
         }
         let mut outbox = self.outbox.borrow_mut();
@@ -424,6 +425,7 @@ pub(crate) async fn run_shard(
     .map_err(|e| format!("shard {}: {e}", cfg.id))?;
     let core = Rc::new(Core {
         shard: RefCell::new(shard),
+        scratch: RefCell::new(vec![0; READ_CHUNK]),
         conns: RefCell::new(HashMap::new()),
         outbox: RefCell::new((0..cfg.n_shards).map(|_| Vec::new()).collect()),
         outbox_ready: (0..cfg.n_shards).map(|_| Rc::new(Notify::default())).collect(),
@@ -672,80 +674,91 @@ async fn accept_loop(core: Rc<Core>, listener: TcpListener, stop: Rc<Notify>, ne
     }
 }
 
-async fn serve(core: Rc<Core>, stream: TcpStream, id: ConnId) {
+/// What woke a connection's task.
+enum Wake {
+    /// Output is waiting (or the connection is closing).
+    Output,
+    /// Bytes arrived; they are in the connection's input buffer.
+    Input,
+    /// The peer closed, or the socket failed.
+    Gone,
+}
+
+/// One task per connection: it reads into the core's scratch buffer and writes what the state
+/// machine has for it. An idle connection holds no buffer at all — glommio waits for readiness
+/// (poll), not for a read into memory of its own — so a million idle devices cost only their
+/// state: the input buffer exists only while a packet is incomplete, the output buffer only
+/// while there is output.
+async fn serve(core: Rc<Core>, mut stream: TcpStream, id: ConnId) {
     let _ = stream.set_nodelay(true);
-    let handle = Rc::new(ConnHandle {
-        wake_writer: Rc::new(Notify::default()),
-        stop_reader: Rc::new(Notify::default()),
-        closing: Cell::new(false),
-    });
+    let handle = Rc::new(ConnHandle { wake: Notify::default(), closing: Cell::new(false) });
     core.conns.borrow_mut().insert(id, handle.clone());
     core.shard.borrow_mut().on_open(id, core.now_ms());
-    let (mut reader, mut writer) = futures_lite::io::split(stream);
-
-    let writer_task = {
-        let core = core.clone();
-        let handle = handle.clone();
-        glommio::spawn_local(async move {
-            loop {
-                handle.wake_writer.notified().await;
-                loop {
-                    let out = core.shard.borrow_mut().take_output(id);
-                    let Some(out) = out else { break };
-                    if writer.write_all(&out).await.is_err() {
-                        handle.closing.set(true);
-                        break;
-                    }
+    let mut input = BytesMut::new();
+    loop {
+        let wake = std::future::poll_fn(|cx| {
+            if handle.wake.poll_notified(cx).is_ready() || handle.closing.get() {
+                return Poll::Ready(Wake::Output);
+            }
+            let mut scratch = core.scratch.borrow_mut();
+            match Pin::new(&mut stream).poll_read(cx, &mut scratch[..]) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Poll::Ready(Wake::Gone),
+                Poll::Ready(Ok(n)) => {
+                    input.extend_from_slice(&scratch[..n]);
+                    Poll::Ready(Wake::Input)
                 }
-                if handle.closing.get() {
-                    let _ = writer.close().await;
-                    handle.stop_reader.notify();
-                    return;
-                }
+                Poll::Pending => Poll::Pending,
             }
         })
-    };
-
-    // Buffers start small and grow only for connections that send a lot: most of a million
-    // devices are idle most of the time, and their memory is the broker's.
-    let mut buf = BytesMut::new();
-    let mut chunk = vec![0u8; READ_CHUNK_MIN];
-    loop {
-        let read = futures_lite::future::or(async { Some(reader.read(&mut chunk).await) }, async {
-            handle.stop_reader.notified().await;
-            None
-        })
         .await;
-        let n = match read {
-            Some(Ok(n)) if n > 0 => n,
-            _ => break,
-        };
-        buf.extend_from_slice(&chunk[..n]);
-        if n == chunk.len() && chunk.len() < READ_CHUNK {
-            chunk = vec![0u8; (chunk.len() * 4).min(READ_CHUNK)];
+        match wake {
+            Wake::Gone => {
+                // Whatever is still for the client (a CONNACK refusing it, say) gets one try.
+                handle.closing.set(true);
+                let _ = write_output(&core, id, &mut stream).await;
+                break;
+            }
+            Wake::Input => {
+                let now = core.now_ms();
+                core.shard.borrow_mut().on_bytes(id, &mut input, now);
+                core.dispatch();
+                if input.is_empty() {
+                    input = BytesMut::new();
+                }
+            }
+            Wake::Output => {}
         }
-        let now = core.now_ms();
-        core.shard.borrow_mut().on_bytes(id, &mut buf, now);
-        core.dispatch();
-        if buf.is_empty() && buf.capacity() > READ_CHUNK_MIN {
-            buf = BytesMut::new();
+        if write_output(&core, id, &mut stream).await.is_err() {
+            handle.closing.set(true);
         }
         if handle.closing.get() {
+            let _ = stream.close().await;
             break;
         }
-        // A read that finds data ready completes without suspending; yield so that writers (and
-        // other readers) on this core get their turn instead of starving behind a busy publisher.
-        futures_lite::future::yield_now().await;
-        while core.backlogged() && !handle.closing.get() {
-            glommio::timer::sleep(Duration::from_millis(1)).await;
+        if matches!(wake, Wake::Input) {
+            // A read that finds data ready completes without suspending; yield so that other
+            // connections on this core get their turn instead of starving behind a busy one.
+            futures_lite::future::yield_now().await;
+            // Some peer (or Kafka) is far behind: stop reading, keep writing.
+            while core.backlogged() && !handle.closing.get() {
+                glommio::timer::sleep(Duration::from_millis(1)).await;
+                if write_output(&core, id, &mut stream).await.is_err() {
+                    handle.closing.set(true);
+                }
+            }
         }
     }
-    // Let the writer flush what is left (it closes the socket), then forget the connection.
-    handle.closing.set(true);
-    handle.wake_writer.notify();
-    writer_task.await;
     let now = core.now_ms();
     core.shard.borrow_mut().on_lost(id, now);
     core.conns.borrow_mut().remove(&id);
     core.dispatch();
+}
+
+/// Writes everything the state machine has for `id`.
+async fn write_output(core: &Core, id: ConnId, stream: &mut TcpStream) -> std::io::Result<()> {
+    loop {
+        let out = core.shard.borrow_mut().take_output(id);
+        let Some(out) = out else { return Ok(()) };
+        stream.write_all(&out).await?;
+    }
 }
