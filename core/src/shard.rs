@@ -62,6 +62,18 @@ pub type Msg = Arc<Message>;
 #[derive(Debug)]
 pub enum ShardMsg {
     Publish(Msg),
+    /// A publish whose sender waits until what it changed here is durable (queued for a
+    /// persistent session, or a retained message stored): answer [`ShardMsg::Receipt`] then.
+    PublishReceipt {
+        msg: Msg,
+        receipt: Receipt,
+    },
+    /// The answer to a receipt: this shard is done, and `more` shards it forwarded the message
+    /// to (shared subscriptions) will answer too.
+    Receipt {
+        token: u64,
+        more: u32,
+    },
     /// To the directory shard: `host` wants the session of `client_id` for connection `conn`.
     Claim {
         client_id: ClientId,
@@ -119,12 +131,31 @@ pub enum ShardMsg {
         msg: Msg,
         opts: SubOptions,
         sub_id: Option<u32>,
+        receipt: Option<Receipt>,
     },
     /// To shard 0: this shard's counters, for the `$SYS/broker/...` totals.
     Stats {
         from: ShardId,
         stats: Stats,
     },
+}
+
+/// A consumed partition: (Kafka → MQTT mapping, topic, partition).
+type PartitionKey = (u16, Arc<str>, i32);
+
+/// Who waits for a [`ShardMsg::Receipt`], and under which token.
+#[derive(Clone, Copy, Debug)]
+pub struct Receipt {
+    pub from: ShardId,
+    pub token: u64,
+}
+
+/// What completes when every shard answered a receipt.
+enum ReceiptFor {
+    /// A PUBACK/PUBREC `(conn, ack seq)`.
+    Ack(ConnId, u64),
+    /// A batch of Kafka records: their positions may move.
+    Positions,
 }
 
 #[derive(Clone, Debug)]
@@ -331,13 +362,24 @@ pub struct Shard {
     dirty_sessions: HashSet<ClientId>,
     /// Acknowledgements `(conn, ack seq)` and SUBSCRIBEs (conn) that wait for the next session
     /// store commit: what they acknowledge must survive a crash.
-    store_ack_waiters: Vec<(ConnId, u64)>,
+    store_receipts: Vec<(Receipt, u32)>,
     store_sub_waiters: Vec<ConnId>,
     /// Waiters of changes taken and not yet reported durable, by commit token.
     store_flushing: VecDeque<StoreWaiters>,
     next_store_token: u64,
-    /// Set while routing a publish when it went to a stored session at QoS > 0.
-    publish_stored: bool,
+    /// Set while routing a publish when it changed something stored: queued for a persistent
+    /// session at QoS > 0, or a retained message.
+    stored_hit: bool,
+    /// While routing a publish with a receipt: it, and how many shards it was forwarded to.
+    routing_receipt: Option<Receipt>,
+    receipt_forwards: u32,
+    /// Token → replies still expected, and what completes then.
+    receipts: HashMap<u64, (u32, ReceiptFor)>,
+    next_receipt: u64,
+    /// Kafka record batches in arrival order, with the positions they move; a batch's positions
+    /// apply once its receipt and every earlier one completed.
+    position_batches: VecDeque<(u64, Vec<(PartitionKey, i64)>)>,
+    receipts_done: HashSet<u64>,
     /// `kafka-ack` with a spill log: QoS 1/2 records that time out (Kafka down or hanging) go
     /// to the spill log instead of failing, and records after them follow until it drained.
     outage_spill: bool,
@@ -367,7 +409,7 @@ struct RecordMeta {
 /// What waits for one commit of the session store.
 struct StoreWaiters {
     token: u64,
-    acks: Vec<(ConnId, u64)>,
+    receipts: Vec<(Receipt, u32)>,
     subscribes: Vec<ConnId>,
 }
 
@@ -463,11 +505,17 @@ impl Shard {
             positions_dirty: false,
             persist_sessions: false,
             dirty_sessions: HashSet::new(),
-            store_ack_waiters: Vec::new(),
+            store_receipts: Vec::new(),
             store_sub_waiters: Vec::new(),
             store_flushing: VecDeque::new(),
             next_store_token: 0,
-            publish_stored: false,
+            stored_hit: false,
+            routing_receipt: None,
+            receipt_forwards: 0,
+            receipts: HashMap::new(),
+            next_receipt: 0,
+            position_batches: VecDeque::new(),
+            receipts_done: HashSet::new(),
             outage_spill: false,
             spilling: false,
             kafka_copies: HashMap::new(),
@@ -1239,15 +1287,70 @@ impl Shard {
             expiry_at_ms: expiry.map(|e| now_ms + u64::from(e) * 1000),
             origin: client_id,
         });
-        if qos > 0 {
-            self.publishing = Some(conn);
+        if qos == 0 {
+            self.route(msg, now_ms);
+            return;
         }
-        let produced = self.route(msg, now_ms);
+        self.publishing = Some(conn);
+        // With persistent sessions, the acknowledgement waits until whatever the message changed
+        // on any shard is on disk.
+        let token = self.persist_sessions.then(|| self.new_receipt());
+        let (produced, expected) = self.route_with_receipt(msg, token, now_ms);
         self.publishing = None;
-        let stored = std::mem::take(&mut self.publish_stored);
-        if qos > 0 {
-            let congested = std::mem::take(&mut self.congested);
-            self.queue_ack_waiting(conn, pid, qos, &produced, &congested, stored);
+        let congested = std::mem::take(&mut self.congested);
+        let receipt = token.filter(|_| expected > 0).map(|t| (t, expected));
+        self.queue_ack_waiting(conn, pid, qos, &produced, &congested, receipt);
+    }
+
+    fn new_receipt(&mut self) -> u64 {
+        self.next_receipt += 1;
+        self.next_receipt
+    }
+
+    /// [`Shard::route`], asking every shard for a receipt under `token`; returns the Kafka
+    /// records and how many answers to expect (this shard's own included, when it stored
+    /// something).
+    fn route_with_receipt(&mut self, msg: Msg, token: Option<u64>, now_ms: u64) -> (Vec<u64>, u32) {
+        let Some(token) = token else { return (self.route(msg, now_ms), 0) };
+        let receipt = Receipt { from: self.id, token };
+        self.routing_receipt = Some(receipt);
+        self.stored_hit = false;
+        self.receipt_forwards = 0;
+        let produced = self.route(msg, now_ms);
+        self.routing_receipt = None;
+        let mut expected = (self.n_shards - 1) as u32 + std::mem::take(&mut self.receipt_forwards);
+        if std::mem::take(&mut self.stored_hit) {
+            self.store_receipts.push((receipt, 0));
+            self.effects.sessions_urgent = true;
+            expected += 1;
+        }
+        (produced, expected)
+    }
+
+    /// An answer to one of this shard's receipts.
+    fn on_receipt(&mut self, token: u64, more: u32) {
+        let Some(e) = self.receipts.get_mut(&token) else { return };
+        e.0 = e.0 + more - 1;
+        if e.0 > 0 {
+            return;
+        }
+        match self.receipts.remove(&token).unwrap().1 {
+            ReceiptFor::Ack(conn, seq) => self.release_acks(vec![(conn, seq)]),
+            ReceiptFor::Positions => self.complete_position_batch(token),
+        }
+    }
+
+    fn complete_position_batch(&mut self, token: u64) {
+        self.receipts_done.insert(token);
+        while let Some((t, _)) = self.position_batches.front() {
+            if !self.receipts_done.remove(t) {
+                break;
+            }
+            let (_, moves) = self.position_batches.pop_front().unwrap();
+            for (key, next) in moves {
+                self.positions.insert(key, next);
+            }
+            self.positions_dirty = true;
         }
     }
 
@@ -1255,12 +1358,11 @@ impl Shard {
     /// record in `records` (at once when there are none) and every earlier acknowledgement of
     /// this connection went out: MQTT requires them in the order the PUBLISHes arrived.
     fn queue_ack(&mut self, conn: ConnId, pid: u16, qos: u8, records: &[u64]) {
-        self.queue_ack_waiting(conn, pid, qos, records, &[], false);
+        self.queue_ack_waiting(conn, pid, qos, records, &[], None);
     }
 
     /// [`Shard::queue_ack`] that also waits for the queues of `congested` sessions to drain,
-    /// and with `stored`, for the session store to commit (the message went to a persistent
-    /// session).
+    /// and for `receipt`: `(token, answers expected)` from the shards that stored it.
     fn queue_ack_waiting(
         &mut self,
         conn: ConnId,
@@ -1268,14 +1370,13 @@ impl Shard {
         qos: u8,
         records: &[u64],
         congested: &[ClientId],
-        stored: bool,
+        receipt: Option<(u64, u32)>,
     ) {
         let Some(c) = self.conns.get_mut(&conn) else { return };
         let seq = c.acks_front_seq + c.acks.len() as u64;
-        let waiting = (records.len() + congested.len() + usize::from(stored)) as u32;
-        if stored {
-            self.store_ack_waiters.push((conn, seq));
-            self.effects.sessions_urgent = true;
+        let waiting = (records.len() + congested.len() + usize::from(receipt.is_some())) as u32;
+        if let Some((token, expected)) = receipt {
+            self.receipts.insert(token, (expected, ReceiptFor::Ack(conn, seq)));
         }
         c.acks.push_back(PendingAck { pid, qos, waiting, code: reason::SUCCESS });
         for id in records {
@@ -1495,10 +1596,10 @@ impl Shard {
             }
         }
         self.next_store_token += 1;
-        let acks = std::mem::take(&mut self.store_ack_waiters);
+        let receipts = std::mem::take(&mut self.store_receipts);
         let subs = std::mem::take(&mut self.store_sub_waiters);
-        if !acks.is_empty() || !subs.is_empty() {
-            self.store_flushing.push_back(StoreWaiters { token: self.next_store_token, acks, subscribes: subs });
+        if !receipts.is_empty() || !subs.is_empty() {
+            self.store_flushing.push_back(StoreWaiters { token: self.next_store_token, receipts, subscribes: subs });
         }
         (changes, self.next_store_token)
     }
@@ -1508,7 +1609,13 @@ impl Shard {
     pub fn on_sessions_synced(&mut self, token: u64, now_ms: u64) {
         while self.store_flushing.front().is_some_and(|w| w.token <= token) {
             let w = self.store_flushing.pop_front().unwrap();
-            self.release_acks(w.acks);
+            for (r, more) in w.receipts {
+                if r.from == self.id {
+                    self.on_receipt(r.token, more);
+                } else {
+                    self.send_to_shard(r.from, ShardMsg::Receipt { token: r.token, more });
+                }
+            }
             for conn in w.subscribes {
                 self.subscribe_step_done(conn, now_ms);
             }
@@ -1527,11 +1634,17 @@ impl Shard {
     /// Records read from Kafka: each becomes MQTT messages (or is skipped, counted, and logged
     /// once per mapping and cause) routed like a publish from a client.
     pub fn on_kafka_records(&mut self, records: impl IntoIterator<Item = InboundRecord>, now_ms: u64) {
+        // One receipt for the batch: its positions move once every shard handed its messages to
+        // the subscribers there and stored what it queued for persistent sessions.
+        let token = self.new_receipt();
+        let mut expected = 0;
+        let mut moves: Vec<(PartitionKey, i64)> = Vec::new();
         for r in records {
-            // Routed (delivered or queued on this shard, handed to the others) → the position
-            // may move past it.
-            self.positions.insert((r.mapping, r.topic.clone(), r.partition), r.offset + 1);
-            self.positions_dirty = true;
+            let key = (r.mapping, r.topic.clone(), r.partition);
+            match moves.iter_mut().find(|(k, _)| *k == key) {
+                Some(m) => m.1 = r.offset + 1,
+                None => moves.push((key, r.offset + 1)),
+            }
             let stats = self.inbound_stats.get_mut(usize::from(r.mapping));
             if let Some(s) = stats {
                 s.0 += 1;
@@ -1543,7 +1656,7 @@ impl Shard {
                     }
                     for m in msgs {
                         self.stats.messages_received += 1;
-                        self.route(Arc::new(m), now_ms);
+                        expected += self.route_with_receipt(Arc::new(m), Some(token), now_ms).1;
                     }
                 }
                 Err(skip) => {
@@ -1559,6 +1672,12 @@ impl Shard {
                     }
                 }
             }
+        }
+        self.position_batches.push_back((token, moves));
+        if expected == 0 {
+            self.complete_position_batch(token);
+        } else {
+            self.receipts.insert(token, (expected, ReceiptFor::Positions));
         }
         self.run_local(now_ms);
     }
@@ -1794,7 +1913,11 @@ impl Shard {
     fn route(&mut self, msg: Msg, now_ms: u64) -> Vec<u64> {
         for shard in 0..self.n_shards {
             if shard != self.id {
-                self.effects.to_shards.push((shard, ShardMsg::Publish(msg.clone())));
+                let m = match self.routing_receipt {
+                    Some(receipt) => ShardMsg::PublishReceipt { msg: msg.clone(), receipt },
+                    None => ShardMsg::Publish(msg.clone()),
+                };
+                self.effects.to_shards.push((shard, m));
             }
         }
         self.route_here(&msg, now_ms);
@@ -1866,12 +1989,14 @@ impl Shard {
             if msg.payload.is_empty() {
                 if self.retained.remove(&msg.topic).is_some() && persist {
                     self.effects.retained.push((msg.topic.clone(), None));
+                    self.stored_hit = true;
                 }
             } else if self.retained.len() < self.limits.max_retained_messages || self.retained.contains_key(&msg.topic)
             {
                 self.retained.insert(msg.topic.clone(), msg.clone());
                 if persist {
                     self.effects.retained.push((msg.topic.clone(), Some(msg.clone())));
+                    self.stored_hit = true;
                 }
             }
         }
@@ -1909,8 +2034,17 @@ impl Shard {
             if m.shard == self.id {
                 self.deliver_shared(&m.client_id, msg.clone(), m.opts, m.sub_id, now_ms);
             } else {
-                let sd =
-                    ShardMsg::ShareDeliver { client_id: m.client_id, msg: msg.clone(), opts: m.opts, sub_id: m.sub_id };
+                let receipt = self.routing_receipt;
+                if receipt.is_some() {
+                    self.receipt_forwards += 1;
+                }
+                let sd = ShardMsg::ShareDeliver {
+                    client_id: m.client_id,
+                    msg: msg.clone(),
+                    opts: m.opts,
+                    sub_id: m.sub_id,
+                    receipt,
+                };
                 self.send_to_shard(m.shard, sd);
             }
         }
@@ -1952,8 +2086,8 @@ impl Shard {
                 }
                 s.queue.push_back(d);
                 touch(self.persist_sessions, &mut self.dirty_sessions, s);
-                if s.stored && self.publishing.is_some() {
-                    self.publish_stored = true;
+                if s.stored {
+                    self.stored_hit = true;
                 }
                 let congested = s.conn.is_some()
                     && s.conn != self.publishing
@@ -2044,6 +2178,16 @@ impl Shard {
     fn handle_shard_msg(&mut self, m: ShardMsg, now_ms: u64) {
         match m {
             ShardMsg::Publish(msg) => self.route_here(&msg, now_ms),
+            ShardMsg::PublishReceipt { msg, receipt } => {
+                self.stored_hit = false;
+                self.routing_receipt = Some(receipt);
+                self.receipt_forwards = 0;
+                self.route_here(&msg, now_ms);
+                self.routing_receipt = None;
+                let more = std::mem::take(&mut self.receipt_forwards);
+                self.answer_receipt(receipt, more);
+            }
+            ShardMsg::Receipt { token, more } => self.on_receipt(token, more),
             ShardMsg::Claim { client_id, host, conn, clean_start } => {
                 match self.directory.insert(client_id.clone(), host) {
                     Some(prev) => self.send_to_shard(prev, ShardMsg::Evict { client_id, to: host, conn, clean_start }),
@@ -2151,14 +2295,31 @@ impl Shard {
                     }
                 }
             }
-            ShardMsg::ShareDeliver { client_id, msg, opts, sub_id } => {
-                self.deliver_shared(&client_id, msg, opts, sub_id, now_ms)
+            ShardMsg::ShareDeliver { client_id, msg, opts, sub_id, receipt } => {
+                self.stored_hit = false;
+                self.deliver_shared(&client_id, msg, opts, sub_id, now_ms);
+                if let Some(r) = receipt {
+                    self.answer_receipt(r, 0);
+                }
             }
             ShardMsg::Stats { from, stats } => {
                 if let Some(s) = self.shard_stats.get_mut(from) {
                     *s = stats;
                 }
             }
+        }
+    }
+
+    /// Answers a receipt now, or after the next store commit if the message changed something
+    /// stored here (`stored_hit`).
+    fn answer_receipt(&mut self, r: Receipt, more: u32) {
+        if std::mem::take(&mut self.stored_hit) {
+            self.store_receipts.push((r, more));
+            self.effects.sessions_urgent = true;
+        } else if r.from == self.id {
+            self.on_receipt(r.token, more);
+        } else {
+            self.send_to_shard(r.from, ShardMsg::Receipt { token: r.token, more });
         }
     }
 
@@ -2431,6 +2592,19 @@ mod tests {
         assert!(w.recv(1, 2, V5).is_empty(), "PUBACK before the queued message is stored");
         commit_sessions(&mut w, &mut store);
         assert!(matches!(w.recv(1, 2, V5).as_slice(), [Packet::PubAck(r)] if r.packet_id == 7));
+        // A publisher on another shard: its PUBACK waits for shard 1's commit too.
+        w.connect(0, 3, V5, "far-app", true);
+        w.send(0, 3, V5, publish("cmd/far", 1, 8, b"from afar"));
+        assert!(w.recv(0, 3, V5).is_empty(), "PUBACK before the other shard stored the message");
+        let (_, token) = w.shards[0].take_session_changes();
+        w.shards[0].on_sessions_synced(token, w.now);
+        w.settle();
+        assert!(w.recv(0, 3, V5).is_empty(), "PUBACK after the wrong shard's commit");
+        commit_sessions(&mut w, &mut store);
+        assert!(matches!(w.recv(0, 3, V5).as_slice(), [Packet::PubAck(r)] if r.packet_id == 8));
+        // Nothing stored anywhere: no wait beyond the other shard's answer.
+        w.send(0, 3, V5, publish("nobody/listens", 1, 9, b"x"));
+        assert!(matches!(w.recv(0, 3, V5).as_slice(), [Packet::PubAck(r)] if r.packet_id == 9));
         // A clean session is never stored.
         assert_eq!(store.keys().collect::<Vec<_>>(), ["dev"]);
 
@@ -2442,8 +2616,9 @@ mod tests {
         }
         w.settle();
         match w.connect_all(2, 5, V5, "dev", false).as_slice() {
-            [Packet::ConnAck(a), Packet::Publish(p)] if a.session_present => {
-                assert_eq!((p.topic.as_str(), p.qos, &p.payload[..]), ("cmd/1", 1, &b"reboot"[..]))
+            [Packet::ConnAck(a), Packet::Publish(p), Packet::Publish(q)] if a.session_present => {
+                assert_eq!((p.topic.as_str(), p.qos, &p.payload[..]), ("cmd/1", 1, &b"reboot"[..]));
+                assert_eq!((q.topic.as_str(), &q.payload[..]), ("cmd/far", &b"from afar"[..]));
             }
             o => panic!("{o:?}"),
         }

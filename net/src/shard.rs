@@ -137,8 +137,8 @@ impl Core {
         for w in fx.warnings.drain(..) {
             tracing::warn!("{w}");
         }
+        let mut refused = Vec::new();
         if !fx.produce.is_empty() {
-            let mut refused = Vec::new();
             let mut spilled = Vec::new();
             if let Some(spill) = &self.spill {
                 fx.produce.retain(|req| !req.durable || spill.append(req, &mut refused, &mut spilled));
@@ -151,20 +151,21 @@ impl Core {
                 self.kafka_outbox.borrow_mut().append(&mut fx.produce);
                 self.kafka_ready.notify();
             }
-            if !refused.is_empty() {
-                // Not on disk, so not acknowledged and not sent: the publisher hears 0x97.
-                let now = self.now_ms();
-                let mut shard = self.shard.borrow_mut();
-                shard.on_durable(&refused, Err(ProduceError::SpillFull), now);
-                shard.on_produce_results(
-                    refused.iter().map(|id| ProduceResult::failed(*id, ProduceError::SpillFull)),
-                    now,
-                );
-                drop(shard);
-                self.dispatch();
-                return;
-            }
         }
+        self.apply(fx);
+        if !refused.is_empty() {
+            // Not on disk, so not acknowledged and not sent: the publisher hears 0x97.
+            let now = self.now_ms();
+            let mut shard = self.shard.borrow_mut();
+            shard.on_durable(&refused, Err(ProduceError::SpillFull), now);
+            shard.on_produce_results(refused.iter().map(|id| ProduceResult::failed(*id, ProduceError::SpillFull)), now);
+            drop(shard);
+            self.dispatch();
+        }
+    }
+
+    /// The effects other than records for Kafka: stores, wake-ups, closes, cross-shard batches.
+    fn apply(&self, mut fx: sluice_core::shard::Effects) {
         for (topic, msg) in fx.retained.drain(..) {
             self.retained.record(&topic, msg.as_ref(), self.wall_offset_ms);
         }
@@ -470,7 +471,7 @@ pub(crate) async fn run_shard(
         glommio::spawn_local(async move {
             loop {
                 c.sessions_ready.notified().await;
-                c.sessions.commit(&c.shard, || c.now_ms()).await;
+                c.sessions.commit(&c.shard, &c.retained, || c.now_ms()).await;
                 c.dispatch();
             }
         })
@@ -595,7 +596,6 @@ pub(crate) async fn run_shard(
                 core.shard.borrow_mut().tick(now, sys);
                 core.store_positions();
                 core.sessions_ready.notify();
-                core.retained.sync().await;
                 core.dispatch();
             }
         })
@@ -637,7 +637,7 @@ pub(crate) async fn run_shard(
     let now = core.now_ms();
     core.shard.borrow_mut().shutdown(now);
     core.dispatch();
-    core.sessions.commit(&core.shard, || core.now_ms()).await;
+    core.sessions.commit(&core.shard, &core.retained, || core.now_ms()).await;
     let deadline = Instant::now() + Duration::from_secs(2);
     while !core.conns.borrow().is_empty() && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(10)).await;

@@ -1,10 +1,11 @@
 //! What a shard keeps on disk besides the spill log: retained messages and persistent sessions,
 //! each a [`KeyedLog`] (latest value per key) under `data_dir/{retained,sessions}/shard-N`.
 //!
-//! Both are written from this shard's thread only; their group commits (msync) run on a
-//! blocking thread. Retained messages commit every tick. Sessions commit every tick too, and at
-//! once when an acknowledgement waits for them (the state machine holds a persistent session's
-//! SUBACK, and the PUBACK of a message queued for it, until [`Shard::on_sessions_synced`]).
+//! Both are written from this shard's thread only; their group commits (msync) run together on a
+//! blocking thread, every tick and at once when an acknowledgement waits for them: the state
+//! machine holds a persistent session's SUBACK, and the PUBACK of a message that was queued for a
+//! persistent session or stored as retained on any shard, until [`Shard::on_sessions_synced`]
+//! (receipts between shards carry the news).
 //!
 //! Sessions move between shards (a client reconnects elsewhere), so at start
 //! [`prepare_sessions`] merges every shard's session store — the highest generation of a
@@ -161,8 +162,9 @@ impl SessionStore {
         Ok(SessionStore { log: RefCell::new(log) })
     }
 
-    /// Writes the session changes the state machine collected, commits them, and tells it.
-    pub(crate) async fn commit(&self, shard: &RefCell<Shard>, now_ms: impl Fn() -> u64) {
+    /// Writes the session changes the state machine collected, commits them together with the
+    /// retained store (a receipt may wait for either), and tells the state machine.
+    pub(crate) async fn commit(&self, shard: &RefCell<Shard>, retained: &RetainedStore, now_ms: impl Fn() -> u64) {
         let (changes, token) = shard.borrow_mut().take_session_changes();
         {
             let mut log = self.log.borrow_mut();
@@ -183,6 +185,7 @@ impl SessionStore {
                 tracing::warn!(error = %e, "session store: compaction failed");
             }
         }
+        retained.sync().await;
         commit(&self.log, "session store").await;
         shard.borrow_mut().on_sessions_synced(token, now_ms());
     }

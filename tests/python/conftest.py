@@ -286,7 +286,11 @@ class FrontedBridge:
         self.front = make_front(self.front_port, plain_port)
         self.kafka = Tansu(port=plain_port, advertised_port=self.front_port)
         self.topic = topic
+        # Failures reach the publisher (the tests check the reason code) instead of the spill log.
         config = f"""
+[kafka]
+spill_on_timeout = false
+
 [kafka.clusters.secure]
 bootstrap = ["127.0.0.1:{self.front_port}"]
 {cluster_settings}
