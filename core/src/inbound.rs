@@ -81,7 +81,12 @@ pub struct InboundMappingConfig {
     pub name: String,
     /// Name of a `[kafka.clusters.NAME]` table.
     pub cluster: String,
+    #[serde(default)]
     pub kafka_topics: Vec<String>,
+    /// A regular expression over whole topic names: every matching topic is consumed,
+    /// including ones created later (checked every `metadata_max_age_ms`).
+    #[serde(default)]
+    pub kafka_topic_pattern: Option<String>,
     /// MQTT topic templates; one message per template (multicast).
     pub mqtt_topics: Vec<String>,
     #[serde(default = "default_payload")]
@@ -92,6 +97,11 @@ pub struct InboundMappingConfig {
     pub retain: bool,
     #[serde(default)]
     pub start: StartAt,
+}
+
+/// `kafka_topic_pattern` as a regex that must match a whole topic name.
+pub fn topic_pattern(p: &str) -> Result<regex::Regex, regex::Error> {
+    regex::Regex::new(&format!("^(?:{p})$"))
 }
 
 fn default_payload() -> PayloadSource {
@@ -252,8 +262,14 @@ impl Inbound {
             if !clusters.contains(&c.cluster) {
                 return Err(format!("kafka_to_mqtt `{}`: unknown cluster `{}`", c.name, c.cluster));
             }
-            if c.kafka_topics.is_empty() || c.mqtt_topics.is_empty() {
-                return Err(format!("kafka_to_mqtt `{}`: needs kafka_topics and mqtt_topics", c.name));
+            if (c.kafka_topics.is_empty() && c.kafka_topic_pattern.is_none()) || c.mqtt_topics.is_empty() {
+                return Err(format!(
+                    "kafka_to_mqtt `{}`: needs kafka_topics (or kafka_topic_pattern) and mqtt_topics",
+                    c.name
+                ));
+            }
+            if let Some(p) = &c.kafka_topic_pattern {
+                topic_pattern(p).map_err(|e| format!("kafka_to_mqtt `{}`: kafka_topic_pattern: {e}", c.name))?;
             }
             if c.qos > 2 {
                 return Err(format!("kafka_to_mqtt `{}`: qos must be 0, 1 or 2", c.name));
@@ -357,6 +373,7 @@ mod tests {
             name: "m".into(),
             cluster: "c".into(),
             kafka_topics: vec!["commands".into()],
+            kafka_topic_pattern: None,
             mqtt_topics: topics.iter().map(|t| t.to_string()).collect(),
             payload: PayloadSource::parse(payload).unwrap(),
             qos: 1,

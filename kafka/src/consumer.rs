@@ -28,28 +28,71 @@ pub(crate) fn spawn(
     shards: Vec<mpsc::Sender<Vec<InboundRecord>>>,
     positions: Arc<Positions>,
 ) {
-    for topic in cfg.kafka_topics.clone() {
-        let (cluster, shards, start, positions, name) =
-            (cluster.clone(), shards.clone(), cfg.start, positions.clone(), cfg.name.clone());
-        tokio::spawn(async move {
-            let topic: Arc<str> = topic.into();
-            let partitions = loop {
-                match cluster.partitions(&topic, std::time::Instant::now() + cluster.request_timeout()).await {
-                    Ok(n) => break n,
-                    Err(e) => {
-                        tracing::warn!(cluster = %cluster.name, %topic, error = ?e, "kafka_to_mqtt: topic not available yet; retrying");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
+    let start_topic = {
+        let (cluster, name, start) = (cluster.clone(), cfg.name.clone(), cfg.start);
+        move |topic: String| {
+            let (cluster, shards, positions, name) = (cluster.clone(), shards.clone(), positions.clone(), name.clone());
+            tokio::spawn(async move {
+                let topic: Arc<str> = topic.into();
+                let partitions = loop {
+                    match cluster.partitions(&topic, std::time::Instant::now() + cluster.request_timeout()).await {
+                        Ok(n) => break n,
+                        Err(e) => {
+                            tracing::warn!(cluster = %cluster.name, %topic, error = ?e, "kafka_to_mqtt: topic not available yet; retrying");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                    }
+                };
+                let spread = topic.bytes().fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(usize::from(b)));
+                for p in 0..partitions {
+                    let shard = (spread + p as usize) % shards.len();
+                    let stored = positions.get(&(name.clone(), topic.to_string(), p)).copied();
+                    tokio::spawn(consume(
+                        mapping,
+                        cluster.clone(),
+                        topic.clone(),
+                        p,
+                        start,
+                        stored,
+                        shards[shard].clone(),
+                    ));
+                }
+            });
+        }
+    };
+    for topic in &cfg.kafka_topics {
+        start_topic(topic.clone());
+    }
+    let Some(pattern) = cfg.kafka_topic_pattern.as_deref() else { return };
+    let Ok(re) = sluice_core::inbound::topic_pattern(pattern) else { return };
+    // Topics matching the pattern, now and later: the cluster's topic list is read again every
+    // metadata_max_age_ms, and each new match gets its consumers.
+    let mut started: std::collections::HashSet<String> = cfg.kafka_topics.iter().cloned().collect();
+    let every = Duration::from_millis(cluster.config().metadata_max_age_ms.max(1000));
+    tokio::spawn(async move {
+        loop {
+            let listed = match cluster.client().await {
+                Ok(c) => {
+                    tokio::time::timeout(cluster.request_timeout(), c.list_topics()).await.ok().and_then(|r| r.ok())
+                }
+                Err(_) => None,
+            };
+            match listed {
+                Some(topics) => {
+                    for t in topics {
+                        if re.is_match(&t.name) && started.insert(t.name.clone()) {
+                            tracing::info!(mapping = %cfg.name, topic = %t.name, "kafka_to_mqtt: topic matches the pattern; consuming it");
+                            start_topic(t.name);
+                        }
                     }
                 }
-            };
-            let spread = topic.bytes().fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(usize::from(b)));
-            for p in 0..partitions {
-                let shard = (spread + p as usize) % shards.len();
-                let stored = positions.get(&(name.clone(), topic.to_string(), p)).copied();
-                tokio::spawn(consume(mapping, cluster.clone(), topic.clone(), p, start, stored, shards[shard].clone()));
+                None => {
+                    tracing::warn!(mapping = %cfg.name, "kafka_to_mqtt: cannot list topics for kafka_topic_pattern; retrying")
+                }
             }
-        });
-    }
+            tokio::time::sleep(every).await;
+        }
+    });
 }
 
 async fn consume(

@@ -200,3 +200,43 @@ start = "earliest"
         assert (m.topic, m.payload, m.properties.CorrelationData) == ("replies/requester", b"42000", b"req-42")
     finally:
         b.stop()
+
+
+def test_topic_pattern_includes_topics_created_later_and_message_expiry(kafka, paho):
+    """kafka_topic_pattern: every topic whose whole name matches is consumed, including one
+    created after the broker started (picked up on the next metadata refresh). The
+    `mqtt.message_expiry` header becomes the MQTT 5 Message Expiry Interval."""
+    run = uuid.uuid4().hex[:8]
+    first, later, other = f"tele-{run}-a", f"tele-{run}-b", f"nottele-{run}"
+    kafka.create_topic(first, partitions=2)
+    kafka.create_topic(other, partitions=1)
+    config = f"""
+[kafka.clusters.default]
+bootstrap = ["{kafka.bootstrap}"]
+metadata_max_age_ms = 1000
+
+[[kafka_to_mqtt]]
+name = "tele"
+cluster = "default"
+kafka_topic_pattern = "tele-{run}-.*"
+mqtt_topics = ["fleet/${{topic}}/${{key}}"]
+qos = 1
+start = "earliest"
+"""
+    b = broker_with(config=config)
+    try:
+        s = paho(b.shard(0), "tele-watch", v5=True)
+        s.subscribe("fleet/#", 1)
+        produce(kafka.bootstrap, first, [(b"car-1", b"one", [("mqtt.message_expiry", b"60")])])
+        produce(kafka.bootstrap, other, [(b"car-1", b"not matched", [])])
+        m = s.message()
+        assert (m.topic, m.payload) == (f"fleet/{first}/car-1", b"one")
+        assert 0 < m.properties.MessageExpiryInterval <= 60
+        kafka.create_topic(later, partitions=1)
+        produce(kafka.bootstrap, later, [(b"car-2", b"two", [])])
+        m = s.message(timeout=30)
+        assert (m.topic, m.payload) == (f"fleet/{later}/car-2", b"two")
+        assert not hasattr(m.properties, "MessageExpiryInterval")
+        s.no_message(1.5)  # nothing from the topic that does not match
+    finally:
+        b.stop()

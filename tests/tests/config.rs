@@ -29,6 +29,11 @@ fn bad_config_names_the_key_and_exits_non_zero() {
         ("[limits]\nmax_pakcet_size = 10\n", "max_pakcet_size"),
         ("[server]\nlisten = \"nowhere\"\n", "server.listen"),
         ("[limits]\nqueue_full_policy = \"drop-random\"\n", "queue_full_policy"),
+        ("[kafka]\nqos0_when_backlogged = \"drop-all\"\n", "qos0_when_backlogged"),
+        (
+            "[kafka.clusters.c]\nbootstrap = [\"127.0.0.1:1\"]\n[[kafka_to_mqtt]]\nname = \"t\"\ncluster = \"c\"\nkafka_topic_pattern = \"a(\"\nmqtt_topics = [\"x\"]\n",
+            "kafka_topic_pattern",
+        ),
         ("[server\n", ""),
     ] {
         let path = dir.join(format!("sluice-bad-{}-{}.toml", std::process::id(), key.len()));
