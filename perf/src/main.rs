@@ -34,6 +34,8 @@ enum Scenario {
     FanOut,
     P2p,
     Idle,
+    /// Connect, CONNACK, DISCONNECT in a loop from `--clients` threads: connects/s.
+    Storm,
     ToKafka,
     FromKafka,
 }
@@ -71,6 +73,16 @@ struct Args {
     /// Label for the JSON line (e.g. the broker's name).
     #[arg(long, default_value = "broker")]
     label: String,
+    /// Spread `idle` and `storm` connections over this many loopback source addresses
+    /// (127.0.0.1, 127.0.0.2, …): each gives ~28k ephemeral ports, so more than 64k connections
+    /// to one broker address become possible. 0: let the kernel pick (one source address).
+    #[arg(long, default_value_t = 0)]
+    source_ips: u32,
+}
+
+/// The source address of connection `i` under `--source-ips n`.
+fn source_ip(i: usize, n: u32) -> Option<std::net::Ipv4Addr> {
+    (n > 0).then(|| std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(127, 0, 0, 1)) + (i as u32 % n)))
 }
 
 fn epoch() -> Instant {
@@ -98,7 +110,20 @@ struct Conn {
 
 impl Conn {
     fn connect(addr: SocketAddr, id: &str) -> anyhow::Result<Conn> {
-        let s = TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
+        Self::connect_from(addr, id, None)
+    }
+
+    /// Connects from `source` (a loopback address) when given.
+    fn connect_from(addr: SocketAddr, id: &str, source: Option<std::net::Ipv4Addr>) -> anyhow::Result<Conn> {
+        let s = match source {
+            None => TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?,
+            Some(ip) => {
+                let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+                sock.bind(&SocketAddr::from((ip, 0)).into()).with_context(|| format!("bind {ip}"))?;
+                sock.connect(&addr.into()).with_context(|| format!("connect {addr} from {ip}"))?;
+                sock.into()
+            }
+        };
         s.set_nodelay(true)?;
         let mut c = Conn { s, buf: BytesMut::with_capacity(1 << 16) };
         c.send(&Packet::Connect(Box::new(Connect {
@@ -385,7 +410,7 @@ fn idle(args: &Args) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let mut conns = Vec::with_capacity(args.clients);
     for i in 0..args.clients {
-        conns.push(Conn::connect(args.addr, &format!("perf-idle-{i}"))?);
+        conns.push(Conn::connect_from(args.addr, &format!("perf-idle-{i}"), source_ip(i, args.source_ips))?);
         if (i + 1) % 1000 == 0 {
             eprintln!("[{:>6.1}s] {} connections", t0.elapsed().as_secs_f64(), i + 1);
         }
@@ -410,11 +435,81 @@ fn idle(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Connection storm: `--clients` threads connect, wait for CONNACK and disconnect, over and
+/// over, for `--duration` seconds. Reports connects/s, connect latency percentiles and the
+/// broker's CPU per connect.
+fn storm(args: &Args) -> anyhow::Result<()> {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1_000, 60_000_000_000, 3)?));
+    let cpu0 = args.broker_pid.and_then(|p| cpu_secs(&p.to_string()));
+    let self0 = cpu_secs("self");
+    let t0 = Instant::now();
+    let threads: Vec<_> = (0..args.clients)
+        .map(|t| {
+            let (stop, done, hist, addr, n_ips) =
+                (stop.clone(), done.clone(), hist.clone(), args.addr, args.source_ips);
+            std::thread::spawn(move || -> anyhow::Result<()> {
+                let mut local = Histogram::<u64>::new_with_bounds(1_000, 60_000_000_000, 3)?;
+                let mut k = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    let start = now_ns();
+                    let mut c = Conn::connect_from(addr, &format!("perf-storm-{t}-{k}"), source_ip(k * 64 + t, n_ips))?;
+                    local.record((now_ns() - start).max(1_000))?;
+                    c.send(&Packet::Disconnect(packet::Disconnect { code: 0, properties: Properties::default() }))?;
+                    done.fetch_add(1, Ordering::Relaxed);
+                    k += 1;
+                }
+                hist.lock().unwrap().add(&local)?;
+                Ok(())
+            })
+        })
+        .collect();
+    let mut last = 0;
+    while t0.elapsed() < Duration::from_secs(args.duration) {
+        std::thread::sleep(Duration::from_secs(1));
+        let n = done.load(Ordering::Relaxed);
+        eprintln!("[{:>5.1}s] {} connects/s", t0.elapsed().as_secs_f64(), n - last);
+        last = n;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().map_err(|_| anyhow::anyhow!("storm thread panicked"))??;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let n = done.load(Ordering::Relaxed);
+    let h = hist.lock().unwrap();
+    let broker_cpu = args.broker_pid.and_then(|p| cpu_secs(&p.to_string())).zip(cpu0).map(|(a, b)| a - b);
+    let load_cpu = cpu_secs("self").zip(self0).map(|(a, b)| a - b).unwrap_or(0.0);
+    let per = broker_cpu.map_or(0.0, |c| c * 1e6 / n.max(1) as f64);
+    println!(
+        "{} storm x{}: {n} connects ({:.0}/s), CONNACK latency p50 {} us p99 {} us, broker CPU {:.2} s ({per:.1} us/connect), load CPU {load_cpu:.2} s",
+        args.label,
+        args.clients,
+        n as f64 / secs,
+        h.value_at_quantile(0.5) / 1000,
+        h.value_at_quantile(0.99) / 1000,
+        broker_cpu.unwrap_or(0.0)
+    );
+    println!(
+        "{{\"label\":\"{}\",\"scenario\":\"Storm\",\"clients\":{},\"connects\":{n},\"connects_per_s\":{:.0},\"p50_us\":{},\"p99_us\":{},\"broker_cpu_us_per_connect\":{per:.2},\"load_cpu_s\":{load_cpu:.2}}}",
+        args.label,
+        args.clients,
+        n as f64 / secs,
+        h.value_at_quantile(0.5) / 1000,
+        h.value_at_quantile(0.99) / 1000
+    );
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let _ = epoch();
     if args.scenario == Scenario::Idle {
         return idle(&args);
+    }
+    if args.scenario == Scenario::Storm {
+        return storm(&args);
     }
     let shared = Arc::new(Shared {
         sent: AtomicU64::new(0),
@@ -429,7 +524,7 @@ fn main() -> anyhow::Result<()> {
         Scenario::ToKafka => (args.clients, 0),
         Scenario::P2p => (args.clients, args.clients),
         Scenario::FromKafka => (0, args.clients),
-        Scenario::Idle => unreachable!(),
+        Scenario::Idle | Scenario::Storm => unreachable!(),
     };
     let mut kafka = match (args.scenario, &args.kafka) {
         (Scenario::ToKafka, Some(k)) => Some(KafkaCount::new(k, &args.kafka_topic)?),
@@ -458,7 +553,7 @@ fn main() -> anyhow::Result<()> {
     for i in 0..n_pub {
         let topic = match args.scenario {
             Scenario::FanIn | Scenario::ToKafka | Scenario::P2p => format!("perf/{i}/data"),
-            Scenario::FanOut | Scenario::Idle | Scenario::FromKafka => "perf/fanout".into(),
+            Scenario::FanOut | Scenario::Idle | Scenario::Storm | Scenario::FromKafka => "perf/fanout".into(),
         };
         let a = shared.clone();
         let (addr, payload, qos, rate) = (args.addr, args.payload, args.qos, args.rate / n_pub as u64);
