@@ -14,6 +14,17 @@ def topic_name(prefix):
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
+def consume_distinct(kafka, topic, distinct):
+    """Reads `topic` until `distinct` different values were seen (at-least-once: duplicates of
+    records Kafka took before a crash or through a pause may come first); returns every record."""
+    n = distinct
+    while True:
+        got = kafka.consume(topic, n, timeout=60 if n == distinct else 10)
+        if len({m.value() for m in got}) >= distinct or len(got) < n:
+            return got
+        n += distinct
+
+
 def test_acknowledged_while_kafka_is_paused_then_delivered(kafka, paho):
     topic = topic_name("durable")
     kafka.create_topic(topic, partitions=2)
@@ -225,12 +236,7 @@ destinations = [{{ cluster = "default", topic = "{topic}" }}]
         finally:
             kafka.resume()
         # At-least-once: a request Kafka held through the pause may land besides the replay.
-        n = 41
-        while True:
-            got = kafka.consume(topic, n, timeout=60 if n == 41 else 10)
-            if len({m.value() for m in got}) == 41 or len(got) < n:
-                break
-            n += 40
+        got = consume_distinct(kafka, topic, 41)
         for t in range(2):
             per_topic = [m.value() for m in got if m.key() == f"k/{t}".encode()]
             want = [f"m{i}".encode() for i in range(40) if i % 2 == t]
@@ -331,12 +337,7 @@ def test_spill_log_of_a_removed_shard_is_replayed_after_restarting_with_fewer_co
     b2 = broker_with(*args, data_dir=data_dir, cores=1)
     try:
         want = [f"r{i}".encode() for i in range(30)]
-        n = 30
-        while True:
-            got = [m.value() for m in kafka.consume(topic, n, timeout=30 if n == 30 else 10)]
-            if set(want) <= set(got) or len(got) < n:
-                break
-            n += 30
+        got = [m.value() for m in consume_distinct(kafka, topic, 30)]
         assert list(dict.fromkeys(got)) == want
     finally:
         b2.stop()
