@@ -2738,6 +2738,72 @@ mod tests {
     }
 
     #[test]
+    fn kafka_ack_spills_what_times_out_and_keeps_order_across_the_switch() {
+        use crate::bridge::MappingConfig;
+        let m: MappingConfig =
+            toml::from_str("name = \"k\"\nfilters = [\"k/#\"]\ndestinations = [{ cluster = \"c\", topic = \"t\" }]")
+                .unwrap();
+        let router = Router::new(&[m], &["c".to_string()]).unwrap();
+        let mut shard = Shard::new(0, 1, Limits::default(), 0)
+            .with_bridge(router, DeliveryMode::KafkaAck, 100, 0)
+            .with_outage_spill();
+        shard.on_open(1, 0);
+        let mut feed = |shard: &mut Shard, p: Packet| {
+            let mut b = BytesMut::new();
+            packet::encode(&p, V5, &mut b);
+            shard.on_bytes(1, &mut b, 0);
+            shard.drain_effects().produce.into_iter().map(|r| (r.id, r.durable)).collect::<Vec<_>>()
+        };
+        let connect = Connect {
+            version: V5,
+            clean_start: true,
+            keep_alive: 0,
+            client_id: "dev".into(),
+            will: None,
+            username: None,
+            password: None,
+            properties: Properties::default(),
+        };
+        feed(&mut shard, Packet::Connect(Box::new(connect)));
+        let acks = |shard: &mut Shard| -> Vec<u16> {
+            let mut out = shard.take_output(1).unwrap_or_default();
+            let mut pids = Vec::new();
+            while let Some(p) = packet::decode(&mut out, Some(V5), usize::MAX).unwrap() {
+                if let Packet::PubAck(r) = p {
+                    assert_eq!(r.code, 0);
+                    pids.push(r.packet_id);
+                }
+            }
+            pids
+        };
+        acks(&mut shard);
+        let a = feed(&mut shard, publish("k/1", 1, 1, b"a"));
+        let b = feed(&mut shard, publish("k/1", 1, 2, b"b"));
+        assert!(matches!((a.as_slice(), b.as_slice()), ([(_, false)], [(_, false)])), "straight to Kafka");
+        let (a, b) = (a[0].0, b[0].0);
+        // Kafka timed out on the first: it goes to the spill log; the shard is spilling now.
+        shard.on_produce_results([ProduceResult::failed(a, ProduceError::TimedOut)], 0);
+        assert_eq!(shard.drain_effects().produce.iter().map(|r| (r.id, r.durable)).collect::<Vec<_>>(), [(a, true)]);
+        assert!(shard.kafka_spilling());
+        // A new record waits behind the one still in flight (it may time out and spill too).
+        assert!(feed(&mut shard, publish("k/1", 1, 3, b"c")).is_empty());
+        shard.on_durable(&[a], Ok(()), 0);
+        assert_eq!(acks(&mut shard), [1]);
+        shard.on_produce_results([ProduceResult::failed(b, ProduceError::TimedOut)], 0);
+        let spilled: Vec<(u64, bool)> = shard.drain_effects().produce.iter().map(|r| (r.id, r.durable)).collect();
+        assert_eq!(spilled.len(), 2);
+        assert_eq!(spilled[0], (b, true), "the timed-out record before the held one");
+        assert!(spilled[1].1);
+        shard.on_durable(&[b, spilled[1].0], Ok(()), 0);
+        assert_eq!(acks(&mut shard), [2, 3]);
+        // The log drained: acknowledgements wait for Kafka again.
+        shard.end_spilling();
+        assert!(!shard.kafka_spilling());
+        assert!(matches!(feed(&mut shard, publish("k/1", 1, 4, b"d")).as_slice(), [(_, false)]));
+        assert!(acks(&mut shard).is_empty());
+    }
+
+    #[test]
     fn a_filling_subscriber_queue_holds_back_the_publishers_acknowledgements() {
         let limits = Limits { max_queued_messages: 8, max_inflight: 1, ..Limits::default() };
         let mut w = World::new(1, limits);
