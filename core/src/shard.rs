@@ -2748,7 +2748,7 @@ mod tests {
             .with_bridge(router, DeliveryMode::KafkaAck, 100, 0)
             .with_outage_spill();
         shard.on_open(1, 0);
-        let mut feed = |shard: &mut Shard, p: Packet| {
+        let feed = |shard: &mut Shard, p: Packet| {
             let mut b = BytesMut::new();
             packet::encode(&p, V5, &mut b);
             shard.on_bytes(1, &mut b, 0);
