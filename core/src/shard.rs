@@ -910,14 +910,11 @@ impl Shard {
     }
 
     /// A session ends for good: its will (if still waiting) goes out, its subscriptions go away.
-    fn end_session(&mut self, mut s: Box<Session>, now_ms: u64) {
-        touch(self.persist_sessions, &mut self.dirty_sessions, &mut s);
-        if let Some((_, w)) = s.pending_will.take() {
-            self.publish_will(&s.client_id, *w, now_ms);
-        }
-        self.drop_subscriptions(&mut s);
-        let dir = directory_shard(&s.client_id, self.n_shards);
-        self.send_to_shard(dir, ShardMsg::Release { client_id: s.client_id.clone(), host: self.id });
+    fn end_session(&mut self, s: Box<Session>, now_ms: u64) {
+        let client_id = s.client_id.clone();
+        self.end_session_quietly(s, now_ms);
+        let dir = directory_shard(&client_id, self.n_shards);
+        self.send_to_shard(dir, ShardMsg::Release { client_id, host: self.id });
     }
 
     fn drop_subscriptions(&mut self, s: &mut Session) {
@@ -1201,6 +1198,12 @@ impl Shard {
     fn adopt(&mut self, mut s: Box<Session>) {
         s.generation += 1;
         touch(self.persist_sessions, &mut self.dirty_sessions, &mut s);
+        self.install(s);
+    }
+
+    /// Puts a session in this shard's tables: its subscriptions into the trie, its shared ones
+    /// to their groups' owners.
+    fn install(&mut self, s: Box<Session>) {
         let id = s.client_id.clone();
         for (filter, sub) in &s.subs {
             match topic::parse_shared(filter) {
@@ -1313,18 +1316,26 @@ impl Shard {
     fn route_with_receipt(&mut self, msg: Msg, token: Option<u64>, now_ms: u64) -> (Vec<u64>, u32) {
         let Some(token) = token else { return (self.route(msg, now_ms), 0) };
         let receipt = Receipt { from: self.id, token };
-        self.routing_receipt = Some(receipt);
-        self.stored_hit = false;
-        self.receipt_forwards = 0;
-        let produced = self.route(msg, now_ms);
-        self.routing_receipt = None;
-        let mut expected = (self.n_shards - 1) as u32 + std::mem::take(&mut self.receipt_forwards);
+        let (produced, forwards) = self.under_receipt(receipt, |shard| shard.route(msg, now_ms));
+        let mut expected = (self.n_shards - 1) as u32 + forwards;
         if std::mem::take(&mut self.stored_hit) {
             self.store_receipts.push((receipt, 0));
             self.effects.sessions_urgent = true;
             expected += 1;
         }
         (produced, expected)
+    }
+
+    /// Runs `f` (routing one message) on behalf of `receipt`: what it forwards to other shards
+    /// carries the receipt too. Returns `f`'s result and how many shards it forwarded to;
+    /// `stored_hit` then says whether it stored something here.
+    fn under_receipt<R>(&mut self, receipt: Receipt, f: impl FnOnce(&mut Self) -> R) -> (R, u32) {
+        self.routing_receipt = Some(receipt);
+        self.stored_hit = false;
+        self.receipt_forwards = 0;
+        let r = f(self);
+        self.routing_receipt = None;
+        (r, std::mem::take(&mut self.receipt_forwards))
     }
 
     /// An answer to one of this shard's receipts.
@@ -1570,12 +1581,9 @@ impl Shard {
                     continue;
                 }
             };
-            self.directory.insert(id.clone(), self.id);
-            let mut s = s;
-            // `adopt` counts a new generation; this is the same session, already stored.
-            s.generation = generation.saturating_sub(1);
-            self.adopt(Box::new(s));
-            self.dirty_sessions.remove(&id);
+            self.directory.insert(id, self.id);
+            // The same session, already stored under this generation: no new one, nothing to write.
+            self.install(Box::new(s));
         }
         self.run_local(now_ms);
         dropped
@@ -2179,12 +2187,7 @@ impl Shard {
         match m {
             ShardMsg::Publish(msg) => self.route_here(&msg, now_ms),
             ShardMsg::PublishReceipt { msg, receipt } => {
-                self.stored_hit = false;
-                self.routing_receipt = Some(receipt);
-                self.receipt_forwards = 0;
-                self.route_here(&msg, now_ms);
-                self.routing_receipt = None;
-                let more = std::mem::take(&mut self.receipt_forwards);
+                let ((), more) = self.under_receipt(receipt, |shard| shard.route_here(&msg, now_ms));
                 self.answer_receipt(receipt, more);
             }
             ShardMsg::Receipt { token, more } => self.on_receipt(token, more),

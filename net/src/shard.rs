@@ -53,7 +53,7 @@ pub(crate) struct ShardBridge {
     pub delivery: Delivery,
     pub spill_on_timeout: bool,
     pub qos0_when_backlogged: sluice_core::config::Qos0Policy,
-    /// The spill log's directory and options, for `local-durable`.
+    /// The spill log's directory and options (local-durable records, and kafka-ack records that timed out).
     pub spill: Option<(std::path::PathBuf, sluice_storage::LogOptions)>,
     pub requests: mpsc::Sender<Vec<ProduceRequest>>,
     pub results: mpsc::UnboundedReceiver<Vec<ProduceResult>>,
@@ -63,7 +63,7 @@ pub(crate) struct ShardBridge {
 /// results confirm the log and go no further.
 const REPLAY_ID: u64 = 1 << 63;
 
-/// This shard's spill log (local-durable delivery) and what it is waiting for.
+/// This shard's spill log (local-durable delivery, kafka-ack outages) and what it is waiting for.
 struct Spill {
     log: RefCell<sluice_storage::Log>,
     clusters: Vec<String>,
