@@ -7,7 +7,8 @@
 //! in-flight QoS 1/2 state where it left them. Times are stored as wall-clock (Unix ms): the
 //! shards' monotonic clock starts again at zero.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use crate::{HashMap, HashSet};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -65,11 +66,11 @@ impl Session {
         Session {
             client_id,
             conn: None,
-            subs: HashMap::new(),
+            subs: HashMap::default(),
             inflight: BTreeMap::new(),
             queue: VecDeque::new(),
             next_pid: 1,
-            incoming_qos2: HashSet::new(),
+            incoming_qos2: HashSet::default(),
             expiry_secs: 0,
             expires_at_ms: None,
             pending_will: None,
@@ -405,7 +406,7 @@ mod tests {
         assert_eq!(back.subs.len(), 2);
         let a = &back.subs["a/+/c"];
         assert_eq!((a.opts, a.sub_id), (opts, Some(7)));
-        assert_eq!(back.incoming_qos2, HashSet::from([5, 6]));
+        assert_eq!(back.incoming_qos2, HashSet::from_iter([5, 6]));
         match (&back.inflight[&40], &back.inflight[&41]) {
             (Inflight::Publish(p), Inflight::Release) => {
                 assert_eq!((p.msg.topic.as_str(), p.qos, p.sub_ids.as_slice()), ("in/flight", 1, &[3, 9][..]));

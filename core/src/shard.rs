@@ -21,7 +21,8 @@
 //! Invariants: every queue has a bound from [`Limits`]; a session is hosted by at most one shard;
 //! a session's subscriptions are in the trie of exactly the shard hosting it.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use crate::{HashMap, HashSet};
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -468,11 +469,11 @@ impl Shard {
             n_shards,
             limits,
             topic_limits,
-            conns: HashMap::new(),
-            sessions: HashMap::new(),
+            conns: HashMap::default(),
+            sessions: HashMap::default(),
             trie: Trie::default(),
-            retained: HashMap::new(),
-            directory: HashMap::new(),
+            retained: HashMap::default(),
+            directory: HashMap::default(),
             shared: Trie::default(),
             effects: Effects::default(),
             local: VecDeque::new(),
@@ -486,25 +487,25 @@ impl Shard {
             router: Router::default(),
             wall_offset_ms: 0,
             next_produce_id: 0,
-            kafka_waiters: HashMap::new(),
-            kafka_inflight_mapping: HashMap::new(),
+            kafka_waiters: HashMap::default(),
+            kafka_inflight_mapping: HashMap::default(),
             delivery: DeliveryMode::KafkaAck,
             kafka_pending: 0,
             max_pending_records: usize::MAX,
-            mapping_stats: HashMap::new(),
-            logged_failures: HashSet::new(),
+            mapping_stats: HashMap::default(),
+            logged_failures: HashSet::default(),
             spill_stats: None,
             inbound: Inbound::default(),
             inbound_stats: Vec::new(),
-            logged_skips: HashSet::new(),
-            retained_pending: HashMap::new(),
+            logged_skips: HashSet::default(),
+            retained_pending: HashMap::default(),
             publishing: None,
             congested: Vec::new(),
-            drain_waiters: HashMap::new(),
-            positions: HashMap::new(),
+            drain_waiters: HashMap::default(),
+            positions: HashMap::default(),
             positions_dirty: false,
             persist_sessions: false,
-            dirty_sessions: HashSet::new(),
+            dirty_sessions: HashSet::default(),
             store_receipts: Vec::new(),
             store_sub_waiters: Vec::new(),
             store_flushing: VecDeque::new(),
@@ -512,13 +513,13 @@ impl Shard {
             stored_hit: false,
             routing_receipt: None,
             receipt_forwards: 0,
-            receipts: HashMap::new(),
+            receipts: HashMap::default(),
             next_receipt: 0,
             position_batches: VecDeque::new(),
-            receipts_done: HashSet::new(),
+            receipts_done: HashSet::default(),
             outage_spill: false,
             spilling: false,
-            kafka_copies: HashMap::new(),
+            kafka_copies: HashMap::default(),
             held_produce: Vec::new(),
             qos0_policy: Qos0Policy::BackPressure,
             kafka_pending_qos0: 0,
@@ -2009,7 +2010,7 @@ impl Shard {
             }
         }
         // One delivery per session: highest QoS over its matching filters, all their ids.
-        let mut targets: HashMap<ClientId, (u8, bool, Vec<u32>)> = HashMap::new();
+        let mut targets: HashMap<ClientId, (u8, bool, Vec<u32>)> = HashMap::default();
         self.trie.for_each_match(&msg.topic, |id, sub| {
             if sub.opts.no_local && *id == msg.origin {
                 return;
@@ -2259,7 +2260,7 @@ impl Shard {
                             e.1.clone()
                         }
                     }
-                    None => HashSet::new(),
+                    None => HashSet::default(),
                 };
                 for msg in msgs {
                     if live.contains(&(Arc::as_ptr(&msg) as usize)) {
@@ -2456,7 +2457,7 @@ mod tests {
         fn new(n: usize, limits: Limits) -> World {
             World {
                 shards: (0..n).map(|i| Shard::new(i, n, limits.clone(), 0)).collect(),
-                closed: HashSet::new(),
+                closed: HashSet::default(),
                 now: 0,
             }
         }
@@ -2580,7 +2581,7 @@ mod tests {
             w.shards = (0..n).map(|i| Shard::new(i, n, Limits::default(), 0).with_session_store()).collect();
             w
         };
-        let mut store = HashMap::new();
+        let mut store = HashMap::default();
         let mut w = persistent(2);
         w.connect(1, 1, V5, "dev", false);
         w.send(1, 1, V5, subscribe("cmd/#", 1));

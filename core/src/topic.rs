@@ -5,7 +5,7 @@
 //! the topic and the number of wildcard branches on the way, not the number of subscriptions.
 //! Topics that start with `$` are not matched by a leading `+` or `#` (MQTT 4.7.2).
 
-use std::collections::HashMap;
+use crate::HashMap;
 use std::hash::Hash;
 
 /// Limits on names and filters, from the config.
@@ -79,7 +79,7 @@ struct Node<K, V> {
 
 impl<K, V> Default for Node<K, V> {
     fn default() -> Self {
-        Node { children: HashMap::new(), entries: HashMap::new() }
+        Node { children: HashMap::default(), entries: HashMap::default() }
     }
 }
 

@@ -8,7 +8,8 @@
 //! sender task per peer ships — one channel operation per batch, not per message.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use sluice_core::HashMap;
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -360,7 +361,7 @@ fn open_spill(
     Ok(Spill {
         log: RefCell::new(log),
         clusters: clusters.to_vec(),
-        seq_of: RefCell::new(HashMap::new()),
+        seq_of: RefCell::new(HashMap::default()),
         awaiting_sync: RefCell::new(VecDeque::new()),
         sync_ready: Notify::default(),
         last_cursor_write: Cell::new(None),
@@ -427,7 +428,7 @@ pub(crate) async fn run_shard(
     let core = Rc::new(Core {
         shard: RefCell::new(shard),
         scratch: RefCell::new(vec![0; READ_CHUNK]),
-        conns: RefCell::new(HashMap::new()),
+        conns: RefCell::new(HashMap::default()),
         outbox: RefCell::new((0..cfg.n_shards).map(|_| Vec::new()).collect()),
         outbox_ready: (0..cfg.n_shards).map(|_| Rc::new(Notify::default())).collect(),
         kafka_outbox: RefCell::new(Vec::new()),

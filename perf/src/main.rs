@@ -168,6 +168,22 @@ impl Conn {
         Ok(n)
     }
 
+    /// Waits for at least one PUBACK, then takes every one already received; returns how many.
+    fn recv_pubacks(&mut self) -> anyhow::Result<usize> {
+        let mut acked = 0;
+        loop {
+            while let Some(p) = packet::decode(&mut self.buf, Some(Version::V311), usize::MAX)? {
+                if let Packet::PubAck(_) = p {
+                    acked += 1;
+                }
+            }
+            if acked > 0 {
+                return Ok(acked);
+            }
+            self.fill()?;
+        }
+    }
+
     fn subscribe(&mut self, filter: &str, qos: u8) -> anyhow::Result<()> {
         self.send(&Packet::Subscribe(Subscribe {
             packet_id: 1,
@@ -189,6 +205,9 @@ struct Shared {
     hist: Mutex<Histogram<u64>>,
 }
 
+/// QoS 1 messages a publisher keeps unacknowledged.
+const WINDOW: usize = 64;
+
 /// Publishes as fast as allowed until told to stop. QoS 0 is written in batches; QoS 1 keeps a
 /// window of 64 in flight.
 fn publisher(
@@ -201,7 +220,7 @@ fn publisher(
     rate: u64,
 ) -> anyhow::Result<()> {
     let mut c = Conn::connect(addr, &format!("perf-pub-{id}"))?;
-    let batch = if qos == 0 { 64 } else { 1 };
+    let batch = 64;
     let mut out = BytesMut::with_capacity(batch * (payload + 64));
     let mut pid: u16 = 0;
     let mut inflight = 0usize;
@@ -216,7 +235,10 @@ fn publisher(
                 continue;
             }
         }
-        for _ in 0..batch {
+        // QoS 0 writes a batch of 64; QoS 1 refills its window with as many as were acknowledged
+        // since the last write (the whole window at first), like a client that publishes bursts.
+        let n = if qos == 0 { batch } else { WINDOW - inflight };
+        for _ in 0..n {
             body[..8].copy_from_slice(&now_ns().to_le_bytes());
             let packet_id = if qos > 0 {
                 pid = pid % u16::MAX + 1;
@@ -240,18 +262,15 @@ fn publisher(
         }
         c.s.write_all(&out)?;
         out.clear();
-        sent += batch as u64;
+        sent += n as u64;
         if qos == 0 {
-            a.sent.fetch_add(batch as u64, Ordering::Relaxed);
+            a.sent.fetch_add(n as u64, Ordering::Relaxed);
         } else {
             // QoS 1 counts as sent once acknowledged: what the broker took responsibility for.
-            inflight += 1;
-            while inflight >= 64 {
-                if let Packet::PubAck(_) = c.recv()? {
-                    inflight -= 1;
-                    a.sent.fetch_add(1, Ordering::Relaxed);
-                }
-            }
+            inflight += n;
+            let acked = c.recv_pubacks()?;
+            inflight -= acked;
+            a.sent.fetch_add(acked as u64, Ordering::Relaxed);
         }
     }
     // Collect the acknowledgements still out before leaving.
