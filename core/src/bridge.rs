@@ -465,7 +465,7 @@ impl Router {
 }
 
 fn headers_of(msg: &Message) -> Vec<(String, Bytes)> {
-    let p = &msg.properties;
+    let p = msg.properties();
     let mut h = vec![
         ("mqtt.topic".to_string(), Bytes::copy_from_slice(msg.topic.as_bytes())),
         ("mqtt.qos".to_string(), Bytes::from(msg.qos.to_string())),
@@ -568,7 +568,8 @@ mod tests {
                 user_properties: vec![("a".into(), "1".into()), ("a".into(), "2".into())],
                 content_type: Some("text/plain".into()),
                 ..Default::default()
-            },
+            }
+            .boxed(),
             expiry_at_ms: None,
             origin: "dev-1".into(),
         }

@@ -342,6 +342,7 @@ impl Inbound {
                 }
             }
         }
+        let properties = properties.boxed();
         let lim = TopicLimits::default();
         let origin: Arc<str> = Arc::from("$kafka");
         let mut out = Vec::with_capacity(m.templates.len());
@@ -414,8 +415,8 @@ mod tests {
         );
         assert_eq!(&ms[0].payload[..], b"reboot");
         assert_eq!(ms[0].qos, 1);
-        assert_eq!(ms[0].properties.user_properties, vec![("trace".to_string(), "t1".to_string())]);
-        assert_eq!(ms[0].properties.content_type.as_deref(), Some("application/json"));
+        assert_eq!(ms[0].properties().user_properties, vec![("trace".to_string(), "t1".to_string())]);
+        assert_eq!(ms[0].properties().content_type.as_deref(), Some("application/json"));
         let i = Inbound::new(&[cfg(&["x/${header.dev}"], "without:secret")], &c).unwrap();
         let ms = i.transform(&rec(None, r#"{"a":1,"secret":2}"#, &[("dev", "d9")]), 0).unwrap();
         assert_eq!((ms[0].topic.as_str(), &ms[0].payload[..]), ("x/d9", &br#"{"a":1}"#[..]));

@@ -117,8 +117,45 @@ pub struct Properties {
 }
 
 impl Properties {
+    /// No property set; what `Properties::default()` builds, usable by reference without building.
+    pub const EMPTY: Properties = Properties {
+        payload_format_indicator: None,
+        message_expiry_interval: None,
+        content_type: None,
+        response_topic: None,
+        correlation_data: None,
+        subscription_identifiers: Vec::new(),
+        session_expiry_interval: None,
+        assigned_client_identifier: None,
+        server_keep_alive: None,
+        authentication_method: None,
+        authentication_data: None,
+        request_problem_information: None,
+        will_delay_interval: None,
+        request_response_information: None,
+        response_information: None,
+        server_reference: None,
+        reason_string: None,
+        receive_maximum: None,
+        topic_alias_maximum: None,
+        topic_alias: None,
+        maximum_qos: None,
+        retain_available: None,
+        user_properties: Vec::new(),
+        maximum_packet_size: None,
+        wildcard_subscription_available: None,
+        subscription_identifier_available: None,
+        shared_subscription_available: None,
+    };
+
     pub fn is_empty(&self) -> bool {
-        *self == Properties::default()
+        *self == Properties::EMPTY
+    }
+
+    /// Boxed when any property is set: most messages carry none, and a message that is shared
+    /// by every queue it sits in should not carry the whole struct.
+    pub fn boxed(self) -> Option<Box<Properties>> {
+        (!self.is_empty()).then(|| Box::new(self))
     }
 }
 
@@ -778,6 +815,10 @@ fn put_bin(out: &mut BytesMut, b: &[u8]) {
 }
 
 fn put_properties(out: &mut BytesMut, p: &Properties) {
+    if p.is_empty() {
+        out.put_u8(0);
+        return;
+    }
     let mut body = BytesMut::new();
     let b = &mut body;
     fn byte(b: &mut BytesMut, id: u8, v: Option<u8>) {
@@ -843,8 +884,98 @@ fn put_properties(out: &mut BytesMut, p: &Properties) {
 }
 
 /// Appends `packet` to `out` in the wire form of `version`. Returns the encoded length.
+/// A PUBLISH to encode, borrowed from wherever its parts live (a shared message, say), so that a
+/// delivery is written without building a [`Publish`] first.
+#[derive(Clone, Copy, Debug)]
+pub struct PublishRef<'a> {
+    pub dup: bool,
+    pub qos: u8,
+    pub retain: bool,
+    pub topic: &'a str,
+    pub packet_id: u16,
+    pub properties: &'a Properties,
+    pub payload: &'a [u8],
+}
+
+impl<'a> From<&'a Publish> for PublishRef<'a> {
+    fn from(p: &'a Publish) -> Self {
+        PublishRef {
+            dup: p.dup,
+            qos: p.qos,
+            retain: p.retain,
+            topic: &p.topic,
+            packet_id: p.packet_id,
+            properties: &p.properties,
+            payload: &p.payload,
+        }
+    }
+}
+
+/// The encoded properties of `p` when it has any and the version carries them.
+fn publish_properties(p: &PublishRef, version: Version) -> Option<BytesMut> {
+    (version.is_v5() && !p.properties.is_empty()).then(|| {
+        let mut b = BytesMut::new();
+        put_properties(&mut b, p.properties);
+        b
+    })
+}
+
+fn publish_remaining(p: &PublishRef, version: Version, props: &Option<BytesMut>) -> usize {
+    let props_len = match props {
+        Some(b) => b.len(),
+        None => usize::from(version.is_v5()),
+    };
+    2 + p.topic.len() + if p.qos > 0 { 2 } else { 0 } + props_len + p.payload.len()
+}
+
+/// Length of `p` on the wire, for Maximum Packet Size checks before sending.
+pub fn publish_len(p: &PublishRef, version: Version) -> usize {
+    let n = publish_remaining(p, version, &publish_properties(p, version));
+    1 + varint_len(n) + n
+}
+
+/// Encodes a PUBLISH straight into `out`: the path every delivery takes.
+pub fn encode_publish(p: &PublishRef, version: Version, out: &mut BytesMut) -> usize {
+    let props = publish_properties(p, version);
+    let remaining = publish_remaining(p, version, &props);
+    let start = out.len();
+    out.reserve(1 + varint_len(remaining) + remaining);
+    out.put_u8(0x30 | (p.dup as u8) << 3 | p.qos << 1 | p.retain as u8);
+    put_varint(out, remaining);
+    put_bin(out, p.topic.as_bytes());
+    if p.qos > 0 {
+        out.put_u16(p.packet_id);
+    }
+    match props {
+        Some(b) => out.put_slice(&b),
+        None if version.is_v5() => out.put_u8(0),
+        None => {}
+    }
+    out.put_slice(p.payload);
+    out.len() - start
+}
+
 pub fn encode(packet: &Packet, version: Version, out: &mut BytesMut) -> usize {
     let v5 = version.is_v5();
+    match packet {
+        Packet::Publish(p) => return encode_publish(&p.into(), version, out),
+        Packet::PubAck(r) | Packet::PubRec(r) | Packet::PubRel(r) | Packet::PubComp(r)
+            if !v5 || (r.code == reason::SUCCESS && r.properties.is_empty()) =>
+        {
+            let first = match packet {
+                Packet::PubAck(_) => 0x40,
+                Packet::PubRec(_) => 0x50,
+                Packet::PubRel(_) => 0x62,
+                _ => 0x70,
+            };
+            out.reserve(4);
+            out.put_u8(first);
+            out.put_u8(2);
+            out.put_u16(r.packet_id);
+            return 4;
+        }
+        _ => {}
+    }
     let mut body = BytesMut::with_capacity(64);
     let start = out.len();
     let (first, payload): (u8, &[u8]) = match packet {
@@ -898,17 +1029,7 @@ pub fn encode(packet: &Packet, version: Version, out: &mut BytesMut) -> usize {
             }
             (0x20, &[])
         }
-        Packet::Publish(p) => {
-            put_bin(&mut body, p.topic.as_bytes());
-            if p.qos > 0 {
-                body.put_u16(p.packet_id);
-            }
-            if v5 {
-                put_properties(&mut body, &p.properties);
-            }
-            let flags = (p.dup as u8) << 3 | p.qos << 1 | p.retain as u8;
-            (0x30 | flags, &p.payload[..])
-        }
+        Packet::Publish(_) => unreachable!("encoded above"),
         Packet::PubAck(r) | Packet::PubRec(r) | Packet::PubRel(r) | Packet::PubComp(r) => {
             body.put_u16(r.packet_id);
             if v5 && (r.code != reason::SUCCESS || !r.properties.is_empty()) {
@@ -1002,13 +1123,7 @@ pub fn encode(packet: &Packet, version: Version, out: &mut BytesMut) -> usize {
 /// Length `packet` would have on the wire, for Maximum Packet Size checks before sending.
 pub fn encoded_len(packet: &Packet, version: Version) -> usize {
     if let Packet::Publish(p) = packet {
-        let mut n = 2 + p.topic.len() + if p.qos > 0 { 2 } else { 0 } + p.payload.len();
-        if version.is_v5() {
-            let mut props = BytesMut::new();
-            put_properties(&mut props, &p.properties);
-            n += props.len();
-        }
-        return 1 + varint_len(n) + n;
+        return publish_len(&p.into(), version);
     }
     let mut b = BytesMut::new();
     encode(packet, version, &mut b)

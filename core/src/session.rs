@@ -277,7 +277,7 @@ impl StoredMessage {
             topic: m.topic.clone(),
             payload: m.payload.clone(),
             qos: m.qos,
-            properties: m.properties.clone(),
+            properties: m.properties().clone(),
             expiry_at_unix_ms: m.expiry_at_ms.map_or(0, |e| wall_offset_ms + e as i64),
             origin: m.origin.to_string(),
         }
@@ -300,7 +300,7 @@ impl StoredMessage {
             payload: self.payload,
             qos: self.qos,
             retain: true,
-            properties: self.properties,
+            properties: self.properties.boxed(),
             expiry_at_ms,
             origin: self.origin.into(),
         })
@@ -355,7 +355,7 @@ mod tests {
             payload: Bytes::from_static(b"\x00hi"),
             qos: 1,
             retain: true,
-            properties: Properties { user_properties: vec![("k".into(), "v".into())], ..Default::default() },
+            properties: Properties { user_properties: vec![("k".into(), "v".into())], ..Default::default() }.boxed(),
             expiry_at_ms: Some(5_000),
             origin: "dev".into(),
         };
@@ -380,7 +380,7 @@ mod tests {
                 payload: Bytes::from_static(b"p"),
                 qos: 2,
                 retain: true,
-                properties: Properties { content_type: Some("text/plain".into()), ..Default::default() },
+                properties: Properties { content_type: Some("text/plain".into()), ..Default::default() }.boxed(),
                 expiry_at_ms,
                 origin: "pub".into(),
             })
@@ -411,7 +411,7 @@ mod tests {
             (Inflight::Publish(p), Inflight::Release) => {
                 assert_eq!((p.msg.topic.as_str(), p.qos, p.sub_ids.as_slice()), ("in/flight", 1, &[3, 9][..]));
                 assert!(p.msg.retain && !p.retain);
-                assert_eq!(p.msg.properties.content_type.as_deref(), Some("text/plain"));
+                assert_eq!(p.msg.properties().content_type.as_deref(), Some("text/plain"));
             }
             o => panic!("{o:?}"),
         }

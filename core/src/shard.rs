@@ -31,7 +31,7 @@ use crate::bridge::{Delivery as DeliveryMode, KafkaRecord, ProduceError, Produce
 use crate::config::{Limits, Qos0Policy, QueueFullPolicy};
 use crate::inbound::{Inbound, InboundRecord, Positions, Skip};
 use crate::packet::{
-    self, reason, ConnAck, Connect, Disconnect, Packet, Properties, PubResp, Publish, SubAck, SubOptions, Subscribe,
+    self, reason, ConnAck, Connect, Disconnect, Packet, Properties, PubResp, Publish, PublishRef, SubAck, SubOptions, Subscribe,
     UnsubAck, Unsubscribe, Version, Will,
 };
 use crate::session::{Delivery, Inflight, Sub};
@@ -50,11 +50,19 @@ pub struct Message {
     pub payload: Bytes,
     pub qos: u8,
     pub retain: bool,
-    /// Publish properties to forward (no alias, no subscription ids, no expiry: see `expiry_at_ms`).
-    pub properties: Properties,
+    /// Publish properties to forward (no alias, no subscription ids, no expiry: see `expiry_at_ms`);
+    /// `None` when there are none — see [`Message::properties`].
+    pub properties: Option<Box<Properties>>,
     pub expiry_at_ms: Option<u64>,
     /// Client id of the publisher, for No Local.
     pub origin: ClientId,
+}
+
+impl Message {
+    pub fn properties(&self) -> &Properties {
+        static NONE: Properties = Properties::EMPTY;
+        self.properties.as_deref().unwrap_or(&NONE)
+    }
 }
 
 pub type Msg = Arc<Message>;
@@ -837,6 +845,22 @@ impl Shard {
         true
     }
 
+    /// [`Shard::send`] for a delivery, encoded from borrowed parts.
+    fn send_publish(&mut self, conn: ConnId, p: &PublishRef) -> bool {
+        let Some(c) = self.conns.get_mut(&conn) else { return false };
+        let version = c.version.unwrap_or(Version::V311);
+        if c.client_max_packet != usize::MAX && packet::publish_len(p, version) > c.client_max_packet {
+            return false;
+        }
+        let was_empty = c.out.is_empty();
+        let n = packet::encode_publish(p, version, &mut c.out);
+        self.stats.bytes_sent += n as u64;
+        if was_empty {
+            self.effects.dirty.push(conn);
+        }
+        true
+    }
+
     /// Closes `conn`: for MQTT 5 a DISCONNECT with `code` first. The will is published unless the
     /// client sent DISCONNECT 0x00 (the caller clears it then) or the broker is shutting down.
     fn close(&mut self, conn: ConnId, code: Option<u8>, now_ms: u64) {
@@ -946,7 +970,7 @@ impl Shard {
             payload: w.payload,
             qos: w.qos,
             retain: w.retain,
-            properties,
+            properties: properties.boxed(),
             expiry_at_ms: expiry.map(|e| now_ms + u64::from(e) * 1000),
             origin: client_id.clone(),
         });
@@ -1287,7 +1311,7 @@ impl Shard {
             payload: p.payload,
             qos,
             retain: p.retain,
-            properties,
+            properties: properties.boxed(),
             expiry_at_ms: expiry.map(|e| now_ms + u64::from(e) * 1000),
             origin: client_id,
         });
@@ -2128,9 +2152,8 @@ impl Shard {
                 continue;
             }
             let pid = s.alloc_pid();
-            s.inflight.insert(pid, Inflight::Publish(d.clone()));
-            if !self.write_publish(conn, &d, pid, false, now_ms) {
-                self.sessions.get_mut(id).unwrap().inflight.remove(&pid);
+            if self.write_publish(conn, &d, pid, false, now_ms) {
+                self.sessions.get_mut(id).unwrap().inflight.insert(pid, Inflight::Publish(d));
             }
         }
     }
@@ -2144,34 +2167,35 @@ impl Shard {
         };
         let c = self.conns.get_mut(&conn).unwrap();
         let v5 = c.version == Some(Version::V5);
-        let mut properties = Properties::default();
-        let mut topic = d.msg.topic.clone();
-        if v5 {
-            properties = d.msg.properties.clone();
+        let mut topic: &str = &d.msg.topic;
+        // Most deliveries forward the message as it is; MQTT 5 adds per-delivery properties.
+        let mut own = None;
+        if v5 && (left.is_some() || !d.sub_ids.is_empty() || c.client_alias_max > 0) {
+            let properties = own.insert(d.msg.properties().clone());
             properties.message_expiry_interval = left;
             properties.subscription_identifiers = d.sub_ids.clone();
             if c.client_alias_max > 0 {
                 let out = &mut c.aliases.get_or_insert_with(Default::default).outbound;
-                if let Some(a) = out.get(&topic) {
+                if let Some(a) = out.get(topic) {
                     properties.topic_alias = Some(*a);
-                    topic.clear();
+                    topic = "";
                 } else if out.len() < usize::from(c.client_alias_max) {
                     let a = out.len() as u16 + 1;
-                    out.insert(topic.clone(), a);
+                    out.insert(topic.to_string(), a);
                     properties.topic_alias = Some(a);
                 }
             }
         }
-        let p = Publish {
+        let p = PublishRef {
             dup,
             qos: d.qos,
             retain: d.retain,
             topic,
             packet_id: pid,
-            properties,
-            payload: d.msg.payload.clone(),
+            properties: own.as_ref().unwrap_or(d.msg.properties()),
+            payload: &d.msg.payload,
         };
-        if self.send(conn, Packet::Publish(p)) {
+        if self.send_publish(conn, &p) {
             self.stats.messages_sent += 1;
             true
         } else {
@@ -2431,7 +2455,7 @@ impl Shard {
                 payload: Bytes::from(value),
                 qos: 0,
                 retain: true,
-                properties: Properties::default(),
+                properties: None,
                 expiry_at_ms: None,
                 origin: origin.clone(),
             });
