@@ -318,6 +318,8 @@ pub struct Shard {
     conns: HashMap<ConnId, Box<Conn>>,
     sessions: HashMap<ClientId, Box<Session>>,
     trie: Trie<ClientId, Sub>,
+    /// Scratch for [`Shard::route_here`]: the subscriptions one message matched.
+    route_matches: Vec<(ClientId, u8, bool, Option<u32>)>,
     retained: HashMap<String, Msg>,
     directory: HashMap<ClientId, ShardId>,
     shared: Trie<String, ShareGroup>,
@@ -479,6 +481,7 @@ impl Shard {
             topic_limits,
             conns: HashMap::default(),
             sessions: HashMap::default(),
+            route_matches: Vec::new(),
             trie: Trie::default(),
             retained: HashMap::default(),
             directory: HashMap::default(),
@@ -2033,20 +2036,29 @@ impl Shard {
                 }
             }
         }
-        // One delivery per session: highest QoS over its matching filters, all their ids.
-        let mut targets: HashMap<ClientId, (u8, bool, Vec<u32>)> = HashMap::default();
+        // One delivery per session: highest QoS over its matching filters, all their ids. The
+        // matches are gathered in a reused vector and merged by client id after sorting (most
+        // messages match one subscription, and no table is built per message).
+        let mut matches = std::mem::take(&mut self.route_matches);
         self.trie.for_each_match(&msg.topic, |id, sub| {
-            if sub.opts.no_local && *id == msg.origin {
-                return;
-            }
-            let t = targets.entry(id.clone()).or_insert((0, false, Vec::new()));
-            t.0 = t.0.max(sub.opts.qos);
-            t.1 |= sub.opts.retain_as_published;
-            if let Some(sid) = sub.sub_id {
-                t.2.push(sid);
+            if !(sub.opts.no_local && *id == msg.origin) {
+                matches.push((id.clone(), sub.opts.qos, sub.opts.retain_as_published, sub.sub_id));
             }
         });
-        for (id, (qos, rap, sub_ids)) in targets {
+        if matches.len() > 1 {
+            matches.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        }
+        let mut i = 0;
+        while i < matches.len() {
+            let (id, mut qos, mut rap, sid) = matches[i].clone();
+            let mut sub_ids: Vec<u32> = sid.into_iter().collect();
+            i += 1;
+            while i < matches.len() && matches[i].0 == id {
+                qos = qos.max(matches[i].1);
+                rap |= matches[i].2;
+                sub_ids.extend(matches[i].3);
+                i += 1;
+            }
             if msg.retain {
                 if let Some(e) = self.retained_pending.get_mut(&id) {
                     e.1.insert(Arc::as_ptr(msg) as usize);
@@ -2055,6 +2067,8 @@ impl Shard {
             let d = Delivery { msg: msg.clone(), qos: qos.min(msg.qos), retain: rap && msg.retain, sub_ids };
             self.deliver(&id, d, now_ms);
         }
+        matches.clear();
+        self.route_matches = matches;
         let mut picks = Vec::new();
         self.shared.for_each_match_mut(&msg.topic, |_, g| {
             if !g.members.is_empty() {
