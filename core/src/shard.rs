@@ -31,8 +31,8 @@ use crate::bridge::{Delivery as DeliveryMode, KafkaRecord, ProduceError, Produce
 use crate::config::{Limits, Qos0Policy, QueueFullPolicy};
 use crate::inbound::{Inbound, InboundRecord, Positions, Skip};
 use crate::packet::{
-    self, reason, ConnAck, Connect, Disconnect, Packet, Properties, PubResp, Publish, PublishRef, SubAck, SubOptions, Subscribe,
-    UnsubAck, Unsubscribe, Version, Will,
+    self, reason, ConnAck, Connect, Disconnect, Packet, Properties, PubResp, Publish, PublishRef, SubAck, SubOptions,
+    Subscribe, UnsubAck, Unsubscribe, Version, Will,
 };
 use crate::session::{Delivery, Inflight, Sub};
 pub use crate::session::{Session, StoredMessage};

@@ -7,8 +7,8 @@
 //! connections it asked to close, and appends cross-shard messages to per-peer batches that one
 //! sender task per peer ships — one channel operation per batch, not per message.
 
-use std::cell::{Cell, RefCell};
 use sluice_core::HashMap;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::pin::Pin;
