@@ -12,6 +12,7 @@
 //!
 //! This crate never sees Kafka types; the binary wires bridges in through `sluice-core` types.
 
+mod conns;
 pub mod notify;
 mod shard;
 mod store;

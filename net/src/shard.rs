@@ -11,22 +11,19 @@ use sluice_core::HashMap;
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
-use futures_lite::{AsyncRead, AsyncWriteExt, StreamExt};
+use futures_lite::StreamExt;
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
-use glommio::net::{TcpListener, TcpStream};
 use sluice_core::bridge::{Delivery, KafkaRecord, MappingConfig, ProduceError, ProduceRequest, ProduceResult, Router};
 use sluice_core::config::Limits;
-use sluice_core::shard::{ConnId, Shard, ShardMsg};
+use sluice_core::shard::{Shard, ShardMsg};
 use tokio::sync::mpsc;
 
+use crate::conns::{self, Conns};
 use crate::notify::Notify;
 use crate::store::{RetainedStore, SessionStore};
 
@@ -94,19 +91,13 @@ const OUTBOX_MESSAGES_MAX: usize = 64 * 1024;
 const READ_CHUNK: usize = 16 * 1024;
 const TICK: Duration = Duration::from_millis(100);
 
-struct ConnHandle {
-    /// Output is waiting, or the connection is closing.
-    wake: Notify,
-    closing: Cell<bool>,
-}
-
 /// The per-core state shared by this core's tasks.
-struct Core {
-    shard: RefCell<Shard>,
-    /// Every read on this core lands here first: borrowed only inside one poll, never across a
-    /// suspension, so one buffer serves every connection.
-    scratch: RefCell<Vec<u8>>,
-    conns: RefCell<HashMap<ConnId, Rc<ConnHandle>>>,
+pub(crate) struct Core {
+    pub(crate) shard: RefCell<Shard>,
+    /// Every read on this core lands here first: borrowed only while one socket is read, so one
+    /// buffer serves every connection.
+    pub(crate) scratch: RefCell<Vec<u8>>,
+    pub(crate) conns: Conns,
     /// Batches being filled for each peer shard.
     outbox: RefCell<Vec<Vec<ShardMsg>>>,
     outbox_ready: Vec<Rc<Notify>>,
@@ -124,16 +115,16 @@ struct Core {
 }
 
 impl Core {
-    fn now_ms(&self) -> u64 {
+    pub(crate) fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }
 
     /// Whether some peer is so far behind that reading more input would only grow memory.
-    fn backlogged(&self) -> bool {
+    pub(crate) fn backlogged(&self) -> bool {
         self.outbox.borrow().iter().any(|b| b.len() > OUTBOX_MESSAGES_MAX) || self.shard.borrow().kafka_backlogged()
     }
 
-    fn dispatch(&self) {
+    pub(crate) fn dispatch(&self) {
         let mut fx = self.shard.borrow_mut().drain_effects();
         for w in fx.warnings.drain(..) {
             tracing::warn!("{w}");
@@ -176,17 +167,11 @@ impl Core {
         if fx.dirty.is_empty() && fx.close.is_empty() && fx.to_shards.is_empty() {
             return;
         }
-        let conns = self.conns.borrow();
         for id in fx.dirty {
-            if let Some(h) = conns.get(&id) {
-                h.wake.notify();
-            }
+            self.conns.output(id);
         }
         for id in fx.close {
-            if let Some(h) = conns.get(&id) {
-                h.closing.set(true);
-                h.wake.notify();
-            }
+            self.conns.close(id);
         }
         let mut outbox = self.outbox.borrow_mut();
         for (to, msg) in fx.to_shards {
@@ -381,7 +366,7 @@ pub(crate) async fn run_shard(
     on_listening: impl Fn(SocketAddr, bool),
 ) -> Result<(), String> {
     let bind = |addr: SocketAddr, dedicated: bool| {
-        let l = TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        let l = conns::listen(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
         on_listening(l.local_addr().map_err(|e| e.to_string())?, dedicated);
         Ok::<_, String>(l)
     };
@@ -428,7 +413,8 @@ pub(crate) async fn run_shard(
     let core = Rc::new(Core {
         shard: RefCell::new(shard),
         scratch: RefCell::new(vec![0; READ_CHUNK]),
-        conns: RefCell::new(HashMap::default()),
+        conns: Conns::new([Some(listener), own_listener].into_iter().flatten().collect())
+            .map_err(|e| format!("shard {}: cannot watch its sockets: {e}", cfg.id))?,
         outbox: RefCell::new((0..cfg.n_shards).map(|_| Vec::new()).collect()),
         outbox_ready: (0..cfg.n_shards).map(|_| Rc::new(Notify::default())).collect(),
         kafka_outbox: RefCell::new(Vec::new()),
@@ -619,18 +605,10 @@ pub(crate) async fn run_shard(
         .detach();
     }
 
-    let next_conn = Rc::new(Cell::new(0));
-    // A Notify has one waiter: the extra listener gets its own, fired when the main loop ends.
-    let stop_own = Rc::new(Notify::default());
-    let own_accept = own_listener.map(|l| {
-        let (core, stop, next_conn) = (core.clone(), stop_own.clone(), next_conn.clone());
-        glommio::spawn_local(async move { accept_loop(core, l, stop, next_conn).await })
-    });
-    accept_loop(core.clone(), listener, stop_accept.clone(), next_conn).await;
-    if let Some(t) = own_accept {
-        stop_own.notify();
-        t.await;
-    }
+    // Every connection on this core, in one task (conns.rs); runs until shutdown below.
+    let driver = glommio::spawn_local(conns::drive(core.clone()));
+    stop_accept.notified().await;
+    core.conns.stop_accepting();
 
     // Clean shutdown: every connection gets its last bytes (DISCONNECT 0x8B on MQTT 5), no wills.
     core.store_positions();
@@ -640,126 +618,11 @@ pub(crate) async fn run_shard(
     core.dispatch();
     core.sessions.commit(&core.shard, &core.retained, || core.now_ms()).await;
     let deadline = Instant::now() + Duration::from_secs(2);
-    while !core.conns.borrow().is_empty() && Instant::now() < deadline {
+    while core.conns.len() > 0 && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(10)).await;
     }
+    drop(driver);
     drop(sender_tasks);
     Ok(())
 }
 
-/// Accepts until `stop` fires; each connection gets its own task on this core.
-async fn accept_loop(core: Rc<Core>, listener: TcpListener, stop: Rc<Notify>, next_conn: Rc<Cell<ConnId>>) {
-    loop {
-        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
-            stop.notified().await;
-            None
-        })
-        .await;
-        let stream = match accepted {
-            None => return,
-            Some(Ok(s)) => s,
-            Some(Err(e)) => {
-                // EMFILE and friends: back off briefly instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                glommio::timer::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        if !core.shard.borrow().may_accept() {
-            drop(stream);
-            continue;
-        }
-        let id = next_conn.get() + 1;
-        next_conn.set(id);
-        glommio::spawn_local(serve(core.clone(), stream, id)).detach();
-    }
-}
-
-/// What woke a connection's task.
-enum Wake {
-    /// Output is waiting (or the connection is closing).
-    Output,
-    /// Bytes arrived; they are in the connection's input buffer.
-    Input,
-    /// The peer closed, or the socket failed.
-    Gone,
-}
-
-/// One task per connection: it reads into the core's scratch buffer and writes what the state
-/// machine has for it. An idle connection holds no buffer at all — glommio waits for readiness
-/// (poll), not for a read into memory of its own — so a million idle devices cost only their
-/// state: the input buffer exists only while a packet is incomplete, the output buffer only
-/// while there is output.
-async fn serve(core: Rc<Core>, mut stream: TcpStream, id: ConnId) {
-    let _ = stream.set_nodelay(true);
-    let handle = Rc::new(ConnHandle { wake: Notify::default(), closing: Cell::new(false) });
-    core.conns.borrow_mut().insert(id, handle.clone());
-    core.shard.borrow_mut().on_open(id, core.now_ms());
-    let mut input = BytesMut::new();
-    loop {
-        let wake = std::future::poll_fn(|cx| {
-            if handle.wake.poll_notified(cx).is_ready() || handle.closing.get() {
-                return Poll::Ready(Wake::Output);
-            }
-            let mut scratch = core.scratch.borrow_mut();
-            match Pin::new(&mut stream).poll_read(cx, &mut scratch[..]) {
-                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Poll::Ready(Wake::Gone),
-                Poll::Ready(Ok(n)) => {
-                    input.extend_from_slice(&scratch[..n]);
-                    Poll::Ready(Wake::Input)
-                }
-                Poll::Pending => Poll::Pending,
-            }
-        })
-        .await;
-        match wake {
-            Wake::Gone => {
-                // Whatever is still for the client (a CONNACK refusing it, say) gets one try.
-                handle.closing.set(true);
-                let _ = write_output(&core, id, &mut stream).await;
-                break;
-            }
-            Wake::Input => {
-                let now = core.now_ms();
-                core.shard.borrow_mut().on_bytes(id, &mut input, now);
-                core.dispatch();
-                if input.is_empty() {
-                    input = BytesMut::new();
-                }
-            }
-            Wake::Output => {}
-        }
-        if write_output(&core, id, &mut stream).await.is_err() {
-            handle.closing.set(true);
-        }
-        if handle.closing.get() {
-            let _ = stream.close().await;
-            break;
-        }
-        if matches!(wake, Wake::Input) {
-            // A read that finds data ready completes without suspending; yield so that other
-            // connections on this core get their turn instead of starving behind a busy one.
-            futures_lite::future::yield_now().await;
-            // Some peer (or Kafka) is far behind: stop reading, keep writing.
-            while core.backlogged() && !handle.closing.get() {
-                glommio::timer::sleep(Duration::from_millis(1)).await;
-                if write_output(&core, id, &mut stream).await.is_err() {
-                    handle.closing.set(true);
-                }
-            }
-        }
-    }
-    let now = core.now_ms();
-    core.shard.borrow_mut().on_lost(id, now);
-    core.conns.borrow_mut().remove(&id);
-    core.dispatch();
-}
-
-/// Writes everything the state machine has for `id`.
-async fn write_output(core: &Core, id: ConnId, stream: &mut TcpStream) -> std::io::Result<()> {
-    loop {
-        let out = core.shard.borrow_mut().take_output(id);
-        let Some(out) = out else { return Ok(()) };
-        stream.write_all(&out).await?;
-    }
-}

@@ -1,0 +1,471 @@
+//! The connections of one core, driven by one task.
+//!
+//! Why not a task per connection: an idle device should cost what the broker knows about it, not
+//! what the executor needs to wait on its socket. glommio keeps a task-facing poll source per
+//! socket it polls (496 bytes, measured) and each connection needed a task (512 bytes) — together
+//! more than Mosquitto's whole client. Here every socket of the core (listeners included) sits in
+//! one epoll instance, registered once, edge-triggered, for input and output; the executor waits
+//! on that one descriptor (`glommio::net::Readiness`); and a connection is a slot: its socket, an
+//! input buffer only while a packet is incomplete, and the output the kernel has not taken yet.
+//!
+//! The driver loop: collect readiness without blocking, read each readable connection (at most
+//! [`READ_BUDGET`] bytes a turn, so one busy publisher cannot starve the rest), hand the bytes to
+//! the state machine, write what it produced, carry out closes, then yield to the core's other
+//! tasks (mesh, Kafka, ticker). A connection's id carries its slot and a generation, so a stale
+//! id (a close racing a reused slot) finds nothing.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsFd, AsRawFd};
+use std::rc::Rc;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
+use sluice_core::shard::ConnId;
+
+use crate::notify::Notify;
+use crate::shard::Core;
+
+/// Bytes read from one connection per turn before the others get theirs.
+const READ_BUDGET: usize = 64 * 1024;
+/// Readiness events taken from the kernel per system call.
+const EVENTS: usize = 512;
+/// Pause after a failed accept (EMFILE and friends) before trying that listener again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// Epoll tokens at and above this are listeners; below, `slot`.
+const LISTENER_TOKEN: u64 = u64::MAX - 16;
+
+struct Sock {
+    stream: TcpStream,
+    /// Bytes of an incomplete packet; empty (no allocation) between packets.
+    input: BytesMut,
+    /// Output the kernel did not take yet; written when the socket says it has room.
+    unsent: Bytes,
+    /// The state machine asked to close: write what is left, then close.
+    closing: bool,
+    /// The peer closed or the socket failed: one last write, then close.
+    gone: bool,
+    /// Queued in `Conns::readable` / `Conns::dirty` (each id at most once).
+    queued_read: bool,
+    queued_write: bool,
+}
+
+/// A slot keeps its generation while free, so that its next connection gets a new id.
+struct Slot {
+    generation: u32,
+    sock: Option<Sock>,
+}
+
+struct Listener {
+    socket: TcpListener,
+    /// Accepting failed (out of descriptors, say): not before this instant again.
+    retry_at: Cell<Option<Instant>>,
+    /// Stopped before the kernel said "no more": accept again next turn.
+    pending: Cell<bool>,
+}
+
+pub(crate) struct Conns {
+    epoll: Epoll,
+    slots: RefCell<Vec<Slot>>,
+    free: RefCell<Vec<u32>>,
+    live: Cell<usize>,
+    listeners: RefCell<Vec<Listener>>,
+    /// Connections with input the driver has not read yet (edge-triggered: the kernel will not
+    /// say so again).
+    readable: RefCell<VecDeque<ConnId>>,
+    /// Connections with output to write or a close to carry out.
+    dirty: RefCell<Vec<ConnId>>,
+    /// Wakes the driver: output, a close, or shutdown.
+    wake: Notify,
+}
+
+fn id_of(slot: usize, generation: u32) -> ConnId {
+    u64::from(generation) << 32 | slot as u64
+}
+
+fn slot_of(id: ConnId) -> (usize, u32) {
+    ((id & 0xffff_ffff) as usize, (id >> 32) as u32)
+}
+
+/// A listening socket with SO_REUSEPORT, so that every core binds the same address and the
+/// kernel spreads connections over them.
+pub(crate) fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.bind(&addr.into())?;
+    s.listen(4096)?;
+    s.set_nonblocking(true)?;
+    Ok(s.into())
+}
+
+enum ReadOutcome {
+    /// The kernel has nothing more right now.
+    Drained,
+    /// The budget ran out with input left: read again next turn.
+    More,
+    /// End of stream or an error.
+    Gone,
+}
+
+impl Conns {
+    pub(crate) fn new(listeners: Vec<TcpListener>) -> std::io::Result<Conns> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        for (i, l) in listeners.iter().enumerate() {
+            epoll.add(l, EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLET, LISTENER_TOKEN + i as u64))?;
+        }
+        let listeners = listeners
+            .into_iter()
+            .map(|socket| Listener { socket, retry_at: Cell::new(None), pending: Cell::new(true) })
+            .collect();
+        Ok(Conns {
+            epoll,
+            slots: RefCell::new(Vec::new()),
+            free: RefCell::new(Vec::new()),
+            live: Cell::new(0),
+            listeners: RefCell::new(listeners),
+            readable: RefCell::new(VecDeque::new()),
+            dirty: RefCell::new(Vec::new()),
+            wake: Notify::default(),
+        })
+    }
+
+    /// Open connections.
+    pub(crate) fn len(&self) -> usize {
+        self.live.get()
+    }
+
+    /// `id` has output waiting (called from `Core::apply`).
+    pub(crate) fn output(&self, id: ConnId) {
+        self.queue_write(id, false);
+    }
+
+    /// The state machine closed `id`: write what is left, then close the socket.
+    pub(crate) fn close(&self, id: ConnId) {
+        self.queue_write(id, true);
+    }
+
+    fn queue_write(&self, id: ConnId, closing: bool) {
+        let (slot, generation) = slot_of(id);
+        let mut slots = self.slots.borrow_mut();
+        let Some(Slot { generation: g, sock: Some(s) }) = slots.get_mut(slot) else { return };
+        if *g != generation {
+            return;
+        }
+        s.closing |= closing;
+        if !s.queued_write {
+            s.queued_write = true;
+            self.dirty.borrow_mut().push(id);
+            self.wake.notify();
+        }
+    }
+
+    /// Stop accepting (shutdown): the listeners close; open connections are served on.
+    pub(crate) fn stop_accepting(&self) {
+        self.listeners.borrow_mut().clear();
+        self.wake.notify();
+    }
+
+    fn insert(&self, stream: TcpStream) -> std::io::Result<ConnId> {
+        let mut slots = self.slots.borrow_mut();
+        let slot = match self.free.borrow_mut().pop() {
+            Some(s) => s as usize,
+            None => {
+                slots.push(Slot { generation: 0, sock: None });
+                slots.len() - 1
+            }
+        };
+        let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLOUT | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLET;
+        if let Err(e) = self.epoll.add(stream.as_fd(), EpollEvent::new(flags, slot as u64)) {
+            self.free.borrow_mut().push(slot as u32);
+            return Err(e.into());
+        }
+        let s = &mut slots[slot];
+        s.generation = s.generation.wrapping_add(1).max(1);
+        s.sock = Some(Sock {
+            stream,
+            input: BytesMut::new(),
+            unsent: Bytes::new(),
+            closing: false,
+            gone: false,
+            queued_read: false,
+            queued_write: false,
+        });
+        self.live.set(self.live.get() + 1);
+        Ok(id_of(slot, s.generation))
+    }
+
+    /// Runs `f` on the socket of `id`, if it is still open.
+    fn with<R>(&self, id: ConnId, f: impl FnOnce(&mut Sock) -> R) -> Option<R> {
+        let (slot, generation) = slot_of(id);
+        let mut slots = self.slots.borrow_mut();
+        match slots.get_mut(slot) {
+            Some(Slot { generation: g, sock: Some(s) }) if *g == generation => Some(f(s)),
+            _ => None,
+        }
+    }
+
+    /// Readiness from the kernel, without blocking.
+    fn collect_events(&self, events: &mut [EpollEvent]) {
+        loop {
+            let n = match self.epoll.wait(events, 0) {
+                Ok(n) => n,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "epoll_wait failed");
+                    return;
+                }
+            };
+            for ev in &events[..n] {
+                let token = ev.data();
+                if token >= LISTENER_TOKEN {
+                    if let Some(l) = self.listeners.borrow().get((token - LISTENER_TOKEN) as usize) {
+                        l.pending.set(true);
+                    }
+                    continue;
+                }
+                let flags = ev.events();
+                let slot = token as usize;
+                let mut slots = self.slots.borrow_mut();
+                let Some(Slot { generation, sock: Some(s) }) = slots.get_mut(slot) else { continue };
+                let id = id_of(slot, *generation);
+                let input = EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR;
+                if flags.intersects(input) && !s.queued_read {
+                    s.queued_read = true;
+                    self.readable.borrow_mut().push_back(id);
+                }
+                if flags.contains(EpollFlags::EPOLLOUT) && !s.unsent.is_empty() && !s.queued_write {
+                    s.queued_write = true;
+                    self.dirty.borrow_mut().push(id);
+                }
+            }
+            if n < events.len() {
+                return;
+            }
+        }
+    }
+
+    /// When the next accept may be tried, if a listener is waiting for that.
+    fn accept_backoff(&self, now: Instant) -> Option<Duration> {
+        self.listeners
+            .borrow()
+            .iter()
+            .filter(|l| l.pending.get())
+            .filter_map(|l| l.retry_at.get())
+            .map(|at| at.saturating_duration_since(now))
+            .min()
+    }
+
+    fn may_accept_now(&self, now: Instant) -> bool {
+        self.listeners.borrow().iter().any(|l| l.pending.get() && l.retry_at.get().is_none_or(|at| at <= now))
+    }
+}
+
+/// Accepts what the listeners have (a bounded number per turn).
+fn accept(core: &Core) {
+    let conns = &core.conns;
+    let now = Instant::now();
+    let mut accepted = false;
+    let listeners = conns.listeners.borrow();
+    for l in listeners.iter() {
+        if !l.pending.get() || l.retry_at.get().is_some_and(|at| at > now) {
+            continue;
+        }
+        l.retry_at.set(None);
+        let mut done = false;
+        for _ in 0..256 {
+            match l.socket.accept() {
+                Ok((stream, _)) => {
+                    if !core.shard.borrow().may_accept() {
+                        continue;
+                    }
+                    if let Err(e) = stream.set_nonblocking(true) {
+                        tracing::warn!(error = %e, "cannot make an accepted socket non-blocking");
+                        continue;
+                    }
+                    let _ = stream.set_nodelay(true);
+                    match conns.insert(stream) {
+                        Ok(id) => {
+                            core.shard.borrow_mut().on_open(id, core.now_ms());
+                            accepted = true;
+                        }
+                        Err(e) => tracing::warn!(error = %e, "cannot watch an accepted socket"),
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    done = true;
+                    break;
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    l.retry_at.set(Some(now + ACCEPT_BACKOFF));
+                    break;
+                }
+            }
+        }
+        if done {
+            l.pending.set(false);
+        }
+    }
+    drop(listeners);
+    if accepted {
+        core.dispatch();
+    }
+}
+
+/// Reads what `id` has (up to the budget) and hands it to the state machine.
+fn read(core: &Core, id: ConnId) {
+    let conns = &core.conns;
+    let got = conns.with(id, |s| {
+        s.queued_read = false;
+        let mut input = std::mem::take(&mut s.input);
+        let mut scratch = core.scratch.borrow_mut();
+        let mut total = 0;
+        let outcome = loop {
+            match s.stream.read(&mut scratch[..]) {
+                Ok(0) => break ReadOutcome::Gone,
+                Ok(n) => {
+                    input.extend_from_slice(&scratch[..n]);
+                    total += n;
+                    if n < scratch.len() {
+                        break ReadOutcome::Drained;
+                    }
+                    if total >= READ_BUDGET {
+                        break ReadOutcome::More;
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break ReadOutcome::Drained,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => break ReadOutcome::Gone,
+            }
+        };
+        (input, outcome)
+    });
+    let Some((mut input, outcome)) = got else { return };
+    if !input.is_empty() {
+        let now = core.now_ms();
+        core.shard.borrow_mut().on_bytes(id, &mut input, now);
+        core.dispatch();
+    }
+    let queued = conns.with(id, |s| {
+        s.input = if input.is_empty() { BytesMut::new() } else { input };
+        match outcome {
+            ReadOutcome::Drained => false,
+            ReadOutcome::More => {
+                let again = !s.queued_read;
+                s.queued_read = true;
+                again
+            }
+            ReadOutcome::Gone => {
+                s.gone = true;
+                false
+            }
+        }
+    });
+    if queued == Some(true) {
+        conns.readable.borrow_mut().push_back(id);
+    }
+    if matches!(outcome, ReadOutcome::Gone) {
+        flush(core, id);
+    }
+}
+
+/// Writes what the state machine has for `id` until the kernel takes no more; closes the
+/// socket when the state machine asked for it and everything is out, or when the peer is gone.
+fn flush(core: &Core, id: ConnId) {
+    let close = core.conns.with(id, |s| {
+        s.queued_write = false;
+        loop {
+            if s.unsent.is_empty() {
+                match core.shard.borrow_mut().take_output(id) {
+                    Some(out) => s.unsent = out.freeze(),
+                    None => break,
+                }
+            }
+            match s.stream.write(&s.unsent) {
+                Ok(n) => {
+                    s.unsent.advance(n);
+                    if !s.unsent.is_empty() {
+                        break; // the kernel is full: EPOLLOUT says when it has room
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => {
+                    s.gone = true;
+                    break;
+                }
+            }
+        }
+        s.gone || (s.closing && s.unsent.is_empty())
+    });
+    if close == Some(true) {
+        close_now(core, id);
+    }
+}
+
+fn close_now(core: &Core, id: ConnId) {
+    let conns = &core.conns;
+    let (slot, _) = slot_of(id);
+    let sock = {
+        let mut slots = conns.slots.borrow_mut();
+        slots[slot].sock.take()
+    };
+    // Closing the descriptor removes it from the epoll set (it is never duplicated).
+    drop(sock);
+    conns.free.borrow_mut().push(slot as u32);
+    conns.live.set(conns.live.get() - 1);
+    let now = core.now_ms();
+    core.shard.borrow_mut().on_lost(id, now);
+    core.dispatch();
+}
+
+/// The core's connection driver: runs until the task is dropped.
+pub(crate) async fn drive(core: Rc<Core>) {
+    let conns = &core.conns;
+    let mut readiness = glommio::net::Readiness::new(conns.epoll.0.as_raw_fd());
+    let mut events = vec![EpollEvent::empty(); EVENTS];
+    loop {
+        let now = Instant::now();
+        let backlogged = core.backlogged();
+        let work = (!backlogged && !conns.readable.borrow().is_empty())
+            || !conns.dirty.borrow().is_empty()
+            || conns.may_accept_now(now);
+        if !work {
+            let wait = std::future::poll_fn(|cx| {
+                if conns.wake.poll_notified(cx).is_ready() {
+                    return Poll::Ready(());
+                }
+                readiness.poll_readable(cx).map(|_| ())
+            });
+            // Backlogged (some peer or Kafka far behind): look again shortly, keep writing.
+            let pause = if backlogged { Some(Duration::from_millis(1)) } else { conns.accept_backoff(now) };
+            match pause {
+                Some(d) => futures_lite::future::or(wait, glommio::timer::sleep(d)).await,
+                None => wait.await,
+            }
+        }
+        conns.collect_events(&mut events);
+        accept(&core);
+        let turn = conns.readable.borrow().len();
+        for _ in 0..turn {
+            if core.backlogged() {
+                break;
+            }
+            let Some(id) = conns.readable.borrow_mut().pop_front() else { break };
+            read(&core, id);
+        }
+        let dirty = std::mem::take(&mut *conns.dirty.borrow_mut());
+        for id in dirty {
+            flush(&core, id);
+        }
+        // The core's other tasks (mesh, Kafka, ticker, commits) get their turn.
+        futures_lite::future::yield_now().await;
+    }
+}
