@@ -7,8 +7,8 @@
 //! in-flight QoS 1/2 state where it left them. Times are stored as wall-clock (Unix ms): the
 //! shards' monotonic clock starts again at zero.
 
-use crate::{HashMap, HashSet};
-use std::collections::{BTreeMap, VecDeque};
+use crate::HashMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -49,7 +49,7 @@ pub struct Session {
     pub(crate) queue: VecDeque<Delivery>,
     pub(crate) next_pid: u16,
     /// QoS 2 packet ids received and PUBREC'd, waiting for PUBREL.
-    pub(crate) incoming_qos2: HashSet<u16>,
+    pub(crate) incoming_qos2: BTreeSet<u16>,
     pub(crate) expiry_secs: u32,
     pub(crate) expires_at_ms: Option<u64>,
     /// A will waiting out its delay while the session is offline.
@@ -70,7 +70,7 @@ impl Session {
             inflight: BTreeMap::new(),
             queue: VecDeque::new(),
             next_pid: 1,
-            incoming_qos2: HashSet::default(),
+            incoming_qos2: BTreeSet::new(),
             expiry_secs: 0,
             expires_at_ms: None,
             pending_will: None,
@@ -406,7 +406,7 @@ mod tests {
         assert_eq!(back.subs.len(), 2);
         let a = &back.subs["a/+/c"];
         assert_eq!((a.opts, a.sub_id), (opts, Some(7)));
-        assert_eq!(back.incoming_qos2, HashSet::from_iter([5, 6]));
+        assert_eq!(back.incoming_qos2, BTreeSet::from([5, 6]));
         match (&back.inflight[&40], &back.inflight[&41]) {
             (Inflight::Publish(p), Inflight::Release) => {
                 assert_eq!((p.msg.topic.as_str(), p.qos, p.sub_ids.as_slice()), ("in/flight", 1, &[3, 9][..]));

@@ -660,7 +660,7 @@ impl Shard {
         self.decode_all(conn, &mut held, now_ms);
         if let Some(c) = self.conns.get_mut(&conn) {
             held.extend_from_slice(&c.held);
-            c.held = held;
+            c.held = if held.is_empty() { BytesMut::new() } else { held };
         }
     }
 
@@ -732,7 +732,13 @@ impl Shard {
         if c.out.is_empty() {
             return None;
         }
-        Some(c.out.split())
+        let out = c.out.split();
+        // What is left shares the allocation just handed out: keep it only while it is worth
+        // reusing, so that an idle connection pins no buffer.
+        if c.out.capacity() < 1024 {
+            c.out = BytesMut::new();
+        }
+        Some(out)
     }
 
     pub fn drain_effects(&mut self) -> Effects {

@@ -43,8 +43,9 @@ struct Sock {
     stream: TcpStream,
     /// Bytes of an incomplete packet; empty (no allocation) between packets.
     input: BytesMut,
-    /// Output the kernel did not take yet; written when the socket says it has room.
-    unsent: Bytes,
+    /// Output the kernel did not take yet; written when the socket says it has room. Boxed: it
+    /// is there only between a short write and the next (a slot is per connection, busy or not).
+    unsent: Option<Box<Bytes>>,
     /// The state machine asked to close: write what is left, then close.
     closing: bool,
     /// The peer closed or the socket failed: one last write, then close.
@@ -189,7 +190,7 @@ impl Conns {
         s.sock = Some(Sock {
             stream,
             input: BytesMut::new(),
-            unsent: Bytes::new(),
+            unsent: None,
             closing: false,
             gone: false,
             queued_read: false,
@@ -238,7 +239,7 @@ impl Conns {
                     s.queued_read = true;
                     self.readable.borrow_mut().push_back(id);
                 }
-                if flags.contains(EpollFlags::EPOLLOUT) && !s.unsent.is_empty() && !s.queued_write {
+                if flags.contains(EpollFlags::EPOLLOUT) && s.unsent.is_some() && !s.queued_write {
                     s.queued_write = true;
                     self.dirty.borrow_mut().push(id);
                 }
@@ -381,17 +382,21 @@ fn read(core: &Core, id: ConnId) {
 fn flush(core: &Core, id: ConnId) {
     let close = core.conns.with(id, |s| {
         s.queued_write = false;
+        let mut out = match s.unsent.take() {
+            Some(b) => *b,
+            None => Bytes::new(),
+        };
         loop {
-            if s.unsent.is_empty() {
+            if out.is_empty() {
                 match core.shard.borrow_mut().take_output(id) {
-                    Some(out) => s.unsent = out.freeze(),
+                    Some(o) => out = o.freeze(),
                     None => break,
                 }
             }
-            match s.stream.write(&s.unsent) {
+            match s.stream.write(&out) {
                 Ok(n) => {
-                    s.unsent.advance(n);
-                    if !s.unsent.is_empty() {
+                    out.advance(n);
+                    if !out.is_empty() {
                         break; // the kernel is full: EPOLLOUT says when it has room
                     }
                 }
@@ -403,7 +408,10 @@ fn flush(core: &Core, id: ConnId) {
                 }
             }
         }
-        s.gone || (s.closing && s.unsent.is_empty())
+        if !out.is_empty() && !s.gone {
+            s.unsent = Some(Box::new(out));
+        }
+        s.gone || (s.closing && s.unsent.is_none())
     });
     if close == Some(true) {
         close_now(core, id);
