@@ -2,9 +2,11 @@
 //!
 //! # Layout
 //! - [`run`]: starts one glommio executor per CPU, each pinned, and waits for them.
-//! - `shard`: one core's loop — its SO_REUSEPORT listener, its connection tasks, its end of the
+//! - `shard`: one core's loop — its SO_REUSEPORT listener, its connection driver, its end of the
 //!   channel mesh to every other core, and the ticker. All broker decisions are the
 //!   [`sluice_core::shard::Shard`] state machine's; this crate only reads, writes and forwards.
+//! - `conns`: the core's connections as slots in one epoll instance, read and written by one
+//!   task (no task or glommio socket per connection: that is an idle device's memory).
 //! - `store`: the retained-message and session stores of a shard, and the start-up merge of
 //!   session stores.
 //! - [`notify`]: a single-waiter wake-up flag, the one synchronisation primitive a shard needs

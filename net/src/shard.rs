@@ -1,9 +1,9 @@
-//! One core's event loop: listener, connection tasks, mesh endpoints and ticker around one
+//! One core's event loop: listeners, connection driver, mesh endpoints and ticker around one
 //! [`Shard`] state machine.
 //!
 //! Everything here is owned by this core's thread (`Rc`, `RefCell`); the only things that cross
 //! threads are the batches of [`ShardMsg`] on the channel mesh. After every call into the state
-//! machine, [`Core::dispatch`] wakes the writers of connections with output, starts closing the
+//! machine, [`Core::dispatch`] queues connections with output for the driver, starts closing the
 //! connections it asked to close, and appends cross-shard messages to per-peer batches that one
 //! sender task per peer ships — one channel operation per batch, not per message.
 
@@ -625,4 +625,3 @@ pub(crate) async fn run_shard(
     drop(sender_tasks);
     Ok(())
 }
-
