@@ -566,6 +566,29 @@ fn receive_maximum_limits_messages_in_flight_to_a_client() {
     assert_eq!(&sub.next_publish().payload[..], &[4]);
 }
 
+/// More output than the kernel will buffer for a subscriber that stops reading: the broker keeps
+/// what the socket did not take, writes it when the socket has room again, and serves its other
+/// connections meanwhile. (64 in flight × 512 KiB is far more than loopback's socket buffers.)
+#[test]
+fn a_subscriber_that_stops_reading_gets_everything_intact_once_it_reads() {
+    let b = Broker::start(&[]);
+    let mut sub = Client::v5(b.shard(0), "stalled");
+    sub.subscribe("bulk", 1);
+    let mut publ = Client::v5(b.shard(0), "bulk-pub");
+    let body = |i: usize| -> Vec<u8> { (0..512 * 1024).map(|j| (i * 31 + j / 4096) as u8).collect() };
+    for i in 0..80 {
+        // Each PUBACK means the broker took the message; meanwhile the subscriber reads nothing.
+        assert_eq!(publ.publish("bulk", &body(i), 1, false), 0, "message {i}");
+    }
+    // Another client on the same core is served while the stalled one's output waits.
+    let mut other = Client::v5(b.shard(0), "other");
+    other.ping();
+    for i in 0..80 {
+        let p = sub.next_publish();
+        assert!(p.payload[..] == body(i)[..], "message {i} arrived damaged or out of order");
+    }
+}
+
 #[test]
 fn maximum_packet_size_both_ways() {
     let b = Broker::start(&["--max-packet-size", "200"]);
