@@ -177,15 +177,11 @@ impl Conns {
     }
 
     fn queue_write(&self, id: ConnId, closing: bool) {
-        let (slot, generation) = slot_of(id);
-        let mut slots = self.slots.borrow_mut();
-        let Some(Slot { generation: g, sock: Some(s) }) = slots.get_mut(slot) else { return };
-        if *g != generation {
-            return;
-        }
-        s.closing |= closing;
-        if !s.queued_write {
-            s.queued_write = true;
+        let newly = self.with(id, |s| {
+            s.closing |= closing;
+            !std::mem::replace(&mut s.queued_write, true)
+        });
+        if newly == Some(true) {
             self.dirty.borrow_mut().push(id);
             self.wake.notify();
         }
@@ -443,11 +439,12 @@ fn flush(core: &Core, id: ConnId) {
 
 fn close_now(core: &Core, id: ConnId) {
     let conns = &core.conns;
-    let (slot, _) = slot_of(id);
-    let sock = {
-        let mut slots = conns.slots.borrow_mut();
-        slots.get_mut(slot).and_then(|s| s.sock.take())
+    let (slot, generation) = slot_of(id);
+    let sock = match conns.slots.borrow_mut().get_mut(slot) {
+        Some(s) if s.generation == generation => s.sock.take(),
+        _ => None,
     };
+    let Some(sock) = sock else { return };
     // Closing the descriptor removes it from the epoll set (it is never duplicated).
     drop(sock);
     conns.free.borrow_mut().push(slot as u32);
