@@ -840,29 +840,31 @@ impl Shard {
     /// Encodes `p` for `conn`. Returns false (and sends nothing) when the client's Maximum Packet
     /// Size would be exceeded.
     fn send(&mut self, conn: ConnId, p: Packet) -> bool {
-        let Some(c) = self.conns.get_mut(&conn) else { return false };
-        let version = c.version.unwrap_or(Version::V311);
-        if c.client_max_packet != usize::MAX && packet::encoded_len(&p, version) > c.client_max_packet {
-            return false;
+        match &p {
+            Packet::Publish(publish) => self.send_publish(conn, &publish.into()),
+            _ => self.send_encoded(conn, |v| packet::encoded_len(&p, v), |v, out| packet::encode(&p, v, out)),
         }
-        let was_empty = c.out.is_empty();
-        let n = packet::encode(&p, version, &mut c.out);
-        self.stats.bytes_sent += n as u64;
-        if was_empty {
-            self.effects.dirty.push(conn);
-        }
-        true
     }
 
     /// [`Shard::send`] for a delivery, encoded from borrowed parts.
     fn send_publish(&mut self, conn: ConnId, p: &PublishRef) -> bool {
+        self.send_encoded(conn, |v| packet::publish_len(p, v), |v, out| packet::encode_publish(p, v, out))
+    }
+
+    /// Appends a packet to `conn`'s output unless it is larger than the client accepts.
+    fn send_encoded(
+        &mut self,
+        conn: ConnId,
+        len: impl FnOnce(Version) -> usize,
+        encode: impl FnOnce(Version, &mut BytesMut) -> usize,
+    ) -> bool {
         let Some(c) = self.conns.get_mut(&conn) else { return false };
         let version = c.version.unwrap_or(Version::V311);
-        if c.client_max_packet != usize::MAX && packet::publish_len(p, version) > c.client_max_packet {
+        if c.client_max_packet != usize::MAX && len(version) > c.client_max_packet {
             return false;
         }
         let was_empty = c.out.is_empty();
-        let n = packet::encode_publish(p, version, &mut c.out);
+        let n = encode(version, &mut c.out);
         self.stats.bytes_sent += n as u64;
         if was_empty {
             self.effects.dirty.push(conn);
