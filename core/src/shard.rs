@@ -239,6 +239,9 @@ struct Conn {
     /// PUBACK/PUBREC not yet sent, in PUBLISH order; `acks_front_seq` numbers the front one.
     acks: VecDeque<PendingAck>,
     acks_front_seq: u64,
+    /// Queued QoS 1/2 messages wait because `out` reached `max_outbound_buffer_bytes`: they move
+    /// on when the output has gone out ([`Shard::on_output_drained`]).
+    out_full: bool,
 }
 
 #[derive(Default)]
@@ -626,6 +629,7 @@ impl Shard {
                 problem_information: true,
                 acks: VecDeque::new(),
                 acks_front_seq: 0,
+                out_full: false,
             }),
         );
     }
@@ -739,6 +743,21 @@ impl Shard {
             c.out = BytesMut::new();
         }
         Some(out)
+    }
+
+    /// Everything handed out for `conn` so far went out (the kernel took it). Messages that waited
+    /// for room in its output buffer move on; returns whether there is new output.
+    pub fn on_output_drained(&mut self, conn: ConnId, now_ms: u64) -> bool {
+        let Some(c) = self.conns.get_mut(&conn) else { return false };
+        if !std::mem::take(&mut c.out_full) {
+            return false;
+        }
+        let Some(id) = c.client_id.clone() else { return false };
+        self.pump(&id, now_ms);
+        if self.sessions.get(&id).is_some_and(|s| s.queue.len() * 4 <= self.limits.max_queued_messages) {
+            self.release_drain_waiters(&id);
+        }
+        self.conns.get(&conn).is_some_and(|c| !c.out.is_empty())
     }
 
     pub fn drain_effects(&mut self) -> Effects {
@@ -2155,13 +2174,20 @@ impl Shard {
         }
     }
 
-    /// Moves queued messages into flight while the client's window has room.
+    /// Moves queued messages into flight while the client's window has room and its output
+    /// buffer is under `max_outbound_buffer_bytes`: a message in flight is an encoded copy for
+    /// this client, a queued one a pointer shared with every other queue it is in, so a client
+    /// that stops reading pins at most the window or the buffer limit, whichever comes first.
     fn pump(&mut self, id: &ClientId, now_ms: u64) {
         loop {
             let Some(s) = self.sessions.get_mut(id) else { return };
             let Some(conn) = s.conn else { return };
-            let c = self.conns.get(&conn).unwrap();
+            let c = self.conns.get_mut(&conn).unwrap();
             if !matches!(c.state, ConnState::Active) {
+                return;
+            }
+            if c.out.len() >= self.limits.max_outbound_buffer_bytes {
+                c.out_full = true;
                 return;
             }
             let window = usize::from(c.client_receive_max.min(self.limits.max_inflight));
@@ -2540,6 +2566,9 @@ mod tests {
                 while let Some(p) = packet::decode(&mut b, Some(v), usize::MAX).unwrap() {
                     out.push(p);
                 }
+                // As the network layer does once the kernel took everything.
+                self.shards[shard].on_output_drained(conn, self.now);
+                self.settle();
             }
             out
         }
@@ -2886,6 +2915,35 @@ mod tests {
             }));
         }
         assert_eq!(released, vec![5, 6, 7, 8]);
+    }
+
+    #[test]
+    fn a_full_output_buffer_holds_qos1_messages_in_the_queue_until_it_drains() {
+        let limits = Limits { max_outbound_buffer_bytes: 1000, max_inflight: 100, ..Limits::default() };
+        let mut w = World::new(1, limits);
+        w.connect(0, 1, V5, "reader", true);
+        w.send(0, 1, V5, subscribe("ob", 1));
+        w.recv(0, 1, V5);
+        w.connect(0, 2, V5, "writer", true);
+        for pid in 1..=20u16 {
+            let body: &'static [u8] = Box::leak(vec![pid as u8; 300].into_boxed_slice());
+            w.send(0, 2, V5, publish("ob", 1, pid, body));
+        }
+        // The window (100) has room, but the buffer stops taking messages past 1000 bytes: four
+        // ~310-byte PUBLISHes, the rest queued. Each time the output goes out, four more follow.
+        let mut got = Vec::new();
+        for round in 0..5 {
+            let batch: Vec<u8> = w
+                .recv(0, 1, V5)
+                .into_iter()
+                .filter_map(|p| if let Packet::Publish(p) = p { Some(p.payload[0]) } else { None })
+                .collect();
+            assert_eq!(batch.len(), 4, "round {round}: {batch:?}");
+            got.extend(batch);
+        }
+        assert_eq!(got, (1..=20).collect::<Vec<u8>>(), "every message, in order");
+        assert!(w.recv(0, 1, V5).is_empty());
+        assert_eq!(w.shards[0].stats.dropped_queue_full, 0);
     }
 
     #[test]

@@ -399,7 +399,7 @@ fn read(core: &Core, id: ConnId) {
 /// Writes what the state machine has for `id` until the kernel takes no more; closes the
 /// socket when the state machine asked for it and everything is out, or when the peer is gone.
 fn flush(core: &Core, id: ConnId) {
-    let close = core.conns.with(id, |s| {
+    let done = core.conns.with(id, |s| {
         s.queued_write = false;
         let mut out = match s.unsent.take() {
             Some(b) => *b,
@@ -430,10 +430,19 @@ fn flush(core: &Core, id: ConnId) {
         if !out.is_empty() && !s.gone {
             s.unsent = Some(Box::new(out));
         }
-        s.gone || (s.closing && s.unsent.is_none())
+        let close = s.gone || (s.closing && s.unsent.is_none());
+        (close, !close && s.unsent.is_none())
     });
-    if close == Some(true) {
-        close_now(core, id);
+    match done {
+        Some((true, _)) => close_now(core, id),
+        Some((false, true)) => {
+            // All of it went out: messages held back for room in the output buffer move on
+            // (dispatch queues this connection again if that wrote anything).
+            if core.shard.borrow_mut().on_output_drained(id, core.now_ms()) {
+                core.dispatch();
+            }
+        }
+        _ => {}
     }
 }
 
