@@ -433,16 +433,15 @@ fn flush(core: &Core, id: ConnId) {
         let close = s.gone || (s.closing && s.unsent.is_none());
         (close, !close && s.unsent.is_none())
     });
-    match done {
-        Some((true, _)) => close_now(core, id),
-        Some((false, true)) => {
-            // All of it went out: messages held back for room in the output buffer move on
-            // (dispatch queues this connection again if that wrote anything).
-            if core.shard.borrow_mut().on_output_drained(id, core.now_ms()) {
-                core.dispatch();
-            }
-        }
-        _ => {}
+    let Some((close, drained)) = done else { return };
+    if close {
+        return close_now(core, id);
+    }
+    // All of it went out: messages held back for room in the output buffer move on (dispatch
+    // queues this connection again if that wrote anything).
+    let more = drained && core.shard.borrow_mut().on_output_drained(id, core.now_ms());
+    if more {
+        core.dispatch();
     }
 }
 
