@@ -201,7 +201,8 @@ pub struct Limits {
     pub max_session_expiry_secs: u32,
     /// Keep-alive the broker imposes when a client asks for more (or for none); 0 = no cap.
     pub max_keep_alive_secs: u16,
-    /// Bytes buffered towards one connection before QoS 0 messages to it are dropped.
+    /// Bytes buffered towards one connection: past this, QoS 0 messages to it are dropped and QoS
+    /// 1/2 messages wait in its session queue until the output has gone out.
     pub max_outbound_buffer_bytes: usize,
     /// Retained messages kept by each shard (each holds a hash-partition of the topics).
     pub max_retained_messages: usize,
