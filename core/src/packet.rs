@@ -819,7 +819,14 @@ fn put_properties(out: &mut BytesMut, p: &Properties) {
         out.put_u8(0);
         return;
     }
-    let mut body = BytesMut::new();
+    let body = property_bytes(p);
+    put_varint(out, body.len());
+    out.put_slice(&body);
+}
+
+/// The properties of `p` as they go on the wire, without their length prefix.
+fn property_bytes(p: &Properties) -> BytesMut {
+    let mut body = BytesMut::with_capacity(64);
     let b = &mut body;
     fn byte(b: &mut BytesMut, id: u8, v: Option<u8>) {
         if let Some(v) = v {
@@ -879,8 +886,7 @@ fn put_properties(out: &mut BytesMut, p: &Properties) {
     byte(b, 0x28, p.wildcard_subscription_available);
     byte(b, 0x29, p.subscription_identifier_available);
     byte(b, 0x2A, p.shared_subscription_available);
-    put_varint(out, body.len());
-    out.put_slice(&body);
+    body
 }
 
 /// Appends `packet` to `out` in the wire form of `version`. Returns the encoded length.
@@ -911,18 +917,15 @@ impl<'a> From<&'a Publish> for PublishRef<'a> {
     }
 }
 
-/// The encoded properties of `p` when it has any and the version carries them.
+/// The encoded properties of `p` (without their length) when it has any and the version
+/// carries them.
 fn publish_properties(p: &PublishRef, version: Version) -> Option<BytesMut> {
-    (version.is_v5() && !p.properties.is_empty()).then(|| {
-        let mut b = BytesMut::new();
-        put_properties(&mut b, p.properties);
-        b
-    })
+    (version.is_v5() && !p.properties.is_empty()).then(|| property_bytes(p.properties))
 }
 
 fn publish_remaining(p: &PublishRef, version: Version, props: &Option<BytesMut>) -> usize {
     let props_len = match props {
-        Some(b) => b.len(),
+        Some(b) => varint_len(b.len()) + b.len(),
         None => usize::from(version.is_v5()),
     };
     2 + p.topic.len() + if p.qos > 0 { 2 } else { 0 } + props_len + p.payload.len()
@@ -947,7 +950,10 @@ pub fn encode_publish(p: &PublishRef, version: Version, out: &mut BytesMut) -> u
         out.put_u16(p.packet_id);
     }
     match props {
-        Some(b) => out.put_slice(&b),
+        Some(b) => {
+            put_varint(out, b.len());
+            out.put_slice(&b);
+        }
         None if version.is_v5() => out.put_u8(0),
         None => {}
     }
