@@ -20,6 +20,8 @@ mod consumer;
 mod tls;
 mod worker;
 
+pub use worker::to_record;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -44,7 +44,8 @@ fn compression(c: Compression) -> RsCompression {
     }
 }
 
-fn to_record(req: &ProduceRequest) -> Record {
+/// The record rskafka sends for `req` (public for the batching bench in `benches/`).
+pub fn to_record(req: &ProduceRequest) -> Record {
     let r = &req.record;
     Record {
         key: r.key.as_ref().map(|k| k.to_vec()),
