@@ -589,6 +589,42 @@ fn a_subscriber_that_stops_reading_gets_everything_intact_once_it_reads() {
     }
 }
 
+/// More connections on one core than a chunk of the connection slab holds (4,096), and slots
+/// reused after closes: every connection, old slot or new, gets its own messages.
+#[test]
+fn thousands_of_connections_on_one_core_and_reused_slots() {
+    let b = Broker::start_with_cores(1, &[]);
+    let n = 4_300;
+    let mut subs: Vec<Client> = (0..n)
+        .map(|i| {
+            let mut c = Client::v311(b.shard(0), &format!("dev-{i}"));
+            c.subscribe(&format!("dev/{i}/cmd"), 0);
+            c
+        })
+        .collect();
+    let mut publ = Client::v311(b.shard(0), "ctl");
+    // Close the first 1,000 (their slots go back to the free list) and reconnect them.
+    for c in subs.drain(..1000) {
+        c.disconnect();
+    }
+    let mut again: Vec<Client> = (0..1000)
+        .map(|i| {
+            let mut c = Client::v311(b.shard(0), &format!("dev-{i}"));
+            c.subscribe(&format!("dev/{i}/cmd"), 0);
+            c
+        })
+        .collect();
+    again.append(&mut subs);
+    for i in 0..n {
+        publ.publish(&format!("dev/{i}/cmd"), format!("to {i}").as_bytes(), 0, false);
+    }
+    publ.ping(); // all published before any is read back
+    for (i, c) in again.iter_mut().enumerate() {
+        let p = c.next_publish();
+        assert_eq!((p.topic.as_str(), &p.payload[..]), (format!("dev/{i}/cmd").as_str(), format!("to {i}").as_bytes()));
+    }
+}
+
 #[test]
 fn maximum_packet_size_both_ways() {
     let b = Broker::start(&["--max-packet-size", "200"]);
