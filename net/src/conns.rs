@@ -93,6 +93,8 @@ struct Listener {
     retry_at: Cell<Option<Instant>>,
     /// Stopped before the kernel said "no more": accept again next turn.
     pending: Cell<bool>,
+    /// Failed accepts in a row: logged when the episode starts and when it ends, not each retry.
+    failures: Cell<u64>,
 }
 
 pub(crate) struct Conns {
@@ -147,7 +149,12 @@ impl Conns {
         }
         let listeners = listeners
             .into_iter()
-            .map(|socket| Listener { socket, retry_at: Cell::new(None), pending: Cell::new(true) })
+            .map(|socket| Listener {
+                socket,
+                retry_at: Cell::new(None),
+                pending: Cell::new(true),
+                failures: Cell::new(0),
+            })
             .collect();
         Ok(Conns {
             epoll,
@@ -300,6 +307,9 @@ fn accept(core: &Core) {
         for _ in 0..256 {
             match l.socket.accept() {
                 Ok((stream, _)) => {
+                    if l.failures.get() > 0 {
+                        tracing::warn!(failed = l.failures.replace(0), "accepting connections again");
+                    }
                     if !core.shard.borrow().may_accept() {
                         continue;
                     }
@@ -322,8 +332,12 @@ fn accept(core: &Core) {
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => {
-                    // EMFILE and friends: back off briefly instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
+                    // EMFILE and friends: back off briefly instead of spinning; connections wait
+                    // in the kernel's backlog meanwhile.
+                    if l.failures.get() == 0 {
+                        tracing::warn!(error = %e, "cannot accept connections; retrying every 50 ms");
+                    }
+                    l.failures.set(l.failures.get() + 1);
                     l.retry_at.set(Some(now + ACCEPT_BACKOFF));
                     break;
                 }

@@ -5,6 +5,7 @@ subscriber onto different cores. Every wait has a deadline; nothing sleeps to "l
 """
 import os
 import queue
+import resource
 import shutil
 import signal
 import subprocess
@@ -27,7 +28,7 @@ def sluice_bin():
 
 
 class Broker:
-    def __init__(self, *extra, cores=2, data_dir=None):
+    def __init__(self, *extra, cores=2, data_dir=None, nofile=None):
         self.keep_data = data_dir is not None
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="sluice-py-")
         args = [sluice_bin(), "--listen", "127.0.0.1:0", "--cores", str(cores), "--print-listen",
@@ -38,7 +39,9 @@ class Broker:
             args += ["--sys-interval", "0"]
         args += list(extra)
         env = dict(os.environ, SLUICE_LOG="warn")
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=env)
+        # `nofile`: the broker's open-file limit, for running it out of descriptors.
+        limit = (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))) if nofile else None
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=env, preexec_fn=limit)
         self.addr = None
         self.shards = [None] * cores
         lines = queue.Queue()
