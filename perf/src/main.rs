@@ -78,6 +78,19 @@ struct Args {
     /// to one broker address become possible. 0: let the kernel pick (one source address).
     #[arg(long, default_value_t = 0)]
     source_ips: u32,
+    /// How `p2p` drives its clients: `threads` (a blocking thread per client) or `epoll` (all
+    /// clients non-blocking on `--load-threads` event loops: less load CPU, fewer wake-ups).
+    #[arg(long, value_enum, default_value = "threads")]
+    io: Io,
+    /// Event-loop threads for `--io epoll`.
+    #[arg(long, default_value_t = 1)]
+    load_threads: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Io {
+    Threads,
+    Epoll,
 }
 
 /// The source address of connection `i` under `--source-ips n`.
@@ -200,6 +213,9 @@ impl Conn {
 struct Shared {
     sent: AtomicU64,
     received: AtomicU64,
+    /// QoS 1/2 publishes not acknowledged yet, for event loops (thread publishers wait for
+    /// their own before they end).
+    unacked: AtomicU64,
     stop_publishing: AtomicBool,
     stop_receiving: AtomicBool,
     hist: Mutex<Histogram<u64>>,
@@ -331,6 +347,128 @@ fn subscriber(mut c: Conn, a: Arc<Shared>) -> anyhow::Result<()> {
                     break;
                 }
             }
+        }
+    }
+    a.hist.lock().unwrap().add(&local)?;
+    Ok(())
+}
+
+/// One side of a `p2p --io epoll` pair.
+struct Peer {
+    conn: Conn,
+    /// Bytes not yet taken by the kernel.
+    out: BytesMut,
+    /// `Some(topic)` for a publisher.
+    topic: Option<String>,
+    inflight: usize,
+    next_pid: u16,
+}
+
+impl Peer {
+    /// Writes what the kernel takes; the rest waits for EPOLLOUT.
+    fn flush(&mut self) -> anyhow::Result<()> {
+        while !self.out.is_empty() {
+            match self.conn.s.write(&self.out) {
+                Ok(n) => {
+                    let _ = self.out.split_to(n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Publisher → subscriber pairs on one non-blocking event loop: publishers keep `WINDOW` QoS 1
+/// messages in flight and refill after each read of PUBACKs; subscribers acknowledge after each
+/// read. One thread, no wake-ups between load threads: the broker is what is measured.
+fn p2p_event_loop(pairs: Vec<(String, Conn, Conn)>, a: Arc<Shared>, payload: usize, qos: u8) -> anyhow::Result<()> {
+    use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
+    let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+    let mut peers = Vec::new();
+    for (topic, p, s) in pairs {
+        for (conn, topic) in [(p, Some(topic)), (s, None)] {
+            conn.s.set_nonblocking(true)?;
+            let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLOUT | EpollFlags::EPOLLET;
+            epoll.add(&conn.s, EpollEvent::new(flags, peers.len() as u64))?;
+            peers.push(Peer { conn, out: BytesMut::new(), topic, inflight: 0, next_pid: 0 });
+        }
+    }
+    let mut local = Histogram::<u64>::new_with_bounds(1_000, 60_000_000_000, 3)?;
+    let mut body = vec![0u8; payload.max(8)];
+    let mut events = vec![EpollEvent::empty(); 256];
+    let mut chunk = vec![0u8; 1 << 16];
+    let mut refill = |p: &mut Peer, a: &Shared| {
+        let Some(topic) = &p.topic else { return };
+        let n = if a.stop_publishing.load(Ordering::Relaxed) { 0 } else { WINDOW - p.inflight };
+        for _ in 0..n {
+            body[..8].copy_from_slice(&now_ns().to_le_bytes());
+            p.next_pid = p.next_pid % u16::MAX + 1;
+            let publish = Publish {
+                dup: false,
+                qos,
+                retain: false,
+                topic: topic.clone(),
+                packet_id: if qos > 0 { p.next_pid } else { 0 },
+                properties: Properties::default(),
+                payload: Bytes::copy_from_slice(&body),
+            };
+            packet::encode(&Packet::Publish(publish), Version::V311, &mut p.out);
+        }
+        p.inflight += n;
+        a.unacked.fetch_add(n as u64, Ordering::Relaxed);
+    };
+    for p in &mut peers {
+        refill(p, &a);
+        p.flush()?;
+    }
+    while !a.stop_receiving.load(Ordering::Relaxed) {
+        let n = match epoll.wait(&mut events, 100) {
+            Ok(n) => n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        for ev in &events[..n] {
+            let p = &mut peers[ev.data() as usize];
+            if ev.events().intersects(EpollFlags::EPOLLIN | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR) {
+                loop {
+                    match p.conn.s.read(&mut chunk) {
+                        Ok(0) => bail!("connection closed by broker"),
+                        Ok(k) => p.conn.buf.extend_from_slice(&chunk[..k]),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                let mut acked = 0u64;
+                while let Some(packet) = packet::decode(&mut p.conn.buf, Some(Version::V311), usize::MAX)? {
+                    match packet {
+                        Packet::PubAck(_) => acked += 1,
+                        Packet::Publish(m) => {
+                            if m.payload.len() >= 8 {
+                                let t = u64::from_le_bytes(m.payload[..8].try_into().unwrap());
+                                let _ = local.record(now_ns().saturating_sub(t).max(1_000));
+                            }
+                            if m.qos == 1 {
+                                let ack = packet::PubResp { packet_id: m.packet_id, code: 0, properties: Properties::default() };
+                                packet::encode(&Packet::PubAck(ack), Version::V311, &mut p.out);
+                            }
+                            a.received.fetch_add(1, Ordering::Relaxed);
+                        }
+                        _ => {}
+                    }
+                }
+                if acked > 0 {
+                    // QoS 1 counts as sent once acknowledged: what the broker took responsibility for.
+                    p.inflight -= acked as usize;
+                    a.unacked.fetch_sub(acked, Ordering::Relaxed);
+                    a.sent.fetch_add(acked, Ordering::Relaxed);
+                    refill(p, &a);
+                }
+            }
+            p.flush()?;
         }
     }
     a.hist.lock().unwrap().add(&local)?;
@@ -533,6 +671,7 @@ fn main() -> anyhow::Result<()> {
     let shared = Arc::new(Shared {
         sent: AtomicU64::new(0),
         received: AtomicU64::new(0),
+        unacked: AtomicU64::new(0),
         stop_publishing: AtomicBool::new(false),
         stop_receiving: AtomicBool::new(false),
         hist: Mutex::new(Histogram::new_with_bounds(1_000, 60_000_000_000, 3)?),
@@ -551,6 +690,9 @@ fn main() -> anyhow::Result<()> {
         _ => None,
     };
     let kafka_base = kafka.as_mut().map(KafkaCount::total).transpose()?.unwrap_or(0);
+    // The event loop keeps a QoS 1/2 window and is not paced; other cases use threads.
+    let epoll_p2p = args.scenario == Scenario::P2p && args.io == Io::Epoll && args.rate == 0 && args.qos > 0;
+    let mut epoll_subs = Vec::new();
     let mut subs = Vec::new();
     for i in 0..n_sub {
         let mut c = Conn::connect(args.addr, &format!("perf-sub-{i}"))?;
@@ -561,6 +703,10 @@ fn main() -> anyhow::Result<()> {
             _ => "perf/fanout".to_string(),
         };
         c.subscribe(&filter, args.qos)?;
+        if epoll_p2p {
+            epoll_subs.push(c);
+            continue;
+        }
         let a = shared.clone();
         subs.push(std::thread::spawn(move || subscriber(c, a)));
     }
@@ -569,7 +715,18 @@ fn main() -> anyhow::Result<()> {
     let self0 = cpu_secs("self");
     let t0 = Instant::now();
     let mut pubs = Vec::new();
-    for i in 0..n_pub {
+    if epoll_p2p {
+        let mut pairs: Vec<Vec<(String, Conn, Conn)>> = (0..args.load_threads.max(1)).map(|_| Vec::new()).collect();
+        for (i, s) in epoll_subs.drain(..).enumerate() {
+            let p = Conn::connect(args.addr, &format!("perf-pub-{i}"))?;
+            pairs[i % args.load_threads.max(1)].push((format!("perf/{i}/data"), p, s));
+        }
+        for group in pairs {
+            let (a, payload, qos) = (shared.clone(), args.payload, args.qos);
+            subs.push(std::thread::spawn(move || p2p_event_loop(group, a, payload, qos)));
+        }
+    }
+    for i in 0..if epoll_p2p { 0 } else { n_pub } {
         let topic = match args.scenario {
             Scenario::FanIn | Scenario::ToKafka | Scenario::P2p => format!("perf/{i}/data"),
             Scenario::FanOut | Scenario::Idle | Scenario::Storm | Scenario::FromKafka => "perf/fanout".into(),
@@ -595,6 +752,11 @@ fn main() -> anyhow::Result<()> {
     shared.stop_publishing.store(true, Ordering::Relaxed);
     for p in pubs {
         p.join().unwrap()?;
+    }
+    // Event-loop publishers: their last acknowledgements, as thread publishers wait for theirs.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while shared.unacked.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
     }
     let publish_secs = t0.elapsed().as_secs_f64();
     let sent = shared.sent.load(Ordering::Relaxed);
