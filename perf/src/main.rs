@@ -452,7 +452,11 @@ fn p2p_event_loop(pairs: Vec<(String, Conn, Conn)>, a: Arc<Shared>, payload: usi
                                 let _ = local.record(now_ns().saturating_sub(t).max(1_000));
                             }
                             if m.qos == 1 {
-                                let ack = packet::PubResp { packet_id: m.packet_id, code: 0, properties: Properties::default() };
+                                let ack = packet::PubResp {
+                                    packet_id: m.packet_id,
+                                    code: 0,
+                                    properties: Properties::default(),
+                                };
                                 packet::encode(&Packet::PubAck(ack), Version::V311, &mut p.out);
                             }
                             a.received.fetch_add(1, Ordering::Relaxed);
