@@ -1,2 +1,3 @@
-//! Criterion benchmarks (`cargo bench -p sluice-benches`): codec, topic trie, and the hand-over of
-//! record batches from a shard to the Kafka runtime. Results go in BENCHMARKS.md.
+//! Criterion benchmarks (`cargo bench -p sluice-benches`): codec, topic trie, cross-shard
+//! hand-over, the hand-over of record batches from a shard to the Kafka runtime, Kafka record
+//! batching and the spill log. Results go in BENCHMARKS.md.
