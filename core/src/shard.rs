@@ -301,6 +301,23 @@ pub struct MappingStats {
     pub batch_records: [u64; 5],
 }
 
+/// What waits for a congested session's queue to drain.
+enum DrainWaiter {
+    /// The acknowledgement number `seq` on a connection of this shard.
+    Ack(ConnId, u64),
+    /// A held answer to another shard's receipt ([`Shard::held_receipts`]).
+    Receipt(u64),
+}
+
+/// An answer to a receipt, held until `waiting` congested sessions drained.
+struct HeldReceipt {
+    receipt: Receipt,
+    more: u32,
+    /// The routing also stored something here: the answer then waits for the commit too.
+    stored: bool,
+    waiting: u32,
+}
+
 /// A QoS 1/2 acknowledgement waiting for Kafka or for an earlier one.
 struct PendingAck {
     pid: u16,
@@ -365,7 +382,11 @@ pub struct Shard {
     publishing: Option<ConnId>,
     congested: Vec<ClientId>,
     /// Session → acknowledgements `(conn, ack seq)` waiting for its queue to drain.
-    drain_waiters: HashMap<ClientId, Vec<(ConnId, u64)>>,
+    drain_waiters: HashMap<ClientId, Vec<DrainWaiter>>,
+    /// Answers to other shards' receipts held until congested sessions here drain: the
+    /// publisher's acknowledgement on its own shard waits for them (back-pressure across shards).
+    held_receipts: HashMap<u64, HeldReceipt>,
+    next_held_receipt: u64,
     /// Next offset per consumed partition, and whether it moved since the caller last took it.
     /// (mapping, topic, partition) → next offset; names are looked up only when stored.
     positions: HashMap<(u16, Arc<str>, i32), i64>,
@@ -516,6 +537,8 @@ impl Shard {
             publishing: None,
             congested: Vec::new(),
             drain_waiters: HashMap::default(),
+            held_receipts: HashMap::default(),
+            next_held_receipt: 0,
             positions: HashMap::default(),
             positions_dirty: false,
             persist_sessions: false,
@@ -1449,15 +1472,30 @@ impl Shard {
             self.kafka_waiters.insert(*id, (conn, seq));
         }
         for id in congested {
-            self.drain_waiters.entry(id.clone()).or_default().push((conn, seq));
+            self.drain_waiters.entry(id.clone()).or_default().push(DrainWaiter::Ack(conn, seq));
         }
         self.flush_acks(conn);
     }
 
-    /// A session's queue drained (or it went offline): acknowledgements held for it go on.
+    /// A session's queue drained (or it went offline): acknowledgements and receipt answers held
+    /// for it go on.
     fn release_drain_waiters(&mut self, id: &ClientId) {
         let Some(waiters) = self.drain_waiters.remove(id) else { return };
-        self.release_acks(waiters);
+        let mut acks = Vec::new();
+        for w in waiters {
+            match w {
+                DrainWaiter::Ack(conn, seq) => acks.push((conn, seq)),
+                DrainWaiter::Receipt(h) => {
+                    let Some(held) = self.held_receipts.get_mut(&h) else { continue };
+                    held.waiting -= 1;
+                    if held.waiting == 0 {
+                        let held = self.held_receipts.remove(&h).unwrap();
+                        self.answer_receipt_now(held.receipt, held.more, held.stored);
+                    }
+                }
+            }
+        }
+        self.release_acks(acks);
     }
 
     /// One thing each of these acknowledgements waited for happened.
@@ -1736,6 +1774,9 @@ impl Shard {
                 }
             }
         }
+        // Kafka positions are not held back by congested subscribers on this shard (other shards'
+        // answers may be: they then move on once those drain).
+        self.congested.clear();
         self.position_batches.push_back((token, moves));
         if expected == 0 {
             self.complete_position_batch(token);
@@ -2166,7 +2207,8 @@ impl Shard {
                 let congested = s.conn.is_some()
                     && s.conn != self.publishing
                     && s.queue.len() * 2 >= self.limits.max_queued_messages;
-                if congested && self.publishing.is_some() && !self.congested.contains(id) {
+                let for_a_publisher = self.publishing.is_some() || self.routing_receipt.is_some();
+                if congested && for_a_publisher && !self.congested.contains(id) {
                     self.congested.push(id.clone());
                 }
                 self.pump(id, now_ms);
@@ -2388,8 +2430,26 @@ impl Shard {
 
     /// Answers a receipt now, or after the next store commit if the message changed something
     /// stored here (`stored_hit`).
+    /// Answers `r` for what this shard just routed under it: at once, or — when that made
+    /// sessions here congested — once they drained, so that the publisher's acknowledgement on
+    /// its own shard waits for a slow subscriber on this one as it would on its own.
     fn answer_receipt(&mut self, r: Receipt, more: u32) {
-        if std::mem::take(&mut self.stored_hit) {
+        let stored = std::mem::take(&mut self.stored_hit);
+        let congested = std::mem::take(&mut self.congested);
+        if congested.is_empty() {
+            return self.answer_receipt_now(r, more, stored);
+        }
+        self.next_held_receipt += 1;
+        let h = self.next_held_receipt;
+        let waiting = congested.len() as u32;
+        self.held_receipts.insert(h, HeldReceipt { receipt: r, more, stored, waiting });
+        for id in congested {
+            self.drain_waiters.entry(id).or_default().push(DrainWaiter::Receipt(h));
+        }
+    }
+
+    fn answer_receipt_now(&mut self, r: Receipt, more: u32, stored: bool) {
+        if stored {
             self.store_receipts.push((r, more));
             self.effects.sessions_urgent = true;
         } else if r.from == self.id {
@@ -2913,6 +2973,41 @@ mod tests {
                 Packet::PubAck(r) => Some(r.packet_id),
                 _ => None,
             }));
+        }
+        assert_eq!(released, vec![5, 6, 7, 8]);
+    }
+
+    #[test]
+    fn a_filling_subscriber_queue_on_another_shard_holds_back_the_publishers_acknowledgements() {
+        let limits = Limits { max_queued_messages: 8, max_inflight: 1, ..Limits::default() };
+        let mut w = World::new(2, limits.clone());
+        // As in the broker: sessions stored, so every QoS 1 publish asks the other shards for a
+        // receipt.
+        w.shards = (0..2).map(|i| Shard::new(i, 2, limits.clone(), 0).with_session_store()).collect();
+        w.connect(1, 1, V5, "slow", true);
+        w.send(1, 1, V5, subscribe("bp", 1));
+        w.recv(1, 1, V5);
+        w.connect(0, 2, V5, "fast", true);
+        for pid in 1..=8u16 {
+            w.send(0, 2, V5, publish("bp", 1, pid, b"m"));
+        }
+        let acks = |w: &mut World| -> Vec<u16> {
+            w.recv(0, 2, V5)
+                .into_iter()
+                .filter_map(|p| if let Packet::PubAck(r) = p { Some(r.packet_id) } else { None })
+                .collect()
+        };
+        assert_eq!(acks(&mut w), vec![1, 2, 3, 4], "acks after the remote queue passed half full must wait");
+        assert_eq!(w.shards[1].stats.dropped_queue_full, 0);
+        // The subscriber on shard 1 catches up: the held acks on shard 0 go out, in order.
+        let mut released = Vec::new();
+        for _ in 0..8 {
+            let pid = match w.recv(1, 1, V5).as_slice() {
+                [Packet::Publish(p)] => p.packet_id,
+                o => panic!("{o:?}"),
+            };
+            w.send(1, 1, V5, Packet::PubAck(resp(pid)));
+            released.extend(acks(&mut w));
         }
         assert_eq!(released, vec![5, 6, 7, 8]);
     }
