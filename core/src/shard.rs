@@ -2942,52 +2942,17 @@ mod tests {
         assert!(acks(&mut shard).is_empty());
     }
 
-    #[test]
-    fn a_filling_subscriber_queue_holds_back_the_publishers_acknowledgements() {
-        let limits = Limits { max_queued_messages: 8, max_inflight: 1, ..Limits::default() };
-        let mut w = World::new(1, limits);
-        w.connect(0, 1, V5, "slow", true);
-        w.send(0, 1, V5, subscribe("bp", 1));
-        w.recv(0, 1, V5);
-        w.connect(0, 2, V5, "fast", true);
-        // One message in flight (window 1), then the queue: past half full (4) acks are held.
-        for pid in 1..=8u16 {
-            w.send(0, 2, V5, publish("bp", 1, pid, b"m"));
-        }
-        let acks: Vec<u16> = w
-            .recv(0, 2, V5)
-            .into_iter()
-            .filter_map(|p| if let Packet::PubAck(r) = p { Some(r.packet_id) } else { None })
-            .collect();
-        assert_eq!(acks, vec![1, 2, 3, 4], "acks after the queue passed half full must wait");
-        assert_eq!(w.shards[0].stats.dropped_queue_full, 0);
-        // The subscriber catches up: once its queue is a quarter full, the held acks go out, in order.
-        let mut released = Vec::new();
-        for _ in 0..8 {
-            let pid = match w.recv(0, 1, V5).as_slice() {
-                [Packet::Publish(p)] => p.packet_id,
-                o => panic!("{o:?}"),
-            };
-            w.send(0, 1, V5, Packet::PubAck(resp(pid)));
-            released.extend(w.recv(0, 2, V5).into_iter().filter_map(|p| match p {
-                Packet::PubAck(r) => Some(r.packet_id),
-                _ => None,
-            }));
-        }
-        assert_eq!(released, vec![5, 6, 7, 8]);
-    }
-
-    #[test]
-    fn a_filling_subscriber_queue_on_another_shard_holds_back_the_publishers_acknowledgements() {
+    /// A subscriber with a window of one on `sub_shard` and a publisher on shard 0, sessions
+    /// stored as in the broker (so every QoS 1 publish asks the other shard for a receipt).
+    fn slow_subscriber_holds_back_the_publisher(sub_shard: ShardId) {
         let limits = Limits { max_queued_messages: 8, max_inflight: 1, ..Limits::default() };
         let mut w = World::new(2, limits.clone());
-        // As in the broker: sessions stored, so every QoS 1 publish asks the other shards for a
-        // receipt.
         w.shards = (0..2).map(|i| Shard::new(i, 2, limits.clone(), 0).with_session_store()).collect();
-        w.connect(1, 1, V5, "slow", true);
-        w.send(1, 1, V5, subscribe("bp", 1));
-        w.recv(1, 1, V5);
+        w.connect(sub_shard, 1, V5, "slow", true);
+        w.send(sub_shard, 1, V5, subscribe("bp", 1));
+        w.recv(sub_shard, 1, V5);
         w.connect(0, 2, V5, "fast", true);
+        // One message in flight (window 1), then the queue: past half full (4) acks are held.
         for pid in 1..=8u16 {
             w.send(0, 2, V5, publish("bp", 1, pid, b"m"));
         }
@@ -2997,19 +2962,29 @@ mod tests {
                 .filter_map(|p| if let Packet::PubAck(r) = p { Some(r.packet_id) } else { None })
                 .collect()
         };
-        assert_eq!(acks(&mut w), vec![1, 2, 3, 4], "acks after the remote queue passed half full must wait");
-        assert_eq!(w.shards[1].stats.dropped_queue_full, 0);
-        // The subscriber on shard 1 catches up: the held acks on shard 0 go out, in order.
+        assert_eq!(acks(&mut w), vec![1, 2, 3, 4], "acks after the queue passed half full must wait");
+        assert_eq!(w.shards[sub_shard].stats.dropped_queue_full, 0);
+        // The subscriber catches up: once its queue is a quarter full, the held acks go out, in order.
         let mut released = Vec::new();
         for _ in 0..8 {
-            let pid = match w.recv(1, 1, V5).as_slice() {
+            let pid = match w.recv(sub_shard, 1, V5).as_slice() {
                 [Packet::Publish(p)] => p.packet_id,
                 o => panic!("{o:?}"),
             };
-            w.send(1, 1, V5, Packet::PubAck(resp(pid)));
+            w.send(sub_shard, 1, V5, Packet::PubAck(resp(pid)));
             released.extend(acks(&mut w));
         }
         assert_eq!(released, vec![5, 6, 7, 8]);
+    }
+
+    #[test]
+    fn a_filling_subscriber_queue_holds_back_the_publishers_acknowledgements() {
+        slow_subscriber_holds_back_the_publisher(0);
+    }
+
+    #[test]
+    fn a_filling_subscriber_queue_on_another_shard_holds_back_the_publishers_acknowledgements() {
+        slow_subscriber_holds_back_the_publisher(1);
     }
 
     #[test]
