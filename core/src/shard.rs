@@ -776,10 +776,7 @@ impl Shard {
             return false;
         }
         let Some(id) = c.client_id.clone() else { return false };
-        self.pump(&id, now_ms);
-        if self.sessions.get(&id).is_some_and(|s| s.queue.len() * 4 <= self.limits.max_queued_messages) {
-            self.release_drain_waiters(&id);
-        }
+        self.pump_and_release(&id, now_ms);
         self.conns.get(&conn).is_some_and(|c| !c.out.is_empty())
     }
 
@@ -1477,6 +1474,15 @@ impl Shard {
         self.flush_acks(conn);
     }
 
+    /// Room for `id`'s queue to move: pump it, and once it is down to a quarter, let go of what
+    /// waited for it to drain.
+    fn pump_and_release(&mut self, id: &ClientId, now_ms: u64) {
+        self.pump(id, now_ms);
+        if self.sessions.get(id).is_some_and(|s| s.queue.len() * 4 <= self.limits.max_queued_messages) {
+            self.release_drain_waiters(id);
+        }
+    }
+
     /// A session's queue drained (or it went offline): acknowledgements and receipt answers held
     /// for it go on.
     fn release_drain_waiters(&mut self, id: &ClientId) {
@@ -1868,12 +1874,7 @@ impl Shard {
             }
             Some(_) if !rec => {
                 s.inflight.remove(&pid);
-                self.pump(&id, now_ms);
-                let drained =
-                    self.sessions.get(&id).is_some_and(|s| s.queue.len() * 4 <= self.limits.max_queued_messages);
-                if drained {
-                    self.release_drain_waiters(&id);
-                }
+                self.pump_and_release(&id, now_ms);
             }
             _ => {}
         }

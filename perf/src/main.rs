@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
 use sluice_core::packet::{self, Connect, Packet, Properties, Publish, SubOptions, Subscribe, Version};
@@ -221,6 +221,35 @@ struct Shared {
     hist: Mutex<Histogram<u64>>,
 }
 
+/// Appends a PUBLISH whose payload (`body`) starts with its send time, for latency at the far end.
+fn encode_timestamped(out: &mut BytesMut, topic: &str, qos: u8, packet_id: u16, body: &mut [u8]) {
+    body[..8].copy_from_slice(&now_ns().to_le_bytes());
+    let p = packet::PublishRef {
+        dup: false,
+        qos,
+        retain: false,
+        topic,
+        packet_id,
+        properties: &Properties::EMPTY,
+        payload: body,
+    };
+    packet::encode_publish(&p, Version::V311, out);
+}
+
+/// A subscriber got `p`: its latency recorded, its PUBACK (QoS 1) appended to `acks`, counted.
+fn on_delivery(p: &Publish, hist: &mut Histogram<u64>, acks: &mut BytesMut, a: &Shared) {
+    if p.payload.len() >= 8 {
+        let t = u64::from_le_bytes(p.payload[..8].try_into().unwrap());
+        let _ = hist.record(now_ns().saturating_sub(t).max(1_000));
+    }
+    if p.qos == 1 {
+        let ack = packet::PubResp { packet_id: p.packet_id, code: 0, properties: Properties::default() };
+        packet::encode(&Packet::PubAck(ack), Version::V311, acks);
+    }
+    // Exact, so the end of a run can wait for the last message rather than guess.
+    a.received.fetch_add(1, Ordering::Relaxed);
+}
+
 /// QoS 1 messages a publisher keeps unacknowledged.
 const WINDOW: usize = 64;
 
@@ -255,26 +284,13 @@ fn publisher(
         // since the last write (the whole window at first), like a client that publishes bursts.
         let n = if qos == 0 { batch } else { WINDOW - inflight };
         for _ in 0..n {
-            body[..8].copy_from_slice(&now_ns().to_le_bytes());
             let packet_id = if qos > 0 {
                 pid = pid % u16::MAX + 1;
                 pid
             } else {
                 0
             };
-            packet::encode(
-                &Packet::Publish(Publish {
-                    dup: false,
-                    qos,
-                    retain: false,
-                    topic: topic.clone(),
-                    packet_id,
-                    properties: Properties::default(),
-                    payload: Bytes::copy_from_slice(&body),
-                }),
-                Version::V311,
-                &mut out,
-            );
+            encode_timestamped(&mut out, &topic, qos, packet_id, &mut body);
         }
         c.s.write_all(&out)?;
         out.clear();
@@ -311,23 +327,7 @@ fn subscriber(mut c: Conn, a: Arc<Shared>) -> anyhow::Result<()> {
     loop {
         while let Some(p) = packet::decode(&mut c.buf, Some(Version::V311), usize::MAX)? {
             if let Packet::Publish(p) = p {
-                if p.payload.len() >= 8 {
-                    let t = u64::from_le_bytes(p.payload[..8].try_into().unwrap());
-                    let _ = local.record(now_ns().saturating_sub(t).max(1_000));
-                }
-                if p.qos == 1 {
-                    packet::encode(
-                        &Packet::PubAck(packet::PubResp {
-                            packet_id: p.packet_id,
-                            code: 0,
-                            properties: Properties::default(),
-                        }),
-                        Version::V311,
-                        &mut acks,
-                    );
-                }
-                // Exact, so the end of a run can wait for the last message rather than guess.
-                a.received.fetch_add(1, Ordering::Relaxed);
+                on_delivery(&p, &mut local, &mut acks, &a);
             }
         }
         if !acks.is_empty() {
@@ -404,18 +404,8 @@ fn p2p_event_loop(pairs: Vec<(String, Conn, Conn)>, a: Arc<Shared>, payload: usi
         let Some(topic) = &p.topic else { return };
         let n = if a.stop_publishing.load(Ordering::Relaxed) { 0 } else { WINDOW - p.inflight };
         for _ in 0..n {
-            body[..8].copy_from_slice(&now_ns().to_le_bytes());
             p.next_pid = p.next_pid % u16::MAX + 1;
-            let publish = Publish {
-                dup: false,
-                qos,
-                retain: false,
-                topic: topic.clone(),
-                packet_id: if qos > 0 { p.next_pid } else { 0 },
-                properties: Properties::default(),
-                payload: Bytes::copy_from_slice(&body),
-            };
-            packet::encode(&Packet::Publish(publish), Version::V311, &mut p.out);
+            encode_timestamped(&mut p.out, topic, qos, p.next_pid, &mut body);
         }
         p.inflight += n;
         a.unacked.fetch_add(n as u64, Ordering::Relaxed);
@@ -446,21 +436,7 @@ fn p2p_event_loop(pairs: Vec<(String, Conn, Conn)>, a: Arc<Shared>, payload: usi
                 while let Some(packet) = packet::decode(&mut p.conn.buf, Some(Version::V311), usize::MAX)? {
                     match packet {
                         Packet::PubAck(_) => acked += 1,
-                        Packet::Publish(m) => {
-                            if m.payload.len() >= 8 {
-                                let t = u64::from_le_bytes(m.payload[..8].try_into().unwrap());
-                                let _ = local.record(now_ns().saturating_sub(t).max(1_000));
-                            }
-                            if m.qos == 1 {
-                                let ack = packet::PubResp {
-                                    packet_id: m.packet_id,
-                                    code: 0,
-                                    properties: Properties::default(),
-                                };
-                                packet::encode(&Packet::PubAck(ack), Version::V311, &mut p.out);
-                            }
-                            a.received.fetch_add(1, Ordering::Relaxed);
-                        }
+                        Packet::Publish(m) => on_delivery(&m, &mut local, &mut p.out, &a),
                         _ => {}
                     }
                 }
