@@ -113,6 +113,7 @@ fn real_main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
+    exit_on_panic();
     let mut cfg = match &cli.config {
         Some(path) => {
             let text =
@@ -313,4 +314,21 @@ fn choose_cpus(cfg: &Config) -> anyhow::Result<Vec<usize>> {
         );
     }
     Ok(allowed[..n].to_vec())
+}
+
+/// Any panic — on a shard, a Kafka thread, anywhere — ends the whole process.
+///
+/// A shard that died would leave a half-working broker: its connections unserved, the session
+/// directory and retained topics it owns unreachable, other shards waiting forever for its
+/// receipts. Restarting one shard in place cannot rebuild what the others expect of it, so the
+/// process aborts (SIGABRT; no unwinding, no destructors racing the other threads) for its
+/// supervisor (systemd, Kubernetes) to restart it; what was acknowledged is on disk and comes back.
+fn exit_on_panic() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        let thread = std::thread::current().name().unwrap_or("?").to_string();
+        tracing::error!(%thread, "panic: {info}; exiting so that a supervisor restarts sluice");
+        std::process::abort();
+    }));
 }

@@ -206,6 +206,10 @@ pub struct Limits {
     pub max_outbound_buffer_bytes: usize,
     /// Retained messages kept by each shard (each holds a hash-partition of the topics).
     pub max_retained_messages: usize,
+    /// Longest a slow subscriber may hold back publishers' QoS 1/2 acknowledgements, in ms (about:
+    /// checked every tick). Past it, publishers stop waiting for that subscriber until its queue
+    /// has drained, and its queue follows `queue_full_policy` meanwhile. 0: never wait.
+    pub max_backpressure_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -236,6 +240,7 @@ impl Default for Limits {
             max_keep_alive_secs: 0,
             max_outbound_buffer_bytes: 4 << 20,
             max_retained_messages: 1_000_000,
+            max_backpressure_ms: 1000,
         }
     }
 }

@@ -108,6 +108,14 @@ pub enum ShardMsg {
         client_id: ClientId,
         host: ShardId,
     },
+    /// To the directory shard: the claim it answered last for `client_id` is carried out; the
+    /// claimer `host` now hosts the session (`hosting`) or, its connection gone, ended it. The
+    /// next waiting claim may go ahead.
+    Settled {
+        client_id: ClientId,
+        host: ShardId,
+        hosting: bool,
+    },
     RetainedQuery {
         filter: String,
         to: ShardId,
@@ -167,6 +175,22 @@ enum ReceiptFor {
     Positions,
 }
 
+/// The directory's record of one client id, kept by the shard owning `hash(client_id)`.
+///
+/// Claims are carried out one at a time: while one is under way (its `Evict` and `Transfer` in
+/// flight, `busy`), later claims wait here. So when an `Evict` reaches the previous host, that
+/// host has finished its own claim and holds the session (or nothing) — never a session still
+/// on its way — and two connections can never both end up holding one client id's session.
+#[derive(Debug, Default)]
+struct DirEntry {
+    /// The shard hosting the session, or about to; `None` once it ended there.
+    host: Option<ShardId>,
+    busy: bool,
+    /// Claims waiting their turn: `(host, conn, clean_start)`. Bounded by the connections that
+    /// are between CONNECT and CONNACK.
+    waiting: VecDeque<(ShardId, ConnId, bool)>,
+}
+
 #[derive(Clone, Debug)]
 pub struct ShareMember {
     pub client_id: ClientId,
@@ -191,6 +215,51 @@ pub struct Stats {
     pub dropped_too_large: u64,
     pub dropped_expired: u64,
     pub malformed: u64,
+    /// Packets that arrived on a connection no longer holding its session (closed, 0x8E).
+    pub orphaned_packets: u64,
+    /// Times a subscriber held publishers back for `max_backpressure_ms` and was let go.
+    pub slow_subscribers: u64,
+    /// Acknowledgements refused because the session or retained store could not commit.
+    pub store_refusals: u64,
+}
+
+impl std::ops::AddAssign for Stats {
+    fn add_assign(&mut self, o: Stats) {
+        let Stats {
+            clients_connected,
+            sessions,
+            subscriptions,
+            retained,
+            messages_received,
+            messages_sent,
+            bytes_received,
+            bytes_sent,
+            dropped_queue_full,
+            dropped_slow_qos0,
+            dropped_too_large,
+            dropped_expired,
+            malformed,
+            orphaned_packets,
+            slow_subscribers,
+            store_refusals,
+        } = o;
+        self.clients_connected += clients_connected;
+        self.sessions += sessions;
+        self.subscriptions += subscriptions;
+        self.retained += retained;
+        self.messages_received += messages_received;
+        self.messages_sent += messages_sent;
+        self.bytes_received += bytes_received;
+        self.bytes_sent += bytes_sent;
+        self.dropped_queue_full += dropped_queue_full;
+        self.dropped_slow_qos0 += dropped_slow_qos0;
+        self.dropped_too_large += dropped_too_large;
+        self.dropped_expired += dropped_expired;
+        self.malformed += malformed;
+        self.orphaned_packets += orphaned_packets;
+        self.slow_subscribers += slow_subscribers;
+        self.store_refusals += store_refusals;
+    }
 }
 
 /// Why a connection leaves its session.
@@ -309,6 +378,14 @@ enum DrainWaiter {
     Receipt(u64),
 }
 
+/// Publishers waiting for one congested session's queue to drain.
+#[derive(Default)]
+struct Congestion {
+    /// First tick that saw them waiting; they stop waiting `max_backpressure_ms` later.
+    since_ms: Option<u64>,
+    waiters: Vec<DrainWaiter>,
+}
+
 /// An answer to a receipt, held until `waiting` congested sessions drained.
 struct HeldReceipt {
     receipt: Receipt,
@@ -341,7 +418,7 @@ pub struct Shard {
     /// Scratch for [`Shard::route_here`]: the subscriptions one message matched.
     route_matches: Vec<(ClientId, u8, bool, Option<u32>)>,
     retained: HashMap<String, Msg>,
-    directory: HashMap<ClientId, ShardId>,
+    directory: HashMap<ClientId, DirEntry>,
     shared: Trie<String, ShareGroup>,
     effects: Effects,
     local: VecDeque<ShardMsg>,
@@ -382,7 +459,11 @@ pub struct Shard {
     publishing: Option<ConnId>,
     congested: Vec<ClientId>,
     /// Session → acknowledgements `(conn, ack seq)` waiting for its queue to drain.
-    drain_waiters: HashMap<ClientId, Vec<DrainWaiter>>,
+    drain_waiters: HashMap<ClientId, Congestion>,
+    /// Sessions that held publishers back for `max_backpressure_ms`: no publisher waits for
+    /// them again until their queue drained to a quarter (or they went offline); their queue
+    /// follows `queue_full_policy` meanwhile.
+    slow: HashSet<ClientId>,
     /// Answers to other shards' receipts held until congested sessions here drain: the
     /// publisher's acknowledgement on its own shard waits for them (back-pressure across shards).
     held_receipts: HashMap<u64, HeldReceipt>,
@@ -537,6 +618,7 @@ impl Shard {
             publishing: None,
             congested: Vec::new(),
             drain_waiters: HashMap::default(),
+            slow: HashSet::default(),
             held_receipts: HashMap::default(),
             next_held_receipt: 0,
             positions: HashMap::default(),
@@ -794,6 +876,7 @@ impl Shard {
 
     /// Periodic work: keep-alive, delayed wills, session expiry, `$SYS`. Call every ~100 ms.
     pub fn tick(&mut self, now_ms: u64, sys_interval_ms: u64) {
+        self.stop_waiting_for_slow_subscribers(now_ms);
         if now_ms.saturating_sub(self.last_keepalive_scan_ms) >= 500 {
             self.last_keepalive_scan_ms = now_ms;
             let expired: Vec<ConnId> = self
@@ -961,6 +1044,7 @@ impl Shard {
         s.conn = None;
         let expiry = s.expiry_secs;
         // Nobody reads this session's queue now: publishers are not held back for it.
+        self.slow.remove(&id);
         self.release_drain_waiters(&id);
         let s = self.sessions.get_mut(&id).unwrap();
         if let Some(w) = will {
@@ -1032,7 +1116,7 @@ impl Shard {
     // -----------------------------------------------------------------------------------------
 
     fn on_packet(&mut self, conn: ConnId, p: Packet, now_ms: u64) {
-        let c = self.conns.get(&conn).unwrap();
+        let Some(c) = self.conns.get(&conn) else { return };
         if matches!(c.state, ConnState::AwaitConnect) {
             if let Packet::Connect(connect) = p {
                 self.on_connect(conn, connect, now_ms);
@@ -1040,6 +1124,18 @@ impl Shard {
                 self.close(conn, None, now_ms);
             }
             return;
+        }
+        // The rule every handler below rests on: an active connection's session is hosted here
+        // and names this connection. Should it ever not hold, the packet closes its own
+        // connection instead of panicking the shard.
+        if self.holder(conn).is_none() {
+            self.stats.orphaned_packets += 1;
+            return self.protocol_close(
+                conn,
+                reason::SESSION_TAKEN_OVER,
+                "the session moved to another connection",
+                now_ms,
+            );
         }
         match p {
             Packet::Publish(publish) => self.on_publish(conn, publish, now_ms),
@@ -1098,6 +1194,16 @@ impl Shard {
                 self.protocol_close(conn, reason::PROTOCOL_ERROR, "server-to-client packet from a client", now_ms)
             }
         }
+    }
+
+    /// The client id of `conn` if it is active and its session is hosted here and names it.
+    fn holder(&self, conn: ConnId) -> Option<ClientId> {
+        let c = self.conns.get(&conn)?;
+        if !matches!(c.state, ConnState::Active) {
+            return None;
+        }
+        let id = c.client_id.as_ref()?;
+        (self.sessions.get(id)?.conn == Some(conn)).then(|| id.clone())
     }
 
     fn session_of(&mut self, conn: ConnId) -> Option<&mut Session> {
@@ -1176,22 +1282,25 @@ impl Shard {
             }
             _ => None,
         };
+        let dir = directory_shard(&client_id, self.n_shards);
         let Some(connect) = pending else {
             // The connection went away while its session was on the way: keep the session here.
-            match session {
+            let hosting = match session {
                 Some(mut s) if s.expiry_secs > 0 => {
                     s.conn = None;
                     if s.expiry_secs != u32::MAX {
                         s.expires_at_ms = Some(now_ms + u64::from(s.expiry_secs) * 1000);
                     }
                     self.adopt(s);
+                    true
                 }
-                Some(s) => self.end_session(s, now_ms),
-                None => {
-                    let dir = directory_shard(&client_id, self.n_shards);
-                    self.send_to_shard(dir, ShardMsg::Release { client_id, host: self.id });
+                Some(s) => {
+                    self.end_session_quietly(s, now_ms);
+                    false
                 }
-            }
+                None => false,
+            };
+            self.send_to_shard(dir, ShardMsg::Settled { client_id, host: self.id, hosting });
             return;
         };
         let v5 = connect.version.is_v5();
@@ -1242,6 +1351,8 @@ impl Shard {
         }
         self.send(conn, Packet::ConnAck(ConnAck { session_present, code: reason::SUCCESS, properties: props }));
         self.adopt(session);
+        // Before anything below can end the session (a lost connection sends `Release`).
+        self.send_to_shard(dir, ShardMsg::Settled { client_id: client_id.clone(), host: self.id, hosting: true });
         // Redeliver what was in flight, in order, then whatever waited in the queue.
         let s = self.sessions.get_mut(&client_id).unwrap();
         let resend: Vec<(u16, Inflight)> = s.inflight.iter().map(|(k, v)| (*k, v.clone())).collect();
@@ -1280,6 +1391,16 @@ impl Shard {
     /// to their groups' owners.
     fn install(&mut self, s: Box<Session>) {
         let id = s.client_id.clone();
+        if let Some(mut old) = self.sessions.remove(&id) {
+            // The directory hands a session over one claim at a time, so this should not happen;
+            // should it, the older session's connection goes (0x8E) rather than living on
+            // without a session.
+            debug_assert!(false, "two sessions of one client id on one shard");
+            if let Some(c) = old.conn.take() {
+                self.close_why(c, Some(reason::SESSION_TAKEN_OVER), None, 0);
+            }
+            self.drop_subscriptions(&mut old);
+        }
         for (filter, sub) in &s.subs {
             match topic::parse_shared(filter) {
                 Some(Ok((group, f))) => {
@@ -1469,7 +1590,7 @@ impl Shard {
             self.kafka_waiters.insert(*id, (conn, seq));
         }
         for id in congested {
-            self.drain_waiters.entry(id.clone()).or_default().push(DrainWaiter::Ack(conn, seq));
+            self.drain_waiters.entry(id.clone()).or_default().waiters.push(DrainWaiter::Ack(conn, seq));
         }
         self.flush_acks(conn);
     }
@@ -1479,6 +1600,7 @@ impl Shard {
     fn pump_and_release(&mut self, id: &ClientId, now_ms: u64) {
         self.pump(id, now_ms);
         if self.sessions.get(id).is_some_and(|s| s.queue.len() * 4 <= self.limits.max_queued_messages) {
+            self.slow.remove(id);
             self.release_drain_waiters(id);
         }
     }
@@ -1486,9 +1608,9 @@ impl Shard {
     /// A session's queue drained (or it went offline): acknowledgements and receipt answers held
     /// for it go on.
     fn release_drain_waiters(&mut self, id: &ClientId) {
-        let Some(waiters) = self.drain_waiters.remove(id) else { return };
+        let Some(congestion) = self.drain_waiters.remove(id) else { return };
         let mut acks = Vec::new();
-        for w in waiters {
+        for w in congestion.waiters {
             match w {
                 DrainWaiter::Ack(conn, seq) => acks.push((conn, seq)),
                 DrainWaiter::Receipt(h) => {
@@ -1502,6 +1624,33 @@ impl Shard {
             }
         }
         self.release_acks(acks);
+    }
+
+    /// Back-pressure is bounded in time: publishers held for `max_backpressure_ms` by one
+    /// session's queue stop waiting for it, and do not wait for it again until it drained. One
+    /// subscriber that never acknowledges (or never reads) slows publishers once, briefly; it
+    /// never stops them.
+    fn stop_waiting_for_slow_subscribers(&mut self, now_ms: u64) {
+        let bound = self.limits.max_backpressure_ms;
+        let mut stuck = Vec::new();
+        for (id, c) in &mut self.drain_waiters {
+            match c.since_ms {
+                None => c.since_ms = Some(now_ms),
+                Some(t) if now_ms.saturating_sub(t) >= bound => stuck.push(id.clone()),
+                Some(_) => {}
+            }
+        }
+        for id in stuck {
+            self.stats.slow_subscribers += 1;
+            if self.stats.slow_subscribers == 1 {
+                self.effects.warnings.push(format!(
+                    "shard {}: client `{id}` held publishers back for {bound} ms; they no longer wait for it until its queue drains, and its queue drops by queue_full_policy meanwhile (further ones are counted in $SYS/broker/shard/{}/clients/slow)",
+                    self.id, self.id
+                ));
+            }
+            self.slow.insert(id.clone());
+            self.release_drain_waiters(&id);
+        }
     }
 
     /// One thing each of these acknowledgements waited for happened.
@@ -1680,7 +1829,7 @@ impl Shard {
                     continue;
                 }
             };
-            self.directory.insert(id, self.id);
+            self.directory.insert(id, DirEntry { host: Some(self.id), ..DirEntry::default() });
             // The same session, already stored under this generation: no new one, nothing to write.
             self.install(Box::new(s));
         }
@@ -2207,7 +2356,9 @@ impl Shard {
                 }
                 let congested = s.conn.is_some()
                     && s.conn != self.publishing
-                    && s.queue.len() * 2 >= self.limits.max_queued_messages;
+                    && s.queue.len() * 2 >= self.limits.max_queued_messages
+                    && self.limits.max_backpressure_ms > 0
+                    && !self.slow.contains(id);
                 let for_a_publisher = self.publishing.is_some() || self.routing_receipt.is_some();
                 if congested && for_a_publisher && !self.congested.contains(id) {
                     self.congested.push(id.clone());
@@ -2307,12 +2458,8 @@ impl Shard {
                 self.answer_receipt(receipt, more);
             }
             ShardMsg::Receipt { token, more } => self.on_receipt(token, more),
-            ShardMsg::Claim { client_id, host, conn, clean_start } => {
-                match self.directory.insert(client_id.clone(), host) {
-                    Some(prev) => self.send_to_shard(prev, ShardMsg::Evict { client_id, to: host, conn, clean_start }),
-                    None => self.send_to_shard(host, ShardMsg::Transfer { client_id, conn, session: None }),
-                }
-            }
+            ShardMsg::Claim { client_id, host, conn, clean_start } => self.on_claim(client_id, host, conn, clean_start),
+            ShardMsg::Settled { client_id, host, hosting } => self.on_settled(client_id, host, hosting),
             ShardMsg::Evict { client_id, to, conn, clean_start } => {
                 let mut session = None;
                 if let Some(old_conn) = self.sessions.get(&client_id).and_then(|s| s.conn) {
@@ -2351,8 +2498,12 @@ impl Shard {
             }
             ShardMsg::Transfer { client_id, conn, session } => self.on_transfer(client_id, conn, session, now_ms),
             ShardMsg::Release { client_id, host } => {
-                if self.directory.get(&client_id) == Some(&host) {
-                    self.directory.remove(&client_id);
+                // While a claim is under way its claimer reports the outcome (`Settled`); a
+                // release from before it must not clear the entry the claim just made.
+                if let Some(e) = self.directory.get_mut(&client_id) {
+                    if !e.busy && e.host == Some(host) {
+                        self.directory.remove(&client_id);
+                    }
                 }
             }
             ShardMsg::RetainedQuery { filter, to, client_id, opts, sub_id } => {
@@ -2429,8 +2580,35 @@ impl Shard {
         }
     }
 
-    /// Answers a receipt now, or after the next store commit if the message changed something
-    /// stored here (`stored_hit`).
+    /// Directory: `host` wants the session of `client_id` for its connection `conn`. Carried out
+    /// now, or after the claim under way (see [`DirEntry`]).
+    fn on_claim(&mut self, client_id: ClientId, host: ShardId, conn: ConnId, clean_start: bool) {
+        let e = self.directory.entry(client_id.clone()).or_default();
+        if e.busy {
+            e.waiting.push_back((host, conn, clean_start));
+            return;
+        }
+        e.busy = true;
+        match e.host.replace(host) {
+            Some(prev) => self.send_to_shard(prev, ShardMsg::Evict { client_id, to: host, conn, clean_start }),
+            None => self.send_to_shard(host, ShardMsg::Transfer { client_id, conn, session: None }),
+        }
+    }
+
+    /// Directory: the claim under way for `client_id` is carried out.
+    fn on_settled(&mut self, client_id: ClientId, host: ShardId, hosting: bool) {
+        let Some(e) = self.directory.get_mut(&client_id) else { return };
+        e.busy = false;
+        if !hosting && e.host == Some(host) {
+            e.host = None;
+        }
+        if let Some((host, conn, clean_start)) = e.waiting.pop_front() {
+            self.on_claim(client_id, host, conn, clean_start);
+        } else if e.host.is_none() {
+            self.directory.remove(&client_id);
+        }
+    }
+
     /// Answers `r` for what this shard just routed under it: at once, or — when that made
     /// sessions here congested — once they drained, so that the publisher's acknowledgement on
     /// its own shard waits for a slow subscriber on this one as it would on its own.
@@ -2445,7 +2623,7 @@ impl Shard {
         let waiting = congested.len() as u32;
         self.held_receipts.insert(h, HeldReceipt { receipt: r, more, stored, waiting });
         for id in congested {
-            self.drain_waiters.entry(id).or_default().push(DrainWaiter::Receipt(h));
+            self.drain_waiters.entry(id).or_default().waiters.push(DrainWaiter::Receipt(h));
         }
     }
 
@@ -2491,6 +2669,8 @@ impl Shard {
                     "messages/dropped",
                     s.dropped_queue_full + s.dropped_slow_qos0 + s.dropped_too_large + s.dropped_expired,
                 ),
+                ("clients/slow", s.slow_subscribers),
+                ("store/refused", s.store_refusals),
             ]
         };
         for (name, v) in fields(&stats) {
@@ -2499,18 +2679,7 @@ impl Shard {
         if self.id == 0 {
             let mut total = Stats::default();
             for s in &self.shard_stats {
-                total.clients_connected += s.clients_connected;
-                total.sessions += s.sessions;
-                total.subscriptions += s.subscriptions;
-                total.retained += s.retained;
-                total.messages_received += s.messages_received;
-                total.messages_sent += s.messages_sent;
-                total.bytes_received += s.bytes_received;
-                total.bytes_sent += s.bytes_sent;
-                total.dropped_queue_full += s.dropped_queue_full;
-                total.dropped_slow_qos0 += s.dropped_slow_qos0;
-                total.dropped_too_large += s.dropped_too_large;
-                total.dropped_expired += s.dropped_expired;
+                total += *s;
             }
             values.push(("$SYS/broker/uptime".into(), uptime));
             for (name, v) in fields(&total) {
@@ -2814,7 +2983,7 @@ mod tests {
         assert_eq!(w.shards[0].trie.len(), 0);
         assert_eq!(w.shards[2].trie.len(), 1);
         let dir = directory_shard("dev", 3);
-        assert_eq!(w.shards[dir].directory.get("dev"), Some(&2));
+        assert_eq!(w.shards[dir].directory.get("dev").and_then(|e| e.host), Some(2));
     }
 
     #[test]
@@ -2978,6 +3147,68 @@ mod tests {
         assert_eq!(released, vec![5, 6, 7, 8]);
     }
 
+    /// A subscriber that never acknowledges holds publishers back for `max_backpressure_ms`
+    /// once; then they stop waiting for it (its queue drops instead), until it has drained.
+    fn a_silent_subscriber_holds_back_publishers_for_the_bound_only(sub_shard: ShardId) {
+        let limits = Limits { max_queued_messages: 8, max_inflight: 1, max_backpressure_ms: 1000, ..Limits::default() };
+        let mut w = World::new(2, limits.clone());
+        w.shards = (0..2).map(|i| Shard::new(i, 2, limits.clone(), 0).with_session_store()).collect();
+        w.connect(sub_shard, 1, V5, "silent", true);
+        w.send(sub_shard, 1, V5, subscribe("bp", 1));
+        w.recv(sub_shard, 1, V5);
+        w.connect(0, 2, V5, "publisher", true);
+        let acks = |w: &mut World| -> Vec<u16> {
+            w.recv(0, 2, V5)
+                .into_iter()
+                .filter_map(|p| if let Packet::PubAck(r) = p { Some(r.packet_id) } else { None })
+                .collect()
+        };
+        let tick = |w: &mut World, now: u64| {
+            w.now = now;
+            for i in 0..2 {
+                w.shards[i].tick(now, 0);
+            }
+            w.settle();
+        };
+        for pid in 1..=8u16 {
+            w.send(0, 2, V5, publish("bp", 1, pid, b"m"));
+        }
+        assert_eq!(acks(&mut w), vec![1, 2, 3, 4]);
+        tick(&mut w, 100);
+        tick(&mut w, 900);
+        assert_eq!(acks(&mut w), Vec::<u16>::new(), "held within the bound");
+        tick(&mut w, 1100);
+        assert_eq!(acks(&mut w), vec![5, 6, 7, 8], "released once the bound passed");
+        // From now on nobody waits for it: its queue drops by its policy instead.
+        for pid in 9..=30u16 {
+            w.send(0, 2, V5, publish("bp", 1, pid, b"m"));
+        }
+        assert_eq!(acks(&mut w), (9..=30).collect::<Vec<u16>>());
+        assert!(w.shards[sub_shard].stats.dropped_queue_full > 0);
+        assert_eq!(w.shards[sub_shard].stats.slow_subscribers, 1);
+        // It catches up and drains: publishers wait for it again.
+        loop {
+            let got = w.recv(sub_shard, 1, V5);
+            let Some(Packet::Publish(p)) = got.first() else { break };
+            let pid = p.packet_id;
+            w.send(sub_shard, 1, V5, Packet::PubAck(resp(pid)));
+        }
+        for pid in 31..=38u16 {
+            w.send(0, 2, V5, publish("bp", 1, pid, b"m"));
+        }
+        assert_eq!(acks(&mut w), vec![31, 32, 33, 34], "held again after it drained");
+    }
+
+    #[test]
+    fn a_silent_subscriber_holds_back_publishers_on_its_shard_for_the_bound_only() {
+        a_silent_subscriber_holds_back_publishers_for_the_bound_only(0);
+    }
+
+    #[test]
+    fn a_silent_subscriber_holds_back_publishers_on_another_shard_for_the_bound_only() {
+        a_silent_subscriber_holds_back_publishers_for_the_bound_only(1);
+    }
+
     #[test]
     fn a_filling_subscriber_queue_holds_back_the_publishers_acknowledgements() {
         slow_subscriber_holds_back_the_publisher(0);
@@ -3075,5 +3306,156 @@ mod tests {
         let got = w.recv(1, 1, V5);
         let names: Vec<&str> = got.iter().map(Packet::name).collect();
         assert_eq!(names, ["CONNACK", "SUBACK", "PINGRESP"]);
+    }
+
+    /// A tiny deterministic generator for interleavings (xorshift64*).
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n.max(1)
+        }
+    }
+
+    /// Shard messages in flight, one FIFO per ordered pair of shards (as the mesh keeps them),
+    /// delivered one at a time from a pair the generator picks: every interleaving the real
+    /// mesh allows can happen here.
+    struct Mesh {
+        queues: HashMap<(ShardId, ShardId), VecDeque<ShardMsg>>,
+    }
+
+    impl Mesh {
+        fn collect(&mut self, w: &mut World) {
+            for i in 0..w.shards.len() {
+                let fx = w.shards[i].drain_effects();
+                for c in fx.close {
+                    w.closed.insert((i, c));
+                }
+                for (to, m) in fx.to_shards {
+                    self.queues.entry((i, to)).or_default().push_back(m);
+                }
+            }
+        }
+
+        /// Delivers one message, if any is in flight.
+        fn step(&mut self, w: &mut World, rng: &mut Rng) -> bool {
+            let busy: Vec<(ShardId, ShardId)> =
+                self.queues.iter().filter(|(_, q)| !q.is_empty()).map(|(k, _)| *k).collect();
+            if busy.is_empty() {
+                return false;
+            }
+            let mut keys = busy;
+            keys.sort_unstable();
+            let (from, to) = keys[rng.below(keys.len())];
+            let m = self.queues.get_mut(&(from, to)).and_then(VecDeque::pop_front);
+            if let Some(m) = m {
+                w.shards[to].on_shard_msgs([m], w.now);
+            }
+            self.collect(w);
+            true
+        }
+    }
+
+    fn bytes_of(p: Packet, v: Version) -> BytesMut {
+        let mut b = BytesMut::new();
+        packet::encode(&p, v, &mut b);
+        b
+    }
+
+    /// Two devices share one client id, each looping CONNECT → SUBSCRIBE → PUBLISH → close on its
+    /// own shard while shard messages interleave in every order the mesh allows. No shard may
+    /// panic, and once all is quiet at most one shard hosts the session, which the directory
+    /// names, with at most one connection.
+    #[test]
+    fn clients_sharing_an_id_race_across_shards_without_breaking_the_session_rule() {
+        for seed in 1..400u64 {
+            for v in [Version::V311, V5] {
+                let n = 3;
+                let mut w = World::new(n, Limits::default());
+                w.shards = (0..n).map(|i| Shard::new(i, n, Limits::default(), 0).with_session_store()).collect();
+                let mut mesh = Mesh { queues: HashMap::default() };
+                let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+                let mut next_conn: ConnId = 1;
+                // Per device: (shard, open connection, packets sent on it).
+                let mut devices: Vec<(ShardId, Option<ConnId>, u32)> = vec![(0, None, 0), (1, None, 0), (2, None, 0)];
+                for _ in 0..60 {
+                    let d = rng.below(devices.len() + 2);
+                    if d >= devices.len() {
+                        for _ in 0..rng.below(4) + 1 {
+                            mesh.step(&mut w, &mut rng);
+                        }
+                        continue;
+                    }
+                    let (shard, conn, sent) = devices[d];
+                    match conn {
+                        None => {
+                            let c = next_conn;
+                            next_conn += 1;
+                            w.shards[shard].on_open(c, w.now);
+                            let clean = rng.below(2) == 0;
+                            let connect = Connect {
+                                version: v,
+                                clean_start: clean,
+                                keep_alive: 0,
+                                client_id: "twin".into(),
+                                will: None,
+                                username: None,
+                                password: None,
+                                properties: Properties {
+                                    session_expiry_interval: (!clean && v == V5).then_some(60),
+                                    ..Default::default()
+                                },
+                            };
+                            w.shards[shard].on_bytes(c, &mut bytes_of(Packet::Connect(Box::new(connect)), v), w.now);
+                            devices[d] = (shard, Some(c), 0);
+                        }
+                        Some(c) if sent >= 3 || rng.below(4) == 0 => {
+                            w.shards[shard].on_lost(c, w.now);
+                            devices[d] = (shard, None, 0);
+                        }
+                        Some(c) => {
+                            let p = match rng.below(3) {
+                                0 => subscribe("twin/#", 1),
+                                1 => publish("twin/x", 1, 7, b"x"),
+                                _ => Packet::Unsubscribe(Unsubscribe {
+                                    packet_id: 2,
+                                    filters: vec!["twin/#".into()],
+                                    properties: Properties::default(),
+                                }),
+                            };
+                            w.shards[shard].on_bytes(c, &mut bytes_of(p, v), w.now);
+                            devices[d] = (shard, Some(c), sent + 1);
+                        }
+                    }
+                    mesh.collect(&mut w);
+                }
+                while mesh.step(&mut w, &mut rng) {}
+                for i in 0..n {
+                    let _ = w.shards[i].take_session_changes();
+                    w.shards[i].on_sessions_synced(u64::MAX, w.now);
+                    mesh.collect(&mut w);
+                }
+                while mesh.step(&mut w, &mut rng) {}
+                let hosts: Vec<ShardId> = (0..n).filter(|i| w.shards[*i].sessions.contains_key("twin")).collect();
+                assert!(hosts.len() <= 1, "seed {seed} {v:?}: session hosted on {hosts:?}");
+                let dir = &w.shards[directory_shard("twin", n)].directory;
+                if let Some(h) = hosts.first() {
+                    assert_eq!(dir.get("twin").and_then(|e| e.host), Some(*h), "seed {seed} {v:?}: directory");
+                }
+                for s in &w.shards {
+                    for c in s.conns.values() {
+                        if let (ConnState::Active, Some(id)) = (&c.state, &c.client_id) {
+                            assert!(
+                                s.sessions.contains_key(id),
+                                "seed {seed} {v:?}: active connection without session"
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 }

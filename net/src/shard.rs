@@ -561,6 +561,8 @@ pub(crate) async fn run_shard(
     }
 
     // Ticker: keep-alive, delayed wills, session expiry, $SYS; also watches for shutdown.
+    // `SLUICE_FAILPOINT=shard-panic:N` makes shard N panic on its first tick (tests only).
+    let panic_here = std::env::var("SLUICE_FAILPOINT").is_ok_and(|v| v == format!("shard-panic:{}", cfg.id));
     let stop_accept = Rc::new(Notify::default());
     {
         let core = core.clone();
@@ -569,6 +571,10 @@ pub(crate) async fn run_shard(
         glommio::spawn_local(async move {
             loop {
                 glommio::timer::sleep(TICK).await;
+                if panic_here {
+                    // Fault injection for the test of what a panicking shard does to the process.
+                    panic!("SLUICE_FAILPOINT: shard {} panics", core.shard.borrow().id());
+                }
                 if shutdown.load(Ordering::Relaxed) {
                     stop_accept.notify();
                     break;
