@@ -82,6 +82,9 @@ pub enum ShardMsg {
     Receipt {
         token: u64,
         more: u32,
+        /// What this shard stored for the message could not be committed (disk full, I/O
+        /// error): the acknowledgement waiting for it must refuse instead.
+        failed: bool,
     },
     /// To the directory shard: `host` wants the session of `client_id` for connection `conn`.
     Claim {
@@ -165,6 +168,14 @@ type PartitionKey = (u16, Arc<str>, i32);
 pub struct Receipt {
     pub from: ShardId,
     pub token: u64,
+}
+
+/// A receipt of this shard's: answers still expected, whether one of them failed, and what
+/// completes when all are in.
+struct ReceiptWait {
+    left: u32,
+    failed: bool,
+    then: ReceiptFor,
 }
 
 /// What completes when every shard answered a receipt.
@@ -323,6 +334,10 @@ struct PendingSub {
     acks_left: usize,
     suback: SubAck,
     retained_queries: Vec<(String, SubOptions, Option<u32>)>,
+    /// Filters this SUBSCRIBE added (not replaced): taken back if the store cannot commit them.
+    added: Vec<String>,
+    /// The session store could not commit the subscriptions: the SUBACK refuses them.
+    failed: bool,
 }
 
 impl Conn {
@@ -490,7 +505,10 @@ pub struct Shard {
     routing_receipt: Option<Receipt>,
     receipt_forwards: u32,
     /// Token → replies still expected, and what completes then.
-    receipts: HashMap<u64, (u32, ReceiptFor)>,
+    receipts: HashMap<u64, ReceiptWait>,
+    /// Kafka record batches whose receipt failed (a store could not commit): positions stop
+    /// before them until this shard's store commits again.
+    failed_position_batches: Vec<u64>,
     next_receipt: u64,
     /// Kafka record batches in arrival order, with the positions they move; a batch's positions
     /// apply once its receipt and every earlier one completed.
@@ -633,6 +651,7 @@ impl Shard {
             routing_receipt: None,
             receipt_forwards: 0,
             receipts: HashMap::default(),
+            failed_position_batches: Vec::new(),
             next_receipt: 0,
             position_batches: VecDeque::new(),
             receipts_done: HashSet::default(),
@@ -1535,15 +1554,35 @@ impl Shard {
     }
 
     /// An answer to one of this shard's receipts.
-    fn on_receipt(&mut self, token: u64, more: u32) {
+    fn on_receipt(&mut self, token: u64, more: u32, failed: bool) {
         let Some(e) = self.receipts.get_mut(&token) else { return };
-        e.0 = e.0 + more - 1;
-        if e.0 > 0 {
+        e.left = (e.left + more).saturating_sub(1);
+        e.failed |= failed;
+        if e.left > 0 {
             return;
         }
-        match self.receipts.remove(&token).unwrap().1 {
-            ReceiptFor::Ack(conn, seq) => self.release_acks(vec![(conn, seq)]),
+        let Some(done) = self.receipts.remove(&token) else { return };
+        match done.then {
+            ReceiptFor::Ack(conn, seq) => {
+                if done.failed {
+                    // Not durable, so not acknowledged: MQTT 5 hears 0x97, 3.1.1 nothing (it
+                    // publishes again after reconnecting).
+                    self.stats.store_refusals += 1;
+                    self.set_ack_code(conn, seq, reason::QUOTA_EXCEEDED);
+                }
+                self.release_acks(vec![(conn, seq)])
+            }
+            ReceiptFor::Positions if done.failed => self.failed_position_batches.push(token),
             ReceiptFor::Positions => self.complete_position_batch(token),
+        }
+    }
+
+    /// The acknowledgement `seq` of `conn` reports `code` unless it already reports a failure.
+    fn set_ack_code(&mut self, conn: ConnId, seq: u64, code: u8) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        let Some(a) = seq.checked_sub(c.acks_front_seq).and_then(|i| c.acks.get_mut(i as usize)) else { return };
+        if a.code == reason::SUCCESS {
+            a.code = code;
         }
     }
 
@@ -1583,7 +1622,8 @@ impl Shard {
         let seq = c.acks_front_seq + c.acks.len() as u64;
         let waiting = (records.len() + congested.len() + usize::from(receipt.is_some())) as u32;
         if let Some((token, expected)) = receipt {
-            self.receipts.insert(token, (expected, ReceiptFor::Ack(conn, seq)));
+            self.receipts
+                .insert(token, ReceiptWait { left: expected, failed: false, then: ReceiptFor::Ack(conn, seq) });
         }
         c.acks.push_back(PendingAck { pid, qos, waiting, code: reason::SUCCESS });
         for id in records {
@@ -1860,23 +1900,36 @@ impl Shard {
         (changes, self.next_store_token)
     }
 
-    /// The changes taken with `token` (and every earlier token) are durable: acknowledgements
-    /// waiting for them go out.
-    pub fn on_sessions_synced(&mut self, token: u64, now_ms: u64) {
-        while self.store_flushing.front().is_some_and(|w| w.token <= token) {
-            let w = self.store_flushing.pop_front().unwrap();
+    /// The changes taken with `token` (and every earlier token) are durable (`ok`), or could
+    /// not all be committed (a full disk, an I/O error): acknowledgements waiting for them go
+    /// out, or are refused — MQTT 5 PUBACK/PUBREC/SUBACK 0x97, 3.1.1 no PUBACK (the connection
+    /// closes, the client publishes again) and SUBACK 0x80 — and counted.
+    pub fn on_sessions_synced(&mut self, token: u64, ok: bool, now_ms: u64) {
+        if ok {
+            // This shard's store works again: Kafka positions held back by a failed commit move.
+            for t in std::mem::take(&mut self.failed_position_batches) {
+                self.complete_position_batch(t);
+            }
+        }
+        while let Some(w) = self.store_flushing.pop_front_if(|w| w.token <= token) {
             for (r, more) in w.receipts {
                 if r.from == self.id {
-                    self.on_receipt(r.token, more);
+                    self.on_receipt(r.token, more, !ok);
                 } else {
-                    self.send_to_shard(r.from, ShardMsg::Receipt { token: r.token, more });
+                    self.send_to_shard(r.from, ShardMsg::Receipt { token: r.token, more, failed: !ok });
                 }
             }
             for conn in w.subscribes {
-                self.subscribe_step_done(conn, now_ms);
+                self.subscribe_step_done(conn, ok, now_ms);
             }
         }
         self.run_local(now_ms);
+    }
+
+    /// The store could not write these sessions: they are written again at the next commit
+    /// (what a crash before then loses was not acknowledged: that commit refused its waiters).
+    pub fn retry_sessions(&mut self, ids: impl IntoIterator<Item = ClientId>) {
+        self.dirty_sessions.extend(ids);
     }
 
     /// Turns on Kafka → MQTT: records handed to [`Shard::on_kafka_records`] are transformed and
@@ -1936,7 +1989,7 @@ impl Shard {
         if expected == 0 {
             self.complete_position_batch(token);
         } else {
-            self.receipts.insert(token, (expected, ReceiptFor::Positions));
+            self.receipts.insert(token, ReceiptWait { left: expected, failed: false, then: ReceiptFor::Positions });
         }
         self.run_local(now_ms);
     }
@@ -2036,6 +2089,7 @@ impl Shard {
         let sub_id = sub.properties.subscription_identifiers.first().copied();
         let mut codes = Vec::with_capacity(sub.filters.len());
         let mut queries = Vec::new();
+        let mut added = Vec::new();
         let mut acks_left = 0;
         for (filter, opts) in sub.filters {
             let shared = topic::parse_shared(&filter);
@@ -2062,6 +2116,9 @@ impl Shard {
             }
             let entry = Sub { opts, sub_id };
             s.subs.insert(filter.clone(), entry.clone());
+            if !existed {
+                added.push(filter.clone());
+            }
             match shared {
                 Some(Ok((group, f))) => {
                     let key = format!("{group}/{f}");
@@ -2096,6 +2153,8 @@ impl Shard {
             acks_left,
             suback: SubAck { packet_id: sub.packet_id, codes, properties: Properties::default() },
             retained_queries: queries,
+            added,
+            failed: false,
         };
         if acks_left > 0 {
             self.conns.get_mut(&conn).unwrap().pending_sub = Some(Box::new(pending));
@@ -2105,15 +2164,42 @@ impl Shard {
     }
 
     /// One of the confirmations a pending SUBSCRIBE waits for arrived.
-    fn subscribe_step_done(&mut self, conn: ConnId, now_ms: u64) {
+    fn subscribe_step_done(&mut self, conn: ConnId, ok: bool, now_ms: u64) {
         let Some(c) = self.conns.get_mut(&conn) else { return };
         let Some(p) = c.pending_sub.as_mut() else { return };
-        p.acks_left -= 1;
-        if p.acks_left == 0 {
-            let p = *c.pending_sub.take().unwrap();
-            let id = c.client_id.clone().unwrap();
-            self.finish_subscribe(conn, id, p);
-            self.resume(conn, now_ms);
+        p.acks_left = p.acks_left.saturating_sub(1);
+        p.failed |= !ok;
+        if p.acks_left > 0 {
+            return;
+        }
+        let v5 = c.version == Some(Version::V5);
+        let (Some(p), Some(id)) = (c.pending_sub.take(), c.client_id.clone()) else { return };
+        let mut p = *p;
+        if p.failed {
+            self.refuse_subscribe(&id, v5, &mut p);
+        }
+        self.finish_subscribe(conn, id, p);
+        self.resume(conn, now_ms);
+    }
+
+    /// The session store could not commit a SUBSCRIBE: the filters it added are taken back and
+    /// its SUBACK refuses every one (MQTT 5 0x97, 3.1.1 0x80); the client may subscribe again.
+    fn refuse_subscribe(&mut self, id: &ClientId, v5: bool, p: &mut PendingSub) {
+        self.stats.store_refusals += 1;
+        for code in &mut p.suback.codes {
+            if *code < 0x80 {
+                *code = if v5 { reason::QUOTA_EXCEEDED } else { 0x80 };
+            }
+        }
+        p.retained_queries.clear();
+        for filter in std::mem::take(&mut p.added) {
+            let removed = self.sessions.get_mut(id).and_then(|s| s.subs.remove(&filter));
+            if removed.is_some() {
+                self.unsubscribe_one(id, &filter);
+            }
+        }
+        if let Some(s) = self.sessions.get_mut(id) {
+            touch(self.persist_sessions, &mut self.dirty_sessions, s);
         }
     }
 
@@ -2457,7 +2543,7 @@ impl Shard {
                 let ((), more) = self.under_receipt(receipt, |shard| shard.route_here(&msg, now_ms));
                 self.answer_receipt(receipt, more);
             }
-            ShardMsg::Receipt { token, more } => self.on_receipt(token, more),
+            ShardMsg::Receipt { token, more, failed } => self.on_receipt(token, more, failed),
             ShardMsg::Claim { client_id, host, conn, clean_start } => self.on_claim(client_id, host, conn, clean_start),
             ShardMsg::Settled { client_id, host, hosting } => self.on_settled(client_id, host, hosting),
             ShardMsg::Evict { client_id, to, conn, clean_start } => {
@@ -2541,7 +2627,7 @@ impl Shard {
                     self.deliver(&client_id, d, now_ms);
                 }
             }
-            ShardMsg::ShareJoined { conn } => self.subscribe_step_done(conn, now_ms),
+            ShardMsg::ShareJoined { conn } => self.subscribe_step_done(conn, true, now_ms),
             ShardMsg::ShareJoin { key, member, ack } => {
                 if let Some(conn) = ack {
                     self.send_to_shard(member.shard, ShardMsg::ShareJoined { conn });
@@ -2632,9 +2718,9 @@ impl Shard {
             self.store_receipts.push((r, more));
             self.effects.sessions_urgent = true;
         } else if r.from == self.id {
-            self.on_receipt(r.token, more);
+            self.on_receipt(r.token, more, false);
         } else {
-            self.send_to_shard(r.from, ShardMsg::Receipt { token: r.token, more });
+            self.send_to_shard(r.from, ShardMsg::Receipt { token: r.token, more, failed: false });
         }
     }
 
@@ -2874,7 +2960,7 @@ mod tests {
                     }
                 }
             }
-            w.shards[i].on_sessions_synced(token, w.now);
+            w.shards[i].on_sessions_synced(token, true, w.now);
         }
         w.settle();
     }
@@ -2906,7 +2992,7 @@ mod tests {
         w.send(0, 3, V5, publish("cmd/far", 1, 8, b"from afar"));
         assert!(w.recv(0, 3, V5).is_empty(), "PUBACK before the other shard stored the message");
         let (_, token) = w.shards[0].take_session_changes();
-        w.shards[0].on_sessions_synced(token, w.now);
+        w.shards[0].on_sessions_synced(token, true, w.now);
         w.settle();
         assert!(w.recv(0, 3, V5).is_empty(), "PUBACK after the wrong shard's commit");
         commit_sessions(&mut w, &mut store);
@@ -3435,7 +3521,7 @@ mod tests {
                 while mesh.step(&mut w, &mut rng) {}
                 for i in 0..n {
                     let _ = w.shards[i].take_session_changes();
-                    w.shards[i].on_sessions_synced(u64::MAX, w.now);
+                    w.shards[i].on_sessions_synced(u64::MAX, true, w.now);
                     mesh.collect(&mut w);
                 }
                 while mesh.step(&mut w, &mut rng) {}

@@ -11,9 +11,18 @@
 //! [`prepare_sessions`] merges every shard's session store — the highest generation of a
 //! session wins — and moves each session to the store of the shard owning its directory entry,
 //! which restores it. That also adopts the stores of shards that no longer exist.
+//!
+//! A store that cannot write (disk full, I/O error) never lets an acknowledgement through that
+//! depends on it: a commit reports whether everything since the last one reached the disk, and
+//! the state machine refuses the waiters of a failed one (MQTT 5 0x97, 3.1.1 no PUBACK, SUBACK
+//! 0x80). What could not be written is written again at the next commit, so the store catches
+//! up once space returns. Failures are logged once per episode.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use sluice_core::HashMap;
 
 use sluice_core::shard::{directory_shard, Msg, SessionChange, Shard, StoredMessage};
 use sluice_storage::{KeyedLog, LogOptions};
@@ -48,16 +57,50 @@ fn open(dir: &Path, what: &str) -> Result<(KeyedLog, Vec<sluice_storage::Entry>)
     Ok((log, entries))
 }
 
-/// One group commit of `log`, off the reactor.
-async fn commit(log: &RefCell<KeyedLog>, what: &str) {
+/// One group commit of `log`, off the reactor. Returns whether it reached the disk.
+async fn commit(log: &RefCell<KeyedLog>, what: &str) -> bool {
     let job = log.borrow_mut().sync_job();
-    let Some(job) = job else { return };
+    let Some(job) = job else { return true };
     let below = job.durable_below;
     if let Err(e) = glommio::executor().spawn_blocking(move || job.run()).await {
         tracing::warn!(error = %e, "{what}: msync failed");
+        return false;
     }
     if let Err(e) = log.borrow_mut().synced(below) {
         tracing::warn!(error = %e, "{what}: writing the cursor failed");
+    }
+    true
+}
+
+/// While a store cannot write, how often it tries again. Each try may cost a segment's worth of
+/// zeros written and removed again (a segment is preallocated), so not on every commit.
+const RETRY_WHILE_FAILING: Duration = Duration::from_secs(1);
+
+/// An episode of failed writes: logged when it starts and ends, not at every failure, and
+/// writes are tried again at most every [`RETRY_WHILE_FAILING`] while it lasts.
+#[derive(Default)]
+struct Episode {
+    failing: Cell<bool>,
+    last_try: Cell<Option<Instant>>,
+}
+
+impl Episode {
+    fn failed(&self, what: &str, error: &dyn std::fmt::Display) {
+        self.last_try.set(Some(Instant::now()));
+        if !self.failing.replace(true) {
+            tracing::warn!(%error, "{what}: cannot write; acknowledgements that depend on it are refused (MQTT 5: 0x97) until it can");
+        }
+    }
+
+    fn succeeded(&self, what: &str) {
+        if self.failing.replace(false) {
+            tracing::warn!("{what}: writing again; acknowledgements go out as before");
+        }
+    }
+
+    /// Whether to attempt a write now.
+    fn may_try(&self) -> bool {
+        !self.failing.get() || self.last_try.get().is_none_or(|t| t.elapsed() >= RETRY_WHILE_FAILING)
     }
 }
 
@@ -136,6 +179,7 @@ pub(crate) fn prepare_sessions(root: &Path, n: usize) -> Result<(), String> {
 /// This shard's persistent sessions on disk.
 pub(crate) struct SessionStore {
     log: RefCell<KeyedLog>,
+    episode: Episode,
 }
 
 impl SessionStore {
@@ -159,63 +203,145 @@ impl SessionStore {
                 "persistent sessions restored"
             );
         }
-        Ok(SessionStore { log: RefCell::new(log) })
+        Ok(SessionStore { log: RefCell::new(log), episode: Episode::default() })
     }
 
     /// Writes the session changes the state machine collected, commits them together with the
     /// retained store (a receipt may wait for either), and tells the state machine.
+    ///
+    /// The commit is `ok` only if every session change and retained message since the last one
+    /// was written and both logs reached the disk; otherwise its waiters are refused and what
+    /// failed is retried next time.
     pub(crate) async fn commit(&self, shard: &RefCell<Shard>, retained: &RetainedStore, now_ms: impl Fn() -> u64) {
+        retained.retry_failed();
         let (changes, token) = shard.borrow_mut().take_session_changes();
+        // Retained writes that failed before this point belong to the waiters just taken.
+        let mut ok = !retained.take_failed();
+        let mut retry = Vec::new();
         {
             let mut log = self.log.borrow_mut();
+            let mut attempt = self.episode.may_try();
             for c in changes {
-                let res = match c {
+                if !attempt {
+                    // Failing: kept for the next try (and this commit refuses its waiters).
+                    retry.push(match c {
+                        SessionChange::Put { client_id, .. } | SessionChange::Delete { client_id } => client_id,
+                    });
+                    ok = false;
+                    continue;
+                }
+                let (id, res) = match c {
                     SessionChange::Put { client_id, generation, bytes } => {
-                        log.put(client_id.as_bytes(), generation, &bytes)
+                        let res = log.put(client_id.as_bytes(), generation, &bytes);
+                        (client_id, res)
                     }
-                    SessionChange::Delete { client_id } => log.delete(client_id.as_bytes()),
+                    SessionChange::Delete { client_id } => {
+                        let res = log.delete(client_id.as_bytes());
+                        (client_id, res)
+                    }
                 };
                 if let Err(e) = res {
-                    // The session lives on in memory; only a crash before the next successful
-                    // write of it would lose it.
-                    tracing::warn!(error = %e, "session store: cannot persist a session");
+                    self.episode.failed("session store", &e);
+                    retry.push(id);
+                    ok = false;
+                    attempt = false;
                 }
             }
             if let Err(e) = log.compact(COMPACT_BUDGET) {
                 tracing::warn!(error = %e, "session store: compaction failed");
             }
         }
-        retained.sync().await;
-        commit(&self.log, "session store").await;
-        shard.borrow_mut().on_sessions_synced(token, now_ms());
+        if !retry.is_empty() {
+            shard.borrow_mut().retry_sessions(retry);
+        }
+        ok &= retained.sync().await;
+        ok &= commit(&self.log, "session store").await;
+        if ok {
+            self.episode.succeeded("session store");
+        }
+        shard.borrow_mut().on_sessions_synced(token, ok, now_ms());
     }
 }
 
 /// This shard's retained messages on disk, by topic.
 pub(crate) struct RetainedStore {
     log: RefCell<KeyedLog>,
+    wall_offset_ms: Cell<i64>,
+    /// A write failed since the last commit took the flag.
+    failed: Cell<bool>,
+    /// The latest value of each topic whose write failed, written again at the next commit (a
+    /// later successful write of the topic supersedes it).
+    retry: RefCell<HashMap<String, Option<Msg>>>,
+    episode: Episode,
 }
 
 impl RetainedStore {
     pub(crate) fn open(dir: &Path) -> Result<(RetainedStore, Vec<StoredMessage>), String> {
         let (log, entries) = open(dir, "retained store")?;
         let msgs = entries.iter().filter_map(|e| StoredMessage::decode(&e.value)).collect();
-        Ok((RetainedStore { log: RefCell::new(log) }, msgs))
+        let store = RetainedStore {
+            log: RefCell::new(log),
+            wall_offset_ms: Cell::new(0),
+            failed: Cell::new(false),
+            retry: RefCell::new(HashMap::default()),
+            episode: Episode::default(),
+        };
+        Ok((store, msgs))
     }
 
     pub(crate) fn record(&self, topic: &str, msg: Option<&Msg>, wall_offset_ms: i64) {
+        self.wall_offset_ms.set(wall_offset_ms);
+        if !self.episode.may_try() {
+            self.failed.set(true);
+            self.retry.borrow_mut().insert(topic.to_string(), msg.cloned());
+            return;
+        }
+        match self.write(topic, msg) {
+            Ok(()) => {
+                self.retry.borrow_mut().remove(topic);
+            }
+            Err(e) => {
+                self.episode.failed("retained store", &e);
+                self.failed.set(true);
+                // A message too large for a segment never fits: refused, not retried forever.
+                if !matches!(e, sluice_storage::LogError::RecordTooLarge { .. }) {
+                    self.retry.borrow_mut().insert(topic.to_string(), msg.cloned());
+                }
+            }
+        }
+    }
+
+    fn write(&self, topic: &str, msg: Option<&Msg>) -> Result<(), sluice_storage::LogError> {
         let mut log = self.log.borrow_mut();
-        let res = match msg {
+        match msg {
             Some(m) => {
                 let mut buf = Vec::new();
-                StoredMessage::from_message(m, wall_offset_ms).encode(&mut buf);
+                StoredMessage::from_message(m, self.wall_offset_ms.get()).encode(&mut buf);
                 log.put(topic.as_bytes(), 0, &buf)
             }
             None => log.delete(topic.as_bytes()),
-        };
-        if let Err(e) = res {
-            tracing::warn!(%topic, error = %e, "retained store: cannot persist");
         }
+    }
+
+    /// Writes again what failed before (space may have returned).
+    fn retry_failed(&self) {
+        if self.retry.borrow().is_empty() {
+            return;
+        }
+        if !self.episode.may_try() {
+            self.failed.set(true);
+            return;
+        }
+        let pending: Vec<(String, Option<Msg>)> = self.retry.borrow_mut().drain().collect();
+        for (topic, msg) in pending {
+            // After a failure `record` keeps the rest for later without trying them.
+            self.record(&topic, msg.as_ref(), self.wall_offset_ms.get());
+        }
+    }
+
+    /// Whether a write failed since the last call.
+    fn take_failed(&self) -> bool {
+        self.failed.replace(false)
     }
 
     /// Drops topics this store no longer owns (they went to their owner shard).
@@ -226,12 +352,16 @@ impl RetainedStore {
         }
     }
 
-    /// Group commit (off the reactor) and a compaction step.
-    pub(crate) async fn sync(&self) {
+    /// Group commit (off the reactor) and a compaction step; whether it reached the disk.
+    pub(crate) async fn sync(&self) -> bool {
         if let Err(e) = self.log.borrow_mut().compact(COMPACT_BUDGET) {
             tracing::warn!(error = %e, "retained store: compaction failed");
         }
-        commit(&self.log, "retained store").await;
+        let ok = commit(&self.log, "retained store").await;
+        if ok && self.retry.borrow().is_empty() {
+            self.episode.succeeded("retained store");
+        }
+        ok
     }
 }
 
