@@ -54,6 +54,8 @@ pub(crate) struct Preconnect {
     per_addr: HashMap<IpAddr, u32>,
     refusing: HashSet<IpAddr>,
     buffered: usize,
+    /// Most `buffered` has been since [`Preconnect::take_released`] last ran.
+    peak: usize,
     /// In a budget episode (reported once); ends when less than half the budget is in use.
     over_budget: bool,
 }
@@ -79,6 +81,7 @@ impl Preconnect {
             per_addr: HashMap::default(),
             refusing: HashSet::default(),
             buffered: 0,
+            peak: 0,
             over_budget: false,
         }
     }
@@ -116,6 +119,7 @@ impl Preconnect {
         }
         e.buffered = bytes;
         self.buffered = others + bytes;
+        self.peak = self.peak.max(self.buffered);
         if self.buffered < self.budget / 2 {
             self.over_budget = false;
         }
@@ -158,6 +162,12 @@ impl Preconnect {
     /// Connections waiting for their CONNECT.
     pub(crate) fn len(&self) -> usize {
         self.conns.len()
+    }
+
+    /// Bytes the partial CONNECTs held at their peak since the last call, beyond what they hold
+    /// now: freed since, and worth handing back to the operating system.
+    pub(crate) fn take_released(&mut self) -> usize {
+        std::mem::replace(&mut self.peak, self.buffered) - self.buffered
     }
 
     /// Bytes their partial CONNECTs hold.
@@ -208,9 +218,12 @@ mod tests {
         p.open(3, None, 0);
         p.account(3, 70).unwrap();
         assert_eq!(p.account(3, 71), Err(OverBudget { first: true }), "a new episode after the budget freed up");
+        assert_eq!(p.take_released(), 0, "at its peak now");
         p.leave(1);
         p.leave(3);
         assert_eq!((p.buffered(), p.len()), (0, 0));
+        assert_eq!(p.take_released(), 100);
+        assert_eq!(p.take_released(), 0);
     }
 
     #[test]

@@ -627,6 +627,12 @@ impl Shard {
         s
     }
 
+    /// Bytes that partial CONNECTs held at their peak since the last call beyond what they hold
+    /// now: the caller may ask its allocator to hand freed memory back to the operating system.
+    pub fn take_preconnect_released(&mut self) -> usize {
+        self.preconnect.take_released()
+    }
+
     /// Connections open on this shard (accepted, any state).
     pub fn connection_count(&self) -> usize {
         self.conns.len()

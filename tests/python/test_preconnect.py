@@ -260,3 +260,51 @@ def test_unauthenticated_connections_per_address_are_capped_per_shard():
             c.close()
     finally:
         b.stop()
+
+
+def test_partial_connects_share_a_budget_and_their_memory_is_returned():
+    budget = 8 << 20
+    b = broker_with("--sys-interval", "1", config=f"[limits]\nmax_preconnect_buffer_bytes_per_shard = {budget}\n")
+    socks = []
+    try:
+        canary_round(b, 0)
+        base = rss_kib(b.proc.pid)
+        watcher = Paho(b.shard(0), "watcher")
+        watcher.subscribe("$SYS/broker/shard/+/connections/preconnect_bytes", 0)
+        header, body = connect_announcing(65000)
+        partial = header + body[:-64] + b"x" * (60_000 - len(body) + 64)
+        for i in range(600):
+            s = socket.socket()
+            s.bind((SOURCES[i % len(SOURCES)], 0))
+            s.settimeout(WAIT)
+            s.connect(b.shard(i % 2))
+            s.sendall(partial)
+            socks.append(s)
+        # 60 KB each, in buffers of 64 KiB: about 128 fit per shard, the rest are closed. Wait
+        # until the broker has read every connection it kept ($SYS: the bytes they hold).
+        # (Well within the 10 s CONNECT deadline, which would close them all.)
+        held, open_ = {}, socks
+        deadline = time.monotonic() + 8.0
+        while not (0 < len(open_) <= 2 * budget // 65536 and sum(held.values()) >= 60_000 * len(open_)):
+            assert time.monotonic() < deadline, (len(open_), held)
+            m = watcher.message(timeout=max(0.01, deadline - time.monotonic()))
+            held[m.topic] = int(m.payload)
+            open_ = [s for s in open_ if not closed_within(s, 0.001)]
+        peak = rss_kib(b.proc.pid)
+        print(f"{len(open_)} of 600 kept, holding {sum(held.values())} B; rss base {base} KiB, with them {peak} KiB")
+        assert peak - base < 2 * budget // 1024 + 8 * 1024, f"RSS grew {peak - base} KiB"
+        watcher.close()
+        canary_round(b, 1)
+        for s in socks:
+            s.close()
+        # The memory they held goes back to the system.
+        deadline = time.monotonic() + WAIT
+        while rss_kib(b.proc.pid) - base > 4 * 1024:
+            assert time.monotonic() < deadline, f"RSS stays {rss_kib(b.proc.pid) - base} KiB above its base"
+            time.sleep(0.1)
+        print(f"after closing: {rss_kib(b.proc.pid)} KiB")
+        canary_round(b, 2)
+    finally:
+        for s in socks:
+            s.close()
+        b.stop()
