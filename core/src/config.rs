@@ -414,6 +414,10 @@ mod tests {
         assert_eq!(e.key, "limits.queue_full_policy", "{e}");
         let e = Config::from_toml("[limits]\nmax_inflight = \"many\"\n").unwrap_err();
         assert!(e.to_string().contains("max_inflight"), "{e}");
+        let e = Config::from_toml("[limits]\nmax_preconnect_buffer_bytes_per_shard = 1000\n").unwrap_err();
+        assert_eq!(e.key, "limits.max_preconnect_buffer_bytes_per_shard", "{e}");
+        let e = Config::from_toml("[limits]\nconnect_timeout_ms = 0\n").unwrap_err();
+        assert_eq!(e.key, "limits.connect_timeout_ms", "{e}");
         let e = Config::from_toml("[server]\ncpuset = \"1-x\"\n").unwrap_err();
         assert_eq!(e.key, "server.cpuset");
     }
