@@ -210,6 +210,18 @@ pub struct Limits {
     /// checked every tick). Past it, publishers stop waiting for that subscriber until its queue
     /// has drained, and its queue follows `queue_full_policy` meanwhile. 0: never wait.
     pub max_backpressure_ms: u64,
+    /// Time from accept within which a connection must complete CONNECT, however many bytes it
+    /// sends meanwhile; then it is closed.
+    pub connect_timeout_ms: u64,
+    /// Largest CONNECT accepted (fixed header included): a larger one is refused from its fixed
+    /// header, before anything is buffered. At most `max_packet_size` applies in any case.
+    pub max_connect_packet_bytes: u32,
+    /// Bytes all connections of one shard that have not completed CONNECT may buffer together;
+    /// a connection whose partial CONNECT would go past it is closed.
+    pub max_preconnect_buffer_bytes_per_shard: usize,
+    /// Connections from one address (IPv6: one /64) that have not completed CONNECT, per shard;
+    /// beyond it new ones from there are closed at accept. 0 = no cap.
+    pub max_preconnect_per_address: usize,
 }
 
 impl Default for ServerConfig {
@@ -241,6 +253,10 @@ impl Default for Limits {
             max_outbound_buffer_bytes: 4 << 20,
             max_retained_messages: 1_000_000,
             max_backpressure_ms: 1000,
+            connect_timeout_ms: 10_000,
+            max_connect_packet_bytes: 64 << 10,
+            max_preconnect_buffer_bytes_per_shard: 64 << 20,
+            max_preconnect_per_address: 64,
         }
     }
 }
@@ -290,6 +306,19 @@ impl Config {
         }
         if l.max_topic_levels == 0 || l.max_topic_length == 0 {
             return err("limits.max_topic_levels", "topic limits must be at least 1");
+        }
+        if l.connect_timeout_ms == 0 {
+            return err("limits.connect_timeout_ms", "must be at least 1");
+        }
+        if l.max_connect_packet_bytes < 64 {
+            return err("limits.max_connect_packet_bytes", "must be at least 64 bytes");
+        }
+        // A partial CONNECT's buffer grows by doubling: room for one of the largest, grown.
+        if l.max_preconnect_buffer_bytes_per_shard < 2 * l.max_connect_packet_bytes.min(l.max_packet_size) as usize {
+            return err(
+                "limits.max_preconnect_buffer_bytes_per_shard",
+                "must be at least twice max_connect_packet_bytes (room for one CONNECT as it arrives)",
+            );
         }
         if l.max_topic_length > 65_535 {
             return err("limits.max_topic_length", "must be at most 65535 (an MQTT string)");
@@ -390,6 +419,10 @@ mod tests {
         assert_eq!(e.key, "limits.queue_full_policy", "{e}");
         let e = Config::from_toml("[limits]\nmax_inflight = \"many\"\n").unwrap_err();
         assert!(e.to_string().contains("max_inflight"), "{e}");
+        let e = Config::from_toml("[limits]\nmax_preconnect_buffer_bytes_per_shard = 1000\n").unwrap_err();
+        assert_eq!(e.key, "limits.max_preconnect_buffer_bytes_per_shard", "{e}");
+        let e = Config::from_toml("[limits]\nconnect_timeout_ms = 0\n").unwrap_err();
+        assert_eq!(e.key, "limits.connect_timeout_ms", "{e}");
         let e = Config::from_toml("[server]\ncpuset = \"1-x\"\n").unwrap_err();
         assert_eq!(e.key, "server.cpuset");
     }

@@ -8,6 +8,8 @@
 //!   headers, and Kafka's murmur2 partitioner.
 //! - [`inbound`]: Kafka → MQTT mappings — MQTT topics and payloads rendered from Kafka records.
 //! - [`config`]: limits and listener settings, parsed from TOML with errors that name the key.
+//! - `preconnect`: connections that have not completed CONNECT — their deadline, buffer budget
+//!   and per-address cap (used by [`shard`]).
 //! - [`session`]: sessions and retained messages as data, and their on-disk forms.
 //! - [`shard`]: the state one core owns — connections, sessions, its trie, its share of retained
 //!   messages — as a state machine. It takes bytes, ticks (`now_ms`) and messages from other shards,
@@ -26,6 +28,7 @@ pub mod bridge;
 pub mod config;
 pub mod inbound;
 pub mod packet;
+mod preconnect;
 pub mod session;
 pub mod shard;
 pub mod topic;

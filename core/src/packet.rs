@@ -10,6 +10,8 @@
 //! - [`decode`] consumes bytes only when it returns a whole packet; `Ok(None)` means "not yet".
 //! - A packet larger than the configured maximum is refused from its fixed header alone, before
 //!   its body is buffered.
+//! - [`decode`] never grows the buffer: memory for an incomplete packet follows the bytes that
+//!   arrived, never the length its fixed header announces.
 //! - Everything [`decode`] accepts, [`encode`] writes back byte-identical for the same version.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -514,7 +516,8 @@ pub fn decode(buf: &mut BytesMut, version: Option<Version>, max_size: usize) -> 
         return Err(DecodeError { code: reason::PACKET_TOO_LARGE, what: "packet exceeds maximum packet size" });
     }
     if buf.len() < total {
-        buf.reserve(total - buf.len());
+        // Not yet. No reserve for the announced length: a peer that announces 1 MiB and sends ten
+        // bytes must hold ten bytes, not 1 MiB. The caller's buffer grows with what arrives.
         return Ok(None);
     }
     let first = buf[0];
@@ -1157,6 +1160,15 @@ mod tests {
         let mut half = BytesMut::from(&b[..1]);
         assert_eq!(decode(&mut half, Some(Version::V311), 100), Ok(None));
         assert_eq!(half.len(), 1);
+    }
+
+    #[test]
+    fn an_announced_length_reserves_nothing() {
+        // A CONNECT announcing 1 MiB, ten bytes of it here: the buffer stays as small as it was.
+        let mut b = BytesMut::with_capacity(16);
+        b.extend_from_slice(&[0x10, 0xFC, 0xFF, 0x3F, 0, 4, b'M', b'Q', b'T', b'T']);
+        assert_eq!(decode(&mut b, None, 1 << 20), Ok(None));
+        assert_eq!(b.capacity(), 16);
     }
 
     #[test]

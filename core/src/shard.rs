@@ -23,6 +23,7 @@
 
 use crate::{HashMap, HashSet};
 use std::collections::VecDeque;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -34,6 +35,7 @@ use crate::packet::{
     self, reason, ConnAck, Connect, Disconnect, Packet, Properties, PubResp, Publish, PublishRef, SubAck, SubOptions,
     Subscribe, UnsubAck, Unsubscribe, Version, Will,
 };
+use crate::preconnect::{Admission, Preconnect};
 use crate::session::{Delivery, Inflight, Sub};
 pub use crate::session::{Session, StoredMessage};
 use crate::topic::{self, TopicLimits, Trie};
@@ -232,6 +234,15 @@ pub struct Stats {
     pub slow_subscribers: u64,
     /// Acknowledgements refused because the session or retained store could not commit.
     pub store_refusals: u64,
+    /// Connections that have not completed CONNECT, and the bytes their partial CONNECTs hold.
+    pub preconnect_connections: u64,
+    pub preconnect_bytes: u64,
+    /// Closed before CONNECT: at accept by `max_preconnect_per_address`, or for growing past
+    /// `max_preconnect_buffer_bytes_per_shard`. (A CONNECT over `max_connect_packet_bytes` is
+    /// refused from its fixed header and counted in `malformed`, like any over-size packet.)
+    pub refused_preconnect: u64,
+    /// Closed because CONNECT was not complete `connect_timeout_ms` after accept.
+    pub connect_timeouts: u64,
 }
 
 impl std::ops::AddAssign for Stats {
@@ -253,6 +264,10 @@ impl std::ops::AddAssign for Stats {
             orphaned_packets,
             slow_subscribers,
             store_refusals,
+            preconnect_connections,
+            preconnect_bytes,
+            refused_preconnect,
+            connect_timeouts,
         } = o;
         self.clients_connected += clients_connected;
         self.sessions += sessions;
@@ -270,6 +285,10 @@ impl std::ops::AddAssign for Stats {
         self.orphaned_packets += orphaned_packets;
         self.slow_subscribers += slow_subscribers;
         self.store_refusals += store_refusals;
+        self.preconnect_connections += preconnect_connections;
+        self.preconnect_bytes += preconnect_bytes;
+        self.refused_preconnect += refused_preconnect;
+        self.connect_timeouts += connect_timeouts;
     }
 }
 
@@ -428,6 +447,8 @@ pub struct Shard {
     /// Boxed: the tables hold pointers, so their spare capacity costs 8 bytes a slot, not a
     /// whole connection or session (most of a million devices are idle; this is their memory).
     conns: HashMap<ConnId, Box<Conn>>,
+    /// The connections in `ConnState::AwaitConnect`: deadline, buffer budget, per-address cap.
+    preconnect: Preconnect,
     sessions: HashMap<ClientId, Box<Session>>,
     trie: Trie<ClientId, Sub>,
     /// Scratch for [`Shard::route_here`]: the subscriptions one message matched.
@@ -597,12 +618,18 @@ fn expiry_left_secs(msg: &Message, now_ms: u64) -> Option<Option<u32>> {
 impl Shard {
     pub fn new(id: ShardId, n_shards: usize, limits: Limits, now_ms: u64) -> Self {
         let topic_limits = TopicLimits { max_levels: limits.max_topic_levels, max_len: limits.max_topic_length };
+        let preconnect = Preconnect::new(
+            limits.connect_timeout_ms,
+            limits.max_preconnect_buffer_bytes_per_shard,
+            limits.max_preconnect_per_address,
+        );
         Shard {
             id,
             n_shards,
             limits,
             topic_limits,
             conns: HashMap::default(),
+            preconnect,
             sessions: HashMap::default(),
             route_matches: Vec::new(),
             trie: Trie::default(),
@@ -704,7 +731,15 @@ impl Shard {
         s.sessions = self.sessions.len() as u64;
         s.subscriptions = self.trie.len() as u64;
         s.retained = self.retained.len() as u64;
+        s.preconnect_connections = self.preconnect.len() as u64;
+        s.preconnect_bytes = self.preconnect.buffered() as u64;
         s
+    }
+
+    /// Bytes that partial CONNECTs held at their peak since the last call beyond what they hold
+    /// now: the caller may ask its allocator to hand freed memory back to the operating system.
+    pub fn take_preconnect_released(&mut self) -> usize {
+        self.preconnect.take_released()
     }
 
     /// Connections open on this shard (accepted, any state).
@@ -729,8 +764,38 @@ impl Shard {
         others as usize
     }
 
-    /// A new connection was accepted.
+    /// Whether a socket from `peer` may be accepted as far as `max_preconnect_per_address` goes
+    /// (check [`Shard::may_accept`] too). A refusal is counted, and logged once per episode.
+    pub fn admit_from(&mut self, peer: IpAddr) -> bool {
+        match self.preconnect.admit(peer) {
+            Admission::Accept => true,
+            Admission::Refuse { first } => {
+                self.stats.refused_preconnect += 1;
+                if first {
+                    self.effects.warnings.push(format!(
+                        "shard {}: {peer} has {} connections that have not completed CONNECT \
+                         (max_preconnect_per_address); refusing more from it until one completes or closes",
+                        self.id, self.limits.max_preconnect_per_address
+                    ));
+                }
+                false
+            }
+        }
+    }
+
+    /// A new connection was accepted from `peer` (admitted by [`Shard::admit_from`]).
+    pub fn on_open_from(&mut self, conn: ConnId, peer: IpAddr, now_ms: u64) {
+        self.open_conn(conn, Some(peer), now_ms);
+    }
+
+    /// A new connection was accepted from an address that does not count against
+    /// `max_preconnect_per_address`.
     pub fn on_open(&mut self, conn: ConnId, now_ms: u64) {
+        self.open_conn(conn, None, now_ms);
+    }
+
+    fn open_conn(&mut self, conn: ConnId, peer: Option<IpAddr>, now_ms: u64) {
+        self.preconnect.open(conn, peer, now_ms);
         self.conns.insert(
             conn,
             Box::new(Conn {
@@ -759,11 +824,15 @@ impl Shard {
     }
 
     /// Bytes arrived on `conn`. Decodes and handles every whole packet in `buf`, leaving a partial
-    /// one there for the next call.
+    /// one there for the next call. The caller keeps `buf` only while it is not empty, and grows
+    /// it only by what arrives (the pre-CONNECT budget counts its capacity).
     pub fn on_bytes(&mut self, conn: ConnId, buf: &mut BytesMut, now_ms: u64) {
         self.stats.bytes_received += buf.len() as u64;
         let Some(c) = self.conns.get_mut(&conn) else { return };
-        if c.blocked() || !c.held.is_empty() {
+        if matches!(c.state, ConnState::AwaitConnect) {
+            self.decode_all(conn, buf, now_ms);
+            self.account_preconnect(conn, buf, now_ms);
+        } else if c.blocked() || !c.held.is_empty() {
             c.held.extend_from_slice(buf);
             buf.clear();
             if !c.blocked() {
@@ -779,6 +848,38 @@ impl Shard {
             }
         }
         self.run_local(now_ms);
+    }
+
+    /// After input on a connection that was waiting for its CONNECT: once the CONNECT is decoded
+    /// it leaves the pre-CONNECT set; until then the buffer it keeps counts against the shard's
+    /// budget, and growing past the budget closes it.
+    fn account_preconnect(&mut self, conn: ConnId, buf: &mut BytesMut, now_ms: u64) {
+        let Some(c) = self.conns.get(&conn) else { return };
+        if !matches!(c.state, ConnState::AwaitConnect) {
+            self.preconnect.leave(conn);
+            // Input behind the CONNECT while its session is on the way waits in `held`.
+            if c.blocked() && !buf.is_empty() {
+                let c = self.conns.get_mut(&conn).unwrap();
+                c.held.extend_from_slice(buf);
+                buf.clear();
+            }
+            return;
+        }
+        let held = if buf.is_empty() { 0 } else { buf.capacity() };
+        if let Err(over) = self.preconnect.account(conn, held) {
+            self.stats.refused_preconnect += 1;
+            if over.first {
+                self.effects.warnings.push(format!(
+                    "shard {}: connections that have not completed CONNECT buffer {} bytes \
+                     (max_preconnect_buffer_bytes_per_shard {}); closing those that grow",
+                    self.id,
+                    self.preconnect.buffered(),
+                    self.limits.max_preconnect_buffer_bytes_per_shard
+                ));
+            }
+            buf.clear();
+            self.close(conn, None, now_ms);
+        }
     }
 
     /// Handles packets held while the connection was blocked.
@@ -804,7 +905,11 @@ impl Shard {
             }
             c.last_rx_ms = now_ms;
             let version = c.version;
-            match packet::decode(buf, version, self.limits.max_packet_size as usize) {
+            let max_size = match version {
+                None => self.limits.max_connect_packet_bytes.min(self.limits.max_packet_size),
+                Some(_) => self.limits.max_packet_size,
+            };
+            match packet::decode(buf, version, max_size as usize) {
                 Ok(Some(p)) => self.on_packet(conn, p, now_ms),
                 Ok(None) => return,
                 Err(e) => {
@@ -838,6 +943,7 @@ impl Shard {
 
     /// The socket closed or failed without a DISCONNECT (or after we decided to close it).
     pub fn on_lost(&mut self, conn: ConnId, now_ms: u64) {
+        self.preconnect.leave(conn);
         match self.conns.get_mut(&conn).map(|c| (&c.state, &mut c.lost)) {
             // The CONNECT was accepted but its session is still on the way: finish it when it
             // arrives, then treat the connection as lost (so its will is published).
@@ -902,11 +1008,8 @@ impl Shard {
                 .conns
                 .iter()
                 .filter(|(_, c)| match c.state {
-                    ConnState::Active | ConnState::AwaitConnect => {
-                        let limit = if c.keep_alive_ms > 0 { c.keep_alive_ms * 3 / 2 } else { u64::MAX };
-                        // A connection that never sends CONNECT is dropped after 10 s.
-                        let limit = if c.version.is_none() { 10_000 } else { limit };
-                        now_ms.saturating_sub(c.last_rx_ms) > limit
+                    ConnState::Active if c.keep_alive_ms > 0 => {
+                        now_ms.saturating_sub(c.last_rx_ms) > c.keep_alive_ms * 3 / 2
                     }
                     _ => false,
                 })
@@ -915,6 +1018,7 @@ impl Shard {
             for id in expired {
                 self.protocol_close(id, reason::KEEP_ALIVE_TIMEOUT, "keep alive timeout", now_ms);
             }
+            self.close_connect_late(now_ms);
             let mut wills = Vec::new();
             let mut ended = Vec::new();
             for s in self.sessions.values_mut() {
@@ -947,6 +1051,17 @@ impl Shard {
             self.publish_sys(now_ms);
         }
         self.run_local(now_ms);
+    }
+
+    /// Closes connections whose CONNECT is not complete `connect_timeout_ms` after accept, however
+    /// many bytes they sent meanwhile. Called from the 500 ms scan: a connection is closed between
+    /// the deadline and half a second (plus one tick) later.
+    fn close_connect_late(&mut self, now_ms: u64) {
+        for id in self.preconnect.expired(now_ms) {
+            self.stats.connect_timeouts += 1;
+            // No DISCONNECT: before CONNACK there is nothing to answer with.
+            self.close(id, None, now_ms);
+        }
     }
 
     /// Clean shutdown: close every connection without publishing wills; sessions stay as they are.
@@ -1026,6 +1141,7 @@ impl Shard {
         if matches!(c.state, ConnState::Closing) {
             return;
         }
+        self.preconnect.leave(conn);
         if let (Some(code), Some(Version::V5), ConnState::Active) = (code, c.version, &c.state) {
             let reason_string = why.filter(|_| c.problem_information).map(str::to_string);
             let properties = Properties { reason_string, ..Default::default() };
@@ -2757,6 +2873,10 @@ impl Shard {
                 ),
                 ("clients/slow", s.slow_subscribers),
                 ("store/refused", s.store_refusals),
+                ("connections/preconnect", s.preconnect_connections),
+                ("connections/preconnect_bytes", s.preconnect_bytes),
+                ("connections/refused_preconnect", s.refused_preconnect),
+                ("connections/connect_timeouts", s.connect_timeouts),
             ]
         };
         for (name, v) in fields(&stats) {
@@ -3543,5 +3663,118 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// An encoded 3.1.1 CONNECT whose client id is `id_len` bytes long.
+    fn connect_bytes(id_len: usize) -> BytesMut {
+        let c = Connect {
+            version: Version::V311,
+            clean_start: true,
+            keep_alive: 60,
+            client_id: "c".repeat(id_len),
+            will: None,
+            username: None,
+            password: None,
+            properties: Properties::default(),
+        };
+        let mut b = BytesMut::new();
+        packet::encode(&Packet::Connect(Box::new(c)), Version::V311, &mut b);
+        b
+    }
+
+    #[test]
+    fn the_connect_deadline_counts_from_accept_not_from_the_last_byte() {
+        let mut w = World::new(1, Limits { connect_timeout_ms: 1000, ..Limits::default() });
+        let connect = connect_bytes(100);
+        // Conn 1 drips its CONNECT a byte every 100 ms; conn 2 sends all of its at 900 ms.
+        w.shards[0].on_open(1, 0);
+        w.shards[0].on_open(2, 0);
+        let mut dripped = BytesMut::new();
+        let mut closed_at = None;
+        for (i, t) in (0..=2000).step_by(100).enumerate() {
+            w.now = t;
+            if closed_at.is_none() {
+                dripped.extend_from_slice(&connect[i..i + 1]);
+                w.shards[0].on_bytes(1, &mut dripped, t);
+            }
+            if t == 900 {
+                w.shards[0].on_bytes(2, &mut connect.clone(), t);
+            }
+            w.shards[0].tick(t, 0);
+            w.settle();
+            if closed_at.is_none() && w.closed.contains(&(0, 1)) {
+                closed_at = Some(t);
+            }
+        }
+        // Scanned every 500 ms: closed at the first scan at or after the deadline.
+        assert_eq!(closed_at, Some(1000));
+        assert!(!w.closed.contains(&(0, 2)), "a connection that completed CONNECT in time stays");
+        assert!(matches!(w.recv(0, 2, Version::V311).first(), Some(Packet::ConnAck(a)) if a.code == 0));
+        let st = w.shards[0].stats();
+        assert_eq!((st.connect_timeouts, st.preconnect_connections, st.preconnect_bytes), (1, 0, 0));
+    }
+
+    #[test]
+    fn partial_connects_share_the_shard_budget_and_a_large_connect_is_refused_from_its_header() {
+        let limits =
+            Limits { max_connect_packet_bytes: 4096, max_preconnect_buffer_bytes_per_shard: 8192, ..Limits::default() };
+        let mut w = World::new(1, limits);
+        let connect = connect_bytes(3500);
+        let mut bufs: Vec<BytesMut> = (0..4).map(|_| BytesMut::from(&connect[..3000])).collect();
+        for (conn, b) in bufs.iter_mut().enumerate().take(3) {
+            w.shards[0].on_open(conn as u64, 0);
+            w.shards[0].on_bytes(conn as u64, b, 0);
+        }
+        w.settle();
+        // Two fit (6000 bytes); the third would take the shard past 8192: closed, its buffer dropped.
+        assert_eq!(w.closed, [(0, 2)].into_iter().collect());
+        assert!(bufs[2].is_empty());
+        let st = w.shards[0].stats();
+        assert_eq!(st.refused_preconnect, 1);
+        assert_eq!(st.preconnect_bytes as usize, bufs[0].capacity() + bufs[1].capacity());
+        assert_eq!(st.preconnect_connections, 2);
+        // Conn 0 completes its CONNECT: it no longer counts, and a new one fits.
+        bufs[0].extend_from_slice(&connect[3000..]);
+        w.shards[0].on_bytes(0, &mut bufs[0], 0);
+        w.shards[0].on_open(3, 0);
+        w.shards[0].on_bytes(3, &mut bufs[3], 0);
+        w.settle();
+        assert!(!w.closed.contains(&(0, 3)));
+        assert!(matches!(w.recv(0, 0, Version::V311).first(), Some(Packet::ConnAck(_))));
+        assert_eq!(w.shards[0].stats().preconnect_connections, 2);
+        // A CONNECT announcing more than max_connect_packet_bytes: refused from its 4-byte fixed
+        // header, nothing buffered.
+        let mut big = BytesMut::from(&connect_bytes(5000)[..4]);
+        w.shards[0].on_open(4, 0);
+        w.shards[0].on_bytes(4, &mut big, 0);
+        w.settle();
+        assert!(w.closed.contains(&(0, 4)) && big.is_empty());
+        // Closing and losing connections gives their bytes back.
+        w.shards[0].on_lost(1, 0);
+        w.shards[0].on_lost(3, 0);
+        w.shards[0].on_lost(2, 0);
+        w.shards[0].on_lost(4, 0);
+        let st = w.shards[0].stats();
+        assert_eq!((st.preconnect_connections, st.preconnect_bytes), (0, 0));
+    }
+
+    #[test]
+    fn unauthenticated_connections_per_address_are_capped() {
+        let mut w = World::new(1, Limits { max_preconnect_per_address: 2, ..Limits::default() });
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let sh = &mut w.shards[0];
+        for conn in [1, 2] {
+            assert!(sh.admit_from(a));
+            sh.on_open_from(conn, a, 0);
+        }
+        assert!(!sh.admit_from(a));
+        assert!(!sh.admit_from(a));
+        assert!(sh.admit_from(b));
+        let fx = sh.drain_effects();
+        assert_eq!(fx.warnings.len(), 1, "logged once per episode: {:?}", fx.warnings);
+        assert_eq!(sh.stats().refused_preconnect, 2);
+        // Completing CONNECT frees the place.
+        sh.on_bytes(1, &mut connect_bytes(5), 0);
+        assert!(sh.admit_from(a));
     }
 }

@@ -296,7 +296,8 @@ impl Conns {
 fn accept(core: &Core) {
     let conns = &core.conns;
     let now = Instant::now();
-    let mut accepted = false;
+    // The state machine changed (a connection opened, a refusal counted): dispatch its effects.
+    let mut changed = false;
     let listeners = conns.listeners.borrow();
     for l in listeners.iter() {
         if !l.pending.get() || l.retry_at.get().is_some_and(|at| at > now) {
@@ -306,11 +307,17 @@ fn accept(core: &Core) {
         let mut done = false;
         for _ in 0..256 {
             match l.socket.accept() {
-                Ok((stream, _)) => {
+                Ok((stream, peer)) => {
                     if l.failures.get() > 0 {
                         tracing::warn!(failed = l.failures.replace(0), "accepting connections again");
                     }
                     if !core.shard.borrow().may_accept() {
+                        continue;
+                    }
+                    // Too many from this address have not completed CONNECT: dropping the stream
+                    // closes it (the refusal is counted, and may have left a warning to log).
+                    if !core.shard.borrow_mut().admit_from(peer.ip()) {
+                        changed = true;
                         continue;
                     }
                     if let Err(e) = stream.set_nonblocking(true) {
@@ -320,8 +327,8 @@ fn accept(core: &Core) {
                     let _ = stream.set_nodelay(true);
                     match conns.insert(stream) {
                         Ok(id) => {
-                            core.shard.borrow_mut().on_open(id, core.now_ms());
-                            accepted = true;
+                            core.shard.borrow_mut().on_open_from(id, peer.ip(), core.now_ms());
+                            changed = true;
                         }
                         Err(e) => tracing::warn!(error = %e, "cannot watch an accepted socket"),
                     }
@@ -348,7 +355,7 @@ fn accept(core: &Core) {
         }
     }
     drop(listeners);
-    if accepted {
+    if changed {
         core.dispatch();
     }
 }

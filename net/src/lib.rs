@@ -70,6 +70,10 @@ pub struct RuntimeConfig {
     /// Persistent state: retained messages under `retained/shard-N`, persistent sessions under
     /// `sessions/shard-N`.
     pub data_dir: std::path::PathBuf,
+    /// Hands memory this thread freed back to the operating system (the binary knows its
+    /// allocator; mimalloc keeps freed pages otherwise). Called on a shard's thread after its
+    /// connections that had not completed CONNECT freed at least `RELEASE_MIN_BYTES`.
+    pub release_memory: fn(),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +131,7 @@ pub fn run(
             limits: cfg.limits.clone(),
             sys_interval_ms: cfg.sys_interval_ms,
             data_dir: cfg.data_dir.clone(),
+            release_memory: cfg.release_memory,
             epoch,
             bridge: match (&bridge_cfg, links.get_mut(shard_id).and_then(Option::take)) {
                 (Some(b), Some((requests, results, inbound_rx))) => Some(shard::ShardBridge {

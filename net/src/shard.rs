@@ -35,6 +35,7 @@ pub(crate) struct ShardConfig {
     pub limits: Limits,
     pub sys_interval_ms: u64,
     pub data_dir: std::path::PathBuf,
+    pub release_memory: fn(),
     pub epoch: Instant,
     pub bridge: Option<ShardBridge>,
 }
@@ -90,6 +91,9 @@ const OUTBOX_MESSAGES_MAX: usize = 64 * 1024;
 /// Bytes read from a socket per read call, into the core's scratch buffer.
 const READ_CHUNK: usize = 16 * 1024;
 const TICK: Duration = Duration::from_millis(100);
+/// Memory freed by connections that had not completed CONNECT (a flood of them closing, say)
+/// beyond which the ticker hands freed memory back to the operating system.
+const RELEASE_MIN_BYTES: usize = 4 << 20;
 
 /// The per-core state shared by this core's tasks.
 pub(crate) struct Core {
@@ -568,6 +572,7 @@ pub(crate) async fn run_shard(
         let core = core.clone();
         let stop_accept = stop_accept.clone();
         let sys = cfg.sys_interval_ms;
+        let release_memory = cfg.release_memory;
         glommio::spawn_local(async move {
             loop {
                 glommio::timer::sleep(TICK).await;
@@ -587,6 +592,11 @@ pub(crate) async fn run_shard(
                     core.shard.borrow_mut().set_spill_stats(stats.0, stats.1, stats.2);
                 }
                 core.shard.borrow_mut().tick(now, sys);
+                // Measured: without this, 60 MiB of partial CONNECTs freed stayed resident
+                // (mimalloc purges freed pages only on later allocator work an idle shard lacks).
+                if core.shard.borrow_mut().take_preconnect_released() >= RELEASE_MIN_BYTES {
+                    release_memory();
+                }
                 core.store_positions();
                 core.sessions_ready.notify();
                 core.dispatch();
