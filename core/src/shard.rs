@@ -331,6 +331,16 @@ struct Conn {
     held: BytesMut,
     /// A SUBSCRIBE waiting for shared-group owners to confirm.
     pending_sub: Option<Box<PendingSub>>,
+    /// 3.1.1 has no Receive Maximum: packets that arrived while `max_inflight` QoS 2 messages of
+    /// this client await PUBREL wait here, in order, until a PUBREL makes room (acknowledgements
+    /// and pings behind them are handled at once). Bounded by [`DEFERRED_BYTES_MAX`]; past it
+    /// only acknowledgements and pings are decoded, and once the held input passes
+    /// [`HELD_INPUT_MAX`] the connection is no longer read (TCP flow control).
+    deferred: VecDeque<Packet>,
+    deferred_bytes: usize,
+    deferred_full: bool,
+    /// The network layer was asked to stop reading this connection.
+    reading_paused: bool,
     /// The socket went away while the CONNECT was pending.
     lost: bool,
     /// MQTT 5 Request Problem Information: reason strings allowed on DISCONNECT.
@@ -361,7 +371,14 @@ struct PendingSub {
 
 impl Conn {
     fn blocked(&self) -> bool {
-        matches!(self.state, ConnState::Pending(_)) || self.pending_sub.is_some()
+        matches!(self.state, ConnState::Pending(_)) || self.pending_sub.is_some() || self.deferred_full
+    }
+
+    /// Blocked only by a full deferral queue, and the next packet in `input` is an
+    /// acknowledgement or a ping: it may be handled ahead (a PUBREL there is what makes room).
+    fn acks_may_pass(&self, input: &[u8]) -> bool {
+        let only_deferral = self.deferred_full && self.pending_sub.is_none() && matches!(self.state, ConnState::Active);
+        only_deferral && input.first().is_some_and(|b| matches!(b >> 4, 4..=7 | 12))
     }
 }
 
@@ -370,6 +387,10 @@ impl Conn {
 pub struct Effects {
     /// Connections whose output buffer has bytes to write.
     pub dirty: Vec<ConnId>,
+    /// Connections whose input waits here (more than [`HELD_INPUT_MAX`]): stop reading them
+    /// until they appear in `resume_reading`, so TCP flow control reaches the client.
+    pub pause_reading: Vec<ConnId>,
+    pub resume_reading: Vec<ConnId>,
     /// Connections to close once their output is flushed.
     pub close: Vec<ConnId>,
     /// Messages for other shards, in send order.
@@ -583,6 +604,11 @@ fn touch(persist: bool, dirty: &mut HashSet<ClientId>, s: &mut Session) {
     }
 }
 
+/// Input held for a blocked connection beyond which the network layer stops reading it.
+pub const HELD_INPUT_MAX: usize = 256 << 10;
+/// Bytes of packets deferred for a 3.1.1 client waiting for QoS 2 room (see `Conn::deferred`).
+const DEFERRED_BYTES_MAX: usize = 1 << 20;
+
 /// How often shards exchange their counters.
 const STATS_SHARE_INTERVAL_MS: u64 = 1000;
 
@@ -600,6 +626,15 @@ fn shard_of(key: &str, n: usize) -> ShardId {
         h = h.wrapping_mul(0x100_0000_01b3);
     }
     (h % n as u64) as usize
+}
+
+/// What a deferred packet counts against [`DEFERRED_BYTES_MAX`].
+fn deferred_size(p: &Packet) -> usize {
+    match p {
+        // What the packet holds plus what its place in the queue costs.
+        Packet::Publish(pb) => pb.payload.len() + pb.topic.len() + 128,
+        _ => 128,
+    }
 }
 
 /// Which shard owns the directory entry of `client_id` among `n` shards.
@@ -814,6 +849,10 @@ impl Shard {
                 connect_expiry: 0,
                 held: BytesMut::new(),
                 pending_sub: None,
+                deferred: VecDeque::new(),
+                deferred_bytes: 0,
+                deferred_full: false,
+                reading_paused: false,
                 lost: false,
                 problem_information: true,
                 acks: VecDeque::new(),
@@ -835,7 +874,7 @@ impl Shard {
         } else if c.blocked() || !c.held.is_empty() {
             c.held.extend_from_slice(buf);
             buf.clear();
-            if !c.blocked() {
+            if !c.blocked() || c.acks_may_pass(&c.held) {
                 self.resume(conn, now_ms);
             }
         } else {
@@ -847,7 +886,22 @@ impl Shard {
                 }
             }
         }
+        self.watch_held_input(conn);
         self.run_local(now_ms);
+    }
+
+    /// Input held for a blocked connection is bounded: past [`HELD_INPUT_MAX`] the network
+    /// layer stops reading it, and reads again once the state machine caught up.
+    fn watch_held_input(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        let over = c.held.len() >= HELD_INPUT_MAX;
+        if over && !c.reading_paused {
+            c.reading_paused = true;
+            self.effects.pause_reading.push(conn);
+        } else if !over && c.reading_paused && !c.blocked() {
+            c.reading_paused = false;
+            self.effects.resume_reading.push(conn);
+        }
     }
 
     /// After input on a connection that was waiting for its CONNECT: once the CONNECT is decoded
@@ -891,6 +945,7 @@ impl Shard {
             held.extend_from_slice(&c.held);
             c.held = if held.is_empty() { BytesMut::new() } else { held };
         }
+        self.watch_held_input(conn);
     }
 
     fn decode_all(&mut self, conn: ConnId, buf: &mut BytesMut, now_ms: u64) {
@@ -900,7 +955,7 @@ impl Shard {
                 buf.clear();
                 return;
             }
-            if c.blocked() {
+            if c.blocked() && !c.acks_may_pass(buf) {
                 return;
             }
             c.last_rx_ms = now_ms;
@@ -1272,6 +1327,14 @@ impl Shard {
                 now_ms,
             );
         }
+        if self.must_defer(conn, &p) {
+            return self.defer(conn, p);
+        }
+        self.handle_packet(conn, p, now_ms);
+    }
+
+    /// One packet of an active connection holding its session, in its turn.
+    fn handle_packet(&mut self, conn: ConnId, p: Packet, now_ms: u64) {
         match p {
             Packet::Publish(publish) => self.on_publish(conn, publish, now_ms),
             Packet::PubAck(r) => self.on_ack(conn, r.packet_id, false, now_ms),
@@ -1293,6 +1356,9 @@ impl Shard {
                     conn,
                     Packet::PubComp(PubResp { packet_id: r.packet_id, code, properties: Properties::default() }),
                 );
+                if found {
+                    self.run_deferred(conn, now_ms);
+                }
             }
             Packet::PubComp(r) => self.on_ack(conn, r.packet_id, false, now_ms),
             Packet::Subscribe(s) => self.on_subscribe(conn, s, now_ms),
@@ -1327,6 +1393,68 @@ impl Shard {
             Packet::Connect(_) => self.protocol_close(conn, reason::PROTOCOL_ERROR, "second CONNECT", now_ms),
             Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
                 self.protocol_close(conn, reason::PROTOCOL_ERROR, "server-to-client packet from a client", now_ms)
+            }
+        }
+    }
+
+    /// Whether `p` must wait behind QoS 2 messages awaiting PUBREL (3.1.1 clients, see
+    /// `Conn::deferred`): it is a new QoS 2 PUBLISH with no room, or anything but an
+    /// acknowledgement or a ping while others already wait.
+    fn must_defer(&self, conn: ConnId, p: &Packet) -> bool {
+        let Some(c) = self.conns.get(&conn) else { return false };
+        if c.version != Some(Version::V311) {
+            return false;
+        }
+        if !c.deferred.is_empty() {
+            return !matches!(
+                p,
+                Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubRel(_) | Packet::PubComp(_) | Packet::PingReq
+            );
+        }
+        matches!(p, Packet::Publish(pb) if pb.qos == 2 && !self.qos2_room(conn, pb.packet_id))
+    }
+
+    /// Whether a QoS 2 PUBLISH with `pid` can be taken now: a resend, or room in the window.
+    fn qos2_room(&self, conn: ConnId, pid: u16) -> bool {
+        let Some(s) = self.conns.get(&conn).and_then(|c| c.client_id.as_ref()).and_then(|id| self.sessions.get(id))
+        else {
+            return true;
+        };
+        s.incoming_qos2.contains(&pid) || s.incoming_qos2.len() < usize::from(self.limits.max_inflight)
+    }
+
+    fn defer(&mut self, conn: ConnId, p: Packet) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        c.deferred_bytes += deferred_size(&p);
+        c.deferred.push_back(p);
+        c.deferred_full = c.deferred_bytes >= DEFERRED_BYTES_MAX;
+    }
+
+    /// A PUBREL made room: deferred packets run, in order, while they can.
+    fn run_deferred(&mut self, conn: ConnId, now_ms: u64) {
+        loop {
+            let Some(c) = self.conns.get(&conn) else { return };
+            if c.pending_sub.is_some() || !matches!(c.state, ConnState::Active) {
+                // A deferred SUBSCRIBE waits for its confirmations; the rest waits behind it.
+                return;
+            }
+            let Some(front) = c.deferred.front() else { break };
+            if let Packet::Publish(pb) = front {
+                if pb.qos == 2 && !self.qos2_room(conn, pb.packet_id) {
+                    break;
+                }
+            }
+            let Some(c) = self.conns.get_mut(&conn) else { return };
+            let Some(p) = c.deferred.pop_front() else { break };
+            c.deferred_bytes = c.deferred_bytes.saturating_sub(deferred_size(&p));
+            let was_full = std::mem::replace(&mut c.deferred_full, false);
+            if self.holder(conn).is_none() {
+                return;
+            }
+            self.handle_packet(conn, p, now_ms);
+            if was_full {
+                // Input held behind the full queue can be decoded again.
+                self.resume(conn, now_ms);
             }
         }
     }
@@ -2295,6 +2423,7 @@ impl Shard {
             self.refuse_subscribe(&id, v5, &mut p);
         }
         self.finish_subscribe(conn, id, p);
+        self.run_deferred(conn, now_ms);
         self.resume(conn, now_ms);
     }
 
@@ -3776,5 +3905,60 @@ mod tests {
         // Completing CONNECT frees the place.
         sh.on_bytes(1, &mut connect_bytes(5), 0);
         assert!(sh.admit_from(a));
+    }
+
+    /// 3.1.1 has no Receive Maximum: QoS 2 publishes beyond `max_inflight` unreleased ones wait
+    /// (flow control) instead of closing the connection; what was accepted is acknowledged, and
+    /// everything is delivered once, in order.
+    #[test]
+    fn a_311_client_past_the_qos2_window_is_flow_controlled_not_disconnected() {
+        let v = Version::V311;
+        let limits = Limits { max_inflight: 2, ..Limits::default() };
+        let mut w = World::new(2, limits);
+        w.connect(1, 9, v, "reader", true);
+        w.send(1, 9, v, subscribe("q2", 2));
+        w.recv(1, 9, v);
+        w.connect(0, 1, v, "writer", true);
+        let mut b = BytesMut::new();
+        for pid in 1..=4u16 {
+            packet::encode(&publish("q2", 2, pid, b"m"), v, &mut b);
+        }
+        packet::encode(&Packet::PingReq, v, &mut b);
+        packet::encode(&publish("q2", 2, 5, b"m"), v, &mut b);
+        w.shards[0].on_bytes(1, &mut b, 0);
+        w.settle();
+        let names = |ps: Vec<Packet>| -> Vec<String> {
+            ps.iter()
+                .map(|p| match p {
+                    Packet::PubRec(r) => format!("PUBREC {}", r.packet_id),
+                    Packet::PubComp(r) => format!("PUBCOMP {}", r.packet_id),
+                    o => o.name().to_string(),
+                })
+                .collect()
+        };
+        // 3 and 4 fill the (tiny) deferral queue; the ping passes them, 5 waits in the input.
+        assert_eq!(names(w.recv(0, 1, v)), ["PUBREC 1", "PUBREC 2", "PINGRESP"]);
+        assert!(!w.closed.contains(&(0, 1)));
+        w.send(0, 1, v, Packet::PubRel(resp(1)));
+        assert_eq!(names(w.recv(0, 1, v)), ["PUBCOMP 1", "PUBREC 3"]);
+        w.send(0, 1, v, Packet::PubRel(resp(2)));
+        assert_eq!(names(w.recv(0, 1, v)), ["PUBCOMP 2", "PUBREC 4"]);
+        w.send(0, 1, v, Packet::PubRel(resp(3)));
+        assert_eq!(names(w.recv(0, 1, v)), ["PUBCOMP 3", "PUBREC 5"]);
+        // The reader gets all five, once each (acknowledging as it goes).
+        let mut got = Vec::new();
+        for _ in 0..12 {
+            for p in w.recv(1, 9, v) {
+                match p {
+                    Packet::Publish(m) => {
+                        got.push(m.payload.clone());
+                        w.send(1, 9, v, Packet::PubRec(resp(m.packet_id)));
+                    }
+                    Packet::PubRel(r) => w.send(1, 9, v, Packet::PubComp(resp(r.packet_id))),
+                    _ => {}
+                }
+            }
+        }
+        assert_eq!(got.len(), 5);
     }
 }

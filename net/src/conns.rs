@@ -55,6 +55,9 @@ struct Sock {
     gone: bool,
     /// Queued in `Conns::readable` / `Conns::dirty` (each id at most once).
     queued_read: bool,
+    /// The state machine holds this connection's input (it is waiting for room to handle what it
+    /// already has): not read until it says so, so TCP flow control reaches the client.
+    paused: bool,
     queued_write: bool,
 }
 
@@ -173,6 +176,23 @@ impl Conns {
         self.live.get()
     }
 
+    /// Stop reading `id` until [`Conns::resume_reading`].
+    pub(crate) fn pause_reading(&self, id: ConnId) {
+        self.with(id, |s| s.paused = true);
+    }
+
+    /// Read `id` again (at once: the kernel will not report input that came while paused).
+    pub(crate) fn resume_reading(&self, id: ConnId) {
+        let queue = self.with(id, |s| {
+            s.paused = false;
+            !std::mem::replace(&mut s.queued_read, true)
+        });
+        if queue == Some(true) {
+            self.readable.borrow_mut().push_back(id);
+            self.wake.notify();
+        }
+    }
+
     /// `id` has output waiting (called from `Core::apply`).
     pub(crate) fn output(&self, id: ConnId) {
         self.queue_write(id, false);
@@ -221,6 +241,7 @@ impl Conns {
             gone: false,
             queued_read: false,
             queued_write: false,
+            paused: false,
         });
         self.live.set(self.live.get() + 1);
         Ok(id_of(slot, s.generation))
@@ -365,6 +386,9 @@ fn read(core: &Core, id: ConnId) {
     let conns = &core.conns;
     let got = conns.with(id, |s| {
         s.queued_read = false;
+        if s.paused {
+            return None;
+        }
         let mut input = s.input.take().map(|b| *b).unwrap_or_default();
         let mut scratch = core.scratch.borrow_mut();
         let mut total = 0;
@@ -386,9 +410,9 @@ fn read(core: &Core, id: ConnId) {
                 Err(_) => break ReadOutcome::Gone,
             }
         };
-        (input, outcome)
+        Some((input, outcome))
     });
-    let Some((mut input, outcome)) = got else { return };
+    let Some((mut input, outcome)) = got.flatten() else { return };
     if !input.is_empty() {
         let now = core.now_ms();
         core.shard.borrow_mut().on_bytes(id, &mut input, now);

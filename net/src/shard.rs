@@ -168,11 +168,22 @@ impl Core {
         if fx.sessions_urgent {
             self.sessions_ready.notify();
         }
-        if fx.dirty.is_empty() && fx.close.is_empty() && fx.to_shards.is_empty() {
+        if fx.dirty.is_empty()
+            && fx.close.is_empty()
+            && fx.to_shards.is_empty()
+            && fx.pause_reading.is_empty()
+            && fx.resume_reading.is_empty()
+        {
             return;
         }
         for id in fx.dirty {
             self.conns.output(id);
+        }
+        for id in fx.pause_reading {
+            self.conns.pause_reading(id);
+        }
+        for id in fx.resume_reading {
+            self.conns.resume_reading(id);
         }
         for id in fx.close {
             self.conns.close(id);

@@ -285,3 +285,33 @@ def test_subscribers_that_never_ack_or_never_read_slow_publishers_only_for_the_b
     assert broker.proc.poll() is None
     for c, _ in silent:
         c.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. A 3.1.1 client past the QoS 2 window
+# ---------------------------------------------------------------------------------------------
+
+def test_a_311_client_past_the_qos2_window_is_flow_controlled_not_disconnected(broker, paho):
+    """3.1.1 has no Receive Maximum: a client that pipelines 150 QoS 2 publishes (the broker's
+    window is 64) gets PUBRECs for what was accepted and, as it releases them, for the rest — no
+    disconnect — and the subscriber gets all 150 once, in order."""
+    sub = paho(broker.shard(1), "q2-reader", v5=True)
+    sub.subscribe("q2/x", 2)
+    c = Raw(broker.shard(0))
+    c.send(connect_packet("q2-writer"))
+    assert c.packet()[0] == 2
+    c.send(b"".join(publish_packet("q2/x", str(i).encode(), qos=2, pid=i) for i in range(1, 151)))
+    comps = set()
+    while len(comps) < 150:
+        p = c.packet()
+        assert p is not None, f"disconnected after {len(comps)} PUBCOMPs"
+        kind, _, body = p
+        pid = struct.unpack("!H", body[:2])[0]
+        if kind == 5:  # PUBREC: release it
+            c.send(packet(0x62, struct.pack("!H", pid)))
+        elif kind == 7:
+            comps.add(pid)
+    got = [sub.message().payload for _ in range(150)]
+    assert got == [str(i).encode() for i in range(1, 151)]
+    sub.no_message()
+    c.close()
