@@ -5,8 +5,8 @@
 //!   frame, an error with a reason code on a malformed one). Performs no I/O.
 //! - [`topic`]: topic name and filter validation, and the subscription [`topic::Trie`].
 //! - [`retained`]: a shard's retained messages as a trie by topic level, looked up by filter in
-//!   bounded, resumable slices; [`retained_feed`]: those slices carried to new subscribers with
-//!   credit, through their sessions' flow control.
+//!   bounded, resumable slices; `retained_feed` (crate-internal): those slices carried to new
+//!   subscribers with credit, through their sessions' flow control.
 //! - [`bridge`]: MQTT → Kafka mappings — which messages become which Kafka records, keys,
 //!   headers, and Kafka's murmur2 partitioner.
 //! - [`inbound`]: Kafka → MQTT mappings — MQTT topics and payloads rendered from Kafka records.
@@ -30,7 +30,7 @@ pub mod config;
 pub mod inbound;
 pub mod packet;
 pub mod retained;
-pub mod retained_feed;
+pub(crate) mod retained_feed;
 pub mod session;
 pub mod shard;
 pub mod topic;

@@ -22,8 +22,8 @@
 //!   subscriber is therefore at most `BACKLOG_LOW` plus one slice per shard. SUBSCRIBEs that
 //!   arrive while a request runs are merged into the next request (one per filter).
 //!
-//! Invariants: a session has at most one request running, so at most one open scan per owner
-//! shard; every message a scan finds is handed to the session (or, QoS 0 to an offline session,
+//! Invariants: a session has at most one request running, so at most one open or waiting scan
+//! per owner shard (the waiting FIFO is bounded by the sessions); every message a scan finds is handed to the session (or, QoS 0 to an offline session,
 //! dropped as any QoS 0 message to it is) unless it was delivered live while the feed existed.
 
 use std::collections::VecDeque;
@@ -34,8 +34,8 @@ use crate::session::Delivery;
 use crate::shard::{ClientId, Msg, ShardId};
 use crate::{HashMap, HashSet};
 
-/// Tree nodes one slice of a scan visits at most, and the work of one turn of
-/// [`Scans::run`]: about a millisecond.
+/// Tree nodes one slice of a scan visits at most; a turn of [`Scans::run`] starts slices
+/// while it visited fewer than this (so under two slices a turn: about a millisecond).
 pub const SLICE_NODES: usize = 4096;
 /// Open scans per shard; queries beyond wait for one to close.
 pub const SCANS_MAX: usize = 1024;
