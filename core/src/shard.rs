@@ -3087,7 +3087,7 @@ mod tests {
     fn every_retained_message_reaches_an_acknowledging_qos1_subscriber_without_overflowing_its_queue() {
         const N: usize = 100_000;
         let mut w = world_with_retained(N, Limits::default());
-        // The retained messages are QoS 0 as published; make a QoS 1 set on top for this test.
+        // Stored at QoS 0 above; published again at QoS 1 (replacing them) for this test.
         let mut b = BytesMut::new();
         for i in 0..N {
             let p = Publish {
@@ -3101,8 +3101,6 @@ mod tests {
             };
             packet::encode(&Packet::Publish(p), V5, &mut b);
         }
-        let limits = Limits { max_inflight: u16::MAX, ..Limits::default() };
-        w.shards[0].limits = limits.clone(); // the loader's publishes need a big receive window
         w.shards[0].on_bytes(100, &mut b, 0);
         w.settle();
         w.recv(0, 100, V5);
@@ -3149,19 +3147,31 @@ mod tests {
         assert!(w.shards[1].retained_feeds.is_empty());
     }
 
-    #[test]
-    fn a_retained_feed_is_cancelled_when_its_session_ends() {
+    /// A subscriber to 20,000 retained messages that reads nothing (the owners hold their scans
+    /// open, waiting for credit) and then leaves: by `leave`.
+    fn retained_feed_cancelled_when(persistent: bool, leave: impl FnOnce(&mut World)) {
         let mut w = world_with_retained(20_000, Limits { max_outbound_buffer_bytes: 4096, ..Limits::default() });
-        w.connect(1, 1, V5, "leaver", true);
+        w.connect(1, 1, V5, "leaver", !persistent);
         w.send(1, 1, V5, subscribe("ret/#", 1));
-        // It reads nothing: the owners hold their scans open, waiting for credit.
         let open = |w: &World| w.shards.iter().map(|s| s.retained_scans.open_count()).sum::<usize>();
         assert_eq!(open(&w), 2);
         assert!(feed_backlog(&w, 1, "leaver") <= BACKLOG_MAX);
-        w.shards[1].on_lost(1, 0);
+        leave(&mut w);
         w.settle();
-        assert_eq!(open(&w), 0, "scans of a session that ended are dropped");
-        assert!(w.shards[1].retained_feeds.is_empty());
+        assert_eq!(open(&w), 0, "scans of a session that went away are dropped");
+        assert!(w.shards.iter().all(|s| s.retained_feeds.is_empty()));
+    }
+
+    #[test]
+    fn a_retained_feed_is_cancelled_when_its_session_ends() {
+        retained_feed_cancelled_when(false, |w| w.shards[1].on_lost(1, 0));
+    }
+
+    #[test]
+    fn a_retained_feed_is_cancelled_when_its_session_moves_to_another_shard() {
+        retained_feed_cancelled_when(true, |w| {
+            w.connect(0, 7, V5, "leaver", false);
+        });
     }
 
     #[test]
