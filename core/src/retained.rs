@@ -121,6 +121,25 @@ fn remove_at(node: &mut Node, levels: &[&str]) -> Option<Msg> {
     old
 }
 
+/// `node`'s children from the level `from` on (`""` is the least level), in order; without the
+/// levels beginning with `$` when `skip_dollar`. Those are one contiguous range, `"$"` up to
+/// `"%"`, skipped by a seek rather than stepped over one by one: a lookup's cost stays bounded
+/// by the nodes it visits, however many `$` topics there are.
+fn children_from<'t>(
+    node: &'t Node,
+    from: &str,
+    skip_dollar: bool,
+) -> impl Iterator<Item = (&'t Box<str>, &'t Node)> + 't {
+    let range = |lo: &str, hi: Bound<&str>| node.children.range::<str, _>((Bound::Included(lo), hi));
+    let (before, after) = if !skip_dollar {
+        (Some(range(from, Bound::Unbounded)), None)
+    } else {
+        let before = (from < "$").then(|| range(from, Bound::Excluded("$")));
+        (before, Some(range(from.max("%"), Bound::Unbounded)))
+    };
+    before.into_iter().flatten().chain(after.into_iter().flatten())
+}
+
 struct Walk<'t, 'f, F> {
     filter: Vec<&'f str>,
     budget: usize,
@@ -171,14 +190,7 @@ impl<'t, F: FnMut(&Msg)> Walk<'t, '_, F> {
             self.descend(key, child, child_fi, child_hash, child_pos);
             return;
         }
-        let range = match from {
-            Some(f) => node.children.range::<str, _>((Bound::Included(f), Bound::Unbounded)),
-            None => node.children.range::<str, _>(..),
-        };
-        for (key, child) in range {
-            if skip_dollar && key.starts_with('$') {
-                continue;
-            }
+        for (key, child) in children_from(node, from.unwrap_or(""), skip_dollar) {
             let child_pos = if from == Some(&**key) { below } else { None };
             self.descend(key, child, child_fi, child_hash, child_pos);
             if self.stopped {
@@ -306,6 +318,24 @@ mod tests {
     }
 
     #[test]
+    fn dollar_topics_cost_a_leading_wildcard_nothing() {
+        let mut t = RetainedTree::default();
+        for i in 0..10_000 {
+            let topic = format!("${i}/x");
+            t.insert(&topic, msg(&topic));
+        }
+        t.insert("#a", msg("#a")); // sorts before `$`
+        t.insert("a", msg("a"));
+        for filter in ["#", "+/x", "+/#"] {
+            let mut got = Vec::new();
+            let s = t.lookup(filter, None, usize::MAX, |m| got.push(m.topic.clone()));
+            assert!(s.visited <= 3, "{filter}: {} nodes", s.visited);
+            assert!(got.iter().all(|x| !x.starts_with('$')), "{got:?}");
+        }
+        assert_eq!(all(&t, "$5/#", 1), ["$5/x"]);
+    }
+
+    #[test]
     fn resuming_after_the_cursor_node_was_removed() {
         let mut t = tree(&["a/1", "a/2", "a/3", "a/4"]);
         let mut got = Vec::new();
@@ -323,7 +353,8 @@ mod tests {
     }
 
     fn arb_topic() -> impl Strategy<Value = String> {
-        prop::collection::vec(prop::sample::select(vec!["a", "b", "", "$s", "c"]), 1..5).prop_map(|v| v.join("/"))
+        prop::collection::vec(prop::sample::select(vec!["a", "b", "", "$s", "$", "%", "#c", "c"]), 1..5)
+            .prop_map(|v| v.join("/"))
     }
 
     fn arb_filter() -> impl Strategy<Value = String> {

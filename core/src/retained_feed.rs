@@ -26,7 +26,7 @@
 //! per owner shard (the waiting FIFO is bounded by the sessions); every message a scan finds is handed to the session (or, QoS 0 to an offline session,
 //! dropped as any QoS 0 message to it is) unless it was delivered live while the feed existed.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 
 use crate::packet::SubOptions;
 use crate::retained::{Cursor, RetainedTree};
@@ -41,6 +41,10 @@ pub const SLICE_NODES: usize = 4096;
 pub const SCANS_MAX: usize = 1024;
 /// A subscriber's backlog at or below which it asks owners for their next slice.
 pub const BACKLOG_LOW: usize = SLICE_NODES / 4;
+
+/// A filter whose retained messages a subscription asked for, with the options and
+/// subscription id they are delivered with.
+pub(crate) type RetainedFilter = (String, SubOptions, Option<u32>);
 
 /// One request being scanned on the owner.
 struct Scan {
@@ -187,8 +191,9 @@ pub(crate) struct Feed {
     owners: Vec<Owner>,
     /// Found by the owners, not yet handed to the session.
     pub(crate) backlog: VecDeque<Delivery>,
-    /// Filters of SUBSCRIBEs that came while the request ran: the next request, one per filter.
-    pub(crate) next: Vec<(String, SubOptions, Option<u32>)>,
+    /// Filters of SUBSCRIBEs that came while the request ran: the next request, one per filter
+    /// (so at most `max_subscriptions_per_session`: unsubscribing removes one).
+    next: BTreeMap<String, (SubOptions, Option<u32>)>,
     /// Retained messages delivered live while the feed exists: their scanned copies are skipped
     /// (a message published while the subscription is set up reaches it both ways).
     pub(crate) live: HashSet<usize>,
@@ -198,7 +203,7 @@ impl Feed {
     /// A feed running `filters` as request `scan`; returns it and the filters to query.
     pub(crate) fn start(
         scan: u64,
-        filters: Vec<(String, SubOptions, Option<u32>)>,
+        filters: Vec<RetainedFilter>,
         n_shards: usize,
         live: HashSet<usize>,
     ) -> (Feed, Vec<String>) {
@@ -208,24 +213,32 @@ impl Feed {
             names.push(f);
             opts.push((o, id));
         }
-        let feed =
-            Feed { scan, opts, owners: vec![Owner::Asked; n_shards], backlog: VecDeque::new(), next: Vec::new(), live };
+        let feed = Feed {
+            scan,
+            opts,
+            owners: vec![Owner::Asked; n_shards],
+            backlog: VecDeque::new(),
+            next: BTreeMap::new(),
+            live,
+        };
         (feed, names)
     }
 
     /// Filters for the next request; a filter already waiting takes the newer options.
-    pub(crate) fn queue(&mut self, filters: Vec<(String, SubOptions, Option<u32>)>) {
+    pub(crate) fn queue(&mut self, filters: Vec<RetainedFilter>) {
         for (f, o, id) in filters {
-            match self.next.iter_mut().find(|(g, _, _)| *g == f) {
-                Some(e) => *e = (f, o, id),
-                None => self.next.push((f, o, id)),
-            }
+            self.next.insert(f, (o, id));
         }
     }
 
     /// A filter was unsubscribed: it is not looked up for the next request.
     pub(crate) fn unsubscribed(&mut self, filter: &str) {
-        self.next.retain(|(f, _, _)| f != filter);
+        self.next.remove(filter);
+    }
+
+    /// This request is over: the filters for the next one, if any, and the live set.
+    pub(crate) fn into_next(self) -> (Vec<RetainedFilter>, HashSet<usize>) {
+        (self.next.into_iter().map(|(f, (o, id))| (f, o, id)).collect(), self.live)
     }
 
     /// A slice from `from`; false if it belongs to no running request (cancelled, stale).

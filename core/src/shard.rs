@@ -36,7 +36,7 @@ use crate::packet::{
     Subscribe, UnsubAck, Unsubscribe, Version, Will,
 };
 use crate::retained::RetainedTree;
-use crate::retained_feed::{Feed, Scans};
+use crate::retained_feed::{Feed, RetainedFilter, Scans};
 use crate::session::{Delivery, Inflight, Sub};
 pub use crate::session::{Session, StoredMessage};
 use crate::topic::{self, TopicLimits, Trie};
@@ -2345,12 +2345,7 @@ impl Shard {
     }
 
     /// Asks every shard for the retained messages of `filters`, for session `id`.
-    fn start_retained_feed(
-        &mut self,
-        id: ClientId,
-        filters: Vec<(String, SubOptions, Option<u32>)>,
-        live: HashSet<usize>,
-    ) {
+    fn start_retained_feed(&mut self, id: ClientId, filters: Vec<RetainedFilter>, live: HashSet<usize>) {
         self.next_retained_scan += 1;
         let scan = self.next_retained_scan;
         let (feed, filters) = Feed::start(scan, filters, self.n_shards, live);
@@ -2383,9 +2378,9 @@ impl Shard {
         }
         let feed = self.retained_feeds.get(id).unwrap();
         if feed.finished() {
-            let feed = self.retained_feeds.remove(id).unwrap();
-            if !feed.next.is_empty() {
-                self.start_retained_feed(id.clone(), feed.next, feed.live);
+            let (next, live) = self.retained_feeds.remove(id).unwrap().into_next();
+            if !next.is_empty() {
+                self.start_retained_feed(id.clone(), next, live);
             }
         }
     }
@@ -3145,6 +3140,31 @@ mod tests {
             o => panic!("{o:?}"),
         }
         assert!(w.shards[1].retained_feeds.is_empty());
+    }
+
+    #[test]
+    fn subscribes_during_a_retained_feed_are_served_after_it_one_request_at_a_time() {
+        let mut w = world_with_retained(20_000, Limits { max_outbound_buffer_bytes: 4096, ..Limits::default() });
+        w.connect(1, 1, V5, "twice", true);
+        w.send(1, 1, V5, subscribe("ret/#", 0));
+        w.send(1, 1, V5, subscribe("ret/7", 0));
+        w.send(1, 1, V5, subscribe("ret/8", 0));
+        let open = |w: &World| w.shards.iter().map(|s| s.retained_scans.open_count()).sum::<usize>();
+        assert_eq!(open(&w), 2, "one request per session runs; the others wait at the subscriber");
+        let mut got = Vec::new();
+        for _ in 0..100_000 {
+            let out = w.recv(1, 1, V5);
+            if out.is_empty() && w.shards[1].retained_feeds.is_empty() {
+                break;
+            }
+            got.extend(out.into_iter().filter_map(|p| if let Packet::Publish(p) = p { Some(p.topic) } else { None }));
+        }
+        assert_eq!(got.len(), 20_002);
+        assert_eq!(
+            got[20_000..].iter().filter(|t| *t == "ret/7" || *t == "ret/8").count(),
+            2,
+            "the merged request last"
+        );
     }
 
     /// A subscriber to 20,000 retained messages that reads nothing (the owners hold their scans
