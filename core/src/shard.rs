@@ -791,7 +791,8 @@ impl Shard {
     }
 
     /// Everything handed out for `conn` so far went out (the kernel took it). Messages that waited
-    /// for room in its output buffer move on; returns whether there is new output.
+    /// for room in its output buffer move on; returns whether there is something to dispatch (new
+    /// output, messages for other shards, retained work).
     pub fn on_output_drained(&mut self, conn: ConnId, now_ms: u64) -> bool {
         let Some(c) = self.conns.get_mut(&conn) else { return false };
         if !std::mem::take(&mut c.out_full) {
@@ -799,7 +800,10 @@ impl Shard {
         }
         let Some(id) = c.client_id.clone() else { return false };
         self.pump_and_release(&id, now_ms);
-        self.conns.get(&conn).is_some_and(|c| !c.out.is_empty())
+        // Feeding retained messages may have asked an owner (this shard too) for more.
+        self.run_local(now_ms);
+        let fx = &self.effects;
+        self.conns.get(&conn).is_some_and(|c| !c.out.is_empty()) || !fx.to_shards.is_empty() || fx.retained_work
     }
 
     pub fn drain_effects(&mut self) -> Effects {
