@@ -3027,9 +3027,13 @@ mod tests {
         assert_eq!(got.len(), 1, "delivered live and again from the retained store: {got:?}");
     }
 
-    /// A world of two shards holding `n` retained QoS 1 messages `ret/0` … (spread over both).
+    /// A world of two shards holding `n` retained QoS 0 messages `ret/0` … (spread over both).
     fn world_with_retained(n: usize, limits: Limits) -> World {
-        let mut w = World::new(2, limits);
+        world_of_with_retained(2, n, limits)
+    }
+
+    fn world_of_with_retained(shards: usize, n: usize, limits: Limits) -> World {
+        let mut w = World::new(shards, limits);
         w.connect(0, 100, V5, "loader", true);
         let mut b = BytesMut::new();
         for i in 0..n {
@@ -3046,7 +3050,7 @@ mod tests {
         }
         w.shards[0].on_bytes(100, &mut b, 0);
         w.settle();
-        assert_eq!(w.shards[0].retained.len() + w.shards[1].retained.len(), n);
+        assert_eq!(w.shards.iter().map(|s| s.retained.len()).sum::<usize>(), n);
         w
     }
 
@@ -3144,6 +3148,24 @@ mod tests {
             o => panic!("{o:?}"),
         }
         assert!(w.shards[1].retained_feeds.is_empty());
+    }
+
+    #[test]
+    fn a_feed_blocked_on_its_output_buffer_asks_its_own_shard_for_more_once_it_drained() {
+        // One shard: owner and subscriber are the same, so the credit is a local message.
+        let limits = Limits { max_outbound_buffer_bytes: 4096, ..Limits::default() };
+        let mut w = world_of_with_retained(1, 20_000, limits);
+        w.connect(0, 1, V5, "self", true);
+        w.send(0, 1, V5, subscribe("ret/#", 0));
+        let mut got = 0;
+        for _ in 0..100_000 {
+            let n = w.recv(0, 1, V5).into_iter().filter(|p| matches!(p, Packet::Publish(_))).count();
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+        assert_eq!(got, 20_000);
     }
 
     #[test]
