@@ -4,6 +4,9 @@
 //! - [`packet`]: the MQTT 3.1.1 and 5.0 codec over `BytesMut` (decode is "not yet" on an incomplete
 //!   frame, an error with a reason code on a malformed one). Performs no I/O.
 //! - [`topic`]: topic name and filter validation, and the subscription [`topic::Trie`].
+//! - [`retained`]: a shard's retained messages as a trie by topic level, looked up by filter in
+//!   bounded, resumable slices; `retained_feed` (crate-internal): those slices carried to new
+//!   subscribers with credit, through their sessions' flow control.
 //! - [`bridge`]: MQTT → Kafka mappings — which messages become which Kafka records, keys,
 //!   headers, and Kafka's murmur2 partitioner.
 //! - [`inbound`]: Kafka → MQTT mappings — MQTT topics and payloads rendered from Kafka records.
@@ -29,6 +32,8 @@ pub mod config;
 pub mod inbound;
 pub mod packet;
 mod preconnect;
+pub mod retained;
+pub(crate) mod retained_feed;
 pub mod session;
 pub mod shard;
 pub mod topic;

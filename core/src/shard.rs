@@ -10,8 +10,9 @@
 //! How the shards cooperate, all by message passing:
 //! - Publish: matched against the local trie, and sent as one [`ShardMsg::Publish`] to every other
 //!   shard, which matches its own trie. One FIFO channel per pair of shards keeps per-publisher order.
-//! - Retained messages: stored by the shard that owns `hash(topic)`; a new subscription asks every
-//!   shard ([`ShardMsg::RetainedQuery`]) and delivers the replies after its SUBACK.
+//! - Retained messages: stored by the shard that owns `hash(topic)`, in a [`RetainedTree`]; a new
+//!   subscription asks every shard ([`ShardMsg::RetainedQuery`]), which answers in slices on
+//!   credit, fed into the session after its SUBACK as room allows (`crate::retained_feed`).
 //! - Sessions: the shard owning `hash(client_id)` keeps the directory entry "which shard hosts this
 //!   session". A CONNECT claims the id there; the directory evicts the previous host, which closes
 //!   the old connection (0x8E) and ships the session over ([`ShardMsg::Transfer`]).
@@ -36,6 +37,8 @@ use crate::packet::{
     Subscribe, UnsubAck, Unsubscribe, Version, Will,
 };
 use crate::preconnect::{Admission, Preconnect};
+use crate::retained::RetainedTree;
+use crate::retained_feed::{Feed, RetainedFilter, Scans};
 use crate::session::{Delivery, Inflight, Sub};
 pub use crate::session::{Session, StoredMessage};
 use crate::topic::{self, TopicLimits, Trie};
@@ -121,18 +124,32 @@ pub enum ShardMsg {
         host: ShardId,
         hosting: bool,
     },
+    /// To every shard, for a session's new subscriptions: scan the retained messages matching
+    /// `filters` and answer in slices ([`ShardMsg::RetainedReply`]), one per credit.
     RetainedQuery {
-        filter: String,
-        to: ShardId,
+        from: ShardId,
+        scan: u64,
         client_id: ClientId,
-        opts: SubOptions,
-        sub_id: Option<u32>,
+        filters: Vec<String>,
     },
+    /// One slice of a scan: messages with the index of the filter they matched. `done`: the
+    /// owner `from` has nothing more for this scan.
     RetainedReply {
+        from: ShardId,
+        scan: u64,
         client_id: ClientId,
-        msgs: Vec<Msg>,
-        opts: SubOptions,
-        sub_id: Option<u32>,
+        msgs: Vec<(u32, Msg)>,
+        done: bool,
+    },
+    /// To an owner: the subscriber's backlog ran low, send the next slice of `scan`.
+    RetainedMore {
+        from: ShardId,
+        scan: u64,
+    },
+    /// To an owner: the session went away, drop `scan`.
+    RetainedCancel {
+        from: ShardId,
+        scan: u64,
     },
     /// To the group's owner. With `ack`, the owner answers [`ShardMsg::ShareJoined`] so that the
     /// SUBACK goes out only once the member can receive.
@@ -404,6 +421,8 @@ pub struct Effects {
     pub retained: Vec<(String, Option<Msg>)>,
     /// An acknowledgement waits for the session store: commit now rather than at the next tick.
     pub sessions_urgent: bool,
+    /// Retained scans wait for a turn: call [`Shard::run_retained`] (in turns of their own).
+    pub retained_work: bool,
 }
 
 /// Per-mapping counters of the MQTT → Kafka bridge, published under `$SYS/broker/kafka/NAME/`.
@@ -474,7 +493,12 @@ pub struct Shard {
     trie: Trie<ClientId, Sub>,
     /// Scratch for [`Shard::route_here`]: the subscriptions one message matched.
     route_matches: Vec<(ClientId, u8, bool, Option<u32>)>,
-    retained: HashMap<String, Msg>,
+    retained: RetainedTree,
+    /// Scans of `retained` for subscribers anywhere, run in slices on credit.
+    retained_scans: Scans,
+    /// Sessions here receiving retained messages for new subscriptions.
+    retained_feeds: HashMap<ClientId, Feed>,
+    next_retained_scan: u64,
     directory: HashMap<ClientId, DirEntry>,
     shared: Trie<String, ShareGroup>,
     effects: Effects,
@@ -506,10 +530,6 @@ pub struct Shard {
     /// Per Kafka → MQTT mapping: records read, MQTT messages published, records skipped.
     inbound_stats: Vec<(u64, u64, u64)>,
     logged_skips: HashSet<(u16, Skip)>,
-    /// Sessions waiting for retained-message replies: replies still to come, and the messages
-    /// delivered live meanwhile. A message published while the subscription is being set up can
-    /// reach it both live and through the owner's retained store; the reply skips those.
-    retained_pending: HashMap<ClientId, (usize, HashSet<usize>)>,
     /// The connection whose PUBLISH is being routed, and the connected sessions on this shard
     /// whose queues that publish pushed past half full: its acknowledgement waits for them to
     /// drain (back-pressure: the publisher's in-flight window fills instead of queues overflowing).
@@ -642,7 +662,7 @@ pub fn directory_shard(client_id: &str, n: usize) -> ShardId {
     shard_of(client_id, n)
 }
 
-fn expiry_left_secs(msg: &Message, now_ms: u64) -> Option<Option<u32>> {
+pub(crate) fn expiry_left_secs(msg: &Message, now_ms: u64) -> Option<Option<u32>> {
     match msg.expiry_at_ms {
         None => Some(None),
         Some(at) if at > now_ms => Some(Some((at - now_ms).div_ceil(1000) as u32)),
@@ -668,7 +688,10 @@ impl Shard {
             sessions: HashMap::default(),
             route_matches: Vec::new(),
             trie: Trie::default(),
-            retained: HashMap::default(),
+            retained: RetainedTree::default(),
+            retained_scans: Scans::default(),
+            retained_feeds: HashMap::default(),
+            next_retained_scan: 0,
             directory: HashMap::default(),
             shared: Trie::default(),
             effects: Effects::default(),
@@ -694,7 +717,6 @@ impl Shard {
             inbound: Inbound::default(),
             inbound_stats: Vec::new(),
             logged_skips: HashSet::default(),
-            retained_pending: HashMap::default(),
             publishing: None,
             congested: Vec::new(),
             drain_waiters: HashMap::default(),
@@ -1031,7 +1053,8 @@ impl Shard {
     }
 
     /// Everything handed out for `conn` so far went out (the kernel took it). Messages that waited
-    /// for room in its output buffer move on; returns whether there is new output.
+    /// for room in its output buffer move on; returns whether there is something to dispatch (new
+    /// output, messages for other shards, retained work).
     pub fn on_output_drained(&mut self, conn: ConnId, now_ms: u64) -> bool {
         let Some(c) = self.conns.get_mut(&conn) else { return false };
         if !std::mem::take(&mut c.out_full) {
@@ -1039,7 +1062,10 @@ impl Shard {
         }
         let Some(id) = c.client_id.clone() else { return false };
         self.pump_and_release(&id, now_ms);
-        self.conns.get(&conn).is_some_and(|c| !c.out.is_empty())
+        // Feeding retained messages may have asked an owner (this shard too) for more.
+        self.run_local(now_ms);
+        let fx = &self.effects;
+        self.conns.get(&conn).is_some_and(|c| !c.out.is_empty()) || !fx.to_shards.is_empty() || fx.retained_work
     }
 
     pub fn drain_effects(&mut self) -> Effects {
@@ -1635,6 +1661,7 @@ impl Shard {
             }
         }
         self.pump(&client_id, now_ms);
+        self.feed_retained(&client_id, now_ms);
         if self.conns.get(&conn).is_some_and(|c| c.lost) {
             self.detach(conn, Detach::Lost, now_ms);
             self.conns.remove(&conn);
@@ -1684,6 +1711,7 @@ impl Shard {
     /// A session replaced by a clean start: its will goes out, subscriptions go; the directory
     /// already names the new host, so no Release.
     fn end_session_quietly(&mut self, mut s: Box<Session>, now_ms: u64) {
+        self.cancel_retained_feed(&s.client_id);
         touch(self.persist_sessions, &mut self.dirty_sessions, &mut s);
         if let Some((_, w)) = s.pending_will.take() {
             self.publish_will(&s.client_id, *w, now_ms);
@@ -1883,6 +1911,7 @@ impl Shard {
     /// waited for it to drain.
     fn pump_and_release(&mut self, id: &ClientId, now_ms: u64) {
         self.pump(id, now_ms);
+        self.feed_retained(id, now_ms);
         if self.sessions.get(id).is_some_and(|s| s.queue.len() * 4 <= self.limits.max_queued_messages) {
             self.slow.remove(id);
             self.release_drain_waiters(id);
@@ -2080,7 +2109,7 @@ impl Shard {
             let msg = Arc::new(msg);
             let owner = shard_of(&msg.topic, self.n_shards);
             if owner == self.id && !adopt {
-                self.retained.insert(msg.topic.clone(), msg);
+                self.retained.insert(&msg.topic, msg.clone());
             } else {
                 moved.push(msg.topic.clone());
                 self.send_to_shard(owner, ShardMsg::Publish(msg));
@@ -2451,21 +2480,12 @@ impl Shard {
     /// SUBACK, then the retained messages the new subscriptions asked for.
     fn finish_subscribe(&mut self, conn: ConnId, client_id: ClientId, p: PendingSub) {
         self.send(conn, Packet::SubAck(p.suback));
-        if !p.retained_queries.is_empty() {
-            let e = self.retained_pending.entry(client_id.clone()).or_default();
-            e.0 += p.retained_queries.len() * self.n_shards;
+        if p.retained_queries.is_empty() {
+            return;
         }
-        for (filter, opts, sub_id) in p.retained_queries {
-            for shard in 0..self.n_shards {
-                let q = ShardMsg::RetainedQuery {
-                    filter: filter.clone(),
-                    to: self.id,
-                    client_id: client_id.clone(),
-                    opts,
-                    sub_id,
-                };
-                self.send_to_shard(shard, q);
-            }
+        match self.retained_feeds.get_mut(&client_id) {
+            Some(feed) => feed.queue(p.retained_queries),
+            None => self.start_retained_feed(client_id, p.retained_queries, HashSet::default()),
         }
     }
 
@@ -2478,6 +2498,9 @@ impl Shard {
             touch(self.persist_sessions, &mut self.dirty_sessions, s);
             if s.subs.remove(f).is_some() {
                 self.unsubscribe_one(&id, f);
+                if let Some(feed) = self.retained_feeds.get_mut(&id) {
+                    feed.unsubscribed(f);
+                }
                 codes.push(reason::SUCCESS);
             } else {
                 codes.push(reason::NO_SUBSCRIPTION_EXISTED);
@@ -2576,9 +2599,8 @@ impl Shard {
                     self.effects.retained.push((msg.topic.clone(), None));
                     self.stored_hit = true;
                 }
-            } else if self.retained.len() < self.limits.max_retained_messages || self.retained.contains_key(&msg.topic)
-            {
-                self.retained.insert(msg.topic.clone(), msg.clone());
+            } else if self.retained.len() < self.limits.max_retained_messages || self.retained.contains(&msg.topic) {
+                self.retained.insert(&msg.topic, msg.clone());
                 if persist {
                     self.effects.retained.push((msg.topic.clone(), Some(msg.clone())));
                     self.stored_hit = true;
@@ -2609,8 +2631,8 @@ impl Shard {
                 i += 1;
             }
             if msg.retain {
-                if let Some(e) = self.retained_pending.get_mut(&id) {
-                    e.1.insert(Arc::as_ptr(msg) as usize);
+                if let Some(feed) = self.retained_feeds.get_mut(&id) {
+                    feed.live.insert(Arc::as_ptr(msg) as usize);
                 }
             }
             let d = Delivery { msg: msg.clone(), qos: qos.min(msg.qos), retain: rap && msg.retain, sub_ids };
@@ -2778,6 +2800,129 @@ impl Shard {
     }
 
     // -----------------------------------------------------------------------------------------
+    // Retained messages for new subscriptions (crate::retained_feed)
+    // -----------------------------------------------------------------------------------------
+
+    /// Whether retained scans wait for [`Shard::run_retained`].
+    pub fn has_retained_work(&self) -> bool {
+        self.retained_scans.has_work()
+    }
+
+    /// One turn of retained scans (at most `retained_feed::SLICE_NODES` tree nodes): each
+    /// slice goes to its subscriber's shard. Returns whether more work waits; the caller runs
+    /// it in a later turn, after the shard's other work had its turn.
+    pub fn run_retained(&mut self, now_ms: u64) -> bool {
+        let mut replies = Vec::new();
+        self.retained_scans.run(&self.retained, |m| expiry_left_secs(m, now_ms).is_some(), &mut replies);
+        for r in replies {
+            let reply = ShardMsg::RetainedReply {
+                from: self.id,
+                scan: r.scan,
+                client_id: r.client_id,
+                msgs: r.msgs,
+                done: r.done,
+            };
+            self.send_to_shard(r.to, reply);
+        }
+        self.run_local(now_ms);
+        let more = self.retained_scans.has_work();
+        self.effects.retained_work |= more;
+        more
+    }
+
+    /// Asks every shard for the retained messages of `filters`, for session `id`.
+    fn start_retained_feed(&mut self, id: ClientId, filters: Vec<RetainedFilter>, live: HashSet<usize>) {
+        self.next_retained_scan += 1;
+        let scan = self.next_retained_scan;
+        let (feed, filters) = Feed::start(scan, filters, self.n_shards, live);
+        self.retained_feeds.insert(id.clone(), feed);
+        for shard in 0..self.n_shards {
+            let q = ShardMsg::RetainedQuery { from: self.id, scan, client_id: id.clone(), filters: filters.clone() };
+            self.send_to_shard(shard, q);
+        }
+    }
+
+    /// Moves `id`'s retained backlog into the session while it has room (QoS 1/2: its queue
+    /// under a quarter full, so neither overflow nor back-pressure; QoS 0: the output buffer
+    /// under its limit, else `out_full` brings us back), then gives owners credit when the
+    /// backlog ran low and starts the next request when this one is done.
+    fn feed_retained(&mut self, id: &ClientId, now_ms: u64) {
+        if self.retained_feeds.is_empty() {
+            return;
+        }
+        loop {
+            let moved = self.feed_retained_pass(id, now_ms);
+            self.pump(id, now_ms);
+            if !moved {
+                break;
+            }
+        }
+        let Some(feed) = self.retained_feeds.get_mut(id) else { return };
+        let scan = feed.scan;
+        for owner in feed.credit() {
+            self.send_to_shard(owner, ShardMsg::RetainedMore { from: self.id, scan });
+        }
+        let feed = self.retained_feeds.get(id).unwrap();
+        if feed.finished() {
+            let (next, live) = self.retained_feeds.remove(id).unwrap().into_next();
+            if !next.is_empty() {
+                self.start_retained_feed(id.clone(), next, live);
+            }
+        }
+    }
+
+    /// One pass of [`Shard::feed_retained`]; returns whether anything moved.
+    fn feed_retained_pass(&mut self, id: &ClientId, now_ms: u64) -> bool {
+        let mut moved = false;
+        loop {
+            let Some(feed) = self.retained_feeds.get_mut(id) else { return moved };
+            let Some(s) = self.sessions.get_mut(id) else { return moved };
+            let Some(d) = feed.backlog.pop_front() else { return moved };
+            if feed.live.contains(&(Arc::as_ptr(&d.msg) as usize)) {
+                continue;
+            }
+            match s.conn {
+                Some(conn) if d.qos == 0 => {
+                    let c = self.conns.get_mut(&conn).unwrap();
+                    if !matches!(c.state, ConnState::Active) {
+                        feed.backlog.push_front(d);
+                        return moved;
+                    }
+                    if c.out.len() >= self.limits.max_outbound_buffer_bytes {
+                        c.out_full = true;
+                        feed.backlog.push_front(d);
+                        return moved;
+                    }
+                    self.write_publish(conn, &d, 0, false, now_ms);
+                }
+                // As for any QoS 0 message to an offline session.
+                None if d.qos == 0 => {}
+                _ => {
+                    if !s.queue.is_empty() && s.queue.len() * 4 >= self.limits.max_queued_messages {
+                        feed.backlog.push_front(d);
+                        return moved;
+                    }
+                    s.queue.push_back(d);
+                    touch(self.persist_sessions, &mut self.dirty_sessions, s);
+                    if s.conn.is_some() {
+                        // Into flight now: the queue stays short and the window full.
+                        self.pump(id, now_ms);
+                    }
+                }
+            }
+            moved = true;
+        }
+    }
+
+    /// `id` ended or left this shard: its retained scans stop.
+    fn cancel_retained_feed(&mut self, id: &ClientId) {
+        let Some(feed) = self.retained_feeds.remove(id) else { return };
+        for owner in feed.scanning() {
+            self.send_to_shard(owner, ShardMsg::RetainedCancel { from: self.id, scan: feed.scan });
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
     // Messages between shards
     // -----------------------------------------------------------------------------------------
 
@@ -2815,6 +2960,10 @@ impl Shard {
                     self.detach(old_conn, Detach::Moves, now_ms);
                     self.effects.close.push(old_conn);
                 }
+                if to != self.id {
+                    // The feed does not move with the session; the new host's client re-subscribes.
+                    self.cancel_retained_feed(&client_id);
+                }
                 if let Some(mut s) = self.sessions.remove(&client_id) {
                     touch(self.persist_sessions, &mut self.dirty_sessions, &mut s);
                     for (filter, _) in s.subs.iter() {
@@ -2837,39 +2986,22 @@ impl Shard {
                     }
                 }
             }
-            ShardMsg::RetainedQuery { filter, to, client_id, opts, sub_id } => {
-                let msgs: Vec<Msg> = self
-                    .retained
-                    .values()
-                    .filter(|m| topic::matches(&filter, &m.topic) && expiry_left_secs(m, now_ms).is_some())
-                    .cloned()
-                    .collect();
-                // Always answered, even with nothing: the asking shard counts the replies.
-                self.send_to_shard(to, ShardMsg::RetainedReply { client_id, msgs, opts, sub_id });
+            ShardMsg::RetainedQuery { from, scan, client_id, filters } => {
+                self.retained_scans.query(from, scan, client_id, filters);
+                self.effects.retained_work = true;
             }
-            ShardMsg::RetainedReply { client_id, msgs, opts, sub_id } => {
-                let live = match self.retained_pending.get_mut(&client_id) {
-                    Some(e) => {
-                        e.0 = e.0.saturating_sub(1);
-                        if e.0 == 0 {
-                            self.retained_pending.remove(&client_id).map(|e| e.1).unwrap_or_default()
-                        } else {
-                            e.1.clone()
-                        }
-                    }
-                    None => HashSet::default(),
-                };
-                for msg in msgs {
-                    if live.contains(&(Arc::as_ptr(&msg) as usize)) {
-                        continue;
-                    }
-                    let d = Delivery {
-                        qos: opts.qos.min(msg.qos),
-                        retain: true,
-                        sub_ids: sub_id.into_iter().collect(),
-                        msg,
-                    };
-                    self.deliver(&client_id, d, now_ms);
+            ShardMsg::RetainedMore { from, scan } => {
+                self.retained_scans.more(from, scan);
+                self.effects.retained_work |= self.retained_scans.has_work();
+            }
+            ShardMsg::RetainedCancel { from, scan } => {
+                self.retained_scans.cancel(from, scan);
+                self.effects.retained_work |= self.retained_scans.has_work();
+            }
+            ShardMsg::RetainedReply { from, scan, client_id, msgs, done } => {
+                let Some(feed) = self.retained_feeds.get_mut(&client_id) else { return };
+                if feed.on_reply(from, scan, msgs, done) {
+                    self.feed_retained(&client_id, now_ms);
                 }
             }
             ShardMsg::ShareJoined { conn } => self.subscribe_step_done(conn, true, now_ms),
@@ -3061,6 +3193,15 @@ impl Shard {
         if !self.router.is_empty() {
             values.push((format!("$SYS/broker/shard/{}/kafka/pending", self.id), self.kafka_pending.to_string()));
         }
+        let backlog: usize = self.retained_feeds.values().map(|f| f.backlog.len()).sum();
+        for (field, v) in [
+            ("scans/open", self.retained_scans.open_count() as u64),
+            ("scans/waiting", self.retained_scans.waiting_count() as u64),
+            ("scans/queued", self.retained_scans.queued_total),
+            ("feed/backlog", backlog as u64),
+        ] {
+            values.push((format!("$SYS/broker/shard/{}/retained messages/{field}", self.id), v.to_string()));
+        }
         let origin: ClientId = Arc::from("$SYS");
         for (topic, value) in values {
             let msg = Arc::new(Message {
@@ -3088,6 +3229,8 @@ mod tests {
         shards: Vec<Shard>,
         closed: HashSet<(ShardId, ConnId)>,
         now: u64,
+        /// Turns of retained scans run so far, over all shards.
+        retained_turns: usize,
     }
 
     impl World {
@@ -3096,6 +3239,7 @@ mod tests {
                 shards: (0..n).map(|i| Shard::new(i, n, limits.clone(), 0)).collect(),
                 closed: HashSet::default(),
                 now: 0,
+                retained_turns: 0,
             }
         }
 
@@ -3103,6 +3247,12 @@ mod tests {
             loop {
                 let mut moved = false;
                 for i in 0..self.shards.len() {
+                    // One turn of retained scans per round, as the network layer runs them.
+                    if self.shards[i].has_retained_work() {
+                        self.shards[i].run_retained(self.now);
+                        self.retained_turns += 1;
+                        moved = true;
+                    }
                     let fx = self.shards[i].drain_effects();
                     for c in fx.close {
                         self.closed.insert((i, c));
@@ -3379,6 +3529,199 @@ mod tests {
         w.settle();
         let got: Vec<Packet> = w.recv(1, 1, V5).into_iter().filter(|p| matches!(p, Packet::Publish(_))).collect();
         assert_eq!(got.len(), 1, "delivered live and again from the retained store: {got:?}");
+    }
+
+    /// A world of two shards holding `n` retained QoS 0 messages `ret/0` … (spread over both).
+    fn world_with_retained(n: usize, limits: Limits) -> World {
+        world_of_with_retained(2, n, limits)
+    }
+
+    fn world_of_with_retained(shards: usize, n: usize, limits: Limits) -> World {
+        let mut w = World::new(shards, limits);
+        w.connect(0, 100, V5, "loader", true);
+        let mut b = BytesMut::new();
+        for i in 0..n {
+            let p = Publish {
+                dup: false,
+                qos: 0,
+                retain: true,
+                topic: format!("ret/{i}"),
+                packet_id: 0,
+                properties: Properties::default(),
+                payload: Bytes::from_static(b"r"),
+            };
+            packet::encode(&Packet::Publish(p), V5, &mut b);
+        }
+        w.shards[0].on_bytes(100, &mut b, 0);
+        w.settle();
+        assert_eq!(w.shards.iter().map(|s| s.retained.len()).sum::<usize>(), n);
+        w
+    }
+
+    fn feed_backlog(w: &World, shard: ShardId, id: &str) -> usize {
+        w.shards[shard].retained_feeds.get(id).map_or(0, |f| f.backlog.len())
+    }
+
+    /// The most a subscriber's retained backlog may hold: the low-water mark and a slice per owner.
+    const BACKLOG_MAX: usize = crate::retained_feed::BACKLOG_LOW + 2 * crate::retained_feed::SLICE_NODES;
+
+    #[test]
+    fn every_retained_message_reaches_a_qos0_subscriber_in_bounded_slices() {
+        const N: usize = 100_000;
+        let limits = Limits { max_outbound_buffer_bytes: 64 << 10, ..Limits::default() };
+        let mut w = world_with_retained(N, limits);
+        w.connect(1, 1, V5, "all", true);
+        w.send(1, 1, V5, subscribe("ret/#", 0));
+        let (mut got, mut max_backlog, mut rounds) = (std::collections::HashSet::new(), 0, 0);
+        while got.len() < N && rounds < 100_000 {
+            rounds += 1;
+            max_backlog = max_backlog.max(feed_backlog(&w, 1, "all"));
+            for p in w.recv(1, 1, V5) {
+                if let Packet::Publish(p) = p {
+                    assert!(p.retain);
+                    assert!(got.insert(p.topic), "delivered twice");
+                }
+            }
+        }
+        assert_eq!(got.len(), N, "after {rounds} rounds");
+        assert!(max_backlog <= BACKLOG_MAX, "backlog reached {max_backlog}");
+        assert_eq!(w.shards[1].stats.dropped_slow_qos0, 0);
+        assert!(w.shards[1].retained_feeds.is_empty(), "the feed ends with its request");
+        assert_eq!(w.shards[0].retained_scans.open_count() + w.shards[1].retained_scans.open_count(), 0);
+    }
+
+    #[test]
+    fn every_retained_message_reaches_an_acknowledging_qos1_subscriber_without_overflowing_its_queue() {
+        const N: usize = 100_000;
+        let mut w = world_with_retained(N, Limits::default());
+        // Stored at QoS 0 above; published again at QoS 1 (replacing them) for this test.
+        let mut b = BytesMut::new();
+        for i in 0..N {
+            let p = Publish {
+                dup: false,
+                qos: 1,
+                retain: true,
+                topic: format!("ret/{i}"),
+                packet_id: (i % 60_000 + 1) as u16,
+                properties: Properties::default(),
+                payload: Bytes::from_static(b"r1"),
+            };
+            packet::encode(&Packet::Publish(p), V5, &mut b);
+        }
+        w.shards[0].on_bytes(100, &mut b, 0);
+        w.settle();
+        w.recv(0, 100, V5);
+        w.connect(1, 1, V5, "all1", true);
+        w.send(1, 1, V5, subscribe("ret/#", 1));
+        let (mut got, mut max_backlog, mut rounds) = (std::collections::HashSet::new(), 0, 0);
+        while got.len() < N && rounds < 1_000_000 {
+            rounds += 1;
+            max_backlog = max_backlog.max(feed_backlog(&w, 1, "all1"));
+            for p in w.recv(1, 1, V5) {
+                if let Packet::Publish(p) = p {
+                    assert_eq!((p.qos, p.retain, &p.payload[..]), (1, true, &b"r1"[..]));
+                    assert!(got.insert(p.topic), "delivered twice");
+                    w.send(1, 1, V5, Packet::PubAck(resp(p.packet_id)));
+                }
+            }
+        }
+        assert_eq!(got.len(), N, "after {rounds} rounds");
+        assert!(max_backlog <= BACKLOG_MAX, "backlog reached {max_backlog}");
+        let s = &w.shards[1];
+        assert_eq!(s.stats.dropped_queue_full, 0);
+        assert!(s.sessions["all1"].queue.is_empty());
+        assert!(s.drain_waiters.is_empty(), "the feed holds no publisher back");
+    }
+
+    #[test]
+    fn a_subscribe_with_many_filters_matching_nothing_is_cheap_and_answered() {
+        let mut w = world_with_retained(100_000, Limits::default());
+        w.connect(1, 1, V5, "many", true);
+        let filters = (0..1000).map(|i| (format!("none/{i}/#"), SubOptions::default())).collect();
+        let sub = Subscribe { packet_id: 9, filters, properties: Properties::default() };
+        let mut b = BytesMut::new();
+        packet::encode(&Packet::Subscribe(sub), V5, &mut b);
+        let before = w.retained_turns;
+        w.shards[1].on_bytes(1, &mut b, 0);
+        w.settle();
+        // One turn on each owner answers the whole SUBSCRIBE: its 1000 filters cost a node or two
+        // each, not a pass over 100,000 messages.
+        assert_eq!(w.retained_turns - before, 2);
+        match w.recv(1, 1, V5).as_slice() {
+            [Packet::SubAck(a)] => assert_eq!(a.codes.len(), 1000),
+            o => panic!("{o:?}"),
+        }
+        assert!(w.shards[1].retained_feeds.is_empty());
+    }
+
+    #[test]
+    fn a_feed_blocked_on_its_output_buffer_asks_its_own_shard_for_more_once_it_drained() {
+        // One shard: owner and subscriber are the same, so the credit is a local message.
+        let limits = Limits { max_outbound_buffer_bytes: 4096, ..Limits::default() };
+        let mut w = world_of_with_retained(1, 20_000, limits);
+        w.connect(0, 1, V5, "self", true);
+        w.send(0, 1, V5, subscribe("ret/#", 0));
+        let mut got = 0;
+        for _ in 0..100_000 {
+            let n = w.recv(0, 1, V5).into_iter().filter(|p| matches!(p, Packet::Publish(_))).count();
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+        assert_eq!(got, 20_000);
+    }
+
+    #[test]
+    fn subscribes_during_a_retained_feed_are_served_after_it_one_request_at_a_time() {
+        let mut w = world_with_retained(20_000, Limits { max_outbound_buffer_bytes: 4096, ..Limits::default() });
+        w.connect(1, 1, V5, "twice", true);
+        w.send(1, 1, V5, subscribe("ret/#", 0));
+        w.send(1, 1, V5, subscribe("ret/7", 0));
+        w.send(1, 1, V5, subscribe("ret/8", 0));
+        let open = |w: &World| w.shards.iter().map(|s| s.retained_scans.open_count()).sum::<usize>();
+        assert_eq!(open(&w), 2, "one request per session runs; the others wait at the subscriber");
+        let mut got = Vec::new();
+        for _ in 0..100_000 {
+            let out = w.recv(1, 1, V5);
+            if out.is_empty() && w.shards[1].retained_feeds.is_empty() {
+                break;
+            }
+            got.extend(out.into_iter().filter_map(|p| if let Packet::Publish(p) = p { Some(p.topic) } else { None }));
+        }
+        assert_eq!(got.len(), 20_002);
+        assert_eq!(
+            got[20_000..].iter().filter(|t| *t == "ret/7" || *t == "ret/8").count(),
+            2,
+            "the merged request last"
+        );
+    }
+
+    /// A subscriber to 20,000 retained messages that reads nothing (the owners hold their scans
+    /// open, waiting for credit) and then leaves: by `leave`.
+    fn retained_feed_cancelled_when(persistent: bool, leave: impl FnOnce(&mut World)) {
+        let mut w = world_with_retained(20_000, Limits { max_outbound_buffer_bytes: 4096, ..Limits::default() });
+        w.connect(1, 1, V5, "leaver", !persistent);
+        w.send(1, 1, V5, subscribe("ret/#", 1));
+        let open = |w: &World| w.shards.iter().map(|s| s.retained_scans.open_count()).sum::<usize>();
+        assert_eq!(open(&w), 2);
+        assert!(feed_backlog(&w, 1, "leaver") <= BACKLOG_MAX);
+        leave(&mut w);
+        w.settle();
+        assert_eq!(open(&w), 0, "scans of a session that went away are dropped");
+        assert!(w.shards.iter().all(|s| s.retained_feeds.is_empty()));
+    }
+
+    #[test]
+    fn a_retained_feed_is_cancelled_when_its_session_ends() {
+        retained_feed_cancelled_when(false, |w| w.shards[1].on_lost(1, 0));
+    }
+
+    #[test]
+    fn a_retained_feed_is_cancelled_when_its_session_moves_to_another_shard() {
+        retained_feed_cancelled_when(true, |w| {
+            w.connect(0, 7, V5, "leaver", false);
+        });
     }
 
     #[test]

@@ -114,6 +114,8 @@ pub(crate) struct Core {
     sessions: SessionStore,
     /// Wakes the session store's commit task.
     sessions_ready: Notify,
+    /// Wakes the task that runs retained scans in turns ([`Shard::run_retained`]).
+    retained_ready: Notify,
     wall_offset_ms: i64,
     epoch: Instant,
 }
@@ -167,6 +169,9 @@ impl Core {
         }
         if fx.sessions_urgent {
             self.sessions_ready.notify();
+        }
+        if fx.retained_work {
+            self.retained_ready.notify();
         }
         if fx.dirty.is_empty()
             && fx.close.is_empty()
@@ -439,6 +444,7 @@ pub(crate) async fn run_shard(
         retained,
         sessions,
         sessions_ready: Notify::default(),
+        retained_ready: Notify::default(),
         wall_offset_ms,
         epoch: cfg.epoch,
     });
@@ -475,6 +481,27 @@ pub(crate) async fn run_shard(
                 c.sessions_ready.notified().await;
                 c.sessions.commit(&c.shard, &c.retained, || c.now_ms()).await;
                 c.dispatch();
+            }
+        })
+        .detach();
+    }
+    // Retained lookups for new subscriptions: one bounded slice of scanning per turn, then the
+    // core's connections and other tasks run before the next (a lookup over 100,000 retained
+    // messages must not stall the shard).
+    {
+        let c = core.clone();
+        glommio::spawn_local(async move {
+            loop {
+                c.retained_ready.notified().await;
+                loop {
+                    let now = c.now_ms();
+                    let more = c.shard.borrow_mut().run_retained(now);
+                    c.dispatch();
+                    if !more {
+                        break;
+                    }
+                    futures_lite::future::yield_now().await;
+                }
             }
         })
         .detach();
