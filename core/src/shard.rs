@@ -3151,4 +3151,50 @@ mod tests {
         assert_eq!(w.shards[0].stats.dropped_queue_full, 0);
         assert_eq!(stored_position(&mut w), Some(40));
     }
+
+    #[test]
+    fn an_offline_receiver_that_moves_to_another_shard_lets_the_held_kafka_records_go() {
+        let mut w = kafka_world(60_000);
+        let mut store = HashMap::default();
+        // A persistent session on shard 1, offline: its queue fills to half and holds the feed.
+        w.connect(1, 2, V5, "dev", false);
+        w.send(1, 2, V5, subscribe("d/+", 1));
+        w.recv(1, 2, V5);
+        w.shards[1].on_lost(2, w.now);
+        w.settle();
+        w.shards[0].on_kafka_records(kafka_burst(40), w.now);
+        w.settle();
+        for _ in 0..10 {
+            commit_sessions(&mut w, &mut store);
+            w.shards[0].feed_kafka_records(w.now);
+            w.settle();
+        }
+        assert!(w.shards[0].kafka_records_waiting());
+        assert!(!w.shards[1].feed.held.is_empty(), "shard 1 holds its answer for the offline session");
+        // It comes back on shard 0: the session moves, and what shard 1 held for it must go.
+        let mut got = Vec::new();
+        for p in w.connect_all(0, 3, V5, "dev", false) {
+            if let Packet::Publish(p) = p {
+                got.push(std::str::from_utf8(&p.payload).unwrap().parse().unwrap());
+                w.send(0, 3, V5, Packet::PubAck(resp(p.packet_id)));
+            }
+        }
+        for _ in 0..100 {
+            got.extend(take_kafka_messages(&mut w, 0, 3, true));
+            if got.len() == 40 {
+                break;
+            }
+            w.now += 100;
+            for s in &mut w.shards {
+                s.tick(w.now, 0);
+            }
+            w.shards[0].feed_kafka_records(w.now);
+            w.settle();
+            commit_sessions(&mut w, &mut store);
+        }
+        assert_eq!(got, (0..40).collect::<Vec<_>>(), "every record, in order");
+        assert!(w.now < 60_000, "released when the session left, not by the time bound");
+        assert_eq!(w.shards[0].stats.dropped_queue_full + w.shards[1].stats.dropped_queue_full, 0);
+        assert_eq!(w.shards[0].feed.receivers_skipped + w.shards[1].feed.receivers_skipped, 0);
+    }
 }

@@ -47,7 +47,7 @@ pub(super) struct InboundFeed {
     /// a quarter (or went away).
     skipped: HashSet<ClientId>,
     /// Answers to other shards' slice receipts held here: (held receipt id, since, receivers).
-    held: Vec<(u64, u64, Vec<ClientId>)>,
+    pub(super) held: Vec<(u64, u64, Vec<ClientId>)>,
     max_wait_ms: u64,
     /// Receivers skipped after `max_wait_ms`, for `$SYS`; the first one is logged.
     pub(super) receivers_skipped: u64,
@@ -231,32 +231,34 @@ impl Shard {
         }
     }
 
-    /// Held slice answers older than `max_wait_ms`: their receivers are skipped and the answers
-    /// go, with every other answer held only for receivers now skipped.
+    /// Held slice answers go once none of their receivers holds them any more: drained to a
+    /// quarter (normally released at once by `release_drain_waiters`), gone from this shard (a
+    /// session that moves away while offline leaves its drain waiters behind), or skipped — which
+    /// is what receivers holding an answer longer than `max_wait_ms` become.
     pub(super) fn expire_feed_holds(&mut self, now_ms: u64) {
-        let max_wait_ms = self.feed.max_wait_ms;
-        let held_receipts = &self.held_receipts;
-        let mut late = Vec::new();
-        self.feed.held.retain(|(h, since, ids)| {
-            if !held_receipts.contains_key(h) {
-                return false; // answered: its receivers drained
-            }
-            if now_ms.saturating_sub(*since) >= max_wait_ms {
-                late.extend(ids.iter().cloned());
-            }
-            true
-        });
-        if late.is_empty() {
+        if self.feed.held.is_empty() {
             return;
         }
+        let held_receipts = &self.held_receipts;
+        self.feed.held.retain(|(h, _, _)| held_receipts.contains_key(h));
+        let max_wait_ms = self.feed.max_wait_ms;
+        let late: Vec<ClientId> = self
+            .feed
+            .held
+            .iter()
+            .filter(|(_, since, _)| now_ms.saturating_sub(*since) >= max_wait_ms)
+            .flat_map(|(_, _, ids)| ids.iter().cloned())
+            .filter(|id| self.sessions.contains_key(id))
+            .collect();
         self.skip_receivers(&late);
-        let skipped = &self.feed.skipped;
-        let (free, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.feed.held)
-            .into_iter()
-            .partition(|(_, _, ids)| ids.iter().all(|id| skipped.contains(id)));
+        let q = self.limits.max_queued_messages;
+        let (skipped, sessions) = (&self.feed.skipped, &self.sessions);
+        let holds = |id: &ClientId| !skipped.contains(id) && sessions.get(id).is_some_and(|s| s.queue.len() * 4 > q);
+        let (keep, free): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.feed.held).into_iter().partition(|(_, _, ids)| ids.iter().any(holds));
         self.feed.held = keep;
         for (h, _, _) in free {
-            // The session's drain waiter for `h` stays behind; `release_drain_waiters` skips it.
+            // A drain waiter for `h` may stay behind; `release_drain_waiters` skips it.
             if let Some(held) = self.held_receipts.remove(&h) {
                 self.answer_receipt_now(held.receipt, held.more, held.stored);
             }
