@@ -416,8 +416,8 @@ pub struct Shard {
     /// Token → replies still expected, and what completes then.
     receipts: HashMap<u64, (u32, ReceiptFor)>,
     next_receipt: u64,
-    /// Kafka record batches in arrival order, with the positions they move; a batch's positions
-    /// apply once its receipt and every earlier one completed.
+    /// Slices of Kafka records ([`inbound_feed`]) in routing order, with the positions they
+    /// move; a slice's positions apply once its receipt and every earlier one completed.
     position_batches: VecDeque<(u64, Vec<(PartitionKey, i64)>)>,
     receipts_done: HashSet<u64>,
     /// `kafka-ack` with a spill log: QoS 1/2 records that time out (Kafka down or hanging) go

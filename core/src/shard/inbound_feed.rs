@@ -35,8 +35,8 @@ use super::*;
 pub(super) const FEED_TOKEN: u64 = 1 << 62;
 
 pub(super) struct InboundFeed {
-    /// Records consumed and not yet routed, in order. Bounded by one consumed batch (plus the
-    /// one being taken): the caller takes no batch while this is not empty.
+    /// Records consumed and not yet routed, in order: at most one consumed batch, since the
+    /// caller takes no batch while this is not empty.
     remainder: VecDeque<InboundRecord>,
     /// The last slice's receipt, while some shard has not answered it.
     outstanding: Option<u64>,
