@@ -159,6 +159,7 @@ fn real_main() -> anyhow::Result<()> {
             inbound: cfg.kafka_to_mqtt.clone(),
             clusters: cfg.kafka.clusters.keys().cloned().collect(),
             max_pending_records_per_shard: cfg.kafka.max_pending_records_per_shard,
+            kafka_to_mqtt_max_wait_ms: cfg.kafka.kafka_to_mqtt_max_wait_ms,
             delivery: cfg.kafka.delivery,
             spill_on_timeout: cfg.kafka.spill_on_timeout,
             qos0_when_backlogged: cfg.kafka.qos0_when_backlogged,

@@ -42,7 +42,14 @@ pub struct KafkaConfig {
     /// Spill log (local-durable): segment file size, and the most disk one shard may use.
     pub spill_segment_bytes: u64,
     pub spill_max_bytes_per_shard: u64,
+    /// Kafka → MQTT: the longest a QoS 1/2 receiver that takes no messages (never acknowledges,
+    /// offline) holds the consumed records back; after it, it is skipped until its queue
+    /// drained, and its queue follows `queue_full_policy` meanwhile.
+    pub kafka_to_mqtt_max_wait_ms: u64,
 }
+
+/// Default of `kafka.kafka_to_mqtt_max_wait_ms`.
+pub const DEFAULT_KAFKA_TO_MQTT_MAX_WAIT_MS: u64 = 5000;
 
 impl Default for KafkaConfig {
     fn default() -> Self {
@@ -54,6 +61,7 @@ impl Default for KafkaConfig {
             qos0_when_backlogged: Qos0Policy::BackPressure,
             spill_segment_bytes: 64 << 20,
             spill_max_bytes_per_shard: 4 << 30,
+            kafka_to_mqtt_max_wait_ms: DEFAULT_KAFKA_TO_MQTT_MAX_WAIT_MS,
         }
     }
 }

@@ -43,6 +43,9 @@ use crate::session::{Delivery, Inflight, Sub};
 pub use crate::session::{Session, StoredMessage};
 use crate::topic::{self, TopicLimits, Trie};
 
+mod inbound_feed;
+use inbound_feed::{InboundFeed, FEED_TOKEN};
+
 pub type ShardId = usize;
 /// A connection's id, unique within its shard.
 pub type ConnId = u64;
@@ -530,6 +533,8 @@ pub struct Shard {
     /// Per Kafka → MQTT mapping: records read, MQTT messages published, records skipped.
     inbound_stats: Vec<(u64, u64, u64)>,
     logged_skips: HashSet<(u16, Skip)>,
+    /// Consumed records not routed yet, routed in slices that fit the receivers' room.
+    feed: InboundFeed,
     /// The connection whose PUBLISH is being routed, and the connected sessions on this shard
     /// whose queues that publish pushed past half full: its acknowledgement waits for them to
     /// drain (back-pressure: the publisher's in-flight window fills instead of queues overflowing).
@@ -572,8 +577,8 @@ pub struct Shard {
     /// before them until this shard's store commits again.
     failed_position_batches: Vec<u64>,
     next_receipt: u64,
-    /// Kafka record batches in arrival order, with the positions they move; a batch's positions
-    /// apply once its receipt and every earlier one completed.
+    /// Slices of Kafka records ([`inbound_feed`]) in routing order, with the positions they
+    /// move; a slice's positions apply once its receipt and every earlier one completed.
     position_batches: VecDeque<(u64, Vec<(PartitionKey, i64)>)>,
     receipts_done: HashSet<u64>,
     /// `kafka-ack` with a spill log: QoS 1/2 records that time out (Kafka down or hanging) go
@@ -717,6 +722,7 @@ impl Shard {
             inbound: Inbound::default(),
             inbound_stats: Vec::new(),
             logged_skips: HashSet::default(),
+            feed: InboundFeed::new(crate::config::DEFAULT_KAFKA_TO_MQTT_MAX_WAIT_MS),
             publishing: None,
             congested: Vec::new(),
             drain_waiters: HashMap::default(),
@@ -1123,6 +1129,7 @@ impl Shard {
                 }
             }
         }
+        self.expire_feed_holds(now_ms);
         if now_ms.saturating_sub(self.last_stats_ms) >= STATS_SHARE_INTERVAL_MS {
             self.last_stats_ms = now_ms;
             self.share_stats();
@@ -1922,16 +1929,21 @@ impl Shard {
     /// for it go on.
     fn release_drain_waiters(&mut self, id: &ClientId) {
         let Some(congestion) = self.drain_waiters.remove(id) else { return };
+        self.release_waiters(congestion.waiters);
+    }
+
+    fn release_waiters(&mut self, waiters: Vec<DrainWaiter>) {
         let mut acks = Vec::new();
-        for w in congestion.waiters {
+        for w in waiters {
             match w {
                 DrainWaiter::Ack(conn, seq) => acks.push((conn, seq)),
                 DrainWaiter::Receipt(h) => {
                     let Some(held) = self.held_receipts.get_mut(&h) else { continue };
                     held.waiting -= 1;
                     if held.waiting == 0 {
-                        let held = self.held_receipts.remove(&h).unwrap();
-                        self.answer_receipt_now(held.receipt, held.more, held.stored);
+                        if let Some(held) = self.held_receipts.remove(&h) {
+                            self.answer_receipt_now(held.receipt, held.more, held.stored);
+                        }
                     }
                 }
             }
@@ -1954,15 +1966,32 @@ impl Shard {
             }
         }
         for id in stuck {
-            self.stats.slow_subscribers += 1;
-            if self.stats.slow_subscribers == 1 {
+            let newly = self.slow.insert(id.clone());
+            if newly {
+                self.stats.slow_subscribers += 1;
+            }
+            if newly && self.stats.slow_subscribers == 1 {
                 self.effects.warnings.push(format!(
                     "shard {}: client `{id}` held publishers back for {bound} ms; they no longer wait for it until its queue drains, and its queue drops by queue_full_policy meanwhile (further ones are counted in $SYS/broker/shard/{}/clients/slow)",
                     self.id, self.id
                 ));
             }
-            self.slow.insert(id.clone());
-            self.release_drain_waiters(&id);
+            // Publishers go on. Kafka → MQTT slices keep waiting: Kafka holds those records,
+            // and the feed has its own, longer bound (`kafka_to_mqtt_max_wait_ms`).
+            let Some(c) = self.drain_waiters.get_mut(&id) else { continue };
+            let held = &self.held_receipts;
+            let is_feed = |w: &DrainWaiter| match w {
+                DrainWaiter::Receipt(h) => held.get(h).is_some_and(|r| r.receipt.token & FEED_TOKEN != 0),
+                DrainWaiter::Ack(..) => false,
+            };
+            let (feed, publishers): (Vec<_>, Vec<_>) = std::mem::take(&mut c.waiters).into_iter().partition(is_feed);
+            if feed.is_empty() {
+                self.drain_waiters.remove(&id);
+            } else {
+                c.waiters = feed;
+                c.since_ms = None;
+            }
+            self.release_waiters(publishers);
         }
     }
 
@@ -2203,68 +2232,6 @@ impl Shard {
     /// (what a crash before then loses was not acknowledged: that commit refused its waiters).
     pub fn retry_sessions(&mut self, ids: impl IntoIterator<Item = ClientId>) {
         self.dirty_sessions.extend(ids);
-    }
-
-    /// Turns on Kafka → MQTT: records handed to [`Shard::on_kafka_records`] are transformed and
-    /// published to MQTT subscribers on every shard.
-    pub fn with_inbound(mut self, inbound: Inbound, mappings: usize) -> Self {
-        self.inbound = inbound;
-        self.inbound_stats = vec![(0, 0, 0); mappings];
-        self
-    }
-
-    /// Records read from Kafka: each becomes MQTT messages (or is skipped, counted, and logged
-    /// once per mapping and cause) routed like a publish from a client.
-    pub fn on_kafka_records(&mut self, records: impl IntoIterator<Item = InboundRecord>, now_ms: u64) {
-        // One receipt for the batch: its positions move once every shard handed its messages to
-        // the subscribers there and stored what it queued for persistent sessions.
-        let token = self.new_receipt();
-        let mut expected = 0;
-        let mut moves: Vec<(PartitionKey, i64)> = Vec::new();
-        for r in records {
-            let key = (r.mapping, r.topic.clone(), r.partition);
-            match moves.iter_mut().find(|(k, _)| *k == key) {
-                Some(m) => m.1 = r.offset + 1,
-                None => moves.push((key, r.offset + 1)),
-            }
-            let stats = self.inbound_stats.get_mut(usize::from(r.mapping));
-            if let Some(s) = stats {
-                s.0 += 1;
-            }
-            match self.inbound.transform(&r, now_ms) {
-                Ok(msgs) => {
-                    if let Some(s) = self.inbound_stats.get_mut(usize::from(r.mapping)) {
-                        s.1 += msgs.len() as u64;
-                    }
-                    for m in msgs {
-                        self.stats.messages_received += 1;
-                        expected += self.route_with_receipt(Arc::new(m), Some(token), now_ms).1;
-                    }
-                }
-                Err(skip) => {
-                    if let Some(s) = self.inbound_stats.get_mut(usize::from(r.mapping)) {
-                        s.2 += 1;
-                    }
-                    if self.logged_skips.insert((r.mapping, skip)) {
-                        let name = self.inbound.mapping_name(r.mapping).to_string();
-                        self.effects.warnings.push(format!(
-                            "kafka_to_mqtt `{name}`: skipped a record of {}/{} at offset {}: {}; further ones are counted in $SYS/broker/shard/{}/kafka_to_mqtt/{name}/records/skipped",
-                            r.topic, r.partition, r.offset, skip.cause(), self.id
-                        ));
-                    }
-                }
-            }
-        }
-        // Kafka positions are not held back by congested subscribers on this shard (other shards'
-        // answers may be: they then move on once those drain).
-        self.congested.clear();
-        self.position_batches.push_back((token, moves));
-        if expected == 0 {
-            self.complete_position_batch(token);
-        } else {
-            self.receipts.insert(token, ReceiptWait { left: expected, failed: false, then: ReceiptFor::Positions });
-        }
-        self.run_local(now_ms);
     }
 
     /// The consumer positions of this shard, if they moved since the last call (to be stored).
@@ -2931,7 +2898,11 @@ impl Shard {
             ShardMsg::Publish(msg) => self.route_here(&msg, now_ms),
             ShardMsg::PublishReceipt { msg, receipt } => {
                 let ((), more) = self.under_receipt(receipt, |shard| shard.route_here(&msg, now_ms));
-                self.answer_receipt(receipt, more);
+                if receipt.token & FEED_TOKEN != 0 {
+                    self.answer_feed_receipt(receipt, more, &msg, now_ms);
+                } else {
+                    self.answer_receipt(receipt, more);
+                }
             }
             ShardMsg::Receipt { token, more, failed } => self.on_receipt(token, more, failed),
             ShardMsg::Claim { client_id, host, conn, clean_start } => self.on_claim(client_id, host, conn, clean_start),
@@ -3185,6 +3156,7 @@ impl Shard {
                 values.push((format!("$SYS/broker/shard/{}/kafka_to_mqtt/{name}/{field}", self.id), v.to_string()));
             }
         }
+        self.feed_sys(&mut values);
         if let Some((backlog, disk, replayed)) = self.spill_stats {
             values.push((format!("$SYS/broker/shard/{}/spill/records", self.id), backlog.to_string()));
             values.push((format!("$SYS/broker/shard/{}/spill/disk_bytes", self.id), disk.to_string()));
@@ -4303,5 +4275,176 @@ mod tests {
             }
         }
         assert_eq!(got.len(), 5);
+    }
+
+    /// Two shards with Kafka → MQTT on (sessions stored as in the broker), queues of 8 and a
+    /// window of 1: a burst from Kafka is many times what a queue holds.
+    fn kafka_world(max_wait_ms: u64) -> World {
+        use crate::inbound::{InboundMappingConfig, PayloadSource, StartAt};
+        let limits = Limits { max_queued_messages: 8, max_inflight: 1, ..Limits::default() };
+        let cfg = InboundMappingConfig {
+            name: "cmd".into(),
+            cluster: "c".into(),
+            kafka_topics: vec!["t".into()],
+            kafka_topic_pattern: None,
+            mqtt_topics: vec!["d/${key}".into()],
+            payload: PayloadSource::Value,
+            qos: 1,
+            retain: false,
+            start: StartAt::Earliest,
+        };
+        let mut w = World::new(2, limits.clone());
+        w.shards = (0..2)
+            .map(|i| {
+                let inbound = Inbound::new(std::slice::from_ref(&cfg), &["c".to_string()]).unwrap();
+                Shard::new(i, 2, limits.clone(), 0).with_session_store().with_inbound(inbound, 1, max_wait_ms)
+            })
+            .collect();
+        w
+    }
+
+    /// `n` records of partition 0, keys k0 and k1 in turn, values their offsets.
+    fn kafka_burst(n: i64) -> Vec<InboundRecord> {
+        (0..n)
+            .map(|o| InboundRecord {
+                mapping: 0,
+                topic: "t".into(),
+                partition: 0,
+                offset: o,
+                key: Some(Bytes::from(format!("k{}", o % 2))),
+                value: Some(Bytes::from(o.to_string())),
+                headers: Vec::new(),
+            })
+            .collect()
+    }
+
+    /// What a subscriber got (payloads), each acknowledged when `ack`.
+    fn take_kafka_messages(w: &mut World, shard: ShardId, conn: ConnId, ack: bool) -> Vec<i64> {
+        let mut got = Vec::new();
+        for p in w.recv(shard, conn, V5) {
+            if let Packet::Publish(p) = p {
+                got.push(std::str::from_utf8(&p.payload).unwrap().parse().unwrap());
+                if ack {
+                    w.send(shard, conn, V5, Packet::PubAck(resp(p.packet_id)));
+                }
+            }
+        }
+        got
+    }
+
+    fn stored_position(w: &mut World) -> Option<i64> {
+        w.shards[0].take_positions().and_then(|p| p.get(&("cmd".to_string(), "t".to_string(), 0)).copied())
+    }
+
+    #[test]
+    fn a_kafka_burst_is_routed_in_slices_that_fit_the_receivers_queues() {
+        let mut w = kafka_world(60_000);
+        // "all" on the consuming shard gets every key; "odd" on the other shard only k1.
+        w.connect(0, 1, V5, "all", true);
+        w.send(0, 1, V5, subscribe("d/+", 1));
+        w.recv(0, 1, V5);
+        w.connect(1, 2, V5, "odd", true);
+        w.send(1, 2, V5, subscribe("d/k1", 1));
+        w.recv(1, 2, V5);
+        w.shards[0].on_kafka_records(kafka_burst(80), w.now);
+        w.settle();
+        assert!(w.shards[0].kafka_records_waiting(), "a burst of 10 queues' worth waits for room");
+        let early = stored_position(&mut w).unwrap_or(0);
+        assert!(early < 80, "the position waits for what is not delivered: {early}");
+        let (mut all, mut odd) = (Vec::new(), Vec::new());
+        for _ in 0..1000 {
+            all.extend(take_kafka_messages(&mut w, 0, 1, true));
+            odd.extend(take_kafka_messages(&mut w, 1, 2, true));
+            w.shards[0].feed_kafka_records(w.now);
+            w.settle();
+            if all.len() == 80 && odd.len() == 40 {
+                break;
+            }
+        }
+        assert_eq!(all, (0..80).collect::<Vec<_>>(), "every record, in order");
+        assert_eq!(odd, (0..80).filter(|o| o % 2 == 1).collect::<Vec<_>>());
+        assert_eq!(w.shards[0].stats.dropped_queue_full + w.shards[1].stats.dropped_queue_full, 0);
+        assert!(!w.shards[0].kafka_records_waiting());
+        assert_eq!(stored_position(&mut w), Some(80), "the position moved past every record");
+    }
+
+    #[test]
+    fn a_receiver_that_takes_nothing_holds_kafka_records_back_only_for_the_max_wait() {
+        let mut w = kafka_world(1000);
+        w.connect(0, 1, V5, "live", true);
+        w.send(0, 1, V5, subscribe("d/+", 1));
+        w.recv(0, 1, V5);
+        // On the other shard, a subscriber that never acknowledges: its queue fills.
+        w.connect(1, 2, V5, "stuck", true);
+        w.send(1, 2, V5, subscribe("d/+", 1));
+        w.recv(1, 2, V5);
+        w.shards[0].on_kafka_records(kafka_burst(40), w.now);
+        w.settle();
+        let mut live = Vec::new();
+        for _ in 0..100 {
+            live.extend(take_kafka_messages(&mut w, 0, 1, true));
+            take_kafka_messages(&mut w, 1, 2, false);
+            if live.len() == 40 {
+                break;
+            }
+            w.now += 100;
+            for s in &mut w.shards {
+                s.tick(w.now, 0);
+            }
+            w.shards[0].feed_kafka_records(w.now);
+            w.settle();
+        }
+        assert!(w.now >= 1000, "the stuck receiver held the records back first ({} ms)", w.now);
+        assert_eq!(live, (0..40).collect::<Vec<_>>(), "the other receiver gets every record, in order");
+        assert_eq!(w.shards[1].feed.receivers_skipped, 1);
+        assert!(w.shards[1].stats.dropped_queue_full > 0, "the stuck receiver's queue followed its policy");
+        assert_eq!(w.shards[0].stats.dropped_queue_full, 0);
+        assert_eq!(stored_position(&mut w), Some(40));
+    }
+
+    #[test]
+    fn an_offline_receiver_that_moves_to_another_shard_lets_the_held_kafka_records_go() {
+        let mut w = kafka_world(60_000);
+        let mut store = HashMap::default();
+        // A persistent session on shard 1, offline: its queue fills to half and holds the feed.
+        w.connect(1, 2, V5, "dev", false);
+        w.send(1, 2, V5, subscribe("d/+", 1));
+        w.recv(1, 2, V5);
+        w.shards[1].on_lost(2, w.now);
+        w.settle();
+        w.shards[0].on_kafka_records(kafka_burst(40), w.now);
+        w.settle();
+        for _ in 0..10 {
+            commit_sessions(&mut w, &mut store);
+            w.shards[0].feed_kafka_records(w.now);
+            w.settle();
+        }
+        assert!(w.shards[0].kafka_records_waiting());
+        assert!(!w.shards[1].feed.held.is_empty(), "shard 1 holds its answer for the offline session");
+        // It comes back on shard 0: the session moves, and what shard 1 held for it must go.
+        let mut got = Vec::new();
+        for p in w.connect_all(0, 3, V5, "dev", false) {
+            if let Packet::Publish(p) = p {
+                got.push(std::str::from_utf8(&p.payload).unwrap().parse().unwrap());
+                w.send(0, 3, V5, Packet::PubAck(resp(p.packet_id)));
+            }
+        }
+        for _ in 0..100 {
+            got.extend(take_kafka_messages(&mut w, 0, 3, true));
+            if got.len() == 40 {
+                break;
+            }
+            w.now += 100;
+            for s in &mut w.shards {
+                s.tick(w.now, 0);
+            }
+            w.shards[0].feed_kafka_records(w.now);
+            w.settle();
+            commit_sessions(&mut w, &mut store);
+        }
+        assert_eq!(got, (0..40).collect::<Vec<_>>(), "every record, in order");
+        assert!(w.now < 60_000, "released when the session left, not by the time bound");
+        assert_eq!(w.shards[0].stats.dropped_queue_full + w.shards[1].stats.dropped_queue_full, 0);
+        assert_eq!(w.shards[0].feed.receivers_skipped + w.shards[1].feed.receivers_skipped, 0);
     }
 }

@@ -45,6 +45,8 @@ pub struct BridgeSetup {
     /// Cluster names, in the order the records' `cluster` index uses.
     pub clusters: Vec<String>,
     pub max_pending_records_per_shard: usize,
+    /// Kafka → MQTT: the longest a receiver that takes nothing holds consumed records back.
+    pub kafka_to_mqtt_max_wait_ms: u64,
     pub delivery: Delivery,
     /// `kafka-ack`: records that time out go to the spill log instead of failing.
     pub spill_on_timeout: bool,
@@ -146,6 +148,7 @@ pub fn run(
                         .join(format!("shard-{shard_id}")),
                     clusters: b.clusters.clone(),
                     max_pending: b.max_pending_records_per_shard,
+                    inbound_max_wait_ms: b.kafka_to_mqtt_max_wait_ms,
                     delivery: b.delivery,
                     spill_on_timeout: b.spill_on_timeout,
                     qos0_when_backlogged: b.qos0_when_backlogged,

@@ -49,6 +49,7 @@ pub(crate) struct ShardBridge {
     pub positions_file: std::path::PathBuf,
     pub clusters: Vec<String>,
     pub max_pending: usize,
+    pub inbound_max_wait_ms: u64,
     pub delivery: Delivery,
     pub spill_on_timeout: bool,
     pub qos0_when_backlogged: sluice_core::config::Qos0Policy,
@@ -420,7 +421,7 @@ pub(crate) async fn run_shard(
             }
         }
         let inbound = sluice_core::inbound::Inbound::new(&b.inbound, &b.clusters)?;
-        shard = shard.with_inbound(inbound, b.inbound.len());
+        shard = shard.with_inbound(inbound, b.inbound.len(), b.inbound_max_wait_ms);
         positions_file = Some(b.positions_file.clone());
         kafka_link = Some((b.requests, b.results, b.inbound_rx));
     }
@@ -516,15 +517,28 @@ pub(crate) async fn run_shard(
     if let Some((requests, mut results, mut inbound)) = kafka_link {
         let c = core.clone();
         glommio::spawn_local(async move {
-            while let Some(batch) = inbound.recv().await {
-                let now = c.now_ms();
-                c.shard.borrow_mut().on_kafka_records(batch, now);
-                c.dispatch();
-                // Let this core's connections drain what the batch queued before taking more.
+            loop {
+                // Let this core's connections drain what was just routed before routing more.
                 futures_lite::future::yield_now().await;
                 while c.backlogged() {
                     glommio::timer::sleep(Duration::from_millis(1)).await;
                 }
+                if c.shard.borrow().kafka_records_waiting() {
+                    // Part of a batch waits for its receivers' room (acknowledgements, drained
+                    // output, other shards' answers): no new batch meanwhile, so the consumers
+                    // pause and Kafka keeps the records.
+                    let now = c.now_ms();
+                    let moved = c.shard.borrow_mut().feed_kafka_records(now);
+                    c.dispatch();
+                    if !moved {
+                        glommio::timer::sleep(Duration::from_millis(1)).await;
+                    }
+                    continue;
+                }
+                let Some(batch) = inbound.recv().await else { break };
+                let now = c.now_ms();
+                c.shard.borrow_mut().on_kafka_records(batch, now);
+                c.dispatch();
             }
         })
         .detach();
