@@ -44,6 +44,8 @@ pub use crate::session::{Session, StoredMessage};
 use crate::topic::{self, TopicLimits, Trie};
 
 mod inbound_feed;
+#[cfg(any(test, feature = "sim"))]
+pub mod sim;
 use inbound_feed::{InboundFeed, FEED_TOKEN};
 
 pub type ShardId = usize;
@@ -4446,5 +4448,17 @@ mod tests {
         assert!(w.now < 60_000, "released when the session left, not by the time bound");
         assert_eq!(w.shards[0].stats.dropped_queue_full + w.shards[1].stats.dropped_queue_full, 0);
         assert_eq!(w.shards[0].feed.receivers_skipped + w.shards[1].feed.receivers_skipped, 0);
+    }
+
+    /// The fuzz target's world on pseudo-random inputs, so that stable CI runs it too (the
+    /// coverage-guided run is `scripts/fuzz`).
+    #[test]
+    fn the_simulated_broker_keeps_its_invariants_on_random_action_streams() {
+        let mut rng = Rng(0x5eed);
+        for _ in 0..3000 {
+            let len = rng.below(400);
+            let data: Vec<u8> = (0..len).map(|_| rng.below(256) as u8).collect();
+            sim::Sim::run(&data);
+        }
     }
 }

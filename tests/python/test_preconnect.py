@@ -166,7 +166,8 @@ def test_dripped_connects_pin_no_memory_and_are_closed_in_time(announced, config
         print(f"rss base {base} KiB peak {peak} KiB; {len(closed)} closed {span}; "
               f"{rounds} canary rounds, slowest {slowest:.2f} s")
         assert len(closed) == len(drip.socks), f"{len(drip.socks) - len(closed)} dripping connections still open"
-        assert closed_after[0] <= closed[0] and closed[-1] <= closed_after[1], (closed[0], closed[-1])
+        # The broker's clock starts at its accept, a little before the test's own timestamp.
+        assert closed_after[0] - 0.1 <= closed[0] and closed[-1] <= closed_after[1], (closed[0], closed[-1])
         assert peak - base < 32 * 1024, f"RSS grew {peak - base} KiB for 400 unauthenticated connections"
         assert rounds >= 1 and slowest < 5.0
         # What they held is reused or returned: RSS comes back near where it was.
