@@ -169,7 +169,7 @@ impl Sim {
                 qos: what % 3,
                 retain: what & 8 != 0,
                 topic: topic.trim_start_matches("$share/g/").trim_end_matches("/#").into(),
-                packet_id: if what % 3 == 0 { 0 } else { u16::from(what >> 4) + 1 },
+                packet_id: if what.is_multiple_of(3) { 0 } else { u16::from(what >> 4) + 1 },
                 properties: Properties::default(),
                 payload: Bytes::from_static(b"m"),
             }),
