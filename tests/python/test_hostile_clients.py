@@ -9,30 +9,13 @@ import subprocess
 import threading
 import time
 
-from conftest import WAIT, Broker, Paho, broker_with, sluice_bin
+from conftest import WAIT, Paho, sluice_bin
+from rawmqtt import mqtt_str, packet, split, varint
 
 
 # ---------------------------------------------------------------------------------------------
 # A minimal MQTT client over a raw socket: what a misbehaving device sends, byte for byte.
 # ---------------------------------------------------------------------------------------------
-
-def varint(n):
-    out = bytearray()
-    while True:
-        b, n = n % 128, n // 128
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def mqtt_str(s):
-    b = s.encode() if isinstance(s, str) else s
-    return struct.pack("!H", len(b)) + b
-
-
-def packet(first, body):
-    return bytes([first]) + varint(len(body)) + body
-
 
 def connect_packet(client_id, v5=False, clean=True, keepalive=0, props=b""):
     flags = 0x02 if clean else 0
@@ -79,22 +62,11 @@ class Raw:
             self.buf += data
 
     def _parse(self):
-        if len(self.buf) < 2:
+        got = split(self.buf)
+        if got is None:
             return None
-        n, mult, i = 0, 1, 1
-        while True:
-            if i >= len(self.buf):
-                return None
-            b = self.buf[i]
-            n += (b & 0x7F) * mult
-            mult *= 128
-            i += 1
-            if not b & 0x80:
-                break
-        if len(self.buf) < i + n:
-            return None
-        first, body = self.buf[0], self.buf[i:i + n]
-        self.buf = self.buf[i + n:]
+        first, body, used = got
+        self.buf = self.buf[used:]
         return first >> 4, first & 0x0F, body
 
     def close(self):

@@ -14,6 +14,7 @@ import time
 import pytest
 
 from conftest import Paho, WAIT, broker_with
+from rawmqtt import varint
 
 CONNACK_OK = b"\x20\x02\x00\x00"
 # 20 source addresses: 400 drip connections are 10 per address and shard, under the default cap.
@@ -25,15 +26,6 @@ def rss_kib(pid):
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError("no VmRSS")
-
-
-def varint(n):
-    out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 def connect_packet(client_id, keepalive=60):

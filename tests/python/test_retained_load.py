@@ -14,6 +14,7 @@ import time
 import pytest
 
 from conftest import Broker
+from rawmqtt import mqtt_str, packet, split
 
 N = 100_000
 # 100 bytes each: 10 MB in all, more than one connection's output buffer (4 MiB) holds.
@@ -22,25 +23,6 @@ PAYLOAD = b"r" * 100
 # answer the SUBSCRIBE and stalled the canary as long.
 SUBACK_WITHIN_S = 5.0
 CANARY_GAP_MAX_S = 2.0
-
-
-def varint(n):
-    out = bytearray()
-    while True:
-        b = n % 128
-        n //= 128
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def mqtt_str(s):
-    b = s.encode()
-    return struct.pack(">H", len(b)) + b
-
-
-def packet(first, body):
-    return bytes([first]) + varint(len(body)) + body
 
 
 def publish(topic, payload, qos=0, retain=False, pid=0):
@@ -73,21 +55,11 @@ class Raw:
     def packets(self):
         """Whole packets buffered so far, as (first byte, body)."""
         out, self.unread = self.unread, []
-        while True:
-            n, mult, i = 0, 1, 1
-            while True:
-                if i >= len(self.buf):
-                    return out
-                b = self.buf[i]
-                n += (b & 0x7F) * mult
-                mult *= 128
-                i += 1
-                if not b & 0x80:
-                    break
-            if len(self.buf) < i + n:
-                return out
-            out.append((self.buf[0], bytes(self.buf[i:i + n])))
-            del self.buf[:i + n]
+        while (got := split(self.buf)) is not None:
+            first, body, used = got
+            out.append((first, body))
+            del self.buf[:used]
+        return out
 
     def fill(self, timeout):
         """Reads what arrives within `timeout`; False when nothing did."""
