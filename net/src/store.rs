@@ -58,7 +58,10 @@ fn open(dir: &Path, what: &str) -> Result<(KeyedLog, Vec<sluice_storage::Entry>)
 }
 
 /// One group commit of `log`, off the reactor. Returns whether it reached the disk.
-async fn commit(log: &RefCell<KeyedLog>, what: &str) -> bool {
+///
+/// A cursor that cannot be written loses nothing (it only says which superseded records may
+/// go; a stale one replays a few at the next start): logged once per episode of `cursor`.
+async fn commit(log: &RefCell<KeyedLog>, what: &str, cursor: &Cell<bool>) -> bool {
     let job = log.borrow_mut().sync_job();
     let Some(job) = job else { return true };
     let below = job.durable_below;
@@ -66,8 +69,13 @@ async fn commit(log: &RefCell<KeyedLog>, what: &str) -> bool {
         tracing::warn!(error = %e, "{what}: msync failed");
         return false;
     }
-    if let Err(e) = log.borrow_mut().synced(below) {
-        tracing::warn!(error = %e, "{what}: writing the cursor failed");
+    match log.borrow_mut().synced(below) {
+        Err(e) if !cursor.replace(true) => {
+            tracing::warn!(error = %e, "{what}: writing the cursor failed (nothing is lost; retried every commit)")
+        }
+        Err(_) => {}
+        Ok(()) if cursor.replace(false) => tracing::warn!("{what}: writing the cursor again"),
+        Ok(()) => {}
     }
     true
 }
@@ -180,6 +188,7 @@ pub(crate) fn prepare_sessions(root: &Path, n: usize) -> Result<(), String> {
 pub(crate) struct SessionStore {
     log: RefCell<KeyedLog>,
     episode: Episode,
+    cursor_failing: Cell<bool>,
 }
 
 impl SessionStore {
@@ -203,7 +212,7 @@ impl SessionStore {
                 "persistent sessions restored"
             );
         }
-        Ok(SessionStore { log: RefCell::new(log), episode: Episode::default() })
+        Ok(SessionStore { log: RefCell::new(log), episode: Episode::default(), cursor_failing: Cell::new(false) })
     }
 
     /// Writes the session changes the state machine collected, commits them together with the
@@ -255,7 +264,7 @@ impl SessionStore {
             shard.borrow_mut().retry_sessions(retry);
         }
         ok &= retained.sync().await;
-        ok &= commit(&self.log, "session store").await;
+        ok &= commit(&self.log, "session store", &self.cursor_failing).await;
         if ok {
             self.episode.succeeded("session store");
         }
@@ -273,6 +282,7 @@ pub(crate) struct RetainedStore {
     /// later successful write of the topic supersedes it).
     retry: RefCell<HashMap<String, Option<Msg>>>,
     episode: Episode,
+    cursor_failing: Cell<bool>,
 }
 
 impl RetainedStore {
@@ -285,6 +295,7 @@ impl RetainedStore {
             failed: Cell::new(false),
             retry: RefCell::new(HashMap::default()),
             episode: Episode::default(),
+            cursor_failing: Cell::new(false),
         };
         Ok((store, msgs))
     }
@@ -357,7 +368,7 @@ impl RetainedStore {
         if let Err(e) = self.log.borrow_mut().compact(COMPACT_BUDGET) {
             tracing::warn!(error = %e, "retained store: compaction failed");
         }
-        let ok = commit(&self.log, "retained store").await;
+        let ok = commit(&self.log, "retained store", &self.cursor_failing).await;
         if ok && self.retry.borrow().is_empty() {
             self.episode.succeeded("retained store");
         }

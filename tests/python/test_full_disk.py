@@ -14,6 +14,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
 
 from conftest import WAIT, Broker, Paho
+from test_hostile_clients import Canary
 
 
 @contextmanager
@@ -57,6 +58,7 @@ def test_retained_messages_acknowledged_on_a_full_disk_survive_sigkill():
     with tmpfs("20m") as mount:
         b = Broker(data_dir=mount)
         try:
+            canary = Canary(b.shard(1), b.shard(0), "full-ret")
             c = Paho(b.shard(0), "ret-filler", v5=True)
             # One store takes its segment first (two preallocating at once could both fail).
             assert publish_all(c, [("ret/warm", b"w")], retain=True) == [0]
@@ -70,6 +72,7 @@ def test_retained_messages_acknowledged_on_a_full_disk_survive_sigkill():
             assert refused > 0, "the disk never filled"
             assert len(accepted) > 500, "the store that had room refused too"
             assert b.proc.poll() is None, "the broker died on a full disk"
+            canary.check(max_gap=3.0)
             c.close()
         finally:
             b.kill()
@@ -134,6 +137,7 @@ def test_persistent_session_on_a_full_disk_refuses_what_it_cannot_keep():
             assert [r.value for r in sub.subscribe("keep/#", 1)[2]] == [1]
             sub.close()
             fill(mount)
+            canary = Canary(b.shard(0), b.shard(1), "full-sess")
             pub = Paho(b.shard(0), "keep-pub", v5=True)
             items = [("keep/x", (b"%03d" % i) * 70_000) for i in range(60)]
             codes = publish_all(pub, items)
@@ -162,6 +166,7 @@ def test_persistent_session_on_a_full_disk_refuses_what_it_cannot_keep():
             assert gone and not info.is_published(), "3.1.1 publish acknowledged on a full disk"
             p311.loop_stop()
             assert b.proc.poll() is None
+            canary.check(max_gap=3.0)
             pub.close()
         finally:
             b.kill()

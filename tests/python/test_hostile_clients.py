@@ -269,6 +269,7 @@ def test_a_311_client_past_the_qos2_window_is_flow_controlled_not_disconnected(b
     disconnect — and the subscriber gets all 150 once, in order."""
     sub = paho(broker.shard(1), "q2-reader", v5=True)
     sub.subscribe("q2/x", 2)
+    canary = Canary(broker.shard(0), broker.shard(1), "q2")
     c = Raw(broker.shard(0))
     c.send(connect_packet("q2-writer"))
     assert c.packet()[0] == 2
@@ -287,3 +288,4 @@ def test_a_311_client_past_the_qos2_window_is_flow_controlled_not_disconnected(b
     assert got == [str(i).encode() for i in range(1, 151)]
     sub.no_message()
     c.close()
+    canary.check(max_gap=3.0)

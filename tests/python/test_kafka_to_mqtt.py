@@ -10,6 +10,7 @@ import uuid
 from confluent_kafka import Producer
 
 from conftest import WAIT, broker_with
+from test_hostile_clients import Canary
 
 
 def produce(bootstrap, topic, records):
@@ -366,6 +367,7 @@ def test_a_burst_reaches_many_subscribers_on_both_shards_without_drops(kafka, pa
             else:
                 s.subscribe([(f"devices/k{k}/commands", 1) for k in keys])
             subs.append(s)
+        canary = Canary(b.shard(0), b.shard(1), "burst5")
         produce_burst(kafka, topic)
         for i, (s, (shard, keys)) in enumerate(zip(subs, plan)):
             want = len(keys) * BURST // KEYS
@@ -373,6 +375,7 @@ def test_a_burst_reaches_many_subscribers_on_both_shards_without_drops(kafka, pa
             assert len(got) == want, f"subscriber {i} (shard {shard}) got {len(got)} of {want}"
             assert by_key(got) == expected(keys), f"subscriber {i}: every record once, in order per key"
         assert sum(dropped(b, paho).values()) == 0
+        canary.check(max_gap=3.0)
     finally:
         b.stop()
 
@@ -389,6 +392,7 @@ def test_a_subscriber_that_never_acknowledges_is_skipped_after_the_max_wait(kafk
         stuck.subscribe("devices/+/commands", 1)
         live = paho(b.shard(0), "live")
         live.subscribe("devices/+/commands", 1)
+        canary = Canary(b.shard(1), b.shard(0), "stuck")
         started = time.monotonic()
         produce_burst(kafka, topic)
         got = collect(lambda t: (lambda m: (m.topic, m.payload))(live.message(timeout=t)), BURST)
@@ -399,6 +403,7 @@ def test_a_subscriber_that_never_acknowledges_is_skipped_after_the_max_wait(kafk
         assert drops["$SYS/broker/shard/1/messages/dropped"] > 0 and drops["$SYS/broker/shard/0/messages/dropped"] == 0
         skipped = sys_values(b, paho, "$SYS/broker/shard/+/kafka_to_mqtt/receivers_skipped")
         assert skipped == {f"$SYS/broker/shard/{i}/kafka_to_mqtt/receivers_skipped": i for i in (0, 1)}
+        canary.check(max_gap=3.0)
     finally:
         b.stop()
 
