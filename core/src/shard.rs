@@ -1342,6 +1342,10 @@ impl Shard {
 
     fn on_packet(&mut self, conn: ConnId, p: Packet, now_ms: u64) {
         let Some(c) = self.conns.get(&conn) else { return };
+        // Only a 3.1.1 client with packets already deferred, or sending QoS 2, can need the
+        // deferral queue: everything else skips `must_defer`'s lookups.
+        let may_defer = c.version == Some(Version::V311)
+            && (!c.deferred.is_empty() || matches!(&p, Packet::Publish(pb) if pb.qos == 2));
         if matches!(c.state, ConnState::AwaitConnect) {
             if let Packet::Connect(connect) = p {
                 self.on_connect(conn, connect, now_ms);
@@ -1362,7 +1366,7 @@ impl Shard {
                 now_ms,
             );
         }
-        if self.must_defer(conn, &p) {
+        if may_defer && self.must_defer(conn, &p) {
             return self.defer(conn, p);
         }
         self.handle_packet(conn, p, now_ms);
