@@ -14,7 +14,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde::Deserialize;
 
-use crate::shard::Message;
+use crate::message::Message;
 use crate::topic::{self, TopicLimits, Trie};
 
 /// Where the record key comes from.

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde::Deserialize;
 
+use crate::message::Message;
 use crate::packet::Properties;
-use crate::shard::Message;
 use crate::topic::{self, TopicLimits};
 
 /// A record read from Kafka, as the consumers hand it over.

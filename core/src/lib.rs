@@ -30,6 +30,7 @@ pub type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 pub mod bridge;
 pub mod config;
 pub mod inbound;
+pub mod message;
 pub mod packet;
 mod preconnect;
 pub mod retained;

@@ -19,7 +19,7 @@
 
 use std::net::{IpAddr, Ipv6Addr};
 
-use crate::shard::ConnId;
+use crate::message::ConnId;
 use crate::{HashMap, HashSet};
 
 struct Entry {

@@ -19,7 +19,7 @@
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
-use crate::shard::Msg;
+use crate::message::Msg;
 
 #[derive(Default)]
 struct Node {
@@ -211,7 +211,7 @@ impl<'t, F: FnMut(&Msg)> Walk<'t, '_, F> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shard::Message;
+    use crate::message::Message;
     use crate::topic;
     use proptest::prelude::*;
     use std::sync::Arc;

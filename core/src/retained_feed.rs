@@ -28,10 +28,10 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use crate::message::{ClientId, Msg, ShardId};
 use crate::packet::SubOptions;
 use crate::retained::{Cursor, RetainedTree};
 use crate::session::Delivery;
-use crate::shard::{ClientId, Msg, ShardId};
 use crate::{HashMap, HashSet};
 
 /// Tree nodes one slice of a scan visits at most; a turn of [`Scans::run`] starts slices
@@ -284,7 +284,7 @@ impl Feed {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shard::Message;
+    use crate::message::Message;
     use std::sync::Arc;
 
     fn tree(n: usize) -> RetainedTree {

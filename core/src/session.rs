@@ -13,8 +13,8 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
+use crate::message::{ClientId, ConnId, Message, Msg};
 use crate::packet::{self, Packet, Properties, Publish, SubOptions, Version, Will};
-use crate::shard::{ClientId, ConnId, Message, Msg};
 
 #[derive(Clone, Debug)]
 pub(crate) struct Sub {

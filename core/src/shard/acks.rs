@@ -1,0 +1,93 @@
+use super::*;
+
+impl Shard {
+    /// The acknowledgement `seq` of `conn` reports `code` unless it already reports a failure.
+    pub(super) fn set_ack_code(&mut self, conn: ConnId, seq: u64, code: u8) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        let Some(a) = seq.checked_sub(c.acks_front_seq).and_then(|i| c.acks.get_mut(i as usize)) else { return };
+        if a.code == reason::SUCCESS {
+            a.code = code;
+        }
+    }
+
+    /// Queues the PUBACK/PUBREC of a QoS 1/2 publish. It goes out once Kafka acknowledged every
+    /// record in `records` (at once when there are none) and every earlier acknowledgement of
+    /// this connection went out: MQTT requires them in the order the PUBLISHes arrived.
+    pub(super) fn queue_ack(&mut self, conn: ConnId, pid: u16, qos: u8, records: &[u64]) {
+        self.queue_ack_waiting(conn, pid, qos, records, &[], None);
+    }
+
+    /// [`Shard::queue_ack`] that also waits for the queues of `congested` sessions to drain,
+    /// and for `receipt`: `(token, answers expected)` from the shards that stored it.
+    pub(super) fn queue_ack_waiting(
+        &mut self,
+        conn: ConnId,
+        pid: u16,
+        qos: u8,
+        records: &[u64],
+        congested: &[ClientId],
+        receipt: Option<(u64, u32)>,
+    ) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        let seq = c.acks_front_seq + c.acks.len() as u64;
+        let waiting = (records.len() + congested.len() + usize::from(receipt.is_some())) as u32;
+        if let Some((token, expected)) = receipt {
+            self.receipts
+                .insert(token, ReceiptWait { left: expected, failed: false, then: ReceiptFor::Ack(conn, seq) });
+        }
+        c.acks.push_back(PendingAck { pid, qos, waiting, code: reason::SUCCESS });
+        for id in records {
+            self.kafka_waiters.insert(*id, (conn, seq));
+        }
+        for id in congested {
+            self.drain_waiters.entry(id.clone()).or_default().waiters.push(DrainWaiter::Ack(conn, seq));
+        }
+        self.flush_acks(conn);
+    }
+
+    /// One thing each of these acknowledgements waited for happened.
+    pub(super) fn release_acks(&mut self, waiters: Vec<(ConnId, u64)>) {
+        let mut touched = Vec::new();
+        for (conn, seq) in waiters {
+            let Some(c) = self.conns.get_mut(&conn) else { continue };
+            let Some(a) = seq.checked_sub(c.acks_front_seq).and_then(|i| c.acks.get_mut(i as usize)) else { continue };
+            a.waiting = a.waiting.saturating_sub(1);
+            touched.push(conn);
+        }
+        touched.dedup();
+        for conn in touched {
+            self.flush_acks(conn);
+        }
+    }
+
+    pub(super) fn flush_acks(&mut self, conn: ConnId) {
+        loop {
+            let Some(c) = self.conns.get_mut(&conn) else { return };
+            let Some(front) = c.acks.front() else { return };
+            if front.waiting > 0 {
+                return;
+            }
+            let a = c.acks.pop_front().unwrap();
+            c.acks_front_seq += 1;
+            if a.code != reason::SUCCESS && c.version != Some(Version::V5) {
+                // 3.1.1 has no negative acknowledgement: close without one, so the client
+                // publishes again after reconnecting. Nothing acknowledged is lost.
+                self.close(conn, None, 0);
+                return;
+            }
+            let r = PubResp { packet_id: a.pid, code: a.code, properties: Properties::default() };
+            self.send(conn, if a.qos == 1 { Packet::PubAck(r) } else { Packet::PubRec(r) });
+        }
+    }
+
+    pub(super) fn resolve_waiter(&mut self, id: u64, outcome: &Result<(), ProduceError>, touched: &mut Vec<ConnId>) {
+        let Some((conn, seq)) = self.kafka_waiters.remove(&id) else { return };
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        let Some(a) = seq.checked_sub(c.acks_front_seq).and_then(|i| c.acks.get_mut(i as usize)) else { return };
+        a.waiting = a.waiting.saturating_sub(1);
+        if let (Err(e), reason::SUCCESS) = (outcome, a.code) {
+            a.code = e.reason_code();
+        }
+        touched.push(conn);
+    }
+}

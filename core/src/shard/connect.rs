@@ -1,0 +1,258 @@
+use super::*;
+
+impl Shard {
+    /// A session ends for good: its will (if still waiting) goes out, its subscriptions go away.
+    pub(super) fn end_session(&mut self, s: Box<Session>, now_ms: u64) {
+        let client_id = s.client_id.clone();
+        self.end_session_quietly(s, now_ms);
+        let dir = directory_shard(&client_id, self.n_shards);
+        self.send_to_shard(dir, ShardMsg::Release { client_id, host: self.id });
+    }
+
+    pub(super) fn drop_subscriptions(&mut self, s: &mut Session) {
+        for (filter, _) in s.subs.drain() {
+            self.unsubscribe_one(&s.client_id, &filter);
+        }
+    }
+
+    pub(super) fn publish_will(&mut self, client_id: &ClientId, w: Will, now_ms: u64) {
+        let mut properties = w.properties;
+        properties.will_delay_interval = None;
+        let expiry = properties.message_expiry_interval.take();
+        let msg = Arc::new(Message {
+            topic: w.topic,
+            payload: w.payload,
+            qos: w.qos,
+            retain: w.retain,
+            properties: properties.boxed(),
+            expiry_at_ms: expiry.map(|e| now_ms + u64::from(e) * 1000),
+            origin: client_id.clone(),
+        });
+        self.route(msg, now_ms);
+    }
+
+    pub(super) fn on_connect(&mut self, conn: ConnId, mut connect: Box<Connect>, now_ms: u64) {
+        let v5 = connect.version.is_v5();
+        let c = self.conns.get_mut(&conn).unwrap();
+        c.version = Some(connect.version);
+        let refuse = |shard: &mut Shard, code: u8| {
+            shard.send(
+                conn,
+                Packet::ConnAck(ConnAck { session_present: false, code, properties: Properties::default() }),
+            );
+            if let Some(c) = shard.conns.get_mut(&conn) {
+                c.will = None;
+            }
+            shard.close(conn, None, now_ms);
+        };
+        if connect.properties.authentication_method.is_some() {
+            return refuse(self, reason::BAD_AUTHENTICATION_METHOD);
+        }
+        if connect.client_id.is_empty() {
+            if !v5 && !connect.clean_start {
+                return refuse(self, reason::CLIENT_IDENTIFIER_NOT_VALID);
+            }
+            self.next_assigned += 1;
+            connect.client_id = format!("sluice-{}-{}-{}", self.id, now_ms, self.next_assigned);
+            self.conns.get_mut(&conn).unwrap().assigned_id = true;
+        }
+        if let Some(w) = &connect.will {
+            if !topic::valid_topic_name(&w.topic, &self.topic_limits) {
+                return refuse(self, reason::TOPIC_NAME_INVALID);
+            }
+            if w.properties.payload_format_indicator == Some(1) && std::str::from_utf8(&w.payload).is_err() {
+                return refuse(self, reason::PAYLOAD_FORMAT_INVALID);
+            }
+        }
+        if !self.may_connect() {
+            return refuse(self, if v5 { reason::QUOTA_EXCEEDED } else { reason::SERVER_UNAVAILABLE });
+        }
+        let c = self.conns.get_mut(&conn).unwrap();
+        let mut ka = u64::from(connect.keep_alive);
+        let cap = u64::from(self.limits.max_keep_alive_secs);
+        if cap > 0 && (ka == 0 || ka > cap) {
+            ka = cap;
+        }
+        c.keep_alive_ms = ka * 1000;
+        c.will = connect.will.take().map(Box::new);
+        if v5 {
+            let p = &connect.properties;
+            c.client_max_packet = p.maximum_packet_size.map_or(usize::MAX, |m| m as usize);
+            c.client_receive_max = p.receive_maximum.unwrap_or(u16::MAX);
+            c.client_alias_max = p.topic_alias_maximum.unwrap_or(0);
+            c.connect_expiry = p.session_expiry_interval.unwrap_or(0);
+            c.problem_information = p.request_problem_information != Some(0);
+        }
+        let client_id: ClientId = connect.client_id.as_str().into();
+        c.client_id = Some(client_id.clone());
+        let clean_start = connect.clean_start;
+        c.state = ConnState::Pending(connect);
+        let dir = directory_shard(&client_id, self.n_shards);
+        self.send_to_shard(dir, ShardMsg::Claim { client_id, host: self.id, conn, clean_start });
+    }
+
+    /// The session for a pending connection arrived (or there is none): finish the CONNECT.
+    pub(super) fn on_transfer(
+        &mut self,
+        client_id: ClientId,
+        conn: ConnId,
+        session: Option<Box<Session>>,
+        now_ms: u64,
+    ) {
+        let pending = match self.conns.get_mut(&conn) {
+            Some(c) if matches!(c.state, ConnState::Pending(_)) && c.client_id.as_ref() == Some(&client_id) => {
+                match std::mem::replace(&mut c.state, ConnState::Active) {
+                    ConnState::Pending(p) => Some(p),
+                    _ => unreachable!(),
+                }
+            }
+            _ => None,
+        };
+        let dir = directory_shard(&client_id, self.n_shards);
+        let Some(connect) = pending else {
+            // The connection went away while its session was on the way: keep the session here.
+            let hosting = match session {
+                Some(mut s) if s.expiry_secs > 0 => {
+                    s.conn = None;
+                    if s.expiry_secs != u32::MAX {
+                        s.expires_at_ms = Some(now_ms + u64::from(s.expiry_secs) * 1000);
+                    }
+                    self.adopt(s);
+                    true
+                }
+                Some(s) => {
+                    self.end_session_quietly(s, now_ms);
+                    false
+                }
+                None => false,
+            };
+            self.send_to_shard(dir, ShardMsg::Settled { client_id, host: self.id, hosting });
+            return;
+        };
+        let v5 = connect.version.is_v5();
+        let mut session_present = false;
+        let mut session = match session {
+            Some(mut old) if !connect.clean_start => {
+                session_present = true;
+                // A new connection to this session cancels a will still waiting out its delay.
+                old.pending_will = None;
+                old
+            }
+            Some(old) => {
+                self.end_session_quietly(old, now_ms);
+                Box::new(Session::new(client_id.clone()))
+            }
+            None => Box::new(Session::new(client_id.clone())),
+        };
+        session.expiry_secs = if v5 {
+            connect.properties.session_expiry_interval.unwrap_or(0).min(self.limits.max_session_expiry_secs)
+        } else if connect.clean_start {
+            0
+        } else {
+            u32::MAX
+        };
+        session.expires_at_ms = None;
+        session.conn = Some(conn);
+        self.stats.clients_connected += 1;
+        let c = self.conns.get(&conn).unwrap();
+        let mut props = Properties::default();
+        if v5 {
+            if c.assigned_id {
+                props.assigned_client_identifier = Some(client_id.to_string());
+            }
+            props.receive_maximum = Some(self.limits.max_inflight);
+            props.topic_alias_maximum = Some(self.limits.topic_alias_maximum);
+            props.maximum_packet_size = Some(self.limits.max_packet_size);
+            props.retain_available = Some(1);
+            props.wildcard_subscription_available = Some(1);
+            props.subscription_identifier_available = Some(1);
+            props.shared_subscription_available = Some(1);
+            let asked = connect.properties.session_expiry_interval.unwrap_or(0);
+            if asked != session.expiry_secs {
+                props.session_expiry_interval = Some(session.expiry_secs);
+            }
+            if u64::from(connect.keep_alive) * 1000 != c.keep_alive_ms {
+                props.server_keep_alive = Some((c.keep_alive_ms / 1000) as u16);
+            }
+        }
+        self.send(conn, Packet::ConnAck(ConnAck { session_present, code: reason::SUCCESS, properties: props }));
+        self.adopt(session);
+        // Before anything below can end the session (a lost connection sends `Release`).
+        self.send_to_shard(dir, ShardMsg::Settled { client_id: client_id.clone(), host: self.id, hosting: true });
+        // Redeliver what was in flight, in order, then whatever waited in the queue.
+        let s = self.sessions.get_mut(&client_id).unwrap();
+        let resend: Vec<(u16, Inflight)> = s.inflight.iter().map(|(k, v)| (*k, v.clone())).collect();
+        for (pid, inf) in resend {
+            match inf {
+                Inflight::Publish(d) => {
+                    if !self.write_publish(conn, &d, pid, true, now_ms) {
+                        self.sessions.get_mut(&client_id).unwrap().inflight.remove(&pid);
+                    }
+                }
+                Inflight::Release => {
+                    self.send(
+                        conn,
+                        Packet::PubRel(PubResp { packet_id: pid, code: 0, properties: Properties::default() }),
+                    );
+                }
+            }
+        }
+        self.pump(&client_id, now_ms);
+        self.feed_retained(&client_id, now_ms);
+        if self.conns.get(&conn).is_some_and(|c| c.lost) {
+            self.detach(conn, Detach::Lost, now_ms);
+            self.conns.remove(&conn);
+            return;
+        }
+        self.resume(conn, now_ms);
+    }
+
+    /// Installs a session on this shard: its subscriptions enter this shard's trie.
+    pub(super) fn adopt(&mut self, mut s: Box<Session>) {
+        s.generation += 1;
+        touch(self.persist_sessions, &mut self.dirty_sessions, &mut s);
+        self.install(s);
+    }
+
+    /// Puts a session in this shard's tables: its subscriptions into the trie, its shared ones
+    /// to their groups' owners.
+    pub(super) fn install(&mut self, s: Box<Session>) {
+        let id = s.client_id.clone();
+        if let Some(mut old) = self.sessions.remove(&id) {
+            // The directory hands a session over one claim at a time, so this should not happen;
+            // should it, the older session's connection goes (0x8E) rather than living on
+            // without a session.
+            debug_assert!(false, "two sessions of one client id on one shard");
+            if let Some(c) = old.conn.take() {
+                self.close_why(c, Some(reason::SESSION_TAKEN_OVER), None, 0);
+            }
+            self.drop_subscriptions(&mut old);
+        }
+        for (filter, sub) in &s.subs {
+            match topic::parse_shared(filter) {
+                Some(Ok((group, f))) => {
+                    let key = format!("{group}/{f}");
+                    let owner = shard_of(&key, self.n_shards);
+                    let member =
+                        ShareMember { client_id: id.clone(), shard: self.id, opts: sub.opts, sub_id: sub.sub_id };
+                    self.send_to_shard(owner, ShardMsg::ShareJoin { key, member, ack: None });
+                }
+                _ => {
+                    self.trie.insert(filter, id.clone(), sub.clone());
+                }
+            }
+        }
+        self.sessions.insert(id, s);
+    }
+
+    /// A session replaced by a clean start: its will goes out, subscriptions go; the directory
+    /// already names the new host, so no Release.
+    pub(super) fn end_session_quietly(&mut self, mut s: Box<Session>, now_ms: u64) {
+        self.cancel_retained_feed(&s.client_id);
+        touch(self.persist_sessions, &mut self.dirty_sessions, &mut s);
+        if let Some((_, w)) = s.pending_will.take() {
+            self.publish_will(&s.client_id, *w, now_ms);
+        }
+        self.drop_subscriptions(&mut s);
+    }
+}

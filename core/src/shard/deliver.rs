@@ -1,0 +1,162 @@
+use super::*;
+
+impl Shard {
+    /// PUBACK, PUBREC (`rec`) or PUBCOMP for a message we sent.
+    pub(super) fn on_ack(&mut self, conn: ConnId, pid: u16, rec: bool, now_ms: u64) {
+        let Some(id) = self.conns.get(&conn).and_then(|c| c.client_id.clone()) else { return };
+        let Some(s) = self.sessions.get_mut(&id) else { return };
+        touch(self.persist_sessions, &mut self.dirty_sessions, s);
+        match s.inflight.get(&pid) {
+            Some(Inflight::Publish(d)) if rec && d.qos == 2 => {
+                s.inflight.insert(pid, Inflight::Release);
+                self.send(conn, Packet::PubRel(PubResp { packet_id: pid, code: 0, properties: Properties::default() }));
+            }
+            Some(Inflight::Release) if rec => {
+                self.send(conn, Packet::PubRel(PubResp { packet_id: pid, code: 0, properties: Properties::default() }));
+            }
+            Some(_) if !rec => {
+                s.inflight.remove(&pid);
+                self.pump_and_release(&id, now_ms);
+            }
+            _ => {}
+        }
+    }
+
+    pub(super) fn deliver_shared(
+        &mut self,
+        id: &ClientId,
+        msg: Msg,
+        opts: SubOptions,
+        sub_id: Option<u32>,
+        now_ms: u64,
+    ) {
+        let d = Delivery {
+            qos: opts.qos.min(msg.qos),
+            retain: opts.retain_as_published && msg.retain,
+            sub_ids: sub_id.into_iter().collect(),
+            msg,
+        };
+        self.deliver(id, d, now_ms);
+    }
+
+    /// Hands one message to one session: straight out if connected and the window allows,
+    /// otherwise into its bounded queue (QoS 0 is not queued for offline sessions).
+    pub(super) fn deliver(&mut self, id: &ClientId, d: Delivery, now_ms: u64) {
+        let Some(s) = self.sessions.get_mut(id) else { return };
+        match s.conn {
+            Some(conn) if d.qos == 0 => {
+                let c = self.conns.get(&conn).unwrap();
+                if c.out.len() >= self.limits.max_outbound_buffer_bytes {
+                    self.stats.dropped_slow_qos0 += 1;
+                    return;
+                }
+                self.write_publish(conn, &d, 0, false, now_ms);
+            }
+            None if d.qos == 0 => {}
+            _ => {
+                if s.queue.len() >= self.limits.max_queued_messages {
+                    self.stats.dropped_queue_full += 1;
+                    match self.limits.queue_full_policy {
+                        QueueFullPolicy::DropNewest => return,
+                        QueueFullPolicy::DropOldest => {
+                            s.queue.pop_front();
+                        }
+                    }
+                }
+                s.queue.push_back(d);
+                touch(self.persist_sessions, &mut self.dirty_sessions, s);
+                if s.stored {
+                    self.stored_hit = true;
+                }
+                let congested = s.conn.is_some()
+                    && s.conn != self.publishing
+                    && s.queue.len() * 2 >= self.limits.max_queued_messages
+                    && self.limits.max_backpressure_ms > 0
+                    && !self.slow.contains(id);
+                let for_a_publisher = self.publishing.is_some() || self.routing_receipt.is_some();
+                if congested && for_a_publisher && !self.congested.contains(id) {
+                    self.congested.push(id.clone());
+                }
+                self.pump(id, now_ms);
+            }
+        }
+    }
+
+    /// Moves queued messages into flight while the client's window has room and its output
+    /// buffer is under `max_outbound_buffer_bytes`: a message in flight is an encoded copy for
+    /// this client, a queued one a pointer shared with every other queue it is in, so a client
+    /// that stops reading pins at most the window or the buffer limit, whichever comes first.
+    pub(super) fn pump(&mut self, id: &ClientId, now_ms: u64) {
+        loop {
+            let Some(s) = self.sessions.get_mut(id) else { return };
+            let Some(conn) = s.conn else { return };
+            let c = self.conns.get_mut(&conn).unwrap();
+            if !matches!(c.state, ConnState::Active) {
+                return;
+            }
+            if c.out.len() >= self.limits.max_outbound_buffer_bytes {
+                c.out_full = true;
+                return;
+            }
+            let window = usize::from(c.client_receive_max.min(self.limits.max_inflight));
+            if s.inflight.len() >= window {
+                return;
+            }
+            let Some(d) = s.queue.pop_front() else { return };
+            if d.qos == 0 {
+                self.write_publish(conn, &d, 0, false, now_ms);
+                continue;
+            }
+            let pid = s.alloc_pid();
+            if self.write_publish(conn, &d, pid, false, now_ms) {
+                self.sessions.get_mut(id).unwrap().inflight.insert(pid, Inflight::Publish(d));
+            }
+        }
+    }
+
+    /// Encodes one PUBLISH to `conn`. Returns false when the message was dropped instead (expired,
+    /// or larger than the client accepts): it then counts as delivered.
+    pub(super) fn write_publish(&mut self, conn: ConnId, d: &Delivery, pid: u16, dup: bool, now_ms: u64) -> bool {
+        let Some(left) = expiry_left_secs(&d.msg, now_ms) else {
+            self.stats.dropped_expired += 1;
+            return false;
+        };
+        let c = self.conns.get_mut(&conn).unwrap();
+        let v5 = c.version == Some(Version::V5);
+        let mut topic: &str = &d.msg.topic;
+        // Most deliveries forward the message as it is; MQTT 5 adds per-delivery properties.
+        let mut own = None;
+        if v5 && (left.is_some() || !d.sub_ids.is_empty() || c.client_alias_max > 0) {
+            let properties = own.insert(d.msg.properties().clone());
+            properties.message_expiry_interval = left;
+            properties.subscription_identifiers = d.sub_ids.clone();
+            if c.client_alias_max > 0 {
+                let out = &mut c.aliases.get_or_insert_with(Default::default).outbound;
+                if let Some(a) = out.get(topic) {
+                    properties.topic_alias = Some(*a);
+                    topic = "";
+                } else if out.len() < usize::from(c.client_alias_max) {
+                    let a = out.len() as u16 + 1;
+                    out.insert(topic.to_string(), a);
+                    properties.topic_alias = Some(a);
+                }
+            }
+        }
+        let p = PublishRef {
+            dup,
+            qos: d.qos,
+            retain: d.retain,
+            topic,
+            packet_id: pid,
+            properties: own.as_ref().unwrap_or(d.msg.properties()),
+            payload: &d.msg.payload,
+        };
+        if self.send_publish(conn, &p) {
+            self.stats.messages_sent += 1;
+            true
+        } else {
+            self.stats.dropped_too_large += 1;
+            false
+        }
+    }
+}

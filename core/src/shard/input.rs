@@ -1,0 +1,305 @@
+use super::*;
+
+impl Shard {
+    /// Bytes arrived on `conn`. Decodes and handles every whole packet in `buf`, leaving a partial
+    /// one there for the next call. The caller keeps `buf` only while it is not empty, and grows
+    /// it only by what arrives (the pre-CONNECT budget counts its capacity).
+    pub fn on_bytes(&mut self, conn: ConnId, buf: &mut BytesMut, now_ms: u64) {
+        self.stats.bytes_received += buf.len() as u64;
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        if matches!(c.state, ConnState::AwaitConnect) {
+            self.decode_all(conn, buf, now_ms);
+            self.account_preconnect(conn, buf, now_ms);
+        } else if c.blocked() || !c.held.is_empty() {
+            c.held.extend_from_slice(buf);
+            buf.clear();
+            if !c.blocked() || c.acks_may_pass(&c.held) {
+                self.resume(conn, now_ms);
+            }
+        } else {
+            self.decode_all(conn, buf, now_ms);
+            if let Some(c) = self.conns.get_mut(&conn) {
+                if c.blocked() && !buf.is_empty() {
+                    c.held.extend_from_slice(buf);
+                    buf.clear();
+                }
+            }
+        }
+        self.watch_held_input(conn);
+        self.run_local(now_ms);
+    }
+
+    /// Input held for a blocked connection is bounded: past [`HELD_INPUT_MAX`] the network
+    /// layer stops reading it, and reads again once the state machine caught up.
+    pub(super) fn watch_held_input(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        let over = c.held.len() >= HELD_INPUT_MAX;
+        if over && !c.reading_paused {
+            c.reading_paused = true;
+            self.effects.pause_reading.push(conn);
+        } else if !over && c.reading_paused && !c.blocked() {
+            c.reading_paused = false;
+            self.effects.resume_reading.push(conn);
+        }
+    }
+
+    /// After input on a connection that was waiting for its CONNECT: once the CONNECT is decoded
+    /// it leaves the pre-CONNECT set; until then the buffer it keeps counts against the shard's
+    /// budget, and growing past the budget closes it.
+    pub(super) fn account_preconnect(&mut self, conn: ConnId, buf: &mut BytesMut, now_ms: u64) {
+        let Some(c) = self.conns.get(&conn) else { return };
+        if !matches!(c.state, ConnState::AwaitConnect) {
+            self.preconnect.leave(conn);
+            // Input behind the CONNECT while its session is on the way waits in `held`.
+            if c.blocked() && !buf.is_empty() {
+                let c = self.conns.get_mut(&conn).unwrap();
+                c.held.extend_from_slice(buf);
+                buf.clear();
+            }
+            return;
+        }
+        let held = if buf.is_empty() { 0 } else { buf.capacity() };
+        if let Err(over) = self.preconnect.account(conn, held) {
+            self.stats.refused_preconnect += 1;
+            if over.first {
+                self.effects.warnings.push(format!(
+                    "shard {}: connections that have not completed CONNECT buffer {} bytes \
+                     (max_preconnect_buffer_bytes_per_shard {}); closing those that grow",
+                    self.id,
+                    self.preconnect.buffered(),
+                    self.limits.max_preconnect_buffer_bytes_per_shard
+                ));
+            }
+            buf.clear();
+            self.close(conn, None, now_ms);
+        }
+    }
+
+    /// Handles packets held while the connection was blocked.
+    pub(super) fn resume(&mut self, conn: ConnId, now_ms: u64) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        let mut held = std::mem::take(&mut c.held);
+        self.decode_all(conn, &mut held, now_ms);
+        if let Some(c) = self.conns.get_mut(&conn) {
+            held.extend_from_slice(&c.held);
+            c.held = if held.is_empty() { BytesMut::new() } else { held };
+        }
+        self.watch_held_input(conn);
+    }
+
+    pub(super) fn decode_all(&mut self, conn: ConnId, buf: &mut BytesMut, now_ms: u64) {
+        loop {
+            let Some(c) = self.conns.get_mut(&conn) else { return };
+            if matches!(c.state, ConnState::Closing) {
+                buf.clear();
+                return;
+            }
+            if c.blocked() && !c.acks_may_pass(buf) {
+                return;
+            }
+            c.last_rx_ms = now_ms;
+            let version = c.version;
+            let max_size = match version {
+                None => self.limits.max_connect_packet_bytes.min(self.limits.max_packet_size),
+                Some(_) => self.limits.max_packet_size,
+            };
+            match packet::decode(buf, version, max_size as usize) {
+                Ok(Some(p)) => self.on_packet(conn, p, now_ms),
+                Ok(None) => return,
+                Err(e) => {
+                    self.stats.malformed += 1;
+                    if version.is_none() && e.code == reason::UNSUPPORTED_PROTOCOL_VERSION {
+                        // Answer in the 3.1.1 form every client version understands.
+                        self.conns.get_mut(&conn).unwrap().version = Some(Version::V311);
+                        self.send(
+                            conn,
+                            Packet::ConnAck(ConnAck {
+                                session_present: false,
+                                code: e.code,
+                                properties: Properties::default(),
+                            }),
+                        );
+                        self.close(conn, None, now_ms);
+                    } else {
+                        self.protocol_close(conn, e.code, e.what, now_ms);
+                    }
+                    buf.clear();
+                    return;
+                }
+            }
+        }
+    }
+
+    pub(super) fn on_packet(&mut self, conn: ConnId, p: Packet, now_ms: u64) {
+        let Some(c) = self.conns.get(&conn) else { return };
+        // Only a 3.1.1 client with packets already deferred, or sending QoS 2, can need the
+        // deferral queue: everything else skips `must_defer`'s lookups.
+        let may_defer = c.version == Some(Version::V311)
+            && (!c.deferred.is_empty() || matches!(&p, Packet::Publish(pb) if pb.qos == 2));
+        if matches!(c.state, ConnState::AwaitConnect) {
+            if let Packet::Connect(connect) = p {
+                self.on_connect(conn, connect, now_ms);
+            } else {
+                self.close(conn, None, now_ms);
+            }
+            return;
+        }
+        // The rule every handler below rests on: an active connection's session is hosted here
+        // and names this connection. Should it ever not hold, the packet closes its own
+        // connection instead of panicking the shard.
+        if self.holder(conn).is_none() {
+            self.stats.orphaned_packets += 1;
+            return self.protocol_close(
+                conn,
+                reason::SESSION_TAKEN_OVER,
+                "the session moved to another connection",
+                now_ms,
+            );
+        }
+        if may_defer && self.must_defer(conn, &p) {
+            return self.defer(conn, p);
+        }
+        self.handle_packet(conn, p, now_ms);
+    }
+
+    /// One packet of an active connection holding its session, in its turn.
+    pub(super) fn handle_packet(&mut self, conn: ConnId, p: Packet, now_ms: u64) {
+        match p {
+            Packet::Publish(publish) => self.on_publish(conn, publish, now_ms),
+            Packet::PubAck(r) => self.on_ack(conn, r.packet_id, false, now_ms),
+            Packet::PubRec(r) => {
+                if r.code >= 0x80 {
+                    // The client refused the message: the exchange ends here.
+                    self.on_ack(conn, r.packet_id, false, now_ms);
+                } else {
+                    self.on_ack(conn, r.packet_id, true, now_ms);
+                }
+            }
+            Packet::PubRel(r) => {
+                let Some(id) = self.conns.get(&conn).and_then(|c| c.client_id.clone()) else { return };
+                let Some(s) = self.sessions.get_mut(&id) else { return };
+                let found = s.incoming_qos2.remove(&r.packet_id);
+                touch(self.persist_sessions, &mut self.dirty_sessions, s);
+                let code = if found { reason::SUCCESS } else { reason::PACKET_ID_NOT_FOUND };
+                self.send(
+                    conn,
+                    Packet::PubComp(PubResp { packet_id: r.packet_id, code, properties: Properties::default() }),
+                );
+                if found {
+                    self.run_deferred(conn, now_ms);
+                }
+            }
+            Packet::PubComp(r) => self.on_ack(conn, r.packet_id, false, now_ms),
+            Packet::Subscribe(s) => self.on_subscribe(conn, s, now_ms),
+            Packet::Unsubscribe(u) => self.on_unsubscribe(conn, u),
+            Packet::PingReq => {
+                self.send(conn, Packet::PingResp);
+            }
+            Packet::Disconnect(d) => {
+                let c = self.conns.get_mut(&conn).unwrap();
+                if let Some(e) = d.properties.session_expiry_interval {
+                    if c.connect_expiry == 0 && e != 0 {
+                        self.protocol_close(conn, reason::PROTOCOL_ERROR, "session expiry raised from 0", now_ms);
+                        return;
+                    }
+                    let e = e.min(self.limits.max_session_expiry_secs);
+                    if let Some(id) = c.client_id.clone() {
+                        if let Some(s) = self.sessions.get_mut(&id) {
+                            s.expiry_secs = e;
+                        }
+                    }
+                }
+                let c = self.conns.get_mut(&conn).unwrap();
+                if d.code != reason::DISCONNECT_WITH_WILL {
+                    c.will = None;
+                }
+                self.close(conn, None, now_ms);
+            }
+            Packet::Auth(_) => {
+                // No enhanced authentication method is offered, so AUTH is never expected.
+                self.protocol_close(conn, reason::PROTOCOL_ERROR, "AUTH without an authentication method", now_ms);
+            }
+            Packet::Connect(_) => self.protocol_close(conn, reason::PROTOCOL_ERROR, "second CONNECT", now_ms),
+            Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
+                self.protocol_close(conn, reason::PROTOCOL_ERROR, "server-to-client packet from a client", now_ms)
+            }
+        }
+    }
+
+    /// Whether `p` must wait behind QoS 2 messages awaiting PUBREL (3.1.1 clients, see
+    /// `Conn::deferred`): it is a new QoS 2 PUBLISH with no room, or anything but an
+    /// acknowledgement or a ping while others already wait.
+    pub(super) fn must_defer(&self, conn: ConnId, p: &Packet) -> bool {
+        let Some(c) = self.conns.get(&conn) else { return false };
+        if c.version != Some(Version::V311) {
+            return false;
+        }
+        if !c.deferred.is_empty() {
+            return !matches!(
+                p,
+                Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubRel(_) | Packet::PubComp(_) | Packet::PingReq
+            );
+        }
+        matches!(p, Packet::Publish(pb) if pb.qos == 2 && !self.qos2_room(conn, pb.packet_id))
+    }
+
+    /// Whether a QoS 2 PUBLISH with `pid` can be taken now: a resend, or room in the window.
+    pub(super) fn qos2_room(&self, conn: ConnId, pid: u16) -> bool {
+        let Some(s) = self.conns.get(&conn).and_then(|c| c.client_id.as_ref()).and_then(|id| self.sessions.get(id))
+        else {
+            return true;
+        };
+        s.incoming_qos2.contains(&pid) || s.incoming_qos2.len() < usize::from(self.limits.max_inflight)
+    }
+
+    pub(super) fn defer(&mut self, conn: ConnId, p: Packet) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        c.deferred_bytes += deferred_size(&p);
+        c.deferred.push_back(p);
+        c.deferred_full = c.deferred_bytes >= DEFERRED_BYTES_MAX;
+    }
+
+    /// A PUBREL made room: deferred packets run, in order, while they can.
+    pub(super) fn run_deferred(&mut self, conn: ConnId, now_ms: u64) {
+        loop {
+            let Some(c) = self.conns.get(&conn) else { return };
+            if c.pending_sub.is_some() || !matches!(c.state, ConnState::Active) {
+                // A deferred SUBSCRIBE waits for its confirmations; the rest waits behind it.
+                return;
+            }
+            let Some(front) = c.deferred.front() else { break };
+            if let Packet::Publish(pb) = front {
+                if pb.qos == 2 && !self.qos2_room(conn, pb.packet_id) {
+                    break;
+                }
+            }
+            let Some(c) = self.conns.get_mut(&conn) else { return };
+            let Some(p) = c.deferred.pop_front() else { break };
+            c.deferred_bytes = c.deferred_bytes.saturating_sub(deferred_size(&p));
+            let was_full = std::mem::replace(&mut c.deferred_full, false);
+            if self.holder(conn).is_none() {
+                return;
+            }
+            self.handle_packet(conn, p, now_ms);
+            if was_full {
+                // Input held behind the full queue can be decoded again.
+                self.resume(conn, now_ms);
+            }
+        }
+    }
+
+    /// The client id of `conn` if it is active and its session is hosted here and names it.
+    pub(super) fn holder(&self, conn: ConnId) -> Option<ClientId> {
+        let c = self.conns.get(&conn)?;
+        if !matches!(c.state, ConnState::Active) {
+            return None;
+        }
+        let id = c.client_id.as_ref()?;
+        (self.sessions.get(id)?.conn == Some(conn)).then(|| id.clone())
+    }
+
+    pub(super) fn session_of(&mut self, conn: ConnId) -> Option<&mut Session> {
+        let id = self.conns.get(&conn)?.client_id.clone()?;
+        self.sessions.get_mut(&id).map(|s| &mut **s)
+    }
+}

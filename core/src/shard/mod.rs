@@ -1,0 +1,1025 @@
+//! The broker state one core owns, as a sans-I/O state machine.
+//!
+//! A [`Shard`] holds the connections its core accepted, the sessions hosted there, a trie of those
+//! sessions' subscriptions, and the hash-partition of retained messages, session directory entries
+//! and shared-subscription groups that this shard owns. It never blocks, never locks and never
+//! touches a socket: the caller feeds it bytes ([`Shard::on_bytes`]), lost connections, ticks and
+//! [`ShardMsg`]s from other shards, then drains [`Shard::take_output`] (bytes per connection) and
+//! [`Shard::drain_effects`] (connections to close, messages for other shards).
+//!
+//! How the shards cooperate, all by message passing:
+//! - Publish: matched against the local trie, and sent as one [`ShardMsg::Publish`] to every other
+//!   shard, which matches its own trie. One FIFO channel per pair of shards keeps per-publisher order.
+//! - Retained messages: stored by the shard that owns `hash(topic)`, in a [`RetainedTree`]; a new
+//!   subscription asks every shard ([`ShardMsg::RetainedQuery`]), which answers in slices on
+//!   credit, fed into the session after its SUBACK as room allows (`crate::retained_feed`).
+//! - Sessions: the shard owning `hash(client_id)` keeps the directory entry "which shard hosts this
+//!   session". A CONNECT claims the id there; the directory evicts the previous host, which closes
+//!   the old connection (0x8E) and ships the session over ([`ShardMsg::Transfer`]).
+//! - Shared subscriptions: the shard owning `hash(group/filter)` keeps the member list and picks
+//!   one member per message, round-robin, wherever the member's shard is.
+//!
+//! Invariants: every queue has a bound from [`Limits`]; a session is hosted by at most one shard;
+//! a session's subscriptions are in the trie of exactly the shard hosting it.
+
+use crate::{HashMap, HashSet};
+use std::collections::VecDeque;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::bridge::{Delivery as DeliveryMode, KafkaRecord, ProduceError, ProduceRequest, ProduceResult, Router};
+use crate::config::{Limits, Qos0Policy, QueueFullPolicy};
+use crate::inbound::{Inbound, InboundRecord, Positions, Skip};
+pub use crate::message::{expiry_left_secs, ClientId, ConnId, Message, Msg, ShardId};
+use crate::packet::{
+    self, reason, ConnAck, Connect, Disconnect, Packet, Properties, PubResp, Publish, PublishRef, SubAck, SubOptions,
+    Subscribe, UnsubAck, Unsubscribe, Version, Will,
+};
+use crate::preconnect::{Admission, Preconnect};
+use crate::retained::RetainedTree;
+use crate::retained_feed::{Feed, RetainedFilter, Scans};
+use crate::session::{Delivery, Inflight, Sub};
+pub use crate::session::{Session, StoredMessage};
+use crate::topic::{self, TopicLimits, Trie};
+
+mod acks;
+mod backpressure;
+mod connect;
+mod connection;
+mod deliver;
+mod inbound_feed;
+mod input;
+mod kafka_results;
+mod persistence;
+mod publish;
+mod receipts;
+mod retained_delivery;
+#[cfg(any(test, feature = "sim"))]
+pub mod sim;
+mod subscribe;
+mod sys;
+mod transfer;
+use inbound_feed::{InboundFeed, FEED_TOKEN};
+
+/// Work one shard asks of another.
+#[derive(Debug)]
+pub enum ShardMsg {
+    Publish(Msg),
+    /// A publish whose sender waits until what it changed here is durable (queued for a
+    /// persistent session, or a retained message stored): answer [`ShardMsg::Receipt`] then.
+    PublishReceipt {
+        msg: Msg,
+        receipt: Receipt,
+    },
+    /// The answer to a receipt: this shard is done, and `more` shards it forwarded the message
+    /// to (shared subscriptions) will answer too.
+    Receipt {
+        token: u64,
+        more: u32,
+        /// What this shard stored for the message could not be committed (disk full, I/O
+        /// error): the acknowledgement waiting for it must refuse instead.
+        failed: bool,
+    },
+    /// To the directory shard: `host` wants the session of `client_id` for connection `conn`.
+    Claim {
+        client_id: ClientId,
+        host: ShardId,
+        conn: ConnId,
+        clean_start: bool,
+    },
+    /// To the previous host: close the old connection and send the session to `to`.
+    Evict {
+        client_id: ClientId,
+        to: ShardId,
+        conn: ConnId,
+        clean_start: bool,
+    },
+    /// To the new host: the session (if any) for the pending connection `conn`.
+    Transfer {
+        client_id: ClientId,
+        conn: ConnId,
+        session: Option<Box<Session>>,
+    },
+    /// To the directory shard: the session ended on `host`.
+    Release {
+        client_id: ClientId,
+        host: ShardId,
+    },
+    /// To the directory shard: the claim it answered last for `client_id` is carried out; the
+    /// claimer `host` now hosts the session (`hosting`) or, its connection gone, ended it. The
+    /// next waiting claim may go ahead.
+    Settled {
+        client_id: ClientId,
+        host: ShardId,
+        hosting: bool,
+    },
+    /// To every shard, for a session's new subscriptions: scan the retained messages matching
+    /// `filters` and answer in slices ([`ShardMsg::RetainedReply`]), one per credit.
+    RetainedQuery {
+        from: ShardId,
+        scan: u64,
+        client_id: ClientId,
+        filters: Vec<String>,
+    },
+    /// One slice of a scan: messages with the index of the filter they matched. `done`: the
+    /// owner `from` has nothing more for this scan.
+    RetainedReply {
+        from: ShardId,
+        scan: u64,
+        client_id: ClientId,
+        msgs: Vec<(u32, Msg)>,
+        done: bool,
+    },
+    /// To an owner: the subscriber's backlog ran low, send the next slice of `scan`.
+    RetainedMore {
+        from: ShardId,
+        scan: u64,
+    },
+    /// To an owner: the session went away, drop `scan`.
+    RetainedCancel {
+        from: ShardId,
+        scan: u64,
+    },
+    /// To the group's owner. With `ack`, the owner answers [`ShardMsg::ShareJoined`] so that the
+    /// SUBACK goes out only once the member can receive.
+    ShareJoin {
+        key: String,
+        member: ShareMember,
+        ack: Option<ConnId>,
+    },
+    ShareJoined {
+        conn: ConnId,
+    },
+    ShareLeave {
+        key: String,
+        client_id: ClientId,
+    },
+    ShareDeliver {
+        client_id: ClientId,
+        msg: Msg,
+        opts: SubOptions,
+        sub_id: Option<u32>,
+        receipt: Option<Receipt>,
+    },
+    /// To shard 0: this shard's counters, for the `$SYS/broker/...` totals.
+    Stats {
+        from: ShardId,
+        stats: Stats,
+    },
+}
+
+/// A consumed partition: (Kafka → MQTT mapping, topic, partition).
+type PartitionKey = (u16, Arc<str>, i32);
+
+/// Who waits for a [`ShardMsg::Receipt`], and under which token.
+#[derive(Clone, Copy, Debug)]
+pub struct Receipt {
+    pub from: ShardId,
+    pub token: u64,
+}
+
+/// A receipt of this shard's: answers still expected, whether one of them failed, and what
+/// completes when all are in.
+struct ReceiptWait {
+    left: u32,
+    failed: bool,
+    then: ReceiptFor,
+}
+
+/// What completes when every shard answered a receipt.
+enum ReceiptFor {
+    /// A PUBACK/PUBREC `(conn, ack seq)`.
+    Ack(ConnId, u64),
+    /// A batch of Kafka records: their positions may move.
+    Positions,
+}
+
+/// The directory's record of one client id, kept by the shard owning `hash(client_id)`.
+///
+/// Claims are carried out one at a time: while one is under way (its `Evict` and `Transfer` in
+/// flight, `busy`), later claims wait here. So when an `Evict` reaches the previous host, that
+/// host has finished its own claim and holds the session (or nothing) — never a session still
+/// on its way — and two connections can never both end up holding one client id's session.
+#[derive(Debug, Default)]
+struct DirEntry {
+    /// The shard hosting the session, or about to; `None` once it ended there.
+    host: Option<ShardId>,
+    busy: bool,
+    /// Claims waiting their turn: `(host, conn, clean_start)`. Bounded by the connections that
+    /// are between CONNECT and CONNACK.
+    waiting: VecDeque<(ShardId, ConnId, bool)>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ShareMember {
+    pub client_id: ClientId,
+    pub shard: ShardId,
+    pub opts: SubOptions,
+    pub sub_id: Option<u32>,
+}
+
+/// Counters a shard keeps; published under `$SYS/`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub clients_connected: u64,
+    pub sessions: u64,
+    pub subscriptions: u64,
+    pub retained: u64,
+    pub messages_received: u64,
+    pub messages_sent: u64,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    pub dropped_queue_full: u64,
+    pub dropped_slow_qos0: u64,
+    pub dropped_too_large: u64,
+    pub dropped_expired: u64,
+    pub malformed: u64,
+    /// Packets that arrived on a connection no longer holding its session (closed, 0x8E).
+    pub orphaned_packets: u64,
+    /// Times a subscriber held publishers back for `max_backpressure_ms` and was let go.
+    pub slow_subscribers: u64,
+    /// Acknowledgements refused because the session or retained store could not commit.
+    pub store_refusals: u64,
+    /// Connections that have not completed CONNECT, and the bytes their partial CONNECTs hold.
+    pub preconnect_connections: u64,
+    pub preconnect_bytes: u64,
+    /// Closed before CONNECT: at accept by `max_preconnect_per_address`, or for growing past
+    /// `max_preconnect_buffer_bytes_per_shard`. (A CONNECT over `max_connect_packet_bytes` is
+    /// refused from its fixed header and counted in `malformed`, like any over-size packet.)
+    pub refused_preconnect: u64,
+    /// Closed because CONNECT was not complete `connect_timeout_ms` after accept.
+    pub connect_timeouts: u64,
+}
+
+impl std::ops::AddAssign for Stats {
+    fn add_assign(&mut self, o: Stats) {
+        let Stats {
+            clients_connected,
+            sessions,
+            subscriptions,
+            retained,
+            messages_received,
+            messages_sent,
+            bytes_received,
+            bytes_sent,
+            dropped_queue_full,
+            dropped_slow_qos0,
+            dropped_too_large,
+            dropped_expired,
+            malformed,
+            orphaned_packets,
+            slow_subscribers,
+            store_refusals,
+            preconnect_connections,
+            preconnect_bytes,
+            refused_preconnect,
+            connect_timeouts,
+        } = o;
+        self.clients_connected += clients_connected;
+        self.sessions += sessions;
+        self.subscriptions += subscriptions;
+        self.retained += retained;
+        self.messages_received += messages_received;
+        self.messages_sent += messages_sent;
+        self.bytes_received += bytes_received;
+        self.bytes_sent += bytes_sent;
+        self.dropped_queue_full += dropped_queue_full;
+        self.dropped_slow_qos0 += dropped_slow_qos0;
+        self.dropped_too_large += dropped_too_large;
+        self.dropped_expired += dropped_expired;
+        self.malformed += malformed;
+        self.orphaned_packets += orphaned_packets;
+        self.slow_subscribers += slow_subscribers;
+        self.store_refusals += store_refusals;
+        self.preconnect_connections += preconnect_connections;
+        self.preconnect_bytes += preconnect_bytes;
+        self.refused_preconnect += refused_preconnect;
+        self.connect_timeouts += connect_timeouts;
+    }
+}
+
+/// Why a connection leaves its session.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Detach {
+    /// Closed or lost: the session goes offline here (or ends, with expiry 0).
+    Lost,
+    /// Taken over by a new connection: the session moves to it.
+    Moves,
+}
+
+enum ConnState {
+    AwaitConnect,
+    /// CONNECT accepted, waiting for the directory and the previous host.
+    Pending(Box<Connect>),
+    Active,
+    /// Closing: the last bytes are being flushed; input is ignored.
+    Closing,
+}
+
+struct Conn {
+    state: ConnState,
+    version: Option<Version>,
+    client_id: Option<ClientId>,
+    out: BytesMut,
+    keep_alive_ms: u64,
+    last_rx_ms: u64,
+    client_max_packet: usize,
+    client_receive_max: u16,
+    client_alias_max: u16,
+    /// Topic aliases, both ways (MQTT 5 clients that use them only).
+    aliases: Option<Box<Aliases>>,
+    will: Option<Box<Will>>,
+    assigned_id: bool,
+    /// Session expiry asked for in CONNECT (MQTT 5); DISCONNECT may not raise it from 0.
+    connect_expiry: u32,
+    /// Input that arrived while the connection was blocked (pending CONNECT or SUBSCRIBE),
+    /// decoded once it unblocks, so packets are handled strictly in order.
+    held: BytesMut,
+    /// A SUBSCRIBE waiting for shared-group owners to confirm.
+    pending_sub: Option<Box<PendingSub>>,
+    /// 3.1.1 has no Receive Maximum: packets that arrived while `max_inflight` QoS 2 messages of
+    /// this client await PUBREL wait here, in order, until a PUBREL makes room (acknowledgements
+    /// and pings behind them are handled at once). Bounded by [`DEFERRED_BYTES_MAX`]; past it
+    /// only acknowledgements and pings are decoded, and once the held input passes
+    /// [`HELD_INPUT_MAX`] the connection is no longer read (TCP flow control).
+    deferred: VecDeque<Packet>,
+    deferred_bytes: usize,
+    deferred_full: bool,
+    /// The network layer was asked to stop reading this connection.
+    reading_paused: bool,
+    /// The socket went away while the CONNECT was pending.
+    lost: bool,
+    /// MQTT 5 Request Problem Information: reason strings allowed on DISCONNECT.
+    problem_information: bool,
+    /// PUBACK/PUBREC not yet sent, in PUBLISH order; `acks_front_seq` numbers the front one.
+    acks: VecDeque<PendingAck>,
+    acks_front_seq: u64,
+    /// Queued QoS 1/2 messages wait because `out` reached `max_outbound_buffer_bytes`: they move
+    /// on when the output has gone out ([`Shard::on_output_drained`]).
+    out_full: bool,
+}
+
+#[derive(Default)]
+struct Aliases {
+    inbound: HashMap<u16, String>,
+    outbound: HashMap<String, u16>,
+}
+
+struct PendingSub {
+    acks_left: usize,
+    suback: SubAck,
+    retained_queries: Vec<(String, SubOptions, Option<u32>)>,
+    /// Filters this SUBSCRIBE added (not replaced): taken back if the store cannot commit them.
+    added: Vec<String>,
+    /// The session store could not commit the subscriptions: the SUBACK refuses them.
+    failed: bool,
+}
+
+impl Conn {
+    fn blocked(&self) -> bool {
+        matches!(self.state, ConnState::Pending(_)) || self.pending_sub.is_some() || self.deferred_full
+    }
+
+    /// Blocked only by a full deferral queue, and the next packet in `input` is an
+    /// acknowledgement or a ping: it may be handled ahead (a PUBREL there is what makes room).
+    fn acks_may_pass(&self, input: &[u8]) -> bool {
+        let only_deferral = self.deferred_full && self.pending_sub.is_none() && matches!(self.state, ConnState::Active);
+        only_deferral && input.first().is_some_and(|b| matches!(b >> 4, 4..=7 | 12))
+    }
+}
+
+/// What the caller must do besides writing bytes.
+#[derive(Debug, Default)]
+pub struct Effects {
+    /// Connections whose output buffer has bytes to write.
+    pub dirty: Vec<ConnId>,
+    /// Connections whose input waits here (more than [`HELD_INPUT_MAX`]): stop reading them
+    /// until they appear in `resume_reading`, so TCP flow control reaches the client.
+    pub pause_reading: Vec<ConnId>,
+    pub resume_reading: Vec<ConnId>,
+    /// Connections to close once their output is flushed.
+    pub close: Vec<ConnId>,
+    /// Messages for other shards, in send order.
+    pub to_shards: Vec<(ShardId, ShardMsg)>,
+    /// Records for the Kafka producers, in publish order.
+    pub produce: Vec<ProduceRequest>,
+    /// Things an operator should read in the log (each says what and where, once per cause).
+    pub warnings: Vec<String>,
+    /// Retained messages this shard stored (`Some`) or cleared (`None`), in order, for the
+    /// caller to persist (`$SYS/` topics excluded).
+    pub retained: Vec<(String, Option<Msg>)>,
+    /// An acknowledgement waits for the session store: commit now rather than at the next tick.
+    pub sessions_urgent: bool,
+    /// Retained scans wait for a turn: call [`Shard::run_retained`] (in turns of their own).
+    pub retained_work: bool,
+}
+
+/// Per-mapping counters of the MQTT → Kafka bridge, published under `$SYS/broker/kafka/NAME/`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MappingStats {
+    pub messages_in: u64,
+    pub bytes_in: u64,
+    pub records_produced: u64,
+    pub records_failed: u64,
+    /// Produce requests beyond the first, summed over records.
+    pub records_retried: u64,
+    /// QoS 1/2 records that timed out (`kafka-ack`) and went to the spill log instead.
+    pub records_spilled: u64,
+    /// QoS 0 records dropped by `qos0_when_backlogged`.
+    pub records_dropped: u64,
+    pub latency_us_sum: u64,
+    pub latency_us_max: u64,
+    /// Records by the size of the batch they travelled in: 1, ≤10, ≤100, ≤1000, more.
+    pub batch_records: [u64; 5],
+}
+
+/// What waits for a congested session's queue to drain.
+enum DrainWaiter {
+    /// The acknowledgement number `seq` on a connection of this shard.
+    Ack(ConnId, u64),
+    /// A held answer to another shard's receipt ([`Shard::held_receipts`]).
+    Receipt(u64),
+}
+
+/// Publishers waiting for one congested session's queue to drain.
+#[derive(Default)]
+struct Congestion {
+    /// First tick that saw them waiting; they stop waiting `max_backpressure_ms` later.
+    since_ms: Option<u64>,
+    waiters: Vec<DrainWaiter>,
+}
+
+/// An answer to a receipt, held until `waiting` congested sessions drained.
+struct HeldReceipt {
+    receipt: Receipt,
+    more: u32,
+    /// The routing also stored something here: the answer then waits for the commit too.
+    stored: bool,
+    waiting: u32,
+}
+
+/// A QoS 1/2 acknowledgement waiting for Kafka or for an earlier one.
+struct PendingAck {
+    pid: u16,
+    qos: u8,
+    /// Records of this publish Kafka has not answered yet.
+    waiting: u32,
+    /// First failure's reason code, or success.
+    code: u8,
+}
+
+pub struct Shard {
+    id: ShardId,
+    n_shards: usize,
+    limits: Limits,
+    topic_limits: TopicLimits,
+    /// Boxed: the tables hold pointers, so their spare capacity costs 8 bytes a slot, not a
+    /// whole connection or session (most of a million devices are idle; this is their memory).
+    conns: HashMap<ConnId, Box<Conn>>,
+    /// The connections in `ConnState::AwaitConnect`: deadline, buffer budget, per-address cap.
+    preconnect: Preconnect,
+    sessions: HashMap<ClientId, Box<Session>>,
+    trie: Trie<ClientId, Sub>,
+    /// Scratch for [`Shard::route_here`]: the subscriptions one message matched.
+    route_matches: Vec<(ClientId, u8, bool, Option<u32>)>,
+    retained: RetainedTree,
+    /// Scans of `retained` for subscribers anywhere, run in slices on credit.
+    retained_scans: Scans,
+    /// Sessions here receiving retained messages for new subscriptions.
+    retained_feeds: HashMap<ClientId, Feed>,
+    next_retained_scan: u64,
+    directory: HashMap<ClientId, DirEntry>,
+    shared: Trie<String, ShareGroup>,
+    effects: Effects,
+    local: VecDeque<ShardMsg>,
+    stats: Stats,
+    shard_stats: Vec<Stats>,
+    /// Connections open on all shards, as last reported; the max_connections check uses it.
+    started_ms: u64,
+    next_assigned: u64,
+    last_sys_ms: u64,
+    last_stats_ms: u64,
+    last_keepalive_scan_ms: u64,
+    router: Router,
+    /// Unix time in ms at `now_ms == 0`, for Kafka record timestamps.
+    wall_offset_ms: i64,
+    next_produce_id: u64,
+    /// Record id → the acknowledgement waiting for it.
+    kafka_waiters: HashMap<u64, (ConnId, u64)>,
+    /// Record id → its mapping, for per-mapping counters.
+    kafka_inflight_mapping: HashMap<u64, RecordMeta>,
+    delivery: DeliveryMode,
+    kafka_pending: usize,
+    max_pending_records: usize,
+    /// Per (mapping, cluster).
+    mapping_stats: HashMap<(u16, u16), MappingStats>,
+    logged_failures: HashSet<(u16, &'static str)>,
+    spill_stats: Option<(u64, u64, u64)>,
+    inbound: Inbound,
+    /// Per Kafka → MQTT mapping: records read, MQTT messages published, records skipped.
+    inbound_stats: Vec<(u64, u64, u64)>,
+    logged_skips: HashSet<(u16, Skip)>,
+    /// Consumed records not routed yet, routed in slices that fit the receivers' room.
+    feed: InboundFeed,
+    /// The connection whose PUBLISH is being routed, and the connected sessions on this shard
+    /// whose queues that publish pushed past half full: its acknowledgement waits for them to
+    /// drain (back-pressure: the publisher's in-flight window fills instead of queues overflowing).
+    publishing: Option<ConnId>,
+    congested: Vec<ClientId>,
+    /// Session → acknowledgements `(conn, ack seq)` waiting for its queue to drain.
+    drain_waiters: HashMap<ClientId, Congestion>,
+    /// Sessions that held publishers back for `max_backpressure_ms`: no publisher waits for
+    /// them again until their queue drained to a quarter (or they went offline); their queue
+    /// follows `queue_full_policy` meanwhile.
+    slow: HashSet<ClientId>,
+    /// Answers to other shards' receipts held until congested sessions here drain: the
+    /// publisher's acknowledgement on its own shard waits for them (back-pressure across shards).
+    held_receipts: HashMap<u64, HeldReceipt>,
+    next_held_receipt: u64,
+    /// Next offset per consumed partition, and whether it moved since the caller last took it.
+    /// (mapping, topic, partition) → next offset; names are looked up only when stored.
+    positions: HashMap<(u16, Arc<str>, i32), i64>,
+    positions_dirty: bool,
+    /// The caller stores persistent sessions ([`Shard::with_session_store`]).
+    persist_sessions: bool,
+    /// Sessions changed since the caller last took the changes.
+    dirty_sessions: HashSet<ClientId>,
+    /// Acknowledgements `(conn, ack seq)` and SUBSCRIBEs (conn) that wait for the next session
+    /// store commit: what they acknowledge must survive a crash.
+    store_receipts: Vec<(Receipt, u32)>,
+    store_sub_waiters: Vec<ConnId>,
+    /// Waiters of changes taken and not yet reported durable, by commit token.
+    store_flushing: VecDeque<StoreWaiters>,
+    next_store_token: u64,
+    /// Set while routing a publish when it changed something stored: queued for a persistent
+    /// session at QoS > 0, or a retained message.
+    stored_hit: bool,
+    /// While routing a publish with a receipt: it, and how many shards it was forwarded to.
+    routing_receipt: Option<Receipt>,
+    receipt_forwards: u32,
+    /// Token → replies still expected, and what completes then.
+    receipts: HashMap<u64, ReceiptWait>,
+    /// Kafka record batches whose receipt failed (a store could not commit): positions stop
+    /// before them until this shard's store commits again.
+    failed_position_batches: Vec<u64>,
+    next_receipt: u64,
+    /// Slices of Kafka records ([`inbound_feed`]) in routing order, with the positions they
+    /// move; a slice's positions apply once its receipt and every earlier one completed.
+    position_batches: VecDeque<(u64, Vec<(PartitionKey, i64)>)>,
+    receipts_done: HashSet<u64>,
+    /// `kafka-ack` with a spill log: QoS 1/2 records that time out (Kafka down or hanging) go
+    /// to the spill log instead of failing, and records after them follow until it drained.
+    outage_spill: bool,
+    spilling: bool,
+    /// Copies of QoS 1/2 records in flight (with `outage_spill`), to spill if they time out.
+    kafka_copies: HashMap<u64, KafkaRecord>,
+    /// Spilling: records waiting for the ones still in flight to succeed or reach the spill
+    /// log first, so that order per partition holds across the switch.
+    held_produce: Vec<ProduceRequest>,
+    qos0_policy: Qos0Policy,
+    /// QoS 0 records among `kafka_pending`.
+    kafka_pending_qos0: usize,
+    /// QoS 0 records waiting for room in the Kafka backlog (drop policies only).
+    qos0_waiting: VecDeque<ProduceRequest>,
+}
+
+/// What the shard remembers of a record handed to Kafka.
+#[derive(Clone, Copy)]
+struct RecordMeta {
+    mapping: u16,
+    cluster: u16,
+    /// In the spill log: its publisher heard back when it got there.
+    durable: bool,
+    qos0: bool,
+}
+
+/// What waits for one commit of the session store.
+struct StoreWaiters {
+    token: u64,
+    receipts: Vec<(Receipt, u32)>,
+    subscribes: Vec<ConnId>,
+}
+
+/// A change to one persistent session, for the caller's session store.
+#[derive(Debug)]
+pub enum SessionChange {
+    Put { client_id: ClientId, generation: u64, bytes: Vec<u8> },
+    Delete { client_id: ClientId },
+}
+
+/// Marks `s` for the session store if it is (or was) persistent.
+fn touch(persist: bool, dirty: &mut HashSet<ClientId>, s: &mut Session) {
+    if persist && (s.expiry_secs > 0 || s.stored) {
+        s.stored = s.expiry_secs > 0;
+        dirty.insert(s.client_id.clone());
+    }
+}
+
+/// Input held for a blocked connection beyond which the network layer stops reading it.
+pub const HELD_INPUT_MAX: usize = 256 << 10;
+/// Bytes of packets deferred for a 3.1.1 client waiting for QoS 2 room (see `Conn::deferred`).
+const DEFERRED_BYTES_MAX: usize = 1 << 20;
+
+/// How often shards exchange their counters.
+const STATS_SHARE_INTERVAL_MS: u64 = 1000;
+
+#[derive(Default)]
+struct ShareGroup {
+    members: Vec<ShareMember>,
+    next: usize,
+}
+
+fn shard_of(key: &str, n: usize) -> ShardId {
+    // FNV-1a: stable across processes and releases, unlike std's RandomState.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    (h % n as u64) as usize
+}
+
+/// What a deferred packet counts against [`DEFERRED_BYTES_MAX`].
+fn deferred_size(p: &Packet) -> usize {
+    match p {
+        // What the packet holds plus what its place in the queue costs.
+        Packet::Publish(pb) => pb.payload.len() + pb.topic.len() + 128,
+        _ => 128,
+    }
+}
+
+/// Which shard owns the directory entry of `client_id` among `n` shards.
+pub fn directory_shard(client_id: &str, n: usize) -> ShardId {
+    shard_of(client_id, n)
+}
+
+impl Shard {
+    pub fn new(id: ShardId, n_shards: usize, limits: Limits, now_ms: u64) -> Self {
+        let topic_limits = TopicLimits { max_levels: limits.max_topic_levels, max_len: limits.max_topic_length };
+        let preconnect = Preconnect::new(
+            limits.connect_timeout_ms,
+            limits.max_preconnect_buffer_bytes_per_shard,
+            limits.max_preconnect_per_address,
+        );
+        Shard {
+            id,
+            n_shards,
+            limits,
+            topic_limits,
+            conns: HashMap::default(),
+            preconnect,
+            sessions: HashMap::default(),
+            route_matches: Vec::new(),
+            trie: Trie::default(),
+            retained: RetainedTree::default(),
+            retained_scans: Scans::default(),
+            retained_feeds: HashMap::default(),
+            next_retained_scan: 0,
+            directory: HashMap::default(),
+            shared: Trie::default(),
+            effects: Effects::default(),
+            local: VecDeque::new(),
+            stats: Stats::default(),
+            shard_stats: vec![Stats::default(); n_shards],
+            started_ms: now_ms,
+            next_assigned: 0,
+            last_sys_ms: now_ms,
+            last_stats_ms: now_ms,
+            last_keepalive_scan_ms: now_ms,
+            router: Router::default(),
+            wall_offset_ms: 0,
+            next_produce_id: 0,
+            kafka_waiters: HashMap::default(),
+            kafka_inflight_mapping: HashMap::default(),
+            delivery: DeliveryMode::KafkaAck,
+            kafka_pending: 0,
+            max_pending_records: usize::MAX,
+            mapping_stats: HashMap::default(),
+            logged_failures: HashSet::default(),
+            spill_stats: None,
+            inbound: Inbound::default(),
+            inbound_stats: Vec::new(),
+            logged_skips: HashSet::default(),
+            feed: InboundFeed::new(crate::config::DEFAULT_KAFKA_TO_MQTT_MAX_WAIT_MS),
+            publishing: None,
+            congested: Vec::new(),
+            drain_waiters: HashMap::default(),
+            slow: HashSet::default(),
+            held_receipts: HashMap::default(),
+            next_held_receipt: 0,
+            positions: HashMap::default(),
+            positions_dirty: false,
+            persist_sessions: false,
+            dirty_sessions: HashSet::default(),
+            store_receipts: Vec::new(),
+            store_sub_waiters: Vec::new(),
+            store_flushing: VecDeque::new(),
+            next_store_token: 0,
+            stored_hit: false,
+            routing_receipt: None,
+            receipt_forwards: 0,
+            receipts: HashMap::default(),
+            failed_position_batches: Vec::new(),
+            next_receipt: 0,
+            position_batches: VecDeque::new(),
+            receipts_done: HashSet::default(),
+            outage_spill: false,
+            spilling: false,
+            kafka_copies: HashMap::default(),
+            held_produce: Vec::new(),
+            qos0_policy: Qos0Policy::BackPressure,
+            kafka_pending_qos0: 0,
+            qos0_waiting: VecDeque::new(),
+        }
+    }
+
+    /// What QoS 0 records do when `max_pending_records` already wait for Kafka.
+    pub fn with_qos0_policy(mut self, policy: Qos0Policy) -> Self {
+        self.qos0_policy = policy;
+        self
+    }
+
+    /// `kafka-ack` with a spill log: QoS 1/2 records that time out go to the spill log (and
+    /// the publisher hears back once they are on disk) instead of failing; records after them
+    /// follow until the caller reports the log drained ([`Shard::end_spilling`]).
+    pub fn with_outage_spill(mut self) -> Self {
+        self.outage_spill = self.delivery == DeliveryMode::KafkaAck;
+        self
+    }
+
+    /// Turns on the MQTT → Kafka bridge: messages matching `router` become produce requests in
+    /// [`Effects::produce`], and QoS 1/2 acknowledgements wait for Kafka.
+    pub fn with_bridge(
+        mut self,
+        router: Router,
+        delivery: DeliveryMode,
+        max_pending_records: usize,
+        wall_offset_ms: i64,
+    ) -> Self {
+        self.delivery = delivery;
+        self.router = router;
+        self.max_pending_records = max_pending_records.max(1);
+        self.wall_offset_ms = wall_offset_ms;
+        self
+    }
+
+    pub fn id(&self) -> ShardId {
+        self.id
+    }
+
+    pub fn stats(&self) -> Stats {
+        let mut s = self.stats;
+        s.sessions = self.sessions.len() as u64;
+        s.subscriptions = self.trie.len() as u64;
+        s.retained = self.retained.len() as u64;
+        s.preconnect_connections = self.preconnect.len() as u64;
+        s.preconnect_bytes = self.preconnect.buffered() as u64;
+        s
+    }
+
+    /// Bytes that partial CONNECTs held at their peak since the last call beyond what they hold
+    /// now: the caller may ask its allocator to hand freed memory back to the operating system.
+    pub fn take_preconnect_released(&mut self) -> usize {
+        self.preconnect.take_released()
+    }
+
+    /// Connections open on this shard (accepted, any state).
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Whether one more socket may be accepted: open sockets on this shard plus connected clients
+    /// on the others, as last reported, stay below `max_connections`.
+    pub fn may_accept(&self) -> bool {
+        self.others_connected() + self.conns.len() < self.limits.max_connections
+    }
+
+    /// Whether one more client may complete CONNECT, counting connected clients on all shards.
+    pub(super) fn may_connect(&self) -> bool {
+        self.others_connected() + (self.stats.clients_connected as usize) < self.limits.max_connections
+    }
+
+    pub(super) fn others_connected(&self) -> usize {
+        let others: u64 =
+            self.shard_stats.iter().enumerate().filter(|(i, _)| *i != self.id).map(|(_, s)| s.clients_connected).sum();
+        others as usize
+    }
+
+    pub fn drain_effects(&mut self) -> Effects {
+        std::mem::take(&mut self.effects)
+    }
+
+    /// Messages from another shard.
+    pub fn on_shard_msgs(&mut self, msgs: impl IntoIterator<Item = ShardMsg>, now_ms: u64) {
+        for m in msgs {
+            self.handle_shard_msg(m, now_ms);
+        }
+        self.run_local(now_ms);
+    }
+
+    /// Periodic work: keep-alive, delayed wills, session expiry, `$SYS`. Call every ~100 ms.
+    pub fn tick(&mut self, now_ms: u64, sys_interval_ms: u64) {
+        self.stop_waiting_for_slow_subscribers(now_ms);
+        if now_ms.saturating_sub(self.last_keepalive_scan_ms) >= 500 {
+            self.last_keepalive_scan_ms = now_ms;
+            let expired: Vec<ConnId> = self
+                .conns
+                .iter()
+                .filter(|(_, c)| match c.state {
+                    ConnState::Active if c.keep_alive_ms > 0 => {
+                        now_ms.saturating_sub(c.last_rx_ms) > c.keep_alive_ms * 3 / 2
+                    }
+                    _ => false,
+                })
+                .map(|(id, _)| *id)
+                .collect();
+            for id in expired {
+                self.protocol_close(id, reason::KEEP_ALIVE_TIMEOUT, "keep alive timeout", now_ms);
+            }
+            self.close_connect_late(now_ms);
+            let mut wills = Vec::new();
+            let mut ended = Vec::new();
+            for s in self.sessions.values_mut() {
+                if let Some((at, _)) = &s.pending_will {
+                    if *at <= now_ms {
+                        wills.push((s.client_id.clone(), s.pending_will.take().unwrap().1));
+                    }
+                }
+                if let Some(at) = s.expires_at_ms {
+                    if s.conn.is_none() && at <= now_ms {
+                        ended.push(s.client_id.clone());
+                    }
+                }
+            }
+            for (id, w) in wills {
+                self.publish_will(&id, *w, now_ms);
+            }
+            for id in ended {
+                if let Some(s) = self.sessions.remove(&id) {
+                    self.end_session(s, now_ms);
+                }
+            }
+        }
+        self.expire_feed_holds(now_ms);
+        if now_ms.saturating_sub(self.last_stats_ms) >= STATS_SHARE_INTERVAL_MS {
+            self.last_stats_ms = now_ms;
+            self.share_stats();
+        }
+        if sys_interval_ms > 0 && now_ms.saturating_sub(self.last_sys_ms) >= sys_interval_ms {
+            self.last_sys_ms = now_ms;
+            self.publish_sys(now_ms);
+        }
+        self.run_local(now_ms);
+    }
+
+    /// Clean shutdown: close every connection without publishing wills; sessions stay as they are.
+    pub fn shutdown(&mut self, now_ms: u64) {
+        let ids: Vec<ConnId> = self.conns.keys().copied().collect();
+        for id in ids {
+            if let Some(c) = self.conns.get_mut(&id) {
+                c.will = None;
+            }
+            self.close(id, Some(reason::SERVER_SHUTTING_DOWN), now_ms);
+        }
+    }
+
+    pub(super) fn send_to_shard(&mut self, to: ShardId, msg: ShardMsg) {
+        if to == self.id {
+            self.local.push_back(msg);
+        } else {
+            self.effects.to_shards.push((to, msg));
+        }
+    }
+
+    pub(super) fn run_local(&mut self, now_ms: u64) {
+        while let Some(m) = self.local.pop_front() {
+            self.handle_shard_msg(m, now_ms);
+        }
+    }
+
+    pub(super) fn handle_shard_msg(&mut self, m: ShardMsg, now_ms: u64) {
+        match m {
+            ShardMsg::Publish(msg) => self.route_here(&msg, now_ms),
+            ShardMsg::PublishReceipt { msg, receipt } => {
+                let ((), more) = self.under_receipt(receipt, |shard| shard.route_here(&msg, now_ms));
+                if receipt.token & FEED_TOKEN != 0 {
+                    self.answer_feed_receipt(receipt, more, &msg, now_ms);
+                } else {
+                    self.answer_receipt(receipt, more);
+                }
+            }
+            ShardMsg::Receipt { token, more, failed } => self.on_receipt(token, more, failed),
+            ShardMsg::Claim { client_id, host, conn, clean_start } => self.on_claim(client_id, host, conn, clean_start),
+            ShardMsg::Settled { client_id, host, hosting } => self.on_settled(client_id, host, hosting),
+            ShardMsg::Evict { client_id, to, conn, clean_start } => {
+                let mut session = None;
+                if let Some(old_conn) = self.sessions.get(&client_id).and_then(|s| s.conn) {
+                    // Takeover: the old connection goes; its will follows the MQTT 5 rules — sent
+                    // now unless the session continues and the will has a delay.
+                    if let Some(c) = self.conns.get_mut(&old_conn) {
+                        let keep_delayed = !clean_start
+                            && c.will.as_ref().is_some_and(|w| w.properties.will_delay_interval.unwrap_or(0) > 0);
+                        if keep_delayed {
+                            c.will = None;
+                        }
+                        if c.version == Some(Version::V5) {
+                            self.send(
+                                old_conn,
+                                Packet::Disconnect(Disconnect {
+                                    code: reason::SESSION_TAKEN_OVER,
+                                    properties: Properties::default(),
+                                }),
+                            );
+                        }
+                    }
+                    self.detach(old_conn, Detach::Moves, now_ms);
+                    self.effects.close.push(old_conn);
+                }
+                if to != self.id {
+                    // The feed does not move with the session; the new host's client re-subscribes.
+                    self.cancel_retained_feed(&client_id);
+                }
+                if let Some(mut s) = self.sessions.remove(&client_id) {
+                    touch(self.persist_sessions, &mut self.dirty_sessions, &mut s);
+                    for (filter, _) in s.subs.iter() {
+                        if topic::parse_shared(filter).is_none() {
+                            self.trie.remove(filter, &client_id);
+                        }
+                    }
+                    s.conn = None;
+                    session = Some(s);
+                }
+                self.send_to_shard(to, ShardMsg::Transfer { client_id, conn, session });
+            }
+            ShardMsg::Transfer { client_id, conn, session } => self.on_transfer(client_id, conn, session, now_ms),
+            ShardMsg::Release { client_id, host } => {
+                // While a claim is under way its claimer reports the outcome (`Settled`); a
+                // release from before it must not clear the entry the claim just made.
+                if let Some(e) = self.directory.get_mut(&client_id) {
+                    if !e.busy && e.host == Some(host) {
+                        self.directory.remove(&client_id);
+                    }
+                }
+            }
+            ShardMsg::RetainedQuery { from, scan, client_id, filters } => {
+                self.retained_scans.query(from, scan, client_id, filters);
+                self.effects.retained_work = true;
+            }
+            ShardMsg::RetainedMore { from, scan } => {
+                self.retained_scans.more(from, scan);
+                self.effects.retained_work |= self.retained_scans.has_work();
+            }
+            ShardMsg::RetainedCancel { from, scan } => {
+                self.retained_scans.cancel(from, scan);
+                self.effects.retained_work |= self.retained_scans.has_work();
+            }
+            ShardMsg::RetainedReply { from, scan, client_id, msgs, done } => {
+                let Some(feed) = self.retained_feeds.get_mut(&client_id) else { return };
+                if feed.on_reply(from, scan, msgs, done) {
+                    self.feed_retained(&client_id, now_ms);
+                }
+            }
+            ShardMsg::ShareJoined { conn } => self.subscribe_step_done(conn, true, now_ms),
+            ShardMsg::ShareJoin { key, member, ack } => {
+                if let Some(conn) = ack {
+                    self.send_to_shard(member.shard, ShardMsg::ShareJoined { conn });
+                }
+                let (group, filter) = key.split_once('/').unwrap();
+                let group = group.to_string();
+                let mut g = self.shared.remove(filter, &group).unwrap_or_default();
+                match g.members.iter_mut().find(|m| m.client_id == member.client_id) {
+                    Some(m) => *m = member,
+                    None => g.members.push(member),
+                }
+                self.shared.insert(filter, group, g);
+            }
+            ShardMsg::ShareLeave { key, client_id } => {
+                let (group, filter) = key.split_once('/').unwrap();
+                let group = group.to_string();
+                if let Some(mut g) = self.shared.remove(filter, &group) {
+                    g.members.retain(|m| m.client_id != client_id);
+                    if !g.members.is_empty() {
+                        self.shared.insert(filter, group, g);
+                    }
+                }
+            }
+            ShardMsg::ShareDeliver { client_id, msg, opts, sub_id, receipt } => {
+                self.stored_hit = false;
+                self.deliver_shared(&client_id, msg, opts, sub_id, now_ms);
+                if let Some(r) = receipt {
+                    self.answer_receipt(r, 0);
+                }
+            }
+            ShardMsg::Stats { from, stats } => {
+                if let Some(s) = self.shard_stats.get_mut(from) {
+                    *s = stats;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,261 @@
+use super::*;
+
+impl Shard {
+    pub(super) fn on_publish(&mut self, conn: ConnId, mut p: Publish, now_ms: u64) {
+        self.stats.messages_received += 1;
+        let c = self.conns.get_mut(&conn).unwrap();
+        if let Some(alias) = p.properties.topic_alias.take() {
+            if alias > self.limits.topic_alias_maximum {
+                return self.protocol_close(conn, reason::TOPIC_ALIAS_INVALID, "topic alias above maximum", now_ms);
+            }
+            if p.topic.is_empty() {
+                match c.aliases.as_ref().and_then(|a| a.inbound.get(&alias)) {
+                    Some(t) => p.topic = t.clone(),
+                    None => return self.protocol_close(conn, reason::PROTOCOL_ERROR, "unknown topic alias", now_ms),
+                }
+            } else {
+                c.aliases.get_or_insert_with(Default::default).inbound.insert(alias, p.topic.clone());
+            }
+        }
+        if !topic::valid_topic_name(&p.topic, &self.topic_limits) {
+            return self.protocol_close(conn, reason::TOPIC_NAME_INVALID, "invalid topic name", now_ms);
+        }
+        let client_id = c.client_id.clone().unwrap();
+        if p.properties.payload_format_indicator == Some(1) && std::str::from_utf8(&p.payload).is_err() {
+            if p.qos > 0 {
+                let r = PubResp {
+                    packet_id: p.packet_id,
+                    code: reason::PAYLOAD_FORMAT_INVALID,
+                    properties: Properties::default(),
+                };
+                self.send(conn, if p.qos == 1 { Packet::PubAck(r) } else { Packet::PubRec(r) });
+            }
+            return;
+        }
+        if p.qos == 2 {
+            let s = self.sessions.get_mut(&client_id).unwrap();
+            if s.incoming_qos2.contains(&p.packet_id) {
+                // A resend of a message we already took: acknowledge again (after any earlier
+                // acknowledgement still waiting for Kafka), route nothing.
+                self.queue_ack(conn, p.packet_id, 2, &[]);
+                return;
+            }
+            if s.incoming_qos2.len() >= usize::from(self.limits.max_inflight) {
+                return self.protocol_close(conn, reason::RECEIVE_MAXIMUM_EXCEEDED, "receive maximum exceeded", now_ms);
+            }
+            s.incoming_qos2.insert(p.packet_id);
+            touch(self.persist_sessions, &mut self.dirty_sessions, s);
+        }
+        let mut properties = std::mem::take(&mut p.properties);
+        properties.subscription_identifiers.clear();
+        let expiry = properties.message_expiry_interval.take();
+        let (qos, pid) = (p.qos, p.packet_id);
+        let msg = Arc::new(Message {
+            topic: p.topic,
+            payload: p.payload,
+            qos,
+            retain: p.retain,
+            properties: properties.boxed(),
+            expiry_at_ms: expiry.map(|e| now_ms + u64::from(e) * 1000),
+            origin: client_id,
+        });
+        if qos == 0 {
+            self.route(msg, now_ms);
+            return;
+        }
+        self.publishing = Some(conn);
+        // With persistent sessions, the acknowledgement waits until whatever the message changed
+        // on any shard is on disk.
+        let token = self.persist_sessions.then(|| self.new_receipt());
+        let (produced, expected) = self.route_with_receipt(msg, token, now_ms);
+        self.publishing = None;
+        let congested = std::mem::take(&mut self.congested);
+        let receipt = token.filter(|_| expected > 0).map(|t| (t, expected));
+        self.queue_ack_waiting(conn, pid, qos, &produced, &congested, receipt);
+    }
+
+    pub(super) fn new_receipt(&mut self) -> u64 {
+        self.next_receipt += 1;
+        self.next_receipt
+    }
+
+    /// [`Shard::route`], asking every shard for a receipt under `token`; returns the Kafka
+    /// records and how many answers to expect (this shard's own included, when it stored
+    /// something).
+    pub(super) fn route_with_receipt(&mut self, msg: Msg, token: Option<u64>, now_ms: u64) -> (Vec<u64>, u32) {
+        let Some(token) = token else { return (self.route(msg, now_ms), 0) };
+        let receipt = Receipt { from: self.id, token };
+        let (produced, forwards) = self.under_receipt(receipt, |shard| shard.route(msg, now_ms));
+        let mut expected = (self.n_shards - 1) as u32 + forwards;
+        if std::mem::take(&mut self.stored_hit) {
+            self.store_receipts.push((receipt, 0));
+            self.effects.sessions_urgent = true;
+            expected += 1;
+        }
+        (produced, expected)
+    }
+
+    /// Runs `f` (routing one message) on behalf of `receipt`: what it forwards to other shards
+    /// carries the receipt too. Returns `f`'s result and how many shards it forwarded to;
+    /// `stored_hit` then says whether it stored something here.
+    pub(super) fn under_receipt<R>(&mut self, receipt: Receipt, f: impl FnOnce(&mut Self) -> R) -> (R, u32) {
+        self.routing_receipt = Some(receipt);
+        self.stored_hit = false;
+        self.receipt_forwards = 0;
+        let r = f(self);
+        self.routing_receipt = None;
+        (r, std::mem::take(&mut self.receipt_forwards))
+    }
+
+    /// A message published on this shard: deliver here and hand it to every other shard.
+    /// Returns the ids of the Kafka records the message became (MQTT → Kafka mappings).
+    pub(super) fn route(&mut self, msg: Msg, now_ms: u64) -> Vec<u64> {
+        for shard in 0..self.n_shards {
+            if shard != self.id {
+                let m = match self.routing_receipt {
+                    Some(receipt) => ShardMsg::PublishReceipt { msg: msg.clone(), receipt },
+                    None => ShardMsg::Publish(msg.clone()),
+                };
+                self.effects.to_shards.push((shard, m));
+            }
+        }
+        self.route_here(&msg, now_ms);
+        if &*msg.origin == "$kafka" {
+            // What came from Kafka does not go back to it: no loops between the two directions.
+            return Vec::new();
+        }
+        self.bridge_to_kafka(&msg, now_ms)
+    }
+
+    pub(super) fn bridge_to_kafka(&mut self, msg: &Msg, now_ms: u64) -> Vec<u64> {
+        if self.router.is_empty() {
+            return Vec::new();
+        }
+        let mut records = Vec::new();
+        self.router.route(msg, self.wall_offset_ms + now_ms as i64, &mut records);
+        let mut ids = Vec::with_capacity(records.len());
+        for record in records {
+            let ms = self.mapping_stats.entry((record.mapping, record.cluster)).or_default();
+            ms.messages_in += 1;
+            ms.bytes_in += msg.payload.len() as u64;
+            self.next_produce_id += 1;
+            let id = self.next_produce_id;
+            let durable = msg.qos > 0 && (self.delivery == DeliveryMode::LocalDurable || self.spilling);
+            let qos0 = msg.qos == 0;
+            let meta = RecordMeta { mapping: record.mapping, cluster: record.cluster, durable, qos0 };
+            self.kafka_inflight_mapping.insert(id, meta);
+            ids.push(id);
+            let waits = !self.qos0_waiting.is_empty() || self.kafka_pending >= self.max_pending_records;
+            if qos0 && self.qos0_policy != Qos0Policy::BackPressure && waits {
+                self.qos0_waiting.push_back(ProduceRequest { id, record, durable });
+                if self.qos0_waiting.len() > self.max_pending_records {
+                    let dropped = match self.qos0_policy {
+                        Qos0Policy::DropOldest => self.qos0_waiting.pop_front(),
+                        _ => self.qos0_waiting.pop_back(),
+                    };
+                    if let Some(d) = dropped {
+                        self.kafka_inflight_mapping.remove(&d.id);
+                        let ms = self.mapping_stats.entry((d.record.mapping, d.record.cluster)).or_default();
+                        ms.records_dropped += 1;
+                    }
+                }
+                continue;
+            }
+            if qos0 {
+                self.kafka_pending_qos0 += 1;
+            }
+            if durable && self.delivery == DeliveryMode::KafkaAck && !self.kafka_copies.is_empty() {
+                // Spilling after an outage began: behind the records still in flight.
+                self.held_produce.push(ProduceRequest { id, record, durable });
+                continue;
+            }
+            // Durable records are bounded by the spill log (disk), not by memory here.
+            if !durable {
+                self.kafka_pending += 1;
+                if self.outage_spill && msg.qos > 0 {
+                    self.kafka_copies.insert(id, record.clone());
+                }
+            }
+            self.effects.produce.push(ProduceRequest { id, record, durable });
+        }
+        ids
+    }
+
+    /// Delivery on this shard of a message published anywhere.
+    pub(super) fn route_here(&mut self, msg: &Msg, now_ms: u64) {
+        if msg.retain && shard_of(&msg.topic, self.n_shards) == self.id {
+            let persist = !msg.topic.starts_with("$SYS");
+            if msg.payload.is_empty() {
+                if self.retained.remove(&msg.topic).is_some() && persist {
+                    self.effects.retained.push((msg.topic.clone(), None));
+                    self.stored_hit = true;
+                }
+            } else if self.retained.len() < self.limits.max_retained_messages || self.retained.contains(&msg.topic) {
+                self.retained.insert(&msg.topic, msg.clone());
+                if persist {
+                    self.effects.retained.push((msg.topic.clone(), Some(msg.clone())));
+                    self.stored_hit = true;
+                }
+            }
+        }
+        // One delivery per session: highest QoS over its matching filters, all their ids. The
+        // matches are gathered in a reused vector and merged by client id after sorting (most
+        // messages match one subscription, and no table is built per message).
+        let mut matches = std::mem::take(&mut self.route_matches);
+        self.trie.for_each_match(&msg.topic, |id, sub| {
+            if !(sub.opts.no_local && *id == msg.origin) {
+                matches.push((id.clone(), sub.opts.qos, sub.opts.retain_as_published, sub.sub_id));
+            }
+        });
+        if matches.len() > 1 {
+            matches.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        }
+        let mut i = 0;
+        while i < matches.len() {
+            let (id, mut qos, mut rap, sid) = matches[i].clone();
+            let mut sub_ids: Vec<u32> = sid.into_iter().collect();
+            i += 1;
+            while i < matches.len() && matches[i].0 == id {
+                qos = qos.max(matches[i].1);
+                rap |= matches[i].2;
+                sub_ids.extend(matches[i].3);
+                i += 1;
+            }
+            if msg.retain {
+                if let Some(feed) = self.retained_feeds.get_mut(&id) {
+                    feed.live.insert(Arc::as_ptr(msg) as usize);
+                }
+            }
+            let d = Delivery { msg: msg.clone(), qos: qos.min(msg.qos), retain: rap && msg.retain, sub_ids };
+            self.deliver(&id, d, now_ms);
+        }
+        matches.clear();
+        self.route_matches = matches;
+        let mut picks = Vec::new();
+        self.shared.for_each_match_mut(&msg.topic, |_, g| {
+            if !g.members.is_empty() {
+                let m = g.members[g.next % g.members.len()].clone();
+                g.next = g.next.wrapping_add(1);
+                picks.push(m);
+            }
+        });
+        for m in picks {
+            if m.shard == self.id {
+                self.deliver_shared(&m.client_id, msg.clone(), m.opts, m.sub_id, now_ms);
+            } else {
+                let receipt = self.routing_receipt;
+                if receipt.is_some() {
+                    self.receipt_forwards += 1;
+                }
+                let sd = ShardMsg::ShareDeliver {
+                    client_id: m.client_id,
+                    msg: msg.clone(),
+                    opts: m.opts,
+                    sub_id: m.sub_id,
+                    receipt,
+                };
+                self.send_to_shard(m.shard, sd);
+            }
+        }
+    }
+}
