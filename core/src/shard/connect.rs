@@ -28,7 +28,7 @@ impl Shard {
             expiry_at_ms: expiry.map(|e| now_ms + u64::from(e) * 1000),
             origin: client_id.clone(),
         });
-        self.route(msg, now_ms);
+        self.route(msg, &mut Routing::default(), now_ms);
     }
 
     pub(super) fn on_connect(&mut self, conn: ConnId, mut connect: Box<Connect>, now_ms: u64) {

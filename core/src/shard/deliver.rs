@@ -28,6 +28,7 @@ impl Shard {
         msg: Msg,
         opts: SubOptions,
         sub_id: Option<u32>,
+        routing: &mut Routing,
         now_ms: u64,
     ) {
         let d = Delivery {
@@ -36,12 +37,12 @@ impl Shard {
             sub_ids: sub_id.into_iter().collect(),
             msg,
         };
-        self.deliver(id, d, now_ms);
+        self.deliver(id, d, routing, now_ms);
     }
 
     /// Hands one message to one session: straight out if connected and the window allows,
     /// otherwise into its bounded queue (QoS 0 is not queued for offline sessions).
-    pub(super) fn deliver(&mut self, id: &ClientId, d: Delivery, now_ms: u64) {
+    pub(super) fn deliver(&mut self, id: &ClientId, d: Delivery, routing: &mut Routing, now_ms: u64) {
         let Some(s) = self.sessions.get_mut(id) else { return };
         match s.conn {
             Some(conn) if d.qos == 0 => {
@@ -66,16 +67,15 @@ impl Shard {
                 s.queue.push_back(d);
                 touch(self.persist_sessions, &mut self.dirty_sessions, s);
                 if s.stored {
-                    self.stored_hit = true;
+                    routing.stored = true;
                 }
                 let congested = s.conn.is_some()
-                    && s.conn != self.publishing
+                    && s.conn != routing.publisher
                     && s.queue.len() * 2 >= self.limits.max_queued_messages
                     && self.limits.max_backpressure_ms > 0
                     && !self.slow.contains(id);
-                let for_a_publisher = self.publishing.is_some() || self.routing_receipt.is_some();
-                if congested && for_a_publisher && !self.congested.contains(id) {
-                    self.congested.push(id.clone());
+                if congested {
+                    routing.note_congested(id);
                 }
                 self.pump(id, now_ms);
             }

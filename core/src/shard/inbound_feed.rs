@@ -170,7 +170,8 @@ impl Shard {
                     for m in msgs {
                         self.stats.messages_received += 1;
                         sent += usize::from(m.qos > 0);
-                        expected += self.route_with_receipt(Arc::new(m), Some(token), now_ms).1;
+                        let mut routing = Routing::under(Receipt { from: self.id, token });
+                        expected += self.route_with_receipt(Arc::new(m), &mut routing, now_ms).1;
                     }
                 }
                 Err(skip) => {
@@ -186,8 +187,8 @@ impl Shard {
                     }
                 }
             }
-            // Receivers here were checked before the record; what `deliver` noted is for publishers.
-            self.congested.clear();
+            // Receivers here were checked before the record: the congestion the routings noted
+            // is for publishers, and goes with them.
         }
         let Some(token) = token else { return false };
         self.position_batches.push_back((token, moves));
@@ -221,11 +222,11 @@ impl Shard {
 
     /// Answers another shard's slice receipt for `msg`, routed here: held while it left a
     /// receiver here half full or more (until it drained to a quarter, at most `max_wait_ms`).
-    pub(super) fn answer_feed_receipt(&mut self, r: Receipt, more: u32, msg: &Message, now_ms: u64) {
+    pub(super) fn answer_feed_receipt(&mut self, r: Receipt, mut routing: Routing, msg: &Message, now_ms: u64) {
         self.trim_skipped();
-        self.congested = self.feed_congested(std::iter::once(msg));
-        let receivers = self.congested.clone();
-        self.answer_receipt(r, more);
+        routing.congested = self.feed_congested(std::iter::once(msg));
+        let receivers = routing.congested.clone();
+        self.answer_receipt(r, routing);
         if !receivers.is_empty() {
             self.feed.held.push((self.next_held_receipt, now_ms, receivers));
         }

@@ -56,12 +56,14 @@ mod persistence;
 mod publish;
 mod receipts;
 mod retained_delivery;
+mod routing;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
 mod subscribe;
 mod sys;
 mod transfer;
 use inbound_feed::{InboundFeed, FEED_TOKEN};
+use routing::Routing;
 
 /// Work one shard asks of another.
 #[derive(Debug)]
@@ -523,11 +525,6 @@ pub struct Shard {
     logged_skips: HashSet<(u16, Skip)>,
     /// Consumed records not routed yet, routed in slices that fit the receivers' room.
     feed: InboundFeed,
-    /// The connection whose PUBLISH is being routed, and the connected sessions on this shard
-    /// whose queues that publish pushed past half full: its acknowledgement waits for them to
-    /// drain (back-pressure: the publisher's in-flight window fills instead of queues overflowing).
-    publishing: Option<ConnId>,
-    congested: Vec<ClientId>,
     /// Session → acknowledgements `(conn, ack seq)` waiting for its queue to drain.
     drain_waiters: HashMap<ClientId, Congestion>,
     /// Sessions that held publishers back for `max_backpressure_ms`: no publisher waits for
@@ -553,12 +550,6 @@ pub struct Shard {
     /// Waiters of changes taken and not yet reported durable, by commit token.
     store_flushing: VecDeque<StoreWaiters>,
     next_store_token: u64,
-    /// Set while routing a publish when it changed something stored: queued for a persistent
-    /// session at QoS > 0, or a retained message.
-    stored_hit: bool,
-    /// While routing a publish with a receipt: it, and how many shards it was forwarded to.
-    routing_receipt: Option<Receipt>,
-    receipt_forwards: u32,
     /// Token → replies still expected, and what completes then.
     receipts: HashMap<u64, ReceiptWait>,
     /// Kafka record batches whose receipt failed (a store could not commit): positions stop
@@ -703,8 +694,6 @@ impl Shard {
             inbound_stats: Vec::new(),
             logged_skips: HashSet::default(),
             feed: InboundFeed::new(crate::config::DEFAULT_KAFKA_TO_MQTT_MAX_WAIT_MS),
-            publishing: None,
-            congested: Vec::new(),
             drain_waiters: HashMap::default(),
             slow: HashSet::default(),
             held_receipts: HashMap::default(),
@@ -717,9 +706,6 @@ impl Shard {
             store_sub_waiters: Vec::new(),
             store_flushing: VecDeque::new(),
             next_store_token: 0,
-            stored_hit: false,
-            routing_receipt: None,
-            receipt_forwards: 0,
             receipts: HashMap::default(),
             failed_position_batches: Vec::new(),
             next_receipt: 0,
@@ -901,13 +887,14 @@ impl Shard {
 
     pub(super) fn handle_shard_msg(&mut self, m: ShardMsg, now_ms: u64) {
         match m {
-            ShardMsg::Publish(msg) => self.route_here(&msg, now_ms),
+            ShardMsg::Publish(msg) => self.route_here(&msg, &mut Routing::default(), now_ms),
             ShardMsg::PublishReceipt { msg, receipt } => {
-                let ((), more) = self.under_receipt(receipt, |shard| shard.route_here(&msg, now_ms));
+                let mut routing = Routing::under(receipt);
+                self.route_here(&msg, &mut routing, now_ms);
                 if receipt.token & FEED_TOKEN != 0 {
-                    self.answer_feed_receipt(receipt, more, &msg, now_ms);
+                    self.answer_feed_receipt(receipt, routing, &msg, now_ms);
                 } else {
-                    self.answer_receipt(receipt, more);
+                    self.answer_receipt(receipt, routing);
                 }
             }
             ShardMsg::Receipt { token, more, failed } => self.on_receipt(token, more, failed),
@@ -1006,10 +993,11 @@ impl Shard {
                 }
             }
             ShardMsg::ShareDeliver { client_id, msg, opts, sub_id, receipt } => {
-                self.stored_hit = false;
-                self.deliver_shared(&client_id, msg, opts, sub_id, now_ms);
+                // Nobody here waits on this copy's congestion: the receipt answers what it stored.
+                let mut routing = Routing::default();
+                self.deliver_shared(&client_id, msg, opts, sub_id, &mut routing, now_ms);
                 if let Some(r) = receipt {
-                    self.answer_receipt(r, 0);
+                    self.answer_receipt(r, routing);
                 }
             }
             ShardMsg::Stats { from, stats } => {

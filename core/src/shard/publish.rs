@@ -60,18 +60,16 @@ impl Shard {
             origin: client_id,
         });
         if qos == 0 {
-            self.route(msg, now_ms);
+            self.route(msg, &mut Routing::default(), now_ms);
             return;
         }
-        self.publishing = Some(conn);
         // With persistent sessions, the acknowledgement waits until whatever the message changed
         // on any shard is on disk.
-        let token = self.persist_sessions.then(|| self.new_receipt());
-        let (produced, expected) = self.route_with_receipt(msg, token, now_ms);
-        self.publishing = None;
-        let congested = std::mem::take(&mut self.congested);
-        let receipt = token.filter(|_| expected > 0).map(|t| (t, expected));
-        self.queue_ack_waiting(conn, pid, qos, &produced, &congested, receipt);
+        let receipt = self.persist_sessions.then(|| Receipt { from: self.id, token: self.new_receipt() });
+        let mut routing = Routing::publisher(conn, receipt);
+        let (produced, expected) = self.route_with_receipt(msg, &mut routing, now_ms);
+        let receipt = receipt.filter(|_| expected > 0).map(|r| (r.token, expected));
+        self.queue_ack_waiting(conn, pid, qos, &produced, &routing.congested, receipt);
     }
 
     pub(super) fn new_receipt(&mut self) -> u64 {
@@ -79,15 +77,14 @@ impl Shard {
         self.next_receipt
     }
 
-    /// [`Shard::route`], asking every shard for a receipt under `token`; returns the Kafka
-    /// records and how many answers to expect (this shard's own included, when it stored
-    /// something).
-    pub(super) fn route_with_receipt(&mut self, msg: Msg, token: Option<u64>, now_ms: u64) -> (Vec<u64>, u32) {
-        let Some(token) = token else { return (self.route(msg, now_ms), 0) };
-        let receipt = Receipt { from: self.id, token };
-        let (produced, forwards) = self.under_receipt(receipt, |shard| shard.route(msg, now_ms));
-        let mut expected = (self.n_shards - 1) as u32 + forwards;
-        if std::mem::take(&mut self.stored_hit) {
+    /// [`Shard::route`] under `routing`; returns the Kafka records and, when the routing has a
+    /// receipt, how many answers to expect (every other shard, every shard a shared pick was
+    /// forwarded to, and this shard's own store commit when it stored something).
+    pub(super) fn route_with_receipt(&mut self, msg: Msg, routing: &mut Routing, now_ms: u64) -> (Vec<u64>, u32) {
+        let produced = self.route(msg, routing, now_ms);
+        let Some(receipt) = routing.receipt else { return (produced, 0) };
+        let mut expected = (self.n_shards - 1) as u32 + routing.forwards;
+        if routing.stored {
             self.store_receipts.push((receipt, 0));
             self.effects.sessions_urgent = true;
             expected += 1;
@@ -95,31 +92,19 @@ impl Shard {
         (produced, expected)
     }
 
-    /// Runs `f` (routing one message) on behalf of `receipt`: what it forwards to other shards
-    /// carries the receipt too. Returns `f`'s result and how many shards it forwarded to;
-    /// `stored_hit` then says whether it stored something here.
-    pub(super) fn under_receipt<R>(&mut self, receipt: Receipt, f: impl FnOnce(&mut Self) -> R) -> (R, u32) {
-        self.routing_receipt = Some(receipt);
-        self.stored_hit = false;
-        self.receipt_forwards = 0;
-        let r = f(self);
-        self.routing_receipt = None;
-        (r, std::mem::take(&mut self.receipt_forwards))
-    }
-
     /// A message published on this shard: deliver here and hand it to every other shard.
     /// Returns the ids of the Kafka records the message became (MQTT → Kafka mappings).
-    pub(super) fn route(&mut self, msg: Msg, now_ms: u64) -> Vec<u64> {
+    pub(super) fn route(&mut self, msg: Msg, routing: &mut Routing, now_ms: u64) -> Vec<u64> {
         for shard in 0..self.n_shards {
             if shard != self.id {
-                let m = match self.routing_receipt {
+                let m = match routing.receipt {
                     Some(receipt) => ShardMsg::PublishReceipt { msg: msg.clone(), receipt },
                     None => ShardMsg::Publish(msg.clone()),
                 };
                 self.effects.to_shards.push((shard, m));
             }
         }
-        self.route_here(&msg, now_ms);
+        self.route_here(&msg, routing, now_ms);
         if &*msg.origin == "$kafka" {
             // What came from Kafka does not go back to it: no loops between the two directions.
             return Vec::new();
@@ -182,19 +167,19 @@ impl Shard {
     }
 
     /// Delivery on this shard of a message published anywhere.
-    pub(super) fn route_here(&mut self, msg: &Msg, now_ms: u64) {
+    pub(super) fn route_here(&mut self, msg: &Msg, routing: &mut Routing, now_ms: u64) {
         if msg.retain && shard_of(&msg.topic, self.n_shards) == self.id {
             let persist = !msg.topic.starts_with("$SYS");
             if msg.payload.is_empty() {
                 if self.retained.remove(&msg.topic).is_some() && persist {
                     self.effects.retained.push((msg.topic.clone(), None));
-                    self.stored_hit = true;
+                    routing.stored = true;
                 }
             } else if self.retained.len() < self.limits.max_retained_messages || self.retained.contains(&msg.topic) {
                 self.retained.insert(&msg.topic, msg.clone());
                 if persist {
                     self.effects.retained.push((msg.topic.clone(), Some(msg.clone())));
-                    self.stored_hit = true;
+                    routing.stored = true;
                 }
             }
         }
@@ -227,7 +212,7 @@ impl Shard {
                 }
             }
             let d = Delivery { msg: msg.clone(), qos: qos.min(msg.qos), retain: rap && msg.retain, sub_ids };
-            self.deliver(&id, d, now_ms);
+            self.deliver(&id, d, routing, now_ms);
         }
         matches.clear();
         self.route_matches = matches;
@@ -241,11 +226,11 @@ impl Shard {
         });
         for m in picks {
             if m.shard == self.id {
-                self.deliver_shared(&m.client_id, msg.clone(), m.opts, m.sub_id, now_ms);
+                self.deliver_shared(&m.client_id, msg.clone(), m.opts, m.sub_id, routing, now_ms);
             } else {
-                let receipt = self.routing_receipt;
+                let receipt = routing.receipt;
                 if receipt.is_some() {
-                    self.receipt_forwards += 1;
+                    routing.forwards += 1;
                 }
                 let sd = ShardMsg::ShareDeliver {
                     client_id: m.client_id,

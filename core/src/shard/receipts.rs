@@ -42,9 +42,8 @@ impl Shard {
     /// Answers `r` for what this shard just routed under it: at once, or — when that made
     /// sessions here congested — once they drained, so that the publisher's acknowledgement on
     /// its own shard waits for a slow subscriber on this one as it would on its own.
-    pub(super) fn answer_receipt(&mut self, r: Receipt, more: u32) {
-        let stored = std::mem::take(&mut self.stored_hit);
-        let congested = std::mem::take(&mut self.congested);
+    pub(super) fn answer_receipt(&mut self, r: Receipt, routing: Routing) {
+        let Routing { forwards: more, stored, congested, .. } = routing;
         if congested.is_empty() {
             return self.answer_receipt_now(r, more, stored);
         }

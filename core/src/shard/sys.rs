@@ -114,7 +114,7 @@ impl Shard {
                 expiry_at_ms: None,
                 origin: origin.clone(),
             });
-            self.route(msg, now_ms);
+            self.route(msg, &mut Routing::default(), now_ms);
         }
     }
 }
