@@ -3,10 +3,8 @@ use super::*;
 impl Shard {
     /// The acknowledgement `seq` of `conn` reports `code` unless it already reports a failure.
     pub(super) fn set_ack_code(&mut self, conn: ConnId, seq: u64, code: u8) {
-        let Some(c) = self.conns.get_mut(&conn) else { return };
-        let Some(a) = seq.checked_sub(c.acks_front_seq).and_then(|i| c.acks.get_mut(i as usize)) else { return };
-        if a.code == reason::SUCCESS {
-            a.code = code;
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.acks.fail(seq, code);
         }
     }
 
@@ -29,13 +27,12 @@ impl Shard {
         receipt: Option<(u64, u32)>,
     ) {
         let Some(c) = self.conns.get_mut(&conn) else { return };
-        let seq = c.acks_front_seq + c.acks.len() as u64;
         let waiting = (records.len() + congested.len() + usize::from(receipt.is_some())) as u32;
+        let seq = c.acks.push(pid, qos, waiting);
         if let Some((token, expected)) = receipt {
             self.receipts
                 .insert(token, ReceiptWait { left: expected, failed: false, then: ReceiptFor::Ack(conn, seq) });
         }
-        c.acks.push_back(PendingAck { pid, qos, waiting, code: reason::SUCCESS });
         for id in records {
             self.kafka_waiters.insert(*id, (conn, seq));
         }
@@ -50,9 +47,9 @@ impl Shard {
         let mut touched = Vec::new();
         for (conn, seq) in waiters {
             let Some(c) = self.conns.get_mut(&conn) else { continue };
-            let Some(a) = seq.checked_sub(c.acks_front_seq).and_then(|i| c.acks.get_mut(i as usize)) else { continue };
-            a.waiting = a.waiting.saturating_sub(1);
-            touched.push(conn);
+            if c.acks.done(seq, None) {
+                touched.push(conn);
+            }
         }
         touched.dedup();
         for conn in touched {
@@ -63,12 +60,7 @@ impl Shard {
     pub(super) fn flush_acks(&mut self, conn: ConnId) {
         loop {
             let Some(c) = self.conns.get_mut(&conn) else { return };
-            let Some(front) = c.acks.front() else { return };
-            if front.waiting > 0 {
-                return;
-            }
-            let a = c.acks.pop_front().unwrap();
-            c.acks_front_seq += 1;
+            let Some(a) = c.acks.pop_ready() else { return };
             if a.code != reason::SUCCESS && c.version != Some(Version::V5) {
                 // 3.1.1 has no negative acknowledgement: close without one, so the client
                 // publishes again after reconnecting. Nothing acknowledged is lost.
@@ -83,11 +75,8 @@ impl Shard {
     pub(super) fn resolve_waiter(&mut self, id: u64, outcome: &Result<(), ProduceError>, touched: &mut Vec<ConnId>) {
         let Some((conn, seq)) = self.kafka_waiters.remove(&id) else { return };
         let Some(c) = self.conns.get_mut(&conn) else { return };
-        let Some(a) = seq.checked_sub(c.acks_front_seq).and_then(|i| c.acks.get_mut(i as usize)) else { return };
-        a.waiting = a.waiting.saturating_sub(1);
-        if let (Err(e), reason::SUCCESS) = (outcome, a.code) {
-            a.code = e.reason_code();
+        if c.acks.done(seq, outcome.as_ref().err().map(ProduceError::reason_code)) {
+            touched.push(conn);
         }
-        touched.push(conn);
     }
 }

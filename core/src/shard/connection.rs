@@ -57,8 +57,7 @@ impl Shard {
                 reading_paused: false,
                 lost: false,
                 problem_information: true,
-                acks: VecDeque::new(),
-                acks_front_seq: 0,
+                acks: AckQueue::default(),
                 out_full: false,
             }),
         );

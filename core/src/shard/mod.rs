@@ -44,6 +44,7 @@ use crate::session::{Delivery, Inflight, Sub};
 pub use crate::session::{Session, StoredMessage};
 use crate::topic::{self, TopicLimits, Trie};
 
+mod ack_queue;
 mod acks;
 mod backpressure;
 mod connect;
@@ -63,6 +64,7 @@ mod subscribe;
 mod sys;
 mod transfer;
 use inbound_feed::{InboundFeed, FEED_TOKEN};
+use ack_queue::AckQueue;
 use routing::Routing;
 
 /// Work one shard asks of another.
@@ -355,9 +357,8 @@ struct Conn {
     lost: bool,
     /// MQTT 5 Request Problem Information: reason strings allowed on DISCONNECT.
     problem_information: bool,
-    /// PUBACK/PUBREC not yet sent, in PUBLISH order; `acks_front_seq` numbers the front one.
-    acks: VecDeque<PendingAck>,
-    acks_front_seq: u64,
+    /// PUBACK/PUBREC not yet sent, in PUBLISH order.
+    acks: AckQueue,
     /// Queued QoS 1/2 messages wait because `out` reached `max_outbound_buffer_bytes`: they move
     /// on when the output has gone out ([`Shard::on_output_drained`]).
     out_full: bool,
@@ -460,16 +461,6 @@ struct HeldReceipt {
     /// The routing also stored something here: the answer then waits for the commit too.
     stored: bool,
     waiting: u32,
-}
-
-/// A QoS 1/2 acknowledgement waiting for Kafka or for an earlier one.
-struct PendingAck {
-    pid: u16,
-    qos: u8,
-    /// Records of this publish Kafka has not answered yet.
-    waiting: u32,
-    /// First failure's reason code, or success.
-    code: u8,
 }
 
 pub struct Shard {
