@@ -30,14 +30,13 @@ impl Shard {
         let waiting = (records.len() + congested.len() + usize::from(receipt.is_some())) as u32;
         let seq = c.acks.push(pid, qos, waiting);
         if let Some((token, expected)) = receipt {
-            self.receipts
-                .insert(token, ReceiptWait { left: expected, failed: false, then: ReceiptFor::Ack(conn, seq) });
+            self.receipts.expect(token, expected, ReceiptFor::Ack(conn, seq));
         }
         for id in records {
             self.kafka_waiters.insert(*id, (conn, seq));
         }
         for id in congested {
-            self.drain_waiters.entry(id.clone()).or_default().waiters.push(DrainWaiter::Ack(conn, seq));
+            self.drain.wait(id, DrainWaiter::Ack(conn, seq));
         }
         self.flush_acks(conn);
     }

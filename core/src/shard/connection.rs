@@ -215,7 +215,6 @@ impl Shard {
         s.conn = None;
         let expiry = s.expiry_secs;
         // Nobody reads this session's queue now: publishers are not held back for it.
-        self.slow.remove(&id);
         self.release_drain_waiters(&id);
         let s = self.sessions.get_mut(&id).unwrap();
         if let Some(w) = will {

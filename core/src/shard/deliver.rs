@@ -73,7 +73,7 @@ impl Shard {
                     && s.conn != routing.publisher
                     && s.queue.len() * 2 >= self.limits.max_queued_messages
                     && self.limits.max_backpressure_ms > 0
-                    && !self.slow.contains(id);
+                    && !self.drain.is_slow(id);
                 if congested {
                     routing.note_congested(id);
                 }

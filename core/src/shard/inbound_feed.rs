@@ -99,7 +99,7 @@ impl Shard {
         self.expire_feed_holds(now_ms);
         let mut moved = false;
         while !self.feed.remainder.is_empty() {
-            if self.feed.outstanding.is_some_and(|t| self.receipts.contains_key(&t)) {
+            if self.feed.outstanding.is_some_and(|t| self.receipts.is_open(t)) {
                 break;
             }
             self.feed.outstanding = None;
@@ -138,7 +138,7 @@ impl Shard {
         let mut token = None;
         let mut expected = 0;
         let mut sent = 0;
-        let mut moves: Vec<(PartitionKey, i64)> = Vec::new();
+        let mut moves: PositionMoves = Vec::new();
         while sent < max_messages {
             let Some(r) = self.feed.remainder.front() else { break };
             let transformed = self.inbound.transform(r, now_ms);
@@ -191,11 +191,12 @@ impl Shard {
             // is for publishers, and goes with them.
         }
         let Some(token) = token else { return false };
-        self.position_batches.push_back((token, moves));
+        self.receipts.push_batch(token, moves);
         if expected == 0 {
-            self.complete_position_batch(token);
+            let moves = self.receipts.complete_batch(token);
+            self.move_positions(moves);
         } else {
-            self.receipts.insert(token, ReceiptWait { left: expected, failed: false, then: ReceiptFor::Positions });
+            self.receipts.expect(token, expected, ReceiptFor::Positions);
             self.feed.outstanding = Some(token);
         }
         true
@@ -226,9 +227,8 @@ impl Shard {
         self.trim_skipped();
         routing.congested = self.feed_congested(std::iter::once(msg));
         let receivers = routing.congested.clone();
-        self.answer_receipt(r, routing);
-        if !receivers.is_empty() {
-            self.feed.held.push((self.next_held_receipt, now_ms, receivers));
+        if let Some(held) = self.answer_receipt(r, routing) {
+            self.feed.held.push((held, now_ms, receivers));
         }
     }
 
@@ -240,8 +240,8 @@ impl Shard {
         if self.feed.held.is_empty() {
             return;
         }
-        let held_receipts = &self.held_receipts;
-        self.feed.held.retain(|(h, _, _)| held_receipts.contains_key(h));
+        let receipts = &self.receipts;
+        self.feed.held.retain(|(h, _, _)| receipts.is_held(*h));
         let max_wait_ms = self.feed.max_wait_ms;
         let late: Vec<ClientId> = self
             .feed
@@ -260,7 +260,7 @@ impl Shard {
         self.feed.held = keep;
         for (h, _, _) in free {
             // A drain waiter for `h` may stay behind; `release_drain_waiters` skips it.
-            if let Some(held) = self.held_receipts.remove(&h) {
+            if let Some(held) = self.receipts.release_held(h) {
                 self.answer_receipt_now(held.receipt, held.more, held.stored);
             }
         }

@@ -50,11 +50,13 @@ mod backpressure;
 mod connect;
 mod connection;
 mod deliver;
+mod drain_waiters;
 mod inbound_feed;
 mod input;
 mod kafka_results;
 mod persistence;
 mod publish;
+mod receipt_book;
 mod receipts;
 mod retained_delivery;
 mod routing;
@@ -63,8 +65,11 @@ pub mod sim;
 mod subscribe;
 mod sys;
 mod transfer;
-use inbound_feed::{InboundFeed, FEED_TOKEN};
 use ack_queue::AckQueue;
+use drain_waiters::{DrainWaiter, DrainWaiters};
+use inbound_feed::{InboundFeed, FEED_TOKEN};
+pub use receipt_book::Receipt;
+use receipt_book::{PositionMoves, ReceiptBook, ReceiptFor};
 use routing::Routing;
 
 /// Work one shard asks of another.
@@ -172,32 +177,6 @@ pub enum ShardMsg {
         from: ShardId,
         stats: Stats,
     },
-}
-
-/// A consumed partition: (Kafka → MQTT mapping, topic, partition).
-type PartitionKey = (u16, Arc<str>, i32);
-
-/// Who waits for a [`ShardMsg::Receipt`], and under which token.
-#[derive(Clone, Copy, Debug)]
-pub struct Receipt {
-    pub from: ShardId,
-    pub token: u64,
-}
-
-/// A receipt of this shard's: answers still expected, whether one of them failed, and what
-/// completes when all are in.
-struct ReceiptWait {
-    left: u32,
-    failed: bool,
-    then: ReceiptFor,
-}
-
-/// What completes when every shard answered a receipt.
-enum ReceiptFor {
-    /// A PUBACK/PUBREC `(conn, ack seq)`.
-    Ack(ConnId, u64),
-    /// A batch of Kafka records: their positions may move.
-    Positions,
 }
 
 /// The directory's record of one client id, kept by the shard owning `hash(client_id)`.
@@ -438,31 +417,6 @@ pub struct MappingStats {
     pub batch_records: [u64; 5],
 }
 
-/// What waits for a congested session's queue to drain.
-enum DrainWaiter {
-    /// The acknowledgement number `seq` on a connection of this shard.
-    Ack(ConnId, u64),
-    /// A held answer to another shard's receipt ([`Shard::held_receipts`]).
-    Receipt(u64),
-}
-
-/// Publishers waiting for one congested session's queue to drain.
-#[derive(Default)]
-struct Congestion {
-    /// First tick that saw them waiting; they stop waiting `max_backpressure_ms` later.
-    since_ms: Option<u64>,
-    waiters: Vec<DrainWaiter>,
-}
-
-/// An answer to a receipt, held until `waiting` congested sessions drained.
-struct HeldReceipt {
-    receipt: Receipt,
-    more: u32,
-    /// The routing also stored something here: the answer then waits for the commit too.
-    stored: bool,
-    waiting: u32,
-}
-
 pub struct Shard {
     id: ShardId,
     n_shards: usize,
@@ -516,16 +470,10 @@ pub struct Shard {
     logged_skips: HashSet<(u16, Skip)>,
     /// Consumed records not routed yet, routed in slices that fit the receivers' room.
     feed: InboundFeed,
-    /// Session → acknowledgements `(conn, ack seq)` waiting for its queue to drain.
-    drain_waiters: HashMap<ClientId, Congestion>,
-    /// Sessions that held publishers back for `max_backpressure_ms`: no publisher waits for
-    /// them again until their queue drained to a quarter (or they went offline); their queue
-    /// follows `queue_full_policy` meanwhile.
-    slow: HashSet<ClientId>,
-    /// Answers to other shards' receipts held until congested sessions here drain: the
-    /// publisher's acknowledgement on its own shard waits for them (back-pressure across shards).
-    held_receipts: HashMap<u64, HeldReceipt>,
-    next_held_receipt: u64,
+    /// Receipts this shard opened, answers it holds for others, and Kafka slices' positions.
+    receipts: ReceiptBook,
+    /// What waits for congested sessions here to drain (back-pressure).
+    drain: DrainWaiters,
     /// Next offset per consumed partition, and whether it moved since the caller last took it.
     /// (mapping, topic, partition) → next offset; names are looked up only when stored.
     positions: HashMap<(u16, Arc<str>, i32), i64>,
@@ -541,16 +489,6 @@ pub struct Shard {
     /// Waiters of changes taken and not yet reported durable, by commit token.
     store_flushing: VecDeque<StoreWaiters>,
     next_store_token: u64,
-    /// Token → replies still expected, and what completes then.
-    receipts: HashMap<u64, ReceiptWait>,
-    /// Kafka record batches whose receipt failed (a store could not commit): positions stop
-    /// before them until this shard's store commits again.
-    failed_position_batches: Vec<u64>,
-    next_receipt: u64,
-    /// Slices of Kafka records ([`inbound_feed`]) in routing order, with the positions they
-    /// move; a slice's positions apply once its receipt and every earlier one completed.
-    position_batches: VecDeque<(u64, Vec<(PartitionKey, i64)>)>,
-    receipts_done: HashSet<u64>,
     /// `kafka-ack` with a spill log: QoS 1/2 records that time out (Kafka down or hanging) go
     /// to the spill log instead of failing, and records after them follow until it drained.
     outage_spill: bool,
@@ -685,10 +623,8 @@ impl Shard {
             inbound_stats: Vec::new(),
             logged_skips: HashSet::default(),
             feed: InboundFeed::new(crate::config::DEFAULT_KAFKA_TO_MQTT_MAX_WAIT_MS),
-            drain_waiters: HashMap::default(),
-            slow: HashSet::default(),
-            held_receipts: HashMap::default(),
-            next_held_receipt: 0,
+            receipts: ReceiptBook::default(),
+            drain: DrainWaiters::default(),
             positions: HashMap::default(),
             positions_dirty: false,
             persist_sessions: false,
@@ -697,11 +633,6 @@ impl Shard {
             store_sub_waiters: Vec::new(),
             store_flushing: VecDeque::new(),
             next_store_token: 0,
-            receipts: HashMap::default(),
-            failed_position_batches: Vec::new(),
-            next_receipt: 0,
-            position_batches: VecDeque::new(),
-            receipts_done: HashSet::default(),
             outage_spill: false,
             spilling: false,
             kafka_copies: HashMap::default(),

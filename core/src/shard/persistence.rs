@@ -85,9 +85,8 @@ impl Shard {
     pub fn on_sessions_synced(&mut self, token: u64, ok: bool, now_ms: u64) {
         if ok {
             // This shard's store works again: Kafka positions held back by a failed commit move.
-            for t in std::mem::take(&mut self.failed_position_batches) {
-                self.complete_position_batch(t);
-            }
+            let moves = self.receipts.retry_failed();
+            self.move_positions(moves);
         }
         while let Some(w) = self.store_flushing.pop_front_if(|w| w.token <= token) {
             for (r, more) in w.receipts {

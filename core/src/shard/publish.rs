@@ -73,8 +73,7 @@ impl Shard {
     }
 
     pub(super) fn new_receipt(&mut self) -> u64 {
-        self.next_receipt += 1;
-        self.next_receipt
+        self.receipts.new_token()
     }
 
     /// [`Shard::route`] under `routing`; returns the Kafka records and, when the routing has a

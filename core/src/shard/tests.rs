@@ -407,7 +407,7 @@ fn every_retained_message_reaches_an_acknowledging_qos1_subscriber_without_overf
     let s = &w.shards[1];
     assert_eq!(s.stats.dropped_queue_full, 0);
     assert!(s.sessions["all1"].queue.is_empty());
-    assert!(s.drain_waiters.is_empty(), "the feed holds no publisher back");
+    assert!(s.drain.is_empty(), "the feed holds no publisher back");
 }
 
 #[test]
