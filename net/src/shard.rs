@@ -408,18 +408,17 @@ pub(crate) async fn run_shard(
     let mut positions_file = None;
     if let Some(b) = cfg.bridge {
         let router = Router::new(&b.mappings, &b.clusters)?;
-        let unix_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
-        shard = shard.with_bridge(router, b.delivery, b.max_pending, unix_ms - cfg.epoch.elapsed().as_millis() as i64);
         if let Some((dir, opts)) = &b.spill {
             spill = Some(open_spill(dir, *opts, &b.clusters, b.max_pending, cfg.id)?);
-            shard = shard.with_qos0_policy(b.qos0_when_backlogged);
-            if b.spill_on_timeout {
-                shard = shard.with_outage_spill();
-            }
         }
+        // The QoS 0 policy and outage spilling need the spill log.
+        shard = shard.with_bridge(sluice_core::shard::BridgeOptions {
+            router,
+            delivery: b.delivery,
+            max_pending_records: b.max_pending,
+            qos0_policy: if spill.is_some() { b.qos0_when_backlogged } else { Default::default() },
+            spill_on_timeout: spill.is_some() && b.spill_on_timeout,
+        });
         let inbound = sluice_core::inbound::Inbound::new(&b.inbound, &b.clusters)?;
         shard = shard.with_inbound(inbound, b.inbound.len(), b.inbound_max_wait_ms);
         positions_file = Some(b.positions_file.clone());

@@ -33,7 +33,7 @@ impl Shard {
             self.receipts.expect(token, expected, ReceiptFor::Ack(conn, seq));
         }
         for id in records {
-            self.kafka_waiters.insert(*id, (conn, seq));
+            self.outbox.wait(*id, (conn, seq));
         }
         for id in congested {
             self.drain.wait(id, DrainWaiter::Ack(conn, seq));
@@ -71,8 +71,13 @@ impl Shard {
         }
     }
 
-    pub(super) fn resolve_waiter(&mut self, id: u64, outcome: &Result<(), ProduceError>, touched: &mut Vec<ConnId>) {
-        let Some((conn, seq)) = self.kafka_waiters.remove(&id) else { return };
+    /// Kafka (or the spill log) answered a record the acknowledgement `seq` of `conn` waited for.
+    pub(super) fn resolve_waiter(
+        &mut self,
+        (conn, seq): (ConnId, u64),
+        outcome: &Result<(), ProduceError>,
+        touched: &mut Vec<ConnId>,
+    ) {
         let Some(c) = self.conns.get_mut(&conn) else { return };
         if c.acks.done(seq, outcome.as_ref().err().map(ProduceError::reason_code)) {
             touched.push(conn);

@@ -29,8 +29,8 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
-use crate::bridge::{Delivery as DeliveryMode, KafkaRecord, ProduceError, ProduceRequest, ProduceResult, Router};
-use crate::config::{Limits, Qos0Policy, QueueFullPolicy};
+use crate::bridge::{ProduceError, ProduceRequest, ProduceResult};
+use crate::config::{Limits, QueueFullPolicy};
 use crate::inbound::{Inbound, InboundRecord, Positions, Skip};
 pub use crate::message::{expiry_left_secs, ClientId, ConnId, Message, Msg, ShardId};
 use crate::packet::{
@@ -54,6 +54,7 @@ mod drain_waiters;
 mod inbound_feed;
 mod input;
 mod kafka_results;
+mod outbox;
 mod persistence;
 mod publish;
 mod receipt_book;
@@ -68,6 +69,8 @@ mod transfer;
 use ack_queue::AckQueue;
 use drain_waiters::{DrainWaiter, DrainWaiters};
 use inbound_feed::{InboundFeed, FEED_TOKEN};
+use outbox::KafkaOutbox;
+pub use outbox::{BridgeOptions, MappingStats};
 pub use receipt_book::Receipt;
 use receipt_book::{PositionMoves, ReceiptBook, ReceiptFor};
 use routing::Routing;
@@ -398,25 +401,6 @@ pub struct Effects {
     pub retained_work: bool,
 }
 
-/// Per-mapping counters of the MQTT → Kafka bridge, published under `$SYS/broker/kafka/NAME/`.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct MappingStats {
-    pub messages_in: u64,
-    pub bytes_in: u64,
-    pub records_produced: u64,
-    pub records_failed: u64,
-    /// Produce requests beyond the first, summed over records.
-    pub records_retried: u64,
-    /// QoS 1/2 records that timed out (`kafka-ack`) and went to the spill log instead.
-    pub records_spilled: u64,
-    /// QoS 0 records dropped by `qos0_when_backlogged`.
-    pub records_dropped: u64,
-    pub latency_us_sum: u64,
-    pub latency_us_max: u64,
-    /// Records by the size of the batch they travelled in: 1, ≤10, ≤100, ≤1000, more.
-    pub batch_records: [u64; 5],
-}
-
 pub struct Shard {
     id: ShardId,
     n_shards: usize,
@@ -449,20 +433,10 @@ pub struct Shard {
     last_sys_ms: u64,
     last_stats_ms: u64,
     last_keepalive_scan_ms: u64,
-    router: Router,
     /// Unix time in ms at `now_ms == 0`, for Kafka record timestamps.
     wall_offset_ms: i64,
-    next_produce_id: u64,
-    /// Record id → the acknowledgement waiting for it.
-    kafka_waiters: HashMap<u64, (ConnId, u64)>,
-    /// Record id → its mapping, for per-mapping counters.
-    kafka_inflight_mapping: HashMap<u64, RecordMeta>,
-    delivery: DeliveryMode,
-    kafka_pending: usize,
-    max_pending_records: usize,
-    /// Per (mapping, cluster).
-    mapping_stats: HashMap<(u16, u16), MappingStats>,
-    logged_failures: HashSet<(u16, &'static str)>,
+    /// MQTT → Kafka: records in flight, their waiters, QoS 0 policy, outage spilling.
+    outbox: KafkaOutbox,
     spill_stats: Option<(u64, u64, u64)>,
     inbound: Inbound,
     /// Per Kafka → MQTT mapping: records read, MQTT messages published, records skipped.
@@ -489,30 +463,6 @@ pub struct Shard {
     /// Waiters of changes taken and not yet reported durable, by commit token.
     store_flushing: VecDeque<StoreWaiters>,
     next_store_token: u64,
-    /// `kafka-ack` with a spill log: QoS 1/2 records that time out (Kafka down or hanging) go
-    /// to the spill log instead of failing, and records after them follow until it drained.
-    outage_spill: bool,
-    spilling: bool,
-    /// Copies of QoS 1/2 records in flight (with `outage_spill`), to spill if they time out.
-    kafka_copies: HashMap<u64, KafkaRecord>,
-    /// Spilling: records waiting for the ones still in flight to succeed or reach the spill
-    /// log first, so that order per partition holds across the switch.
-    held_produce: Vec<ProduceRequest>,
-    qos0_policy: Qos0Policy,
-    /// QoS 0 records among `kafka_pending`.
-    kafka_pending_qos0: usize,
-    /// QoS 0 records waiting for room in the Kafka backlog (drop policies only).
-    qos0_waiting: VecDeque<ProduceRequest>,
-}
-
-/// What the shard remembers of a record handed to Kafka.
-#[derive(Clone, Copy)]
-struct RecordMeta {
-    mapping: u16,
-    cluster: u16,
-    /// In the spill log: its publisher heard back when it got there.
-    durable: bool,
-    qos0: bool,
 }
 
 /// What waits for one commit of the session store.
@@ -608,16 +558,8 @@ impl Shard {
             last_sys_ms: now_ms,
             last_stats_ms: now_ms,
             last_keepalive_scan_ms: now_ms,
-            router: Router::default(),
             wall_offset_ms: 0,
-            next_produce_id: 0,
-            kafka_waiters: HashMap::default(),
-            kafka_inflight_mapping: HashMap::default(),
-            delivery: DeliveryMode::KafkaAck,
-            kafka_pending: 0,
-            max_pending_records: usize::MAX,
-            mapping_stats: HashMap::default(),
-            logged_failures: HashSet::default(),
+            outbox: KafkaOutbox::default(),
             spill_stats: None,
             inbound: Inbound::default(),
             inbound_stats: Vec::new(),
@@ -633,43 +575,14 @@ impl Shard {
             store_sub_waiters: Vec::new(),
             store_flushing: VecDeque::new(),
             next_store_token: 0,
-            outage_spill: false,
-            spilling: false,
-            kafka_copies: HashMap::default(),
-            held_produce: Vec::new(),
-            qos0_policy: Qos0Policy::BackPressure,
-            kafka_pending_qos0: 0,
-            qos0_waiting: VecDeque::new(),
         }
     }
 
-    /// What QoS 0 records do when `max_pending_records` already wait for Kafka.
-    pub fn with_qos0_policy(mut self, policy: Qos0Policy) -> Self {
-        self.qos0_policy = policy;
-        self
-    }
-
-    /// `kafka-ack` with a spill log: QoS 1/2 records that time out go to the spill log (and
-    /// the publisher hears back once they are on disk) instead of failing; records after them
-    /// follow until the caller reports the log drained ([`Shard::end_spilling`]).
-    pub fn with_outage_spill(mut self) -> Self {
-        self.outage_spill = self.delivery == DeliveryMode::KafkaAck;
-        self
-    }
-
-    /// Turns on the MQTT → Kafka bridge: messages matching `router` become produce requests in
-    /// [`Effects::produce`], and QoS 1/2 acknowledgements wait for Kafka.
-    pub fn with_bridge(
-        mut self,
-        router: Router,
-        delivery: DeliveryMode,
-        max_pending_records: usize,
-        wall_offset_ms: i64,
-    ) -> Self {
-        self.delivery = delivery;
-        self.router = router;
-        self.max_pending_records = max_pending_records.max(1);
-        self.wall_offset_ms = wall_offset_ms;
+    /// Turns on the MQTT → Kafka bridge: messages matching `options.router` become produce
+    /// requests in [`Effects::produce`], and QoS 1/2 acknowledgements wait for Kafka (or the
+    /// spill log). See [`outbox`] for what the options decide.
+    pub fn with_bridge(mut self, options: BridgeOptions) -> Self {
+        self.outbox = KafkaOutbox::new(options);
         self
     }
 

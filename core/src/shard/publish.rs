@@ -112,57 +112,7 @@ impl Shard {
     }
 
     pub(super) fn bridge_to_kafka(&mut self, msg: &Msg, now_ms: u64) -> Vec<u64> {
-        if self.router.is_empty() {
-            return Vec::new();
-        }
-        let mut records = Vec::new();
-        self.router.route(msg, self.wall_offset_ms + now_ms as i64, &mut records);
-        let mut ids = Vec::with_capacity(records.len());
-        for record in records {
-            let ms = self.mapping_stats.entry((record.mapping, record.cluster)).or_default();
-            ms.messages_in += 1;
-            ms.bytes_in += msg.payload.len() as u64;
-            self.next_produce_id += 1;
-            let id = self.next_produce_id;
-            let durable = msg.qos > 0 && (self.delivery == DeliveryMode::LocalDurable || self.spilling);
-            let qos0 = msg.qos == 0;
-            let meta = RecordMeta { mapping: record.mapping, cluster: record.cluster, durable, qos0 };
-            self.kafka_inflight_mapping.insert(id, meta);
-            ids.push(id);
-            let waits = !self.qos0_waiting.is_empty() || self.kafka_pending >= self.max_pending_records;
-            if qos0 && self.qos0_policy != Qos0Policy::BackPressure && waits {
-                self.qos0_waiting.push_back(ProduceRequest { id, record, durable });
-                if self.qos0_waiting.len() > self.max_pending_records {
-                    let dropped = match self.qos0_policy {
-                        Qos0Policy::DropOldest => self.qos0_waiting.pop_front(),
-                        _ => self.qos0_waiting.pop_back(),
-                    };
-                    if let Some(d) = dropped {
-                        self.kafka_inflight_mapping.remove(&d.id);
-                        let ms = self.mapping_stats.entry((d.record.mapping, d.record.cluster)).or_default();
-                        ms.records_dropped += 1;
-                    }
-                }
-                continue;
-            }
-            if qos0 {
-                self.kafka_pending_qos0 += 1;
-            }
-            if durable && self.delivery == DeliveryMode::KafkaAck && !self.kafka_copies.is_empty() {
-                // Spilling after an outage began: behind the records still in flight.
-                self.held_produce.push(ProduceRequest { id, record, durable });
-                continue;
-            }
-            // Durable records are bounded by the spill log (disk), not by memory here.
-            if !durable {
-                self.kafka_pending += 1;
-                if self.outage_spill && msg.qos > 0 {
-                    self.kafka_copies.insert(id, record.clone());
-                }
-            }
-            self.effects.produce.push(ProduceRequest { id, record, durable });
-        }
-        ids
+        self.outbox.bridge(msg, self.wall_offset_ms + now_ms as i64, &mut self.effects.produce)
     }
 
     /// Delivery on this shard of a message published anywhere.

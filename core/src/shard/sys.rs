@@ -53,9 +53,7 @@ impl Shard {
                 values.push((format!("$SYS/broker/{name}"), v.to_string()));
             }
         }
-        for ((mapping, cluster), ms) in &self.mapping_stats {
-            let name = self.router.mapping_name(*mapping);
-            let cluster = &self.router.clusters()[usize::from(*cluster)];
+        for (name, cluster, ms) in self.outbox.mapping_stats() {
             let done = ms.records_produced + ms.records_failed;
             let [b1, b10, b100, b1000, bmore] = ms.batch_records;
             for (field, v) in [
@@ -91,8 +89,8 @@ impl Shard {
             values.push((format!("$SYS/broker/shard/{}/spill/disk_bytes", self.id), disk.to_string()));
             values.push((format!("$SYS/broker/shard/{}/spill/replayed", self.id), replayed.to_string()));
         }
-        if !self.router.is_empty() {
-            values.push((format!("$SYS/broker/shard/{}/kafka/pending", self.id), self.kafka_pending.to_string()));
+        if !self.outbox.router().is_empty() {
+            values.push((format!("$SYS/broker/shard/{}/kafka/pending", self.id), self.outbox.pending().to_string()));
         }
         let backlog: usize = self.retained_feeds.values().map(|f| f.backlog.len()).sum();
         for (field, v) in [

@@ -503,9 +503,15 @@ fn kafka_ack_spills_what_times_out_and_keeps_order_across_the_switch() {
     let m: MappingConfig =
         toml::from_str("name = \"k\"\nfilters = [\"k/#\"]\ndestinations = [{ cluster = \"c\", topic = \"t\" }]")
             .unwrap();
-    let router = Router::new(&[m], &["c".to_string()]).unwrap();
-    let mut shard =
-        Shard::new(0, 1, Limits::default(), 0).with_bridge(router, DeliveryMode::KafkaAck, 100, 0).with_outage_spill();
+    let router = crate::bridge::Router::new(&[m], &["c".to_string()]).unwrap();
+    let options = BridgeOptions {
+        router,
+        delivery: crate::bridge::Delivery::KafkaAck,
+        max_pending_records: 100,
+        qos0_policy: Default::default(),
+        spill_on_timeout: true,
+    };
+    let mut shard = Shard::new(0, 1, Limits::default(), 0).with_bridge(options);
     shard.on_open(1, 0);
     let feed = |shard: &mut Shard, p: Packet| {
         let mut b = BytesMut::new();

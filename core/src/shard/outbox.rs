@@ -1,0 +1,424 @@
+//! The MQTT → Kafka side of a shard: which messages become Kafka records, and what happens to
+//! each record until Kafka (or the spill log) answers for it.
+//!
+//! A message matching the [`Router`]'s mappings becomes records handed to the caller's
+//! producers ([`Effects::produce`](super::Effects::produce)). The outbox counts what is in
+//! flight and decides, per record:
+//! - **Delivery**: `kafka-ack` records are answered by Kafka; `local-durable` QoS 1/2 records go
+//!   to the spill log and are answered when they are on disk (`durable`), Kafka later.
+//! - **Back-pressure**: at `max_pending_records` in flight the shard stops reading publishers
+//!   ([`KafkaOutbox::backlogged`]); QoS 0 records follow `qos0_when_backlogged` (wait their
+//!   turn here, or drop oldest/newest) instead, so they never stop the shard reading.
+//! - **Outage spilling** (`kafka-ack` with a spill log): a QoS 1/2 record that times out goes
+//!   to the spill log instead of failing, the outbox is *spilling* from then on, and records
+//!   routed meanwhile wait here behind those still in flight so that order per partition holds
+//!   across the switch, until the caller reports the log drained.
+//!
+//! Invariants: every record id is answered at most once (an unknown id is ignored); `pending`
+//! counts exactly the non-durable records handed out and not yet answered; while spilling, no
+//! record overtakes one that may still go to the spill log.
+
+use crate::{HashMap, HashSet};
+use std::collections::VecDeque;
+
+use crate::bridge::{Delivery, KafkaRecord, ProduceError, ProduceRequest, ProduceResult, Router};
+use crate::config::Qos0Policy;
+
+use super::{ConnId, Msg};
+
+/// How a shard feeds Kafka: one value, so no setting depends on the order others were set in.
+#[derive(Default)]
+pub struct BridgeOptions {
+    pub router: Router,
+    pub delivery: Delivery,
+    /// Records in flight at which the shard stops reading publishers (at least 1).
+    pub max_pending_records: usize,
+    pub qos0_policy: Qos0Policy,
+    /// `kafka-ack` only: QoS 1/2 records that time out go to the spill log (the caller has one).
+    pub spill_on_timeout: bool,
+}
+
+/// Per-mapping counters of the MQTT → Kafka bridge, published under `$SYS/broker/kafka/NAME/`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MappingStats {
+    pub messages_in: u64,
+    pub bytes_in: u64,
+    pub records_produced: u64,
+    pub records_failed: u64,
+    /// Produce requests beyond the first, summed over records.
+    pub records_retried: u64,
+    /// QoS 1/2 records that timed out (`kafka-ack`) and went to the spill log instead.
+    pub records_spilled: u64,
+    /// QoS 0 records dropped by `qos0_when_backlogged`.
+    pub records_dropped: u64,
+    pub latency_us_sum: u64,
+    pub latency_us_max: u64,
+    /// Records by the size of the batch they travelled in: 1, ≤10, ≤100, ≤1000, more.
+    pub batch_records: [u64; 5],
+}
+
+/// What the outbox remembers of a record handed out.
+#[derive(Clone, Copy)]
+struct RecordMeta {
+    mapping: u16,
+    cluster: u16,
+    /// In the spill log: its publisher heard back when it got there.
+    durable: bool,
+    qos0: bool,
+}
+
+/// What a Kafka answer means for the record's publisher.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Answered {
+    /// The acknowledgement `(conn, seq)` waiting for it may go, with this outcome.
+    Publisher((ConnId, u64), Result<(), ProduceError>),
+    /// Nothing waits here: a QoS 0 record, a durable one (its publisher heard back when it reached
+    /// the spill log), or one that timed out and now goes to the spill log.
+    Nobody,
+}
+
+pub(super) struct KafkaOutbox {
+    router: Router,
+    delivery: Delivery,
+    max_pending: usize,
+    qos0_policy: Qos0Policy,
+    spill_on_timeout: bool,
+    next_id: u64,
+    /// Record id → the acknowledgement waiting for it.
+    waiters: HashMap<u64, (ConnId, u64)>,
+    /// Record id → what it is, until answered.
+    inflight: HashMap<u64, RecordMeta>,
+    /// Non-durable records handed out and not answered; QoS 0 ones among them.
+    pending: usize,
+    pending_qos0: usize,
+    /// QoS 0 records waiting for room (drop policies only).
+    qos0_waiting: VecDeque<ProduceRequest>,
+    spilling: bool,
+    /// Copies of QoS 1/2 records in flight (with `spill_on_timeout`), to spill if they time out.
+    copies: HashMap<u64, KafkaRecord>,
+    /// Spilling: records waiting for the ones still in flight to be answered first.
+    held: Vec<ProduceRequest>,
+    /// Per (mapping, cluster).
+    stats: HashMap<(u16, u16), MappingStats>,
+    logged_failures: HashSet<(u16, &'static str)>,
+}
+
+impl Default for KafkaOutbox {
+    fn default() -> Self {
+        KafkaOutbox::new(BridgeOptions { max_pending_records: usize::MAX, ..BridgeOptions::default() })
+    }
+}
+
+impl KafkaOutbox {
+    pub(super) fn new(o: BridgeOptions) -> Self {
+        KafkaOutbox {
+            spill_on_timeout: o.spill_on_timeout && o.delivery == Delivery::KafkaAck,
+            router: o.router,
+            delivery: o.delivery,
+            max_pending: o.max_pending_records.max(1),
+            qos0_policy: o.qos0_policy,
+            next_id: 0,
+            waiters: HashMap::default(),
+            inflight: HashMap::default(),
+            pending: 0,
+            pending_qos0: 0,
+            qos0_waiting: VecDeque::new(),
+            spilling: false,
+            copies: HashMap::default(),
+            held: Vec::new(),
+            stats: HashMap::default(),
+            logged_failures: HashSet::default(),
+        }
+    }
+
+    pub(super) fn router(&self) -> &Router {
+        &self.router
+    }
+
+    /// Turns `msg` into records for every mapping it matches; what may go now is appended to
+    /// `out`. Returns the ids of the records (QoS 1/2: the publisher's acknowledgement waits).
+    pub(super) fn bridge(&mut self, msg: &Msg, wall_now_ms: i64, out: &mut Vec<ProduceRequest>) -> Vec<u64> {
+        if self.router.is_empty() {
+            return Vec::new();
+        }
+        let mut records = Vec::new();
+        self.router.route(msg, wall_now_ms, &mut records);
+        let mut ids = Vec::with_capacity(records.len());
+        for record in records {
+            let ms = self.stats.entry((record.mapping, record.cluster)).or_default();
+            ms.messages_in += 1;
+            ms.bytes_in += msg.payload.len() as u64;
+            self.next_id += 1;
+            let id = self.next_id;
+            let durable = msg.qos > 0 && (self.delivery == Delivery::LocalDurable || self.spilling);
+            let qos0 = msg.qos == 0;
+            self.inflight.insert(id, RecordMeta { mapping: record.mapping, cluster: record.cluster, durable, qos0 });
+            ids.push(id);
+            let waits = !self.qos0_waiting.is_empty() || self.pending >= self.max_pending;
+            if qos0 && self.qos0_policy != Qos0Policy::BackPressure && waits {
+                self.qos0_waiting.push_back(ProduceRequest { id, record, durable });
+                if self.qos0_waiting.len() > self.max_pending {
+                    let dropped = match self.qos0_policy {
+                        Qos0Policy::DropOldest => self.qos0_waiting.pop_front(),
+                        _ => self.qos0_waiting.pop_back(),
+                    };
+                    if let Some(d) = dropped {
+                        self.inflight.remove(&d.id);
+                        self.stats.entry((d.record.mapping, d.record.cluster)).or_default().records_dropped += 1;
+                    }
+                }
+                continue;
+            }
+            if qos0 {
+                self.pending_qos0 += 1;
+            }
+            if durable && self.delivery == Delivery::KafkaAck && !self.copies.is_empty() {
+                // Spilling after an outage began: behind the records still in flight.
+                self.held.push(ProduceRequest { id, record, durable });
+                continue;
+            }
+            // Durable records are bounded by the spill log (disk), not by memory here.
+            if !durable {
+                self.pending += 1;
+                if self.spill_on_timeout && msg.qos > 0 {
+                    self.copies.insert(id, record.clone());
+                }
+            }
+            out.push(ProduceRequest { id, record, durable });
+        }
+        ids
+    }
+
+    /// The acknowledgement `(conn, seq)` waits for record `id`.
+    pub(super) fn wait(&mut self, id: u64, ack: (ConnId, u64)) {
+        self.waiters.insert(id, ack);
+    }
+
+    /// Record `id` is in the spill log (`local-durable`), or could not get there: the
+    /// acknowledgement waiting for it, if any.
+    pub(super) fn durable(&mut self, id: u64) -> Option<(ConnId, u64)> {
+        self.waiters.remove(&id)
+    }
+
+    /// Kafka answered record `r.id`. Records to hand out now (a spilled copy) go to `out`;
+    /// things an operator should read go to `warnings`.
+    pub(super) fn on_result(
+        &mut self,
+        r: ProduceResult,
+        shard: usize,
+        out: &mut Vec<ProduceRequest>,
+        warnings: &mut Vec<String>,
+    ) -> Answered {
+        let meta = self.inflight.remove(&r.id);
+        let RecordMeta { mapping, cluster, durable, qos0 } =
+            meta.unwrap_or(RecordMeta { mapping: 0, cluster: 0, durable: false, qos0: false });
+        if !durable {
+            self.pending = self.pending.saturating_sub(1);
+        }
+        if qos0 {
+            self.pending_qos0 = self.pending_qos0.saturating_sub(1);
+        }
+        let copy = self.copies.remove(&r.id);
+        if let (Err(ProduceError::TimedOut), Some(record)) = (&r.outcome, copy) {
+            // Kafka is down or hanging: the record goes to the spill log, the publisher hears
+            // back once it is on disk, and Kafka gets it on replay.
+            if !self.spilling {
+                self.spilling = true;
+                warnings.push(format!(
+                    "shard {shard}: Kafka timed out; QoS 1/2 records go to the spill log until Kafka takes them again"
+                ));
+            }
+            self.inflight.insert(r.id, RecordMeta { mapping, cluster, durable: true, qos0: false });
+            self.stats.entry((mapping, cluster)).or_default().records_spilled += 1;
+            out.push(ProduceRequest { id: r.id, record, durable: true });
+            return Answered::Nobody;
+        }
+        let ms = self.stats.entry((mapping, cluster)).or_default();
+        ms.records_retried += u64::from(r.attempts.saturating_sub(1));
+        ms.latency_us_sum += r.latency_us;
+        ms.latency_us_max = ms.latency_us_max.max(r.latency_us);
+        let bucket = match r.batch_records {
+            0..=1 => 0,
+            2..=10 => 1,
+            11..=100 => 2,
+            101..=1000 => 3,
+            _ => 4,
+        };
+        ms.batch_records[bucket] += 1;
+        match &r.outcome {
+            Ok(()) => ms.records_produced += 1,
+            Err(e) => {
+                ms.records_failed += 1;
+                if self.logged_failures.insert((mapping, e.cause())) {
+                    let name = self.router.mapping_name(mapping).to_string();
+                    warnings.push(format!(
+                        "Kafka refused records of mapping `{name}`: {} ({e:?}); further failures of this kind are counted in $SYS/broker/shard/{shard}/kafka/{name}/.../records/failed",
+                        e.cause(),
+                    ));
+                }
+            }
+        }
+        // A durable record's publisher heard back when it reached the spill log.
+        if durable {
+            return Answered::Nobody;
+        }
+        match self.waiters.remove(&r.id) {
+            Some(ack) => Answered::Publisher(ack, r.outcome),
+            None => Answered::Nobody,
+        }
+    }
+
+    /// After a batch of answers: records that waited (behind in-flight ones while spilling, or
+    /// QoS 0 ones for room) go to `out` as far as they may.
+    pub(super) fn release(&mut self, out: &mut Vec<ProduceRequest>) {
+        if self.copies.is_empty() && !self.held.is_empty() {
+            out.append(&mut self.held);
+        }
+        while self.pending < self.max_pending {
+            let Some(req) = self.qos0_waiting.pop_front() else { break };
+            self.pending += 1;
+            self.pending_qos0 += 1;
+            out.push(req);
+        }
+    }
+
+    pub(super) fn spilling(&self) -> bool {
+        self.spilling
+    }
+
+    /// The spill log drained: returns whether records go straight to Kafka again (not while
+    /// records that may still time out and go to the log are in flight: they must not be
+    /// overtaken).
+    pub(super) fn end_spilling(&mut self) -> bool {
+        if self.spilling && self.held.is_empty() && self.copies.is_empty() {
+            self.spilling = false;
+            return true;
+        }
+        false
+    }
+
+    /// `local-durable` records that stay on disk behind a backlog: replayed by the caller, no
+    /// longer counted here.
+    pub(super) fn forget(&mut self, id: u64) {
+        self.inflight.remove(&id);
+    }
+
+    /// Whether so many records wait for Kafka that the shard should stop reading publishers.
+    pub(super) fn backlogged(&self) -> bool {
+        let pending = match self.qos0_policy {
+            Qos0Policy::BackPressure => self.pending,
+            // QoS 0 records have their own bound: they never stop the shard reading.
+            _ => self.pending - self.pending_qos0,
+        };
+        pending + self.held.len() >= self.max_pending
+    }
+
+    pub(super) fn pending(&self) -> usize {
+        self.pending
+    }
+
+    /// `(mapping name, cluster name, counters)` per pair that carried records.
+    pub(super) fn mapping_stats(&self) -> impl Iterator<Item = (&str, &str, &MappingStats)> {
+        self.stats
+            .iter()
+            .map(|((m, c), s)| (self.router.mapping_name(*m), self.router.clusters()[usize::from(*c)].as_str(), s))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bridge::MappingConfig;
+    use crate::message::Message;
+    use std::sync::Arc;
+
+    fn outbox(delivery: Delivery, max_pending: usize, qos0_policy: Qos0Policy, spill: bool) -> KafkaOutbox {
+        let mapping: MappingConfig =
+            toml::from_str("name = \"m\"\nfilters = [\"t/#\"]\ndestinations = [{ cluster = \"c\", topic = \"k\" }]")
+                .expect("mapping");
+        let router = Router::new(&[mapping], &["c".to_string()]).expect("router");
+        KafkaOutbox::new(BridgeOptions {
+            router,
+            delivery,
+            max_pending_records: max_pending,
+            qos0_policy,
+            spill_on_timeout: spill,
+        })
+    }
+
+    fn msg(qos: u8) -> Msg {
+        Arc::new(Message {
+            topic: "t/1".into(),
+            payload: bytes::Bytes::from_static(b"x"),
+            qos,
+            retain: false,
+            properties: None,
+            expiry_at_ms: None,
+            origin: "c1".into(),
+        })
+    }
+
+    fn result(id: u64, outcome: Result<(), ProduceError>) -> ProduceResult {
+        ProduceResult { id, outcome, attempts: 1, batch_records: 1, latency_us: 10 }
+    }
+
+    #[test]
+    fn a_timeout_switches_to_spilling_and_later_records_wait_behind_those_in_flight() {
+        let mut o = outbox(Delivery::KafkaAck, 100, Qos0Policy::BackPressure, true);
+        let (mut out, mut warnings) = (Vec::new(), Vec::new());
+        let a = o.bridge(&msg(1), 0, &mut out)[0];
+        let b = o.bridge(&msg(1), 0, &mut out)[0];
+        o.wait(a, (1, 0));
+        o.wait(b, (1, 1));
+        assert_eq!(out.len(), 2);
+        out.clear();
+        // `a` times out: it goes to the spill log, and nobody is answered yet.
+        assert_eq!(o.on_result(result(a, Err(ProduceError::TimedOut)), 0, &mut out, &mut warnings), Answered::Nobody);
+        assert!(o.spilling());
+        assert_eq!((out.len(), out[0].id, out[0].durable), (1, a, true));
+        assert_eq!(warnings.len(), 1);
+        out.clear();
+        // A record routed now is durable and waits behind `b`, still in flight.
+        let c = o.bridge(&msg(1), 0, &mut out)[0];
+        assert!(out.is_empty(), "c must not overtake b");
+        assert!(!o.end_spilling(), "b may still time out");
+        assert_eq!(o.on_result(result(b, Ok(())), 0, &mut out, &mut warnings), Answered::Publisher((1, 1), Ok(())));
+        o.release(&mut out);
+        assert_eq!((out.len(), out[0].id, out[0].durable), (1, c, true));
+        assert!(o.end_spilling());
+        assert!(!o.spilling());
+        assert_eq!(o.pending(), 0);
+    }
+
+    #[test]
+    fn qos0_records_wait_for_room_and_drop_by_policy_without_stopping_the_shard() {
+        let mut o = outbox(Delivery::KafkaAck, 2, Qos0Policy::DropOldest, false);
+        let (mut out, mut warnings) = (Vec::new(), Vec::new());
+        let ids: Vec<u64> = (0..5).map(|_| o.bridge(&msg(0), 0, &mut out)[0]).collect();
+        assert_eq!(out.iter().map(|r| r.id).collect::<Vec<_>>(), ids[..2]);
+        assert!(!o.backlogged(), "QoS 0 never stops the shard reading under a drop policy");
+        // Room for two waiting, one dropped (the oldest of three waiting).
+        let dropped: u64 = o.mapping_stats().map(|(_, _, s)| s.records_dropped).sum();
+        assert_eq!(dropped, 1);
+        out.clear();
+        o.on_result(result(ids[0], Ok(())), 0, &mut out, &mut warnings);
+        o.release(&mut out);
+        assert_eq!(out.iter().map(|r| r.id).collect::<Vec<_>>(), vec![ids[3]]);
+    }
+
+    #[test]
+    fn qos1_records_stop_the_shard_at_the_bound_and_an_answer_reaches_its_publisher_once() {
+        let mut o = outbox(Delivery::KafkaAck, 2, Qos0Policy::BackPressure, false);
+        let (mut out, mut warnings) = (Vec::new(), Vec::new());
+        let a = o.bridge(&msg(1), 0, &mut out)[0];
+        o.wait(a, (3, 7));
+        assert!(!o.backlogged());
+        o.bridge(&msg(1), 0, &mut out);
+        assert!(o.backlogged());
+        let e = Err(ProduceError::NotAuthorized);
+        assert_eq!(o.on_result(result(a, e.clone()), 0, &mut out, &mut warnings), Answered::Publisher((3, 7), e));
+        assert_eq!(warnings.len(), 1, "the first failure of a cause is logged");
+        assert_eq!(o.on_result(result(a, Ok(())), 0, &mut out, &mut warnings), Answered::Nobody);
+        assert!(!o.backlogged());
+    }
+}
