@@ -210,7 +210,7 @@ impl Shard {
     /// Installs a session on this shard: its subscriptions enter this shard's trie.
     pub(super) fn adopt(&mut self, mut s: Box<Session>) {
         s.generation += 1;
-        touch(self.persist_sessions, &mut self.dirty_sessions, &mut s);
+        self.commits.touch(&mut s);
         self.install(s);
     }
 
@@ -249,7 +249,7 @@ impl Shard {
     /// already names the new host, so no Release.
     pub(super) fn end_session_quietly(&mut self, mut s: Box<Session>, now_ms: u64) {
         self.cancel_retained_feed(&s.client_id);
-        touch(self.persist_sessions, &mut self.dirty_sessions, &mut s);
+        self.commits.touch(&mut s);
         if let Some((_, w)) = s.pending_will.take() {
             self.publish_will(&s.client_id, *w, now_ms);
         }

@@ -229,7 +229,7 @@ impl Shard {
             return;
         }
         let s = self.sessions.get_mut(&id).unwrap();
-        touch(self.persist_sessions, &mut self.dirty_sessions, s);
+        self.commits.touch(s);
         if expiry == 0 {
             let s = self.sessions.remove(&id).unwrap();
             self.end_session(s, now_ms);

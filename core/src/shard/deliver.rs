@@ -5,7 +5,7 @@ impl Shard {
     pub(super) fn on_ack(&mut self, conn: ConnId, pid: u16, rec: bool, now_ms: u64) {
         let Some(id) = self.conns.get(&conn).and_then(|c| c.client_id.clone()) else { return };
         let Some(s) = self.sessions.get_mut(&id) else { return };
-        touch(self.persist_sessions, &mut self.dirty_sessions, s);
+        self.commits.touch(s);
         match s.inflight.get(&pid) {
             Some(Inflight::Publish(d)) if rec && d.qos == 2 => {
                 s.inflight.insert(pid, Inflight::Release);
@@ -65,7 +65,7 @@ impl Shard {
                     }
                 }
                 s.queue.push_back(d);
-                touch(self.persist_sessions, &mut self.dirty_sessions, s);
+                self.commits.touch(s);
                 if s.stored {
                     routing.stored = true;
                 }

@@ -179,7 +179,7 @@ impl Shard {
                 let Some(id) = self.conns.get(&conn).and_then(|c| c.client_id.clone()) else { return };
                 let Some(s) = self.sessions.get_mut(&id) else { return };
                 let found = s.incoming_qos2.remove(&r.packet_id);
-                touch(self.persist_sessions, &mut self.dirty_sessions, s);
+                self.commits.touch(s);
                 let code = if found { reason::SUCCESS } else { reason::PACKET_ID_NOT_FOUND };
                 self.send(
                     conn,

@@ -47,6 +47,7 @@ use crate::topic::{self, TopicLimits, Trie};
 mod ack_queue;
 mod acks;
 mod backpressure;
+mod commits;
 mod connect;
 mod connection;
 mod deliver;
@@ -67,6 +68,7 @@ mod subscribe;
 mod sys;
 mod transfer;
 use ack_queue::AckQueue;
+use commits::SessionCommits;
 use drain_waiters::{DrainWaiter, DrainWaiters};
 use inbound_feed::{InboundFeed, FEED_TOKEN};
 use outbox::KafkaOutbox;
@@ -444,6 +446,8 @@ pub struct Shard {
     logged_skips: HashSet<(u16, Skip)>,
     /// Consumed records not routed yet, routed in slices that fit the receivers' room.
     feed: InboundFeed,
+    /// Persistent sessions changed, and what waits for the store to commit them.
+    commits: SessionCommits,
     /// Receipts this shard opened, answers it holds for others, and Kafka slices' positions.
     receipts: ReceiptBook,
     /// What waits for congested sessions here to drain (back-pressure).
@@ -452,24 +456,6 @@ pub struct Shard {
     /// (mapping, topic, partition) → next offset; names are looked up only when stored.
     positions: HashMap<(u16, Arc<str>, i32), i64>,
     positions_dirty: bool,
-    /// The caller stores persistent sessions ([`Shard::with_session_store`]).
-    persist_sessions: bool,
-    /// Sessions changed since the caller last took the changes.
-    dirty_sessions: HashSet<ClientId>,
-    /// Acknowledgements `(conn, ack seq)` and SUBSCRIBEs (conn) that wait for the next session
-    /// store commit: what they acknowledge must survive a crash.
-    store_receipts: Vec<(Receipt, u32)>,
-    store_sub_waiters: Vec<ConnId>,
-    /// Waiters of changes taken and not yet reported durable, by commit token.
-    store_flushing: VecDeque<StoreWaiters>,
-    next_store_token: u64,
-}
-
-/// What waits for one commit of the session store.
-struct StoreWaiters {
-    token: u64,
-    receipts: Vec<(Receipt, u32)>,
-    subscribes: Vec<ConnId>,
 }
 
 /// A change to one persistent session, for the caller's session store.
@@ -477,14 +463,6 @@ struct StoreWaiters {
 pub enum SessionChange {
     Put { client_id: ClientId, generation: u64, bytes: Vec<u8> },
     Delete { client_id: ClientId },
-}
-
-/// Marks `s` for the session store if it is (or was) persistent.
-fn touch(persist: bool, dirty: &mut HashSet<ClientId>, s: &mut Session) {
-    if persist && (s.expiry_secs > 0 || s.stored) {
-        s.stored = s.expiry_secs > 0;
-        dirty.insert(s.client_id.clone());
-    }
 }
 
 /// Input held for a blocked connection beyond which the network layer stops reading it.
@@ -565,16 +543,11 @@ impl Shard {
             inbound_stats: Vec::new(),
             logged_skips: HashSet::default(),
             feed: InboundFeed::new(crate::config::DEFAULT_KAFKA_TO_MQTT_MAX_WAIT_MS),
+            commits: SessionCommits::default(),
             receipts: ReceiptBook::default(),
             drain: DrainWaiters::default(),
             positions: HashMap::default(),
             positions_dirty: false,
-            persist_sessions: false,
-            dirty_sessions: HashSet::default(),
-            store_receipts: Vec::new(),
-            store_sub_waiters: Vec::new(),
-            store_flushing: VecDeque::new(),
-            next_store_token: 0,
         }
     }
 
@@ -764,7 +737,7 @@ impl Shard {
                     self.cancel_retained_feed(&client_id);
                 }
                 if let Some(mut s) = self.sessions.remove(&client_id) {
-                    touch(self.persist_sessions, &mut self.dirty_sessions, &mut s);
+                    self.commits.touch(&mut s);
                     for (filter, _) in s.subs.iter() {
                         if topic::parse_shared(filter).is_none() {
                             self.trie.remove(filter, &client_id);

@@ -29,7 +29,7 @@ impl Shard {
     /// something a crash must not lose (SUBACK of a persistent session, PUBACK/PUBREC of a
     /// message queued for one on this shard) wait for [`Shard::on_sessions_synced`].
     pub fn with_session_store(mut self) -> Self {
-        self.persist_sessions = true;
+        self.commits.enable();
         self
     }
 
@@ -58,8 +58,9 @@ impl Shard {
     /// Changes to persistent sessions since the last call, and the token to hand to
     /// [`Shard::on_sessions_synced`] once they are durable.
     pub fn take_session_changes(&mut self) -> (Vec<SessionChange>, u64) {
-        let mut changes = Vec::with_capacity(self.dirty_sessions.len());
-        for id in self.dirty_sessions.drain() {
+        let (dirty, token) = self.commits.take();
+        let mut changes = Vec::with_capacity(dirty.len());
+        for id in dirty {
             match self.sessions.get(&id) {
                 Some(s) if s.expiry_secs > 0 => {
                     let mut bytes = Vec::new();
@@ -69,13 +70,7 @@ impl Shard {
                 _ => changes.push(SessionChange::Delete { client_id: id }),
             }
         }
-        self.next_store_token += 1;
-        let receipts = std::mem::take(&mut self.store_receipts);
-        let subs = std::mem::take(&mut self.store_sub_waiters);
-        if !receipts.is_empty() || !subs.is_empty() {
-            self.store_flushing.push_back(StoreWaiters { token: self.next_store_token, receipts, subscribes: subs });
-        }
-        (changes, self.next_store_token)
+        (changes, token)
     }
 
     /// The changes taken with `token` (and every earlier token) are durable (`ok`), or could
@@ -88,7 +83,7 @@ impl Shard {
             let moves = self.receipts.retry_failed();
             self.move_positions(moves);
         }
-        while let Some(w) = self.store_flushing.pop_front_if(|w| w.token <= token) {
+        for w in self.commits.committed(token) {
             for (r, more) in w.receipts {
                 if r.from == self.id {
                     self.on_receipt(r.token, more, !ok);
@@ -106,7 +101,7 @@ impl Shard {
     /// The store could not write these sessions: they are written again at the next commit
     /// (what a crash before then loses was not acknowledged: that commit refused its waiters).
     pub fn retry_sessions(&mut self, ids: impl IntoIterator<Item = ClientId>) {
-        self.dirty_sessions.extend(ids);
+        self.commits.retry(ids);
     }
 
     /// The consumer positions of this shard, if they moved since the last call (to be stored).

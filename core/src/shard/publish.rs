@@ -44,7 +44,7 @@ impl Shard {
                 return self.protocol_close(conn, reason::RECEIVE_MAXIMUM_EXCEEDED, "receive maximum exceeded", now_ms);
             }
             s.incoming_qos2.insert(p.packet_id);
-            touch(self.persist_sessions, &mut self.dirty_sessions, s);
+            self.commits.touch(s);
         }
         let mut properties = std::mem::take(&mut p.properties);
         properties.subscription_identifiers.clear();
@@ -65,7 +65,7 @@ impl Shard {
         }
         // With persistent sessions, the acknowledgement waits until whatever the message changed
         // on any shard is on disk.
-        let receipt = self.persist_sessions.then(|| Receipt { from: self.id, token: self.new_receipt() });
+        let receipt = self.commits.enabled().then(|| Receipt { from: self.id, token: self.new_receipt() });
         let mut routing = Routing::publisher(conn, receipt);
         let (produced, expected) = self.route_with_receipt(msg, &mut routing, now_ms);
         let receipt = receipt.filter(|_| expected > 0).map(|r| (r.token, expected));
@@ -84,7 +84,7 @@ impl Shard {
         let Some(receipt) = routing.receipt else { return (produced, 0) };
         let mut expected = (self.n_shards - 1) as u32 + routing.forwards;
         if routing.stored {
-            self.store_receipts.push((receipt, 0));
+            self.commits.wait_receipt(receipt, 0);
             self.effects.sessions_urgent = true;
             expected += 1;
         }

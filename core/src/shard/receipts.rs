@@ -52,7 +52,7 @@ impl Shard {
 
     pub(super) fn answer_receipt_now(&mut self, r: Receipt, more: u32, stored: bool) {
         if stored {
-            self.store_receipts.push((r, more));
+            self.commits.wait_receipt(r, more);
             self.effects.sessions_urgent = true;
         } else if r.from == self.id {
             self.on_receipt(r.token, more, false);

@@ -101,7 +101,7 @@ impl Shard {
                         return moved;
                     }
                     s.queue.push_back(d);
-                    touch(self.persist_sessions, &mut self.dirty_sessions, s);
+                    self.commits.touch(s);
                     if s.conn.is_some() {
                         // Into flight now: the queue stays short and the window full.
                         self.pump(id, now_ms);

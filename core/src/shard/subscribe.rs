@@ -74,10 +74,10 @@ impl Shard {
             codes.push(opts.qos);
         }
         let s = self.sessions.get_mut(&client_id).unwrap();
-        touch(self.persist_sessions, &mut self.dirty_sessions, s);
+        self.commits.touch(s);
         if s.stored {
             // The SUBACK promises the subscription: it goes out once the store has it.
-            self.store_sub_waiters.push(conn);
+            self.commits.wait_subscribe(conn);
             self.effects.sessions_urgent = true;
             acks_left += 1;
         }
@@ -132,7 +132,7 @@ impl Shard {
             }
         }
         if let Some(s) = self.sessions.get_mut(id) {
-            touch(self.persist_sessions, &mut self.dirty_sessions, s);
+            self.commits.touch(s);
         }
     }
 
@@ -154,7 +154,7 @@ impl Shard {
         let mut codes = Vec::with_capacity(u.filters.len());
         for f in &u.filters {
             let s = self.sessions.get_mut(&id).unwrap();
-            touch(self.persist_sessions, &mut self.dirty_sessions, s);
+            self.commits.touch(s);
             if s.subs.remove(f).is_some() {
                 self.unsubscribe_one(&id, f);
                 if let Some(feed) = self.retained_feeds.get_mut(&id) {
