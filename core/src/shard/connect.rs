@@ -231,7 +231,7 @@ impl Shard {
         for (filter, sub) in &s.subs {
             match topic::parse_shared(filter) {
                 Some(Ok((group, f))) => {
-                    let key = format!("{group}/{f}");
+                    let key = share_key(group, f);
                     let owner = shard_of(&key, self.n_shards);
                     let member =
                         ShareMember { client_id: id.clone(), shard: self.id, opts: sub.opts, sub_id: sub.sub_id };

@@ -51,6 +51,7 @@ mod commits;
 mod connect;
 mod connection;
 mod deliver;
+mod directory;
 mod drain_waiters;
 mod inbound_feed;
 mod input;
@@ -62,6 +63,7 @@ mod receipt_book;
 mod receipts;
 mod retained_delivery;
 mod routing;
+mod share_groups;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
 mod subscribe;
@@ -69,6 +71,7 @@ mod sys;
 mod transfer;
 use ack_queue::AckQueue;
 use commits::SessionCommits;
+use directory::{Claim, ClaimGo, Directory};
 use drain_waiters::{DrainWaiter, DrainWaiters};
 use inbound_feed::{InboundFeed, FEED_TOKEN};
 use outbox::KafkaOutbox;
@@ -76,6 +79,8 @@ pub use outbox::{BridgeOptions, MappingStats};
 pub use receipt_book::Receipt;
 use receipt_book::{PositionMoves, ReceiptBook, ReceiptFor};
 use routing::Routing;
+pub use share_groups::ShareMember;
+use share_groups::{share_key, ShareGroups};
 
 /// Work one shard asks of another.
 #[derive(Debug)]
@@ -182,30 +187,6 @@ pub enum ShardMsg {
         from: ShardId,
         stats: Stats,
     },
-}
-
-/// The directory's record of one client id, kept by the shard owning `hash(client_id)`.
-///
-/// Claims are carried out one at a time: while one is under way (its `Evict` and `Transfer` in
-/// flight, `busy`), later claims wait here. So when an `Evict` reaches the previous host, that
-/// host has finished its own claim and holds the session (or nothing) — never a session still
-/// on its way — and two connections can never both end up holding one client id's session.
-#[derive(Debug, Default)]
-struct DirEntry {
-    /// The shard hosting the session, or about to; `None` once it ended there.
-    host: Option<ShardId>,
-    busy: bool,
-    /// Claims waiting their turn: `(host, conn, clean_start)`. Bounded by the connections that
-    /// are between CONNECT and CONNACK.
-    waiting: VecDeque<(ShardId, ConnId, bool)>,
-}
-
-#[derive(Clone, Debug)]
-pub struct ShareMember {
-    pub client_id: ClientId,
-    pub shard: ShardId,
-    pub opts: SubOptions,
-    pub sub_id: Option<u32>,
 }
 
 /// Counters a shard keeps; published under `$SYS/`.
@@ -423,8 +404,8 @@ pub struct Shard {
     /// Sessions here receiving retained messages for new subscriptions.
     retained_feeds: HashMap<ClientId, Feed>,
     next_retained_scan: u64,
-    directory: HashMap<ClientId, DirEntry>,
-    shared: Trie<String, ShareGroup>,
+    directory: Directory,
+    shared: ShareGroups,
     effects: Effects,
     local: VecDeque<ShardMsg>,
     stats: Stats,
@@ -473,12 +454,6 @@ const DEFERRED_BYTES_MAX: usize = 1 << 20;
 /// How often shards exchange their counters.
 const STATS_SHARE_INTERVAL_MS: u64 = 1000;
 
-#[derive(Default)]
-struct ShareGroup {
-    members: Vec<ShareMember>,
-    next: usize,
-}
-
 fn shard_of(key: &str, n: usize) -> ShardId {
     // FNV-1a: stable across processes and releases, unlike std's RandomState.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -525,8 +500,8 @@ impl Shard {
             retained_scans: Scans::default(),
             retained_feeds: HashMap::default(),
             next_retained_scan: 0,
-            directory: HashMap::default(),
-            shared: Trie::default(),
+            directory: Directory::default(),
+            shared: ShareGroups::default(),
             effects: Effects::default(),
             local: VecDeque::new(),
             stats: Stats::default(),
@@ -706,58 +681,17 @@ impl Shard {
                 }
             }
             ShardMsg::Receipt { token, more, failed } => self.on_receipt(token, more, failed),
-            ShardMsg::Claim { client_id, host, conn, clean_start } => self.on_claim(client_id, host, conn, clean_start),
+            ShardMsg::Claim { client_id, host, conn, clean_start } => {
+                self.on_claim(client_id, Claim { host, conn, clean_start })
+            }
             ShardMsg::Settled { client_id, host, hosting } => self.on_settled(client_id, host, hosting),
             ShardMsg::Evict { client_id, to, conn, clean_start } => {
-                let mut session = None;
-                if let Some(old_conn) = self.sessions.get(&client_id).and_then(|s| s.conn) {
-                    // Takeover: the old connection goes; its will follows the MQTT 5 rules — sent
-                    // now unless the session continues and the will has a delay.
-                    if let Some(c) = self.conns.get_mut(&old_conn) {
-                        let keep_delayed = !clean_start
-                            && c.will.as_ref().is_some_and(|w| w.properties.will_delay_interval.unwrap_or(0) > 0);
-                        if keep_delayed {
-                            c.will = None;
-                        }
-                        if c.version == Some(Version::V5) {
-                            self.send(
-                                old_conn,
-                                Packet::Disconnect(Disconnect {
-                                    code: reason::SESSION_TAKEN_OVER,
-                                    properties: Properties::default(),
-                                }),
-                            );
-                        }
-                    }
-                    self.detach(old_conn, Detach::Moves, now_ms);
-                    self.effects.close.push(old_conn);
-                }
-                if to != self.id {
-                    // The feed does not move with the session; the new host's client re-subscribes.
-                    self.cancel_retained_feed(&client_id);
-                }
-                if let Some(mut s) = self.sessions.remove(&client_id) {
-                    self.commits.touch(&mut s);
-                    for (filter, _) in s.subs.iter() {
-                        if topic::parse_shared(filter).is_none() {
-                            self.trie.remove(filter, &client_id);
-                        }
-                    }
-                    s.conn = None;
-                    session = Some(s);
-                }
-                self.send_to_shard(to, ShardMsg::Transfer { client_id, conn, session });
+                self.on_evict(client_id, to, conn, clean_start, now_ms)
             }
             ShardMsg::Transfer { client_id, conn, session } => self.on_transfer(client_id, conn, session, now_ms),
-            ShardMsg::Release { client_id, host } => {
-                // While a claim is under way its claimer reports the outcome (`Settled`); a
-                // release from before it must not clear the entry the claim just made.
-                if let Some(e) = self.directory.get_mut(&client_id) {
-                    if !e.busy && e.host == Some(host) {
-                        self.directory.remove(&client_id);
-                    }
-                }
-            }
+            // While a claim is under way its claimer reports the outcome (`Settled`); a release
+            // from before it must not clear the entry the claim just made.
+            ShardMsg::Release { client_id, host } => self.directory.released(&client_id, host),
             ShardMsg::RetainedQuery { from, scan, client_id, filters } => {
                 self.retained_scans.query(from, scan, client_id, filters);
                 self.effects.retained_work = true;
@@ -781,25 +715,9 @@ impl Shard {
                 if let Some(conn) = ack {
                     self.send_to_shard(member.shard, ShardMsg::ShareJoined { conn });
                 }
-                let (group, filter) = key.split_once('/').unwrap();
-                let group = group.to_string();
-                let mut g = self.shared.remove(filter, &group).unwrap_or_default();
-                match g.members.iter_mut().find(|m| m.client_id == member.client_id) {
-                    Some(m) => *m = member,
-                    None => g.members.push(member),
-                }
-                self.shared.insert(filter, group, g);
+                self.shared.join(&key, member);
             }
-            ShardMsg::ShareLeave { key, client_id } => {
-                let (group, filter) = key.split_once('/').unwrap();
-                let group = group.to_string();
-                if let Some(mut g) = self.shared.remove(filter, &group) {
-                    g.members.retain(|m| m.client_id != client_id);
-                    if !g.members.is_empty() {
-                        self.shared.insert(filter, group, g);
-                    }
-                }
-            }
+            ShardMsg::ShareLeave { key, client_id } => self.shared.leave(&key, &client_id),
             ShardMsg::ShareDeliver { client_id, msg, opts, sub_id, receipt } => {
                 // Nobody here waits on this copy's congestion: the receipt answers what it stored.
                 let mut routing = Routing::default();

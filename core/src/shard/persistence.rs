@@ -47,7 +47,7 @@ impl Shard {
                     continue;
                 }
             };
-            self.directory.insert(id, DirEntry { host: Some(self.id), ..DirEntry::default() });
+            self.directory.restored(id.clone(), self.id);
             // The same session, already stored under this generation: no new one, nothing to write.
             self.install(Box::new(s));
         }

@@ -166,13 +166,7 @@ impl Shard {
         matches.clear();
         self.route_matches = matches;
         let mut picks = Vec::new();
-        self.shared.for_each_match_mut(&msg.topic, |_, g| {
-            if !g.members.is_empty() {
-                let m = g.members[g.next % g.members.len()].clone();
-                g.next = g.next.wrapping_add(1);
-                picks.push(m);
-            }
-        });
+        self.shared.pick(&msg.topic, &mut picks);
         for m in picks {
             if m.shard == self.id {
                 self.deliver_shared(&m.client_id, msg.clone(), m.opts, m.sub_id, routing, now_ms);

@@ -4,7 +4,7 @@ impl Shard {
     pub(super) fn unsubscribe_one(&mut self, client_id: &ClientId, filter: &str) {
         match topic::parse_shared(filter) {
             Some(Ok((group, f))) => {
-                let key = format!("{group}/{f}");
+                let key = share_key(group, f);
                 let owner = shard_of(&key, self.n_shards);
                 self.send_to_shard(owner, ShardMsg::ShareLeave { key, client_id: client_id.clone() });
             }
@@ -53,7 +53,7 @@ impl Shard {
             }
             match shared {
                 Some(Ok((group, f))) => {
-                    let key = format!("{group}/{f}");
+                    let key = share_key(group, f);
                     let owner = shard_of(&key, self.n_shards);
                     let member = ShareMember { client_id: client_id.clone(), shard: self.id, opts, sub_id };
                     self.send_to_shard(owner, ShardMsg::ShareJoin { key, member, ack: Some(conn) });

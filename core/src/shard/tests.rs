@@ -246,7 +246,7 @@ fn session_moves_between_shards_on_takeover() {
     assert_eq!(w.shards[0].trie.len(), 0);
     assert_eq!(w.shards[2].trie.len(), 1);
     let dir = directory_shard("dev", 3);
-    assert_eq!(w.shards[dir].directory.get("dev").and_then(|e| e.host), Some(2));
+    assert_eq!(w.shards[dir].directory.host("dev"), Some(2));
 }
 
 #[test]
@@ -899,7 +899,7 @@ fn clients_sharing_an_id_race_across_shards_without_breaking_the_session_rule() 
             assert!(hosts.len() <= 1, "seed {seed} {v:?}: session hosted on {hosts:?}");
             let dir = &w.shards[directory_shard("twin", n)].directory;
             if let Some(h) = hosts.first() {
-                assert_eq!(dir.get("twin").and_then(|e| e.host), Some(*h), "seed {seed} {v:?}: directory");
+                assert_eq!(dir.host("twin"), Some(*h), "seed {seed} {v:?}: directory");
             }
             for s in &w.shards {
                 for c in s.conns.values() {
