@@ -73,8 +73,7 @@ impl Shard {
     /// published to MQTT subscribers on every shard. A receiver that does not drain holds the
     /// records back at most `max_wait_ms` (then it is skipped: see the module doc).
     pub fn with_inbound(mut self, inbound: Inbound, mappings: usize, max_wait_ms: u64) -> Self {
-        self.inbound = inbound;
-        self.inbound_stats = vec![(0, 0, 0); mappings];
+        self.inbound = InboundState::new(inbound, mappings);
         self.feed = InboundFeed::new(max_wait_ms);
         self
     }
@@ -159,14 +158,9 @@ impl Shard {
                 Some(m) => m.1 = r.offset + 1,
                 None => moves.push((key, r.offset + 1)),
             }
-            if let Some(s) = self.inbound_stats.get_mut(usize::from(r.mapping)) {
-                s.0 += 1;
-            }
+            let first_skip = self.inbound.count(r.mapping, transformed.as_ref().map(Vec::len).map_err(|s| *s));
             match transformed {
                 Ok(msgs) => {
-                    if let Some(s) = self.inbound_stats.get_mut(usize::from(r.mapping)) {
-                        s.1 += msgs.len() as u64;
-                    }
                     for m in msgs {
                         self.stats.messages_received += 1;
                         sent += usize::from(m.qos > 0);
@@ -175,10 +169,7 @@ impl Shard {
                     }
                 }
                 Err(skip) => {
-                    if let Some(s) = self.inbound_stats.get_mut(usize::from(r.mapping)) {
-                        s.2 += 1;
-                    }
-                    if self.logged_skips.insert((r.mapping, skip)) {
+                    if first_skip {
                         let name = self.inbound.mapping_name(r.mapping).to_string();
                         self.effects.warnings.push(format!(
                             "kafka_to_mqtt `{name}`: skipped a record of {}/{} at offset {}: {}; further ones are counted in $SYS/broker/shard/{}/kafka_to_mqtt/{name}/records/skipped",
@@ -194,7 +185,7 @@ impl Shard {
         self.receipts.push_batch(token, moves);
         if expected == 0 {
             let moves = self.receipts.complete_batch(token);
-            self.move_positions(moves);
+            self.inbound.move_positions(moves);
         } else {
             self.receipts.expect(token, expected, ReceiptFor::Positions);
             self.feed.outstanding = Some(token);

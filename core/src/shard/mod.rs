@@ -31,7 +31,7 @@ use bytes::{Bytes, BytesMut};
 
 use crate::bridge::{ProduceError, ProduceRequest, ProduceResult};
 use crate::config::{Limits, QueueFullPolicy};
-use crate::inbound::{Inbound, InboundRecord, Positions, Skip};
+use crate::inbound::{Inbound, InboundRecord, Positions};
 pub use crate::message::{expiry_left_secs, ClientId, ConnId, Message, Msg, ShardId};
 use crate::packet::{
     self, reason, ConnAck, Connect, Disconnect, Packet, Properties, PubResp, Publish, PublishRef, SubAck, SubOptions,
@@ -54,6 +54,7 @@ mod deliver;
 mod directory;
 mod drain_waiters;
 mod inbound_feed;
+mod inbound_state;
 mod input;
 mod kafka_results;
 mod outbox;
@@ -74,6 +75,7 @@ use commits::SessionCommits;
 use directory::{Claim, ClaimGo, Directory};
 use drain_waiters::{DrainWaiter, DrainWaiters};
 use inbound_feed::{InboundFeed, FEED_TOKEN};
+use inbound_state::InboundState;
 use outbox::KafkaOutbox;
 pub use outbox::{BridgeOptions, MappingStats};
 pub use receipt_book::Receipt;
@@ -421,10 +423,8 @@ pub struct Shard {
     /// MQTT → Kafka: records in flight, their waiters, QoS 0 policy, outage spilling.
     outbox: KafkaOutbox,
     spill_stats: Option<(u64, u64, u64)>,
-    inbound: Inbound,
-    /// Per Kafka → MQTT mapping: records read, MQTT messages published, records skipped.
-    inbound_stats: Vec<(u64, u64, u64)>,
-    logged_skips: HashSet<(u16, Skip)>,
+    /// Kafka → MQTT mappings, their counters and the consumer positions finished here.
+    inbound: InboundState,
     /// Consumed records not routed yet, routed in slices that fit the receivers' room.
     feed: InboundFeed,
     /// Persistent sessions changed, and what waits for the store to commit them.
@@ -433,10 +433,6 @@ pub struct Shard {
     receipts: ReceiptBook,
     /// What waits for congested sessions here to drain (back-pressure).
     drain: DrainWaiters,
-    /// Next offset per consumed partition, and whether it moved since the caller last took it.
-    /// (mapping, topic, partition) → next offset; names are looked up only when stored.
-    positions: HashMap<(u16, Arc<str>, i32), i64>,
-    positions_dirty: bool,
 }
 
 /// A change to one persistent session, for the caller's session store.
@@ -514,15 +510,11 @@ impl Shard {
             wall_offset_ms: 0,
             outbox: KafkaOutbox::default(),
             spill_stats: None,
-            inbound: Inbound::default(),
-            inbound_stats: Vec::new(),
-            logged_skips: HashSet::default(),
+            inbound: InboundState::default(),
             feed: InboundFeed::new(crate::config::DEFAULT_KAFKA_TO_MQTT_MAX_WAIT_MS),
             commits: SessionCommits::default(),
             receipts: ReceiptBook::default(),
             drain: DrainWaiters::default(),
-            positions: HashMap::default(),
-            positions_dirty: false,
         }
     }
 

@@ -81,7 +81,7 @@ impl Shard {
         if ok {
             // This shard's store works again: Kafka positions held back by a failed commit move.
             let moves = self.receipts.retry_failed();
-            self.move_positions(moves);
+            self.inbound.move_positions(moves);
         }
         for w in self.commits.committed(token) {
             for (r, more) in w.receipts {
@@ -106,15 +106,6 @@ impl Shard {
 
     /// The consumer positions of this shard, if they moved since the last call (to be stored).
     pub fn take_positions(&mut self) -> Option<Positions> {
-        if !self.positions_dirty {
-            return None;
-        }
-        self.positions_dirty = false;
-        Some(
-            self.positions
-                .iter()
-                .map(|((m, t, p), off)| ((self.inbound.mapping_name(*m).to_string(), t.to_string(), *p), *off))
-                .collect(),
-        )
+        self.inbound.take_positions()
     }
 }

@@ -17,18 +17,8 @@ impl Shard {
             ReceiptFor::Positions if failed => self.receipts.fail_batch(token),
             ReceiptFor::Positions => {
                 let moves = self.receipts.complete_batch(token);
-                self.move_positions(moves);
+                self.inbound.move_positions(moves);
             }
-        }
-    }
-
-    /// Kafka slices completed: their consumer positions move (stored at the next commit).
-    pub(super) fn move_positions(&mut self, slices: Vec<PositionMoves>) {
-        for moves in slices {
-            for (key, next) in moves {
-                self.positions.insert(key, next);
-            }
-            self.positions_dirty = true;
         }
     }
 

@@ -75,11 +75,12 @@ impl Shard {
                 values.push((format!("$SYS/broker/shard/{}/kafka/{name}/{cluster}/{field}", self.id), v.to_string()));
             }
         }
-        for (i, (read, published, skipped)) in self.inbound_stats.iter().enumerate() {
-            let name = self.inbound.mapping_name(i as u16);
-            for (field, v) in
-                [("records/received", read), ("messages/published", published), ("records/skipped", skipped)]
-            {
+        for (name, c) in self.inbound.counters() {
+            for (field, v) in [
+                ("records/received", c.records_read),
+                ("messages/published", c.messages_published),
+                ("records/skipped", c.records_skipped),
+            ] {
                 values.push((format!("$SYS/broker/shard/{}/kafka_to_mqtt/{name}/{field}", self.id), v.to_string()));
             }
         }
