@@ -60,7 +60,7 @@ impl Shard {
         loop {
             let Some(c) = self.conns.get_mut(&conn) else { return };
             let Some(a) = c.acks.pop_ready() else { return };
-            if a.code != reason::SUCCESS && c.version != Some(Version::V5) {
+            if a.code != reason::SUCCESS && !c.is_v5() {
                 // 3.1.1 has no negative acknowledgement: close without one, so the client
                 // publishes again after reconnecting. Nothing acknowledged is lost.
                 self.close(conn, None, 0);

@@ -34,7 +34,7 @@ impl Shard {
     pub(super) fn on_connect(&mut self, conn: ConnId, mut connect: Box<Connect>, now_ms: u64) {
         let v5 = connect.version.is_v5();
         let c = self.conns.get_mut(&conn).unwrap();
-        c.version = Some(connect.version);
+        c.version = connect.version;
         let refuse = |shard: &mut Shard, code: u8| {
             shard.send(
                 conn,
@@ -84,9 +84,8 @@ impl Shard {
             c.problem_information = p.request_problem_information != Some(0);
         }
         let client_id: ClientId = connect.client_id.as_str().into();
-        c.client_id = Some(client_id.clone());
         let clean_start = connect.clean_start;
-        c.state = ConnState::Pending(connect);
+        c.state = ConnState::Pending { client_id: client_id.clone(), connect };
         let dir = directory_shard(&client_id, self.n_shards);
         self.send_to_shard(dir, ShardMsg::Claim { client_id, host: self.id, conn, clean_start });
     }
@@ -100,10 +99,10 @@ impl Shard {
         now_ms: u64,
     ) {
         let pending = match self.conns.get_mut(&conn) {
-            Some(c) if matches!(c.state, ConnState::Pending(_)) && c.client_id.as_ref() == Some(&client_id) => {
-                match std::mem::replace(&mut c.state, ConnState::Active) {
-                    ConnState::Pending(p) => Some(p),
-                    _ => unreachable!(),
+            Some(c) if matches!(&c.state, ConnState::Pending { client_id: id, .. } if *id == client_id) => {
+                match std::mem::replace(&mut c.state, ConnState::Active { client_id: client_id.clone() }) {
+                    ConnState::Pending { connect, .. } => Some(connect),
+                    _ => None,
                 }
             }
             _ => None,

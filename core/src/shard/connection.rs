@@ -33,39 +33,12 @@ impl Shard {
 
     pub(super) fn open_conn(&mut self, conn: ConnId, peer: Option<IpAddr>, now_ms: u64) {
         self.preconnect.open(conn, peer, now_ms);
-        self.conns.insert(
-            conn,
-            Box::new(Conn {
-                state: ConnState::AwaitConnect,
-                version: None,
-                client_id: None,
-                out: BytesMut::new(),
-                keep_alive_ms: 0,
-                last_rx_ms: now_ms,
-                client_max_packet: usize::MAX,
-                client_receive_max: u16::MAX,
-                client_alias_max: 0,
-                aliases: None,
-                will: None,
-                assigned_id: false,
-                connect_expiry: 0,
-                held: BytesMut::new(),
-                pending_sub: None,
-                deferred: VecDeque::new(),
-                deferred_bytes: 0,
-                deferred_full: false,
-                reading_paused: false,
-                lost: false,
-                problem_information: true,
-                acks: AckQueue::default(),
-                out_full: false,
-            }),
-        );
+        self.conns.insert(conn, Box::new(Conn::new(now_ms)));
     }
 
     /// Whether the connection is waiting for its session; the caller should hold further input.
     pub fn is_pending(&self, conn: ConnId) -> bool {
-        matches!(self.conns.get(&conn).map(|c| &c.state), Some(ConnState::Pending(_)))
+        matches!(self.conns.get(&conn).map(|c| &c.state), Some(ConnState::Pending { .. }))
     }
 
     /// The socket closed or failed without a DISCONNECT (or after we decided to close it).
@@ -74,7 +47,7 @@ impl Shard {
         match self.conns.get_mut(&conn).map(|c| (&c.state, &mut c.lost)) {
             // The CONNECT was accepted but its session is still on the way: finish it when it
             // arrives, then treat the connection as lost (so its will is published).
-            Some((ConnState::Pending(_), lost)) => *lost = true,
+            Some((ConnState::Pending { .. }, lost)) => *lost = true,
             Some((ConnState::Closing, _)) => {
                 self.conns.remove(&conn);
             }
@@ -110,7 +83,7 @@ impl Shard {
         if !std::mem::take(&mut c.out_full) {
             return false;
         }
-        let Some(id) = c.client_id.clone() else { return false };
+        let Some(id) = c.active_id().cloned() else { return false };
         self.pump_and_release(&id, now_ms);
         // Feeding retained messages may have asked an owner (this shard too) for more.
         self.run_local(now_ms);
@@ -151,7 +124,7 @@ impl Shard {
         encode: impl FnOnce(Version, &mut BytesMut) -> usize,
     ) -> bool {
         let Some(c) = self.conns.get_mut(&conn) else { return false };
-        let version = c.version.unwrap_or(Version::V311);
+        let version = c.version;
         if c.client_max_packet != usize::MAX && len(version) > c.client_max_packet {
             return false;
         }
@@ -178,7 +151,7 @@ impl Shard {
             return;
         }
         self.preconnect.leave(conn);
-        if let (Some(code), Some(Version::V5), ConnState::Active) = (code, c.version, &c.state) {
+        if let (Some(code), true) = (code, c.is_active() && c.is_v5()) {
             let reason_string = why.filter(|_| c.problem_information).map(str::to_string);
             let properties = Properties { reason_string, ..Default::default() };
             self.send(conn, Packet::Disconnect(Disconnect { code, properties }));
@@ -199,15 +172,9 @@ impl Shard {
     /// another connection's shard keeps living there; a will with a delay waits with it.
     pub(super) fn detach(&mut self, conn: ConnId, how: Detach, now_ms: u64) {
         let Some(c) = self.conns.get_mut(&conn) else { return };
-        let was_active = matches!(c.state, ConnState::Active);
         let will = c.will.take();
-        let client_id = c.client_id.clone();
-        c.state = ConnState::Closing;
-        if !was_active {
-            return;
-        }
+        let ConnState::Active { client_id: id } = std::mem::replace(&mut c.state, ConnState::Closing) else { return };
         self.stats.clients_connected = self.stats.clients_connected.saturating_sub(1);
-        let Some(id) = client_id else { return };
         let Some(s) = self.sessions.get_mut(&id) else { return };
         if s.conn != Some(conn) {
             return;

@@ -3,7 +3,7 @@ use super::*;
 impl Shard {
     /// PUBACK, PUBREC (`rec`) or PUBCOMP for a message we sent.
     pub(super) fn on_ack(&mut self, conn: ConnId, pid: u16, rec: bool, now_ms: u64) {
-        let Some(id) = self.conns.get(&conn).and_then(|c| c.client_id.clone()) else { return };
+        let Some(id) = self.conns.get(&conn).and_then(|c| c.active_id().cloned()) else { return };
         let Some(s) = self.sessions.get_mut(&id) else { return };
         self.commits.touch(s);
         match s.inflight.get(&pid) {
@@ -91,7 +91,7 @@ impl Shard {
             let Some(s) = self.sessions.get_mut(id) else { return };
             let Some(conn) = s.conn else { return };
             let c = self.conns.get_mut(&conn).unwrap();
-            if !matches!(c.state, ConnState::Active) {
+            if !c.is_active() {
                 return;
             }
             if c.out.len() >= self.limits.max_outbound_buffer_bytes {
@@ -122,7 +122,7 @@ impl Shard {
             return false;
         };
         let c = self.conns.get_mut(&conn).unwrap();
-        let v5 = c.version == Some(Version::V5);
+        let v5 = c.is_v5();
         let mut topic: &str = &d.msg.topic;
         // Most deliveries forward the message as it is; MQTT 5 adds per-delivery properties.
         let mut own = None;

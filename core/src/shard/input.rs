@@ -98,7 +98,8 @@ impl Shard {
                 return;
             }
             c.last_rx_ms = now_ms;
-            let version = c.version;
+            // Before CONNECT the decoder reads the version from the CONNECT itself.
+            let version = (!matches!(c.state, ConnState::AwaitConnect)).then_some(c.version);
             let max_size = match version {
                 None => self.limits.max_connect_packet_bytes.min(self.limits.max_packet_size),
                 Some(_) => self.limits.max_packet_size,
@@ -109,8 +110,8 @@ impl Shard {
                 Err(e) => {
                     self.stats.malformed += 1;
                     if version.is_none() && e.code == reason::UNSUPPORTED_PROTOCOL_VERSION {
-                        // Answer in the 3.1.1 form every client version understands.
-                        self.conns.get_mut(&conn).unwrap().version = Some(Version::V311);
+                        // Answer in the 3.1.1 form every client version understands (the
+                        // connection's version until a CONNECT is accepted).
                         self.send(
                             conn,
                             Packet::ConnAck(ConnAck {
@@ -134,8 +135,8 @@ impl Shard {
         let Some(c) = self.conns.get(&conn) else { return };
         // Only a 3.1.1 client with packets already deferred, or sending QoS 2, can need the
         // deferral queue: everything else skips `must_defer`'s lookups.
-        let may_defer = c.version == Some(Version::V311)
-            && (!c.deferred.is_empty() || matches!(&p, Packet::Publish(pb) if pb.qos == 2));
+        let may_defer =
+            c.version == Version::V311 && (!c.deferred.is_empty() || matches!(&p, Packet::Publish(pb) if pb.qos == 2));
         if matches!(c.state, ConnState::AwaitConnect) {
             if let Packet::Connect(connect) = p {
                 self.on_connect(conn, connect, now_ms);
@@ -147,14 +148,8 @@ impl Shard {
         // The rule every handler below rests on: an active connection's session is hosted here
         // and names this connection. Should it ever not hold, the packet closes its own
         // connection instead of panicking the shard.
-        if self.holder(conn).is_none() {
-            self.stats.orphaned_packets += 1;
-            return self.protocol_close(
-                conn,
-                reason::SESSION_TAKEN_OVER,
-                "the session moved to another connection",
-                now_ms,
-            );
+        if self.held(conn).is_none() {
+            return self.orphaned(conn, now_ms);
         }
         if may_defer && self.must_defer(conn, &p) {
             return self.defer(conn, p);
@@ -176,7 +171,7 @@ impl Shard {
                 }
             }
             Packet::PubRel(r) => {
-                let Some(id) = self.conns.get(&conn).and_then(|c| c.client_id.clone()) else { return };
+                let Some(id) = self.conns.get(&conn).and_then(|c| c.active_id().cloned()) else { return };
                 let Some(s) = self.sessions.get_mut(&id) else { return };
                 let found = s.incoming_qos2.remove(&r.packet_id);
                 self.commits.touch(s);
@@ -203,7 +198,7 @@ impl Shard {
                         return;
                     }
                     let e = e.min(self.limits.max_session_expiry_secs);
-                    if let Some(id) = c.client_id.clone() {
+                    if let Some(id) = c.active_id().cloned() {
                         if let Some(s) = self.sessions.get_mut(&id) {
                             s.expiry_secs = e;
                         }
@@ -231,7 +226,7 @@ impl Shard {
     /// acknowledgement or a ping while others already wait.
     pub(super) fn must_defer(&self, conn: ConnId, p: &Packet) -> bool {
         let Some(c) = self.conns.get(&conn) else { return false };
-        if c.version != Some(Version::V311) {
+        if c.version != Version::V311 {
             return false;
         }
         if !c.deferred.is_empty() {
@@ -245,8 +240,7 @@ impl Shard {
 
     /// Whether a QoS 2 PUBLISH with `pid` can be taken now: a resend, or room in the window.
     pub(super) fn qos2_room(&self, conn: ConnId, pid: u16) -> bool {
-        let Some(s) = self.conns.get(&conn).and_then(|c| c.client_id.as_ref()).and_then(|id| self.sessions.get(id))
-        else {
+        let Some(s) = self.conns.get(&conn).and_then(|c| c.active_id()).and_then(|id| self.sessions.get(id)) else {
             return true;
         };
         s.incoming_qos2.contains(&pid) || s.incoming_qos2.len() < usize::from(self.limits.max_inflight)
@@ -263,7 +257,7 @@ impl Shard {
     pub(super) fn run_deferred(&mut self, conn: ConnId, now_ms: u64) {
         loop {
             let Some(c) = self.conns.get(&conn) else { return };
-            if c.pending_sub.is_some() || !matches!(c.state, ConnState::Active) {
+            if c.pending_sub.is_some() || !c.is_active() {
                 // A deferred SUBSCRIBE waits for its confirmations; the rest waits behind it.
                 return;
             }
@@ -291,15 +285,23 @@ impl Shard {
     /// The client id of `conn` if it is active and its session is hosted here and names it.
     pub(super) fn holder(&self, conn: ConnId) -> Option<ClientId> {
         let c = self.conns.get(&conn)?;
-        if !matches!(c.state, ConnState::Active) {
-            return None;
-        }
-        let id = c.client_id.as_ref()?;
+        let id = c.active_id()?;
         (self.sessions.get(id)?.conn == Some(conn)).then(|| id.clone())
     }
 
-    pub(super) fn session_of(&mut self, conn: ConnId) -> Option<&mut Session> {
-        let id = self.conns.get(&conn)?.client_id.clone()?;
-        self.sessions.get_mut(&id).map(|s| &mut **s)
+    /// The rule every packet handler rests on, as one accessor: `conn` is active and holds its
+    /// session here. `None` means the rule does not hold for `conn`; the handler then closes
+    /// that connection ([`Shard::orphaned`]) instead of panicking the shard.
+    pub(super) fn held(&mut self, conn: ConnId) -> Option<(&mut Conn, &mut Session)> {
+        let c = self.conns.get_mut(&conn)?;
+        let s = self.sessions.get_mut(c.active_id()?)?;
+        (s.conn == Some(conn)).then_some((&mut **c, &mut **s))
+    }
+
+    /// `conn` sent a packet but does not hold its session here (any more): it closes with
+    /// 0x8E, counted in `orphaned_packets`.
+    pub(super) fn orphaned(&mut self, conn: ConnId, now_ms: u64) {
+        self.stats.orphaned_packets += 1;
+        self.protocol_close(conn, reason::SESSION_TAKEN_OVER, "the session moved to another connection", now_ms);
     }
 }

@@ -48,6 +48,7 @@ mod ack_queue;
 mod acks;
 mod backpressure;
 mod commits;
+mod conn;
 mod connect;
 mod connection;
 mod deliver;
@@ -72,6 +73,7 @@ mod sys;
 mod transfer;
 use ack_queue::AckQueue;
 use commits::SessionCommits;
+use conn::{Conn, ConnState, Detach, PendingSub};
 use directory::{Claim, ClaimGo, Directory};
 use drain_waiters::{DrainWaiter, DrainWaiters};
 use inbound_feed::{InboundFeed, FEED_TOKEN};
@@ -268,95 +270,6 @@ impl std::ops::AddAssign for Stats {
         self.preconnect_bytes += preconnect_bytes;
         self.refused_preconnect += refused_preconnect;
         self.connect_timeouts += connect_timeouts;
-    }
-}
-
-/// Why a connection leaves its session.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Detach {
-    /// Closed or lost: the session goes offline here (or ends, with expiry 0).
-    Lost,
-    /// Taken over by a new connection: the session moves to it.
-    Moves,
-}
-
-enum ConnState {
-    AwaitConnect,
-    /// CONNECT accepted, waiting for the directory and the previous host.
-    Pending(Box<Connect>),
-    Active,
-    /// Closing: the last bytes are being flushed; input is ignored.
-    Closing,
-}
-
-struct Conn {
-    state: ConnState,
-    version: Option<Version>,
-    client_id: Option<ClientId>,
-    out: BytesMut,
-    keep_alive_ms: u64,
-    last_rx_ms: u64,
-    client_max_packet: usize,
-    client_receive_max: u16,
-    client_alias_max: u16,
-    /// Topic aliases, both ways (MQTT 5 clients that use them only).
-    aliases: Option<Box<Aliases>>,
-    will: Option<Box<Will>>,
-    assigned_id: bool,
-    /// Session expiry asked for in CONNECT (MQTT 5); DISCONNECT may not raise it from 0.
-    connect_expiry: u32,
-    /// Input that arrived while the connection was blocked (pending CONNECT or SUBSCRIBE),
-    /// decoded once it unblocks, so packets are handled strictly in order.
-    held: BytesMut,
-    /// A SUBSCRIBE waiting for shared-group owners to confirm.
-    pending_sub: Option<Box<PendingSub>>,
-    /// 3.1.1 has no Receive Maximum: packets that arrived while `max_inflight` QoS 2 messages of
-    /// this client await PUBREL wait here, in order, until a PUBREL makes room (acknowledgements
-    /// and pings behind them are handled at once). Bounded by [`DEFERRED_BYTES_MAX`]; past it
-    /// only acknowledgements and pings are decoded, and once the held input passes
-    /// [`HELD_INPUT_MAX`] the connection is no longer read (TCP flow control).
-    deferred: VecDeque<Packet>,
-    deferred_bytes: usize,
-    deferred_full: bool,
-    /// The network layer was asked to stop reading this connection.
-    reading_paused: bool,
-    /// The socket went away while the CONNECT was pending.
-    lost: bool,
-    /// MQTT 5 Request Problem Information: reason strings allowed on DISCONNECT.
-    problem_information: bool,
-    /// PUBACK/PUBREC not yet sent, in PUBLISH order.
-    acks: AckQueue,
-    /// Queued QoS 1/2 messages wait because `out` reached `max_outbound_buffer_bytes`: they move
-    /// on when the output has gone out ([`Shard::on_output_drained`]).
-    out_full: bool,
-}
-
-#[derive(Default)]
-struct Aliases {
-    inbound: HashMap<u16, String>,
-    outbound: HashMap<String, u16>,
-}
-
-struct PendingSub {
-    acks_left: usize,
-    suback: SubAck,
-    retained_queries: Vec<(String, SubOptions, Option<u32>)>,
-    /// Filters this SUBSCRIBE added (not replaced): taken back if the store cannot commit them.
-    added: Vec<String>,
-    /// The session store could not commit the subscriptions: the SUBACK refuses them.
-    failed: bool,
-}
-
-impl Conn {
-    fn blocked(&self) -> bool {
-        matches!(self.state, ConnState::Pending(_)) || self.pending_sub.is_some() || self.deferred_full
-    }
-
-    /// Blocked only by a full deferral queue, and the next packet in `input` is an
-    /// acknowledgement or a ping: it may be handled ahead (a PUBREL there is what makes room).
-    fn acks_may_pass(&self, input: &[u8]) -> bool {
-        let only_deferral = self.deferred_full && self.pending_sub.is_none() && matches!(self.state, ConnState::Active);
-        only_deferral && input.first().is_some_and(|b| matches!(b >> 4, 4..=7 | 12))
     }
 }
 
@@ -589,7 +502,7 @@ impl Shard {
                 .conns
                 .iter()
                 .filter(|(_, c)| match c.state {
-                    ConnState::Active if c.keep_alive_ms > 0 => {
+                    ConnState::Active { .. } if c.keep_alive_ms > 0 => {
                         now_ms.saturating_sub(c.last_rx_ms) > c.keep_alive_ms * 3 / 2
                     }
                     _ => false,

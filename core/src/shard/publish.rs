@@ -20,7 +20,7 @@ impl Shard {
         if !topic::valid_topic_name(&p.topic, &self.topic_limits) {
             return self.protocol_close(conn, reason::TOPIC_NAME_INVALID, "invalid topic name", now_ms);
         }
-        let client_id = c.client_id.clone().unwrap();
+        let client_id = c.active_id().cloned().unwrap();
         if p.properties.payload_format_indicator == Some(1) && std::str::from_utf8(&p.payload).is_err() {
             if p.qos > 0 {
                 let r = PubResp {

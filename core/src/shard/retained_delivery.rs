@@ -82,7 +82,7 @@ impl Shard {
             match s.conn {
                 Some(conn) if d.qos == 0 => {
                     let c = self.conns.get_mut(&conn).unwrap();
-                    if !matches!(c.state, ConnState::Active) {
+                    if !c.is_active() {
                         feed.backlog.push_front(d);
                         return moved;
                     }

@@ -262,7 +262,7 @@ impl Sim {
         }
         for s in &self.shards {
             for (conn, c) in &s.conns {
-                if let (ConnState::Active, Some(id)) = (&c.state, &c.client_id) {
+                if let ConnState::Active { client_id: id } = &c.state {
                     assert!(
                         s.sessions.get(id).is_some_and(|x| x.conn == Some(*conn)),
                         "active connection without its session"

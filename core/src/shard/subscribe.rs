@@ -16,8 +16,8 @@ impl Shard {
 
     pub(super) fn on_subscribe(&mut self, conn: ConnId, sub: Subscribe, now_ms: u64) {
         let c = self.conns.get(&conn).unwrap();
-        let v5 = c.version == Some(Version::V5);
-        let client_id = c.client_id.clone().unwrap();
+        let v5 = c.is_v5();
+        let client_id = c.active_id().cloned().unwrap();
         let sub_id = sub.properties.subscription_identifiers.first().copied();
         let mut codes = Vec::with_capacity(sub.filters.len());
         let mut queries = Vec::new();
@@ -104,8 +104,8 @@ impl Shard {
         if p.acks_left > 0 {
             return;
         }
-        let v5 = c.version == Some(Version::V5);
-        let (Some(p), Some(id)) = (c.pending_sub.take(), c.client_id.clone()) else { return };
+        let v5 = c.is_v5();
+        let (Some(p), Some(id)) = (c.pending_sub.take(), c.active_id().cloned()) else { return };
         let mut p = *p;
         if p.failed {
             self.refuse_subscribe(&id, v5, &mut p);
@@ -149,7 +149,7 @@ impl Shard {
     }
 
     pub(super) fn on_unsubscribe(&mut self, conn: ConnId, u: Unsubscribe) {
-        let Some(s) = self.session_of(conn) else { return };
+        let Some((_, s)) = self.held(conn) else { return };
         let id = s.client_id.clone();
         let mut codes = Vec::with_capacity(u.filters.len());
         for f in &u.filters {

@@ -903,7 +903,7 @@ fn clients_sharing_an_id_race_across_shards_without_breaking_the_session_rule() 
             }
             for s in &w.shards {
                 for c in s.conns.values() {
-                    if let (ConnState::Active, Some(id)) = (&c.state, &c.client_id) {
+                    if let ConnState::Active { client_id: id } = &c.state {
                         assert!(s.sessions.contains_key(id), "seed {seed} {v:?}: active connection without session");
                     }
                 }

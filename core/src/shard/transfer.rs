@@ -40,7 +40,7 @@ impl Shard {
                 if keep_delayed {
                     c.will = None;
                 }
-                if c.version == Some(Version::V5) {
+                if c.is_v5() {
                     self.send(
                         old_conn,
                         Packet::Disconnect(Disconnect {
