@@ -33,7 +33,7 @@ impl Shard {
 
     pub(super) fn on_connect(&mut self, conn: ConnId, mut connect: Box<Connect>, now_ms: u64) {
         let v5 = connect.version.is_v5();
-        let c = self.conns.get_mut(&conn).unwrap();
+        let Some(c) = self.conns.get_mut(&conn) else { return };
         c.version = connect.version;
         let refuse = |shard: &mut Shard, code: u8| {
             shard.send(
@@ -54,7 +54,9 @@ impl Shard {
             }
             self.next_assigned += 1;
             connect.client_id = format!("sluice-{}-{}-{}", self.id, now_ms, self.next_assigned);
-            self.conns.get_mut(&conn).unwrap().assigned_id = true;
+            if let Some(c) = self.conns.get_mut(&conn) {
+                c.assigned_id = true;
+            }
         }
         if let Some(w) = &connect.will {
             if !topic::valid_topic_name(&w.topic, &self.topic_limits) {
@@ -67,7 +69,7 @@ impl Shard {
         if !self.may_connect() {
             return refuse(self, if v5 { reason::QUOTA_EXCEEDED } else { reason::SERVER_UNAVAILABLE });
         }
-        let c = self.conns.get_mut(&conn).unwrap();
+        let Some(c) = self.conns.get_mut(&conn) else { return };
         let mut ka = u64::from(connect.keep_alive);
         let cap = u64::from(self.limits.max_keep_alive_secs);
         if cap > 0 && (ka == 0 || ka > cap) {
@@ -153,10 +155,11 @@ impl Shard {
         session.expires_at_ms = None;
         session.conn = Some(conn);
         self.stats.clients_connected += 1;
-        let c = self.conns.get(&conn).unwrap();
+        let (assigned_id, keep_alive_ms) =
+            self.conns.get(&conn).map_or((false, 0), |c| (c.assigned_id, c.keep_alive_ms));
         let mut props = Properties::default();
         if v5 {
-            if c.assigned_id {
+            if assigned_id {
                 props.assigned_client_identifier = Some(client_id.to_string());
             }
             props.receive_maximum = Some(self.limits.max_inflight);
@@ -170,8 +173,8 @@ impl Shard {
             if asked != session.expiry_secs {
                 props.session_expiry_interval = Some(session.expiry_secs);
             }
-            if u64::from(connect.keep_alive) * 1000 != c.keep_alive_ms {
-                props.server_keep_alive = Some((c.keep_alive_ms / 1000) as u16);
+            if u64::from(connect.keep_alive) * 1000 != keep_alive_ms {
+                props.server_keep_alive = Some((keep_alive_ms / 1000) as u16);
             }
         }
         self.send(conn, Packet::ConnAck(ConnAck { session_present, code: reason::SUCCESS, properties: props }));
@@ -179,13 +182,17 @@ impl Shard {
         // Before anything below can end the session (a lost connection sends `Release`).
         self.send_to_shard(dir, ShardMsg::Settled { client_id: client_id.clone(), host: self.id, hosting: true });
         // Redeliver what was in flight, in order, then whatever waited in the queue.
-        let s = self.sessions.get_mut(&client_id).unwrap();
-        let resend: Vec<(u16, Inflight)> = s.inflight.iter().map(|(k, v)| (*k, v.clone())).collect();
+        let resend: Vec<(u16, Inflight)> = match self.sessions.get(&client_id) {
+            Some(s) => s.inflight.iter().map(|(k, v)| (*k, v.clone())).collect(),
+            None => Vec::new(),
+        };
         for (pid, inf) in resend {
             match inf {
                 Inflight::Publish(d) => {
                     if !self.write_publish(conn, &d, pid, true, now_ms) {
-                        self.sessions.get_mut(&client_id).unwrap().inflight.remove(&pid);
+                        if let Some(s) = self.sessions.get_mut(&client_id) {
+                            s.inflight.remove(&pid);
+                        }
                     }
                 }
                 Inflight::Release => {

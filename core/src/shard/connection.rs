@@ -183,7 +183,7 @@ impl Shard {
         let expiry = s.expiry_secs;
         // Nobody reads this session's queue now: publishers are not held back for it.
         self.release_drain_waiters(&id);
-        let s = self.sessions.get_mut(&id).unwrap();
+        let Some(s) = self.sessions.get_mut(&id) else { return };
         if let Some(w) = will {
             let delay = w.properties.will_delay_interval.unwrap_or(0);
             if delay > 0 && (expiry > 0 || how == Detach::Moves) {
@@ -195,11 +195,12 @@ impl Shard {
         if how == Detach::Moves {
             return;
         }
-        let s = self.sessions.get_mut(&id).unwrap();
+        let Some(s) = self.sessions.get_mut(&id) else { return };
         self.commits.touch(s);
         if expiry == 0 {
-            let s = self.sessions.remove(&id).unwrap();
-            self.end_session(s, now_ms);
+            if let Some(s) = self.sessions.remove(&id) {
+                self.end_session(s, now_ms);
+            }
         } else if expiry != u32::MAX {
             s.expires_at_ms = Some(now_ms + u64::from(expiry) * 1000);
         }

@@ -46,7 +46,7 @@ impl Shard {
         let Some(s) = self.sessions.get_mut(id) else { return };
         match s.conn {
             Some(conn) if d.qos == 0 => {
-                let c = self.conns.get(&conn).unwrap();
+                let Some(c) = self.conns.get(&conn) else { return };
                 if c.out.len() >= self.limits.max_outbound_buffer_bytes {
                     self.stats.dropped_slow_qos0 += 1;
                     return;
@@ -90,7 +90,7 @@ impl Shard {
         loop {
             let Some(s) = self.sessions.get_mut(id) else { return };
             let Some(conn) = s.conn else { return };
-            let c = self.conns.get_mut(&conn).unwrap();
+            let Some(c) = self.conns.get_mut(&conn) else { return };
             if !c.is_active() {
                 return;
             }
@@ -109,7 +109,9 @@ impl Shard {
             }
             let pid = s.alloc_pid();
             if self.write_publish(conn, &d, pid, false, now_ms) {
-                self.sessions.get_mut(id).unwrap().inflight.insert(pid, Inflight::Publish(d));
+                if let Some(s) = self.sessions.get_mut(id) {
+                    s.inflight.insert(pid, Inflight::Publish(d));
+                }
             }
         }
     }
@@ -121,7 +123,7 @@ impl Shard {
             self.stats.dropped_expired += 1;
             return false;
         };
-        let c = self.conns.get_mut(&conn).unwrap();
+        let Some(c) = self.conns.get_mut(&conn) else { return false };
         let v5 = c.is_v5();
         let mut topic: &str = &d.msg.topic;
         // Most deliveries forward the message as it is; MQTT 5 adds per-delivery properties.

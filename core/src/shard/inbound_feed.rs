@@ -149,7 +149,7 @@ impl Shard {
                     break;
                 }
             }
-            let r = self.feed.remainder.pop_front().unwrap();
+            let Some(r) = self.feed.remainder.pop_front() else { break };
             // One receipt per slice: its positions move once every shard handed its messages to
             // the subscribers there and stored what it queued for persistent sessions.
             let token = *token.get_or_insert_with(|| self.new_receipt() | FEED_TOKEN);

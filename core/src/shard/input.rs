@@ -52,9 +52,10 @@ impl Shard {
             self.preconnect.leave(conn);
             // Input behind the CONNECT while its session is on the way waits in `held`.
             if c.blocked() && !buf.is_empty() {
-                let c = self.conns.get_mut(&conn).unwrap();
-                c.held.extend_from_slice(buf);
-                buf.clear();
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.held.extend_from_slice(buf);
+                    buf.clear();
+                }
             }
             return;
         }
@@ -191,22 +192,19 @@ impl Shard {
                 self.send(conn, Packet::PingResp);
             }
             Packet::Disconnect(d) => {
-                let c = self.conns.get_mut(&conn).unwrap();
+                let max_expiry = self.limits.max_session_expiry_secs;
+                let Some((c, s)) = self.held(conn) else { return self.orphaned(conn, now_ms) };
                 if let Some(e) = d.properties.session_expiry_interval {
                     if c.connect_expiry == 0 && e != 0 {
                         self.protocol_close(conn, reason::PROTOCOL_ERROR, "session expiry raised from 0", now_ms);
                         return;
                     }
-                    let e = e.min(self.limits.max_session_expiry_secs);
-                    if let Some(id) = c.active_id().cloned() {
-                        if let Some(s) = self.sessions.get_mut(&id) {
-                            s.expiry_secs = e;
-                        }
-                    }
+                    s.expiry_secs = e.min(max_expiry);
                 }
-                let c = self.conns.get_mut(&conn).unwrap();
-                if d.code != reason::DISCONNECT_WITH_WILL {
-                    c.will = None;
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    if d.code != reason::DISCONNECT_WITH_WILL {
+                        c.will = None;
+                    }
                 }
                 self.close(conn, None, now_ms);
             }
@@ -293,9 +291,7 @@ impl Shard {
     /// session here. `None` means the rule does not hold for `conn`; the handler then closes
     /// that connection ([`Shard::orphaned`]) instead of panicking the shard.
     pub(super) fn held(&mut self, conn: ConnId) -> Option<(&mut Conn, &mut Session)> {
-        let c = self.conns.get_mut(&conn)?;
-        let s = self.sessions.get_mut(c.active_id()?)?;
-        (s.conn == Some(conn)).then_some((&mut **c, &mut **s))
+        held_in(&mut self.conns, &mut self.sessions, conn)
     }
 
     /// `conn` sent a packet but does not hold its session here (any more): it closes with
@@ -304,4 +300,16 @@ impl Shard {
         self.stats.orphaned_packets += 1;
         self.protocol_close(conn, reason::SESSION_TAKEN_OVER, "the session moved to another connection", now_ms);
     }
+}
+
+/// [`Shard::held`] over the two tables only, so that the caller may use the shard's other parts
+/// (limits, the session store) while it holds the connection and its session.
+pub(super) fn held_in<'a>(
+    conns: &'a mut HashMap<ConnId, Box<Conn>>,
+    sessions: &'a mut HashMap<ClientId, Box<Session>>,
+    conn: ConnId,
+) -> Option<(&'a mut Conn, &'a mut Session)> {
+    let c = conns.get_mut(&conn)?;
+    let s = sessions.get_mut(c.active_id()?)?;
+    (s.conn == Some(conn)).then_some((&mut **c, &mut **s))
 }

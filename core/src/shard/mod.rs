@@ -22,6 +22,9 @@
 //! Invariants: every queue has a bound from [`Limits`]; a session is hosted by at most one shard;
 //! a session's subscriptions are in the trie of exactly the shard hosting it.
 
+// No input may panic a shard: a broken rule closes one connection instead (see `Shard::held`).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::unreachable, clippy::panic))]
+
 use crate::{HashMap, HashSet};
 use std::collections::VecDeque;
 use std::net::IpAddr;
@@ -78,6 +81,7 @@ use directory::{Claim, ClaimGo, Directory};
 use drain_waiters::{DrainWaiter, DrainWaiters};
 use inbound_feed::{InboundFeed, FEED_TOKEN};
 use inbound_state::InboundState;
+use input::held_in;
 use outbox::KafkaOutbox;
 pub use outbox::{BridgeOptions, MappingStats};
 pub use receipt_book::Receipt;
@@ -516,10 +520,8 @@ impl Shard {
             let mut wills = Vec::new();
             let mut ended = Vec::new();
             for s in self.sessions.values_mut() {
-                if let Some((at, _)) = &s.pending_will {
-                    if *at <= now_ms {
-                        wills.push((s.client_id.clone(), s.pending_will.take().unwrap().1));
-                    }
+                if let Some((_, w)) = s.pending_will.take_if(|(at, _)| *at <= now_ms) {
+                    wills.push((s.client_id.clone(), w));
                 }
                 if let Some(at) = s.expires_at_ms {
                     if s.conn.is_none() && at <= now_ms {

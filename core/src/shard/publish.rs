@@ -3,7 +3,10 @@ use super::*;
 impl Shard {
     pub(super) fn on_publish(&mut self, conn: ConnId, mut p: Publish, now_ms: u64) {
         self.stats.messages_received += 1;
-        let c = self.conns.get_mut(&conn).unwrap();
+        let Some((c, s)) = held_in(&mut self.conns, &mut self.sessions, conn) else {
+            return self.orphaned(conn, now_ms);
+        };
+        let client_id = s.client_id.clone();
         if let Some(alias) = p.properties.topic_alias.take() {
             if alias > self.limits.topic_alias_maximum {
                 return self.protocol_close(conn, reason::TOPIC_ALIAS_INVALID, "topic alias above maximum", now_ms);
@@ -20,7 +23,6 @@ impl Shard {
         if !topic::valid_topic_name(&p.topic, &self.topic_limits) {
             return self.protocol_close(conn, reason::TOPIC_NAME_INVALID, "invalid topic name", now_ms);
         }
-        let client_id = c.active_id().cloned().unwrap();
         if p.properties.payload_format_indicator == Some(1) && std::str::from_utf8(&p.payload).is_err() {
             if p.qos > 0 {
                 let r = PubResp {
@@ -33,7 +35,9 @@ impl Shard {
             return;
         }
         if p.qos == 2 {
-            let s = self.sessions.get_mut(&client_id).unwrap();
+            let Some((_, s)) = held_in(&mut self.conns, &mut self.sessions, conn) else {
+                return self.orphaned(conn, now_ms);
+            };
             if s.incoming_qos2.contains(&p.packet_id) {
                 // A resend of a message we already took: acknowledge again (after any earlier
                 // acknowledgement still waiting for Kafka), route nothing.

@@ -60,9 +60,9 @@ impl Shard {
         for owner in feed.credit() {
             self.send_to_shard(owner, ShardMsg::RetainedMore { from: self.id, scan });
         }
-        let feed = self.retained_feeds.get(id).unwrap();
-        if feed.finished() {
-            let (next, live) = self.retained_feeds.remove(id).unwrap().into_next();
+        if self.retained_feeds.get(id).is_some_and(Feed::finished) {
+            let Some(feed) = self.retained_feeds.remove(id) else { return };
+            let (next, live) = feed.into_next();
             if !next.is_empty() {
                 self.start_retained_feed(id.clone(), next, live);
             }
@@ -81,11 +81,10 @@ impl Shard {
             }
             match s.conn {
                 Some(conn) if d.qos == 0 => {
-                    let c = self.conns.get_mut(&conn).unwrap();
-                    if !c.is_active() {
+                    let Some(c) = self.conns.get_mut(&conn).filter(|c| c.is_active()) else {
                         feed.backlog.push_front(d);
                         return moved;
-                    }
+                    };
                     if c.out.len() >= self.limits.max_outbound_buffer_bytes {
                         c.out_full = true;
                         feed.backlog.push_front(d);

@@ -15,9 +15,11 @@ impl Shard {
     }
 
     pub(super) fn on_subscribe(&mut self, conn: ConnId, sub: Subscribe, now_ms: u64) {
-        let c = self.conns.get(&conn).unwrap();
+        let Some((c, s)) = held_in(&mut self.conns, &mut self.sessions, conn) else {
+            return self.orphaned(conn, now_ms);
+        };
         let v5 = c.is_v5();
-        let client_id = c.active_id().cloned().unwrap();
+        let client_id = s.client_id.clone();
         let sub_id = sub.properties.subscription_identifiers.first().copied();
         let mut codes = Vec::with_capacity(sub.filters.len());
         let mut queries = Vec::new();
@@ -40,7 +42,9 @@ impl Shard {
             if shared.is_some() && opts.no_local && v5 {
                 return self.protocol_close(conn, reason::PROTOCOL_ERROR, "No Local on a shared subscription", now_ms);
             }
-            let s = self.sessions.get_mut(&client_id).unwrap();
+            let Some((_, s)) = held_in(&mut self.conns, &mut self.sessions, conn) else {
+                return self.orphaned(conn, now_ms);
+            };
             let existed = s.subs.contains_key(&filter);
             if !existed && s.subs.len() >= self.limits.max_subscriptions_per_session {
                 codes.push(if v5 { reason::QUOTA_EXCEEDED } else { 0x80 });
@@ -73,7 +77,9 @@ impl Shard {
             }
             codes.push(opts.qos);
         }
-        let s = self.sessions.get_mut(&client_id).unwrap();
+        let Some((_, s)) = held_in(&mut self.conns, &mut self.sessions, conn) else {
+            return self.orphaned(conn, now_ms);
+        };
         self.commits.touch(s);
         if s.stored {
             // The SUBACK promises the subscription: it goes out once the store has it.
@@ -89,7 +95,9 @@ impl Shard {
             failed: false,
         };
         if acks_left > 0 {
-            self.conns.get_mut(&conn).unwrap().pending_sub = Some(Box::new(pending));
+            if let Some(c) = self.conns.get_mut(&conn) {
+                c.pending_sub = Some(Box::new(pending));
+            }
         } else {
             self.finish_subscribe(conn, client_id, pending);
         }
@@ -153,7 +161,7 @@ impl Shard {
         let id = s.client_id.clone();
         let mut codes = Vec::with_capacity(u.filters.len());
         for f in &u.filters {
-            let s = self.sessions.get_mut(&id).unwrap();
+            let Some(s) = self.sessions.get_mut(&id) else { return };
             self.commits.touch(s);
             if s.subs.remove(f).is_some() {
                 self.unsubscribe_one(&id, f);
