@@ -27,12 +27,13 @@
 //! dropped as any QoS 0 message to it is) unless it was delivered live while the feed existed.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 
 use crate::message::{ClientId, Msg, ShardId};
 use crate::packet::SubOptions;
 use crate::retained::{Cursor, RetainedTree};
 use crate::session::Delivery;
-use crate::{HashMap, HashSet};
+use crate::HashMap;
 
 /// Tree nodes one slice of a scan visits at most; a turn of [`Scans::run`] starts slices
 /// while it visited fewer than this (so under two slices a turn: about a millisecond).
@@ -196,7 +197,24 @@ pub(crate) struct Feed {
     next: BTreeMap<String, (SubOptions, Option<u32>)>,
     /// Retained messages delivered live while the feed exists: their scanned copies are skipped
     /// (a message published while the subscription is set up reaches it both ways).
-    pub(crate) live: HashSet<usize>,
+    pub(crate) live: LiveSet,
+}
+
+/// Retained messages delivered live while a feed exists, by identity. The set holds each
+/// message's `Arc`, so none is freed while it is in the set and no other message can take its
+/// address: comparing addresses is sound (a bare address could be reused after a drop, and a
+/// new message would then be skipped as if delivered).
+#[derive(Default)]
+pub(crate) struct LiveSet(HashMap<usize, Msg>);
+
+impl LiveSet {
+    pub(crate) fn insert(&mut self, msg: &Msg) {
+        self.0.entry(Arc::as_ptr(msg) as usize).or_insert_with(|| msg.clone());
+    }
+
+    pub(crate) fn contains(&self, msg: &Msg) -> bool {
+        self.0.get(&(Arc::as_ptr(msg) as usize)).is_some_and(|m| Arc::ptr_eq(m, msg))
+    }
 }
 
 impl Feed {
@@ -205,7 +223,7 @@ impl Feed {
         scan: u64,
         filters: Vec<RetainedFilter>,
         n_shards: usize,
-        live: HashSet<usize>,
+        live: LiveSet,
     ) -> (Feed, Vec<String>) {
         let mut names = Vec::with_capacity(filters.len());
         let mut opts = Vec::with_capacity(filters.len());
@@ -237,7 +255,7 @@ impl Feed {
     }
 
     /// This request is over: the filters for the next one, if any, and the live set.
-    pub(crate) fn into_next(self) -> (Vec<RetainedFilter>, HashSet<usize>) {
+    pub(crate) fn into_next(self) -> (Vec<RetainedFilter>, LiveSet) {
         (self.next.into_iter().map(|(f, (o, id))| (f, o, id)).collect(), self.live)
     }
 
@@ -285,7 +303,31 @@ impl Feed {
 mod tests {
     use super::*;
     use crate::message::Message;
-    use std::sync::Arc;
+
+    fn message(topic: &str) -> Msg {
+        Arc::new(Message {
+            topic: topic.into(),
+            payload: bytes::Bytes::from_static(b"x"),
+            qos: 1,
+            retain: true,
+            properties: None,
+            expiry_at_ms: None,
+            origin: Arc::from("t"),
+        })
+    }
+
+    #[test]
+    fn the_live_set_knows_a_message_by_identity_and_no_new_message_takes_its_place() {
+        let mut live = LiveSet::default();
+        let m = message("a");
+        live.insert(&m);
+        assert!(live.contains(&m));
+        assert!(!live.contains(&message("a")), "an equal message is another message");
+        drop(m);
+        // The set keeps the delivered message alive: no later allocation can reuse its address.
+        let later: Vec<Msg> = (0..1000).map(|i| message(&i.to_string())).collect();
+        assert!(later.iter().all(|m| !live.contains(m)));
+    }
 
     fn tree(n: usize) -> RetainedTree {
         let mut t = RetainedTree::default();

@@ -42,7 +42,7 @@ use crate::packet::{
 };
 use crate::preconnect::{Admission, Preconnect};
 use crate::retained::RetainedTree;
-use crate::retained_feed::{Feed, RetainedFilter, Scans};
+use crate::retained_feed::{Feed, LiveSet, RetainedFilter, Scans};
 use crate::session::{Delivery, Inflight, Sub};
 pub use crate::session::{Session, StoredMessage};
 use crate::topic::{self, TopicLimits, Trie};

@@ -161,7 +161,7 @@ impl Shard {
             }
             if msg.retain {
                 if let Some(feed) = self.retained_feeds.get_mut(&id) {
-                    feed.live.insert(Arc::as_ptr(msg) as usize);
+                    feed.live.insert(msg);
                 }
             }
             let d = Delivery { msg: msg.clone(), qos: qos.min(msg.qos), retain: rap && msg.retain, sub_ids };

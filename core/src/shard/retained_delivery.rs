@@ -29,7 +29,7 @@ impl Shard {
     }
 
     /// Asks every shard for the retained messages of `filters`, for session `id`.
-    pub(super) fn start_retained_feed(&mut self, id: ClientId, filters: Vec<RetainedFilter>, live: HashSet<usize>) {
+    pub(super) fn start_retained_feed(&mut self, id: ClientId, filters: Vec<RetainedFilter>, live: LiveSet) {
         self.next_retained_scan += 1;
         let scan = self.next_retained_scan;
         let (feed, filters) = Feed::start(scan, filters, self.n_shards, live);
@@ -76,7 +76,7 @@ impl Shard {
             let Some(feed) = self.retained_feeds.get_mut(id) else { return moved };
             let Some(s) = self.sessions.get_mut(id) else { return moved };
             let Some(d) = feed.backlog.pop_front() else { return moved };
-            if feed.live.contains(&(Arc::as_ptr(&d.msg) as usize)) {
+            if feed.live.contains(&d.msg) {
                 continue;
             }
             match s.conn {

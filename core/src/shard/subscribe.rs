@@ -152,7 +152,7 @@ impl Shard {
         }
         match self.retained_feeds.get_mut(&client_id) {
             Some(feed) => feed.queue(p.retained_queries),
-            None => self.start_retained_feed(client_id, p.retained_queries, HashSet::default()),
+            None => self.start_retained_feed(client_id, p.retained_queries, LiveSet::default()),
         }
     }
 
