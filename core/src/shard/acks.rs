@@ -1,3 +1,8 @@
+//! Handler glue for acknowledgements the shard owes publishers: a PUBACK/PUBREC is queued in
+//! the connection's [`AckQueue`](super::ack_queue::AckQueue) with what it waits for (Kafka
+//! records, congested sessions, a receipt), and leaves when all of that happened, in order.
+//! A refused acknowledgement is MQTT 5 reason code; 3.1.1 has none, so the connection closes.
+
 use super::*;
 
 impl Shard {

@@ -1,3 +1,7 @@
+//! Handler glue for back-pressure ([`drain_waiters`](super::drain_waiters)): a session that
+//! drained to a quarter releases what waited for it; the tick lets publishers go after
+//! `max_backpressure_ms`.
+
 use super::*;
 
 impl Shard {

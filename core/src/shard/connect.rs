@@ -1,3 +1,8 @@
+//! CONNECT: validate it, claim the client id at its directory shard, and — once the session
+//! arrived ([`ShardMsg::Transfer`](super::ShardMsg::Transfer)) — answer CONNACK, install the
+//! session here and resend what was in flight. Also how a session is installed and ended, and
+//! how a will is published.
+
 use super::*;
 
 impl Shard {

@@ -1,3 +1,7 @@
+//! A connection's life on the shard outside its packets: accept (with the pre-CONNECT
+//! admission), loss, output handed to the network layer, closing (MQTT 5 DISCONNECT with a
+//! reason first) and detaching from the session.
+
 use super::*;
 
 impl Shard {

@@ -1,3 +1,7 @@
+//! Delivery to one session: straight to the connection when its window and output buffer
+//! allow, else into its bounded queue; the queue moves into flight as acknowledgements come
+//! (`pump`). Also PUBACK/PUBREC/PUBCOMP for messages the shard sent.
+
 use super::*;
 
 impl Shard {

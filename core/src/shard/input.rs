@@ -1,3 +1,8 @@
+//! Bytes in: decode packets in order, hold input while the connection is blocked (bounded, then
+//! the network layer stops reading), and dispatch each packet of an active connection to its
+//! handler after checking the connection rule ([`Shard::held`]). 3.1.1 QoS 2 flow control
+//! (the deferral queue) lives here too.
+
 use super::*;
 
 impl Shard {

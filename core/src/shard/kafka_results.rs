@@ -1,3 +1,7 @@
+//! Answers from the Kafka side — produce results, records that reached the spill log, the spill
+//! log draining — applied to the [`KafkaOutbox`](super::outbox::KafkaOutbox) and to the
+//! acknowledgements that waited for them.
+
 use super::*;
 use outbox::Answered;
 

@@ -68,11 +68,14 @@ mod receipt_book;
 mod receipts;
 mod retained_delivery;
 mod routing;
+mod shard_msg;
 mod share_groups;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
+mod stats;
 mod subscribe;
 mod sys;
+mod timers;
 mod transfer;
 use ack_queue::AckQueue;
 use commits::SessionCommits;
@@ -87,195 +90,10 @@ pub use outbox::{BridgeOptions, MappingStats};
 pub use receipt_book::Receipt;
 use receipt_book::{PositionMoves, ReceiptBook, ReceiptFor};
 use routing::Routing;
+pub use shard_msg::ShardMsg;
 pub use share_groups::ShareMember;
 use share_groups::{share_key, ShareGroups};
-
-/// Work one shard asks of another.
-#[derive(Debug)]
-pub enum ShardMsg {
-    Publish(Msg),
-    /// A publish whose sender waits until what it changed here is durable (queued for a
-    /// persistent session, or a retained message stored): answer [`ShardMsg::Receipt`] then.
-    PublishReceipt {
-        msg: Msg,
-        receipt: Receipt,
-    },
-    /// The answer to a receipt: this shard is done, and `more` shards it forwarded the message
-    /// to (shared subscriptions) will answer too.
-    Receipt {
-        token: u64,
-        more: u32,
-        /// What this shard stored for the message could not be committed (disk full, I/O
-        /// error): the acknowledgement waiting for it must refuse instead.
-        failed: bool,
-    },
-    /// To the directory shard: `host` wants the session of `client_id` for connection `conn`.
-    Claim {
-        client_id: ClientId,
-        host: ShardId,
-        conn: ConnId,
-        clean_start: bool,
-    },
-    /// To the previous host: close the old connection and send the session to `to`.
-    Evict {
-        client_id: ClientId,
-        to: ShardId,
-        conn: ConnId,
-        clean_start: bool,
-    },
-    /// To the new host: the session (if any) for the pending connection `conn`.
-    Transfer {
-        client_id: ClientId,
-        conn: ConnId,
-        session: Option<Box<Session>>,
-    },
-    /// To the directory shard: the session ended on `host`.
-    Release {
-        client_id: ClientId,
-        host: ShardId,
-    },
-    /// To the directory shard: the claim it answered last for `client_id` is carried out; the
-    /// claimer `host` now hosts the session (`hosting`) or, its connection gone, ended it. The
-    /// next waiting claim may go ahead.
-    Settled {
-        client_id: ClientId,
-        host: ShardId,
-        hosting: bool,
-    },
-    /// To every shard, for a session's new subscriptions: scan the retained messages matching
-    /// `filters` and answer in slices ([`ShardMsg::RetainedReply`]), one per credit.
-    RetainedQuery {
-        from: ShardId,
-        scan: u64,
-        client_id: ClientId,
-        filters: Vec<String>,
-    },
-    /// One slice of a scan: messages with the index of the filter they matched. `done`: the
-    /// owner `from` has nothing more for this scan.
-    RetainedReply {
-        from: ShardId,
-        scan: u64,
-        client_id: ClientId,
-        msgs: Vec<(u32, Msg)>,
-        done: bool,
-    },
-    /// To an owner: the subscriber's backlog ran low, send the next slice of `scan`.
-    RetainedMore {
-        from: ShardId,
-        scan: u64,
-    },
-    /// To an owner: the session went away, drop `scan`.
-    RetainedCancel {
-        from: ShardId,
-        scan: u64,
-    },
-    /// To the group's owner. With `ack`, the owner answers [`ShardMsg::ShareJoined`] so that the
-    /// SUBACK goes out only once the member can receive.
-    ShareJoin {
-        key: String,
-        member: ShareMember,
-        ack: Option<ConnId>,
-    },
-    ShareJoined {
-        conn: ConnId,
-    },
-    ShareLeave {
-        key: String,
-        client_id: ClientId,
-    },
-    ShareDeliver {
-        client_id: ClientId,
-        msg: Msg,
-        opts: SubOptions,
-        sub_id: Option<u32>,
-        receipt: Option<Receipt>,
-    },
-    /// To shard 0: this shard's counters, for the `$SYS/broker/...` totals.
-    Stats {
-        from: ShardId,
-        stats: Stats,
-    },
-}
-
-/// Counters a shard keeps; published under `$SYS/`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Stats {
-    pub clients_connected: u64,
-    pub sessions: u64,
-    pub subscriptions: u64,
-    pub retained: u64,
-    pub messages_received: u64,
-    pub messages_sent: u64,
-    pub bytes_received: u64,
-    pub bytes_sent: u64,
-    pub dropped_queue_full: u64,
-    pub dropped_slow_qos0: u64,
-    pub dropped_too_large: u64,
-    pub dropped_expired: u64,
-    pub malformed: u64,
-    /// Packets that arrived on a connection no longer holding its session (closed, 0x8E).
-    pub orphaned_packets: u64,
-    /// Times a subscriber held publishers back for `max_backpressure_ms` and was let go.
-    pub slow_subscribers: u64,
-    /// Acknowledgements refused because the session or retained store could not commit.
-    pub store_refusals: u64,
-    /// Connections that have not completed CONNECT, and the bytes their partial CONNECTs hold.
-    pub preconnect_connections: u64,
-    pub preconnect_bytes: u64,
-    /// Closed before CONNECT: at accept by `max_preconnect_per_address`, or for growing past
-    /// `max_preconnect_buffer_bytes_per_shard`. (A CONNECT over `max_connect_packet_bytes` is
-    /// refused from its fixed header and counted in `malformed`, like any over-size packet.)
-    pub refused_preconnect: u64,
-    /// Closed because CONNECT was not complete `connect_timeout_ms` after accept.
-    pub connect_timeouts: u64,
-}
-
-impl std::ops::AddAssign for Stats {
-    fn add_assign(&mut self, o: Stats) {
-        let Stats {
-            clients_connected,
-            sessions,
-            subscriptions,
-            retained,
-            messages_received,
-            messages_sent,
-            bytes_received,
-            bytes_sent,
-            dropped_queue_full,
-            dropped_slow_qos0,
-            dropped_too_large,
-            dropped_expired,
-            malformed,
-            orphaned_packets,
-            slow_subscribers,
-            store_refusals,
-            preconnect_connections,
-            preconnect_bytes,
-            refused_preconnect,
-            connect_timeouts,
-        } = o;
-        self.clients_connected += clients_connected;
-        self.sessions += sessions;
-        self.subscriptions += subscriptions;
-        self.retained += retained;
-        self.messages_received += messages_received;
-        self.messages_sent += messages_sent;
-        self.bytes_received += bytes_received;
-        self.bytes_sent += bytes_sent;
-        self.dropped_queue_full += dropped_queue_full;
-        self.dropped_slow_qos0 += dropped_slow_qos0;
-        self.dropped_too_large += dropped_too_large;
-        self.dropped_expired += dropped_expired;
-        self.malformed += malformed;
-        self.orphaned_packets += orphaned_packets;
-        self.slow_subscribers += slow_subscribers;
-        self.store_refusals += store_refusals;
-        self.preconnect_connections += preconnect_connections;
-        self.preconnect_bytes += preconnect_bytes;
-        self.refused_preconnect += refused_preconnect;
-        self.connect_timeouts += connect_timeouts;
-    }
-}
+pub use stats::Stats;
 
 /// What the caller must do besides writing bytes.
 #[derive(Debug, Default)]
@@ -437,7 +255,7 @@ impl Shard {
 
     /// Turns on the MQTT → Kafka bridge: messages matching `options.router` become produce
     /// requests in [`Effects::produce`], and QoS 1/2 acknowledgements wait for Kafka (or the
-    /// spill log). See [`outbox`] for what the options decide.
+    /// spill log), as [`BridgeOptions`] say.
     pub fn with_bridge(mut self, options: BridgeOptions) -> Self {
         self.outbox = KafkaOutbox::new(options);
         self
@@ -502,41 +320,9 @@ impl Shard {
         self.stop_waiting_for_slow_subscribers(now_ms);
         if now_ms.saturating_sub(self.last_keepalive_scan_ms) >= 500 {
             self.last_keepalive_scan_ms = now_ms;
-            let expired: Vec<ConnId> = self
-                .conns
-                .iter()
-                .filter(|(_, c)| match c.state {
-                    ConnState::Active { .. } if c.keep_alive_ms > 0 => {
-                        now_ms.saturating_sub(c.last_rx_ms) > c.keep_alive_ms * 3 / 2
-                    }
-                    _ => false,
-                })
-                .map(|(id, _)| *id)
-                .collect();
-            for id in expired {
-                self.protocol_close(id, reason::KEEP_ALIVE_TIMEOUT, "keep alive timeout", now_ms);
-            }
+            self.close_silent_connections(now_ms);
             self.close_connect_late(now_ms);
-            let mut wills = Vec::new();
-            let mut ended = Vec::new();
-            for s in self.sessions.values_mut() {
-                if let Some((_, w)) = s.pending_will.take_if(|(at, _)| *at <= now_ms) {
-                    wills.push((s.client_id.clone(), w));
-                }
-                if let Some(at) = s.expires_at_ms {
-                    if s.conn.is_none() && at <= now_ms {
-                        ended.push(s.client_id.clone());
-                    }
-                }
-            }
-            for (id, w) in wills {
-                self.publish_will(&id, *w, now_ms);
-            }
-            for id in ended {
-                if let Some(s) = self.sessions.remove(&id) {
-                    self.end_session(s, now_ms);
-                }
-            }
+            self.expire_wills_and_sessions(now_ms);
         }
         self.expire_feed_holds(now_ms);
         if now_ms.saturating_sub(self.last_stats_ms) >= STATS_SHARE_INTERVAL_MS {

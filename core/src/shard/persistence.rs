@@ -1,3 +1,7 @@
+//! The shard's side of what survives a restart: retained messages and sessions read back at
+//! start, session changes handed to the store and the store's commit reports, and the Kafka →
+//! MQTT positions to store.
+
 use super::*;
 
 impl Shard {

@@ -1,3 +1,8 @@
+//! PUBLISH from a client, and routing any message: to subscribers on this shard, to every other
+//! shard, to shared-subscription members, and into Kafka records. A PUBLISH reads top to
+//! bottom: validate, make a [`Routing`](super::routing::Routing), route, queue the
+//! acknowledgement with what the routing says it waits for.
+
 use super::*;
 
 impl Shard {

@@ -1,3 +1,7 @@
+//! Handler glue for receipts ([`receipt_book`](super::receipt_book)): answers arriving,
+//! answering other shards (at once, or held while a session here is congested), and what a
+//! completed receipt releases (an acknowledgement, or Kafka positions).
+
 use super::*;
 
 impl Shard {

@@ -1,3 +1,7 @@
+//! Retained messages for new subscriptions, shard side: running the owners' scans in turns,
+//! and feeding the found messages into the subscribing session as it has room (see
+//! `crate::retained_feed`).
+
 use super::*;
 
 impl Shard {

@@ -1,3 +1,7 @@
+//! SUBSCRIBE and UNSUBSCRIBE: validate filters, update the session and the trie (or the shared
+//! group's owner), and answer SUBACK once the group owners and the session store confirmed;
+//! then the retained messages the new subscriptions asked for.
+
 use super::*;
 
 impl Shard {

@@ -1,3 +1,6 @@
+//! `$SYS/` topics: this shard's counters, shard 0's totals over all shards, and the bridge's
+//! per-mapping counters, published as retained QoS 0 messages.
+
 use super::*;
 
 impl Shard {

@@ -1,3 +1,7 @@
+//! Takeover between shards: the directory carrying out claims one at a time
+//! ([`directory`](super::directory)), and the previous host closing the old connection (0x8E)
+//! and sending the session to the new one.
+
 use super::*;
 
 impl Shard {

@@ -1,0 +1,81 @@
+//! A shard's counters, published under `$SYS/` and summed across shards by shard 0.
+
+/// Counters a shard keeps; published under `$SYS/`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub clients_connected: u64,
+    pub sessions: u64,
+    pub subscriptions: u64,
+    pub retained: u64,
+    pub messages_received: u64,
+    pub messages_sent: u64,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    pub dropped_queue_full: u64,
+    pub dropped_slow_qos0: u64,
+    pub dropped_too_large: u64,
+    pub dropped_expired: u64,
+    pub malformed: u64,
+    /// Packets that arrived on a connection no longer holding its session (closed, 0x8E).
+    pub orphaned_packets: u64,
+    /// Times a subscriber held publishers back for `max_backpressure_ms` and was let go.
+    pub slow_subscribers: u64,
+    /// Acknowledgements refused because the session or retained store could not commit.
+    pub store_refusals: u64,
+    /// Connections that have not completed CONNECT, and the bytes their partial CONNECTs hold.
+    pub preconnect_connections: u64,
+    pub preconnect_bytes: u64,
+    /// Closed before CONNECT: at accept by `max_preconnect_per_address`, or for growing past
+    /// `max_preconnect_buffer_bytes_per_shard`. (A CONNECT over `max_connect_packet_bytes` is
+    /// refused from its fixed header and counted in `malformed`, like any over-size packet.)
+    pub refused_preconnect: u64,
+    /// Closed because CONNECT was not complete `connect_timeout_ms` after accept.
+    pub connect_timeouts: u64,
+}
+
+impl std::ops::AddAssign for Stats {
+    fn add_assign(&mut self, o: Stats) {
+        let Stats {
+            clients_connected,
+            sessions,
+            subscriptions,
+            retained,
+            messages_received,
+            messages_sent,
+            bytes_received,
+            bytes_sent,
+            dropped_queue_full,
+            dropped_slow_qos0,
+            dropped_too_large,
+            dropped_expired,
+            malformed,
+            orphaned_packets,
+            slow_subscribers,
+            store_refusals,
+            preconnect_connections,
+            preconnect_bytes,
+            refused_preconnect,
+            connect_timeouts,
+        } = o;
+        self.clients_connected += clients_connected;
+        self.sessions += sessions;
+        self.subscriptions += subscriptions;
+        self.retained += retained;
+        self.messages_received += messages_received;
+        self.messages_sent += messages_sent;
+        self.bytes_received += bytes_received;
+        self.bytes_sent += bytes_sent;
+        self.dropped_queue_full += dropped_queue_full;
+        self.dropped_slow_qos0 += dropped_slow_qos0;
+        self.dropped_too_large += dropped_too_large;
+        self.dropped_expired += dropped_expired;
+        self.malformed += malformed;
+        self.orphaned_packets += orphaned_packets;
+        self.slow_subscribers += slow_subscribers;
+        self.store_refusals += store_refusals;
+        self.preconnect_connections += preconnect_connections;
+        self.preconnect_bytes += preconnect_bytes;
+        self.refused_preconnect += refused_preconnect;
+        self.connect_timeouts += connect_timeouts;
+    }
+}
