@@ -14,6 +14,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde::Deserialize;
 
+use crate::bytes_reader::{ByteReader, ReadError};
 use crate::shard::Message;
 use crate::topic::{self, TopicLimits, Trie};
 
@@ -176,6 +177,24 @@ pub struct KafkaRecord {
     pub partition: Option<i32>,
 }
 
+/// Why bytes from the spill log are not a [`KafkaRecord`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecordDecodeError {
+    #[error("spill record: unknown format version {0}")]
+    UnknownFormat(u8),
+    /// Short or not UTF-8 where a name should be. Its text is part of this one's (no `source()`,
+    /// so a chain printer does not repeat it).
+    #[error("spill record: {0}")]
+    Read(ReadError),
+}
+
+impl From<ReadError> for RecordDecodeError {
+    fn from(e: ReadError) -> Self {
+        RecordDecodeError::Read(e)
+    }
+}
+
 impl KafkaRecord {
     /// The spill-log form: self-describing (cluster and topic by name), so a record written by
     /// one configuration replays under another.
@@ -205,40 +224,24 @@ impl KafkaRecord {
 
     /// Inverse of [`KafkaRecord::encode`]: the cluster name and the record (cluster index 0, no
     /// mapping or dead letter: the caller fills them in).
-    pub fn decode(mut b: &[u8]) -> Result<(String, KafkaRecord), &'static str> {
-        fn take<'a>(b: &mut &'a [u8], n: usize) -> Result<&'a [u8], &'static str> {
-            if b.len() < n {
-                return Err("record ends early");
-            }
-            let (h, t) = b.split_at(n);
-            *b = t;
-            Ok(h)
+    pub fn decode(b: &[u8]) -> Result<(String, KafkaRecord), RecordDecodeError> {
+        let mut r = ByteReader::new(b);
+        match r.u8()? {
+            1 => {}
+            v => return Err(RecordDecodeError::UnknownFormat(v)),
         }
-        fn u32_(b: &mut &[u8]) -> Result<usize, &'static str> {
-            Ok(u32::from_le_bytes(take(b, 4)?.try_into().unwrap()) as usize)
-        }
-        fn bytes(b: &mut &[u8]) -> Result<Bytes, &'static str> {
-            let n = u32_(b)?;
-            Ok(Bytes::copy_from_slice(take(b, n)?))
-        }
-        fn string(b: &mut &[u8]) -> Result<String, &'static str> {
-            String::from_utf8(bytes(b)?.to_vec()).map_err(|_| "name is not UTF-8")
-        }
-        if take(&mut b, 1)? != [1] {
-            return Err("unknown record format version");
-        }
-        let cluster = string(&mut b)?;
-        let topic: Arc<str> = string(&mut b)?.into();
-        let key = match take(&mut b, 1)?[0] {
+        let cluster = r.str_u32_le()?;
+        let topic: Arc<str> = r.str_u32_le()?.into();
+        let key = match r.u8()? {
             0 => None,
-            _ => Some(bytes(&mut b)?),
+            _ => Some(Bytes::copy_from_slice(r.bytes_u32_le()?)),
         };
-        let value = bytes(&mut b)?;
-        let timestamp_ms = i64::from_le_bytes(take(&mut b, 8)?.try_into().unwrap());
-        let n = u32_(&mut b)?;
+        let value = Bytes::copy_from_slice(r.bytes_u32_le()?);
+        let timestamp_ms = r.i64_le()?;
+        let n = r.u32_le()? as usize;
         let mut headers = Vec::with_capacity(n.min(64));
         for _ in 0..n {
-            headers.push((string(&mut b)?, bytes(&mut b)?));
+            headers.push((r.str_u32_le()?, Bytes::copy_from_slice(r.bytes_u32_le()?)));
         }
         let r = KafkaRecord {
             cluster: 0,

@@ -3,6 +3,8 @@
 //! # Layout
 //! - [`packet`]: the MQTT 3.1.1 and 5.0 codec over `BytesMut` (decode is "not yet" on an incomplete
 //!   frame, an error with a reason code on a malformed one). Performs no I/O.
+//! - [`bytes_reader`]: the one cursor every binary decoder here uses (MQTT packets, stored
+//!   sessions, spill-log records).
 //! - [`topic`]: topic name and filter validation, and the subscription [`topic::Trie`].
 //! - [`retained`]: a shard's retained messages as a trie by topic level, looked up by filter in
 //!   bounded, resumable slices; `retained_feed` (crate-internal): those slices carried to new
@@ -28,6 +30,7 @@ pub type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomS
 pub type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
 pub mod bridge;
+pub mod bytes_reader;
 pub mod config;
 pub mod inbound;
 pub mod packet;
