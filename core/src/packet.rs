@@ -926,11 +926,11 @@ impl<'a> From<&'a Publish> for PublishRef<'a> {
 
 /// The encoded properties of `p` (without their length) when it has any and the version
 /// carries them.
-fn publish_properties(p: &PublishRef, version: Version) -> Option<BytesMut> {
+fn publish_properties(p: &PublishRef<'_>, version: Version) -> Option<BytesMut> {
     (version.is_v5() && !p.properties.is_empty()).then(|| property_bytes(p.properties))
 }
 
-fn publish_remaining(p: &PublishRef, version: Version, props: &Option<BytesMut>) -> usize {
+fn publish_remaining(p: &PublishRef<'_>, version: Version, props: &Option<BytesMut>) -> usize {
     let props_len = match props {
         Some(b) => varint_len(b.len()) + b.len(),
         None => usize::from(version.is_v5()),
@@ -939,13 +939,13 @@ fn publish_remaining(p: &PublishRef, version: Version, props: &Option<BytesMut>)
 }
 
 /// Length of `p` on the wire, for Maximum Packet Size checks before sending.
-pub fn publish_len(p: &PublishRef, version: Version) -> usize {
+pub fn publish_len(p: &PublishRef<'_>, version: Version) -> usize {
     let n = publish_remaining(p, version, &publish_properties(p, version));
     1 + varint_len(n) + n
 }
 
 /// Encodes a PUBLISH straight into `out`: the path every delivery takes.
-pub fn encode_publish(p: &PublishRef, version: Version, out: &mut BytesMut) -> usize {
+pub fn encode_publish(p: &PublishRef<'_>, version: Version, out: &mut BytesMut) -> usize {
     let props = publish_properties(p, version);
     let remaining = publish_remaining(p, version, &props);
     let start = out.len();

@@ -407,7 +407,7 @@ pub(crate) async fn run_shard(
     let mut spill = None;
     let mut positions_file = None;
     if let Some(b) = cfg.bridge {
-        let router = Router::new(&b.mappings, &b.clusters)?;
+        let router = Router::new(&b.mappings, &b.clusters).map_err(|e| e.to_string())?;
         let unix_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)
@@ -420,7 +420,7 @@ pub(crate) async fn run_shard(
                 shard = shard.with_outage_spill();
             }
         }
-        let inbound = sluice_core::inbound::Inbound::new(&b.inbound, &b.clusters)?;
+        let inbound = sluice_core::inbound::Inbound::new(&b.inbound, &b.clusters).map_err(|e| e.to_string())?;
         shard = shard.with_inbound(inbound, b.inbound.len(), b.inbound_max_wait_ms);
         positions_file = Some(b.positions_file.clone());
         kafka_link = Some((b.requests, b.results, b.inbound_rx));
