@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use sluice_core::bridge::{Destination, KeySource, MappingConfig, TopicTemplate};
+use sluice_core::bridge::{Delivery, Destination, KeySource, MappingConfig, TopicTemplate};
 use sluice_core::config::{parse_cpuset, Config, QueueFullPolicy, DEFAULT_CONFIG_TOML};
 
 #[global_allocator]
@@ -48,9 +48,9 @@ struct Cli {
     /// Messages queued per offline or busy session.
     #[arg(long, value_name = "N")]
     max_queued_messages: Option<usize>,
-    /// What to drop when a session queue is full: drop-newest or drop-oldest.
-    #[arg(long, value_name = "POLICY")]
-    queue_full_policy: Option<String>,
+    /// What to drop when a session queue is full.
+    #[arg(long, value_name = "POLICY", value_enum)]
+    queue_full_policy: Option<QueueFullPolicy>,
     /// Subscriptions one session may hold.
     #[arg(long, value_name = "N")]
     max_subscriptions_per_session: Option<usize>,
@@ -73,10 +73,9 @@ struct Cli {
     /// 'devices/#=iot-telemetry'. Repeatable.
     #[arg(long = "map", value_name = "FILTER=TOPIC")]
     maps: Vec<String>,
-    /// When QoS 1/2 publishes to bridged topics are acknowledged: kafka-ack (after Kafka) or
-    /// local-durable (after the shard's spill log on disk; Kafka later, replayed after crashes).
-    #[arg(long, value_name = "MODE")]
-    delivery: Option<String>,
+    /// When QoS 1/2 publishes to bridged topics are acknowledged.
+    #[arg(long, value_name = "MODE", value_enum)]
+    delivery: Option<Delivery>,
     /// Let the `default` cluster create missing Kafka topics.
     #[arg(long)]
     kafka_auto_create: bool,
@@ -262,12 +261,8 @@ fn apply_flags(cli: &Cli, cfg: &mut Config) -> anyhow::Result<()> {
     if let Some(v) = cli.max_subscriptions_per_session {
         l.max_subscriptions_per_session = v;
     }
-    if let Some(v) = &cli.queue_full_policy {
-        l.queue_full_policy = match v.as_str() {
-            "drop-newest" => QueueFullPolicy::DropNewest,
-            "drop-oldest" => QueueFullPolicy::DropOldest,
-            other => bail!("--queue-full-policy: `{other}` is not drop-newest or drop-oldest"),
-        };
+    if let Some(v) = cli.queue_full_policy {
+        l.queue_full_policy = v;
     }
     if let Some(k) = &cli.kafka {
         let c = cfg.kafka.clusters.entry("default".into()).or_default();
@@ -276,12 +271,8 @@ fn apply_flags(cli: &Cli, cfg: &mut Config) -> anyhow::Result<()> {
             c.auto_create_topics = true;
         }
     }
-    if let Some(d) = &cli.delivery {
-        cfg.kafka.delivery = match d.as_str() {
-            "kafka-ack" => sluice_core::bridge::Delivery::KafkaAck,
-            "local-durable" => sluice_core::bridge::Delivery::LocalDurable,
-            other => bail!("--delivery: `{other}` is not kafka-ack or local-durable"),
-        };
+    if let Some(d) = cli.delivery {
+        cfg.kafka.delivery = d;
     }
     for (i, m) in cli.maps.iter().enumerate() {
         let Some((filter, topic)) = m.rsplit_once('=') else {
@@ -347,4 +338,46 @@ fn exit_on_panic() {
         tracing::error!(%thread, "panic: {info}; exiting so that a supervisor restarts sluice");
         std::process::abort();
     }));
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::ValueEnum;
+
+    use super::*;
+
+    /// Every name a flag takes loads from the config file as the same value: the flags and the
+    /// file speak one vocabulary.
+    #[test]
+    fn flag_names_are_the_config_file_names() {
+        for v in QueueFullPolicy::value_variants() {
+            let name = v.to_possible_value().unwrap().get_name().to_string();
+            let cfg = Config::from_toml(&format!("[limits]\nqueue_full_policy = \"{name}\"\n")).unwrap();
+            assert_eq!(cfg.limits.queue_full_policy, *v, "{name}");
+            let cli = Cli::try_parse_from(["sluice", "--queue-full-policy", &name]).unwrap();
+            assert_eq!(cli.queue_full_policy, Some(*v));
+        }
+        for v in Delivery::value_variants() {
+            let name = v.to_possible_value().unwrap().get_name().to_string();
+            let cfg = Config::from_toml(&format!("[kafka]\ndelivery = \"{name}\"\n")).unwrap();
+            assert_eq!(cfg.kafka.delivery, *v, "{name}");
+            let cli = Cli::try_parse_from(["sluice", "--delivery", &name]).unwrap();
+            assert_eq!(cli.delivery, Some(*v));
+        }
+    }
+
+    #[test]
+    fn a_bad_value_names_the_flag_and_the_accepted_values() {
+        for (flag, good) in
+            [("--delivery", &["kafka-ack", "local-durable"]), ("--queue-full-policy", &["drop-newest", "drop-oldest"])]
+        {
+            let e = Cli::try_parse_from(["sluice", flag, "drop-random"]).unwrap_err();
+            assert_eq!(e.kind(), clap::error::ErrorKind::InvalidValue);
+            let text = e.to_string();
+            assert!(text.contains(flag) && text.contains("drop-random"), "{text}");
+            for g in good {
+                assert!(text.contains(g), "{flag}: `{g}` not listed: {text}");
+            }
+        }
+    }
 }

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde::Deserialize;
 
+use crate::bytes_reader::{ByteReader, ReadError};
 use crate::message::Message;
 use crate::topic::{self, TopicLimits, Trie};
 
@@ -35,15 +36,22 @@ impl<'de> Deserialize<'de> for KeySource {
     }
 }
 
+/// A `key` that is none of the key sources.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("`{given}` is not topic, client-id, none or level:N")]
+pub struct KeySourceError {
+    pub given: String,
+}
+
 impl KeySource {
-    pub fn parse(s: &str) -> Result<KeySource, String> {
+    pub fn parse(s: &str) -> Result<KeySource, KeySourceError> {
         match s {
             "topic" => Ok(KeySource::Topic),
             "client-id" => Ok(KeySource::ClientId),
             "none" => Ok(KeySource::None),
             _ => match s.strip_prefix("level:").and_then(|n| n.parse().ok()) {
                 Some(n) => Ok(KeySource::Level(n)),
-                None => Err(format!("`{s}` is not topic, client-id, none or level:N")),
+                None => Err(KeySourceError { given: s.to_string() }),
             },
         }
     }
@@ -61,18 +69,37 @@ enum TemplatePart {
     Level(usize),
 }
 
+/// Why a Kafka topic template does not parse: the template, and the byte offset of the `{`
+/// that is wrong.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TopicTemplateError {
+    #[error("`{template}`: unclosed `{{` at byte {at}")]
+    Unclosed { template: String, at: usize },
+    #[error("`{template}`: `{{{field}}}` at byte {at} is not a topic level number")]
+    NotALevel { template: String, field: String, at: usize },
+    #[error("empty Kafka topic")]
+    Empty,
+}
+
 impl TopicTemplate {
-    pub fn parse(s: &str) -> Result<TopicTemplate, String> {
+    pub fn parse(s: &str) -> Result<TopicTemplate, TopicTemplateError> {
         let mut parts = Vec::new();
         let mut rest = s;
         while let Some(open) = rest.find('{') {
             if open > 0 {
                 parts.push(TemplatePart::Text(rest[..open].to_string()));
             }
-            let close = rest[open..].find('}').ok_or_else(|| format!("`{s}`: unclosed `{{`"))? + open;
-            let n = rest[open + 1..close]
-                .parse()
-                .map_err(|_| format!("`{s}`: `{{{}}}` is not a topic level number", &rest[open + 1..close]))?;
+            let at = s.len() - rest.len() + open;
+            let close =
+                rest[open..].find('}').ok_or_else(|| TopicTemplateError::Unclosed { template: s.to_string(), at })?
+                    + open;
+            let field = &rest[open + 1..close];
+            let n = field.parse().map_err(|_| TopicTemplateError::NotALevel {
+                template: s.to_string(),
+                field: field.to_string(),
+                at,
+            })?;
             parts.push(TemplatePart::Level(n));
             rest = &rest[close + 1..];
         }
@@ -80,7 +107,7 @@ impl TopicTemplate {
             parts.push(TemplatePart::Text(rest.to_string()));
         }
         if parts.is_empty() {
-            return Err("empty Kafka topic".into());
+            return Err(TopicTemplateError::Empty);
         }
         Ok(TopicTemplate { parts })
     }
@@ -176,6 +203,24 @@ pub struct KafkaRecord {
     pub partition: Option<i32>,
 }
 
+/// Why bytes from the spill log are not a [`KafkaRecord`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecordDecodeError {
+    #[error("spill record: unknown format version {0}")]
+    UnknownFormat(u8),
+    /// Short or not UTF-8 where a name should be. Its text is part of this one's (no `source()`,
+    /// so a chain printer does not repeat it).
+    #[error("spill record: {0}")]
+    Read(ReadError),
+}
+
+impl From<ReadError> for RecordDecodeError {
+    fn from(e: ReadError) -> Self {
+        RecordDecodeError::Read(e)
+    }
+}
+
 impl KafkaRecord {
     /// The spill-log form: self-describing (cluster and topic by name), so a record written by
     /// one configuration replays under another.
@@ -205,40 +250,24 @@ impl KafkaRecord {
 
     /// Inverse of [`KafkaRecord::encode`]: the cluster name and the record (cluster index 0, no
     /// mapping or dead letter: the caller fills them in).
-    pub fn decode(mut b: &[u8]) -> Result<(String, KafkaRecord), &'static str> {
-        fn take<'a>(b: &mut &'a [u8], n: usize) -> Result<&'a [u8], &'static str> {
-            if b.len() < n {
-                return Err("record ends early");
-            }
-            let (h, t) = b.split_at(n);
-            *b = t;
-            Ok(h)
+    pub fn decode(b: &[u8]) -> Result<(String, KafkaRecord), RecordDecodeError> {
+        let mut r = ByteReader::new(b);
+        match r.u8()? {
+            1 => {}
+            v => return Err(RecordDecodeError::UnknownFormat(v)),
         }
-        fn u32_(b: &mut &[u8]) -> Result<usize, &'static str> {
-            Ok(u32::from_le_bytes(take(b, 4)?.try_into().unwrap()) as usize)
-        }
-        fn bytes(b: &mut &[u8]) -> Result<Bytes, &'static str> {
-            let n = u32_(b)?;
-            Ok(Bytes::copy_from_slice(take(b, n)?))
-        }
-        fn string(b: &mut &[u8]) -> Result<String, &'static str> {
-            String::from_utf8(bytes(b)?.to_vec()).map_err(|_| "name is not UTF-8")
-        }
-        if take(&mut b, 1)? != [1] {
-            return Err("unknown record format version");
-        }
-        let cluster = string(&mut b)?;
-        let topic: Arc<str> = string(&mut b)?.into();
-        let key = match take(&mut b, 1)?[0] {
+        let cluster = r.str_u32_le()?;
+        let topic: Arc<str> = r.str_u32_le()?.into();
+        let key = match r.u8()? {
             0 => None,
-            _ => Some(bytes(&mut b)?),
+            _ => Some(Bytes::copy_from_slice(r.bytes_u32_le()?)),
         };
-        let value = bytes(&mut b)?;
-        let timestamp_ms = i64::from_le_bytes(take(&mut b, 8)?.try_into().unwrap());
-        let n = u32_(&mut b)?;
+        let value = Bytes::copy_from_slice(r.bytes_u32_le()?);
+        let timestamp_ms = r.i64_le()?;
+        let n = r.u32_le()? as usize;
         let mut headers = Vec::with_capacity(n.min(64));
         for _ in 0..n {
-            headers.push((string(&mut b)?, bytes(&mut b)?));
+            headers.push((r.str_u32_le()?, Bytes::copy_from_slice(r.bytes_u32_le()?)));
         }
         let r = KafkaRecord {
             cluster: 0,
@@ -272,7 +301,11 @@ pub struct ProduceRequest {
 }
 
 /// When a QoS 1/2 publish that feeds Kafka is acknowledged to the device.
+///
+/// `--delivery` takes the same names as the file (clap's `ValueEnum` and serde both kebab-case
+/// the variants; a test in the binary checks they agree).
 #[derive(Clone, Copy, Debug, Default, serde::Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum Delivery {
     /// After Kafka acknowledged every record of the message.
@@ -283,16 +316,23 @@ pub enum Delivery {
     LocalDurable,
 }
 
-/// Why Kafka did not take a record.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Why Kafka did not take a record. The texts are [`ProduceError::cause`]'s (the `$SYS` and log
+/// wording), with the detail of [`ProduceError::Other`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ProduceError {
+    #[error("record too large")]
     TooLarge,
+    #[error("unknown topic")]
     UnknownTopic,
+    #[error("not authorized")]
     NotAuthorized,
     /// Retries ran out (Kafka down, hanging, or no leader) within the delivery time-out.
+    #[error("timed out")]
     TimedOut,
     /// `local-durable`: the shard's spill log is at its disk limit (or the disk is full).
+    #[error("spill log full")]
     SpillFull,
+    #[error("other error: {0}")]
     Other(String),
 }
 
@@ -350,6 +390,24 @@ struct Mapping {
     dead_letter: Option<(u16, Arc<str>)>,
 }
 
+/// Why the `[[mqtt_to_kafka]]` mappings do not make a [`Router`]; each names its mapping.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RouterError {
+    #[error("mapping `{mapping}`: no filters")]
+    NoFilters { mapping: String },
+    #[error("mapping `{mapping}`: no destinations")]
+    NoDestinations { mapping: String },
+    #[error("mapping `{mapping}`: `{filter}` is not a valid MQTT topic filter")]
+    InvalidFilter { mapping: String, filter: String },
+    #[error("mapping `{mapping}`: unknown cluster `{cluster}`")]
+    UnknownCluster { mapping: String, cluster: String },
+    #[error("mapping `{mapping}`: partition must be 0 or more, not {partition}")]
+    NegativePartition { mapping: String, partition: i32 },
+    #[error("mapping `{mapping}`: dead_letter names unknown cluster `{cluster}`")]
+    UnknownDeadLetterCluster { mapping: String, cluster: String },
+}
+
 /// Matches MQTT topics against the mappings' filters.
 #[derive(Default)]
 pub struct Router {
@@ -360,30 +418,30 @@ pub struct Router {
 
 impl Router {
     /// Builds the router; every destination's cluster must be in `clusters`.
-    pub fn new(mappings: &[MappingConfig], clusters: &[String]) -> Result<Router, String> {
+    pub fn new(mappings: &[MappingConfig], clusters: &[String]) -> Result<Router, RouterError> {
         let mut r = Router { clusters: clusters.to_vec(), ..Default::default() };
         let lim = TopicLimits::default();
         for (i, m) in mappings.iter().enumerate() {
             if m.filters.is_empty() {
-                return Err(format!("mapping `{}`: no filters", m.name));
+                return Err(RouterError::NoFilters { mapping: m.name.clone() });
             }
             if m.destinations.is_empty() {
-                return Err(format!("mapping `{}`: no destinations", m.name));
+                return Err(RouterError::NoDestinations { mapping: m.name.clone() });
             }
             for f in &m.filters {
                 if !topic::valid_filter(f, &lim) {
-                    return Err(format!("mapping `{}`: `{f}` is not a valid MQTT topic filter", m.name));
+                    return Err(RouterError::InvalidFilter { mapping: m.name.clone(), filter: f.clone() });
                 }
                 r.trie.insert(f, i as u16, ());
             }
             let mut destinations = Vec::new();
             for d in &m.destinations {
-                let c = clusters
-                    .iter()
-                    .position(|c| *c == d.cluster)
-                    .ok_or_else(|| format!("mapping `{}`: unknown cluster `{}`", m.name, d.cluster))?;
-                if d.partition.is_some_and(|p| p < 0) {
-                    return Err(format!("mapping `{}`: partition must be 0 or more", m.name));
+                let c = clusters.iter().position(|c| *c == d.cluster).ok_or_else(|| RouterError::UnknownCluster {
+                    mapping: m.name.clone(),
+                    cluster: d.cluster.clone(),
+                })?;
+                if let Some(partition) = d.partition.filter(|p| *p < 0) {
+                    return Err(RouterError::NegativePartition { mapping: m.name.clone(), partition });
                 }
                 destinations.push((c as u16, d.topic.clone(), d.partition));
             }
@@ -391,7 +449,7 @@ impl Router {
                 None => None,
                 Some(d) => {
                     let c = clusters.iter().position(|c| *c == d.cluster).ok_or_else(|| {
-                        format!("mapping `{}`: dead_letter names unknown cluster `{}`", m.name, d.cluster)
+                        RouterError::UnknownDeadLetterCluster { mapping: m.name.clone(), cluster: d.cluster.clone() }
                     })?;
                     Some((c as u16, Arc::from(d.topic.as_str())))
                 }
@@ -630,11 +688,20 @@ mod tests {
     #[test]
     fn config_errors() {
         let c = vec!["a".to_string()];
-        assert!(Router::new(&[mapping("m", &["x/#/y"], &[("a", "t")], "topic")], &c).is_err());
-        assert!(Router::new(&[mapping("m", &["x"], &[("zz", "t")], "topic")], &c).is_err());
-        assert!(TopicTemplate::parse("a-{x}").is_err());
-        assert!(TopicTemplate::parse("a-{1").is_err());
-        assert!(KeySource::parse("level:x").is_err());
+        let e = Router::new(&[mapping("m", &["x/#/y"], &[("a", "t")], "topic")], &c).err().unwrap();
+        assert_eq!(e, RouterError::InvalidFilter { mapping: "m".into(), filter: "x/#/y".into() });
+        assert_eq!(e.to_string(), "mapping `m`: `x/#/y` is not a valid MQTT topic filter");
+        let e = Router::new(&[mapping("m", &["x"], &[("zz", "t")], "topic")], &c).err().unwrap();
+        assert_eq!(e.to_string(), "mapping `m`: unknown cluster `zz`");
+        let e = TopicTemplate::parse("a-{x}").unwrap_err();
+        assert_eq!(e.to_string(), "`a-{x}`: `{x}` at byte 2 is not a topic level number");
+        let e = TopicTemplate::parse("a-{1}-{2").unwrap_err();
+        assert_eq!(e, TopicTemplateError::Unclosed { template: "a-{1}-{2".into(), at: 6 });
+        assert_eq!(e.to_string(), "`a-{1}-{2`: unclosed `{` at byte 6");
+        let e = KeySource::parse("level:x").unwrap_err();
+        assert_eq!(e.to_string(), "`level:x` is not topic, client-id, none or level:N");
+        let e: Box<dyn std::error::Error> = Box::new(ProduceError::Other("broker said no".into()));
+        assert_eq!(e.to_string(), "other error: broker said no");
         let t = TopicTemplate::parse("t-{5}").unwrap();
         assert_eq!(t.render("a/b"), None);
         let t = TopicTemplate::parse("t-{0}").unwrap();

@@ -181,7 +181,11 @@ pub enum Qos0Policy {
 }
 
 /// What to do with a message for an offline session whose queue is full.
+///
+/// `--queue-full-policy` takes the same names as the file (clap's `ValueEnum` and serde both
+/// kebab-case the variants; a test in the binary checks they agree).
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum QueueFullPolicy {
     /// Keep the queue, drop the arriving message (Mosquitto's behaviour).
@@ -296,7 +300,7 @@ impl Config {
         }
         if let Some(set) = &self.server.cpuset {
             if let Err(e) = parse_cpuset(set) {
-                return err("server.cpuset", &e);
+                return err("server.cpuset", &e.to_string());
             }
         }
         let l = &self.limits;
@@ -361,7 +365,7 @@ impl Config {
         }
         let names: Vec<String> = self.kafka.clusters.keys().cloned().collect();
         Router::new(&self.mqtt_to_kafka, &names)
-            .map_err(|problem| ConfigError { key: "mqtt_to_kafka".into(), problem })?;
+            .map_err(|e| ConfigError { key: "mqtt_to_kafka".into(), problem: e.to_string() })?;
         Ok(())
     }
 }
@@ -384,11 +388,29 @@ fn span_key(text: &str, offset: usize) -> String {
     }
 }
 
+/// Why a CPU list does not parse.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CpusetError {
+    /// One comma-separated entry; `at` is its byte offset in the list.
+    #[error("`{part}` (at byte {at}) is not a CPU number or range like 2-5")]
+    Bad { part: String, at: usize },
+    #[error("names no CPU")]
+    Empty,
+}
+
 /// Parses "0,2-5" into [0, 2, 3, 4, 5].
-pub fn parse_cpuset(s: &str) -> Result<Vec<usize>, String> {
+pub fn parse_cpuset(s: &str) -> Result<Vec<usize>, CpusetError> {
     let mut cpus = Vec::new();
-    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let bad = || format!("`{part}` is not a CPU number or range like 2-5");
+    let mut at = 0;
+    for raw in s.split(',') {
+        let start = at + (raw.len() - raw.trim_start().len());
+        at += raw.len() + 1;
+        let part = raw.trim();
+        if part.is_empty() {
+            continue;
+        }
+        let bad = || CpusetError::Bad { part: part.to_string(), at: start };
         match part.split_once('-') {
             Some((a, b)) => {
                 let (a, b): (usize, usize) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
@@ -401,7 +423,7 @@ pub fn parse_cpuset(s: &str) -> Result<Vec<usize>, String> {
         }
     }
     if cpus.is_empty() {
-        return Err("names no CPU".into());
+        return Err(CpusetError::Empty);
     }
     cpus.sort_unstable();
     cpus.dedup();
@@ -453,7 +475,11 @@ mod tests {
     #[test]
     fn cpusets() {
         assert_eq!(parse_cpuset("0,2-4").unwrap(), vec![0, 2, 3, 4]);
-        assert!(parse_cpuset("4-2").is_err());
-        assert!(parse_cpuset("").is_err());
+        assert_eq!(parse_cpuset(" 1 , 2-x").unwrap_err(), CpusetError::Bad { part: "2-x".into(), at: 5 });
+        assert_eq!(
+            parse_cpuset("0,4-2").unwrap_err().to_string(),
+            "`4-2` (at byte 2) is not a CPU number or range like 2-5"
+        );
+        assert_eq!(parse_cpuset(", ").unwrap_err(), CpusetError::Empty);
     }
 }

@@ -56,21 +56,31 @@ impl<'de> Deserialize<'de> for PayloadSource {
     }
 }
 
+/// A `payload` that is none of the payload sources.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PayloadSourceError {
+    #[error("`{given}`: a JSON pointer starts with `/`")]
+    NotAPointer { given: String },
+    #[error("`{given}` is not value, json:/pointer or without:field1,field2")]
+    Unknown { given: String },
+}
+
 impl PayloadSource {
-    pub fn parse(s: &str) -> Result<PayloadSource, String> {
+    pub fn parse(s: &str) -> Result<PayloadSource, PayloadSourceError> {
         if s == "value" {
             return Ok(PayloadSource::Value);
         }
         if let Some(p) = s.strip_prefix("json:") {
             if !p.starts_with('/') {
-                return Err(format!("`{s}`: a JSON pointer starts with `/`"));
+                return Err(PayloadSourceError::NotAPointer { given: s.to_string() });
             }
             return Ok(PayloadSource::JsonField(p.to_string()));
         }
         if let Some(fields) = s.strip_prefix("without:") {
             return Ok(PayloadSource::JsonWithout(fields.split(',').map(|f| f.trim().to_string()).collect()));
         }
-        Err(format!("`{s}` is not value, json:/pointer or without:field1,field2"))
+        Err(PayloadSourceError::Unknown { given: s.to_string() })
     }
 }
 
@@ -124,15 +134,30 @@ pub struct MqttTemplate {
     parts: Vec<Part>,
 }
 
+/// Why an MQTT topic template does not parse: the template, and the byte offset of the `${`
+/// that is wrong.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum MqttTemplateError {
+    #[error("`{template}`: unclosed `${{` at byte {at}")]
+    Unclosed { template: String, at: usize },
+    #[error(
+        "`{template}`: unknown field `${{{field}}}` at byte {at} (key, topic, partition, header.NAME, json./pointer)"
+    )]
+    UnknownField { template: String, field: String, at: usize },
+}
+
 impl MqttTemplate {
-    pub fn parse(s: &str) -> Result<MqttTemplate, String> {
+    pub fn parse(s: &str) -> Result<MqttTemplate, MqttTemplateError> {
         let mut parts = Vec::new();
         let mut rest = s;
         while let Some(i) = rest.find("${") {
             if i > 0 {
                 parts.push(Part::Text(rest[..i].to_string()));
             }
-            let end = rest[i..].find('}').ok_or_else(|| format!("`{s}`: unclosed `${{`"))? + i;
+            let at = s.len() - rest.len() + i;
+            let end =
+                rest[i..].find('}').ok_or_else(|| MqttTemplateError::Unclosed { template: s.to_string(), at })? + i;
             let name = &rest[i + 2..end];
             parts.push(match name {
                 "key" => Part::Key,
@@ -143,9 +168,11 @@ impl MqttTemplate {
                     Part::Json(n["json.".len()..].to_string())
                 }
                 other => {
-                    return Err(format!(
-                        "`{s}`: unknown field `${{{other}}}` (key, topic, partition, header.NAME, json./pointer)"
-                    ))
+                    return Err(MqttTemplateError::UnknownField {
+                        template: s.to_string(),
+                        field: other.to_string(),
+                        at,
+                    })
                 }
             });
             rest = &rest[end + 1..];
@@ -248,6 +275,25 @@ struct Mapping {
     needs_json: bool,
 }
 
+/// Why the `[[kafka_to_mqtt]]` mappings do not make an [`Inbound`]; each names its mapping.
+///
+/// A wrapped error's text is part of this one's (no `source()`): callers hand these on as text
+/// (config errors, start-up errors), and a chain printer would repeat it.
+#[derive(Clone, Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InboundError {
+    #[error("kafka_to_mqtt `{mapping}`: unknown cluster `{cluster}`")]
+    UnknownCluster { mapping: String, cluster: String },
+    #[error("kafka_to_mqtt `{mapping}`: needs kafka_topics (or kafka_topic_pattern) and mqtt_topics")]
+    NothingToMap { mapping: String },
+    #[error("kafka_to_mqtt `{mapping}`: kafka_topic_pattern: {error}")]
+    Pattern { mapping: String, error: regex::Error },
+    #[error("kafka_to_mqtt `{mapping}`: qos must be 0, 1 or 2, not {qos}")]
+    Qos { mapping: String, qos: u8 },
+    #[error("kafka_to_mqtt `{mapping}`: {error}")]
+    Template { mapping: String, error: MqttTemplateError },
+}
+
 /// The Kafka → MQTT transformations of all mappings.
 #[derive(Default)]
 pub struct Inbound {
@@ -256,28 +302,26 @@ pub struct Inbound {
 }
 
 impl Inbound {
-    pub fn new(cfgs: &[InboundMappingConfig], clusters: &[String]) -> Result<Inbound, String> {
+    pub fn new(cfgs: &[InboundMappingConfig], clusters: &[String]) -> Result<Inbound, InboundError> {
         let mut me = Inbound::default();
         for c in cfgs {
+            let mapping = || c.name.clone();
             if !clusters.contains(&c.cluster) {
-                return Err(format!("kafka_to_mqtt `{}`: unknown cluster `{}`", c.name, c.cluster));
+                return Err(InboundError::UnknownCluster { mapping: mapping(), cluster: c.cluster.clone() });
             }
             if (c.kafka_topics.is_empty() && c.kafka_topic_pattern.is_none()) || c.mqtt_topics.is_empty() {
-                return Err(format!(
-                    "kafka_to_mqtt `{}`: needs kafka_topics (or kafka_topic_pattern) and mqtt_topics",
-                    c.name
-                ));
+                return Err(InboundError::NothingToMap { mapping: mapping() });
             }
             if let Some(p) = &c.kafka_topic_pattern {
-                topic_pattern(p).map_err(|e| format!("kafka_to_mqtt `{}`: kafka_topic_pattern: {e}", c.name))?;
+                topic_pattern(p).map_err(|error| InboundError::Pattern { mapping: mapping(), error })?;
             }
             if c.qos > 2 {
-                return Err(format!("kafka_to_mqtt `{}`: qos must be 0, 1 or 2", c.name));
+                return Err(InboundError::Qos { mapping: mapping(), qos: c.qos });
             }
             let templates = c
                 .mqtt_topics
                 .iter()
-                .map(|t| MqttTemplate::parse(t).map_err(|e| format!("kafka_to_mqtt `{}`: {e}", c.name)))
+                .map(|t| MqttTemplate::parse(t).map_err(|error| InboundError::Template { mapping: mapping(), error }))
                 .collect::<Result<Vec<_>, _>>()?;
             let needs_json = templates.iter().any(MqttTemplate::needs_json) || c.payload != PayloadSource::Value;
             me.mappings.push(Mapping {
@@ -440,7 +484,20 @@ mod tests {
         let i = Inbound::new(&[cfg(&["d/${json./id}"], "value")], &c).unwrap();
         assert_eq!(i.transform(&rec(None, "not json", &[]), 0).unwrap_err(), Skip::NotJson);
         assert_eq!(i.transform(&rec(None, "{}", &[]), 0).unwrap_err(), Skip::MissingField);
-        assert!(MqttTemplate::parse("a/${nope}").is_err());
-        assert!(Inbound::new(&[InboundMappingConfig { cluster: "zz".into(), ..cfg(&["a"], "value") }], &c).is_err());
+        let e = MqttTemplate::parse("a/${key}/${nope}").unwrap_err();
+        assert_eq!(
+            e,
+            MqttTemplateError::UnknownField { template: "a/${key}/${nope}".into(), field: "nope".into(), at: 9 }
+        );
+        assert!(e.to_string().starts_with("`a/${key}/${nope}`: unknown field `${nope}` at byte 9 (key, topic,"), "{e}");
+        let e = MqttTemplate::parse("a/${key").unwrap_err();
+        assert_eq!(e.to_string(), "`a/${key`: unclosed `${` at byte 2");
+        let e =
+            Inbound::new(&[InboundMappingConfig { cluster: "zz".into(), ..cfg(&["a"], "value") }], &c).err().unwrap();
+        assert_eq!(e.to_string(), "kafka_to_mqtt `m`: unknown cluster `zz`");
+        let e = Inbound::new(&[cfg(&["x/${bad}"], "value")], &c).err().unwrap();
+        assert!(e.to_string().starts_with("kafka_to_mqtt `m`: `x/${bad}`: unknown field `${bad}` at byte 2"), "{e}");
+        let e = PayloadSource::parse("json:id").unwrap_err();
+        assert_eq!(e.to_string(), "`json:id`: a JSON pointer starts with `/`");
     }
 }

@@ -16,6 +16,8 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
+use crate::bytes_reader::{ByteReader, ReadError};
+
 /// Protocol level byte in CONNECT.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Version {
@@ -352,67 +354,69 @@ fn peek_varint(buf: &[u8]) -> Result<Option<(u32, usize)>, DecodeError> {
     Err(malformed("variable byte integer longer than 4 bytes"))
 }
 
-/// A cursor over one packet's body that turns running out of bytes into "malformed".
-struct Reader {
-    buf: Bytes,
-}
+/// A cursor over one packet's body ([`ByteReader`] over `Bytes`: strings and payloads are
+/// zero-copy slices of the read buffer) that turns running out of bytes into "malformed".
+struct Reader(ByteReader<Bytes>);
 
 impl Reader {
+    #[inline]
     fn remaining(&self) -> usize {
-        self.buf.len()
+        self.0.remaining()
     }
+    #[inline]
     fn u8(&mut self) -> Result<u8, DecodeError> {
-        if self.buf.is_empty() {
-            return Err(malformed("packet ends early"));
-        }
-        Ok(self.buf.get_u8())
+        self.0.u8().map_err(|_| malformed("packet ends early"))
     }
+    #[inline]
     fn u16(&mut self) -> Result<u16, DecodeError> {
-        if self.buf.len() < 2 {
-            return Err(malformed("packet ends early"));
-        }
-        Ok(self.buf.get_u16())
+        self.0.u16().map_err(|_| malformed("packet ends early"))
     }
+    #[inline]
     fn u32(&mut self) -> Result<u32, DecodeError> {
-        if self.buf.len() < 4 {
-            return Err(malformed("packet ends early"));
-        }
-        Ok(self.buf.get_u32())
+        self.0.u32().map_err(|_| malformed("packet ends early"))
     }
     fn varint(&mut self) -> Result<u32, DecodeError> {
-        match peek_varint(&self.buf)? {
+        match peek_varint(self.0.peek())? {
             Some((v, n)) => {
-                self.buf.advance(n);
+                self.0.advance(n).map_err(|_| malformed("packet ends inside a variable byte integer"))?;
                 Ok(v)
             }
             None => Err(malformed("packet ends inside a variable byte integer")),
         }
     }
+    #[inline]
     fn take(&mut self, n: usize) -> Result<Bytes, DecodeError> {
-        if self.buf.len() < n {
-            return Err(malformed("length runs past the end of the packet"));
-        }
-        Ok(self.buf.split_to(n))
+        self.0.take(n).map_err(|_| malformed("length runs past the end of the packet"))
     }
+    #[inline]
     fn binary(&mut self) -> Result<Bytes, DecodeError> {
-        let n = self.u16()? as usize;
-        self.take(n)
+        self.0.bytes_u16().map_err(|_| self.short_prefixed())
+    }
+    /// A length-prefixed field that did not fit: its length itself missing, or what it announces.
+    fn short_prefixed(&self) -> DecodeError {
+        if self.0.remaining() < 2 {
+            malformed("packet ends early")
+        } else {
+            malformed("length runs past the end of the packet")
+        }
     }
     fn string(&mut self) -> Result<String, DecodeError> {
-        let b = self.binary()?;
-        let s = std::str::from_utf8(&b).map_err(|_| malformed("string is not valid UTF-8"))?;
+        let s = self.0.str_u16().map_err(|e| match e {
+            ReadError::NotUtf8 => malformed("string is not valid UTF-8"),
+            _ => self.short_prefixed(),
+        })?;
         if s.contains('\0') {
             return Err(malformed("string contains U+0000"));
         }
-        Ok(s.to_owned())
+        Ok(s)
     }
     fn rest(&mut self) -> Bytes {
-        std::mem::take(&mut self.buf)
+        self.0.rest()
     }
 
     fn properties(&mut self, ctx: Ctx) -> Result<Properties, DecodeError> {
         let len = self.varint()? as usize;
-        let mut r = Reader { buf: self.take(len)? };
+        let mut r = Reader(ByteReader::new(self.take(len)?));
         let mut p = Properties::default();
         fn once<T>(slot: &mut Option<T>, v: T) -> Result<(), DecodeError> {
             if slot.is_some() {
@@ -523,7 +527,7 @@ pub fn decode(buf: &mut BytesMut, version: Option<Version>, max_size: usize) -> 
     let first = buf[0];
     let mut frame = buf.split_to(total);
     frame.advance(1 + varint_len);
-    let mut r = Reader { buf: frame.freeze() };
+    let mut r = Reader(ByteReader::new(frame.freeze()));
     let kind = first >> 4;
     let flags = first & 0x0F;
     let Some(version) = version else {
@@ -922,11 +926,11 @@ impl<'a> From<&'a Publish> for PublishRef<'a> {
 
 /// The encoded properties of `p` (without their length) when it has any and the version
 /// carries them.
-fn publish_properties(p: &PublishRef, version: Version) -> Option<BytesMut> {
+fn publish_properties(p: &PublishRef<'_>, version: Version) -> Option<BytesMut> {
     (version.is_v5() && !p.properties.is_empty()).then(|| property_bytes(p.properties))
 }
 
-fn publish_remaining(p: &PublishRef, version: Version, props: &Option<BytesMut>) -> usize {
+fn publish_remaining(p: &PublishRef<'_>, version: Version, props: &Option<BytesMut>) -> usize {
     let props_len = match props {
         Some(b) => varint_len(b.len()) + b.len(),
         None => usize::from(version.is_v5()),
@@ -935,13 +939,13 @@ fn publish_remaining(p: &PublishRef, version: Version, props: &Option<BytesMut>)
 }
 
 /// Length of `p` on the wire, for Maximum Packet Size checks before sending.
-pub fn publish_len(p: &PublishRef, version: Version) -> usize {
+pub fn publish_len(p: &PublishRef<'_>, version: Version) -> usize {
     let n = publish_remaining(p, version, &publish_properties(p, version));
     1 + varint_len(n) + n
 }
 
 /// Encodes a PUBLISH straight into `out`: the path every delivery takes.
-pub fn encode_publish(p: &PublishRef, version: Version, out: &mut BytesMut) -> usize {
+pub fn encode_publish(p: &PublishRef<'_>, version: Version, out: &mut BytesMut) -> usize {
     let props = publish_properties(p, version);
     let remaining = publish_remaining(p, version, &props);
     let start = out.len();

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
+use crate::bytes_reader::ByteReader;
 use crate::message::{ClientId, ConnId, Message, Msg};
 use crate::packet::{self, Packet, Properties, Publish, SubOptions, Version, Will};
 
@@ -147,39 +148,39 @@ impl Session {
         wall_offset_ms: i64,
         now_ms: u64,
     ) -> Option<Session> {
-        let mut r = Reader(b);
-        if r.u8()? != SESSION_FORMAT {
+        let mut r = Reader::new(b);
+        if r.u8().ok()? != SESSION_FORMAT {
             return None;
         }
         let mut s = Session::new(client_id);
         s.generation = generation;
         s.stored = true;
-        s.expiry_secs = r.u32()?;
-        let expires = r.i64()?;
+        s.expiry_secs = r.u32_le().ok()?;
+        let expires = r.i64_le().ok()?;
         s.expires_at_ms = match (expires, s.expiry_secs) {
             (_, u32::MAX) => None,
             (0, e) => Some(now_ms + u64::from(e) * 1000),
             (at, _) => Some((at - wall_offset_ms).max(0) as u64),
         };
-        s.next_pid = r.u16()?.max(1);
-        for _ in 0..r.u32()? {
-            let filter = r.str()?;
-            let bits = r.u8()?;
+        s.next_pid = r.u16_le().ok()?.max(1);
+        for _ in 0..r.u32_le().ok()? {
+            let filter = r.str_u32_le().ok()?;
+            let bits = r.u8().ok()?;
             let opts = SubOptions {
                 qos: bits & 3,
                 no_local: bits & 4 != 0,
                 retain_as_published: bits & 8 != 0,
                 retain_handling: bits >> 4 & 3,
             };
-            let sub_id = Some(r.u32()?).filter(|i| *i != 0);
+            let sub_id = Some(r.u32_le().ok()?).filter(|i| *i != 0);
             s.subs.insert(filter, Sub { opts, sub_id });
         }
-        for _ in 0..r.u32()? {
-            s.incoming_qos2.insert(r.u16()?);
+        for _ in 0..r.u32_le().ok()? {
+            s.incoming_qos2.insert(r.u16_le().ok()?);
         }
-        for _ in 0..r.u32()? {
-            let pid = r.u16()?;
-            let inf = match r.u8()? {
+        for _ in 0..r.u32_le().ok()? {
+            let pid = r.u16_le().ok()?;
+            let inf = match r.u8().ok()? {
                 1 => match decode_delivery(&mut r, wall_offset_ms, now_ms)? {
                     Some(d) => Inflight::Publish(d),
                     None => continue,
@@ -188,12 +189,12 @@ impl Session {
             };
             s.inflight.insert(pid, inf);
         }
-        for _ in 0..r.u32()? {
+        for _ in 0..r.u32_le().ok()? {
             if let Some(d) = decode_delivery(&mut r, wall_offset_ms, now_ms)? {
                 s.queue.push_back(d);
             }
         }
-        r.0.is_empty().then_some(s)
+        r.is_empty().then_some(s)
     }
 }
 
@@ -216,48 +217,23 @@ fn encode_delivery(d: &Delivery, wall_offset_ms: i64, out: &mut Vec<u8>) {
 }
 
 /// `Some(None)`: well-formed, but the message expired.
-fn decode_delivery(r: &mut Reader, wall_offset_ms: i64, now_ms: u64) -> Option<Option<Delivery>> {
-    let qos = r.u8()?;
-    let flags = r.u8()?;
+fn decode_delivery(r: &mut Reader<'_>, wall_offset_ms: i64, now_ms: u64) -> Option<Option<Delivery>> {
+    let qos = r.u8().ok()?;
+    let flags = r.u8().ok()?;
     let mut sub_ids = Vec::new();
-    for _ in 0..r.u32()? {
-        sub_ids.push(r.u32()?);
+    for _ in 0..r.u32_le().ok()? {
+        sub_ids.push(r.u32_le().ok()?);
     }
-    let n = r.u32()? as usize;
-    let stored = StoredMessage::decode(r.take(n)?)?;
+    let stored = StoredMessage::decode(r.bytes_u32_le().ok()?)?;
     let Some(mut msg) = stored.into_message(wall_offset_ms, now_ms) else { return Some(None) };
     msg.retain = flags & 2 != 0;
     Some(Some(Delivery { msg: Arc::new(msg), qos, retain: flags & 1 != 0, sub_ids }))
 }
 
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        if self.0.len() < n {
-            return None;
-        }
-        let (a, b) = self.0.split_at(n);
-        self.0 = b;
-        Some(a)
-    }
-    fn u8(&mut self) -> Option<u8> {
-        Some(self.take(1)?[0])
-    }
-    fn u16(&mut self) -> Option<u16> {
-        Some(u16::from_le_bytes(self.take(2)?.try_into().ok()?))
-    }
-    fn u32(&mut self) -> Option<u32> {
-        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
-    }
-    fn i64(&mut self) -> Option<i64> {
-        Some(i64::from_le_bytes(self.take(8)?.try_into().ok()?))
-    }
-    fn str(&mut self) -> Option<String> {
-        let n = self.u32()? as usize;
-        String::from_utf8(self.take(n)?.to_vec()).ok()
-    }
-}
+/// The stored forms are read through [`ByteReader`]; any [`ReadError`](crate::bytes_reader::ReadError) (a short or corrupt
+/// record) makes the record unreadable, which the callers treat as "drop it", so only the
+/// `Option` survives.
+type Reader<'a> = ByteReader<&'a [u8]>;
 
 /// A message in its on-disk form (retained messages): self-contained, expiry as wall-clock time.
 #[derive(Clone, Debug, PartialEq)]
@@ -327,12 +303,11 @@ impl StoredMessage {
     }
 
     pub fn decode(b: &[u8]) -> Option<StoredMessage> {
-        let n = u32::from_le_bytes(b.get(..4)?.try_into().ok()?) as usize;
-        let mut pkt = BytesMut::from(b.get(4..4 + n)?);
+        let mut r = Reader::new(b);
+        let mut pkt = BytesMut::from(r.bytes_u32_le().ok()?);
         let Ok(Some(Packet::Publish(p))) = packet::decode(&mut pkt, Some(Version::V5), usize::MAX) else { return None };
-        let rest = b.get(4 + n..)?;
-        let expiry_at_unix_ms = i64::from_le_bytes(rest.get(..8)?.try_into().ok()?);
-        let origin = std::str::from_utf8(rest.get(8..)?).ok()?.to_string();
+        let expiry_at_unix_ms = r.i64_le().ok()?;
+        let origin = std::str::from_utf8(r.rest()).ok()?.to_string();
         Some(StoredMessage {
             topic: p.topic,
             payload: p.payload,

@@ -29,24 +29,24 @@ pub(crate) struct Cluster {
 }
 
 impl Cluster {
-    pub fn new(name: String, cfg: ClusterConfig, tls: Option<Arc<rustls::ClientConfig>>) -> Self {
+    pub(crate) fn new(name: String, cfg: ClusterConfig, tls: Option<Arc<rustls::ClientConfig>>) -> Self {
         Cluster { name, cfg, tls, client: Mutex::new(None), metadata: Mutex::new(HashMap::new()) }
     }
 
-    pub fn config(&self) -> &ClusterConfig {
+    pub(crate) fn config(&self) -> &ClusterConfig {
         &self.cfg
     }
 
-    pub fn delivery_timeout(&self) -> Duration {
+    pub(crate) fn delivery_timeout(&self) -> Duration {
         Duration::from_millis(self.cfg.delivery_timeout_ms)
     }
 
-    pub fn request_timeout(&self) -> Duration {
+    pub(crate) fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.cfg.request_timeout_ms)
     }
 
     /// The client, connecting first if needed (bounded by the request time-out).
-    pub async fn client(&self) -> Result<Arc<Client>, ClientError> {
+    pub(crate) async fn client(&self) -> Result<Arc<Client>, ClientError> {
         let mut slot = self.client.lock().await;
         if let Some(c) = slot.as_ref() {
             return Ok(c.clone());
@@ -78,12 +78,12 @@ impl Cluster {
     }
 
     /// Forgets the client after a connection-level failure, so the next attempt reconnects.
-    pub async fn reset(&self) {
+    pub(crate) async fn reset(&self) {
         *self.client.lock().await = None;
     }
 
     /// Partitions of `topic`, creating it when configured to; retries until `deadline`.
-    pub async fn partitions(&self, topic: &Arc<str>, deadline: Instant) -> Result<i32, ProduceError> {
+    pub(crate) async fn partitions(&self, topic: &Arc<str>, deadline: Instant) -> Result<i32, ProduceError> {
         if let Some((n, at)) = self.metadata.lock().await.get(topic) {
             if at.elapsed() < Duration::from_millis(self.cfg.metadata_max_age_ms) {
                 return Ok(*n);
@@ -151,7 +151,7 @@ impl Cluster {
         }
     }
 
-    pub async fn partition_client(&self, topic: &str, partition: i32) -> Result<PartitionClient, ClientError> {
+    pub(crate) async fn partition_client(&self, topic: &str, partition: i32) -> Result<PartitionClient, ClientError> {
         let client = self.client().await?;
         match tokio::time::timeout(
             self.request_timeout(),

@@ -15,11 +15,14 @@
 //! request in flight at a time, so MQTT per-topic order survives retries. Every record handed over
 //! gets exactly one [`ProduceResult`].
 
+#![warn(rust_2018_idioms, unreachable_pub)]
+
 mod cluster;
 mod consumer;
 mod tls;
 mod worker;
 
+pub use tls::TlsError;
 pub use worker::to_record;
 
 use std::collections::{BTreeMap, HashMap};
@@ -67,7 +70,7 @@ pub enum StartError {
     #[error("cannot start the Kafka runtime: {0}")]
     Runtime(std::io::Error),
     #[error("kafka.clusters.{cluster}.tls: {problem}")]
-    Tls { cluster: String, problem: String },
+    Tls { cluster: String, problem: TlsError },
 }
 
 /// Starts the producers for `clusters` (in the order the router numbers them) and returns one

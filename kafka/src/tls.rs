@@ -5,16 +5,43 @@ use std::sync::Arc;
 
 use sluice_core::config::TlsConfig;
 
-pub(crate) fn client_config(t: &TlsConfig) -> Result<Arc<rustls::ClientConfig>, String> {
+/// Why a cluster's `tls` table does not make a client configuration. Each names the key and,
+/// for a file, its path.
+///
+/// The wrapped error's text is part of this one's (no `source()`): [`crate::StartError`] shows
+/// it, and a chain printer would repeat it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    /// `ca_file`, `cert_file` or `key_file` cannot be opened or is not PEM.
+    #[error("{key} {path}: {error}")]
+    Read { key: &'static str, path: String, error: std::io::Error },
+    /// The file is PEM but holds no certificate (`ca_file`, `cert_file`) or no private key.
+    #[error("{key} {path}: no {what} in it")]
+    Empty { key: &'static str, path: String, what: &'static str },
+    /// rustls refused a CA certificate from `ca_file`.
+    #[error("ca_file {path}: {error}")]
+    BadCa { path: String, error: rustls::Error },
+    /// rustls refused the client certificate chain or its key.
+    #[error("cert_file/key_file: {error}")]
+    ClientAuth { error: rustls::Error },
+    /// The crypto provider supports none of the default protocol versions.
+    #[error("TLS protocol versions: {error}")]
+    Versions { error: rustls::Error },
+    #[error("cert_file and key_file go together")]
+    Unpaired,
+}
+
+pub(crate) fn client_config(t: &TlsConfig) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     match &t.ca_file {
         Some(path) => {
-            let certs = read_certs(path)?;
+            let certs = read_certs("ca_file", path)?;
             if certs.is_empty() {
-                return Err(format!("ca_file {path}: no certificate in it"));
+                return Err(TlsError::Empty { key: "ca_file", path: path.clone(), what: "certificate" });
             }
             for c in certs {
-                roots.add(c).map_err(|e| format!("ca_file {path}: {e}"))?;
+                roots.add(c).map_err(|error| TlsError::BadCa { path: path.clone(), error })?;
             }
         }
         None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
@@ -22,26 +49,61 @@ pub(crate) fn client_config(t: &TlsConfig) -> Result<Arc<rustls::ClientConfig>, 
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(|error| TlsError::Versions { error })?
         .with_root_certificates(roots);
     let cfg = match (&t.cert_file, &t.key_file) {
         (Some(cert), Some(key)) => {
-            let chain = read_certs(cert)?;
-            let mut r = std::io::BufReader::new(std::fs::File::open(key).map_err(|e| format!("key_file {key}: {e}"))?);
-            let key_der = rustls_pemfile::private_key(&mut r)
-                .map_err(|e| format!("key_file {key}: {e}"))?
-                .ok_or_else(|| format!("key_file {key}: no private key in it"))?;
-            builder.with_client_auth_cert(chain, key_der).map_err(|e| format!("cert_file/key_file: {e}"))?
+            let chain = read_certs("cert_file", cert)?;
+            if chain.is_empty() {
+                return Err(TlsError::Empty { key: "cert_file", path: cert.clone(), what: "certificate" });
+            }
+            let read = |error| TlsError::Read { key: "key_file", path: key.clone(), error };
+            let mut r = std::io::BufReader::new(std::fs::File::open(key).map_err(read)?);
+            let key_der = rustls_pemfile::private_key(&mut r).map_err(read)?.ok_or_else(|| TlsError::Empty {
+                key: "key_file",
+                path: key.clone(),
+                what: "private key",
+            })?;
+            builder.with_client_auth_cert(chain, key_der).map_err(|error| TlsError::ClientAuth { error })?
         }
         (None, None) => builder.with_no_client_auth(),
-        _ => return Err("cert_file and key_file go together".into()),
+        _ => return Err(TlsError::Unpaired),
     };
     Ok(Arc::new(cfg))
 }
 
-fn read_certs(path: &str) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
-    let f = std::fs::File::open(path).map_err(|e| format!("{path}: {e}"))?;
-    rustls_pemfile::certs(&mut std::io::BufReader::new(f))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{path}: {e}"))
+/// The certificates in the PEM file at `path`, given as the config `key`.
+fn read_certs(key: &'static str, path: &str) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, TlsError> {
+    let read = |error| TlsError::Read { key, path: path.to_string(), error };
+    let f = std::fs::File::open(path).map_err(read)?;
+    rustls_pemfile::certs(&mut std::io::BufReader::new(f)).collect::<Result<Vec<_>, _>>().map_err(read)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_the_key_and_the_file() {
+        let missing = |ca: Option<&str>, cert: Option<&str>, key: Option<&str>| {
+            let t = TlsConfig {
+                ca_file: ca.map(String::from),
+                cert_file: cert.map(String::from),
+                key_file: key.map(String::from),
+            };
+            client_config(&t).unwrap_err().to_string()
+        };
+        let e = missing(Some("/nonexistent/ca.pem"), None, None);
+        assert!(e.starts_with("ca_file /nonexistent/ca.pem: No such file"), "{e}");
+        let e = missing(None, Some("/nonexistent/c.pem"), Some("/nonexistent/k.pem"));
+        assert!(e.starts_with("cert_file /nonexistent/c.pem: No such file"), "{e}");
+        assert_eq!(missing(None, Some("/nonexistent/c.pem"), None), "cert_file and key_file go together");
+        let dir = std::env::temp_dir().join(format!("sluice-tls-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "not pem\n").unwrap();
+        let empty = empty.to_str().unwrap();
+        assert_eq!(missing(Some(empty), None, None), format!("ca_file {empty}: no certificate in it"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -407,7 +407,7 @@ pub(crate) async fn run_shard(
     let mut spill = None;
     let mut positions_file = None;
     if let Some(b) = cfg.bridge {
-        let router = Router::new(&b.mappings, &b.clusters)?;
+        let router = Router::new(&b.mappings, &b.clusters).map_err(|e| e.to_string())?;
         if let Some((dir, opts)) = &b.spill {
             spill = Some(open_spill(dir, *opts, &b.clusters, b.max_pending, cfg.id)?);
         }
@@ -419,7 +419,7 @@ pub(crate) async fn run_shard(
             qos0_policy: if spill.is_some() { b.qos0_when_backlogged } else { Default::default() },
             spill_on_timeout: spill.is_some() && b.spill_on_timeout,
         });
-        let inbound = sluice_core::inbound::Inbound::new(&b.inbound, &b.clusters)?;
+        let inbound = sluice_core::inbound::Inbound::new(&b.inbound, &b.clusters).map_err(|e| e.to_string())?;
         shard = shard.with_inbound(inbound, b.inbound.len(), b.inbound_max_wait_ms);
         positions_file = Some(b.positions_file.clone());
         kafka_link = Some((b.requests, b.results, b.inbound_rx));

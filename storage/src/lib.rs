@@ -2,8 +2,9 @@
 //!
 //! The log is a series of fixed-size segment files, preallocated and mapped with memmap2, named
 //! by the sequence number of their first record (`00000000000000000042.seg`). It stores opaque
-//! records — it knows nothing of MQTT or Kafka — and is the one crate where `unsafe` lives (the
-//! copies into and out of the mapping).
+//! records — it knows nothing of MQTT or Kafka — and is the one crate where `unsafe` lives: the
+//! crate denies it, and only the two functions that copy into and out of the mapping
+//! (`Segment::bytes`, `Segment::write_at`) allow it.
 //!
 //! Record frame, little-endian: `len u32 | crc32c u32 | seq u64 | timestamp_ms i64 | payload`.
 //! The CRC covers `seq`, `timestamp_ms` and the payload.
@@ -18,6 +19,8 @@
 //!   later segments and reports how much it dropped; it never returns a record whose CRC fails.
 //! - A record counts as durable only after [`SyncJob::run`] (msync) covered it: group commit,
 //!   one msync per batch, which callers run off their event loop.
+#![deny(unsafe_code)]
+#![warn(rust_2018_idioms, unreachable_pub)]
 
 use std::collections::{BTreeSet, VecDeque};
 use std::fs::{File, OpenOptions};
@@ -119,6 +122,7 @@ struct Segment {
 }
 
 impl Segment {
+    #[allow(unsafe_code)]
     fn bytes(&self) -> &[u8] {
         // SAFETY: the mapping is `len` bytes long and lives as long as `self.map`; this process
         // only writes below `write_pos` through `write_at`, never concurrently with this borrow
@@ -126,6 +130,7 @@ impl Segment {
         unsafe { std::slice::from_raw_parts(self.map.as_ptr(), self.len as usize) }
     }
 
+    #[allow(unsafe_code)]
     fn write_at(&mut self, offset: u64, data: &[u8]) {
         assert!(offset + data.len() as u64 <= self.len, "write past the end of the segment");
         // SAFETY: bounds checked above; the mapping is writable (opened read-write) and no

@@ -51,6 +51,25 @@ fn bad_config_names_the_key_and_exits_non_zero() {
 }
 
 #[test]
+fn a_bad_flag_value_names_the_flag_and_lists_the_accepted_values() {
+    for (flag, accepted) in
+        [("--delivery", ["kafka-ack", "local-durable"]), ("--queue-full-policy", ["drop-newest", "drop-oldest"])]
+    {
+        let out = sluice(&[flag, "drop-random", "--listen", "127.0.0.1:0"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag}: {err}");
+        assert!(err.contains(flag) && err.contains("drop-random"), "{flag}: {err}");
+        for a in accepted {
+            assert!(err.contains(a), "{flag}: `{a}` not listed: {err}");
+        }
+    }
+    // --help lists them too, with the names the config file takes.
+    let help = String::from_utf8(sluice(&["-h"]).stdout).unwrap();
+    assert!(help.contains("[possible values: drop-newest, drop-oldest]"), "{help}");
+    assert!(help.contains("[possible values: kafka-ack, local-durable]"), "{help}");
+}
+
+#[test]
 fn help_documents_every_flag() {
     let out = sluice(&["--help"]);
     let help = String::from_utf8(out.stdout).unwrap();
