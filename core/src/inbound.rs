@@ -354,12 +354,14 @@ impl Inbound {
         }
         let payload = match &m.payload {
             PayloadSource::Value => value,
-            PayloadSource::JsonField(ptr) => match json.as_ref().unwrap().pointer(ptr).ok_or(Skip::MissingField)? {
-                serde_json::Value::String(s) => Bytes::from(s.clone()),
-                other => Bytes::from(other.to_string()),
-            },
+            PayloadSource::JsonField(ptr) => {
+                match json.as_ref().ok_or(Skip::NotJson)?.pointer(ptr).ok_or(Skip::MissingField)? {
+                    serde_json::Value::String(s) => Bytes::from(s.clone()),
+                    other => Bytes::from(other.to_string()),
+                }
+            }
             PayloadSource::JsonWithout(fields) => {
-                let mut v = json.clone().unwrap();
+                let mut v = json.clone().ok_or(Skip::NotJson)?;
                 if let Some(obj) = v.as_object_mut() {
                     for f in fields {
                         obj.remove(f);

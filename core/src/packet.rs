@@ -1042,7 +1042,7 @@ pub fn encode(packet: &Packet, version: Version, out: &mut BytesMut) -> usize {
             }
             (0x20, &[])
         }
-        Packet::Publish(_) => unreachable!("encoded above"),
+        Packet::Publish(p) => return encode_publish(&p.into(), version, out),
         Packet::PubAck(r) | Packet::PubRec(r) | Packet::PubRel(r) | Packet::PubComp(r) => {
             body.put_u16(r.packet_id);
             if v5 && (r.code != reason::SUCCESS || !r.properties.is_empty()) {

@@ -37,11 +37,11 @@ use crate::HashMap;
 
 /// Tree nodes one slice of a scan visits at most; a turn of [`Scans::run`] starts slices
 /// while it visited fewer than this (so under two slices a turn: about a millisecond).
-pub const SLICE_NODES: usize = 4096;
+pub(crate) const SLICE_NODES: usize = 4096;
 /// Open scans per shard; queries beyond wait for one to close.
-pub const SCANS_MAX: usize = 1024;
+pub(crate) const SCANS_MAX: usize = 1024;
 /// A subscriber's backlog at or below which it asks owners for their next slice.
-pub const BACKLOG_LOW: usize = SLICE_NODES / 4;
+pub(crate) const BACKLOG_LOW: usize = SLICE_NODES / 4;
 
 /// A filter whose retained messages a subscription asked for, with the options and
 /// subscription id they are delivered with.

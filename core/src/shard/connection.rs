@@ -116,7 +116,7 @@ impl Shard {
     }
 
     /// [`Shard::send`] for a delivery, encoded from borrowed parts.
-    pub(super) fn send_publish(&mut self, conn: ConnId, p: &PublishRef) -> bool {
+    pub(super) fn send_publish(&mut self, conn: ConnId, p: &PublishRef<'_>) -> bool {
         self.send_encoded(conn, |v| packet::publish_len(p, v), |v, out| packet::encode_publish(p, v, out))
     }
 
