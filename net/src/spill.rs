@@ -33,11 +33,13 @@ pub(crate) const REPLAY_ID: u64 = 1 << 63;
 /// How often, at most, the delivery cursor is written: a stale one only replays a few records.
 const CURSOR_INTERVAL: Duration = Duration::from_millis(100);
 
+/// Why the spill log could not be opened. The [`LogError`] is part of the message, not the
+/// `source`: its `Io` form prints its own cause and returns it as source too (see `StoreError`).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SpillError {
-    #[error("opening the spill log in {}", dir.display())]
-    Open { dir: PathBuf, source: LogError },
+    #[error("opening the spill log in {}: {error}", dir.display())]
+    Open { dir: PathBuf, error: LogError },
 }
 
 /// This shard's spill log (local-durable delivery, kafka-ack outages) and what it is waiting for.
@@ -73,7 +75,7 @@ impl Spill {
         shard: usize,
     ) -> Result<Spill, SpillError> {
         let (log, recovered) = sluice_storage::Log::open_lazy(dir, opts)
-            .map_err(|source| SpillError::Open { dir: dir.to_path_buf(), source })?;
+            .map_err(|error| SpillError::Open { dir: dir.to_path_buf(), error })?;
         if let Some(t) = &recovered.truncation {
             tracing::warn!(shard, segment = %t.segment.display(), offset = t.offset, dropped_bytes = t.dropped_bytes,
                 reason = %t.reason, "spill log: damaged record found; everything before it is kept");

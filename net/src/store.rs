@@ -28,19 +28,22 @@ use sluice_core::shard::{directory_shard, Msg, SessionChange, Shard, StoredMessa
 use sluice_storage::{KeyedLog, LogError, LogOptions};
 
 /// Why a store could not be opened, merged or adopted at start.
+///
+/// A [`LogError`] is part of the message, not the `source`: its `Io` form already prints its
+/// own cause and also returns it as its source, so a chain would print that cause twice.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
-    #[error("opening the {what} in {}", dir.display())]
-    Open { what: &'static str, dir: PathBuf, source: LogError },
-    #[error("session store {}: merging the stores of every shard", dir.display())]
-    Merge { dir: PathBuf, source: LogError },
+    #[error("opening the {what} in {}: {error}", dir.display())]
+    Open { what: &'static str, dir: PathBuf, error: LogError },
+    #[error("session store {}: merging the stores of every shard: {error}", dir.display())]
+    Merge { dir: PathBuf, error: LogError },
     #[error("removing {}", dir.display())]
     Remove { dir: PathBuf, source: std::io::Error },
     #[error("spill log {}: msync failed", dir.display())]
     Sync { dir: PathBuf, source: std::io::Error },
-    #[error("spill log {}: adopting the records of {}", into.display(), from.display())]
-    AdoptSpill { from: PathBuf, into: PathBuf, source: LogError },
+    #[error("spill log {}: adopting the records of {}: {error}", into.display(), from.display())]
+    AdoptSpill { from: PathBuf, into: PathBuf, error: LogError },
 }
 
 /// Live records moved per compaction step (one step per commit).
@@ -66,7 +69,7 @@ fn shard_dirs(root: &Path) -> Vec<(usize, PathBuf)> {
 
 fn open(dir: &Path, what: &'static str) -> Result<(KeyedLog, Vec<sluice_storage::Entry>), StoreError> {
     let (log, entries, damage) =
-        KeyedLog::open(dir, options()).map_err(|source| StoreError::Open { what, dir: dir.to_path_buf(), source })?;
+        KeyedLog::open(dir, options()).map_err(|error| StoreError::Open { what, dir: dir.to_path_buf(), error })?;
     if let Some(t) = damage {
         tracing::warn!(segment = %t.segment.display(), offset = t.offset, dropped_bytes = t.dropped_bytes,
             reason = %t.reason, "{what}: damaged record found; everything before it is kept");
@@ -151,7 +154,7 @@ pub(crate) fn prepare_sessions(root: &Path, n: usize) -> Result<(), StoreError> 
     let index = |shard: usize| shards.iter().position(|i| *i == shard).unwrap();
     let merge_err = |at: usize| {
         let dir = dirs[at].1.clone();
-        move |source| StoreError::Merge { dir, source }
+        move |error| StoreError::Merge { dir, error }
     };
     // The newest copy of each session.
     let mut newest: std::collections::HashMap<Vec<u8>, (u64, usize)> = std::collections::HashMap::new();
@@ -408,16 +411,16 @@ pub(crate) fn orphan_retained_dirs(root: &Path, n: usize) -> Vec<PathBuf> {
 pub(crate) fn adopt_orphan_spills(root: &Path, n: usize, opts: LogOptions) -> Result<(), StoreError> {
     for (k, dir) in shard_dirs(root).into_iter().filter(|(k, _)| *k >= n) {
         let target = root.join(format!("shard-{}", k % n));
-        let adopt_err = |source| StoreError::AdoptSpill { from: dir.clone(), into: target.clone(), source };
-        let (old, _) = sluice_storage::Log::open_lazy(&dir, opts).map_err(|source| StoreError::Open {
+        let adopt_err = |error| StoreError::AdoptSpill { from: dir.clone(), into: target.clone(), error };
+        let (old, _) = sluice_storage::Log::open_lazy(&dir, opts).map_err(|error| StoreError::Open {
             what: "spill log",
             dir: dir.clone(),
-            source,
+            error,
         })?;
-        let (mut new, _) = sluice_storage::Log::open_lazy(&target, opts).map_err(|source| StoreError::Open {
+        let (mut new, _) = sluice_storage::Log::open_lazy(&target, opts).map_err(|error| StoreError::Open {
             what: "spill log",
             dir: target.clone(),
-            source,
+            error,
         })?;
         let mut next = 0;
         let mut moved = 0u64;
