@@ -165,6 +165,8 @@ pub(crate) struct Conns {
     /// the cap is reached now (logged when an episode starts and ends).
     linger_refused: Cell<u64>,
     linger_full: Cell<bool>,
+    /// [`LINGER_MAX`]; a field so that a test can reach the cap with a few sockets.
+    linger_max: usize,
 }
 
 fn id_of(slot: usize, generation: u32) -> ConnId {
@@ -224,6 +226,7 @@ impl Conns {
             lingering: RefCell::new(VecDeque::new()),
             linger_refused: Cell::new(0),
             linger_full: Cell::new(false),
+            linger_max: LINGER_MAX,
         })
     }
 
@@ -597,11 +600,11 @@ fn flush(host: &impl Host, id: ConnId) {
 /// peer closes too, instead of closing over unread input (which sends a reset).
 fn start_lingering(host: &impl Host, id: ConnId) {
     let conns = host.conns();
-    let full = conns.lingering.borrow().len() >= LINGER_MAX;
+    let full = conns.lingering.borrow().len() >= conns.linger_max;
     if full != conns.linger_full.replace(full) {
         if full {
             tracing::warn!(
-                max = LINGER_MAX,
+                max = conns.linger_max,
                 "closed connections lingering at the cap on this core; closing the next ones at once (their peers may see a reset)"
             );
         } else {
@@ -614,6 +617,8 @@ fn start_lingering(host: &impl Host, id: ConnId) {
     }
     let shut = conns.with(id, |s| {
         s.input = None;
+        // Input the state machine held back is not wanted any more: drained like the rest.
+        s.paused = false;
         s.lingering = s.stream.shutdown(Shutdown::Write).is_ok();
         s.lingering
     });
@@ -733,5 +738,121 @@ mod tests {
     #[test]
     fn a_slot_stays_small() {
         assert_eq!(std::mem::size_of::<Slot>(), 40);
+    }
+
+    /// The driver around a real state machine, with the glue the runtime would add.
+    struct TestHost {
+        conns: Conns,
+        shard: RefCell<Shard>,
+        epoch: Instant,
+    }
+
+    impl Host for TestHost {
+        fn conns(&self) -> &Conns {
+            &self.conns
+        }
+        fn shard(&self) -> &RefCell<Shard> {
+            &self.shard
+        }
+        fn now_ms(&self) -> u64 {
+            self.epoch.elapsed().as_millis() as u64
+        }
+        fn dispatch(&self) {
+            let fx = self.shard.borrow_mut().drain_effects();
+            for id in fx.dirty {
+                self.conns.output(id);
+            }
+            for id in fx.close {
+                self.conns.close(id);
+            }
+        }
+        fn backlogged(&self) -> bool {
+            false
+        }
+    }
+
+    /// Waits (polling, with a deadline) until `cond` holds.
+    async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+            glommio::timer::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// What a client reads now: `Some(true)` the end of the stream, `Some(false)` a reset,
+    /// `None` nothing yet.
+    fn peer_sees(c: &mut TcpStream) -> Option<bool> {
+        let mut buf = [0u8; 64];
+        match c.read(&mut buf) {
+            Ok(0) => Some(true),
+            Ok(_) => None,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => None,
+            Err(_) => Some(false),
+        }
+    }
+
+    /// Connections the state machine closes (here: garbage instead of CONNECT) linger — the
+    /// peer sees the end of the stream, can go on writing without a reset, and its input is
+    /// discarded — until the peer closes or the time is up; beyond the cap they close at once,
+    /// counted.
+    #[test]
+    fn closed_connections_linger_until_the_peer_closes_within_their_bounds() {
+        glommio::LocalExecutorBuilder::default()
+            .spawn(|| async {
+                let listener = listen("127.0.0.1:0".parse().unwrap()).unwrap();
+                let addr = listener.local_addr().unwrap();
+                let mut conns = Conns::new(vec![listener]).unwrap();
+                conns.linger_max = 2;
+                let shard = Shard::new(0, 1, sluice_core::config::Limits::default(), 0);
+                let host = Rc::new(TestHost { conns, shard: RefCell::new(shard), epoch: Instant::now() });
+                let driver = glommio::spawn_local(drive(host.clone()));
+                let mut clients = Vec::new();
+                for i in 0..3 {
+                    let mut c = TcpStream::connect(addr).unwrap();
+                    c.set_nonblocking(true).unwrap();
+                    // Packet type 0 is reserved: the state machine closes the connection.
+                    c.write_all(&[0x00, 0x00]).unwrap();
+                    let refused = host.conns.linger_refused.get();
+                    until("the close", || {
+                        host.conns.lingering.borrow().len() == (i + 1).min(2)
+                            && host.conns.linger_refused.get() == refused + u64::from(i == 2)
+                    })
+                    .await;
+                    clients.push(c);
+                }
+                // The third closed at once: two sockets left, both lingering.
+                assert_eq!(host.conns.len(), 2);
+                assert_eq!(host.conns.linger_refused.get(), 1);
+                // A lingering socket: its peer reads the end of the stream and may keep writing
+                // (discarded) without being reset.
+                let mut seen = None;
+                until("the end of the stream", || {
+                    seen = peer_sees(&mut clients[0]);
+                    seen.is_some()
+                })
+                .await;
+                assert_eq!(seen, Some(true), "a reset instead of the end of the stream");
+                clients[0].write_all(&[0x30; 4096]).unwrap();
+                let before = Instant::now();
+                until("the discarded input", || {
+                    let (slot, _) = slot_of(host.conns.lingering.borrow()[0].0);
+                    host.conns.slots.borrow_mut().get_mut(slot).and_then(|s| s.sock.as_ref()).unwrap().discarded >= 4096
+                })
+                .await;
+                assert_eq!(peer_sees(&mut clients[0]), Some(true));
+                // The peer closes: so does the lingering socket, at once.
+                drop(clients.remove(0));
+                until("the peer's close", || host.conns.len() == 1).await;
+                assert!(before.elapsed() < LINGER_TIME);
+                // The other one never closes: it goes after LINGER_TIME.
+                until("the linger time", || host.conns.len() == 0).await;
+                assert!(host.conns.lingering.borrow().is_empty());
+                assert!(before.elapsed() >= LINGER_TIME - Duration::from_millis(500));
+                drop(driver);
+            })
+            .unwrap()
+            .join()
+            .unwrap();
     }
 }
