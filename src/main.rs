@@ -146,7 +146,10 @@ fn real_main() -> anyhow::Result<()> {
             }
         }
         let (kafka, links) = sluice_kafka::start(&cfg.kafka.clusters, &cfg.kafka_to_mqtt, positions, cpus.len())?;
-        let links = links.into_iter().map(|l| (l.requests, l.results, l.inbound)).collect();
+        let links = links
+            .into_iter()
+            .map(|l| sluice_net::KafkaLink { requests: l.requests, results: l.results, inbound: l.inbound })
+            .collect();
         for m in &cfg.kafka_to_mqtt {
             tracing::info!(mapping = %m.name, kafka_topics = ?m.kafka_topics, mqtt_topics = ?m.mqtt_topics, "Kafka → MQTT mapping");
         }

@@ -13,11 +13,28 @@
 //! the state machine, write what it produced, carry out closes, then yield to the core's other
 //! tasks (mesh, Kafka, ticker). A connection's id carries its slot and a generation, so a stale
 //! id (a close racing a reused slot) finds nothing.
+//!
+//! **Lingering close.** When the state machine closes a connection (a DISCONNECT with a reason
+//! code queued, say) while the client is still writing, closing the socket with unread input
+//! makes the kernel send a reset, and a reset destroys what the client has not read yet — the
+//! DISCONNECT and the acknowledgements before it. So once everything is written the driver
+//! shuts down the write side (the client reads our bytes, then the end of the stream), tells the
+//! state machine the connection is gone, and keeps reading and discarding input, into the core's
+//! one scratch buffer, until the peer closes too, [`LINGER_BYTES_MAX`] bytes were discarded or
+//! [`LINGER_TIME`] passed, whichever comes first; then it closes. A lingering socket holds its
+//! slot and descriptor but no buffer; at most [`LINGER_MAX`] linger per core (counted; beyond
+//! that a connection is closed at once, as before, and the episode is logged). A connection
+//! whose peer closed or failed is closed at once: there is nobody left to read.
+//!
+//! Invariants: the driver knows the rest of the core only through [`Host`]; the state machine is
+//! told about a connection's end exactly once ([`Shard::on_lost`]), when it lingers or closes,
+//! whichever comes first; a lingering socket is never written to and its input never reaches
+//! the state machine.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd};
 use std::rc::Rc;
 use std::task::Poll;
@@ -25,10 +42,31 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
-use sluice_core::shard::ConnId;
+use sluice_core::shard::{ConnId, Shard};
 
 use crate::notify::Notify;
-use crate::shard::Core;
+
+/// What the driver needs from the core it runs on (the runtime implements it): the connection
+/// table, the state machine, the clock, and the two decisions that are the core's, not the
+/// driver's. The driver never sees the core's stores, spill log, mesh or Kafka link.
+pub(crate) trait Host {
+    fn conns(&self) -> &Conns;
+    fn shard(&self) -> &RefCell<Shard>;
+    fn now_ms(&self) -> u64;
+    /// Carries out what the calls into the state machine since the last one decided.
+    fn dispatch(&self);
+    /// Whether reading more input would only grow memory (a peer shard or Kafka far behind).
+    fn backlogged(&self) -> bool;
+}
+
+/// Bytes read from a socket per read call, into the core's scratch buffer.
+const READ_CHUNK: usize = 16 * 1024;
+/// How long a closed connection lingers at most, draining input, before its socket closes.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+/// Input discarded from a lingering connection at most before its socket closes.
+const LINGER_BYTES_MAX: u32 = 8 << 20;
+/// Connections lingering on one core at most; beyond, a closed connection closes at once.
+const LINGER_MAX: usize = 1024;
 
 /// Bytes read from one connection per turn before the others get theirs (and before the output
 /// it caused is written: a fan-out multiplies it).
@@ -53,6 +91,10 @@ struct Sock {
     closing: bool,
     /// The peer closed or the socket failed: one last write, then close.
     gone: bool,
+    /// Written out and shut down for writing; input is read and discarded until it closes.
+    lingering: bool,
+    /// Input discarded while lingering.
+    discarded: u32,
     /// Queued in `Conns::readable` / `Conns::dirty` (each id at most once).
     queued_read: bool,
     /// The state machine holds this connection's input (it is waiting for room to handle what it
@@ -113,6 +155,18 @@ pub(crate) struct Conns {
     dirty: RefCell<Vec<ConnId>>,
     /// Wakes the driver: output, a close, or shutdown.
     wake: Notify,
+    /// Every read on this core lands here first: borrowed only while one socket is read, so one
+    /// buffer serves every connection (lingering ones included).
+    scratch: RefCell<Vec<u8>>,
+    /// Lingering connections and when each must close, oldest first (the deadlines are in
+    /// order: each is its start plus [`LINGER_TIME`]). At most [`LINGER_MAX`].
+    lingering: RefCell<VecDeque<(ConnId, Instant)>>,
+    /// Connections closed at once because [`LINGER_MAX`] were lingering: the total, and whether
+    /// the cap is reached now (logged when an episode starts and ends).
+    linger_refused: Cell<u64>,
+    linger_full: Cell<bool>,
+    /// [`LINGER_MAX`]; a field so that a test can reach the cap with a few sockets.
+    linger_max: usize,
 }
 
 fn id_of(slot: usize, generation: u32) -> ConnId {
@@ -168,10 +222,15 @@ impl Conns {
             readable: RefCell::new(VecDeque::new()),
             dirty: RefCell::new(Vec::new()),
             wake: Notify::default(),
+            scratch: RefCell::new(vec![0; READ_CHUNK]),
+            lingering: RefCell::new(VecDeque::new()),
+            linger_refused: Cell::new(0),
+            linger_full: Cell::new(false),
+            linger_max: LINGER_MAX,
         })
     }
 
-    /// Open connections.
+    /// Open connections, lingering ones included.
     pub(crate) fn len(&self) -> usize {
         self.live.get()
     }
@@ -193,7 +252,7 @@ impl Conns {
         }
     }
 
-    /// `id` has output waiting (called from `Core::apply`).
+    /// `id` has output waiting (called from the runtime's `apply`).
     pub(crate) fn output(&self, id: ConnId) {
         self.queue_write(id, false);
     }
@@ -239,6 +298,8 @@ impl Conns {
             unsent: None,
             closing: false,
             gone: false,
+            lingering: false,
+            discarded: 0,
             queued_read: false,
             queued_write: false,
             paused: false,
@@ -311,11 +372,16 @@ impl Conns {
     fn may_accept_now(&self, now: Instant) -> bool {
         self.listeners.borrow().iter().any(|l| l.pending.get() && l.retry_at.get().is_none_or(|at| at <= now))
     }
+
+    /// How long until the oldest lingering connection must close, if one lingers.
+    fn linger_wait(&self, now: Instant) -> Option<Duration> {
+        self.lingering.borrow().front().map(|(_, at)| at.saturating_duration_since(now))
+    }
 }
 
 /// Accepts what the listeners have (a bounded number per turn).
-fn accept(core: &Core) {
-    let conns = &core.conns;
+fn accept(host: &impl Host) {
+    let conns = host.conns();
     let now = Instant::now();
     // The state machine changed (a connection opened, a refusal counted): dispatch its effects.
     let mut changed = false;
@@ -332,12 +398,12 @@ fn accept(core: &Core) {
                     if l.failures.get() > 0 {
                         tracing::warn!(failed = l.failures.replace(0), "accepting connections again");
                     }
-                    if !core.shard.borrow().may_accept() {
+                    if !host.shard().borrow().may_accept() {
                         continue;
                     }
                     // Too many from this address have not completed CONNECT: dropping the stream
                     // closes it (the refusal is counted, and may have left a warning to log).
-                    if !core.shard.borrow_mut().admit_from(peer.ip()) {
+                    if !host.shard().borrow_mut().admit_from(peer.ip()) {
                         changed = true;
                         continue;
                     }
@@ -348,7 +414,7 @@ fn accept(core: &Core) {
                     let _ = stream.set_nodelay(true);
                     match conns.insert(stream) {
                         Ok(id) => {
-                            core.shard.borrow_mut().on_open_from(id, peer.ip(), core.now_ms());
+                            host.shard().borrow_mut().on_open_from(id, peer.ip(), host.now_ms());
                             changed = true;
                         }
                         Err(e) => tracing::warn!(error = %e, "cannot watch an accepted socket"),
@@ -377,82 +443,118 @@ fn accept(core: &Core) {
     }
     drop(listeners);
     if changed {
-        core.dispatch();
+        host.dispatch();
     }
 }
 
+/// Reads from `stream` into `scratch` until the kernel has nothing more, the budget ran out or
+/// the stream ended, handing each chunk to `take`.
+fn read_some(stream: &mut TcpStream, scratch: &mut [u8], mut take: impl FnMut(&[u8])) -> ReadOutcome {
+    let mut total = 0;
+    loop {
+        match stream.read(scratch) {
+            Ok(0) => return ReadOutcome::Gone,
+            Ok(n) => {
+                take(&scratch[..n]);
+                total += n;
+                if n < scratch.len() {
+                    return ReadOutcome::Drained;
+                }
+                if total >= READ_BUDGET {
+                    return ReadOutcome::More;
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return ReadOutcome::Drained,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(_) => return ReadOutcome::Gone,
+        }
+    }
+}
+
+/// What reading a connection found.
+enum Input {
+    /// Bytes for the state machine (possibly none).
+    Bytes(BytesMut, ReadOutcome),
+    /// A lingering connection: its input was discarded.
+    Discarded(ReadOutcome),
+}
+
 /// Reads what `id` has (up to the budget) and hands it to the state machine.
-fn read(core: &Core, id: ConnId) {
-    let conns = &core.conns;
+fn read(host: &impl Host, id: ConnId) {
+    let conns = host.conns();
     let got = conns.with(id, |s| {
         s.queued_read = false;
         if s.paused {
             return None;
         }
-        let mut input = s.input.take().map(|b| *b).unwrap_or_default();
-        let mut scratch = core.scratch.borrow_mut();
-        let mut total = 0;
-        let outcome = loop {
-            match s.stream.read(&mut scratch[..]) {
-                Ok(0) => break ReadOutcome::Gone,
-                Ok(n) => {
-                    input.extend_from_slice(&scratch[..n]);
-                    total += n;
-                    if n < scratch.len() {
-                        break ReadOutcome::Drained;
-                    }
-                    if total >= READ_BUDGET {
-                        break ReadOutcome::More;
-                    }
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break ReadOutcome::Drained,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => break ReadOutcome::Gone,
+        let mut scratch = conns.scratch.borrow_mut();
+        if s.lingering {
+            let mut discarded = s.discarded;
+            let mut outcome = read_some(&mut s.stream, &mut scratch[..], |b| {
+                discarded = discarded.saturating_add(b.len() as u32);
+            });
+            s.discarded = discarded;
+            if discarded >= LINGER_BYTES_MAX {
+                outcome = ReadOutcome::Gone;
             }
-        };
-        Some((input, outcome))
-    });
-    let Some((mut input, outcome)) = got.flatten() else { return };
-    if !input.is_empty() {
-        let now = core.now_ms();
-        core.shard.borrow_mut().on_bytes(id, &mut input, now);
-        core.dispatch();
-    }
-    let queued = conns.with(id, |s| {
-        s.input = (!input.is_empty()).then(|| Box::new(input));
-        match outcome {
-            ReadOutcome::Drained => false,
-            ReadOutcome::More => {
-                let again = !s.queued_read;
-                s.queued_read = true;
-                again
-            }
-            ReadOutcome::Gone => {
-                s.gone = true;
-                false
-            }
+            return Some(Input::Discarded(outcome));
         }
+        let mut input = s.input.take().map(|b| *b).unwrap_or_default();
+        let outcome = read_some(&mut s.stream, &mut scratch[..], |b| input.extend_from_slice(b));
+        Some(Input::Bytes(input, outcome))
     });
-    if queued == Some(true) {
-        conns.readable.borrow_mut().push_back(id);
-    }
+    let outcome = match got.flatten() {
+        None => return,
+        Some(Input::Discarded(ReadOutcome::Gone)) => return close_now(host, id),
+        Some(Input::Discarded(outcome)) => {
+            requeue(conns, id, &outcome);
+            return;
+        }
+        Some(Input::Bytes(mut input, outcome)) => {
+            if !input.is_empty() {
+                let now = host.now_ms();
+                host.shard().borrow_mut().on_bytes(id, &mut input, now);
+                host.dispatch();
+            }
+            conns.with(id, |s| s.input = (!input.is_empty()).then(|| Box::new(input)));
+            outcome
+        }
+    };
+    requeue(conns, id, &outcome);
     if matches!(outcome, ReadOutcome::Gone) {
-        flush(core, id);
+        conns.with(id, |s| s.gone = true);
+        flush(host, id);
     }
 }
 
-/// Writes what the state machine has for `id` until the kernel takes no more; closes the
-/// socket when the state machine asked for it and everything is out, or when the peer is gone.
-fn flush(core: &Core, id: ConnId) {
-    let done = core.conns.with(id, |s| {
+/// After a read that stopped at the budget: `id` is read again next turn.
+fn requeue(conns: &Conns, id: ConnId, outcome: &ReadOutcome) {
+    if !matches!(outcome, ReadOutcome::More) {
+        return;
+    }
+    let again = conns.with(id, |s| !std::mem::replace(&mut s.queued_read, true));
+    if again == Some(true) {
+        conns.readable.borrow_mut().push_back(id);
+    }
+}
+
+/// Writes what the state machine has for `id` until the kernel takes no more; once the state
+/// machine asked to close and everything is out, the connection lingers (or closes: the peer is
+/// gone, or too many linger).
+fn flush(host: &impl Host, id: ConnId) {
+    let done = host.conns().with(id, |s| {
         s.queued_write = false;
+        if s.lingering {
+            // Written out and shut down already; nothing more goes to this socket.
+            return None;
+        }
         let mut out = match s.unsent.take() {
             Some(b) => *b,
             None => Bytes::new(),
         };
         loop {
             if out.is_empty() {
-                match core.shard.borrow_mut().take_output(id) {
+                match host.shard().borrow_mut().take_output(id) {
                     Some(o) => out = o.freeze(),
                     None => break,
                 }
@@ -475,49 +577,120 @@ fn flush(core: &Core, id: ConnId) {
         if !out.is_empty() && !s.gone {
             s.unsent = Some(Box::new(out));
         }
-        let close = s.gone || (s.closing && s.unsent.is_none());
-        (close, !close && s.unsent.is_none())
+        let linger = !s.gone && s.closing && s.unsent.is_none();
+        Some((s.gone, linger, !s.closing && !s.gone && s.unsent.is_none()))
     });
-    let Some((close, drained)) = done else { return };
-    if close {
-        return close_now(core, id);
+    let Some((gone, linger, drained)) = done.flatten() else { return };
+    if gone {
+        return close_now(host, id);
+    }
+    if linger {
+        return start_lingering(host, id);
     }
     // All of it went out: messages held back for room in the output buffer move on (dispatch
     // queues this connection again if that wrote anything).
-    let more = drained && core.shard.borrow_mut().on_output_drained(id, core.now_ms());
+    let more = drained && host.shard().borrow_mut().on_output_drained(id, host.now_ms());
     if more {
-        core.dispatch();
+        host.dispatch();
     }
 }
 
-fn close_now(core: &Core, id: ConnId) {
-    let conns = &core.conns;
+/// Everything the state machine wrote for `id` before closing it is in the kernel: shut the
+/// write side down (the peer reads it all, then the end of the stream) and drain input until the
+/// peer closes too, instead of closing over unread input (which sends a reset).
+fn start_lingering(host: &impl Host, id: ConnId) {
+    let conns = host.conns();
+    let full = conns.lingering.borrow().len() >= conns.linger_max;
+    if full != conns.linger_full.replace(full) {
+        if full {
+            tracing::warn!(
+                max = conns.linger_max,
+                "closed connections lingering at the cap on this core; closing the next ones at once (their peers may see a reset)"
+            );
+        } else {
+            tracing::warn!(closed_at_once = conns.linger_refused.get(), "closed connections linger again");
+        }
+    }
+    if full {
+        conns.linger_refused.set(conns.linger_refused.get() + 1);
+        return close_now(host, id);
+    }
+    let shut = conns.with(id, |s| {
+        s.input = None;
+        // Input the state machine held back is not wanted any more: drained like the rest.
+        s.paused = false;
+        s.lingering = s.stream.shutdown(Shutdown::Write).is_ok();
+        s.lingering
+    });
+    if shut != Some(true) {
+        return close_now(host, id);
+    }
+    conns.lingering.borrow_mut().push_back((id, Instant::now() + LINGER_TIME));
+    // Input may be waiting already (edge-triggered: the kernel will not say so again).
+    let queue = conns.with(id, |s| !std::mem::replace(&mut s.queued_read, true));
+    if queue == Some(true) {
+        conns.readable.borrow_mut().push_back(id);
+    }
+    // Done with it as far as the state machine is concerned.
+    let now = host.now_ms();
+    host.shard().borrow_mut().on_lost(id, now);
+    host.dispatch();
+}
+
+/// Closes lingering connections whose time is up.
+fn expire_lingering(host: &impl Host, now: Instant) {
+    loop {
+        let front = host.conns().lingering.borrow().front().copied();
+        match front {
+            Some((id, at)) if at <= now => {
+                host.conns().lingering.borrow_mut().pop_front();
+                close_now(host, id);
+            }
+            _ => return,
+        }
+    }
+}
+
+fn close_now(host: &impl Host, id: ConnId) {
+    let conns = host.conns();
     let (slot, generation) = slot_of(id);
     let sock = match conns.slots.borrow_mut().get_mut(slot) {
         Some(s) if s.generation == generation => s.sock.take(),
         _ => None,
     };
     let Some(sock) = sock else { return };
+    let lingered = sock.lingering;
     // Closing the descriptor removes it from the epoll set (it is never duplicated).
     drop(sock);
     conns.free.borrow_mut().push(slot as u32);
     conns.live.set(conns.live.get() - 1);
-    let now = core.now_ms();
-    core.shard.borrow_mut().on_lost(id, now);
-    core.dispatch();
+    if lingered {
+        // The state machine heard of it when it started lingering. Usually the oldest entry
+        // (or already taken out by `expire_lingering`).
+        let mut lingering = conns.lingering.borrow_mut();
+        if let Some(i) = lingering.iter().position(|(l, _)| *l == id) {
+            lingering.remove(i);
+        }
+        return;
+    }
+    let now = host.now_ms();
+    host.shard().borrow_mut().on_lost(id, now);
+    host.dispatch();
 }
 
 /// The core's connection driver: runs until the task is dropped.
-pub(crate) async fn drive(core: Rc<Core>) {
-    let conns = &core.conns;
+pub(crate) async fn drive(host: Rc<impl Host>) {
+    let host = &*host;
+    let conns = host.conns();
     let mut readiness = glommio::net::Readiness::new(conns.epoll.0.as_raw_fd());
     let mut events = vec![EpollEvent::empty(); EVENTS];
     loop {
         let now = Instant::now();
-        let backlogged = core.backlogged();
+        let backlogged = host.backlogged();
         let work = (!backlogged && !conns.readable.borrow().is_empty())
             || !conns.dirty.borrow().is_empty()
-            || conns.may_accept_now(now);
+            || conns.may_accept_now(now)
+            || conns.linger_wait(now) == Some(Duration::ZERO);
         if !work {
             let wait = std::future::poll_fn(|cx| {
                 if conns.wake.poll_notified(cx).is_ready() {
@@ -527,26 +700,159 @@ pub(crate) async fn drive(core: Rc<Core>) {
             });
             // Backlogged (some peer or Kafka far behind): look again shortly, keep writing.
             let pause = if backlogged { Some(Duration::from_millis(1)) } else { conns.accept_backoff(now) };
+            let pause = match (pause, conns.linger_wait(now)) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             match pause {
                 Some(d) => futures_lite::future::or(wait, glommio::timer::sleep(d)).await,
                 None => wait.await,
             }
         }
         conns.collect_events(&mut events);
-        accept(&core);
+        accept(host);
         let turn = conns.readable.borrow().len();
         for _ in 0..turn {
-            if core.backlogged() {
+            if host.backlogged() {
                 break;
             }
             let Some(id) = conns.readable.borrow_mut().pop_front() else { break };
-            read(&core, id);
+            read(host, id);
         }
         let dirty = std::mem::take(&mut *conns.dirty.borrow_mut());
         for id in dirty {
-            flush(&core, id);
+            flush(host, id);
         }
+        expire_lingering(host, Instant::now());
         // The core's other tasks (mesh, Kafka, ticker, commits) get their turn.
         futures_lite::future::yield_now().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A slot per connection, busy or idle: the lingering state fits in what was padding
+    /// (40 bytes before it too).
+    #[test]
+    fn a_slot_stays_small() {
+        assert_eq!(std::mem::size_of::<Slot>(), 40);
+    }
+
+    /// The driver around a real state machine, with the glue the runtime would add.
+    struct TestHost {
+        conns: Conns,
+        shard: RefCell<Shard>,
+        epoch: Instant,
+    }
+
+    impl Host for TestHost {
+        fn conns(&self) -> &Conns {
+            &self.conns
+        }
+        fn shard(&self) -> &RefCell<Shard> {
+            &self.shard
+        }
+        fn now_ms(&self) -> u64 {
+            self.epoch.elapsed().as_millis() as u64
+        }
+        fn dispatch(&self) {
+            let fx = self.shard.borrow_mut().drain_effects();
+            for id in fx.dirty {
+                self.conns.output(id);
+            }
+            for id in fx.close {
+                self.conns.close(id);
+            }
+        }
+        fn backlogged(&self) -> bool {
+            false
+        }
+    }
+
+    /// Waits (polling, with a deadline) until `cond` holds.
+    async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+            glommio::timer::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// What a client reads now: `Some(true)` the end of the stream, `Some(false)` a reset,
+    /// `None` nothing yet.
+    fn peer_sees(c: &mut TcpStream) -> Option<bool> {
+        let mut buf = [0u8; 64];
+        match c.read(&mut buf) {
+            Ok(0) => Some(true),
+            Ok(_) => None,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => None,
+            Err(_) => Some(false),
+        }
+    }
+
+    /// Connections the state machine closes (here: garbage instead of CONNECT) linger — the
+    /// peer sees the end of the stream, can go on writing without a reset, and its input is
+    /// discarded — until the peer closes or the time is up; beyond the cap they close at once,
+    /// counted.
+    #[test]
+    fn closed_connections_linger_until_the_peer_closes_within_their_bounds() {
+        glommio::LocalExecutorBuilder::default()
+            .spawn(|| async {
+                let listener = listen("127.0.0.1:0".parse().unwrap()).unwrap();
+                let addr = listener.local_addr().unwrap();
+                let mut conns = Conns::new(vec![listener]).unwrap();
+                conns.linger_max = 2;
+                let shard = Shard::new(0, 1, sluice_core::config::Limits::default(), 0);
+                let host = Rc::new(TestHost { conns, shard: RefCell::new(shard), epoch: Instant::now() });
+                let driver = glommio::spawn_local(drive(host.clone()));
+                let mut clients = Vec::new();
+                for i in 0..3 {
+                    let mut c = TcpStream::connect(addr).unwrap();
+                    c.set_nonblocking(true).unwrap();
+                    // Packet type 0 is reserved: the state machine closes the connection.
+                    c.write_all(&[0x00, 0x00]).unwrap();
+                    let refused = host.conns.linger_refused.get();
+                    until("the close", || {
+                        host.conns.lingering.borrow().len() == (i + 1).min(2)
+                            && host.conns.linger_refused.get() == refused + u64::from(i == 2)
+                    })
+                    .await;
+                    clients.push(c);
+                }
+                // The third closed at once: two sockets left, both lingering.
+                assert_eq!(host.conns.len(), 2);
+                assert_eq!(host.conns.linger_refused.get(), 1);
+                // A lingering socket: its peer reads the end of the stream and may keep writing
+                // (discarded) without being reset.
+                let mut seen = None;
+                until("the end of the stream", || {
+                    seen = peer_sees(&mut clients[0]);
+                    seen.is_some()
+                })
+                .await;
+                assert_eq!(seen, Some(true), "a reset instead of the end of the stream");
+                clients[0].write_all(&[0x30; 4096]).unwrap();
+                let before = Instant::now();
+                until("the discarded input", || {
+                    let (slot, _) = slot_of(host.conns.lingering.borrow()[0].0);
+                    host.conns.slots.borrow_mut().get_mut(slot).and_then(|s| s.sock.as_ref()).unwrap().discarded >= 4096
+                })
+                .await;
+                assert_eq!(peer_sees(&mut clients[0]), Some(true));
+                // The peer closes: so does the lingering socket, at once.
+                drop(clients.remove(0));
+                until("the peer's close", || host.conns.len() == 1).await;
+                assert!(before.elapsed() < LINGER_TIME);
+                // The other one never closes: it goes after LINGER_TIME.
+                until("the linger time", || host.conns.len() == 0).await;
+                assert!(host.conns.lingering.borrow().is_empty());
+                assert!(before.elapsed() >= LINGER_TIME - Duration::from_millis(500));
+                drop(driver);
+            })
+            .unwrap()
+            .join()
+            .unwrap();
     }
 }

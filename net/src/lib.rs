@@ -2,11 +2,20 @@
 //!
 //! # Layout
 //! - [`run`]: starts one glommio executor per CPU, each pinned, and waits for them.
-//! - `shard`: one core's loop — its SO_REUSEPORT listener, its connection driver, its end of the
-//!   channel mesh to every other core, and the ticker. All broker decisions are the
-//!   [`sluice_core::shard::Shard`] state machine's; this crate only reads, writes and forwards.
+//! - `shard`: one core's wiring (`run_shard`): binds its listeners, opens its stores, builds
+//!   the runtime, starts the core's tasks and runs the clean shutdown.
+//! - `runtime`: the per-core state (`ShardRuntime`) around one [`sluice_core::shard::Shard`]
+//!   state machine, and how its effects are carried out (`dispatch`). All broker decisions are
+//!   the state machine's; this crate only reads, writes and forwards.
 //! - `conns`: the core's connections as slots in one epoll instance, read and written by one
-//!   task (no task or glommio socket per connection: that is an idle device's memory).
+//!   task (no task or glommio socket per connection: that is an idle device's memory), and the
+//!   lingering close that lets a peer read our last bytes. It sees the runtime only through its
+//!   small `Host` trait.
+//! - `mesh`: the per-peer outboxes and the tasks on the channel mesh to every other core.
+//! - [`KafkaLink`] (`kafka_link`): the channels to the Kafka side and the tasks that move
+//!   records out, results back and consumed records in.
+//! - `spill`: the spill log's scheduling (straight to Kafka or wait on disk, group commit,
+//!   read-back).
 //! - `store`: the retained-message and session stores of a shard, and the start-up merge of
 //!   session stores.
 //! - [`notify`]: a single-waiter wake-up flag, the one synchronisation primitive a shard needs
@@ -15,9 +24,18 @@
 //! This crate never sees Kafka types; the binary wires bridges in through `sluice-core` types.
 
 mod conns;
+mod kafka_link;
+mod mesh;
 pub mod notify;
+mod runtime;
 mod shard;
+mod spill;
 mod store;
+
+pub use kafka_link::KafkaLink;
+pub use shard::ShardError;
+pub use spill::SpillError;
+pub use store::StoreError;
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
@@ -26,16 +44,8 @@ use std::time::Instant;
 
 use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::{LocalExecutorBuilder, Placement};
-use sluice_core::bridge::{Delivery, MappingConfig, ProduceRequest, ProduceResult};
+use sluice_core::bridge::{Delivery, MappingConfig};
 use sluice_core::config::Limits;
-use tokio::sync::mpsc;
-
-/// One shard's link to the Kafka side: records out, their results back, consumed records in.
-pub type KafkaLink = (
-    mpsc::Sender<Vec<ProduceRequest>>,
-    mpsc::UnboundedReceiver<Vec<ProduceResult>>,
-    mpsc::Receiver<Vec<sluice_core::inbound::InboundRecord>>,
-);
 
 /// The MQTT → Kafka bridge as the shards see it: the mappings, and one link per shard to the
 /// producers (which the binary starts; this crate never sees them).
@@ -78,19 +88,20 @@ pub struct RuntimeConfig {
     pub release_memory: fn(),
 }
 
+/// Why the broker could not run. Each error names the shard and carries its cause as its
+/// `source` (print it with `{:#}` in anyhow, or walk `Error::source`).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum RunError {
     #[error("cannot start shard {shard} on CPU {cpu}: {message}")]
     Spawn { shard: usize, cpu: usize, message: String },
+    #[error("shard {shard} failed")]
+    Shard { shard: usize, source: ShardError },
     #[error("shard {shard} failed: {message}")]
-    Shard { shard: usize, message: String },
-    #[error("{0}")]
-    Store(String),
+    Join { shard: usize, message: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
-
-/// Cross-shard channel depth, in batches. A full channel makes the sending shard wait, which in
-/// turn stops it reading from its sockets: back-pressure rather than unbounded memory.
-const MESH_CHANNEL_BATCHES: usize = 1024;
 
 /// Runs the broker until `shutdown` becomes true. Blocks the calling thread.
 ///
@@ -103,8 +114,8 @@ pub fn run(
     on_listening: impl Fn(usize, SocketAddr, bool) + Send + Sync + 'static,
 ) -> Result<(), RunError> {
     let n = cfg.cpus.len();
-    store::prepare_sessions(&cfg.data_dir.join("sessions"), n).map_err(RunError::Store)?;
-    let mesh = MeshBuilder::full(n, MESH_CHANNEL_BATCHES);
+    store::prepare_sessions(&cfg.data_dir.join("sessions"), n)?;
+    let mesh = MeshBuilder::full(n, mesh::MESH_CHANNEL_BATCHES);
     let epoch = Instant::now();
     let on_listening = Arc::new(on_listening);
     // With port 0 every shard must share the port the first one got: bind shard 0 first.
@@ -114,7 +125,7 @@ pub fn run(
     let mut listen = cfg.listen;
     let (mut links, bridge_cfg) = match bridge {
         Some(mut b) => {
-            store::adopt_orphan_spills(&b.spill_dir, n, b.spill).map_err(RunError::Store)?;
+            store::adopt_orphan_spills(&b.spill_dir, n, b.spill)?;
             let links: Vec<_> = std::mem::take(&mut b.links).into_iter().map(Some).collect();
             (links, Some(b))
         }
@@ -136,10 +147,9 @@ pub fn run(
             release_memory: cfg.release_memory,
             epoch,
             bridge: match (&bridge_cfg, links.get_mut(shard_id).and_then(Option::take)) {
-                (Some(b), Some((requests, results, inbound_rx))) => Some(shard::ShardBridge {
+                (Some(b), Some(link)) => Some(shard::ShardBridge {
                     mappings: b.mappings.clone(),
                     inbound: b.inbound.clone(),
-                    inbound_rx,
                     positions_file: b
                         .spill_dir
                         .parent()
@@ -154,8 +164,7 @@ pub fn run(
                     qos0_when_backlogged: b.qos0_when_backlogged,
                     // kafka-ack uses it too, for records that time out during an outage.
                     spill: Some((b.spill_dir.join(format!("shard-{shard_id}")), b.spill)),
-                    requests,
-                    results,
+                    link,
                 }),
                 _ => None,
             },
@@ -184,8 +193,8 @@ pub fn run(
     for (shard, h) in handles.into_iter().enumerate() {
         let res = match h.join() {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(message)) => Err(RunError::Shard { shard, message }),
-            Err(e) => Err(RunError::Shard { shard, message: e.to_string() }),
+            Ok(Err(source)) => Err(RunError::Shard { shard, source }),
+            Err(e) => Err(RunError::Join { shard, message: e.to_string() }),
         };
         if let Err(e) = res {
             // One shard failing (say, the port is taken) stops the others too.

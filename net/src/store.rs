@@ -25,7 +25,26 @@ use std::time::{Duration, Instant};
 use sluice_core::HashMap;
 
 use sluice_core::shard::{directory_shard, Msg, SessionChange, Shard, StoredMessage};
-use sluice_storage::{KeyedLog, LogOptions};
+use sluice_storage::{KeyedLog, LogError, LogOptions};
+
+/// Why a store could not be opened, merged or adopted at start.
+///
+/// A [`LogError`] is part of the message, not the `source`: its `Io` form already prints its
+/// own cause and also returns it as its source, so a chain would print that cause twice.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("opening the {what} in {}: {error}", dir.display())]
+    Open { what: &'static str, dir: PathBuf, error: LogError },
+    #[error("session store {}: merging the stores of every shard: {error}", dir.display())]
+    Merge { dir: PathBuf, error: LogError },
+    #[error("removing {}", dir.display())]
+    Remove { dir: PathBuf, source: std::io::Error },
+    #[error("spill log {}: msync failed", dir.display())]
+    Sync { dir: PathBuf, source: std::io::Error },
+    #[error("spill log {}: adopting the records of {}: {error}", into.display(), from.display())]
+    AdoptSpill { from: PathBuf, into: PathBuf, error: LogError },
+}
 
 /// Live records moved per compaction step (one step per commit).
 const COMPACT_BUDGET: usize = 256;
@@ -48,8 +67,9 @@ fn shard_dirs(root: &Path) -> Vec<(usize, PathBuf)> {
     dirs
 }
 
-fn open(dir: &Path, what: &str) -> Result<(KeyedLog, Vec<sluice_storage::Entry>), String> {
-    let (log, entries, damage) = KeyedLog::open(dir, options()).map_err(|e| format!("opening the {what}: {e}"))?;
+fn open(dir: &Path, what: &'static str) -> Result<(KeyedLog, Vec<sluice_storage::Entry>), StoreError> {
+    let (log, entries, damage) =
+        KeyedLog::open(dir, options()).map_err(|error| StoreError::Open { what, dir: dir.to_path_buf(), error })?;
     if let Some(t) = damage {
         tracing::warn!(segment = %t.segment.display(), offset = t.offset, dropped_bytes = t.dropped_bytes,
             reason = %t.reason, "{what}: damaged record found; everything before it is kept");
@@ -115,7 +135,7 @@ impl Episode {
 /// Merges the session stores of every shard directory under `root` into the stores of the
 /// shards that will restore them (`n` shards from now on); removes the stores of shards that no
 /// longer exist. Runs before the shards start.
-pub(crate) fn prepare_sessions(root: &Path, n: usize) -> Result<(), String> {
+pub(crate) fn prepare_sessions(root: &Path, n: usize) -> Result<(), StoreError> {
     let mut dirs = shard_dirs(root);
     for i in 0..n {
         if !dirs.iter().any(|(d, _)| *d == i) {
@@ -132,6 +152,10 @@ pub(crate) fn prepare_sessions(root: &Path, n: usize) -> Result<(), String> {
     }
     let shards: Vec<usize> = dirs.iter().map(|(i, _)| *i).collect();
     let index = |shard: usize| shards.iter().position(|i| *i == shard).unwrap();
+    let merge_err = |at: usize| {
+        let dir = dirs[at].1.clone();
+        move |error| StoreError::Merge { dir, error }
+    };
     // The newest copy of each session.
     let mut newest: std::collections::HashMap<Vec<u8>, (u64, usize)> = std::collections::HashMap::new();
     for (shard, entries) in &found {
@@ -151,7 +175,7 @@ pub(crate) fn prepare_sessions(root: &Path, n: usize) -> Result<(), String> {
             let owner = std::str::from_utf8(&e.key).map_or(shard, |id| directory_shard(id, n));
             if winner && owner != shard {
                 let at = index(owner);
-                logs[at].1.put(&e.key, e.version, &e.value).map_err(|err| format!("session store: {err}"))?;
+                logs[at].1.put(&e.key, e.version, &e.value).map_err(merge_err(at))?;
                 moved += 1;
             }
             if !winner || owner != shard {
@@ -159,22 +183,22 @@ pub(crate) fn prepare_sessions(root: &Path, n: usize) -> Result<(), String> {
             }
         }
     }
-    for (_, log) in logs.iter_mut() {
-        log.sync().map_err(|e| format!("session store: {e}"))?;
+    for (at, (_, log)) in logs.iter_mut().enumerate() {
+        log.sync().map_err(merge_err(at))?;
     }
     for (shard, key) in drop_from {
         let at = index(shard);
-        logs[at].1.delete(&key).map_err(|e| format!("session store: {e}"))?;
+        logs[at].1.delete(&key).map_err(merge_err(at))?;
     }
-    for (_, log) in logs.iter_mut() {
-        log.sync().map_err(|e| format!("session store: {e}"))?;
+    for (at, (_, log)) in logs.iter_mut().enumerate() {
+        log.sync().map_err(merge_err(at))?;
     }
     let total: usize = logs.iter().map(|(_, l)| l.len()).sum();
     for ((i, log), (_, dir)) in logs.into_iter().zip(&dirs) {
         if i >= n {
             debug_assert!(log.is_empty());
             drop(log);
-            std::fs::remove_dir_all(dir).map_err(|e| format!("removing {}: {e}", dir.display()))?;
+            std::fs::remove_dir_all(dir).map_err(|source| StoreError::Remove { dir: dir.clone(), source })?;
             tracing::info!(from = %dir.display(), "session store of a former shard adopted");
         }
     }
@@ -193,7 +217,7 @@ pub(crate) struct SessionStore {
 
 impl SessionStore {
     /// Opens the store (after [`prepare_sessions`]) and restores its sessions into `shard`.
-    pub(crate) fn open(dir: &Path, shard: &mut Shard, now_ms: u64) -> Result<SessionStore, String> {
+    pub(crate) fn open(dir: &Path, shard: &mut Shard, now_ms: u64) -> Result<SessionStore, StoreError> {
         let (mut log, entries) = open(dir, "session store")?;
         let count = entries.len();
         let stored =
@@ -286,7 +310,7 @@ pub(crate) struct RetainedStore {
 }
 
 impl RetainedStore {
-    pub(crate) fn open(dir: &Path) -> Result<(RetainedStore, Vec<StoredMessage>), String> {
+    pub(crate) fn open(dir: &Path) -> Result<(RetainedStore, Vec<StoredMessage>), StoreError> {
         let (log, entries) = open(dir, "retained store")?;
         let msgs = entries.iter().filter_map(|e| StoredMessage::decode(&e.value)).collect();
         let store = RetainedStore {
@@ -384,13 +408,20 @@ pub(crate) fn orphan_retained_dirs(root: &Path, n: usize) -> Vec<PathBuf> {
 /// Spill logs of shards that no longer exist (fewer cores than last run): their unconfirmed
 /// records are appended to the spill log of shard `k % n` and made durable there before the old
 /// log is removed, so that they are replayed to Kafka like the shard's own.
-pub(crate) fn adopt_orphan_spills(root: &Path, n: usize, opts: LogOptions) -> Result<(), String> {
+pub(crate) fn adopt_orphan_spills(root: &Path, n: usize, opts: LogOptions) -> Result<(), StoreError> {
     for (k, dir) in shard_dirs(root).into_iter().filter(|(k, _)| *k >= n) {
-        let (old, _) =
-            sluice_storage::Log::open_lazy(&dir, opts).map_err(|e| format!("opening {}: {e}", dir.display()))?;
         let target = root.join(format!("shard-{}", k % n));
-        let (mut new, _) =
-            sluice_storage::Log::open_lazy(&target, opts).map_err(|e| format!("opening {}: {e}", target.display()))?;
+        let adopt_err = |error| StoreError::AdoptSpill { from: dir.clone(), into: target.clone(), error };
+        let (old, _) = sluice_storage::Log::open_lazy(&dir, opts).map_err(|error| StoreError::Open {
+            what: "spill log",
+            dir: dir.clone(),
+            error,
+        })?;
+        let (mut new, _) = sluice_storage::Log::open_lazy(&target, opts).map_err(|error| StoreError::Open {
+            what: "spill log",
+            dir: target.clone(),
+            error,
+        })?;
         let mut next = 0;
         let mut moved = 0u64;
         loop {
@@ -398,13 +429,13 @@ pub(crate) fn adopt_orphan_spills(root: &Path, n: usize, opts: LogOptions) -> Re
             let Some(last) = batch.last() else { break };
             next = last.seq + 1;
             for r in &batch {
-                new.append(&r.payload, r.timestamp_ms).map_err(|e| format!("spill log {}: {e}", target.display()))?;
+                new.append(&r.payload, r.timestamp_ms).map_err(adopt_err)?;
             }
             moved += batch.len() as u64;
         }
-        new.sync().map_err(|e| format!("spill log {}: {e}", target.display()))?;
+        new.sync().map_err(|source| StoreError::Sync { dir: target.clone(), source })?;
         drop(old);
-        std::fs::remove_dir_all(&dir).map_err(|e| format!("removing {}: {e}", dir.display()))?;
+        std::fs::remove_dir_all(&dir).map_err(|source| StoreError::Remove { dir: dir.clone(), source })?;
         tracing::info!(from = %dir.display(), to = %target.display(), records = moved,
             "spill log of a former shard adopted; its records are replayed from there");
     }
