@@ -40,7 +40,7 @@ pub(crate) enum Inflight {
     Release,
 }
 
-/// A session: what survives a connection. Moves between shards in [`ShardMsg::Transfer`].
+/// A session: what survives a connection. Moves between shards in [`ShardMsg::Transfer`](crate::shard::ShardMsg::Transfer).
 #[derive(Debug)]
 pub struct Session {
     pub(crate) client_id: ClientId,

@@ -6,9 +6,9 @@
 //!   small runtime; ownership stays per shard all the same: each shard has its own task here, its
 //!   own partition workers and its own batches — nothing on the produce path is shared between
 //!   shards except the rskafka connection pool of a cluster.
-//! - [`cluster`]: a cluster's connection (built lazily, rebuilt after failures), its metadata
+//! - `cluster`: a cluster's connection (built lazily, rebuilt after failures), its metadata
 //!   cache and topic auto-creation.
-//! - [`worker`]: one task per (shard, topic, partition): lingers for a batch, produces it, retries
+//! - `worker`: one task per (shard, topic, partition): lingers for a batch, produces it, retries
 //!   with backoff until the delivery time-out, and reports every record's outcome in order.
 //!
 //! Invariants: records of one partition from one shard are produced in hand-over order, one
