@@ -333,16 +333,7 @@ mod tests {
         let mut t = RetainedTree::default();
         for i in 0..n {
             let topic = format!("r/{i}");
-            let m = Arc::new(Message {
-                topic: topic.clone(),
-                payload: bytes::Bytes::from_static(b"x"),
-                qos: 1,
-                retain: true,
-                properties: None,
-                expiry_at_ms: None,
-                origin: Arc::from("t"),
-            });
-            t.insert(&topic, m);
+            t.insert(&topic, message(&topic));
         }
         t
     }
