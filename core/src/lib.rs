@@ -27,6 +27,7 @@
 pub type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 pub type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
+pub mod auth;
 pub mod bridge;
 pub mod config;
 pub mod inbound;
