@@ -25,6 +25,8 @@
 //!
 //! Not wired into the shard or the network layer yet: this module knows nothing of connections.
 
+pub mod acl;
 pub mod password;
 
+pub use acl::{Acl, AclError, ClientAcl};
 pub use password::{PasswordFile, PasswordFileError, Verdict, VerifiedCache};
