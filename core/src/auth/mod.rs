@@ -26,7 +26,11 @@
 //! Not wired into the shard or the network layer yet: this module knows nothing of connections.
 
 pub mod acl;
+pub mod config;
+pub mod jwt;
 pub mod password;
 
 pub use acl::{Acl, AclError, ClientAcl};
+pub use config::{AuthConfig, JwtConfig};
+pub use jwt::{JwtError, JwtIdentity, JwtVerifier};
 pub use password::{PasswordFile, PasswordFileError, Verdict, VerifiedCache};
