@@ -429,20 +429,28 @@ dave:$7$1000$JpG91VhC93Mn3f63$9NqcRRZvdjQKnIJgHKPqKDY+xe7ukn8R/xVzPEPCdk+9Oxig34
         assert_eq!(f.verify("bob", b"s3cret pass"), Verdict::BadPassword);
         assert_eq!(f.verify("carol", "pässwörd".as_bytes()), Verdict::Accepted);
         assert_eq!(f.verify("carol", b"passwort"), Verdict::BadPassword);
+        let t0 = std::time::Instant::now();
         assert_eq!(f.verify("dave", b"xyz"), Verdict::Accepted);
+        let t1 = std::time::Instant::now();
+        assert_eq!(f.verify("alice", b"s3cret pass"), Verdict::Accepted);
+        eprintln!("pbkdf2-sha512 verify: 1000 iterations {:?}, 101 iterations {:?}", t1 - t0, t1.elapsed());
         assert_eq!(f.verify("mallory", b"xyz"), Verdict::UnknownUser);
         assert!(!f.is_slow("alice"));
     }
 
     #[test]
     fn auth_argon2id_round_trip_and_upsert() {
+        let t0 = std::time::Instant::now();
         let h = hash_argon2id(b"correct horse").unwrap();
+        let hash_time = t0.elapsed();
         assert!(h.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{h}");
         let text = upsert_entry(MOSQUITTO_FILE, "erin", &h).unwrap();
         let f = PasswordFile::parse(&text).unwrap();
         assert_eq!(f.len(), 5);
         assert!(f.is_slow("erin"));
+        let t0 = std::time::Instant::now();
         assert_eq!(f.verify("erin", b"correct horse"), Verdict::Accepted);
+        eprintln!("argon2id: hash {hash_time:?}, verify {:?}", t0.elapsed());
         assert_eq!(f.verify("erin", b"correct horsf"), Verdict::BadPassword);
         // Two salts, two strings.
         assert_ne!(h, hash_argon2id(b"correct horse").unwrap());
