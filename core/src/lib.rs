@@ -16,6 +16,8 @@
 //! - `preconnect`: connections that have not completed CONNECT — their deadline, buffer budget
 //!   and per-address cap (used by [`shard`]).
 //! - [`session`]: sessions and retained messages as data, and their on-disk forms.
+//! - [`auth`]: password files (Mosquitto's formats), ACLs (Mosquitto's file or TOML) and JWTs,
+//!   as pure functions the shard and the network layer call; an error never grants access.
 //! - [`shard`]: the state one core owns — connections, sessions, its trie, its share of retained
 //!   messages — as a state machine. It takes bytes, ticks (`now_ms`) and messages from other shards,
 //!   and returns bytes to write, connections to close and messages for other shards.
@@ -32,6 +34,7 @@
 pub type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 pub type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
+pub mod auth;
 pub mod bridge;
 pub mod bytes_reader;
 pub mod config;
