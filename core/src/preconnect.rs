@@ -126,6 +126,11 @@ impl Preconnect {
         Ok(())
     }
 
+    /// The address `conn` counts under (its /64 for IPv6), while it has not completed CONNECT.
+    pub(crate) fn addr_of(&self, conn: ConnId) -> Option<IpAddr> {
+        self.conns.get(&conn).and_then(|e| e.addr)
+    }
+
     /// `conn` completed CONNECT, or is closed or gone. Unknown ids are ignored.
     pub(crate) fn leave(&mut self, conn: ConnId) {
         if let Some(e) = self.conns.remove(&conn) {

@@ -20,6 +20,14 @@ impl Shard {
         self.queue_ack_waiting(conn, pid, qos, records, &[], None);
     }
 
+    /// Queues an acknowledgement that waits for nothing but earlier ones, reporting `code`.
+    pub(super) fn queue_ack_with_code(&mut self, conn: ConnId, pid: u16, qos: u8, code: u8) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        let seq = c.acks.push(pid, qos, 0);
+        c.acks.fail(seq, code);
+        self.flush_acks(conn);
+    }
+
     /// [`Shard::queue_ack`] that also waits for the queues of `congested` sessions to drain,
     /// and for `receipt`: `(token, answers expected)` from the shards that stored it.
     pub(super) fn queue_ack_waiting(

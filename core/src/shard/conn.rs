@@ -14,7 +14,7 @@ use std::collections::VecDeque;
 
 use bytes::BytesMut;
 
-use super::{AckQueue, ClientId, Connect, Packet, SubAck, SubOptions, Version, Will};
+use super::{AckQueue, ClientId, ConnAuth, Connect, Packet, SubAck, SubOptions, Version, Will};
 #[cfg(doc)]
 use super::{DEFERRED_BYTES_MAX, HELD_INPUT_MAX};
 
@@ -30,6 +30,8 @@ pub(super) enum Detach {
 pub(super) enum ConnState {
     /// Accepted; the first packet must be CONNECT.
     AwaitConnect,
+    /// CONNECT waiting for its password check, run off the shard (see `access`).
+    Authenticating { connect: Box<Connect> },
     /// CONNECT for `client_id` accepted, waiting for the directory and the previous host.
     Pending { client_id: ClientId, connect: Box<Connect> },
     /// Holding the session of `client_id`, hosted on this shard (checked per packet: see
@@ -80,6 +82,8 @@ pub(super) struct Conn {
     /// Queued QoS 1/2 messages wait because `out` reached `max_outbound_buffer_bytes`: they move
     /// on when the output has gone out ([`Shard::on_output_drained`]).
     pub(super) out_full: bool,
+    /// Who the client is and what it may do, when authentication is configured.
+    pub(super) auth: Option<Box<ConnAuth>>,
 }
 
 #[derive(Default)]
@@ -123,6 +127,7 @@ impl Conn {
             problem_information: true,
             acks: AckQueue::default(),
             out_full: false,
+            auth: None,
         }
     }
 
@@ -143,7 +148,9 @@ impl Conn {
     }
 
     pub(super) fn blocked(&self) -> bool {
-        matches!(self.state, ConnState::Pending { .. }) || self.pending_sub.is_some() || self.deferred_full
+        matches!(self.state, ConnState::Pending { .. } | ConnState::Authenticating { .. })
+            || self.pending_sub.is_some()
+            || self.deferred_full
     }
 
     /// Blocked only by a full deferral queue, and the next packet in `input` is an

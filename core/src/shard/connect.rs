@@ -40,22 +40,12 @@ impl Shard {
         let v5 = connect.version.is_v5();
         let Some(c) = self.conns.get_mut(&conn) else { return };
         c.version = connect.version;
-        let refuse = |shard: &mut Shard, code: u8| {
-            shard.send(
-                conn,
-                Packet::ConnAck(ConnAck { session_present: false, code, properties: Properties::default() }),
-            );
-            if let Some(c) = shard.conns.get_mut(&conn) {
-                c.will = None;
-            }
-            shard.close(conn, None, now_ms);
-        };
         if connect.properties.authentication_method.is_some() {
-            return refuse(self, reason::BAD_AUTHENTICATION_METHOD);
+            return self.refuse_connect(conn, reason::BAD_AUTHENTICATION_METHOD, now_ms);
         }
         if connect.client_id.is_empty() {
             if !v5 && !connect.clean_start {
-                return refuse(self, reason::CLIENT_IDENTIFIER_NOT_VALID);
+                return self.refuse_connect(conn, reason::CLIENT_IDENTIFIER_NOT_VALID, now_ms);
             }
             self.next_assigned += 1;
             connect.client_id = format!("sluice-{}-{}-{}", self.id, now_ms, self.next_assigned);
@@ -65,14 +55,122 @@ impl Shard {
         }
         if let Some(w) = &connect.will {
             if !topic::valid_topic_name(&w.topic, &self.topic_limits) {
-                return refuse(self, reason::TOPIC_NAME_INVALID);
+                return self.refuse_connect(conn, reason::TOPIC_NAME_INVALID, now_ms);
             }
             if w.properties.payload_format_indicator == Some(1) && std::str::from_utf8(&w.payload).is_err() {
-                return refuse(self, reason::PAYLOAD_FORMAT_INVALID);
+                return self.refuse_connect(conn, reason::PAYLOAD_FORMAT_INVALID, now_ms);
             }
         }
+        if self.access.enabled() {
+            let now_unix_ms = self.wall_offset_ms + now_ms as i64;
+            let user = connect.username.as_deref();
+            let decision =
+                self.access.decide(conn, &connect.client_id, user, connect.password.as_ref(), now_ms, now_unix_ms);
+            match decision {
+                Decision::Granted(auth) => {
+                    if let Some(c) = self.conns.get_mut(&conn) {
+                        c.auth = Some(auth);
+                    }
+                }
+                Decision::Refused(code, why) => return self.refuse_credentials(conn, &connect, code, why, now_ms),
+                Decision::Verify(job) => {
+                    // The CONNECT waits (its input held) for the check, run off the shard.
+                    if let Some(c) = self.conns.get_mut(&conn) {
+                        c.state = ConnState::Authenticating { connect };
+                    }
+                    self.effects.verify.push(job);
+                    return;
+                }
+            }
+        }
+        self.admit(conn, connect, now_ms);
+    }
+
+    /// The off-shard password check for `conn` came back: `ok` or not.
+    pub fn on_verified(&mut self, conn: ConnId, ok: bool, now_ms: u64) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        if !matches!(c.state, ConnState::Authenticating { .. }) {
+            return;
+        }
+        let ConnState::Authenticating { connect } = std::mem::replace(&mut c.state, ConnState::AwaitConnect) else {
+            return;
+        };
+        let (user, password) =
+            (connect.username.as_deref().unwrap_or(""), connect.password.clone().unwrap_or_default());
+        match self.access.verified(user, &password, &connect.client_id, ok, now_ms) {
+            Some(auth) => {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.auth = Some(auth);
+                }
+                self.admit(conn, connect, now_ms);
+                self.resume(conn, now_ms);
+            }
+            None => self.refuse_credentials(conn, &connect, reason::BAD_USERNAME_OR_PASSWORD, "bad password", now_ms),
+        }
+        self.run_local(now_ms);
+    }
+
+    /// Refuses a CONNECT whose credentials failed: counted, logged (the first ones, then every
+    /// thousandth), and answered after the back-off of its address.
+    fn refuse_credentials(&mut self, conn: ConnId, connect: &Connect, code: u8, why: &str, now_ms: u64) {
+        self.stats.auth_failures += 1;
+        let n = self.stats.auth_failures;
+        let addr = self.preconnect.addr_of(conn);
+        if n <= 100 || n.is_multiple_of(1000) {
+            let from = addr.map_or_else(|| "an unlisted address".to_string(), |a| a.to_string());
+            self.effects.warnings.push(format!(
+                "shard {}: refused CONNECT of client `{}` (user {:?}) from {from}: {why} (refusal {n}; all are counted in $SYS/broker/shard/{}/clients/auth_failures)",
+                self.id, connect.client_id, connect.username, self.id
+            ));
+        }
+        let delay = self.access.failed(addr, now_ms);
+        if delay == 0 {
+            return self.refuse_connect(conn, code, now_ms);
+        }
+        // Input is ignored meanwhile; the CONNACK goes when the back-off ran out.
+        self.preconnect.leave(conn);
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.will = None;
+            c.state = ConnState::Closing;
+        }
+        self.access.delayed.push((now_ms + delay, conn, code));
+    }
+
+    /// Refusals whose back-off ran out: CONNACK, then close.
+    pub(super) fn send_delayed_refusals(&mut self, now_ms: u64) {
+        for (conn, code) in self.access.due(now_ms) {
+            if self.conns.contains_key(&conn) {
+                let refusal = ConnAck { session_present: false, code, properties: Properties::default() };
+                self.send(conn, Packet::ConnAck(refusal));
+                self.effects.close.push(conn);
+            }
+        }
+    }
+
+    /// CONNACK with `code` (mapped to a 3.1.1 return code for 3.1.1 clients), then close.
+    pub(super) fn refuse_connect(&mut self, conn: ConnId, code: u8, now_ms: u64) {
+        self.send(conn, Packet::ConnAck(ConnAck { session_present: false, code, properties: Properties::default() }));
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.will = None;
+        }
+        self.close(conn, None, now_ms);
+    }
+
+    /// An authenticated (or unauthenticated, without rules) CONNECT goes on: the connection
+    /// limit, keep-alive, the will, and the claim at the client id's directory shard.
+    fn admit(&mut self, conn: ConnId, mut connect: Box<Connect>, now_ms: u64) {
+        let v5 = connect.version.is_v5();
+        let will_denied = match (&connect.will, self.conns.get(&conn).and_then(|c| c.auth.as_deref())) {
+            (Some(w), Some(a)) => !a.may_publish(&w.topic),
+            _ => false,
+        };
+        if will_denied {
+            self.stats.acl_denied += 1;
+            return self.refuse_connect(conn, reason::NOT_AUTHORIZED, now_ms);
+        }
         if !self.may_connect() {
-            return refuse(self, if v5 { reason::QUOTA_EXCEEDED } else { reason::SERVER_UNAVAILABLE });
+            let code = if v5 { reason::QUOTA_EXCEEDED } else { reason::SERVER_UNAVAILABLE };
+            return self.refuse_connect(conn, code, now_ms);
         }
         let Some(c) = self.conns.get_mut(&conn) else { return };
         let mut ka = u64::from(connect.keep_alive);

@@ -128,6 +128,11 @@ impl Shard {
             return false;
         };
         let Some(c) = self.conns.get_mut(&conn) else { return false };
+        if c.auth.as_ref().is_some_and(|a| !a.may_read(&d.msg.topic)) {
+            // Whatever route it came by (live, queued, retained, shared, Kafka): not this client's.
+            self.stats.acl_dropped += 1;
+            return false;
+        }
         let v5 = c.is_v5();
         let mut topic: &str = &d.msg.topic;
         // Most deliveries forward the message as it is; MQTT 5 adds per-delivery properties.

@@ -44,6 +44,7 @@ use crate::session::{Delivery, Inflight, Sub};
 pub use crate::session::{Session, StoredMessage};
 use crate::topic::{self, TopicLimits, Trie};
 
+mod access;
 mod ack_queue;
 mod acks;
 mod backpressure;
@@ -74,6 +75,8 @@ mod subscribe;
 mod sys;
 mod timers;
 mod transfer;
+use access::{Access, ConnAuth, Decision};
+pub use access::{AccessRules, VerifyJob};
 use ack_queue::AckQueue;
 use commits::SessionCommits;
 use conn::{Conn, ConnState, Detach, PendingSub};
@@ -116,6 +119,9 @@ pub struct Effects {
     pub sessions_urgent: bool,
     /// Retained scans wait for a turn: call [`Shard::run_retained`] (in turns of their own).
     pub retained_work: bool,
+    /// Password checks too slow for the shard (argon2id): run each off the reactor and report
+    /// with [`Shard::on_verified`].
+    pub verify: Vec<VerifyJob>,
 }
 
 pub struct Shard {
@@ -152,6 +158,8 @@ pub struct Shard {
     last_keepalive_scan_ms: u64,
     /// Unix time in ms at `now_ms == 0`, for Kafka record timestamps.
     wall_offset_ms: i64,
+    /// Authentication rules, the cache of checks, the back-off of failing addresses.
+    access: Access,
     /// MQTT → Kafka: records in flight, their waiters, QoS 0 policy, outage spilling.
     outbox: KafkaOutbox,
     spill_stats: Option<(u64, u64, u64)>,
@@ -240,6 +248,7 @@ impl Shard {
             last_stats_ms: now_ms,
             last_keepalive_scan_ms: now_ms,
             wall_offset_ms: 0,
+            access: Access::new(),
             outbox: KafkaOutbox::default(),
             spill_stats: None,
             inbound: InboundState::default(),
@@ -256,6 +265,14 @@ impl Shard {
     pub fn with_bridge(mut self, options: BridgeOptions) -> Self {
         self.outbox = KafkaOutbox::new(options);
         self
+    }
+
+    /// Authentication and authorization from now on (at start, and on every reload): `rules`
+    /// shared by every shard, a cache of `cache_entries` successful password checks for
+    /// `cache_ttl_ms`. Connected clients keep who they are; their ACL follows the new rules from
+    /// their next packet.
+    pub fn set_access(&mut self, rules: Arc<AccessRules>, cache_entries: usize, cache_ttl_ms: u64) {
+        self.access.set_rules(rules, cache_entries, cache_ttl_ms);
     }
 
     pub fn id(&self) -> ShardId {
@@ -321,6 +338,7 @@ impl Shard {
             self.close_connect_late(now_ms);
             self.expire_wills_and_sessions(now_ms);
         }
+        self.send_delayed_refusals(now_ms);
         self.expire_feed_holds(now_ms);
         if now_ms.saturating_sub(self.last_stats_ms) >= STATS_SHARE_INTERVAL_MS {
             self.last_stats_ms = now_ms;

@@ -28,6 +28,21 @@ impl Shard {
         if !topic::valid_topic_name(&p.topic, &self.topic_limits) {
             return self.protocol_close(conn, reason::TOPIC_NAME_INVALID, "invalid topic name", now_ms);
         }
+        if let Some(auth) = c.auth.as_mut() {
+            if let Some(rules) = self.access.rules() {
+                auth.refresh(rules, &client_id);
+            }
+            if !auth.may_publish(&p.topic) {
+                // MQTT 5 hears 0x87; 3.1.1 has no refusal, so (as Mosquitto does) the message is
+                // acknowledged and dropped. In PUBLISH order, like every acknowledgement.
+                self.stats.acl_denied += 1;
+                let code = if c.is_v5() { reason::NOT_AUTHORIZED } else { reason::SUCCESS };
+                if p.qos > 0 {
+                    self.queue_ack_with_code(conn, p.packet_id, p.qos, code);
+                }
+                return;
+            }
+        }
         if p.properties.payload_format_indicator == Some(1) && std::str::from_utf8(&p.payload).is_err() {
             if p.qos > 0 {
                 let r = PubResp {

@@ -31,6 +31,12 @@ pub struct Stats {
     pub refused_preconnect: u64,
     /// Closed because CONNECT was not complete `connect_timeout_ms` after accept.
     pub connect_timeouts: u64,
+    /// CONNECTs refused for their credentials (or for none).
+    pub auth_failures: u64,
+    /// PUBLISHes, SUBSCRIBE filters and wills the ACL refused.
+    pub acl_denied: u64,
+    /// Deliveries not written because the ACL does not let the client read the topic.
+    pub acl_dropped: u64,
 }
 
 impl std::ops::AddAssign for Stats {
@@ -56,6 +62,9 @@ impl std::ops::AddAssign for Stats {
             preconnect_bytes,
             refused_preconnect,
             connect_timeouts,
+            auth_failures,
+            acl_denied,
+            acl_dropped,
         } = o;
         self.clients_connected += clients_connected;
         self.sessions += sessions;
@@ -77,5 +86,8 @@ impl std::ops::AddAssign for Stats {
         self.preconnect_bytes += preconnect_bytes;
         self.refused_preconnect += refused_preconnect;
         self.connect_timeouts += connect_timeouts;
+        self.auth_failures += auth_failures;
+        self.acl_denied += acl_denied;
+        self.acl_dropped += acl_dropped;
     }
 }

@@ -24,6 +24,9 @@ impl Shard {
         };
         let v5 = c.is_v5();
         let client_id = s.client_id.clone();
+        if let (Some(auth), Some(rules)) = (c.auth.as_mut(), self.access.rules()) {
+            auth.refresh(rules, &client_id);
+        }
         let sub_id = sub.properties.subscription_identifiers.first().copied();
         let mut codes = Vec::with_capacity(sub.filters.len());
         let mut queries = Vec::new();
@@ -41,6 +44,11 @@ impl Shard {
             };
             if !topic::valid_filter(plain, &self.topic_limits) {
                 codes.push(if v5 { reason::TOPIC_FILTER_INVALID } else { 0x80 });
+                continue;
+            }
+            if self.conns.get(&conn).and_then(|c| c.auth.as_deref()).is_some_and(|a| !a.may_subscribe(&filter)) {
+                self.stats.acl_denied += 1;
+                codes.push(if v5 { reason::NOT_AUTHORIZED } else { 0x80 });
                 continue;
             }
             if shared.is_some() && opts.no_local && v5 {

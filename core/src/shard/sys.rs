@@ -41,6 +41,9 @@ impl Shard {
                 ("connections/preconnect_bytes", s.preconnect_bytes),
                 ("connections/refused_preconnect", s.refused_preconnect),
                 ("connections/connect_timeouts", s.connect_timeouts),
+                ("clients/auth_failures", s.auth_failures),
+                ("acl/denied", s.acl_denied),
+                ("acl/dropped", s.acl_dropped),
             ]
         };
         for (name, v) in fields(&stats) {

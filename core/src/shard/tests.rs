@@ -9,6 +9,8 @@ struct World {
     now: u64,
     /// Turns of retained scans run so far, over all shards.
     retained_turns: usize,
+    /// Password checks the shards asked to run off the reactor.
+    verify: Vec<VerifyJob>,
 }
 
 impl World {
@@ -18,6 +20,7 @@ impl World {
             closed: HashSet::default(),
             now: 0,
             retained_turns: 0,
+            verify: Vec::new(),
         }
     }
 
@@ -35,6 +38,7 @@ impl World {
                 for c in fx.close {
                     self.closed.insert((i, c));
                 }
+                self.verify.extend(fx.verify);
                 for (to, m) in fx.to_shards {
                     moved = true;
                     self.shards[to].on_shard_msgs([m], self.now);
@@ -1261,4 +1265,151 @@ fn the_simulated_broker_keeps_its_invariants_on_random_action_streams() {
         let data: Vec<u8> = (0..len).map(|_| rng.below(256) as u8).collect();
         sim::Sim::run(&data);
     }
+}
+
+// ---- authentication and authorization (access.rs) ----
+
+/// alice / "s3cret pass" and bob / "hunter2", as `mosquitto_passwd` wrote them; devices may use
+/// `devices/<client id>/#` only.
+fn access_world(allow_anonymous: bool) -> World {
+    const PASSWORDS: &str = "alice:$7$101$THB+U8AF19njwmXp$CruZM9nC4FKYpcWYdtxYAxKu7pzsSBvnI4qseWBD8+d2GyUPopm5/iPKHzSQQfNvnYIu2xTkDkuVLfS6/21IYQ==\nbob:$7$101$dUDH0dTKhLySJ1yG$vzIqRqLSbqYzQ0hgMSTd/osFqnaAbpAiDyMgo39qjn2fEHIcanDpZe1JoDoLo5gdxcjv/Kc1VWJsOvte9qUyoA==\n";
+    let rules = Arc::new(AccessRules {
+        allow_anonymous,
+        passwords: Some(crate::auth::PasswordFile::parse(PASSWORDS).unwrap()),
+        acl: Some(crate::auth::Acl::parse_mosquitto("pattern readwrite devices/%c/#\n").unwrap()),
+        jwt: None,
+        generation: 1,
+    });
+    let mut w = World::new(2, Limits::default());
+    for s in &mut w.shards {
+        s.set_access(rules.clone(), 100, 60_000);
+    }
+    w
+}
+
+/// CONNECT from address 10.0.0.`conn`; the CONNACK's code (0xff: none yet).
+fn connect_as(w: &mut World, shard: ShardId, conn: ConnId, id: &str, user: Option<&str>, pw: Option<&str>) -> u8 {
+    connect_from(w, shard, conn, &format!("10.0.0.{conn}"), id, user, pw)
+}
+
+fn connect_from(
+    w: &mut World,
+    shard: ShardId,
+    conn: ConnId,
+    addr: &str,
+    id: &str,
+    user: Option<&str>,
+    pw: Option<&str>,
+) -> u8 {
+    w.shards[shard].on_open_from(conn, addr.parse().unwrap(), w.now);
+    let c = Connect {
+        version: V5,
+        clean_start: true,
+        keep_alive: 0,
+        client_id: id.into(),
+        will: None,
+        username: user.map(Into::into),
+        password: pw.map(|p| Bytes::copy_from_slice(p.as_bytes())),
+        properties: Properties::default(),
+    };
+    w.send(shard, conn, V5, Packet::Connect(Box::new(c)));
+    match w.recv(shard, conn, V5).first() {
+        Some(Packet::ConnAck(a)) => a.code,
+        Some(o) => panic!("{o:?}"),
+        None => 0xff,
+    }
+}
+
+#[test]
+fn a_client_connects_only_with_its_password_and_anonymous_clients_only_when_allowed() {
+    let mut w = access_world(false);
+    assert_eq!(connect_as(&mut w, 0, 1, "c1", Some("alice"), Some("s3cret pass")), reason::SUCCESS);
+    assert_eq!(connect_as(&mut w, 1, 2, "c2", Some("bob"), Some("wrong")), reason::BAD_USERNAME_OR_PASSWORD);
+    assert_eq!(connect_as(&mut w, 1, 3, "c3", Some("mallory"), Some("x")), reason::BAD_USERNAME_OR_PASSWORD);
+    assert_eq!(connect_as(&mut w, 1, 4, "c4", None, None), reason::NOT_AUTHORIZED);
+    assert!(w.closed.contains(&(1, 2)) && w.closed.contains(&(1, 4)));
+    let mut w = access_world(true);
+    assert_eq!(connect_as(&mut w, 0, 1, "c1", None, None), reason::SUCCESS);
+}
+
+#[test]
+fn repeated_failures_from_one_address_are_answered_after_a_growing_back_off() {
+    let mut w = access_world(false);
+    let guess = |w: &mut World, conn| connect_from(w, 0, conn, "10.0.0.9", "c", Some("bob"), Some("no"));
+    assert_eq!(guess(&mut w, 1), reason::BAD_USERNAME_OR_PASSWORD);
+    // The second failure from the same address waits.
+    assert_eq!(guess(&mut w, 2), 0xff, "no CONNACK yet");
+    w.now += 99;
+    w.shards[0].tick(w.now, 0);
+    w.settle();
+    assert!(w.recv(0, 2, V5).is_empty());
+    w.now += 1;
+    w.shards[0].tick(w.now, 0);
+    w.settle();
+    assert!(matches!(w.recv(0, 2, V5).first(), Some(Packet::ConnAck(a)) if a.code == reason::BAD_USERNAME_OR_PASSWORD));
+    assert!(w.closed.contains(&(0, 2)));
+    assert_eq!(w.shards[0].stats().auth_failures, 2);
+}
+
+#[test]
+fn a_device_publishes_and_reads_only_its_own_topics() {
+    let mut w = access_world(false);
+    connect_as(&mut w, 0, 1, "car1", Some("alice"), Some("s3cret pass"));
+    connect_as(&mut w, 1, 2, "car2", Some("bob"), Some("hunter2"));
+    // SUBSCRIBE: its own tree yes, another device's or everything no.
+    let sub = Packet::Subscribe(Subscribe {
+        packet_id: 1,
+        filters: ["devices/car1/#", "devices/car2/#", "#"]
+            .iter()
+            .map(|f| (f.to_string(), SubOptions { qos: 1, ..Default::default() }))
+            .collect(),
+        properties: Properties::default(),
+    });
+    w.send(0, 1, V5, sub);
+    match w.recv(0, 1, V5).as_slice() {
+        [Packet::SubAck(a)] => assert_eq!(a.codes, vec![1, reason::NOT_AUTHORIZED, reason::NOT_AUTHORIZED]),
+        o => panic!("{o:?}"),
+    }
+    // PUBLISH into another device's tree: refused with 0x87, delivered to nobody.
+    w.send(1, 2, V5, publish("devices/car1/cmd", 1, 7, b"x"));
+    match w.recv(1, 2, V5).as_slice() {
+        [Packet::PubAck(a)] => assert_eq!((a.packet_id, a.code), (7, reason::NOT_AUTHORIZED)),
+        o => panic!("{o:?}"),
+    }
+    assert!(w.recv(0, 1, V5).is_empty());
+    // Its own topic: accepted.
+    w.send(0, 1, V5, publish("devices/car1/speed", 1, 8, b"42"));
+    let got = w.recv(0, 1, V5);
+    assert!(got.iter().any(|p| matches!(p, Packet::PubAck(a) if a.code == 0)), "{got:?}");
+    assert!(got.iter().any(|p| matches!(p, Packet::Publish(m) if m.topic == "devices/car1/speed")), "{got:?}");
+    assert_eq!(w.shards[1].stats().acl_denied, 1);
+}
+
+#[test]
+fn a_slow_password_hash_is_checked_off_the_shard_and_the_connect_waits_for_it() {
+    let hash = crate::auth::password::hash_argon2id_with_salt(b"pw", &[7; 16]).unwrap();
+    let rules = Arc::new(AccessRules {
+        passwords: Some(crate::auth::PasswordFile::parse(&format!("erin:{hash}\n")).unwrap()),
+        generation: 1,
+        ..AccessRules::default()
+    });
+    let mut w = World::new(1, Limits::default());
+    w.shards[0].set_access(rules, 100, 60_000);
+    for (conn, pw, ok) in [(1, "pw", true), (2, "nope", false)] {
+        assert_eq!(connect_as(&mut w, 0, conn, &format!("c{conn}"), Some("erin"), Some(pw)), 0xff, "waits");
+        // A PINGREQ behind the CONNECT waits too, in order.
+        w.send(0, conn, V5, Packet::PingReq);
+        assert!(w.recv(0, conn, V5).is_empty());
+        let jobs = std::mem::take(&mut w.verify);
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].run(), ok, "the job checks the password");
+        w.shards[0].on_verified(conn, jobs[0].run(), w.now);
+        w.settle();
+        let got = w.recv(0, conn, V5);
+        let code = if ok { reason::SUCCESS } else { reason::BAD_USERNAME_OR_PASSWORD };
+        assert!(matches!(got.first(), Some(Packet::ConnAck(a)) if a.code == code), "{got:?}");
+        assert_eq!(got.iter().any(|p| matches!(p, Packet::PingResp)), ok, "{got:?}");
+    }
+    // The successful check is cached: the next CONNECT needs no job.
+    assert_eq!(connect_as(&mut w, 0, 3, "c3", Some("erin"), Some("pw")), reason::SUCCESS);
 }

@@ -2,6 +2,9 @@
 
 use super::*;
 
+/// MQTT 5 reason code 0xA0: the connection lived as long as it may (here: its token expired).
+const MAXIMUM_CONNECT_TIME: u8 = 0xA0;
+
 impl Shard {
     /// Closes active connections silent for one and a half keep-alive intervals (0x8D).
     pub(super) fn close_silent_connections(&mut self, now_ms: u64) {
@@ -18,6 +21,21 @@ impl Shard {
             .collect();
         for id in expired {
             self.protocol_close(id, reason::KEEP_ALIVE_TIMEOUT, "keep alive timeout", now_ms);
+        }
+        if !self.access.enabled() {
+            return;
+        }
+        // A JWT's `exp` ends the connection (MQTT 5: 0xA0, maximum connect time).
+        let token_expired: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                c.is_active() && c.auth.as_ref().and_then(|a| a.expires_at_ms).is_some_and(|t| t <= now_ms)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in token_expired {
+            self.protocol_close(id, MAXIMUM_CONNECT_TIME, "the token expired", now_ms);
         }
     }
 

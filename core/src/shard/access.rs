@@ -1,0 +1,305 @@
+//! Who a client is and what it may do: authentication at CONNECT, authorization per packet.
+//!
+//! The rules ([`AccessRules`]: password file, ACL, JWT verifier) are built by the caller from
+//! the `[auth]` configuration and shared by every shard in an `Arc`; a reload (SIGHUP) hands each
+//! shard a new `Arc` with a higher generation. Without rules (no `[auth]` section) every client
+//! is accepted and may do anything, as before; the network layer then listens on loopback only
+//! unless told otherwise.
+//!
+//! - **CONNECT**: a user name and password is checked against the password file, or the
+//!   password is a JWT. A password hash that is slow by design (argon2id) is not checked on the
+//!   shard: the CONNECT waits ([`ConnState::Authenticating`](super::ConnState)) while the caller
+//!   checks it off the reactor ([`Effects::verify`](super::Effects::verify)) and reports back
+//!   ([`Shard::on_verified`](super::Shard::on_verified)); successful checks are cached per shard
+//!   (bounded). Refusals are MQTT 5 0x86 (bad user name or password) / 0x87 (not authorized),
+//!   3.1.1 return codes 4 / 5, counted, and — from an address that failed before — sent only after
+//!   a back-off that doubles per failure up to [`BACKOFF_MAX_MS`], so a guessing storm costs its
+//!   sender time and the shard nothing.
+//! - **Per packet**: a connection's ACL is compiled once at CONNECT (placeholders filled in) and
+//!   again after a reload, at its next packet. PUBLISH needs write permission (MQTT 5 PUBACK/PUBREC
+//!   0x87; 3.1.1 acknowledged and dropped, as Mosquitto does), each SUBSCRIBE filter needs read
+//!   permission for everything it can match (0x87 / 0x80), and every delivery to the client —
+//!   live, queued, retained, shared or from Kafka — needs read permission at the moment it is
+//!   written, so a message the client may not read never reaches it.
+//!
+//! Invariants: fail closed — an error anywhere refuses; a connection holds its identity in its
+//! own [`ConnAuth`], so a reload never changes who a connected client is, only what it may do.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::auth::{Acl, ClientAcl, JwtVerifier, PasswordFile, Verdict, VerifiedCache};
+use crate::HashMap;
+
+use super::ConnId;
+
+/// Longest a refusal is delayed after repeated failures from one address.
+pub(super) const BACKOFF_MAX_MS: u64 = 5_000;
+/// First delay after a failure.
+const BACKOFF_FIRST_MS: u64 = 100;
+/// Addresses remembered for back-off per shard; when full, the oldest half is forgotten.
+const FAILING_ADDRS_MAX: usize = 10_000;
+/// Refusals waiting out their back-off per shard; beyond, refusals go at once.
+const DELAYED_REFUSALS_MAX: usize = 10_000;
+/// A failure older than this no longer counts.
+const FAILURE_MEMORY_MS: u64 = 60_000;
+
+/// The rules every shard applies. Immutable; replaced whole on reload.
+#[derive(Default)]
+pub struct AccessRules {
+    pub allow_anonymous: bool,
+    pub passwords: Option<PasswordFile>,
+    pub acl: Option<Acl>,
+    pub jwt: Option<JwtVerifier>,
+    /// Grows with every reload: connections recompile their ACL when it changed.
+    pub generation: u64,
+}
+
+/// A connection's identity and permissions.
+pub(super) struct ConnAuth {
+    pub(super) user: Option<Box<str>>,
+    /// `None`: no ACL configured, everything allowed.
+    acl: Option<ClientAcl>,
+    /// The ACL came from the JWT: reloads do not replace it.
+    acl_from_token: bool,
+    generation: u64,
+    /// The JWT's `exp`, on the shard's clock: the connection closes then.
+    pub(super) expires_at_ms: Option<u64>,
+}
+
+impl ConnAuth {
+    pub(super) fn may_publish(&self, topic: &str) -> bool {
+        self.acl.as_ref().is_none_or(|a| a.may_publish(topic))
+    }
+
+    pub(super) fn may_subscribe(&self, filter: &str) -> bool {
+        self.acl.as_ref().is_none_or(|a| a.may_subscribe(filter))
+    }
+
+    pub(super) fn may_read(&self, topic: &str) -> bool {
+        self.acl.as_ref().is_none_or(|a| a.may_read(topic))
+    }
+
+    /// After a reload: the ACL for this client under `rules`, unless the token gave it one.
+    pub(super) fn refresh(&mut self, rules: &AccessRules, client_id: &str) {
+        if self.generation == rules.generation || self.acl_from_token {
+            return;
+        }
+        self.generation = rules.generation;
+        self.acl = rules.acl.as_ref().map(|a| a.for_client(self.user.as_deref(), client_id));
+    }
+}
+
+/// A password check for the caller to run off the reactor, then report with
+/// [`Shard::on_verified`](super::Shard::on_verified).
+pub struct VerifyJob {
+    pub conn: ConnId,
+    pub rules: Arc<AccessRules>,
+    pub user: String,
+    pub password: Bytes,
+}
+
+impl std::fmt::Debug for VerifyJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the password.
+        f.debug_struct("VerifyJob").field("conn", &self.conn).field("user", &self.user).finish_non_exhaustive()
+    }
+}
+
+impl VerifyJob {
+    /// Runs the check (milliseconds for argon2id): whether the password is the user's.
+    pub fn run(&self) -> bool {
+        self.rules.passwords.as_ref().is_some_and(|p| p.verify(&self.user, &self.password) == Verdict::Accepted)
+    }
+}
+
+/// What authentication decided for a CONNECT.
+pub(super) enum Decision {
+    Granted(Box<ConnAuth>),
+    /// Refused with this MQTT 5 reason code (0x86 or 0x87); `why` goes to the log.
+    Refused(u8, &'static str),
+    /// The password check runs off the shard.
+    Verify(VerifyJob),
+}
+
+/// A shard's authentication state: the rules, its cache of successful checks, and the back-off
+/// of failing addresses.
+pub(super) struct Access {
+    rules: Option<Arc<AccessRules>>,
+    cache: Option<VerifiedCache>,
+    /// Address → (failures, last failure).
+    failing: HashMap<IpAddr, (u32, u64)>,
+    /// Refusals waiting out their back-off: (due, connection, reason code).
+    pub(super) delayed: Vec<(u64, ConnId, u8)>,
+}
+
+impl Access {
+    pub(super) fn new() -> Self {
+        Access { rules: None, cache: None, failing: HashMap::default(), delayed: Vec::new() }
+    }
+
+    pub(super) fn enabled(&self) -> bool {
+        self.rules.is_some()
+    }
+
+    pub(super) fn rules(&self) -> Option<&Arc<AccessRules>> {
+        self.rules.as_ref()
+    }
+
+    /// New rules (at start, or a reload). The cache of checks made under the old ones goes.
+    pub(super) fn set_rules(&mut self, rules: Arc<AccessRules>, cache_entries: usize, cache_ttl_ms: u64) {
+        self.cache = (cache_entries > 0)
+            .then(crate::auth::password::random_cache_key)
+            .flatten()
+            .map(|k| VerifiedCache::new(k, cache_entries, cache_ttl_ms));
+        self.rules = Some(rules);
+    }
+
+    /// Authenticates a CONNECT. `now_unix_ms` is wall time (JWT `exp`/`nbf`); `now_ms` the shard's.
+    pub(super) fn decide(
+        &mut self,
+        conn: ConnId,
+        client_id: &str,
+        user: Option<&str>,
+        password: Option<&Bytes>,
+        now_ms: u64,
+        now_unix_ms: i64,
+    ) -> Decision {
+        let Some(rules) = self.rules.clone() else { return Decision::Granted(Box::new(open_auth())) };
+        let grant = |user: Option<&str>, acl: Option<ClientAcl>, acl_from_token, expires_at_ms| {
+            let acl = if acl_from_token { acl } else { rules.acl.as_ref().map(|a| a.for_client(user, client_id)) };
+            Decision::Granted(Box::new(ConnAuth {
+                user: user.map(Into::into),
+                acl,
+                acl_from_token,
+                generation: rules.generation,
+                expires_at_ms,
+            }))
+        };
+        let (Some(user), Some(password)) = (user, password) else {
+            if user.is_none() && password.is_none() && rules.allow_anonymous {
+                return grant(None, None, false, None);
+            }
+            return Decision::Refused(reason_for_missing(user.is_some()), "no user name or password");
+        };
+        if let Some(jwt) = &rules.jwt {
+            if let Ok(token) = std::str::from_utf8(password) {
+                if token.matches('.').count() == 2 {
+                    let now_secs = u64::try_from(now_unix_ms / 1000).unwrap_or(0);
+                    return match jwt.verify(token, client_id, now_secs) {
+                        Ok(id) => {
+                            let expires_at_ms = id.expires_at_unix_secs.map(|exp| {
+                                let left_ms = (exp as i64).saturating_mul(1000).saturating_sub(now_unix_ms);
+                                now_ms.saturating_add(u64::try_from(left_ms).unwrap_or(0))
+                            });
+                            let from_token = id.acl.is_some();
+                            grant(Some(&id.user), id.acl, from_token, expires_at_ms)
+                        }
+                        Err(_) => Decision::Refused(crate::packet::reason::BAD_USERNAME_OR_PASSWORD, "token refused"),
+                    };
+                }
+            }
+        }
+        let Some(passwords) = &rules.passwords else {
+            return Decision::Refused(crate::packet::reason::BAD_USERNAME_OR_PASSWORD, "no password file");
+        };
+        if self.cache.as_mut().is_some_and(|c| c.check(user, password, now_ms)) {
+            return grant(Some(user), None, false, None);
+        }
+        if passwords.is_slow(user) {
+            return Decision::Verify(VerifyJob {
+                conn,
+                rules: rules.clone(),
+                user: user.to_string(),
+                password: password.clone(),
+            });
+        }
+        match passwords.verify(user, password) {
+            Verdict::Accepted => {
+                if let Some(c) = self.cache.as_mut() {
+                    c.insert(user, password, now_ms);
+                }
+                grant(Some(user), None, false, None)
+            }
+            Verdict::BadPassword => Decision::Refused(crate::packet::reason::BAD_USERNAME_OR_PASSWORD, "bad password"),
+            Verdict::UnknownUser => Decision::Refused(crate::packet::reason::BAD_USERNAME_OR_PASSWORD, "unknown user"),
+        }
+    }
+
+    /// The off-reactor check of `user`'s `password` said `ok`: the connection's grant, or
+    /// `None` when refused (or the rules went away meanwhile).
+    pub(super) fn verified(
+        &mut self,
+        user: &str,
+        password: &[u8],
+        client_id: &str,
+        ok: bool,
+        now_ms: u64,
+    ) -> Option<Box<ConnAuth>> {
+        let rules = self.rules.as_ref().filter(|_| ok)?;
+        let auth = ConnAuth {
+            user: Some(user.into()),
+            acl: rules.acl.as_ref().map(|a| a.for_client(Some(user), client_id)),
+            acl_from_token: false,
+            generation: rules.generation,
+            expires_at_ms: None,
+        };
+        if let Some(c) = self.cache.as_mut() {
+            c.insert(user, password, now_ms);
+        }
+        Some(Box::new(auth))
+    }
+
+    /// A refusal for bad credentials from `addr`: how long to hold it back (0 = send now).
+    pub(super) fn failed(&mut self, addr: Option<IpAddr>, now_ms: u64) -> u64 {
+        let Some(addr) = addr else { return 0 };
+        if self.failing.len() >= FAILING_ADDRS_MAX && !self.failing.contains_key(&addr) {
+            // Forget the addresses that failed longest ago.
+            let mut ages: Vec<u64> = self.failing.values().map(|(_, t)| *t).collect();
+            ages.sort_unstable();
+            let cut = ages[ages.len() / 2];
+            self.failing.retain(|_, (_, t)| *t > cut);
+        }
+        let e = self.failing.entry(addr).or_insert((0, now_ms));
+        if now_ms.saturating_sub(e.1) > FAILURE_MEMORY_MS {
+            e.0 = 0;
+        }
+        e.0 = e.0.saturating_add(1);
+        e.1 = now_ms;
+        if e.0 <= 1 || self.delayed.len() >= DELAYED_REFUSALS_MAX {
+            return 0;
+        }
+        (BACKOFF_FIRST_MS << (e.0 - 2).min(10)).min(BACKOFF_MAX_MS)
+    }
+
+    /// Refusals whose back-off ran out.
+    pub(super) fn due(&mut self, now_ms: u64) -> Vec<(ConnId, u8)> {
+        if self.delayed.is_empty() {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        self.delayed.retain(|(at, conn, code)| {
+            let due = *at <= now_ms;
+            if due {
+                out.push((*conn, *code));
+            }
+            !due
+        });
+        out
+    }
+}
+
+/// The identity of a connection when no rules are configured: nobody, allowed everything.
+fn open_auth() -> ConnAuth {
+    ConnAuth { user: None, acl: None, acl_from_token: false, generation: 0, expires_at_ms: None }
+}
+
+fn reason_for_missing(has_user: bool) -> u8 {
+    if has_user {
+        crate::packet::reason::BAD_USERNAME_OR_PASSWORD
+    } else {
+        crate::packet::reason::NOT_AUTHORIZED
+    }
+}
