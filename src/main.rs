@@ -88,6 +88,9 @@ struct Cli {
 enum Command {
     /// Print a commented default config file.
     GenerateConfig,
+    /// Add or update USER in a Mosquitto-format password file (argon2id), reading the password
+    /// from stdin (one line); the file is created if missing.
+    Passwd { file: PathBuf, user: String },
 }
 
 fn main() {
@@ -102,11 +105,56 @@ fn main() {
     }
 }
 
+/// `sluice passwd FILE USER`: the password from stdin, hashed with argon2id, written into FILE
+/// (the other lines kept; temp file and rename, so a crash never leaves half a file).
+fn passwd(file: &std::path::Path, user: &str) -> anyhow::Result<()> {
+    use sluice_core::auth::password::{hash_argon2id, upsert_entry};
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).context("reading the password from stdin")?;
+    let password = line.trim_end_matches(['\n', '\r']);
+    if password.is_empty() {
+        bail!("empty password");
+    }
+    let old = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", file.display())),
+    };
+    let hash = hash_argon2id(password.as_bytes())?;
+    let text = upsert_entry(&old, user, &hash)?;
+    let tmp = file.with_extension("tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, file).with_context(|| format!("cannot replace {}", file.display()))?;
+    Ok(())
+}
+
+/// SIGHUP reloads the `[auth]` files; a reload that fails keeps the rules in force.
+fn watch_reload(access: Arc<sluice_net::access::SharedAccess>) -> anyhow::Result<()> {
+    let mut signals =
+        signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP]).context("installing the SIGHUP handler")?;
+    std::thread::Builder::new()
+        .name("sluice-reload".into())
+        .spawn(move || {
+            for _ in signals.forever() {
+                match access.reload() {
+                    Ok(generation) => tracing::info!(generation, "auth files reloaded"),
+                    Err(e) => tracing::error!("auth reload failed, the previous rules stay in force: {e}"),
+                }
+            }
+        })
+        .context("starting the reload thread")?;
+    Ok(())
+}
+
 fn real_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if let Some(Command::GenerateConfig) = cli.command {
-        print!("{DEFAULT_CONFIG_TOML}");
-        return Ok(());
+    match &cli.command {
+        Some(Command::GenerateConfig) => {
+            print!("{DEFAULT_CONFIG_TOML}");
+            return Ok(());
+        }
+        Some(Command::Passwd { file, user }) => return passwd(file, user),
+        None => {}
     }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| "info".into()))
@@ -131,7 +179,15 @@ fn real_main() -> anyhow::Result<()> {
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, shutdown.clone()).context("installing signal handler")?;
     }
-    tracing::info!(%listen, shards = cpus.len(), ?cpus, "sluice starting");
+    let access = match &cfg.auth {
+        Some(auth) => {
+            let shared = Arc::new(sluice_net::access::SharedAccess::new(auth.clone()).context("loading [auth]")?);
+            watch_reload(shared.clone())?;
+            Some(shared)
+        }
+        None => None,
+    };
+    tracing::info!(%listen, shards = cpus.len(), ?cpus, auth = access.is_some(), "sluice starting");
     let (kafka, bridge) = if cfg.mqtt_to_kafka.is_empty() && cfg.kafka_to_mqtt.is_empty() {
         (None, None)
     } else {
@@ -191,6 +247,7 @@ fn real_main() -> anyhow::Result<()> {
             sys_interval_ms: cfg.server.sys_interval_secs * 1000,
             data_dir: cfg.server.data_dir.clone().into(),
             release_memory,
+            access,
         },
         bridge,
         shutdown,

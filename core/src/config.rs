@@ -22,6 +22,8 @@ pub struct Config {
     pub mqtt_to_kafka: Vec<MappingConfig>,
     /// `[[kafka_to_mqtt]]` mappings.
     pub kafka_to_mqtt: Vec<crate::inbound::InboundMappingConfig>,
+    /// `[auth]`: password file, ACL, JWT. Absent: every client is accepted.
+    pub auth: Option<crate::auth::AuthConfig>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]

@@ -23,6 +23,7 @@
 //!
 //! This crate never sees Kafka types; the binary wires bridges in through `sluice-core` types.
 
+pub mod access;
 mod conns;
 mod kafka_link;
 mod mesh;
@@ -86,6 +87,9 @@ pub struct RuntimeConfig {
     /// allocator; mimalloc keeps freed pages otherwise). Called on a shard's thread after its
     /// connections that had not completed CONNECT freed at least `RELEASE_MIN_BYTES`.
     pub release_memory: fn(),
+    /// Authentication and authorization rules (`[auth]`), shared by every shard and reloaded in
+    /// place; `None`: every client is accepted.
+    pub access: Option<std::sync::Arc<access::SharedAccess>>,
 }
 
 /// Why the broker could not run. Each error names the shard and carries its cause as its
@@ -145,6 +149,7 @@ pub fn run(
             sys_interval_ms: cfg.sys_interval_ms,
             data_dir: cfg.data_dir.clone(),
             release_memory: cfg.release_memory,
+            access: cfg.access.clone(),
             epoch,
             bridge: match (&bridge_cfg, links.get_mut(shard_id).and_then(Option::take)) {
                 (Some(b), Some(link)) => Some(shard::ShardBridge {

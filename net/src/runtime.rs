@@ -16,11 +16,13 @@
 use std::cell::RefCell;
 use std::path::PathBuf;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Instant;
 
 use sluice_core::bridge::{ProduceError, ProduceRequest, ProduceResult};
-use sluice_core::shard::{Effects, Shard};
+use sluice_core::shard::{Effects, Shard, VerifyJob};
 
+use crate::access::SharedAccess;
 use crate::conns::{Conns, Host};
 use crate::mesh::Outbox;
 use crate::notify::Notify;
@@ -49,9 +51,19 @@ pub(crate) struct ShardRuntime {
     pub(crate) sessions_ready: Notify,
     /// Wakes the task that runs retained scans in turns ([`Shard::run_retained`]).
     pub(crate) retained_ready: Notify,
+    /// Password checks waiting to run off the reactor, and the flag that wakes their task.
+    pub(crate) verify_queue: RefCell<std::collections::VecDeque<VerifyJob>>,
+    pub(crate) verify_ready: Notify,
+    /// The authentication rules every shard shares, and the generation this shard applies.
+    pub(crate) access: Option<Arc<SharedAccess>>,
+    access_generation: std::cell::Cell<u64>,
     wall_offset_ms: i64,
     epoch: Instant,
 }
+
+/// Password checks (argon2id: tens of milliseconds each) run at once per shard, on glommio's
+/// blocking pool; the rest wait in `verify_queue`, their CONNECTs held.
+const VERIFY_CONCURRENCY: usize = 4;
 
 /// The parts a runtime is made of; [`ShardRuntime::new`] adds the queues and wake-up flags.
 pub(crate) struct Parts {
@@ -62,6 +74,7 @@ pub(crate) struct Parts {
     pub(crate) positions_file: Option<PathBuf>,
     pub(crate) retained: RetainedStore,
     pub(crate) sessions: SessionStore,
+    pub(crate) access: Option<Arc<SharedAccess>>,
     pub(crate) wall_offset_ms: i64,
     pub(crate) epoch: Instant,
 }
@@ -80,6 +93,10 @@ impl ShardRuntime {
             sessions: p.sessions,
             sessions_ready: Notify::default(),
             retained_ready: Notify::default(),
+            verify_queue: RefCell::new(std::collections::VecDeque::new()),
+            verify_ready: Notify::default(),
+            access_generation: std::cell::Cell::new(p.access.as_ref().map_or(0, |a| a.generation())),
+            access: p.access,
             wall_offset_ms: p.wall_offset_ms,
             epoch: p.epoch,
         }
@@ -161,6 +178,20 @@ impl ShardRuntime {
         for (to, msg) in fx.to_shards {
             self.mesh.push(to, msg);
         }
+        if !fx.verify.is_empty() {
+            self.verify_queue.borrow_mut().extend(fx.verify);
+            self.verify_ready.notify();
+        }
+    }
+
+    /// New authentication rules since the last tick (a reload): this shard applies them.
+    fn follow_access(&self) {
+        let Some(access) = &self.access else { return };
+        let generation = access.generation();
+        if generation != self.access_generation.replace(generation) {
+            let (entries, ttl_ms) = access.cache();
+            self.shard.borrow_mut().set_access(access.current(), entries, ttl_ms);
+        }
     }
 
     /// The spill log's group commit made `ids` durable (or failed): their publishers hear it.
@@ -173,6 +204,7 @@ impl ShardRuntime {
     /// One tick of the state machine (keep-alive, delayed wills, session expiry, `$SYS`) and the
     /// periodic work around it: spill statistics, memory release, positions, session commit.
     pub(crate) fn tick(&self, sys_interval_ms: u64, release_memory: fn()) {
+        self.follow_access();
         let now = self.now_ms();
         if let Some(spill) = &self.spill {
             let (backlog, disk_bytes, replayed) = spill.stats();
@@ -232,6 +264,31 @@ pub(crate) async fn session_commits(rt: Rc<ShardRuntime>) {
         rt.sessions_ready.notified().await;
         rt.sessions.commit(&rt.shard, &rt.retained, || rt.now_ms()).await;
         rt.dispatch();
+    }
+}
+
+/// Password checks off the reactor, at most [`VERIFY_CONCURRENCY`] at once; each result goes
+/// back to the state machine, which answers the CONNECT.
+pub(crate) async fn password_checks(rt: Rc<ShardRuntime>) {
+    let running = Rc::new(std::cell::Cell::new(0usize));
+    let done = Rc::new(Notify::default());
+    loop {
+        while running.get() < VERIFY_CONCURRENCY {
+            let Some(job) = rt.verify_queue.borrow_mut().pop_front() else { break };
+            running.set(running.get() + 1);
+            let (rt, running, done) = (rt.clone(), running.clone(), done.clone());
+            glommio::spawn_local(async move {
+                let conn = job.conn;
+                let ok = glommio::executor().spawn_blocking(move || job.run()).await;
+                let now = rt.now_ms();
+                rt.shard.borrow_mut().on_verified(conn, ok, now);
+                rt.dispatch();
+                running.set(running.get() - 1);
+                done.notify();
+            })
+            .detach();
+        }
+        futures_lite::future::or(rt.verify_ready.notified(), done.notified()).await;
     }
 }
 

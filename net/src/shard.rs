@@ -60,6 +60,7 @@ pub(crate) struct ShardConfig {
     pub(crate) release_memory: fn(),
     pub(crate) epoch: Instant,
     pub(crate) bridge: Option<ShardBridge>,
+    pub(crate) access: Option<Arc<crate::access::SharedAccess>>,
 }
 
 /// This shard's end of the MQTT → Kafka bridge.
@@ -114,6 +115,10 @@ pub(crate) async fn run_shard(
     let mut shard = Shard::new(cfg.id, cfg.n_shards, cfg.limits, now0).with_session_store();
     let wall_offset_ms = unix_offset_ms(cfg.epoch);
     shard.set_wall_offset(wall_offset_ms);
+    if let Some(access) = &cfg.access {
+        let (entries, ttl_ms) = access.cache();
+        shard.set_access(access.current(), entries, ttl_ms);
+    }
     let (retained, restored) = RetainedStore::open(&cfg.data_dir.join("retained").join(format!("shard-{}", cfg.id)))?;
     let mut link = None;
     let mut spill = None;
@@ -144,6 +149,7 @@ pub(crate) async fn run_shard(
         positions_file,
         retained,
         sessions,
+        access: cfg.access.clone(),
         wall_offset_ms,
         epoch: cfg.epoch,
     }));
@@ -160,6 +166,7 @@ pub(crate) async fn run_shard(
     let adopted_dirs = if cfg.id == 0 { adopt_orphan_retained(&rt, &cfg.data_dir, cfg.n_shards)? } else { Vec::new() };
     glommio::spawn_local(runtime::session_commits(rt.clone())).detach();
     glommio::spawn_local(runtime::retained_scans(rt.clone())).detach();
+    glommio::spawn_local(runtime::password_checks(rt.clone())).detach();
     if let Some(spill) = &rt.spill {
         glommio::spawn_local(runtime::spill_commits(rt.clone())).detach();
         rt.to_kafka(spill.refill());

@@ -93,7 +93,8 @@ def broker():
 class Paho:
     """paho-mqtt with queues instead of callbacks, so tests read like a script."""
 
-    def __init__(self, addr, client_id, v5=False, clean=True, will=None, props=None, keepalive=60):
+    def __init__(self, addr, client_id, v5=False, clean=True, will=None, props=None, keepalive=60, user=None,
+                 password=None):
         self.v5 = v5
         proto = mqtt.MQTTv5 if v5 else mqtt.MQTTv311
         kw = {} if v5 else {"clean_session": clean}
@@ -107,6 +108,8 @@ class Paho:
         self.c.on_publish = lambda c, u, mid, rc, p: self.events.put(("publish", mid, rc, p))
         if will:
             self.c.will_set(*will)
+        if user is not None or password is not None:
+            self.c.username_pw_set(user, password)
         self.c.reconnect_delay_set(60, 60)  # tests decide when to reconnect
         kwargs = {"clean_start": clean, "properties": props} if v5 else {}
         self.c.connect(addr[0], addr[1], keepalive, **kwargs)

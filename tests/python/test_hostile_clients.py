@@ -80,11 +80,11 @@ class Canary:
     """A QoS 1 publisher and subscriber pair (paho) that keeps round-tripping in the background and
     records the longest wait for any PUBACK or delivery."""
 
-    def __init__(self, pub_addr, sub_addr, name):
+    def __init__(self, pub_addr, sub_addr, name, **paho_kw):
         self.topic = f"canary/{name}"
-        self.sub = Paho(sub_addr, f"{name}-sub", v5=True)
+        self.sub = Paho(sub_addr, f"{name}-sub", v5=True, **paho_kw)
         self.sub.subscribe(self.topic, 1)
-        self.pub = Paho(pub_addr, f"{name}-pub", v5=True)
+        self.pub = Paho(pub_addr, f"{name}-pub", v5=True, **paho_kw)
         self.sent = 0
         self.received = 0
         self.max_gap = 0.0
