@@ -80,6 +80,12 @@ pub(super) struct Conn {
     /// Queued QoS 1/2 messages wait because `out` reached `max_outbound_buffer_bytes`: they move
     /// on when the output has gone out ([`Shard::on_output_drained`]).
     pub(super) out_full: bool,
+    /// Which of the broker's listeners accepted it (index into the configured listeners), for
+    /// per-listener authentication settings.
+    pub(super) listener: u16,
+    /// The identity its transport proved (the client certificate's subject CN or DNS name on a
+    /// TLS listener with `use_identity_as_username`), set before any packet is read.
+    pub(super) identity: Option<Box<str>>,
 }
 
 #[derive(Default)]
@@ -123,6 +129,8 @@ impl Conn {
             problem_information: true,
             acks: AckQueue::default(),
             out_full: false,
+            listener: 0,
+            identity: None,
         }
     }
 
