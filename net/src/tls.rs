@@ -238,3 +238,40 @@ impl<'a> Der<'a> {
         Some((tag, body))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn der(pem: &str) -> Vec<u8> {
+        rustls_pemfile::certs(&mut pem.as_bytes()).next().unwrap().unwrap().to_vec()
+    }
+
+    /// Made by `openssl req -x509 -subj "/O=sluice/CN=device-1"`, and one with no CN and
+    /// `subjectAltName=IP:10.0.0.1,DNS:dev-2.example` (an IP first: the first DNS name counts).
+    #[test]
+    fn identity_is_the_common_name_else_the_first_dns_name() {
+        let cn = "-----BEGIN CERTIFICATE-----\nMIIBnjCCAUOgAwIBAgIUPKdSCHhQt+uyl9FWWwqnCUqfpDAwCgYIKoZIzj0EAwIw\nJDEPMA0GA1UECgwGc2x1aWNlMREwDwYDVQQDDAhkZXZpY2UtMTAeFw0yNjEyMDEx\nMzU0NDhaFw0zNjExMjgxMzU0NDhaMCQxDzANBgNVBAoMBnNsdWljZTERMA8GA1UE\nAwwIZGV2aWNlLTEwWTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAAS/8XZRLq8TSXOd\nF4HAd3E1hUj05T0/6eon56OHr0tuJil49m25kylO58X4EwgLQYP3zNzUp4t6jVos\nTA/8JbFzo1MwUTAdBgNVHQ4EFgQUX73vdU1SxeSeaJmAk5LotyulnXwwHwYDVR0j\nBBgwFoAUX73vdU1SxeSeaJmAk5LotyulnXwwDwYDVR0TAQH/BAUwAwEB/zAKBggq\nhkjOPQQDAgNJADBGAiEA11PKzsyE2IdtyJUtIX8wyoxOIHW05AFuN4WGMmtJUKcC\nIQDstoT+gBiSD3UJRi5sTDvWZgfXKNl6j812hGeOHjAO1g==\n-----END CERTIFICATE-----\n";
+        let san = "-----BEGIN CERTIFICATE-----\nMIIBmDCCAT2gAwIBAgIUD1MsaGWXZXhAj4njHZuRFwkp70UwCgYIKoZIzj0EAwIw\nETEPMA0GA1UECgwGc2x1aWNlMB4XDTI2MTIwMTEzNTQ0OFoXDTM2MTEyODEzNTQ0\nOFowETEPMA0GA1UECgwGc2x1aWNlMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE\nMCYx4X1oKNBc1XOuaD0K5tWovfJExh9h0JeE4KhNdjulR6hBo7EjtWtzeYCH+CXu\nqVPhtB6MULrZCV5tzDtbv6NzMHEwHQYDVR0OBBYEFJTEUpCkWledGj3jEf4OY6mn\nifEWMB8GA1UdIwQYMBaAFJTEUpCkWledGj3jEf4OY6mnifEWMA8GA1UdEwEB/wQF\nMAMBAf8wHgYDVR0RBBcwFYcECgAAAYINZGV2LTIuZXhhbXBsZTAKBggqhkjOPQQD\nAgNJADBGAiEA+MR1W1z9ynBXcPN7BHpjDgd3bcRgyz2DSvumE5kDvGMCIQDJ9wYV\npHhZGq938zyMFph+EbjJ7/L4hwPmQE5mtJSZiA==\n-----END CERTIFICATE-----\n";
+        assert_eq!(certificate_identity(&der(cn)).as_deref(), Some("device-1"));
+        assert_eq!(certificate_identity(&der(san)).as_deref(), Some("dev-2.example"));
+        let d = der(cn);
+        for cut in [0, 1, 10, d.len() / 2, d.len() - 1] {
+            // Truncated DER: no identity, no panic.
+            let _ = certificate_identity(&d[..cut]);
+        }
+        assert_eq!(certificate_identity(b"\x30\x84\xff\xff\xff\xff"), None);
+    }
+
+    #[test]
+    fn errors_name_the_key_and_the_file() {
+        let l = ListenerConfig {
+            kind: ListenerKind::Tls,
+            cert_file: Some("/nonexistent/c.pem".into()),
+            key_file: Some("/nonexistent/k.pem".into()),
+            ..Default::default()
+        };
+        let e = TlsAcceptor::new(&l).unwrap_err().to_string();
+        assert!(e.starts_with("cert_file /nonexistent/c.pem: No such file"), "{e}");
+    }
+}
