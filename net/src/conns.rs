@@ -26,6 +26,11 @@
 //! that a connection is closed at once, as before, and the episode is logged). A connection
 //! whose peer closed or failed is closed at once: there is nobody left to read.
 //!
+//! **Transports.** A connection accepted on a tls/ws/wss listener carries a `Transport` in its
+//! slot: read bytes go through it before the state machine, output through it before the
+//! socket, and the state machine's next output is taken only once the transport's bytes are all
+//! in the kernel. A plain TCP slot has none, and its path is the one described above.
+//!
 //! Invariants: the driver knows the rest of the core only through [`Host`]; the state machine is
 //! told about a connection's end exactly once ([`Shard::on_lost`]), when it lingers or closes,
 //! whichever comes first; a lingering socket is never written to and its input never reaches

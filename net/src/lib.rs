@@ -11,6 +11,11 @@
 //!   task (no task or glommio socket per connection: that is an idle device's memory), and the
 //!   lingering close that lets a peer read our last bytes. It sees the runtime only through its
 //!   small `Host` trait.
+//! - `transport`: what a tls/ws/wss connection puts between its socket and the state machine
+//!   (rustls driven sans-I/O, then `ws`); plain TCP connections have none.
+//! - [`TlsAcceptor`] (`tls`): a TLS listener's configuration from its PEM files, reloadable;
+//!   a client certificate's identity.
+//! - `ws`: WebSocket, sans-I/O (upgrade, frames).
 //! - `mesh`: the per-peer outboxes and the tasks on the channel mesh to every other core.
 //! - [`KafkaLink`] (`kafka_link`): the channels to the Kafka side and the tasks that move
 //!   records out, results back and consumed records in.
