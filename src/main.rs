@@ -24,9 +24,14 @@ struct Cli {
     /// TOML config file.
     #[arg(long, short = 'c', value_name = "FILE")]
     config: Option<PathBuf>,
-    /// MQTT listener address, e.g. 127.0.0.1:1883 (port 0 picks a free port).
+    /// Plain TCP MQTT listener, e.g. 127.0.0.1:1883 (port 0 picks a free port); served in front of
+    /// any `[[listeners]]` of the config file. Default: 127.0.0.1:1883 when no listener is
+    /// configured.
     #[arg(long, value_name = "ADDR")]
     listen: Option<String>,
+    /// Serve --listen on a non-loopback address although nothing authenticates clients.
+    #[arg(long)]
+    allow_anonymous: bool,
     /// Number of shards, one pinned thread each, on the first N CPUs this process may use.
     #[arg(long, value_name = "N")]
     cores: Option<usize>,
@@ -171,7 +176,7 @@ fn real_main() -> anyhow::Result<()> {
     };
     apply_flags(&cli, &mut cfg)?;
     let cpus = choose_cpus(&cfg)?;
-    let listen: SocketAddr = cfg.server.listen.parse().context("server.listen")?;
+    let listeners = listeners(&cli, &cfg)?;
     std::fs::create_dir_all(&cfg.server.data_dir)
         .with_context(|| format!("cannot create data dir {}", cfg.server.data_dir))?;
 
@@ -187,7 +192,8 @@ fn real_main() -> anyhow::Result<()> {
         }
         None => None,
     };
-    tracing::info!(%listen, shards = cpus.len(), ?cpus, auth = access.is_some(), "sluice starting");
+    reload_on_sighup(&listeners)?;
+    tracing::info!(listeners = listeners.len(), shards = cpus.len(), ?cpus, auth = access.is_some(), "sluice starting");
     let (kafka, bridge) = if cfg.mqtt_to_kafka.is_empty() && cfg.kafka_to_mqtt.is_empty() {
         (None, None)
     } else {
@@ -240,7 +246,7 @@ fn real_main() -> anyhow::Result<()> {
     let print = cli.print_listen;
     sluice_net::run(
         sluice_net::RuntimeConfig {
-            listen,
+            listeners,
             shard_listen: cli.shard_listen.clone(),
             cpus,
             limits: cfg.limits.clone(),
@@ -251,14 +257,25 @@ fn real_main() -> anyhow::Result<()> {
         },
         bridge,
         shutdown,
-        move |shard, addr, dedicated| {
-            tracing::info!(shard, %addr, dedicated, "listening");
+        move |shard, what| {
+            use sluice_net::Listening;
+            match what {
+                Listening::Listener { index, kind, addr } if shard == 0 => {
+                    tracing::info!(listener = index, kind = kind.name(), %addr, "listening")
+                }
+                Listening::Dedicated(addr) => tracing::info!(shard, %addr, "listening (this shard only)"),
+                _ => {}
+            }
             if print {
                 use std::io::Write;
                 let mut out = std::io::stdout().lock();
-                let _ = match (dedicated, shard) {
-                    (true, _) => writeln!(out, "shard {shard} listening {addr}"),
-                    (false, 0) => writeln!(out, "listening {addr}"),
+                let _ = match (what, shard) {
+                    (Listening::Dedicated(addr), _) => writeln!(out, "shard {shard} listening {addr}"),
+                    (Listening::Listener { index, kind, addr }, 0) => {
+                        // `listening ADDR` (the first listener) is what scripts have read so far.
+                        let first = if index == 0 { writeln!(out, "listening {addr}") } else { Ok(()) };
+                        first.and_then(|()| writeln!(out, "listener {index} {} {addr}", kind.name()))
+                    }
                     _ => Ok(()),
                 };
                 let _ = out.flush();
@@ -269,6 +286,60 @@ fn real_main() -> anyhow::Result<()> {
         k.shutdown(std::time::Duration::from_secs(2));
     }
     tracing::info!("sluice stopped");
+    Ok(())
+}
+
+/// The listeners every shard serves: `--listen` (or, with no `[[listeners]]`, `server.listen`)
+/// first, then the config file's `[[listeners]]`, each with its TLS files loaded.
+fn listeners(cli: &Cli, cfg: &Config) -> anyhow::Result<Vec<sluice_net::ListenerSpec>> {
+    let mut configs = Vec::new();
+    if cli.listen.is_some() || cfg.listeners.is_empty() {
+        let quick = cfg.quick_listener();
+        if cli.listen.is_none() && cfg.server.listen == Config::default().server.listen {
+            tracing::info!(
+                "no listener configured: listening on {} only, because nothing authenticates clients yet; \
+                 to serve other hosts configure [[listeners]] with allow_anonymous = true \
+                 (or --listen ADDR --allow-anonymous)",
+                quick.address
+            );
+        }
+        configs.push(quick);
+    }
+    configs.extend(cfg.listeners.iter().cloned());
+    let mut specs = Vec::with_capacity(configs.len());
+    for (i, l) in configs.iter().enumerate() {
+        let spec = sluice_net::ListenerSpec::from_config(l)
+            .with_context(|| format!("listener {i} ({} on {})", l.kind.name(), l.address))?;
+        specs.push(spec);
+    }
+    Ok(specs)
+}
+
+/// SIGHUP reloads every TLS listener's certificate and key: new handshakes use the new files,
+/// open connections keep theirs. A listener whose files do not load keeps its old ones.
+fn reload_on_sighup(listeners: &[sluice_net::ListenerSpec]) -> anyhow::Result<()> {
+    let tls: Vec<_> = listeners.iter().enumerate().filter_map(|(i, l)| Some((i, l.tls.clone()?))).collect();
+    let mut signals =
+        signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP]).context("installing SIGHUP handler")?;
+    std::thread::Builder::new()
+        .name("sluice-reload".into())
+        .spawn(move || {
+            for _ in signals.forever() {
+                for (i, acceptor) in &tls {
+                    let (cert, key) = acceptor.files();
+                    match acceptor.reload() {
+                        Ok(()) => {
+                            tracing::info!(listener = i, cert_file = cert, key_file = key, "TLS certificate reloaded")
+                        }
+                        Err(e) => tracing::error!(
+                            listener = i,
+                            "TLS reload failed, keeping the previous certificate and key: {e}"
+                        ),
+                    }
+                }
+            }
+        })
+        .context("starting the reload thread")?;
     Ok(())
 }
 
@@ -289,6 +360,19 @@ fn release_memory() {
 fn apply_flags(cli: &Cli, cfg: &mut Config) -> anyhow::Result<()> {
     if let Some(v) = &cli.listen {
         cfg.server.listen = v.clone();
+        cfg.server.allow_anonymous |= cli.allow_anonymous;
+        let quick = cfg.quick_listener();
+        if let Ok(addr) = v.parse::<SocketAddr>() {
+            if !addr.ip().is_loopback() && !quick.allow_anonymous && !cfg.authenticates() {
+                bail!(
+                    "--listen {addr}: not a loopback address, and no [auth] section authenticates clients: \
+                     configure [auth], add --allow-anonymous to serve anyone who can reach it, or listen \
+                     on 127.0.0.1"
+                );
+            }
+        }
+    } else if cli.allow_anonymous {
+        cfg.server.allow_anonymous = true;
     }
     if let Some(v) = cli.cores {
         cfg.server.cores = v;

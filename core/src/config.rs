@@ -24,6 +24,132 @@ pub struct Config {
     pub kafka_to_mqtt: Vec<crate::inbound::InboundMappingConfig>,
     /// `[auth]`: password file, ACL, JWT. Absent: every client is accepted.
     pub auth: Option<crate::auth::AuthConfig>,
+    /// `[[listeners]]`: when there are none, `server.listen` is the one (plain TCP) listener.
+    pub listeners: Vec<ListenerConfig>,
+}
+
+/// What a listener speaks on top of TCP. A connection's kind is invisible to the shard: the
+/// connection driver turns the transport's bytes into MQTT bytes and back.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerKind {
+    #[default]
+    Tcp,
+    Tls,
+    /// WebSocket (subprotocol `mqtt`, binary frames).
+    Ws,
+    /// WebSocket over TLS.
+    Wss,
+}
+
+impl ListenerKind {
+    pub fn is_tls(self) -> bool {
+        matches!(self, ListenerKind::Tls | ListenerKind::Wss)
+    }
+
+    pub fn is_ws(self) -> bool {
+        matches!(self, ListenerKind::Ws | ListenerKind::Wss)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ListenerKind::Tcp => "tcp",
+            ListenerKind::Tls => "tls",
+            ListenerKind::Ws => "ws",
+            ListenerKind::Wss => "wss",
+        }
+    }
+}
+
+/// One `[[listeners]]` table. Every shard serves every listener (SO_REUSEPORT).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenerConfig {
+    /// IP address and port, e.g. `0.0.0.0:8883`.
+    pub address: String,
+    pub kind: ListenerKind,
+    /// tls/wss: PEM certificate chain (server certificate first) and its private key.
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
+    /// tls/wss: PEM CA certificates that client certificates are verified against (mutual TLS).
+    pub client_ca_file: Option<String>,
+    /// With `client_ca_file`: refuse handshakes without a client certificate (otherwise one is
+    /// optional, and verified when given).
+    pub require_client_certificate: bool,
+    /// The client certificate's subject CN (else its first DNS name) is the connection's
+    /// identity, for authentication to use as the user name.
+    pub use_identity_as_username: bool,
+    /// ws/wss: the HTTP path of the upgrade request (default `/mqtt`).
+    pub path: Option<String>,
+    /// Serve clients on a non-loopback address although no `[auth]` section authenticates them
+    /// (with `[auth]` authenticating every client this is not needed).
+    pub allow_anonymous: bool,
+}
+
+/// Default WebSocket path of ws/wss listeners.
+pub const DEFAULT_WS_PATH: &str = "/mqtt";
+
+impl ListenerConfig {
+    /// The quick path's listener: plain TCP on `address`.
+    pub fn tcp(address: &str, allow_anonymous: bool) -> ListenerConfig {
+        ListenerConfig { address: address.into(), allow_anonymous, ..Default::default() }
+    }
+
+    pub fn ws_path(&self) -> &str {
+        self.path.as_deref().unwrap_or(DEFAULT_WS_PATH)
+    }
+
+    /// Checks one listener; `key` is its config key (`listeners[2]`, `server.listen`).
+    /// `authenticated`: an `[auth]` section authenticates every client (a password file or JWT,
+    /// anonymous clients refused), so a non-loopback address is safe without `allow_anonymous`.
+    pub fn validate(&self, key: &str, authenticated: bool) -> Result<(), ConfigError> {
+        let err = |k: &str, problem: &str| Err(ConfigError { key: format!("{key}.{k}"), problem: problem.into() });
+        let Ok(addr) = self.address.parse::<std::net::SocketAddr>() else {
+            return err("address", "must be an IP address and port, e.g. 0.0.0.0:8883");
+        };
+        let tls = self.kind.is_tls();
+        if tls && self.cert_file.is_none() {
+            return err("cert_file", "a tls/wss listener needs cert_file and key_file (PEM)");
+        }
+        if tls && self.key_file.is_none() {
+            return err("key_file", "a tls/wss listener needs cert_file and key_file (PEM)");
+        }
+        for (k, set) in [
+            ("cert_file", self.cert_file.is_some()),
+            ("key_file", self.key_file.is_some()),
+            ("client_ca_file", self.client_ca_file.is_some()),
+            ("require_client_certificate", self.require_client_certificate),
+            ("use_identity_as_username", self.use_identity_as_username),
+        ] {
+            if set && !tls {
+                return err(k, &format!("only for tls and wss listeners (this one is {})", self.kind.name()));
+            }
+        }
+        if (self.require_client_certificate || self.use_identity_as_username) && self.client_ca_file.is_none() {
+            let k =
+                if self.require_client_certificate { "require_client_certificate" } else { "use_identity_as_username" };
+            return err(k, "needs client_ca_file (the CA that client certificates are verified against)");
+        }
+        if let Some(p) = &self.path {
+            if !self.kind.is_ws() {
+                return err("path", &format!("only for ws and wss listeners (this one is {})", self.kind.name()));
+            }
+            if !p.starts_with('/') || p.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
+                return err("path", "must start with / and hold no spaces, e.g. /mqtt");
+            }
+        }
+        if !addr.ip().is_loopback() && !self.allow_anonymous && !authenticated {
+            return err(
+                "allow_anonymous",
+                &format!(
+                    "{addr} is not a loopback address and no [auth] section authenticates clients: \
+                     configure [auth] (password_file or jwt), or set allow_anonymous = true to serve \
+                     anyone who can reach it (or listen on 127.0.0.1)"
+                ),
+            );
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -158,8 +284,11 @@ impl Default for ClusterConfig {
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
-    /// Address the MQTT listener binds on every shard (SO_REUSEPORT).
+    /// Address the MQTT listener binds on every shard (SO_REUSEPORT) when no `[[listeners]]` are
+    /// configured (and, given as `--listen`, in front of them).
     pub listen: String,
+    /// Serve `listen` without authentication on a non-loopback address (`--allow-anonymous`).
+    pub allow_anonymous: bool,
     /// Number of shards; 0 means one per CPU the process may run on.
     pub cores: usize,
     /// Exact CPUs, e.g. "0,2-5"; overrides `cores` when set.
@@ -241,7 +370,9 @@ pub struct Limits {
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
-            listen: "0.0.0.0:1883".into(),
+            // Loopback only: nothing authenticates clients yet (Mosquitto 2.0 did the same).
+            listen: "127.0.0.1:1883".into(),
+            allow_anonymous: false,
             cores: 0,
             cpuset: None,
             data_dir: "./data".into(),
@@ -284,6 +415,16 @@ pub struct ConfigError {
 }
 
 impl Config {
+    /// Whether `[auth]` authenticates every client: a password file or JWT, no anonymous access.
+    pub fn authenticates(&self) -> bool {
+        self.auth.as_ref().is_some_and(|a| a.authenticates() && !a.allow_anonymous)
+    }
+
+    /// `server.listen` as a listener (the quick path: plain TCP).
+    pub fn quick_listener(&self) -> ListenerConfig {
+        ListenerConfig::tcp(&self.server.listen, self.server.allow_anonymous)
+    }
+
     /// Parses and validates a TOML document.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
         let cfg: Config = toml::from_str(text).map_err(|e| {
@@ -298,7 +439,16 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let err = |key: &str, problem: &str| Err(ConfigError { key: key.into(), problem: problem.into() });
         if self.server.listen.parse::<std::net::SocketAddr>().is_err() {
-            return err("server.listen", "must be an IP address and port, e.g. 0.0.0.0:1883");
+            return err("server.listen", "must be an IP address and port, e.g. 127.0.0.1:1883");
+        }
+        if self.listeners.is_empty() {
+            self.quick_listener().validate("server", self.authenticates()).map_err(|e| ConfigError {
+                key: e.key.replace("server.address", "server.listen"),
+                problem: e.problem.replace("allow_anonymous = true", "allow_anonymous = true (or --allow-anonymous)"),
+            })?;
+        }
+        for (i, l) in self.listeners.iter().enumerate() {
+            l.validate(&format!("listeners[{i}]"), self.authenticates())?;
         }
         if let Some(set) = &self.server.cpuset {
             if let Err(e) = parse_cpuset(set) {
@@ -379,11 +529,16 @@ fn span_key(text: &str, offset: usize) -> String {
     let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
     let line = text[line_start..].lines().next().unwrap_or("");
     let key = line.split('=').next().unwrap_or("").trim().trim_matches(|c| c == '[' || c == ']');
-    let table = text[..line_start]
-        .lines()
-        .rev()
-        .find_map(|l| l.trim().strip_prefix('[').and_then(|l| l.strip_suffix(']')))
-        .map(str::trim);
+    let above = &text[..line_start];
+    let header = above.lines().rev().map(str::trim).find(|l| l.starts_with('[') && l.ends_with(']'));
+    // An array of tables (`[[listeners]]`) is named with the entry's index: `listeners[1]`.
+    let table = header.map(|h| match h.strip_prefix("[[").and_then(|h| h.strip_suffix("]]")) {
+        Some(name) => {
+            let index = above.lines().filter(|l| l.trim() == h).count().saturating_sub(1);
+            format!("{}[{index}]", name.trim())
+        }
+        None => h.trim_matches(|c| c == '[' || c == ']').trim().to_string(),
+    });
     match table {
         Some(t) if !line.trim_start().starts_with('[') => format!("{t}.{key}"),
         _ => key.to_string(),
@@ -457,6 +612,57 @@ mod tests {
         assert_eq!(e.key, "limits.connect_timeout_ms", "{e}");
         let e = Config::from_toml("[server]\ncpuset = \"1-x\"\n").unwrap_err();
         assert_eq!(e.key, "server.cpuset");
+    }
+
+    #[test]
+    fn listeners_parse_and_errors_name_the_listener_key() {
+        let cfg = Config::from_toml(
+            "[[listeners]]\naddress = \"127.0.0.1:8883\"\nkind = \"tls\"\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n\
+             [[listeners]]\naddress = \"0.0.0.0:8080\"\nkind = \"ws\"\nallow_anonymous = true\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.listeners.len(), 2);
+        assert_eq!(cfg.listeners[0].kind, ListenerKind::Tls);
+        assert_eq!(cfg.listeners[1].ws_path(), "/mqtt");
+        let bad = |text: &str| Config::from_toml(text).unwrap_err();
+        let e = bad("[[listeners]]\naddress = \"127.0.0.1:1\"\nkind = \"quic\"\n");
+        assert_eq!(e.key, "listeners[0].kind", "{e}");
+        let e =
+            bad("[[listeners]]\naddress = \"127.0.0.1:1\"\n[[listeners]]\naddress = \"127.0.0.1:2\"\ncert = \"x\"\n");
+        assert_eq!(e.key, "listeners[1].cert", "{e}");
+        let e = bad("[[listeners]]\naddress = \"127.0.0.1:1\"\n[[listeners]]\naddress = \"nowhere\"\n");
+        assert_eq!(e.key, "listeners[1].address", "{e}");
+        let e = bad("[[listeners]]\naddress = \"127.0.0.1:1\"\nkind = \"wss\"\ncert_file = \"c\"\n");
+        assert_eq!(e.key, "listeners[0].key_file", "{e}");
+        let e = bad("[[listeners]]\naddress = \"127.0.0.1:1\"\ncert_file = \"c\"\n");
+        assert_eq!(e.key, "listeners[0].cert_file", "{e}");
+        let e = bad("[[listeners]]\naddress = \"127.0.0.1:1\"\npath = \"/x\"\n");
+        assert_eq!(e.key, "listeners[0].path", "{e}");
+        let e = bad("[[listeners]]\naddress = \"127.0.0.1:1\"\nkind = \"tls\"\ncert_file = \"c\"\nkey_file = \"k\"\nrequire_client_certificate = true\n");
+        assert_eq!(e.key, "listeners[0].require_client_certificate", "{e}");
+    }
+
+    /// Nothing authenticates yet: a listener anyone on the network can reach must say so.
+    #[test]
+    fn non_loopback_listeners_need_allow_anonymous() {
+        assert_eq!(Config::default().server.listen, "127.0.0.1:1883");
+        let e = Config::from_toml("[[listeners]]\naddress = \"0.0.0.0:1883\"\n").unwrap_err();
+        assert_eq!(e.key, "listeners[0].allow_anonymous", "{e}");
+        let e = Config::from_toml("[server]\nlisten = \"0.0.0.0:1883\"\n").unwrap_err();
+        assert_eq!(e.key, "server.allow_anonymous", "{e}");
+        assert!(e.problem.contains("--allow-anonymous"), "{e}");
+        Config::from_toml("[server]\nlisten = \"0.0.0.0:1883\"\nallow_anonymous = true\n").unwrap();
+        // An [auth] section that authenticates every client makes other addresses safe.
+        Config::from_toml("[server]\nlisten = \"0.0.0.0:1883\"\n[auth]\npassword_file = \"/etc/sluice/passwd\"\n")
+            .unwrap();
+        let e = Config::from_toml(
+            "[server]\nlisten = \"0.0.0.0:1883\"\n[auth]\npassword_file = \"/p\"\nallow_anonymous = true\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "server.allow_anonymous", "anonymous clients allowed: not authenticated; {e}");
+        Config::from_toml("[server]\nlisten = \"[::1]:1883\"\n").unwrap();
+        // With listeners configured, server.listen is not one of them.
+        Config::from_toml("[server]\nlisten = \"0.0.0.0:1883\"\n[[listeners]]\naddress = \"127.0.0.1:1\"\n").unwrap();
     }
 
     #[test]

@@ -26,6 +26,11 @@
 //! that a connection is closed at once, as before, and the episode is logged). A connection
 //! whose peer closed or failed is closed at once: there is nobody left to read.
 //!
+//! **Transports.** A connection accepted on a tls/ws/wss listener carries a `Transport` in its
+//! slot: read bytes go through it before the state machine, output through it before the
+//! socket, and the state machine's next output is taken only once the transport's bytes are all
+//! in the kernel. A plain TCP slot has none, and its path is the one described above.
+//!
 //! Invariants: the driver knows the rest of the core only through [`Host`]; the state machine is
 //! told about a connection's end exactly once ([`Shard::on_lost`]), when it lingers or closes,
 //! whichever comes first; a lingering socket is never written to and its input never reaches
@@ -45,6 +50,7 @@ use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 use sluice_core::shard::{ConnId, Shard};
 
 use crate::notify::Notify;
+use crate::transport::{Event, Transport, Wrapping};
 
 /// What the driver needs from the core it runs on (the runtime implements it): the connection
 /// table, the state machine, the clock, and the two decisions that are the core's, not the
@@ -101,6 +107,9 @@ struct Sock {
     /// already has): not read until it says so, so TCP flow control reaches the client.
     paused: bool,
     queued_write: bool,
+    /// TLS / WebSocket between the socket and the state machine; `None` for plain TCP (its
+    /// bytes go to the state machine as they are).
+    transport: Option<Box<Transport>>,
 }
 
 /// A slot keeps its generation while free, so that its next connection gets a new id.
@@ -132,8 +141,19 @@ impl Slab {
     }
 }
 
+/// A bound listening socket and what its connections speak.
+pub(crate) struct Bound {
+    pub(crate) socket: TcpListener,
+    /// Its index among the configured listeners (told to the state machine per connection).
+    pub(crate) index: u16,
+    /// `None`: plain TCP.
+    pub(crate) wrapping: Option<Rc<Wrapping>>,
+}
+
 struct Listener {
     socket: TcpListener,
+    index: u16,
+    wrapping: Option<Rc<Wrapping>>,
     /// Accepting failed (out of descriptors, say): not before this instant again.
     retry_at: Cell<Option<Instant>>,
     /// Stopped before the kernel said "no more": accept again next turn.
@@ -199,15 +219,20 @@ enum ReadOutcome {
 }
 
 impl Conns {
-    pub(crate) fn new(listeners: Vec<TcpListener>) -> std::io::Result<Conns> {
+    pub(crate) fn new(listeners: Vec<Bound>) -> std::io::Result<Conns> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
         for (i, l) in listeners.iter().enumerate() {
-            epoll.add(l, EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLET, LISTENER_TOKEN + i as u64))?;
+            epoll.add(
+                &l.socket,
+                EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLET, LISTENER_TOKEN + i as u64),
+            )?;
         }
         let listeners = listeners
             .into_iter()
-            .map(|socket| Listener {
+            .map(|Bound { socket, index, wrapping }| Listener {
                 socket,
+                index,
+                wrapping,
                 retry_at: Cell::new(None),
                 pending: Cell::new(true),
                 failures: Cell::new(0),
@@ -279,7 +304,7 @@ impl Conns {
         self.wake.notify();
     }
 
-    fn insert(&self, stream: TcpStream) -> std::io::Result<ConnId> {
+    fn insert(&self, stream: TcpStream, transport: Option<Box<Transport>>) -> std::io::Result<ConnId> {
         let mut slots = self.slots.borrow_mut();
         let slot = match self.free.borrow_mut().pop() {
             Some(s) => s as usize,
@@ -303,6 +328,7 @@ impl Conns {
             queued_read: false,
             queued_write: false,
             paused: false,
+            transport,
         });
         self.live.set(self.live.get() + 1);
         Ok(id_of(slot, s.generation))
@@ -347,7 +373,8 @@ impl Conns {
                     s.queued_read = true;
                     self.readable.borrow_mut().push_back(id);
                 }
-                if flags.contains(EpollFlags::EPOLLOUT) && s.unsent.is_some() && !s.queued_write {
+                let pending = s.unsent.is_some() || s.transport.as_ref().is_some_and(|t| t.has_output());
+                if flags.contains(EpollFlags::EPOLLOUT) && pending && !s.queued_write {
                     s.queued_write = true;
                     self.dirty.borrow_mut().push(id);
                 }
@@ -412,9 +439,15 @@ fn accept(host: &impl Host) {
                         continue;
                     }
                     let _ = stream.set_nodelay(true);
-                    match conns.insert(stream) {
+                    let transport = l.wrapping.as_ref().map(|w| Box::new(Transport::new(w)));
+                    match conns.insert(stream, transport) {
                         Ok(id) => {
-                            host.shard().borrow_mut().on_open_from(id, peer.ip(), host.now_ms());
+                            let mut shard = host.shard().borrow_mut();
+                            // The CONNECT deadline counts from here, TLS handshake included.
+                            shard.on_open_from(id, peer.ip(), host.now_ms());
+                            if l.index != 0 {
+                                shard.set_origin(id, l.index, None);
+                            }
                             changed = true;
                         }
                         Err(e) => tracing::warn!(error = %e, "cannot watch an accepted socket"),
@@ -477,6 +510,8 @@ enum Input {
     Bytes(BytesMut, ReadOutcome),
     /// A lingering connection: its input was discarded.
     Discarded(ReadOutcome),
+    /// Bytes that came through a transport, and what it did besides.
+    Wrapped { input: BytesMut, outcome: ReadOutcome, established: Option<(u16, Option<Box<str>>)>, write: bool },
 }
 
 /// Reads what `id` has (up to the budget) and hands it to the state machine.
@@ -500,11 +535,39 @@ fn read(host: &impl Host, id: ConnId) {
             return Some(Input::Discarded(outcome));
         }
         let mut input = s.input.take().map(|b| *b).unwrap_or_default();
-        let outcome = read_some(&mut s.stream, &mut scratch[..], |b| input.extend_from_slice(b));
-        Some(Input::Bytes(input, outcome))
+        let Some(t) = s.transport.as_deref_mut() else {
+            let outcome = read_some(&mut s.stream, &mut scratch[..], |b| input.extend_from_slice(b));
+            return Some(Input::Bytes(input, outcome));
+        };
+        let (mut established, mut ended) = (None, None);
+        let outcome = read_some(&mut s.stream, &mut scratch[..], |b| match t.input(b, &mut input) {
+            Ok(Event::Nothing) => {}
+            Ok(Event::Established(identity)) => established = Some((t.listener(), identity)),
+            Err(e) => ended = ended.or(Some(e)),
+        });
+        // A handshake reply, a pong, a refusal: written with the connection's other output.
+        let reply = t.has_output();
+        if let Some(why) = ended {
+            tracing::debug!(why = why.0, "transport ended; closing the connection");
+            s.closing = true;
+        }
+        Some(Input::Wrapped { input, outcome, established, write: reply || ended.is_some() })
     });
-    let outcome = match got.flatten() {
-        None => return,
+    let got = match got.flatten() {
+        Some(Input::Wrapped { input, outcome, established, write }) => {
+            if let Some(identity) = established {
+                let (listener, identity) = identity;
+                host.shard().borrow_mut().set_origin(id, listener, identity);
+            }
+            if write {
+                conns.queue_write(id, false);
+            }
+            Some(Input::Bytes(input, outcome))
+        }
+        other => other,
+    };
+    let outcome = match got {
+        None | Some(Input::Wrapped { .. }) => return,
         Some(Input::Discarded(ReadOutcome::Gone)) => return close_now(host, id),
         Some(Input::Discarded(outcome)) => {
             requeue(conns, id, &outcome);
@@ -547,6 +610,9 @@ fn flush(host: &impl Host, id: ConnId) {
         if s.lingering {
             // Written out and shut down already; nothing more goes to this socket.
             return None;
+        }
+        if let Some(t) = s.transport.as_deref_mut() {
+            return Some(flush_wrapped(host, id, &mut s.stream, t, s.closing, &mut s.gone));
         }
         let mut out = match s.unsent.take() {
             Some(b) => *b,
@@ -593,6 +659,43 @@ fn flush(host: &impl Host, id: ConnId) {
     if more {
         host.dispatch();
     }
+}
+
+/// [`flush`] through a transport: its queued bytes first; the state machine's next output only
+/// once they are all in the kernel (so the transport holds at most one output chunk, framed or
+/// encrypted). Returns what [`flush`] decides on: (gone, linger, drained).
+fn flush_wrapped(
+    host: &impl Host,
+    id: ConnId,
+    stream: &mut TcpStream,
+    t: &mut Transport,
+    closing: bool,
+    gone: &mut bool,
+) -> (bool, bool, bool) {
+    loop {
+        match t.write_to(stream) {
+            Ok(true) => {}
+            Ok(false) => break, // the kernel is full: EPOLLOUT says when it has room
+            Err(_) => {
+                *gone = true;
+                break;
+            }
+        }
+        if t.ended() {
+            if closing {
+                // What the state machine still had is not wanted any more.
+                while host.shard().borrow_mut().take_output(id).is_some() {}
+            }
+            break;
+        }
+        match host.shard().borrow_mut().take_output(id) {
+            Some(o) => t.output(&o),
+            None if closing => t.close(), // TLS: close_notify, written next round
+            None => break,
+        }
+    }
+    let all_out = !t.has_output();
+    (*gone, !*gone && closing && all_out, !closing && !*gone && all_out)
 }
 
 /// Everything the state machine wrote for `id` before closing it is in the kernel: shut the
@@ -737,7 +840,7 @@ mod tests {
     /// (40 bytes before it too).
     #[test]
     fn a_slot_stays_small() {
-        assert_eq!(std::mem::size_of::<Slot>(), 40);
+        assert_eq!(std::mem::size_of::<Slot>(), 48);
     }
 
     /// The driver around a real state machine, with the glue the runtime would add.
@@ -802,7 +905,7 @@ mod tests {
             .spawn(|| async {
                 let listener = listen("127.0.0.1:0".parse().unwrap()).unwrap();
                 let addr = listener.local_addr().unwrap();
-                let mut conns = Conns::new(vec![listener]).unwrap();
+                let mut conns = Conns::new(vec![Bound { socket: listener, index: 0, wrapping: None }]).unwrap();
                 conns.linger_max = 2;
                 let shard = Shard::new(0, 1, sluice_core::config::Limits::default(), 0);
                 let host = Rc::new(TestHost { conns, shard: RefCell::new(shard), epoch: Instant::now() });

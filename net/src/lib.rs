@@ -11,6 +11,11 @@
 //!   task (no task or glommio socket per connection: that is an idle device's memory), and the
 //!   lingering close that lets a peer read our last bytes. It sees the runtime only through its
 //!   small `Host` trait.
+//! - `transport`: what a tls/ws/wss connection puts between its socket and the state machine
+//!   (rustls driven sans-I/O, then `ws`); plain TCP connections have none.
+//! - [`TlsAcceptor`] (`tls`): a TLS listener's configuration from its PEM files, reloadable;
+//!   a client certificate's identity.
+//! - `ws`: WebSocket, sans-I/O (upgrade, frames).
 //! - `mesh`: the per-peer outboxes and the tasks on the channel mesh to every other core.
 //! - [`KafkaLink`] (`kafka_link`): the channels to the Kafka side and the tasks that move
 //!   records out, results back and consumed records in.
@@ -32,11 +37,15 @@ mod runtime;
 mod shard;
 mod spill;
 mod store;
+mod tls;
+mod transport;
+mod ws;
 
 pub use kafka_link::KafkaLink;
 pub use shard::ShardError;
 pub use spill::SpillError;
 pub use store::StoreError;
+pub use tls::{TlsAcceptor, TlsError};
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
@@ -46,7 +55,48 @@ use std::time::Instant;
 use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::{LocalExecutorBuilder, Placement};
 use sluice_core::bridge::{Delivery, MappingConfig};
-use sluice_core::config::Limits;
+use sluice_core::config::{Limits, ListenerConfig, ListenerKind};
+
+/// One listener; every shard serves every listener (SO_REUSEPORT).
+#[derive(Clone, Debug)]
+pub struct ListenerSpec {
+    pub addr: SocketAddr,
+    pub kind: ListenerKind,
+    /// tls/wss: the certificate and key every shard's handshakes use (reloadable).
+    pub tls: Option<Arc<TlsAcceptor>>,
+    /// ws/wss: the upgrade request's path.
+    pub ws_path: Option<String>,
+    /// A verified client certificate's name is the connection's identity.
+    pub identity_as_username: bool,
+}
+
+impl ListenerSpec {
+    /// From a validated `[[listeners]]` entry; loads its TLS files.
+    pub fn from_config(l: &ListenerConfig) -> Result<ListenerSpec, TlsError> {
+        let addr = l.address.parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
+        Ok(ListenerSpec {
+            addr,
+            kind: l.kind,
+            tls: if l.kind.is_tls() { Some(Arc::new(TlsAcceptor::new(l)?)) } else { None },
+            ws_path: l.kind.is_ws().then(|| l.ws_path().to_string()),
+            identity_as_username: l.use_identity_as_username,
+        })
+    }
+
+    /// A plain TCP listener.
+    pub fn tcp(addr: SocketAddr) -> ListenerSpec {
+        ListenerSpec { addr, kind: ListenerKind::Tcp, tls: None, ws_path: None, identity_as_username: false }
+    }
+}
+
+/// A socket a shard bound, reported to `run`'s `on_listening`.
+#[derive(Clone, Copy, Debug)]
+pub enum Listening {
+    /// Listener `index` of [`RuntimeConfig::listeners`].
+    Listener { index: usize, kind: ListenerKind, addr: SocketAddr },
+    /// The shard's own extra listener (`shard_listen`).
+    Dedicated(SocketAddr),
+}
 
 /// The MQTT → Kafka bridge as the shards see it: the mappings, and one link per shard to the
 /// producers (which the binary starts; this crate never sees them).
@@ -72,7 +122,8 @@ pub struct BridgeSetup {
 /// What the runtime needs to know; the binary builds it from flags and the config file.
 #[derive(Clone, Debug)]
 pub struct RuntimeConfig {
-    pub listen: SocketAddr,
+    /// At least one. Index 0 is the connections' default origin (`Shard::set_origin`).
+    pub listeners: Vec<ListenerSpec>,
     /// One shard per entry, pinned to that CPU.
     pub cpus: Vec<usize>,
     /// Optional extra listener per shard (index = shard): a client connecting there is served by
@@ -109,24 +160,23 @@ pub enum RunError {
 
 /// Runs the broker until `shutdown` becomes true. Blocks the calling thread.
 ///
-/// `on_listening(shard, addr, dedicated)` is called for every bound listener (useful with port
-/// 0); `dedicated` marks a shard's own extra listener.
+/// `on_listening(shard, what)` is called for every bound listener (useful with port 0).
 pub fn run(
     cfg: RuntimeConfig,
     bridge: Option<BridgeSetup>,
     shutdown: Arc<AtomicBool>,
-    on_listening: impl Fn(usize, SocketAddr, bool) + Send + Sync + 'static,
+    on_listening: impl Fn(usize, Listening) + Send + Sync + 'static,
 ) -> Result<(), RunError> {
     let n = cfg.cpus.len();
     store::prepare_sessions(&cfg.data_dir.join("sessions"), n)?;
     let mesh = MeshBuilder::full(n, mesh::MESH_CHANNEL_BATCHES);
     let epoch = Instant::now();
     let on_listening = Arc::new(on_listening);
-    // With port 0 every shard must share the port the first one got: bind shard 0 first.
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel::<SocketAddr>();
+    // With port 0 every shard must share the ports the first one got: bind shard 0 first.
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel::<(usize, SocketAddr)>();
     let mut addr_tx = Some(addr_tx);
     let mut handles = Vec::with_capacity(n);
-    let mut listen = cfg.listen;
+    let mut listeners = cfg.listeners.clone();
     let (mut links, bridge_cfg) = match bridge {
         Some(mut b) => {
             store::adopt_orphan_spills(&b.spill_dir, n, b.spill)?;
@@ -143,7 +193,7 @@ pub fn run(
         let shard_cfg = shard::ShardConfig {
             id: shard_id,
             n_shards: n,
-            listen,
+            listeners: listeners.clone(),
             own_listen: cfg.shard_listen.get(shard_id).copied(),
             limits: cfg.limits.clone(),
             sys_interval_ms: cfg.sys_interval_ms,
@@ -177,20 +227,22 @@ pub fn run(
         let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("sluice-shard-{shard_id}"))
             .spawn(move || async move {
-                shard::run_shard(shard_cfg, mesh, shutdown, move |addr, dedicated| {
-                    if let (Some(tx), false) = (&addr_tx, dedicated) {
-                        let _ = tx.send(addr);
+                shard::run_shard(shard_cfg, mesh, shutdown, move |what| {
+                    if let (Some(tx), Listening::Listener { index, addr, .. }) = (&addr_tx, what) {
+                        let _ = tx.send((index, addr));
                     }
-                    on_listening(shard_id, addr, dedicated);
+                    on_listening(shard_id, what);
                 })
                 .await
             })
             .map_err(|e| RunError::Spawn { shard: shard_id, cpu, message: e.to_string() })?;
         handles.push(handle);
         if shard_id == 0 {
-            match addr_rx.recv() {
-                Ok(addr) => listen = addr,
-                Err(_) => break,
+            for _ in 0..listeners.len() {
+                match addr_rx.recv() {
+                    Ok((index, addr)) => listeners[index].addr = addr,
+                    Err(_) => break,
+                }
             }
         }
     }

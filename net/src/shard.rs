@@ -16,17 +16,18 @@ use std::time::{Duration, Instant};
 
 use glommio::channels::channel_mesh::{Full, MeshBuilder};
 use sluice_core::bridge::{Delivery, MappingConfig, Router};
-use sluice_core::config::{Limits, Qos0Policy};
+use sluice_core::config::{Limits, ListenerKind, Qos0Policy};
 use sluice_core::inbound::{Inbound, InboundMappingConfig};
 use sluice_core::shard::{BridgeOptions, Shard, ShardMsg};
 
-use crate::conns::{self, Conns};
+use crate::conns::{self, Bound, Conns};
 use crate::kafka_link::{self, KafkaLink};
 use crate::mesh;
 use crate::notify::Notify;
 use crate::runtime::{self, Parts, ShardRuntime};
 use crate::spill::{Spill, SpillError};
 use crate::store::{RetainedStore, SessionStore, StoreError};
+use crate::transport::Wrapping;
 
 const TICK: Duration = Duration::from_millis(100);
 
@@ -52,7 +53,7 @@ pub enum ShardError {
 pub(crate) struct ShardConfig {
     pub(crate) id: usize,
     pub(crate) n_shards: usize,
-    pub(crate) listen: SocketAddr,
+    pub(crate) listeners: Vec<crate::ListenerSpec>,
     pub(crate) own_listen: Option<SocketAddr>,
     pub(crate) limits: Limits,
     pub(crate) sys_interval_ms: u64,
@@ -101,15 +102,33 @@ pub(crate) async fn run_shard(
     cfg: ShardConfig,
     mesh: MeshBuilder<Vec<ShardMsg>, Full>,
     shutdown: Arc<AtomicBool>,
-    on_listening: impl Fn(SocketAddr, bool),
+    on_listening: impl Fn(crate::Listening),
 ) -> Result<(), ShardError> {
-    let bind = |addr: SocketAddr, dedicated: bool| {
+    let bind = |addr: SocketAddr| {
         let l = conns::listen(addr).map_err(|source| ShardError::Listen { addr, source })?;
-        on_listening(l.local_addr().map_err(|source| ShardError::Listen { addr, source })?, dedicated);
-        Ok::<_, ShardError>(l)
+        let bound = l.local_addr().map_err(|source| ShardError::Listen { addr, source })?;
+        Ok::<_, ShardError>((l, bound))
     };
-    let listener = bind(cfg.listen, false)?;
-    let own_listener = cfg.own_listen.map(|a| bind(a, true)).transpose()?;
+    let mut bound = Vec::with_capacity(cfg.listeners.len() + 1);
+    for (index, spec) in cfg.listeners.iter().enumerate() {
+        let (socket, addr) = bind(spec.addr)?;
+        on_listening(crate::Listening::Listener { index, kind: spec.kind, addr });
+        let wrapping = (spec.kind != ListenerKind::Tcp).then(|| {
+            Rc::new(Wrapping {
+                index: index as u16,
+                tls: spec.tls.clone(),
+                ws_path: spec.ws_path.as_deref().map(Into::into),
+                identity_as_username: spec.identity_as_username,
+                max_frame: cfg.limits.max_packet_size as usize,
+            })
+        });
+        bound.push(Bound { socket, index: index as u16, wrapping });
+    }
+    if let Some(a) = cfg.own_listen {
+        let (socket, addr) = bind(a)?;
+        on_listening(crate::Listening::Dedicated(addr));
+        bound.push(Bound { socket, index: 0, wrapping: None });
+    }
     let (senders, receivers) = mesh.join().await.map_err(|e| ShardError::Mesh { message: e.to_string() })?;
     let now0 = cfg.epoch.elapsed().as_millis() as u64;
     let mut shard = Shard::new(cfg.id, cfg.n_shards, cfg.limits, now0).with_session_store();
@@ -139,8 +158,7 @@ pub(crate) async fn run_shard(
         &mut shard,
         cfg.epoch.elapsed().as_millis() as u64,
     )?;
-    let conns = Conns::new([Some(listener), own_listener].into_iter().flatten().collect())
-        .map_err(|source| ShardError::Watch { source })?;
+    let conns = Conns::new(bound).map_err(|source| ShardError::Watch { source })?;
     let rt = Rc::new(ShardRuntime::new(Parts {
         shard,
         conns,

@@ -7,7 +7,8 @@
 //! unless told otherwise.
 //!
 //! - **CONNECT**: a user name and password is checked against the password file, or the
-//!   password is a JWT. A password hash that is slow by design (argon2id) is not checked on the
+//!   password is a JWT, or the client certificate a TLS listener verified names the user
+//!   (`use_identity_as_username`). A password hash that is slow by design (argon2id) is not checked on the
 //!   shard: the CONNECT waits ([`ConnState::Authenticating`](super::ConnState)) while the caller
 //!   checks it off the reactor ([`Effects::verify`](super::Effects::verify)) and reports back
 //!   ([`Shard::on_verified`](super::Shard::on_verified)); successful checks are cached per shard
@@ -115,6 +116,15 @@ impl VerifyJob {
     }
 }
 
+/// What a CONNECT presents.
+pub(super) struct Credentials<'a> {
+    pub(super) client_id: &'a str,
+    /// The client certificate's name, from a listener with `use_identity_as_username`.
+    pub(super) identity: Option<&'a str>,
+    pub(super) user: Option<&'a str>,
+    pub(super) password: Option<&'a Bytes>,
+}
+
 /// What authentication decided for a CONNECT.
 pub(super) enum Decision {
     Granted(Box<ConnAuth>),
@@ -158,15 +168,8 @@ impl Access {
     }
 
     /// Authenticates a CONNECT. `now_unix_ms` is wall time (JWT `exp`/`nbf`); `now_ms` the shard's.
-    pub(super) fn decide(
-        &mut self,
-        conn: ConnId,
-        client_id: &str,
-        user: Option<&str>,
-        password: Option<&Bytes>,
-        now_ms: u64,
-        now_unix_ms: i64,
-    ) -> Decision {
+    pub(super) fn decide(&mut self, conn: ConnId, who: Credentials<'_>, now_ms: u64, now_unix_ms: i64) -> Decision {
+        let Credentials { client_id, identity, user, password } = who;
         let Some(rules) = self.rules.clone() else { return Decision::Granted(Box::new(open_auth())) };
         let grant = |user: Option<&str>, acl: Option<ClientAcl>, acl_from_token, expires_at_ms| {
             let acl = if acl_from_token { acl } else { rules.acl.as_ref().map(|a| a.for_client(user, client_id)) };
@@ -178,6 +181,11 @@ impl Access {
                 expires_at_ms,
             }))
         };
+        // A client certificate verified by a listener with `use_identity_as_username` is the
+        // credential: its name is the user name, no password needed (mutual TLS).
+        if let Some(id) = identity {
+            return grant(Some(id), None, false, None);
+        }
         let (Some(user), Some(password)) = (user, password) else {
             if user.is_none() && password.is_none() && rules.allow_anonymous {
                 return grant(None, None, false, None);

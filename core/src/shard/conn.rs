@@ -84,6 +84,12 @@ pub(super) struct Conn {
     pub(super) out_full: bool,
     /// Who the client is and what it may do, when authentication is configured.
     pub(super) auth: Option<Box<ConnAuth>>,
+    /// Which of the broker's listeners accepted it (index into the configured listeners), for
+    /// per-listener authentication settings.
+    pub(super) listener: u16,
+    /// The identity its transport proved (the client certificate's subject CN or DNS name on a
+    /// TLS listener with `use_identity_as_username`), set before any packet is read.
+    pub(super) identity: Option<Box<str>>,
 }
 
 #[derive(Default)]
@@ -128,6 +134,8 @@ impl Conn {
             acks: AckQueue::default(),
             out_full: false,
             auth: None,
+            listener: 0,
+            identity: None,
         }
     }
 

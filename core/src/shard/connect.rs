@@ -64,8 +64,14 @@ impl Shard {
         if self.access.enabled() {
             let now_unix_ms = self.wall_offset_ms + now_ms as i64;
             let user = connect.username.as_deref();
-            let decision =
-                self.access.decide(conn, &connect.client_id, user, connect.password.as_ref(), now_ms, now_unix_ms);
+            let identity = self.conns.get(&conn).and_then(|c| c.identity.clone());
+            let who = Credentials {
+                client_id: &connect.client_id,
+                identity: identity.as_deref(),
+                user,
+                password: connect.password.as_ref(),
+            };
+            let decision = self.access.decide(conn, who, now_ms, now_unix_ms);
             match decision {
                 Decision::Granted(auth) => {
                     if let Some(c) = self.conns.get_mut(&conn) {

@@ -40,6 +40,16 @@ impl Shard {
         self.conns.insert(conn, Box::new(Conn::new(now_ms)));
     }
 
+    /// Where `conn` came from, as its transport established it before its first byte reaches
+    /// the state machine: the index of the listener that accepted it, and the identity the
+    /// transport proved (a verified client certificate's name), if any.
+    pub fn set_origin(&mut self, conn: ConnId, listener: u16, identity: Option<Box<str>>) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.listener = listener;
+            c.identity = identity;
+        }
+    }
+
     /// Whether the connection is waiting for its session; the caller should hold further input.
     pub fn is_pending(&self, conn: ConnId) -> bool {
         matches!(self.conns.get(&conn).map(|c| &c.state), Some(ConnState::Pending { .. }))

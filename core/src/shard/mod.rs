@@ -75,7 +75,7 @@ mod subscribe;
 mod sys;
 mod timers;
 mod transfer;
-use access::{Access, ConnAuth, Decision};
+use access::{Access, ConnAuth, Credentials, Decision};
 pub use access::{AccessRules, VerifyJob};
 use ack_queue::AckQueue;
 use commits::SessionCommits;
