@@ -400,3 +400,29 @@ def test_a_non_loopback_listener_needs_allow_anonymous(certs):
         assert r.returncode == 2 and "listeners[0].allow_anonymous" in r.stderr, r.stderr
     finally:
         shutil.rmtree(data, ignore_errors=True)
+
+
+def test_a_verified_client_certificate_names_the_user_and_the_acl_follows_it(certs, tmp_path):
+    """mTLS with use_identity_as_username and [auth]: the certificate's CN (device-1) is the user,
+    no password needed; its ACL lets it write fleet/device-1/# only. On the plain listener the
+    same client without credentials is refused."""
+    (tmp_path / "passwd").write_text("")
+    (tmp_path / "acl").write_text("user device-1\ntopic readwrite fleet/device-1/#\n")
+    config = listeners_config(certs) + f"""
+[auth]
+password_file = "{tmp_path / 'passwd'}"
+acl_file = "{tmp_path / 'acl'}"
+"""
+    b = broker_with(config=config)
+    try:
+        dev = client(addr(b, MTLS, "tls"), "device-1", v5=True, tls=tls_opts(certs, certs.client))
+        codes = []
+        dev.on_publish = lambda c, u, mid, rc, p: codes.append(rc.value)
+        dev.publish("fleet/device-1/speed", b"1", 1).wait_for_publish(WAIT)
+        dev.publish("fleet/device-2/speed", b"1", 1).wait_for_publish(WAIT)
+        assert codes == [0, 0x87], codes
+        close(dev)
+        with pytest.raises(AssertionError):
+            client(b.addr, "device-1", v5=True)
+    finally:
+        b.stop()
