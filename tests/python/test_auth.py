@@ -163,3 +163,15 @@ def test_a_password_guessing_storm_is_slowed_and_does_not_disturb_a_canary(auth_
     canary.check(max_gap=1.0)
     assert results and all(rc == 0x86 for rc, _ in results)
     assert max(d for _, d in results) >= 0.4, "repeated failures from one address are answered later and later"
+
+
+def test_a_client_is_disconnected_when_its_token_expires(auth_broker):
+    exp = int(time.time()) + 2
+    token = jwt.encode({"sub": "carol", "exp": exp}, SECRET, algorithm="HS256")
+    c = Paho(auth_broker.addr, "car3", v5=True, user="carol", password=token)
+    assert c.rc.value == 0
+    _, _, rc, _ = c.event("disconnect")
+    # MQTT 5 0xA0: maximum connect time; it comes at the token's exp (checked every 0.5 s).
+    assert rc.value == 0xA0, rc
+    assert time.time() >= exp - 0.5
+    c.close()

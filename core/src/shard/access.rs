@@ -75,12 +75,20 @@ impl ConnAuth {
         self.acl.as_ref().is_none_or(|a| a.may_publish(topic))
     }
 
+    /// Without an ACL everything but `$SYS` may be read: `$SYS/#` (the broker's own figures) only
+    /// by users an ACL rule names.
     pub(super) fn may_subscribe(&self, filter: &str) -> bool {
-        self.acl.as_ref().is_none_or(|a| a.may_subscribe(filter))
+        match &self.acl {
+            Some(a) => a.may_subscribe(filter),
+            None => !filter.starts_with('$'),
+        }
     }
 
     pub(super) fn may_read(&self, topic: &str) -> bool {
-        self.acl.as_ref().is_none_or(|a| a.may_read(topic))
+        match &self.acl {
+            Some(a) => a.may_read(topic),
+            None => !topic.starts_with('$'),
+        }
     }
 
     /// After a reload: the ACL for this client under `rules`, unless the token gave it one.

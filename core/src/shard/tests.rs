@@ -1413,3 +1413,26 @@ fn a_slow_password_hash_is_checked_off_the_shard_and_the_connect_waits_for_it() 
     // The successful check is cached: the next CONNECT needs no job.
     assert_eq!(connect_as(&mut w, 0, 3, "c3", Some("erin"), Some("pw")), reason::SUCCESS);
 }
+
+#[test]
+fn with_authentication_and_no_acl_sys_topics_are_for_nobody() {
+    const PASSWORDS: &str = "alice:$7$101$THB+U8AF19njwmXp$CruZM9nC4FKYpcWYdtxYAxKu7pzsSBvnI4qseWBD8+d2GyUPopm5/iPKHzSQQfNvnYIu2xTkDkuVLfS6/21IYQ==\n";
+    let rules = Arc::new(AccessRules {
+        passwords: Some(crate::auth::PasswordFile::parse(PASSWORDS).unwrap()),
+        generation: 1,
+        ..AccessRules::default()
+    });
+    let mut w = World::new(1, Limits::default());
+    w.shards[0].set_access(rules, 100, 60_000);
+    assert_eq!(connect_as(&mut w, 0, 1, "c1", Some("alice"), Some("s3cret pass")), reason::SUCCESS);
+    let sub = Packet::Subscribe(Subscribe {
+        packet_id: 1,
+        filters: ["$SYS/#", "any/#"].iter().map(|f| (f.to_string(), SubOptions::default())).collect(),
+        properties: Properties::default(),
+    });
+    w.send(0, 1, V5, sub);
+    match w.recv(0, 1, V5).as_slice() {
+        [Packet::SubAck(a)] => assert_eq!(a.codes, vec![reason::NOT_AUTHORIZED, 0]),
+        o => panic!("{o:?}"),
+    }
+}
