@@ -175,3 +175,58 @@ def test_a_client_is_disconnected_when_its_token_expires(auth_broker):
     assert rc.value == 0xA0, rc
     assert time.time() >= exp - 0.5
     c.close()
+
+
+def test_records_from_kafka_reach_only_devices_that_may_read_them(kafka, paho, tmp_path):
+    """A subscription granted under one ACL stops reading what a reloaded ACL denies, for
+    messages that come from Kafka too: every delivery is checked when it is written."""
+    import uuid
+    from confluent_kafka import Producer
+    topic = f"cmds-{uuid.uuid4().hex[:8]}"
+    kafka.create_topic(topic, partitions=1)
+    pw = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-c", "-b", str(pw), "alice", "s3cret"], check=True)
+    acl = tmp_path / "acl"
+    acl.write_text("user alice\ntopic read devices/#\n")
+    config = tmp_path / "sluice.toml"
+    config.write_text(f"""
+[auth]
+password_file = "{pw}"
+acl_file = "{acl}"
+
+[[kafka_to_mqtt]]
+name = "commands"
+cluster = "default"
+kafka_topics = ["{topic}"]
+mqtt_topics = ["devices/${{key}}/commands"]
+qos = 1
+start = "earliest"
+""")
+    b = Broker("--kafka", kafka.bootstrap, "--config", str(config))
+    try:
+        dev = Paho(b.addr, "car-1", v5=True, user="alice", password="s3cret")
+        _, _, rcs, _ = dev.subscribe("devices/#", 1)
+        assert rcs[0].value == 1
+        acl.write_text("pattern read devices/%c/#\n")
+        b.proc.send_signal(signal.SIGHUP)
+        # Wait until the new rules are in force, asking on another connection: `dev` itself sends
+        # nothing after the reload, so only the delivery check can keep car-2's records from it.
+        deadline = time.monotonic() + WAIT
+        while True:
+            probe = Paho(b.addr, "probe", v5=True, user="alice", password="s3cret")
+            refused = probe.subscribe("devices/car-2/#", 1)[2][0].value == 0x87
+            probe.close()
+            if refused:
+                break
+            assert time.monotonic() < deadline, "the reload never applied"
+            time.sleep(0.05)
+        p = Producer({"bootstrap.servers": kafka.bootstrap, "linger.ms": 0})
+        for key in ["car-2", "car-1", "car-2", "car-1"]:
+            p.produce(topic, key=key.encode(), value=f"for {key}".encode())
+        assert p.flush(WAIT) == 0
+        got = [dev.message() for _ in range(2)]
+        assert [(m.topic, m.payload) for m in got] == [("devices/car-1/commands", b"for car-1")] * 2
+        dev.no_message(0.5)
+        dev.close()
+    finally:
+        b.stop()

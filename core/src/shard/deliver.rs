@@ -128,10 +128,16 @@ impl Shard {
             return false;
         };
         let Some(c) = self.conns.get_mut(&conn) else { return false };
-        if c.auth.as_ref().is_some_and(|a| !a.may_read(&d.msg.topic)) {
-            // Whatever route it came by (live, queued, retained, shared, Kafka): not this client's.
-            self.stats.acl_dropped += 1;
-            return false;
+        if let Some(auth) = c.auth.as_mut() {
+            // Rules reloaded since: a subscription granted before no longer reads what they deny.
+            if let (Some(rules), ConnState::Active { client_id }) = (self.access.rules(), &c.state) {
+                auth.refresh(rules, client_id);
+            }
+            if !auth.may_read(&d.msg.topic) {
+                // Whatever route it came by (live, queued, retained, shared, Kafka): not this client's.
+                self.stats.acl_dropped += 1;
+                return false;
+            }
         }
         let v5 = c.is_v5();
         let mut topic: &str = &d.msg.topic;
