@@ -94,7 +94,7 @@ enum Command {
     /// Print a commented default config file.
     GenerateConfig,
     /// Add or update USER in a Mosquitto-format password file (argon2id), reading the password
-    /// from stdin (one line); the file is created if missing.
+    /// from stdin (one line; at a terminal, prompted and not echoed); the file is created if missing.
     Passwd { file: PathBuf, user: String },
 }
 
@@ -114,8 +114,7 @@ fn main() {
 /// (the other lines kept; temp file and rename, so a crash never leaves half a file).
 fn passwd(file: &std::path::Path, user: &str) -> anyhow::Result<()> {
     use sluice_core::auth::password::{hash_argon2id, upsert_entry};
-    let mut line = String::new();
-    std::io::stdin().read_line(&mut line).context("reading the password from stdin")?;
+    let line = read_password().context("reading the password")?;
     let password = line.trim_end_matches(['\n', '\r']);
     if password.is_empty() {
         bail!("empty password");
@@ -131,6 +130,27 @@ fn passwd(file: &std::path::Path, user: &str) -> anyhow::Result<()> {
     std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, file).with_context(|| format!("cannot replace {}", file.display()))?;
     Ok(())
+}
+
+/// One line from stdin; at a terminal, after a prompt and without echo.
+fn read_password() -> std::io::Result<String> {
+    use nix::sys::termios::{tcgetattr, tcsetattr, LocalFlags, SetArg};
+    use std::io::IsTerminal;
+    let stdin = std::io::stdin();
+    let mut line = String::new();
+    if !stdin.is_terminal() {
+        stdin.read_line(&mut line)?;
+        return Ok(line);
+    }
+    eprint!("Password: ");
+    let old = tcgetattr(&stdin)?;
+    let mut quiet = old.clone();
+    quiet.local_flags.remove(LocalFlags::ECHO);
+    tcsetattr(&stdin, SetArg::TCSANOW, &quiet)?;
+    let read = stdin.read_line(&mut line);
+    tcsetattr(&stdin, SetArg::TCSANOW, &old)?;
+    eprintln!();
+    read.map(|_| line)
 }
 
 /// SIGHUP reloads the `[auth]` files; a reload that fails keeps the rules in force.

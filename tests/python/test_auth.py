@@ -230,3 +230,28 @@ start = "earliest"
         dev.close()
     finally:
         b.stop()
+
+
+@pytest.mark.parametrize("alg,key", [("RS256", "rsa"), ("ES256", "ec")])
+def test_tokens_signed_with_a_private_key_are_checked_against_the_public_key(tmp_path, alg, key):
+    keys = os.path.join(os.path.dirname(__file__), "..", "..", "core", "src", "auth", "testdata")
+    private = open(os.path.join(keys, f"{key}_private.pem")).read()
+    (tmp_path / "sluice.toml").write_text(f"""
+[auth.jwt]
+algorithm = "{alg}"
+public_key_file = "{os.path.join(keys, f'{key}_public.pem')}"
+""")
+    b = Broker("--config", str(tmp_path / "sluice.toml"))
+    try:
+        now = int(time.time())
+        good = jwt.encode({"sub": "dev-7", "exp": now + 60}, private, algorithm=alg)
+        other = open(os.path.join(keys, "rsa2_private.pem")).read()
+        assert connect_rc(b.addr, "d1", "dev-7", good) == 0
+        if alg == "RS256":
+            forged = jwt.encode({"sub": "dev-7", "exp": now + 60}, other, algorithm=alg)
+            assert connect_rc(b.addr, "d2", "dev-7", forged) == 0x86
+        # A token naming another algorithm (the HS256-with-the-public-key trick) is refused.
+        assert connect_rc(b.addr, "d3", "dev-7", jwt.encode({"sub": "x", "exp": now + 60}, "k" * 32,
+                                                           algorithm="HS256")) == 0x86
+    finally:
+        b.stop()
