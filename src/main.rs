@@ -196,7 +196,8 @@ fn real_main() -> anyhow::Result<()> {
     };
     apply_flags(&cli, &mut cfg)?;
     let cpus = choose_cpus(&cfg)?;
-    let listeners = listeners(&cli, &cfg)?;
+    let listener_configs = listener_configs(&cli, &cfg);
+    let listeners = listeners(&listener_configs)?;
     std::fs::create_dir_all(&cfg.server.data_dir)
         .with_context(|| format!("cannot create data dir {}", cfg.server.data_dir))?;
 
@@ -206,7 +207,10 @@ fn real_main() -> anyhow::Result<()> {
     }
     let access = match &cfg.auth {
         Some(auth) => {
-            let shared = Arc::new(sluice_net::access::SharedAccess::new(auth.clone()).context("loading [auth]")?);
+            // A listener's `allow_anonymous` lets clients without credentials in on that listener.
+            let anonymous = listener_configs.iter().map(|l| l.allow_anonymous).collect();
+            let shared =
+                Arc::new(sluice_net::access::SharedAccess::new(auth.clone(), anonymous).context("loading [auth]")?);
             watch_reload(shared.clone())?;
             Some(shared)
         }
@@ -309,23 +313,27 @@ fn real_main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The listeners every shard serves: `--listen` (or, with no `[[listeners]]`, `server.listen`)
-/// first, then the config file's `[[listeners]]`, each with its TLS files loaded.
-fn listeners(cli: &Cli, cfg: &Config) -> anyhow::Result<Vec<sluice_net::ListenerSpec>> {
+/// The listeners every shard serves, by index: `--listen` (or, with no `[[listeners]]`,
+/// `server.listen`) first, then the config file's `[[listeners]]`.
+fn listener_configs(cli: &Cli, cfg: &Config) -> Vec<sluice_core::config::ListenerConfig> {
     let mut configs = Vec::new();
     if cli.listen.is_some() || cfg.listeners.is_empty() {
         let quick = cfg.quick_listener();
         if cli.listen.is_none() && cfg.server.listen == Config::default().server.listen {
             tracing::info!(
-                "no listener configured: listening on {} only, because nothing authenticates clients yet; \
-                 to serve other hosts configure [[listeners]] with allow_anonymous = true \
-                 (or --listen ADDR --allow-anonymous)",
+                "no listener configured: listening on {} only; to serve other hosts configure [auth] \
+                 and [[listeners]] (or allow_anonymous = true, or --listen ADDR --allow-anonymous)",
                 quick.address
             );
         }
         configs.push(quick);
     }
     configs.extend(cfg.listeners.iter().cloned());
+    configs
+}
+
+/// [`listener_configs`] with each listener's TLS files loaded.
+fn listeners(configs: &[sluice_core::config::ListenerConfig]) -> anyhow::Result<Vec<sluice_net::ListenerSpec>> {
     let mut specs = Vec::with_capacity(configs.len());
     for (i, l) in configs.iter().enumerate() {
         let spec = sluice_net::ListenerSpec::from_config(l)

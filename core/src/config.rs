@@ -81,8 +81,8 @@ pub struct ListenerConfig {
     pub use_identity_as_username: bool,
     /// ws/wss: the HTTP path of the upgrade request (default `/mqtt`).
     pub path: Option<String>,
-    /// Serve clients on a non-loopback address although no `[auth]` section authenticates them
-    /// (with `[auth]` authenticating every client this is not needed).
+    /// Clients without credentials are accepted on this listener, even when `[auth]`
+    /// authenticates on the others; and a non-loopback address may be served without `[auth]`.
     pub allow_anonymous: bool,
 }
 

@@ -34,7 +34,7 @@ fn read(key: &'static str, path: &Path) -> Result<String, AccessError> {
 }
 
 /// Reads every file `cfg` names into rules with `generation`.
-pub fn load(cfg: &AuthConfig, generation: u64) -> Result<AccessRules, AccessError> {
+pub fn load(cfg: &AuthConfig, anonymous_listeners: &[bool], generation: u64) -> Result<AccessRules, AccessError> {
     cfg.validate()?;
     let passwords = match &cfg.password_file {
         Some(p) => Some(
@@ -72,12 +72,20 @@ pub fn load(cfg: &AuthConfig, generation: u64) -> Result<AccessRules, AccessErro
         }
         None => None,
     };
-    Ok(AccessRules { allow_anonymous: cfg.allow_anonymous, passwords, acl, jwt, generation })
+    Ok(AccessRules {
+        allow_anonymous: cfg.allow_anonymous,
+        anonymous_listeners: anonymous_listeners.to_vec(),
+        passwords,
+        acl,
+        jwt,
+        generation,
+    })
 }
 
 /// The rules every shard applies, replaced whole on reload.
 pub struct SharedAccess {
     config: AuthConfig,
+    anonymous_listeners: Vec<bool>,
     current: Mutex<Arc<AccessRules>>,
     generation: AtomicU64,
 }
@@ -89,17 +97,19 @@ impl std::fmt::Debug for SharedAccess {
 }
 
 impl SharedAccess {
-    /// Loads the rules `config` names (an error here stops the start).
-    pub fn new(config: AuthConfig) -> Result<SharedAccess, AccessError> {
-        let rules = load(&config, 1)?;
-        Ok(SharedAccess { config, current: Mutex::new(Arc::new(rules)), generation: AtomicU64::new(1) })
+    /// Loads the rules `config` names (an error here stops the start). `anonymous_listeners`:
+    /// by listener index, whether that listener accepts clients without credentials.
+    pub fn new(config: AuthConfig, anonymous_listeners: Vec<bool>) -> Result<SharedAccess, AccessError> {
+        let rules = load(&config, &anonymous_listeners, 1)?;
+        let current = Mutex::new(Arc::new(rules));
+        Ok(SharedAccess { config, anonymous_listeners, current, generation: AtomicU64::new(1) })
     }
 
     /// Loads the files again. On success every shard switches at its next tick; on failure the
     /// previous rules stay and the error says why.
     pub fn reload(&self) -> Result<u64, AccessError> {
         let next = self.generation.load(Ordering::Acquire) + 1;
-        let rules = load(&self.config, next)?;
+        let rules = load(&self.config, &self.anonymous_listeners, next)?;
         *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(rules);
         self.generation.store(next, Ordering::Release);
         Ok(next)

@@ -255,3 +255,27 @@ public_key_file = "{os.path.join(keys, f'{key}_public.pem')}"
                                                            algorithm="HS256")) == 0x86
     finally:
         b.stop()
+
+
+def test_allow_anonymous_on_one_listener_lets_clients_without_credentials_in_there_only(auth_dir):
+    config = (auth_dir / "sluice.toml").read_text() + """
+[[listeners]]
+address = "127.0.0.1:0"
+kind = "tcp"
+allow_anonymous = true
+
+[[listeners]]
+address = "127.0.0.1:0"
+kind = "tcp"
+"""
+    (auth_dir / "two.toml").write_text(config)
+    b = Broker("--config", str(auth_dir / "two.toml"))
+    try:
+        # Listener 0 is the harness's --listen; 1 takes anonymous clients, 2 does not.
+        open_one, closed_one = b.listeners[1][1], b.listeners[2][1]
+        assert connect_rc(open_one, "local-1") == 0
+        assert connect_rc(closed_one, "local-2") == 0x87
+        assert connect_rc(b.addr, "local-3") == 0x87
+        assert connect_rc(closed_one, "car1", "alice", "s3cret") == 0
+    finally:
+        b.stop()

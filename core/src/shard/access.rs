@@ -51,6 +51,9 @@ const FAILURE_MEMORY_MS: u64 = 60_000;
 #[derive(Default)]
 pub struct AccessRules {
     pub allow_anonymous: bool,
+    /// By listener index: clients without credentials are accepted on that listener (its
+    /// `allow_anonymous`), whatever `allow_anonymous` says for the others.
+    pub anonymous_listeners: Vec<bool>,
     pub passwords: Option<PasswordFile>,
     pub acl: Option<Acl>,
     pub jwt: Option<JwtVerifier>,
@@ -126,6 +129,8 @@ impl VerifyJob {
 
 /// What a CONNECT presents.
 pub(super) struct Credentials<'a> {
+    /// The listener that accepted the connection.
+    pub(super) listener: u16,
     pub(super) client_id: &'a str,
     /// The client certificate's name, from a listener with `use_identity_as_username`.
     pub(super) identity: Option<&'a str>,
@@ -177,7 +182,7 @@ impl Access {
 
     /// Authenticates a CONNECT. `now_unix_ms` is wall time (JWT `exp`/`nbf`); `now_ms` the shard's.
     pub(super) fn decide(&mut self, conn: ConnId, who: Credentials<'_>, now_ms: u64, now_unix_ms: i64) -> Decision {
-        let Credentials { client_id, identity, user, password } = who;
+        let Credentials { listener, client_id, identity, user, password } = who;
         let Some(rules) = self.rules.clone() else { return Decision::Granted(Box::new(open_auth())) };
         let grant = |user: Option<&str>, acl: Option<ClientAcl>, acl_from_token, expires_at_ms| {
             let acl = if acl_from_token { acl } else { rules.acl.as_ref().map(|a| a.for_client(user, client_id)) };
@@ -195,7 +200,8 @@ impl Access {
             return grant(Some(id), None, false, None);
         }
         let (Some(user), Some(password)) = (user, password) else {
-            if user.is_none() && password.is_none() && rules.allow_anonymous {
+            let anonymous_here = rules.anonymous_listeners.get(usize::from(listener)).copied().unwrap_or(false);
+            if user.is_none() && password.is_none() && (rules.allow_anonymous || anonymous_here) {
                 return grant(None, None, false, None);
             }
             return Decision::Refused(reason_for_missing(user.is_some()), "no user name or password");

@@ -65,7 +65,9 @@ impl Shard {
             let now_unix_ms = self.wall_offset_ms + now_ms as i64;
             let user = connect.username.as_deref();
             let identity = self.conns.get(&conn).and_then(|c| c.identity.clone());
+            let listener = self.conns.get(&conn).map_or(0, |c| c.listener);
             let who = Credentials {
+                listener,
                 client_id: &connect.client_id,
                 identity: identity.as_deref(),
                 user,

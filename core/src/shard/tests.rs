@@ -1275,6 +1275,8 @@ fn access_world(allow_anonymous: bool) -> World {
     const PASSWORDS: &str = "alice:$7$101$THB+U8AF19njwmXp$CruZM9nC4FKYpcWYdtxYAxKu7pzsSBvnI4qseWBD8+d2GyUPopm5/iPKHzSQQfNvnYIu2xTkDkuVLfS6/21IYQ==\nbob:$7$101$dUDH0dTKhLySJ1yG$vzIqRqLSbqYzQ0hgMSTd/osFqnaAbpAiDyMgo39qjn2fEHIcanDpZe1JoDoLo5gdxcjv/Kc1VWJsOvte9qUyoA==\n";
     let rules = Arc::new(AccessRules {
         allow_anonymous,
+        // Listener 1 takes clients without credentials.
+        anonymous_listeners: vec![false, true],
         passwords: Some(crate::auth::PasswordFile::parse(PASSWORDS).unwrap()),
         acl: Some(crate::auth::Acl::parse_mosquitto("pattern readwrite devices/%c/#\n").unwrap()),
         jwt: None,
@@ -1435,4 +1437,24 @@ fn with_authentication_and_no_acl_sys_topics_are_for_nobody() {
         [Packet::SubAck(a)] => assert_eq!(a.codes, vec![reason::NOT_AUTHORIZED, 0]),
         o => panic!("{o:?}"),
     }
+}
+
+#[test]
+fn a_listener_with_allow_anonymous_takes_clients_without_credentials_and_only_it() {
+    let mut w = access_world(false);
+    w.shards[0].on_open(5, w.now);
+    w.shards[0].set_origin(5, 1, None);
+    let c = Connect {
+        version: V5,
+        clean_start: true,
+        keep_alive: 0,
+        client_id: "local".into(),
+        will: None,
+        username: None,
+        password: None,
+        properties: Properties::default(),
+    };
+    w.send(0, 5, V5, Packet::Connect(Box::new(c)));
+    assert!(matches!(w.recv(0, 5, V5).first(), Some(Packet::ConnAck(a)) if a.code == 0));
+    assert_eq!(connect_as(&mut w, 0, 6, "c6", None, None), reason::NOT_AUTHORIZED, "listener 0 does not");
 }
