@@ -29,7 +29,7 @@ struct Cli {
     /// configured.
     #[arg(long, value_name = "ADDR")]
     listen: Option<String>,
-    /// Serve --listen on a non-loopback address although nothing authenticates clients.
+    /// Serve --listen on a non-loopback address to clients without credentials (needed there unless [auth] authenticates every client).
     #[arg(long)]
     allow_anonymous: bool,
     /// Number of shards, one pinned thread each, on the first N CPUs this process may use.

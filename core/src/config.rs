@@ -370,7 +370,7 @@ pub struct Limits {
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
-            // Loopback only: nothing authenticates clients yet (Mosquitto 2.0 did the same).
+            // Loopback only unless told otherwise (Mosquitto 2.0 made the same change).
             listen: "127.0.0.1:1883".into(),
             allow_anonymous: false,
             cores: 0,
