@@ -27,9 +27,9 @@
 //! dropped as any QoS 0 message to it is) unless it was delivered live while the feed existed.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
-use crate::message::{ClientId, Msg, ShardId};
+use crate::message::{ClientId, Message, Msg, ShardId};
 use crate::packet::SubOptions;
 use crate::retained::{Cursor, RetainedTree};
 use crate::session::Delivery;
@@ -200,20 +200,31 @@ pub(crate) struct Feed {
     pub(crate) live: LiveSet,
 }
 
-/// Retained messages delivered live while a feed exists, by identity. The set holds each
-/// message's `Arc`, so none is freed while it is in the set and no other message can take its
-/// address: comparing addresses is sound (a bare address could be reused after a drop, and a
-/// new message would then be skipped as if delivered).
+/// Retained messages delivered live while a feed exists, by identity. The set holds a `Weak`
+/// of each: the message's allocation is not reused while its entry exists, so comparing
+/// addresses is sound (a bare address could be reused after a drop, and a new message would
+/// then be skipped as if delivered), and its payload is still freed when the last `Arc` goes.
+///
+/// Bound: entries whose message is gone are dropped whenever the set doubled since the last
+/// sweep (no backlog entry can be such a message: the backlog holds `Arc`s), so the set stays
+/// within twice the live retained messages delivered during the feed.
 #[derive(Default)]
-pub(crate) struct LiveSet(HashMap<usize, Msg>);
+pub(crate) struct LiveSet {
+    msgs: HashMap<usize, Weak<Message>>,
+    sweep_at: usize,
+}
 
 impl LiveSet {
     pub(crate) fn insert(&mut self, msg: &Msg) {
-        self.0.entry(Arc::as_ptr(msg) as usize).or_insert_with(|| msg.clone());
+        if self.msgs.len() >= self.sweep_at {
+            self.msgs.retain(|_, m| m.strong_count() > 0);
+            self.sweep_at = (self.msgs.len() * 2).max(64);
+        }
+        self.msgs.entry(Arc::as_ptr(msg) as usize).or_insert_with(|| Arc::downgrade(msg));
     }
 
     pub(crate) fn contains(&self, msg: &Msg) -> bool {
-        self.0.get(&(Arc::as_ptr(msg) as usize)).is_some_and(|m| Arc::ptr_eq(m, msg))
+        self.msgs.get(&(Arc::as_ptr(msg) as usize)).is_some_and(|m| std::ptr::eq(m.as_ptr(), Arc::as_ptr(msg)))
     }
 }
 
@@ -324,7 +335,7 @@ mod tests {
         assert!(live.contains(&m));
         assert!(!live.contains(&message("a")), "an equal message is another message");
         drop(m);
-        // The set keeps the delivered message alive: no later allocation can reuse its address.
+        // The set keeps the delivered message's allocation: no later message can take its address.
         let later: Vec<Msg> = (0..1000).map(|i| message(&i.to_string())).collect();
         assert!(later.iter().all(|m| !live.contains(m)));
     }
