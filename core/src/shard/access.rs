@@ -44,6 +44,10 @@ const BACKOFF_FIRST_MS: u64 = 100;
 const FAILING_ADDRS_MAX: usize = 10_000;
 /// Refusals waiting out their back-off per shard; beyond, refusals go at once.
 const DELAYED_REFUSALS_MAX: usize = 10_000;
+/// Password checks handed off the shard and not answered yet, per shard. Each holds a CONNECT;
+/// beyond, CONNECTs that need one are refused at once (0x89, server busy), so a flood of slow
+/// hashes cannot queue up unbounded work in front of everyone else's CONNECT.
+pub(super) const VERIFYING_MAX: usize = 64;
 /// A failure older than this no longer counts.
 const FAILURE_MEMORY_MS: u64 = 60_000;
 
@@ -145,6 +149,8 @@ pub(super) enum Decision {
     Refused(u8, &'static str),
     /// The password check runs off the shard.
     Verify(VerifyJob),
+    /// [`VERIFYING_MAX`] checks are already under way: refused (0x89), nothing queued.
+    Busy,
 }
 
 /// A shard's authentication state: the rules, its cache of successful checks, and the back-off
@@ -156,11 +162,13 @@ pub(super) struct Access {
     failing: HashMap<IpAddr, (u32, u64)>,
     /// Refusals waiting out their back-off: (due, connection, reason code).
     pub(super) delayed: Vec<(u64, ConnId, u8)>,
+    /// Checks handed off ([`Decision::Verify`]) and not reported back yet.
+    verifying: usize,
 }
 
 impl Access {
     pub(super) fn new() -> Self {
-        Access { rules: None, cache: None, failing: HashMap::default(), delayed: Vec::new() }
+        Access { rules: None, cache: None, failing: HashMap::default(), delayed: Vec::new(), verifying: 0 }
     }
 
     pub(super) fn enabled(&self) -> bool {
@@ -231,6 +239,10 @@ impl Access {
             return grant(Some(user), None, false, None);
         }
         if passwords.is_slow(user) {
+            if self.verifying >= VERIFYING_MAX {
+                return Decision::Busy;
+            }
+            self.verifying += 1;
             return Decision::Verify(VerifyJob {
                 conn,
                 rules: rules.clone(),
@@ -272,6 +284,11 @@ impl Access {
             c.insert(user, password, now_ms);
         }
         Some(Box::new(auth))
+    }
+
+    /// A check handed off came back (whether or not its connection is still there).
+    pub(super) fn check_returned(&mut self) {
+        self.verifying = self.verifying.saturating_sub(1);
     }
 
     /// A refusal for bad credentials from `addr`: how long to hold it back (0 = send now).

@@ -30,8 +30,9 @@ pub(super) enum Detach {
 pub(super) enum ConnState {
     /// Accepted; the first packet must be CONNECT.
     AwaitConnect,
-    /// CONNECT waiting for its password check, run off the shard (see `access`).
-    Authenticating { connect: Box<Connect> },
+    /// CONNECT waiting for its password check, run off the shard (see `access`); `addr` is the
+    /// address it counts under, for the back-off should the check fail.
+    Authenticating { connect: Box<Connect>, addr: Option<std::net::IpAddr> },
     /// CONNECT for `client_id` accepted, waiting for the directory and the previous host.
     Pending { client_id: ClientId, connect: Box<Connect> },
     /// Holding the session of `client_id`, hosted on this shard (checked per packet: see

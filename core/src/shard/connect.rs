@@ -80,14 +80,21 @@ impl Shard {
                         c.auth = Some(auth);
                     }
                 }
-                Decision::Refused(code, why) => return self.refuse_credentials(conn, &connect, code, why, now_ms),
+                Decision::Refused(code, why) => {
+                    let addr = self.preconnect.addr_of(conn);
+                    return self.refuse_credentials(conn, addr, &connect, code, why, now_ms);
+                }
                 Decision::Verify(job) => {
                     // The CONNECT waits (its input held) for the check, run off the shard.
                     if let Some(c) = self.conns.get_mut(&conn) {
-                        c.state = ConnState::Authenticating { connect };
+                        c.state = ConnState::Authenticating { connect, addr: self.preconnect.addr_of(conn) };
                     }
                     self.effects.verify.push(job);
                     return;
+                }
+                Decision::Busy => {
+                    self.stats.auth_busy += 1;
+                    return self.refuse_connect(conn, reason::SERVER_BUSY, now_ms);
                 }
             }
         }
@@ -96,11 +103,13 @@ impl Shard {
 
     /// The off-shard password check for `conn` came back: `ok` or not.
     pub fn on_verified(&mut self, conn: ConnId, ok: bool, now_ms: u64) {
+        self.access.check_returned();
         let Some(c) = self.conns.get_mut(&conn) else { return };
         if !matches!(c.state, ConnState::Authenticating { .. }) {
             return;
         }
-        let ConnState::Authenticating { connect } = std::mem::replace(&mut c.state, ConnState::AwaitConnect) else {
+        let ConnState::Authenticating { connect, addr } = std::mem::replace(&mut c.state, ConnState::AwaitConnect)
+        else {
             return;
         };
         let (user, password) =
@@ -113,17 +122,27 @@ impl Shard {
                 self.admit(conn, connect, now_ms);
                 self.resume(conn, now_ms);
             }
-            None => self.refuse_credentials(conn, &connect, reason::BAD_USERNAME_OR_PASSWORD, "bad password", now_ms),
+            None => {
+                let code = reason::BAD_USERNAME_OR_PASSWORD;
+                self.refuse_credentials(conn, addr, &connect, code, "bad password", now_ms)
+            }
         }
         self.run_local(now_ms);
     }
 
     /// Refuses a CONNECT whose credentials failed: counted, logged (the first ones, then every
     /// thousandth), and answered after the back-off of its address.
-    fn refuse_credentials(&mut self, conn: ConnId, connect: &Connect, code: u8, why: &str, now_ms: u64) {
+    fn refuse_credentials(
+        &mut self,
+        conn: ConnId,
+        addr: Option<IpAddr>,
+        connect: &Connect,
+        code: u8,
+        why: &str,
+        now_ms: u64,
+    ) {
         self.stats.auth_failures += 1;
         let n = self.stats.auth_failures;
-        let addr = self.preconnect.addr_of(conn);
         if n <= 100 || n.is_multiple_of(1000) {
             let from = addr.map_or_else(|| "an unlisted address".to_string(), |a| a.to_string());
             self.effects.warnings.push(format!(

@@ -33,6 +33,8 @@ pub struct Stats {
     pub connect_timeouts: u64,
     /// CONNECTs refused for their credentials (or for none).
     pub auth_failures: u64,
+    /// CONNECTs refused because `VERIFYING_MAX` slow password checks were under way.
+    pub auth_busy: u64,
     /// PUBLISHes, SUBSCRIBE filters and wills the ACL refused.
     pub acl_denied: u64,
     /// Deliveries not written because the ACL does not let the client read the topic.
@@ -63,6 +65,7 @@ impl std::ops::AddAssign for Stats {
             refused_preconnect,
             connect_timeouts,
             auth_failures,
+            auth_busy,
             acl_denied,
             acl_dropped,
         } = o;
@@ -87,6 +90,7 @@ impl std::ops::AddAssign for Stats {
         self.refused_preconnect += refused_preconnect;
         self.connect_timeouts += connect_timeouts;
         self.auth_failures += auth_failures;
+        self.auth_busy += auth_busy;
         self.acl_denied += acl_denied;
         self.acl_dropped += acl_dropped;
     }

@@ -42,6 +42,7 @@ impl Shard {
                 ("connections/refused_preconnect", s.refused_preconnect),
                 ("connections/connect_timeouts", s.connect_timeouts),
                 ("clients/auth_failures", s.auth_failures),
+                ("clients/auth_busy", s.auth_busy),
                 ("acl/denied", s.acl_denied),
                 ("acl/dropped", s.acl_dropped),
             ]

@@ -1387,8 +1387,8 @@ fn a_device_publishes_and_reads_only_its_own_topics() {
     assert_eq!(w.shards[1].stats().acl_denied, 1);
 }
 
-#[test]
-fn a_slow_password_hash_is_checked_off_the_shard_and_the_connect_waits_for_it() {
+/// One shard whose only user, erin ("pw"), has an argon2id hash: checked off the shard.
+fn slow_hash_world() -> World {
     let hash = crate::auth::password::hash_argon2id_with_salt(b"pw", &[7; 16]).unwrap();
     let rules = Arc::new(AccessRules {
         passwords: Some(crate::auth::PasswordFile::parse(&format!("erin:{hash}\n")).unwrap()),
@@ -1397,6 +1397,12 @@ fn a_slow_password_hash_is_checked_off_the_shard_and_the_connect_waits_for_it() 
     });
     let mut w = World::new(1, Limits::default());
     w.shards[0].set_access(rules, 100, 60_000);
+    w
+}
+
+#[test]
+fn a_slow_password_hash_is_checked_off_the_shard_and_the_connect_waits_for_it() {
+    let mut w = slow_hash_world();
     for (conn, pw, ok) in [(1, "pw", true), (2, "nope", false)] {
         assert_eq!(connect_as(&mut w, 0, conn, &format!("c{conn}"), Some("erin"), Some(pw)), 0xff, "waits");
         // A PINGREQ behind the CONNECT waits too, in order.
@@ -1457,4 +1463,39 @@ fn a_listener_with_allow_anonymous_takes_clients_without_credentials_and_only_it
     w.send(0, 5, V5, Packet::Connect(Box::new(c)));
     assert!(matches!(w.recv(0, 5, V5).first(), Some(Packet::ConnAck(a)) if a.code == 0));
     assert_eq!(connect_as(&mut w, 0, 6, "c6", None, None), reason::NOT_AUTHORIZED, "listener 0 does not");
+}
+
+#[test]
+fn a_flood_of_slow_password_checks_is_bounded_and_refused_as_busy_beyond() {
+    let mut w = slow_hash_world();
+    let max = access::VERIFYING_MAX as u64;
+    for conn in 1..=max {
+        assert_eq!(connect_as(&mut w, 0, conn, &format!("c{conn}"), Some("erin"), Some("guess")), 0xff);
+    }
+    assert_eq!(w.verify.len(), max as usize, "one check per waiting CONNECT, no more");
+    // One more: refused at once, nothing queued.
+    assert_eq!(connect_as(&mut w, 0, max + 1, "extra", Some("erin"), Some("pw")), reason::SERVER_BUSY);
+    assert_eq!(w.verify.len(), max as usize);
+    assert_eq!(w.shards[0].stats().auth_busy, 1);
+    // A check that comes back (its connection gone meanwhile) frees its place.
+    w.shards[0].on_lost(1, w.now);
+    w.shards[0].on_verified(1, false, w.now);
+    assert_eq!(connect_as(&mut w, 0, max + 2, "next", Some("erin"), Some("pw")), 0xff, "queued again");
+}
+
+#[test]
+fn failed_slow_checks_count_for_the_back_off_of_their_address() {
+    let mut w = slow_hash_world();
+    for conn in [1, 2] {
+        assert_eq!(connect_from(&mut w, 0, conn, "10.0.0.9", "c", Some("erin"), Some("no")), 0xff);
+        let jobs = std::mem::take(&mut w.verify);
+        w.shards[0].on_verified(conn, jobs[0].run(), w.now);
+        w.settle();
+    }
+    assert!(matches!(w.recv(0, 1, V5).first(), Some(Packet::ConnAck(a)) if a.code == reason::BAD_USERNAME_OR_PASSWORD));
+    assert!(w.recv(0, 2, V5).is_empty(), "the second failure from 10.0.0.9 waits out its back-off");
+    w.now += 100;
+    w.shards[0].tick(w.now, 0);
+    w.settle();
+    assert!(matches!(w.recv(0, 2, V5).first(), Some(Packet::ConnAck(a)) if a.code == reason::BAD_USERNAME_OR_PASSWORD));
 }
