@@ -8,10 +8,14 @@ use super::*;
 impl Shard {
     pub(super) fn on_publish(&mut self, conn: ConnId, mut p: Publish, now_ms: u64) {
         self.stats.messages_received += 1;
-        let Some((c, s)) = held_in(&mut self.conns, &mut self.sessions, conn) else {
+        // `on_packet` checked that `conn` holds its session here (`Shard::held`): the client id
+        // comes from the connection's state, without a second session lookup per PUBLISH.
+        let Some((c, client_id)) = self.conns.get_mut(&conn).and_then(|c| {
+            let id = c.active_id()?.clone();
+            Some((c, id))
+        }) else {
             return self.orphaned(conn, now_ms);
         };
-        let client_id = s.client_id.clone();
         if let Some(alias) = p.properties.topic_alias.take() {
             if alias > self.limits.topic_alias_maximum {
                 return self.protocol_close(conn, reason::TOPIC_ALIAS_INVALID, "topic alias above maximum", now_ms);
