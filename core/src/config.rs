@@ -253,6 +253,9 @@ pub struct ClusterConfig {
     /// How long a topic's partition count is trusted before it is asked again, so partitions
     /// added to a topic are used.
     pub metadata_max_age_ms: u64,
+    /// Produce requests each shard may have outstanding towards one broker. Each partition has at
+    /// most one batch in flight whatever this is, so per-partition order holds.
+    pub max_requests_in_flight: usize,
     /// Create missing topics with `partitions` and `replication_factor`.
     pub auto_create_topics: bool,
     pub partitions: i32,
@@ -272,6 +275,7 @@ impl Default for ClusterConfig {
             delivery_timeout_ms: 30_000,
             request_timeout_ms: 5_000,
             metadata_max_age_ms: 30_000,
+            max_requests_in_flight: 5,
             auto_create_topics: false,
             partitions: 3,
             replication_factor: 1,

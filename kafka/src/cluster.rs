@@ -1,11 +1,15 @@
-//! A Kafka cluster as the producers see it: a lazily built rskafka client, topic metadata with a
-//! refresh interval, and topic auto-creation.
+//! A Kafka cluster as one shard's Kafka thread sees it: a lazily built rskafka client of its own
+//! (its own connections), partition leaders, and topic auto-creation.
+//!
+//! Each shard builds its own `Cluster` for every configured cluster, so nothing here is shared
+//! between cores. The client slot is behind an async mutex only because the shard's producer
+//! and its consumers (tasks of the same single-threaded runtime) both use it; it is taken when
+//! connecting, never per record.
 //!
 //! Everything here is bounded by time: building the client, a metadata request or a topic
 //! creation that does not answer within `request_timeout_ms` counts as failed, so a Kafka that
 //! accepts connections and never answers cannot wedge the producers.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,19 +22,18 @@ use sluice_core::config::{ClusterConfig, SaslMechanism};
 use tokio::sync::Mutex;
 
 /// Pause between attempts while Kafka is unreachable.
-const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(1);
+pub(crate) const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 pub(crate) struct Cluster {
     pub name: String,
     cfg: ClusterConfig,
     tls: Option<Arc<rustls::ClientConfig>>,
     client: Mutex<Option<Arc<Client>>>,
-    metadata: Mutex<HashMap<Arc<str>, (i32, Instant)>>,
 }
 
 impl Cluster {
     pub(crate) fn new(name: String, cfg: ClusterConfig, tls: Option<Arc<rustls::ClientConfig>>) -> Self {
-        Cluster { name, cfg, tls, client: Mutex::new(None), metadata: Mutex::new(HashMap::new()) }
+        Cluster { name, cfg, tls, client: Mutex::new(None) }
     }
 
     pub(crate) fn config(&self) -> &ClusterConfig {
@@ -82,20 +85,13 @@ impl Cluster {
         *self.client.lock().await = None;
     }
 
-    /// Partitions of `topic`, creating it when configured to; retries until `deadline`.
-    pub(crate) async fn partitions(&self, topic: &Arc<str>, deadline: Instant) -> Result<i32, ProduceError> {
-        if let Some((n, at)) = self.metadata.lock().await.get(topic) {
-            if at.elapsed() < Duration::from_millis(self.cfg.metadata_max_age_ms) {
-                return Ok(*n);
-            }
-        }
+    /// The leader of each partition of `topic` (-1: none at the moment), creating the topic
+    /// when configured to; retries until `deadline`.
+    pub(crate) async fn leaders(&self, topic: &str, deadline: Instant) -> Result<Vec<i32>, ProduceError> {
         let mut backoff = Duration::from_millis(50);
         loop {
-            match self.fetch_partitions(topic).await {
-                Ok(Some(n)) => {
-                    self.metadata.lock().await.insert(topic.clone(), (n, Instant::now()));
-                    return Ok(n);
-                }
+            match self.fetch_leaders(topic).await {
+                Ok(Some(leaders)) => return Ok(leaders),
                 Ok(None) if !self.cfg.auto_create_topics => return Err(ProduceError::UnknownTopic),
                 Ok(None) => match self.create_topic(topic).await {
                     Ok(()) => continue,
@@ -108,16 +104,15 @@ impl Cluster {
                 },
                 Err(e) => {
                     tracing::debug!(cluster = %self.name, %topic, error = %e, "Kafka metadata request failed");
+                    if let Some(fatal) = classify(&e).filter(|_| !retryable(&e)) {
+                        return Err(fatal);
+                    }
                     if is_connection_error(&e) {
                         self.reset().await;
                     }
                 }
             }
             if Instant::now() + backoff >= deadline {
-                // A stale count is better than failing while Kafka is briefly away.
-                if let Some((n, _)) = self.metadata.lock().await.get(topic) {
-                    return Ok(*n);
-                }
                 tokio::time::sleep_until(deadline.into()).await;
                 return Err(ProduceError::TimedOut);
             }
@@ -126,13 +121,48 @@ impl Cluster {
         }
     }
 
-    async fn fetch_partitions(&self, topic: &str) -> Result<Option<i32>, ClientError> {
+    /// `None` when the topic does not exist (or has no partitions yet).
+    async fn fetch_leaders(&self, topic: &str) -> Result<Option<Vec<i32>>, ClientError> {
         let client = self.client().await?;
-        let topics = match tokio::time::timeout(self.request_timeout(), client.list_topics()).await {
+        let topics = match tokio::time::timeout(self.request_timeout(), client.topic_leaders(&[topic.to_owned()])).await
+        {
             Ok(r) => r?,
             Err(_) => return Err(ClientError::Timeout),
         };
-        Ok(topics.into_iter().find(|t| t.name == topic).map(|t| t.partitions.len() as i32).filter(|n| *n > 0))
+        let Some(t) = topics.into_iter().find(|t| t.name == topic) else { return Ok(None) };
+        match t.error {
+            None => {}
+            Some(ProtocolError::UnknownTopicOrPartition) => return Ok(None),
+            // A topic just created answers "leader not available" for a moment.
+            Some(ProtocolError::LeaderNotAvailable) if !t.partitions.is_empty() => {}
+            Some(e) => {
+                return Err(ClientError::ServerError {
+                    protocol_error: e,
+                    error_message: None,
+                    request: rskafka::client::error::RequestContext::Topic(topic.to_owned()),
+                    response: None,
+                    is_virtual: true,
+                })
+            }
+        }
+        if t.partitions.is_empty() {
+            return Ok(None);
+        }
+        // Partitions are numbered 0..n; a gap (never seen in practice) leaves a partition
+        // without a leader until the next refresh.
+        let n = t.partitions.iter().map(|p| p.partition + 1).max().unwrap_or(0).max(0) as usize;
+        let mut leaders = vec![-1; n];
+        for p in &t.partitions {
+            if let Ok(i) = usize::try_from(p.partition) {
+                leaders[i] = if p.error.is_none() || p.leader >= 0 { p.leader } else { -1 };
+            }
+        }
+        Ok(Some(leaders))
+    }
+
+    /// Partitions of `topic` (for the consumers); retries until `deadline`.
+    pub(crate) async fn partitions(&self, topic: &str, deadline: Instant) -> Result<i32, ProduceError> {
+        self.leaders(topic, deadline).await.map(|l| l.len() as i32)
     }
 
     async fn create_topic(&self, topic: &str) -> Result<(), ClientError> {
@@ -165,31 +195,52 @@ impl Cluster {
     }
 }
 
+/// What a broker's error code says about the records (as opposed to "try again").
+pub(crate) fn classify_protocol(e: ProtocolError) -> Option<ProduceError> {
+    match e {
+        ProtocolError::MessageTooLarge | ProtocolError::RecordListTooLarge => Some(ProduceError::TooLarge),
+        ProtocolError::UnknownTopicOrPartition | ProtocolError::InvalidTopicException => {
+            Some(ProduceError::UnknownTopic)
+        }
+        ProtocolError::TopicAuthorizationFailed | ProtocolError::ClusterAuthorizationFailed => {
+            Some(ProduceError::NotAuthorized)
+        }
+        _ => None,
+    }
+}
+
+/// Whether a partition that answered `e` may take the same records on another attempt.
+pub(crate) fn retryable_protocol(e: ProtocolError) -> bool {
+    match classify_protocol(e) {
+        // A topic just created, or a leader moving, answers "unknown" for a moment.
+        Some(ProduceError::UnknownTopic) => e == ProtocolError::UnknownTopicOrPartition,
+        Some(_) => false,
+        // Anything the broker did not say is about the records themselves: a corrupt or
+        // invalid batch would fail again.
+        None => !matches!(
+            e,
+            ProtocolError::CorruptMessage
+                | ProtocolError::InvalidRecord
+                | ProtocolError::UnsupportedForMessageFormat
+                | ProtocolError::InvalidRequiredAcks
+                | ProtocolError::UnsupportedCompressionType
+        ),
+    }
+}
+
 /// A failure that says something definite about the record (as opposed to "try again").
 pub(crate) fn classify(e: &ClientError) -> Option<ProduceError> {
     match e {
-        ClientError::ServerError { protocol_error, .. } => match protocol_error {
-            ProtocolError::MessageTooLarge | ProtocolError::RecordListTooLarge => Some(ProduceError::TooLarge),
-            ProtocolError::UnknownTopicOrPartition => Some(ProduceError::UnknownTopic),
-            ProtocolError::TopicAuthorizationFailed | ProtocolError::ClusterAuthorizationFailed => {
-                Some(ProduceError::NotAuthorized)
-            }
-            ProtocolError::InvalidTopicException => Some(ProduceError::UnknownTopic),
-            _ => None,
-        },
+        ClientError::ServerError { protocol_error, .. } => classify_protocol(*protocol_error),
         _ => None,
     }
 }
 
 /// Whether another attempt may succeed.
 pub(crate) fn retryable(e: &ClientError) -> bool {
-    match classify(e) {
-        // A topic just created, or a leader moving, answers "unknown" for a moment.
-        Some(ProduceError::UnknownTopic) => {
-            matches!(e, ClientError::ServerError { protocol_error: ProtocolError::UnknownTopicOrPartition, .. })
-        }
-        Some(_) => false,
-        None => true,
+    match e {
+        ClientError::ServerError { protocol_error, .. } => retryable_protocol(*protocol_error),
+        _ => true,
     }
 }
 

@@ -1,9 +1,11 @@
 //! Kafka → MQTT consumers: one task per (mapping, topic, partition), no consumer group.
 //!
 //! Every broker node must see every record (MQTT fan-out is per node), so each node reads all
-//! partitions itself. Partitions are spread over shards; a consumer hands its records to its
-//! shard over a bounded channel, so a shard that cannot keep up slows its consumers down
-//! instead of buffering without bound.
+//! partitions itself. Partitions are spread over shards, and each shard's Kafka thread reads
+//! only the partitions placed on its shard (every thread finds the topic's partitions on its
+//! own, so no thread waits for another). A consumer hands its records to its shard over a
+//! bounded channel, so a shard that cannot keep up slows its consumers down instead of
+//! buffering without bound.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,12 +21,13 @@ use crate::cluster::Cluster;
 const FETCH_BYTES: i32 = 1 << 20;
 const FETCH_WAIT_MS: i32 = 20;
 
-/// Starts the consumers of one mapping; `shards[i]` receives the records of the partitions
-/// placed on shard i.
+/// Starts, on the calling shard's Kafka thread, the consumers of one mapping for the partitions
+/// placed on `shard`; `shards[i]` receives the records of the partitions placed on shard i.
 pub(crate) fn spawn(
     mapping: u16,
     cfg: InboundMappingConfig,
     cluster: Arc<Cluster>,
+    shard: usize,
     shards: Vec<mpsc::Sender<Vec<InboundRecord>>>,
     positions: Arc<Positions>,
 ) {
@@ -44,8 +47,7 @@ pub(crate) fn spawn(
                     }
                 };
                 let spread = topic.bytes().fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(usize::from(b)));
-                for p in 0..partitions {
-                    let shard = (spread + p as usize) % shards.len();
+                for p in (0..partitions).filter(|p| (spread + *p as usize) % shards.len() == shard) {
                     let stored = positions.get(&(name.clone(), topic.to_string(), p)).copied();
                     tokio::spawn(consume(
                         mapping,

@@ -1,47 +1,48 @@
-//! sluice-kafka: the producers behind the MQTT → Kafka bridge.
+//! sluice-kafka: the Kafka side of the bridge, one thread per shard.
 //!
 //! # Layout
-//! - [`start`]: builds one tokio runtime for all Kafka I/O and returns one [`ShardLink`] per
-//!   shard. rskafka is tokio-only while the shards run on glommio, so Kafka I/O lives on its own
-//!   small runtime; ownership stays per shard all the same: each shard has its own task here, its
-//!   own partition workers and its own batches — nothing on the produce path is shared between
-//!   shards except the rskafka connection pool of a cluster.
-//! - `cluster`: a cluster's connection (built lazily, rebuilt after failures), its metadata
-//!   cache and topic auto-creation.
-//! - `worker`: one task per (shard, topic, partition): lingers for a batch, produces it, retries
-//!   with backoff until the delivery time-out, and reports every record's outcome in order.
+//! - [`start`]: for every shard, a thread of its own (`sluice-kafka-N`, pinned to the shard's
+//!   CPU) running a single-threaded tokio runtime, and one [`ShardLink`] between it and the
+//!   shard. rskafka is tokio-only while the shards run on glommio, so Kafka I/O cannot run on the
+//!   shard's reactor; it runs beside it on the same core instead, with nothing shared between
+//!   cores: each shard's thread has its own Kafka clients and connections, its own metadata and
+//!   its own batches.
+//! - `producer`: the shard's producer: places records on partitions, batches them, sends one
+//!   produce request per broker with every ready partition it leads, retries, reports.
+//! - `cluster`: a cluster's client (built lazily, rebuilt after failures), partition leaders and
+//!   topic auto-creation.
+//! - `consumer`: Kafka → MQTT; each shard's thread reads the partitions placed on that shard.
 //!
-//! Invariants: records of one partition from one shard are produced in hand-over order, one
-//! request in flight at a time, so MQTT per-topic order survives retries. Every record handed over
-//! gets exactly one [`ProduceResult`].
+//! Invariants: records of one partition from one shard are produced in hand-over order (one
+//! batch in flight per partition), so MQTT per-topic order survives retries. Every record handed
+//! over gets exactly one [`ProduceResult`].
 
 #![warn(rust_2018_idioms, unreachable_pub)]
 
+mod affinity;
 mod cluster;
 mod consumer;
+mod interim_encode;
+mod producer;
 mod tls;
-mod worker;
 
 pub use tls::TlsError;
-pub use worker::to_record;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use sluice_core::bridge::{partition_for_key, KafkaRecord, ProduceError, ProduceRequest, ProduceResult};
+use sluice_core::bridge::{KafkaRecord, ProduceError, ProduceRequest, ProduceResult};
 use sluice_core::config::ClusterConfig;
 use sluice_core::inbound::{InboundMappingConfig, InboundRecord, Positions};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::cluster::Cluster;
-use crate::worker::{Item, WorkerKey};
 
-/// Batches of produce requests a shard may have queued towards its Kafka task before its sends
-/// wait (the shard's own pending-record limit usually stops it first).
+/// Batches of produce requests a shard may have queued towards its Kafka thread before its
+/// sends wait (the shard's own pending-record limit usually stops it first).
 pub const REQUEST_CHANNEL_BATCHES: usize = 1024;
 
-/// The shard's ends of its link to the Kafka runtime.
+/// The shard's ends of its link to its Kafka thread.
 pub struct ShardLink {
     pub requests: mpsc::Sender<Vec<ProduceRequest>>,
     pub results: mpsc::UnboundedReceiver<Vec<ProduceResult>>,
@@ -52,70 +53,131 @@ pub struct ShardLink {
 /// Batches of consumed records waiting for a shard before its consumers pause.
 pub const INBOUND_CHANNEL_BATCHES: usize = 64;
 
-/// The running Kafka side; dropping it stops the runtime.
+/// The running Kafka side: one thread per shard.
 pub struct KafkaBridge {
-    runtime: tokio::runtime::Runtime,
+    threads: Vec<(oneshot::Sender<()>, std::thread::JoinHandle<()>)>,
 }
 
 impl KafkaBridge {
-    /// Stops the producers, giving in-flight requests up to `grace` to finish.
+    /// Stops every shard's Kafka thread, giving each up to `grace` to end its tasks.
     pub fn shutdown(self, grace: std::time::Duration) {
-        self.runtime.shutdown_timeout(grace);
+        let deadline = std::time::Instant::now() + grace;
+        let mut joins = Vec::new();
+        for (stop, join) in self.threads {
+            let _ = stop.send(());
+            joins.push(join);
+        }
+        for join in joins {
+            // A thread that does not end within the grace is left to the process exit.
+            while !join.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            if join.is_finished() {
+                let _ = join.join();
+            }
+        }
     }
+}
+
+fn thread_name(shard: usize) -> String {
+    format!("sluice-kafka-{shard}")
 }
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StartError {
-    #[error("cannot start the Kafka runtime: {0}")]
-    Runtime(std::io::Error),
+    #[error("cannot start the Kafka thread of shard {shard}: {source}")]
+    Runtime { shard: usize, source: std::io::Error },
     #[error("kafka.clusters.{cluster}.tls: {problem}")]
     Tls { cluster: String, problem: TlsError },
+    #[error("kafka_to_mqtt mapping {mapping} names cluster {cluster:?}, which is not configured")]
+    UnknownCluster { mapping: String, cluster: String },
 }
 
-/// Starts the producers for `clusters` (in the order the router numbers them) and returns one
+/// Starts the Kafka side for `clusters` (in the order the router numbers them): one thread per
+/// shard, shard `i`'s pinned to `cpus[i]` (unpinned where `cpus` has no entry), and returns one
 /// link per shard.
 pub fn start(
     clusters: &BTreeMap<String, ClusterConfig>,
     inbound: &[InboundMappingConfig],
     positions: Positions,
-    n_shards: usize,
+    cpus: &[usize],
 ) -> Result<(KafkaBridge, Vec<ShardLink>), StartError> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("sluice-kafka")
-        .enable_all()
-        .build()
-        .map_err(StartError::Runtime)?;
     let names: Vec<String> = clusters.keys().cloned().collect();
-    let mut built = Vec::new();
+    let mut tls_configs = Vec::new();
     for (name, cfg) in clusters {
-        let tls = match &cfg.tls {
+        tls_configs.push(match &cfg.tls {
             Some(t) => {
                 Some(tls::client_config(t).map_err(|problem| StartError::Tls { cluster: name.clone(), problem })?)
             }
             None => None,
-        };
-        built.push(Arc::new(Cluster::new(name.clone(), cfg.clone(), tls)));
+        });
     }
-    let clusters: Arc<[Arc<Cluster>]> = built.into();
+    let mut inbound_clusters = Vec::with_capacity(inbound.len());
+    for m in inbound {
+        match names.iter().position(|n| *n == m.cluster) {
+            Some(c) => inbound_clusters.push(c),
+            None => return Err(StartError::UnknownCluster { mapping: m.name.clone(), cluster: m.cluster.clone() }),
+        }
+    }
+    let n_shards = cpus.len().max(1);
+    let positions = Arc::new(positions);
     let mut links = Vec::with_capacity(n_shards);
+    let mut threads = Vec::with_capacity(n_shards);
+    let mut inbound_rx = Vec::with_capacity(n_shards);
     let mut inbound_tx = Vec::with_capacity(n_shards);
-    for shard in 0..n_shards {
+    for _ in 0..n_shards {
+        let (tx, rx) = mpsc::channel(INBOUND_CHANNEL_BATCHES);
+        inbound_tx.push(tx);
+        inbound_rx.push(rx);
+    }
+    for (shard, in_rx) in inbound_rx.into_iter().enumerate() {
         let (req_tx, req_rx) = mpsc::channel(REQUEST_CHANNEL_BATCHES);
         let (res_tx, res_rx) = mpsc::unbounded_channel();
-        let (in_tx, in_rx) = mpsc::channel(INBOUND_CHANNEL_BATCHES);
-        runtime.spawn(shard_task(shard, clusters.clone(), req_rx, res_tx));
+        let (stop_tx, stop_rx) = oneshot::channel();
+        // Each thread builds its own clients: nothing of a cluster is shared between shards.
+        let own: Vec<Arc<Cluster>> = clusters
+            .iter()
+            .zip(&tls_configs)
+            .map(|((name, cfg), tls)| Arc::new(Cluster::new(name.clone(), cfg.clone(), tls.clone())))
+            .collect();
+        let inbound = inbound.to_vec();
+        let inbound_clusters = inbound_clusters.clone();
+        let inbound_tx = inbound_tx.clone();
+        let positions = positions.clone();
+        let cpu = cpus.get(shard).copied();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|source| StartError::Runtime { shard, source })?;
+        let join = std::thread::Builder::new()
+            .name(thread_name(shard))
+            .spawn(move || {
+                if let Some(cpu) = cpu {
+                    if let Err(e) = affinity::pin_current_thread(cpu) {
+                        tracing::warn!(shard, cpu, error = %e, "cannot pin the Kafka thread to the shard's CPU");
+                    }
+                }
+                runtime.block_on(async move {
+                    for (i, m) in inbound.into_iter().enumerate() {
+                        let cluster = own[inbound_clusters[i]].clone();
+                        consumer::spawn(i as u16, m, cluster, shard, inbound_tx.clone(), positions.clone());
+                    }
+                    drop(inbound_tx);
+                    let producer = producer::Producer::new(shard, own, req_rx, res_tx);
+                    tokio::select! {
+                        _ = producer.run() => {}
+                        _ = stop_rx => {}
+                    }
+                });
+                // Tasks still running (requests in flight, consumers) end here.
+                drop(runtime);
+            })
+            .map_err(|source| StartError::Runtime { shard, source })?;
+        threads.push((stop_tx, join));
         links.push(ShardLink { requests: req_tx, results: res_rx, inbound: in_rx });
-        inbound_tx.push(in_tx);
     }
-    let positions = Arc::new(positions);
-    for (i, m) in inbound.iter().enumerate() {
-        let c = names.iter().position(|n| *n == m.cluster).expect("validated: kafka_to_mqtt names a known cluster");
-        let _guard = runtime.enter();
-        consumer::spawn(i as u16, m.clone(), clusters[c].clone(), inbound_tx.clone(), positions.clone());
-    }
-    Ok((KafkaBridge { runtime }, links))
+    Ok((KafkaBridge { threads }, links))
 }
 
 /// The copy of a refused record for its mapping's dead-letter topic, if it has one: headers
@@ -138,94 +200,15 @@ pub(crate) fn dead_letter_copy(r: &KafkaRecord, e: &ProduceError) -> Option<Kafk
     Some(d)
 }
 
-/// One shard's producer: places each record on a partition and hands it to that partition's
-/// worker, in hand-over order.
-async fn shard_task(
-    shard: usize,
-    clusters: Arc<[Arc<Cluster>]>,
-    mut requests: mpsc::Receiver<Vec<ProduceRequest>>,
-    results: mpsc::UnboundedSender<Vec<ProduceResult>>,
-) {
-    let mut workers: HashMap<WorkerKey, mpsc::UnboundedSender<Item>> = HashMap::new();
-    // Records Kafka refused come back here to go to their mapping's dead-letter topic.
-    let (dl_tx, mut dl_rx) = mpsc::unbounded_channel::<ProduceRequest>();
-    // Keyless records stick to one partition per topic for a batch's worth, then move on
-    // (Kafka's sticky partitioner): big batches without a hot partition.
-    let mut sticky: HashMap<(u16, Arc<str>), (i32, usize)> = HashMap::new();
-    loop {
-        let (batch, report) = tokio::select! {
-            biased;
-            Some(dl) = dl_rx.recv() => (vec![dl], false),
-            b = requests.recv() => match b {
-                Some(b) => (b, true),
-                None => return,
-            },
-        };
-        for req in batch {
-            let cluster = &clusters[usize::from(req.record.cluster)];
-            if req.record.size() > cluster.config().max_record_bytes {
-                if report {
-                    let _ = results.send(vec![ProduceResult::failed(req.id, ProduceError::TooLarge)]);
-                }
-                if let (Some(record), true) = (dead_letter_copy(&req.record, &ProduceError::TooLarge), report) {
-                    let _ = dl_tx.send(ProduceRequest { id: req.id, record, durable: false });
-                }
-                continue;
-            }
-            let enqueued = Instant::now();
-            // A durable record is safe in the spill log and its publisher was answered: it is
-            // retried until Kafka takes it (a year stands in for "no deadline").
-            let timeout = if req.durable { Duration::from_secs(365 * 24 * 3600) } else { cluster.delivery_timeout() };
-            let deadline = enqueued + timeout;
-            let partitions = match cluster.partitions(&req.record.topic, deadline).await {
-                Ok(n) => n,
-                Err(e) => {
-                    if report {
-                        if let Some(record) = dead_letter_copy(&req.record, &e) {
-                            let _ = dl_tx.send(ProduceRequest { id: req.id, record, durable: false });
-                        }
-                        let _ = results.send(vec![ProduceResult::failed(req.id, e)]);
-                    }
-                    continue;
-                }
-            };
-            let partition = match (&req.record.key, req.record.partition) {
-                (_, Some(p)) if p < partitions => p,
-                (_, Some(p)) => {
-                    if report {
-                        let _ = results.send(vec![ProduceResult::failed(
-                            req.id,
-                            ProduceError::Other(format!("partition {p} does not exist ({partitions} partitions)")),
-                        )]);
-                    }
-                    continue;
-                }
-                (Some(k), None) => partition_for_key(k, partitions),
-                (None, None) => {
-                    let e = sticky
-                        .entry((req.record.cluster, req.record.topic.clone()))
-                        .or_insert((shard as i32 % partitions, 0));
-                    e.1 += req.record.size();
-                    if e.1 >= cluster.config().batch_bytes {
-                        *e = ((e.0 + 1) % partitions, 0);
-                    }
-                    e.0 % partitions
-                }
-            };
-            let key = WorkerKey { cluster: req.record.cluster, topic: req.record.topic.clone(), partition };
-            let tx = workers.entry(key.clone()).or_insert_with(|| {
-                let (tx, rx) = mpsc::unbounded_channel();
-                tokio::spawn(worker::run(cluster.clone(), key, rx, results.clone(), dl_tx.clone()));
-                tx
-            });
-            if let Err(e) = tx.send(Item { req, report, deadline, enqueued }) {
-                if report {
-                    let _ = results.send(vec![ProduceResult::failed(
-                        e.0.req.id,
-                        ProduceError::Other("partition worker stopped".into()),
-                    )]);
-                }
-            }
-        }
+/// The record rskafka's own producer API would send for `req`: a copy of key, value and every
+/// header. The producers no longer use it; the encoding bench in `benches/` compares against it.
+pub fn to_record(req: &ProduceRequest) -> rskafka::record::Record {
+    use rskafka::chrono::{TimeZone, Utc};
+    let r = &req.record;
+    rskafka::record::Record {
+        key: r.key.as_ref().map(|k| k.to_vec()),
+        value: Some(r.value.to_vec()),
+        headers: r.headers.iter().map(|(k, v)| (k.clone(), v.to_vec())).collect(),
+        timestamp: Utc.timestamp_millis_opt(r.timestamp_ms).single().unwrap_or_default(),
     }
 }

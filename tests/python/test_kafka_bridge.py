@@ -1,5 +1,6 @@
 """MQTT → Kafka through a real Kafka-compatible broker (tansu), checked with confluent-kafka
 (librdkafka), an independent Kafka client."""
+import os
 import time
 import uuid
 
@@ -452,3 +453,48 @@ destinations = [{{ cluster = "default", topic = "{topic}" }}]
         b.stop()
         if k2:
             k2.stop()
+
+
+def threads(pid):
+    """{thread name: [(tid, allowed CPUs, CPU ticks)]} of a process, from /proc."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        base = f"/proc/{pid}/task/{tid}"
+        try:
+            name = open(f"{base}/comm").read().strip()
+            cpus = next(l.split(":", 1)[1].strip() for l in open(f"{base}/status") if l.startswith("Cpus_allowed_list"))
+            stat = open(f"{base}/stat").read().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        out.setdefault(name, []).append((int(tid), cpus, int(stat[11]) + int(stat[12])))
+    return out
+
+
+def test_each_shard_produces_on_a_kafka_thread_of_its_own_pinned_to_its_cpu(kafka, paho):
+    """Nothing of the produce path is shared between shards: each shard has one Kafka thread,
+    on the shard's CPU and only there, and each of them does the Kafka work of its shard."""
+    topic = topic_name("per-core")
+    kafka.create_topic(topic, partitions=4)
+    b = broker_with("--kafka", kafka.bootstrap, "--map", f"pc/#={topic}", "--cpuset", "0,1")
+    try:
+        before = threads(b.proc.pid)
+        kafka_threads = sorted(n for n in before if "kafka" in n or n.startswith("tokio"))
+        assert kafka_threads == ["sluice-kafka-0", "sluice-kafka-1"], before.keys()
+        for i in range(2):
+            [(_, kcpus, _)] = before[f"sluice-kafka-{i}"]
+            shard_cpus = {c for n, ts in before.items() if n.startswith(f"sluice-shard-{i}") for _, c, _ in ts}
+            assert shard_cpus == {str(i)} and kcpus == str(i), (i, kcpus, shard_cpus)
+        n = 3000
+        pubs = [paho(b.shard(i), f"pc-{i}") for i in range(2)]
+        for i, p in enumerate(pubs):
+            for k in range(n):
+                p.c.publish(f"pc/{i}/{k % 16}", b"x" * 100, 1)
+        got = kafka.consume(topic, 2 * n, timeout=120)
+        assert len(got) == 2 * n
+        after = threads(b.proc.pid)
+        for i in range(2):
+            [(_, _, t0)] = before[f"sluice-kafka-{i}"]
+            [(_, _, t1)] = after[f"sluice-kafka-{i}"]
+            assert t1 > t0, f"sluice-kafka-{i} did no work for shard {i}'s {n} records"
+    finally:
+        b.kill()

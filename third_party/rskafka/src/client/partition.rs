@@ -14,7 +14,7 @@ use crate::{
             FetchRequestTopic, FetchResponse, FetchResponsePartition, IsolationLevel,
             ListOffsetsRequest, ListOffsetsRequestPartition, ListOffsetsRequestTopic,
             ListOffsetsResponse, ListOffsetsResponsePartition, NORMAL_CONSUMER, ProduceRequest,
-            ProduceRequestPartitionData, ProduceRequestTopicData, ProduceResponse,
+            ProduceRecords, ProduceRequestPartitionData, ProduceRequestTopicData, ProduceResponse,
         },
         primitives::*,
         record::{Record as ProtocolRecord, *},
@@ -678,7 +678,7 @@ fn build_produce_request(
 
     let record_batch = ProduceRequestPartitionData {
         index: Int32(partition),
-        records: Records(vec![RecordBatch {
+        records: ProduceRecords::Batches(Records(vec![RecordBatch {
             base_offset: 0,
             partition_leader_epoch: 0,
             last_offset_delta: n - 1,
@@ -701,7 +701,7 @@ fn build_produce_request(
             first_timestamp: first_timestamp.timestamp_millis(),
             max_timestamp: max_timestamp.timestamp_millis(),
             records: ControlBatchOrRecords::Records(records),
-        }]),
+        }])),
     };
 
     ProduceRequest {

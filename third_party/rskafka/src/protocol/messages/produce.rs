@@ -19,7 +19,32 @@ pub struct ProduceRequestPartitionData {
     pub index: Int32,
 
     /// The record data to be produced.
-    pub records: Records,
+    pub records: ProduceRecords,
+}
+
+/// sluice patch: the records of one partition, either as rskafka's own batches or as bytes the
+/// caller already encoded (one or more complete RecordBatch v2, written as they are).
+#[derive(Debug)]
+pub enum ProduceRecords {
+    Batches(Records),
+    Encoded(bytes::Bytes),
+}
+
+impl<W> WriteType<W> for ProduceRecords
+where
+    W: Write,
+{
+    fn write(&self, writer: &mut W) -> Result<(), crate::protocol::traits::WriteError> {
+        match self {
+            ProduceRecords::Batches(r) => r.write(writer),
+            ProduceRecords::Encoded(b) => {
+                let len = i32::try_from(b.len()).map_err(crate::protocol::traits::WriteError::Overflow)?;
+                Int32(len).write(writer)?;
+                writer.write_all(b)?;
+                Ok(())
+            }
+        }
+    }
 }
 
 impl<W> WriteVersionedType<W> for ProduceRequestPartitionData

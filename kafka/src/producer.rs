@@ -1,0 +1,760 @@
+//! One shard's producer: every record the shard hands over, placed on a partition, batched per
+//! partition and sent in one produce request per Kafka broker, with the outcome of each record
+//! reported back in order.
+//!
+//! It is one task on the shard's own Kafka thread and owns all its state — topic metadata
+//! (partition leaders), per-partition queues, one connection per broker — so the record path
+//! takes no lock and shares nothing with other shards. Requests, connections and metadata
+//! fetches run as tasks that report back as [`Event`]s; only this loop changes state.
+//!
+//! # Invariants
+//! - A partition has at most one batch in flight, and a failed batch goes back to the head of
+//!   its queue: records of one partition reach Kafka in hand-over order (MQTT per-topic order)
+//!   without idempotent sequence numbers. Several partitions' batches share a request, and up to
+//!   `max_requests_in_flight` requests per broker may be outstanding.
+//! - Every record handed over gets exactly one [`ProduceResult`]: acknowledged, refused (with
+//!   its dead-letter copy, if its mapping has one), or timed out at its deadline.
+//! - Everything is bounded: a request carries at most [`REQUEST_BATCHES_BYTES`] of batches, a
+//!   batch at most `batch_bytes`; the shard bounds the records it hands over.
+
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rskafka::client::error::Error as ClientError;
+use rskafka::client::raw::{BrokerLink, ProduceAcks, TopicBatches};
+use sluice_core::bridge::{partition_for_key, ProduceError, ProduceRequest, ProduceResult};
+use tokio::sync::mpsc;
+
+use crate::cluster::{classify_protocol, is_connection_error, retryable_protocol, Cluster, RETRY_BACKOFF_MAX};
+use crate::dead_letter_copy;
+
+/// Most bytes of batches one produce request carries (Kafka's `socket.request.max.bytes` is
+/// 100 MiB; librdkafka's `message.max.bytes` default is 1 MB per request).
+pub(crate) const REQUEST_BATCHES_BYTES: usize = 16 << 20;
+
+/// How often queued records are checked against their deadlines while their partition cannot
+/// send (no leader, no connection, backing off).
+const EXPIRY_SCAN: Duration = Duration::from_millis(100);
+
+/// A topic's partition, as requests name it.
+type PartRef = (Arc<str>, i32);
+
+/// A record on its way, with what its outcome needs.
+pub(crate) struct Item {
+    req: ProduceRequest,
+    /// False for dead-letter copies: their outcome is not the publisher's business.
+    report: bool,
+    /// When the record fails if Kafka has not acknowledged it.
+    deadline: Instant,
+    enqueued: Instant,
+}
+
+/// What the tasks this loop starts report back.
+pub(crate) enum Event {
+    Metadata { cluster: u16, topic: Arc<str>, leaders: Result<Vec<i32>, ProduceError> },
+    Connected { cluster: u16, broker: i32, link: Result<Option<BrokerLink>, ClientError> },
+    Produced { cluster: u16, broker: i32, parts: Vec<PartRef>, result: Result<ProduceAcks, ClientError> },
+}
+
+#[derive(Default)]
+struct PartitionQueue {
+    leader: i32,
+    queued: VecDeque<Item>,
+    queued_bytes: usize,
+    /// The batch in flight, kept until its answer (a retry sends the same records again).
+    sent: Vec<Item>,
+    in_flight: bool,
+    /// Back-off after a failed attempt: nothing is sent before this.
+    retry_at: Option<Instant>,
+    /// Attempts of the head batch so far (reported with its results).
+    attempts: u32,
+    /// Records still to be sent one per batch, after a batch refused as too large.
+    solo: usize,
+    /// In the producer's `active` list.
+    listed: bool,
+}
+
+struct TopicState {
+    /// None until the first metadata answer.
+    parts: Option<Vec<PartitionQueue>>,
+    /// Records that came before the first metadata answer, in order.
+    waiting: Vec<Item>,
+    fetching: bool,
+    fetched: Instant,
+    /// Keyless records stick to one partition per topic for a batch's worth, then move on
+    /// (Kafka's sticky partitioner): big batches without a hot partition.
+    sticky: (i32, usize),
+}
+
+#[derive(Default)]
+struct BrokerState {
+    link: Option<BrokerLink>,
+    connecting: bool,
+    in_flight: usize,
+    /// Quota throttling or back-off after a connection failure.
+    hold_until: Option<Instant>,
+    failures: u32,
+}
+
+struct ClusterState {
+    cluster: Arc<Cluster>,
+    topics: HashMap<Arc<str>, TopicState>,
+    brokers: HashMap<i32, BrokerState>,
+}
+
+pub(crate) struct Producer {
+    shard: usize,
+    clusters: Vec<ClusterState>,
+    /// Partitions with queued records: (cluster, topic, partition).
+    active: Vec<(u16, Arc<str>, i32)>,
+    events_tx: mpsc::UnboundedSender<Event>,
+    events: mpsc::UnboundedReceiver<Event>,
+    requests: mpsc::Receiver<Vec<ProduceRequest>>,
+    results: mpsc::UnboundedSender<Vec<ProduceResult>>,
+    /// Results gathered in this turn, sent as one batch.
+    out: Vec<ProduceResult>,
+    /// Dead-letter copies to place next.
+    dead_letters: VecDeque<ProduceRequest>,
+    last_expiry_scan: Instant,
+}
+
+impl Producer {
+    pub(crate) fn new(
+        shard: usize,
+        clusters: Vec<Arc<Cluster>>,
+        requests: mpsc::Receiver<Vec<ProduceRequest>>,
+        results: mpsc::UnboundedSender<Vec<ProduceResult>>,
+    ) -> Producer {
+        let (events_tx, events) = mpsc::unbounded_channel();
+        Producer {
+            shard,
+            clusters: clusters
+                .into_iter()
+                .map(|cluster| ClusterState { cluster, topics: HashMap::new(), brokers: HashMap::new() })
+                .collect(),
+            active: Vec::new(),
+            events_tx,
+            events,
+            requests,
+            results,
+            out: Vec::new(),
+            dead_letters: VecDeque::new(),
+            last_expiry_scan: Instant::now(),
+        }
+    }
+
+    pub(crate) async fn run(mut self) {
+        let mut open = true;
+        loop {
+            let wake = self.next_wake();
+            tokio::select! {
+                biased;
+                Some(ev) = self.events.recv() => {
+                    self.on_event(ev);
+                    // Take every event that is ready before sending anything.
+                    while let Ok(ev) = self.events.try_recv() {
+                        self.on_event(ev);
+                    }
+                }
+                batch = self.requests.recv(), if open => match batch {
+                    Some(batch) => {
+                        let now = Instant::now();
+                        for req in batch {
+                            self.accept(req, now);
+                        }
+                    }
+                    None => open = false,
+                },
+                _ = tokio::time::sleep_until(wake.into()) => {}
+            }
+            let now = Instant::now();
+            while let Some(req) = self.dead_letters.pop_front() {
+                self.place(Item { req, report: false, deadline: now + self.delivery_timeout(0), enqueued: now });
+            }
+            if now.duration_since(self.last_expiry_scan) >= EXPIRY_SCAN {
+                self.last_expiry_scan = now;
+                self.expire(now);
+            }
+            self.flush(now);
+            if !self.out.is_empty() && self.results.send(std::mem::take(&mut self.out)).is_err() {
+                return;
+            }
+            if !open && self.active.is_empty() && self.nothing_in_flight() {
+                return;
+            }
+        }
+    }
+
+    fn delivery_timeout(&self, cluster: u16) -> Duration {
+        self.clusters.get(usize::from(cluster)).map(|c| c.cluster.delivery_timeout()).unwrap_or(Duration::ZERO)
+    }
+
+    fn nothing_in_flight(&self) -> bool {
+        self.clusters.iter().all(|c| c.brokers.values().all(|b| b.in_flight == 0))
+            && self.clusters.iter().all(|c| c.topics.values().all(|t| t.waiting.is_empty()))
+    }
+
+    /// A record from the shard.
+    fn accept(&mut self, req: ProduceRequest, now: Instant) {
+        let Some(c) = self.clusters.get(usize::from(req.record.cluster)) else {
+            self.out.push(ProduceResult::failed(req.id, ProduceError::Other("unknown cluster".into())));
+            return;
+        };
+        if req.record.size() > c.cluster.config().max_record_bytes {
+            self.fail(Item { req, report: true, deadline: now, enqueued: now }, ProduceError::TooLarge);
+            return;
+        }
+        // A durable record is safe in the spill log and its publisher was answered: it is
+        // retried until Kafka takes it (a year stands in for "no deadline").
+        let timeout = if req.durable { Duration::from_secs(365 * 24 * 3600) } else { c.cluster.delivery_timeout() };
+        self.place(Item { req, report: true, deadline: now + timeout, enqueued: now });
+    }
+
+    /// Puts a record on its partition's queue, or with its topic's records waiting for metadata.
+    fn place(&mut self, item: Item) {
+        let cluster = item.req.record.cluster;
+        let Some(c) = self.clusters.get_mut(usize::from(cluster)) else { return };
+        let batch_bytes = c.cluster.config().batch_bytes;
+        let max_age = Duration::from_millis(c.cluster.config().metadata_max_age_ms);
+        let topic = match c.topics.get_mut(&*item.req.record.topic) {
+            Some(t) => t,
+            None => {
+                let name = item.req.record.topic.clone();
+                let t = TopicState {
+                    parts: None,
+                    waiting: Vec::new(),
+                    fetching: false,
+                    fetched: Instant::now(),
+                    sticky: (self.shard as i32, 0),
+                };
+                match c.topics.entry(name) {
+                    Entry::Vacant(v) => v.insert(t),
+                    Entry::Occupied(o) => o.into_mut(),
+                }
+            }
+        };
+        let Some(parts) = topic.parts.as_mut() else {
+            let name = item.req.record.topic.clone();
+            topic.waiting.push(item);
+            if !topic.fetching {
+                topic.fetching = true;
+                let deadline = topic.waiting.iter().map(|i| i.deadline).min().unwrap_or_else(Instant::now);
+                spawn_metadata(&self.events_tx, c.cluster.clone(), cluster, name, deadline);
+            }
+            return;
+        };
+        if topic.fetched.elapsed() >= max_age && !topic.fetching {
+            // Refreshed in the background; the cached leaders serve meanwhile.
+            topic.fetching = true;
+            let deadline = Instant::now() + c.cluster.request_timeout();
+            spawn_metadata(&self.events_tx, c.cluster.clone(), cluster, item.req.record.topic.clone(), deadline);
+        }
+        let n = parts.len() as i32;
+        let partition = match (&item.req.record.key, item.req.record.partition) {
+            (_, Some(p)) if (0..n).contains(&p) => p,
+            (_, Some(p)) => {
+                let e = ProduceError::Other(format!("partition {p} does not exist ({n} partitions)"));
+                self.fail(item, e);
+                return;
+            }
+            (Some(k), None) => partition_for_key(k, n),
+            (None, None) => {
+                let s = &mut topic.sticky;
+                s.0 %= n;
+                s.1 += item.req.record.size();
+                if s.1 >= batch_bytes {
+                    *s = ((s.0 + 1) % n, 0);
+                }
+                s.0
+            }
+        };
+        let q = &mut parts[partition as usize];
+        q.queued_bytes += item.req.record.size();
+        q.queued.push_back(item);
+        if !q.listed {
+            q.listed = true;
+            let name = q.queued.back().map(|i| i.req.record.topic.clone());
+            if let Some(name) = name {
+                self.active.push((cluster, name, partition));
+            }
+        }
+    }
+
+    fn fail(&mut self, item: Item, e: ProduceError) {
+        if item.report {
+            if let Some(record) = dead_letter_copy(&item.req.record, &e) {
+                self.dead_letters.push_back(ProduceRequest { id: item.req.id, record, durable: false });
+            }
+            self.out.push(ProduceResult {
+                id: item.req.id,
+                outcome: Err(e),
+                attempts: 0,
+                batch_records: 0,
+                latency_us: item.enqueued.elapsed().as_micros() as u64,
+            });
+        }
+    }
+
+    fn on_event(&mut self, ev: Event) {
+        match ev {
+            Event::Metadata { cluster, topic, leaders } => self.on_metadata(cluster, topic, leaders),
+            Event::Connected { cluster, broker, link } => {
+                let Some(c) = self.clusters.get_mut(usize::from(cluster)) else { return };
+                let b = c.brokers.entry(broker).or_default();
+                b.connecting = false;
+                match link {
+                    Ok(Some(link)) => {
+                        b.link = Some(link);
+                        b.failures = 0;
+                        b.hold_until = None;
+                    }
+                    other => {
+                        b.failures += 1;
+                        let backoff = backoff(b.failures);
+                        b.hold_until = Some(Instant::now() + backoff);
+                        match other {
+                            Err(e) => {
+                                if b.failures == 1 || b.failures.is_multiple_of(10) {
+                                    tracing::warn!(cluster = %c.cluster.name, broker, error = %e, attempts = b.failures,
+                                        "cannot connect to Kafka broker; retrying");
+                                }
+                                if is_connection_error(&e) {
+                                    let cl = c.cluster.clone();
+                                    tokio::spawn(async move { cl.reset().await });
+                                }
+                            }
+                            _ => {
+                                tracing::debug!(cluster = %c.cluster.name, broker, "broker unknown to the client; refreshing metadata")
+                            }
+                        }
+                        // The leaders may have moved: ask again.
+                        self.refresh_topics_led_by(cluster, broker);
+                    }
+                }
+            }
+            Event::Produced { cluster, broker, parts, result } => self.on_produced(cluster, broker, parts, result),
+        }
+    }
+
+    fn on_metadata(&mut self, cluster: u16, topic: Arc<str>, leaders: Result<Vec<i32>, ProduceError>) {
+        let Some(c) = self.clusters.get_mut(usize::from(cluster)) else { return };
+        let Some(t) = c.topics.get_mut(&topic) else { return };
+        t.fetching = false;
+        match leaders {
+            Ok(leaders) => {
+                t.fetched = Instant::now();
+                let parts = t.parts.get_or_insert_with(Vec::new);
+                if leaders.len() > parts.len() {
+                    parts.resize_with(leaders.len(), PartitionQueue::default);
+                }
+                for (q, l) in parts.iter_mut().zip(&leaders) {
+                    q.leader = *l;
+                }
+                let waiting = std::mem::take(&mut t.waiting);
+                for item in waiting {
+                    self.place(item);
+                }
+            }
+            Err(e) => {
+                if t.parts.is_some() {
+                    // A stale map is better than failing while Kafka is briefly away; ask
+                    // again in a second.
+                    let max_age = Duration::from_millis(c.cluster.config().metadata_max_age_ms);
+                    t.fetched =
+                        Instant::now().checked_sub(max_age.saturating_sub(Duration::from_secs(1))).unwrap_or(t.fetched);
+                    return;
+                }
+                let waiting = std::mem::take(&mut t.waiting);
+                let retry_others = matches!(e, ProduceError::TimedOut);
+                let now = Instant::now();
+                let (expired, kept): (Vec<Item>, Vec<Item>) =
+                    waiting.into_iter().partition(|i| !retry_others || i.deadline <= now);
+                if kept.is_empty() {
+                    c.topics.remove(&topic);
+                } else {
+                    // Durable records wait for the topic however long it takes.
+                    t.waiting = kept;
+                    t.fetching = true;
+                    let deadline = t.waiting.iter().map(|i| i.deadline).min().unwrap_or(now);
+                    spawn_metadata(&self.events_tx, c.cluster.clone(), cluster, topic, deadline);
+                }
+                for item in expired {
+                    self.fail(item, e.clone());
+                }
+            }
+        }
+    }
+
+    fn refresh_topics_led_by(&mut self, cluster: u16, broker: i32) {
+        let Some(c) = self.clusters.get_mut(usize::from(cluster)) else { return };
+        let deadline = Instant::now() + c.cluster.request_timeout();
+        for (name, t) in c.topics.iter_mut() {
+            let led = t.parts.as_ref().is_some_and(|p| p.iter().any(|q| q.leader == broker || q.leader < 0));
+            if led && !t.fetching {
+                t.fetching = true;
+                spawn_metadata(&self.events_tx, c.cluster.clone(), cluster, name.clone(), deadline);
+            }
+        }
+    }
+
+    fn on_produced(
+        &mut self,
+        cluster: u16,
+        broker: i32,
+        parts: Vec<PartRef>,
+        result: Result<ProduceAcks, ClientError>,
+    ) {
+        let now = Instant::now();
+        let Some(c) = self.clusters.get_mut(usize::from(cluster)) else { return };
+        let b = c.brokers.entry(broker).or_default();
+        b.in_flight = b.in_flight.saturating_sub(1);
+        let acks = match result {
+            Ok(acks) => {
+                if acks.throttle_ms > 0 {
+                    b.hold_until = Some(now + Duration::from_millis(acks.throttle_ms as u64));
+                }
+                acks.partitions
+            }
+            Err(e) => {
+                // The whole request failed: its connection is suspect, its partitions retry.
+                if is_connection_error(&e) {
+                    b.link = None;
+                    let cl = c.cluster.clone();
+                    tokio::spawn(async move { cl.reset().await });
+                }
+                let name = c.cluster.name.clone();
+                for (topic, p) in &parts {
+                    self.retry_partition(cluster, topic, *p, &e.to_string(), &name, now);
+                }
+                self.refresh_topics_led_by(cluster, broker);
+                return;
+            }
+        };
+        let name = c.cluster.name.clone();
+        let mut refresh = false;
+        for (topic, p) in parts {
+            let ack = acks.iter().find(|a| a.partition == p && *a.topic == *topic);
+            match ack.map(|a| a.error) {
+                Some(None) => self.succeed(cluster, &topic, p),
+                None => self.retry_partition(cluster, &topic, p, "no answer for the partition", &name, now),
+                Some(Some(e)) => match classify_protocol(e) {
+                    Some(ProduceError::TooLarge) => self.split_or_fail(cluster, &topic, p),
+                    _ if retryable_protocol(e) => {
+                        refresh = true;
+                        self.retry_partition(cluster, &topic, p, &format!("{e:?}"), &name, now);
+                    }
+                    fatal => {
+                        let err = fatal.unwrap_or_else(|| ProduceError::Other(format!("{e:?}")));
+                        tracing::debug!(cluster = %name, %topic, partition = p, error = ?e, "Kafka refused a batch");
+                        self.fail_sent(cluster, &topic, p, err);
+                    }
+                },
+            }
+        }
+        if refresh {
+            self.refresh_topics_led_by(cluster, broker);
+        }
+    }
+
+    fn queue(&mut self, cluster: u16, topic: &str, p: i32) -> Option<&mut PartitionQueue> {
+        self.clusters
+            .get_mut(usize::from(cluster))?
+            .topics
+            .get_mut(topic)?
+            .parts
+            .as_mut()?
+            .get_mut(usize::try_from(p).ok()?)
+    }
+
+    fn succeed(&mut self, cluster: u16, topic: &str, p: i32) {
+        let Some(q) = self.queue(cluster, topic, p) else { return };
+        q.in_flight = false;
+        q.retry_at = None;
+        let attempts = std::mem::take(&mut q.attempts);
+        let sent = std::mem::take(&mut q.sent);
+        q.solo = q.solo.saturating_sub(sent.len());
+        let n = sent.len() as u32;
+        for i in sent {
+            if i.report {
+                self.out.push(ProduceResult {
+                    id: i.req.id,
+                    outcome: Ok(()),
+                    attempts,
+                    batch_records: n,
+                    latency_us: i.enqueued.elapsed().as_micros() as u64,
+                });
+            }
+        }
+    }
+
+    fn fail_sent(&mut self, cluster: u16, topic: &str, p: i32, e: ProduceError) {
+        let Some(q) = self.queue(cluster, topic, p) else { return };
+        q.in_flight = false;
+        q.retry_at = None;
+        q.attempts = 0;
+        let sent = std::mem::take(&mut q.sent);
+        q.solo = q.solo.saturating_sub(sent.len());
+        for i in sent {
+            self.fail(i, e.clone());
+        }
+    }
+
+    /// A batch refused as too large: its records go again one per batch, so only the ones that
+    /// really are too large fail.
+    fn split_or_fail(&mut self, cluster: u16, topic: &str, p: i32) {
+        let Some(q) = self.queue(cluster, topic, p) else { return };
+        if q.sent.len() <= 1 {
+            self.fail_sent(cluster, topic, p, ProduceError::TooLarge);
+            return;
+        }
+        q.solo = q.sent.len();
+        requeue_sent(q);
+    }
+
+    /// Puts a failed batch back at the head of its queue, to go again after a back-off; records
+    /// whose deadline has passed fail as timed out.
+    fn retry_partition(&mut self, cluster: u16, topic: &str, p: i32, why: &str, cluster_name: &str, now: Instant) {
+        let Some(q) = self.queue(cluster, topic, p) else { return };
+        let attempt = q.attempts;
+        if attempt == 1 || attempt.is_multiple_of(10) {
+            tracing::warn!(cluster = %cluster_name, %topic, partition = p, attempt, error = %why,
+                "produce failed; retrying until the delivery time-out");
+        }
+        let wait = backoff(attempt);
+        q.retry_at = Some(now + wait);
+        let (expired, kept): (Vec<Item>, Vec<Item>) =
+            std::mem::take(&mut q.sent).into_iter().partition(|i| i.deadline <= now + wait);
+        q.sent = kept;
+        requeue_sent(q);
+        if q.queued.is_empty() {
+            q.attempts = 0;
+            q.retry_at = None;
+        }
+        for i in expired {
+            self.fail(i, ProduceError::TimedOut);
+        }
+    }
+
+    /// Fails queued records whose deadline has passed on partitions that cannot send now.
+    fn expire(&mut self, now: Instant) {
+        let mut expired = Vec::new();
+        for c in &mut self.clusters {
+            for t in c.topics.values_mut() {
+                let Some(parts) = t.parts.as_mut() else { continue };
+                for q in parts.iter_mut().filter(|q| !q.queued.is_empty()) {
+                    let blocked = q.leader < 0
+                        || q.retry_at.is_some_and(|r| r > now)
+                        || c.brokers.get(&q.leader).is_none_or(|b| b.link.is_none());
+                    if !blocked && q.queued.front().is_none_or(|i| i.deadline > now) {
+                        continue;
+                    }
+                    let before = q.queued.len();
+                    let mut kept = VecDeque::with_capacity(before);
+                    for i in q.queued.drain(..) {
+                        if i.deadline <= now {
+                            q.queued_bytes -= i.req.record.size();
+                            expired.push(i);
+                        } else {
+                            kept.push_back(i);
+                        }
+                    }
+                    q.queued = kept;
+                }
+            }
+        }
+        for i in expired {
+            self.fail(i, ProduceError::TimedOut);
+        }
+    }
+
+    /// When the loop must wake up without an event: the earliest linger end or back-off end.
+    fn next_wake(&self) -> Instant {
+        let now = Instant::now();
+        let mut wake = now + EXPIRY_SCAN;
+        for (cluster, topic, p) in &self.active {
+            let Some(c) = self.clusters.get(usize::from(*cluster)) else { continue };
+            let linger = Duration::from_millis(c.cluster.config().linger_ms);
+            let Some(q) = c.topics.get(&**topic).and_then(|t| t.parts.as_ref()).and_then(|p2| p2.get(*p as usize))
+            else {
+                continue;
+            };
+            if q.in_flight || q.queued.is_empty() {
+                continue;
+            }
+            if let Some(r) = q.retry_at {
+                wake = wake.min(r);
+            } else if let Some(first) = q.queued.front() {
+                wake = wake.min(first.enqueued + linger);
+            }
+        }
+        for c in &self.clusters {
+            for b in c.brokers.values() {
+                if let Some(h) = b.hold_until {
+                    if h > now {
+                        wake = wake.min(h);
+                    }
+                }
+            }
+        }
+        wake
+    }
+
+    /// Sends, per broker, one request with a batch of every partition of it that is ready: its
+    /// linger is over or its batch is full, nothing of it is in flight, it is not backing off.
+    fn flush(&mut self, now: Instant) {
+        // (cluster, broker) → ready partitions, in the order they became active.
+        let mut ready: Vec<((u16, i32), Vec<PartRef>)> = Vec::new();
+        let mut still_active = Vec::with_capacity(self.active.len());
+        for (cluster, topic, p) in std::mem::take(&mut self.active) {
+            let Some(c) = self.clusters.get_mut(usize::from(cluster)) else { continue };
+            let cfg = c.cluster.config();
+            let linger = Duration::from_millis(cfg.linger_ms);
+            let batch_bytes = cfg.batch_bytes;
+            let Some(q) =
+                c.topics.get_mut(&*topic).and_then(|t| t.parts.as_mut()).and_then(|ps| ps.get_mut(p as usize))
+            else {
+                continue;
+            };
+            if q.queued.is_empty() && !q.in_flight {
+                q.listed = false;
+                continue;
+            }
+            let due = q.queued_bytes >= batch_bytes
+                || q.solo > 0
+                || q.retry_at.is_some()
+                || q.queued.front().is_some_and(|i| i.enqueued + linger <= now);
+            let sendable = !q.in_flight && !q.queued.is_empty() && q.retry_at.is_none_or(|r| r <= now) && q.leader >= 0;
+            if due && sendable {
+                let key = (cluster, q.leader);
+                match ready.iter_mut().find(|(k, _)| *k == key) {
+                    Some((_, v)) => v.push((topic.clone(), p)),
+                    None => ready.push((key, vec![(topic.clone(), p)])),
+                }
+            }
+            still_active.push((cluster, topic, p));
+        }
+        self.active = still_active;
+        for ((cluster, broker), parts) in ready {
+            self.send(cluster, broker, parts, now);
+        }
+    }
+
+    fn send(&mut self, cluster: u16, broker: i32, parts: Vec<PartRef>, now: Instant) {
+        let Some(c) = self.clusters.get_mut(usize::from(cluster)) else { return };
+        let max_in_flight = c.cluster.config().max_requests_in_flight.max(1);
+        let b = c.brokers.entry(broker).or_default();
+        if b.hold_until.is_some_and(|h| h > now) || b.in_flight >= max_in_flight {
+            return;
+        }
+        let Some(link) = b.link.clone() else {
+            if !b.connecting {
+                b.connecting = true;
+                let (tx, cl) = (self.events_tx.clone(), c.cluster.clone());
+                tokio::spawn(async move {
+                    let link = match cl.client().await {
+                        Ok(client) => {
+                            match tokio::time::timeout(cl.request_timeout(), client.connect_broker(broker)).await {
+                                Ok(r) => r,
+                                Err(_) => Err(ClientError::Timeout),
+                            }
+                        }
+                        Err(e) => Err(e),
+                    };
+                    let _ = tx.send(Event::Connected { cluster, broker, link });
+                });
+            }
+            return;
+        };
+        b.in_flight += 1;
+        let batch_bytes = c.cluster.config().batch_bytes;
+        let compression = c.cluster.config().compression;
+        let timeout = c.cluster.request_timeout();
+        let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        let mut topics: Vec<TopicBatches> = Vec::new();
+        let mut sent_parts = Vec::with_capacity(parts.len());
+        let mut request_bytes = 0usize;
+        for (topic, p) in parts {
+            if request_bytes >= REQUEST_BATCHES_BYTES {
+                break;
+            }
+            let Some(q) =
+                c.topics.get_mut(&*topic).and_then(|t| t.parts.as_mut()).and_then(|ps| ps.get_mut(p as usize))
+            else {
+                continue;
+            };
+            // Take records up to a full batch (at least one; one only after a too-large batch).
+            let mut bytes = 0usize;
+            while let Some(i) = q.queued.front() {
+                let size = i.req.record.size();
+                if !q.sent.is_empty() && (bytes + size > batch_bytes || q.solo > 0) {
+                    break;
+                }
+                bytes += size;
+                q.queued_bytes -= size;
+                if let Some(i) = q.queued.pop_front() {
+                    q.sent.push(i);
+                }
+            }
+            if q.sent.is_empty() {
+                continue;
+            }
+            q.in_flight = true;
+            q.retry_at = None;
+            q.attempts += 1;
+            request_bytes += bytes;
+            let encoded: Bytes = crate::interim_encode::encode(q.sent.iter().map(|i| &i.req.record), compression);
+            match topics.iter_mut().find(|t| *t.topic == *topic) {
+                Some(t) => t.partitions.push((p, encoded)),
+                None => topics.push(TopicBatches { topic: topic.to_string(), partitions: vec![(p, encoded)] }),
+            }
+            sent_parts.push((topic, p));
+        }
+        if sent_parts.is_empty() {
+            b.in_flight -= 1;
+            return;
+        }
+        let tx = self.events_tx.clone();
+        tokio::spawn(async move {
+            let result = match tokio::time::timeout(timeout, link.produce(-1, timeout_ms, topics)).await {
+                Ok(r) => r,
+                Err(_) => Err(ClientError::Timeout),
+            };
+            let _ = tx.send(Event::Produced { cluster, broker, parts: sent_parts, result });
+        });
+    }
+}
+
+/// Puts the sent batch back in front of the queue, in order.
+fn requeue_sent(q: &mut PartitionQueue) {
+    q.in_flight = false;
+    for i in std::mem::take(&mut q.sent).into_iter().rev() {
+        q.queued_bytes += i.req.record.size();
+        q.queued.push_front(i);
+    }
+}
+
+/// 50 ms doubling to [`RETRY_BACKOFF_MAX`].
+fn backoff(attempt: u32) -> Duration {
+    let ms = 50u64.saturating_mul(1 << attempt.saturating_sub(1).min(10));
+    Duration::from_millis(ms).min(RETRY_BACKOFF_MAX)
+}
+
+fn spawn_metadata(
+    tx: &mpsc::UnboundedSender<Event>,
+    cl: Arc<Cluster>,
+    cluster: u16,
+    topic: Arc<str>,
+    deadline: Instant,
+) {
+    let tx = tx.clone();
+    tokio::spawn(async move {
+        let leaders = cl.leaders(&topic, deadline).await;
+        if let Err(e) = &leaders {
+            tracing::debug!(cluster = %cl.name, %topic, error = %e, "no partition leaders for the topic");
+        }
+        let _ = tx.send(Event::Metadata { cluster, topic, leaders });
+    });
+}
