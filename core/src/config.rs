@@ -238,7 +238,8 @@ pub struct TlsConfig {
 pub struct ClusterConfig {
     /// host:port of one or more brokers.
     pub bootstrap: Vec<String>,
-    /// How long a partition batch waits for more records before it is sent.
+    /// How long a partition's records wait for more while a request to their broker is in
+    /// flight (with nothing in flight they go at once).
     pub linger_ms: u64,
     /// Uncompressed bytes that make a batch full.
     pub batch_bytes: usize,

@@ -622,7 +622,13 @@ impl Producer {
                 q.listed = false;
                 continue;
             }
-            let due = q.queued_bytes >= batch_bytes
+            // A broker with nothing in flight gets the records at once; while a request is out,
+            // records gather for up to `linger_ms` (Nagle's rule per broker): a lone QoS 1
+            // publish waits for one round trip, not for the linger, and a busy broker still gets
+            // full batches.
+            let broker_idle = c.brokers.get(&q.leader).is_none_or(|b| b.in_flight == 0);
+            let due = broker_idle
+                || q.queued_bytes >= batch_bytes
                 || q.solo > 0
                 || q.retry_at.is_some()
                 || q.queued.front().is_some_and(|i| i.enqueued + linger <= now);
