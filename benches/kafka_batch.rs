@@ -12,7 +12,7 @@ use rskafka::protocol::record::{
     RecordHeader,
 };
 use rskafka::protocol::traits::WriteType;
-use sluice_core::bridge::{KafkaRecord, ProduceRequest};
+use sluice_core::bridge::{KafkaRecord, ProduceRequest, RecordKey};
 
 fn request(i: u64) -> ProduceRequest {
     ProduceRequest {
@@ -21,7 +21,9 @@ fn request(i: u64) -> ProduceRequest {
             cluster: 0,
             mapping: 0,
             topic: Arc::from("iot-telemetry"),
-            key: Some(Bytes::from(format!("fleet/eu/group-3/car-{i}/speed"))),
+            key: RecordKey::Bytes(Bytes::from(format!("fleet/eu/group-3/car-{i}/speed"))),
+            source: None,
+            mqtt_headers: false,
             value: Bytes::from(vec![(i % 251) as u8; 100]),
             headers: vec![("mqtt.qos".into(), Bytes::from_static(b"1"))],
             timestamp_ms: 1_764_000_000_000 + i as i64,

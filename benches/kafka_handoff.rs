@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use sluice_core::bridge::{KafkaRecord, ProduceRequest, ProduceResult};
+use sluice_core::bridge::{KafkaRecord, ProduceRequest, ProduceResult, RecordKey};
 use tokio::sync::mpsc;
 
 fn record(i: u64) -> ProduceRequest {
@@ -16,7 +16,9 @@ fn record(i: u64) -> ProduceRequest {
             cluster: 0,
             mapping: 0,
             topic: Arc::from("iot-telemetry"),
-            key: Some(Bytes::from_static(b"fleet/eu/car-1/speed")),
+            key: RecordKey::Bytes(Bytes::from_static(b"fleet/eu/car-1/speed")),
+            source: None,
+            mqtt_headers: false,
             value: Bytes::from_static(&[0u8; 100]),
             headers: Vec::new(),
             timestamp_ms: 0,

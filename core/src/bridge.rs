@@ -15,7 +15,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 
 use crate::bytes_reader::{ByteReader, ReadError};
-use crate::message::Message;
+use crate::message::Msg;
 use crate::topic::{self, TopicLimits, Trie};
 
 /// Where the record key comes from.
@@ -61,6 +61,8 @@ impl KeySource {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TopicTemplate {
     parts: Vec<TemplatePart>,
+    /// The topic of a template without levels, shared by every record routed to it.
+    fixed: Option<Arc<str>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -109,7 +111,19 @@ impl TopicTemplate {
         if parts.is_empty() {
             return Err(TopicTemplateError::Empty);
         }
-        Ok(TopicTemplate { parts })
+        let fixed = match parts.as_slice() {
+            [TemplatePart::Text(t)] => Some(Arc::from(t.as_str())),
+            _ => None,
+        };
+        Ok(TopicTemplate { parts, fixed })
+    }
+
+    /// [`TopicTemplate::render`] as a shared string: a fixed topic costs no allocation.
+    pub fn render_shared(&self, mqtt_topic: &str) -> Option<Arc<str>> {
+        match &self.fixed {
+            Some(t) => Some(t.clone()),
+            None => self.render(mqtt_topic).map(Arc::from),
+        }
     }
 
     /// The Kafka topic for an MQTT topic; `None` when a referenced level does not exist or the
@@ -183,24 +197,65 @@ fn default_true() -> bool {
     true
 }
 
+/// Where a record's key bytes are: in the record, or in its source message (so routing a
+/// message allocates nothing for its key).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RecordKey {
+    None,
+    Bytes(Bytes),
+    /// The source message's topic.
+    Topic,
+    /// Bytes `start..end` of the source message's topic (one level of it).
+    Level {
+        start: u32,
+        end: u32,
+    },
+    /// The source message's publisher.
+    ClientId,
+}
+
 /// A record for Kafka, before partitioning.
-#[derive(Clone, Debug, PartialEq)]
+///
+/// A routed record refers to its MQTT message (`source`) for its key and its MQTT headers
+/// instead of copying them: they are read where the record is encoded, on the Kafka thread, and
+/// nothing per record is allocated on the shard or freed on the other thread but the record
+/// itself. Records replayed from the spill log carry their key and headers as bytes.
+#[derive(Clone, Debug)]
 pub struct KafkaRecord {
     /// Index of the cluster in [`Router::clusters`].
     pub cluster: u16,
     /// Index of the mapping, for per-mapping metrics and logs.
     pub mapping: u16,
     pub topic: Arc<str>,
-    pub key: Option<Bytes>,
+    pub key: RecordKey,
     pub value: Bytes,
-    /// Header names are unique: rskafka models headers as a map, so a repeated MQTT user property
-    /// keeps its last value.
+    /// The MQTT message this record was routed from.
+    pub source: Option<Msg>,
+    /// Headers `mqtt.topic`, `mqtt.qos`, `mqtt.retain`, `mqtt.client_id`, the MQTT 5 properties
+    /// and user properties of `source` come first (see [`KafkaRecord::for_each_header`]).
+    pub mqtt_headers: bool,
+    /// Further headers, after the MQTT ones (spill-log replay, dead-letter causes).
     pub headers: Vec<(String, Bytes)>,
     pub timestamp_ms: i64,
     /// (cluster, topic) for the record if Kafka refuses it.
     pub dead_letter: Option<(u16, Arc<str>)>,
     /// An explicit partition from the mapping; placement by key otherwise.
     pub partition: Option<i32>,
+}
+
+impl PartialEq for KafkaRecord {
+    /// Equal records have the same bytes for Kafka and go to the same place.
+    fn eq(&self, o: &Self) -> bool {
+        let headers = |r: &KafkaRecord| {
+            let mut h = Vec::new();
+            r.for_each_header(|k, v| h.push((k.to_owned(), v.to_vec())));
+            h
+        };
+        (self.cluster, self.mapping, &self.topic, self.key(), &self.value, self.timestamp_ms)
+            == (o.cluster, o.mapping, &o.topic, o.key(), &o.value, o.timestamp_ms)
+            && (&self.dead_letter, self.partition) == (&o.dead_letter, o.partition)
+            && headers(self) == headers(o)
+    }
 }
 
 /// Why bytes from the spill log are not a [`KafkaRecord`].
@@ -232,7 +287,7 @@ impl KafkaRecord {
         out.push(1); // format version
         put(out, cluster_name.as_bytes());
         put(out, self.topic.as_bytes());
-        match &self.key {
+        match self.key() {
             Some(k) => {
                 out.push(1);
                 put(out, k);
@@ -241,11 +296,11 @@ impl KafkaRecord {
         }
         put(out, &self.value);
         out.extend_from_slice(&self.timestamp_ms.to_le_bytes());
-        out.extend_from_slice(&(self.headers.len() as u32).to_le_bytes());
-        for (k, v) in &self.headers {
+        out.extend_from_slice(&(self.header_count() as u32).to_le_bytes());
+        self.for_each_header(|k, v| {
             put(out, k.as_bytes());
             put(out, v);
-        }
+        });
     }
 
     /// Inverse of [`KafkaRecord::encode`]: the cluster name and the record (cluster index 0, no
@@ -259,8 +314,8 @@ impl KafkaRecord {
         let cluster = r.str_u32_le()?;
         let topic: Arc<str> = r.str_u32_le()?.into();
         let key = match r.u8()? {
-            0 => None,
-            _ => Some(Bytes::copy_from_slice(r.bytes_u32_le()?)),
+            0 => RecordKey::None,
+            _ => RecordKey::Bytes(Bytes::copy_from_slice(r.bytes_u32_le()?)),
         };
         let value = Bytes::copy_from_slice(r.bytes_u32_le()?);
         let timestamp_ms = r.i64_le()?;
@@ -275,6 +330,8 @@ impl KafkaRecord {
             topic,
             key,
             value,
+            source: None,
+            mqtt_headers: false,
             headers,
             timestamp_ms,
             dead_letter: None,
@@ -283,12 +340,73 @@ impl KafkaRecord {
         Ok((cluster, r))
     }
 
+    /// Key, value and header bytes: what counts towards batch and record limits.
     pub fn size(&self) -> usize {
-        self.key.as_ref().map_or(0, |k| k.len())
-            + self.value.len()
-            + self.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+        let mut n = self.key().map_or(0, <[u8]>::len) + self.value.len();
+        self.for_each_header(|k, v| n += k.len() + v.len());
+        n
+    }
+
+    /// The key's bytes.
+    pub fn key(&self) -> Option<&[u8]> {
+        match (&self.key, &self.source) {
+            (RecordKey::None, _) => None,
+            (RecordKey::Bytes(b), _) => Some(b),
+            (RecordKey::Topic, Some(m)) => Some(m.topic.as_bytes()),
+            (RecordKey::Level { start, end }, Some(m)) => m.topic.as_bytes().get(*start as usize..*end as usize),
+            (RecordKey::ClientId, Some(m)) => Some(m.origin.as_bytes()),
+            (_, None) => None,
+        }
+    }
+
+    pub fn header_count(&self) -> usize {
+        let mut n = 0;
+        self.for_each_header(|_, _| n += 1);
+        n
+    }
+
+    /// Every header in order, names unique: the MQTT ones of `source` (if `mqtt_headers`), then
+    /// `headers`. An MQTT 5 user property passes through under its own name and wins over a
+    /// header of the same name; of repeated user properties the last one counts.
+    pub fn for_each_header(&self, mut f: impl FnMut(&str, &[u8])) {
+        if let (true, Some(m)) = (self.mqtt_headers, &self.source) {
+            let p = m.properties();
+            let users = &p.user_properties;
+            let overridden = |name: &str| users.iter().any(|(k, _)| k == name);
+            let mut std_header = |name: &str, v: &[u8]| {
+                if !overridden(name) {
+                    f(name, v)
+                }
+            };
+            std_header("mqtt.topic", m.topic.as_bytes());
+            std_header("mqtt.qos", QOS_TEXT.get(usize::from(m.qos)).copied().unwrap_or(b"?"));
+            std_header("mqtt.retain", if m.retain { b"true" } else { b"false" });
+            std_header("mqtt.client_id", m.origin.as_bytes());
+            if let Some(ct) = &p.content_type {
+                std_header("content-type", ct.as_bytes());
+            }
+            if let Some(rt) = &p.response_topic {
+                std_header("mqtt.response_topic", rt.as_bytes());
+            }
+            if let Some(cd) = &p.correlation_data {
+                std_header("mqtt.correlation_data", cd);
+            }
+            if let Some(pf) = p.payload_format_indicator {
+                std_header("mqtt.payload_format", if pf == 0 { b"0" } else { b"1" });
+            }
+            for (i, (k, v)) in users.iter().enumerate() {
+                if !users[i + 1..].iter().any(|(later, _)| later == k) {
+                    f(k, v.as_bytes());
+                }
+            }
+        }
+        for (k, v) in &self.headers {
+            f(k, v);
+        }
     }
 }
+
+const QOS_TEXT: [&[u8]; 3] = [b"0", b"1", b"2"];
 
 /// A record handed to the producers, with the shard-local id its result will carry.
 #[derive(Clone, Debug)]
@@ -483,11 +601,12 @@ impl Router {
 
     /// The records for one MQTT message, one per (matching mapping, destination). A mapping that
     /// matches through several of its filters produces its records once.
-    pub fn route(&self, msg: &Message, now_ms: i64, out: &mut Vec<KafkaRecord>) {
+    pub fn route(&self, msg: &Msg, now_ms: i64, out: &mut Vec<KafkaRecord>) {
         if self.mappings.is_empty() {
             return;
         }
-        let mut hit: Vec<u16> = Vec::new();
+        // Mappings matched, without an allocation for the usual few.
+        let mut hit = smallvec::SmallVec::<[u16; 8]>::new();
         self.trie.for_each_match(&msg.topic, |m, _| {
             if !hit.contains(m) {
                 hit.push(*m);
@@ -497,22 +616,26 @@ impl Router {
         for mi in hit {
             let m = &self.mappings[usize::from(mi)];
             let key = match &m.key {
-                KeySource::Topic => Some(Bytes::copy_from_slice(msg.topic.as_bytes())),
-                KeySource::ClientId => Some(Bytes::copy_from_slice(msg.origin.as_bytes())),
-                KeySource::Level(n) => msg.topic.split('/').nth(*n).map(|l| Bytes::copy_from_slice(l.as_bytes())),
-                KeySource::None => None,
+                KeySource::Topic => RecordKey::Topic,
+                KeySource::ClientId => RecordKey::ClientId,
+                KeySource::Level(n) => match level_range(&msg.topic, *n) {
+                    Some((start, end)) => RecordKey::Level { start, end },
+                    None => RecordKey::None,
+                },
+                KeySource::None => RecordKey::None,
             };
-            let headers = if m.headers { headers_of(msg) } else { Vec::new() };
             for (cluster, template, partition) in &m.destinations {
                 // A template referring to a level the topic lacks yields no record for it.
-                let Some(topic) = template.render(&msg.topic) else { continue };
+                let Some(topic) = template.render_shared(&msg.topic) else { continue };
                 out.push(KafkaRecord {
                     cluster: *cluster,
                     mapping: mi,
-                    topic: topic.into(),
+                    topic,
                     key: key.clone(),
                     value: msg.payload.clone(),
-                    headers: headers.clone(),
+                    source: Some(msg.clone()),
+                    mqtt_headers: m.headers,
+                    headers: Vec::new(),
                     timestamp_ms: now_ms,
                     dead_letter: m.dead_letter.clone(),
                     partition: *partition,
@@ -522,32 +645,16 @@ impl Router {
     }
 }
 
-fn headers_of(msg: &Message) -> Vec<(String, Bytes)> {
-    let p = msg.properties();
-    let mut h = vec![
-        ("mqtt.topic".to_string(), Bytes::copy_from_slice(msg.topic.as_bytes())),
-        ("mqtt.qos".to_string(), Bytes::from(msg.qos.to_string())),
-        ("mqtt.retain".to_string(), Bytes::from_static(if msg.retain { b"true" } else { b"false" })),
-        ("mqtt.client_id".to_string(), Bytes::copy_from_slice(msg.origin.as_bytes())),
-    ];
-    if let Some(ct) = &p.content_type {
-        h.push(("content-type".into(), Bytes::copy_from_slice(ct.as_bytes())));
+/// Byte range of level `n` (0-based) of `topic`.
+fn level_range(topic: &str, n: usize) -> Option<(u32, u32)> {
+    let mut start = 0usize;
+    for (i, level) in topic.split('/').enumerate() {
+        if i == n {
+            return Some((start as u32, (start + level.len()) as u32));
+        }
+        start += level.len() + 1;
     }
-    if let Some(rt) = &p.response_topic {
-        h.push(("mqtt.response_topic".into(), Bytes::copy_from_slice(rt.as_bytes())));
-    }
-    if let Some(cd) = &p.correlation_data {
-        h.push(("mqtt.correlation_data".into(), cd.clone()));
-    }
-    if let Some(f) = p.payload_format_indicator {
-        h.push(("mqtt.payload_format".into(), Bytes::from(f.to_string())));
-    }
-    for (k, v) in &p.user_properties {
-        // MQTT 5 user properties pass through under their own names; a later duplicate wins.
-        h.retain(|(hk, _)| hk != k);
-        h.push((k.clone(), Bytes::copy_from_slice(v.as_bytes())));
-    }
-    h
+    None
 }
 
 /// Kafka's murmur2 (the Java client's `Utils.murmur2`), as a signed 32-bit value.
@@ -616,8 +723,8 @@ mod tests {
         }
     }
 
-    fn msg(topic: &str) -> Message {
-        Message {
+    fn msg(topic: &str) -> Msg {
+        Arc::new(crate::message::Message {
             topic: topic.into(),
             payload: Bytes::from_static(b"v"),
             qos: 1,
@@ -630,7 +737,7 @@ mod tests {
             .boxed(),
             expiry_at_ms: None,
             origin: "dev-1".into(),
-        }
+        })
     }
 
     fn mapping(name: &str, filters: &[&str], dests: &[(&str, &str)], key: &str) -> MappingConfig {
@@ -665,8 +772,7 @@ mod tests {
         .unwrap();
         let mut out = Vec::new();
         r.route(&msg("fleet/eu/group-3/car-1045107/speed"), 7, &mut out);
-        let got: Vec<(u16, &str, Option<&[u8]>)> =
-            out.iter().map(|r| (r.cluster, &*r.topic, r.key.as_deref())).collect();
+        let got: Vec<(u16, &str, Option<&[u8]>)> = out.iter().map(|r| (r.cluster, &*r.topic, r.key())).collect();
         assert_eq!(
             got,
             vec![
@@ -675,10 +781,25 @@ mod tests {
                 (1, "copy", Some(&b"car-1045107"[..])),
             ]
         );
-        let h = &out[0].headers;
-        assert!(h.contains(&("mqtt.client_id".into(), Bytes::from_static(b"dev-1"))));
-        assert!(h.contains(&("content-type".into(), Bytes::from_static(b"text/plain"))));
-        assert!(h.contains(&("a".into(), Bytes::from_static(b"2"))));
+        let mut h: Vec<(String, Vec<u8>)> = Vec::new();
+        out[0].for_each_header(|k, v| h.push((k.into(), v.into())));
+        let h: Vec<(&str, &[u8])> = h.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
+        assert_eq!(
+            h,
+            [
+                ("mqtt.topic", &b"fleet/eu/group-3/car-1045107/speed"[..]),
+                ("mqtt.qos", b"1"),
+                ("mqtt.retain", b"false"),
+                ("mqtt.client_id", b"dev-1"),
+                ("content-type", b"text/plain"),
+                ("a", b"2"),
+            ],
+            "a repeated user property keeps its last value"
+        );
+        assert_eq!(
+            out[0].size(),
+            out[0].key().unwrap().len() + 1 + h.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+        );
         assert_eq!(out[0].timestamp_ms, 7);
         out.clear();
         r.route(&msg("nowhere"), 0, &mut out);
@@ -714,8 +835,10 @@ mod tests {
             cluster: 3,
             mapping: 1,
             topic: "t".into(),
-            key: Some(Bytes::from_static(b"k")),
+            key: RecordKey::Bytes(Bytes::from_static(b"k")),
             value: Bytes::from_static(b"\x00\xffv"),
+            source: None,
+            mqtt_headers: false,
             headers: vec![("a".into(), Bytes::from_static(b"1"))],
             timestamp_ms: -5,
             dead_letter: None,

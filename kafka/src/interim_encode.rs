@@ -26,13 +26,13 @@ pub(crate) fn encode<'a>(records: impl Iterator<Item = &'a KafkaRecord>, compres
                 .map(|(i, r)| Record {
                     timestamp_delta: r.timestamp_ms - first,
                     offset_delta: i as i32,
-                    key: r.key.as_ref().map(|k| k.to_vec()),
+                    key: r.key().map(|k| k.to_vec()),
                     value: Some(r.value.to_vec()),
-                    headers: r
-                        .headers
-                        .iter()
-                        .map(|(k, v)| RecordHeader { key: k.clone(), value: v.to_vec() })
-                        .collect(),
+                    headers: {
+                        let mut h = Vec::new();
+                        r.for_each_header(|k, v| h.push(RecordHeader { key: k.into(), value: v.into() }));
+                        h
+                    },
                 })
                 .collect(),
         ),

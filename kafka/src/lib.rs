@@ -206,9 +206,15 @@ pub fn to_record(req: &ProduceRequest) -> rskafka::record::Record {
     use rskafka::chrono::{TimeZone, Utc};
     let r = &req.record;
     rskafka::record::Record {
-        key: r.key.as_ref().map(|k| k.to_vec()),
+        key: r.key().map(|k| k.to_vec()),
         value: Some(r.value.to_vec()),
-        headers: r.headers.iter().map(|(k, v)| (k.clone(), v.to_vec())).collect(),
+        headers: {
+            let mut h = std::collections::BTreeMap::new();
+            r.for_each_header(|k, v| {
+                h.insert(k.to_owned(), v.to_vec());
+            });
+            h
+        },
         timestamp: Utc.timestamp_millis_opt(r.timestamp_ms).single().unwrap_or_default(),
     }
 }

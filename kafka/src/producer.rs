@@ -253,7 +253,7 @@ impl Producer {
             spawn_metadata(&self.events_tx, c.cluster.clone(), cluster, item.req.record.topic.clone(), deadline);
         }
         let n = parts.len() as i32;
-        let partition = match (&item.req.record.key, item.req.record.partition) {
+        let partition = match (item.req.record.key(), item.req.record.partition) {
             (_, Some(p)) if (0..n).contains(&p) => p,
             (_, Some(p)) => {
                 let e = ProduceError::Other(format!("partition {p} does not exist ({n} partitions)"));
