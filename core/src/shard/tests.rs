@@ -1387,6 +1387,64 @@ fn a_device_publishes_and_reads_only_its_own_topics() {
     assert_eq!(w.shards[1].stats().acl_denied, 1);
 }
 
+/// Listener 1 has its own rules: only bob, and `ops/%c/#`; listener 0 keeps the global ones.
+#[test]
+fn a_listener_with_its_own_rules_replaces_the_global_ones_for_its_connections() {
+    const BOB: &str = "bob:$7$101$dUDH0dTKhLySJ1yG$vzIqRqLSbqYzQ0hgMSTd/osFqnaAbpAiDyMgo39qjn2fEHIcanDpZe1JoDoLo5gdxcjv/Kc1VWJsOvte9qUyoA==\n";
+    let mut w = access_world(false);
+    let own = Arc::new(AccessRules {
+        passwords: Some(crate::auth::PasswordFile::parse(BOB).unwrap()),
+        acl: Some(crate::auth::Acl::parse_mosquitto("pattern readwrite ops/%c/#\n").unwrap()),
+        generation: 2,
+        ..AccessRules::default()
+    });
+    for s in &mut w.shards {
+        s.set_listener_access(1, own.clone(), 100, 60_000);
+    }
+    let on = |w: &mut World, listener: u16, conn: ConnId, id: &str, user: &str, pw: &str| {
+        w.shards[0].on_open_from(conn, format!("10.0.1.{conn}").parse().unwrap(), w.now);
+        w.shards[0].set_origin(conn, listener, None);
+        let c = Connect {
+            version: V5,
+            clean_start: true,
+            keep_alive: 0,
+            client_id: id.into(),
+            will: None,
+            username: Some(user.into()),
+            password: Some(Bytes::copy_from_slice(pw.as_bytes())),
+            properties: Properties::default(),
+        };
+        w.send(0, conn, V5, Packet::Connect(Box::new(c)));
+        match w.recv(0, conn, V5).first() {
+            Some(Packet::ConnAck(a)) => a.code,
+            o => panic!("{o:?}"),
+        }
+    };
+    // alice is known globally (and her check is cached there), not on listener 1; bob the other way.
+    assert_eq!(on(&mut w, 0, 1, "a0", "alice", "s3cret pass"), reason::SUCCESS);
+    assert_eq!(on(&mut w, 1, 2, "a1", "alice", "s3cret pass"), reason::BAD_USERNAME_OR_PASSWORD);
+    assert_eq!(on(&mut w, 1, 3, "car1", "bob", "hunter2"), reason::SUCCESS);
+    // Listener 1's ACL for car1: ops/car1/#, not the global devices/car1/#.
+    w.send(0, 3, V5, publish("devices/car1/x", 1, 7, b"x"));
+    w.send(0, 3, V5, publish("ops/car1/x", 1, 8, b"x"));
+    match w.recv(0, 3, V5).as_slice() {
+        [Packet::PubAck(a), Packet::PubAck(b)] => {
+            assert_eq!((a.code, b.code), (reason::NOT_AUTHORIZED, reason::SUCCESS))
+        }
+        o => panic!("{o:?}"),
+    }
+    // The same client id on listener 0 has the global rights.
+    assert_eq!(on(&mut w, 0, 4, "car2", "bob", "hunter2"), reason::SUCCESS);
+    w.send(0, 4, V5, publish("devices/car2/x", 1, 9, b"x"));
+    w.send(0, 4, V5, publish("ops/car2/x", 1, 10, b"x"));
+    match w.recv(0, 4, V5).as_slice() {
+        [Packet::PubAck(a), Packet::PubAck(b)] => {
+            assert_eq!((a.code, b.code), (reason::SUCCESS, reason::NOT_AUTHORIZED))
+        }
+        o => panic!("{o:?}"),
+    }
+}
+
 /// One shard whose only user, erin ("pw"), has an argon2id hash: checked off the shard.
 fn slow_hash_world() -> World {
     let hash = crate::auth::password::hash_argon2id_with_salt(b"pw", &[7; 16]).unwrap();
