@@ -118,11 +118,16 @@ def test_a_reload_with_a_broken_acl_keeps_the_previous_rules_and_a_good_one_appl
     assert connect_rc(auth_broker.addr, "car9", "alice", "s3cret") == 0
     (auth_dir / "acl").write_text("pattern readwrite devices/%c/#\nuser bob\ntopic write devices/#\n")
     auth_broker.proc.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + WAIT
-    while car2.publish_rc("devices/car1/cmd", b"x") != 0:
-        assert time.monotonic() < deadline, "the good reload never applied"
-        time.sleep(0.05)
+    wait_until_allowed(car2, "devices/car1/cmd", "the good reload never applied")
     car2.close()
+
+
+def wait_until_allowed(client, topic, why):
+    """Publishes to `topic` until its PUBACK says 0 (a reload applied), or fails with `why`."""
+    deadline = time.monotonic() + WAIT
+    while client.publish_rc(topic, b"x") != 0:
+        assert time.monotonic() < deadline, why
+        time.sleep(0.05)
 
 
 def test_sluice_passwd_writes_an_argon2id_entry_the_broker_accepts(auth_dir):
@@ -359,10 +364,7 @@ def test_a_broken_acl_of_one_listener_keeps_its_rules_and_the_other_reloads(two_
         (two_auth_dir / "devices.acl").write_text("pattern readwrite devices/%c/#\nthis line is not an ACL rule\n")
         (two_auth_dir / "backend.acl").write_text("user bob\ntopic readwrite ops/#\ntopic readwrite devices/#\n")
         b.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + WAIT
-        while svc.publish_rc("devices/car1/cmd", b"x") != 0:
-            assert time.monotonic() < deadline, "the back end's good reload never applied"
-            time.sleep(0.05)
+        wait_until_allowed(svc, "devices/car1/cmd", "the back end's good reload never applied")
         # The device listener fails closed on its previous rules, for connected and new clients.
         assert car1.publish_rc("ops/deploy", b"x") == 0x87
         assert car1.publish_rc("devices/car1/speed", b"x") == 0
