@@ -161,10 +161,11 @@ fn watch_reload(access: Arc<sluice_net::access::SharedAccess>) -> anyhow::Result
         .name("sluice-reload".into())
         .spawn(move || {
             for _ in signals.forever() {
-                match access.reload() {
-                    Ok(generation) => tracing::info!(generation, "auth files reloaded"),
-                    Err(e) => tracing::error!("auth reload failed, the previous rules stay in force: {e}"),
+                let reloaded = access.reload();
+                for e in &reloaded.failed {
+                    tracing::error!("auth reload failed, the previous rules stay in force for this section: {e}");
                 }
+                tracing::info!(generation = reloaded.generation, failed = reloaded.failed.len(), "auth files reloaded");
             }
         })
         .context("starting the reload thread")?;
@@ -205,17 +206,17 @@ fn real_main() -> anyhow::Result<()> {
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, shutdown.clone()).context("installing signal handler")?;
     }
-    let access = match &cfg.auth {
-        Some(auth) => {
-            // A listener's `allow_anonymous` lets clients without credentials in on that listener.
-            let anonymous = listener_configs.iter().map(|l| l.allow_anonymous).collect();
-            let shared =
-                Arc::new(sluice_net::access::SharedAccess::new(auth.clone(), anonymous).context("loading [auth]")?);
-            watch_reload(shared.clone())?;
-            Some(shared)
-        }
-        None => None,
-    };
+    // The global [auth], and each listener's own [listeners.auth] (by listener index, as the
+    // shards number them); a listener's `allow_anonymous` lets clients without credentials in
+    // on that listener.
+    let anonymous = listener_configs.iter().map(|l| l.allow_anonymous).collect();
+    let per_listener = listener_configs.iter().map(|l| l.auth.clone()).collect();
+    let access = sluice_net::access::SharedAccess::new(cfg.auth.clone(), per_listener, anonymous)
+        .context("loading the auth files")?
+        .map(Arc::new);
+    if let Some(shared) = &access {
+        watch_reload(shared.clone())?;
+    }
     reload_on_sighup(&listeners)?;
     tracing::info!(listeners = listeners.len(), shards = cpus.len(), ?cpus, auth = access.is_some(), "sluice starting");
     let (kafka, bridge) = if cfg.mqtt_to_kafka.is_empty() && cfg.kafka_to_mqtt.is_empty() {

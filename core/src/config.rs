@@ -62,7 +62,7 @@ impl ListenerKind {
 }
 
 /// One `[[listeners]]` table. Every shard serves every listener (SO_REUSEPORT).
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ListenerConfig {
     /// IP address and port, e.g. `0.0.0.0:8883`.
@@ -84,6 +84,10 @@ pub struct ListenerConfig {
     /// Clients without credentials are accepted on this listener, even when `[auth]`
     /// authenticates on the others; and a non-loopback address may be served without `[auth]`.
     pub allow_anonymous: bool,
+    /// `[listeners.auth]`: this listener's own authentication and authorization (same keys as
+    /// `[auth]`), replacing the global `[auth]` for its connections (Mosquitto's
+    /// `per_listener_settings true`).
+    pub auth: Option<crate::auth::AuthConfig>,
 }
 
 /// Default WebSocket path of ws/wss listeners.
@@ -100,10 +104,19 @@ impl ListenerConfig {
     }
 
     /// Checks one listener; `key` is its config key (`listeners[2]`, `server.listen`).
-    /// `authenticated`: an `[auth]` section authenticates every client (a password file or JWT,
-    /// anonymous clients refused), so a non-loopback address is safe without `allow_anonymous`.
-    pub fn validate(&self, key: &str, authenticated: bool) -> Result<(), ConfigError> {
+    /// `global_auth`: the global `[auth]`, which applies unless the listener has its own. When
+    /// the auth in force authenticates every client (a password file or JWT, anonymous clients
+    /// refused), a non-loopback address is safe without `allow_anonymous`.
+    pub fn validate(&self, key: &str, global_auth: Option<&crate::auth::AuthConfig>) -> Result<(), ConfigError> {
         let err = |k: &str, problem: &str| Err(ConfigError { key: format!("{key}.{k}"), problem: problem.into() });
+        if let Some(a) = &self.auth {
+            a.validate_as(&format!("{key}.auth")).map_err(|e| ConfigError { key: e.key, problem: e.problem })?;
+        }
+        // Mutual TLS with the certificate as the user name authenticates every client too, once
+        // some auth section is in force to apply rules to that name.
+        let by_certificate = self.require_client_certificate && self.use_identity_as_username;
+        let authenticated =
+            self.auth.as_ref().or(global_auth).is_some_and(|a| by_certificate || a.authenticates_every_client());
         let Ok(addr) = self.address.parse::<std::net::SocketAddr>() else {
             return err("address", "must be an IP address and port, e.g. 0.0.0.0:8883");
         };
@@ -143,7 +156,8 @@ impl ListenerConfig {
                 "allow_anonymous",
                 &format!(
                     "{addr} is not a loopback address and no [auth] section authenticates clients: \
-                     configure [auth] (password_file or jwt), or set allow_anonymous = true to serve \
+                     configure [auth] or this listener's [listeners.auth] (password_file or jwt), or \
+                     set allow_anonymous = true to serve \
                      anyone who can reach it (or listen on 127.0.0.1)"
                 ),
             );
@@ -420,9 +434,22 @@ pub struct ConfigError {
 }
 
 impl Config {
-    /// Whether `[auth]` authenticates every client: a password file or JWT, no anonymous access.
+    /// Whether the global `[auth]` authenticates every client: a password file or JWT, no
+    /// anonymous access. It applies to `server.listen` (`--listen`) and every listener without
+    /// its own `[listeners.auth]`; see [`Config::authenticates_on`] for one listener.
     pub fn authenticates(&self) -> bool {
-        self.auth.as_ref().is_some_and(|a| a.authenticates() && !a.allow_anonymous)
+        self.auth.as_ref().is_some_and(|a| a.authenticates_every_client())
+    }
+
+    /// Whether every client of `listener` must authenticate: its own `[listeners.auth]` when it
+    /// has one (that replaces `[auth]`), else the global `[auth]`.
+    pub fn authenticates_on(&self, listener: &ListenerConfig) -> bool {
+        listener.auth.as_ref().or(self.auth.as_ref()).is_some_and(|a| a.authenticates_every_client())
+    }
+
+    /// Whether any listener has authentication settings (the global `[auth]` or its own).
+    pub fn has_auth(&self) -> bool {
+        self.auth.is_some() || self.listeners.iter().any(|l| l.auth.is_some())
     }
 
     /// `server.listen` as a listener (the quick path: plain TCP).
@@ -447,13 +474,16 @@ impl Config {
             return err("server.listen", "must be an IP address and port, e.g. 127.0.0.1:1883");
         }
         if self.listeners.is_empty() {
-            self.quick_listener().validate("server", self.authenticates()).map_err(|e| ConfigError {
+            self.quick_listener().validate("server", self.auth.as_ref()).map_err(|e| ConfigError {
                 key: e.key.replace("server.address", "server.listen"),
                 problem: e.problem.replace("allow_anonymous = true", "allow_anonymous = true (or --allow-anonymous)"),
             })?;
         }
         for (i, l) in self.listeners.iter().enumerate() {
-            l.validate(&format!("listeners[{i}]"), self.authenticates())?;
+            l.validate(&format!("listeners[{i}]"), self.auth.as_ref())?;
+        }
+        if let Some(a) = &self.auth {
+            a.validate().map_err(|e| ConfigError { key: e.key, problem: e.problem })?;
         }
         if let Some(set) = &self.server.cpuset {
             if let Err(e) = parse_cpuset(set) {
@@ -542,7 +572,18 @@ fn span_key(text: &str, offset: usize) -> String {
             let index = above.lines().filter(|l| l.trim() == h).count().saturating_sub(1);
             format!("{}[{index}]", name.trim())
         }
-        None => h.trim_matches(|c| c == '[' || c == ']').trim().to_string(),
+        None => {
+            let name = h.trim_matches(|c| c == '[' || c == ']').trim();
+            // A table inside an array entry (`[listeners.auth]` under the second `[[listeners]]`)
+            // belongs to the last entry: `listeners[1].auth`.
+            let entry = above.lines().rev().map(str::trim).find_map(|l| {
+                let array = l.strip_prefix("[[")?.strip_suffix("]]")?.trim();
+                let rest = name.strip_prefix(array)?.strip_prefix('.')?;
+                let index = above.lines().filter(|x| x.trim() == l).count().saturating_sub(1);
+                Some(format!("{array}[{index}].{rest}"))
+            });
+            entry.unwrap_or_else(|| name.to_string())
+        }
     });
     match table {
         Some(t) if !line.trim_start().starts_with('[') => format!("{t}.{key}"),
@@ -668,6 +709,48 @@ mod tests {
         Config::from_toml("[server]\nlisten = \"[::1]:1883\"\n").unwrap();
         // With listeners configured, server.listen is not one of them.
         Config::from_toml("[server]\nlisten = \"0.0.0.0:1883\"\n[[listeners]]\naddress = \"127.0.0.1:1\"\n").unwrap();
+    }
+
+    /// `[listeners.auth]` replaces `[auth]` on its listener: validated the same way, its errors
+    /// name the listener, and it decides whether that listener may face the network.
+    #[test]
+    fn listener_auth_is_validated_and_named() {
+        let text = "[[listeners]]\naddress = \"127.0.0.1:1\"\n\
+                    [[listeners]]\naddress = \"0.0.0.0:2\"\n[listeners.auth]\npassword_file = \"/p\"\n";
+        let cfg = Config::from_toml(text).unwrap();
+        assert!(cfg.listeners[0].auth.is_none());
+        assert_eq!(cfg.listeners[1].auth.as_ref().unwrap().password_file.as_deref(), Some("/p".as_ref()));
+        assert!(!cfg.authenticates() && cfg.has_auth());
+        assert!(cfg.authenticates_on(&cfg.listeners[1]) && !cfg.authenticates_on(&cfg.listeners[0]));
+        let bad = |text: &str| Config::from_toml(text).unwrap_err();
+        // Its own auth does not cover the other listener, nor anonymous access.
+        let e = bad("[[listeners]]\naddress = \"0.0.0.0:1\"\n[[listeners]]\naddress = \"127.0.0.1:2\"\n\
+                     [listeners.auth]\npassword_file = \"/p\"\n");
+        assert_eq!(e.key, "listeners[0].allow_anonymous", "{e}");
+        let e = bad("[[listeners]]\naddress = \"0.0.0.0:1\"\n[listeners.auth]\npassword_file = \"/p\"\nallow_anonymous = true\n");
+        assert_eq!(e.key, "listeners[0].allow_anonymous", "{e}");
+        // Client certificates as the user names authenticate every client, given rules to apply.
+        let mtls = "[[listeners]]\naddress = \"0.0.0.0:1\"\nkind = \"tls\"\ncert_file = \"c\"\nkey_file = \"k\"\n\
+                    client_ca_file = \"ca\"\nrequire_client_certificate = true\nuse_identity_as_username = true\n";
+        Config::from_toml(&format!("{mtls}[listeners.auth]\nacl_file = \"/a\"\n")).unwrap();
+        assert_eq!(bad(mtls).key, "listeners[0].allow_anonymous");
+        // A listener's auth that does not authenticate replaces a global one that does.
+        let e = bad("[auth]\npassword_file = \"/p\"\n[[listeners]]\naddress = \"0.0.0.0:1\"\n\
+                     [listeners.auth]\nacl_file = \"/a\"\n");
+        assert_eq!(e.key, "listeners[0].allow_anonymous", "{e}");
+        let e = bad("[[listeners]]\naddress = \"127.0.0.1:1\"\n[[listeners]]\naddress = \"127.0.0.1:2\"\n\
+                     [listeners.auth]\npassword_fil = \"/p\"\n");
+        assert_eq!(e.key, "listeners[1].auth.password_fil", "{e}");
+        let e = bad("[[listeners]]\naddress = \"127.0.0.1:1\"\n[listeners.auth.jwt]\nalgorithm = \"HS256\"\n");
+        assert_eq!(e.key, "listeners[0].auth.jwt", "{e}");
+        let e = bad("[[listeners]]\naddress = \"127.0.0.1:1\"\n[listeners.auth]\nverified_cache_entries = 9999999\n");
+        assert_eq!(e.key, "listeners[0].auth.verified_cache_entries", "{e}");
+        let e = bad("[[listeners]]\naddress = \"127.0.0.1:1\"\n[listeners.auth.jwt]\nalgorithm = \"RS256\"\n\
+                     jwks_file = \"k\"\nleeway_secs = 3600\n");
+        assert_eq!(e.key, "listeners[0].auth.jwt.leeway_secs", "{e}");
+        // The global [auth] is validated with the rest of the file now, not only when loaded.
+        let e = bad("[auth.jwt]\nalgorithm = \"HS256\"\npublic_key_file = \"k\"\n");
+        assert_eq!(e.key, "auth.jwt.secret_file", "{e}");
     }
 
     #[test]

@@ -6,13 +6,16 @@
 //! - a **deadline counted from accept** (`connect_timeout_ms`): bytes arriving do not extend it,
 //!   so a peer dripping one byte a second is closed like a silent one;
 //! - a **per-shard budget** of buffered bytes (`max_preconnect_buffer_bytes_per_shard`): a
-//!   connection whose partial CONNECT would take the sum past it is closed;
+//!   connection whose partial CONNECT would take the sum past it is closed. A TLS or WebSocket
+//!   connection also counts what its transport received before the CONNECT (TLS records, the
+//!   HTTP upgrade request, frames): the network layer reports it ([`Preconnect::account_transport`]),
+//!   as received — rustls does not say what it keeps of it, and what it received bounds that;
 //! - a **cap per source address** (`max_preconnect_per_address`, 0 = off): beyond it the shard
 //!   refuses new sockets from that address at accept. IPv6 peers count per /64, the block one
 //!   host usually gets.
 //!
-//! Invariants: `buffered` is the sum of the entries' `buffered`, and at most `budget` once
-//! [`Preconnect::account`] returned; `per_addr[a]` counts the entries from `a` and is never 0;
+//! Invariants: `buffered` is the sum of the entries' `buffered` and `transport`, and at most
+//! `budget` once [`Preconnect::account`] or [`Preconnect::account_transport`] returned; `per_addr[a]` counts the entries from `a` and is never 0;
 //! `refusing` holds only addresses at their cap. Every entry leaves through
 //! [`Preconnect::leave`] (CONNECT decoded, connection closed or lost). Sans-I/O: the peer
 //! address and the time come in as arguments.
@@ -25,7 +28,10 @@ use crate::{HashMap, HashSet};
 struct Entry {
     opened_ms: u64,
     addr: Option<IpAddr>,
+    /// Capacity of the partial CONNECT's buffer.
     buffered: usize,
+    /// Socket bytes its transport (TLS, WebSocket) received so far.
+    transport: usize,
 }
 
 /// What [`Preconnect::admit`] decided about a new socket.
@@ -103,7 +109,7 @@ impl Preconnect {
         if let Some(a) = addr {
             *self.per_addr.entry(a).or_insert(0) += 1;
         }
-        if let Some(old) = self.conns.insert(conn, Entry { opened_ms: now_ms, addr, buffered: 0 }) {
+        if let Some(old) = self.conns.insert(conn, Entry { opened_ms: now_ms, addr, buffered: 0, transport: 0 }) {
             // A reused id (the caller's generation wrapped): forget the old entry's counts.
             self.forget(old);
         }
@@ -112,18 +118,30 @@ impl Preconnect {
     /// `conn` now buffers `bytes` of a partial CONNECT (0 when nothing is buffered). Over the
     /// shard budget: nothing changes, and the caller closes the connection (then [`Self::leave`]).
     pub(crate) fn account(&mut self, conn: ConnId, bytes: usize) -> Result<(), OverBudget> {
-        let Some(e) = self.conns.get_mut(&conn) else { return Ok(()) };
-        let others = self.buffered - e.buffered;
-        if bytes > e.buffered && others + bytes > self.budget {
+        self.set(conn, bytes, |e| &mut e.buffered).map(|_| ())
+    }
+
+    /// `conn`'s transport (TLS, WebSocket) has received `bytes` in all so far. `Ok(false)`:
+    /// `conn` is not waiting for its CONNECT (any more), so nothing is counted for it. Over the
+    /// shard budget: as [`Self::account`].
+    pub(crate) fn account_transport(&mut self, conn: ConnId, bytes: usize) -> Result<bool, OverBudget> {
+        self.set(conn, bytes, |e| &mut e.transport)
+    }
+
+    fn set(&mut self, conn: ConnId, bytes: usize, part: fn(&mut Entry) -> &mut usize) -> Result<bool, OverBudget> {
+        let Some(e) = self.conns.get_mut(&conn) else { return Ok(false) };
+        let part = part(e);
+        let others = self.buffered - *part;
+        if bytes > *part && others + bytes > self.budget {
             return Err(OverBudget { first: !std::mem::replace(&mut self.over_budget, true) });
         }
-        e.buffered = bytes;
+        *part = bytes;
         self.buffered = others + bytes;
         self.peak = self.peak.max(self.buffered);
         if self.buffered < self.budget / 2 {
             self.over_budget = false;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// The address `conn` counts under (its /64 for IPv6), while it has not completed CONNECT.
@@ -139,7 +157,7 @@ impl Preconnect {
     }
 
     fn forget(&mut self, e: Entry) {
-        self.buffered -= e.buffered;
+        self.buffered -= e.buffered + e.transport;
         if self.buffered < self.budget / 2 {
             self.over_budget = false;
         }
@@ -229,6 +247,24 @@ mod tests {
         assert_eq!((p.buffered(), p.len()), (0, 0));
         assert_eq!(p.take_released(), 100);
         assert_eq!(p.take_released(), 0);
+    }
+
+    #[test]
+    fn transport_bytes_share_the_budget_with_partial_connects() {
+        let mut p = Preconnect::new(1000, 100, 0);
+        p.open(1, None, 0);
+        p.open(2, None, 0);
+        assert_eq!(p.account_transport(1, 30), Ok(true));
+        p.account(1, 40).unwrap();
+        assert_eq!(p.buffered(), 70);
+        assert_eq!(p.account_transport(2, 31), Err(OverBudget { first: true }));
+        assert_eq!(p.account_transport(2, 30), Ok(true));
+        assert_eq!(p.account(1, 41), Err(OverBudget { first: false }), "the buffer and the transport add up");
+        p.leave(1);
+        assert_eq!(p.buffered(), 30);
+        assert_eq!(p.account_transport(1, 500), Ok(false), "past CONNECT nothing is counted");
+        p.leave(2);
+        assert_eq!((p.buffered(), p.take_released()), (0, 100));
     }
 
     #[test]

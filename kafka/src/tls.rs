@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use sluice_core::config::TlsConfig;
+use sluice_pem::{read_certs, read_key};
 
 /// Why a cluster's `tls` table does not make a client configuration. Each names the key and,
 /// for a file, its path.
@@ -13,12 +14,10 @@ use sluice_core::config::TlsConfig;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TlsError {
-    /// `ca_file`, `cert_file` or `key_file` cannot be opened or is not PEM.
-    #[error("{key} {path}: {error}")]
-    Read { key: &'static str, path: String, error: std::io::Error },
-    /// The file is PEM but holds no certificate (`ca_file`, `cert_file`) or no private key.
-    #[error("{key} {path}: no {what} in it")]
-    Empty { key: &'static str, path: String, what: &'static str },
+    /// `ca_file`, `cert_file` or `key_file` cannot be opened, is not PEM, or holds no
+    /// certificate (`ca_file`, `cert_file`) or no private key.
+    #[error("{0}")]
+    Pem(#[from] sluice_pem::PemError),
     /// rustls refused a CA certificate from `ca_file`.
     #[error("ca_file {path}: {error}")]
     BadCa { path: String, error: rustls::Error },
@@ -36,11 +35,7 @@ pub(crate) fn client_config(t: &TlsConfig) -> Result<Arc<rustls::ClientConfig>, 
     let mut roots = rustls::RootCertStore::empty();
     match &t.ca_file {
         Some(path) => {
-            let certs = read_certs("ca_file", path)?;
-            if certs.is_empty() {
-                return Err(TlsError::Empty { key: "ca_file", path: path.clone(), what: "certificate" });
-            }
-            for c in certs {
+            for c in read_certs("ca_file", path)? {
                 roots.add(c).map_err(|error| TlsError::BadCa { path: path.clone(), error })?;
             }
         }
@@ -54,29 +49,13 @@ pub(crate) fn client_config(t: &TlsConfig) -> Result<Arc<rustls::ClientConfig>, 
     let cfg = match (&t.cert_file, &t.key_file) {
         (Some(cert), Some(key)) => {
             let chain = read_certs("cert_file", cert)?;
-            if chain.is_empty() {
-                return Err(TlsError::Empty { key: "cert_file", path: cert.clone(), what: "certificate" });
-            }
-            let read = |error| TlsError::Read { key: "key_file", path: key.clone(), error };
-            let mut r = std::io::BufReader::new(std::fs::File::open(key).map_err(read)?);
-            let key_der = rustls_pemfile::private_key(&mut r).map_err(read)?.ok_or_else(|| TlsError::Empty {
-                key: "key_file",
-                path: key.clone(),
-                what: "private key",
-            })?;
+            let key_der = read_key("key_file", key)?;
             builder.with_client_auth_cert(chain, key_der).map_err(|error| TlsError::ClientAuth { error })?
         }
         (None, None) => builder.with_no_client_auth(),
         _ => return Err(TlsError::Unpaired),
     };
     Ok(Arc::new(cfg))
-}
-
-/// The certificates in the PEM file at `path`, given as the config `key`.
-fn read_certs(key: &'static str, path: &str) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, TlsError> {
-    let read = |error| TlsError::Read { key, path: path.to_string(), error };
-    let f = std::fs::File::open(path).map_err(read)?;
-    rustls_pemfile::certs(&mut std::io::BufReader::new(f)).collect::<Result<Vec<_>, _>>().map_err(read)
 }
 
 #[cfg(test)]

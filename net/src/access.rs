@@ -1,46 +1,60 @@
 //! The `[auth]` files read into rules every shard applies, and their reload.
 //!
-//! [`load`] reads the password file, the ACL (file or inline tables) and the JWT key, and builds
-//! one [`AccessRules`]. [`SharedAccess`] holds the current rules for every shard: a reload
-//! (SIGHUP) that loads without error replaces them under a new generation; each shard picks them
-//! up at its next tick (no lock on the packet path: a shard reads its own `Arc`). A reload that
-//! fails — a file missing, a line that does not parse — keeps the previous rules and says which
-//! file and line: access never opens because of an error (fail closed).
+//! [`load`] reads the password file, the ACL (file or inline tables) and the JWT key of one
+//! auth section, and builds one [`AccessRules`]. [`SharedAccess`] holds the current rules of
+//! every section for every shard — the global `[auth]` and each listener's own
+//! `[listeners.auth]` — each set loaded, reloaded and failing on its own: a reload (SIGHUP)
+//! loads every set again, and each that loads without error replaces its predecessor under a
+//! new generation; each shard picks the sets up at its next tick (no lock on the packet path: a
+//! shard reads its own `Arc`s). A set that fails to load — a file missing, a line that does not
+//! parse — keeps its previous rules and says which key, file and line: access never opens
+//! because of an error (fail closed), and the other sets are not disturbed.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use sluice_core::auth::{Acl, AclError, AuthConfig, JwtError, JwtVerifier, PasswordFile, PasswordFileError};
-use sluice_core::shard::AccessRules;
+use sluice_core::shard::{AccessRules, Shard};
 
-/// Why the `[auth]` files could not be loaded.
+/// Why an auth section's files could not be loaded. `section` is `auth` or `listeners[N].auth`.
 #[derive(Debug, thiserror::Error)]
 pub enum AccessError {
     #[error("{0}")]
     Config(#[from] sluice_core::auth::config::AuthConfigError),
-    #[error("cannot read auth.{key} {}: {source}", path.display())]
-    Read { key: &'static str, path: PathBuf, source: std::io::Error },
-    #[error("auth.password_file {}: {source}", path.display())]
-    Passwords { path: PathBuf, source: PasswordFileError },
-    #[error("auth.{key} {}: {source}", path.display())]
-    Acl { key: &'static str, path: PathBuf, source: AclError },
-    #[error("auth.jwt {}: {source}", path.display())]
-    Jwt { path: PathBuf, source: JwtError },
+    #[error("cannot read {section}.{key} {}: {source}", path.display())]
+    Read { section: String, key: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("{section}.password_file {}: {source}", path.display())]
+    Passwords { section: String, path: PathBuf, source: PasswordFileError },
+    #[error("{section}.{key} {}: {source}", path.display())]
+    Acl { section: String, key: &'static str, path: PathBuf, source: AclError },
+    #[error("{section}.jwt {}: {source}", path.display())]
+    Jwt { section: String, path: PathBuf, source: JwtError },
 }
 
-fn read(key: &'static str, path: &Path) -> Result<String, AccessError> {
-    std::fs::read_to_string(path).map_err(|source| AccessError::Read { key, path: path.into(), source })
-}
-
-/// Reads every file `cfg` names into rules with `generation`.
-pub fn load(cfg: &AuthConfig, anonymous_listeners: &[bool], generation: u64) -> Result<AccessRules, AccessError> {
-    cfg.validate()?;
+/// Reads every file `cfg` (the section `section`: `auth`, `listeners[1].auth`) names into rules
+/// with `generation`.
+pub fn load(
+    cfg: &AuthConfig,
+    section: &str,
+    anonymous_listeners: &[bool],
+    generation: u64,
+) -> Result<AccessRules, AccessError> {
+    cfg.validate_as(section)?;
+    let read = |key: &'static str, path: &Path| {
+        std::fs::read_to_string(path).map_err(|source| AccessError::Read {
+            section: section.into(),
+            key,
+            path: path.into(),
+            source,
+        })
+    };
     let passwords = match &cfg.password_file {
-        Some(p) => Some(
-            PasswordFile::parse(&read("password_file", p)?)
-                .map_err(|source| AccessError::Passwords { path: p.clone(), source })?,
-        ),
+        Some(p) => Some(PasswordFile::parse(&read("password_file", p)?).map_err(|source| AccessError::Passwords {
+            section: section.into(),
+            path: p.clone(),
+            source,
+        })?),
         None => None,
     };
     let acl = match &cfg.acl_file {
@@ -51,12 +65,19 @@ pub fn load(cfg: &AuthConfig, anonymous_listeners: &[bool], generation: u64) -> 
             } else {
                 Acl::parse_mosquitto(&text)
             };
-            Some(parsed.map_err(|source| AccessError::Acl { key: "acl_file", path: p.clone(), source })?)
+            Some(parsed.map_err(|source| AccessError::Acl {
+                section: section.into(),
+                key: "acl_file",
+                path: p.clone(),
+                source,
+            })?)
         }
         None if !cfg.acl.is_empty() => {
-            Some(Acl::from_toml_rules(&cfg.acl, "[[auth.acl]]").map_err(|source| AccessError::Acl {
+            let inline = format!("[[{section}.acl]]");
+            Some(Acl::from_toml_rules(&cfg.acl, &inline).map_err(|source| AccessError::Acl {
+                section: section.into(),
                 key: "acl",
-                path: PathBuf::from("[[auth.acl]]"),
+                path: PathBuf::from(&inline),
                 source,
             })?)
         }
@@ -66,9 +87,17 @@ pub fn load(cfg: &AuthConfig, anonymous_listeners: &[bool], generation: u64) -> 
         Some(j) => {
             let path = [&j.secret_file, &j.public_key_file, &j.jwks_file].into_iter().flatten().next().cloned();
             let path = path.unwrap_or_default();
-            let key =
-                std::fs::read(&path).map_err(|source| AccessError::Read { key: "jwt", path: path.clone(), source })?;
-            Some(JwtVerifier::new(j, &key).map_err(|source| AccessError::Jwt { path, source })?)
+            let key = std::fs::read(&path).map_err(|source| AccessError::Read {
+                section: section.into(),
+                key: "jwt",
+                path: path.clone(),
+                source,
+            })?;
+            Some(JwtVerifier::new(j, &key).map_err(|source| AccessError::Jwt {
+                section: section.into(),
+                path,
+                source,
+            })?)
         }
         None => None,
     };
@@ -82,11 +111,34 @@ pub fn load(cfg: &AuthConfig, anonymous_listeners: &[bool], generation: u64) -> 
     })
 }
 
-/// The rules every shard applies, replaced whole on reload.
-pub struct SharedAccess {
+/// One auth section and the rules it loaded last.
+struct RuleSource {
+    /// `None`: the global `[auth]`; `Some(i)`: listener `i`'s own `[listeners.auth]`.
+    listener: Option<u16>,
+    /// Its config key: `auth`, `listeners[1].auth`.
+    section: String,
     config: AuthConfig,
-    anonymous_listeners: Vec<bool>,
     current: Mutex<Arc<AccessRules>>,
+}
+
+impl RuleSource {
+    fn current(&self) -> Arc<AccessRules> {
+        self.current.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// What a reload did: the generation now in force, and the sections that kept their previous
+/// rules because their files did not load.
+#[derive(Debug)]
+pub struct Reloaded {
+    pub generation: u64,
+    pub failed: Vec<AccessError>,
+}
+
+/// The rules every shard applies, each set replaced whole on reload.
+pub struct SharedAccess {
+    sources: Vec<RuleSource>,
+    anonymous_listeners: Vec<bool>,
     generation: AtomicU64,
 }
 
@@ -97,34 +149,76 @@ impl std::fmt::Debug for SharedAccess {
 }
 
 impl SharedAccess {
-    /// Loads the rules `config` names (an error here stops the start). `anonymous_listeners`:
-    /// by listener index, whether that listener accepts clients without credentials.
-    pub fn new(config: AuthConfig, anonymous_listeners: Vec<bool>) -> Result<SharedAccess, AccessError> {
-        let rules = load(&config, &anonymous_listeners, 1)?;
-        let current = Mutex::new(Arc::new(rules));
-        Ok(SharedAccess { config, anonymous_listeners, current, generation: AtomicU64::new(1) })
+    /// Loads the rules of the global `[auth]` (`global`) and of each listener's own
+    /// (`per_listener[i]`, by listener index); an error here stops the start.
+    /// `anonymous_listeners`: by listener index, whether that listener accepts clients without
+    /// credentials. `None` when no section is configured: every client is accepted.
+    pub fn new(
+        global: Option<AuthConfig>,
+        per_listener: Vec<Option<AuthConfig>>,
+        anonymous_listeners: Vec<bool>,
+    ) -> Result<Option<SharedAccess>, AccessError> {
+        let mut sources = Vec::new();
+        let mut generation = 0;
+        let own = per_listener.into_iter().enumerate().filter_map(|(i, c)| Some((Some(i as u16), c?)));
+        for (listener, config) in global.map(|c| (None, c)).into_iter().chain(own) {
+            let section = listener.map_or_else(|| "auth".to_string(), |i| format!("listeners[{i}].auth"));
+            generation += 1;
+            let rules = load(&config, &section, &anonymous_listeners, generation)?;
+            sources.push(RuleSource { listener, section, config, current: Mutex::new(Arc::new(rules)) });
+        }
+        if sources.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(SharedAccess { sources, anonymous_listeners, generation: AtomicU64::new(generation) }))
     }
 
-    /// Loads the files again. On success every shard switches at its next tick; on failure the
-    /// previous rules stay and the error says why.
-    pub fn reload(&self) -> Result<u64, AccessError> {
-        let next = self.generation.load(Ordering::Acquire) + 1;
-        let rules = load(&self.config, &self.anonymous_listeners, next)?;
-        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(rules);
-        self.generation.store(next, Ordering::Release);
-        Ok(next)
+    /// Loads every section's files again. Each that loads replaces its rules (every shard
+    /// switches at its next tick); each that fails keeps its previous rules, and is reported.
+    pub fn reload(&self) -> Reloaded {
+        let mut failed = Vec::new();
+        let mut generation = self.generation.load(Ordering::Acquire);
+        let mut changed = false;
+        for s in &self.sources {
+            match load(&s.config, &s.section, &self.anonymous_listeners, generation + 1) {
+                Ok(rules) => {
+                    generation += 1;
+                    changed = true;
+                    *s.current.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(rules);
+                }
+                Err(e) => failed.push(e),
+            }
+        }
+        if changed {
+            self.generation.store(generation, Ordering::Release);
+        }
+        Reloaded { generation, failed }
     }
 
+    /// Grows whenever any section's rules were replaced.
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
     }
 
-    pub fn current(&self) -> Arc<AccessRules> {
-        self.current.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    /// The global `[auth]`'s rules, if configured.
+    pub fn current(&self) -> Option<Arc<AccessRules>> {
+        self.sources.iter().find(|s| s.listener.is_none()).map(RuleSource::current)
     }
 
-    /// Entries and lifetime of each shard's cache of successful password checks.
-    pub fn cache(&self) -> (usize, u64) {
-        (self.config.verified_cache_entries, self.config.verified_cache_ttl_secs * 1000)
+    /// Listener `listener`'s own rules, if it has its own `[listeners.auth]`.
+    pub fn current_for(&self, listener: u16) -> Option<Arc<AccessRules>> {
+        self.sources.iter().find(|s| s.listener == Some(listener)).map(RuleSource::current)
+    }
+
+    /// Hands `shard` the rules in force now, each set with its own cache of successful password
+    /// checks (entries and lifetime from its section).
+    pub fn install(&self, shard: &mut Shard) {
+        for s in &self.sources {
+            let (entries, ttl_ms) = (s.config.verified_cache_entries, s.config.verified_cache_ttl_secs * 1000);
+            match s.listener {
+                None => shard.set_access(s.current(), entries, ttl_ms),
+                Some(i) => shard.set_listener_access(i, s.current(), entries, ttl_ms),
+            }
+        }
     }
 }

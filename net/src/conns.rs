@@ -511,7 +511,14 @@ enum Input {
     /// A lingering connection: its input was discarded.
     Discarded(ReadOutcome),
     /// Bytes that came through a transport, and what it did besides.
-    Wrapped { input: BytesMut, outcome: ReadOutcome, established: Option<(u16, Option<Box<str>>)>, write: bool },
+    /// `before_connect`: the transport's socket bytes so far while the CONNECT is awaited.
+    Wrapped {
+        input: BytesMut,
+        outcome: ReadOutcome,
+        established: Option<(u16, Option<Box<str>>)>,
+        write: bool,
+        before_connect: Option<usize>,
+    },
 }
 
 /// Reads what `id` has (up to the budget) and hands it to the state machine.
@@ -551,10 +558,13 @@ fn read(host: &impl Host, id: ConnId) {
             tracing::debug!(why = why.0, "transport ended; closing the connection");
             s.closing = true;
         }
-        Some(Input::Wrapped { input, outcome, established, write: reply || ended.is_some() })
+        let before_connect = t.bytes_before_connect();
+        Some(Input::Wrapped { input, outcome, established, write: reply || ended.is_some(), before_connect })
     });
+    let mut before_connect = None;
     let got = match got.flatten() {
-        Some(Input::Wrapped { input, outcome, established, write }) => {
+        Some(Input::Wrapped { input, outcome, established, write, before_connect: counted }) => {
+            before_connect = counted;
             if let Some(identity) = established {
                 let (listener, identity) = identity;
                 host.shard().borrow_mut().set_origin(id, listener, identity);
@@ -580,6 +590,15 @@ fn read(host: &impl Host, id: ConnId) {
                 host.dispatch();
             }
             conns.with(id, |s| s.input = (!input.is_empty()).then(|| Box::new(input)));
+            // After the MQTT bytes: once they completed the CONNECT, nothing more is counted.
+            if let Some(received) = before_connect {
+                let now = host.now_ms();
+                let counted = host.shard().borrow_mut().on_transport_input(id, received, now);
+                if !counted {
+                    conns.with(id, |s| s.transport.as_deref_mut().map(Transport::connect_done));
+                }
+                host.dispatch();
+            }
             outcome
         }
     };

@@ -189,8 +189,7 @@ impl ShardRuntime {
         let Some(access) = &self.access else { return };
         let generation = access.generation();
         if generation != self.access_generation.replace(generation) {
-            let (entries, ttl_ms) = access.cache();
-            self.shard.borrow_mut().set_access(access.current(), entries, ttl_ms);
+            access.install(&mut self.shard.borrow_mut());
         }
     }
 

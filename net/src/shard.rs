@@ -135,8 +135,7 @@ pub(crate) async fn run_shard(
     let wall_offset_ms = unix_offset_ms(cfg.epoch);
     shard.set_wall_offset(wall_offset_ms);
     if let Some(access) = &cfg.access {
-        let (entries, ttl_ms) = access.cache();
-        shard.set_access(access.current(), entries, ttl_ms);
+        access.install(&mut shard);
     }
     let (retained, restored) = RetainedStore::open(&cfg.data_dir.join("retained").join(format!("shard-{}", cfg.id)))?;
     let mut link = None;

@@ -11,21 +11,18 @@
 
 use std::sync::{Arc, RwLock};
 
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use sluice_core::config::{ListenerConfig, ListenerKind};
+use sluice_pem::{read_certs, read_key};
 
 /// Why a listener's TLS files do not make a server configuration. Each names the key and, for a
 /// file, its path.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TlsError {
-    /// A file cannot be opened or is not PEM.
-    #[error("{key} {path}: {error}")]
-    Read { key: &'static str, path: String, error: std::io::Error },
-    /// The file is PEM but holds no certificate or no private key.
-    #[error("{key} {path}: no {what} in it")]
-    Empty { key: &'static str, path: String, what: &'static str },
+    /// A file cannot be opened, is not PEM, or holds no certificate or no private key.
+    #[error("{0}")]
+    Pem(#[from] sluice_pem::PemError),
     /// rustls refused a CA certificate of `client_ca_file`, or the verifier built from them.
     #[error("client_ca_file {path}: {error}")]
     BadCa { path: String, error: String },
@@ -75,10 +72,7 @@ fn server_config(l: &ListenerConfig) -> Result<Arc<rustls::ServerConfig>, TlsErr
     }
     let (cert, key) = (l.cert_file.clone().unwrap_or_default(), l.key_file.clone().unwrap_or_default());
     let chain = read_certs("cert_file", &cert)?;
-    if chain.is_empty() {
-        return Err(TlsError::Empty { key: "cert_file", path: cert, what: "certificate" });
-    }
-    let key_der = read_key(&key)?;
+    let key_der = read_key("key_file", &key)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -86,11 +80,7 @@ fn server_config(l: &ListenerConfig) -> Result<Arc<rustls::ServerConfig>, TlsErr
     let builder = match &l.client_ca_file {
         Some(ca) => {
             let mut roots = rustls::RootCertStore::empty();
-            let certs = read_certs("client_ca_file", ca)?;
-            if certs.is_empty() {
-                return Err(TlsError::Empty { key: "client_ca_file", path: ca.clone(), what: "certificate" });
-            }
-            for c in certs {
+            for c in read_certs("client_ca_file", ca)? {
                 roots.add(c).map_err(|e| TlsError::BadCa { path: ca.clone(), error: e.to_string() })?;
             }
             let v = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
@@ -112,23 +102,6 @@ fn server_config(l: &ListenerConfig) -> Result<Arc<rustls::ServerConfig>, TlsErr
         _ => vec![b"mqtt".to_vec()],
     };
     Ok(Arc::new(cfg))
-}
-
-/// The certificates in the PEM file at `path`, given as the config `key`.
-fn read_certs(key: &'static str, path: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let read = |error| TlsError::Read { key, path: path.to_string(), error };
-    let f = std::fs::File::open(path).map_err(read)?;
-    rustls_pemfile::certs(&mut std::io::BufReader::new(f)).collect::<Result<Vec<_>, _>>().map_err(read)
-}
-
-fn read_key(path: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let read = |error| TlsError::Read { key: "key_file", path: path.to_string(), error };
-    let mut r = std::io::BufReader::new(std::fs::File::open(path).map_err(read)?);
-    rustls_pemfile::private_key(&mut r).map_err(read)?.ok_or_else(|| TlsError::Empty {
-        key: "key_file",
-        path: path.to_string(),
-        what: "private key",
-    })
 }
 
 /// The name a (verified) client certificate gives its holder: the subject's common name, else

@@ -14,7 +14,12 @@
 //! before it went to the kernel, so the transport holds at most one output chunk (itself bounded
 //! by `max_outbound_buffer_bytes`), encrypted or framed, plus control replies (pongs, closes,
 //! handshake messages). Time: a connection is accepted into the state machine at once, so the
-//! TLS handshake and the WebSocket upgrade count against its CONNECT deadline.
+//! TLS handshake and the WebSocket upgrade count against its CONNECT deadline. Memory before
+//! CONNECT: every socket byte a transport takes in until the state machine has the CONNECT —
+//! TLS records, the upgrade request, frames — is reported to it
+//! ([`Shard::on_transport_input`](sluice_core::shard::Shard::on_transport_input)) and counts
+//! against the shard's pre-CONNECT budget beside the partial CONNECT's own buffer. Counted as
+//! received: rustls does not say how much of it it keeps, and what arrived bounds that.
 
 use std::io::{BufRead, ErrorKind, Write};
 use std::net::TcpStream;
@@ -48,6 +53,9 @@ pub(crate) struct Transport {
     ended: bool,
     /// The handshake finished and the state machine heard who this is.
     established: bool,
+    /// Socket bytes taken in while the state machine waits for the CONNECT; `None` once it has
+    /// it (nothing is counted after).
+    before_connect: Option<usize>,
 }
 
 /// What a read did beyond MQTT bytes.
@@ -83,7 +91,18 @@ impl Transport {
             raw_out: BytesMut::new(),
             ended,
             established: false,
+            before_connect: Some(0),
         }
+    }
+
+    /// Socket bytes taken in so far while the CONNECT is awaited (`None`: no longer counted).
+    pub(crate) fn bytes_before_connect(&self) -> Option<usize> {
+        self.before_connect
+    }
+
+    /// The state machine has the CONNECT (or no longer tracks the connection): stop counting.
+    pub(crate) fn connect_done(&mut self) {
+        self.before_connect = None;
     }
 
     pub(crate) fn listener(&self) -> u16 {
@@ -99,6 +118,9 @@ impl Transport {
     pub(crate) fn input(&mut self, raw: &[u8], mqtt: &mut BytesMut) -> Result<Event, End> {
         if self.ended {
             return Ok(Event::Nothing);
+        }
+        if let Some(n) = &mut self.before_connect {
+            *n = n.saturating_add(raw.len());
         }
         let mut event = Event::Nothing;
         if self.tls.is_none() {

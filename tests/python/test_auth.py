@@ -118,11 +118,16 @@ def test_a_reload_with_a_broken_acl_keeps_the_previous_rules_and_a_good_one_appl
     assert connect_rc(auth_broker.addr, "car9", "alice", "s3cret") == 0
     (auth_dir / "acl").write_text("pattern readwrite devices/%c/#\nuser bob\ntopic write devices/#\n")
     auth_broker.proc.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + WAIT
-    while car2.publish_rc("devices/car1/cmd", b"x") != 0:
-        assert time.monotonic() < deadline, "the good reload never applied"
-        time.sleep(0.05)
+    wait_until_allowed(car2, "devices/car1/cmd", "the good reload never applied")
     car2.close()
+
+
+def wait_until_allowed(client, topic, why):
+    """Publishes to `topic` until its PUBACK says 0 (a reload applied), or fails with `why`."""
+    deadline = time.monotonic() + WAIT
+    while client.publish_rc(topic, b"x") != 0:
+        assert time.monotonic() < deadline, why
+        time.sleep(0.05)
 
 
 def test_sluice_passwd_writes_an_argon2id_entry_the_broker_accepts(auth_dir):
@@ -279,3 +284,112 @@ kind = "tcp"
         assert connect_rc(closed_one, "car1", "alice", "s3cret") == 0
     finally:
         b.stop()
+
+
+@pytest.fixture
+def two_auth_dir(tmp_path):
+    """A device listener (alice; each device its own tree) and a back-end listener (bob; ops/#
+    and reading devices), each with its own [listeners.auth], and no global [auth]."""
+    for name, user, password in [("devices", "alice", "s3cret"), ("backend", "bob", "hunter2")]:
+        subprocess.run(["mosquitto_passwd", "-c", "-b", str(tmp_path / f"{name}.passwd"), user, password],
+                       check=True)
+    (tmp_path / "devices.acl").write_text("pattern readwrite devices/%c/#\n")
+    (tmp_path / "backend.acl").write_text("user bob\ntopic readwrite ops/#\ntopic read devices/#\n")
+    (tmp_path / "sluice.toml").write_text(f"""
+[[listeners]]
+address = "127.0.0.1:0"
+[listeners.auth]
+password_file = "{tmp_path / 'devices.passwd'}"
+acl_file = "{tmp_path / 'devices.acl'}"
+
+[[listeners]]
+address = "127.0.0.1:0"
+[listeners.auth]
+password_file = "{tmp_path / 'backend.passwd'}"
+acl_file = "{tmp_path / 'backend.acl'}"
+""")
+    return tmp_path
+
+
+# Listener indices: 0 is the harness's --listen, then the config's in order.
+DEVICES, BACKEND = 1, 2
+
+
+def test_each_listener_authenticates_and_authorizes_with_its_own_files(two_auth_dir):
+    b = Broker("--config", str(two_auth_dir / "sluice.toml"))
+    try:
+        dev, back = b.listeners[DEVICES][1], b.listeners[BACKEND][1]
+        # A user of one listener cannot log in on the other.
+        assert connect_rc(dev, "car1", "alice", "s3cret") == 0
+        assert connect_rc(back, "car1", "alice", "s3cret") == 0x86
+        assert connect_rc(back, "svc", "bob", "hunter2") == 0
+        assert connect_rc(dev, "svc", "bob", "hunter2") == 0x86
+        assert raw_311_return_code(dev, "x1", "bob", "hunter2") == 4
+        assert connect_rc(dev, "anon") == 0x87
+        # The harness's listener has no auth section: open, as without [auth].
+        assert connect_rc(b.addr, "anon") == 0
+        # The same client id has the rights of the listener it came by.
+        on_dev = Paho(dev, "car1", v5=True, user="alice", password="s3cret")
+        assert on_dev.publish_rc("devices/car1/speed", b"1") == 0
+        assert on_dev.publish_rc("ops/deploy", b"1") == 0x87
+        on_dev.close()
+        on_back = Paho(back, "car1", v5=True, user="bob", password="hunter2")
+        assert on_back.publish_rc("devices/car1/speed", b"1") == 0x87
+        assert on_back.publish_rc("ops/deploy", b"1") == 0
+        _, _, rcs, _ = on_back.subscribe([("devices/#", 1), ("ops/#", 1), ("#", 1)])
+        assert [r.value for r in rcs] == [1, 1, 0x87]
+        # A device's message reaches the back end, which may read every device's tree.
+        car2 = Paho(dev, "car2", v5=True, user="alice", password="s3cret")
+        _, _, rcs, _ = car2.subscribe([("devices/car2/#", 1), ("ops/#", 1)])
+        assert [r.value for r in rcs] == [1, 0x87]
+        assert car2.publish_rc("devices/car2/speed", b"88") == 0
+        m = on_back.message()
+        assert (m.topic, m.payload) == ("devices/car2/speed", b"88")
+        on_back.close()
+        car2.close()
+    finally:
+        b.stop()
+
+
+def test_a_broken_acl_of_one_listener_keeps_its_rules_and_the_other_reloads(two_auth_dir):
+    # One shard, so that when the back end's new rules are seen, so are the device listener's.
+    b = Broker("--config", str(two_auth_dir / "sluice.toml"), cores=1)
+    try:
+        dev, back = b.listeners[DEVICES][1], b.listeners[BACKEND][1]
+        car1 = Paho(dev, "car1", v5=True, user="alice", password="s3cret")
+        svc = Paho(back, "svc", v5=True, user="bob", password="hunter2")
+        assert car1.publish_rc("ops/deploy", b"x") == 0x87
+        assert svc.publish_rc("devices/car1/cmd", b"x") == 0x87
+        # In one SIGHUP: the device listener's ACL breaks, the back end's grants a new right.
+        (two_auth_dir / "devices.acl").write_text("pattern readwrite devices/%c/#\nthis line is not an ACL rule\n")
+        (two_auth_dir / "backend.acl").write_text("user bob\ntopic readwrite ops/#\ntopic readwrite devices/#\n")
+        b.proc.send_signal(signal.SIGHUP)
+        wait_until_allowed(svc, "devices/car1/cmd", "the back end's good reload never applied")
+        # The device listener fails closed on its previous rules, for connected and new clients.
+        assert car1.publish_rc("ops/deploy", b"x") == 0x87
+        assert car1.publish_rc("devices/car1/speed", b"x") == 0
+        car9 = Paho(dev, "car9", v5=True, user="alice", password="s3cret")
+        assert car9.publish_rc("devices/car1/speed", b"x") == 0x87
+        assert car9.publish_rc("devices/car9/speed", b"x") == 0
+        assert connect_rc(dev, "svc2", "bob", "hunter2") == 0x86
+        close_all = [car1, svc, car9]
+        for c in close_all:
+            c.close()
+    finally:
+        b.stop()
+
+
+@pytest.mark.parametrize("section,want", [
+    ('[listeners.auth]\npassword_fil = "/p"\n', "listeners[1].auth.password_fil"),
+    ('[listeners.auth.jwt]\nalgorithm = "HS256"\npublic_key_file = "/k"\n', "listeners[1].auth.jwt.secret_file"),
+    ('[listeners.auth]\npassword_file = "/nonexistent/passwd"\n', "listeners[1].auth.password_file /nonexistent/passwd"),
+    ('[listeners.auth]\nacl_file = "BROKEN"\n', "listeners[1].auth.acl_file"),
+])
+def test_listener_auth_errors_name_the_key(tmp_path, section, want):
+    (tmp_path / "broken.acl").write_text("this line is not an ACL rule\n")
+    section = section.replace("BROKEN", str(tmp_path / "broken.acl"))
+    (tmp_path / "sluice.toml").write_text(
+        f'[[listeners]]\naddress = "127.0.0.1:0"\n[[listeners]]\naddress = "127.0.0.1:0"\n{section}')
+    r = subprocess.run([sluice_bin(), "--config", str(tmp_path / "sluice.toml"), "--cores", "1",
+                        "--data-dir", str(tmp_path / "data")], capture_output=True, text=True, timeout=WAIT)
+    assert r.returncode != 0 and want in r.stderr, r.stderr

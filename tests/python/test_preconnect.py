@@ -301,3 +301,94 @@ def test_partial_connects_share_a_budget_and_their_memory_is_returned():
         for s in socks:
             s.close()
         b.stop()
+
+
+@pytest.fixture(scope="module")
+def tls_certs():
+    import shutil
+    from test_listeners import Certs
+    c = Certs()
+    yield c
+    shutil.rmtree(c.dir, ignore_errors=True)
+
+
+# A TLS handshake record announcing 16 KiB (a ClientHello that never ends), or a WebSocket upgrade
+# request whose headers never end: what a transport takes in before any MQTT byte.
+HALF_OPEN = {
+    "tls": b"\x16\x03\x01\x40\x00\x01\x00\x3f\xfc\x03\x03" + b"\x00" * 3000,
+    "ws": b"GET /mqtt HTTP/1.1\r\nHost: localhost\r\nX-Pad: " + b"a" * 3000,
+    "wss": None,  # the TLS record above, to a wss listener: its TLS layer takes it in
+}
+
+
+@pytest.mark.parametrize("kind", ["tls", "ws", "wss"])
+def test_half_open_tls_and_websocket_handshakes_count_in_the_preconnect_budget(tls_certs, kind):
+    """40 connections each send 3 KB of a handshake that never finishes, then drip more; with a
+    32 KiB budget per shard only about ten fit on each shard and the rest are closed at once —
+    long before the CONNECT deadline (60 s) — and counted, while a canary goes on. (Before
+    transports counted their input, none was closed until the deadline.)"""
+    from test_hostile_clients import Canary
+    budget, n = 32 << 10, 40
+    cert, key = tls_certs.server
+    tls_keys = f'cert_file = "{cert}"\nkey_file = "{key}"\n' if kind != "ws" else ""
+    b = broker_with("--sys-interval", "1", config=f"""
+[limits]
+connect_timeout_ms = 60000
+max_connect_packet_bytes = {budget // 2}
+max_preconnect_buffer_bytes_per_shard = {budget}
+
+[[listeners]]
+address = "127.0.0.1:0"
+kind = "{kind}"
+{tls_keys}""")
+    socks = []
+    try:
+        canary = Canary(b.shard(0), b.shard(1), f"half-open-{kind}")
+        first = HALF_OPEN[kind] or HALF_OPEN["tls"]
+        target = b.listeners[1][1]
+        for i in range(n):
+            s = socket.socket()
+            s.bind((SOURCES[i % len(SOURCES)], 0))
+            s.settimeout(WAIT)
+            s.connect(target)
+            s.sendall(first)
+            socks.append(s)
+        # Drip 50 bytes every 0.1 s on the ones still open until enough were closed.
+        opened = time.monotonic()
+        closed = set()
+        fit = 2 * budget // len(first)
+        while len(closed) < n - fit:
+            assert time.monotonic() - opened < WAIT, f"only {len(closed)} of {n} closed within {WAIT} s"
+            for i, s in enumerate(socks):
+                if i in closed:
+                    continue
+                if closed_within(s, 0.001):
+                    closed.add(i)
+                    continue
+                try:
+                    s.send(b"a" * 50)
+                except OSError:
+                    closed.add(i)
+            time.sleep(0.1)
+        print(f"{kind}: {len(closed)} of {n} closed {time.monotonic() - opened:.2f} s after connecting")
+        # The closures are the budget's, counted as such.
+        watcher = Paho(b.shard(1), "watcher")
+        watcher.subscribe("$SYS/broker/connections/refused_preconnect", 0)
+        deadline = time.monotonic() + WAIT
+        while int(watcher.message(timeout=max(0.01, deadline - time.monotonic())).payload) < n - fit:
+            pass
+        watcher.close()
+        canary.check(max_gap=2.0)
+        for s in socks:
+            s.close()
+        socks = []
+        # With the budget free again, a real client completes its handshake on that listener.
+        if kind != "ws":
+            from test_listeners import client, close, tls_opts
+            transport = "websockets" if kind == "wss" else "tcp"
+            c = client(target, "after", tls=tls_opts(tls_certs), transport=transport)
+            close(c)
+    finally:
+        for s in socks:
+            s.close()
+        b.stop()

@@ -110,9 +110,10 @@ fn yes() -> bool {
     true
 }
 
-/// A configuration error naming the key at fault.
+/// A configuration error naming the key at fault, whole: `auth.jwt.secret_file`, or
+/// `listeners[1].auth.acl` for a listener's own `[listeners.auth]`.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("config key `auth.{key}`: {problem}")]
+#[error("config key `{key}`: {problem}")]
 pub struct AuthConfigError {
     pub key: String,
     pub problem: String,
@@ -124,11 +125,24 @@ impl AuthConfig {
         self.password_file.is_some() || self.jwt.is_some()
     }
 
-    /// Checks what the types alone cannot.
+    /// Whether every client must authenticate: a way to authenticate, and no anonymous access.
+    pub fn authenticates_every_client(&self) -> bool {
+        self.authenticates() && !self.allow_anonymous
+    }
+
+    /// Checks what the types alone cannot, for the global `[auth]`.
     pub fn validate(&self) -> Result<(), AuthConfigError> {
-        let err = |key: &str, problem: &str| Err(AuthConfigError { key: key.into(), problem: problem.into() });
+        self.validate_as("auth")
+    }
+
+    /// Checks what the types alone cannot; errors name keys under `section` (`auth`, or
+    /// `listeners[2].auth` for a listener's own settings).
+    pub fn validate_as(&self, section: &str) -> Result<(), AuthConfigError> {
+        let err = |key: &str, problem: &str| {
+            Err(AuthConfigError { key: format!("{section}.{key}"), problem: problem.into() })
+        };
         if self.acl_file.is_some() && !self.acl.is_empty() {
-            return err("acl", "give `acl_file` or inline `[[auth.acl]]` tables, not both");
+            return err("acl", "give `acl_file` or inline `acl` tables, not both");
         }
         if self.verified_cache_entries > MAX_VERIFIED_CACHE_ENTRIES {
             return err("verified_cache_entries", &format!("at most {MAX_VERIFIED_CACHE_ENTRIES}"));

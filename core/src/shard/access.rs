@@ -4,7 +4,10 @@
 //! the `[auth]` configuration and shared by every shard in an `Arc`; a reload (SIGHUP) hands each
 //! shard a new `Arc` with a higher generation. Without rules (no `[auth]` section) every client
 //! is accepted and may do anything, as before; the network layer then listens on loopback only
-//! unless told otherwise.
+//! unless told otherwise. A listener with its own `[listeners.auth]` has its own rules (and its
+//! own cache of password checks): they replace the global ones for every connection it
+//! accepted — at CONNECT, on each packet and on each delivery. The connection's listener picks
+//! its rules with one indexed load, so one global `[auth]` costs what it did before.
 //!
 //! - **CONNECT**: a user name and password is checked against the password file, or the
 //!   password is a JWT, or the client certificate a TLS listener verified names the user
@@ -153,11 +156,31 @@ pub(super) enum Decision {
     Busy,
 }
 
-/// A shard's authentication state: the rules, its cache of successful checks, and the back-off
-/// of failing addresses.
-pub(super) struct Access {
-    rules: Option<Arc<AccessRules>>,
+/// One set of rules in force on a shard, with its own cache of successful password checks (a
+/// check passed against one listener's password file says nothing about another's).
+struct RuleSet {
+    rules: Arc<AccessRules>,
     cache: Option<VerifiedCache>,
+}
+
+impl RuleSet {
+    fn new(rules: Arc<AccessRules>, cache_entries: usize, cache_ttl_ms: u64) -> RuleSet {
+        let cache = (cache_entries > 0)
+            .then(crate::auth::password::random_cache_key)
+            .flatten()
+            .map(|k| VerifiedCache::new(k, cache_entries, cache_ttl_ms));
+        RuleSet { rules, cache }
+    }
+}
+
+/// A shard's authentication state: the rules (global, and listeners' own), their caches of
+/// successful checks, and the back-off of failing addresses.
+pub(super) struct Access {
+    /// The global `[auth]`: for every listener without its own.
+    global: Option<RuleSet>,
+    /// By listener index: that listener's own `[listeners.auth]`, replacing `global` for its
+    /// connections. Empty when no listener has its own (the common case).
+    listeners: Vec<Option<RuleSet>>,
     /// Address → (failures, last failure).
     failing: HashMap<IpAddr, (u32, u64)>,
     /// Refusals waiting out their back-off: (due, connection, reason code).
@@ -168,30 +191,54 @@ pub(super) struct Access {
 
 impl Access {
     pub(super) fn new() -> Self {
-        Access { rules: None, cache: None, failing: HashMap::default(), delayed: Vec::new(), verifying: 0 }
+        Access { global: None, listeners: Vec::new(), failing: HashMap::default(), delayed: Vec::new(), verifying: 0 }
     }
 
+    /// Whether any rules are in force (on any listener).
     pub(super) fn enabled(&self) -> bool {
-        self.rules.is_some()
+        self.global.is_some() || !self.listeners.is_empty()
     }
 
-    pub(super) fn rules(&self) -> Option<&Arc<AccessRules>> {
-        self.rules.as_ref()
+    fn set_for(&mut self, listener: u16) -> Option<&mut RuleSet> {
+        set_of(&mut self.global, &mut self.listeners, listener)
     }
 
-    /// New rules (at start, or a reload). The cache of checks made under the old ones goes.
+    /// The rules for connections accepted by `listener`: its own, else the global ones; `None`:
+    /// that listener authenticates no one.
+    pub(super) fn rules_for(&self, listener: u16) -> Option<&Arc<AccessRules>> {
+        match self.listeners.get(usize::from(listener)) {
+            Some(Some(own)) => Some(&own.rules),
+            _ => self.global.as_ref().map(|s| &s.rules),
+        }
+    }
+
+    /// New global rules (at start, or a reload). The cache of checks made under the old ones goes.
     pub(super) fn set_rules(&mut self, rules: Arc<AccessRules>, cache_entries: usize, cache_ttl_ms: u64) {
-        self.cache = (cache_entries > 0)
-            .then(crate::auth::password::random_cache_key)
-            .flatten()
-            .map(|k| VerifiedCache::new(k, cache_entries, cache_ttl_ms));
-        self.rules = Some(rules);
+        self.global = Some(RuleSet::new(rules, cache_entries, cache_ttl_ms));
+    }
+
+    /// New rules of `listener`'s own (at start, or a reload), replacing the global ones there.
+    pub(super) fn set_listener_rules(
+        &mut self,
+        listener: u16,
+        rules: Arc<AccessRules>,
+        cache_entries: usize,
+        cache_ttl_ms: u64,
+    ) {
+        let i = usize::from(listener);
+        if self.listeners.len() <= i {
+            self.listeners.resize_with(i + 1, || None);
+        }
+        self.listeners[i] = Some(RuleSet::new(rules, cache_entries, cache_ttl_ms));
     }
 
     /// Authenticates a CONNECT. `now_unix_ms` is wall time (JWT `exp`/`nbf`); `now_ms` the shard's.
     pub(super) fn decide(&mut self, conn: ConnId, who: Credentials<'_>, now_ms: u64, now_unix_ms: i64) -> Decision {
         let Credentials { listener, client_id, identity, user, password } = who;
-        let Some(rules) = self.rules.clone() else { return Decision::Granted(Box::new(open_auth())) };
+        let Some(set) = set_of(&mut self.global, &mut self.listeners, listener) else {
+            return Decision::Granted(Box::new(open_auth()));
+        };
+        let rules = set.rules.clone();
         let grant = |user: Option<&str>, acl: Option<ClientAcl>, acl_from_token, expires_at_ms| {
             let acl = if acl_from_token { acl } else { rules.acl.as_ref().map(|a| a.for_client(user, client_id)) };
             Decision::Granted(Box::new(ConnAuth {
@@ -235,7 +282,7 @@ impl Access {
         let Some(passwords) = &rules.passwords else {
             return Decision::Refused(crate::packet::reason::BAD_USERNAME_OR_PASSWORD, "no password file");
         };
-        if self.cache.as_mut().is_some_and(|c| c.check(user, password, now_ms)) {
+        if set.cache.as_mut().is_some_and(|c| c.check(user, password, now_ms)) {
             return grant(Some(user), None, false, None);
         }
         if passwords.is_slow(user) {
@@ -252,7 +299,7 @@ impl Access {
         }
         match passwords.verify(user, password) {
             Verdict::Accepted => {
-                if let Some(c) = self.cache.as_mut() {
+                if let Some(c) = set.cache.as_mut() {
                     c.insert(user, password, now_ms);
                 }
                 grant(Some(user), None, false, None)
@@ -262,17 +309,19 @@ impl Access {
         }
     }
 
-    /// The off-reactor check of `user`'s `password` said `ok`: the connection's grant, or
-    /// `None` when refused (or the rules went away meanwhile).
+    /// The off-reactor check of `user`'s `password` on `listener` said `ok`: the connection's
+    /// grant, or `None` when refused (or the rules went away meanwhile).
     pub(super) fn verified(
         &mut self,
+        listener: u16,
         user: &str,
         password: &[u8],
         client_id: &str,
         ok: bool,
         now_ms: u64,
     ) -> Option<Box<ConnAuth>> {
-        let rules = self.rules.as_ref().filter(|_| ok)?;
+        let set = self.set_for(listener).filter(|_| ok)?;
+        let rules = &set.rules;
         let auth = ConnAuth {
             user: Some(user.into()),
             acl: rules.acl.as_ref().map(|a| a.for_client(Some(user), client_id)),
@@ -280,7 +329,7 @@ impl Access {
             generation: rules.generation,
             expires_at_ms: None,
         };
-        if let Some(c) = self.cache.as_mut() {
+        if let Some(c) = set.cache.as_mut() {
             c.insert(user, password, now_ms);
         }
         Some(Box::new(auth))
@@ -327,6 +376,19 @@ impl Access {
             !due
         });
         out
+    }
+}
+
+/// `listener`'s own rules, else the global ones (a function of the two fields, so that a caller
+/// may hold the set and touch the other fields of [`Access`]).
+fn set_of<'a>(
+    global: &'a mut Option<RuleSet>,
+    listeners: &'a mut [Option<RuleSet>],
+    listener: u16,
+) -> Option<&'a mut RuleSet> {
+    match listeners.get_mut(usize::from(listener)) {
+        Some(Some(own)) => Some(own),
+        _ => global.as_mut(),
     }
 }
 

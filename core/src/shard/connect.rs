@@ -114,7 +114,7 @@ impl Shard {
         };
         let (user, password) =
             (connect.username.as_deref().unwrap_or(""), connect.password.clone().unwrap_or_default());
-        match self.access.verified(user, &password, &connect.client_id, ok, now_ms) {
+        match self.access.verified(c.listener, user, &password, &connect.client_id, ok, now_ms) {
             Some(auth) => {
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.auth = Some(auth);

@@ -130,7 +130,7 @@ impl Shard {
         let Some(c) = self.conns.get_mut(&conn) else { return false };
         if let Some(auth) = c.auth.as_mut() {
             // Rules reloaded since: a subscription granted before no longer reads what they deny.
-            if let (Some(rules), ConnState::Active { client_id }) = (self.access.rules(), &c.state) {
+            if let (Some(rules), ConnState::Active { client_id }) = (self.access.rules_for(c.listener), &c.state) {
                 auth.refresh(rules, client_id);
             }
             if !auth.may_read(&d.msg.topic) {

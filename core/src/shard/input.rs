@@ -66,19 +66,38 @@ impl Shard {
         }
         let held = if buf.is_empty() { 0 } else { buf.capacity() };
         if let Err(over) = self.preconnect.account(conn, held) {
-            self.stats.refused_preconnect += 1;
-            if over.first {
-                self.effects.warnings.push(format!(
-                    "shard {}: connections that have not completed CONNECT buffer {} bytes \
-                     (max_preconnect_buffer_bytes_per_shard {}); closing those that grow",
-                    self.id,
-                    self.preconnect.buffered(),
-                    self.limits.max_preconnect_buffer_bytes_per_shard
-                ));
-            }
             buf.clear();
-            self.close(conn, None, now_ms);
+            self.refuse_over_budget(conn, over, now_ms);
         }
+    }
+
+    /// What `conn`'s transport (TLS, WebSocket) received so far: `received` socket bytes in all.
+    /// Until its CONNECT is decoded they count against the shard's pre-CONNECT budget, like a
+    /// partial CONNECT's buffer, and growing past the budget closes the connection. Returns
+    /// whether they still count: false once the CONNECT is in (or the connection is gone), so
+    /// the caller stops reporting.
+    pub fn on_transport_input(&mut self, conn: ConnId, received: usize, now_ms: u64) -> bool {
+        match self.preconnect.account_transport(conn, received) {
+            Ok(counted) => counted,
+            Err(over) => {
+                self.refuse_over_budget(conn, over, now_ms);
+                false
+            }
+        }
+    }
+
+    fn refuse_over_budget(&mut self, conn: ConnId, over: crate::preconnect::OverBudget, now_ms: u64) {
+        self.stats.refused_preconnect += 1;
+        if over.first {
+            self.effects.warnings.push(format!(
+                "shard {}: connections that have not completed CONNECT buffer {} bytes \
+                 (max_preconnect_buffer_bytes_per_shard {}); closing those that grow",
+                self.id,
+                self.preconnect.buffered(),
+                self.limits.max_preconnect_buffer_bytes_per_shard
+            ));
+        }
+        self.close(conn, None, now_ms);
     }
 
     /// Handles packets held while the connection was blocked.

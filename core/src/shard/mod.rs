@@ -275,6 +275,19 @@ impl Shard {
         self.access.set_rules(rules, cache_entries, cache_ttl_ms);
     }
 
+    /// As [`Shard::set_access`], for the connections of `listener` only (its own
+    /// `[listeners.auth]`): these rules replace the global ones there, at CONNECT, on every
+    /// packet and every delivery.
+    pub fn set_listener_access(
+        &mut self,
+        listener: u16,
+        rules: Arc<AccessRules>,
+        cache_entries: usize,
+        cache_ttl_ms: u64,
+    ) {
+        self.access.set_listener_rules(listener, rules, cache_entries, cache_ttl_ms);
+    }
+
     pub fn id(&self) -> ShardId {
         self.id
     }

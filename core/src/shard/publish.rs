@@ -33,7 +33,7 @@ impl Shard {
             return self.protocol_close(conn, reason::TOPIC_NAME_INVALID, "invalid topic name", now_ms);
         }
         if let Some(auth) = c.auth.as_mut() {
-            if let Some(rules) = self.access.rules() {
+            if let Some(rules) = self.access.rules_for(c.listener) {
                 auth.refresh(rules, &client_id);
             }
             if !auth.may_publish(&p.topic) {

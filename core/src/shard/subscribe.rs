@@ -24,7 +24,7 @@ impl Shard {
         };
         let v5 = c.is_v5();
         let client_id = s.client_id.clone();
-        if let (Some(auth), Some(rules)) = (c.auth.as_mut(), self.access.rules()) {
+        if let (Some(auth), Some(rules)) = (c.auth.as_mut(), self.access.rules_for(c.listener)) {
             auth.refresh(rules, &client_id);
         }
         let sub_id = sub.properties.subscription_identifiers.first().copied();

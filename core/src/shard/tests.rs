@@ -1303,7 +1303,23 @@ fn connect_from(
     user: Option<&str>,
     pw: Option<&str>,
 ) -> u8 {
+    connect_on(w, shard, conn, addr, 0, id, user, pw)
+}
+
+/// [`connect_from`], accepted by `listener`.
+#[allow(clippy::too_many_arguments)]
+fn connect_on(
+    w: &mut World,
+    shard: ShardId,
+    conn: ConnId,
+    addr: &str,
+    listener: u16,
+    id: &str,
+    user: Option<&str>,
+    pw: Option<&str>,
+) -> u8 {
     w.shards[shard].on_open_from(conn, addr.parse().unwrap(), w.now);
+    w.shards[shard].set_origin(conn, listener, None);
     let c = Connect {
         version: V5,
         clean_start: true,
@@ -1385,6 +1401,43 @@ fn a_device_publishes_and_reads_only_its_own_topics() {
     assert!(got.iter().any(|p| matches!(p, Packet::PubAck(a) if a.code == 0)), "{got:?}");
     assert!(got.iter().any(|p| matches!(p, Packet::Publish(m) if m.topic == "devices/car1/speed")), "{got:?}");
     assert_eq!(w.shards[1].stats().acl_denied, 1);
+}
+
+/// Listener 1 has its own rules: only bob, and `ops/%c/#`; listener 0 keeps the global ones.
+#[test]
+fn a_listener_with_its_own_rules_replaces_the_global_ones_for_its_connections() {
+    const BOB: &str = "bob:$7$101$dUDH0dTKhLySJ1yG$vzIqRqLSbqYzQ0hgMSTd/osFqnaAbpAiDyMgo39qjn2fEHIcanDpZe1JoDoLo5gdxcjv/Kc1VWJsOvte9qUyoA==\n";
+    let mut w = access_world(false);
+    let own = Arc::new(AccessRules {
+        passwords: Some(crate::auth::PasswordFile::parse(BOB).unwrap()),
+        acl: Some(crate::auth::Acl::parse_mosquitto("pattern readwrite ops/%c/#\n").unwrap()),
+        generation: 2,
+        ..AccessRules::default()
+    });
+    for s in &mut w.shards {
+        s.set_listener_access(1, own.clone(), 100, 60_000);
+    }
+    let on = |w: &mut World, listener: u16, conn: ConnId, id: &str, user: &str, pw: &str| {
+        connect_on(w, 0, conn, &format!("10.0.1.{conn}"), listener, id, Some(user), Some(pw))
+    };
+    // alice is known globally (and her check is cached there), not on listener 1; bob the other way.
+    assert_eq!(on(&mut w, 0, 1, "a0", "alice", "s3cret pass"), reason::SUCCESS);
+    assert_eq!(on(&mut w, 1, 2, "a1", "alice", "s3cret pass"), reason::BAD_USERNAME_OR_PASSWORD);
+    assert_eq!(on(&mut w, 1, 3, "car1", "bob", "hunter2"), reason::SUCCESS);
+    // PUBACK codes of a publish to devices/ID/x and one to ops/ID/x.
+    let both = |w: &mut World, conn: ConnId, id: &str| {
+        w.send(0, conn, V5, publish(&format!("devices/{id}/x"), 1, 7, b"x"));
+        w.send(0, conn, V5, publish(&format!("ops/{id}/x"), 1, 8, b"x"));
+        match w.recv(0, conn, V5).as_slice() {
+            [Packet::PubAck(a), Packet::PubAck(b)] => (a.code, b.code),
+            o => panic!("{o:?}"),
+        }
+    };
+    // Listener 1's ACL for car1: ops/car1/#, not the global devices/car1/#.
+    assert_eq!(both(&mut w, 3, "car1"), (reason::NOT_AUTHORIZED, reason::SUCCESS));
+    // The same user on listener 0 has the global rights.
+    assert_eq!(on(&mut w, 0, 4, "car2", "bob", "hunter2"), reason::SUCCESS);
+    assert_eq!(both(&mut w, 4, "car2"), (reason::SUCCESS, reason::NOT_AUTHORIZED));
 }
 
 /// One shard whose only user, erin ("pw"), has an argon2id hash: checked off the shard.
