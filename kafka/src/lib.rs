@@ -17,6 +17,7 @@
 
 #![warn(rust_2018_idioms, unreachable_pub)]
 
+pub mod batch;
 mod cluster;
 mod consumer;
 mod tls;
