@@ -9,9 +9,13 @@
 //! (the codec states — zstd context, snappy table, deflate state — are kept and reset, and LZ4
 //! frames are assembled here from block compression, which keeps its state on the stack).
 //!
-//! Format: <https://kafka.apache.org/documentation/#recordbatch>. The byte layout is written out
-//! in [`HEADER_BYTES`]'s offsets below; rskafka's `protocol::record` (vendored in
-//! `third_party/rskafka`) is the reference the tests decode with.
+//! Format: <https://kafka.apache.org/documentation/#recordbatch>; the header's layout is the
+//! `OFF_*` constants below. rskafka's `protocol::record` (vendored in `third_party/rskafka`) is
+//! the reference the unit tests decode with, librdkafka the one `tests/python/test_kafka_batch.py`
+//! reads with after a round trip through a real broker. Compressed batches differ in bytes from
+//! rskafka's (zstd here is one-shot with the content size in the frame, rskafka streams; rskafka's
+//! LZ4 frames carry block and content checksums, these do not — Kafka's CRC covers them): both
+//! are valid.
 //!
 //! Invariants:
 //! - A batch is self-contained: baseOffset 0 and offset deltas `0..n` (the broker assigns real
