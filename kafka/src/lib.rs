@@ -20,9 +20,9 @@
 #![warn(rust_2018_idioms, unreachable_pub)]
 
 mod affinity;
+pub mod batch;
 mod cluster;
 mod consumer;
-mod interim_encode;
 mod producer;
 mod tls;
 

@@ -22,12 +22,13 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use rskafka::client::error::Error as ClientError;
 use rskafka::client::raw::{BrokerLink, ProduceAcks, TopicBatches};
 use sluice_core::bridge::{partition_for_key, ProduceError, ProduceRequest, ProduceResult};
 use tokio::sync::mpsc;
 
+use crate::batch::{BatchEncoder, Producer as ProducerIds};
 use crate::cluster::{classify_protocol, is_connection_error, retryable_protocol, Cluster, RETRY_BACKOFF_MAX};
 use crate::dead_letter_copy;
 
@@ -119,6 +120,9 @@ pub(crate) struct Producer {
     /// Dead-letter copies to place next.
     dead_letters: VecDeque<ProduceRequest>,
     last_expiry_scan: Instant,
+    encoder: BatchEncoder,
+    /// Where a request's batches are encoded; each batch is split off as its own `Bytes`.
+    buf: BytesMut,
 }
 
 impl Producer {
@@ -143,6 +147,8 @@ impl Producer {
             out: Vec::new(),
             dead_letters: VecDeque::new(),
             last_expiry_scan: Instant::now(),
+            encoder: BatchEncoder::new(),
+            buf: BytesMut::new(),
         }
     }
 
@@ -682,6 +688,7 @@ impl Producer {
         let mut topics: Vec<TopicBatches> = Vec::new();
         let mut sent_parts = Vec::with_capacity(parts.len());
         let mut request_bytes = 0usize;
+        let mut unencodable = Vec::new();
         for (topic, p) in parts {
             if request_bytes >= REQUEST_BATCHES_BYTES {
                 break;
@@ -707,17 +714,33 @@ impl Producer {
             if q.sent.is_empty() {
                 continue;
             }
+            if let Err(e) =
+                self.encoder.encode(q.sent.iter().map(|i| &i.req.record), compression, ProducerIds::NONE, &mut self.buf)
+            {
+                // A record no Kafka batch can hold (a field past 2 GiB, a timestamp out of range).
+                tracing::warn!(cluster = %c.cluster.name, %topic, partition = p, error = %e, "cannot encode a record batch");
+                let sent = std::mem::take(&mut q.sent);
+                unencodable.extend(sent.into_iter().map(|i| (i, e.to_string())));
+                continue;
+            }
+            // `split` keeps the buffer's spare capacity for the next batch.
+            let encoded: Bytes = self.buf.split().freeze();
             q.in_flight = true;
             q.retry_at = None;
             q.attempts += 1;
             request_bytes += bytes;
-            let encoded: Bytes = crate::interim_encode::encode(q.sent.iter().map(|i| &i.req.record), compression);
             match topics.iter_mut().find(|t| *t.topic == *topic) {
                 Some(t) => t.partitions.push((p, encoded)),
                 None => topics.push(TopicBatches { topic: topic.to_string(), partitions: vec![(p, encoded)] }),
             }
             sent_parts.push((topic, p));
         }
+        for (i, why) in unencodable {
+            self.fail(i, ProduceError::Other(why));
+        }
+        let Some(b) = self.clusters.get_mut(usize::from(cluster)).and_then(|c| c.brokers.get_mut(&broker)) else {
+            return;
+        };
         if sent_parts.is_empty() {
             b.in_flight -= 1;
             return;
