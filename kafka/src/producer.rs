@@ -51,6 +51,15 @@ pub(crate) struct Item {
     /// When the record fails if Kafka has not acknowledged it.
     deadline: Instant,
     enqueued: Instant,
+    /// `req.record.size()`, worked out once.
+    size: usize,
+}
+
+impl Item {
+    fn new(req: ProduceRequest, report: bool, deadline: Instant, enqueued: Instant) -> Item {
+        let size = req.record.size();
+        Item { req, report, deadline, enqueued, size }
+    }
 }
 
 /// What the tasks this loop starts report back.
@@ -178,7 +187,7 @@ impl Producer {
             }
             let now = Instant::now();
             while let Some(req) = self.dead_letters.pop_front() {
-                self.place(Item { req, report: false, deadline: now + self.delivery_timeout(0), enqueued: now });
+                self.place(Item::new(req, false, now + self.delivery_timeout(0), now), now);
             }
             if now.duration_since(self.last_expiry_scan) >= EXPIRY_SCAN {
                 self.last_expiry_scan = now;
@@ -209,18 +218,20 @@ impl Producer {
             self.out.push(ProduceResult::failed(req.id, ProduceError::Other("unknown cluster".into())));
             return;
         };
-        if req.record.size() > c.cluster.config().max_record_bytes {
-            self.fail(Item { req, report: true, deadline: now, enqueued: now }, ProduceError::TooLarge);
+        let item = Item::new(req, true, now, now);
+        if item.size > c.cluster.config().max_record_bytes {
+            self.fail(item, ProduceError::TooLarge);
             return;
         }
         // A durable record is safe in the spill log and its publisher was answered: it is
         // retried until Kafka takes it (a year stands in for "no deadline").
-        let timeout = if req.durable { Duration::from_secs(365 * 24 * 3600) } else { c.cluster.delivery_timeout() };
-        self.place(Item { req, report: true, deadline: now + timeout, enqueued: now });
+        let timeout =
+            if item.req.durable { Duration::from_secs(365 * 24 * 3600) } else { c.cluster.delivery_timeout() };
+        self.place(Item { deadline: now + timeout, ..item }, now);
     }
 
     /// Puts a record on its partition's queue, or with its topic's records waiting for metadata.
-    fn place(&mut self, item: Item) {
+    fn place(&mut self, item: Item, now: Instant) {
         let cluster = item.req.record.cluster;
         let Some(c) = self.clusters.get_mut(usize::from(cluster)) else { return };
         let batch_bytes = c.cluster.config().batch_bytes;
@@ -233,7 +244,7 @@ impl Producer {
                     parts: None,
                     waiting: Vec::new(),
                     fetching: false,
-                    fetched: Instant::now(),
+                    fetched: now,
                     sticky: (self.shard as i32, 0),
                 };
                 match c.topics.entry(name) {
@@ -252,10 +263,10 @@ impl Producer {
             }
             return;
         };
-        if topic.fetched.elapsed() >= max_age && !topic.fetching {
+        if now.duration_since(topic.fetched) >= max_age && !topic.fetching {
             // Refreshed in the background; the cached leaders serve meanwhile.
             topic.fetching = true;
-            let deadline = Instant::now() + c.cluster.request_timeout();
+            let deadline = now + c.cluster.request_timeout();
             spawn_metadata(&self.events_tx, c.cluster.clone(), cluster, item.req.record.topic.clone(), deadline);
         }
         let n = parts.len() as i32;
@@ -270,7 +281,7 @@ impl Producer {
             (None, None) => {
                 let s = &mut topic.sticky;
                 s.0 %= n;
-                s.1 += item.req.record.size();
+                s.1 += item.size;
                 if s.1 >= batch_bytes {
                     *s = ((s.0 + 1) % n, 0);
                 }
@@ -278,7 +289,7 @@ impl Producer {
             }
         };
         let q = &mut parts[partition as usize];
-        q.queued_bytes += item.req.record.size();
+        q.queued_bytes += item.size;
         q.queued.push_back(item);
         if !q.listed {
             q.listed = true;
@@ -360,8 +371,9 @@ impl Producer {
                     q.leader = *l;
                 }
                 let waiting = std::mem::take(&mut t.waiting);
+                let now = Instant::now();
                 for item in waiting {
-                    self.place(item);
+                    self.place(item, now);
                 }
             }
             Err(e) => {
@@ -483,6 +495,7 @@ impl Producer {
         let sent = std::mem::take(&mut q.sent);
         q.solo = q.solo.saturating_sub(sent.len());
         let n = sent.len() as u32;
+        let now = Instant::now();
         for i in sent {
             if i.report {
                 self.out.push(ProduceResult {
@@ -490,7 +503,7 @@ impl Producer {
                     outcome: Ok(()),
                     attempts,
                     batch_records: n,
-                    latency_us: i.enqueued.elapsed().as_micros() as u64,
+                    latency_us: now.saturating_duration_since(i.enqueued).as_micros() as u64,
                 });
             }
         }
@@ -561,7 +574,7 @@ impl Producer {
                     let mut kept = VecDeque::with_capacity(before);
                     for i in q.queued.drain(..) {
                         if i.deadline <= now {
-                            q.queued_bytes -= i.req.record.size();
+                            q.queued_bytes -= i.size;
                             expired.push(i);
                         } else {
                             kept.push_back(i);
@@ -701,7 +714,7 @@ impl Producer {
             // Take records up to a full batch (at least one; one only after a too-large batch).
             let mut bytes = 0usize;
             while let Some(i) = q.queued.front() {
-                let size = i.req.record.size();
+                let size = i.size;
                 if !q.sent.is_empty() && (bytes + size > batch_bytes || q.solo > 0) {
                     break;
                 }
@@ -760,7 +773,7 @@ impl Producer {
 fn requeue_sent(q: &mut PartitionQueue) {
     q.in_flight = false;
     for i in std::mem::take(&mut q.sent).into_iter().rev() {
-        q.queued_bytes += i.req.record.size();
+        q.queued_bytes += i.size;
         q.queued.push_front(i);
     }
 }

@@ -55,6 +55,7 @@ mod connection;
 mod deliver;
 mod directory;
 mod drain_waiters;
+mod id_map;
 mod inbound_feed;
 mod inbound_state;
 mod input;

@@ -18,12 +18,13 @@
 //! counts exactly the non-durable records handed out and not yet answered; while spilling, no
 //! record overtakes one that may still go to the spill log.
 
-use crate::{HashMap, HashSet};
+use crate::HashSet;
 use std::collections::VecDeque;
 
 use crate::bridge::{Delivery, KafkaRecord, ProduceError, ProduceRequest, ProduceResult, Router};
 use crate::config::Qos0Policy;
 
+use super::id_map::IdMap;
 use super::{ConnId, Msg};
 
 /// How a shard feeds Kafka: one value, so no setting depends on the order others were set in.
@@ -85,9 +86,9 @@ pub(super) struct KafkaOutbox {
     spill_on_timeout: bool,
     next_id: u64,
     /// Record id → the acknowledgement waiting for it.
-    waiters: HashMap<u64, (ConnId, u64)>,
+    waiters: IdMap<(ConnId, u64)>,
     /// Record id → what it is, until answered.
-    inflight: HashMap<u64, RecordMeta>,
+    inflight: IdMap<RecordMeta>,
     /// Non-durable records handed out and not answered; QoS 0 ones among them.
     pending: usize,
     pending_qos0: usize,
@@ -95,11 +96,13 @@ pub(super) struct KafkaOutbox {
     qos0_waiting: VecDeque<ProduceRequest>,
     spilling: bool,
     /// Copies of QoS 1/2 records in flight (with `spill_on_timeout`), to spill if they time out.
-    copies: HashMap<u64, KafkaRecord>,
+    copies: IdMap<KafkaRecord>,
     /// Spilling: records waiting for the ones still in flight to be answered first.
     held: Vec<ProduceRequest>,
     /// Per (mapping, cluster).
-    stats: HashMap<(u16, u16), MappingStats>,
+    /// Per (mapping, cluster), at `mapping * clusters + cluster`; `None` until one carried a
+    /// record.
+    stats: Vec<Option<MappingStats>>,
     logged_failures: HashSet<(u16, &'static str)>,
 }
 
@@ -118,15 +121,15 @@ impl KafkaOutbox {
             max_pending: o.max_pending_records.max(1),
             qos0_policy: o.qos0_policy,
             next_id: 0,
-            waiters: HashMap::default(),
-            inflight: HashMap::default(),
+            waiters: IdMap::default(),
+            inflight: IdMap::default(),
             pending: 0,
             pending_qos0: 0,
             qos0_waiting: VecDeque::new(),
             spilling: false,
-            copies: HashMap::default(),
+            copies: IdMap::default(),
             held: Vec::new(),
-            stats: HashMap::default(),
+            stats: Vec::new(),
             logged_failures: HashSet::default(),
         }
     }
@@ -145,7 +148,7 @@ impl KafkaOutbox {
         self.router.route(msg, wall_now_ms, &mut records);
         let mut ids = Vec::with_capacity(records.len());
         for record in records {
-            let ms = self.stats.entry((record.mapping, record.cluster)).or_default();
+            let ms = self.stats_of(record.mapping, record.cluster);
             ms.messages_in += 1;
             ms.bytes_in += msg.payload.len() as u64;
             self.next_id += 1;
@@ -164,7 +167,7 @@ impl KafkaOutbox {
                     };
                     if let Some(d) = dropped {
                         self.inflight.remove(&d.id);
-                        self.stats.entry((d.record.mapping, d.record.cluster)).or_default().records_dropped += 1;
+                        self.stats_of(d.record.mapping, d.record.cluster).records_dropped += 1;
                     }
                 }
                 continue;
@@ -229,11 +232,11 @@ impl KafkaOutbox {
                 ));
             }
             self.inflight.insert(r.id, RecordMeta { mapping, cluster, durable: true, qos0: false });
-            self.stats.entry((mapping, cluster)).or_default().records_spilled += 1;
+            self.stats_of(mapping, cluster).records_spilled += 1;
             out.push(ProduceRequest { id: r.id, record, durable: true });
             return Answered::Nobody;
         }
-        let ms = self.stats.entry((mapping, cluster)).or_default();
+        let ms = self.stats_of(mapping, cluster);
         ms.records_retried += u64::from(r.attempts.saturating_sub(1));
         ms.latency_us_sum += r.latency_us;
         ms.latency_us_max = ms.latency_us_max.max(r.latency_us);
@@ -319,9 +322,21 @@ impl KafkaOutbox {
 
     /// `(mapping name, cluster name, counters)` per pair that carried records.
     pub(super) fn mapping_stats(&self) -> impl Iterator<Item = (&str, &str, &MappingStats)> {
-        self.stats
-            .iter()
-            .map(|((m, c), s)| (self.router.mapping_name(*m), self.router.clusters()[usize::from(*c)].as_str(), s))
+        let clusters = self.router.clusters().len().max(1);
+        self.stats.iter().enumerate().filter_map(move |(i, s)| {
+            let s = s.as_ref()?;
+            let (m, c) = ((i / clusters) as u16, i % clusters);
+            Some((self.router.mapping_name(m), self.router.clusters().get(c).map_or("", String::as_str), s))
+        })
+    }
+
+    /// The counters of (mapping, cluster), made on first use.
+    fn stats_of(&mut self, mapping: u16, cluster: u16) -> &mut MappingStats {
+        let at = usize::from(mapping) * self.router.clusters().len().max(1) + usize::from(cluster);
+        if self.stats.len() <= at {
+            self.stats.resize_with(at + 1, || None);
+        }
+        self.stats[at].get_or_insert_with(MappingStats::default)
     }
 }
 
