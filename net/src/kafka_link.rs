@@ -66,7 +66,12 @@ pub(crate) fn spawn(link: KafkaLink, rt: &Rc<ShardRuntime>) {
     glommio::spawn_local(async move {
         loop {
             c.kafka_ready.notified().await;
-            let batch = std::mem::take(&mut *c.kafka_outbox.borrow_mut());
+            let batch = {
+                let mut out = c.kafka_outbox.borrow_mut();
+                // The next hand-over is likely about as big: room for it, no regrowth.
+                let room = out.len();
+                std::mem::replace(&mut *out, Vec::with_capacity(room))
+            };
             if !batch.is_empty() && requests.send(batch).await.is_err() {
                 break;
             }

@@ -114,10 +114,23 @@ impl ShardRuntime {
 
     /// Records for the Kafka link's hand-over task.
     pub(crate) fn to_kafka(&self, mut records: Vec<ProduceRequest>) {
-        if !records.is_empty() {
-            self.kafka_outbox.borrow_mut().append(&mut records);
-            self.kafka_ready.notify();
+        self.to_kafka_from(&mut records);
+    }
+
+    /// Moves `records` to the outbox, leaving `records` empty: by swapping the vectors when the
+    /// outbox is empty (no copy), by appending otherwise.
+    fn to_kafka_from(&self, records: &mut Vec<ProduceRequest>) {
+        if records.is_empty() {
+            return;
         }
+        let mut out = self.kafka_outbox.borrow_mut();
+        if out.is_empty() {
+            std::mem::swap(&mut *out, records);
+        } else {
+            out.append(records);
+        }
+        drop(out);
+        self.kafka_ready.notify();
     }
 
     /// Carries out what the state machine decided since the last call.
@@ -138,7 +151,10 @@ impl ShardRuntime {
                 // On disk only for now; they come back through `refill` under replay ids.
                 self.shard.borrow_mut().on_spilled(&spilled);
             }
-            self.to_kafka(std::mem::take(&mut fx.produce));
+            self.to_kafka_from(&mut fx.produce);
+            // The emptied vector (the outbox's last one, sized like the last hand-over) serves
+            // the state machine's next records: no regrowth per dispatch.
+            self.shard.borrow_mut().recycle_produce_buffer(std::mem::take(&mut fx.produce));
         }
         self.apply(fx);
         if !refused.is_empty() {

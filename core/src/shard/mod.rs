@@ -335,6 +335,14 @@ impl Shard {
         std::mem::take(&mut self.effects)
     }
 
+    /// An emptied `Effects::produce` vector back, so the next records reuse its allocation.
+    pub fn recycle_produce_buffer(&mut self, mut v: Vec<ProduceRequest>) {
+        v.clear();
+        if self.effects.produce.is_empty() && self.effects.produce.capacity() < v.capacity() {
+            self.effects.produce = v;
+        }
+    }
+
     /// Messages from another shard.
     pub fn on_shard_msgs(&mut self, msgs: impl IntoIterator<Item = ShardMsg>, now_ms: u64) {
         for m in msgs {
