@@ -366,7 +366,8 @@ where
             ApiVersion(Int16(1))
         };
 
-        let mut buf = Vec::new();
+        // sluice patch: sized once (the header, up to the client id, and the body's hint).
+        let mut buf = Vec::with_capacity(16 + self.client_id.len() + msg.size_hint());
         header
             .write_versioned(&mut buf, header_version)
             .expect("Writing header to buffer should always work");

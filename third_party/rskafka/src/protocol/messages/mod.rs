@@ -91,6 +91,12 @@ pub trait RequestBody {
     /// The response type that will follow when issuing this request.
     type ResponseBody;
 
+    /// sluice patch: bytes the encoded body will take, if known, so the request buffer is
+    /// allocated once instead of growing (and copying) while a large body is written.
+    fn size_hint(&self) -> usize {
+        0
+    }
+
     /// Kafka API key.
     ///
     /// This will be added to the request header.
@@ -118,6 +124,9 @@ pub trait RequestBody {
 
 impl<T: RequestBody> RequestBody for &T {
     type ResponseBody = T::ResponseBody;
+    fn size_hint(&self) -> usize {
+        (**self).size_hint()
+    }
     const API_KEY: ApiKey = T::API_KEY;
     const API_VERSION_RANGE: ApiVersionRange = T::API_VERSION_RANGE;
     const FIRST_TAGGED_FIELD_IN_REQUEST_VERSION: ApiVersion =

@@ -138,6 +138,26 @@ where
 impl RequestBody for ProduceRequest {
     type ResponseBody = ProduceResponse;
 
+    fn size_hint(&self) -> usize {
+        // Fixed fields, then per topic its name and per partition its index, length and bytes.
+        16 + self
+            .topic_data
+            .iter()
+            .map(|t| {
+                8 + t.name.0.len()
+                    + t.partition_data
+                        .iter()
+                        .map(|p| {
+                            8 + match &p.records {
+                                ProduceRecords::Encoded(b) => b.len(),
+                                ProduceRecords::Batches(_) => 0,
+                            }
+                        })
+                        .sum::<usize>()
+            })
+            .sum::<usize>()
+    }
+
     const API_KEY: ApiKey = ApiKey::Produce;
 
     /// That's enough for for.
