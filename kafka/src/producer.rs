@@ -15,9 +15,11 @@
 //! - Every record handed over gets exactly one [`ProduceResult`]: acknowledged, refused (with
 //!   its dead-letter copy, if its mapping has one), or timed out at its deadline.
 //! - Everything is bounded: a request carries at most [`REQUEST_BATCHES_BYTES`] of batches, a
-//!   batch at most `batch_bytes`; the shard bounds the records it hands over.
+//!   batch at most `batch_bytes`; the shard bounds the records it hands over (so the queues and
+//!   the records waiting for metadata); a topic is kept only while Kafka knows it (one whose
+//!   metadata fails is forgotten, its records failed); the events come from the tasks this loop
+//!   started, at most one per request, connection attempt and metadata fetch.
 
-use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -178,7 +180,7 @@ impl Producer {
                     Some(batch) => {
                         let now = Instant::now();
                         for req in batch {
-                            self.accept(req, now);
+                            self.accept(req, true, now);
                         }
                     }
                     None => open = false,
@@ -187,7 +189,8 @@ impl Producer {
             }
             let now = Instant::now();
             while let Some(req) = self.dead_letters.pop_front() {
-                self.place(Item::new(req, false, now + self.delivery_timeout(0), now), now);
+                // Dead-letter copies take the same path, under their own cluster's limits.
+                self.accept(req, false, now);
             }
             if now.duration_since(self.last_expiry_scan) >= EXPIRY_SCAN {
                 self.last_expiry_scan = now;
@@ -203,22 +206,21 @@ impl Producer {
         }
     }
 
-    fn delivery_timeout(&self, cluster: u16) -> Duration {
-        self.clusters.get(usize::from(cluster)).map(|c| c.cluster.delivery_timeout()).unwrap_or(Duration::ZERO)
-    }
-
     fn nothing_in_flight(&self) -> bool {
         self.clusters.iter().all(|c| c.brokers.values().all(|b| b.in_flight == 0))
             && self.clusters.iter().all(|c| c.topics.values().all(|t| t.waiting.is_empty()))
     }
 
-    /// A record from the shard.
-    fn accept(&mut self, req: ProduceRequest, now: Instant) {
+    /// A record from the shard (`report`), or a dead-letter copy of one (its outcome is nobody's
+    /// business).
+    fn accept(&mut self, req: ProduceRequest, report: bool, now: Instant) {
         let Some(c) = self.clusters.get(usize::from(req.record.cluster)) else {
-            self.out.push(ProduceResult::failed(req.id, ProduceError::Other("unknown cluster".into())));
+            if report {
+                self.out.push(ProduceResult::failed(req.id, ProduceError::Other("unknown cluster".into())));
+            }
             return;
         };
-        let item = Item::new(req, true, now, now);
+        let item = Item::new(req, report, now, now);
         if item.size > c.cluster.config().max_record_bytes {
             self.fail(item, ProduceError::TooLarge);
             return;
@@ -238,20 +240,14 @@ impl Producer {
         let max_age = Duration::from_millis(c.cluster.config().metadata_max_age_ms);
         let topic = match c.topics.get_mut(&*item.req.record.topic) {
             Some(t) => t,
-            None => {
-                let name = item.req.record.topic.clone();
-                let t = TopicState {
-                    parts: None,
-                    waiting: Vec::new(),
-                    fetching: false,
-                    fetched: now,
-                    sticky: (self.shard as i32, 0),
-                };
-                match c.topics.entry(name) {
-                    Entry::Vacant(v) => v.insert(t),
-                    Entry::Occupied(o) => o.into_mut(),
-                }
-            }
+            // A new topic: its name is cloned once, not per record.
+            None => c.topics.entry(item.req.record.topic.clone()).or_insert(TopicState {
+                parts: None,
+                waiting: Vec::new(),
+                fetching: false,
+                fetched: now,
+                sticky: (self.shard as i32, 0),
+            }),
         };
         let Some(parts) = topic.parts.as_mut() else {
             let name = item.req.record.topic.clone();
