@@ -66,6 +66,9 @@ struct Cli {
     /// Seconds between $SYS/ statistics messages (0 turns them off).
     #[arg(long, value_name = "SECS")]
     sys_interval: Option<u64>,
+    /// What drives the connections' sockets (io-uring falls back to epoll where refused).
+    #[arg(long, value_name = "DRIVER", value_enum)]
+    io_driver: Option<sluice_core::config::IoDriver>,
     /// An extra listener for one shard, given once per shard in shard order: clients connecting
     /// there are served by that shard (deterministic placement for tests and debugging).
     #[arg(long, value_name = "ADDR")]
@@ -276,6 +279,7 @@ fn real_main() -> anyhow::Result<()> {
             cpus,
             limits: cfg.limits.clone(),
             sys_interval_ms: cfg.server.sys_interval_secs * 1000,
+            io_driver: cfg.server.io_driver,
             data_dir: cfg.server.data_dir.clone().into(),
             release_memory,
             access,
@@ -411,6 +415,9 @@ fn apply_flags(cli: &Cli, cfg: &mut Config) -> anyhow::Result<()> {
     }
     if let Some(v) = &cli.data_dir {
         cfg.server.data_dir = v.display().to_string();
+    }
+    if let Some(v) = cli.io_driver {
+        cfg.server.io_driver = v;
     }
     if let Some(v) = cli.sys_interval {
         cfg.server.sys_interval_secs = v;

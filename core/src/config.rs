@@ -315,6 +315,21 @@ pub struct ServerConfig {
     pub data_dir: String,
     /// How often `$SYS/` statistics are published, in seconds; 0 turns them off.
     pub sys_interval_secs: u64,
+    /// Which system interface drives the connections' sockets.
+    pub io_driver: IoDriver,
+}
+
+/// The connection driver (`[server] io_driver`, `--io-driver`).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "kebab-case")]
+pub enum IoDriver {
+    /// io_uring: multishot receives into a shared buffer pool, a turn's sends in one system call.
+    /// Falls back to epoll, with a warning, where the kernel refuses it.
+    #[default]
+    IoUring,
+    /// epoll: one readiness set per core, a system call per read and per write.
+    Epoll,
 }
 
 /// What happens to QoS 0 records for Kafka when the shard's Kafka backlog is full.
@@ -396,6 +411,7 @@ impl Default for ServerConfig {
             cpuset: None,
             data_dir: "./data".into(),
             sys_interval_secs: 10,
+            io_driver: IoDriver::default(),
         }
     }
 }

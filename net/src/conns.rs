@@ -51,6 +51,7 @@ use sluice_core::shard::{ConnId, Shard};
 
 use crate::notify::Notify;
 use crate::transport::{Event, Transport, Wrapping};
+use crate::uring::{self, Completion, Op, Uring};
 
 /// What the driver needs from the core it runs on (the runtime implements it): the connection
 /// table, the state machine, the clock, and the two decisions that are the core's, not the
@@ -79,6 +80,8 @@ const LINGER_MAX: usize = 1024;
 const READ_BUDGET: usize = 32 * 1024;
 /// Slots per chunk of the slab.
 const CHUNK: usize = 4096;
+/// io_uring completions reaped per turn at most.
+const REAP_MAX: usize = 4096;
 /// Readiness events taken from the kernel per system call.
 const EVENTS: usize = 512;
 /// Pause after a failed accept (EMFILE and friends) before trying that listener again.
@@ -110,6 +113,50 @@ struct Sock {
     /// TLS / WebSocket between the socket and the state machine; `None` for plain TCP (its
     /// bytes go to the state machine as they are).
     transport: Option<Box<Transport>>,
+    /// io_uring driver only: what the kernel is doing for this socket, and the socket's state
+    /// while it does ([`Ring`]).
+    ring: Ring,
+}
+
+/// A socket's io_uring state, as bits (a slot is per connection: these fit in its padding).
+/// Empty under the epoll driver.
+#[derive(Default, Clone, Copy)]
+struct Ring(u8);
+
+impl Ring {
+    /// A multishot receive is armed (until its last completion, `more` unset, is reaped).
+    const RECV: u8 = 1;
+    /// A send is in flight; its bytes are `Sock::unsent`, which nothing touches until it completes.
+    const SEND: u8 = 2;
+    /// A one-shot wait for room to write is armed.
+    const WAIT: u8 = 4;
+    /// Closed: the slot is kept only until the kernel's operations on it have completed.
+    const DEAD: u8 = 8;
+    /// In `Conns::deferred`: more input than a turn's budget waits in `Sock::input`.
+    const DEFERRED: u8 = 16;
+
+    fn has(self, bit: u8) -> bool {
+        self.0 & bit != 0
+    }
+
+    fn set(&mut self, bit: u8, on: bool) {
+        if on {
+            self.0 |= bit;
+        } else {
+            self.0 &= !bit;
+        }
+    }
+
+    /// Sets `bit` to `on`, returning what it was.
+    fn replace(&mut self, bit: u8, on: bool) -> bool {
+        let was = self.has(bit);
+        self.set(bit, on);
+        was
+    }
+
+    fn busy(self) -> bool {
+        self.has(Ring::RECV | Ring::SEND | Ring::WAIT)
+    }
 }
 
 /// A slot keeps its generation while free, so that its next connection gets a new id.
@@ -163,6 +210,13 @@ struct Listener {
 }
 
 pub(crate) struct Conns {
+    /// The io_uring driver's ring; `None`: the epoll driver. Declared first so that it is dropped
+    /// first: the kernel's operations end before the sockets and buffers they use are freed.
+    ring: Option<Uring>,
+    /// io_uring: connections whose receive ended for want of buffers: armed again next turn.
+    rearm: RefCell<Vec<ConnId>>,
+    /// io_uring: connections with more input waiting than a turn's budget: read next turn.
+    deferred: RefCell<Vec<ConnId>>,
     epoll: Epoll,
     slots: RefCell<Slab>,
     free: RefCell<Vec<u32>>,
@@ -219,13 +273,17 @@ enum ReadOutcome {
 }
 
 impl Conns {
-    pub(crate) fn new(listeners: Vec<Bound>) -> std::io::Result<Conns> {
+    /// The connections of a core, driven by `ring` (io_uring) or, without one, by epoll.
+    pub(crate) fn new(listeners: Vec<Bound>, ring: Option<Uring>) -> std::io::Result<Conns> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
         for (i, l) in listeners.iter().enumerate() {
-            epoll.add(
-                &l.socket,
-                EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLET, LISTENER_TOKEN + i as u64),
-            )?;
+            match &ring {
+                Some(r) => r.listen(l.socket.as_raw_fd(), uring::user_data(Op::Listen, i, 0)),
+                None => epoll.add(
+                    &l.socket,
+                    EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLET, LISTENER_TOKEN + i as u64),
+                )?,
+            }
         }
         let listeners = listeners
             .into_iter()
@@ -239,6 +297,9 @@ impl Conns {
             })
             .collect();
         Ok(Conns {
+            ring,
+            rearm: RefCell::new(Vec::new()),
+            deferred: RefCell::new(Vec::new()),
             epoll,
             slots: RefCell::new(Slab::default()),
             free: RefCell::new(Vec::new()),
@@ -263,6 +324,44 @@ impl Conns {
     /// Stop reading `id` until [`Conns::resume_reading`].
     pub(crate) fn pause_reading(&self, id: ConnId) {
         self.with(id, |s| s.paused = true);
+        self.stop_receiving(id);
+    }
+
+    /// Which driver runs this core's connections.
+    pub(crate) fn driver(&self) -> &'static str {
+        if self.ring.is_some() {
+            "io_uring"
+        } else {
+            "epoll"
+        }
+    }
+
+    /// io_uring: cancels `id`'s receive, so that what the client sends waits in the kernel (TCP
+    /// flow control reaches it) until reading resumes.
+    fn stop_receiving(&self, id: ConnId) {
+        let Some(ring) = &self.ring else { return };
+        if self.with(id, |s| s.ring.has(Ring::RECV)) == Some(true) {
+            let (slot, generation) = slot_of(id);
+            ring.cancel(uring::user_data(Op::Recv, slot, generation));
+        }
+    }
+
+    /// io_uring: arms `id`'s receive unless it is armed, held, or the socket is done reading.
+    fn start_receiving(&self, id: ConnId) {
+        let Some(ring) = &self.ring else { return };
+        let fd = self.with(id, |s| {
+            let waiting = s.input.as_ref().map_or(0, |i| i.len());
+            let want =
+                !s.ring.has(Ring::RECV) && !s.paused && !s.gone && !s.ring.has(Ring::DEAD) && waiting <= READ_BUDGET;
+            if want {
+                s.ring.set(Ring::RECV, true);
+            }
+            want.then(|| s.stream.as_raw_fd())
+        });
+        if let Some(Some(fd)) = fd {
+            let (slot, generation) = slot_of(id);
+            ring.recv(fd, uring::user_data(Op::Recv, slot, generation));
+        }
     }
 
     /// Read `id` again (at once: the kernel will not report input that came while paused).
@@ -311,9 +410,11 @@ impl Conns {
             None => slots.grow(),
         };
         let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLOUT | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLET;
-        if let Err(e) = self.epoll.add(stream.as_fd(), EpollEvent::new(flags, slot as u64)) {
-            self.free.borrow_mut().push(slot as u32);
-            return Err(e.into());
+        if self.ring.is_none() {
+            if let Err(e) = self.epoll.add(stream.as_fd(), EpollEvent::new(flags, slot as u64)) {
+                self.free.borrow_mut().push(slot as u32);
+                return Err(e.into());
+            }
         }
         let Some(s) = slots.get_mut(slot) else { unreachable!("a slot from the free list or just grown") };
         s.generation = s.generation.wrapping_add(1).max(1);
@@ -329,9 +430,13 @@ impl Conns {
             queued_write: false,
             paused: false,
             transport,
+            ring: Ring::default(),
         });
         self.live.set(self.live.get() + 1);
-        Ok(id_of(slot, s.generation))
+        let id = id_of(slot, s.generation);
+        drop(slots);
+        self.start_receiving(id);
+        Ok(id)
     }
 
     /// Runs `f` on the socket of `id`, if it is still open.
@@ -339,8 +444,29 @@ impl Conns {
         let (slot, generation) = slot_of(id);
         let mut slots = self.slots.borrow_mut();
         match slots.get_mut(slot) {
-            Some(Slot { generation: g, sock: Some(s) }) if *g == generation => Some(f(s)),
+            Some(Slot { generation: g, sock: Some(s) }) if *g == generation && !s.ring.has(Ring::DEAD) => Some(f(s)),
             _ => None,
+        }
+    }
+
+    /// Runs `f` on the socket in `slot` a completion is for (closed ones included), with its id.
+    fn with_reaped<R>(&self, c: &Completion, f: impl FnOnce(ConnId, &mut Sock) -> R) -> Option<R> {
+        let mut slots = self.slots.borrow_mut();
+        match slots.get_mut(c.slot) {
+            Some(Slot { generation, sock: Some(s) }) if uring::same_generation(*generation, c.generation) => {
+                Some(f(id_of(c.slot, *generation), s))
+            }
+            _ => None,
+        }
+    }
+
+    /// A closed socket whose last operation completed: now it goes, and its slot is free.
+    fn release_if_idle(&self, slot: usize) {
+        let mut slots = self.slots.borrow_mut();
+        let Some(s) = slots.get_mut(slot) else { return };
+        if s.sock.as_ref().is_some_and(|k| k.ring.has(Ring::DEAD) && !k.ring.busy()) {
+            s.sock = None;
+            self.free.borrow_mut().push(slot as u32);
         }
     }
 
@@ -521,18 +647,59 @@ enum Input {
     },
 }
 
+/// Where a connection's input comes from.
+#[derive(Clone, Copy)]
+enum Src<'a> {
+    /// Read the socket (epoll: it said it is readable).
+    Socket,
+    /// io_uring: bytes a receive brought.
+    Chunk(&'a [u8]),
+    /// io_uring: input held while reading was paused or the core backlogged, if any.
+    Held,
+}
+
+/// Takes `src`'s bytes, handing each chunk to `take`.
+fn pull(stream: &mut TcpStream, scratch: &mut [u8], src: Src<'_>, mut take: impl FnMut(&[u8])) -> ReadOutcome {
+    match src {
+        Src::Socket => read_some(stream, scratch, take),
+        Src::Chunk(b) => {
+            take(b);
+            ReadOutcome::Drained
+        }
+        Src::Held => ReadOutcome::Drained,
+    }
+}
+
 /// Reads what `id` has (up to the budget) and hands it to the state machine.
 fn read(host: &impl Host, id: ConnId) {
+    let src = if host.conns().ring.is_some() { Src::Held } else { Src::Socket };
+    read_from(host, id, src);
+}
+
+/// Takes `src`'s input for `id` and hands it to the state machine.
+///
+/// io_uring: a receive's bytes (`Src::Chunk`) are only taken in — into the slot's input, through
+/// the transport if there is one — and the connection queued; the turn's reads then hand at most
+/// [`READ_BUDGET`] bytes of it to the state machine (`Src::Held`), as the epoll driver reads at
+/// most that much. Multishot receives fill buffers as fast as a client sends, so beyond a
+/// budget's worth waiting the receive is cancelled (the client feels TCP's flow control) and
+/// armed again once the input is handled.
+fn read_from(host: &impl Host, id: ConnId, src: Src<'_>) {
     let conns = host.conns();
     let got = conns.with(id, |s| {
-        s.queued_read = false;
-        if s.paused {
+        if matches!(src, Src::Socket | Src::Held) {
+            s.queued_read = false;
+        }
+        if s.paused && matches!(src, Src::Socket | Src::Held) {
+            return None;
+        }
+        if matches!(src, Src::Held) && s.input.is_none() && !s.lingering && !s.gone {
             return None;
         }
         let mut scratch = conns.scratch.borrow_mut();
         if s.lingering {
             let mut discarded = s.discarded;
-            let mut outcome = read_some(&mut s.stream, &mut scratch[..], |b| {
+            let mut outcome = pull(&mut s.stream, &mut scratch[..], src, |b| {
                 discarded = discarded.saturating_add(b.len() as u32);
             });
             s.discarded = discarded;
@@ -543,15 +710,21 @@ fn read(host: &impl Host, id: ConnId) {
         }
         let mut input = s.input.take().map(|b| *b).unwrap_or_default();
         let Some(t) = s.transport.as_deref_mut() else {
-            let outcome = read_some(&mut s.stream, &mut scratch[..], |b| input.extend_from_slice(b));
+            let mut outcome = pull(&mut s.stream, &mut scratch[..], src, |b| input.extend_from_slice(b));
+            if matches!(src, Src::Held) && s.gone {
+                outcome = ReadOutcome::Gone;
+            }
             return Some(Input::Bytes(input, outcome));
         };
         let (mut established, mut ended) = (None, None);
-        let outcome = read_some(&mut s.stream, &mut scratch[..], |b| match t.input(b, &mut input) {
+        let mut outcome = pull(&mut s.stream, &mut scratch[..], src, |b| match t.input(b, &mut input) {
             Ok(Event::Nothing) => {}
             Ok(Event::Established(identity)) => established = Some((t.listener(), identity)),
             Err(e) => ended = ended.or(Some(e)),
         });
+        if matches!(src, Src::Held) && s.gone {
+            outcome = ReadOutcome::Gone;
+        }
         // A handshake reply, a pong, a refusal: written with the connection's other output.
         let reply = t.has_output();
         if let Some(why) = ended {
@@ -577,19 +750,53 @@ fn read(host: &impl Host, id: ConnId) {
         other => other,
     };
     let outcome = match got {
-        None | Some(Input::Wrapped { .. }) => return,
+        None | Some(Input::Wrapped { .. }) => {
+            if matches!(src, Src::Held) {
+                conns.start_receiving(id);
+            }
+            return;
+        }
         Some(Input::Discarded(ReadOutcome::Gone)) => return close_now(host, id),
         Some(Input::Discarded(outcome)) => {
             requeue(conns, id, &outcome);
             return;
         }
+        Some(Input::Bytes(input, ReadOutcome::Drained)) if matches!(src, Src::Chunk(_)) => {
+            // Taken in; handed over by this turn's reads.
+            let many = input.len() > READ_BUDGET;
+            let queue = conns.with(id, |s| {
+                s.input = (!input.is_empty()).then(|| Box::new(input));
+                !std::mem::replace(&mut s.queued_read, true)
+            });
+            if queue == Some(true) {
+                conns.readable.borrow_mut().push_back(id);
+            }
+            if many {
+                conns.stop_receiving(id);
+            }
+            return;
+        }
         Some(Input::Bytes(mut input, outcome)) => {
+            // io_uring: a turn's budget at most; the rest waits for the next turn.
+            let uring = conns.ring.is_some();
+            let rest = (uring && input.len() > READ_BUDGET).then(|| input.split_off(READ_BUDGET));
             if !input.is_empty() {
                 let now = host.now_ms();
                 host.shard().borrow_mut().on_bytes(id, &mut input, now);
                 host.dispatch();
             }
+            if let Some(rest) = rest {
+                // What the state machine left (an incomplete packet) is just before `rest`.
+                input.unsplit(rest);
+                let first = conns.with(id, |s| !s.ring.replace(Ring::DEFERRED, true));
+                if first == Some(true) {
+                    conns.deferred.borrow_mut().push(id);
+                }
+            }
             conns.with(id, |s| s.input = (!input.is_empty()).then(|| Box::new(input)));
+            if uring {
+                conns.start_receiving(id);
+            }
             // After the MQTT bytes: once they completed the CONNECT, nothing more is counted.
             if let Some(received) = before_connect {
                 let now = host.now_ms();
@@ -624,14 +831,27 @@ fn requeue(conns: &Conns, id: ConnId, outcome: &ReadOutcome) {
 /// machine asked to close and everything is out, the connection lingers (or closes: the peer is
 /// gone, or too many linger).
 fn flush(host: &impl Host, id: ConnId) {
-    let done = host.conns().with(id, |s| {
+    let conns = host.conns();
+    let done = conns.with(id, |s| {
         s.queued_write = false;
         if s.lingering {
             // Written out and shut down already; nothing more goes to this socket.
             return None;
         }
         if let Some(t) = s.transport.as_deref_mut() {
-            return Some(flush_wrapped(host, id, &mut s.stream, t, s.closing, &mut s.gone));
+            let done = flush_wrapped(host, id, &mut s.stream, t, s.closing, &mut s.gone);
+            if let Some(ring) = &conns.ring {
+                // The kernel was full: a completion says when it has room.
+                if t.has_output() && !s.gone && !s.ring.has(Ring::WAIT) {
+                    s.ring.set(Ring::WAIT, true);
+                    let (slot, generation) = slot_of(id);
+                    ring.writable(s.stream.as_raw_fd(), uring::user_data(Op::Writable, slot, generation));
+                }
+            }
+            return Some(done);
+        }
+        if let Some(ring) = &conns.ring {
+            return Some(submit_send(host, ring, id, s));
         }
         let mut out = match s.unsent.take() {
             Some(b) => *b,
@@ -678,6 +898,33 @@ fn flush(host: &impl Host, id: ConnId) {
     if more {
         host.dispatch();
     }
+}
+
+/// [`flush`] under io_uring, for a plain socket: one send in flight at a time, of what was left
+/// over or else the state machine's next output; its completion ([`on_sent`]) flushes again.
+/// Returns (gone, linger, drained) as [`flush`] decides on them.
+#[allow(unsafe_code)]
+fn submit_send(host: &impl Host, ring: &Uring, id: ConnId, s: &mut Sock) -> (bool, bool, bool) {
+    if !s.ring.has(Ring::SEND) && !s.gone {
+        let mut out = s.unsent.take().map(|b| *b).unwrap_or_default();
+        if out.is_empty() {
+            if let Some(o) = host.shard().borrow_mut().take_output(id) {
+                out = o.freeze();
+            }
+        }
+        if !out.is_empty() {
+            let (slot, generation) = slot_of(id);
+            // SAFETY: the bytes are `s.unsent`'s, which stays as it is until the completion
+            // (`on_sent`), also when the connection closes meanwhile (the slot is kept).
+            unsafe {
+                ring.send(s.stream.as_raw_fd(), out.as_ptr(), out.len(), uring::user_data(Op::Send, slot, generation));
+            }
+            s.ring.set(Ring::SEND, true);
+            s.unsent = Some(Box::new(out));
+        }
+    }
+    let idle = s.unsent.is_none();
+    (s.gone, !s.gone && s.closing && idle, !s.closing && !s.gone && idle)
 }
 
 /// [`flush`] through a transport: its queued bytes first; the state machine's next output only
@@ -776,15 +1023,37 @@ fn expire_lingering(host: &impl Host, now: Instant) {
 fn close_now(host: &impl Host, id: ConnId) {
     let conns = host.conns();
     let (slot, generation) = slot_of(id);
-    let sock = match conns.slots.borrow_mut().get_mut(slot) {
-        Some(s) if s.generation == generation => s.sock.take(),
-        _ => None,
+    let lingered = {
+        let mut slots = conns.slots.borrow_mut();
+        let Some(s) = slots.get_mut(slot) else { return };
+        if s.generation != generation || s.sock.as_ref().is_none_or(|k| k.ring.has(Ring::DEAD)) {
+            return;
+        }
+        let busy = s.sock.as_ref().is_some_and(|k| k.ring.busy());
+        if busy {
+            // io_uring: the kernel still holds operations on this socket (a send reading
+            // `unsent`, say). End them; the slot goes when the last completes.
+            let Some(k) = s.sock.as_mut() else { return };
+            k.ring.set(Ring::DEAD, true);
+            let _ = k.stream.shutdown(Shutdown::Both);
+            if let Some(ring) = &conns.ring {
+                if k.ring.has(Ring::RECV) {
+                    ring.cancel(uring::user_data(Op::Recv, slot, generation));
+                }
+                if k.ring.has(Ring::WAIT) {
+                    ring.cancel(uring::user_data(Op::Writable, slot, generation));
+                }
+            }
+            k.lingering
+        } else {
+            let Some(sock) = s.sock.take() else { return };
+            // Closing the descriptor removes it from the epoll set (it is never duplicated).
+            let lingering = sock.lingering;
+            drop(sock);
+            conns.free.borrow_mut().push(slot as u32);
+            lingering
+        }
     };
-    let Some(sock) = sock else { return };
-    let lingered = sock.lingering;
-    // Closing the descriptor removes it from the epoll set (it is never duplicated).
-    drop(sock);
-    conns.free.borrow_mut().push(slot as u32);
     conns.live.set(conns.live.get() - 1);
     if lingered {
         // The state machine heard of it when it started lingering. Usually the oldest entry
@@ -800,11 +1069,162 @@ fn close_now(host: &impl Host, id: ConnId) {
     host.dispatch();
 }
 
+/// io_uring: takes every posted completion and acts on it (the epoll driver's
+/// `collect_events`, plus the reads themselves: the bytes are here already).
+fn reap(host: &impl Host) {
+    let conns = host.conns();
+    let Some(ring) = &conns.ring else { return };
+    let deferred = std::mem::take(&mut *conns.deferred.borrow_mut());
+    for id in deferred {
+        let queue = conns.with(id, |s| {
+            s.ring.set(Ring::DEFERRED, false);
+            !std::mem::replace(&mut s.queued_read, true)
+        });
+        if queue == Some(true) {
+            conns.readable.borrow_mut().push_back(id);
+        }
+    }
+    // What was posted when the turn began, as epoll's readiness is what was ready then: bytes
+    // that arrive meanwhile wait for the next turn, after this one's output went out.
+    for _ in 0..ring.posted().min(REAP_MAX) {
+        let Some(c) = ring.next() else { break };
+        match c.op {
+            Op::Listen => {
+                let listeners = conns.listeners.borrow();
+                let Some(l) = listeners.get(c.slot) else { continue };
+                l.pending.set(true);
+                if !c.more {
+                    ring.listen(l.socket.as_raw_fd(), uring::user_data(Op::Listen, c.slot, 0));
+                }
+            }
+            Op::Cancel => {}
+            Op::Recv => on_received(host, ring, &c),
+            Op::Send => on_sent(host, &c),
+            Op::Writable => {
+                let id = conns.with_reaped(&c, |id, s| {
+                    s.ring.set(Ring::WAIT, false);
+                    (!s.ring.has(Ring::DEAD)).then_some(id)
+                });
+                conns.release_if_idle(c.slot);
+                if let Some(Some(id)) = id {
+                    conns.queue_write(id, false);
+                }
+            }
+        }
+    }
+}
+
+/// A receive's completion: its bytes go the way a read's do; its end (the stream's, a cancel's,
+/// or the buffers') decides whether to arm it again.
+fn on_received(host: &impl Host, ring: &Uring, c: &Completion) {
+    let conns = host.conns();
+    let state = conns.with_reaped(c, |id, s| {
+        if !c.more {
+            s.ring.set(Ring::RECV, false);
+        }
+        (id, s.ring.has(Ring::DEAD))
+    });
+    let recycle = || {
+        if let Some(bid) = c.buffer {
+            ring.recycle(bid);
+        }
+    };
+    let Some((id, dead)) = state else { return recycle() };
+    if dead {
+        recycle();
+        return conns.release_if_idle(c.slot);
+    }
+    match c.result {
+        n if n > 0 => {
+            if let Some(bid) = c.buffer {
+                read_from(host, id, Src::Chunk(ring.bytes(bid, n as usize)));
+                ring.recycle(bid);
+            }
+        }
+        e if e == -libc::ENOBUFS => conns.rearm.borrow_mut().push(id),
+        e if e == -libc::ECANCELED => {}
+        _ => {
+            // The stream ended or failed: what was taken in before is still handed over.
+            let waiting = conns.with(id, |s| {
+                s.gone = true;
+                s.input.is_some().then(|| !std::mem::replace(&mut s.queued_read, true))
+            });
+            match waiting.flatten() {
+                Some(true) => conns.readable.borrow_mut().push_back(id),
+                Some(false) => {} // queued already: its read finds the end too
+                None => flush(host, id),
+            }
+            return;
+        }
+    }
+    if !c.more && c.result != -libc::ENOBUFS {
+        // Cancelled (reading held, or input piling up) or ended by the kernel: armed again
+        // unless it is still held; then handling the input arms it.
+        conns.start_receiving(id);
+    }
+}
+
+/// A send's completion: what the kernel took is dropped from `unsent`; the rest, or the next
+/// output, goes in the next flush.
+fn on_sent(host: &impl Host, c: &Completion) {
+    let conns = host.conns();
+    let next = conns.with_reaped(c, |id, s| {
+        s.ring.set(Ring::SEND, false);
+        if s.ring.has(Ring::DEAD) {
+            s.unsent = None;
+            return None;
+        }
+        match c.result {
+            n if n >= 0 => {
+                if let Some(u) = s.unsent.as_deref_mut() {
+                    u.advance((n as usize).min(u.len()));
+                    if u.is_empty() {
+                        s.unsent = None;
+                    }
+                }
+                Some((id, false))
+            }
+            e if e == -libc::EAGAIN => Some((id, true)),
+            _ => {
+                s.gone = true;
+                s.unsent = None;
+                Some((id, false))
+            }
+        }
+    });
+    conns.release_if_idle(c.slot);
+    match next.flatten() {
+        Some((id, true)) => {
+            let fd = conns.with(id, |s| {
+                let arm = !s.ring.has(Ring::WAIT);
+                s.ring.set(Ring::WAIT, true);
+                arm.then(|| s.stream.as_raw_fd())
+            });
+            if let (Some(Some(fd)), Some(ring)) = (fd, &conns.ring) {
+                let (slot, generation) = slot_of(id);
+                ring.writable(fd, uring::user_data(Op::Writable, slot, generation));
+            }
+        }
+        Some((id, false)) => conns.queue_write(id, false),
+        None => {}
+    }
+}
+
+/// io_uring: receives that ran out of buffers are armed again.
+fn rearm_receives(conns: &Conns) {
+    let rearm = std::mem::take(&mut *conns.rearm.borrow_mut());
+    for id in rearm {
+        conns.start_receiving(id);
+    }
+}
+
 /// The core's connection driver: runs until the task is dropped.
 pub(crate) async fn drive(host: Rc<impl Host>) {
     let host = &*host;
     let conns = host.conns();
-    let mut readiness = glommio::net::Readiness::new(conns.epoll.0.as_raw_fd());
+    // Either driver waits on one descriptor: the ring's (completions posted) or epoll's.
+    let fd = conns.ring.as_ref().map_or(conns.epoll.0.as_raw_fd(), Uring::fd);
+    let mut readiness = glommio::net::Readiness::new(fd);
     let mut events = vec![EpollEvent::empty(); EVENTS];
     loop {
         let now = Instant::now();
@@ -812,7 +1232,12 @@ pub(crate) async fn drive(host: Rc<impl Host>) {
         let work = (!backlogged && !conns.readable.borrow().is_empty())
             || !conns.dirty.borrow().is_empty()
             || conns.may_accept_now(now)
-            || conns.linger_wait(now) == Some(Duration::ZERO);
+            || conns.linger_wait(now) == Some(Duration::ZERO)
+            || !conns.rearm.borrow().is_empty()
+            || !conns.deferred.borrow().is_empty();
+        if let Some(ring) = &conns.ring {
+            ring.submit();
+        }
         if !work {
             let wait = std::future::poll_fn(|cx| {
                 if conns.wake.poll_notified(cx).is_ready() {
@@ -831,7 +1256,11 @@ pub(crate) async fn drive(host: Rc<impl Host>) {
                 None => wait.await,
             }
         }
-        conns.collect_events(&mut events);
+        match conns.ring {
+            Some(_) => reap(host),
+            None => conns.collect_events(&mut events),
+        }
+        rearm_receives(conns);
         accept(host);
         let turn = conns.readable.borrow().len();
         for _ in 0..turn {
@@ -846,8 +1275,20 @@ pub(crate) async fn drive(host: Rc<impl Host>) {
             flush(host, id);
         }
         expire_lingering(host, Instant::now());
+        // Every send of the turn, and the receives armed, in one system call.
+        if let Some(ring) = &conns.ring {
+            ring.submit();
+        }
         // The core's other tasks (mesh, Kafka, ticker, commits) get their turn.
-        futures_lite::future::yield_now().await;
+        if conns.deferred.borrow().is_empty() {
+            futures_lite::future::yield_now().await;
+        } else {
+            // Input is waiting, so the next turn would start at once, and glommio polls its own
+            // ring (the mesh's channels from other shards among it) only when no task is
+            // runnable: without this pause a flood held here starves the receipts that release
+            // its acknowledgements.
+            glommio::timer::sleep(Duration::from_micros(1)).await;
+        }
     }
 }
 
@@ -920,11 +1361,22 @@ mod tests {
     /// counted.
     #[test]
     fn closed_connections_linger_until_the_peer_closes_within_their_bounds() {
+        lingering_closes(false);
+    }
+
+    /// The same with the io_uring driver.
+    #[test]
+    fn closed_connections_linger_under_io_uring_too() {
+        lingering_closes(true);
+    }
+
+    fn lingering_closes(io_uring: bool) {
         glommio::LocalExecutorBuilder::default()
-            .spawn(|| async {
+            .spawn(move || async move {
                 let listener = listen("127.0.0.1:0".parse().unwrap()).unwrap();
                 let addr = listener.local_addr().unwrap();
-                let mut conns = Conns::new(vec![Bound { socket: listener, index: 0, wrapping: None }]).unwrap();
+                let ring = io_uring.then(|| Uring::new().expect("io_uring on this kernel"));
+                let mut conns = Conns::new(vec![Bound { socket: listener, index: 0, wrapping: None }], ring).unwrap();
                 conns.linger_max = 2;
                 let shard = Shard::new(0, 1, sluice_core::config::Limits::default(), 0);
                 let host = Rc::new(TestHost { conns, shard: RefCell::new(shard), epoch: Instant::now() });

@@ -39,6 +39,7 @@ mod spill;
 mod store;
 mod tls;
 mod transport;
+mod uring;
 mod ws;
 
 pub use kafka_link::KafkaLink;
@@ -131,6 +132,8 @@ pub struct RuntimeConfig {
     pub shard_listen: Vec<SocketAddr>,
     pub limits: Limits,
     pub sys_interval_ms: u64,
+    /// What drives the connections' sockets on each core.
+    pub io_driver: sluice_core::config::IoDriver,
     /// Persistent state: retained messages under `retained/shard-N`, persistent sessions under
     /// `sessions/shard-N`.
     pub data_dir: std::path::PathBuf,
@@ -197,6 +200,7 @@ pub fn run(
             own_listen: cfg.shard_listen.get(shard_id).copied(),
             limits: cfg.limits.clone(),
             sys_interval_ms: cfg.sys_interval_ms,
+            io_driver: cfg.io_driver,
             data_dir: cfg.data_dir.clone(),
             release_memory: cfg.release_memory,
             access: cfg.access.clone(),

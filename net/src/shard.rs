@@ -6,6 +6,7 @@
 //! (`runtime`, `conns`, `mesh`, `kafka_link`, `spill`, `store`). A failure to start is a
 //! [`ShardError`] that names what could not be opened or bound.
 
+use sluice_core::config::IoDriver;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -57,6 +58,7 @@ pub(crate) struct ShardConfig {
     pub(crate) own_listen: Option<SocketAddr>,
     pub(crate) limits: Limits,
     pub(crate) sys_interval_ms: u64,
+    pub(crate) io_driver: sluice_core::config::IoDriver,
     pub(crate) data_dir: PathBuf,
     pub(crate) release_memory: fn(),
     pub(crate) epoch: Instant,
@@ -157,7 +159,22 @@ pub(crate) async fn run_shard(
         &mut shard,
         cfg.epoch.elapsed().as_millis() as u64,
     )?;
-    let conns = Conns::new(bound).map_err(|source| ShardError::Watch { source })?;
+    let ring = match cfg.io_driver {
+        IoDriver::Epoll => None,
+        IoDriver::IoUring => match crate::uring::Uring::new() {
+            Ok(r) => Some(r),
+            Err(e) => {
+                if cfg.id == 0 {
+                    tracing::warn!(error = %e, "io_uring is not available; driving connections with epoll");
+                }
+                None
+            }
+        },
+    };
+    let conns = Conns::new(bound, ring).map_err(|source| ShardError::Watch { source })?;
+    if cfg.id == 0 {
+        tracing::info!(driver = conns.driver(), "connection driver");
+    }
     let rt = Rc::new(ShardRuntime::new(Parts {
         shard,
         conns,

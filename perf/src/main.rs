@@ -51,6 +51,14 @@ struct Args {
     /// Publishers (fan-in) or subscribers (fan-out).
     #[arg(long, default_value_t = 8)]
     clients: usize,
+    /// Fan-in: subscribers on the wildcard filter (each gets every message, or with `--share`
+    /// one member of the group each).
+    #[arg(long, default_value_t = 1)]
+    subscribers: usize,
+    /// Fan-in: the subscribers form this shared-subscription group (`$share/GROUP/perf/#`), so
+    /// each message is delivered once.
+    #[arg(long)]
+    share: Option<String>,
     #[arg(long, default_value_t = 64)]
     payload: usize,
     #[arg(long, default_value_t = 0)]
@@ -657,7 +665,7 @@ fn main() -> anyhow::Result<()> {
         hist: Mutex::new(Histogram::new_with_bounds(1_000, 60_000_000_000, 3)?),
     });
     let (n_pub, n_sub) = match args.scenario {
-        Scenario::FanIn => (args.clients, 1),
+        Scenario::FanIn => (args.clients, args.subscribers.max(1)),
         Scenario::FanOut => (1, args.clients),
         Scenario::ToKafka => (args.clients, 0),
         Scenario::P2p => (args.clients, args.clients),
@@ -677,7 +685,10 @@ fn main() -> anyhow::Result<()> {
     for i in 0..n_sub {
         let mut c = Conn::connect(args.addr, &format!("perf-sub-{i}"))?;
         let filter = match args.scenario {
-            Scenario::FanIn => "perf/#".to_string(),
+            Scenario::FanIn => match &args.share {
+                Some(group) => format!("$share/{group}/perf/#"),
+                None => "perf/#".to_string(),
+            },
             Scenario::P2p => format!("perf/{i}/data"),
             Scenario::FromKafka => "perf/k2m".to_string(),
             _ => "perf/fanout".to_string(),
@@ -758,6 +769,7 @@ fn main() -> anyhow::Result<()> {
     }
     let expected = match args.scenario {
         Scenario::P2p => sent,
+        Scenario::FanIn if args.share.is_some() => sent,
         _ => sent * n_sub.max(1) as u64,
     };
     // Drain: wait until everything arrived or nothing has arrived for 2 s.

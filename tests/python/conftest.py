@@ -37,8 +37,12 @@ class Broker:
             args += ["--shard-listen", "127.0.0.1:0"]
         if "--sys-interval" not in extra:
             args += ["--sys-interval", "0"]
+        # SLUICE_IO_DRIVER=epoll runs a suite on the fallback driver (scripts/test does, for the
+        # files that exercise the driver's edge cases); the default is the binary's (io-uring).
+        if os.environ.get("SLUICE_IO_DRIVER") and "--io-driver" not in extra:
+            args += ["--io-driver", os.environ["SLUICE_IO_DRIVER"]]
         args += list(extra)
-        env = dict(os.environ, SLUICE_LOG="warn")
+        env = dict(os.environ, SLUICE_LOG=os.environ.get("SLUICE_LOG", "warn"))
         # `nofile`: the broker's open-file limit, for running it out of descriptors.
         limit = (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))) if nofile else None
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=env, preexec_fn=limit)

@@ -72,6 +72,12 @@ impl Shard {
     pub(super) fn flush_acks(&mut self, conn: ConnId) {
         loop {
             let Some(c) = self.conns.get_mut(&conn) else { return };
+            // The broker closed this connection (its DISCONNECT is queued): an acknowledgement
+            // whose receipt came late would follow it, and nothing may. The client publishes
+            // again after reconnecting; nothing acknowledged is lost.
+            if matches!(c.state, ConnState::Closing) {
+                return;
+            }
             let Some(a) = c.acks.pop_ready() else { return };
             if a.code != reason::SUCCESS && !c.is_v5() {
                 // 3.1.1 has no negative acknowledgement: close without one, so the client
