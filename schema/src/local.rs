@@ -24,7 +24,7 @@ pub enum Kind {
 pub enum Compiled {
     /// JSON Schema, drafts 4 to 2020-12 (the draft from `$schema`, 2020-12 without one).
     Json(jsonschema::Validator),
-    Avro(AvroSchema),
+    Avro(Box<AvroSchema>),
 }
 
 impl std::fmt::Debug for Compiled {
@@ -53,7 +53,7 @@ impl Compiled {
                 let v: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
                 jsonschema::validator_for(&v).map(Compiled::Json).map_err(|e| e.to_string())
             }
-            Kind::Avro => AvroSchema::parse(text).map(Compiled::Avro),
+            Kind::Avro => AvroSchema::parse(text).map(|a| Compiled::Avro(Box::new(a))),
         }
     }
 
