@@ -26,6 +26,10 @@ pub struct Config {
     pub auth: Option<crate::auth::AuthConfig>,
     /// `[[listeners]]`: when there are none, `server.listen` is the one (plain TCP) listener.
     pub listeners: Vec<ListenerConfig>,
+    /// `[schemas.NAME]`: the local schema registry.
+    pub schemas: BTreeMap<String, crate::schemas::SchemaConfig>,
+    /// `[schema_registries.NAME]`: Confluent Schema Registries.
+    pub schema_registries: BTreeMap<String, crate::schemas::RegistryConfig>,
 }
 
 /// What a listener speaks on top of TCP. A connection's kind is invisible to the shard: the
@@ -550,9 +554,80 @@ impl Config {
                 "segments must be at least 4096 bytes and the limit at least one segment",
             );
         }
+        self.validate_schemas()?;
         let names: Vec<String> = self.kafka.clusters.keys().cloned().collect();
         Router::new(&self.mqtt_to_kafka, &names)
             .map_err(|e| ConfigError { key: "mqtt_to_kafka".into(), problem: e.to_string() })?;
+        Ok(())
+    }
+}
+
+impl Config {
+    /// The schema keys of every mapping, the registries' URLs and bounds.
+    fn validate_schemas(&self) -> Result<(), ConfigError> {
+        use crate::schemas::{check_mapping, MappingSchemaKeys, OnInvalid};
+        let err = |key: String, problem: String| Err(ConfigError { key, problem });
+        for (name, r) in &self.schema_registries {
+            if !(r.url.starts_with("http://") || r.url.starts_with("https://")) {
+                return err(
+                    format!("schema_registries.{name}.url"),
+                    format!("`{}` is not an http:// or https:// URL", r.url),
+                );
+            }
+            if r.timeout_ms == 0 || r.refresh_ms == 0 {
+                return err(
+                    format!("schema_registries.{name}.timeout_ms"),
+                    "time-outs and intervals must be above 0".into(),
+                );
+            }
+            if r.password.is_some() && r.username.is_none() {
+                return err(format!("schema_registries.{name}.password"), "needs a `username`".into());
+            }
+        }
+        for (i, m) in self.mqtt_to_kafka.iter().enumerate() {
+            let key = format!("mqtt_to_kafka[{i}]");
+            let keys = MappingSchemaKeys {
+                key: key.clone(),
+                schema: m.schema.as_deref(),
+                registry: m.registry.as_deref(),
+                mode: m.mode,
+                subject: m.subject.as_deref(),
+                version: m.version,
+                outbound: true,
+            };
+            check_mapping(&keys, &self.schemas, &self.schema_registries).or_else(|(key, problem)| err(key, problem))?;
+            let checked = m.schema.is_some() || m.registry.is_some();
+            if checked && m.on_invalid == OnInvalid::DeadLetter && m.dead_letter.is_none() {
+                return err(
+                    format!("{key}.on_invalid"),
+                    "\"dead-letter\" needs the mapping's `dead_letter` table".into(),
+                );
+            }
+            // Records that wait on disk are replayed from the spill log without their mapping,
+            // so they could not be checked (nor encoded) on their way to Kafka.
+            if checked && self.kafka.delivery == Delivery::LocalDurable {
+                return err(format!("{key}.schema"), "schemas need kafka.delivery = \"kafka-ack\"".into());
+            }
+            // A record that timed out is spilled as it came from MQTT, and replayed unencoded.
+            if m.mode == Some(crate::schemas::SchemaMode::Encode) && self.kafka.spill_on_timeout {
+                return err(
+                    format!("{key}.mode"),
+                    "\"encode\" needs kafka.spill_on_timeout = false (spilled records are replayed unencoded)".into(),
+                );
+            }
+        }
+        for (i, m) in self.kafka_to_mqtt.iter().enumerate() {
+            let keys = MappingSchemaKeys {
+                key: format!("kafka_to_mqtt[{i}]"),
+                schema: m.schema.as_deref(),
+                registry: m.registry.as_deref(),
+                mode: m.mode,
+                subject: m.subject.as_deref(),
+                version: None,
+                outbound: false,
+            };
+            check_mapping(&keys, &self.schemas, &self.schema_registries).or_else(|(key, problem)| err(key, problem))?;
+        }
         Ok(())
     }
 }
