@@ -198,7 +198,7 @@ async fn consume(
 /// ends the batch there: its offset is returned, to be fetched again.
 async fn apply(
     op: &Inbound,
-    cache: &std::sync::Mutex<Cache>,
+    cache: &Arc<std::sync::Mutex<Cache>>,
     setup: &SchemaSetup,
     batch: &mut Vec<InboundRecord>,
     mapping: &str,
@@ -258,6 +258,18 @@ async fn apply(
         break;
     }
     *batch = kept;
+    // Subjects due for a refresh (a new version): fetched in the background, the cached ones
+    // serve meanwhile. The producer of this thread does the same for its records.
+    let due: Vec<_> = {
+        let mut c = lock(cache);
+        c.take_refreshes().into_iter().filter(|n| c.begin_fetch(n)).collect()
+    };
+    for need in due {
+        let cache = cache.clone();
+        spawn_fetch(setup_schemas(setup), need, move |need, result| {
+            lock(&cache).store(need, result, std::time::Instant::now());
+        });
+    }
     stop
 }
 

@@ -151,6 +151,10 @@ where
         let r = r.unwrap_or_else(|e| {
             Err(RegistryError::Unreachable { registry: "?".into(), url: String::new(), error: e.to_string() })
         });
+        match &r {
+            Ok(_) => tracing::debug!(?need, "schema registry fetch answered"),
+            Err(e) => tracing::debug!(?need, error = %e, "schema registry fetch failed"),
+        }
         done(need, r);
     });
 }

@@ -334,3 +334,36 @@ fn local_validation_picks_up_a_reload() {
     assert!(matches!(c.outbound(&op, br#"{"b":1}"#, now), Outcome::Pass));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn decode_reads_with_the_subjects_refreshed_version() {
+    let mut c = cache_with(LocalSchemas::load(&[]).unwrap());
+    let now = Instant::now();
+    let v1 =
+        AvroSchema::parse(r#"{"type":"record","name":"T","namespace":"iot","fields":[{"name":"a","type":"int"}]}"#)
+            .unwrap();
+    let v2 = AvroSchema::parse(
+        r#"{"type":"record","name":"T","namespace":"iot","fields":[{"name":"a","type":"int"},{"name":"b","type":"string","default":"none"}]}"#,
+    )
+    .unwrap();
+    let subject = Need::Subject { registry: 0, subject: "s".into(), version: None };
+    c.store(
+        subject.clone(),
+        Ok(Fetched::Version(SubjectVersion { id: 1, version: 1, schema: Arc::new(v1.clone()) })),
+        now,
+    );
+    let mut d = Vec::new();
+    wire::write_header(1, &mut d);
+    v1.encode_json(&json!({"a": 7}), &mut d).unwrap();
+    let op = Inbound::Decode { registry: 0, subject: Some("s".into()) };
+    let Outcome::Replace(j) = c.inbound(&op, &d, now) else { panic!() };
+    assert_eq!(j, br#"{"a":7}"#);
+    let later = now + Duration::from_secs(31);
+    let _ = c.inbound(&op, &d, later);
+    let due = c.take_refreshes();
+    assert_eq!(due, vec![subject.clone()]);
+    assert!(c.begin_fetch(&subject));
+    c.store(subject, Ok(Fetched::Version(SubjectVersion { id: 2, version: 2, schema: Arc::new(v2) })), later);
+    let Outcome::Replace(j) = c.inbound(&op, &d, later) else { panic!() };
+    assert_eq!(j, br#"{"a":7,"b":"none"}"#);
+}
