@@ -736,6 +736,36 @@ mod tests {
     }
 
     #[test]
+    fn schema_keys_are_checked_and_errors_name_the_key() {
+        let base = "[kafka.clusters.c]\nbootstrap = [\"k:9092\"]\n\
+                    [schemas.t]\nkind = \"json-schema\"\nfile = \"t.json\"\n\
+                    [schema_registries.r]\nurl = \"http://reg:8081\"\n";
+        let mapping = |extra: &str| {
+            format!("{base}[[mqtt_to_kafka]]\nname = \"m\"\nfilters = [\"a/#\"]\ndestinations = [{{ cluster = \"c\", topic = \"t\" }}]\n{extra}")
+        };
+        let cfg = Config::from_toml(&mapping("schema = \"t\"\non_invalid = \"disconnect\"\n")).unwrap();
+        assert_eq!(cfg.mqtt_to_kafka[0].on_invalid, crate::schemas::OnInvalid::Disconnect);
+        assert_eq!(cfg.schema_registries["r"].refresh_ms, 30_000);
+        let key = |extra: &str| Config::from_toml(&mapping(extra)).unwrap_err().key;
+        assert_eq!(key("schema = \"nope\"\n"), "mqtt_to_kafka[0].schema");
+        assert_eq!(key("registry = \"r\"\n"), "mqtt_to_kafka[0].mode");
+        assert_eq!(key("registry = \"r\"\nmode = \"decode\"\n"), "mqtt_to_kafka[0].mode");
+        assert_eq!(key("schema = \"t\"\non_invalid = \"dead-letter\"\n"), "mqtt_to_kafka[0].on_invalid");
+        assert_eq!(key("schema = \"t\"\non_invalid = \"shout\"\n"), "mqtt_to_kafka[0].on_invalid");
+        assert_eq!(
+            key("registry = \"r\"\nmode = \"encode\"\n"),
+            "mqtt_to_kafka[0].mode",
+            "encode needs spill_on_timeout = false"
+        );
+        let durable = format!("[kafka]\ndelivery = \"local-durable\"\n{}", mapping("schema = \"t\"\n"));
+        assert_eq!(Config::from_toml(&durable).unwrap_err().key, "mqtt_to_kafka[0].schema");
+        let e = Config::from_toml("[schema_registries.r]\nurl = \"reg:8081\"\n").unwrap_err();
+        assert_eq!(e.key, "schema_registries.r.url", "{e}");
+        let e = Config::from_toml("[schemas.t]\nkind = \"xml\"\nfile = \"f\"\n").unwrap_err();
+        assert_eq!(e.key, "schemas.t.kind", "{e}");
+    }
+
+    #[test]
     fn listeners_parse_and_errors_name_the_listener_key() {
         let cfg = Config::from_toml(
             "[[listeners]]\naddress = \"127.0.0.1:8883\"\nkind = \"tls\"\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n\

@@ -23,6 +23,17 @@ use crate::PayloadError;
 /// Nesting deeper than this is refused (a hostile schema or payload cannot blow the stack).
 const DEPTH_MAX: usize = 64;
 
+/// The longest `bytes`/`string` and the most array or map items (per block) apache-avro's decoder
+/// accepts from a datum. It allocates what a length prefix announces before reading it (a
+/// 10-byte payload could ask for 512 MiB of bytes, or `reserve` half a billion values and abort
+/// the process), so the announced size is capped: at most 1 MiB of bytes, or 1 Mi items
+/// (tens of MiB of address space, untouched), per prefix. Set once for the process.
+pub const DECODE_LEN_MAX: usize = 1 << 20;
+
+fn cap_decoder_allocations() {
+    apache_avro::max_allocation_bytes(DECODE_LEN_MAX);
+}
+
 /// A parsed Avro schema with its named types resolved, ready to encode and decode.
 #[derive(Debug, Clone)]
 pub struct AvroSchema {
@@ -35,6 +46,7 @@ pub struct AvroSchema {
 impl AvroSchema {
     /// Parses and resolves a schema; the error is apache-avro's text.
     pub fn parse(text: &str) -> Result<AvroSchema, String> {
+        cap_decoder_allocations();
         let schema = Schema::parse_str(text).map_err(|e| e.to_string())?;
         let names = {
             let resolved = ResolvedSchema::try_from(&schema).map_err(|e| e.to_string())?;
@@ -289,6 +301,11 @@ fn zigzag(n: i64, out: &mut Vec<u8>) {
         z >>= 7;
     }
     out.push(z as u8);
+}
+
+#[cfg(test)]
+pub(crate) fn tests_zigzag(n: i64, out: &mut Vec<u8>) {
+    zigzag(n, out)
 }
 
 /// A string whose chars are bytes (Avro's JSON convention for bytes and fixed).

@@ -367,3 +367,22 @@ fn decode_reads_with_the_subjects_refreshed_version() {
     let Outcome::Replace(j) = c.inbound(&op, &d, later) else { panic!() };
     assert_eq!(j, br#"{"a":7,"b":"none"}"#);
 }
+
+#[test]
+fn a_length_prefix_cannot_make_the_decoder_allocate_what_it_announces() {
+    let bytes = AvroSchema::parse(r#""bytes""#).unwrap();
+    let arr = AvroSchema::parse(r#"{"type":"array","items":"long"}"#).unwrap();
+    // zig-zag varints announcing 10^8 bytes and 10^9 items, then nothing.
+    let mut big = Vec::new();
+    super::avro::tests_zigzag(100_000_000, &mut big);
+    let e = bytes.validate_datum(&big).unwrap_err().to_string();
+    assert!(e.contains("1048576"), "refused by the cap, not after allocating: {e}");
+    let mut many = Vec::new();
+    super::avro::tests_zigzag(400_000_000, &mut many); // under apache-avro's own 512 Mi cap: reserve() of ~20 GiB
+    let e = arr.validate_datum(&many).unwrap_err().to_string();
+    assert!(e.contains("1048576"), "{e}");
+    // Within the cap, a short datum is just truncated.
+    let mut short = Vec::new();
+    super::avro::tests_zigzag(1000, &mut short);
+    assert!(bytes.validate_datum(&short).is_err());
+}
