@@ -31,7 +31,7 @@ const DEPTH_MAX: usize = 64;
 pub const DECODE_LEN_MAX: usize = 1 << 20;
 
 fn cap_decoder_allocations() {
-    apache_avro::max_allocation_bytes(DECODE_LEN_MAX);
+    apache_avro::util::max_allocation_bytes(DECODE_LEN_MAX);
 }
 
 /// A parsed Avro schema with its named types resolved, ready to encode and decode.
