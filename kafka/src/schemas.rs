@@ -28,9 +28,9 @@ pub const PARKED_MAX: usize = 10_000;
 /// What an MQTT → Kafka mapping checks.
 #[derive(Debug, Clone)]
 enum OutOp {
-    Local(String),
-    Validate { registry: usize, subject: Option<String> },
-    Encode { registry: usize, subject: Option<String>, version: Option<u32> },
+    Local(Arc<str>),
+    Validate { registry: usize, subject: Option<Arc<str>> },
+    Encode { registry: usize, subject: Option<Arc<str>>, version: Option<u32> },
 }
 
 /// Every mapping's checks and the shared schemas; one per process, cloned into each thread.
@@ -96,12 +96,12 @@ impl SchemaSetup {
             .iter()
             .map(|m| {
                 let op = match (&m.schema, index(&m.registry), m.mode) {
-                    (Some(s), _, _) => OutOp::Local(s.clone()),
+                    (Some(s), _, _) => OutOp::Local(Arc::from(s.as_str())),
                     (None, Some(registry), Some(SchemaMode::Validate)) => {
-                        OutOp::Validate { registry, subject: m.subject.clone() }
+                        OutOp::Validate { registry, subject: m.subject.as_deref().map(Arc::from) }
                     }
                     (None, Some(registry), Some(SchemaMode::Encode)) => {
-                        OutOp::Encode { registry, subject: m.subject.clone(), version: m.version }
+                        OutOp::Encode { registry, subject: m.subject.as_deref().map(Arc::from), version: m.version }
                     }
                     _ => return None,
                 };
@@ -180,11 +180,14 @@ pub(crate) struct Stage {
     /// Records waiting for a fetch, per mapping, in hand-over order.
     parked: HashMap<u16, VecDeque<ProduceRequest>>,
     parked_total: usize,
+    /// The default subject (`<topic>-value`) of the last topic seen: built once per topic, not
+    /// per record.
+    last_subject: Option<(Arc<str>, Arc<str>)>,
 }
 
 impl Stage {
     pub(crate) fn new(setup: Arc<SchemaSetup>, cache: Arc<Mutex<Cache>>) -> Stage {
-        Stage { setup, cache, parked: HashMap::new(), parked_total: 0 }
+        Stage { setup, cache, parked: HashMap::new(), parked_total: 0, last_subject: None }
     }
 
     pub(crate) fn schemas(&self) -> Arc<Schemas> {
@@ -218,17 +221,30 @@ impl Stage {
     }
 
     fn check_now(&mut self, mut req: ProduceRequest, fetch: &mut impl FnMut(Need)) -> Checked {
-        let Some((op, policy)) = self.setup.outbound.get(usize::from(req.record.mapping)).cloned().flatten() else {
+        let Some((op, policy)) = self.setup.outbound.get(usize::from(req.record.mapping)).and_then(Option::as_ref)
+        else {
             return Checked::Go(req);
         };
-        let subject = |s: &Option<String>, topic: &str| s.clone().unwrap_or_else(|| format!("{topic}-value"));
+        let policy = *policy;
+        let last = &mut self.last_subject;
+        let mut subject = |s: &Option<Arc<str>>, topic: &Arc<str>| match s {
+            Some(s) => s.clone(),
+            None => match last {
+                Some((t, subject)) if Arc::ptr_eq(t, topic) || **t == **topic => subject.clone(),
+                _ => {
+                    let subject: Arc<str> = Arc::from(format!("{topic}-value"));
+                    *last = Some((topic.clone(), subject.clone()));
+                    subject
+                }
+            },
+        };
         let op = match op {
-            OutOp::Local(name) => Outbound::Local(name),
+            OutOp::Local(name) => Outbound::Local(name.clone()),
             OutOp::Validate { registry, subject: s } => {
-                Outbound::Validate { registry, subject: subject(&s, &req.record.topic) }
+                Outbound::Validate { registry: *registry, subject: subject(s, &req.record.topic) }
             }
             OutOp::Encode { registry, subject: s, version } => {
-                Outbound::Encode { registry, subject: subject(&s, &req.record.topic), version }
+                Outbound::Encode { registry: *registry, subject: subject(s, &req.record.topic), version: *version }
             }
         };
         let outcome = lock(&self.cache).outbound(&op, &req.record.value, Instant::now());
