@@ -268,12 +268,17 @@ class Registry:
             self.proc.kill()
             self.proc.wait()
 
+    def close(self):
+        self.stop()
+        self.log.close()
+        os.unlink(self.log.name)
+
 
 @pytest.fixture
 def registry():
     r = Registry()
     yield r
-    r.stop()
+    r.close()
 
 
 def avro_serde(registry, subject_schema=None, schema_id=None):
