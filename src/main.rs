@@ -235,7 +235,16 @@ fn real_main() -> anyhow::Result<()> {
                 }
             }
         }
-        let (kafka, links) = sluice_kafka::start(&cfg.kafka.clusters, &cfg.kafka_to_mqtt, positions, &cpus)?;
+        let schemas = sluice_kafka::schemas::SchemaSetup::build(
+            &cfg.schemas,
+            &cfg.schema_registries,
+            &cfg.mqtt_to_kafka,
+            &cfg.kafka_to_mqtt,
+        )?;
+        if let Some(s) = &schemas {
+            reload_schemas_on_sighup(s.clone())?;
+        }
+        let (kafka, links) = sluice_kafka::start(&cfg.kafka.clusters, &cfg.kafka_to_mqtt, positions, &cpus, schemas)?;
         let links = links
             .into_iter()
             .map(|l| sluice_net::KafkaLink { requests: l.requests, results: l.results, inbound: l.inbound })
@@ -346,6 +355,26 @@ fn listeners(configs: &[sluice_core::config::ListenerConfig]) -> anyhow::Result<
         specs.push(spec);
     }
     Ok(specs)
+}
+
+/// SIGHUP compiles the `[schemas.NAME]` files again; a schema that fails keeps its previous
+/// version, and the error names the file and the problem.
+fn reload_schemas_on_sighup(schemas: Arc<sluice_kafka::schemas::SchemaSetup>) -> anyhow::Result<()> {
+    let mut signals =
+        signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP]).context("installing the SIGHUP handler")?;
+    std::thread::Builder::new()
+        .name("sluice-reload".into())
+        .spawn(move || {
+            for _ in signals.forever() {
+                let failed = schemas.reload();
+                for e in &failed {
+                    tracing::error!("schema reload failed, the previous version stays in force: {e}");
+                }
+                tracing::info!(failed = failed.len(), "schema files reloaded");
+            }
+        })
+        .context("starting the reload thread")?;
+    Ok(())
 }
 
 /// SIGHUP reloads every TLS listener's certificate and key: new handshakes use the new files,
@@ -469,6 +498,12 @@ fn apply_flags(cli: &Cli, cfg: &mut Config) -> anyhow::Result<()> {
             key: KeySource::Topic,
             headers: true,
             dead_letter: None,
+            schema: None,
+            registry: None,
+            mode: None,
+            subject: None,
+            version: None,
+            on_invalid: Default::default(),
         });
     }
     cfg.validate().map_err(|e| anyhow::anyhow!("{e} (from flags or file)"))

@@ -181,6 +181,23 @@ pub struct MappingConfig {
     /// `sluice.error` and `sluice.topic` headers saying why and where they were headed.
     #[serde(default)]
     pub dead_letter: Option<DeadLetter>,
+    /// A local schema (`[schemas.NAME]`) every payload must validate against.
+    #[serde(default)]
+    pub schema: Option<String>,
+    /// A `[schema_registries.NAME]` table; with `mode` validate or encode.
+    #[serde(default)]
+    pub registry: Option<String>,
+    #[serde(default)]
+    pub mode: Option<crate::schemas::SchemaMode>,
+    /// The registry subject; Confluent's default `<kafka topic>-value` when absent.
+    #[serde(default)]
+    pub subject: Option<String>,
+    /// `encode` with this version of the subject instead of the latest.
+    #[serde(default)]
+    pub version: Option<u32>,
+    /// What an MQTT 3.1.1 publisher of a payload that does not validate gets.
+    #[serde(default)]
+    pub on_invalid: crate::schemas::OnInvalid,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -452,6 +469,10 @@ pub enum ProduceError {
     SpillFull,
     #[error("other error: {0}")]
     Other(String),
+    /// The payload does not validate against, or convert to, its mapping's schema: `reason`
+    /// names the schema and the first error; `policy` is the mapping's `on_invalid`.
+    #[error("invalid payload: {reason}")]
+    Invalid { reason: String, policy: crate::schemas::OnInvalid },
 }
 
 impl ProduceError {
@@ -466,6 +487,7 @@ impl ProduceError {
             ProduceError::TimedOut => reason::UNSPECIFIED_ERROR,
             ProduceError::SpillFull => reason::QUOTA_EXCEEDED,
             ProduceError::Other(_) => reason::IMPLEMENTATION_SPECIFIC,
+            ProduceError::Invalid { .. } => reason::PAYLOAD_FORMAT_INVALID,
         }
     }
 
@@ -477,6 +499,7 @@ impl ProduceError {
             ProduceError::TimedOut => "timed out",
             ProduceError::SpillFull => "spill log full",
             ProduceError::Other(_) => "other error",
+            ProduceError::Invalid { .. } => "invalid payload",
         }
     }
 }
@@ -755,6 +778,12 @@ mod tests {
             key: KeySource::parse(key).unwrap(),
             headers: true,
             dead_letter: None,
+            schema: None,
+            registry: None,
+            mode: None,
+            subject: None,
+            version: None,
+            on_invalid: Default::default(),
         }
     }
 

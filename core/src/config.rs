@@ -26,6 +26,10 @@ pub struct Config {
     pub auth: Option<crate::auth::AuthConfig>,
     /// `[[listeners]]`: when there are none, `server.listen` is the one (plain TCP) listener.
     pub listeners: Vec<ListenerConfig>,
+    /// `[schemas.NAME]`: the local schema registry.
+    pub schemas: BTreeMap<String, crate::schemas::SchemaConfig>,
+    /// `[schema_registries.NAME]`: Confluent Schema Registries.
+    pub schema_registries: BTreeMap<String, crate::schemas::RegistryConfig>,
 }
 
 /// What a listener speaks on top of TCP. A connection's kind is invisible to the shard: the
@@ -566,9 +570,80 @@ impl Config {
                 "segments must be at least 4096 bytes and the limit at least one segment",
             );
         }
+        self.validate_schemas()?;
         let names: Vec<String> = self.kafka.clusters.keys().cloned().collect();
         Router::new(&self.mqtt_to_kafka, &names)
             .map_err(|e| ConfigError { key: "mqtt_to_kafka".into(), problem: e.to_string() })?;
+        Ok(())
+    }
+}
+
+impl Config {
+    /// The schema keys of every mapping, the registries' URLs and bounds.
+    fn validate_schemas(&self) -> Result<(), ConfigError> {
+        use crate::schemas::{check_mapping, MappingSchemaKeys, OnInvalid};
+        let err = |key: String, problem: String| Err(ConfigError { key, problem });
+        for (name, r) in &self.schema_registries {
+            if !(r.url.starts_with("http://") || r.url.starts_with("https://")) {
+                return err(
+                    format!("schema_registries.{name}.url"),
+                    format!("`{}` is not an http:// or https:// URL", r.url),
+                );
+            }
+            if r.timeout_ms == 0 || r.refresh_ms == 0 {
+                return err(
+                    format!("schema_registries.{name}.timeout_ms"),
+                    "time-outs and intervals must be above 0".into(),
+                );
+            }
+            if r.password.is_some() && r.username.is_none() {
+                return err(format!("schema_registries.{name}.password"), "needs a `username`".into());
+            }
+        }
+        for (i, m) in self.mqtt_to_kafka.iter().enumerate() {
+            let key = format!("mqtt_to_kafka[{i}]");
+            let keys = MappingSchemaKeys {
+                key: key.clone(),
+                schema: m.schema.as_deref(),
+                registry: m.registry.as_deref(),
+                mode: m.mode,
+                subject: m.subject.as_deref(),
+                version: m.version,
+                outbound: true,
+            };
+            check_mapping(&keys, &self.schemas, &self.schema_registries).or_else(|(key, problem)| err(key, problem))?;
+            let checked = m.schema.is_some() || m.registry.is_some();
+            if checked && m.on_invalid == OnInvalid::DeadLetter && m.dead_letter.is_none() {
+                return err(
+                    format!("{key}.on_invalid"),
+                    "\"dead-letter\" needs the mapping's `dead_letter` table".into(),
+                );
+            }
+            // Records that wait on disk are replayed from the spill log without their mapping,
+            // so they could not be checked (nor encoded) on their way to Kafka.
+            if checked && self.kafka.delivery == Delivery::LocalDurable {
+                return err(format!("{key}.schema"), "schemas need kafka.delivery = \"kafka-ack\"".into());
+            }
+            // A record that timed out is spilled as it came from MQTT, and replayed unencoded.
+            if m.mode == Some(crate::schemas::SchemaMode::Encode) && self.kafka.spill_on_timeout {
+                return err(
+                    format!("{key}.mode"),
+                    "\"encode\" needs kafka.spill_on_timeout = false (spilled records are replayed unencoded)".into(),
+                );
+            }
+        }
+        for (i, m) in self.kafka_to_mqtt.iter().enumerate() {
+            let keys = MappingSchemaKeys {
+                key: format!("kafka_to_mqtt[{i}]"),
+                schema: m.schema.as_deref(),
+                registry: m.registry.as_deref(),
+                mode: m.mode,
+                subject: m.subject.as_deref(),
+                version: None,
+                outbound: false,
+            };
+            check_mapping(&keys, &self.schemas, &self.schema_registries).or_else(|(key, problem)| err(key, problem))?;
+        }
         Ok(())
     }
 }
@@ -674,6 +749,36 @@ mod tests {
         assert_eq!(e.key, "limits.connect_timeout_ms", "{e}");
         let e = Config::from_toml("[server]\ncpuset = \"1-x\"\n").unwrap_err();
         assert_eq!(e.key, "server.cpuset");
+    }
+
+    #[test]
+    fn schema_keys_are_checked_and_errors_name_the_key() {
+        let base = "[kafka.clusters.c]\nbootstrap = [\"k:9092\"]\n\
+                    [schemas.t]\nkind = \"json-schema\"\nfile = \"t.json\"\n\
+                    [schema_registries.r]\nurl = \"http://reg:8081\"\n";
+        let mapping = |extra: &str| {
+            format!("{base}[[mqtt_to_kafka]]\nname = \"m\"\nfilters = [\"a/#\"]\ndestinations = [{{ cluster = \"c\", topic = \"t\" }}]\n{extra}")
+        };
+        let cfg = Config::from_toml(&mapping("schema = \"t\"\non_invalid = \"disconnect\"\n")).unwrap();
+        assert_eq!(cfg.mqtt_to_kafka[0].on_invalid, crate::schemas::OnInvalid::Disconnect);
+        assert_eq!(cfg.schema_registries["r"].refresh_ms, 30_000);
+        let key = |extra: &str| Config::from_toml(&mapping(extra)).unwrap_err().key;
+        assert_eq!(key("schema = \"nope\"\n"), "mqtt_to_kafka[0].schema");
+        assert_eq!(key("registry = \"r\"\n"), "mqtt_to_kafka[0].mode");
+        assert_eq!(key("registry = \"r\"\nmode = \"decode\"\n"), "mqtt_to_kafka[0].mode");
+        assert_eq!(key("schema = \"t\"\non_invalid = \"dead-letter\"\n"), "mqtt_to_kafka[0].on_invalid");
+        assert_eq!(key("schema = \"t\"\non_invalid = \"shout\"\n"), "mqtt_to_kafka[0].on_invalid");
+        assert_eq!(
+            key("registry = \"r\"\nmode = \"encode\"\n"),
+            "mqtt_to_kafka[0].mode",
+            "encode needs spill_on_timeout = false"
+        );
+        let durable = format!("[kafka]\ndelivery = \"local-durable\"\n{}", mapping("schema = \"t\"\n"));
+        assert_eq!(Config::from_toml(&durable).unwrap_err().key, "mqtt_to_kafka[0].schema");
+        let e = Config::from_toml("[schema_registries.r]\nurl = \"reg:8081\"\n").unwrap_err();
+        assert_eq!(e.key, "schema_registries.r.url", "{e}");
+        let e = Config::from_toml("[schemas.t]\nkind = \"xml\"\nfile = \"f\"\n").unwrap_err();
+        assert_eq!(e.key, "schemas.t.kind", "{e}");
     }
 
     #[test]

@@ -107,6 +107,18 @@ pub struct InboundMappingConfig {
     pub retain: bool,
     #[serde(default)]
     pub start: StartAt,
+    /// A local schema (`[schemas.NAME]`) every record's value must validate against; records
+    /// that do not are skipped and counted.
+    #[serde(default)]
+    pub schema: Option<String>,
+    /// A `[schema_registries.NAME]` table, with `mode = "decode"` or `"pass"`.
+    #[serde(default)]
+    pub registry: Option<String>,
+    #[serde(default)]
+    pub mode: Option<crate::schemas::SchemaMode>,
+    /// `decode` reads with this subject's latest schema (Avro resolution from the writer's).
+    #[serde(default)]
+    pub subject: Option<String>,
 }
 
 /// `kafka_topic_pattern` as a regex that must match a whole topic name.
@@ -426,6 +438,10 @@ mod tests {
             qos: 1,
             retain: false,
             start: StartAt::Latest,
+            schema: None,
+            registry: None,
+            mode: None,
+            subject: None,
         }
     }
 

@@ -44,6 +44,7 @@ pub mod packet;
 mod preconnect;
 pub mod retained;
 pub(crate) mod retained_feed;
+pub mod schemas;
 pub mod session;
 pub mod shard;
 pub mod topic;

@@ -15,6 +15,11 @@ use sluice_core::inbound::{InboundMappingConfig, InboundRecord, Positions, Start
 use tokio::sync::mpsc;
 
 use crate::cluster::Cluster;
+use crate::schemas::{lock, spawn_fetch, SchemaSetup};
+use sluice_schema::check::{Cache, Inbound, Outcome};
+
+/// A mapping's record check: the operation, the thread's cache, the schemas.
+pub(crate) type Check = (Inbound, Arc<std::sync::Mutex<Cache>>, Arc<SchemaSetup>);
 
 /// Bytes one fetch may return, and how long it waits for records (tansu holds a fetch for the
 /// whole wait even when records are there, so the wait is short: it bounds delivery latency).
@@ -30,11 +35,13 @@ pub(crate) fn spawn(
     shard: usize,
     shards: Vec<mpsc::Sender<Vec<InboundRecord>>>,
     positions: Arc<Positions>,
+    check: Option<Check>,
 ) {
     let start_topic = {
         let (cluster, name, start) = (cluster.clone(), cfg.name.clone(), cfg.start);
         move |topic: String| {
             let (cluster, shards, positions, name) = (cluster.clone(), shards.clone(), positions.clone(), name.clone());
+            let check = check.clone();
             tokio::spawn(async move {
                 let topic: Arc<str> = topic.into();
                 let partitions = loop {
@@ -52,11 +59,11 @@ pub(crate) fn spawn(
                     tokio::spawn(consume(
                         mapping,
                         cluster.clone(),
-                        topic.clone(),
-                        p,
+                        (topic.clone(), p),
                         start,
                         stored,
                         shards[shard].clone(),
+                        check.clone().map(|c| (c, name.clone())),
                     ));
                 }
             });
@@ -100,12 +107,14 @@ pub(crate) fn spawn(
 async fn consume(
     mapping: u16,
     cluster: Arc<Cluster>,
-    topic: Arc<str>,
-    partition: i32,
+    (topic, partition): (Arc<str>, i32),
     start: StartAt,
     stored: Option<i64>,
     to_shard: mpsc::Sender<Vec<InboundRecord>>,
+    check: Option<(Check, String)>,
 ) {
+    // Causes of skipped records already logged (once per mapping, topic and cause).
+    let mut logged = std::collections::HashSet::new();
     let mut client: Option<PartitionClient> = None;
     // A stored position resumes exactly where the last run's delivery got to.
     let mut offset: Option<i64> = stored;
@@ -141,8 +150,8 @@ async fn consume(
             Ok(records) => {
                 backoff = Duration::from_millis(100);
                 let Some(last) = records.last() else { continue };
-                let next = last.offset + 1;
-                let batch: Vec<InboundRecord> = records
+                let mut next = last.offset + 1;
+                let mut batch: Vec<InboundRecord> = records
                     .into_iter()
                     .filter(|r| r.offset >= offset.unwrap_or(0))
                     .map(|r| InboundRecord {
@@ -155,9 +164,20 @@ async fn consume(
                         headers: r.record.headers.into_iter().map(|(k, v)| (k, bytes::Bytes::from(v))).collect(),
                     })
                     .collect();
+                if let Some(((op, cache, setup), name)) = &check {
+                    if let Some(stop) = apply(op, cache, setup, &mut batch, name, &topic, &mut logged).await {
+                        // The registry cannot answer: this record and the rest are fetched
+                        // again later (Kafka keeps them).
+                        next = stop;
+                        backoff = Duration::from_secs(1);
+                    }
+                }
                 offset = Some(next);
                 if !batch.is_empty() && to_shard.send(batch).await.is_err() {
                     return; // shutting down
+                }
+                if backoff > Duration::from_millis(100) {
+                    tokio::time::sleep(backoff).await;
                 }
             }
             Err(e) => {
@@ -171,4 +191,88 @@ async fn consume(
             }
         }
     }
+}
+
+/// Checks (and decodes) every record's value in place. A record that does not validate or
+/// decode is skipped (logged once per cause); a record whose schema the registry cannot give
+/// ends the batch there: its offset is returned, to be fetched again.
+async fn apply(
+    op: &Inbound,
+    cache: &Arc<std::sync::Mutex<Cache>>,
+    setup: &SchemaSetup,
+    batch: &mut Vec<InboundRecord>,
+    mapping: &str,
+    topic: &str,
+    logged: &mut std::collections::HashSet<String>,
+) -> Option<i64> {
+    let mut kept = Vec::with_capacity(batch.len());
+    let mut stop = None;
+    'records: for mut r in batch.drain(..) {
+        let Some(value) = r.value.clone() else {
+            kept.push(r);
+            continue;
+        };
+        // At most a few fetches per record (writer schema, then the reader's subject).
+        for _ in 0..4 {
+            let outcome = lock(cache).inbound(op, &value, std::time::Instant::now());
+            match outcome {
+                Outcome::Pass => {}
+                Outcome::Replace(json) => r.value = Some(bytes::Bytes::from(json)),
+                Outcome::Invalid { schema, error } => {
+                    let cause = format!("{schema}: {error}");
+                    if logged.len() < 64 && logged.insert(cause.clone()) {
+                        tracing::warn!(
+                            mapping,
+                            topic,
+                            offset = r.offset,
+                            "kafka_to_mqtt: record skipped, {cause}; further ones like it are skipped silently"
+                        );
+                    }
+                    continue 'records;
+                }
+                Outcome::Wait(need) => {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    if lock(cache).begin_fetch(&need) {
+                        spawn_fetch(setup_schemas(setup), need, move |need, result| {
+                            let _ = tx.send((need, result));
+                        });
+                        if let Ok((need, result)) = rx.await {
+                            lock(cache).store(need, result, std::time::Instant::now());
+                        }
+                    } else {
+                        // Another consumer of this thread fetches it: look again shortly.
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    continue;
+                }
+                Outcome::Failed(e) => {
+                    tracing::warn!(mapping, topic, offset = r.offset, error = %e, "kafka_to_mqtt: schema registry cannot answer; the record is read again later");
+                    stop = Some(r.offset);
+                    break 'records;
+                }
+            }
+            kept.push(r);
+            continue 'records;
+        }
+        stop = Some(r.offset);
+        break;
+    }
+    *batch = kept;
+    // Subjects due for a refresh (a new version): fetched in the background, the cached ones
+    // serve meanwhile. The producer of this thread does the same for its records.
+    let due: Vec<_> = {
+        let mut c = lock(cache);
+        c.take_refreshes().into_iter().filter(|n| c.begin_fetch(n)).collect()
+    };
+    for need in due {
+        let cache = cache.clone();
+        spawn_fetch(setup_schemas(setup), need, move |need, result| {
+            lock(&cache).store(need, result, std::time::Instant::now());
+        });
+    }
+    stop
+}
+
+fn setup_schemas(setup: &SchemaSetup) -> Arc<sluice_schema::check::Schemas> {
+    setup.schemas()
 }

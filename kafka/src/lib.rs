@@ -24,6 +24,7 @@ pub mod batch;
 mod cluster;
 mod consumer;
 mod producer;
+pub mod schemas;
 mod tls;
 
 pub use tls::TlsError;
@@ -102,6 +103,7 @@ pub fn start(
     inbound: &[InboundMappingConfig],
     positions: Positions,
     cpus: &[usize],
+    schemas: Option<Arc<schemas::SchemaSetup>>,
 ) -> Result<(KafkaBridge, Vec<ShardLink>), StartError> {
     let names: Vec<String> = clusters.keys().cloned().collect();
     let mut tls_configs = Vec::new();
@@ -146,6 +148,8 @@ pub fn start(
         let inbound_tx = inbound_tx.clone();
         let positions = positions.clone();
         let cpu = cpus.get(shard).copied();
+        // One cache per thread: nothing on the record path is shared between cores.
+        let schemas = schemas.clone().map(|s| (s.cache(), s));
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -161,10 +165,14 @@ pub fn start(
                 runtime.block_on(async move {
                     for (i, m) in inbound.into_iter().enumerate() {
                         let cluster = own[inbound_clusters[i]].clone();
-                        consumer::spawn(i as u16, m, cluster, shard, inbound_tx.clone(), positions.clone());
+                        let check = schemas.as_ref().and_then(|(cache, setup)| {
+                            Some((setup.inbound_op(i as u16)?.clone(), cache.clone(), setup.clone()))
+                        });
+                        consumer::spawn(i as u16, m, cluster, shard, inbound_tx.clone(), positions.clone(), check);
                     }
                     drop(inbound_tx);
-                    let producer = producer::Producer::new(shard, own, req_rx, res_tx);
+                    let stage = schemas.map(|(cache, setup)| schemas::Stage::new(setup, cache));
+                    let producer = producer::Producer::new(shard, own, req_rx, res_tx, stage);
                     tokio::select! {
                         _ = producer.run() => {}
                         _ = stop_rx => {}

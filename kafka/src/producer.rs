@@ -33,6 +33,9 @@ use tokio::sync::mpsc;
 use crate::batch::{BatchEncoder, Producer as ProducerIds};
 use crate::cluster::{classify_protocol, is_connection_error, retryable_protocol, Cluster, RETRY_BACKOFF_MAX};
 use crate::dead_letter_copy;
+use crate::schemas::{spawn_fetch, Checked, Stage};
+use sluice_schema::check::{Fetched, Need};
+use sluice_schema::registry::RegistryError;
 
 /// Most bytes of batches one produce request carries (Kafka's `socket.request.max.bytes` is
 /// 100 MiB; librdkafka's `message.max.bytes` default is 1 MB per request).
@@ -66,9 +69,27 @@ impl Item {
 
 /// What the tasks this loop starts report back.
 pub(crate) enum Event {
-    Metadata { cluster: u16, topic: Arc<str>, leaders: Result<Vec<i32>, ProduceError> },
-    Connected { cluster: u16, broker: i32, link: Result<Option<BrokerLink>, ClientError> },
-    Produced { cluster: u16, broker: i32, parts: Vec<PartRef>, result: Result<ProduceAcks, ClientError> },
+    Metadata {
+        cluster: u16,
+        topic: Arc<str>,
+        leaders: Result<Vec<i32>, ProduceError>,
+    },
+    Connected {
+        cluster: u16,
+        broker: i32,
+        link: Result<Option<BrokerLink>, ClientError>,
+    },
+    Produced {
+        cluster: u16,
+        broker: i32,
+        parts: Vec<PartRef>,
+        result: Result<ProduceAcks, ClientError>,
+    },
+    /// A schema registry fetch answered.
+    Schema {
+        need: Need,
+        result: Result<Fetched, RegistryError>,
+    },
 }
 
 #[derive(Default)]
@@ -134,6 +155,8 @@ pub(crate) struct Producer {
     encoder: BatchEncoder,
     /// Where a request's batches are encoded; each batch is split off as its own `Bytes`.
     buf: BytesMut,
+    /// Payload schemas: records of mappings with a schema are checked (or encoded) here first.
+    stage: Option<Stage>,
 }
 
 impl Producer {
@@ -142,6 +165,7 @@ impl Producer {
         clusters: Vec<Arc<Cluster>>,
         requests: mpsc::Receiver<Vec<ProduceRequest>>,
         results: mpsc::UnboundedSender<Vec<ProduceResult>>,
+        stage: Option<Stage>,
     ) -> Producer {
         let (events_tx, events) = mpsc::unbounded_channel();
         Producer {
@@ -160,6 +184,7 @@ impl Producer {
             last_expiry_scan: Instant::now(),
             encoder: BatchEncoder::new(),
             buf: BytesMut::new(),
+            stage,
         }
     }
 
@@ -196,6 +221,15 @@ impl Producer {
                 self.last_expiry_scan = now;
                 self.expire(now);
             }
+            if let Some(stage) = &self.stage {
+                // Subjects whose latest version is due for a refresh (the cached one serves).
+                for need in stage.refreshes() {
+                    let events = self.events_tx.clone();
+                    spawn_fetch(stage.schemas(), need, move |need, result| {
+                        let _ = events.send(Event::Schema { need, result });
+                    });
+                }
+            }
             self.flush(now);
             if !self.out.is_empty() && self.results.send(std::mem::take(&mut self.out)).is_err() {
                 return;
@@ -209,11 +243,58 @@ impl Producer {
     fn nothing_in_flight(&self) -> bool {
         self.clusters.iter().all(|c| c.brokers.values().all(|b| b.in_flight == 0))
             && self.clusters.iter().all(|c| c.topics.values().all(|t| t.waiting.is_empty()))
+            && self.stage.as_ref().is_none_or(|s| s.parked() == 0)
     }
 
     /// A record from the shard (`report`), or a dead-letter copy of one (its outcome is nobody's
-    /// business).
+    /// business). A record of a mapping with a schema is checked first.
     fn accept(&mut self, req: ProduceRequest, report: bool, now: Instant) {
+        let checked = match &mut self.stage {
+            Some(stage) if report && stage.checks(&req.record) => {
+                let (events, schemas) = (self.events_tx.clone(), stage.schemas());
+                let mut fetch = |need| {
+                    let events = events.clone();
+                    spawn_fetch(schemas.clone(), need, move |need, result| {
+                        let _ = events.send(Event::Schema { need, result });
+                    });
+                };
+                stage.check(req, &mut fetch)
+            }
+            _ => Checked::Go(req),
+        };
+        self.after_check(checked, report, now);
+    }
+
+    fn after_check(&mut self, checked: Checked, report: bool, now: Instant) {
+        match checked {
+            Checked::Go(req) => self.accept_checked(req, report, now),
+            Checked::Parked => {}
+            Checked::Done(id, e, copy) => {
+                if let Some(copy) = copy {
+                    self.dead_letters.push_back(copy);
+                }
+                self.out.push(ProduceResult::failed(id, e));
+            }
+        }
+    }
+
+    fn on_schema(&mut self, need: Need, result: Result<Fetched, RegistryError>) {
+        let Some(stage) = &mut self.stage else { return };
+        let (events, schemas) = (self.events_tx.clone(), stage.schemas());
+        let mut fetch = |need| {
+            let events = events.clone();
+            spawn_fetch(schemas.clone(), need, move |need, result| {
+                let _ = events.send(Event::Schema { need, result });
+            });
+        };
+        let outcomes = stage.on_fetched(need, result, &mut fetch);
+        let now = Instant::now();
+        for c in outcomes {
+            self.after_check(c, true, now);
+        }
+    }
+
+    fn accept_checked(&mut self, req: ProduceRequest, report: bool, now: Instant) {
         let Some(c) = self.clusters.get(usize::from(req.record.cluster)) else {
             if report {
                 self.out.push(ProduceResult::failed(req.id, ProduceError::Other("unknown cluster".into())));
@@ -349,6 +430,7 @@ impl Producer {
                 }
             }
             Event::Produced { cluster, broker, parts, result } => self.on_produced(cluster, broker, parts, result),
+            Event::Schema { need, result } => self.on_schema(need, result),
         }
     }
 

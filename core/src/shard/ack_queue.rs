@@ -10,11 +10,12 @@
 //! acknowledgement leaves only when it waits for nothing and every earlier one has left.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use crate::packet::reason;
 
 /// An acknowledgement not yet sent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct PendingAck {
     pub(super) pid: u16,
     pub(super) qos: u8,
@@ -22,6 +23,8 @@ pub(super) struct PendingAck {
     waiting: u32,
     /// First failure's reason code, or success.
     pub(super) code: u8,
+    /// The first failure's reason string (MQTT 5), if it has one.
+    pub(super) reason: Option<Arc<str>>,
 }
 
 #[derive(Debug, Default)]
@@ -35,7 +38,7 @@ impl AckQueue {
     /// Queues the acknowledgement of `pid` waiting for `waiting` things; returns its number.
     pub(super) fn push(&mut self, pid: u16, qos: u8, waiting: u32) -> u64 {
         let seq = self.front_seq + self.acks.len() as u64;
-        self.acks.push_back(PendingAck { pid, qos, waiting, code: reason::SUCCESS });
+        self.acks.push_back(PendingAck { pid, qos, waiting, code: reason::SUCCESS, reason: None });
         seq
     }
 
@@ -53,6 +56,17 @@ impl AckQueue {
             if a.code == reason::SUCCESS {
                 a.code = code;
             }
+        }
+        true
+    }
+
+    /// [`AckQueue::done`] with a failure that has a reason string.
+    pub(super) fn done_with_reason(&mut self, seq: u64, code: u8, why: &str) -> bool {
+        let Some(a) = self.get_mut(seq) else { return false };
+        a.waiting = a.waiting.saturating_sub(1);
+        if a.code == reason::SUCCESS {
+            a.code = code;
+            a.reason = Some(Arc::from(why));
         }
         true
     }

@@ -4,6 +4,7 @@
 //! A refused acknowledgement is MQTT 5 reason code; 3.1.1 has none, so the connection closes.
 
 use super::*;
+use crate::schemas::OnInvalid;
 
 impl Shard {
     /// The acknowledgement `seq` of `conn` reports `code` unless it already reports a failure.
@@ -85,7 +86,13 @@ impl Shard {
                 self.close(conn, None, 0);
                 return;
             }
-            let r = PubResp { packet_id: a.pid, code: a.code, properties: Properties::default() };
+            // A reason string only to a client that did not refuse problem information.
+            let reason_string = a.reason.filter(|_| c.problem_information).map(|r| r.to_string());
+            let r = PubResp {
+                packet_id: a.pid,
+                code: a.code,
+                properties: Properties { reason_string, ..Default::default() },
+            };
             self.send(conn, if a.qos == 1 { Packet::PubAck(r) } else { Packet::PubRec(r) });
         }
     }
@@ -98,7 +105,20 @@ impl Shard {
         touched: &mut Vec<ConnId>,
     ) {
         let Some(c) = self.conns.get_mut(&conn) else { return };
-        if c.acks.done(seq, outcome.as_ref().err().map(ProduceError::reason_code)) {
+        let answered = match outcome {
+            // A payload its schema refuses: MQTT 5 hears why (0x99 with the schema and the
+            // error); 3.1.1 has no negative acknowledgement, so the mapping's policy decides —
+            // acknowledged (dead-lettered or dropped by the Kafka side) or disconnected.
+            Err(ProduceError::Invalid { reason: why, policy }) => {
+                if c.is_v5() || *policy == OnInvalid::Disconnect {
+                    c.acks.done_with_reason(seq, reason::PAYLOAD_FORMAT_INVALID, why)
+                } else {
+                    c.acks.done(seq, None)
+                }
+            }
+            _ => c.acks.done(seq, outcome.as_ref().err().map(ProduceError::reason_code)),
+        };
+        if answered {
             touched.push(conn);
         }
     }

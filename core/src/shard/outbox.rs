@@ -46,6 +46,9 @@ pub struct MappingStats {
     pub bytes_in: u64,
     pub records_produced: u64,
     pub records_failed: u64,
+    /// Payloads that did not validate against, or convert to, the mapping's schema (not in
+    /// `records_failed`: Kafka never saw them).
+    pub records_invalid: u64,
     /// Produce requests beyond the first, summed over records.
     pub records_retried: u64,
     /// QoS 1/2 records that timed out (`kafka-ack`) and went to the spill log instead.
@@ -250,6 +253,16 @@ impl KafkaOutbox {
         ms.batch_records[bucket] += 1;
         match &r.outcome {
             Ok(()) => ms.records_produced += 1,
+            Err(ProduceError::Invalid { reason, policy }) => {
+                ms.records_invalid += 1;
+                if self.logged_failures.insert((mapping, "invalid payload")) {
+                    let name = self.router.mapping_name(mapping).to_string();
+                    warnings.push(format!(
+                        "payloads of mapping `{name}` do not validate: {reason} (MQTT 3.1.1 publishers: on_invalid = {}); further ones are counted in $SYS/broker/shard/{shard}/kafka/{name}/.../records/invalid",
+                        policy.name(),
+                    ));
+                }
+            }
             Err(e) => {
                 ms.records_failed += 1;
                 if self.logged_failures.insert((mapping, e.cause())) {

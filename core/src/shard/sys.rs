@@ -61,13 +61,14 @@ impl Shard {
             }
         }
         for (name, cluster, ms) in self.outbox.mapping_stats() {
-            let done = ms.records_produced + ms.records_failed;
+            let done = ms.records_produced + ms.records_failed + ms.records_invalid;
             let [b1, b10, b100, b1000, bmore] = ms.batch_records;
             for (field, v) in [
                 ("messages/received", ms.messages_in),
                 ("bytes/received", ms.bytes_in),
                 ("records/produced", ms.records_produced),
                 ("records/failed", ms.records_failed),
+                ("records/invalid", ms.records_invalid),
                 ("records/retried", ms.records_retried),
                 ("records/spilled", ms.records_spilled),
                 ("records/dropped", ms.records_dropped),

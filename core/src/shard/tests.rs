@@ -1099,6 +1099,10 @@ fn kafka_world(max_wait_ms: u64) -> World {
         qos: 1,
         retain: false,
         start: StartAt::Earliest,
+        schema: None,
+        registry: None,
+        mode: None,
+        subject: None,
     };
     let mut w = World::new(2, limits.clone());
     w.shards = (0..2)
@@ -1551,4 +1555,78 @@ fn failed_slow_checks_count_for_the_back_off_of_their_address() {
     w.shards[0].tick(w.now, 0);
     w.settle();
     assert!(matches!(w.recv(0, 2, V5).first(), Some(Packet::ConnAck(a)) if a.code == reason::BAD_USERNAME_OR_PASSWORD));
+}
+
+/// One publisher of `version` on a shard bridging `k/#`; a QoS 1 publish whose record Kafka's
+/// side refused as invalid. Returns what the client received (None: closed, no PUBACK).
+fn invalid_payload_answer(
+    version: Version,
+    policy: crate::schemas::OnInvalid,
+    problem_information: bool,
+) -> Option<PubResp> {
+    use crate::bridge::MappingConfig;
+    let m: MappingConfig =
+        toml::from_str("name = \"k\"\nfilters = [\"k/#\"]\ndestinations = [{ cluster = \"c\", topic = \"t\" }]")
+            .unwrap();
+    let router = crate::bridge::Router::new(&[m], &["c".to_string()]).unwrap();
+    let options = BridgeOptions {
+        router,
+        delivery: crate::bridge::Delivery::KafkaAck,
+        max_pending_records: 100,
+        qos0_policy: Default::default(),
+        spill_on_timeout: true,
+    };
+    let mut shard = Shard::new(0, 1, Limits::default(), 0).with_bridge(options);
+    shard.on_open(1, 0);
+    let mut properties = Properties::default();
+    if !problem_information {
+        properties.request_problem_information = Some(0);
+    }
+    let connect = Connect {
+        version,
+        clean_start: true,
+        keep_alive: 0,
+        client_id: "dev".into(),
+        will: None,
+        username: None,
+        password: None,
+        properties: if version == V5 { properties } else { Properties::default() },
+    };
+    let mut b = BytesMut::new();
+    packet::encode(&Packet::Connect(Box::new(connect)), version, &mut b);
+    packet::encode(&publish("k/1", 1, 9, b"{}"), version, &mut b);
+    shard.on_bytes(1, &mut b, 0);
+    let ids: Vec<u64> = shard.drain_effects().produce.iter().map(|r| r.id).collect();
+    assert_eq!(ids.len(), 1);
+    let _ = shard.take_output(1);
+    let e = ProduceError::Invalid { reason: "schema `s`: \"temp\" is a required property".into(), policy };
+    shard.on_produce_results([ProduceResult::failed(ids[0], e)], 0);
+    let closed = shard.drain_effects().close.contains(&1);
+    let mut out = shard.take_output(1).unwrap_or_default();
+    let mut ack = None;
+    while let Some(p) = packet::decode(&mut out, Some(version), usize::MAX).unwrap() {
+        if let Packet::PubAck(r) = p {
+            ack = Some(r);
+        }
+    }
+    assert_eq!(closed, ack.is_none(), "closed exactly when not acknowledged");
+    let invalid = shard.outbox.mapping_stats().map(|(_, _, s)| s.records_invalid).sum::<u64>();
+    assert_eq!(invalid, 1);
+    ack
+}
+
+#[test]
+fn an_invalid_payload_is_0x99_with_its_reason_for_mqtt5_and_the_policy_for_311() {
+    use crate::schemas::OnInvalid;
+    let a = invalid_payload_answer(V5, OnInvalid::Disconnect, true).unwrap();
+    assert_eq!((a.packet_id, a.code), (9, reason::PAYLOAD_FORMAT_INVALID));
+    assert_eq!(a.properties.reason_string.as_deref(), Some("schema `s`: \"temp\" is a required property"));
+    let a = invalid_payload_answer(V5, OnInvalid::Drop, false).unwrap();
+    assert_eq!(a.code, reason::PAYLOAD_FORMAT_INVALID);
+    assert_eq!(a.properties.reason_string, None, "the client asked for no problem information");
+    for policy in [OnInvalid::Drop, OnInvalid::DeadLetter] {
+        let a = invalid_payload_answer(Version::V311, policy, true).unwrap();
+        assert_eq!((a.packet_id, a.code), (9, 0), "{policy:?}: acknowledged");
+    }
+    assert!(invalid_payload_answer(Version::V311, OnInvalid::Disconnect, true).is_none());
 }
