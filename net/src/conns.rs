@@ -350,9 +350,9 @@ impl Conns {
     fn start_receiving(&self, id: ConnId) {
         let Some(ring) = &self.ring else { return };
         let fd = self.with(id, |s| {
-            let waiting = s.input.as_ref().map_or(0, |i| i.len());
-            let want =
-                !s.ring.has(Ring::RECV) && !s.paused && !s.gone && !s.ring.has(Ring::DEAD) && waiting <= READ_BUDGET;
+            // Not while whole packets wait for the next turn (`DEFERRED`); an incomplete one
+            // needs more bytes, however large it is.
+            let want = !s.ring.has(Ring::RECV | Ring::DEAD | Ring::DEFERRED) && !s.paused && !s.gone;
             if want {
                 s.ring.set(Ring::RECV, true);
             }
@@ -399,6 +399,14 @@ impl Conns {
 
     /// Stop accepting (shutdown): the listeners close; open connections are served on.
     pub(crate) fn stop_accepting(&self) {
+        // io_uring: the kernel holds a listener's socket while a poll on it is armed; cancelled,
+        // the socket closes (and its port is free) once the listener here is dropped too.
+        if let Some(ring) = &self.ring {
+            for i in 0..self.listeners.borrow().len() {
+                ring.cancel(uring::user_data(Op::Listen, i, 0));
+            }
+            ring.submit();
+        }
         self.listeners.borrow_mut().clear();
         self.wake.notify();
     }
@@ -774,23 +782,28 @@ fn read_from(host: &impl Host, id: ConnId, src: Src<'_>) {
             if many {
                 conns.stop_receiving(id);
             }
+            // A transport's bytes before CONNECT count as they arrive (a handshake that only
+            // drips brings no MQTT bytes to hand over).
+            if let Some(received) = before_connect {
+                count_before_connect(host, id, received);
+            }
             return;
         }
         Some(Input::Bytes(mut input, outcome)) => {
-            // io_uring: a turn's budget at most; the rest waits for the next turn.
+            // io_uring: whole packets up to a turn's budget; the rest waits for the next turn
+            // with the receive stopped, so that this turn's output goes out first and the
+            // client feels TCP's flow control.
             let uring = conns.ring.is_some();
-            let rest = (uring && input.len() > READ_BUDGET).then(|| input.split_off(READ_BUDGET));
             if !input.is_empty() {
                 let now = host.now_ms();
-                host.shard().borrow_mut().on_bytes(id, &mut input, now);
+                let budget = if uring { READ_BUDGET } else { usize::MAX };
+                let more = host.shard().borrow_mut().on_bytes_within(id, &mut input, now, budget);
                 host.dispatch();
-            }
-            if let Some(rest) = rest {
-                // What the state machine left (an incomplete packet) is just before `rest`.
-                input.unsplit(rest);
-                let first = conns.with(id, |s| !s.ring.replace(Ring::DEFERRED, true));
-                if first == Some(true) {
-                    conns.deferred.borrow_mut().push(id);
+                if more {
+                    let first = conns.with(id, |s| !s.ring.replace(Ring::DEFERRED, true));
+                    if first == Some(true) {
+                        conns.deferred.borrow_mut().push(id);
+                    }
                 }
             }
             conns.with(id, |s| s.input = (!input.is_empty()).then(|| Box::new(input)));
@@ -799,12 +812,7 @@ fn read_from(host: &impl Host, id: ConnId, src: Src<'_>) {
             }
             // After the MQTT bytes: once they completed the CONNECT, nothing more is counted.
             if let Some(received) = before_connect {
-                let now = host.now_ms();
-                let counted = host.shard().borrow_mut().on_transport_input(id, received, now);
-                if !counted {
-                    conns.with(id, |s| s.transport.as_deref_mut().map(Transport::connect_done));
-                }
-                host.dispatch();
+                count_before_connect(host, id, received);
             }
             outcome
         }
@@ -814,6 +822,17 @@ fn read_from(host: &impl Host, id: ConnId, src: Src<'_>) {
         conns.with(id, |s| s.gone = true);
         flush(host, id);
     }
+}
+
+/// Tells the state machine how many bytes `id`'s transport received while its CONNECT is
+/// awaited; once it no longer counts them, the transport stops counting too.
+fn count_before_connect(host: &impl Host, id: ConnId, received: usize) {
+    let now = host.now_ms();
+    let counted = host.shard().borrow_mut().on_transport_input(id, received, now);
+    if !counted {
+        host.conns().with(id, |s| s.transport.as_deref_mut().map(Transport::connect_done));
+    }
+    host.dispatch();
 }
 
 /// After a read that stopped at the budget: `id` is read again next turn.

@@ -25,10 +25,10 @@ use std::sync::atomic::{AtomicU16, Ordering};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
-/// Receive buffers in the pool (a power of two) and the size of each. 256 × 8 KiB: 2 MiB per
+/// Receive buffers in the pool (a power of two) and the size of each. 128 × 8 KiB: 1 MiB per
 /// core, touched as traffic needs it; a burst of more completions than buffers ends some
 /// receives with ENOBUFS, and the driver arms them again once the buffers are back.
-pub(crate) const BUFFERS: u16 = 256;
+pub(crate) const BUFFERS: u16 = 128;
 pub(crate) const BUFFER_SIZE: usize = 8 * 1024;
 const GROUP: u16 = 0;
 /// Submission and completion queue sizes.

@@ -10,10 +10,27 @@ impl Shard {
     /// one there for the next call. The caller keeps `buf` only while it is not empty, and grows
     /// it only by what arrives (the pre-CONNECT budget counts its capacity).
     pub fn on_bytes(&mut self, conn: ConnId, buf: &mut BytesMut, now_ms: u64) {
-        self.stats.bytes_received += buf.len() as u64;
-        let Some(c) = self.conns.get_mut(&conn) else { return };
+        self.on_bytes_within(conn, buf, now_ms, usize::MAX);
+    }
+
+    /// [`Shard::on_bytes`], handling whole packets only until `budget` bytes were handled: the
+    /// rest stays in `buf` for a later call. Returns whether it stopped for the budget (whole
+    /// packets may be left), as against having handled every whole packet there is. A network
+    /// layer that received far more than it wants handled at once (io_uring's multishot
+    /// receives) keeps its per-turn fairness with it.
+    pub fn on_bytes_within(&mut self, conn: ConnId, buf: &mut BytesMut, now_ms: u64, budget: usize) -> bool {
+        let before = buf.len();
+        let stopped = self.on_bytes_inner(conn, buf, now_ms, budget);
+        // Counted as handled: what stays in `buf` comes again with the next call.
+        self.stats.bytes_received += (before - buf.len()) as u64;
+        stopped
+    }
+
+    fn on_bytes_inner(&mut self, conn: ConnId, buf: &mut BytesMut, now_ms: u64, budget: usize) -> bool {
+        let Some(c) = self.conns.get_mut(&conn) else { return false };
+        let mut stopped = false;
         if matches!(c.state, ConnState::AwaitConnect) {
-            self.decode_all(conn, buf, now_ms);
+            stopped = self.decode_all(conn, buf, now_ms, budget);
             self.account_preconnect(conn, buf, now_ms);
         } else if c.blocked() || !c.held.is_empty() {
             c.held.extend_from_slice(buf);
@@ -22,16 +39,18 @@ impl Shard {
                 self.resume(conn, now_ms);
             }
         } else {
-            self.decode_all(conn, buf, now_ms);
+            stopped = self.decode_all(conn, buf, now_ms, budget);
             if let Some(c) = self.conns.get_mut(&conn) {
                 if c.blocked() && !buf.is_empty() {
                     c.held.extend_from_slice(buf);
                     buf.clear();
+                    stopped = false;
                 }
             }
         }
         self.watch_held_input(conn);
         self.run_local(now_ms);
+        stopped
     }
 
     /// Input held for a blocked connection is bounded: past [`HELD_INPUT_MAX`] the network
@@ -104,7 +123,7 @@ impl Shard {
     pub(super) fn resume(&mut self, conn: ConnId, now_ms: u64) {
         let Some(c) = self.conns.get_mut(&conn) else { return };
         let mut held = std::mem::take(&mut c.held);
-        self.decode_all(conn, &mut held, now_ms);
+        self.decode_all(conn, &mut held, now_ms, usize::MAX);
         if let Some(c) = self.conns.get_mut(&conn) {
             held.extend_from_slice(&c.held);
             c.held = if held.is_empty() { BytesMut::new() } else { held };
@@ -112,15 +131,21 @@ impl Shard {
         self.watch_held_input(conn);
     }
 
-    pub(super) fn decode_all(&mut self, conn: ConnId, buf: &mut BytesMut, now_ms: u64) {
+    /// Handles the whole packets in `buf` (until `budget` bytes were handled); returns whether
+    /// the budget stopped it with bytes left.
+    pub(super) fn decode_all(&mut self, conn: ConnId, buf: &mut BytesMut, now_ms: u64, budget: usize) -> bool {
+        let start = buf.len();
         loop {
-            let Some(c) = self.conns.get_mut(&conn) else { return };
+            let Some(c) = self.conns.get_mut(&conn) else { return false };
             if matches!(c.state, ConnState::Closing) {
                 buf.clear();
-                return;
+                return false;
             }
             if c.blocked() && !c.acks_may_pass(buf) {
-                return;
+                return false;
+            }
+            if start - buf.len() >= budget && !buf.is_empty() {
+                return true;
             }
             c.last_rx_ms = now_ms;
             // Before CONNECT the decoder reads the version from the CONNECT itself.
@@ -131,7 +156,7 @@ impl Shard {
             };
             match packet::decode(buf, version, max_size as usize) {
                 Ok(Some(p)) => self.on_packet(conn, p, now_ms),
-                Ok(None) => return,
+                Ok(None) => return false,
                 Err(e) => {
                     self.stats.malformed += 1;
                     if version.is_none() && e.code == reason::UNSUPPORTED_PROTOCOL_VERSION {
@@ -150,7 +175,7 @@ impl Shard {
                         self.protocol_close(conn, e.code, e.what, now_ms);
                     }
                     buf.clear();
-                    return;
+                    return false;
                 }
             }
         }
