@@ -232,7 +232,7 @@ fn real_main() -> anyhow::Result<()> {
                 }
             }
         }
-        let (kafka, links) = sluice_kafka::start(&cfg.kafka.clusters, &cfg.kafka_to_mqtt, positions, &cpus)?;
+        let (kafka, links) = sluice_kafka::start(&cfg.kafka.clusters, &cfg.mqtt_to_kafka, &cfg.kafka_to_mqtt, positions, &cpus)?;
         let links = links
             .into_iter()
             .map(|l| sluice_net::KafkaLink { requests: l.requests, results: l.results, inbound: l.inbound })

@@ -26,6 +26,44 @@ pub struct Config {
     pub auth: Option<crate::auth::AuthConfig>,
     /// `[[listeners]]`: when there are none, `server.listen` is the one (plain TCP) listener.
     pub listeners: Vec<ListenerConfig>,
+    /// `[http]`: metrics, health checks, admin API and dashboard. Absent: no HTTP endpoint.
+    pub http: Option<HttpConfig>,
+}
+
+/// `[http]`: the HTTP endpoint (`/metrics`, `/healthz`, `/readyz`, `/api/v1/...`, the dashboard).
+/// Everything but the two health checks needs the bearer `token` or the basic-auth
+/// `username`/`password` when either is set.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address and port, e.g. `127.0.0.1:8080`.
+    pub listen: String,
+    pub token: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+impl HttpConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |key: &str, problem: &str| Err(ConfigError { key: format!("http.{key}"), problem: problem.into() });
+        let Ok(addr) = self.listen.parse::<std::net::SocketAddr>() else {
+            return err("listen", "must be an IP address and port, e.g. 127.0.0.1:8080");
+        };
+        if self.username.is_some() != self.password.is_some() {
+            return err("password", "username and password go together");
+        }
+        if self.token.as_deref().is_some_and(str::is_empty) {
+            return err("token", "must not be empty");
+        }
+        let open = self.token.is_none() && self.username.is_none();
+        if open && !addr.ip().is_loopback() {
+            return err(
+                "listen",
+                "not a loopback address, and neither token nor username/password protects the admin API: set one, or listen on 127.0.0.1",
+            );
+        }
+        Ok(())
+    }
 }
 
 /// What a listener speaks on top of TCP. A connection's kind is invisible to the shard: the
@@ -484,6 +522,9 @@ impl Config {
         }
         if let Some(a) = &self.auth {
             a.validate().map_err(|e| ConfigError { key: e.key, problem: e.problem })?;
+        }
+        if let Some(h) = &self.http {
+            h.validate()?;
         }
         if let Some(set) = &self.server.cpuset {
             if let Err(e) = parse_cpuset(set) {

@@ -134,6 +134,8 @@ pub(crate) struct Producer {
     encoder: BatchEncoder,
     /// Where a request's batches are encoded; each batch is split off as its own `Bytes`.
     buf: BytesMut,
+    /// Dead-lettered records are counted there, per mapping.
+    health: Arc<crate::health::KafkaHealth>,
 }
 
 impl Producer {
@@ -142,6 +144,7 @@ impl Producer {
         clusters: Vec<Arc<Cluster>>,
         requests: mpsc::Receiver<Vec<ProduceRequest>>,
         results: mpsc::UnboundedSender<Vec<ProduceResult>>,
+        health: Arc<crate::health::KafkaHealth>,
     ) -> Producer {
         let (events_tx, events) = mpsc::unbounded_channel();
         Producer {
@@ -160,6 +163,7 @@ impl Producer {
             last_expiry_scan: Instant::now(),
             encoder: BatchEncoder::new(),
             buf: BytesMut::new(),
+            health,
         }
     }
 
@@ -299,6 +303,7 @@ impl Producer {
     fn fail(&mut self, item: Item, e: ProduceError) {
         if item.report {
             if let Some(record) = dead_letter_copy(&item.req.record, &e) {
+                self.health.count_dead_letter(item.req.record.mapping);
                 self.dead_letters.push_back(ProduceRequest { id: item.req.id, record, durable: false });
             }
             self.out.push(ProduceResult {

@@ -56,6 +56,45 @@ pub struct MappingStats {
     pub latency_us_max: u64,
     /// Records by the size of the batch they travelled in: 1, ≤10, ≤100, ≤1000, more.
     pub batch_records: [u64; 5],
+    /// Answered records by latency (hand-over to the producers → Kafka's answer): count per
+    /// bucket of [`LATENCY_BUCKETS_US`], the last one past its end (not cumulative).
+    pub latency_buckets: [u64; LATENCY_BUCKETS_US.len() + 1],
+    /// `records_failed` by cause, in the order of [`FAILURE_CAUSES`].
+    pub failed_by_cause: [u64; FAILURE_CAUSES.len()],
+}
+
+/// Upper bounds of the latency histogram's buckets, in µs (0.5 ms … 30 s): fixed, so shards'
+/// histograms add up bucket by bucket.
+pub const LATENCY_BUCKETS_US: [u64; 15] = [
+    500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000, 5_000_000,
+    10_000_000, 30_000_000,
+];
+
+/// The causes of [`ProduceError::cause`], in the order `failed_by_cause` counts them.
+pub const FAILURE_CAUSES: [&str; 6] =
+    ["record too large", "unknown topic", "not authorized", "timed out", "spill log full", "other error"];
+
+impl std::ops::AddAssign<&MappingStats> for MappingStats {
+    fn add_assign(&mut self, o: &MappingStats) {
+        self.messages_in += o.messages_in;
+        self.bytes_in += o.bytes_in;
+        self.records_produced += o.records_produced;
+        self.records_failed += o.records_failed;
+        self.records_retried += o.records_retried;
+        self.records_spilled += o.records_spilled;
+        self.records_dropped += o.records_dropped;
+        self.latency_us_sum += o.latency_us_sum;
+        self.latency_us_max = self.latency_us_max.max(o.latency_us_max);
+        for (a, b) in self.batch_records.iter_mut().zip(o.batch_records) {
+            *a += b;
+        }
+        for (a, b) in self.latency_buckets.iter_mut().zip(o.latency_buckets) {
+            *a += b;
+        }
+        for (a, b) in self.failed_by_cause.iter_mut().zip(o.failed_by_cause) {
+            *a += b;
+        }
+    }
 }
 
 /// What the outbox remembers of a record handed out.
@@ -240,6 +279,8 @@ impl KafkaOutbox {
         ms.records_retried += u64::from(r.attempts.saturating_sub(1));
         ms.latency_us_sum += r.latency_us;
         ms.latency_us_max = ms.latency_us_max.max(r.latency_us);
+        let slot = LATENCY_BUCKETS_US.partition_point(|b| *b < r.latency_us);
+        ms.latency_buckets[slot] += 1;
         let bucket = match r.batch_records {
             0..=1 => 0,
             2..=10 => 1,
@@ -252,6 +293,9 @@ impl KafkaOutbox {
             Ok(()) => ms.records_produced += 1,
             Err(e) => {
                 ms.records_failed += 1;
+                if let Some(i) = FAILURE_CAUSES.iter().position(|c| *c == e.cause()) {
+                    ms.failed_by_cause[i] += 1;
+                }
                 if self.logged_failures.insert((mapping, e.cause())) {
                     let name = self.router.mapping_name(mapping).to_string();
                     warnings.push(format!(
