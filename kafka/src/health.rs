@@ -171,7 +171,11 @@ pub(crate) fn required_topics(
 }
 
 /// Probes every cluster forever (see the module doc). `clusters` are the probe's own clients.
-pub(crate) async fn probe(health: Arc<KafkaHealth>, clusters: Vec<Arc<Cluster>>, required: Vec<(usize, String, String)>) {
+pub(crate) async fn probe(
+    health: Arc<KafkaHealth>,
+    clusters: Vec<Arc<Cluster>>,
+    required: Vec<(usize, String, String)>,
+) {
     loop {
         let started = Instant::now();
         for (i, cluster) in clusters.iter().enumerate() {

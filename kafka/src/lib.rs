@@ -134,7 +134,8 @@ pub fn start(
         .iter()
         .map(|n| {
             outbound.iter().any(|m| {
-                m.destinations.iter().any(|d| d.cluster == *n) || m.dead_letter.as_ref().is_some_and(|d| d.cluster == *n)
+                m.destinations.iter().any(|d| d.cluster == *n)
+                    || m.dead_letter.as_ref().is_some_and(|d| d.cluster == *n)
             }) || inbound.iter().any(|m| m.cluster == *n)
         })
         .collect();
