@@ -361,3 +361,45 @@ def test_openapi_file_matches_the_server(hbroker, paho):
          "--seed", "1"],
         capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
+
+
+def test_dashboard_in_headless_chromium(kafka, paho):
+    browser_dir = ROOT / "tests" / "browser"
+    node = shutil.which("node") or pytest.fail("node missing: scripts/install-test-deps installs it")
+    assert Path("/usr/bin/chromium").exists(), "chromium missing: scripts/install-test-deps installs it"
+    assert (browser_dir / "node_modules" / "playwright-core").exists(), "run npm ci in tests/browser"
+    kafka.create_topic("dash-t", partitions=2)
+    b = Broker(*HTTP_ARGS, "--kafka", kafka.bootstrap, "--map", "dash/#=dash-t")
+    try:
+        target = paho(b.shard(1), "dash-victim", v5=True)
+        target.subscribe("dash/#", qos=0)
+        pub = paho(b.shard(0), "dash-load")
+        stop = threading.Event()
+
+        def load():
+            i = 0
+            while not stop.is_set():
+                pub.c.publish(f"dash/car-{i % 5}/speed", str(i).encode(), qos=1)
+                i += 1
+                time.sleep(0.02)
+
+        t = threading.Thread(target=load)
+        t.start()
+        try:
+            host, port = b.http
+            r = subprocess.run([node, str(browser_dir / "dashboard.mjs"), f"http://{host}:{port}", "dash-victim",
+                                "dash/+/speed", str(ROOT / "docs")],
+                               capture_output=True, text=True, timeout=120, cwd=browser_dir)
+        finally:
+            stop.set()
+            t.join()
+        assert r.returncode == 0, r.stdout + r.stderr
+        seen = json.loads(r.stdout.strip().splitlines()[-1])
+        assert seen["consoleErrors"] == [] and seen["disconnected"], seen
+        assert "dash/" in seen["liveRow"] and "dash-t" in seen["liveRow"], seen
+        assert seen["clusterState"] == "connected", seen
+        # The page's Disconnect disconnected the real client: it heard 0x98.
+        ev = target.event("disconnect")
+        assert ev[2].value == 0x98, ev
+    finally:
+        b.stop()

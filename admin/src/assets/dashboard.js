@@ -96,7 +96,7 @@ async function pollMappings() {
     const rows = map.clusters.length ? map.clusters : [{ cluster: map.destinations.map((d) => d.cluster).join(", ") }];
     for (const c of rows) {
       const key = map.name + "/" + c.cluster;
-      const prev = lastMappings && lastMappings.values[key];
+      const prev = lastMappings ? lastMappings.values[key] : undefined;
       const rate = prev !== undefined ? Math.max(0, ((c.records_produced || 0) - prev) / Math.max(now - lastMappings.t, 0.001)) : 0;
       rates.push(rate); names.push(key);
       const tr = el("tr");
@@ -206,7 +206,7 @@ $("#live-form").addEventListener("submit", (e) => {
 // ---- main loop ---------------------------------------------------------------------------
 async function tick() {
   try { await pollOverview(); await pollMappings(); }
-  catch (e) { $("#status").textContent = "error: " + e.message; }
+  catch (e) { $("#status").textContent = "error: " + e.message; console.error("dashboard poll failed:", e); }
 }
 showPage();
 tick();
