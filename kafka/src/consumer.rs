@@ -70,8 +70,7 @@ pub(crate) fn spawn(
                 for p in (0..partitions).filter(|p| (spread + *p as usize) % shards.len() == shard) {
                     let stored = positions.get(&(name.clone(), topic.to_string(), p)).copied();
                     tokio::spawn(consume(
-                        (name.clone().into(), health.clone()),
-                        mapping,
+                        (mapping, name.clone().into(), health.clone()),
                         cluster.clone(),
                         topic.clone(),
                         p,
@@ -118,9 +117,9 @@ pub(crate) fn spawn(
     });
 }
 
+/// `(mapping, name, health)`: the mapping's index and name, and where its lag is reported.
 async fn consume(
-    (name, health): (Arc<str>, Arc<KafkaHealth>),
-    mapping: u16,
+    (mapping, name, health): (u16, Arc<str>, Arc<KafkaHealth>),
     cluster: Arc<Cluster>,
     topic: Arc<str>,
     partition: i32,
@@ -154,7 +153,7 @@ async fn consume(
             match tokio::time::timeout(cluster.request_timeout() + Duration::from_millis(FETCH_WAIT_MS as u64), fetch)
                 .await
             {
-                Ok(r) => r.map(|(records, high_watermark)| (records, high_watermark)),
+                Ok(r) => r,
                 Err(_) => Err(rskafka::client::error::Error::Timeout),
             }
         }
