@@ -80,12 +80,15 @@ pub(crate) async fn route(
         }
         "/api/v1/subscriptions" => {
             only(method, &[Method::GET])?;
-            known(params, &["filter", "after", "limit"])?;
+            known(params, &["filter", "after", "after_filter", "limit"])?;
             let filter = param(params, "filter").map(str::to_string);
             if filter.as_deref() == Some("") {
                 return Err(ApiError::bad("filter: must not be empty"));
             }
-            let after = param(params, "after").unwrap_or("").to_string();
+            let after = (
+                param(params, "after").unwrap_or("").to_string(),
+                param(params, "after_filter").unwrap_or("").to_string(),
+            );
             subscriptions(state, filter, after, limit(params)?).await
         }
         "/api/v1/retained" => {
@@ -231,7 +234,12 @@ async fn disconnect(state: &State, id: &str) -> Result<Resp, ApiError> {
     }
 }
 
-async fn subscriptions(state: &State, filter: Option<String>, after: String, limit: usize) -> Result<Resp, ApiError> {
+async fn subscriptions(
+    state: &State,
+    filter: Option<String>,
+    after: (String, String),
+    limit: usize,
+) -> Result<Resp, ApiError> {
     let mut items = Vec::new();
     let mut total = 0;
     for r in state.ask_all(AdminQuery::Subscriptions { filter, after, limit }).await? {
@@ -242,11 +250,15 @@ async fn subscriptions(state: &State, filter: Option<String>, after: String, lim
     }
     items.sort_by(|a, b| (&a.client_id, &a.filter).cmp(&(&b.client_id, &b.filter)));
     items.truncate(limit);
+    // The cursor of the next page: the last (client id, filter) of this one.
+    let next = (total > items.len()).then(|| items.last()).flatten();
     Ok(json_resp(
         StatusCode::OK,
         &json!({
             "items": items.iter().map(|s| json!({"client_id": s.client_id, "filter": s.filter, "qos": s.qos, "shard": s.shard})).collect::<Vec<_>>(),
             "total": total,
+            "next_after": next.map(|s| &s.client_id),
+            "next_after_filter": next.map(|s| &s.filter),
         }),
     ))
 }

@@ -181,6 +181,13 @@ def test_admin_api_every_route(hbroker, paho):
     subs = get_json(hbroker, "/api/v1/subscriptions?filter=fleet/%2B/speed")
     assert [(s["client_id"], s["qos"]) for s in subs["items"]] == [("dev-a", 1), ("dev-b", 0)]
     assert get_json(hbroker, "/api/v1/subscriptions")["total"] == 3
+    # Paging runs through one client's subscriptions too: (client id, filter) is the cursor.
+    a.subscribe("fleet/+/rpm", qos=0)
+    p1 = get_json(hbroker, "/api/v1/subscriptions?limit=1")
+    assert [(s["client_id"], s["filter"]) for s in p1["items"]] == [("dev-a", "fleet/+/rpm")]
+    p2 = get_json(hbroker, f"/api/v1/subscriptions?limit=2&after={p1['next_after']}&after_filter=fleet/%2B/rpm")
+    assert [(s["client_id"], s["filter"]) for s in p2["items"]] == [("dev-a", "fleet/+/speed"), ("dev-b", "fleet/+/speed")]
+    assert p2["next_after"] == "dev-b" and p2["next_after_filter"] == "fleet/+/speed"
     assert "not a valid topic filter" in get_json(hbroker, "/api/v1/subscriptions?filter=a/%23/b", expect=400)["error"]
 
     # Disconnect a real client: MQTT 5 hears 0x98 (administrative action).

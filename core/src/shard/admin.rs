@@ -51,10 +51,11 @@ pub enum AdminQuery {
     Disconnect {
         client_id: String,
     },
-    /// Subscriptions, all or those with exactly `filter`, sorted by (client, filter).
+    /// Subscriptions, all or those with exactly `filter`, sorted by (client, filter), after
+    /// the cursor `after` = (client id, filter) only.
     Subscriptions {
         filter: Option<String>,
-        after: String,
+        after: (String, String),
         limit: usize,
     },
     /// Retained messages matching `filter`, at most `limit`.
@@ -312,10 +313,14 @@ impl Shard {
                 }
                 let mut items = Vec::new();
                 for s in self.sessions.values() {
-                    if *s.client_id <= *after.as_str() {
+                    if *s.client_id < *after.0.as_str() {
                         continue;
                     }
+                    let same_client = *s.client_id == *after.0.as_str();
                     for (f, sub) in &s.subs {
+                        if same_client && *f <= after.1 {
+                            continue;
+                        }
                         if filter.as_ref().is_none_or(|want| want == f) {
                             items.push(SubscriptionInfo {
                                 client_id: s.client_id.to_string(),

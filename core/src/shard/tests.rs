@@ -1602,7 +1602,7 @@ fn admin_refuses_a_page_over_the_bound_and_a_malformed_filter() {
     let mut w = World::new(1, Limits::default());
     let big = AdminQuery::Clients { search: String::new(), after: String::new(), limit: PAGE_MAX + 1 };
     assert!(matches!(&ask_all(&mut w, big)[0], AdminReply::Refused(why) if why.contains("page maximum")));
-    let bad = AdminQuery::Subscriptions { filter: Some("a/#/b".into()), after: String::new(), limit: 10 };
+    let bad = AdminQuery::Subscriptions { filter: Some("a/#/b".into()), after: Default::default(), limit: 10 };
     assert!(matches!(&ask_all(&mut w, bad)[0], AdminReply::Refused(why) if why.contains("a/#/b")));
     let tap = AdminQuery::LiveWatch { tap: 1, filter: "+x".into() };
     assert!(matches!(&ask_all(&mut w, tap)[0], AdminReply::Refused(_)));
