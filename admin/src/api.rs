@@ -447,7 +447,8 @@ async fn mappings(state: &State) -> Result<Resp, ApiError> {
             "records_read": c.records_read,
             "messages_published": c.messages_published,
             "records_skipped": c.records_skipped,
-            "missing_topics": inbound_missing.iter().filter(|(n, _)| *n == m.name).map(|(_, t)| t.clone()).collect::<Vec<_>>(),
+            "missing_topics": inbound_missing.iter().filter(|(n, _, _)| *n == m.name).map(|(_, t, _)| t.clone()).collect::<Vec<_>>(),
+            "missing_topic_attempts": inbound_missing.iter().filter(|(n, _, _)| *n == m.name).map(|(_, _, a)| *a).sum::<u64>(),
             "partitions": lag.iter().filter(|((n, _, _), _)| *n == m.name).map(|((_, t, p), l)| json!({
                 "topic": t, "partition": p, "next_offset": l.next_offset, "high_watermark": l.high_watermark, "lag": l.lag(),
             })).collect::<Vec<_>>(),

@@ -305,7 +305,7 @@ pub(crate) fn render(state: &State, snaps: &[Snapshot]) -> String {
                 o.sample("sluice_kafka_topic_missing", &[("cluster", &c.name), ("mapping", m), ("topic", t)], 1);
             }
         }
-        for (m, t) in k.inbound_missing() {
+        for (m, t, _) in k.inbound_missing() {
             o.sample("sluice_kafka_topic_missing", &[("cluster", ""), ("mapping", &m), ("topic", &t)], 1);
         }
     }

@@ -66,8 +66,8 @@ pub struct KafkaHealth {
     clusters: Mutex<Vec<ClusterState>>,
     /// `(mapping, topic, partition)` → lag.
     lag: Mutex<BTreeMap<(String, String, i32), PartitionLag>>,
-    /// Kafka → MQTT mappings whose topic is missing: `(mapping, topic)`.
-    inbound_missing: Mutex<Vec<(String, String)>>,
+    /// Kafka → MQTT mappings whose topic is missing: `(mapping, topic, attempts so far)`.
+    inbound_missing: Mutex<Vec<(String, String, u64)>>,
     /// Per MQTT → Kafka mapping (index as the router numbers them).
     dead_lettered: Vec<AtomicU64>,
     mapping_names: Vec<String>,
@@ -102,7 +102,8 @@ impl KafkaHealth {
         self.lag.lock().map(|l| l.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default()
     }
 
-    pub fn inbound_missing(&self) -> Vec<(String, String)> {
+    /// `(mapping, topic, attempts so far)` of Kafka → MQTT topics not found (yet).
+    pub fn inbound_missing(&self) -> Vec<(String, String, u64)> {
         self.inbound_missing.lock().map(|m| m.clone()).unwrap_or_default()
     }
 
@@ -125,17 +126,17 @@ impl KafkaHealth {
         }
     }
 
-    /// A Kafka → MQTT mapping's topic is missing (`true`) or was found.
+    /// A Kafka → MQTT mapping's topic was missing at one more attempt (`true`), or was found.
     pub(crate) fn set_inbound_missing(&self, mapping: &str, topic: &str, missing: bool) {
         let Ok(mut m) = self.inbound_missing.lock() else { return };
-        let entry = (mapping.to_string(), topic.to_string());
-        let at = m.iter().position(|e| *e == entry);
+        let at = m.iter().position(|(mm, t, _)| mm == mapping && t == topic);
         match (missing, at) {
-            (true, None) => m.push(entry),
+            (true, Some(i)) => m[i].2 += 1,
+            (true, None) => m.push((mapping.to_string(), topic.to_string(), 1)),
             (false, Some(i)) => {
                 m.remove(i);
             }
-            _ => {}
+            (false, None) => {}
         }
     }
 }

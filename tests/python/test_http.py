@@ -357,6 +357,37 @@ def test_a_mapping_to_a_missing_topic_is_reported(kafka):
         b.stop()
 
 
+def test_missing_topics_are_said_once_and_plainly(kafka, capfd):
+    config = f"""
+[kafka.clusters.default]
+bootstrap = ["{kafka.bootstrap}"]
+
+[[kafka_to_mqtt]]
+name = "cmds"
+cluster = "default"
+kafka_topics = ["no-such-in"]
+mqtt_topics = ["c/${{key}}"]
+
+[[mqtt_to_kafka]]
+name = "tele"
+filters = ["t/#"]
+destinations = [{{ cluster = "default", topic = "no-such-out" }}]
+"""
+    b = broker_with(*HTTP_ARGS, config=config)
+    try:
+        cmds = lambda: next(m for m in get_json(b, "/api/v1/mappings")["items"] if m["name"] == "cmds")
+        # Each shard's Kafka thread retries every second; three rounds each.
+        wait_for(lambda: cmds()["missing_topic_attempts"] >= 6, "retries of the missing topic", timeout=30)
+        assert cmds()["missing_topics"] == ["no-such-in"]
+        err = capfd.readouterr().err
+        # Logged once per shard's Kafka thread, not once per retry.
+        assert err.count("kafka_to_mqtt: topic not available") == 2, err
+        assert "mapping `tele` names Kafka topic `no-such-out`, which cluster `default` does not have" in err, err
+        assert "auto_create_topics = true" in err
+    finally:
+        b.stop()
+
+
 def test_openapi_file_matches_the_server(hbroker, paho):
     st = shutil.which("schemathesis") or pytest.fail("schemathesis missing: scripts/install-test-deps installs it")
     paho(hbroker.shard(0), "api-client").subscribe("x/#")
