@@ -519,3 +519,26 @@ pub(crate) async fn readyz(state: &State) -> Resp {
     });
     json_resp(if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, &body)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_path_is_percent_decoded_and_a_bad_escape_refused() {
+        assert_eq!(percent_decode("car%2F1%20x").unwrap(), "car/1 x");
+        assert!(percent_decode("bad%zz").is_err());
+        assert!(percent_decode("cut%4").is_err());
+        assert!(percent_decode("%ff").is_err(), "not UTF-8");
+    }
+
+    #[test]
+    fn quantiles_are_bucket_upper_bounds() {
+        let mut b = [0u64; sluice_core::shard::LATENCY_BUCKETS_US.len() + 1];
+        assert_eq!(quantile(&b, 0.5), None);
+        b[1] = 98; // ≤ 1 ms
+        b[6] = 2; // ≤ 50 ms
+        assert_eq!(quantile(&b, 0.5), Some(0.001));
+        assert_eq!(quantile(&b, 0.99), Some(0.05));
+    }
+}

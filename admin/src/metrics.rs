@@ -311,3 +311,16 @@ pub(crate) fn render(state: &State, snaps: &[Snapshot]) -> String {
     }
     o.0
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped_as_the_text_format_says() {
+        assert_eq!(escape("a\\b\"c\nd"), "a\\\\b\\\"c\\nd");
+        let mut o = Out(String::new());
+        o.sample("x_total", &[("error", "no \"answer\"\n")], 1);
+        assert_eq!(o.0, "x_total{error=\"no \\\"answer\\\"\\n\"} 1\n");
+    }
+}

@@ -227,3 +227,16 @@ pub(crate) fn only(method: &Method, allowed: &[Method]) -> Result<(), ApiError> 
         Err(ApiError { status: StatusCode::METHOD_NOT_ALLOWED, message: format!("method {method} not allowed here") })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::same;
+
+    #[test]
+    fn credentials_compare_whole() {
+        assert!(same(b"s3cret", b"s3cret"));
+        assert!(!same(b"s3cret", b"s3cre"));
+        assert!(!same(b"s3cret", b"s3creT"));
+        assert!(!same(b"", b"x"));
+    }
+}
