@@ -388,7 +388,7 @@ destinations = [{{ cluster = "default", topic = "no-such-out" }}]
         b.stop()
 
 
-def test_openapi_file_matches_the_server(hbroker, paho):
+def test_openapi_file_matches_the_server(hbroker, paho, tmp_path):
     st = shutil.which("schemathesis") or pytest.fail("schemathesis missing: scripts/install-test-deps installs it")
     paho(hbroker.shard(0), "api-client").subscribe("x/#")
     host, port = hbroker.http
@@ -397,11 +397,14 @@ def test_openapi_file_matches_the_server(hbroker, paho):
          "--exclude-path", "/api/v1/live", "--max-examples", "20", "--checks", "all",
          "--exclude-checks", "positive_data_acceptance,unsupported_method",
          "--seed", "1"],
-        capture_output=True, text=True, timeout=300, cwd=ROOT)
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)  # its cache stays out of the tree
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
 
 
-def test_dashboard_in_headless_chromium(kafka, paho):
+def test_dashboard_in_headless_chromium(kafka, paho, tmp_path):
+    """Screenshots of each page go to a temporary directory; UPDATE_SCREENSHOTS=1 writes the
+    ones the README shows (docs/dashboard-*.png) instead."""
+    shots = ROOT / "docs" if os.environ.get("UPDATE_SCREENSHOTS") == "1" else tmp_path
     browser_dir = ROOT / "tests" / "browser"
     node = shutil.which("node") or pytest.fail("node missing: scripts/install-test-deps installs it")
     assert Path("/usr/bin/chromium").exists(), "chromium missing: scripts/install-test-deps installs it"
@@ -426,7 +429,7 @@ def test_dashboard_in_headless_chromium(kafka, paho):
         try:
             host, port = b.http
             r = subprocess.run([node, str(browser_dir / "dashboard.mjs"), f"http://{host}:{port}", "dash-victim",
-                                "dash/+/speed", str(ROOT / "docs")],
+                                "dash/+/speed", str(shots)],
                                capture_output=True, text=True, timeout=120, cwd=browser_dir)
         finally:
             stop.set()
