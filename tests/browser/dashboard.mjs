@@ -30,6 +30,7 @@ try {
 
   await page.click('nav a[data-page="mappings"]');
   await page.waitForSelector("#out-mappings tbody tr", { timeout: WAIT });
+  await page.waitForSelector("#in-mappings tbody tr", { timeout: WAIT });
   await page.waitForFunction(() => window.sluiceCharts && document.querySelector("#chart-mappings canvas"), null, { timeout: WAIT });
   await page.screenshot({ path: shots + "/dashboard-mappings.png" });
 

@@ -410,7 +410,15 @@ def test_dashboard_in_headless_chromium(kafka, paho, tmp_path):
     assert Path("/usr/bin/chromium").exists(), "chromium missing: scripts/install-test-deps installs it"
     assert (browser_dir / "node_modules" / "playwright-core").exists(), "run npm ci in tests/browser"
     kafka.create_topic("dash-t", partitions=2)
-    b = Broker(*HTTP_ARGS, "--kafka", kafka.bootstrap, "--map", "dash/#=dash-t")
+    kafka.create_topic("dash-cmd", partitions=1)
+    config = f"""
+[[kafka_to_mqtt]]
+name = "commands"
+cluster = "default"
+kafka_topics = ["dash-cmd"]
+mqtt_topics = ["cmd/${{key}}"]
+"""
+    b = broker_with(*HTTP_ARGS, "--kafka", kafka.bootstrap, "--map", "dash/#=dash-t", config=config)
     try:
         target = paho(b.shard(1), "dash-victim", v5=True)
         target.subscribe("dash/#", qos=0)
