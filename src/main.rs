@@ -341,12 +341,18 @@ fn start_http(
 ) -> anyhow::Result<Vec<tokio::sync::mpsc::Receiver<sluice_net::control::ControlRequest>>> {
     let (senders, receivers) = sluice_net::control::channels(n_shards);
     let listen = h.listen.parse().context("http.listen")?;
+    let tls = match (&h.cert_file, &h.key_file) {
+        (Some(cert), Some(key)) => Some(sluice_admin::tls_config(cert, key)?),
+        _ => None,
+    };
+    let https = tls.is_some();
     let addr = sluice_admin::spawn(
         sluice_admin::HttpSettings {
             listen,
             token: h.token.clone(),
             username: h.username.clone(),
             password: h.password.clone(),
+            tls,
         },
         sluice_admin::Sources {
             shards: senders,
@@ -357,7 +363,7 @@ fn start_http(
             spill_max_bytes: cfg.kafka.spill_max_bytes_per_shard,
         },
     )?;
-    tracing::info!(%addr, auth = h.token.is_some() || h.username.is_some(), "HTTP endpoint listening (/metrics, /healthz, /readyz, /api/v1, dashboard at /)");
+    tracing::info!(%addr, https, auth = h.token.is_some() || h.username.is_some(), "HTTP endpoint listening (/metrics, /healthz, /readyz, /api/v1, dashboard at /)");
     if print {
         use std::io::Write;
         let mut out = std::io::stdout().lock();

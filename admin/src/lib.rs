@@ -15,8 +15,8 @@
 //! Figures come from the shards' own plain counters, asked for when needed ([`AdminQuery`]
 //! over each shard's control channel) and summed here: no counter is shared between cores.
 //!
-//! Bounds: [`HTTP_CONNECTIONS_MAX`] connections (more are closed at accept), request headers
-//! read within 10 s, request bodies ignored past [`REQUEST_BODY_MAX`] (413), a page of at most
+//! Bounds: [`HTTP_CONNECTIONS_MAX`] connections (more are closed at accept), a TLS handshake
+//! and then the request headers each within 10 s, request bodies ignored past [`REQUEST_BODY_MAX`] (413), a page of at most
 //! [`sluice_core::shard::PAGE_MAX`] items, [`LIVE_STREAMS_MAX`] live views at once, each shard's
 //! answer within [`SHARD_ANSWER_TIMEOUT`] (else 503).
 //!
@@ -55,6 +55,22 @@ pub struct HttpSettings {
     pub token: Option<String>,
     pub username: Option<String>,
     pub password: Option<String>,
+    /// HTTPS with this configuration ([`tls_config`]); plain HTTP without.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+/// The HTTPS configuration from `[http] cert_file` and `key_file` (PEM), TLS 1.2 and 1.3,
+/// ALPN `http/1.1`.
+pub fn tls_config(cert_file: &str, key_file: &str) -> Result<Arc<rustls::ServerConfig>, StartError> {
+    let chain = sluice_pem::read_certs("http.cert_file", cert_file).map_err(StartError::Pem)?;
+    let key = sluice_pem::read_key("http.key_file", key_file).map_err(StartError::Pem)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .and_then(|b| b.with_no_client_auth().with_single_cert(chain, key))
+        .map_err(|error| StartError::Tls { cert_file: cert_file.to_string(), error })?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
 }
 
 /// Whether every listener of every shard is bound: the binary counts them as the shards report.
@@ -104,6 +120,10 @@ pub enum StartError {
     Listen { addr: SocketAddr, source: std::io::Error },
     #[error("cannot start the HTTP thread")]
     Thread { source: std::io::Error },
+    #[error(transparent)]
+    Pem(sluice_pem::PemError),
+    #[error("http.cert_file {cert_file}: {error}")]
+    Tls { cert_file: String, error: rustls::Error },
 }
 
 /// Binds `settings.listen` and serves it on the `sluice-http` thread until the process ends.

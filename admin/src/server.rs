@@ -159,6 +159,7 @@ pub(crate) async fn serve(listener: std::net::TcpListener, settings: HttpSetting
         refused_connections: AtomicU64::new(0),
     });
     let permits = Arc::new(Semaphore::new(HTTP_CONNECTIONS_MAX));
+    let tls = state.settings.tls.clone().map(tokio_rustls::TlsAcceptor::from);
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
@@ -175,19 +176,39 @@ pub(crate) async fn serve(listener: std::net::TcpListener, settings: HttpSetting
             continue;
         };
         let state = state.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(&state, req).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), svc);
-            let _ = conn.await;
+            match tls {
+                Some(acceptor) => {
+                    // A handshake that does not finish in time holds no connection slot longer.
+                    if let Ok(Ok(s)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        serve_connection(state, s).await;
+                    }
+                }
+                None => serve_connection(state, stream).await,
+            }
             drop(permit);
         });
     }
+}
+
+/// A TLS handshake (HTTPS) must finish within this long after accept.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One HTTP/1.1 connection, plain or TLS, until it closes; request headers within 10 s.
+async fn serve_connection<IO>(state: Arc<State>, io: IO)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req| {
+        let state = state.clone();
+        async move { Ok::<_, Infallible>(handle(&state, req).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .serve_connection(TokioIo::new(io), svc);
+    let _ = conn.await;
 }
 
 async fn handle(state: &Arc<State>, req: Request<Incoming>) -> Resp {

@@ -41,6 +41,9 @@ pub struct HttpConfig {
     pub token: Option<String>,
     pub username: Option<String>,
     pub password: Option<String>,
+    /// HTTPS: PEM certificate chain and key (both or neither).
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
 }
 
 impl HttpConfig {
@@ -54,6 +57,9 @@ impl HttpConfig {
         }
         if self.token.as_deref().is_some_and(str::is_empty) {
             return err("token", "must not be empty");
+        }
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            return err("key_file", "cert_file and key_file go together");
         }
         let open = self.token.is_none() && self.username.is_none();
         if open && !addr.ip().is_loopback() {

@@ -2,6 +2,7 @@
 /readyz following Kafka (tansu paused and resumed), every admin API route against real paho
 clients, the OpenAPI file checked by schemathesis, and the dashboard in headless Chromium."""
 import base64
+import http.client
 import json
 import os
 import shutil
@@ -141,6 +142,27 @@ def test_health_checks_need_no_credentials_the_rest_does(paho):
         assert get(b, "/api/v1/clients", headers=basic("admin", "nope"))[0] == 401
         # A browser cannot send a bearer token: the token works as a basic-auth password.
         assert get(b, "/", headers=basic("anyone", "s3cret"))[0] == 200
+    finally:
+        b.stop()
+
+
+def test_https_with_the_configured_certificate(tmp_path):
+    import ssl
+    from test_kafka_tls import make_certs
+    make_certs(tmp_path)
+    config = (f'[http]\nlisten = "127.0.0.1:0"\ncert_file = "{tmp_path}/server.pem"\n'
+              f'key_file = "{tmp_path}/server.key"\n')
+    b = broker_with(config=config)
+    try:
+        host, port = b.http
+        ctx = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        with urllib.request.urlopen(f"https://{host}:{port}/healthz", context=ctx, timeout=WAIT) as r:
+            assert r.status == 200 and r.read() == b"ok\n"
+        with urllib.request.urlopen(f"https://{host}:{port}/metrics", context=ctx, timeout=WAIT) as r:
+            assert any(f.name == "sluice_sessions" for f in text_string_to_metric_families(r.read().decode()))
+        # Plain HTTP to the HTTPS port gets no HTTP answer.
+        with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+            urllib.request.urlopen(f"http://{host}:{port}/healthz", timeout=WAIT).read()
     finally:
         b.stop()
 
