@@ -490,7 +490,9 @@ async fn spill(state: &State) -> Result<Resp, ApiError> {
 }
 
 /// Ready: every listener bound, and every cluster a mapping needs answering — or, while one
-/// does not, every shard spilling with room left in its log.
+/// does not, the outage path at work: some shard spilling (publishers acknowledged from disk)
+/// and no shard's log at its limit. An idle broker whose Kafka is gone is not ready: nothing
+/// has shown that its spill log takes the records.
 pub(crate) async fn readyz(state: &State) -> Resp {
     let (bound, expected) = state.sources.listeners.counts();
     let listeners_up = bound >= expected;
@@ -499,8 +501,8 @@ pub(crate) async fn readyz(state: &State) -> Resp {
     let mut spill_ok = false;
     if !kafka_ok {
         if let Ok(snaps) = snapshots(state).await {
-            spill_ok = !snaps.is_empty()
-                && snaps.iter().all(|s| s.spilling && s.spill.is_some_and(|x| x.1 < state.sources.spill_max_bytes));
+            spill_ok = snaps.iter().any(|s| s.spilling)
+                && snaps.iter().all(|s| s.spill.is_none_or(|x| x.1 < state.sources.spill_max_bytes));
         }
     }
     let missing: Vec<Value> = clusters

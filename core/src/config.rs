@@ -816,6 +816,24 @@ mod tests {
     }
 
     #[test]
+    fn http_settings_are_validated_and_named() {
+        let load = |t: &str| Config::from_toml(&format!("[http]\n{t}"));
+        assert!(load("listen = \"127.0.0.1:8080\"").is_ok());
+        for (text, key) in [
+            ("listen = \"localhost\"", "http.listen"),
+            ("listen = \"0.0.0.0:8080\"", "http.listen"),
+            ("listen = \"127.0.0.1:8080\"\nusername = \"a\"", "http.password"),
+            ("listen = \"127.0.0.1:8080\"\ntoken = \"\"", "http.token"),
+            ("listen = \"127.0.0.1:8080\"\ncert_file = \"c.pem\"", "http.key_file"),
+        ] {
+            assert_eq!(load(text).unwrap_err().key, key, "{text}");
+        }
+        // Credentials make a non-loopback address acceptable.
+        assert!(load("listen = \"0.0.0.0:8080\"\ntoken = \"t\"").is_ok());
+        assert!(load("listen = \"0.0.0.0:8080\"\nusername = \"a\"\npassword = \"b\"").is_ok());
+    }
+
+    #[test]
     fn cpusets() {
         assert_eq!(parse_cpuset("0,2-4").unwrap(), vec![0, 2, 3, 4]);
         assert_eq!(parse_cpuset(" 1 , 2-x").unwrap_err(), CpusetError::Bad { part: "2-x".into(), at: 5 });

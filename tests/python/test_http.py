@@ -367,6 +367,39 @@ def test_kafka_metrics_and_readyz_follows_kafka(kafka, paho):
         b.stop()
 
 
+def test_readyz_stays_ready_while_publishers_are_acknowledged_from_the_spill_log(kafka, paho):
+    kafka.create_topic("obs-spill", partitions=1)
+    config = f"""
+[kafka.clusters.default]
+bootstrap = ["{kafka.bootstrap}"]
+delivery_timeout_ms = 1000
+
+[[mqtt_to_kafka]]
+name = "spilled"
+filters = ["s/#"]
+destinations = [{{ cluster = "default", topic = "obs-spill" }}]
+"""
+    b = broker_with(*HTTP_ARGS, config=config)
+    try:
+        wait_for(lambda: get(b, "/readyz")[0] == 200, "ready with Kafka up")
+        pub = paho(b.shard(0), "s-pub")
+        kafka.pause()
+        try:
+            wait_for(lambda: get(b, "/readyz")[0] == 503, "unready: Kafka gone, nothing spilled yet", timeout=20)
+            # Kafka does not answer within the delivery time-out: the record goes to the spill
+            # log and the publisher is acknowledged from disk.
+            pub.publish("s/1", b"kept", qos=1)
+            status, body, _ = wait_for(lambda: (lambda r: r if r[0] == 200 else None)(get(b, "/readyz")), "ready again")
+            assert json.loads(body)["spilling_within_limit"] is True
+            spill = get_json(b, "/api/v1/spill")["items"]
+            assert spill[0]["spilling"] and spill[0]["records"] >= 1, spill
+        finally:
+            kafka.resume()
+        assert [m.value() for m in kafka.consume("obs-spill", 1)] == [b"kept"]
+    finally:
+        b.stop()
+
+
 def test_a_mapping_to_a_missing_topic_is_reported(kafka):
     b = Broker(*HTTP_ARGS, "--kafka", kafka.bootstrap, "--map", "devices/#=no-such-topic")
     try:
