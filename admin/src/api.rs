@@ -419,6 +419,7 @@ async fn mappings(state: &State) -> Result<Resp, ApiError> {
                 "records_retried": st.records_retried,
                 "records_spilled": st.records_spilled,
                 "records_dropped": st.records_dropped,
+                "records_in_flight": st.in_flight,
                 "ack_latency_p50_seconds": quantile(&st.latency_buckets, 0.5),
                 "ack_latency_p99_seconds": quantile(&st.latency_buckets, 0.99),
             })).collect::<Vec<_>>(),

@@ -190,11 +190,15 @@ pub(crate) fn render(state: &State, snaps: &[Snapshot]) -> String {
         o.sample(&format!("{name}_sum"), &[("mapping", m), ("cluster", c)], st.latency_us_sum as f64 / 1e6);
         o.sample(&format!("{name}_count"), &[("mapping", m), ("cluster", c)], cumulative);
     }
+    o.family("sluice_kafka_records_in_flight", "gauge", "Records routed whose Kafka answer the shards wait for.");
+    for ((m, c), st) in &pairs {
+        o.sample("sluice_kafka_records_in_flight", &[("mapping", m), ("cluster", c)], st.in_flight);
+    }
     per_shard(
         &mut o,
-        "sluice_kafka_records_in_flight",
+        "sluice_kafka_pending_records",
         "gauge",
-        "Records handed to Kafka and not answered yet, per shard.",
+        "Records counted against max_pending_records_per_shard, per shard.",
         &|s| s.kafka_pending,
     );
     if let Some(k) = &state.sources.kafka {

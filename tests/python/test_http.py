@@ -345,6 +345,7 @@ def test_kafka_metrics_and_readyz_follows_kafka(kafka, paho):
         assert grew("sluice_kafka_records_produced_total") == n
         assert grew("sluice_kafka_messages_total") == n
         assert grew("sluice_kafka_ack_latency_seconds_count") == n
+        assert total(fam, "sluice_kafka_records_in_flight", **lab) == 0, "every record was answered"
         hist = next(f for f in fam if f.name == "sluice_kafka_ack_latency_seconds")
         assert hist.type == "histogram"
         buckets = [s for s in hist.samples if s.name.endswith("_bucket")]
