@@ -32,7 +32,20 @@ fn bytes_json(b: &[u8]) -> Value {
     }
 }
 
-fn sample_json(s: &LiveSample) -> Value {
+/// Where a record goes: the mapping's partition, the producers' placement by key (when the
+/// probe knows the topic's partitions), or the sticky partition of keyless records.
+fn placement(state: &State, r: &sluice_core::shard::LiveRecord) -> (Option<i32>, &'static str) {
+    match (r.partition, &r.key) {
+        (Some(p), _) => (Some(p), "mapping"),
+        (None, Some(k)) => {
+            let p = state.sources.kafka.as_ref().and_then(|h| h.partition_for_key(&r.cluster, &r.topic, k));
+            (p, "key")
+        }
+        (None, None) => (None, "sticky"),
+    }
+}
+
+fn sample_json(state: &State, s: &LiveSample) -> Value {
     json!({
         "time_ms": s.wall_ms,
         "topic": s.topic,
@@ -42,11 +55,12 @@ fn sample_json(s: &LiveSample) -> Value {
         "retain": s.retain,
         "client_id": s.client_id,
         "shard": s.shard,
-        "kafka": s.records.iter().map(|r| json!({
+        "kafka": s.records.iter().map(|r| (r, placement(state, r))).map(|(r, (partition, by))| json!({
             "mapping": r.mapping,
             "cluster": r.cluster,
             "topic": r.topic,
-            "partition": r.partition,
+            "partition": partition,
+            "partition_by": by,
             "key": r.key.as_deref().map(bytes_json),
             "headers": r.headers.iter().map(|(k, v)| json!([k, bytes_json(v)])).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
@@ -76,7 +90,7 @@ pub(crate) async fn stream(state: &Arc<State>, filter: String) -> Result<Resp, A
                     lost |= !b.known;
                     skipped += b.skipped;
                     for s in &b.samples {
-                        out.push_str(&format!("data: {}\n\n", sample_json(s)));
+                        out.push_str(&format!("data: {}\n\n", sample_json(&st, s)));
                     }
                 }
             }

@@ -29,6 +29,8 @@ pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Partitions whose lag is kept, at most (the rest are not reported).
 pub const LAG_PARTITIONS_MAX: usize = 10_000;
+/// Topics whose partition count is kept per cluster (for the live view's placement), at most.
+pub const TOPICS_MAX: usize = 10_000;
 
 /// One cluster as the probe last saw it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -71,6 +73,8 @@ pub struct KafkaHealth {
     /// Per MQTT → Kafka mapping (index as the router numbers them).
     dead_lettered: Vec<AtomicU64>,
     mapping_names: Vec<String>,
+    /// Per cluster (index), partitions of each topic, as the last probe listed them.
+    partitions: Mutex<Vec<std::collections::HashMap<String, i32>>>,
 }
 
 impl KafkaHealth {
@@ -86,6 +90,7 @@ impl KafkaHealth {
             inbound_missing: Mutex::new(Vec::new()),
             dead_lettered: outbound.iter().map(|_| AtomicU64::new(0)).collect(),
             mapping_names: outbound.iter().map(|m| m.name.clone()).collect(),
+            partitions: Mutex::new(vec![Default::default(); cluster_names.len()]),
         }
     }
 
@@ -110,6 +115,18 @@ impl KafkaHealth {
     /// `(mapping, records dead-lettered)` per MQTT → Kafka mapping.
     pub fn dead_lettered(&self) -> Vec<(String, u64)> {
         self.mapping_names.iter().cloned().zip(self.dead_lettered.iter().map(|c| c.load(Ordering::Relaxed))).collect()
+    }
+
+    /// The partition a keyed record goes to (the producers' murmur2 placement), when the
+    /// probe knows the topic; `None` otherwise.
+    pub fn partition_for_key(&self, cluster: &str, topic: &str, key: &[u8]) -> Option<i32> {
+        let i = self.mapping_cluster_index(cluster)?;
+        let n = *self.partitions.lock().ok()?.get(i)?.get(topic)?;
+        (n > 0).then(|| sluice_core::bridge::partition_for_key(key, n))
+    }
+
+    fn mapping_cluster_index(&self, cluster: &str) -> Option<usize> {
+        self.clusters.lock().ok()?.iter().position(|c| c.name == cluster)
     }
 
     pub(crate) fn count_dead_letter(&self, mapping: u16) {
@@ -186,7 +203,14 @@ pub(crate) async fn probe(
             })
             .await
             {
-                Ok(Ok(topics)) => Ok(topics.into_iter().map(|t| t.name).collect::<std::collections::HashSet<_>>()),
+                Ok(Ok(topics)) => {
+                    let counts: std::collections::HashMap<String, i32> =
+                        topics.into_iter().take(TOPICS_MAX).map(|t| (t.name, t.partitions.len() as i32)).collect();
+                    if let Some(slot) = health.partitions.lock().ok().as_mut().and_then(|p| p.get_mut(i)) {
+                        *slot = counts.clone();
+                    }
+                    Ok(counts)
+                }
                 Ok(Err(e)) => Err(e.to_string()),
                 Err(_) => Err(format!("no answer within {} ms", PROBE_TIMEOUT.as_millis())),
             };
@@ -204,7 +228,7 @@ pub(crate) async fn probe(
                     state.connected = true;
                     state.missing_topics = required
                         .iter()
-                        .filter(|(c, _, t)| *c == i && !auto_create && !topics.contains(t))
+                        .filter(|(c, _, t)| *c == i && !auto_create && !topics.contains_key(t))
                         .map(|(_, m, t)| (m.clone(), t.clone()))
                         .collect();
                 }

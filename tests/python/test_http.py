@@ -292,6 +292,8 @@ def test_live_view_shows_published_messages_and_their_kafka_records(kafka, paho)
     kafka.create_topic("live-t", partitions=2)
     b = Broker(*HTTP_ARGS, "--kafka", kafka.bootstrap, "--map", "cars/#=live-t")
     try:
+        # Ready: the probe has listed the cluster's topics (the live view places keyed records).
+        wait_for(lambda: get(b, "/readyz")[0] == 200, "ready")
         host, port = b.http
         resp = urllib.request.urlopen(f"http://{host}:{port}/api/v1/live?filter=cars/%2B/speed", timeout=WAIT)
         assert resp.headers["Content-Type"] == "text/event-stream"
@@ -323,6 +325,10 @@ def test_live_view_shows_published_messages_and_their_kafka_records(kafka, paho)
         assert all(x["topic"].startswith("cars/") for x in samples)
         [rec] = s["kafka"]
         assert rec["topic"] == "live-t" and rec["cluster"] == "default" and rec["key"] == "cars/7/speed"
+        # Placed by key as the producers place it: the record is in that partition in Kafka.
+        assert rec["partition_by"] == "key" and rec["partition"] in (0, 1), rec
+        got = kafka.consume("live-t", 1)
+        assert got and got[0].key() == b"cars/7/speed" and got[0].partition() == rec["partition"]
         assert ["mqtt.topic", "cars/7/speed"] in rec["headers"]
         resp.close()
     finally:

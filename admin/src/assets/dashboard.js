@@ -194,7 +194,7 @@ $("#live-form").addEventListener("submit", (e) => {
     tr.className = "live-row";
     cell(tr, new Date(m.time_ms).toISOString().slice(11, 23)); cell(tr, m.topic);
     tr.append(el("td", text(m.payload), "payload")); cell(tr, m.qos); cell(tr, m.client_id);
-    cell(tr, m.kafka.length ? m.kafka.map((k) => k.cluster + ":" + k.topic + (k.partition === null ? " (partition by key)" : " p" + k.partition) +
+    cell(tr, m.kafka.length ? m.kafka.map((k) => k.cluster + ":" + k.topic + (k.partition === null ? " (partition: " + k.partition_by + ")" : " partition " + k.partition) +
       " key=" + text(k.key) + " headers=" + k.headers.map((h) => h[0] + "=" + text(h[1])).join(",")).join(" | ") : "not bridged");
     const body = $("#live tbody");
     body.prepend(tr);
