@@ -246,12 +246,14 @@ fn matches_page(id: &str, search: &str, after: &str) -> bool {
     id > after && (search.is_empty() || id.contains(search))
 }
 
-/// Keeps the `limit` smallest by key (the page), sorted.
-fn page_of<T>(mut items: Vec<T>, limit: usize, key: impl Fn(&T) -> &str) -> Page<T> {
-    let total = items.len();
-    items.sort_unstable_by(|a, b| key(a).cmp(key(b)));
+/// Keeps the `limit` smallest by key, sorted: O(n) selection, then sorting only the page (no
+/// per-item work for what the page does not show).
+fn smallest<T>(items: &mut Vec<T>, limit: usize, order: impl Fn(&T, &T) -> std::cmp::Ordering) {
+    if items.len() > limit && limit > 0 {
+        items.select_nth_unstable_by(limit - 1, &order);
+    }
     items.truncate(limit);
-    Page { items, total }
+    items.sort_unstable_by(order);
 }
 
 impl Shard {
@@ -270,22 +272,10 @@ impl Shard {
                 AdminReply::Refused(format!("limit {limit} is above the page maximum {PAGE_MAX}"))
             }
             AdminQuery::Clients { search, after, limit } => {
-                let items = self
-                    .sessions
-                    .values()
-                    .filter(|s| s.conn.is_some() && matches_page(&s.client_id, &search, &after))
-                    .map(|s| self.client_info(s, false))
-                    .collect();
-                AdminReply::Clients(page_of(items, limit, |c| &c.client_id))
+                AdminReply::Clients(self.session_page(true, &search, &after, limit))
             }
             AdminQuery::Sessions { search, after, limit } => {
-                let items = self
-                    .sessions
-                    .values()
-                    .filter(|s| matches_page(&s.client_id, &search, &after))
-                    .map(|s| self.client_info(s, false))
-                    .collect();
-                AdminReply::Clients(page_of(items, limit, |c| &c.client_id))
+                AdminReply::Clients(self.session_page(false, &search, &after, limit))
             }
             AdminQuery::Client { client_id } => {
                 AdminReply::Client(self.sessions.get(client_id.as_str()).map(|s| self.client_info(s, true)))
@@ -311,7 +301,7 @@ impl Shard {
                         return AdminReply::Refused(format!("`{f}` is not a valid topic filter"));
                     }
                 }
-                let mut items = Vec::new();
+                let mut hits: Vec<(&str, &str, u8)> = Vec::new();
                 for s in self.sessions.values() {
                     if *s.client_id < *after.0.as_str() {
                         continue;
@@ -322,18 +312,21 @@ impl Shard {
                             continue;
                         }
                         if filter.as_ref().is_none_or(|want| want == f) {
-                            items.push(SubscriptionInfo {
-                                client_id: s.client_id.to_string(),
-                                filter: f.clone(),
-                                qos: sub.opts.qos,
-                                shard: self.id,
-                            });
+                            hits.push((&s.client_id, f, sub.opts.qos));
                         }
                     }
                 }
-                let total = items.len();
-                items.sort_unstable_by(|a, b| (&a.client_id, &a.filter).cmp(&(&b.client_id, &b.filter)));
-                items.truncate(limit);
+                let total = hits.len();
+                smallest(&mut hits, limit, |a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+                let items = hits
+                    .into_iter()
+                    .map(|(c, f, qos)| SubscriptionInfo {
+                        client_id: c.to_string(),
+                        filter: f.to_string(),
+                        qos,
+                        shard: self.id,
+                    })
+                    .collect();
                 AdminReply::Subscriptions(Page { items, total })
             }
             AdminQuery::Retained { filter, limit } => {
@@ -406,6 +399,19 @@ impl Shard {
                 AdminReply::Done(self.taps.len() < before)
             }
         }
+    }
+
+    /// One page of the sessions hosted here (`connected_only`: those with a connection).
+    fn session_page(&self, connected_only: bool, search: &str, after: &str, limit: usize) -> Page<ClientInfo> {
+        let mut hits: Vec<&Session> = self
+            .sessions
+            .values()
+            .filter(|s| (!connected_only || s.conn.is_some()) && matches_page(&s.client_id, search, after))
+            .map(|s| &**s)
+            .collect();
+        let total = hits.len();
+        smallest(&mut hits, limit, |a, b| a.client_id.cmp(&b.client_id));
+        Page { items: hits.into_iter().map(|s| self.client_info(s, false)).collect(), total }
     }
 
     fn snapshot(&self, now_ms: u64) -> Snapshot {

@@ -1671,3 +1671,23 @@ fn a_live_tap_samples_matching_messages_at_a_bounded_rate_and_expires_unpolled()
     let over = ask_all(&mut w, AdminQuery::LiveWatch { tap: 999, filter: "#".into() });
     assert!(matches!(&over[0], AdminReply::Refused(_)), "at most TAPS_MAX taps per shard");
 }
+
+#[test]
+#[ignore = "measurement: cargo test -p sluice-core --release -- --ignored admin_page_cost"]
+fn admin_page_cost() {
+    let mut w = World::new(1, Limits::default());
+    let n = 100_000;
+    for i in 0..n {
+        w.connect(0, i as ConnId + 1, Version::V311, &format!("dev-{i:06}"), true);
+        w.shards[0].take_output(i as ConnId + 1);
+    }
+    let t = std::time::Instant::now();
+    let q = AdminQuery::Clients { search: String::new(), after: "dev-050000".into(), limit: 100 };
+    let r = w.shards[0].admin(q, 0);
+    let page = t.elapsed();
+    let t = std::time::Instant::now();
+    let s = w.shards[0].admin(AdminQuery::Snapshot, 0);
+    eprintln!("{n} sessions: a page of 100 in {page:?}, a snapshot in {:?}", t.elapsed());
+    assert!(matches!(r, AdminReply::Clients(p) if p.items.len() == 100 && p.total == n / 2 - 1));
+    assert!(matches!(s, AdminReply::Snapshot(_)));
+}
