@@ -107,7 +107,9 @@ async function pollMappings() {
       outBody.append(tr);
     }
   }
-  lastMappings = { t: now, values: {} };
+  const prevIn = lastMappings ? lastMappings.nextIn : undefined;
+  lastMappings = { t: now, values: {}, prevIn, nextIn: {} };
+  const inRates = lastMappings.nextIn;
   for (const map of m.items.filter((x) => x.direction === "mqtt_to_kafka")) for (const c of map.clusters) lastMappings.values[map.name + "/" + c.cluster] = c.records_produced;
   if (names.length) {
     if (!mappingChart || mappingChart.names !== names.join("|")) {
@@ -120,8 +122,12 @@ async function pollMappings() {
   for (const map of m.items.filter((x) => x.direction === "kafka_to_mqtt")) {
     const tr = el("tr");
     const lag = map.partitions.reduce((a, p) => a + p.lag, 0);
+    const key = "in:" + map.name;
+    const prev = lastMappings.prevIn ? lastMappings.prevIn[key] : undefined;
+    const rate = prev !== undefined ? Math.max(0, (map.records_read - prev.v) / Math.max(now - prev.t, 0.001)) : 0;
+    inRates[key] = { v: map.records_read, t: now };
     cell(tr, map.name); cell(tr, map.cluster); cell(tr, map.kafka_topics.join(" ") || map.kafka_topic_pattern);
-    cell(tr, map.records_read); cell(tr, map.messages_published); cell(tr, map.records_skipped); cell(tr, lag);
+    cell(tr, rate.toFixed(1)); cell(tr, map.records_read); cell(tr, map.messages_published); cell(tr, map.records_skipped); cell(tr, lag);
     cell(tr, map.missing_topics.length ? "missing topic: " + map.missing_topics.join(", ") : "ok", map.missing_topics.length ? "bad" : "ok");
     inBody.append(tr);
   }
