@@ -90,6 +90,10 @@ struct Cli {
     /// Print the address each shard listens on (for scripts using port 0).
     #[arg(long)]
     print_listen: bool,
+    /// HTTP endpoint (metrics, health checks, admin API, dashboard), e.g. 127.0.0.1:8080; sets
+    /// `[http] listen` (port 0 picks a free port; --print-listen prints `http ADDR`).
+    #[arg(long, value_name = "ADDR")]
+    http: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -244,7 +248,14 @@ fn real_main() -> anyhow::Result<()> {
         if let Some(s) = &schemas {
             reload_schemas_on_sighup(s.clone())?;
         }
-        let (kafka, links) = sluice_kafka::start(&cfg.kafka.clusters, &cfg.kafka_to_mqtt, positions, &cpus, schemas)?;
+        let (kafka, links) = sluice_kafka::start(
+            &cfg.kafka.clusters,
+            &cfg.mqtt_to_kafka,
+            &cfg.kafka_to_mqtt,
+            positions,
+            &cpus,
+            schemas,
+        )?;
         let links = links
             .into_iter()
             .map(|l| sluice_net::KafkaLink { requests: l.requests, results: l.results, inbound: l.inbound })
@@ -281,6 +292,14 @@ fn real_main() -> anyhow::Result<()> {
         );
     }
     let print = cli.print_listen;
+    // Every shard binds every listener, plus its own with --shard-listen.
+    let listeners_up =
+        sluice_admin::Listeners::new(cpus.len() * (listeners.len() + usize::from(!cli.shard_listen.is_empty())));
+    let control = match &cfg.http {
+        Some(h) => start_http(h, &cfg, cpus.len(), listeners_up.clone(), kafka.as_ref(), print)?,
+        None => Vec::new(),
+    };
+    let bound = listeners_up.clone();
     sluice_net::run(
         sluice_net::RuntimeConfig {
             listeners,
@@ -292,11 +311,13 @@ fn real_main() -> anyhow::Result<()> {
             data_dir: cfg.server.data_dir.clone().into(),
             release_memory,
             access,
+            control,
         },
         bridge,
         shutdown,
         move |shard, what| {
             use sluice_net::Listening;
+            bound.bound();
             match what {
                 Listening::Listener { index, kind, addr } if shard == 0 => {
                     tracing::info!(listener = index, kind = kind.name(), %addr, "listening")
@@ -325,6 +346,50 @@ fn real_main() -> anyhow::Result<()> {
     }
     tracing::info!("sluice stopped");
     Ok(())
+}
+
+/// Starts the HTTP endpoint (`[http]`) on its own thread; returns the shards' ends of its
+/// control channels.
+fn start_http(
+    h: &sluice_core::config::HttpConfig,
+    cfg: &Config,
+    n_shards: usize,
+    listeners: Arc<sluice_admin::Listeners>,
+    kafka: Option<&sluice_kafka::KafkaBridge>,
+    print: bool,
+) -> anyhow::Result<Vec<tokio::sync::mpsc::Receiver<sluice_net::control::ControlRequest>>> {
+    let (senders, receivers) = sluice_net::control::channels(n_shards);
+    let listen = h.listen.parse().context("http.listen")?;
+    let tls = match (&h.cert_file, &h.key_file) {
+        (Some(cert), Some(key)) => Some(sluice_admin::tls_config(cert, key)?),
+        _ => None,
+    };
+    let https = tls.is_some();
+    let addr = sluice_admin::spawn(
+        sluice_admin::HttpSettings {
+            listen,
+            token: h.token.clone(),
+            username: h.username.clone(),
+            password: h.password.clone(),
+            tls,
+        },
+        sluice_admin::Sources {
+            shards: senders,
+            listeners,
+            kafka: kafka.map(|k| k.health()),
+            mqtt_to_kafka: cfg.mqtt_to_kafka.clone(),
+            kafka_to_mqtt: cfg.kafka_to_mqtt.clone(),
+            spill_max_bytes: cfg.kafka.spill_max_bytes_per_shard,
+        },
+    )?;
+    tracing::info!(%addr, https, auth = h.token.is_some() || h.username.is_some(), "HTTP endpoint listening (/metrics, /healthz, /readyz, /api/v1, dashboard at /)");
+    if print {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "http {addr}");
+        let _ = out.flush();
+    }
+    Ok(receivers)
 }
 
 /// The listeners every shard serves, by index: `--listen` (or, with no `[[listeners]]`,
@@ -482,6 +547,9 @@ fn apply_flags(cli: &Cli, cfg: &mut Config) -> anyhow::Result<()> {
     }
     if let Some(d) = cli.delivery {
         cfg.kafka.delivery = d;
+    }
+    if let Some(a) = &cli.http {
+        cfg.http.get_or_insert_with(Default::default).listen = a.clone();
     }
     for (i, m) in cli.maps.iter().enumerate() {
         let Some((filter, topic)) = m.rsplit_once('=') else {

@@ -118,6 +118,11 @@ impl TopicTemplate {
         Ok(TopicTemplate { parts, fixed })
     }
 
+    /// The topic when the template has no `{N}` levels (every record goes there).
+    pub fn fixed_topic(&self) -> Option<&str> {
+        self.fixed.as_deref()
+    }
+
     /// [`TopicTemplate::render`] as a shared string: a fixed topic costs no allocation.
     pub fn render_shared(&self, mqtt_topic: &str) -> Option<Arc<str>> {
         match &self.fixed {

@@ -30,6 +30,50 @@ pub struct Config {
     pub schemas: BTreeMap<String, crate::schemas::SchemaConfig>,
     /// `[schema_registries.NAME]`: Confluent Schema Registries.
     pub schema_registries: BTreeMap<String, crate::schemas::RegistryConfig>,
+    /// `[http]`: metrics, health checks, admin API and dashboard. Absent: no HTTP endpoint.
+    pub http: Option<HttpConfig>,
+}
+
+/// `[http]`: the HTTP endpoint (`/metrics`, `/healthz`, `/readyz`, `/api/v1/...`, the dashboard).
+/// Everything but the two health checks needs the bearer `token` or the basic-auth
+/// `username`/`password` when either is set.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address and port, e.g. `127.0.0.1:8080`.
+    pub listen: String,
+    pub token: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// HTTPS: PEM certificate chain and key (both or neither).
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
+}
+
+impl HttpConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |key: &str, problem: &str| Err(ConfigError { key: format!("http.{key}"), problem: problem.into() });
+        let Ok(addr) = self.listen.parse::<std::net::SocketAddr>() else {
+            return err("listen", "must be an IP address and port, e.g. 127.0.0.1:8080");
+        };
+        if self.username.is_some() != self.password.is_some() {
+            return err("password", "username and password go together");
+        }
+        if self.token.as_deref().is_some_and(str::is_empty) {
+            return err("token", "must not be empty");
+        }
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            return err("key_file", "cert_file and key_file go together");
+        }
+        let open = self.token.is_none() && self.username.is_none();
+        if open && !addr.ip().is_loopback() {
+            return err(
+                "listen",
+                "not a loopback address, and neither token nor username/password protects the admin API: set one, or listen on 127.0.0.1",
+            );
+        }
+        Ok(())
+    }
 }
 
 /// What a listener speaks on top of TCP. A connection's kind is invisible to the shard: the
@@ -505,6 +549,9 @@ impl Config {
         if let Some(a) = &self.auth {
             a.validate().map_err(|e| ConfigError { key: e.key, problem: e.problem })?;
         }
+        if let Some(h) = &self.http {
+            h.validate()?;
+        }
         if let Some(set) = &self.server.cpuset {
             if let Err(e) = parse_cpuset(set) {
                 return err("server.cpuset", &e.to_string());
@@ -887,6 +934,24 @@ mod tests {
             let cfg = Config::from_toml(&text).unwrap();
             assert_eq!(cfg.kafka.clusters["c"].sasl.as_ref().unwrap().mechanism, want);
         }
+    }
+
+    #[test]
+    fn http_settings_are_validated_and_named() {
+        let load = |t: &str| Config::from_toml(&format!("[http]\n{t}"));
+        assert!(load("listen = \"127.0.0.1:8080\"").is_ok());
+        for (text, key) in [
+            ("listen = \"localhost\"", "http.listen"),
+            ("listen = \"0.0.0.0:8080\"", "http.listen"),
+            ("listen = \"127.0.0.1:8080\"\nusername = \"a\"", "http.password"),
+            ("listen = \"127.0.0.1:8080\"\ntoken = \"\"", "http.token"),
+            ("listen = \"127.0.0.1:8080\"\ncert_file = \"c.pem\"", "http.key_file"),
+        ] {
+            assert_eq!(load(text).unwrap_err().key, key, "{text}");
+        }
+        // Credentials make a non-loopback address acceptable.
+        assert!(load("listen = \"0.0.0.0:8080\"\ntoken = \"t\"").is_ok());
+        assert!(load("listen = \"0.0.0.0:8080\"\nusername = \"a\"\npassword = \"b\"").is_ok());
     }
 
     #[test]

@@ -63,6 +63,7 @@ pub mod reason {
     pub const TOPIC_ALIAS_INVALID: u8 = 0x94;
     pub const PACKET_TOO_LARGE: u8 = 0x95;
     pub const QUOTA_EXCEEDED: u8 = 0x97;
+    pub const ADMINISTRATIVE_ACTION: u8 = 0x98;
     pub const PAYLOAD_FORMAT_INVALID: u8 = 0x99;
     pub const RETAIN_NOT_SUPPORTED: u8 = 0x9A;
     pub const QOS_NOT_SUPPORTED: u8 = 0x9B;

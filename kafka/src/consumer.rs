@@ -15,11 +15,15 @@ use sluice_core::inbound::{InboundMappingConfig, InboundRecord, Positions, Start
 use tokio::sync::mpsc;
 
 use crate::cluster::Cluster;
+use crate::health::{KafkaHealth, PartitionLag};
 use crate::schemas::{lock, spawn_fetch, SchemaSetup};
 use sluice_schema::check::{Cache, Inbound, Outcome};
 
 /// A mapping's record check: the operation, the thread's cache, the schemas.
 pub(crate) type Check = (Inbound, Arc<std::sync::Mutex<Cache>>, Arc<SchemaSetup>);
+
+/// A Kafka → MQTT topic that stays missing is logged again after this long.
+const MISSING_TOPIC_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// Bytes one fetch may return, and how long it waits for records (tansu holds a fetch for the
 /// whole wait even when records are there, so the wait is short: it bounds delivery latency).
@@ -36,28 +40,44 @@ pub(crate) fn spawn(
     shards: Vec<mpsc::Sender<Vec<InboundRecord>>>,
     positions: Arc<Positions>,
     check: Option<Check>,
+    health: Arc<KafkaHealth>,
 ) {
     let start_topic = {
         let (cluster, name, start) = (cluster.clone(), cfg.name.clone(), cfg.start);
+        let health = health.clone();
         move |topic: String| {
             let (cluster, shards, positions, name) = (cluster.clone(), shards.clone(), positions.clone(), name.clone());
             let check = check.clone();
+            let health = health.clone();
             tokio::spawn(async move {
                 let topic: Arc<str> = topic.into();
+                // Retried every second; logged at the first failure, then at most once per
+                // MISSING_TOPIC_LOG_EVERY (the state is on /readyz and the dashboard meanwhile).
+                let mut last_log: Option<std::time::Instant> = None;
                 let partitions = loop {
                     match cluster.partitions(&topic, std::time::Instant::now() + cluster.request_timeout()).await {
                         Ok(n) => break n,
                         Err(e) => {
-                            tracing::warn!(cluster = %cluster.name, %topic, error = ?e, "kafka_to_mqtt: topic not available yet; retrying");
+                            if e == sluice_core::bridge::ProduceError::UnknownTopic {
+                                health.set_inbound_missing(&name, &topic, true);
+                            }
+                            if last_log.is_none_or(|t| t.elapsed() >= MISSING_TOPIC_LOG_EVERY) {
+                                last_log = Some(std::time::Instant::now());
+                                tracing::warn!(cluster = %cluster.name, mapping = %name, %topic, error = %e, "kafka_to_mqtt: topic not available; retrying every second, logged again in {} s if still so", MISSING_TOPIC_LOG_EVERY.as_secs());
+                            }
                             tokio::time::sleep(Duration::from_secs(1)).await;
                         }
                     }
                 };
+                health.set_inbound_missing(&name, &topic, false);
+                if last_log.is_some() {
+                    tracing::info!(cluster = %cluster.name, mapping = %name, %topic, "kafka_to_mqtt: topic available; consuming it");
+                }
                 let spread = topic.bytes().fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(usize::from(b)));
                 for p in (0..partitions).filter(|p| (spread + *p as usize) % shards.len() == shard) {
                     let stored = positions.get(&(name.clone(), topic.to_string(), p)).copied();
                     tokio::spawn(consume(
-                        mapping,
+                        (mapping, name.clone().into(), health.clone()),
                         cluster.clone(),
                         (topic.clone(), p),
                         start,
@@ -104,8 +124,9 @@ pub(crate) fn spawn(
     });
 }
 
+/// `(mapping, name, health)`: the mapping's index and name, and where its lag is reported.
 async fn consume(
-    mapping: u16,
+    (mapping, name, health): (u16, Arc<str>, Arc<KafkaHealth>),
     cluster: Arc<Cluster>,
     (topic, partition): (Arc<str>, i32),
     start: StartAt,
@@ -141,16 +162,19 @@ async fn consume(
             match tokio::time::timeout(cluster.request_timeout() + Duration::from_millis(FETCH_WAIT_MS as u64), fetch)
                 .await
             {
-                Ok(r) => r.map(|(records, _)| records),
+                Ok(r) => r,
                 Err(_) => Err(rskafka::client::error::Error::Timeout),
             }
         }
         .await;
         match step {
-            Ok(records) => {
+            Ok((records, high_watermark)) => {
                 backoff = Duration::from_millis(100);
-                let Some(last) = records.last() else { continue };
-                let mut next = last.offset + 1;
+                let mut next = records.last().map_or(offset.unwrap_or(0), |last| last.offset + 1);
+                health.record_lag(&name, &topic, partition, PartitionLag { next_offset: next, high_watermark });
+                if records.is_empty() {
+                    continue;
+                }
                 let mut batch: Vec<InboundRecord> = records
                     .into_iter()
                     .filter(|r| r.offset >= offset.unwrap_or(0))

@@ -12,6 +12,8 @@
 //! - `cluster`: a cluster's client (built lazily, rebuilt after failures), partition leaders and
 //!   topic auto-creation.
 //! - `consumer`: Kafka → MQTT; each shard's thread reads the partitions placed on that shard.
+//! - [`health`]: what the Kafka side tells an operator (clusters reachable, missing topics,
+//!   dead letters, consumer lag), probed from shard 0's thread, read by the HTTP endpoint.
 //!
 //! Invariants: records of one partition from one shard are produced in hand-over order (one
 //! batch in flight per partition), so MQTT per-topic order survives retries. Every record handed
@@ -23,6 +25,7 @@ mod affinity;
 pub mod batch;
 mod cluster;
 mod consumer;
+pub mod health;
 mod producer;
 pub mod schemas;
 mod tls;
@@ -57,9 +60,15 @@ pub const INBOUND_CHANNEL_BATCHES: usize = 64;
 /// The running Kafka side: one thread per shard.
 pub struct KafkaBridge {
     threads: Vec<(oneshot::Sender<()>, std::thread::JoinHandle<()>)>,
+    health: Arc<health::KafkaHealth>,
 }
 
 impl KafkaBridge {
+    /// Clusters' state, missing topics, dead letters and lag, for the HTTP endpoint.
+    pub fn health(&self) -> Arc<health::KafkaHealth> {
+        self.health.clone()
+    }
+
     /// Stops every shard's Kafka thread, giving each up to `grace` to end its tasks.
     pub fn shutdown(self, grace: std::time::Duration) {
         let deadline = std::time::Instant::now() + grace;
@@ -100,6 +109,7 @@ pub enum StartError {
 /// link per shard.
 pub fn start(
     clusters: &BTreeMap<String, ClusterConfig>,
+    outbound: &[sluice_core::bridge::MappingConfig],
     inbound: &[InboundMappingConfig],
     positions: Positions,
     cpus: &[usize],
@@ -122,6 +132,17 @@ pub fn start(
             None => return Err(StartError::UnknownCluster { mapping: m.name.clone(), cluster: m.cluster.clone() }),
         }
     }
+    let needed: Vec<bool> = names
+        .iter()
+        .map(|n| {
+            outbound.iter().any(|m| {
+                m.destinations.iter().any(|d| d.cluster == *n)
+                    || m.dead_letter.as_ref().is_some_and(|d| d.cluster == *n)
+            }) || inbound.iter().any(|m| m.cluster == *n)
+        })
+        .collect();
+    let health = Arc::new(health::KafkaHealth::new(&names, &needed, outbound));
+    let required = health::required_topics(&names, outbound, inbound);
     let n_shards = cpus.len().max(1);
     let positions = Arc::new(positions);
     let mut links = Vec::with_capacity(n_shards);
@@ -150,6 +171,17 @@ pub fn start(
         let cpu = cpus.get(shard).copied();
         // One cache per thread: nothing on the record path is shared between cores.
         let schemas = schemas.clone().map(|s| (s.cache(), s));
+        let health = health.clone();
+        // Shard 0's thread probes the clusters, with clients of its own (a probe waiting on a
+        // paused broker never holds the producer's client).
+        let probe = (shard == 0).then(|| {
+            let probes: Vec<Arc<Cluster>> = clusters
+                .iter()
+                .zip(&tls_configs)
+                .map(|((name, cfg), tls)| Arc::new(Cluster::new(name.clone(), cfg.clone(), tls.clone())))
+                .collect();
+            (probes, required.clone())
+        });
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -163,16 +195,20 @@ pub fn start(
                     }
                 }
                 runtime.block_on(async move {
+                    if let Some((probes, required)) = probe {
+                        tokio::spawn(health::probe(health.clone(), probes, required));
+                    }
                     for (i, m) in inbound.into_iter().enumerate() {
                         let cluster = own[inbound_clusters[i]].clone();
                         let check = schemas.as_ref().and_then(|(cache, setup)| {
                             Some((setup.inbound_op(i as u16)?.clone(), cache.clone(), setup.clone()))
                         });
-                        consumer::spawn(i as u16, m, cluster, shard, inbound_tx.clone(), positions.clone(), check);
+                        let h = health.clone();
+                        consumer::spawn(i as u16, m, cluster, shard, inbound_tx.clone(), positions.clone(), check, h);
                     }
                     drop(inbound_tx);
                     let stage = schemas.map(|(cache, setup)| schemas::Stage::new(setup, cache));
-                    let producer = producer::Producer::new(shard, own, req_rx, res_tx, stage);
+                    let producer = producer::Producer::new(shard, own, req_rx, res_tx, stage, health);
                     tokio::select! {
                         _ = producer.run() => {}
                         _ = stop_rx => {}
@@ -185,7 +221,7 @@ pub fn start(
         threads.push((stop_tx, join));
         links.push(ShardLink { requests: req_tx, results: res_rx, inbound: in_rx });
     }
-    Ok((KafkaBridge { threads }, links))
+    Ok((KafkaBridge { threads, health }, links))
 }
 
 /// The copy of a refused record for its mapping's dead-letter topic, if it has one: headers

@@ -157,6 +157,8 @@ pub(crate) struct Producer {
     buf: BytesMut,
     /// Payload schemas: records of mappings with a schema are checked (or encoded) here first.
     stage: Option<Stage>,
+    /// Dead-lettered records are counted there, per mapping.
+    health: Arc<crate::health::KafkaHealth>,
 }
 
 impl Producer {
@@ -166,6 +168,7 @@ impl Producer {
         requests: mpsc::Receiver<Vec<ProduceRequest>>,
         results: mpsc::UnboundedSender<Vec<ProduceResult>>,
         stage: Option<Stage>,
+        health: Arc<crate::health::KafkaHealth>,
     ) -> Producer {
         let (events_tx, events) = mpsc::unbounded_channel();
         Producer {
@@ -185,6 +188,7 @@ impl Producer {
             encoder: BatchEncoder::new(),
             buf: BytesMut::new(),
             stage,
+            health,
         }
     }
 
@@ -380,6 +384,7 @@ impl Producer {
     fn fail(&mut self, item: Item, e: ProduceError) {
         if item.report {
             if let Some(record) = dead_letter_copy(&item.req.record, &e) {
+                self.health.count_dead_letter(item.req.record.mapping);
                 self.dead_letters.push_back(ProduceRequest { id: item.req.id, record, durable: false });
             }
             self.out.push(ProduceResult {

@@ -23,6 +23,7 @@
 //!   read-back).
 //! - `store`: the retained-message and session stores of a shard, and the start-up merge of
 //!   session stores.
+//! - [`control`]: the HTTP endpoint's questions to each shard (admin API, metrics, live view).
 //! - [`notify`]: a single-waiter wake-up flag, the one synchronisation primitive a shard needs
 //!   (everything a shard owns lives in `Rc`/`RefCell` on its own thread).
 //!
@@ -30,6 +31,7 @@
 
 pub mod access;
 mod conns;
+pub mod control;
 mod kafka_link;
 mod mesh;
 pub mod notify;
@@ -121,7 +123,7 @@ pub struct BridgeSetup {
 }
 
 /// What the runtime needs to know; the binary builds it from flags and the config file.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct RuntimeConfig {
     /// At least one. Index 0 is the connections' default origin (`Shard::set_origin`).
     pub listeners: Vec<ListenerSpec>,
@@ -144,6 +146,9 @@ pub struct RuntimeConfig {
     /// Authentication and authorization rules (`[auth]`), shared by every shard and reloaded in
     /// place; `None`: every client is accepted.
     pub access: Option<std::sync::Arc<access::SharedAccess>>,
+    /// The HTTP endpoint's questions, one receiver per shard (index = shard); empty without
+    /// an HTTP endpoint.
+    pub control: Vec<tokio::sync::mpsc::Receiver<control::ControlRequest>>,
 }
 
 /// Why the broker could not run. Each error names the shard and carries its cause as its
@@ -165,7 +170,7 @@ pub enum RunError {
 ///
 /// `on_listening(shard, what)` is called for every bound listener (useful with port 0).
 pub fn run(
-    cfg: RuntimeConfig,
+    mut cfg: RuntimeConfig,
     bridge: Option<BridgeSetup>,
     shutdown: Arc<AtomicBool>,
     on_listening: impl Fn(usize, Listening) + Send + Sync + 'static,
@@ -180,6 +185,7 @@ pub fn run(
     let mut addr_tx = Some(addr_tx);
     let mut handles = Vec::with_capacity(n);
     let mut listeners = cfg.listeners.clone();
+    let mut control: Vec<_> = std::mem::take(&mut cfg.control).into_iter().map(Some).collect();
     let (mut links, bridge_cfg) = match bridge {
         Some(mut b) => {
             store::adopt_orphan_spills(&b.spill_dir, n, b.spill)?;
@@ -204,6 +210,7 @@ pub fn run(
             data_dir: cfg.data_dir.clone(),
             release_memory: cfg.release_memory,
             access: cfg.access.clone(),
+            control: control.get_mut(shard_id).and_then(Option::take),
             epoch,
             bridge: match (&bridge_cfg, links.get_mut(shard_id).and_then(Option::take)) {
                 (Some(b), Some(link)) => Some(shard::ShardBridge {

@@ -64,6 +64,7 @@ pub(crate) struct ShardConfig {
     pub(crate) epoch: Instant,
     pub(crate) bridge: Option<ShardBridge>,
     pub(crate) access: Option<Arc<crate::access::SharedAccess>>,
+    pub(crate) control: Option<tokio::sync::mpsc::Receiver<crate::control::ControlRequest>>,
 }
 
 /// This shard's end of the MQTT → Kafka bridge.
@@ -207,6 +208,9 @@ pub(crate) async fn run_shard(
     }
     if let Some(link) = link {
         kafka_link::spawn(link, &rt);
+    }
+    if let Some(rx) = cfg.control {
+        glommio::spawn_local(crate::control::serve(rt.clone(), rx)).detach();
     }
     let c = rt.clone();
     mesh::spawn_receivers(receivers, move |batch| {

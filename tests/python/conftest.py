@@ -50,6 +50,8 @@ class Broker:
         self.shards = [None] * cores
         # Every configured listener: index -> (kind, (host, port)); 0 is --listen.
         self.listeners = {}
+        # `--http ADDR`: the HTTP endpoint's (host, port), printed before the listeners.
+        self.http = None
         lines = queue.Queue()
         threading.Thread(target=lambda: [lines.put(l) for l in self.proc.stdout], daemon=True).start()
         deadline = time.monotonic() + WAIT
@@ -57,6 +59,8 @@ class Broker:
             w = lines.get(timeout=max(0.01, deadline - time.monotonic())).split()
             if w[:1] == ["listening"]:
                 self.addr = parse(w[1])
+            elif w[:1] == ["http"]:
+                self.http = parse(w[1])
             elif w[:1] == ["listener"]:
                 self.listeners[int(w[1])] = (w[2], parse(w[3]))
             elif w[:1] == ["shard"] and w[2] == "listening":

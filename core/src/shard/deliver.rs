@@ -170,6 +170,7 @@ impl Shard {
         };
         if self.send_publish(conn, &p) {
             self.stats.messages_sent += 1;
+            self.stats.sent_by_qos[usize::from(d.qos.min(2))] += 1;
             true
         } else {
             self.stats.dropped_too_large += 1;

@@ -15,10 +15,26 @@ use super::receipt_book::{PartitionKey, PositionMoves};
 
 /// Per Kafka → MQTT mapping.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(super) struct InboundCounters {
-    pub(super) records_read: u64,
-    pub(super) messages_published: u64,
-    pub(super) records_skipped: u64,
+pub struct InboundCounters {
+    pub records_read: u64,
+    pub messages_published: u64,
+    pub records_skipped: u64,
+    /// `records_skipped` by cause, in the order of [`SKIP_CAUSES`].
+    pub skipped_by_cause: [u64; 5],
+}
+
+/// Short names of the skip causes, in the order `skipped_by_cause` counts them (label values
+/// on `/metrics`).
+pub const SKIP_CAUSES: [&str; 5] = ["missing_key", "not_json", "missing_field", "not_utf8", "invalid_topic"];
+
+fn skip_index(s: Skip) -> usize {
+    match s {
+        Skip::MissingKey => 0,
+        Skip::NotJson => 1,
+        Skip::MissingField => 2,
+        Skip::NotUtf8 => 3,
+        Skip::InvalidTopic => 4,
+    }
 }
 
 #[derive(Default)]
@@ -72,6 +88,7 @@ impl InboundState {
                 if let Some(c) = c {
                     c.records_read += 1;
                     c.records_skipped += 1;
+                    c.skipped_by_cause[skip_index(skip)] += 1;
                 }
                 self.logged_skips.insert((mapping, skip))
             }
@@ -125,6 +142,14 @@ mod tests {
         assert!(!s.count(0, Ok(2)));
         assert!(s.count(0, Err(Skip::NotJson)), "the first skip of a cause is logged");
         assert!(!s.count(0, Err(Skip::NotJson)));
-        assert_eq!(s.counters[0], InboundCounters { records_read: 3, messages_published: 2, records_skipped: 2 });
+        assert_eq!(
+            s.counters[0],
+            InboundCounters {
+                records_read: 3,
+                messages_published: 2,
+                records_skipped: 2,
+                skipped_by_cause: [0, 2, 0, 0, 0]
+            }
+        );
     }
 }

@@ -47,6 +47,7 @@ use crate::topic::{self, TopicLimits, Trie};
 mod access;
 mod ack_queue;
 mod acks;
+mod admin;
 mod backpressure;
 mod commits;
 mod conn;
@@ -79,15 +80,21 @@ mod transfer;
 use access::{Access, ConnAuth, Credentials, Decision};
 pub use access::{AccessRules, VerifyJob};
 use ack_queue::AckQueue;
+use admin::LiveTaps;
+pub use admin::{
+    AdminQuery, AdminReply, ClientInfo, LiveBatch, LiveRecord, LiveSample, Page, RetainedInfo, Snapshot,
+    SubscriptionInfo, PAGE_MAX, SAMPLE_PAYLOAD_MAX, TAPS_MAX, TAP_IDLE_MS, TAP_RATE_PER_SEC, TAP_SAMPLES_MAX,
+};
 use commits::SessionCommits;
 use conn::{Conn, ConnState, Detach, PendingSub};
 use directory::{Claim, ClaimGo, Directory};
 use drain_waiters::{DrainWaiter, DrainWaiters};
 use inbound_feed::{InboundFeed, FEED_TOKEN};
 use inbound_state::InboundState;
+pub use inbound_state::{InboundCounters, SKIP_CAUSES};
 use input::held_in;
 use outbox::KafkaOutbox;
-pub use outbox::{BridgeOptions, MappingStats};
+pub use outbox::{BridgeOptions, MappingStats, FAILURE_CAUSES, LATENCY_BUCKETS_US};
 pub use receipt_book::Receipt;
 use receipt_book::{PositionMoves, ReceiptBook, ReceiptFor};
 use routing::Routing;
@@ -174,6 +181,8 @@ pub struct Shard {
     receipts: ReceiptBook,
     /// What waits for congested sessions here to drain (back-pressure).
     drain: DrainWaiters,
+    /// The live view's taps: samples of messages published here (rate-bounded).
+    taps: LiveTaps,
 }
 
 /// A change to one persistent session, for the caller's session store.
@@ -257,6 +266,7 @@ impl Shard {
             commits: SessionCommits::default(),
             receipts: ReceiptBook::default(),
             drain: DrainWaiters::default(),
+            taps: LiveTaps::default(),
         }
     }
 

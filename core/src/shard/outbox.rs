@@ -59,6 +59,49 @@ pub struct MappingStats {
     pub latency_us_max: u64,
     /// Records by the size of the batch they travelled in: 1, ≤10, ≤100, ≤1000, more.
     pub batch_records: [u64; 5],
+    /// Answered records by latency (hand-over to the producers → Kafka's answer): count per
+    /// bucket of [`LATENCY_BUCKETS_US`], the last one past its end (not cumulative).
+    pub latency_buckets: [u64; LATENCY_BUCKETS_US.len() + 1],
+    /// `records_failed` by cause, in the order of [`FAILURE_CAUSES`].
+    pub failed_by_cause: [u64; FAILURE_CAUSES.len()],
+    /// Records routed whose Kafka answer this shard waits for (in the producers, or waiting
+    /// here): a gauge. Durable records left on disk behind a backlog are the spill log's.
+    pub in_flight: u64,
+}
+
+/// Upper bounds of the latency histogram's buckets, in µs (0.5 ms … 30 s): fixed, so shards'
+/// histograms add up bucket by bucket.
+pub const LATENCY_BUCKETS_US: [u64; 15] = [
+    500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000, 5_000_000,
+    10_000_000, 30_000_000,
+];
+
+/// The causes of [`ProduceError::cause`], in the order `failed_by_cause` counts them.
+pub const FAILURE_CAUSES: [&str; 6] =
+    ["record too large", "unknown topic", "not authorized", "timed out", "spill log full", "other error"];
+
+impl std::ops::AddAssign<&MappingStats> for MappingStats {
+    fn add_assign(&mut self, o: &MappingStats) {
+        self.messages_in += o.messages_in;
+        self.bytes_in += o.bytes_in;
+        self.records_produced += o.records_produced;
+        self.records_failed += o.records_failed;
+        self.records_retried += o.records_retried;
+        self.records_spilled += o.records_spilled;
+        self.records_dropped += o.records_dropped;
+        self.in_flight += o.in_flight;
+        self.latency_us_sum += o.latency_us_sum;
+        self.latency_us_max = self.latency_us_max.max(o.latency_us_max);
+        for (a, b) in self.batch_records.iter_mut().zip(o.batch_records) {
+            *a += b;
+        }
+        for (a, b) in self.latency_buckets.iter_mut().zip(o.latency_buckets) {
+            *a += b;
+        }
+        for (a, b) in self.failed_by_cause.iter_mut().zip(o.failed_by_cause) {
+            *a += b;
+        }
+    }
 }
 
 /// What the outbox remembers of a record handed out.
@@ -158,7 +201,7 @@ impl KafkaOutbox {
             let id = self.next_id;
             let durable = msg.qos > 0 && (self.delivery == Delivery::LocalDurable || self.spilling);
             let qos0 = msg.qos == 0;
-            self.inflight.insert(id, RecordMeta { mapping: record.mapping, cluster: record.cluster, durable, qos0 });
+            self.track(id, RecordMeta { mapping: record.mapping, cluster: record.cluster, durable, qos0 });
             ids.push(id);
             let waits = !self.qos0_waiting.is_empty() || self.pending >= self.max_pending;
             if qos0 && self.qos0_policy != Qos0Policy::BackPressure && waits {
@@ -169,7 +212,7 @@ impl KafkaOutbox {
                         _ => self.qos0_waiting.pop_back(),
                     };
                     if let Some(d) = dropped {
-                        self.inflight.remove(&d.id);
+                        self.untrack(d.id);
                         self.stats_of(d.record.mapping, d.record.cluster).records_dropped += 1;
                     }
                 }
@@ -215,7 +258,7 @@ impl KafkaOutbox {
         out: &mut Vec<ProduceRequest>,
         warnings: &mut Vec<String>,
     ) -> Answered {
-        let meta = self.inflight.remove(&r.id);
+        let meta = self.untrack(r.id);
         let RecordMeta { mapping, cluster, durable, qos0 } =
             meta.unwrap_or(RecordMeta { mapping: 0, cluster: 0, durable: false, qos0: false });
         if !durable {
@@ -234,7 +277,7 @@ impl KafkaOutbox {
                     "shard {shard}: Kafka timed out; QoS 1/2 records go to the spill log until Kafka takes them again"
                 ));
             }
-            self.inflight.insert(r.id, RecordMeta { mapping, cluster, durable: true, qos0: false });
+            self.track(r.id, RecordMeta { mapping, cluster, durable: true, qos0: false });
             self.stats_of(mapping, cluster).records_spilled += 1;
             out.push(ProduceRequest { id: r.id, record, durable: true });
             return Answered::Nobody;
@@ -243,6 +286,8 @@ impl KafkaOutbox {
         ms.records_retried += u64::from(r.attempts.saturating_sub(1));
         ms.latency_us_sum += r.latency_us;
         ms.latency_us_max = ms.latency_us_max.max(r.latency_us);
+        let slot = LATENCY_BUCKETS_US.partition_point(|b| *b < r.latency_us);
+        ms.latency_buckets[slot] += 1;
         let bucket = match r.batch_records {
             0..=1 => 0,
             2..=10 => 1,
@@ -265,6 +310,9 @@ impl KafkaOutbox {
             }
             Err(e) => {
                 ms.records_failed += 1;
+                if let Some(i) = FAILURE_CAUSES.iter().position(|c| *c == e.cause()) {
+                    ms.failed_by_cause[i] += 1;
+                }
                 if self.logged_failures.insert((mapping, e.cause())) {
                     let name = self.router.mapping_name(mapping).to_string();
                     warnings.push(format!(
@@ -316,7 +364,25 @@ impl KafkaOutbox {
     /// `local-durable` records that stay on disk behind a backlog: replayed by the caller, no
     /// longer counted here.
     pub(super) fn forget(&mut self, id: u64) {
-        self.inflight.remove(&id);
+        self.untrack(id);
+    }
+
+    /// Record `id` is handed out (or waits here) until answered; counted in its pair's
+    /// `in_flight`.
+    fn track(&mut self, id: u64, meta: RecordMeta) {
+        self.stats_of(meta.mapping, meta.cluster).in_flight += 1;
+        if let Some(old) = self.inflight.insert(id, meta) {
+            // Not expected (ids are fresh or re-tracked after removal): keep the count exact.
+            let ms = self.stats_of(old.mapping, old.cluster);
+            ms.in_flight = ms.in_flight.saturating_sub(1);
+        }
+    }
+
+    fn untrack(&mut self, id: u64) -> Option<RecordMeta> {
+        let meta = self.inflight.remove(&id)?;
+        let ms = self.stats_of(meta.mapping, meta.cluster);
+        ms.in_flight = ms.in_flight.saturating_sub(1);
+        Some(meta)
     }
 
     /// Whether so many records wait for Kafka that the shard should stop reading publishers.
@@ -388,6 +454,31 @@ mod tests {
 
     fn result(id: u64, outcome: Result<(), ProduceError>) -> ProduceResult {
         ProduceResult { id, outcome, attempts: 1, batch_records: 1, latency_us: 10 }
+    }
+
+    fn stats(o: &KafkaOutbox) -> MappingStats {
+        o.mapping_stats().map(|(_, _, s)| *s).next().unwrap_or_default()
+    }
+
+    #[test]
+    fn in_flight_latency_buckets_and_failure_causes_are_counted_per_mapping() {
+        let mut o = outbox(Delivery::KafkaAck, 100, Qos0Policy::BackPressure, true);
+        let (mut out, mut warnings) = (Vec::new(), Vec::new());
+        let ids: Vec<u64> = (0..3).map(|_| o.bridge(&msg(1), 0, &mut out)[0]).collect();
+        assert_eq!(stats(&o).in_flight, 3);
+        let answer = |id, outcome, latency_us| ProduceResult { id, outcome, attempts: 1, batch_records: 1, latency_us };
+        o.on_result(answer(ids[0], Ok(()), 700), 0, &mut out, &mut warnings);
+        o.on_result(answer(ids[1], Err(ProduceError::UnknownTopic), 40_000_000), 0, &mut out, &mut warnings);
+        // A time-out goes to the spill log: still waiting for Kafka, still in flight.
+        o.on_result(answer(ids[2], Err(ProduceError::TimedOut), 0), 0, &mut out, &mut warnings);
+        let s = stats(&o);
+        assert_eq!(s.in_flight, 1);
+        assert_eq!(s.latency_buckets[1], 1, "700 µs is in the ≤ 1 ms bucket");
+        assert_eq!(s.latency_buckets[LATENCY_BUCKETS_US.len()], 1, "past 30 s: the overflow bucket");
+        assert_eq!(s.failed_by_cause[1], 1, "unknown topic");
+        assert_eq!(s.failed_by_cause.iter().sum::<u64>(), s.records_failed);
+        o.on_result(answer(ids[2], Ok(()), 10), 0, &mut out, &mut warnings);
+        assert_eq!(stats(&o).in_flight, 0);
     }
 
     #[test]

@@ -8,6 +8,7 @@ use super::*;
 impl Shard {
     pub(super) fn on_publish(&mut self, conn: ConnId, mut p: Publish, now_ms: u64) {
         self.stats.messages_received += 1;
+        self.stats.received_by_qos[usize::from(p.qos.min(2))] += 1;
         // `on_packet` checked that `conn` holds its session here (`Shard::held`): the client id
         // comes from the connection's state, without a second session lookup per PUBLISH.
         let Some((c, client_id)) = self.conns.get_mut(&conn).and_then(|c| {
@@ -132,6 +133,9 @@ impl Shard {
             }
         }
         self.route_here(&msg, routing, now_ms);
+        if !self.taps.is_empty() {
+            self.tap(&msg, now_ms);
+        }
         if &*msg.origin == "$kafka" {
             // What came from Kafka does not go back to it: no loops between the two directions.
             return Vec::new();

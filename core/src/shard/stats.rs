@@ -11,6 +11,9 @@ pub struct Stats {
     pub messages_sent: u64,
     pub bytes_received: u64,
     pub bytes_sent: u64,
+    /// `messages_received` and `messages_sent` by QoS (index = QoS), for `/metrics`.
+    pub received_by_qos: [u64; 3],
+    pub sent_by_qos: [u64; 3],
     pub dropped_queue_full: u64,
     pub dropped_slow_qos0: u64,
     pub dropped_too_large: u64,
@@ -52,6 +55,8 @@ impl std::ops::AddAssign for Stats {
             messages_sent,
             bytes_received,
             bytes_sent,
+            received_by_qos,
+            sent_by_qos,
             dropped_queue_full,
             dropped_slow_qos0,
             dropped_too_large,
@@ -77,6 +82,10 @@ impl std::ops::AddAssign for Stats {
         self.messages_sent += messages_sent;
         self.bytes_received += bytes_received;
         self.bytes_sent += bytes_sent;
+        for q in 0..3 {
+            self.received_by_qos[q] += received_by_qos[q];
+            self.sent_by_qos[q] += sent_by_qos[q];
+        }
         self.dropped_queue_full += dropped_queue_full;
         self.dropped_slow_qos0 += dropped_slow_qos0;
         self.dropped_too_large += dropped_too_large;

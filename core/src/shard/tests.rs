@@ -1630,3 +1630,142 @@ fn an_invalid_payload_is_0x99_with_its_reason_for_mqtt5_and_the_policy_for_311()
     }
     assert!(invalid_payload_answer(Version::V311, OnInvalid::Disconnect, true).is_none());
 }
+
+/// Every shard's answer to `q`, as the HTTP side gathers them.
+fn ask_all(w: &mut World, q: AdminQuery) -> Vec<AdminReply> {
+    let now = w.now;
+    let out = (0..w.shards.len()).map(|i| w.shards[i].admin(q.clone(), now)).collect();
+    w.settle();
+    out
+}
+
+fn client_ids(replies: &[AdminReply]) -> Vec<String> {
+    let mut ids: Vec<String> = replies
+        .iter()
+        .flat_map(|r| match r {
+            AdminReply::Clients(p) => p.items.iter().map(|c| c.client_id.clone()).collect(),
+            _ => Vec::new(),
+        })
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[test]
+fn admin_lists_clients_in_pages_and_disconnects_one() {
+    let mut w = World::new(2, Limits::default());
+    w.connect(0, 1, V5, "dev-a", true);
+    w.connect(1, 2, V5, "dev-b", true);
+    w.connect(1, 3, Version::V311, "other-c", true);
+    let all = ask_all(&mut w, AdminQuery::Clients { search: String::new(), after: String::new(), limit: 10 });
+    assert_eq!(client_ids(&all), ["dev-a", "dev-b", "other-c"]);
+    let page = ask_all(&mut w, AdminQuery::Clients { search: String::new(), after: "dev-a".into(), limit: 1 });
+    // Each shard gives its first one after the cursor; the merge keeps the smallest.
+    assert_eq!(client_ids(&page), ["dev-b"]);
+    let totals: usize = page.iter().map(|r| if let AdminReply::Clients(p) = r { p.total } else { 0 }).sum();
+    assert_eq!(totals, 2, "dev-b and other-c are after dev-a");
+    let found = ask_all(&mut w, AdminQuery::Clients { search: "dev".into(), after: String::new(), limit: 10 });
+    assert_eq!(client_ids(&found), ["dev-a", "dev-b"]);
+
+    let done = ask_all(&mut w, AdminQuery::Disconnect { client_id: "dev-b".into() });
+    assert_eq!(done.iter().filter(|r| matches!(r, AdminReply::Done(true))).count(), 1);
+    assert!(matches!(w.recv(1, 2, V5).as_slice(), [Packet::Disconnect(d)] if d.code == reason::ADMINISTRATIVE_ACTION));
+    assert!(w.closed.contains(&(1, 2)));
+    let gone = ask_all(&mut w, AdminQuery::Disconnect { client_id: "nobody".into() });
+    assert!(gone.iter().all(|r| matches!(r, AdminReply::Done(false))));
+}
+
+#[test]
+fn admin_refuses_a_page_over_the_bound_and_a_malformed_filter() {
+    let mut w = World::new(1, Limits::default());
+    let big = AdminQuery::Clients { search: String::new(), after: String::new(), limit: PAGE_MAX + 1 };
+    assert!(matches!(&ask_all(&mut w, big)[0], AdminReply::Refused(why) if why.contains("page maximum")));
+    let bad = AdminQuery::Subscriptions { filter: Some("a/#/b".into()), after: Default::default(), limit: 10 };
+    assert!(matches!(&ask_all(&mut w, bad)[0], AdminReply::Refused(why) if why.contains("a/#/b")));
+    let tap = AdminQuery::LiveWatch { tap: 1, filter: "+x".into() };
+    assert!(matches!(&ask_all(&mut w, tap)[0], AdminReply::Refused(_)));
+}
+
+#[test]
+fn deleting_a_retained_message_removes_it_from_the_store_too() {
+    let mut w = World::new(1, Limits::default());
+    w.connect(0, 1, V5, "p", true);
+    let mut p = publish("status/1", 0, 0, b"on");
+    if let Packet::Publish(pb) = &mut p {
+        pb.retain = true;
+    }
+    w.send(0, 1, V5, p);
+    let listed = ask_all(&mut w, AdminQuery::Retained { filter: "status/#".into(), limit: 10 });
+    assert!(matches!(&listed[0], AdminReply::Retained(v) if v.len() == 1 && v[0].payload == "on"));
+    let now = w.now;
+    assert!(matches!(
+        w.shards[0].admin(AdminQuery::DeleteRetained { topic: "status/1".into() }, now),
+        AdminReply::Done(true)
+    ));
+    let fx = w.shards[0].drain_effects();
+    assert!(matches!(fx.retained.as_slice(), [(t, None)] if t == "status/1"), "the store forgets it too");
+    assert!(matches!(
+        w.shards[0].admin(AdminQuery::DeleteRetained { topic: "status/1".into() }, now),
+        AdminReply::Done(false)
+    ));
+}
+
+#[test]
+fn a_live_tap_samples_matching_messages_at_a_bounded_rate_and_expires_unpolled() {
+    let mut w = World::new(2, Limits::default());
+    w.connect(0, 1, V5, "pub", true);
+    ask_all(&mut w, AdminQuery::LiveWatch { tap: 7, filter: "cars/#".into() });
+    for _ in 0..50 {
+        w.send(0, 1, V5, publish("cars/1/speed", 0, 0, b"88"));
+        w.send(0, 1, V5, publish("boats/1", 0, 0, b"no"));
+    }
+    let take = |w: &mut World| {
+        ask_all(w, AdminQuery::LiveTake { tap: 7 })
+            .into_iter()
+            .map(|r| match r {
+                AdminReply::Live(b) => b,
+                o => panic!("{o:?}"),
+            })
+            .collect::<Vec<_>>()
+    };
+    let got = take(&mut w);
+    // Sampled once, on the publisher's shard; the rest of the second is counted, not kept.
+    assert_eq!(got[0].samples.len(), TAP_RATE_PER_SEC as usize);
+    assert_eq!(got[0].skipped, 50 - u64::from(TAP_RATE_PER_SEC));
+    assert!(got[1].samples.is_empty() && got[1].known);
+    assert!(got[0]
+        .samples
+        .iter()
+        .all(|s| s.topic == "cars/1/speed" && s.client_id == "pub" && &s.payload[..] == b"88"));
+    w.now += 1000;
+    w.send(0, 1, V5, publish("cars/2", 0, 0, b"x"));
+    assert_eq!(take(&mut w)[0].samples.len(), 1, "a new second, a new allowance");
+    w.now += TAP_IDLE_MS;
+    let gone = take(&mut w);
+    assert!(gone.iter().all(|b| !b.known), "nobody polled it for TAP_IDLE_MS: removed");
+    for i in 0..TAPS_MAX as u64 {
+        ask_all(&mut w, AdminQuery::LiveWatch { tap: 100 + i, filter: "#".into() });
+    }
+    let over = ask_all(&mut w, AdminQuery::LiveWatch { tap: 999, filter: "#".into() });
+    assert!(matches!(&over[0], AdminReply::Refused(_)), "at most TAPS_MAX taps per shard");
+}
+
+#[test]
+#[ignore = "measurement: cargo test -p sluice-core --release -- --ignored admin_page_cost"]
+fn admin_page_cost() {
+    let mut w = World::new(1, Limits::default());
+    let n = 100_000;
+    for i in 0..n {
+        w.connect(0, i as ConnId + 1, Version::V311, &format!("dev-{i:06}"), true);
+        w.shards[0].take_output(i as ConnId + 1);
+    }
+    let t = std::time::Instant::now();
+    let q = AdminQuery::Clients { search: String::new(), after: "dev-050000".into(), limit: 100 };
+    let r = w.shards[0].admin(q, 0);
+    let page = t.elapsed();
+    let t = std::time::Instant::now();
+    let s = w.shards[0].admin(AdminQuery::Snapshot, 0);
+    eprintln!("{n} sessions: a page of 100 in {page:?}, a snapshot in {:?}", t.elapsed());
+    assert!(matches!(r, AdminReply::Clients(p) if p.items.len() == 100 && p.total == n / 2 - 1));
+    assert!(matches!(s, AdminReply::Snapshot(_)));
+}
