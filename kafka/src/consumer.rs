@@ -39,8 +39,8 @@ pub(crate) fn spawn(
     shard: usize,
     shards: Vec<mpsc::Sender<Vec<InboundRecord>>>,
     positions: Arc<Positions>,
-    check: Option<Check>,
-    health: Arc<KafkaHealth>,
+    // The records' schema check, if the mapping has one, and where lag and state are reported.
+    (check, health): (Option<Check>, Arc<KafkaHealth>),
 ) {
     let start_topic = {
         let (cluster, name, start) = (cluster.clone(), cfg.name.clone(), cfg.start);

@@ -204,7 +204,7 @@ pub fn start(
                             Some((setup.inbound_op(i as u16)?.clone(), cache.clone(), setup.clone()))
                         });
                         let h = health.clone();
-                        consumer::spawn(i as u16, m, cluster, shard, inbound_tx.clone(), positions.clone(), check, h);
+                        consumer::spawn(i as u16, m, cluster, shard, inbound_tx.clone(), positions.clone(), (check, h));
                     }
                     drop(inbound_tx);
                     let stage = schemas.map(|(cache, setup)| schemas::Stage::new(setup, cache));

@@ -37,8 +37,8 @@ class Broker:
             args += ["--shard-listen", "127.0.0.1:0"]
         if "--sys-interval" not in extra:
             args += ["--sys-interval", "0"]
-        # SLUICE_IO_DRIVER=epoll runs a suite on the fallback driver (scripts/test does, for the
-        # files that exercise the driver's edge cases); the default is the binary's (io-uring).
+        # SLUICE_IO_DRIVER=io-uring runs a suite on the io_uring driver (scripts/test does, for
+        # the files that exercise the driver's edge cases); the default is the binary's (epoll).
         if os.environ.get("SLUICE_IO_DRIVER") and "--io-driver" not in extra:
             args += ["--io-driver", os.environ["SLUICE_IO_DRIVER"]]
         args += list(extra)
