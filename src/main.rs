@@ -160,23 +160,32 @@ fn read_password() -> std::io::Result<String> {
     read.map(|_| line)
 }
 
-/// SIGHUP reloads the `[auth]` files; a reload that fails keeps the rules in force.
-fn watch_reload(access: Arc<sluice_net::access::SharedAccess>) -> anyhow::Result<()> {
-    let mut signals =
-        signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP]).context("installing the SIGHUP handler")?;
+/// Runs `reload` on a thread of its own (`sluice-reload-WHAT`) at every SIGHUP. Each part that
+/// reloads (auth files, schemas, TLS certificates) has its own, so one slow reload does not
+/// hold the others.
+fn on_sighup(what: &str, mut reload: impl FnMut() + Send + 'static) -> anyhow::Result<()> {
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])
+        .with_context(|| format!("installing the SIGHUP handler for {what}"))?;
     std::thread::Builder::new()
-        .name("sluice-reload".into())
+        .name(format!("sluice-reload-{what}"))
         .spawn(move || {
             for _ in signals.forever() {
-                let reloaded = access.reload();
-                for e in &reloaded.failed {
-                    tracing::error!("auth reload failed, the previous rules stay in force for this section: {e}");
-                }
-                tracing::info!(generation = reloaded.generation, failed = reloaded.failed.len(), "auth files reloaded");
+                reload();
             }
         })
         .context("starting the reload thread")?;
     Ok(())
+}
+
+/// SIGHUP reloads the `[auth]` files; a reload that fails keeps the rules in force.
+fn watch_reload(access: Arc<sluice_net::access::SharedAccess>) -> anyhow::Result<()> {
+    on_sighup("auth", move || {
+        let reloaded = access.reload();
+        for e in &reloaded.failed {
+            tracing::error!("auth reload failed, the previous rules stay in force for this section: {e}");
+        }
+        tracing::info!(generation = reloaded.generation, failed = reloaded.failed.len(), "auth files reloaded");
+    })
 }
 
 fn real_main() -> anyhow::Result<()> {
@@ -425,49 +434,30 @@ fn listeners(configs: &[sluice_core::config::ListenerConfig]) -> anyhow::Result<
 /// SIGHUP compiles the `[schemas.NAME]` files again; a schema that fails keeps its previous
 /// version, and the error names the file and the problem.
 fn reload_schemas_on_sighup(schemas: Arc<sluice_kafka::schemas::SchemaSetup>) -> anyhow::Result<()> {
-    let mut signals =
-        signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP]).context("installing the SIGHUP handler")?;
-    std::thread::Builder::new()
-        .name("sluice-reload".into())
-        .spawn(move || {
-            for _ in signals.forever() {
-                let failed = schemas.reload();
-                for e in &failed {
-                    tracing::error!("schema reload failed, the previous version stays in force: {e}");
-                }
-                tracing::info!(failed = failed.len(), "schema files reloaded");
-            }
-        })
-        .context("starting the reload thread")?;
-    Ok(())
+    on_sighup("schemas", move || {
+        let failed = schemas.reload();
+        for e in &failed {
+            tracing::error!("schema reload failed, the previous version stays in force: {e}");
+        }
+        tracing::info!(failed = failed.len(), "schema files reloaded");
+    })
 }
 
 /// SIGHUP reloads every TLS listener's certificate and key: new handshakes use the new files,
 /// open connections keep theirs. A listener whose files do not load keeps its old ones.
 fn reload_on_sighup(listeners: &[sluice_net::ListenerSpec]) -> anyhow::Result<()> {
     let tls: Vec<_> = listeners.iter().enumerate().filter_map(|(i, l)| Some((i, l.tls.clone()?))).collect();
-    let mut signals =
-        signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP]).context("installing SIGHUP handler")?;
-    std::thread::Builder::new()
-        .name("sluice-reload".into())
-        .spawn(move || {
-            for _ in signals.forever() {
-                for (i, acceptor) in &tls {
-                    let (cert, key) = acceptor.files();
-                    match acceptor.reload() {
-                        Ok(()) => {
-                            tracing::info!(listener = i, cert_file = cert, key_file = key, "TLS certificate reloaded")
-                        }
-                        Err(e) => tracing::error!(
-                            listener = i,
-                            "TLS reload failed, keeping the previous certificate and key: {e}"
-                        ),
-                    }
+    on_sighup("tls", move || {
+        for (i, acceptor) in &tls {
+            let (cert, key) = acceptor.files();
+            match acceptor.reload() {
+                Ok(()) => tracing::info!(listener = i, cert_file = cert, key_file = key, "TLS certificate reloaded"),
+                Err(e) => {
+                    tracing::error!(listener = i, "TLS reload failed, keeping the previous certificate and key: {e}")
                 }
             }
-        })
-        .context("starting the reload thread")?;
-    Ok(())
+        }
+    })
 }
 
 /// Hands the calling thread's freed memory back to the operating system: mimalloc frees pages
