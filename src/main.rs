@@ -549,20 +549,12 @@ fn apply_flags(cli: &Cli, cfg: &mut Config) -> anyhow::Result<()> {
             bail!("--map needs --kafka HOST:PORT (or a [kafka.clusters.default] table)");
         }
         let topic = TopicTemplate::parse(topic).map_err(|e| anyhow::anyhow!("--map `{m}`: {e}"))?;
-        cfg.mqtt_to_kafka.push(MappingConfig {
-            name: format!("map-{}", i + 1),
-            filters: vec![filter.to_string()],
-            destinations: vec![Destination { cluster: "default".into(), topic, partition: None }],
-            key: KeySource::Topic,
-            headers: true,
-            dead_letter: None,
-            schema: None,
-            registry: None,
-            mode: None,
-            subject: None,
-            version: None,
-            on_invalid: Default::default(),
-        });
+        cfg.mqtt_to_kafka.push(MappingConfig::new(
+            format!("map-{}", i + 1),
+            vec![filter.to_string()],
+            vec![Destination { cluster: "default".into(), topic, partition: None }],
+            KeySource::Topic,
+        ));
     }
     cfg.validate().map_err(|e| anyhow::anyhow!("{e} (from flags or file)"))
 }

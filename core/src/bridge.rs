@@ -205,6 +205,27 @@ pub struct MappingConfig {
     pub on_invalid: crate::schemas::OnInvalid,
 }
 
+impl MappingConfig {
+    /// A mapping with what the file's defaults give every key not named here (headers on, no
+    /// dead letters, no schema): the `--map` flag's and tests' mappings.
+    pub fn new(name: String, filters: Vec<String>, destinations: Vec<Destination>, key: KeySource) -> MappingConfig {
+        MappingConfig {
+            name,
+            filters,
+            destinations,
+            key,
+            headers: default_true(),
+            dead_letter: None,
+            schema: None,
+            registry: None,
+            mode: None,
+            subject: None,
+            version: None,
+            on_invalid: Default::default(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DeadLetter {
@@ -769,10 +790,10 @@ mod tests {
     }
 
     fn mapping(name: &str, filters: &[&str], dests: &[(&str, &str)], key: &str) -> MappingConfig {
-        MappingConfig {
-            name: name.into(),
-            filters: filters.iter().map(|f| f.to_string()).collect(),
-            destinations: dests
+        MappingConfig::new(
+            name.into(),
+            filters.iter().map(|f| f.to_string()).collect(),
+            dests
                 .iter()
                 .map(|(c, t)| Destination {
                     cluster: c.to_string(),
@@ -780,16 +801,8 @@ mod tests {
                     partition: None,
                 })
                 .collect(),
-            key: KeySource::parse(key).unwrap(),
-            headers: true,
-            dead_letter: None,
-            schema: None,
-            registry: None,
-            mode: None,
-            subject: None,
-            version: None,
-            on_invalid: Default::default(),
-        }
+            KeySource::parse(key).unwrap(),
+        )
     }
 
     #[test]

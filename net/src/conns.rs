@@ -327,6 +327,13 @@ impl Conns {
         self.stop_receiving(id);
     }
 
+    /// Queues `id` for the turn's reads, once.
+    fn queue_read(&self, id: ConnId) {
+        if self.with(id, |s| !std::mem::replace(&mut s.queued_read, true)) == Some(true) {
+            self.readable.borrow_mut().push_back(id);
+        }
+    }
+
     /// Which driver runs this core's connections.
     pub(crate) fn driver(&self) -> &'static str {
         if self.ring.is_some() {
@@ -772,13 +779,8 @@ fn read_from(host: &impl Host, id: ConnId, src: Src<'_>) {
         Some(Input::Bytes(input, ReadOutcome::Drained)) if matches!(src, Src::Chunk(_)) => {
             // Taken in; handed over by this turn's reads.
             let many = input.len() > READ_BUDGET;
-            let queue = conns.with(id, |s| {
-                s.input = (!input.is_empty()).then(|| Box::new(input));
-                !std::mem::replace(&mut s.queued_read, true)
-            });
-            if queue == Some(true) {
-                conns.readable.borrow_mut().push_back(id);
-            }
+            conns.with(id, |s| s.input = (!input.is_empty()).then(|| Box::new(input)));
+            conns.queue_read(id);
             if many {
                 conns.stop_receiving(id);
             }
@@ -840,10 +842,7 @@ fn requeue(conns: &Conns, id: ConnId, outcome: &ReadOutcome) {
     if !matches!(outcome, ReadOutcome::More) {
         return;
     }
-    let again = conns.with(id, |s| !std::mem::replace(&mut s.queued_read, true));
-    if again == Some(true) {
-        conns.readable.borrow_mut().push_back(id);
-    }
+    conns.queue_read(id);
 }
 
 /// Writes what the state machine has for `id` until the kernel takes no more; once the state
@@ -861,10 +860,8 @@ fn flush(host: &impl Host, id: ConnId) {
             let done = flush_wrapped(host, id, &mut s.stream, t, s.closing, &mut s.gone);
             if let Some(ring) = &conns.ring {
                 // The kernel was full: a completion says when it has room.
-                if t.has_output() && !s.gone && !s.ring.has(Ring::WAIT) {
-                    s.ring.set(Ring::WAIT, true);
-                    let (slot, generation) = slot_of(id);
-                    ring.writable(s.stream.as_raw_fd(), uring::user_data(Op::Writable, slot, generation));
+                if t.has_output() && !s.gone {
+                    wait_writable(ring, id, s);
                 }
             }
             return Some(done);
@@ -916,6 +913,14 @@ fn flush(host: &impl Host, id: ConnId) {
     let more = drained && host.shard().borrow_mut().on_output_drained(id, host.now_ms());
     if more {
         host.dispatch();
+    }
+}
+
+/// io_uring: one completion when `id`'s socket has room to write, unless one is armed already.
+fn wait_writable(ring: &Uring, id: ConnId, s: &mut Sock) {
+    if !s.ring.replace(Ring::WAIT, true) {
+        let (slot, generation) = slot_of(id);
+        ring.writable(s.stream.as_raw_fd(), uring::user_data(Op::Writable, slot, generation));
     }
 }
 
@@ -1015,10 +1020,7 @@ fn start_lingering(host: &impl Host, id: ConnId) {
     }
     conns.lingering.borrow_mut().push_back((id, Instant::now() + LINGER_TIME));
     // Input may be waiting already (edge-triggered: the kernel will not say so again).
-    let queue = conns.with(id, |s| !std::mem::replace(&mut s.queued_read, true));
-    if queue == Some(true) {
-        conns.readable.borrow_mut().push_back(id);
-    }
+    conns.queue_read(id);
     // Done with it as far as the state machine is concerned.
     let now = host.now_ms();
     host.shard().borrow_mut().on_lost(id, now);
@@ -1095,13 +1097,8 @@ fn reap(host: &impl Host) {
     let Some(ring) = &conns.ring else { return };
     let deferred = std::mem::take(&mut *conns.deferred.borrow_mut());
     for id in deferred {
-        let queue = conns.with(id, |s| {
-            s.ring.set(Ring::DEFERRED, false);
-            !std::mem::replace(&mut s.queued_read, true)
-        });
-        if queue == Some(true) {
-            conns.readable.borrow_mut().push_back(id);
-        }
+        conns.with(id, |s| s.ring.set(Ring::DEFERRED, false));
+        conns.queue_read(id);
     }
     // What was posted when the turn began, as epoll's readiness is what was ready then: bytes
     // that arrive meanwhile wait for the next turn, after this one's output went out.
@@ -1214,14 +1211,8 @@ fn on_sent(host: &impl Host, c: &Completion) {
     conns.release_if_idle(c.slot);
     match next.flatten() {
         Some((id, true)) => {
-            let fd = conns.with(id, |s| {
-                let arm = !s.ring.has(Ring::WAIT);
-                s.ring.set(Ring::WAIT, true);
-                arm.then(|| s.stream.as_raw_fd())
-            });
-            if let (Some(Some(fd)), Some(ring)) = (fd, &conns.ring) {
-                let (slot, generation) = slot_of(id);
-                ring.writable(fd, uring::user_data(Op::Writable, slot, generation));
+            if let Some(ring) = &conns.ring {
+                conns.with(id, |s| wait_writable(ring, id, s));
             }
         }
         Some((id, false)) => conns.queue_write(id, false),
