@@ -44,6 +44,7 @@ fn request(i: u64, size: usize) -> ProduceRequest {
                 origin: format!("car-{}", i % 64).into(),
             })),
             mqtt_headers: true,
+            node: None,
             headers: Vec::new(),
             timestamp_ms: 1_764_000_000_000 + i as i64,
             dead_letter: None,

@@ -19,6 +19,7 @@ fn record(i: u64) -> ProduceRequest {
             key: RecordKey::Bytes(Bytes::from_static(b"fleet/eu/car-1/speed")),
             source: None,
             mqtt_headers: false,
+            node: None,
             value: Bytes::from_static(&[0u8; 100]),
             headers: Vec::new(),
             timestamp_ms: 0,

@@ -212,6 +212,7 @@ fn real_main() -> anyhow::Result<()> {
         None => Config::default(),
     };
     apply_flags(&cli, &mut cfg)?;
+    cfg.add_cluster_mappings();
     let cpus = choose_cpus(&cfg)?;
     let listener_configs = listener_configs(&cli, &cfg);
     let listeners = listeners(&listener_configs)?;
@@ -264,6 +265,10 @@ fn real_main() -> anyhow::Result<()> {
             positions,
             &cpus,
             schemas,
+            cfg.cluster.clone().map(|c| {
+                let addresses = listener_configs.iter().map(|l| format!("{}://{}", l.kind.name(), l.address)).collect();
+                sluice_kafka::membership::NodeIdentity::new(c, addresses)
+            }),
         )?;
         let links = links
             .into_iter()

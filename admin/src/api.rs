@@ -123,6 +123,11 @@ pub(crate) async fn route(
             known(params, &[])?;
             Ok(json_resp(StatusCode::OK, &clusters_json(state)))
         }
+        "/api/v1/cluster" => {
+            only(method, &[Method::GET])?;
+            known(params, &[])?;
+            Ok(json_resp(StatusCode::OK, &cluster_json(state)))
+        }
         "/api/v1/spill" => {
             only(method, &[Method::GET])?;
             known(params, &[])?;
@@ -469,6 +474,18 @@ fn clusters_json(state: &State) -> Value {
         "probe_failures": c.probe_failures,
         "missing_topics": c.missing_topics.iter().map(|(m, t)| json!({"mapping": m, "topic": t})).collect::<Vec<_>>(),
     })).collect::<Vec<_>>() })
+}
+
+/// The node's cluster as its heartbeats say (`null` when it is in none).
+fn cluster_json(state: &State) -> Value {
+    let Some(v) = state.sources.kafka.as_ref().and_then(|k| k.cluster()) else { return Value::Null };
+    json!({
+        "name": v.name,
+        "node": v.node,
+        "topics_ready": v.topics_ready,
+        "last_error": v.last_error,
+        "members": v.members,
+    })
 }
 
 async fn spill(state: &State) -> Result<Resp, ApiError> {

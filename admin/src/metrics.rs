@@ -284,6 +284,13 @@ pub(crate) fn render(state: &State, snaps: &[Snapshot]) -> String {
                 );
             }
         }
+        if let Some(view) = k.cluster() {
+            o.family("sluice_cluster_nodes", "gauge", "Nodes of this node's cluster by state, as its heartbeats say.");
+            for state in ["alive", "left", "dead"] {
+                let n = view.members.iter().filter(|m| m.state.name() == state).count();
+                o.sample("sluice_cluster_nodes", &[("cluster", &view.name), ("state", state)], n);
+            }
+        }
         let clusters = k.clusters();
         o.family("sluice_kafka_cluster_up", "gauge", "1 when the cluster answered the last probe.");
         for c in &clusters {

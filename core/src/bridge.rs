@@ -118,6 +118,11 @@ impl TopicTemplate {
         Ok(TopicTemplate { parts, fixed })
     }
 
+    /// A template that is exactly `topic` (no levels, whatever characters it has).
+    pub fn fixed(topic: &str) -> TopicTemplate {
+        TopicTemplate { parts: vec![TemplatePart::Text(topic.to_string())], fixed: Some(Arc::from(topic)) }
+    }
+
     /// The topic when the template has no `{N}` levels (every record goes there).
     pub fn fixed_topic(&self) -> Option<&str> {
         self.fixed.as_deref()
@@ -203,6 +208,18 @@ pub struct MappingConfig {
     /// What an MQTT 3.1.1 publisher of a payload that does not validate gets.
     #[serde(default)]
     pub on_invalid: crate::schemas::OnInvalid,
+    /// Set by sluice for its own mappings (the cluster's), never from a file.
+    #[serde(skip)]
+    pub internal: Option<Internal>,
+}
+
+/// What an internal mapping does beyond a configured one (see `crate::cluster`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Internal {
+    /// Every message, with a header naming this node.
+    ClusterMessages { node: Bytes },
+    /// Retained messages only (deletions included), with a header naming this node.
+    ClusterRetained { node: Bytes },
 }
 
 impl MappingConfig {
@@ -222,6 +239,7 @@ impl MappingConfig {
             subject: None,
             version: None,
             on_invalid: Default::default(),
+            internal: None,
         }
     }
 }
@@ -277,6 +295,9 @@ pub struct KafkaRecord {
     /// Headers `mqtt.topic`, `mqtt.qos`, `mqtt.retain`, `mqtt.client_id`, the MQTT 5 properties
     /// and user properties of `source` come first (see [`KafkaRecord::for_each_header`]).
     pub mqtt_headers: bool,
+    /// The cluster node that wrote the record, as header [`crate::cluster::NODE_HEADER`] after
+    /// the MQTT ones (cluster mappings only: a shared value, nothing allocated per record).
+    pub node: Option<Bytes>,
     /// Further headers, after the MQTT ones (spill-log replay, dead-letter causes).
     pub headers: Vec<(String, Bytes)>,
     pub timestamp_ms: i64,
@@ -375,6 +396,7 @@ impl KafkaRecord {
             value,
             source: None,
             mqtt_headers: false,
+            node: None,
             headers,
             timestamp_ms,
             dead_letter: None,
@@ -411,11 +433,18 @@ impl KafkaRecord {
     /// Every header in order, names unique: the MQTT ones of `source` (if `mqtt_headers`), then
     /// `headers`. An MQTT 5 user property passes through under its own name and wins over a
     /// header of the same name; of repeated user properties the last one counts.
+    ///
+    /// A cluster record (`node` set) is read back by the other nodes (`crate::inbound`): the
+    /// MQTT headers always (no user property overrides them: a device must not choose the topic
+    /// another node delivers to), [`crate::cluster::NODE_HEADER`], and the user properties in
+    /// one header, [`crate::cluster::USER_PROPERTIES_HEADER`], in order and repeats included
+    /// (Kafka clients, rskafka among them, may keep one header per name).
     pub fn for_each_header(&self, mut f: impl FnMut(&str, &[u8])) {
         if let (true, Some(m)) = (self.mqtt_headers, &self.source) {
             let p = m.properties();
             let users = &p.user_properties;
-            let overridden = |name: &str| users.iter().any(|(k, _)| k == name);
+            let cluster = self.node.is_some();
+            let overridden = |name: &str| !cluster && users.iter().any(|(k, _)| k == name);
             let mut std_header = |name: &str, v: &[u8]| {
                 if !overridden(name) {
                     f(name, v)
@@ -437,11 +466,20 @@ impl KafkaRecord {
             if let Some(pf) = p.payload_format_indicator {
                 std_header("mqtt.payload_format", if pf == 0 { b"0" } else { b"1" });
             }
-            for (i, (k, v)) in users.iter().enumerate() {
-                if !users[i + 1..].iter().any(|(later, _)| later == k) {
-                    f(k, v.as_bytes());
+            if let Some(node) = &self.node {
+                f(crate::cluster::NODE_HEADER, node);
+                if !users.is_empty() {
+                    f(crate::cluster::USER_PROPERTIES_HEADER, &crate::cluster::encode_user_properties(users));
+                }
+            } else {
+                for (i, (k, v)) in users.iter().enumerate() {
+                    if !users[i + 1..].iter().any(|(later, _)| later == k) {
+                        f(k, v.as_bytes());
+                    }
                 }
             }
+        } else if let Some(node) = &self.node {
+            f(crate::cluster::NODE_HEADER, node);
         }
         for (k, v) in &self.headers {
             f(k, v);
@@ -555,6 +593,10 @@ struct Mapping {
     key: KeySource,
     headers: bool,
     dead_letter: Option<(u16, Arc<str>)>,
+    /// The node header of a cluster mapping.
+    node: Option<Bytes>,
+    /// Only retained messages (the cluster's retained table).
+    retained_only: bool,
 }
 
 /// Why the `[[mqtt_to_kafka]]` mappings do not make a [`Router`]; each names its mapping.
@@ -627,6 +669,11 @@ impl Router {
                 key: m.key.clone(),
                 headers: m.headers,
                 dead_letter,
+                node: match &m.internal {
+                    Some(Internal::ClusterMessages { node } | Internal::ClusterRetained { node }) => Some(node.clone()),
+                    None => None,
+                },
+                retained_only: matches!(m.internal, Some(Internal::ClusterRetained { .. })),
             });
         }
         Ok(r)
@@ -664,6 +711,9 @@ impl Router {
         hit.sort_unstable();
         for mi in hit {
             let m = &self.mappings[usize::from(mi)];
+            if m.retained_only && !msg.retain {
+                continue;
+            }
             let key = match &m.key {
                 KeySource::Topic => RecordKey::Topic,
                 KeySource::ClientId => RecordKey::ClientId,
@@ -684,6 +734,7 @@ impl Router {
                     value: msg.payload.clone(),
                     source: Some(msg.clone()),
                     mqtt_headers: m.headers,
+                    node: m.node.clone(),
                     headers: Vec::new(),
                     timestamp_ms: now_ms,
                     dead_letter: m.dead_letter.clone(),
@@ -886,6 +937,7 @@ mod tests {
             value: Bytes::from_static(b"\x00\xffv"),
             source: None,
             mqtt_headers: false,
+            node: None,
             headers: vec![("a".into(), Bytes::from_static(b"1"))],
             timestamp_ms: -5,
             dead_letter: None,

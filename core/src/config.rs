@@ -32,6 +32,8 @@ pub struct Config {
     pub schema_registries: BTreeMap<String, crate::schemas::RegistryConfig>,
     /// `[http]`: metrics, health checks, admin API and dashboard. Absent: no HTTP endpoint.
     pub http: Option<HttpConfig>,
+    /// `[cluster]`: this node's cluster. Absent: a node of its own.
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 /// `[http]`: the HTTP endpoint (`/metrics`, `/healthz`, `/readyz`, `/api/v1/...`, the dashboard).
@@ -621,6 +623,19 @@ impl Config {
         }
         self.validate_schemas()?;
         let names: Vec<String> = self.kafka.clusters.keys().cloned().collect();
+        if let Some(c) = &self.cluster {
+            c.validate(&names).map_err(|e| ConfigError { key: format!("cluster.{}", e.key), problem: e.problem })?;
+        }
+        for (i, m) in self.mqtt_to_kafka.iter().enumerate() {
+            if m.name.starts_with('$') && m.internal.is_none() {
+                return err(&format!("mqtt_to_kafka[{i}].name"), "names starting with `$` are sluice's own");
+            }
+        }
+        for (i, m) in self.kafka_to_mqtt.iter().enumerate() {
+            if m.name.starts_with('$') && m.internal.is_none() {
+                return err(&format!("kafka_to_mqtt[{i}].name"), "names starting with `$` are sluice's own");
+            }
+        }
         Router::new(&self.mqtt_to_kafka, &names)
             .map_err(|e| ConfigError { key: "mqtt_to_kafka".into(), problem: e.to_string() })?;
         Ok(())
@@ -628,6 +643,19 @@ impl Config {
 }
 
 impl Config {
+    /// Adds the cluster's internal mappings (see `crate::cluster`) to the configured ones, once
+    /// the configuration is final: they are built from `[cluster]`, not read from the file.
+    pub fn add_cluster_mappings(&mut self) {
+        let Some(c) = &self.cluster else { return };
+        if self.mqtt_to_kafka.iter().any(|m| m.internal.is_some()) {
+            return;
+        }
+        self.mqtt_to_kafka.push(c.forward_mapping());
+        self.mqtt_to_kafka.push(c.retained_mapping());
+        self.kafka_to_mqtt.push(c.inbound_mapping());
+        self.kafka_to_mqtt.push(c.retained_inbound_mapping());
+    }
+
     /// The schema keys of every mapping, the registries' URLs and bounds.
     fn validate_schemas(&self) -> Result<(), ConfigError> {
         use crate::schemas::{check_mapping, MappingSchemaKeys, OnInvalid};

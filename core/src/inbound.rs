@@ -119,7 +119,31 @@ pub struct InboundMappingConfig {
     /// `decode` reads with this subject's latest schema (Avro resolution from the writer's).
     #[serde(default)]
     pub subject: Option<String>,
+    /// Set by sluice for its own mappings (the cluster's), never from a file.
+    #[serde(skip)]
+    pub internal: Option<InboundInternal>,
 }
+
+/// What an internal Kafka → MQTT mapping does instead of its templates (see `crate::cluster`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InboundInternal {
+    /// Records other nodes wrote to the cluster's message topic: each becomes the message it was
+    /// (topic, QoS, retain, properties from the headers); records of `node` (this one) are
+    /// skipped.
+    ClusterMessages { node: Arc<str> },
+    /// The cluster's retained table: each record is stored as a retained message (an empty
+    /// value deletes), not delivered.
+    ClusterRetained,
+}
+
+/// [`Message::origin`] of a message from another node: never forwarded again, to Kafka or to
+/// the cluster.
+pub const FROM_NODE: &str = "$cluster";
+/// [`Message::origin`] of a retained message read from the cluster's retained table: stored on
+/// its owner shard, delivered to nobody.
+pub const RETAINED_SYNC: &str = "$retained";
+/// [`Message::origin`] of a message a Kafka → MQTT mapping made.
+pub const FROM_KAFKA: &str = "$kafka";
 
 /// `kafka_topic_pattern` as a regex that must match a whole topic name.
 pub fn topic_pattern(p: &str) -> Result<regex::Regex, regex::Error> {
@@ -280,6 +304,7 @@ impl Skip {
 }
 
 struct Mapping {
+    internal: Option<InboundInternal>,
     templates: Vec<MqttTemplate>,
     payload: PayloadSource,
     qos: u8,
@@ -337,6 +362,7 @@ impl Inbound {
                 .collect::<Result<Vec<_>, _>>()?;
             let needs_json = templates.iter().any(MqttTemplate::needs_json) || c.payload != PayloadSource::Value;
             me.mappings.push(Mapping {
+                internal: c.internal.clone(),
                 templates,
                 payload: c.payload.clone(),
                 qos: c.qos,
@@ -359,6 +385,9 @@ impl Inbound {
     /// The MQTT messages for one record, or why there are none.
     pub fn transform(&self, r: &InboundRecord, now_ms: u64) -> Result<Vec<Message>, Skip> {
         let m = self.mappings.get(usize::from(r.mapping)).ok_or(Skip::MissingField)?;
+        if let Some(internal) = &m.internal {
+            return cluster_message(internal, r).map(|m| m.into_iter().collect());
+        }
         let value = r.value.clone().unwrap_or_default();
         let json: Option<serde_json::Value> = if m.needs_json { serde_json::from_slice(&value).ok() } else { None };
         if m.needs_json && json.is_none() {
@@ -402,7 +431,7 @@ impl Inbound {
         }
         let properties = properties.boxed();
         let lim = TopicLimits::default();
-        let origin: Arc<str> = Arc::from("$kafka");
+        let origin: Arc<str> = Arc::from(FROM_KAFKA);
         let mut out = Vec::with_capacity(m.templates.len());
         for t in &m.templates {
             let topic = t.render(r, json.as_ref())?;
@@ -421,6 +450,56 @@ impl Inbound {
         }
         Ok(out)
     }
+}
+
+/// The message a cluster record carries (see [`crate::bridge::KafkaRecord::for_each_header`]
+/// for the layout), or `None` for this node's own records.
+fn cluster_message(internal: &InboundInternal, r: &InboundRecord) -> Result<Option<Message>, Skip> {
+    let mut topic = None;
+    let (mut qos, mut retain, mut node) = (0u8, false, None);
+    let mut properties = Properties::default();
+    for (k, v) in &r.headers {
+        let text = || std::str::from_utf8(v).map_err(|_| Skip::NotUtf8);
+        match k.as_str() {
+            "mqtt.topic" => topic = Some(text()?.to_string()),
+            "mqtt.qos" => qos = text()?.parse::<u8>().ok().filter(|q| *q <= 2).ok_or(Skip::MissingField)?,
+            "mqtt.retain" => retain = v.as_ref() == b"true",
+            "content-type" => properties.content_type = Some(text()?.to_string()),
+            "mqtt.response_topic" => properties.response_topic = Some(text()?.to_string()),
+            "mqtt.correlation_data" => properties.correlation_data = Some(v.clone()),
+            "mqtt.payload_format" => properties.payload_format_indicator = Some(u8::from(v.as_ref() == b"1")),
+            crate::cluster::NODE_HEADER => node = Some(v.clone()),
+            crate::cluster::USER_PROPERTIES_HEADER => {
+                properties.user_properties = crate::cluster::decode_user_properties(v).ok_or(Skip::MissingField)?;
+            }
+            _ => {}
+        }
+    }
+    let topic = topic.ok_or(Skip::MissingField)?;
+    if !topic::valid_topic_name(&topic, &TopicLimits::default()) {
+        return Err(Skip::InvalidTopic);
+    }
+    let origin = match internal {
+        InboundInternal::ClusterMessages { node: me } => {
+            if node.as_deref() == Some(me.as_bytes()) {
+                return Ok(None);
+            }
+            FROM_NODE
+        }
+        InboundInternal::ClusterRetained => {
+            retain = true;
+            RETAINED_SYNC
+        }
+    };
+    Ok(Some(Message {
+        topic,
+        payload: r.value.clone().unwrap_or_default(),
+        qos,
+        retain,
+        properties: properties.boxed(),
+        expiry_at_ms: None,
+        origin: Arc::from(origin),
+    }))
 }
 
 #[cfg(test)]
@@ -442,6 +521,7 @@ mod tests {
             registry: None,
             mode: None,
             subject: None,
+            internal: None,
         }
     }
 

@@ -37,6 +37,7 @@ pub type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 pub mod auth;
 pub mod bridge;
 pub mod bytes_reader;
+pub mod cluster;
 pub mod config;
 pub mod inbound;
 pub mod message;

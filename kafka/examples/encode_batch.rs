@@ -25,6 +25,7 @@ fn record(i: usize) -> KafkaRecord {
         value,
         source: None,
         mqtt_headers: false,
+        node: None,
         // Not sorted by name: Kafka keeps header order, and so must the encoder.
         headers: vec![
             ("mqtt.topic".into(), Bytes::from(format!("t/{i}"))),

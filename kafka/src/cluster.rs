@@ -181,6 +181,29 @@ impl Cluster {
         }
     }
 
+    /// Creates `topic` with `configs` unless it exists (an internal topic of the cluster).
+    pub(crate) async fn ensure_topic(
+        &self,
+        topic: &str,
+        partitions: i32,
+        configs: &[(&'static str, String)],
+    ) -> Result<(), ClientError> {
+        let client = self.client().await?;
+        let timeout_ms = self.cfg.request_timeout_ms.min(i32::MAX as u64) as i32;
+        let configs: Vec<(&str, &str)> = configs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let ctl = client.controller_client()?;
+        let fut = ctl.create_topic_with_configs(topic, partitions, self.cfg.replication_factor, &configs, timeout_ms);
+        match tokio::time::timeout(self.request_timeout(), fut).await {
+            Ok(Ok(())) => {
+                tracing::info!(cluster = %self.name, %topic, partitions, ?configs, "created internal topic");
+                Ok(())
+            }
+            Ok(Err(ClientError::ServerError { protocol_error: ProtocolError::TopicAlreadyExists, .. })) => Ok(()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(ClientError::Timeout),
+        }
+    }
+
     pub(crate) async fn partition_client(&self, topic: &str, partition: i32) -> Result<PartitionClient, ClientError> {
         let client = self.client().await?;
         match tokio::time::timeout(

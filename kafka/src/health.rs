@@ -63,8 +63,20 @@ impl PartitionLag {
     }
 }
 
+/// The cluster as this node sees it (`[cluster]`; see `crate::membership`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClusterView {
+    pub name: String,
+    pub node: String,
+    /// Every internal topic exists.
+    pub topics_ready: bool,
+    pub members: Vec<sluice_core::cluster::Member>,
+    pub last_error: Option<String>,
+}
+
 /// Shared by the Kafka threads and the HTTP endpoint (see the module doc).
 pub struct KafkaHealth {
+    cluster: Mutex<Option<ClusterView>>,
     clusters: Mutex<Vec<ClusterState>>,
     /// `(mapping, topic, partition)` → lag.
     lag: Mutex<BTreeMap<(String, String, i32), PartitionLag>>,
@@ -85,6 +97,7 @@ impl KafkaHealth {
             .map(|(name, &needed)| ClusterState { name: name.clone(), needed, ..ClusterState::default() })
             .collect();
         KafkaHealth {
+            cluster: Mutex::new(None),
             clusters: Mutex::new(clusters),
             lag: Mutex::new(BTreeMap::new()),
             inbound_missing: Mutex::new(Vec::new()),
@@ -92,6 +105,29 @@ impl KafkaHealth {
             mapping_names: outbound.iter().map(|m| m.name.clone()).collect(),
             partitions: Mutex::new(vec![Default::default(); cluster_names.len()]),
         }
+    }
+
+    /// The node's cluster, when it is in one.
+    pub fn cluster(&self) -> Option<ClusterView> {
+        self.cluster.lock().ok()?.clone()
+    }
+
+    pub(crate) fn set_cluster(&self, v: ClusterView) {
+        if let Ok(mut c) = self.cluster.lock() {
+            *c = Some(v);
+        }
+    }
+
+    pub(crate) fn update_cluster(&self, f: impl FnOnce(&mut ClusterView)) {
+        if let Ok(mut c) = self.cluster.lock() {
+            if let Some(v) = c.as_mut() {
+                f(v);
+            }
+        }
+    }
+
+    pub(crate) fn cluster_error(&self, e: String) {
+        self.update_cluster(|v| v.last_error = Some(e));
     }
 
     pub fn clusters(&self) -> Vec<ClusterState> {

@@ -26,6 +26,7 @@ pub mod batch;
 mod cluster;
 mod consumer;
 pub mod health;
+pub mod membership;
 mod producer;
 pub mod schemas;
 mod tls;
@@ -114,6 +115,7 @@ pub fn start(
     positions: Positions,
     cpus: &[usize],
     schemas: Option<Arc<schemas::SchemaSetup>>,
+    node: Option<membership::NodeIdentity>,
 ) -> Result<(KafkaBridge, Vec<ShardLink>), StartError> {
     let names: Vec<String> = clusters.keys().cloned().collect();
     let mut tls_configs = Vec::new();
@@ -180,7 +182,12 @@ pub fn start(
                 .zip(&tls_configs)
                 .map(|((name, cfg), tls)| Arc::new(Cluster::new(name.clone(), cfg.clone(), tls.clone())))
                 .collect();
-            (probes, required.clone())
+            // The cluster's heartbeats and internal topics, on a client of their own too.
+            let node = node.clone().and_then(|n| {
+                let (cfg, tls) = clusters.get(&n.cfg.kafka).zip(names.iter().position(|c| *c == n.cfg.kafka))?;
+                Some((n.clone(), Arc::new(Cluster::new(n.cfg.kafka.clone(), cfg.clone(), tls_configs[tls].clone()))))
+            });
+            (probes, required.clone(), node)
         });
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -195,8 +202,13 @@ pub fn start(
                     }
                 }
                 runtime.block_on(async move {
-                    if let Some((probes, required)) = probe {
+                    let mut leaving = None;
+                    if let Some((probes, required, node)) = probe {
                         tokio::spawn(health::probe(health.clone(), probes, required));
+                        if let Some((me, kafka)) = node {
+                            tokio::spawn(membership::run(me.clone(), kafka.clone(), health.clone()));
+                            leaving = Some((me, kafka));
+                        }
                     }
                     for (i, m) in inbound.into_iter().enumerate() {
                         let cluster = own[inbound_clusters[i]].clone();
@@ -211,7 +223,11 @@ pub fn start(
                     let producer = producer::Producer::new(shard, own, req_rx, res_tx, stage, health);
                     tokio::select! {
                         _ = producer.run() => {}
-                        _ = stop_rx => {}
+                        _ = stop_rx => {
+                            if let Some((me, kafka)) = leaving {
+                                membership::leave(&me, &kafka, std::time::Duration::from_secs(1)).await;
+                            }
+                        }
                     }
                 });
                 // Tasks still running (requests in flight, consumers) end here.

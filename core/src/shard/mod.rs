@@ -31,7 +31,7 @@ use bytes::{Bytes, BytesMut};
 
 use crate::bridge::{ProduceError, ProduceRequest, ProduceResult};
 use crate::config::{Limits, QueueFullPolicy};
-use crate::inbound::{Inbound, InboundRecord, Positions};
+use crate::inbound::{self, Inbound, InboundRecord, Positions};
 pub use crate::message::{expiry_left_secs, ClientId, ConnId, Message, Msg, ShardId};
 use crate::packet::{
     self, reason, ConnAck, Connect, Disconnect, Packet, Properties, PubResp, Publish, PublishRef, SubAck, SubOptions,

@@ -136,8 +136,9 @@ impl Shard {
         if !self.taps.is_empty() {
             self.tap(&msg, now_ms);
         }
-        if &*msg.origin == "$kafka" {
-            // What came from Kafka does not go back to it: no loops between the two directions.
+        if matches!(&*msg.origin, inbound::FROM_KAFKA | inbound::FROM_NODE | inbound::RETAINED_SYNC) {
+            // What came from Kafka does not go back to it: no loops between the two directions,
+            // and none between cluster nodes (the node that took it from a device forwarded it).
             return Vec::new();
         }
         self.bridge_to_kafka(&msg, now_ms)
@@ -163,6 +164,11 @@ impl Shard {
                     routing.stored = true;
                 }
             }
+        }
+        if &*msg.origin == inbound::RETAINED_SYNC {
+            // The cluster's retained table: stored above, delivered by the node it was published
+            // on (live subscribers everywhere got it through the cluster's message topic).
+            return;
         }
         // One delivery per session: highest QoS over its matching filters, all their ids. The
         // matches are gathered in a reused vector and merged by client id after sorting (most

@@ -1103,6 +1103,7 @@ fn kafka_world(max_wait_ms: u64) -> World {
         registry: None,
         mode: None,
         subject: None,
+        internal: None,
     };
     let mut w = World::new(2, limits.clone());
     w.shards = (0..2)

@@ -1,0 +1,663 @@
+//! A cluster of sluice nodes that share routing and retained messages through Kafka.
+//!
+//! Every deployment of sluice already has a replicated, ordered log: Kafka. The cluster is built
+//! on it and on nothing of our own (no consensus, no gossip):
+//! - **Messages between nodes** go through one internal topic, `<prefix>.messages`: every
+//!   message a device publishes on a node (not `$SYS`, not what came from Kafka or from another
+//!   node) becomes a record there, keyed by the publisher's client id (so one publisher's
+//!   messages stay in one partition, in order), with the MQTT headers the bridge writes anyway
+//!   (topic, QoS, retain, client id, MQTT 5 properties) and [`NODE_HEADER`] naming the node.
+//!   Every node reads every partition and routes the records other nodes wrote to its own
+//!   subscribers as if they were published there, at the QoS they were published with. The
+//!   publisher's PUBACK waits for Kafka like any bridged record: an acknowledged message is in
+//!   Kafka, so a node that restarts replays what it missed for its persistent sessions from its
+//!   stored consumer positions. Both directions reuse the bridge's machinery (the shard's own
+//!   producers, the spill log, the Kafka → MQTT feed's flow control): the cluster is two
+//!   internal mappings ([`ClusterConfig::forward_mapping`], [`ClusterConfig::inbound_mapping`]).
+//! - **Retained messages** are also written to the compacted `<prefix>.retained` (key: the MQTT
+//!   topic; an empty payload deletes). Each node reads it from the beginning once (then from its
+//!   stored position) and only *stores* what it reads there — live subscribers got the message
+//!   through `.messages` — so a node that joins later has every retained message.
+//! - **Membership**: each node writes a [`Heartbeat`] to `<prefix>.nodes` every `heartbeat_ms`
+//!   (and a last one saying it leaves, at a clean stop); [`Members`] turns what a node reads
+//!   there into who is alive, and declares a node dead once nothing was heard from it for
+//!   `dead_after_ms`.
+//!
+//! Invariants: a record a node wrote is never routed again by that node (the `.messages`
+//! consumer skips its own [`NODE_HEADER`]); what came from Kafka or another node is never
+//! forwarded (no loops between nodes, or between the cluster and the bridge's mappings);
+//! [`Members`] keeps at most [`MEMBERS_MAX`] nodes.
+//!
+//! Sans-I/O like the rest of the core: the Kafka side (`sluice-kafka`) produces and consumes,
+//! time comes in as `now_ms`.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::bridge::{Destination, Internal, KeySource, MappingConfig, TopicTemplate};
+use crate::inbound::{InboundInternal, InboundMappingConfig, PayloadSource, StartAt};
+
+/// The Kafka header that names the node a cluster record was written by.
+pub const NODE_HEADER: &str = "sluice.node";
+/// The Kafka header of a cluster record that carries the MQTT 5 user properties, encoded by
+/// [`encode_user_properties`].
+pub const USER_PROPERTIES_HEADER: &str = "sluice.user_properties";
+/// Names of the internal mappings (user mappings may not start with `$`).
+pub const FORWARD_MAPPING: &str = "$cluster";
+pub const RETAINED_MAPPING: &str = "$cluster-retained";
+/// Nodes [`Members`] keeps, at most; heartbeats of further nodes are ignored and counted.
+pub const MEMBERS_MAX: usize = 1024;
+/// Longest node id and cluster name: they become Kafka topic names and header values.
+pub const NAME_MAX: usize = 64;
+
+fn default_name() -> String {
+    "sluice".into()
+}
+fn default_kafka() -> String {
+    "default".into()
+}
+fn default_heartbeat_ms() -> u64 {
+    1000
+}
+fn default_dead_after_ms() -> u64 {
+    10_000
+}
+fn default_partitions() -> i32 {
+    16
+}
+
+/// `[cluster]`: this node's place in a cluster of sluice nodes.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Nodes with the same name (and Kafka) form one cluster.
+    #[serde(default = "default_name")]
+    pub name: String,
+    /// Unique in the cluster; letters, digits, `.`, `_`, `-`.
+    pub node_id: String,
+    /// The `[kafka.clusters.NAME]` the internal topics live in.
+    #[serde(default = "default_kafka")]
+    pub kafka: String,
+    /// Internal topics are `<prefix>.messages`, `.retained`, `.nodes`; `_sluice.<name>` unless set.
+    #[serde(default)]
+    pub topic_prefix: Option<String>,
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_ms: u64,
+    /// A node not heard from for this long is dead to the others.
+    #[serde(default = "default_dead_after_ms")]
+    pub dead_after_ms: u64,
+    /// Partitions of `<prefix>.messages` when sluice creates it.
+    #[serde(default = "default_partitions")]
+    pub partitions: i32,
+}
+
+/// Why a `[cluster]` table is wrong: the key and the problem.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("cluster.{key}: {problem}")]
+pub struct ClusterConfigError {
+    pub key: &'static str,
+    pub problem: String,
+}
+
+/// An internal topic as sluice creates it when it is missing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InternalTopic {
+    pub name: String,
+    pub partitions: i32,
+    /// Topic configs (`cleanup.policy`, `retention.ms`).
+    pub configs: Vec<(&'static str, String)>,
+}
+
+/// Kafka's legal topic-name characters.
+fn name_ok(s: &str) -> bool {
+    !s.is_empty() && s.len() <= NAME_MAX && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+impl ClusterConfig {
+    pub fn prefix(&self) -> String {
+        self.topic_prefix.clone().unwrap_or_else(|| format!("_sluice.{}", self.name))
+    }
+
+    pub fn messages_topic(&self) -> String {
+        format!("{}.messages", self.prefix())
+    }
+    pub fn retained_topic(&self) -> String {
+        format!("{}.retained", self.prefix())
+    }
+    pub fn nodes_topic(&self) -> String {
+        format!("{}.nodes", self.prefix())
+    }
+
+    /// Every internal topic with the cleanup policy it needs: messages are a stream (kept a day,
+    /// the replay window of a node that was down), retained messages and heartbeats are tables
+    /// (compacted: the last record per key is what counts).
+    pub fn internal_topics(&self) -> Vec<InternalTopic> {
+        vec![
+            InternalTopic {
+                name: self.messages_topic(),
+                partitions: self.partitions,
+                configs: vec![("cleanup.policy", "delete".into()), ("retention.ms", "86400000".into())],
+            },
+            InternalTopic {
+                name: self.retained_topic(),
+                partitions: self.partitions,
+                configs: vec![("cleanup.policy", "compact".into())],
+            },
+            InternalTopic {
+                name: self.nodes_topic(),
+                partitions: 1,
+                configs: vec![("cleanup.policy", "compact".into())],
+            },
+        ]
+    }
+
+    /// Checks what the types cannot; `clusters` are the configured Kafka clusters.
+    pub fn validate(&self, clusters: &[String]) -> Result<(), ClusterConfigError> {
+        let err = |key, problem: &str| Err(ClusterConfigError { key, problem: problem.into() });
+        if !name_ok(&self.node_id) {
+            return err("node_id", "must be 1 to 64 letters, digits, `.`, `_` or `-`");
+        }
+        if !name_ok(&self.name) {
+            return err("name", "must be 1 to 64 letters, digits, `.`, `_` or `-`");
+        }
+        if let Some(p) = &self.topic_prefix {
+            if !name_ok(p) {
+                return err("topic_prefix", "must be 1 to 64 letters, digits, `.`, `_` or `-` (a Kafka topic name)");
+            }
+        }
+        if !clusters.contains(&self.kafka) {
+            return Err(ClusterConfigError {
+                key: "kafka",
+                problem: format!("`{}` is not a [kafka.clusters.NAME] table (have {clusters:?})", self.kafka),
+            });
+        }
+        if self.heartbeat_ms == 0 {
+            return err("heartbeat_ms", "must be at least 1");
+        }
+        if self.dead_after_ms < 2 * self.heartbeat_ms {
+            return err("dead_after_ms", "must be at least twice heartbeat_ms (one lost heartbeat is not a death)");
+        }
+        if self.partitions < 1 {
+            return err("partitions", "must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The MQTT → Kafka side: every device message into `.messages`, keyed by publisher.
+    pub fn forward_mapping(&self) -> MappingConfig {
+        let mut m = MappingConfig::new(
+            FORWARD_MAPPING.into(),
+            vec!["#".into()],
+            vec![self.destination(self.messages_topic())],
+            KeySource::ClientId,
+        );
+        m.internal = Some(Internal::ClusterMessages { node: Bytes::from(self.node_id.clone()) });
+        m
+    }
+
+    /// Retained messages into the compacted `.retained`, keyed by topic.
+    pub fn retained_mapping(&self) -> MappingConfig {
+        let mut m = MappingConfig::new(
+            RETAINED_MAPPING.into(),
+            vec!["#".into()],
+            vec![self.destination(self.retained_topic())],
+            KeySource::Topic,
+        );
+        m.internal = Some(Internal::ClusterRetained { node: Bytes::from(self.node_id.clone()) });
+        m
+    }
+
+    fn destination(&self, topic: String) -> Destination {
+        // A prefix of topic-name characters has no `{`: the template is the fixed topic.
+        let topic = TopicTemplate::parse(&topic).unwrap_or_else(|_| TopicTemplate::fixed(&topic));
+        Destination { cluster: self.kafka.clone(), topic, partition: None }
+    }
+
+    /// The Kafka → MQTT side: other nodes' messages from `.messages`, from the end (a new node
+    /// has no sessions that missed anything; a restarted one resumes at its stored position).
+    pub fn inbound_mapping(&self) -> InboundMappingConfig {
+        self.inbound(
+            FORWARD_MAPPING,
+            self.messages_topic(),
+            StartAt::Latest,
+            InboundInternal::ClusterMessages { node: self.node_id.as_str().into() },
+        )
+    }
+
+    /// Retained messages from `.retained`, from the beginning: stored, not delivered.
+    pub fn retained_inbound_mapping(&self) -> InboundMappingConfig {
+        self.inbound(RETAINED_MAPPING, self.retained_topic(), StartAt::Earliest, InboundInternal::ClusterRetained)
+    }
+
+    fn inbound(&self, name: &str, topic: String, start: StartAt, internal: InboundInternal) -> InboundMappingConfig {
+        InboundMappingConfig {
+            name: name.into(),
+            cluster: self.kafka.clone(),
+            kafka_topics: vec![topic],
+            kafka_topic_pattern: None,
+            mqtt_topics: vec!["${header.mqtt.topic}".into()],
+            payload: PayloadSource::Value,
+            qos: 0,
+            retain: false,
+            start,
+            schema: None,
+            registry: None,
+            mode: None,
+            subject: None,
+            internal: Some(internal),
+        }
+    }
+}
+
+/// User properties as one header value: for each, name and value as MQTT strings (a 2-byte
+/// big-endian length, then the bytes), in order.
+pub fn encode_user_properties(users: &[(String, String)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(users.iter().map(|(k, v)| 4 + k.len() + v.len()).sum());
+    for (k, v) in users {
+        for s in [k, v] {
+            let b = &s.as_bytes()[..s.len().min(usize::from(u16::MAX))];
+            out.extend_from_slice(&(b.len() as u16).to_be_bytes());
+            out.extend_from_slice(b);
+        }
+    }
+    out
+}
+
+/// Inverse of [`encode_user_properties`]; `None` when the bytes are not such a list.
+pub fn decode_user_properties(mut b: &[u8]) -> Option<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    let take = |b: &mut &[u8]| -> Option<String> {
+        let n = usize::from(u16::from_be_bytes([*b.first()?, *b.get(1)?]));
+        let s = std::str::from_utf8(b.get(2..2 + n)?).ok()?.to_string();
+        *b = &b[2 + n..];
+        Some(s)
+    };
+    while !b.is_empty() {
+        let k = take(&mut b)?;
+        let v = take(&mut b)?;
+        out.push((k, v));
+    }
+    Some(out)
+}
+
+/// What a node writes to `<prefix>.nodes` (as JSON, keyed by node id).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Heartbeat {
+    pub node: String,
+    /// When the node started (ms since the epoch): a new value is a restart.
+    pub incarnation: u64,
+    /// Heartbeats sent by this incarnation, from 0.
+    pub seq: u64,
+    /// False in the last heartbeat of a node that stops cleanly.
+    pub alive: bool,
+    /// The node's MQTT listeners, for operators.
+    #[serde(default)]
+    pub listeners: Vec<String>,
+}
+
+impl Heartbeat {
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+    pub fn decode(b: &[u8]) -> Option<Heartbeat> {
+        serde_json::from_slice(b).ok()
+    }
+}
+
+/// A node as this node sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Member {
+    pub node: String,
+    pub incarnation: u64,
+    pub state: MemberState,
+    /// Milliseconds since something was heard from it (as of the last [`Members::tick`]).
+    pub silent_ms: u64,
+    pub listeners: Vec<String>,
+    #[serde(skip)]
+    last_seen_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemberState {
+    Alive,
+    /// Stopped cleanly.
+    Left,
+    /// Not heard from for `dead_after_ms`.
+    Dead,
+}
+
+impl MemberState {
+    pub fn name(self) -> &'static str {
+        match self {
+            MemberState::Alive => "alive",
+            MemberState::Left => "left",
+            MemberState::Dead => "dead",
+        }
+    }
+}
+
+/// A change [`Members`] reports once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MemberChange {
+    Joined(String),
+    Restarted(String),
+    Left(String),
+    Dead(String),
+}
+
+/// Membership from heartbeats: who is alive, who left, who died (see the module doc).
+#[derive(Clone, Debug)]
+pub struct Members {
+    me: String,
+    dead_after_ms: u64,
+    nodes: BTreeMap<String, Member>,
+    /// Heartbeats of nodes beyond [`MEMBERS_MAX`].
+    pub ignored: u64,
+}
+
+impl Members {
+    pub fn new(me: &str, dead_after_ms: u64) -> Members {
+        Members { me: me.into(), dead_after_ms, nodes: BTreeMap::new(), ignored: 0 }
+    }
+
+    /// A heartbeat read from Kafka, written `age_ms` ago by its sender's clock (records of nodes
+    /// long gone, read at start, arrive old and do not make those nodes alive).
+    pub fn on_heartbeat(&mut self, hb: Heartbeat, age_ms: u64, now_ms: u64) -> Option<MemberChange> {
+        let seen = now_ms.saturating_sub(age_ms);
+        let fresh = age_ms < self.dead_after_ms;
+        let state = match (hb.alive, fresh) {
+            (false, _) => MemberState::Left,
+            (true, true) => MemberState::Alive,
+            (true, false) => MemberState::Dead,
+        };
+        if !self.nodes.contains_key(&hb.node) && self.nodes.len() >= MEMBERS_MAX {
+            self.ignored += 1;
+            return None;
+        }
+        let node = hb.node.clone();
+        let m = self.nodes.entry(node.clone()).or_insert_with(|| Member {
+            node: node.clone(),
+            incarnation: hb.incarnation,
+            state: MemberState::Dead,
+            silent_ms: 0,
+            listeners: Vec::new(),
+            last_seen_ms: 0,
+        });
+        if hb.incarnation < m.incarnation || seen < m.last_seen_ms {
+            return None; // an older record than one already read
+        }
+        let was = (m.state, m.incarnation);
+        m.incarnation = hb.incarnation;
+        m.last_seen_ms = seen;
+        m.silent_ms = age_ms;
+        m.listeners = hb.listeners;
+        m.state = state;
+        match (was, state) {
+            ((MemberState::Alive, inc), MemberState::Alive) if inc != hb.incarnation => {
+                Some(MemberChange::Restarted(node))
+            }
+            ((MemberState::Alive, _), MemberState::Alive) => None,
+            (_, MemberState::Alive) => Some(MemberChange::Joined(node)),
+            ((MemberState::Alive, _), MemberState::Left) => Some(MemberChange::Left(node)),
+            _ => None,
+        }
+    }
+
+    /// Declares dead every alive node not heard from for `dead_after_ms`.
+    pub fn tick(&mut self, now_ms: u64) -> Vec<MemberChange> {
+        let mut out = Vec::new();
+        for m in self.nodes.values_mut() {
+            m.silent_ms = now_ms.saturating_sub(m.last_seen_ms);
+            if m.state == MemberState::Alive && m.silent_ms >= self.dead_after_ms && m.node != self.me {
+                m.state = MemberState::Dead;
+                out.push(MemberChange::Dead(m.node.clone()));
+            }
+        }
+        out
+    }
+
+    pub fn members(&self) -> Vec<Member> {
+        self.nodes.values().cloned().collect()
+    }
+
+    pub fn alive(&self) -> impl Iterator<Item = &str> {
+        self.nodes.values().filter(|m| m.state == MemberState::Alive).map(|m| m.node.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> ClusterConfig {
+        ClusterConfig {
+            name: "prod".into(),
+            node_id: "n1".into(),
+            kafka: "default".into(),
+            topic_prefix: None,
+            heartbeat_ms: 1000,
+            dead_after_ms: 5000,
+            partitions: 8,
+        }
+    }
+
+    fn hb(node: &str, inc: u64, alive: bool) -> Heartbeat {
+        Heartbeat { node: node.into(), incarnation: inc, seq: 0, alive, listeners: vec![] }
+    }
+
+    #[test]
+    fn topics_and_mappings_follow_the_prefix() {
+        let c = cfg();
+        assert_eq!(c.messages_topic(), "_sluice.prod.messages");
+        let t = c.internal_topics();
+        assert_eq!(t.len(), 3);
+        assert!(t.iter().any(|t| t.name == "_sluice.prod.retained" && t.configs[0].1 == "compact"));
+        let f = c.forward_mapping();
+        assert_eq!(f.destinations[0].topic.fixed_topic(), Some("_sluice.prod.messages"));
+        assert_eq!(f.key, KeySource::ClientId);
+        let i = c.inbound_mapping();
+        assert_eq!(i.kafka_topics, vec!["_sluice.prod.messages".to_string()]);
+        assert!(matches!(i.internal, Some(InboundInternal::ClusterMessages { ref node }) if &**node == "n1"));
+        let r = c.retained_inbound_mapping();
+        assert_eq!(r.start, StartAt::Earliest);
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        let names = vec!["default".to_string()];
+        assert!(cfg().validate(&names).is_ok());
+        let mut c = cfg();
+        c.node_id = "a b".into();
+        assert_eq!(c.validate(&names).unwrap_err().key, "node_id");
+        let mut c = cfg();
+        c.kafka = "other".into();
+        let e = c.validate(&names).unwrap_err();
+        assert_eq!(e.key, "kafka");
+        assert!(e.to_string().contains("`other`"), "{e}");
+        let mut c = cfg();
+        c.dead_after_ms = 1500;
+        assert_eq!(c.validate(&names).unwrap_err().key, "dead_after_ms");
+        let mut c = cfg();
+        c.topic_prefix = Some("x/y".into());
+        assert_eq!(c.validate(&names).unwrap_err().key, "topic_prefix");
+    }
+
+    #[test]
+    fn user_properties_round_trip_in_order_with_repeats_and_garbage_is_refused() {
+        let u = vec![("a".to_string(), "1".to_string()), ("a".into(), "2".into()), ("".into(), "é".into())];
+        assert_eq!(decode_user_properties(&encode_user_properties(&u)), Some(u));
+        assert_eq!(decode_user_properties(&[]), Some(vec![]));
+        assert_eq!(decode_user_properties(&[0, 5, b'a']), None);
+        assert_eq!(decode_user_properties(&[0, 1, b'a']), None, "a name without a value");
+        assert_eq!(decode_user_properties(&[0, 1, 0xff, 0, 0]), None, "not UTF-8");
+    }
+
+    #[test]
+    fn heartbeats_round_trip_and_garbage_is_none() {
+        let h = Heartbeat { node: "n2".into(), incarnation: 7, seq: 3, alive: true, listeners: vec!["a:1".into()] };
+        assert_eq!(Heartbeat::decode(&h.encode()), Some(h));
+        assert_eq!(Heartbeat::decode(b"\xff{"), None);
+    }
+
+    #[test]
+    fn a_node_joins_dies_when_silent_and_comes_back_as_a_restart() {
+        let mut m = Members::new("n1", 5000);
+        assert_eq!(m.on_heartbeat(hb("n2", 1, true), 0, 1000), Some(MemberChange::Joined("n2".into())));
+        assert_eq!(m.on_heartbeat(hb("n2", 1, true), 0, 2000), None);
+        assert!(m.tick(6999).is_empty());
+        assert_eq!(m.tick(7000), vec![MemberChange::Dead("n2".into())]);
+        assert!(m.tick(9000).is_empty(), "reported once");
+        assert_eq!(m.on_heartbeat(hb("n2", 2, true), 0, 9000), Some(MemberChange::Joined("n2".into())));
+        assert_eq!(m.on_heartbeat(hb("n2", 3, true), 0, 9100), Some(MemberChange::Restarted("n2".into())));
+        assert_eq!(m.on_heartbeat(hb("n2", 2, true), 0, 9200), None, "an older incarnation is ignored");
+        assert_eq!(m.on_heartbeat(hb("n2", 3, false), 0, 9300), Some(MemberChange::Left("n2".into())));
+        assert!(m.tick(100_000).is_empty(), "a node that left does not die");
+        assert_eq!(m.alive().count(), 0);
+    }
+
+    #[test]
+    fn old_heartbeats_read_at_start_do_not_make_a_node_alive() {
+        let mut m = Members::new("n1", 5000);
+        assert_eq!(m.on_heartbeat(hb("gone", 1, true), 60_000, 100_000), None);
+        assert_eq!(m.members()[0].state, MemberState::Dead);
+        assert_eq!(m.on_heartbeat(hb("n3", 1, true), 100, 100_000), Some(MemberChange::Joined("n3".into())));
+    }
+
+    #[test]
+    fn members_are_bounded() {
+        let mut m = Members::new("n1", 5000);
+        for i in 0..MEMBERS_MAX + 5 {
+            m.on_heartbeat(hb(&format!("n{i}"), 1, true), 0, 10);
+        }
+        assert_eq!(m.members().len(), MEMBERS_MAX);
+        assert_eq!(m.ignored, 5);
+    }
+}
+
+#[cfg(test)]
+mod round_trip {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::bridge::{KafkaRecord, Router};
+    use crate::inbound::{Inbound, InboundRecord, FROM_NODE, RETAINED_SYNC};
+    use crate::message::Message;
+    use crate::packet::Properties;
+
+    fn node(id: &str) -> ClusterConfig {
+        ClusterConfig {
+            name: "t".into(),
+            node_id: id.into(),
+            kafka: "k".into(),
+            topic_prefix: None,
+            heartbeat_ms: 1000,
+            dead_after_ms: 5000,
+            partitions: 4,
+        }
+    }
+
+    /// What another node's consumer hands its shard for `r`, with its headers as Kafka keeps
+    /// them (in order; rskafka gives at most one per name: the last).
+    fn consumed(r: &KafkaRecord, mapping: u16) -> InboundRecord {
+        let mut headers: Vec<(String, Bytes)> = Vec::new();
+        r.for_each_header(|k, v| {
+            headers.retain(|(name, _)| name != k);
+            headers.push((k.to_string(), Bytes::copy_from_slice(v)));
+        });
+        InboundRecord {
+            mapping,
+            topic: r.topic.clone(),
+            partition: 0,
+            offset: 0,
+            key: r.key().map(Bytes::copy_from_slice),
+            value: Some(r.value.clone()),
+            headers,
+        }
+    }
+
+    fn message(topic: &str, qos: u8, retain: bool, users: &[(&str, &str)]) -> Arc<Message> {
+        let p = Properties {
+            content_type: Some("text/plain".into()),
+            correlation_data: Some(Bytes::from_static(b"\0c")),
+            user_properties: users.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            ..Default::default()
+        };
+        Arc::new(Message {
+            topic: topic.into(),
+            payload: Bytes::from_static(b"88"),
+            qos,
+            retain,
+            properties: p.boxed(),
+            expiry_at_ms: None,
+            origin: "car-1".into(),
+        })
+    }
+
+    fn setup(me: &str) -> (Router, Inbound) {
+        let c = node(me);
+        let k = vec!["k".to_string()];
+        let router = Router::new(&[c.forward_mapping(), c.retained_mapping()], &k).unwrap();
+        let inbound = Inbound::new(&[c.inbound_mapping(), c.retained_inbound_mapping()], &k).unwrap();
+        (router, inbound)
+    }
+
+    #[test]
+    fn a_message_crosses_to_another_node_as_it_was_published_and_not_back_to_its_own() {
+        let (router_1, inbound_1) = setup("n1");
+        let (_, inbound_2) = setup("n2");
+        let users = [("a", "1"), ("a", "2"), ("mqtt.topic", "secret/x"), (NODE_HEADER, "n2")];
+        let msg = message("fleet/car-1/speed", 2, false, &users);
+        let mut out = Vec::new();
+        router_1.route(&msg, 1, &mut out);
+        assert_eq!(out.len(), 1, "not retained: only the message topic");
+        assert_eq!(&*out[0].topic, "_sluice.t.messages");
+        assert_eq!(out[0].key(), Some(&b"car-1"[..]), "keyed by publisher");
+        let got = inbound_2.transform(&consumed(&out[0], 0), 0).unwrap();
+        assert_eq!(got.len(), 1);
+        let m = &got[0];
+        assert_eq!((m.topic.as_str(), m.qos, m.retain, &*m.origin), ("fleet/car-1/speed", 2, false, FROM_NODE));
+        assert_eq!(m.properties(), msg.properties(), "properties, user properties in order and repeated");
+        assert!(inbound_1.transform(&consumed(&out[0], 0), 0).unwrap().is_empty(), "a node skips its own");
+    }
+
+    #[test]
+    fn a_retained_message_also_goes_to_the_retained_table_and_is_stored_there_not_delivered() {
+        let (router, _) = setup("n1");
+        let (_, inbound_2) = setup("n2");
+        let mut out = Vec::new();
+        router.route(&message("state/car-1", 1, true, &[]), 1, &mut out);
+        assert_eq!(out.len(), 2);
+        let table = out.iter().find(|r| &*r.topic == "_sluice.t.retained").unwrap();
+        assert_eq!(table.key(), Some(&b"state/car-1"[..]), "compacted by MQTT topic");
+        let got = inbound_2.transform(&consumed(table, 1), 0).unwrap();
+        assert_eq!((got[0].retain, &*got[0].origin), (true, RETAINED_SYNC));
+        // Its own records count too: a restarted node reads the table like any other.
+        let (_, inbound_1) = setup("n1");
+        assert_eq!(inbound_1.transform(&consumed(table, 1), 0).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_cluster_record_with_broken_headers_is_skipped_not_delivered_elsewhere() {
+        let (_, inbound) = setup("n2");
+        let mut r = InboundRecord {
+            mapping: 0,
+            topic: "_sluice.t.messages".into(),
+            partition: 0,
+            offset: 0,
+            key: None,
+            value: Some(Bytes::from_static(b"x")),
+            headers: vec![("mqtt.qos".into(), Bytes::from_static(b"1"))],
+        };
+        assert!(inbound.transform(&r, 0).is_err(), "no topic");
+        r.headers.push(("mqtt.topic".into(), Bytes::from_static(b"a/+")));
+        assert!(inbound.transform(&r, 0).is_err(), "a filter is not a topic");
+        r.headers[1].1 = Bytes::from_static(b"a/b");
+        r.headers[0].1 = Bytes::from_static(b"7");
+        assert!(inbound.transform(&r, 0).is_err(), "QoS 7");
+    }
+}

@@ -1,0 +1,207 @@
+//! The cluster's Kafka side that is not a mapping: its internal topics and its membership.
+//!
+//! Runs on shard 0's Kafka thread, with a client of its own (a heartbeat waiting on a paused
+//! broker never holds the producers' client):
+//! 1. creates every internal topic that is missing, with its cleanup policy
+//!    ([`ClusterConfig::internal_topics`]), retrying each second until Kafka answers;
+//! 2. writes this node's [`Heartbeat`] to `<prefix>.nodes` every `heartbeat_ms`;
+//! 3. reads `<prefix>.nodes` from its beginning (a compacted table: one record per node) into
+//!    [`Members`], declares nodes dead when they fall silent, and logs every change once;
+//! 4. at a clean stop ([`leave`]) writes a last heartbeat that says the node left.
+//!
+//! What it sees is published in [`KafkaHealth`] for the HTTP endpoint (`/api/v1/cluster`,
+//! `/metrics`). A Kafka that does not answer is logged at the first failure of each kind and
+//! shown there; the node keeps serving its own devices meanwhile.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rskafka::chrono::{TimeZone, Utc};
+use rskafka::client::partition::{Compression, OffsetAt, PartitionClient};
+use rskafka::record::Record;
+use sluice_core::cluster::{ClusterConfig, Heartbeat, MemberChange, Members};
+
+use crate::cluster::Cluster;
+use crate::health::{ClusterView, KafkaHealth};
+
+/// How long a fetch of `.nodes` waits for new heartbeats.
+const FETCH_WAIT_MS: i32 = 200;
+
+fn wall_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// This node's identity for its heartbeats.
+#[derive(Clone, Debug)]
+pub struct NodeIdentity {
+    pub cfg: ClusterConfig,
+    /// Start time, ms since the epoch.
+    pub incarnation: u64,
+    pub listeners: Vec<String>,
+}
+
+impl NodeIdentity {
+    pub fn new(cfg: ClusterConfig, listeners: Vec<String>) -> NodeIdentity {
+        NodeIdentity { cfg, incarnation: wall_ms(), listeners }
+    }
+
+    fn heartbeat(&self, seq: u64, alive: bool) -> Record {
+        let hb = Heartbeat {
+            node: self.cfg.node_id.clone(),
+            incarnation: self.incarnation,
+            seq,
+            alive,
+            listeners: self.listeners.clone(),
+        };
+        Record {
+            key: Some(self.cfg.node_id.as_bytes().to_vec()),
+            value: Some(hb.encode()),
+            headers: Default::default(),
+            timestamp: Utc.timestamp_millis_opt(wall_ms() as i64).single().unwrap_or_default(),
+        }
+    }
+}
+
+/// Creates the internal topics, then runs heartbeats and the membership reader until the
+/// thread stops.
+pub(crate) async fn run(me: NodeIdentity, kafka: Arc<Cluster>, health: Arc<KafkaHealth>) {
+    let start = Instant::now();
+    let now_ms = move || start.elapsed().as_millis() as u64;
+    health.set_cluster(ClusterView {
+        name: me.cfg.name.clone(),
+        node: me.cfg.node_id.clone(),
+        ..ClusterView::default()
+    });
+    ensure_topics(&me.cfg, &kafka, &health).await;
+    let topic = me.cfg.nodes_topic();
+    let pc = loop {
+        match kafka.partition_client(&topic, 0).await {
+            Ok(pc) => break Arc::new(pc),
+            Err(e) => {
+                health.cluster_error(format!("{topic}: {e}"));
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
+    let writer = {
+        let (me, pc, health) = (me.clone(), pc.clone(), health.clone());
+        tokio::spawn(async move {
+            let every = Duration::from_millis(me.cfg.heartbeat_ms);
+            let mut failing = false;
+            for seq in 0.. {
+                let sent = tokio::time::timeout(every.max(Duration::from_secs(1)), async {
+                    pc.produce(vec![me.heartbeat(seq, true)], Compression::NoCompression).await
+                })
+                .await;
+                match sent {
+                    Ok(Ok(_)) => failing = false,
+                    Ok(Err(e)) => fail(&health, &mut failing, format!("heartbeat to {}: {e}", me.cfg.nodes_topic())),
+                    Err(_) => fail(&health, &mut failing, format!("heartbeat to {}: timed out", me.cfg.nodes_topic())),
+                }
+                tokio::time::sleep(every).await;
+            }
+        })
+    };
+    read(&me, &pc, &health, now_ms).await;
+    writer.abort();
+}
+
+fn fail(health: &KafkaHealth, failing: &mut bool, e: String) {
+    if !*failing {
+        tracing::warn!("cluster: {e}");
+    }
+    *failing = true;
+    health.cluster_error(e);
+}
+
+async fn ensure_topics(cfg: &ClusterConfig, kafka: &Cluster, health: &KafkaHealth) {
+    let mut logged = false;
+    for t in cfg.internal_topics() {
+        loop {
+            match kafka.ensure_topic(&t.name, t.partitions, &t.configs).await {
+                Ok(()) => break,
+                Err(e) => {
+                    let e = format!("creating internal topic {}: {e}", t.name);
+                    if !logged {
+                        tracing::warn!("cluster: {e}; retrying every second");
+                        logged = true;
+                    }
+                    health.cluster_error(e);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+    health.update_cluster(|v| v.topics_ready = true);
+}
+
+async fn read(me: &NodeIdentity, pc: &PartitionClient, health: &KafkaHealth, now_ms: impl Fn() -> u64) {
+    let mut members = Members::new(&me.cfg.node_id, me.cfg.dead_after_ms);
+    let mut offset = None;
+    let mut failing = false;
+    loop {
+        let step = async {
+            let from = match offset {
+                Some(o) => o,
+                None => pc.get_offset(OffsetAt::Earliest).await?,
+            };
+            offset = Some(from);
+            pc.fetch_records(from, 1..1 << 20, FETCH_WAIT_MS).await
+        };
+        let timeout = Duration::from_millis(me.cfg.heartbeat_ms.max(1000) + FETCH_WAIT_MS as u64);
+        match tokio::time::timeout(timeout, step).await {
+            Ok(Ok((records, _))) => {
+                failing = false;
+                let wall = wall_ms() as i64;
+                for r in &records {
+                    offset = Some(r.offset + 1);
+                    let Some(hb) = r.record.value.as_deref().and_then(Heartbeat::decode) else { continue };
+                    let age = (wall - r.record.timestamp.timestamp_millis()).max(0) as u64;
+                    if let Some(change) = members.on_heartbeat(hb, age, now_ms()) {
+                        log_change(&change);
+                    }
+                }
+            }
+            Ok(Err(e)) => fail(health, &mut failing, format!("reading {}: {e}", me.cfg.nodes_topic())),
+            Err(_) => fail(health, &mut failing, format!("reading {}: timed out", me.cfg.nodes_topic())),
+        }
+        for change in members.tick(now_ms()) {
+            log_change(&change);
+        }
+        let list = members.members();
+        health.update_cluster(|v| {
+            v.members = list;
+            if !failing {
+                v.last_error = None;
+            }
+        });
+        if failing {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+fn log_change(c: &MemberChange) {
+    match c {
+        MemberChange::Joined(n) => tracing::info!(node = %n, "cluster: node joined"),
+        MemberChange::Restarted(n) => tracing::info!(node = %n, "cluster: node restarted"),
+        MemberChange::Left(n) => tracing::info!(node = %n, "cluster: node left"),
+        MemberChange::Dead(n) => tracing::warn!(node = %n, "cluster: node is silent past dead_after_ms: dead"),
+    }
+}
+
+/// The last heartbeat of a clean stop: the others see the node leave at once instead of
+/// declaring it dead after `dead_after_ms`. Bounded by `within`.
+pub(crate) async fn leave(me: &NodeIdentity, kafka: &Cluster, within: Duration) {
+    let topic = me.cfg.nodes_topic();
+    let sent = tokio::time::timeout(within, async {
+        let pc = kafka.partition_client(&topic, 0).await?;
+        pc.produce(vec![me.heartbeat(u64::MAX, false)], Compression::NoCompression).await
+    })
+    .await;
+    match sent {
+        Ok(Ok(_)) => tracing::info!(node = %me.cfg.node_id, "cluster: left"),
+        Ok(Err(e)) => tracing::warn!("cluster: the leaving heartbeat failed: {e}"),
+        Err(_) => tracing::warn!("cluster: the leaving heartbeat timed out"),
+    }
+}
