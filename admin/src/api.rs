@@ -192,6 +192,9 @@ fn client_json(c: &ClientInfo, details: bool) -> Value {
         "queued": c.queued,
         "session_expiry_secs": c.session_expiry_secs,
     });
+    if let Some(claim) = c.cluster_claim {
+        v["cluster_claim"] = claim.into();
+    }
     if details {
         v["subscriptions"] =
             c.subscriptions.iter().map(|(f, q)| json!({ "filter": f, "qos": q })).collect::<Vec<_>>().into();

@@ -220,6 +220,9 @@ pub enum Internal {
     ClusterMessages { node: Bytes },
     /// Retained messages only (deletions included), with a header naming this node.
     ClusterRetained { node: Bytes },
+    /// This node's claims of client ids (see `crate::cluster::Claim`); a connection whose claim
+    /// is not read back within `confirm_ms` is closed.
+    ClusterClaims { node: Arc<str>, confirm_ms: u64 },
 }
 
 impl MappingConfig {
@@ -620,6 +623,8 @@ pub enum RouterError {
 /// Matches MQTT topics against the mappings' filters.
 #[derive(Default)]
 pub struct Router {
+    claims: Option<(Arc<str>, u64)>,
+    claims_mapping: u16,
     trie: Trie<u16, ()>,
     mappings: Vec<Mapping>,
     clusters: Vec<String>,
@@ -637,11 +642,16 @@ impl Router {
             if m.destinations.is_empty() {
                 return Err(RouterError::NoDestinations { mapping: m.name.clone() });
             }
+            let claims = matches!(m.internal, Some(Internal::ClusterClaims { .. }));
             for f in &m.filters {
                 if !topic::valid_filter(f, &lim) {
                     return Err(RouterError::InvalidFilter { mapping: m.name.clone(), filter: f.clone() });
                 }
-                r.trie.insert(f, i as u16, ());
+                // Claims are made by the shard (`Router::route_claim`), never matched: a device
+                // publishing to the claim topic must not forge one.
+                if !claims {
+                    r.trie.insert(f, i as u16, ());
+                }
             }
             let mut destinations = Vec::new();
             for d in &m.destinations {
@@ -663,6 +673,10 @@ impl Router {
                     Some((c as u16, Arc::from(d.topic.as_str())))
                 }
             };
+            if let Some(Internal::ClusterClaims { node, confirm_ms }) = &m.internal {
+                r.claims = Some((node.clone(), *confirm_ms));
+                r.claims_mapping = i as u16;
+            }
             r.mappings.push(Mapping {
                 name: m.name.clone(),
                 destinations,
@@ -671,7 +685,7 @@ impl Router {
                 dead_letter,
                 node: match &m.internal {
                     Some(Internal::ClusterMessages { node } | Internal::ClusterRetained { node }) => Some(node.clone()),
-                    None => None,
+                    _ => None,
                 },
                 retained_only: matches!(m.internal, Some(Internal::ClusterRetained { .. })),
             });
@@ -695,6 +709,11 @@ impl Router {
         &self.clusters
     }
 
+    /// The node id and confirmation time of the cluster's claims mapping, if there is one.
+    pub fn cluster_claims(&self) -> Option<(Arc<str>, u64)> {
+        self.claims.clone()
+    }
+
     /// The records for one MQTT message, one per (matching mapping, destination). A mapping that
     /// matches through several of its filters produces its records once.
     pub fn route(&self, msg: &Msg, now_ms: i64, out: &mut Vec<KafkaRecord>) {
@@ -709,7 +728,19 @@ impl Router {
             }
         });
         hit.sort_unstable();
-        for mi in hit {
+        self.records_of(&hit, msg, now_ms, out);
+    }
+
+    /// The record of a claim the shard made (`msg`: the claim as payload, the client id as
+    /// origin), when there is a claims mapping.
+    pub fn route_claim(&self, msg: &Msg, now_ms: i64, out: &mut Vec<KafkaRecord>) {
+        if self.claims.is_some() {
+            self.records_of(&[self.claims_mapping], msg, now_ms, out);
+        }
+    }
+
+    fn records_of(&self, hit: &[u16], msg: &Msg, now_ms: i64, out: &mut Vec<KafkaRecord>) {
+        for &mi in hit {
             let m = &self.mappings[usize::from(mi)];
             if m.retained_only && !msg.retain {
                 continue;

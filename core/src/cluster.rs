@@ -47,6 +47,10 @@ pub const USER_PROPERTIES_HEADER: &str = "sluice.user_properties";
 /// Names of the internal mappings (user mappings may not start with `$`).
 pub const FORWARD_MAPPING: &str = "$cluster";
 pub const RETAINED_MAPPING: &str = "$cluster-retained";
+pub const CLAIMS_MAPPING: &str = "$cluster-sessions";
+/// The topic of the messages a shard makes of its claims (see [`Claim`]): a `$` topic, so no
+/// `#` filter (the forward mapping's, a device's) matches it, and never delivered.
+pub const CLAIM_TOPIC: &str = "$sluice/claims";
 /// Nodes [`Members`] keeps, at most; heartbeats of further nodes are ignored and counted.
 pub const MEMBERS_MAX: usize = 1024;
 /// Longest node id and cluster name: they become Kafka topic names and header values.
@@ -129,6 +133,9 @@ impl ClusterConfig {
     pub fn nodes_topic(&self) -> String {
         format!("{}.nodes", self.prefix())
     }
+    pub fn sessions_topic(&self) -> String {
+        format!("{}.sessions", self.prefix())
+    }
 
     /// Every internal topic with the cleanup policy it needs: messages are a stream (kept a day,
     /// the replay window of a node that was down), retained messages and heartbeats are tables
@@ -142,6 +149,11 @@ impl ClusterConfig {
             },
             InternalTopic {
                 name: self.retained_topic(),
+                partitions: self.partitions,
+                configs: vec![("cleanup.policy", "compact".into())],
+            },
+            InternalTopic {
+                name: self.sessions_topic(),
                 partitions: self.partitions,
                 configs: vec![("cleanup.policy", "compact".into())],
             },
@@ -207,6 +219,27 @@ impl ClusterConfig {
         );
         m.internal = Some(Internal::ClusterRetained { node: Bytes::from(self.node_id.clone()) });
         m
+    }
+
+    /// Claims of client ids into `.sessions`, keyed by client id (one partition per client id:
+    /// every node reads one client's claims in one order).
+    pub fn claims_mapping(&self) -> MappingConfig {
+        let mut m = MappingConfig::new(
+            CLAIMS_MAPPING.into(),
+            vec![CLAIM_TOPIC.into()],
+            vec![self.destination(self.sessions_topic())],
+            KeySource::ClientId,
+        );
+        m.headers = false;
+        m.internal =
+            Some(Internal::ClusterClaims { node: self.node_id.as_str().into(), confirm_ms: self.dead_after_ms });
+        m
+    }
+
+    /// Every node's claims, from the end (claims before a node started concern no connection
+    /// of it).
+    pub fn claims_inbound_mapping(&self) -> InboundMappingConfig {
+        self.inbound(CLAIMS_MAPPING, self.sessions_topic(), StartAt::Latest, InboundInternal::ClusterClaims)
     }
 
     fn destination(&self, topic: String) -> Destination {
@@ -280,6 +313,31 @@ pub fn decode_user_properties(mut b: &[u8]) -> Option<Vec<(String, String)>> {
         out.push((k, v));
     }
     Some(out)
+}
+
+/// "This node serves this client id now": written by the shard that answered a CONNECT with
+/// CONNACK, read by every node in the order of the client id's partition. A node that reads
+/// another node's claim for a client it serves, *after* it read its own claim for that
+/// connection, closes it (0x8E) and ends its session there: the later claim wins, and every
+/// node agrees which one is later. A claim read before the node's own is older and ignored.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Claim {
+    pub node: String,
+    pub client: String,
+    /// Shard and connection on `node`: whose claim it is when `node` reads it back.
+    pub shard: usize,
+    pub conn: u64,
+    /// The new connection starts clean (a will with a delay is then not held back for it).
+    pub clean: bool,
+}
+
+impl Claim {
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+    pub fn decode(b: &[u8]) -> Option<Claim> {
+        serde_json::from_slice(b).ok()
+    }
 }
 
 /// What a node writes to `<prefix>.nodes` (as JSON, keyed by node id).
@@ -453,7 +511,9 @@ mod tests {
         let c = cfg();
         assert_eq!(c.messages_topic(), "_sluice.prod.messages");
         let t = c.internal_topics();
-        assert_eq!(t.len(), 3);
+        assert_eq!(t.len(), 4);
+        assert!(t.iter().any(|t| t.name == "_sluice.prod.sessions" && t.configs[0].1 == "compact"));
+        assert!(t.iter().any(|t| t.name == "_sluice.prod.nodes" && t.partitions == 1));
         assert!(t.iter().any(|t| t.name == "_sluice.prod.retained" && t.configs[0].1 == "compact"));
         let f = c.forward_mapping();
         assert_eq!(f.destinations[0].topic.fixed_topic(), Some("_sluice.prod.messages"));

@@ -652,8 +652,10 @@ impl Config {
         }
         self.mqtt_to_kafka.push(c.forward_mapping());
         self.mqtt_to_kafka.push(c.retained_mapping());
+        self.mqtt_to_kafka.push(c.claims_mapping());
         self.kafka_to_mqtt.push(c.inbound_mapping());
         self.kafka_to_mqtt.push(c.retained_inbound_mapping());
+        self.kafka_to_mqtt.push(c.claims_inbound_mapping());
     }
 
     /// The schema keys of every mapping, the registries' URLs and bounds.

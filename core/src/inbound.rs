@@ -134,6 +134,8 @@ pub enum InboundInternal {
     /// The cluster's retained table: each record is stored as a retained message (an empty
     /// value deletes), not delivered.
     ClusterRetained,
+    /// Claims of client ids by the nodes (`crate::cluster::Claim`), for the shards to act on.
+    ClusterClaims,
 }
 
 /// [`Message::origin`] of a message from another node: never forwarded again, to Kafka or to
@@ -142,6 +144,9 @@ pub const FROM_NODE: &str = "$cluster";
 /// [`Message::origin`] of a retained message read from the cluster's retained table: stored on
 /// its owner shard, delivered to nobody.
 pub const RETAINED_SYNC: &str = "$retained";
+/// [`Message::origin`] of a claim read from the cluster's sessions topic (its payload): acted on
+/// by the shard hosting the client, delivered to nobody.
+pub const CLAIM: &str = "$claim";
 /// [`Message::origin`] of a message a Kafka → MQTT mapping made.
 pub const FROM_KAFKA: &str = "$kafka";
 
@@ -455,6 +460,17 @@ impl Inbound {
 /// The message a cluster record carries (see [`crate::bridge::KafkaRecord::for_each_header`]
 /// for the layout), or `None` for this node's own records.
 fn cluster_message(internal: &InboundInternal, r: &InboundRecord) -> Result<Option<Message>, Skip> {
+    if *internal == InboundInternal::ClusterClaims {
+        return Ok(Some(Message {
+            topic: crate::cluster::CLAIM_TOPIC.into(),
+            payload: r.value.clone().unwrap_or_default(),
+            qos: 0,
+            retain: false,
+            properties: None,
+            expiry_at_ms: None,
+            origin: Arc::from(CLAIM),
+        }));
+    }
     let mut topic = None;
     let (mut qos, mut retain, mut node) = (0u8, false, None);
     let mut properties = Properties::default();
@@ -490,6 +506,7 @@ fn cluster_message(internal: &InboundInternal, r: &InboundRecord) -> Result<Opti
             retain = true;
             RETAINED_SYNC
         }
+        InboundInternal::ClusterClaims => CLAIM,
     };
     Ok(Some(Message {
         topic,

@@ -3,6 +3,7 @@
 clients on different nodes. Every wait has a deadline."""
 import json
 import time
+import urllib.error
 import urllib.request
 
 import paho.mqtt.client as mqtt
@@ -258,3 +259,107 @@ def test_acknowledged_qos1_messages_reach_a_persistent_session_of_a_node_that_wa
         pub.close()
         n5.stop()
         shutil.rmtree(data, ignore_errors=True)
+
+
+def disconnect_reason(p, timeout=WAIT):
+    ev = p.event("disconnect")
+    return ev[2].value if hasattr(ev[2], "value") else ev[2]
+
+
+def claim_of(b, client_id):
+    try:
+        with urllib.request.urlopen(f"http://{b.http[0]}:{b.http[1]}/api/v1/clients/{client_id}", timeout=WAIT) as r:
+            return json.load(r).get("cluster_claim")
+    except urllib.error.HTTPError:
+        return None
+
+
+def test_a_client_that_moves_to_another_node_is_taken_over_there_with_0x8E(three):
+    nodes, _ = three
+    a = Paho(nodes[0].addr, "mover", v5=True)
+    # Node 1 reads its own claim back: from then on a claim by another node is a later one.
+    wait_for(lambda: claim_of(nodes[0], "mover") == "confirmed", "the claim confirmed on node 1")
+    b = Paho(nodes[1].addr, "mover", v5=True)
+    try:
+        assert disconnect_reason(a) == 0x8E
+        wait_for(lambda: claim_of(nodes[1], "mover") == "confirmed", "the claim confirmed on node 2")
+        # The one on node 2 stays, and node 1 no longer has the session.
+        b.subscribe("still/here", 1)
+        b.publish("still/here", "x", qos=1)
+        assert b.message().payload == b"x"
+        assert claim_of(nodes[0], "mover") is None
+    finally:
+        for c in (a, b):
+            c.close()
+
+
+def test_the_same_client_id_on_two_nodes_at_once_leaves_exactly_one(three):
+    nodes, _ = three
+    # Both nodes serving the path first.
+    p, s = Paho(nodes[0].addr, "race-probe-p"), Paho(nodes[1].addr, "race-probe-s")
+    connected(nodes[0], nodes[1], p, s)
+    p.close()
+    s.close()
+    import threading
+    for round_ in range(5):
+        cid = f"racer-{round_}"
+        clients = [None, None]
+
+        def go(i):
+            clients[i] = Paho(nodes[i].addr, cid, v5=True)
+
+        ts = [threading.Thread(target=go, args=(i,)) for i in (0, 1)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        # Exactly one is told 0x8E; the other stays connected.
+        def kicked():
+            out = []
+            for c in clients:
+                while not c.events.empty():
+                    ev = c.events.get()
+                    if ev[0] == "disconnect":
+                        out.append(c)
+                        c.kicked = (ev[2].value if hasattr(ev[2], "value") else ev[2])
+            return out
+
+        gone = []
+        deadline = time.monotonic() + 20
+        while not gone:
+            gone = kicked()
+            assert time.monotonic() < deadline, f"round {round_}: nobody was taken over"
+            time.sleep(0.05)
+        # Give the other claim's reader its chance to (wrongly) kick the winner too.
+        winner = [c for c in clients if c not in gone]
+        assert len(winner) == 1 and gone[0].kicked == 0x8E, (round_, [getattr(c, "kicked", None) for c in clients])
+        winner[0].subscribe(f"{cid}/t", 1)
+        winner[0].publish(f"{cid}/t", "ok", qos=1)
+        assert winner[0].message().payload == b"ok"
+        assert not kicked(), f"round {round_}: both were taken over"
+        for c in clients:
+            c.close()
+
+
+def test_a_node_that_cannot_reach_kafka_does_not_keep_a_client_it_cannot_claim():
+    t = Tansu()
+    prefix = f"p{time.monotonic_ns()}"
+    b = start_node(t, "solo", prefix, heartbeat_ms=300, dead_after_ms=2000)
+    try:
+        wait_for(lambda: states(b).get("solo") == "alive", "the node's own heartbeat")
+        early = Paho(b.addr, "early", v5=True)
+        # Confirmed: still connected well past the confirmation time.
+        time.sleep(0)  # (no settle: the check below waits on a condition)
+        wait_for(lambda: early.c.is_connected(), "early connected")
+        t.pause()
+        try:
+            late = Paho(b.addr, "late", v5=True)
+            assert disconnect_reason(late) == 0x89  # server busy: 0x88 is for CONNACK only
+            assert early.c.is_connected(), "a confirmed session is kept"
+            late.close()
+        finally:
+            t.resume()
+        early.close()
+    finally:
+        b.stop()
+        t.stop()

@@ -136,6 +136,9 @@ pub struct ClientInfo {
     pub inflight: usize,
     pub queued: usize,
     pub session_expiry_secs: u32,
+    /// In a cluster, a connected client's claim: "confirmed" once this node read it back from
+    /// Kafka, "unconfirmed" before (see `cluster_claims`).
+    pub cluster_claim: Option<&'static str>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -453,6 +456,7 @@ impl Shard {
             queued: s.queue.len(),
             session_expiry_secs: s.expiry_secs,
             subscription_count: s.subs.len(),
+            cluster_claim: s.conn.and_then(|c| self.claim_state(c)),
         }
     }
 

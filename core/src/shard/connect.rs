@@ -309,6 +309,7 @@ impl Shard {
         }
         self.send(conn, Packet::ConnAck(ConnAck { session_present, code: reason::SUCCESS, properties: props }));
         self.adopt(session);
+        self.claim_session(conn, &client_id, connect.clean_start, now_ms);
         // Before anything below can end the session (a lost connection sends `Release`).
         self.send_to_shard(dir, ShardMsg::Settled { client_id: client_id.clone(), host: self.id, hosting: true });
         // Redeliver what was in flight, in order, then whatever waited in the queue.

@@ -49,6 +49,7 @@ mod ack_queue;
 mod acks;
 mod admin;
 mod backpressure;
+mod cluster_claims;
 mod commits;
 mod conn;
 mod connect;
@@ -85,6 +86,7 @@ pub use admin::{
     AdminQuery, AdminReply, ClientInfo, LiveBatch, LiveRecord, LiveSample, Page, RetainedInfo, Snapshot,
     SubscriptionInfo, PAGE_MAX, SAMPLE_PAYLOAD_MAX, TAPS_MAX, TAP_IDLE_MS, TAP_RATE_PER_SEC, TAP_SAMPLES_MAX,
 };
+use cluster_claims::ClusterClaims;
 use commits::SessionCommits;
 use conn::{Conn, ConnState, Detach, PendingSub};
 use directory::{Claim, ClaimGo, Directory};
@@ -183,6 +185,8 @@ pub struct Shard {
     drain: DrainWaiters,
     /// The live view's taps: samples of messages published here (rate-bounded).
     taps: LiveTaps,
+    /// Cluster takeover: this node's claims of client ids, and other nodes' (cluster only).
+    claims: ClusterClaims,
 }
 
 /// A change to one persistent session, for the caller's session store.
@@ -267,6 +271,7 @@ impl Shard {
             receipts: ReceiptBook::default(),
             drain: DrainWaiters::default(),
             taps: LiveTaps::default(),
+            claims: ClusterClaims::default(),
         }
     }
 
@@ -274,6 +279,7 @@ impl Shard {
     /// requests in [`Effects::produce`], and QoS 1/2 acknowledgements wait for Kafka (or the
     /// spill log), as [`BridgeOptions`] say.
     pub fn with_bridge(mut self, options: BridgeOptions) -> Self {
+        self.claims = ClusterClaims::new(options.router.cluster_claims());
         self.outbox = KafkaOutbox::new(options);
         self
     }
@@ -369,6 +375,7 @@ impl Shard {
             self.close_silent_connections(now_ms);
             self.close_connect_late(now_ms);
             self.expire_wills_and_sessions(now_ms);
+            self.close_unconfirmed(now_ms);
         }
         self.send_delayed_refusals(now_ms);
         self.expire_feed_holds(now_ms);

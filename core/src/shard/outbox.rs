@@ -192,6 +192,17 @@ impl KafkaOutbox {
         }
         let mut records = Vec::new();
         self.router.route(msg, wall_now_ms, &mut records);
+        self.hand_out(msg, records, out)
+    }
+
+    /// [`KafkaOutbox::bridge`] for a cluster claim (see `Router::route_claim`).
+    pub(super) fn bridge_claim(&mut self, msg: &Msg, wall_now_ms: i64, out: &mut Vec<ProduceRequest>) -> Vec<u64> {
+        let mut records = Vec::new();
+        self.router.route_claim(msg, wall_now_ms, &mut records);
+        self.hand_out(msg, records, out)
+    }
+
+    fn hand_out(&mut self, msg: &Msg, records: Vec<KafkaRecord>, out: &mut Vec<ProduceRequest>) -> Vec<u64> {
         let mut ids = Vec::with_capacity(records.len());
         for record in records {
             let ms = self.stats_of(record.mapping, record.cluster);

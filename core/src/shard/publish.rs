@@ -136,7 +136,7 @@ impl Shard {
         if !self.taps.is_empty() {
             self.tap(&msg, now_ms);
         }
-        if matches!(&*msg.origin, inbound::FROM_KAFKA | inbound::FROM_NODE | inbound::RETAINED_SYNC) {
+        if matches!(&*msg.origin, inbound::FROM_KAFKA | inbound::FROM_NODE | inbound::RETAINED_SYNC | inbound::CLAIM) {
             // What came from Kafka does not go back to it: no loops between the two directions,
             // and none between cluster nodes (the node that took it from a device forwarded it).
             return Vec::new();
@@ -150,6 +150,9 @@ impl Shard {
 
     /// Delivery on this shard of a message published anywhere.
     pub(super) fn route_here(&mut self, msg: &Msg, routing: &mut Routing, now_ms: u64) {
+        if &*msg.origin == inbound::CLAIM {
+            return self.on_cluster_claim(&msg.payload, now_ms);
+        }
         if msg.retain && shard_of(&msg.topic, self.n_shards) == self.id {
             let persist = !msg.topic.starts_with("$SYS");
             if msg.payload.is_empty() {
