@@ -48,6 +48,10 @@ struct Args {
     /// Broker address.
     #[arg(long, default_value = "127.0.0.1:1883")]
     addr: SocketAddr,
+    /// Where the subscribers connect, when not to `--addr`: another node of a cluster, to
+    /// measure publish → deliver across nodes.
+    #[arg(long)]
+    sub_addr: Option<SocketAddr>,
     /// Publishers (fan-in) or subscribers (fan-out).
     #[arg(long, default_value_t = 8)]
     clients: usize,
@@ -683,7 +687,7 @@ fn main() -> anyhow::Result<()> {
     let mut epoll_subs = Vec::new();
     let mut subs = Vec::new();
     for i in 0..n_sub {
-        let mut c = Conn::connect(args.addr, &format!("perf-sub-{i}"))?;
+        let mut c = Conn::connect(args.sub_addr.unwrap_or(args.addr), &format!("perf-sub-{i}"))?;
         let filter = match args.scenario {
             Scenario::FanIn => match &args.share {
                 Some(group) => format!("$share/{group}/perf/#"),
