@@ -685,7 +685,8 @@ impl Router {
                 dead_letter,
                 node: match &m.internal {
                     Some(Internal::ClusterMessages { node } | Internal::ClusterRetained { node }) => Some(node.clone()),
-                    _ => None,
+                    Some(Internal::ClusterClaims { node, .. }) => Some(Bytes::from(node.to_string())),
+                    None => None,
                 },
                 retained_only: matches!(m.internal, Some(Internal::ClusterRetained { .. })),
             });
@@ -731,11 +732,16 @@ impl Router {
         self.records_of(&hit, msg, now_ms, out);
     }
 
-    /// The record of a claim the shard made (`msg`: the claim as payload, the client id as
-    /// origin), when there is a claims mapping.
-    pub fn route_claim(&self, msg: &Msg, now_ms: i64, out: &mut Vec<KafkaRecord>) {
+    /// The record of a claim the shard made, when there is a claims mapping: `msg` is the
+    /// client's will (or an empty message on the claim topic), its origin the client id, and
+    /// `claim` the [`crate::cluster::Claim`] for header [`crate::cluster::CLAIM_HEADER`].
+    pub fn route_claim(&self, msg: &Msg, claim: Bytes, now_ms: i64, out: &mut Vec<KafkaRecord>) {
         if self.claims.is_some() {
+            let from = out.len();
             self.records_of(&[self.claims_mapping], msg, now_ms, out);
+            for r in &mut out[from..] {
+                r.headers.push((crate::cluster::CLAIM_HEADER.to_string(), claim.clone()));
+            }
         }
     }
 

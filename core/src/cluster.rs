@@ -51,6 +51,9 @@ pub const CLAIMS_MAPPING: &str = "$cluster-sessions";
 /// The topic of the messages a shard makes of its claims (see [`Claim`]): a `$` topic, so no
 /// `#` filter (the forward mapping's, a device's) matches it, and never delivered.
 pub const CLAIM_TOPIC: &str = "$sluice/claims";
+/// The header of a `.sessions` record that holds its [`Claim`] (JSON). The record itself is the
+/// client's will (value, MQTT headers) when the claim says it has one.
+pub const CLAIM_HEADER: &str = "sluice.claim";
 /// Nodes [`Members`] keeps, at most; heartbeats of further nodes are ignored and counted.
 pub const MEMBERS_MAX: usize = 1024;
 /// Longest node id and cluster name: they become Kafka topic names and header values.
@@ -230,7 +233,6 @@ impl ClusterConfig {
             vec![self.destination(self.sessions_topic())],
             KeySource::ClientId,
         );
-        m.headers = false;
         m.internal =
             Some(Internal::ClusterClaims { node: self.node_id.as_str().into(), confirm_ms: self.dead_after_ms });
         m
@@ -329,6 +331,24 @@ pub struct Claim {
     pub conn: u64,
     /// The new connection starts clean (a will with a delay is then not held back for it).
     pub clean: bool,
+    #[serde(default)]
+    pub kind: ClaimKind,
+    /// The record carries the client's will (topic, QoS, retain, properties in the MQTT
+    /// headers, the payload as the value): the others publish it if this node dies.
+    #[serde(default)]
+    pub will: bool,
+}
+
+/// What a `.sessions` record says.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ClaimKind {
+    /// A connection of the client was accepted here (the takeover rule applies).
+    #[default]
+    Connect,
+    /// The client's connection here ended and its will went out or is gone: nothing of it is
+    /// left for the others to publish should this node die. Never takes a client over.
+    Release,
 }
 
 impl Claim {

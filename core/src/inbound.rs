@@ -461,9 +461,10 @@ impl Inbound {
 /// for the layout), or `None` for this node's own records.
 fn cluster_message(internal: &InboundInternal, r: &InboundRecord) -> Result<Option<Message>, Skip> {
     if *internal == InboundInternal::ClusterClaims {
+        let claim = r.headers.iter().find(|(k, _)| k == crate::cluster::CLAIM_HEADER).ok_or(Skip::MissingField)?;
         return Ok(Some(Message {
             topic: crate::cluster::CLAIM_TOPIC.into(),
-            payload: r.value.clone().unwrap_or_default(),
+            payload: claim.1.clone(),
             qos: 0,
             retain: false,
             properties: None,

@@ -7,25 +7,74 @@
 //! 2. writes this node's [`Heartbeat`] to `<prefix>.nodes` every `heartbeat_ms`;
 //! 3. reads `<prefix>.nodes` from its beginning (a compacted table: one record per node) into
 //!    [`Members`], declares nodes dead when they fall silent, and logs every change once;
-//! 4. at a clean stop ([`leave`]) writes a last heartbeat that says the node left.
+//! 4. at a clean stop ([`leave`]) writes a last heartbeat that says the node left;
+//! 5. reads `<prefix>.sessions` from its beginning into the table of wills ([`Wills`]: the
+//!    latest claim of each client id whose record carries a will), and when a node dies, the
+//!    surviving node with the lowest id publishes the dead node's wills — into
+//!    `<prefix>.messages` as the dead node's records (so every node, itself included, delivers
+//!    them; retained ones into `.retained` too) — and then releases them in `.sessions`, so a
+//!    survivor that takes over later does not publish them again.
 //!
 //! What it sees is published in [`KafkaHealth`] for the HTTP endpoint (`/api/v1/cluster`,
 //! `/metrics`). A Kafka that does not answer is logged at the first failure of each kind and
 //! shown there; the node keeps serving its own devices meanwhile.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rskafka::chrono::{TimeZone, Utc};
 use rskafka::client::partition::{Compression, OffsetAt, PartitionClient};
 use rskafka::record::Record;
-use sluice_core::cluster::{ClusterConfig, Heartbeat, MemberChange, Members};
+use sluice_core::cluster::{Claim, ClaimKind, ClusterConfig, Heartbeat, MemberChange, Members, CLAIM_HEADER};
 
 use crate::cluster::Cluster;
 use crate::health::{ClusterView, KafkaHealth};
 
 /// How long a fetch of `.nodes` waits for new heartbeats.
 const FETCH_WAIT_MS: i32 = 200;
+/// Wills of other nodes' clients kept, at most; further ones are not kept (counted, logged once).
+pub const WILLS_MAX: usize = 100_000;
+
+/// The latest will of each client id, by the node that holds it (see the module doc).
+#[derive(Default)]
+struct Wills {
+    by_client: HashMap<String, (String, Record)>,
+    refused: u64,
+}
+
+impl Wills {
+    fn apply(&mut self, claim: Claim, record: Record) {
+        match (claim.kind, claim.will) {
+            (ClaimKind::Connect, true) => {
+                if self.by_client.len() >= WILLS_MAX && !self.by_client.contains_key(&claim.client) {
+                    if self.refused == 0 {
+                        tracing::warn!("cluster: more than {WILLS_MAX} wills; further ones are not kept");
+                    }
+                    self.refused += 1;
+                    return;
+                }
+                self.by_client.insert(claim.client, (claim.node, record));
+            }
+            (ClaimKind::Connect, false) => {
+                self.by_client.remove(&claim.client);
+            }
+            // A release by the node that held the will (not an older node's, read after a newer
+            // claim).
+            (ClaimKind::Release, _) => {
+                if self.by_client.get(&claim.client).is_some_and(|(n, _)| *n == claim.node) {
+                    self.by_client.remove(&claim.client);
+                }
+            }
+        }
+    }
+
+    fn take_node(&mut self, node: &str) -> Vec<(String, Record)> {
+        let clients: Vec<String> =
+            self.by_client.iter().filter(|(_, (n, _))| n == node).map(|(c, _)| c.clone()).collect();
+        clients.into_iter().filter_map(|c| self.by_client.remove(&c).map(|(_, r)| (c, r))).collect()
+    }
+}
 
 fn wall_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
@@ -102,8 +151,113 @@ pub(crate) async fn run(me: NodeIdentity, kafka: Arc<Cluster>, health: Arc<Kafka
             }
         })
     };
-    read(&me, &pc, &health, now_ms).await;
+    let wills = Arc::new(Mutex::new(Wills::default()));
+    let sessions = tokio::spawn(read_sessions(me.clone(), kafka.clone(), wills.clone()));
+    read(&me, &pc, &health, now_ms, &kafka, &wills).await;
     writer.abort();
+    sessions.abort();
+}
+
+/// Every partition of `.sessions`, from the beginning, into `wills`.
+async fn read_sessions(me: NodeIdentity, kafka: Arc<Cluster>, wills: Arc<Mutex<Wills>>) {
+    let topic = me.cfg.sessions_topic();
+    let n = loop {
+        match kafka.partitions(&topic, Instant::now() + Duration::from_secs(5)).await {
+            Ok(n) => break n,
+            Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+        }
+    };
+    for partition in 0..n {
+        let (kafka, wills, topic) = (kafka.clone(), wills.clone(), topic.clone());
+        tokio::spawn(async move {
+            let pc = loop {
+                match kafka.partition_client(&topic, partition).await {
+                    Ok(pc) => break pc,
+                    Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+                }
+            };
+            let mut offset = None;
+            loop {
+                let step = async {
+                    let from = match offset {
+                        Some(o) => o,
+                        None => pc.get_offset(OffsetAt::Earliest).await?,
+                    };
+                    offset = Some(from);
+                    pc.fetch_records(from, 1..1 << 20, FETCH_WAIT_MS).await
+                };
+                match tokio::time::timeout(Duration::from_secs(5), step).await {
+                    Ok(Ok((records, _))) => {
+                        let Ok(mut w) = wills.lock() else { return };
+                        for r in records {
+                            offset = Some(r.offset + 1);
+                            let claim = r.record.headers.get(CLAIM_HEADER).and_then(|c| Claim::decode(c));
+                            if let Some(claim) = claim {
+                                w.apply(claim, r.record);
+                            }
+                        }
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(500)).await,
+                }
+            }
+        });
+    }
+}
+
+/// The surviving node with the lowest id publishes a dead node's wills (see the module doc).
+async fn publish_wills(me: &NodeIdentity, dead: &str, kafka: &Cluster, wills: &Mutex<Wills>) {
+    let taken = match wills.lock() {
+        Ok(mut w) => w.take_node(dead),
+        Err(_) => return,
+    };
+    if taken.is_empty() {
+        return;
+    }
+    let deadline = || Instant::now() + Duration::from_secs(10);
+    let (messages, retained, sessions) = (me.cfg.messages_topic(), me.cfg.retained_topic(), me.cfg.sessions_topic());
+    let mut published = 0;
+    for (client, mut record) in taken {
+        record.headers.remove(CLAIM_HEADER);
+        record.timestamp = Utc.timestamp_millis_opt(wall_ms() as i64).single().unwrap_or_default();
+        let retain = record.headers.get("mqtt.retain").is_some_and(|v| v == b"true");
+        let topic = record.headers.get("mqtt.topic").cloned().unwrap_or_default();
+        let release = Claim {
+            node: dead.to_string(),
+            client: client.clone(),
+            shard: 0,
+            conn: 0,
+            clean: false,
+            kind: ClaimKind::Release,
+            will: false,
+        };
+        let release = Record {
+            key: Some(client.as_bytes().to_vec()),
+            value: None,
+            headers: [(CLAIM_HEADER.to_string(), release.encode())].into(),
+            timestamp: record.timestamp,
+        };
+        let mut sends = vec![(messages.clone(), Some(client.as_bytes().to_vec()), record.clone())];
+        if retain {
+            sends.push((retained.clone(), Some(topic), record.clone()));
+        }
+        sends.push((sessions.clone(), Some(client.as_bytes().to_vec()), release));
+        for (t, key, mut r) in sends {
+            r.key = key.clone();
+            let ok = async {
+                let n = kafka.partitions(&t, deadline()).await.map_err(|e| e.to_string())?;
+                let p = key.as_deref().map_or(0, |k| sluice_core::bridge::partition_for_key(k, n));
+                let pc = kafka.partition_client(&t, p).await.map_err(|e| e.to_string())?;
+                pc.produce(vec![r], Compression::NoCompression).await.map_err(|e| e.to_string())
+            };
+            match tokio::time::timeout(Duration::from_secs(10), ok).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(%client, topic = %t, "cluster: publishing a dead node's will failed: {e}"),
+                Err(_) => tracing::warn!(%client, topic = %t, "cluster: publishing a dead node's will timed out"),
+            }
+        }
+        published += 1;
+    }
+    tracing::info!(node = %dead, wills = published, "cluster: published the wills of a dead node");
 }
 
 fn fail(health: &KafkaHealth, failing: &mut bool, e: String) {
@@ -135,7 +289,14 @@ async fn ensure_topics(cfg: &ClusterConfig, kafka: &Cluster, health: &KafkaHealt
     health.update_cluster(|v| v.topics_ready = true);
 }
 
-async fn read(me: &NodeIdentity, pc: &PartitionClient, health: &KafkaHealth, now_ms: impl Fn() -> u64) {
+async fn read(
+    me: &NodeIdentity,
+    pc: &PartitionClient,
+    health: &KafkaHealth,
+    now_ms: impl Fn() -> u64,
+    kafka: &Cluster,
+    wills: &Mutex<Wills>,
+) {
     let mut members = Members::new(&me.cfg.node_id, me.cfg.dead_after_ms);
     let mut offset = None;
     let mut failing = false;
@@ -167,6 +328,12 @@ async fn read(me: &NodeIdentity, pc: &PartitionClient, health: &KafkaHealth, now
         }
         for change in members.tick(now_ms()) {
             log_change(&change);
+            if let MemberChange::Dead(dead) = &change {
+                let designated = members.alive().filter(|n| n != dead).chain([me.cfg.node_id.as_str()]).min();
+                if designated == Some(me.cfg.node_id.as_str()) {
+                    publish_wills(me, dead, kafka, wills).await;
+                }
+            }
         }
         let list = members.members();
         health.update_cluster(|v| {

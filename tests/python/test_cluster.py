@@ -363,3 +363,49 @@ def test_a_node_that_cannot_reach_kafka_does_not_keep_a_client_it_cannot_claim()
     finally:
         b.stop()
         t.stop()
+
+
+def test_a_dead_nodes_wills_are_published_once_by_the_survivors(three):
+    nodes, _ = three
+    subs = [Paho(nodes[i].addr, f"will-watch-{i}") for i in (0, 1)]
+    probe = Paho(nodes[2].addr, "will-probe")
+    try:
+        for s in subs:
+            connected(nodes[2], s, probe, s)
+        for s in subs:
+            s.subscribe("wills/#", 1)
+        props = Properties(PacketTypes.WILLMESSAGE)
+        props.UserProperty = [("why", "gone")]
+        w5 = Paho(nodes[2].addr, "dev-5", v5=True, will=("wills/dev-5", b"lost-5", 1, False, props))
+        w3 = Paho(nodes[2].addr, "dev-3", will=("wills/dev-3", b"lost-3", 1, True))
+        polite = Paho(nodes[2].addr, "dev-polite", will=("wills/dev-polite", b"never", 1, False))
+        for cid in ("dev-5", "dev-3", "dev-polite"):
+            wait_for(lambda cid=cid: claim_of(nodes[2], cid) == "confirmed", f"{cid} claimed")
+        polite.close()  # DISCONNECT: its will is gone
+        wait_for(lambda: claim_of(nodes[2], "dev-polite") is None, "the polite client gone")
+        w5.c.loop_stop()
+        w3.c.loop_stop()
+        nodes[2].kill()
+        for s in subs:
+            got = {}
+            deadline = time.monotonic() + 60  # dead_after_ms (3 s), then Kafka round trips
+            while len(got) < 2:
+                assert time.monotonic() < deadline, got
+                try:
+                    m = s.message(timeout=1)
+                except Exception:
+                    continue
+                assert m.topic not in got, f"{m.topic} published twice"
+                got[m.topic] = m
+            assert got["wills/dev-5"].payload == b"lost-5"
+            assert got["wills/dev-3"].payload == b"lost-3"
+            s.no_message(timeout=2.0)  # neither a second copy nor the polite client's will
+        # The retained will is in every survivor's retained table.
+        late = Paho(nodes[1].addr, "will-late")
+        late.subscribe("wills/dev-3", 1)
+        m = late.message()
+        assert (m.payload, m.retain) == (b"lost-3", True)
+        late.close()
+    finally:
+        for s in subs + [probe]:
+            s.close()

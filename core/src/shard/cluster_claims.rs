@@ -17,7 +17,8 @@
 //! holds each at most once.
 
 use super::*;
-use crate::cluster::Claim;
+use crate::cluster::{Claim, ClaimKind};
+use crate::packet::Will;
 
 #[derive(Default)]
 pub(super) struct ClusterClaims {
@@ -41,23 +42,72 @@ impl ClusterClaims {
 }
 
 impl Shard {
-    /// A connection of `client_id` was accepted: claim it for this node.
+    /// A connection of `client_id` was accepted: claim it for this node, with its will.
     pub(super) fn claim_session(&mut self, conn: ConnId, client_id: &ClientId, clean: bool, now_ms: u64) {
-        let Some((node, confirm_ms)) = self.claims.node.clone() else { return };
-        let claim = Claim { node: node.to_string(), client: client_id.to_string(), shard: self.id, conn, clean };
-        let msg = Arc::new(Message {
-            topic: crate::cluster::CLAIM_TOPIC.into(),
-            payload: claim.encode().into(),
-            qos: 0,
-            retain: false,
-            properties: None,
-            expiry_at_ms: None,
-            origin: client_id.clone(),
-        });
-        self.outbox.bridge_claim(&msg, self.wall_offset_ms + now_ms as i64, &mut self.effects.produce);
+        let Some((_, confirm_ms)) = self.claims.node.clone() else { return };
+        let will = self.conns.get(&conn).and_then(|c| c.will.as_deref().cloned());
+        self.write_claim(conn, client_id, clean, ClaimKind::Connect, will, now_ms);
         if self.claims.unconfirmed.insert(conn, clean).is_none() {
             self.claims.deadlines.push_back((now_ms + confirm_ms / 2, conn, false));
         }
+    }
+
+    /// The client's connection here ended and no will of it is pending: the others need not
+    /// publish one should this node die.
+    pub(super) fn release_claim(&mut self, conn: ConnId, client_id: &ClientId, now_ms: u64) {
+        if self.claims.node.is_some() {
+            self.write_claim(conn, client_id, false, ClaimKind::Release, None, now_ms);
+        }
+    }
+
+    fn write_claim(
+        &mut self,
+        conn: ConnId,
+        client_id: &ClientId,
+        clean: bool,
+        kind: ClaimKind,
+        will: Option<Will>,
+        now_ms: u64,
+    ) {
+        let Some((node, _)) = &self.claims.node else { return };
+        let claim = Claim {
+            node: node.to_string(),
+            client: client_id.to_string(),
+            shard: self.id,
+            conn,
+            clean,
+            kind,
+            will: will.is_some(),
+        };
+        // The record is the will itself (the others publish it as it is should this node die),
+        // or an empty message on the claim topic.
+        let msg = match will {
+            Some(w) => {
+                let mut properties = w.properties;
+                properties.will_delay_interval = None;
+                properties.message_expiry_interval = None;
+                Message {
+                    topic: w.topic,
+                    payload: w.payload,
+                    qos: w.qos,
+                    retain: w.retain,
+                    properties: properties.boxed(),
+                    expiry_at_ms: None,
+                    origin: client_id.clone(),
+                }
+            }
+            None => Message {
+                topic: crate::cluster::CLAIM_TOPIC.into(),
+                payload: Bytes::new(),
+                qos: 0,
+                retain: false,
+                properties: None,
+                expiry_at_ms: None,
+                origin: client_id.clone(),
+            },
+        };
+        let wall = self.wall_offset_ms + now_ms as i64;
+        self.outbox.bridge_claim(&Arc::new(msg), claim.encode().into(), wall, &mut self.effects.produce);
     }
 
     /// "confirmed" or "unconfirmed" for a connection in a cluster; `None` outside one.
@@ -70,6 +120,9 @@ impl Shard {
     pub(super) fn on_cluster_claim(&mut self, payload: &[u8], now_ms: u64) {
         let Some((node, _)) = &self.claims.node else { return };
         let Some(claim) = Claim::decode(payload) else { return };
+        if claim.kind == ClaimKind::Release {
+            return; // for the survivors' table of wills (`sluice-kafka`), never a takeover
+        }
         if claim.node == **node {
             if claim.shard == self.id {
                 self.claims.unconfirmed.remove(&claim.conn);

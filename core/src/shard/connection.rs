@@ -206,6 +206,12 @@ impl Shard {
                 self.publish_will(&id, *w, now_ms);
             }
         }
+        // A will still waiting out its delay stays in the cluster's table (the others publish
+        // it should this node die meanwhile); otherwise nothing of this connection is left.
+        // (A connection moving to another shard here is claimed again by its new shard.)
+        if how == Detach::Lost && self.sessions.get(&id).is_some_and(|s| s.pending_will.is_none()) {
+            self.release_claim(conn, &id, now_ms);
+        }
         if how == Detach::Moves {
             return;
         }

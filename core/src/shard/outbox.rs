@@ -196,9 +196,15 @@ impl KafkaOutbox {
     }
 
     /// [`KafkaOutbox::bridge`] for a cluster claim (see `Router::route_claim`).
-    pub(super) fn bridge_claim(&mut self, msg: &Msg, wall_now_ms: i64, out: &mut Vec<ProduceRequest>) -> Vec<u64> {
+    pub(super) fn bridge_claim(
+        &mut self,
+        msg: &Msg,
+        claim: bytes::Bytes,
+        wall_now_ms: i64,
+        out: &mut Vec<ProduceRequest>,
+    ) -> Vec<u64> {
         let mut records = Vec::new();
-        self.router.route_claim(msg, wall_now_ms, &mut records);
+        self.router.route_claim(msg, claim, wall_now_ms, &mut records);
         self.hand_out(msg, records, out)
     }
 

@@ -55,6 +55,7 @@ impl Shard {
         }
         for (id, w) in wills {
             self.publish_will(&id, *w, now_ms);
+            self.release_claim(0, &id, now_ms);
         }
         for id in ended {
             if let Some(s) = self.sessions.remove(&id) {
