@@ -337,6 +337,9 @@ pub struct Claim {
     /// headers, the payload as the value): the others publish it if this node dies.
     #[serde(default)]
     pub will: bool,
+    /// For a handover: whose claim it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<HandoverTo>,
 }
 
 /// What a `.sessions` record says.
@@ -349,7 +352,23 @@ pub enum ClaimKind {
     /// The client's connection here ended and its will went out or is gone: nothing of it is
     /// left for the others to publish should this node die. Never takes a client over.
     Release,
+    /// The client's persistent session, for the node and connection in `to` that took it over
+    /// (the record's value: the session's stored form, subscriptions, in-flight and queued
+    /// messages). Never takes a client over.
+    Handover,
 }
+
+/// Where a [`ClaimKind::Handover`] goes: the claim it answers.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HandoverTo {
+    pub node: String,
+    pub shard: usize,
+    pub conn: u64,
+}
+
+/// A handed-over session larger than this goes without its queued and in-flight messages
+/// (counted): a Kafka record must stay under the broker's `message.max.bytes` (1 MB by default).
+pub const HANDOVER_MAX_BYTES: usize = 900 << 10;
 
 impl Claim {
     pub fn encode(&self) -> Vec<u8> {

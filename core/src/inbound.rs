@@ -461,10 +461,17 @@ impl Inbound {
 /// for the layout), or `None` for this node's own records.
 fn cluster_message(internal: &InboundInternal, r: &InboundRecord) -> Result<Option<Message>, Skip> {
     if *internal == InboundInternal::ClusterClaims {
+        // The claim, and after a newline (compact JSON has none) the record's value: a handed
+        // over session.
         let claim = r.headers.iter().find(|(k, _)| k == crate::cluster::CLAIM_HEADER).ok_or(Skip::MissingField)?;
+        let value = r.value.as_deref().unwrap_or_default();
+        let mut payload = Vec::with_capacity(claim.1.len() + 1 + value.len());
+        payload.extend_from_slice(&claim.1);
+        payload.push(b'\n');
+        payload.extend_from_slice(value);
         return Ok(Some(Message {
             topic: crate::cluster::CLAIM_TOPIC.into(),
-            payload: claim.1.clone(),
+            payload: payload.into(),
             qos: 0,
             retain: false,
             properties: None,

@@ -61,6 +61,7 @@ impl Wills {
             }
             // A release by the node that held the will (not an older node's, read after a newer
             // claim).
+            (ClaimKind::Handover, _) => {}
             (ClaimKind::Release, _) => {
                 if self.by_client.get(&claim.client).is_some_and(|(n, _)| *n == claim.node) {
                     self.by_client.remove(&claim.client);
@@ -229,6 +230,7 @@ async fn publish_wills(me: &NodeIdentity, dead: &str, kafka: &Cluster, wills: &M
             clean: false,
             kind: ClaimKind::Release,
             will: false,
+            to: None,
         };
         let release = Record {
             key: Some(client.as_bytes().to_vec()),

@@ -409,3 +409,45 @@ def test_a_dead_nodes_wills_are_published_once_by_the_survivors(three):
     finally:
         for s in subs + [probe]:
             s.close()
+
+
+def queued_on(b, client_id):
+    try:
+        with urllib.request.urlopen(f"http://{b.http[0]}:{b.http[1]}/api/v1/clients/{client_id}", timeout=WAIT) as r:
+            return json.load(r).get("queued")
+    except urllib.error.HTTPError:
+        return None
+
+
+@pytest.mark.parametrize("v5", [False, True], ids=["3.1.1", "5.0"])
+def test_a_persistent_session_moves_to_the_node_its_client_reconnects_to_with_its_queue(three, v5):
+    """Created on node 1, its offline queue filled by a publisher on node 2, resumed on node 3:
+    every queued QoS 1 message arrives there, in order."""
+    nodes, _ = three
+    cid = f"roamer-{'5' if v5 else '3'}"
+    kw = {"v5": True, "clean": False, "props": None} if v5 else {"clean": False}
+    if v5:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 300
+        kw["props"] = props
+    pub = Paho(nodes[1].addr, f"roam-pub-{cid}")
+    s1 = Paho(nodes[0].addr, cid, **kw)
+    try:
+        connected(nodes[1], nodes[0], pub, s1)
+        s1.subscribe("roam/#", 1)
+        wait_for(lambda: claim_of(nodes[0], cid) == "confirmed", "claimed on node 1")
+        s1.close()
+        wait_for(lambda: claim_of(nodes[0], cid) is None and queued_on(nodes[0], cid) == 0, "offline on node 1")
+        for i in range(10):
+            pub.publish(f"roam/{i % 3}", f"q{i}", qos=1)
+        wait_for(lambda: queued_on(nodes[0], cid) == 10, "10 queued on node 1")
+        s3 = Paho(nodes[2].addr, cid, **kw)
+        got = [s3.message(timeout=30).payload.decode() for _ in range(10)]
+        assert got == [f"q{i}" for i in range(10)]
+        # Its subscription came along: a new message reaches it on node 3.
+        pub.publish("roam/x", "after", qos=1)
+        assert s3.message(timeout=30).payload == b"after"
+        assert queued_on(nodes[0], cid) is None, "node 1 no longer has the session"
+        s3.close()
+    finally:
+        pub.close()

@@ -17,7 +17,7 @@
 //! holds each at most once.
 
 use super::*;
-use crate::cluster::{Claim, ClaimKind};
+use crate::cluster::{Claim, ClaimKind, HandoverTo};
 use crate::packet::Will;
 
 #[derive(Default)]
@@ -33,6 +33,11 @@ pub(super) struct ClusterClaims {
     pub(super) taken_over: u64,
     /// Connections closed because their claim was not confirmed in time.
     pub(super) unconfirmed_closed: u64,
+    /// Persistent sessions sent to the node that took their client over, and received.
+    pub(super) handed_over: u64,
+    pub(super) taken_over_in: u64,
+    /// Handovers sent without their messages (too large for one record).
+    pub(super) handover_truncated: u64,
 }
 
 impl ClusterClaims {
@@ -78,6 +83,7 @@ impl Shard {
             clean,
             kind,
             will: will.is_some(),
+            to: None,
         };
         // The record is the will itself (the others publish it as it is should this node die),
         // or an empty message on the claim topic.
@@ -116,12 +122,24 @@ impl Shard {
         Some(if self.claims.unconfirmed.contains_key(&conn) { "unconfirmed" } else { "confirmed" })
     }
 
-    /// A claim read from the cluster's sessions topic (see the module doc).
+    /// A claim read from the cluster's sessions topic (see the module doc): the claim's JSON,
+    /// a newline, the record's value.
     pub(super) fn on_cluster_claim(&mut self, payload: &[u8], now_ms: u64) {
         let Some((node, _)) = &self.claims.node else { return };
-        let Some(claim) = Claim::decode(payload) else { return };
-        if claim.kind == ClaimKind::Release {
-            return; // for the survivors' table of wills (`sluice-kafka`), never a takeover
+        let (json, value) = match payload.iter().position(|b| *b == b'\n') {
+            Some(i) => (&payload[..i], &payload[i + 1..]),
+            None => (payload, &[][..]),
+        };
+        let Some(claim) = Claim::decode(json) else { return };
+        match claim.kind {
+            ClaimKind::Release => return, // for the survivors' table of wills (`sluice-kafka`)
+            ClaimKind::Handover => {
+                if claim.to.as_ref().is_some_and(|t| t.node == **node && t.shard == self.id) {
+                    self.take_handover(&claim, value, now_ms);
+                }
+                return;
+            }
+            ClaimKind::Connect => {}
         }
         if claim.node == **node {
             if claim.shard == self.id {
@@ -135,6 +153,8 @@ impl Shard {
             Some(conn) => {
                 // The session goes on over there: it ends here, with the will the MQTT 5 rules
                 // of a takeover give (held back if the session continues and it has a delay).
+                self.hand_over(&claim, now_ms);
+                let Some(s) = self.sessions.get_mut(claim.client.as_str()) else { return };
                 s.expiry_secs = 0;
                 if let Some(c) = self.conns.get_mut(&conn) {
                     if !claim.clean
@@ -155,11 +175,91 @@ impl Shard {
                 if !claim.clean {
                     s.pending_will = None;
                 }
+                self.hand_over(&claim, now_ms);
                 if let Some(s) = self.sessions.remove(claim.client.as_str()) {
                     self.end_session(s, now_ms);
                 }
             }
         }
+    }
+
+    /// A claim by another node that continues a persistent session hosted here (clean start
+    /// off): the session's stored form goes to the claiming connection (see [`ClaimKind::Handover`]).
+    fn hand_over(&mut self, claim: &Claim, now_ms: u64) {
+        let Some(s) = self.sessions.get(claim.client.as_str()) else { return };
+        if claim.clean || s.expiry_secs == 0 {
+            return;
+        }
+        let mut bytes = Vec::new();
+        s.encode(self.wall_offset_ms, &mut bytes);
+        if bytes.len() > crate::cluster::HANDOVER_MAX_BYTES {
+            // Subscriptions only: the messages do not fit one record.
+            let light =
+                Session { subs: s.subs.clone(), expiry_secs: s.expiry_secs, ..Session::new(s.client_id.clone()) };
+            bytes.clear();
+            light.encode(self.wall_offset_ms, &mut bytes);
+            self.claims.handover_truncated += 1;
+        }
+        let Some((node, _)) = &self.claims.node else { return };
+        let handover = Claim {
+            node: node.to_string(),
+            client: claim.client.clone(),
+            shard: self.id,
+            conn: 0,
+            clean: false,
+            kind: ClaimKind::Handover,
+            will: false,
+            to: Some(HandoverTo { node: claim.node.clone(), shard: claim.shard, conn: claim.conn }),
+        };
+        let msg = Message {
+            topic: crate::cluster::CLAIM_TOPIC.into(),
+            payload: bytes.into(),
+            // QoS 1: by the spill log through an outage, like an acknowledged publish.
+            qos: 1,
+            retain: false,
+            properties: None,
+            expiry_at_ms: None,
+            origin: s.client_id.clone(),
+        };
+        let wall = self.wall_offset_ms + now_ms as i64;
+        self.outbox.bridge_claim(&Arc::new(msg), handover.encode().into(), wall, &mut self.effects.produce);
+        self.claims.handed_over += 1;
+    }
+
+    /// A session handed over for a connection of this shard: its subscriptions join the
+    /// session here, its in-flight and queued messages go to the front of the queue, in order.
+    fn take_handover(&mut self, claim: &Claim, value: &[u8], now_ms: u64) {
+        let Some(to) = &claim.to else { return };
+        let Some(cur) = self.sessions.get(claim.client.as_str()) else { return };
+        if cur.conn.is_some_and(|c| c != to.conn) {
+            return; // a newer connection since: this handover is for one that is gone
+        }
+        let id = cur.client_id.clone();
+        let Some(old) = Session::decode(id.clone(), 0, value, self.wall_offset_ms, now_ms) else { return };
+        let Some(mut cur) = self.sessions.remove(claim.client.as_str()) else { return };
+        // Out of the tables under the current subscriptions, back in under the union.
+        let subs: Vec<(String, Sub)> = cur.subs.iter().map(|(f, s)| (f.clone(), s.clone())).collect();
+        self.drop_subscriptions(&mut cur);
+        cur.subs = old.subs.clone();
+        for (f, s) in subs {
+            cur.subs.insert(f, s);
+        }
+        let mut queue: VecDeque<Delivery> = old
+            .inflight
+            .into_values()
+            .filter_map(|i| match i {
+                Inflight::Publish(d) => Some(d),
+                Inflight::Release => None,
+            })
+            .collect();
+        queue.extend(old.queue);
+        queue.extend(cur.queue.drain(..));
+        queue.truncate(self.limits.max_queued_messages.max(1));
+        cur.queue = queue;
+        self.commits.touch(&mut cur);
+        self.install(cur);
+        self.claims.taken_over_in += 1;
+        self.pump(&id, now_ms);
     }
 
     /// Closes connections whose claim was not read back in time.
