@@ -451,13 +451,17 @@ pub struct Members {
     me: String,
     dead_after_ms: u64,
     nodes: BTreeMap<String, Member>,
+    /// Since when this node's own heartbeats have been read back without a gap of
+    /// `dead_after_ms / 2`: only a node that hears itself can tell that another fell silent
+    /// (during a Kafka outage every node is silent to every other, and none is dead).
+    healthy_since_ms: Option<u64>,
     /// Heartbeats of nodes beyond [`MEMBERS_MAX`].
     pub ignored: u64,
 }
 
 impl Members {
     pub fn new(me: &str, dead_after_ms: u64) -> Members {
-        Members { me: me.into(), dead_after_ms, nodes: BTreeMap::new(), ignored: 0 }
+        Members { me: me.into(), dead_after_ms, nodes: BTreeMap::new(), healthy_since_ms: None, ignored: 0 }
     }
 
     /// A heartbeat read from Kafka, written `age_ms` ago by its sender's clock (records of nodes
@@ -503,9 +507,24 @@ impl Members {
         }
     }
 
-    /// Declares dead every alive node not heard from for `dead_after_ms`.
+    /// Declares dead every alive node not heard from for `dead_after_ms` — provided this node
+    /// heard its own heartbeats all along for at least that long (see `healthy_since_ms`).
     pub fn tick(&mut self, now_ms: u64) -> Vec<MemberChange> {
         let mut out = Vec::new();
+        let own_fresh = self.nodes.get(&self.me).is_some_and(|m| {
+            m.state == MemberState::Alive && now_ms.saturating_sub(m.last_seen_ms) < self.dead_after_ms / 2
+        });
+        self.healthy_since_ms = match (own_fresh, self.healthy_since_ms) {
+            (false, _) => None,
+            (true, None) => Some(now_ms),
+            (true, since) => since,
+        };
+        if self.healthy_since_ms.is_none_or(|since| now_ms - since < self.dead_after_ms) {
+            for m in self.nodes.values_mut() {
+                m.silent_ms = now_ms.saturating_sub(m.last_seen_ms);
+            }
+            return out;
+        }
         for m in self.nodes.values_mut() {
             m.silent_ms = now_ms.saturating_sub(m.last_seen_ms);
             if m.state == MemberState::Alive && m.silent_ms >= self.dead_after_ms && m.node != self.me {
@@ -601,20 +620,65 @@ mod tests {
         assert_eq!(Heartbeat::decode(b"\xff{"), None);
     }
 
+    /// This node's own heartbeat, read back at `at`.
+    fn me_at(m: &mut Members, at: u64) {
+        m.on_heartbeat(hb("n1", 1, true), 0, at);
+    }
+
     #[test]
     fn a_node_joins_dies_when_silent_and_comes_back_as_a_restart() {
         let mut m = Members::new("n1", 5000);
+        for t in (0..=7000).step_by(500) {
+            me_at(&mut m, t);
+            m.tick(t.min(6999));
+        }
         assert_eq!(m.on_heartbeat(hb("n2", 1, true), 0, 1000), Some(MemberChange::Joined("n2".into())));
         assert_eq!(m.on_heartbeat(hb("n2", 1, true), 0, 2000), None);
         assert!(m.tick(6999).is_empty());
         assert_eq!(m.tick(7000), vec![MemberChange::Dead("n2".into())]);
+        me_at(&mut m, 9000);
         assert!(m.tick(9000).is_empty(), "reported once");
         assert_eq!(m.on_heartbeat(hb("n2", 2, true), 0, 9000), Some(MemberChange::Joined("n2".into())));
         assert_eq!(m.on_heartbeat(hb("n2", 3, true), 0, 9100), Some(MemberChange::Restarted("n2".into())));
         assert_eq!(m.on_heartbeat(hb("n2", 2, true), 0, 9200), None, "an older incarnation is ignored");
         assert_eq!(m.on_heartbeat(hb("n2", 3, false), 0, 9300), Some(MemberChange::Left("n2".into())));
+        for t in (9500..=100_000).step_by(500) {
+            me_at(&mut m, t);
+        }
         assert!(m.tick(100_000).is_empty(), "a node that left does not die");
-        assert_eq!(m.alive().count(), 0);
+        assert!(!m.alive().any(|n| n == "n2"));
+    }
+
+    #[test]
+    fn nobody_is_declared_dead_by_a_node_that_does_not_hear_itself() {
+        let mut m = Members::new("n1", 5000);
+        for t in (0..=10_000).step_by(500) {
+            me_at(&mut m, t);
+            assert!(m.tick(t).is_empty());
+        }
+        m.on_heartbeat(hb("n2", 1, true), 0, 10_000);
+        // Kafka pauses at 10 s: neither n1 nor n2 is heard of until 30 s.
+        for t in (10_500..30_000).step_by(500) {
+            assert!(m.tick(t).is_empty(), "n2 declared dead at {t} while n1 hears nothing either");
+        }
+        // Kafka is back: n1 hears itself first, n2 a little later; n2 is not declared dead.
+        me_at(&mut m, 30_000);
+        assert!(m.tick(30_000).is_empty());
+        m.on_heartbeat(hb("n2", 1, true), 0, 30_200);
+        me_at(&mut m, 30_500);
+        assert!(m.tick(30_500).is_empty());
+        // A node that stays silent once n1 has heard itself for dead_after_ms dies.
+        for t in (31_000..=36_000).step_by(500) {
+            me_at(&mut m, t);
+            let changes = m.tick(t);
+            if t < 35_500 {
+                assert!(changes.is_empty(), "{t}: {changes:?}");
+            } else if !changes.is_empty() {
+                assert_eq!(changes, vec![MemberChange::Dead("n2".into())]);
+                return;
+            }
+        }
+        panic!("n2 never died");
     }
 
     #[test]

@@ -451,3 +451,43 @@ def test_a_persistent_session_moves_to_the_node_its_client_reconnects_to_with_it
         s3.close()
     finally:
         pub.close()
+
+
+def test_a_kafka_outage_longer_than_dead_after_kills_nobody_and_publishes_no_will():
+    """Kafka (tansu) stopped with SIGSTOP for twice dead_after_ms: every node hears nothing,
+    itself included, so none declares another dead and no will is published; afterwards all
+    are alive and the confirmed clients are still connected."""
+    t = Tansu()
+    prefix = f"o{time.monotonic_ns()}"
+    a = start_node(t, "n1", prefix, heartbeat_ms=300, dead_after_ms=2000)
+    b = start_node(t, "n2", prefix, heartbeat_ms=300, dead_after_ms=2000)
+    try:
+        for n in (a, b):
+            wait_for(lambda n=n: states(n) == {"n1": "alive", "n2": "alive"}, "both alive")
+        watch = Paho(a.addr, "outage-watch")
+        dev = Paho(b.addr, "outage-dev", will=("outage/will", b"dead", 1, False))
+        connected(b, a, dev, watch)
+        watch.subscribe("outage/#", 1)
+        wait_for(lambda: claim_of(b, "outage-dev") == "confirmed", "dev claimed")
+        t.pause()
+        try:
+            def silent_long_and_nobody_dead():
+                members = cluster_view(a)["members"]
+                assert all(m["state"] != "dead" for m in members), members
+                return all(m["silent_ms"] > 4000 for m in members)
+
+            wait_for(silent_long_and_nobody_dead, "4 s of silence")
+        finally:
+            t.resume()
+        for n in (a, b):
+            wait_for(lambda n=n: states(n) == {"n1": "alive", "n2": "alive"}, "both alive again")
+        watch.no_message(timeout=3.0)
+        assert dev.c.is_connected() and watch.c.is_connected()
+        for n in (a, b):
+            assert "dead" not in states(n).values()
+        dev.close()
+        watch.close()
+    finally:
+        a.stop()
+        b.stop()
+        t.stop()
