@@ -491,3 +491,41 @@ def test_a_kafka_outage_longer_than_dead_after_kills_nobody_and_publishes_no_wil
         a.stop()
         b.stop()
         t.stop()
+
+
+def test_a_kafka_record_reaches_each_subscribed_device_once_in_the_cluster(kafka):
+    """Every node reads the Kafka → MQTT topic for its own devices; what came from Kafka is not
+    forwarded between nodes, so a device gets each record once, whichever node it is on."""
+    from confluent_kafka import Producer
+    topic = f"k2m-{time.monotonic_ns()}"
+    kafka.create_topic(topic, partitions=2)
+    prefix = f"k{time.monotonic_ns()}"
+    extra = f"""
+[[kafka_to_mqtt]]
+name = "commands"
+cluster = "default"
+kafka_topics = ["{topic}"]
+mqtt_topics = ["cmd/${{key}}"]
+qos = 1
+start = "earliest"
+"""
+    nodes = [broker_with("--http", "127.0.0.1:0", config=node_config(kafka, f"n{i}", prefix) + extra) for i in (1, 2)]
+    try:
+        subs = [Paho(nodes[i].addr, f"k2m-dev-{i}") for i in (0, 1)]
+        pub = Paho(nodes[0].addr, "k2m-probe")
+        connected(nodes[0], nodes[1], pub, subs[1])
+        for s in subs:
+            s.subscribe("cmd/#", 1)
+        p = Producer({"bootstrap.servers": kafka.bootstrap})
+        for i in range(5):
+            p.produce(topic, key=f"car-{i}", value=f"go-{i}")
+        p.flush(WAIT)
+        for s in subs:
+            got = sorted(s.message(timeout=30).payload.decode() for _ in range(5))
+            assert got == [f"go-{i}" for i in range(5)]
+            s.no_message(timeout=2.0)
+        for c in subs + [pub]:
+            c.close()
+    finally:
+        for n in nodes:
+            n.stop()
