@@ -340,6 +340,9 @@ pub struct Claim {
     /// For a handover: whose claim it answers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to: Option<HandoverTo>,
+    /// For [`ClaimKind::Share`]: the node has members of the group.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub active: bool,
 }
 
 /// What a `.sessions` record says.
@@ -356,6 +359,26 @@ pub enum ClaimKind {
     /// (the record's value: the session's stored form, subscriptions, in-flight and queued
     /// messages). Never takes a client over.
     Handover,
+    /// This node has members of the shared-subscription group `client` (its share key,
+    /// `group/filter`) from now on (`active`), or none any more: the nodes with members of a group
+    /// pick, by the message's topic, the one of them that delivers it.
+    Share,
+}
+
+/// Of the nodes that have members of a shared-subscription group (`nodes`, sorted, this node
+/// among them), the one that delivers a message on `topic`: by a hash of the topic, the same on
+/// every node (so one topic's messages keep their order within the group).
+pub fn share_node<'a>(nodes: &[&'a str], topic: &str) -> Option<&'a str> {
+    if nodes.is_empty() {
+        return None;
+    }
+    // FNV-1a: stable across nodes and releases.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in topic.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    Some(nodes[(h % nodes.len() as u64) as usize])
 }
 
 /// Where a [`ClaimKind::Handover`] goes: the claim it answers.

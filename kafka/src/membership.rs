@@ -41,11 +41,24 @@ pub const WILLS_MAX: usize = 100_000;
 struct Wills {
     by_client: HashMap<String, (String, Record)>,
     refused: u64,
+    /// Per node, the shared-subscription groups it said it has members of (≤ [`WILLS_MAX`] in
+    /// all): when it dies, the survivor says it has none any more.
+    shares: HashMap<String, std::collections::HashSet<String>>,
 }
 
 impl Wills {
     fn apply(&mut self, claim: Claim, record: Record) {
         match (claim.kind, claim.will) {
+            (ClaimKind::Share, _) => {
+                let keys = self.shares.entry(claim.node).or_default();
+                if claim.active {
+                    if keys.len() < WILLS_MAX {
+                        keys.insert(claim.client);
+                    }
+                } else {
+                    keys.remove(&claim.client);
+                }
+            }
             (ClaimKind::Connect, true) => {
                 if self.by_client.len() >= WILLS_MAX && !self.by_client.contains_key(&claim.client) {
                     if self.refused == 0 {
@@ -68,6 +81,10 @@ impl Wills {
                 }
             }
         }
+    }
+
+    fn take_shares(&mut self, node: &str) -> Vec<String> {
+        self.shares.remove(node).map(|k| k.into_iter().collect()).unwrap_or_default()
     }
 
     fn take_node(&mut self, node: &str) -> Vec<(String, Record)> {
@@ -205,6 +222,49 @@ async fn read_sessions(me: NodeIdentity, kafka: Arc<Cluster>, wills: Arc<Mutex<W
     }
 }
 
+/// For a node that is gone (dead or left), the survivor with the lowest id says it has no
+/// members of any shared-subscription group any more, so that no node leaves a group's messages
+/// to it.
+async fn clear_shares(me: &NodeIdentity, gone: &str, kafka: &Cluster, wills: &Mutex<Wills>) {
+    let keys = match wills.lock() {
+        Ok(mut w) => w.take_shares(gone),
+        Err(_) => return,
+    };
+    let topic = me.cfg.sessions_topic();
+    for key in keys {
+        let claim = Claim {
+            node: gone.to_string(),
+            client: key.clone(),
+            shard: 0,
+            conn: 0,
+            clean: false,
+            kind: ClaimKind::Share,
+            will: false,
+            to: None,
+            active: false,
+        };
+        let record_key = format!("{key}\u{1}{gone}").into_bytes();
+        let r = Record {
+            key: Some(record_key.clone()),
+            value: None,
+            headers: [(CLAIM_HEADER.to_string(), claim.encode())].into(),
+            timestamp: Utc.timestamp_millis_opt(wall_ms() as i64).single().unwrap_or_default(),
+        };
+        let sent = tokio::time::timeout(Duration::from_secs(10), async {
+            let n = kafka.partitions(&topic, Instant::now() + Duration::from_secs(10)).await.map_err(|e| e.to_string())?;
+            let pc = kafka
+                .partition_client(&topic, sluice_core::bridge::partition_for_key(&record_key, n))
+                .await
+                .map_err(|e| e.to_string())?;
+            pc.produce(vec![r], Compression::NoCompression).await.map_err(|e| e.to_string())
+        })
+        .await;
+        if !matches!(sent, Ok(Ok(_))) {
+            tracing::warn!(node = %gone, group = %key, "cluster: could not clear a gone node's shared subscription");
+        }
+    }
+}
+
 /// The surviving node with the lowest id publishes a dead node's wills (see the module doc).
 async fn publish_wills(me: &NodeIdentity, dead: &str, kafka: &Cluster, wills: &Mutex<Wills>) {
     let taken = match wills.lock() {
@@ -231,6 +291,7 @@ async fn publish_wills(me: &NodeIdentity, dead: &str, kafka: &Cluster, wills: &M
             kind: ClaimKind::Release,
             will: false,
             to: None,
+            active: false,
         };
         let release = Record {
             key: Some(client.as_bytes().to_vec()),
@@ -300,6 +361,7 @@ async fn read(
     wills: &Mutex<Wills>,
 ) {
     let mut members = Members::new(&me.cfg.node_id, me.cfg.dead_after_ms);
+    let mut left: Vec<String> = Vec::new();
     let mut offset = None;
     let mut failing = false;
     loop {
@@ -322,11 +384,20 @@ async fn read(
                     let age = (wall - r.record.timestamp.timestamp_millis()).max(0) as u64;
                     if let Some(change) = members.on_heartbeat(hb, age, now_ms()) {
                         log_change(&change);
+                        if let MemberChange::Left(gone) = change {
+                            left.push(gone);
+                        }
                     }
                 }
             }
             Ok(Err(e)) => fail(health, &mut failing, format!("reading {}: {e}", me.cfg.nodes_topic())),
             Err(_) => fail(health, &mut failing, format!("reading {}: timed out", me.cfg.nodes_topic())),
+        }
+        for gone in left.drain(..) {
+            let designated = members.alive().filter(|n| *n != gone).chain([me.cfg.node_id.as_str()]).min();
+            if designated == Some(me.cfg.node_id.as_str()) {
+                clear_shares(me, &gone, kafka, wills).await;
+            }
         }
         for change in members.tick(now_ms()) {
             log_change(&change);
@@ -334,6 +405,7 @@ async fn read(
                 let designated = members.alive().filter(|n| n != dead).chain([me.cfg.node_id.as_str()]).min();
                 if designated == Some(me.cfg.node_id.as_str()) {
                     publish_wills(me, dead, kafka, wills).await;
+                    clear_shares(me, dead, kafka, wills).await;
                 }
             }
         }

@@ -38,6 +38,47 @@ pub(super) struct ClusterClaims {
     pub(super) taken_over_in: u64,
     /// Handovers sent without their messages (too large for one record).
     pub(super) handover_truncated: u64,
+    /// Shared-subscription groups owned by this shard (by share key) that other nodes have
+    /// members of: those nodes, sorted. At most [`SHARE_KEYS_MAX`] keys.
+    remote_shares: HashMap<String, Vec<Arc<str>>>,
+    /// Share records beyond [`SHARE_KEYS_MAX`], not kept.
+    pub(super) shares_refused: u64,
+}
+
+/// Shared-subscription groups with members on other nodes a shard keeps, at most; a group
+/// beyond it is delivered by every node that has members (counted in `shares_refused`).
+pub(super) const SHARE_KEYS_MAX: usize = 100_000;
+
+impl ClusterClaims {
+    fn remote_share(&mut self, key: &str, node: &str, active: bool) {
+        if active {
+            if !self.remote_shares.contains_key(key) && self.remote_shares.len() >= SHARE_KEYS_MAX {
+                self.shares_refused += 1;
+                return;
+            }
+            let nodes = self.remote_shares.entry(key.to_string()).or_default();
+            if let Err(i) = nodes.binary_search_by(|n| (**n).cmp(node)) {
+                nodes.insert(i, node.into());
+            }
+        } else if let Some(nodes) = self.remote_shares.get_mut(key) {
+            nodes.retain(|n| **n != *node);
+            if nodes.is_empty() {
+                self.remote_shares.remove(key);
+            }
+        }
+    }
+
+    /// Whether this node delivers a message on `topic` to its members of group `key` (see
+    /// [`crate::cluster::share_node`]): always outside a cluster or when no other node has
+    /// members.
+    pub(super) fn share_mine(&self, key: &str, topic: &str) -> bool {
+        let (Some((me, _)), Some(others)) = (&self.node, self.remote_shares.get(key)) else { return true };
+        let mut nodes: Vec<&str> = others.iter().map(|n| &**n).collect();
+        if let Err(i) = nodes.binary_search(&&**me) {
+            nodes.insert(i, me);
+        }
+        crate::cluster::share_node(&nodes, topic) == Some(&**me)
+    }
 }
 
 impl ClusterClaims {
@@ -84,6 +125,7 @@ impl Shard {
             kind,
             will: will.is_some(),
             to: None,
+            active: false,
         };
         // The record is the will itself (the others publish it as it is should this node die),
         // or an empty message on the claim topic.
@@ -116,6 +158,35 @@ impl Shard {
         self.outbox.bridge_claim(&Arc::new(msg), claim.encode().into(), wall, &mut self.effects.produce);
     }
 
+    /// This node has members of shared-subscription group `key` from now on (`active`), or none
+    /// any more: the other nodes hear it (see [`ClaimKind::Share`]).
+    pub(super) fn announce_share(&mut self, key: &str, active: bool, now_ms: u64) {
+        let Some((node, _)) = &self.claims.node else { return };
+        let claim = Claim {
+            node: node.to_string(),
+            client: key.to_string(),
+            shard: self.id,
+            conn: 0,
+            clean: false,
+            kind: ClaimKind::Share,
+            will: false,
+            to: None,
+            active,
+        };
+        let msg = Message {
+            topic: crate::cluster::CLAIM_TOPIC.into(),
+            payload: Bytes::new(),
+            qos: 1,
+            retain: false,
+            properties: None,
+            expiry_at_ms: None,
+            // The record's key: one per (group, node) in the compacted topic.
+            origin: format!("{key}\u{1}{node}").into(),
+        };
+        let wall = self.wall_offset_ms + now_ms as i64;
+        self.outbox.bridge_claim(&Arc::new(msg), claim.encode().into(), wall, &mut self.effects.produce);
+    }
+
     /// "confirmed" or "unconfirmed" for a connection in a cluster; `None` outside one.
     pub(super) fn claim_state(&self, conn: ConnId) -> Option<&'static str> {
         self.claims.node.as_ref()?;
@@ -136,6 +207,12 @@ impl Shard {
             ClaimKind::Handover => {
                 if claim.to.as_ref().is_some_and(|t| t.node == **node && t.shard == self.id) {
                     self.take_handover(&claim, value, now_ms);
+                }
+                return;
+            }
+            ClaimKind::Share => {
+                if claim.node != **node && shard_of(&claim.client, self.n_shards) == self.id {
+                    self.claims.remote_share(&claim.client, &claim.node, claim.active);
                 }
                 return;
             }
@@ -210,6 +287,7 @@ impl Shard {
             kind: ClaimKind::Handover,
             will: false,
             to: Some(HandoverTo { node: claim.node.clone(), shard: claim.shard, conn: claim.conn }),
+            active: false,
         };
         let msg = Message {
             topic: crate::cluster::CLAIM_TOPIC.into(),
