@@ -178,3 +178,20 @@ impl Shard {
         }
     }
 }
+
+/// For the shared-subscription pick ([`ShareGroups::pick`]): `Some(backlog)` when the session
+/// `id`, hosted here, cannot put one more message on the wire now — offline, its in-flight
+/// window full, messages already queued, or its output buffer full — `None` when it can.
+pub(super) fn member_busy(
+    sessions: &HashMap<ClientId, Box<Session>>,
+    conns: &HashMap<ConnId, Box<Conn>>,
+    limits: &Limits,
+    id: &ClientId,
+) -> Option<usize> {
+    let Some(s) = sessions.get(id) else { return Some(usize::MAX) };
+    let backlog = s.inflight.len() + s.queue.len();
+    let Some(c) = s.conn.and_then(|conn| conns.get(&conn)) else { return Some(backlog) };
+    let window = usize::from(c.client_receive_max.min(limits.max_inflight));
+    let room = s.queue.is_empty() && s.inflight.len() < window && c.out.len() < limits.max_outbound_buffer_bytes;
+    (!room).then_some(backlog)
+}

@@ -87,6 +87,7 @@ pub use admin::{
 };
 use commits::SessionCommits;
 use conn::{Conn, ConnState, Detach, PendingSub};
+use deliver::member_busy;
 use directory::{Claim, ClaimGo, Directory};
 use drain_waiters::{DrainWaiter, DrainWaiters};
 use inbound_feed::{InboundFeed, FEED_TOKEN};

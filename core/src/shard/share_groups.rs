@@ -1,8 +1,18 @@
 //! Shared subscriptions (`$share/GROUP/FILTER`): the member lists of the groups this shard owns
-//! (the owner of `hash(group/filter)`), and the pick of one member per message, round-robin,
-//! wherever the member's shard is.
+//! (the owner of `hash(group/filter)`), and the pick of one member per message, wherever the
+//! member's shard is.
 //!
-//! Invariants: a client id is at most once in a group; a group without members is gone.
+//! The pick is round-robin over the members that have room: starting at the group's cursor it
+//! looks at up to [`PICK_SCAN_MAX`] members and takes the first one the caller does not report
+//! busy (a member whose in-flight window is full or that has a queue); when every member looked
+//! at is busy, the one with the smallest backlog. Plain round-robin gave a member that stopped
+//! acknowledging its share of every message, queued behind its full window, while the others
+//! were idle. The caller can only see members hosted on this shard; one on another shard counts
+//! as having room (its own shard queues what it cannot send), so there the pick stays
+//! round-robin.
+//!
+//! Invariants: a client id is at most once in a group; a group without members is gone; a pick
+//! looks at no more than [`PICK_SCAN_MAX`] members.
 
 use super::{ClientId, ShardId, SubOptions, Trie};
 
@@ -13,6 +23,10 @@ pub struct ShareMember {
     pub opts: SubOptions,
     pub sub_id: Option<u32>,
 }
+
+/// Members a pick looks at before it settles for the least busy of them: bounds the cost of a
+/// message to a group whose members are all busy.
+pub(super) const PICK_SCAN_MAX: usize = 16;
 
 #[derive(Default)]
 struct ShareGroup {
@@ -59,13 +73,36 @@ impl ShareGroups {
         }
     }
 
-    /// One member of every group whose filter matches `topic`, each group in turn.
-    pub(super) fn pick(&mut self, topic: &str, picks: &mut Vec<ShareMember>) {
+    /// One member of every group whose filter matches `topic`. `busy(member)` is `Some(backlog)`
+    /// for a member that cannot take a message now (window full, messages queued, offline),
+    /// `None` for one that can or whose state is not known here.
+    pub(super) fn pick(
+        &mut self,
+        topic: &str,
+        mut busy: impl FnMut(&ShareMember) -> Option<usize>,
+        picks: &mut Vec<ShareMember>,
+    ) {
         self.groups.for_each_match_mut(topic, |_, g| {
-            if !g.members.is_empty() {
-                picks.push(g.members[g.next % g.members.len()].clone());
-                g.next = g.next.wrapping_add(1);
+            let n = g.members.len();
+            if n == 0 {
+                return;
             }
+            let start = g.next % n;
+            let mut best = (usize::MAX, start);
+            for k in 0..n.min(PICK_SCAN_MAX) {
+                let i = (start + k) % n;
+                match busy(&g.members[i]) {
+                    None => {
+                        best = (0, i);
+                        break;
+                    }
+                    Some(backlog) if backlog < best.0 => best = (backlog, i),
+                    Some(_) => {}
+                }
+            }
+            picks.push(g.members[best.1].clone());
+            // The next pick starts after this one: members with room still take turns.
+            g.next = best.1 + 1;
         });
     }
 }
@@ -86,7 +123,7 @@ mod tests {
         g.join(&share_key("g", "a/+"), member("x", 1));
         let mut picks = Vec::new();
         for _ in 0..4 {
-            g.pick("a/b", &mut picks);
+            g.pick("a/b", |_| None, &mut picks);
         }
         let ids: Vec<&str> = picks.iter().map(|m| &*m.client_id).collect();
         assert_eq!(ids, ["x", "y", "x", "y"], "a client joins once; joining again replaces it");
@@ -94,8 +131,32 @@ mod tests {
         g.leave(&share_key("g", "a/+"), &"x".into());
         g.leave(&share_key("g", "a/+"), &"y".into());
         picks.clear();
-        g.pick("a/b", &mut picks);
+        g.pick("a/b", |_| None, &mut picks);
         assert!(picks.is_empty());
         g.leave("malformed", &"x".into());
+    }
+
+    #[test]
+    fn a_busy_member_is_passed_over_and_all_busy_picks_the_smallest_backlog() {
+        let mut g = ShareGroups::default();
+        for id in ["x", "y", "z"] {
+            g.join(&share_key("g", "t"), member(id, 0));
+        }
+        let ids = |g: &mut ShareGroups, busy: &dyn Fn(&str) -> Option<usize>, n: usize| {
+            let mut picks = Vec::new();
+            for _ in 0..n {
+                g.pick("t", |m| busy(&m.client_id), &mut picks);
+            }
+            picks.into_iter().map(|m| m.client_id.to_string()).collect::<Vec<_>>()
+        };
+        assert_eq!(ids(&mut g, &|id| (id == "y").then_some(5), 4), ["x", "z", "x", "z"]);
+        let backlog = |id: &str| {
+            Some(match id {
+                "x" => 7,
+                "y" => 3,
+                _ => 9,
+            })
+        };
+        assert_eq!(ids(&mut g, &backlog, 2), ["y", "y"], "all busy: the smallest backlog");
     }
 }

@@ -1769,3 +1769,36 @@ fn admin_page_cost() {
     assert!(matches!(r, AdminReply::Clients(p) if p.items.len() == 100 && p.total == n / 2 - 1));
     assert!(matches!(s, AdminReply::Snapshot(_)));
 }
+
+/// A `$share` group of two members on the group's owner, window 2 each: one member never
+/// acknowledges. Once its window is full it must not collect more of the group's messages
+/// while the other member has room (plain round-robin queued every other message behind it).
+#[test]
+fn a_shared_member_that_never_acknowledges_does_not_collect_the_groups_messages() {
+    let limits = Limits { max_inflight: 2, ..Limits::default() };
+    let mut w = World::new(2, limits);
+    let owner = shard_of(&share_key("g", "jobs"), 2);
+    let other = 1 - owner;
+    w.connect(owner, 1, V5, "stuck", true);
+    w.send(owner, 1, V5, subscribe("$share/g/jobs", 1));
+    w.recv(owner, 1, V5);
+    w.connect(owner, 2, V5, "worker", true);
+    w.send(owner, 2, V5, subscribe("$share/g/jobs", 1));
+    w.recv(owner, 2, V5);
+    w.connect(other, 3, V5, "producer", true);
+    let (mut stuck, mut worker) = (0, 0);
+    for pid in 1..=20u16 {
+        w.send(other, 3, V5, publish("jobs", 1, pid, b"job"));
+        stuck += w.recv(owner, 1, V5).iter().filter(|p| matches!(p, Packet::Publish(_))).count();
+        for p in w.recv(owner, 2, V5) {
+            if let Packet::Publish(p) = p {
+                worker += 1;
+                w.send(owner, 2, V5, Packet::PubAck(resp(p.packet_id)));
+            }
+        }
+    }
+    assert_eq!(stuck, 2, "the silent member gets its window, no more");
+    assert_eq!(worker, 18, "the rest goes to the member with room, none waits behind the other");
+    let s = w.shards[owner].sessions.get(&ClientId::from("stuck")).unwrap();
+    assert!(s.queue.is_empty(), "nothing queued behind the full window: {}", s.queue.len());
+}
