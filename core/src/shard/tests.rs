@@ -225,7 +225,7 @@ fn outbound_qos2_state_machine() {
     };
     w.send(0, 1, V5, Packet::PubRec(resp(pid)));
     assert!(matches!(w.recv(0, 1, V5).as_slice(), [Packet::PubRel(r)] if r.packet_id == pid));
-    assert!(matches!(w.shards[0].sessions[&ClientId::from("sub")].inflight.get(&pid), Some(Inflight::Release)));
+    assert!(matches!(w.shards[0].sessions[&ClientId::from("sub")].inflight.get(pid), Some(Inflight::Release)));
     w.send(0, 1, V5, Packet::PubComp(resp(pid)));
     assert!(w.shards[0].sessions[&ClientId::from("sub")].inflight.is_empty());
     // PUBREL for the incoming side completes with PUBCOMP; an unknown id says so.
