@@ -86,7 +86,7 @@ pub use admin::{
     SubscriptionInfo, PAGE_MAX, SAMPLE_PAYLOAD_MAX, TAPS_MAX, TAP_IDLE_MS, TAP_RATE_PER_SEC, TAP_SAMPLES_MAX,
 };
 use commits::SessionCommits;
-use conn::{Conn, ConnState, Detach, PendingSub};
+use conn::{Conn, ConnState, Detach, PendingSub, OUT_HINT_MAX};
 use deliver::member_busy;
 use directory::{Claim, ClaimGo, Directory};
 use drain_waiters::{DrainWaiter, DrainWaiters};
