@@ -164,6 +164,14 @@ impl<K: Eq + Hash, V> Trie<K, V> {
         v
     }
 
+    pub fn get_mut(&mut self, filter: &str, key: &K) -> Option<&mut V> {
+        let mut node = &mut self.root;
+        for level in filter.split('/') {
+            node = node.children.get_mut(level)?;
+        }
+        node.entries.get_mut(key)
+    }
+
     pub fn get(&self, filter: &str, key: &K) -> Option<&V> {
         let mut node = &self.root;
         for level in filter.split('/') {

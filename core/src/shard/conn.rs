@@ -90,6 +90,10 @@ pub(super) struct Conn {
     /// [`OUT_HINT_MAX`]: a fresh output buffer starts at that capacity, so a connection that
     /// gets about as much each turn is not grown (and copied) from nothing every turn.
     pub(super) out_hint: u32,
+    /// This connection's session told the owners of its shared groups on other shards that it
+    /// is busy ([`ShardMsg::ShareBusy`](super::ShardMsg::ShareBusy)); it tells them again
+    /// once it has room.
+    pub(super) share_busy: bool,
     /// Who the client is and what it may do, when authentication is configured.
     pub(super) auth: Option<Box<ConnAuth>>,
     /// Which of the broker's listeners accepted it (index into the configured listeners), for
@@ -142,6 +146,7 @@ impl Conn {
             acks: AckQueue::default(),
             out_full: false,
             out_hint: 0,
+            share_busy: false,
             auth: None,
             listener: 0,
             identity: None,

@@ -7,7 +7,9 @@ use super::*;
 impl Shard {
     /// PUBACK, PUBREC (`rec`) or PUBCOMP for a message we sent.
     pub(super) fn on_ack(&mut self, conn: ConnId, pid: u16, rec: bool, now_ms: u64) {
-        let Some(id) = self.conns.get(&conn).and_then(|c| c.active_id().cloned()) else { return };
+        let Some(c) = self.conns.get(&conn) else { return };
+        let share_busy = c.share_busy;
+        let Some(id) = c.active_id().cloned() else { return };
         let Some(s) = self.sessions.get_mut(&id) else { return };
         self.commits.touch(s);
         match s.inflight.get(pid) {
@@ -21,6 +23,9 @@ impl Shard {
             Some(_) if !rec => {
                 s.inflight.remove(pid);
                 self.pump_and_release(&id, now_ms);
+                if share_busy {
+                    self.report_share_load(&id);
+                }
             }
             _ => {}
         }
@@ -145,6 +150,38 @@ impl Shard {
             // Subscription ids would make that copy an allocation: a second lookup instead.
             if let Some(s) = self.sessions.get_mut(id) {
                 s.inflight.insert(pid, Inflight::Publish(d));
+            }
+        }
+    }
+
+    /// Session `id` hosted here is a member of shared groups whose owners may be on other
+    /// shards, which cannot see its window: tell them when it turned busy (as
+    /// [`member_busy`] judges) and when it has room again — at most half its window in flight
+    /// and nothing queued, so that a member working at its window's edge does not send a
+    /// message per delivery. Called after a shared delivery here and, while it is busy, after
+    /// each acknowledgement.
+    pub(super) fn report_share_load(&mut self, id: &ClientId) {
+        let Some(s) = self.sessions.get(id) else { return };
+        let Some(c) = s.conn.and_then(|conn| self.conns.get_mut(&conn)) else { return };
+        let busy = if c.share_busy {
+            let window = usize::from(c.client_receive_max.min(self.limits.max_inflight));
+            !(s.queue.is_empty() && s.inflight.len() * 2 <= window)
+        } else {
+            member_busy(&self.sessions, &self.conns, &self.limits, id).is_some()
+        };
+        let Some(c) = s.conn.and_then(|conn| self.conns.get_mut(&conn)) else { return };
+        if busy == c.share_busy {
+            return;
+        }
+        c.share_busy = busy;
+        for filter in s.subs.keys() {
+            if let Some(Ok((group, f))) = topic::parse_shared(filter) {
+                let key = share_key(group, f);
+                let owner = shard_of(&key, self.n_shards);
+                if owner != self.id {
+                    // The owner on this shard sees the session itself.
+                    self.effects.to_shards.push((owner, ShardMsg::ShareBusy { key, client_id: id.clone(), busy }));
+                }
             }
         }
     }

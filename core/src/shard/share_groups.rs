@@ -7,9 +7,10 @@
 //! busy (a member whose in-flight window is full or that has a queue); when every member looked
 //! at is busy, the one with the smallest backlog. Plain round-robin gave a member that stopped
 //! acknowledging its share of every message, queued behind its full window, while the others
-//! were idle. The caller can only see members hosted on this shard; one on another shard counts
-//! as having room (its own shard queues what it cannot send), so there the pick stays
-//! round-robin.
+//! were idle. The caller sees the members hosted on this shard directly; for one on another
+//! shard, that shard reports when it turns busy and when it has room again
+//! ([`ShardMsg::ShareBusy`](super::ShardMsg::ShareBusy), on changes only, with hysteresis), and
+//! until the report arrives the member counts as having room (its shard queues the rest).
 //!
 //! Invariants: a client id is at most once in a group; a group without members is gone; a pick
 //! looks at no more than [`PICK_SCAN_MAX`] members.
@@ -31,8 +32,14 @@ pub(super) const PICK_SCAN_MAX: usize = 16;
 #[derive(Default)]
 struct ShareGroup {
     members: Vec<ShareMember>,
+    /// Per member (same index): its shard said it is busy ([`ShareGroups::set_busy`]).
+    busy: Vec<bool>,
     next: usize,
 }
+
+/// The backlog a pick assumes for a member another shard reported busy: more than any
+/// member here that still takes messages is likely to have.
+pub(super) const REMOTE_BUSY_BACKLOG: usize = 1 << 20;
 
 /// The groups of this shard, in a trie keyed by their filter.
 #[derive(Default)]
@@ -56,9 +63,15 @@ impl ShareGroups {
     pub(super) fn join(&mut self, key: &str, member: ShareMember) {
         let Some((group, filter)) = split(key) else { return };
         let mut g = self.groups.remove(filter, &group).unwrap_or_default();
-        match g.members.iter_mut().find(|m| m.client_id == member.client_id) {
-            Some(m) => *m = member,
-            None => g.members.push(member),
+        match g.members.iter().position(|m| m.client_id == member.client_id) {
+            Some(i) => {
+                g.members[i] = member;
+                g.busy[i] = false;
+            }
+            None => {
+                g.members.push(member);
+                g.busy.push(false);
+            }
         }
         self.groups.insert(filter, group, g);
     }
@@ -66,10 +79,23 @@ impl ShareGroups {
     pub(super) fn leave(&mut self, key: &str, client_id: &ClientId) {
         let Some((group, filter)) = split(key) else { return };
         if let Some(mut g) = self.groups.remove(filter, &group) {
-            g.members.retain(|m| m.client_id != *client_id);
+            if let Some(i) = g.members.iter().position(|m| m.client_id == *client_id) {
+                g.members.remove(i);
+                g.busy.remove(i);
+            }
             if !g.members.is_empty() {
                 self.groups.insert(filter, group, g);
             }
+        }
+    }
+
+    /// The shard of member `client_id` of group `key` says whether it is busy (window full or
+    /// messages queued; [`ShardMsg::ShareBusy`](super::ShardMsg::ShareBusy)).
+    pub(super) fn set_busy(&mut self, key: &str, client_id: &ClientId, busy: bool) {
+        let Some((group, filter)) = split(key) else { return };
+        let Some(g) = self.groups.get_mut(filter, &group) else { return };
+        if let Some(i) = g.members.iter().position(|m| m.client_id == *client_id) {
+            g.busy[i] = busy;
         }
     }
 
@@ -91,7 +117,8 @@ impl ShareGroups {
             let mut best = (usize::MAX, start);
             for k in 0..n.min(PICK_SCAN_MAX) {
                 let i = (start + k) % n;
-                match busy(&g.members[i]) {
+                let reported = g.busy[i].then_some(REMOTE_BUSY_BACKLOG);
+                match reported.or_else(|| busy(&g.members[i])) {
                     None => {
                         best = (0, i);
                         break;

@@ -1802,3 +1802,40 @@ fn a_shared_member_that_never_acknowledges_does_not_collect_the_groups_messages(
     let s = w.shards[owner].sessions.get(&ClientId::from("stuck")).unwrap();
     assert!(s.queue.is_empty(), "nothing queued behind the full window: {}", s.queue.len());
 }
+
+/// The same with both members on the shard that does not own the group: the owner learns
+/// from their shard that the silent one is busy (`ShareBusy`) and passes it over.
+#[test]
+fn a_shared_member_on_another_shard_that_never_acknowledges_is_passed_over() {
+    let limits = Limits { max_inflight: 2, ..Limits::default() };
+    let mut w = World::new(2, limits);
+    let owner = shard_of(&share_key("g", "jobs"), 2);
+    let other = 1 - owner;
+    w.connect(other, 1, V5, "stuck", true);
+    w.send(other, 1, V5, subscribe("$share/g/jobs", 1));
+    w.recv(other, 1, V5);
+    w.connect(other, 2, V5, "worker", true);
+    w.send(other, 2, V5, subscribe("$share/g/jobs", 1));
+    w.recv(other, 2, V5);
+    w.connect(owner, 3, V5, "producer", true);
+    let (mut stuck, mut worker) = (0, 0);
+    for pid in 1..=20u16 {
+        w.send(owner, 3, V5, publish("jobs", 1, pid, b"job"));
+        stuck += w.recv(other, 1, V5).iter().filter(|p| matches!(p, Packet::Publish(_))).count();
+        for p in w.recv(other, 2, V5) {
+            if let Packet::Publish(p) = p {
+                worker += 1;
+                w.send(other, 2, V5, Packet::PubAck(resp(p.packet_id)));
+            }
+        }
+    }
+    assert_eq!((stuck, worker), (2, 18));
+    // It acknowledges at last: room again, so it takes its turns again.
+    w.send(other, 1, V5, Packet::PubAck(resp(1)));
+    w.send(other, 1, V5, Packet::PubAck(resp(2)));
+    for pid in 21..=24u16 {
+        w.send(owner, 3, V5, publish("jobs", 1, pid, b"job"));
+    }
+    let back = w.recv(other, 1, V5).iter().filter(|p| matches!(p, Packet::Publish(_))).count();
+    assert!(back >= 1, "a member with room again gets messages again");
+}
