@@ -8,7 +8,7 @@
 //! shards' monotonic clock starts again at zero.
 
 use crate::HashMap;
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -16,6 +16,9 @@ use bytes::{Bytes, BytesMut};
 use crate::bytes_reader::ByteReader;
 use crate::message::{ClientId, ConnId, Message, Msg};
 use crate::packet::{self, Packet, Properties, Publish, SubOptions, Version, Will};
+
+mod window;
+pub(crate) use window::InflightWindow;
 
 #[derive(Clone, Debug)]
 pub(crate) struct Sub {
@@ -46,7 +49,7 @@ pub struct Session {
     pub(crate) client_id: ClientId,
     pub(crate) conn: Option<ConnId>,
     pub(crate) subs: HashMap<String, Sub>,
-    pub(crate) inflight: BTreeMap<u16, Inflight>,
+    pub(crate) inflight: InflightWindow,
     pub(crate) queue: VecDeque<Delivery>,
     pub(crate) next_pid: u16,
     /// QoS 2 packet ids received and PUBREC'd, waiting for PUBREL.
@@ -68,7 +71,7 @@ impl Session {
             client_id,
             conn: None,
             subs: HashMap::default(),
-            inflight: BTreeMap::new(),
+            inflight: InflightWindow::default(),
             queue: VecDeque::new(),
             next_pid: 1,
             incoming_qos2: BTreeSet::new(),
@@ -84,7 +87,7 @@ impl Session {
         loop {
             let pid = self.next_pid;
             self.next_pid = if pid == u16::MAX { 1 } else { pid + 1 };
-            if !self.inflight.contains_key(&pid) {
+            if !self.inflight.contains(pid) {
                 return pid;
             }
         }
@@ -123,7 +126,7 @@ impl Session {
             out.extend_from_slice(&pid.to_le_bytes());
         }
         out.extend_from_slice(&(self.inflight.len() as u32).to_le_bytes());
-        for (pid, inf) in &self.inflight {
+        for (pid, inf) in self.inflight.sorted() {
             out.extend_from_slice(&pid.to_le_bytes());
             match inf {
                 Inflight::Publish(d) => {
@@ -382,8 +385,8 @@ mod tests {
         let a = &back.subs["a/+/c"];
         assert_eq!((a.opts, a.sub_id), (opts, Some(7)));
         assert_eq!(back.incoming_qos2, BTreeSet::from([5, 6]));
-        match (&back.inflight[&40], &back.inflight[&41]) {
-            (Inflight::Publish(p), Inflight::Release) => {
+        match (back.inflight.get(40), back.inflight.get(41)) {
+            (Some(Inflight::Publish(p)), Some(Inflight::Release)) => {
                 assert_eq!((p.msg.topic.as_str(), p.qos, p.sub_ids.as_slice()), ("in/flight", 1, &[3, 9][..]));
                 assert!(p.msg.retain && !p.retain);
                 assert_eq!(p.msg.properties().content_type.as_deref(), Some("text/plain"));

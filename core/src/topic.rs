@@ -75,11 +75,26 @@ pub fn matches(filter: &str, topic: &str) -> bool {
 struct Node<K, V> {
     children: HashMap<Box<str>, Node<K, V>>,
     entries: HashMap<K, V>,
+    /// Which wildcard children (`#`: [`HASH`], `+`: [`PLUS`]) `children` has, so that a match
+    /// looks them up only where they exist: most levels of most tries have neither.
+    wild: u8,
+}
+
+const HASH: u8 = 1;
+const PLUS: u8 = 2;
+
+/// The [`Node::wild`] bit of a filter level.
+fn wild_bit(level: &str) -> u8 {
+    match level {
+        "#" => HASH,
+        "+" => PLUS,
+        _ => 0,
+    }
 }
 
 impl<K, V> Default for Node<K, V> {
     fn default() -> Self {
-        Node { children: HashMap::default(), entries: HashMap::default() }
+        Node { children: HashMap::default(), entries: HashMap::default(), wild: 0 }
     }
 }
 
@@ -115,6 +130,7 @@ impl<K: Eq + Hash, V> Trie<K, V> {
     pub fn insert(&mut self, filter: &str, key: K, value: V) -> Option<V> {
         let mut node = &mut self.root;
         for level in filter.split('/') {
+            node.wild |= wild_bit(level);
             node = node.children.entry(level.into()).or_default();
         }
         let old = node.entries.insert(key, value);
@@ -134,6 +150,7 @@ impl<K: Eq + Hash, V> Trie<K, V> {
                     let v = walk(child, rest, key);
                     if child.is_empty() {
                         node.children.remove(*first);
+                        node.wild &= !wild_bit(first);
                     }
                     v
                 }
@@ -147,6 +164,14 @@ impl<K: Eq + Hash, V> Trie<K, V> {
         v
     }
 
+    pub fn get_mut(&mut self, filter: &str, key: &K) -> Option<&mut V> {
+        let mut node = &mut self.root;
+        for level in filter.split('/') {
+            node = node.children.get_mut(level)?;
+        }
+        node.entries.get_mut(key)
+    }
+
     pub fn get(&self, filter: &str, key: &K) -> Option<&V> {
         let mut node = &self.root;
         for level in filter.split('/') {
@@ -158,28 +183,37 @@ impl<K: Eq + Hash, V> Trie<K, V> {
     /// Calls `f` for every entry whose filter matches `topic`. A key subscribed through several
     /// matching filters is reported once per filter; the caller merges.
     pub fn for_each_match(&self, topic: &str, mut f: impl FnMut(&K, &V)) {
-        fn walk<K, V>(node: &Node<K, V>, levels: &[&str], first: bool, dollar: bool, f: &mut impl FnMut(&K, &V)) {
-            let wild_ok = !(first && dollar);
-            if wild_ok {
+        fn walk<K, V>(
+            node: &Node<K, V>,
+            mut levels: Levels<'_>,
+            first: bool,
+            dollar: bool,
+            f: &mut impl FnMut(&K, &V),
+        ) {
+            let wild = if first && dollar { 0 } else { node.wild };
+            if wild & HASH != 0 {
                 if let Some(h) = node.children.get("#") {
                     h.entries.iter().for_each(|(k, v)| f(k, v));
                 }
             }
-            let Some((level, rest)) = levels.split_first() else {
+            let Some(level) = levels.next() else {
                 node.entries.iter().for_each(|(k, v)| f(k, v));
                 return;
             };
-            if wild_ok {
+            if wild & PLUS != 0 {
                 if let Some(p) = node.children.get("+") {
-                    walk(p, rest, false, dollar, f);
+                    walk(p, levels.clone(), false, dollar, f);
                 }
             }
-            if let Some(c) = node.children.get(*level) {
-                walk(c, rest, false, dollar, f);
+            if let Some(c) = node.children.get(level) {
+                walk(c, levels, false, dollar, f);
             }
         }
-        let levels: Vec<&str> = topic.split('/').collect();
-        walk(&self.root, &levels, true, topic.starts_with('$'), &mut f);
+        // Nothing to walk (a shard's shared groups, mostly): the topic is not even split.
+        if self.len == 0 {
+            return;
+        }
+        walk(&self.root, topic.split('/'), true, topic.starts_with('$'), &mut f);
     }
 }
 
@@ -188,36 +222,42 @@ impl<K: Eq + Hash, V> Trie<K, V> {
     pub fn for_each_match_mut(&mut self, topic: &str, mut f: impl FnMut(&K, &mut V)) {
         fn walk<K, V>(
             node: &mut Node<K, V>,
-            levels: &[&str],
+            mut levels: Levels<'_>,
             first: bool,
             dollar: bool,
             f: &mut impl FnMut(&K, &mut V),
         ) {
-            let wild_ok = !(first && dollar);
-            if wild_ok {
+            let wild = if first && dollar { 0 } else { node.wild };
+            if wild & HASH != 0 {
                 if let Some(h) = node.children.get_mut("#") {
                     h.entries.iter_mut().for_each(|(k, v)| f(k, v));
                 }
             }
-            let Some((level, rest)) = levels.split_first() else {
+            let Some(level) = levels.next() else {
                 node.entries.iter_mut().for_each(|(k, v)| f(k, v));
                 return;
             };
-            if wild_ok {
+            if wild & PLUS != 0 {
                 if let Some(p) = node.children.get_mut("+") {
-                    walk(p, rest, false, dollar, f);
+                    walk(p, levels.clone(), false, dollar, f);
                 }
             }
-            if *level != "+" && *level != "#" {
-                if let Some(c) = node.children.get_mut(*level) {
-                    walk(c, rest, false, dollar, f);
+            if level != "+" && level != "#" {
+                if let Some(c) = node.children.get_mut(level) {
+                    walk(c, levels, false, dollar, f);
                 }
             }
         }
-        let levels: Vec<&str> = topic.split('/').collect();
-        walk(&mut self.root, &levels, true, topic.starts_with('$'), &mut f);
+        if self.len == 0 {
+            return;
+        }
+        walk(&mut self.root, topic.split('/'), true, topic.starts_with('$'), &mut f);
     }
 }
+
+/// A topic's levels still to match: the split itself, copied where the walk branches (no
+/// vector per message).
+type Levels<'a> = std::str::Split<'a, char>;
 
 #[cfg(test)]
 mod tests {
@@ -253,6 +293,30 @@ mod tests {
         for &(f, t, want) in TABLE {
             assert_eq!(matches(f, t), want, "{f} vs {t}");
         }
+    }
+
+    #[test]
+    fn wildcard_levels_are_found_after_removals_and_reinserts() {
+        let mut trie: Trie<u32, ()> = Trie::default();
+        let found = |t: &Trie<u32, ()>, topic: &str| {
+            let mut keys = Vec::new();
+            t.for_each_match(topic, |k, _| keys.push(*k));
+            keys.sort_unstable();
+            keys
+        };
+        trie.insert("+/b", 1, ());
+        trie.insert("a/#", 2, ());
+        trie.insert("a/b", 3, ());
+        assert_eq!(found(&trie, "a/b"), [1, 2, 3]);
+        trie.remove("+/b", &1);
+        trie.remove("a/#", &2);
+        assert_eq!(found(&trie, "a/b"), [3]);
+        assert_eq!(trie.root.wild, 0, "the wildcard children are gone, and so are their bits");
+        trie.insert("+/b", 4, ());
+        trie.insert("a/+", 5, ());
+        assert_eq!(found(&trie, "a/b"), [3, 4, 5]);
+        let mut none: Trie<u32, ()> = Trie::default();
+        none.for_each_match_mut("a/b", |_, _| unreachable!());
     }
 
     #[test]

@@ -10,7 +10,9 @@ impl Shard {
     pub(super) fn pump_and_release(&mut self, id: &ClientId, now_ms: u64) {
         self.pump(id, now_ms);
         self.feed_retained(id, now_ms);
-        if self.sessions.get(id).is_some_and(|s| s.queue.len() * 4 <= self.limits.max_queued_messages) {
+        if !self.drain.is_idle()
+            && self.sessions.get(id).is_some_and(|s| s.queue.len() * 4 <= self.limits.max_queued_messages)
+        {
             self.release_drain_waiters(id);
         }
     }

@@ -42,6 +42,9 @@ pub(super) enum ConnState {
     Closing,
 }
 
+/// Most a fresh output buffer reserves from the last turn's size.
+pub(super) const OUT_HINT_MAX: usize = 64 << 10;
+
 pub(super) struct Conn {
     pub(super) state: ConnState,
     /// The protocol version CONNECT asked for; 3.1.1 (the form every client understands)
@@ -83,6 +86,14 @@ pub(super) struct Conn {
     /// Queued QoS 1/2 messages wait because `out` reached `max_outbound_buffer_bytes`: they move
     /// on when the output has gone out ([`Shard::on_output_drained`]).
     pub(super) out_full: bool,
+    /// Bytes taken from `out` the last time ([`Shard::take_output`]), at most
+    /// [`OUT_HINT_MAX`]: a fresh output buffer starts at that capacity, so a connection that
+    /// gets about as much each turn is not grown (and copied) from nothing every turn.
+    pub(super) out_hint: u32,
+    /// This connection's session told the owners of its shared groups on other shards that it
+    /// is busy ([`ShardMsg::ShareBusy`](super::ShardMsg::ShareBusy)); it tells them again
+    /// once it has room.
+    pub(super) share_busy: bool,
     /// Who the client is and what it may do, when authentication is configured.
     pub(super) auth: Option<Box<ConnAuth>>,
     /// Which of the broker's listeners accepted it (index into the configured listeners), for
@@ -134,6 +145,8 @@ impl Conn {
             problem_information: true,
             acks: AckQueue::default(),
             out_full: false,
+            out_hint: 0,
+            share_busy: false,
             auth: None,
             listener: 0,
             identity: None,

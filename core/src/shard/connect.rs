@@ -314,7 +314,7 @@ impl Shard {
         self.send_to_shard(dir, ShardMsg::Settled { client_id: client_id.clone(), host: self.id, hosting: true });
         // Redeliver what was in flight, in order, then whatever waited in the queue.
         let resend: Vec<(u16, Inflight)> = match self.sessions.get(&client_id) {
-            Some(s) => s.inflight.iter().map(|(k, v)| (*k, v.clone())).collect(),
+            Some(s) => s.inflight.sorted().into_iter().map(|(k, v)| (k, v.clone())).collect(),
             None => Vec::new(),
         };
         for (pid, inf) in resend {
@@ -322,7 +322,7 @@ impl Shard {
                 Inflight::Publish(d) => {
                     if !self.write_publish(conn, &d, pid, true, now_ms) {
                         if let Some(s) = self.sessions.get_mut(&client_id) {
-                            s.inflight.remove(&pid);
+                            s.inflight.remove(pid);
                         }
                     }
                 }

@@ -81,9 +81,11 @@ impl Shard {
             return None;
         }
         let out = c.out.split();
+        c.out_hint = out.len().min(OUT_HINT_MAX) as u32;
         // What is left shares the allocation just handed out: keep it only while it is worth
-        // reusing, so that an idle connection pins no buffer.
-        if c.out.capacity() < 1024 {
+        // reusing, and no larger than what was taken, so that an idle connection pins no
+        // buffer and one that got a burst, then a trickle, does not pin the burst's size.
+        if c.out.capacity() < 1024 || c.out.capacity() > out.len() {
             c.out = BytesMut::new();
         }
         Some(out)
@@ -143,6 +145,9 @@ impl Shard {
             return false;
         }
         let was_empty = c.out.is_empty();
+        if c.out.capacity() == 0 {
+            c.out.reserve(c.out_hint as usize);
+        }
         let n = encode(version, &mut c.out);
         self.stats.bytes_sent += n as u64;
         if was_empty {

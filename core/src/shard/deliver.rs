@@ -7,10 +7,12 @@ use super::*;
 impl Shard {
     /// PUBACK, PUBREC (`rec`) or PUBCOMP for a message we sent.
     pub(super) fn on_ack(&mut self, conn: ConnId, pid: u16, rec: bool, now_ms: u64) {
-        let Some(id) = self.conns.get(&conn).and_then(|c| c.active_id().cloned()) else { return };
+        let Some(c) = self.conns.get(&conn) else { return };
+        let share_busy = c.share_busy;
+        let Some(id) = c.active_id().cloned() else { return };
         let Some(s) = self.sessions.get_mut(&id) else { return };
         self.commits.touch(s);
-        match s.inflight.get(&pid) {
+        match s.inflight.get(pid) {
             Some(Inflight::Publish(d)) if rec && d.qos == 2 => {
                 s.inflight.insert(pid, Inflight::Release);
                 self.send(conn, Packet::PubRel(PubResp { packet_id: pid, code: 0, properties: Properties::default() }));
@@ -19,8 +21,11 @@ impl Shard {
                 self.send(conn, Packet::PubRel(PubResp { packet_id: pid, code: 0, properties: Properties::default() }));
             }
             Some(_) if !rec => {
-                s.inflight.remove(&pid);
+                s.inflight.remove(pid);
                 self.pump_and_release(&id, now_ms);
+                if share_busy {
+                    self.report_share_load(&id);
+                }
             }
             _ => {}
         }
@@ -68,20 +73,30 @@ impl Shard {
                         }
                     }
                 }
-                s.queue.push_back(d);
                 self.commits.touch(s);
                 if s.stored {
                     routing.stored = true;
                 }
+                // With the message queued (as it is, for a moment, when it goes straight out).
+                let queued = s.queue.len() + 1;
                 let congested = s.conn.is_some()
                     && s.conn != routing.publisher
-                    && s.queue.len() * 2 >= self.limits.max_queued_messages
+                    && queued * 2 >= self.limits.max_queued_messages
                     && self.limits.max_backpressure_ms > 0
                     && !self.drain.is_slow(id);
                 if congested {
                     routing.note_congested(id);
                 }
-                self.pump(id, now_ms);
+                let Some(s) = self.sessions.get_mut(id) else { return };
+                match s.conn.filter(|_| s.queue.is_empty()) {
+                    // Nothing waits before it: what `pump` would do with it, without the
+                    // queue's push and pop and the lookups of another pass.
+                    Some(conn) => self.send_or_queue(id, conn, d, now_ms),
+                    None => {
+                        s.queue.push_back(d);
+                        self.pump(id, now_ms);
+                    }
+                }
             }
         }
     }
@@ -94,27 +109,78 @@ impl Shard {
         loop {
             let Some(s) = self.sessions.get_mut(id) else { return };
             let Some(conn) = s.conn else { return };
-            let Some(c) = self.conns.get_mut(&conn) else { return };
-            if !c.is_active() {
-                return;
-            }
-            if c.out.len() >= self.limits.max_outbound_buffer_bytes {
-                c.out_full = true;
-                return;
-            }
-            let window = usize::from(c.client_receive_max.min(self.limits.max_inflight));
-            if s.inflight.len() >= window {
+            if !may_send(&mut self.conns, &self.limits, s, conn) {
                 return;
             }
             let Some(d) = s.queue.pop_front() else { return };
-            if d.qos == 0 {
-                self.write_publish(conn, &d, 0, false, now_ms);
-                continue;
-            }
-            let pid = s.alloc_pid();
-            if self.write_publish(conn, &d, pid, false, now_ms) {
+            self.send_now(id, conn, d, now_ms);
+        }
+    }
+
+    /// A message for the connected session `id` with nothing queued before it: out now if the
+    /// window and the output buffer allow (as [`Shard::pump`] would send it), else queued.
+    fn send_or_queue(&mut self, id: &ClientId, conn: ConnId, d: Delivery, now_ms: u64) {
+        let Some(s) = self.sessions.get_mut(id) else { return };
+        if may_send(&mut self.conns, &self.limits, s, conn) {
+            self.send_now(id, conn, d, now_ms);
+        } else {
+            s.queue.push_back(d);
+        }
+    }
+
+    /// Writes `d` to `conn`, session `id`'s connection, whose window has room: QoS 1/2 under a
+    /// new packet id, in flight from then on.
+    fn send_now(&mut self, id: &ClientId, conn: ConnId, d: Delivery, now_ms: u64) {
+        if d.qos == 0 {
+            self.write_publish(conn, &d, 0, false, now_ms);
+            return;
+        }
+        let Some(s) = self.sessions.get_mut(id) else { return };
+        let pid = s.alloc_pid();
+        if d.sub_ids.is_empty() {
+            // In flight before it is written (a pointer copy), so that the session is looked
+            // up once per message; taken out again if the message was dropped instead.
+            s.inflight.insert(pid, Inflight::Publish(d.clone()));
+            if !self.write_publish(conn, &d, pid, false, now_ms) {
                 if let Some(s) = self.sessions.get_mut(id) {
-                    s.inflight.insert(pid, Inflight::Publish(d));
+                    s.inflight.remove(pid);
+                }
+            }
+        } else if self.write_publish(conn, &d, pid, false, now_ms) {
+            // Subscription ids would make that copy an allocation: a second lookup instead.
+            if let Some(s) = self.sessions.get_mut(id) {
+                s.inflight.insert(pid, Inflight::Publish(d));
+            }
+        }
+    }
+
+    /// Session `id` hosted here is a member of shared groups whose owners may be on other
+    /// shards, which cannot see its window: tell them when it turned busy (as
+    /// [`member_busy`] judges) and when it has room again — at most half its window in flight
+    /// and nothing queued, so that a member working at its window's edge does not send a
+    /// message per delivery. Called after a shared delivery here and, while it is busy, after
+    /// each acknowledgement.
+    pub(super) fn report_share_load(&mut self, id: &ClientId) {
+        let Some(s) = self.sessions.get(id) else { return };
+        let Some(c) = s.conn.and_then(|conn| self.conns.get_mut(&conn)) else { return };
+        let busy = if c.share_busy {
+            let window = usize::from(c.client_receive_max.min(self.limits.max_inflight));
+            !(s.queue.is_empty() && s.inflight.len() * 2 <= window)
+        } else {
+            member_busy(&self.sessions, &self.conns, &self.limits, id).is_some()
+        };
+        let Some(c) = s.conn.and_then(|conn| self.conns.get_mut(&conn)) else { return };
+        if busy == c.share_busy {
+            return;
+        }
+        c.share_busy = busy;
+        for filter in s.subs.keys() {
+            if let Some(Ok((group, f))) = topic::parse_shared(filter) {
+                let key = share_key(group, f);
+                let owner = shard_of(&key, self.n_shards);
+                if owner != self.id {
+                    // The owner on this shard sees the session itself.
+                    self.effects.to_shards.push((owner, ShardMsg::ShareBusy { key, client_id: id.clone(), busy }));
                 }
             }
         }
@@ -177,4 +243,37 @@ impl Shard {
             false
         }
     }
+}
+
+/// For the shared-subscription pick ([`ShareGroups::pick`]): `Some(backlog)` when the session
+/// `id`, hosted here, cannot put one more message on the wire now — offline, its in-flight
+/// window full, messages already queued, or its output buffer full — `None` when it can.
+pub(super) fn member_busy(
+    sessions: &HashMap<ClientId, Box<Session>>,
+    conns: &HashMap<ConnId, Box<Conn>>,
+    limits: &Limits,
+    id: &ClientId,
+) -> Option<usize> {
+    let Some(s) = sessions.get(id) else { return Some(usize::MAX) };
+    let backlog = s.inflight.len() + s.queue.len();
+    let Some(c) = s.conn.and_then(|conn| conns.get(&conn)) else { return Some(backlog) };
+    let window = usize::from(c.client_receive_max.min(limits.max_inflight));
+    let room = s.queue.is_empty() && s.inflight.len() < window && c.out.len() < limits.max_outbound_buffer_bytes;
+    (!room).then_some(backlog)
+}
+
+/// Whether session `s` may put one more message on `conn` now: the connection is active, its
+/// output buffer under `max_outbound_buffer_bytes` (else marked full, to pump again once it
+/// drained) and the in-flight window has room.
+fn may_send(conns: &mut HashMap<ConnId, Box<Conn>>, limits: &Limits, s: &Session, conn: ConnId) -> bool {
+    let Some(c) = conns.get_mut(&conn) else { return false };
+    if !c.is_active() {
+        return false;
+    }
+    if c.out.len() >= limits.max_outbound_buffer_bytes {
+        c.out_full = true;
+        return false;
+    }
+    let window = usize::from(c.client_receive_max.min(limits.max_inflight));
+    s.inflight.len() < window
 }

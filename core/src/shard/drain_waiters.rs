@@ -60,6 +60,10 @@ impl DrainWaiters {
 
     /// `id` drained (or went offline): everything that waited for it, and it is no longer slow.
     pub(super) fn drained(&mut self, id: &ClientId) -> Vec<DrainWaiter> {
+        if self.is_idle() {
+            // The common case, on every acknowledgement: no client id hashed twice for nothing.
+            return Vec::new();
+        }
         self.slow.remove(id);
         self.by_session.remove(id).map(|c| c.waiters).unwrap_or_default()
     }
@@ -68,6 +72,11 @@ impl DrainWaiters {
     #[cfg(test)]
     pub(super) fn is_empty(&self) -> bool {
         self.by_session.is_empty()
+    }
+
+    /// Whether nothing waits for any session and no session is slow.
+    pub(super) fn is_idle(&self) -> bool {
+        self.by_session.is_empty() && self.slow.is_empty()
     }
 
     /// Whether nobody waits for `id` now: it held publishers back for the bound.

@@ -88,7 +88,8 @@ pub use admin::{
 };
 use cluster_claims::ClusterClaims;
 use commits::SessionCommits;
-use conn::{Conn, ConnState, Detach, PendingSub};
+use conn::{Conn, ConnState, Detach, PendingSub, OUT_HINT_MAX};
+use deliver::member_busy;
 use directory::{Claim, ClaimGo, Directory};
 use drain_waiters::{DrainWaiter, DrainWaiters};
 use inbound_feed::{InboundFeed, FEED_TOKEN};
@@ -465,10 +466,12 @@ impl Shard {
                 self.shared.join(&key, member);
             }
             ShardMsg::ShareLeave { key, client_id } => self.shared.leave(&key, &client_id),
+            ShardMsg::ShareBusy { key, client_id, busy } => self.shared.set_busy(&key, &client_id, busy),
             ShardMsg::ShareDeliver { client_id, msg, opts, sub_id, receipt } => {
                 // Nobody here waits on this copy's congestion: the receipt answers what it stored.
                 let mut routing = Routing::default();
                 self.deliver_shared(&client_id, msg, opts, sub_id, &mut routing, now_ms);
+                self.report_share_load(&client_id);
                 if let Some(r) = receipt {
                     self.answer_receipt(r, routing);
                 }

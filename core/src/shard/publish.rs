@@ -207,7 +207,12 @@ impl Shard {
         matches.clear();
         self.route_matches = matches;
         let mut picks = Vec::new();
-        self.shared.pick(&msg.topic, &mut picks);
+        let (sessions, conns, limits, here) = (&self.sessions, &self.conns, &self.limits, self.id);
+        self.shared.pick(
+            &msg.topic,
+            |m| (m.shard == here).then(|| member_busy(sessions, conns, limits, &m.client_id)).flatten(),
+            &mut picks,
+        );
         for m in picks {
             if m.shard == self.id {
                 self.deliver_shared(&m.client_id, msg.clone(), m.opts, m.sub_id, routing, now_ms);

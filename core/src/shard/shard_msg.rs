@@ -98,6 +98,14 @@ pub enum ShardMsg {
         key: String,
         client_id: ClientId,
     },
+    /// To a group's owner, from the shard of its member `client_id`: the member's window
+    /// filled or it has messages queued (`busy`), or it has room again (at most half its
+    /// window in flight, nothing queued). Sent on those changes only.
+    ShareBusy {
+        key: String,
+        client_id: ClientId,
+        busy: bool,
+    },
     ShareDeliver {
         client_id: ClientId,
         msg: Msg,

@@ -1,8 +1,19 @@
 //! Shared subscriptions (`$share/GROUP/FILTER`): the member lists of the groups this shard owns
-//! (the owner of `hash(group/filter)`), and the pick of one member per message, round-robin,
-//! wherever the member's shard is.
+//! (the owner of `hash(group/filter)`), and the pick of one member per message, wherever the
+//! member's shard is.
 //!
-//! Invariants: a client id is at most once in a group; a group without members is gone.
+//! The pick is round-robin over the members that have room: starting at the group's cursor it
+//! looks at up to [`PICK_SCAN_MAX`] members and takes the first one the caller does not report
+//! busy (a member whose in-flight window is full or that has a queue); when every member looked
+//! at is busy, the one with the smallest backlog. Plain round-robin gave a member that stopped
+//! acknowledging its share of every message, queued behind its full window, while the others
+//! were idle. The caller sees the members hosted on this shard directly; for one on another
+//! shard, that shard reports when it turns busy and when it has room again
+//! ([`ShardMsg::ShareBusy`](super::ShardMsg::ShareBusy), on changes only, with hysteresis), and
+//! until the report arrives the member counts as having room (its shard queues the rest).
+//!
+//! Invariants: a client id is at most once in a group; a group without members is gone; a pick
+//! looks at no more than [`PICK_SCAN_MAX`] members.
 
 use super::{ClientId, ShardId, SubOptions, Trie};
 
@@ -14,11 +25,21 @@ pub struct ShareMember {
     pub sub_id: Option<u32>,
 }
 
+/// Members a pick looks at before it settles for the least busy of them: bounds the cost of a
+/// message to a group whose members are all busy.
+pub(super) const PICK_SCAN_MAX: usize = 16;
+
 #[derive(Default)]
 struct ShareGroup {
     members: Vec<ShareMember>,
+    /// Per member (same index): its shard said it is busy ([`ShareGroups::set_busy`]).
+    busy: Vec<bool>,
     next: usize,
 }
+
+/// The backlog a pick assumes for a member another shard reported busy: more than any
+/// member here that still takes messages is likely to have.
+pub(super) const REMOTE_BUSY_BACKLOG: usize = 1 << 20;
 
 /// The groups of this shard, in a trie keyed by their filter.
 #[derive(Default)]
@@ -42,9 +63,15 @@ impl ShareGroups {
     pub(super) fn join(&mut self, key: &str, member: ShareMember) {
         let Some((group, filter)) = split(key) else { return };
         let mut g = self.groups.remove(filter, &group).unwrap_or_default();
-        match g.members.iter_mut().find(|m| m.client_id == member.client_id) {
-            Some(m) => *m = member,
-            None => g.members.push(member),
+        match g.members.iter().position(|m| m.client_id == member.client_id) {
+            Some(i) => {
+                g.members[i] = member;
+                g.busy[i] = false;
+            }
+            None => {
+                g.members.push(member);
+                g.busy.push(false);
+            }
         }
         self.groups.insert(filter, group, g);
     }
@@ -52,20 +79,57 @@ impl ShareGroups {
     pub(super) fn leave(&mut self, key: &str, client_id: &ClientId) {
         let Some((group, filter)) = split(key) else { return };
         if let Some(mut g) = self.groups.remove(filter, &group) {
-            g.members.retain(|m| m.client_id != *client_id);
+            if let Some(i) = g.members.iter().position(|m| m.client_id == *client_id) {
+                g.members.remove(i);
+                g.busy.remove(i);
+            }
             if !g.members.is_empty() {
                 self.groups.insert(filter, group, g);
             }
         }
     }
 
-    /// One member of every group whose filter matches `topic`, each group in turn.
-    pub(super) fn pick(&mut self, topic: &str, picks: &mut Vec<ShareMember>) {
+    /// The shard of member `client_id` of group `key` says whether it is busy (window full or
+    /// messages queued; [`ShardMsg::ShareBusy`](super::ShardMsg::ShareBusy)).
+    pub(super) fn set_busy(&mut self, key: &str, client_id: &ClientId, busy: bool) {
+        let Some((group, filter)) = split(key) else { return };
+        let Some(g) = self.groups.get_mut(filter, &group) else { return };
+        if let Some(i) = g.members.iter().position(|m| m.client_id == *client_id) {
+            g.busy[i] = busy;
+        }
+    }
+
+    /// One member of every group whose filter matches `topic`. `busy(member)` is `Some(backlog)`
+    /// for a member that cannot take a message now (window full, messages queued, offline),
+    /// `None` for one that can or whose state is not known here.
+    pub(super) fn pick(
+        &mut self,
+        topic: &str,
+        mut busy: impl FnMut(&ShareMember) -> Option<usize>,
+        picks: &mut Vec<ShareMember>,
+    ) {
         self.groups.for_each_match_mut(topic, |_, g| {
-            if !g.members.is_empty() {
-                picks.push(g.members[g.next % g.members.len()].clone());
-                g.next = g.next.wrapping_add(1);
+            let n = g.members.len();
+            if n == 0 {
+                return;
             }
+            let start = g.next % n;
+            let mut best = (usize::MAX, start);
+            for k in 0..n.min(PICK_SCAN_MAX) {
+                let i = (start + k) % n;
+                let reported = g.busy[i].then_some(REMOTE_BUSY_BACKLOG);
+                match reported.or_else(|| busy(&g.members[i])) {
+                    None => {
+                        best = (0, i);
+                        break;
+                    }
+                    Some(backlog) if backlog < best.0 => best = (backlog, i),
+                    Some(_) => {}
+                }
+            }
+            picks.push(g.members[best.1].clone());
+            // The next pick starts after this one: members with room still take turns.
+            g.next = best.1 + 1;
         });
     }
 }
@@ -86,7 +150,7 @@ mod tests {
         g.join(&share_key("g", "a/+"), member("x", 1));
         let mut picks = Vec::new();
         for _ in 0..4 {
-            g.pick("a/b", &mut picks);
+            g.pick("a/b", |_| None, &mut picks);
         }
         let ids: Vec<&str> = picks.iter().map(|m| &*m.client_id).collect();
         assert_eq!(ids, ["x", "y", "x", "y"], "a client joins once; joining again replaces it");
@@ -94,8 +158,32 @@ mod tests {
         g.leave(&share_key("g", "a/+"), &"x".into());
         g.leave(&share_key("g", "a/+"), &"y".into());
         picks.clear();
-        g.pick("a/b", &mut picks);
+        g.pick("a/b", |_| None, &mut picks);
         assert!(picks.is_empty());
         g.leave("malformed", &"x".into());
+    }
+
+    #[test]
+    fn a_busy_member_is_passed_over_and_all_busy_picks_the_smallest_backlog() {
+        let mut g = ShareGroups::default();
+        for id in ["x", "y", "z"] {
+            g.join(&share_key("g", "t"), member(id, 0));
+        }
+        let ids = |g: &mut ShareGroups, busy: &dyn Fn(&str) -> Option<usize>, n: usize| {
+            let mut picks = Vec::new();
+            for _ in 0..n {
+                g.pick("t", |m| busy(&m.client_id), &mut picks);
+            }
+            picks.into_iter().map(|m| m.client_id.to_string()).collect::<Vec<_>>()
+        };
+        assert_eq!(ids(&mut g, &|id| (id == "y").then_some(5), 4), ["x", "z", "x", "z"]);
+        let backlog = |id: &str| {
+            Some(match id {
+                "x" => 7,
+                "y" => 3,
+                _ => 9,
+            })
+        };
+        assert_eq!(ids(&mut g, &backlog, 2), ["y", "y"], "all busy: the smallest backlog");
     }
 }

@@ -225,7 +225,7 @@ fn outbound_qos2_state_machine() {
     };
     w.send(0, 1, V5, Packet::PubRec(resp(pid)));
     assert!(matches!(w.recv(0, 1, V5).as_slice(), [Packet::PubRel(r)] if r.packet_id == pid));
-    assert!(matches!(w.shards[0].sessions[&ClientId::from("sub")].inflight.get(&pid), Some(Inflight::Release)));
+    assert!(matches!(w.shards[0].sessions[&ClientId::from("sub")].inflight.get(pid), Some(Inflight::Release)));
     w.send(0, 1, V5, Packet::PubComp(resp(pid)));
     assert!(w.shards[0].sessions[&ClientId::from("sub")].inflight.is_empty());
     // PUBREL for the incoming side completes with PUBCOMP; an unknown id says so.
@@ -1769,4 +1769,74 @@ fn admin_page_cost() {
     eprintln!("{n} sessions: a page of 100 in {page:?}, a snapshot in {:?}", t.elapsed());
     assert!(matches!(r, AdminReply::Clients(p) if p.items.len() == 100 && p.total == n / 2 - 1));
     assert!(matches!(s, AdminReply::Snapshot(_)));
+}
+
+/// A `$share` group of two members on the group's owner, window 2 each: one member never
+/// acknowledges. Once its window is full it must not collect more of the group's messages
+/// while the other member has room (plain round-robin queued every other message behind it).
+#[test]
+fn a_shared_member_that_never_acknowledges_does_not_collect_the_groups_messages() {
+    let limits = Limits { max_inflight: 2, ..Limits::default() };
+    let mut w = World::new(2, limits);
+    let owner = shard_of(&share_key("g", "jobs"), 2);
+    let other = 1 - owner;
+    w.connect(owner, 1, V5, "stuck", true);
+    w.send(owner, 1, V5, subscribe("$share/g/jobs", 1));
+    w.recv(owner, 1, V5);
+    w.connect(owner, 2, V5, "worker", true);
+    w.send(owner, 2, V5, subscribe("$share/g/jobs", 1));
+    w.recv(owner, 2, V5);
+    w.connect(other, 3, V5, "producer", true);
+    let (mut stuck, mut worker) = (0, 0);
+    for pid in 1..=20u16 {
+        w.send(other, 3, V5, publish("jobs", 1, pid, b"job"));
+        stuck += w.recv(owner, 1, V5).iter().filter(|p| matches!(p, Packet::Publish(_))).count();
+        for p in w.recv(owner, 2, V5) {
+            if let Packet::Publish(p) = p {
+                worker += 1;
+                w.send(owner, 2, V5, Packet::PubAck(resp(p.packet_id)));
+            }
+        }
+    }
+    assert_eq!(stuck, 2, "the silent member gets its window, no more");
+    assert_eq!(worker, 18, "the rest goes to the member with room, none waits behind the other");
+    let s = w.shards[owner].sessions.get(&ClientId::from("stuck")).unwrap();
+    assert!(s.queue.is_empty(), "nothing queued behind the full window: {}", s.queue.len());
+}
+
+/// The same with both members on the shard that does not own the group: the owner learns
+/// from their shard that the silent one is busy (`ShareBusy`) and passes it over.
+#[test]
+fn a_shared_member_on_another_shard_that_never_acknowledges_is_passed_over() {
+    let limits = Limits { max_inflight: 2, ..Limits::default() };
+    let mut w = World::new(2, limits);
+    let owner = shard_of(&share_key("g", "jobs"), 2);
+    let other = 1 - owner;
+    w.connect(other, 1, V5, "stuck", true);
+    w.send(other, 1, V5, subscribe("$share/g/jobs", 1));
+    w.recv(other, 1, V5);
+    w.connect(other, 2, V5, "worker", true);
+    w.send(other, 2, V5, subscribe("$share/g/jobs", 1));
+    w.recv(other, 2, V5);
+    w.connect(owner, 3, V5, "producer", true);
+    let (mut stuck, mut worker) = (0, 0);
+    for pid in 1..=20u16 {
+        w.send(owner, 3, V5, publish("jobs", 1, pid, b"job"));
+        stuck += w.recv(other, 1, V5).iter().filter(|p| matches!(p, Packet::Publish(_))).count();
+        for p in w.recv(other, 2, V5) {
+            if let Packet::Publish(p) = p {
+                worker += 1;
+                w.send(other, 2, V5, Packet::PubAck(resp(p.packet_id)));
+            }
+        }
+    }
+    assert_eq!((stuck, worker), (2, 18));
+    // It acknowledges at last: room again, so it takes its turns again.
+    w.send(other, 1, V5, Packet::PubAck(resp(1)));
+    w.send(other, 1, V5, Packet::PubAck(resp(2)));
+    for pid in 21..=24u16 {
+        w.send(owner, 3, V5, publish("jobs", 1, pid, b"job"));
+    }
+    let back = w.recv(other, 1, V5).iter().filter(|p| matches!(p, Packet::Publish(_))).count();
+    assert!(back >= 1, "a member with room again gets messages again");
 }
