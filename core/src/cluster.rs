@@ -637,6 +637,21 @@ mod tests {
     }
 
     #[test]
+    fn one_node_of_a_shared_group_delivers_each_topic_and_every_node_agrees_which() {
+        assert_eq!(share_node(&[], "a"), None);
+        assert_eq!(share_node(&["n1"], "a"), Some("n1"));
+        let nodes = ["n1", "n2", "n3"];
+        let mut counts = [0; 3];
+        for i in 0..3000 {
+            let t = format!("fleet/car-{i}/speed");
+            let n = share_node(&nodes, &t).unwrap();
+            assert_eq!(share_node(&nodes, &t), Some(n), "the same answer every time");
+            counts[nodes.iter().position(|x| *x == n).unwrap()] += 1;
+        }
+        assert!(counts.iter().all(|c| *c > 800), "spread over the nodes: {counts:?}");
+    }
+
+    #[test]
     fn heartbeats_round_trip_and_garbage_is_none() {
         let h = Heartbeat { node: "n2".into(), incarnation: 7, seq: 3, alive: true, listeners: vec!["a:1".into()] };
         assert_eq!(Heartbeat::decode(&h.encode()), Some(h));

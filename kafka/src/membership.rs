@@ -251,7 +251,8 @@ async fn clear_shares(me: &NodeIdentity, gone: &str, kafka: &Cluster, wills: &Mu
             timestamp: Utc.timestamp_millis_opt(wall_ms() as i64).single().unwrap_or_default(),
         };
         let sent = tokio::time::timeout(Duration::from_secs(10), async {
-            let n = kafka.partitions(&topic, Instant::now() + Duration::from_secs(10)).await.map_err(|e| e.to_string())?;
+            let n =
+                kafka.partitions(&topic, Instant::now() + Duration::from_secs(10)).await.map_err(|e| e.to_string())?;
             let pc = kafka
                 .partition_client(&topic, sluice_core::bridge::partition_for_key(&record_key, n))
                 .await

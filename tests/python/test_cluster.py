@@ -529,3 +529,49 @@ start = "earliest"
     finally:
         for n in nodes:
             n.stop()
+
+
+def drain(c, quiet=1.0):
+    out = []
+    while True:
+        try:
+            out.append(c.message(timeout=quiet))
+        except Exception:
+            return out
+
+
+def test_a_shared_subscription_with_members_on_two_nodes_gets_each_message_once(three):
+    nodes, _ = three
+    pub = Paho(nodes[0].addr, "share-pub")
+    members = [Paho(nodes[i].addr, f"share-m{i}") for i in (0, 1)]
+    lone = Paho(nodes[2].addr, "share-lone")
+    try:
+        connected(nodes[0], nodes[1], pub, members[1])
+        connected(nodes[0], nodes[2], pub, lone)
+        for m in members:
+            m.subscribe("$share/g/work/#", 1)
+        lone.subscribe("$share/solo/work/#", 1)
+        # Each node learns through Kafka which others have members; until then both deliver.
+        deadline = time.monotonic() + 30
+        while True:
+            assert time.monotonic() < deadline, "the nodes never agreed who delivers"
+            tag = time.monotonic_ns()
+            for i in range(20):
+                pub.publish(f"work/{tag}/{i}", f"w{i}", qos=1)
+            got = [drain(m) for m in members]
+            drain(lone)
+            if sum(len(g) for g in got) == 20 and all(got):
+                break
+        tag = time.monotonic_ns()
+        for i in range(60):
+            pub.publish(f"work/{tag}/{i}", f"x{i}", qos=1)
+        got = [[x.payload.decode() for x in drain(m, quiet=2.0)] for m in members]
+        both = got[0] + got[1]
+        assert sorted(both) == sorted(f"x{i}" for i in range(60)), "each message once in the group"
+        assert got[0] and got[1], "both nodes' members get a share"
+        # A group whose only member is on another node than the publisher's gets everything.
+        solo = [x.payload.decode() for x in drain(lone, quiet=2.0)]
+        assert sorted(solo) == sorted(f"x{i}" for i in range(60))
+    finally:
+        for c in members + [pub, lone]:
+            c.close()

@@ -324,9 +324,10 @@ impl Shard {
         }
         let mut queue: VecDeque<Delivery> = old
             .inflight
-            .into_values()
-            .filter_map(|i| match i {
-                Inflight::Publish(d) => Some(d),
+            .sorted()
+            .into_iter()
+            .filter_map(|(_, i)| match i {
+                Inflight::Publish(d) => Some(d.clone()),
                 Inflight::Release => None,
             })
             .collect();

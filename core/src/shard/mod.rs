@@ -463,9 +463,19 @@ impl Shard {
                 if let Some(conn) = ack {
                     self.send_to_shard(member.shard, ShardMsg::ShareJoined { conn });
                 }
+                let first = !self.shared.has_members(&key);
                 self.shared.join(&key, member);
+                if first {
+                    self.announce_share(&key, true, now_ms);
+                }
             }
-            ShardMsg::ShareLeave { key, client_id } => self.shared.leave(&key, &client_id),
+            ShardMsg::ShareLeave { key, client_id } => {
+                let had = self.shared.has_members(&key);
+                self.shared.leave(&key, &client_id);
+                if had && !self.shared.has_members(&key) {
+                    self.announce_share(&key, false, now_ms);
+                }
+            }
             ShardMsg::ShareBusy { key, client_id, busy } => self.shared.set_busy(&key, &client_id, busy),
             ShardMsg::ShareDeliver { client_id, msg, opts, sub_id, receipt } => {
                 // Nobody here waits on this copy's congestion: the receipt answers what it stored.

@@ -208,8 +208,10 @@ impl Shard {
         self.route_matches = matches;
         let mut picks = Vec::new();
         let (sessions, conns, limits, here) = (&self.sessions, &self.conns, &self.limits, self.id);
+        let claims = &self.claims;
         self.shared.pick(
             &msg.topic,
+            |key| claims.share_mine(key, &msg.topic),
             |m| (m.shard == here).then(|| member_busy(sessions, conns, limits, &m.client_id)).flatten(),
             &mut picks,
         );

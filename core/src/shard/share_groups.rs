@@ -31,6 +31,8 @@ pub(super) const PICK_SCAN_MAX: usize = 16;
 
 #[derive(Default)]
 struct ShareGroup {
+    /// Its share key (`group/filter`).
+    key: String,
     members: Vec<ShareMember>,
     /// Per member (same index): its shard said it is busy ([`ShareGroups::set_busy`]).
     busy: Vec<bool>,
@@ -63,6 +65,9 @@ impl ShareGroups {
     pub(super) fn join(&mut self, key: &str, member: ShareMember) {
         let Some((group, filter)) = split(key) else { return };
         let mut g = self.groups.remove(filter, &group).unwrap_or_default();
+        if g.key.is_empty() {
+            g.key = key.to_string();
+        }
         match g.members.iter().position(|m| m.client_id == member.client_id) {
             Some(i) => {
                 g.members[i] = member;
@@ -99,18 +104,26 @@ impl ShareGroups {
         }
     }
 
-    /// One member of every group whose filter matches `topic`. `busy(member)` is `Some(backlog)`
-    /// for a member that cannot take a message now (window full, messages queued, offline),
-    /// `None` for one that can or whose state is not known here.
+    /// Whether group `key` has members here.
+    pub(super) fn has_members(&self, key: &str) -> bool {
+        let Some((group, filter)) = split(key) else { return false };
+        self.groups.get(filter, &group).is_some_and(|g| !g.members.is_empty())
+    }
+
+    /// One member of every group whose filter matches `topic` and that `mine(key)` lets this
+    /// node deliver to (a cluster: another node may deliver the message to the group).
+    /// `busy(member)` is `Some(backlog)` for a member that cannot take a message now (window
+    /// full, messages queued, offline), `None` for one that can or whose state is not known here.
     pub(super) fn pick(
         &mut self,
         topic: &str,
+        mut mine: impl FnMut(&str) -> bool,
         mut busy: impl FnMut(&ShareMember) -> Option<usize>,
         picks: &mut Vec<ShareMember>,
     ) {
         self.groups.for_each_match_mut(topic, |_, g| {
             let n = g.members.len();
-            if n == 0 {
+            if n == 0 || !mine(&g.key) {
                 return;
             }
             let start = g.next % n;
@@ -150,7 +163,7 @@ mod tests {
         g.join(&share_key("g", "a/+"), member("x", 1));
         let mut picks = Vec::new();
         for _ in 0..4 {
-            g.pick("a/b", |_| None, &mut picks);
+            g.pick("a/b", |_| true, |_| None, &mut picks);
         }
         let ids: Vec<&str> = picks.iter().map(|m| &*m.client_id).collect();
         assert_eq!(ids, ["x", "y", "x", "y"], "a client joins once; joining again replaces it");
@@ -158,7 +171,7 @@ mod tests {
         g.leave(&share_key("g", "a/+"), &"x".into());
         g.leave(&share_key("g", "a/+"), &"y".into());
         picks.clear();
-        g.pick("a/b", |_| None, &mut picks);
+        g.pick("a/b", |_| true, |_| None, &mut picks);
         assert!(picks.is_empty());
         g.leave("malformed", &"x".into());
     }
@@ -172,7 +185,7 @@ mod tests {
         let ids = |g: &mut ShareGroups, busy: &dyn Fn(&str) -> Option<usize>, n: usize| {
             let mut picks = Vec::new();
             for _ in 0..n {
-                g.pick("t", |m| busy(&m.client_id), &mut picks);
+                g.pick("t", |_| true, |m| busy(&m.client_id), &mut picks);
             }
             picks.into_iter().map(|m| m.client_id.to_string()).collect::<Vec<_>>()
         };
