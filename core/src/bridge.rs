@@ -623,6 +623,9 @@ pub enum RouterError {
 /// Matches MQTT topics against the mappings' filters.
 #[derive(Default)]
 pub struct Router {
+    /// Unix time in ms at the shard's `now_ms == 0`: a message's expiry (shard time) as seconds
+    /// left at `now_ms` (Unix time) for cluster records.
+    wall_offset_ms: i64,
     claims: Option<(Arc<str>, u64)>,
     claims_mapping: u16,
     trie: Trie<u16, ()>,
@@ -710,6 +713,10 @@ impl Router {
         &self.clusters
     }
 
+    pub fn set_wall_offset(&mut self, wall_offset_ms: i64) {
+        self.wall_offset_ms = wall_offset_ms;
+    }
+
     /// The node id and confirmation time of the cluster's claims mapping, if there is one.
     pub fn cluster_claims(&self) -> Option<(Arc<str>, u64)> {
         self.claims.clone()
@@ -763,6 +770,15 @@ impl Router {
             for (cluster, template, partition) in &m.destinations {
                 // A template referring to a level the topic lacks yields no record for it.
                 let Some(topic) = template.render_shared(&msg.topic) else { continue };
+                // Another node must drop the message when it expires here: the seconds left.
+                let mut headers = Vec::new();
+                if let (Some(_), Some(at)) = (&m.node, msg.expiry_at_ms) {
+                    let left = (at as i64 + self.wall_offset_ms - now_ms).max(1000) as u64;
+                    headers.push((
+                        crate::cluster::EXPIRY_HEADER.to_string(),
+                        Bytes::from(left.div_ceil(1000).to_string()),
+                    ));
+                }
                 out.push(KafkaRecord {
                     cluster: *cluster,
                     mapping: mi,
@@ -772,7 +788,7 @@ impl Router {
                     source: Some(msg.clone()),
                     mqtt_headers: m.headers,
                     node: m.node.clone(),
-                    headers: Vec::new(),
+                    headers,
                     timestamp_ms: now_ms,
                     dead_letter: m.dead_letter.clone(),
                     partition: *partition,

@@ -54,6 +54,9 @@ pub const CLAIM_TOPIC: &str = "$sluice/claims";
 /// The header of a `.sessions` record that holds its [`Claim`] (JSON). The record itself is the
 /// client's will (value, MQTT headers) when the claim says it has one.
 pub const CLAIM_HEADER: &str = "sluice.claim";
+/// The header of a cluster message with an MQTT 5 message expiry: the seconds it had left when
+/// it was written.
+pub const EXPIRY_HEADER: &str = "mqtt.message_expiry";
 /// Nodes [`Members`] keeps, at most; heartbeats of further nodes are ignored and counted.
 pub const MEMBERS_MAX: usize = 1024;
 /// Longest node id and cluster name: they become Kafka topic names and header values.
@@ -824,6 +827,18 @@ mod round_trip {
         assert_eq!((m.topic.as_str(), m.qos, m.retain, &*m.origin), ("fleet/car-1/speed", 2, false, FROM_NODE));
         assert_eq!(m.properties(), msg.properties(), "properties, user properties in order and repeated");
         assert!(inbound_1.transform(&consumed(&out[0], 0), 0).unwrap().is_empty(), "a node skips its own");
+    }
+
+    #[test]
+    fn a_message_expiry_crosses_as_the_seconds_it_had_left() {
+        let (router, _) = setup("n1");
+        let (_, inbound_2) = setup("n2");
+        let mut m = Arc::try_unwrap(message("fleet/car-1/speed", 1, false, &[])).unwrap();
+        m.expiry_at_ms = Some(31_000);
+        let mut out = Vec::new();
+        router.route(&Arc::new(m), 1_000, &mut out);
+        let got = inbound_2.transform(&consumed(&out[0], 0), 5_000).unwrap();
+        assert_eq!(got[0].expiry_at_ms, Some(35_000), "30 s left when written, from when it was read");
     }
 
     #[test]

@@ -391,7 +391,7 @@ impl Inbound {
     pub fn transform(&self, r: &InboundRecord, now_ms: u64) -> Result<Vec<Message>, Skip> {
         let m = self.mappings.get(usize::from(r.mapping)).ok_or(Skip::MissingField)?;
         if let Some(internal) = &m.internal {
-            return cluster_message(internal, r).map(|m| m.into_iter().collect());
+            return cluster_message(internal, r, now_ms).map(|m| m.into_iter().collect());
         }
         let value = r.value.clone().unwrap_or_default();
         let json: Option<serde_json::Value> = if m.needs_json { serde_json::from_slice(&value).ok() } else { None };
@@ -459,7 +459,7 @@ impl Inbound {
 
 /// The message a cluster record carries (see [`crate::bridge::KafkaRecord::for_each_header`]
 /// for the layout), or `None` for this node's own records.
-fn cluster_message(internal: &InboundInternal, r: &InboundRecord) -> Result<Option<Message>, Skip> {
+fn cluster_message(internal: &InboundInternal, r: &InboundRecord, now_ms: u64) -> Result<Option<Message>, Skip> {
     if *internal == InboundInternal::ClusterClaims {
         // The claim, and after a newline (compact JSON has none) the record's value: a handed
         // over session.
@@ -482,9 +482,14 @@ fn cluster_message(internal: &InboundInternal, r: &InboundRecord) -> Result<Opti
     let mut topic = None;
     let (mut qos, mut retain, mut node) = (0u8, false, None);
     let mut properties = Properties::default();
+    let mut expiry_at_ms = None;
     for (k, v) in &r.headers {
         let text = || std::str::from_utf8(v).map_err(|_| Skip::NotUtf8);
         match k.as_str() {
+            crate::cluster::EXPIRY_HEADER => {
+                let secs = text()?.parse::<u32>().map_err(|_| Skip::MissingField)?;
+                expiry_at_ms = Some(now_ms + u64::from(secs) * 1000);
+            }
             "mqtt.topic" => topic = Some(text()?.to_string()),
             "mqtt.qos" => qos = text()?.parse::<u8>().ok().filter(|q| *q <= 2).ok_or(Skip::MissingField)?,
             "mqtt.retain" => retain = v.as_ref() == b"true",
@@ -522,7 +527,7 @@ fn cluster_message(internal: &InboundInternal, r: &InboundRecord) -> Result<Opti
         qos,
         retain,
         properties: properties.boxed(),
-        expiry_at_ms: None,
+        expiry_at_ms,
         origin: Arc::from(origin),
     }))
 }

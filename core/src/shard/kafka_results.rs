@@ -39,6 +39,7 @@ impl Shard {
     /// (expiry survives restarts).
     pub fn set_wall_offset(&mut self, wall_offset_ms: i64) {
         self.wall_offset_ms = wall_offset_ms;
+        self.outbox.set_wall_offset(wall_offset_ms);
     }
 
     /// `local-durable` records that stay on disk behind a backlog: the net layer replays them to

@@ -282,6 +282,7 @@ impl Shard {
     pub fn with_bridge(mut self, options: BridgeOptions) -> Self {
         self.claims = ClusterClaims::new(options.router.cluster_claims());
         self.outbox = KafkaOutbox::new(options);
+        self.outbox.set_wall_offset(self.wall_offset_ms);
         self
     }
 

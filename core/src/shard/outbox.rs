@@ -184,6 +184,10 @@ impl KafkaOutbox {
         &self.router
     }
 
+    pub(super) fn set_wall_offset(&mut self, wall_offset_ms: i64) {
+        self.router.set_wall_offset(wall_offset_ms);
+    }
+
     /// Turns `msg` into records for every mapping it matches; what may go now is appended to
     /// `out`. Returns the ids of the records (QoS 1/2: the publisher's acknowledgement waits).
     pub(super) fn bridge(&mut self, msg: &Msg, wall_now_ms: i64, out: &mut Vec<ProduceRequest>) -> Vec<u64> {
