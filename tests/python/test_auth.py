@@ -209,7 +209,8 @@ start = "earliest"
 """)
     b = Broker("--kafka", kafka.bootstrap, "--config", str(config))
     try:
-        dev = Paho(b.addr, "car-1", v5=True, user="alice", password="s3cret")
+        # Device and probe on one shard: each shard takes the reloaded rules in its own turn.
+        dev = Paho(b.shard(0), "car-1", v5=True, user="alice", password="s3cret")
         _, _, rcs, _ = dev.subscribe("devices/#", 1)
         assert rcs[0].value == 1
         acl.write_text("pattern read devices/%c/#\n")
@@ -218,7 +219,7 @@ start = "earliest"
         # nothing after the reload, so only the delivery check can keep car-2's records from it.
         deadline = time.monotonic() + WAIT
         while True:
-            probe = Paho(b.addr, "probe", v5=True, user="alice", password="s3cret")
+            probe = Paho(b.shard(0), "probe", v5=True, user="alice", password="s3cret")
             refused = probe.subscribe("devices/car-2/#", 1)[2][0].value == 0x87
             probe.close()
             if refused:
