@@ -222,7 +222,7 @@ pub enum Internal {
     ClusterRetained { node: Bytes },
     /// This node's claims of client ids (see `crate::cluster::Claim`); a connection whose claim
     /// is not read back within `confirm_ms` is closed.
-    ClusterClaims { node: Arc<str>, confirm_ms: u64 },
+    ClusterClaims { node: Arc<str>, confirm_ms: u64, lease_ms: Option<u64> },
 }
 
 impl MappingConfig {
@@ -623,6 +623,7 @@ pub enum RouterError {
 /// Matches MQTT topics against the mappings' filters.
 #[derive(Default)]
 pub struct Router {
+    lease_ms: Option<u64>,
     /// Unix time in ms at the shard's `now_ms == 0`: a message's expiry (shard time) as seconds
     /// left at `now_ms` (Unix time) for cluster records.
     wall_offset_ms: i64,
@@ -676,8 +677,9 @@ impl Router {
                     Some((c as u16, Arc::from(d.topic.as_str())))
                 }
             };
-            if let Some(Internal::ClusterClaims { node, confirm_ms }) = &m.internal {
+            if let Some(Internal::ClusterClaims { node, confirm_ms, lease_ms }) = &m.internal {
                 r.claims = Some((node.clone(), *confirm_ms));
+                r.lease_ms = *lease_ms;
                 r.claims_mapping = i as u16;
             }
             r.mappings.push(Mapping {
@@ -720,6 +722,11 @@ impl Router {
     /// The node id and confirmation time of the cluster's claims mapping, if there is one.
     pub fn cluster_claims(&self) -> Option<(Arc<str>, u64)> {
         self.claims.clone()
+    }
+
+    /// How often a shard writes its lease, when the cluster fences (`ClusterConfig::fence`).
+    pub fn cluster_lease_ms(&self) -> Option<u64> {
+        self.lease_ms
     }
 
     /// The records for one MQTT message, one per (matching mapping, destination). A mapping that

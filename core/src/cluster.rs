@@ -101,6 +101,16 @@ pub struct ClusterConfig {
     /// Partitions of `<prefix>.messages` when sluice creates it.
     #[serde(default = "default_partitions")]
     pub partitions: i32,
+    /// A shard that has not read its own lease back from Kafka for `dead_after_ms` closes its
+    /// clients (0x89) and refuses new ones until it does: two nodes never both serve one client
+    /// id for longer than that, even when one is cut off from Kafka. `false`: it keeps them
+    /// (available, but a device that reconnects elsewhere meanwhile is served twice).
+    #[serde(default = "default_true")]
+    pub fence: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// Why a `[cluster]` table is wrong: the key and the problem.
@@ -236,8 +246,11 @@ impl ClusterConfig {
             vec![self.destination(self.sessions_topic())],
             KeySource::ClientId,
         );
-        m.internal =
-            Some(Internal::ClusterClaims { node: self.node_id.as_str().into(), confirm_ms: self.dead_after_ms });
+        m.internal = Some(Internal::ClusterClaims {
+            node: self.node_id.as_str().into(),
+            confirm_ms: self.dead_after_ms,
+            lease_ms: self.fence.then_some(self.heartbeat_ms),
+        });
         m
     }
 
@@ -362,6 +375,9 @@ pub enum ClaimKind {
     /// (the record's value: the session's stored form, subscriptions, in-flight and queued
     /// messages). Never takes a client over.
     Handover,
+    /// A shard's lease (`client`: `lease/NODE/SHARD`), written every `heartbeat_ms`: a shard
+    /// that reads its own back knows it reaches Kafka (see `ClusterConfig::fence`).
+    Lease,
     /// This node has members of the shared-subscription group `client` (its share key,
     /// `group/filter`) from now on (`active`), or none any more: the nodes with members of a group
     /// pick, by the message's topic, the one of them that delivers it.
@@ -583,6 +599,7 @@ mod tests {
             heartbeat_ms: 1000,
             dead_after_ms: 5000,
             partitions: 8,
+            fence: true,
         }
     }
 
@@ -762,6 +779,7 @@ mod round_trip {
             heartbeat_ms: 1000,
             dead_after_ms: 5000,
             partitions: 4,
+            fence: true,
         }
     }
 

@@ -74,7 +74,7 @@ impl Wills {
             }
             // A release by the node that held the will (not an older node's, read after a newer
             // claim).
-            (ClaimKind::Handover, _) => {}
+            (ClaimKind::Handover | ClaimKind::Lease, _) => {}
             (ClaimKind::Release, _) => {
                 if self.by_client.get(&claim.client).is_some_and(|(n, _)| *n == claim.node) {
                     self.by_client.remove(&claim.client);

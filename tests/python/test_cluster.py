@@ -14,7 +14,7 @@ from paho.mqtt.properties import Properties
 from conftest import WAIT, Paho, Tansu, broker_with
 
 
-def node_config(kafka, node, prefix, heartbeat_ms=300, dead_after_ms=3000):
+def node_config(kafka, node, prefix, heartbeat_ms=300, dead_after_ms=3000, fence=True):
     return f"""
 [kafka.clusters.default]
 bootstrap = ["{kafka.bootstrap}"]
@@ -27,6 +27,7 @@ topic_prefix = "{prefix}"
 heartbeat_ms = {heartbeat_ms}
 dead_after_ms = {dead_after_ms}
 partitions = 4
+fence = {"true" if fence else "false"}
 """
 
 
@@ -261,6 +262,10 @@ def test_acknowledged_qos1_messages_reach_a_persistent_session_of_a_node_that_wa
         shutil.rmtree(data, ignore_errors=True)
 
 
+def rc_value(rc):
+    return rc.value if hasattr(rc, "value") else rc
+
+
 def disconnect_reason(p, timeout=WAIT):
     ev = p.event("disconnect")
     return ev[2].value if hasattr(ev[2], "value") else ev[2]
@@ -453,18 +458,21 @@ def test_a_persistent_session_moves_to_the_node_its_client_reconnects_to_with_it
         pub.close()
 
 
-def test_a_kafka_outage_longer_than_dead_after_kills_nobody_and_publishes_no_will():
+@pytest.mark.parametrize("fence", [True, False], ids=["fence", "no-fence"])
+def test_a_kafka_outage_longer_than_dead_after_kills_nobody_and_publishes_no_will(fence):
     """Kafka (tansu) stopped with SIGSTOP for twice dead_after_ms: every node hears nothing,
     itself included, so none declares another dead and no will is published; afterwards all
-    are alive and the confirmed clients are still connected."""
+    are alive. With `fence` (the default) the nodes close their clients (0x89) once cut off
+    for dead_after_ms, refuse new ones meanwhile, and take them again afterwards; without it
+    the clients stay connected."""
     t = Tansu()
     prefix = f"o{time.monotonic_ns()}"
-    a = start_node(t, "n1", prefix, heartbeat_ms=300, dead_after_ms=2000)
-    b = start_node(t, "n2", prefix, heartbeat_ms=300, dead_after_ms=2000)
+    a = start_node(t, "n1", prefix, heartbeat_ms=300, dead_after_ms=2000, fence=fence)
+    b = start_node(t, "n2", prefix, heartbeat_ms=300, dead_after_ms=2000, fence=fence)
     try:
         for n in (a, b):
             wait_for(lambda n=n: states(n) == {"n1": "alive", "n2": "alive"}, "both alive")
-        watch = Paho(a.addr, "outage-watch")
+        watch = Paho(a.addr, "outage-watch", v5=True)
         dev = Paho(b.addr, "outage-dev", will=("outage/will", b"dead", 1, False))
         connected(b, a, dev, watch)
         watch.subscribe("outage/#", 1)
@@ -477,15 +485,35 @@ def test_a_kafka_outage_longer_than_dead_after_kills_nobody_and_publishes_no_wil
                 return all(m["silent_ms"] > 4000 for m in members)
 
             wait_for(silent_long_and_nobody_dead, "4 s of silence")
+            if fence:
+                assert disconnect_reason(watch) == 0x89  # MQTT 5: server busy, with a reason string
+                dev.event("disconnect")  # 3.1.1: the connection closes
+                refused = Paho(a.addr, "outage-new", v5=True)
+                assert rc_value(refused.rc) == 0x88, refused.rc
+                refused.close()
         finally:
             t.resume()
         for n in (a, b):
             wait_for(lambda n=n: states(n) == {"n1": "alive", "n2": "alive"}, "both alive again")
-        watch.no_message(timeout=3.0)
-        assert dev.c.is_connected() and watch.c.is_connected()
+        if fence:
+            for c in (dev, watch):
+                c.close()
+            watch = Paho(a.addr, "outage-watch")
+            watch.subscribe("outage/#", 1)
+
+            def back():
+                c = Paho(b.addr, "outage-dev2")
+                c.close()
+                return rc_value(c.rc) == 0
+
+            wait_for(back, "node 2 takes clients again")
+            watch.no_message(timeout=3.0)
+        else:
+            watch.no_message(timeout=3.0)
+            assert dev.c.is_connected() and watch.c.is_connected()
+            dev.close()
         for n in (a, b):
             assert "dead" not in states(n).values()
-        dev.close()
         watch.close()
     finally:
         a.stop()

@@ -43,6 +43,15 @@ pub(super) struct ClusterClaims {
     remote_shares: HashMap<String, Vec<Arc<str>>>,
     /// Share records beyond [`SHARE_KEYS_MAX`], not kept.
     pub(super) shares_refused: u64,
+    /// Fencing (`ClusterConfig::fence`): how often this shard writes its lease, when it next
+    /// does, when it last read its own back (`None`: not yet), and whether it is cut off now.
+    lease_ms: Option<u64>,
+    lease_next_ms: u64,
+    lease_seen_ms: Option<u64>,
+    started_ms: Option<u64>,
+    pub(super) fenced: bool,
+    /// Connections closed because the shard was cut off from Kafka.
+    pub(super) fenced_closed: u64,
 }
 
 /// Shared-subscription groups with members on other nodes a shard keeps, at most; a group
@@ -82,8 +91,8 @@ impl ClusterClaims {
 }
 
 impl ClusterClaims {
-    pub(super) fn new(node: Option<(Arc<str>, u64)>) -> Self {
-        ClusterClaims { node, ..Default::default() }
+    pub(super) fn new(node: Option<(Arc<str>, u64)>, lease_ms: Option<u64>) -> Self {
+        ClusterClaims { node, lease_ms, ..Default::default() }
     }
 }
 
@@ -207,6 +216,18 @@ impl Shard {
             ClaimKind::Handover => {
                 if claim.to.as_ref().is_some_and(|t| t.node == **node && t.shard == self.id) {
                     self.take_handover(&claim, value, now_ms);
+                }
+                return;
+            }
+            ClaimKind::Lease => {
+                if claim.node == **node && claim.shard == self.id {
+                    self.claims.lease_seen_ms = Some(now_ms);
+                    if std::mem::take(&mut self.claims.fenced) {
+                        self.effects.warnings.push(format!(
+                            "cluster: shard {} reads its lease from Kafka again: accepting clients",
+                            self.id
+                        ));
+                    }
                 }
                 return;
             }
@@ -339,6 +360,61 @@ impl Shard {
         self.install(cur);
         self.claims.taken_over_in += 1;
         self.pump(&id, now_ms);
+    }
+
+    /// Fencing: writes this shard's lease every `lease_ms`; once none came back for the
+    /// confirmation time (`dead_after_ms`), closes every client (0x89) and refuses new ones
+    /// until one does (see `ClusterConfig::fence`).
+    pub(super) fn renew_lease(&mut self, now_ms: u64) {
+        let (Some(lease_ms), Some((node, confirm_ms))) = (self.claims.lease_ms, self.claims.node.clone()) else {
+            return;
+        };
+        let started = *self.claims.started_ms.get_or_insert(now_ms);
+        if now_ms >= self.claims.lease_next_ms {
+            self.claims.lease_next_ms = now_ms + lease_ms;
+            let lease = format!("lease/{node}/{}", self.id);
+            let claim = Claim {
+                node: node.to_string(),
+                client: lease.clone(),
+                shard: self.id,
+                conn: 0,
+                clean: false,
+                kind: ClaimKind::Lease,
+                will: false,
+                to: None,
+                active: false,
+            };
+            let msg = Message {
+                topic: crate::cluster::CLAIM_TOPIC.into(),
+                payload: Bytes::new(),
+                qos: 0,
+                retain: false,
+                properties: None,
+                expiry_at_ms: None,
+                origin: lease.into(),
+            };
+            let wall = self.wall_offset_ms + now_ms as i64;
+            self.outbox.bridge_claim(&Arc::new(msg), claim.encode().into(), wall, &mut self.effects.produce);
+        }
+        let seen = self.claims.lease_seen_ms.unwrap_or(started);
+        if self.claims.fenced || now_ms.saturating_sub(seen) < confirm_ms {
+            return;
+        }
+        self.claims.fenced = true;
+        self.effects.warnings.push(format!(
+            "cluster: shard {} has not read its lease back from Kafka for {confirm_ms} ms: closing its clients \
+             and refusing new ones until it does (no client id served by two nodes)",
+            self.id
+        ));
+        let active: Vec<ConnId> = self.conns.iter().filter(|(_, c)| c.is_active()).map(|(id, _)| *id).collect();
+        for conn in active {
+            self.claims.fenced_closed += 1;
+            // Its client did not fail: the node cut it off (no will for that).
+            if let Some(c) = self.conns.get_mut(&conn) {
+                c.will = None;
+            }
+            self.close_why(conn, Some(reason::SERVER_BUSY), Some("this node is cut off from Kafka"), now_ms);
+        }
     }
 
     /// Closes connections whose claim was not read back in time.

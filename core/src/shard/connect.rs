@@ -199,6 +199,12 @@ impl Shard {
             let code = if v5 { reason::QUOTA_EXCEEDED } else { reason::SERVER_UNAVAILABLE };
             return self.refuse_connect(conn, code, now_ms);
         }
+        if self.claims.fenced {
+            // Cut off from Kafka: this node cannot claim the client id (3.1.1 and 5.0 both
+            // have "server unavailable", 3).
+            let code = if v5 { reason::SERVER_UNAVAILABLE } else { 3 };
+            return self.refuse_connect(conn, code, now_ms);
+        }
         let Some(c) = self.conns.get_mut(&conn) else { return };
         let mut ka = u64::from(connect.keep_alive);
         let cap = u64::from(self.limits.max_keep_alive_secs);

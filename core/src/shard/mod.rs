@@ -280,7 +280,7 @@ impl Shard {
     /// requests in [`Effects::produce`], and QoS 1/2 acknowledgements wait for Kafka (or the
     /// spill log), as [`BridgeOptions`] say.
     pub fn with_bridge(mut self, options: BridgeOptions) -> Self {
-        self.claims = ClusterClaims::new(options.router.cluster_claims());
+        self.claims = ClusterClaims::new(options.router.cluster_claims(), options.router.cluster_lease_ms());
         self.outbox = KafkaOutbox::new(options);
         self.outbox.set_wall_offset(self.wall_offset_ms);
         self
@@ -379,6 +379,7 @@ impl Shard {
             self.expire_wills_and_sessions(now_ms);
             self.close_unconfirmed(now_ms);
         }
+        self.renew_lease(now_ms);
         self.send_delayed_refusals(now_ms);
         self.expire_feed_holds(now_ms);
         if now_ms.saturating_sub(self.last_stats_ms) >= STATS_SHARE_INTERVAL_MS {
