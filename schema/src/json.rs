@@ -14,7 +14,10 @@
 //!   recursion limit), so no input can blow the stack.
 //! - Numbers are read as `serde_json` reads them (`as_i64`, `as_f64` of its `Number`): an integer
 //!   token is an integer only in `i64`/`u64` range and not `-0`; a number that is infinite as a
-//!   double is a miss (serde_json refuses it).
+//!   double is a miss (serde_json refuses it). A double is correctly rounded (the standard
+//!   library's parser, or Clinger's exact fast path for short ones); serde_json without its
+//!   `float_roundtrip` feature can be one bit off beyond that fast path, so the two paths may
+//!   differ there by that bit, ours being the exact one.
 
 use serde_json::{Map, Number, Value};
 
@@ -187,59 +190,105 @@ impl<'a> Reader<'a> {
     pub fn number(&mut self) -> Fast<Num> {
         self.peek();
         let b = self.bytes();
-        let digits = |mut i: usize| {
-            while b.get(i).is_some_and(u8::is_ascii_digit) {
-                i += 1;
-            }
-            i
-        };
         let start = self.pos;
         let mut i = start;
         let neg = b.get(i) == Some(&b'-');
         if neg {
             i += 1;
         }
-        let int_start = i;
+        // The significand's digits (integer and fraction), while they fit a u64 exactly.
+        let (mut m, mut nd) = (0u64, 0usize);
+        let mut digit = |c: u8, m: &mut u64| {
+            nd += 1;
+            if nd <= 19 {
+                *m = *m * 10 + u64::from(c - b'0');
+            }
+        };
         match b.get(i) {
-            Some(b'0') => i += 1,
-            Some(b'1'..=b'9') => i = digits(i),
+            Some(b'0') => {
+                digit(b'0', &mut m);
+                i += 1;
+            }
+            Some(b'1'..=b'9') => {
+                while let Some(&c @ b'0'..=b'9') = b.get(i) {
+                    digit(c, &mut m);
+                    i += 1;
+                }
+            }
             _ => return Err(Miss),
         }
-        let int_end = i;
         let mut float = false;
+        let mut frac = 0i64;
         if b.get(i) == Some(&b'.') {
-            if !b.get(i + 1).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+            if !b.get(i).is_some_and(u8::is_ascii_digit) {
                 return Err(Miss);
             }
-            i = digits(i + 1);
+            while let Some(&c @ b'0'..=b'9') = b.get(i) {
+                digit(c, &mut m);
+                frac += 1;
+                i += 1;
+            }
             float = true;
         }
+        let mut exp = 0i64;
         if matches!(b.get(i), Some(b'e' | b'E')) {
             i += 1;
+            let exp_neg = b.get(i) == Some(&b'-');
             if matches!(b.get(i), Some(b'+' | b'-')) {
                 i += 1;
             }
             if !b.get(i).is_some_and(u8::is_ascii_digit) {
                 return Err(Miss);
             }
-            i = digits(i);
+            while let Some(&c @ b'0'..=b'9') = b.get(i) {
+                exp = (exp * 10 + i64::from(c - b'0')).min(1 << 40);
+                i += 1;
+            }
+            if exp_neg {
+                exp = -exp;
+            }
             float = true;
         }
         self.pos = i;
-        let token = self.text.get(start..i).ok_or(Miss)?;
-        if !float {
-            if !neg {
-                if let Ok(n) = self.text.get(int_start..int_end).ok_or(Miss)?.parse::<u64>() {
-                    return Ok(Num::Pos(n));
-                }
-            } else if let Ok(n) = token.parse::<i64>() {
+        let exact = nd <= 19;
+        if !float && exact {
+            return Ok(match (neg, m) {
+                (false, m) => Num::Pos(m),
                 // serde_json reads `-0` as the double -0.0.
-                if n != 0 {
-                    return Ok(Num::Neg(n));
-                }
+                (true, 0) => Num::Float(-0.0),
+                (true, m) => match i64::try_from(m) {
+                    Ok(n) => Num::Neg(-n),
+                    Err(_) if m == 1 << 63 => Num::Neg(i64::MIN),
+                    Err(_) => Num::Float(-(m as f64)),
+                },
+            });
+        }
+        // Exact in a double and one correctly rounded operation (Clinger's fast path): the
+        // same bits as any correct parser. Everything else: the standard library's parser.
+        const POW10: [f64; 23] = [
+            1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18,
+            1e19, 1e20, 1e21, 1e22,
+        ];
+        let e10 = exp - frac;
+        let f = if exact && m < (1 << 53) && (-22..=22).contains(&e10) {
+            let p = POW10[e10.unsigned_abs() as usize];
+            let f = if e10 < 0 { m as f64 / p } else { m as f64 * p };
+            if neg {
+                -f
+            } else {
+                f
+            }
+        } else {
+            let token = self.text.get(start..i).ok_or(Miss)?;
+            token.parse::<f64>().map_err(|_| Miss)?
+        };
+        if !float && !neg && !exact {
+            // Beyond 19 digits but maybe still a u64 (serde_json keeps those as integers).
+            if let Ok(n) = self.text.get(start..i).ok_or(Miss)?.parse::<u64>() {
+                return Ok(Num::Pos(n));
             }
         }
-        let f: f64 = token.parse().map_err(|_| Miss)?;
         if f.is_finite() {
             Ok(Num::Float(f))
         } else {
@@ -353,7 +402,7 @@ pub struct ReusedValue {
     value: Value,
     /// Each object's keys, by its pre-order position in the last payload, each followed by
     /// U+0000 (a key holding one is never remembered: its object is always built afresh).
-    shapes: Vec<String>,
+    shapes: Vec<Shape>,
     objects: usize,
     scratch: String,
 }
@@ -361,6 +410,53 @@ pub struct ReusedValue {
 /// Keys of one object beyond which it is not reused (a huge object is built afresh: it would
 /// not repeat anyway, and the stored shapes stay small).
 const REUSED_KEYS_MAX: usize = 256;
+
+/// Keys of one object read in place without a map lookup ([`ReusedValue::in_place`]); a larger
+/// object is read key by key.
+const IN_PLACE_KEYS_MAX: usize = 32;
+
+/// One object's keys in the last payload's order, each followed by U+0000, with where each
+/// is and their order sorted (the map's), for [`ReusedValue::in_place`].
+#[derive(Default)]
+struct Shape {
+    keys: String,
+    /// Each key's bytes in `keys`, in the payload's order; empty beyond [`IN_PLACE_KEYS_MAX`].
+    ranges: Vec<(u32, u32)>,
+    /// `by_rank[j]`: the payload position of the map's `j`-th key (the map iterates sorted).
+    by_rank: Vec<u8>,
+}
+
+impl Shape {
+    fn set(&mut self, keys: String) {
+        self.ranges.clear();
+        self.by_rank.clear();
+        let mut start = 0;
+        for k in keys.split_terminator('\u{0}') {
+            self.ranges.push((start as u32, (start + k.len()) as u32));
+            start += k.len() + 1;
+        }
+        if self.ranges.len() > IN_PLACE_KEYS_MAX || keys.len() > u32::MAX as usize {
+            self.ranges.clear();
+        }
+        let name = |i: usize| &keys[self.ranges[i].0 as usize..self.ranges[i].1 as usize];
+        let mut by_rank: Vec<u8> = (0..self.ranges.len() as u8).collect();
+        by_rank.sort_by(|&a, &b| name(usize::from(a)).cmp(name(usize::from(b))));
+        self.by_rank = by_rank;
+        self.keys = keys;
+    }
+}
+
+/// How far [`ReusedValue::in_place`] got.
+enum Step {
+    /// The whole object, exactly the stored keys in the stored order.
+    Done,
+    /// The object ended (its `}` read) after this many keys in place, at this offset of the
+    /// stored order.
+    Ended(usize, usize),
+    /// This many keys in place, then one off the stored order (or a map that is not the stored
+    /// one: none); the reader is before that key.
+    Diverged(usize, usize),
+}
 
 /// Moves the entries of `keys` (each followed by U+0000) out of `map` into a new map.
 fn take_keys(map: &mut Map<String, Value>, keys: &str) -> Map<String, Value> {
@@ -446,25 +542,79 @@ impl ReusedValue {
         Ok(())
     }
 
+    /// The fast half of [`Self::parse_object`]: if `map` holds exactly the keys of `shape`
+    /// (checked in the map's sorted order against the stored keys sorted), each value of the
+    /// payload whose key comes where `shape` has it is read straight into that key's value.
+    fn in_place(
+        &mut self,
+        r: &mut Reader<'_>,
+        map: &mut Map<String, Value>,
+        shape: &Shape,
+        depth: usize,
+    ) -> Fast<Step> {
+        let n = shape.ranges.len();
+        if n == 0 || map.len() != n {
+            return Ok(Step::Diverged(0, 0));
+        }
+        let name = |i: usize| shape.keys.get(shape.ranges[i].0 as usize..shape.ranges[i].1 as usize).unwrap_or("\u{0}");
+        let mut slots: [Option<&mut Value>; IN_PLACE_KEYS_MAX] = std::array::from_fn(|_| None);
+        for (j, (k, v)) in map.iter_mut().enumerate() {
+            let i = usize::from(shape.by_rank[j]);
+            if k != name(i) {
+                return Ok(Step::Diverged(0, 0));
+            }
+            slots[i] = Some(v);
+        }
+        let mut at = 0;
+        for i in 0..n {
+            let key_start = r.pos();
+            if i == 0 && r.eat(b'}') {
+                return Ok(Step::Ended(0, 0));
+            }
+            if r.string(&mut self.scratch)? != name(i) {
+                r.rewind(key_start);
+                return Ok(Step::Diverged(i, at));
+            }
+            at = shape.ranges[i].1 as usize + 1;
+            r.expect(b':')?;
+            self.parse_into(r, slots[i].take().ok_or(Miss)?, depth + 1)?;
+            if !r.eat(b',') {
+                r.expect(b'}')?;
+                return Ok(if i + 1 == n { Step::Done } else { Step::Ended(i + 1, at) });
+            }
+        }
+        // Every stored key read and a comma: the payload has more.
+        Ok(Step::Diverged(n, at))
+    }
+
+    /// `map` (the slot's previous map, maybe empty) becomes the payload's object at `r`, after
+    /// its `{`.
     fn parse_object(&mut self, r: &mut Reader<'_>, map: &mut Map<String, Value>, depth: usize) -> Fast<()> {
         let index = self.objects;
         self.objects += 1;
         if self.shapes.len() <= index {
-            self.shapes.resize_with(index + 1, String::new);
+            self.shapes.resize_with(index + 1, Shape::default);
         }
         let mut shape = std::mem::take(&mut self.shapes[index]);
-        // `at`: how far the payload's keys follow the stored order; `None` once they do not.
-        let mut at = Some(0usize);
-        let mut keys = 0usize;
+        // The stored order read in place first, without a map lookup; then, from where the
+        // payload leaves it, key by key.
+        let (mut keys, mut at, ended) = match self.in_place(r, map, &shape, depth)? {
+            Step::Done => {
+                self.shapes[index] = shape;
+                return Ok(());
+            }
+            Step::Ended(keys, at) => (keys, Some(at), true),
+            Step::Diverged(keys, at) => (keys, Some(at), false),
+        };
         // Once off the stored order: the new map and the payload's key order so far.
         let mut fresh: Option<(Map<String, Value>, String)> = None;
-        if !r.eat(b'}') {
+        if !ended && !(keys == 0 && r.eat(b'}')) {
             loop {
                 let key = r.string(&mut self.scratch)?;
                 keys += 1;
                 let follows = at.and_then(|a| {
-                    let rest = shape.get(a..)?.strip_prefix(key)?.strip_prefix('\u{0}')?;
-                    Some(shape.len() - rest.len())
+                    let rest = shape.keys.get(a..)?.strip_prefix(key)?.strip_prefix('\u{0}')?;
+                    Some(shape.keys.len() - rest.len())
                 });
                 r.expect(b':')?;
                 match (follows, fresh.as_mut()) {
@@ -480,7 +630,7 @@ impl ReusedValue {
                         let (f, order) = match fresh.as_mut() {
                             Some(f) => f,
                             None => {
-                                let read = shape.get(..at.unwrap_or(0)).unwrap_or("");
+                                let read = shape.keys.get(..at.unwrap_or(0)).unwrap_or("");
                                 let f = take_keys(map, read);
                                 at = None;
                                 fresh.insert((f, read.to_string()))
@@ -503,20 +653,22 @@ impl ReusedValue {
             }
         }
         match fresh {
-            None if at == Some(shape.len()) && map.len() == keys => {}
+            None if at == Some(shape.keys.len()) && map.len() == keys => {}
             None => {
                 // A prefix of the stored order (fewer keys), or a map holding other keys too:
                 // keep only the keys read (distinct, being a prefix of the stored order).
-                let read = shape.get(..at.unwrap_or(0)).unwrap_or("");
+                let read = shape.keys.get(..at.unwrap_or(0)).unwrap_or("");
                 *map = take_keys(map, read);
-                shape.truncate(at.unwrap_or(0));
+                let mut keys = std::mem::take(&mut shape.keys);
+                keys.truncate(at.unwrap_or(0));
+                shape.set(keys);
             }
             Some((f, order)) => {
                 *map = f;
                 // Remembered only for distinct keys without U+0000 (the separator).
                 let distinct = map.len() == keys && keys <= REUSED_KEYS_MAX;
                 let clean = order.bytes().filter(|&c| c == 0).count() == keys;
-                shape = if distinct && clean { order } else { String::new() };
+                shape.set(if distinct && clean { order } else { String::new() });
             }
         }
         self.shapes[index] = shape;
