@@ -458,6 +458,23 @@ enum Step {
     Diverged(usize, usize),
 }
 
+/// `a == b` for short keys without a call into `memcmp` (which costs more than the compare).
+#[inline]
+fn same(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    if a.len() > 16 {
+        return a == b;
+    }
+    let mut diff = 0u8;
+    for (x, y) in a.iter().zip(b) {
+        diff |= x ^ y;
+    }
+    diff == 0
+}
+
 /// Moves the entries of `keys` (each followed by U+0000) out of `map` into a new map.
 fn take_keys(map: &mut Map<String, Value>, keys: &str) -> Map<String, Value> {
     let mut f = Map::new();
@@ -560,7 +577,7 @@ impl ReusedValue {
         let mut slots: [Option<&mut Value>; IN_PLACE_KEYS_MAX] = std::array::from_fn(|_| None);
         for (j, (k, v)) in map.iter_mut().enumerate() {
             let i = usize::from(shape.by_rank[j]);
-            if k != name(i) {
+            if !same(k, name(i)) {
                 return Ok(Step::Diverged(0, 0));
             }
             slots[i] = Some(v);
@@ -571,7 +588,7 @@ impl ReusedValue {
             if i == 0 && r.eat(b'}') {
                 return Ok(Step::Ended(0, 0));
             }
-            if r.string(&mut self.scratch)? != name(i) {
+            if !same(r.string(&mut self.scratch)?, name(i)) {
                 r.rewind(key_start);
                 return Ok(Step::Diverged(i, at));
             }
