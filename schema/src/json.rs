@@ -583,7 +583,7 @@ impl ReusedValue {
             slots[i] = Some(v);
         }
         let mut at = 0;
-        for i in 0..n {
+        for (i, slot) in slots.iter_mut().enumerate().take(n) {
             let key_start = r.pos();
             if i == 0 && r.eat(b'}') {
                 return Ok(Step::Ended(0, 0));
@@ -594,7 +594,7 @@ impl ReusedValue {
             }
             at = shape.ranges[i].1 as usize + 1;
             r.expect(b':')?;
-            self.parse_into(r, slots[i].take().ok_or(Miss)?, depth + 1)?;
+            self.parse_into(r, slot.take().ok_or(Miss)?, depth + 1)?;
             if !r.eat(b',') {
                 r.expect(b'}')?;
                 return Ok(if i + 1 == n { Step::Done } else { Step::Ended(i + 1, at) });
@@ -625,7 +625,9 @@ impl ReusedValue {
         };
         // Once off the stored order: the new map and the payload's key order so far.
         let mut fresh: Option<(Map<String, Value>, String)> = None;
-        if !ended && !(keys == 0 && r.eat(b'}')) {
+        // Keys left to read: not after the in-place part's `}`, nor for an empty object.
+        let empty = !ended && keys == 0 && r.eat(b'}');
+        if !ended && !empty {
             loop {
                 let key = r.string(&mut self.scratch)?;
                 keys += 1;
