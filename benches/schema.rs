@@ -2,11 +2,17 @@
 //! validation (parse + validate, what a `schema` mapping does), JSON → Avro in the Confluent wire
 //! format (`mode = "encode"`, through the cache as the producer calls it), and Avro → JSON
 //! (`mode = "decode"`, with the writer's schema as reader).
+//!
+//! Each new path beside the one it replaced, in the same run: `json_schema_validate` (serde_json
+//! `Value` parse + validate) against `json_schema_validate_reused` (parse into the previous
+//! payload's value, as each Kafka thread's cache does), `json_to_avro_via_value` (serde_json
+//! parse + encode) against `json_to_avro_streaming` (written while reading). `--bench
+//! schema_mimalloc` is the same with the broker's allocator.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, Criterion, Throughput};
 use sluice_schema::check::{Cache, Fetched, Inbound, Need, Outbound, Outcome, Schemas};
 use sluice_schema::local::{Compiled, Kind, LocalSchemas};
 use sluice_schema::registry::{RegistryClient, RegistrySettings, SubjectVersion};
@@ -55,6 +61,12 @@ fn bench(c: &mut Criterion) {
     let json_schema = Compiled::compile(Kind::JsonSchema, JSON_SCHEMA).unwrap();
     json_schema.validate(JSON).unwrap();
     g.bench_function("json_schema_validate", |b| b.iter(|| json_schema.validate(std::hint::black_box(JSON)).unwrap()));
+    let mut reuse = sluice_schema::json::ReusedValue::default();
+    g.bench_function("json_schema_validate_reused", |b| {
+        b.iter(|| json_schema.validate_with(std::hint::black_box(JSON), Some(&mut reuse)).unwrap())
+    });
+    let mut reuse = sluice_schema::json::ReusedValue::default();
+    g.bench_function("json_parse_reused_only", |b| b.iter(|| reuse.parse(std::hint::black_box(JSON)).is_ok()));
     let json: serde_json::Value = serde_json::from_slice(JSON).unwrap();
     g.bench_function("json_parse_only", |b| {
         b.iter(|| serde_json::from_slice::<serde_json::Value>(std::hint::black_box(JSON)).unwrap())
@@ -65,6 +77,19 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             out.clear();
             avro.encode_json(std::hint::black_box(&json), &mut out).unwrap()
+        })
+    });
+    g.bench_function("json_to_avro_via_value", |b| {
+        b.iter(|| {
+            out.clear();
+            let v: serde_json::Value = serde_json::from_slice(std::hint::black_box(JSON)).unwrap();
+            avro.encode_json(&v, &mut out).unwrap()
+        })
+    });
+    g.bench_function("json_to_avro_streaming", |b| {
+        b.iter(|| {
+            out.clear();
+            avro.encode_streaming(std::hint::black_box(JSON), &mut out).unwrap()
         })
     });
     let mut cache = cache();
@@ -82,4 +107,9 @@ fn bench(c: &mut Criterion) {
 }
 
 criterion_group!(benches, bench);
-criterion_main!(benches);
+
+// Not `criterion_main!`: `schema_mimalloc.rs` calls this `main` from its own.
+pub(crate) fn main() {
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

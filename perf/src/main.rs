@@ -65,6 +65,11 @@ struct Args {
     share: Option<String>,
     #[arg(long, default_value_t = 64)]
     payload: usize,
+    /// Publishers (fan-in, to-kafka) send this file's bytes as every payload, unchanged (no
+    /// timestamp written into them: e.g. a JSON document for a schema mapping); `--payload` is
+    /// then its length.
+    #[arg(long)]
+    payload_file: Option<std::path::PathBuf>,
     #[arg(long, default_value_t = 0)]
     qos: u8,
     /// Seconds of publishing.
@@ -234,8 +239,17 @@ struct Shared {
 }
 
 /// Appends a PUBLISH whose payload (`body`) starts with its send time, for latency at the far end.
+/// `--payload-file`'s bytes, set once before the publishers start.
+static PAYLOAD_FILE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+
 fn encode_timestamped(out: &mut BytesMut, topic: &str, qos: u8, packet_id: u16, body: &mut [u8]) {
-    body[..8].copy_from_slice(&now_ns().to_le_bytes());
+    let body: &[u8] = match PAYLOAD_FILE.get() {
+        Some(fixed) => fixed,
+        None => {
+            body[..8].copy_from_slice(&now_ns().to_le_bytes());
+            body
+        }
+    };
     let p = packet::PublishRef {
         dup: false,
         qos,
@@ -652,8 +666,13 @@ fn storm(args: &Args) -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
     let _ = epoch();
+    if let Some(path) = &args.payload_file {
+        let bytes = std::fs::read(path).with_context(|| format!("--payload-file {}", path.display()))?;
+        args.payload = bytes.len();
+        let _ = PAYLOAD_FILE.set(bytes);
+    }
     if args.scenario == Scenario::Idle {
         return idle(&args);
     }

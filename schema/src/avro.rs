@@ -8,6 +8,10 @@
 //! `bytes`/`fixed` are strings whose chars are the bytes (Avro's own JSON convention), an enum
 //! is its symbol. Avro → JSON is the inverse, so a round trip gives the JSON back.
 //!
+//! JSON → Avro is written while the JSON is read when it can be (no `Value` tree: most of the
+//! cost of a small payload is building one); anything else goes through `serde_json::Value`,
+//! so both give the same bytes, and errors always come from the `Value` path.
+//!
 //! Invariants: a conversion never panics on any input; an error names the JSON path of the first
 //! value that does not fit (`$.pos.lat: expected double, got "north"`).
 
@@ -18,6 +22,7 @@ use apache_avro::schema::{Name, RecordSchema, ResolvedSchema, Schema};
 use apache_avro::types::Value as AvroValue;
 use serde_json::Value as Json;
 
+use crate::json::{Fast, Miss, Reader};
 use crate::PayloadError;
 
 /// Nesting deeper than this is refused (a hostile schema or payload cannot blow the stack).
@@ -74,10 +79,186 @@ impl AvroSchema {
         r
     }
 
-    /// JSON text → Avro binary datum.
+    /// JSON text → Avro binary datum (nothing appended on error).
+    ///
+    /// First written while the JSON is read, without a `Value` tree ([`Self::encode_streaming`]);
+    /// whatever that path does not take (invalid JSON, a value that does not fit, fields out of
+    /// the schema's order, a map) is done again through `serde_json`'s `Value`, which gives the
+    /// same bytes when the payload converts and the error with its path when it does not.
     pub fn encode_json_bytes(&self, payload: &[u8], out: &mut Vec<u8>) -> Result<(), PayloadError> {
+        if self.encode_streaming(payload, out).is_ok() {
+            return Ok(());
+        }
         let json: Json = serde_json::from_slice(payload).map_err(|e| PayloadError::NotJson(e.to_string()))?;
         self.encode_json(&json, out)
+    }
+
+    /// The streaming half of [`Self::encode_json_bytes`]: nothing appended on a miss.
+    pub fn encode_streaming(&self, payload: &[u8], out: &mut Vec<u8>) -> Fast<()> {
+        let start = out.len();
+        let r = Reader::new(payload).and_then(|mut r| {
+            self.stream(&self.schema, &mut r, out, 0)?;
+            r.end()
+        });
+        if r.is_err() {
+            out.truncate(start);
+        }
+        r
+    }
+
+    /// Writes the value at `r` as `schema`; on a miss `out` and `r` may hold a partial value
+    /// (the caller restores both).
+    fn stream(&self, schema: &Schema, r: &mut Reader<'_>, out: &mut Vec<u8>, depth: usize) -> Fast<()> {
+        if depth > DEPTH_MAX {
+            return Err(Miss);
+        }
+        let int = |r: &mut Reader<'_>| match r.peek() {
+            Some(b'-' | b'0'..=b'9') => r.number()?.as_i64().ok_or(Miss),
+            _ => Err(Miss),
+        };
+        let float = |r: &mut Reader<'_>| match r.peek() {
+            Some(b'-' | b'0'..=b'9') => Ok(r.number()?.as_f64()),
+            _ => Err(Miss),
+        };
+        match self.resolve(schema) {
+            Schema::Null => r.null(),
+            Schema::Boolean => {
+                out.push(u8::from(r.boolean()?));
+                Ok(())
+            }
+            Schema::Int | Schema::Date | Schema::TimeMillis => {
+                let n = i32::try_from(int(r)?).map_err(|_| Miss)?;
+                zigzag(i64::from(n), out);
+                Ok(())
+            }
+            Schema::Long
+            | Schema::TimeMicros
+            | Schema::TimestampMillis
+            | Schema::TimestampMicros
+            | Schema::TimestampNanos
+            | Schema::LocalTimestampMillis
+            | Schema::LocalTimestampMicros
+            | Schema::LocalTimestampNanos => {
+                zigzag(int(r)?, out);
+                Ok(())
+            }
+            Schema::Float => {
+                out.extend_from_slice(&(float(r)? as f32).to_le_bytes());
+                Ok(())
+            }
+            Schema::Double => {
+                out.extend_from_slice(&float(r)?.to_le_bytes());
+                Ok(())
+            }
+            Schema::String | Schema::Uuid => {
+                let mut scratch = String::new();
+                let s = r.string(&mut scratch)?;
+                zigzag(s.len() as i64, out);
+                out.extend_from_slice(s.as_bytes());
+                Ok(())
+            }
+            Schema::Bytes => {
+                let mut scratch = String::new();
+                let b = latin1(r.string(&mut scratch)?).ok_or(Miss)?;
+                zigzag(b.len() as i64, out);
+                out.extend_from_slice(&b);
+                Ok(())
+            }
+            Schema::Fixed(f) => {
+                let mut scratch = String::new();
+                let b = latin1(r.string(&mut scratch)?).filter(|b| b.len() == f.size).ok_or(Miss)?;
+                out.extend_from_slice(&b);
+                Ok(())
+            }
+            Schema::Enum(e) => {
+                let mut scratch = String::new();
+                let s = r.string(&mut scratch)?;
+                let i = e.symbols.iter().position(|x| x == s).ok_or(Miss)?;
+                zigzag(i as i64, out);
+                Ok(())
+            }
+            Schema::Array(a) => {
+                r.expect(b'[')?;
+                let mut n = 0i64;
+                let start = out.len();
+                if !r.eat(b']') {
+                    loop {
+                        self.stream(&a.items, r, out, depth + 1)?;
+                        n += 1;
+                        if !r.eat(b',') {
+                            r.expect(b']')?;
+                            break;
+                        }
+                    }
+                    // One block: its count goes before the items, known only now.
+                    let mut count = Vec::with_capacity(10);
+                    zigzag(n, &mut count);
+                    out.splice(start..start, count);
+                }
+                out.push(0);
+                Ok(())
+            }
+            Schema::Union(u) => {
+                // The first branch the value fits, as the `Value` path picks it.
+                let (pos, len) = (r.pos(), out.len());
+                for (i, branch) in u.variants().iter().enumerate() {
+                    zigzag(i as i64, out);
+                    if self.stream(branch, r, out, depth + 1).is_ok() {
+                        return Ok(());
+                    }
+                    r.rewind(pos);
+                    out.truncate(len);
+                }
+                Err(Miss)
+            }
+            Schema::Record(rec) => self.stream_record(rec, r, out, depth),
+            // Maps: serde_json's map order and duplicate keys decide the bytes; left to the
+            // `Value` path. Decimal and the rest are not converted from JSON at all.
+            _ => Err(Miss),
+        }
+    }
+
+    /// A record whose JSON keys come in the schema's field order (absent fields with a default
+    /// in between, unknown keys anywhere); a field out of that order or twice is a miss.
+    fn stream_record(&self, rec: &RecordSchema, r: &mut Reader<'_>, out: &mut Vec<u8>, depth: usize) -> Fast<()> {
+        r.expect(b'{')?;
+        let mut next = 0;
+        let mut scratch = String::new();
+        if !r.eat(b'}') {
+            loop {
+                let key = r.string(&mut scratch)?;
+                let field = match rec.fields.get(next) {
+                    Some(f) if f.name == key => Some(next),
+                    _ => rec.lookup.get(key).copied().filter(|&i| rec.fields.get(i).is_some_and(|f| f.name == key)),
+                };
+                r.expect(b':')?;
+                match field {
+                    Some(i) if i >= next => {
+                        for f in &rec.fields[next..i] {
+                            self.stream_default(f, out, depth)?;
+                        }
+                        self.stream(&rec.fields[i].schema, r, out, depth + 1)?;
+                        next = i + 1;
+                    }
+                    Some(_) => return Err(Miss),
+                    None => r.skip(depth + 1)?,
+                }
+                if !r.eat(b',') {
+                    r.expect(b'}')?;
+                    break;
+                }
+            }
+        }
+        for f in rec.fields.get(next..).unwrap_or(&[]) {
+            self.stream_default(f, out, depth)?;
+        }
+        Ok(())
+    }
+
+    /// An absent field: its default, as the `Value` path writes it.
+    fn stream_default(&self, f: &apache_avro::schema::RecordField, out: &mut Vec<u8>, depth: usize) -> Fast<()> {
+        let d = f.default.as_ref().ok_or(Miss)?;
+        self.encode(&f.schema, d, out, &mut String::new(), depth + 1).map_err(|_| Miss)
     }
 
     /// Checks that `datum` is exactly one Avro datum of this schema (no bytes left over).

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::avro::AvroSchema;
+use crate::json::ReusedValue;
 use crate::local::{Compiled, LocalSchemas};
 use crate::registry::{RegistryClient, RegistryError, SubjectVersion};
 use crate::{wire, PayloadError};
@@ -111,6 +112,9 @@ pub struct Cache {
     subjects: HashMap<(usize, Option<u32>), HashMap<String, Entry<SubjectVersion>>>,
     fetching: HashSet<Need>,
     refresh: Vec<Need>,
+    /// The last JSON payload validated, reused by the next parse (bounded by
+    /// [`crate::local::REUSED_BYTES_MAX`]).
+    reuse: ReusedValue,
 }
 
 /// Fetches `need` (blocking; bounded by the registry's time-out).
@@ -138,6 +142,7 @@ impl Cache {
             subjects: HashMap::new(),
             fetching: HashSet::new(),
             refresh: Vec::new(),
+            reuse: ReusedValue::default(),
         }
     }
 
@@ -174,7 +179,7 @@ impl Cache {
                 error: PayloadError::Avro(format!("no local schema `{name}`")),
             };
         };
-        match c.validate(payload) {
+        match c.validate_with(payload, Some(&mut self.reuse)) {
             Ok(()) => Outcome::Pass,
             Err(error) => Outcome::Invalid { schema: name.into(), error },
         }

@@ -5,6 +5,8 @@
 //!   Avro) compiled at start and on SIGHUP; a failed compile keeps the previous schema.
 //! - [`avro`]: a compiled Avro schema; JSON → Avro binary, Avro binary → JSON (with Avro's
 //!   resolution from a writer to a reader schema).
+//! - [`json`]: a strict JSON reader for the fast paths (Avro written while reading; a parse that
+//!   reuses the previous payload's value); what it does not take goes to `serde_json`.
 //! - [`wire`]: the Confluent wire format (magic 0, 4-byte big-endian schema id, datum).
 //! - [`registry`]: a Confluent Schema Registry client (blocking HTTP with a time-out).
 //! - [`check`]: what one mapping does with a payload (validate, encode, decode) over a cache of
@@ -17,6 +19,7 @@
 
 pub mod avro;
 pub mod check;
+pub mod json;
 pub mod local;
 pub mod registry;
 pub mod wire;

@@ -11,7 +11,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::avro::AvroSchema;
+use crate::json::ReusedValue;
 use crate::PayloadError;
+
+/// The largest payload parsed into a thread's reused value (which keeps the memory of the last
+/// one it held: bounded by this); larger ones are parsed afresh by `serde_json`.
+pub const REUSED_BYTES_MAX: usize = 64 << 10;
 
 /// `kind = "json-schema" | "avro"`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,16 +70,33 @@ impl Compiled {
     }
 
     /// Checks one payload: JSON text valid under the JSON Schema, or exactly one Avro datum.
+    /// Stateless: the JSON is parsed by `serde_json` into a new value.
     pub fn validate(&self, payload: &[u8]) -> Result<(), PayloadError> {
+        self.validate_with(payload, None)
+    }
+
+    /// [`Self::validate`], parsing JSON into `reuse` (the value of the thread's previous
+    /// payload, its strings and maps reused: no allocation when the shape repeats). A payload
+    /// that parser does not take, or a larger one than [`REUSED_BYTES_MAX`], is parsed by
+    /// `serde_json` (which names what is wrong with invalid JSON).
+    pub fn validate_with(&self, payload: &[u8], reuse: Option<&mut ReusedValue>) -> Result<(), PayloadError> {
         match self {
             Compiled::Json(v) => {
-                let json: serde_json::Value =
-                    serde_json::from_slice(payload).map_err(|e| PayloadError::NotJson(e.to_string()))?;
+                let fresh;
+                let reused = reuse.filter(|_| payload.len() <= REUSED_BYTES_MAX).and_then(|r| r.parse(payload).ok());
+                let json = match reused {
+                    Some(json) => json,
+                    None => {
+                        fresh = serde_json::from_slice::<serde_json::Value>(payload)
+                            .map_err(|e| PayloadError::NotJson(e.to_string()))?;
+                        &fresh
+                    }
+                };
                 // The fast check first; errors are collected only for an invalid payload.
-                if v.is_valid(&json) {
+                if v.is_valid(json) {
                     return Ok(());
                 }
-                let first = v.iter_errors(&json).next().map(|e| (e.instance_path().to_string(), e.to_string()));
+                let first = v.iter_errors(json).next().map(|e| (e.instance_path().to_string(), e.to_string()));
                 let (path, message) = first.unwrap_or_default();
                 Err(PayloadError::JsonSchema { path, message })
             }

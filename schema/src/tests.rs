@@ -386,3 +386,67 @@ fn a_length_prefix_cannot_make_the_decoder_allocate_what_it_announces() {
     super::avro::tests_zigzag(1000, &mut short);
     assert!(bytes.validate_datum(&short).is_err());
 }
+
+/// Payloads in the schema's field order (the streaming encoder's path) and others (the `Value`
+/// path): `encode_json_bytes` gives exactly what the `Value` path gives, bytes or error.
+#[test]
+fn streaming_json_to_avro_equals_the_value_path() {
+    let s = telemetry();
+    let streamed = [
+        r#"{"device":"car-1","ts":1700000000000,"temp":21.5,"ok":true,"tags":["a","b"],"extra":"x","level":"HIGH","raw":"\u0000\u00ff","pos":{"lat":1.5,"lon":-2.0},"prev":{"lat":0.0,"lon":0.0}}"#,
+        r#"{"device":"d","ts":-1,"temp":0,"ok":false,"tags":[]}"#,
+        r#" { "junk" : [ {"x":[1,2,{"y":null}]}, "s" ] , "device" : "d\"\u00e9😀" , "ts" : 1 , "temp" : 1e3 , "ok" : false , "tags" : [ "a" ] , "pos" : null , "more" : {} } "#,
+        r#"{"device":"d","ts":1,"temp":2,"ok":true,"tags":["x"],"level":"LOW","pos":{"lat":2,"lon":1,"z":3}}"#,
+    ];
+    for p in streamed {
+        let mut fast = vec![7];
+        s.encode_streaming(p.as_bytes(), &mut fast).unwrap_or_else(|_| panic!("streaming missed {p}"));
+        let mut slow = vec![7];
+        s.encode_json(&serde_json::from_str(p).unwrap(), &mut slow).unwrap();
+        assert_eq!(fast, slow, "{p}");
+    }
+    let mut others: Vec<Vec<u8>> = [
+        // Out of the schema's order, a field twice, a map: the `Value` path.
+        r#"{"ts":1,"device":"d","temp":0,"ok":false,"tags":[]}"#,
+        r#"{"device":"d","ts":1,"temp":2,"ok":true,"tags":["x"],"pos":{"lon":1,"lat":2}}"#,
+        r#"{"device":"d","device":"e","ts":1,"temp":0,"ok":false,"tags":[]}"#,
+        r#"{"device":"d","ts":1,"temp":0,"ok":false,"tags":[],"attrs":{"b":2,"a":1}}"#,
+        // Errors: each the `Value` path's, with its JSON path.
+        r#"{"device":"d","ts":1.5,"temp":0,"ok":false,"tags":[]}"#,
+        r#"{"device":"d","ts":1,"temp":"hot","ok":false,"tags":[]}"#,
+        r#"{"device":"d","ts":1,"temp":1e400,"ok":false,"tags":[]}"#,
+        r#"{"device":"d","ts":99999999999999999999,"temp":0,"ok":false,"tags":[]}"#,
+        r#"{"device":"d","ts":1,"temp":0,"ok":false}"#,
+        r#"{"device":"d","ts":1,"temp":0,"ok":false,"tags":[1]}"#,
+        r#"{"device":"d","ts":1,"temp":0,"ok":false,"tags":[],"extra":5}"#,
+        r#"{"device":"d","ts":1,"temp":0,"ok":false,"tags":[],"pos":{"lat":1}}"#,
+        r#"{"device":"d","ts":1,"temp":0,"ok":false,"tags":[],"level":"MID"}"#,
+        r#"{"device":"d","ts":1,"temp":0,"ok":false,"tags":[],"raw":"\u0100"}"#,
+        r#"[1]"#,
+        r#"{"device":"d","ts":1,"temp":0,"ok":false,"tags":[],}"#,
+        "",
+    ]
+    .iter()
+    .map(|p| p.as_bytes().to_vec())
+    .collect();
+    let good = streamed[0].as_bytes();
+    others.extend((0..good.len()).map(|n| good[..n].to_vec()));
+    others.push(b"{\"device\":\"\xff\",\"ts\":1,\"temp\":0,\"ok\":false,\"tags\":[]}".to_vec());
+    let deep = format!("{{\"junk\":{}1{}}}", "[".repeat(200), "]".repeat(200));
+    others.push(deep.into_bytes());
+    let deep = format!("{{\"junk\":{}", "[".repeat(1_000_000));
+    others.push(deep.into_bytes());
+    for p in &others {
+        let shown = String::from_utf8_lossy(&p[..p.len().min(80)]).into_owned();
+        let slow = match serde_json::from_slice::<serde_json::Value>(p) {
+            Ok(v) => {
+                let mut out = Vec::new();
+                s.encode_json(&v, &mut out).map(|()| out)
+            }
+            Err(e) => Err(PayloadError::NotJson(e.to_string())),
+        };
+        let mut out = Vec::new();
+        let got = s.encode_json_bytes(p, &mut out).map(|()| out);
+        assert_eq!(got, slow, "{shown}");
+    }
+}
