@@ -413,6 +413,21 @@ pub struct HandoverTo {
 pub const HANDOVER_MAX_BYTES: usize = 900 << 10;
 
 impl Claim {
+    /// A claim of `kind` by shard `shard` of `node` about `client`, nothing else set.
+    pub fn new(node: &str, client: &str, shard: usize, kind: ClaimKind) -> Claim {
+        Claim {
+            node: node.to_string(),
+            client: client.to_string(),
+            shard,
+            conn: 0,
+            clean: false,
+            kind,
+            will: false,
+            to: None,
+            active: false,
+        }
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).unwrap_or_default()
     }

@@ -196,15 +196,7 @@ async fn read_sessions(me: NodeIdentity, kafka: Arc<Cluster>, wills: Arc<Mutex<W
             };
             let mut offset = None;
             loop {
-                let step = async {
-                    let from = match offset {
-                        Some(o) => o,
-                        None => pc.get_offset(OffsetAt::Earliest).await?,
-                    };
-                    offset = Some(from);
-                    pc.fetch_records(from, 1..1 << 20, FETCH_WAIT_MS).await
-                };
-                match tokio::time::timeout(Duration::from_secs(5), step).await {
+                match tokio::time::timeout(Duration::from_secs(5), fetch_from_start(&pc, &mut offset)).await {
                     Ok(Ok((records, _))) => {
                         let Ok(mut w) = wills.lock() else { return };
                         for r in records {
@@ -232,17 +224,7 @@ async fn clear_shares(me: &NodeIdentity, gone: &str, kafka: &Cluster, wills: &Mu
     };
     let topic = me.cfg.sessions_topic();
     for key in keys {
-        let claim = Claim {
-            node: gone.to_string(),
-            client: key.clone(),
-            shard: 0,
-            conn: 0,
-            clean: false,
-            kind: ClaimKind::Share,
-            will: false,
-            to: None,
-            active: false,
-        };
+        let claim = Claim::new(gone, &key, 0, ClaimKind::Share);
         let record_key = format!("{key}\u{1}{gone}").into_bytes();
         let r = Record {
             key: Some(record_key.clone()),
@@ -283,17 +265,7 @@ async fn publish_wills(me: &NodeIdentity, dead: &str, kafka: &Cluster, wills: &M
         record.timestamp = Utc.timestamp_millis_opt(wall_ms() as i64).single().unwrap_or_default();
         let retain = record.headers.get("mqtt.retain").is_some_and(|v| v == b"true");
         let topic = record.headers.get("mqtt.topic").cloned().unwrap_or_default();
-        let release = Claim {
-            node: dead.to_string(),
-            client: client.clone(),
-            shard: 0,
-            conn: 0,
-            clean: false,
-            kind: ClaimKind::Release,
-            will: false,
-            to: None,
-            active: false,
-        };
+        let release = Claim::new(dead, &client, 0, ClaimKind::Release);
         let release = Record {
             key: Some(client.as_bytes().to_vec()),
             value: None,
@@ -322,6 +294,20 @@ async fn publish_wills(me: &NodeIdentity, dead: &str, kafka: &Cluster, wills: &M
         published += 1;
     }
     tracing::info!(node = %dead, wills = published, "cluster: published the wills of a dead node");
+}
+
+/// The next records of a table read from its beginning: `offset` is where the last fetch ended
+/// (`None`: the partition's earliest offset, asked first).
+async fn fetch_from_start(
+    pc: &PartitionClient,
+    offset: &mut Option<i64>,
+) -> Result<(Vec<rskafka::record::RecordAndOffset>, i64), rskafka::client::error::Error> {
+    let from = match *offset {
+        Some(o) => o,
+        None => pc.get_offset(OffsetAt::Earliest).await?,
+    };
+    *offset = Some(from);
+    pc.fetch_records(from, 1..1 << 20, FETCH_WAIT_MS).await
 }
 
 fn fail(health: &KafkaHealth, failing: &mut bool, e: String) {
@@ -366,16 +352,8 @@ async fn read(
     let mut offset = None;
     let mut failing = false;
     loop {
-        let step = async {
-            let from = match offset {
-                Some(o) => o,
-                None => pc.get_offset(OffsetAt::Earliest).await?,
-            };
-            offset = Some(from);
-            pc.fetch_records(from, 1..1 << 20, FETCH_WAIT_MS).await
-        };
         let timeout = Duration::from_millis(me.cfg.heartbeat_ms.max(1000) + FETCH_WAIT_MS as u64);
-        match tokio::time::timeout(timeout, step).await {
+        match tokio::time::timeout(timeout, fetch_from_start(pc, &mut offset)).await {
             Ok(Ok((records, _))) => {
                 failing = false;
                 let wall = wall_ms() as i64;

@@ -90,6 +90,17 @@ class Broker:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
+def wait_for(cond, what, timeout=WAIT):
+    """Polls `cond` until it returns something true (returned), failing after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
 def parse(hostport):
     host, port = hostport.rsplit(":", 1)
     return host, int(port)

@@ -11,6 +11,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+import conftest
 from conftest import WAIT, Paho, Tansu, broker_with
 
 
@@ -41,13 +42,8 @@ def cluster_view(b):
 
 
 def wait_for(cond, what, timeout=30):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
+    """Cluster conditions cross Kafka more than once: a longer default than conftest's."""
+    return conftest.wait_for(cond, what, timeout)
 
 
 def states(b):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ROOT, WAIT, Broker, Tansu, broker_with
+from conftest import ROOT, WAIT, Broker, Tansu, broker_with, wait_for
 
 HTTP_ARGS = ("--http", "127.0.0.1:0")
 
@@ -53,16 +53,6 @@ def total(families, name, **labels):
             if smp.name == name and all(smp.labels.get(k) == v for k, v in labels.items()):
                 s += smp.value
     return s
-
-
-def wait_for(cond, what, timeout=WAIT):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 @pytest.fixture

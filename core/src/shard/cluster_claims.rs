@@ -125,25 +125,15 @@ impl Shard {
         now_ms: u64,
     ) {
         let Some((node, _)) = &self.claims.node else { return };
-        let claim = Claim {
-            node: node.to_string(),
-            client: client_id.to_string(),
-            shard: self.id,
-            conn,
-            clean,
-            kind,
-            will: will.is_some(),
-            to: None,
-            active: false,
-        };
+        let claim = Claim { conn, clean, will: will.is_some(), ..Claim::new(node, client_id, self.id, kind) };
         // The record is the will itself (the others publish it as it is should this node die),
         // or an empty message on the claim topic.
-        let msg = match will {
+        match will {
             Some(w) => {
                 let mut properties = w.properties;
                 properties.will_delay_interval = None;
                 properties.message_expiry_interval = None;
-                Message {
+                let msg = Message {
                     topic: w.topic,
                     payload: w.payload,
                     qos: w.qos,
@@ -151,17 +141,25 @@ impl Shard {
                     properties: properties.boxed(),
                     expiry_at_ms: None,
                     origin: client_id.clone(),
-                }
+                };
+                let wall = self.wall_offset_ms + now_ms as i64;
+                self.outbox.bridge_claim(&Arc::new(msg), claim.encode().into(), wall, &mut self.effects.produce);
             }
-            None => Message {
-                topic: crate::cluster::CLAIM_TOPIC.into(),
-                payload: Bytes::new(),
-                qos: 0,
-                retain: false,
-                properties: None,
-                expiry_at_ms: None,
-                origin: client_id.clone(),
-            },
+            None => self.send_claim(&claim, client_id.clone(), Bytes::new(), 0, now_ms),
+        }
+    }
+
+    /// `claim` as a record of the claims mapping: key `key`, value `value`, QoS `qos` (1: by
+    /// the spill log through an outage).
+    fn send_claim(&mut self, claim: &Claim, key: ClientId, value: Bytes, qos: u8, now_ms: u64) {
+        let msg = Message {
+            topic: crate::cluster::CLAIM_TOPIC.into(),
+            payload: value,
+            qos,
+            retain: false,
+            properties: None,
+            expiry_at_ms: None,
+            origin: key,
         };
         let wall = self.wall_offset_ms + now_ms as i64;
         self.outbox.bridge_claim(&Arc::new(msg), claim.encode().into(), wall, &mut self.effects.produce);
@@ -171,29 +169,10 @@ impl Shard {
     /// any more: the other nodes hear it (see [`ClaimKind::Share`]).
     pub(super) fn announce_share(&mut self, key: &str, active: bool, now_ms: u64) {
         let Some((node, _)) = &self.claims.node else { return };
-        let claim = Claim {
-            node: node.to_string(),
-            client: key.to_string(),
-            shard: self.id,
-            conn: 0,
-            clean: false,
-            kind: ClaimKind::Share,
-            will: false,
-            to: None,
-            active,
-        };
-        let msg = Message {
-            topic: crate::cluster::CLAIM_TOPIC.into(),
-            payload: Bytes::new(),
-            qos: 1,
-            retain: false,
-            properties: None,
-            expiry_at_ms: None,
-            // The record's key: one per (group, node) in the compacted topic.
-            origin: format!("{key}\u{1}{node}").into(),
-        };
-        let wall = self.wall_offset_ms + now_ms as i64;
-        self.outbox.bridge_claim(&Arc::new(msg), claim.encode().into(), wall, &mut self.effects.produce);
+        let claim = Claim { active, ..Claim::new(node, key, self.id, ClaimKind::Share) };
+        // The record's key: one per (group, node) in the compacted topic.
+        let record_key = format!("{key}\u{1}{node}").into();
+        self.send_claim(&claim, record_key, Bytes::new(), 1, now_ms);
     }
 
     /// "confirmed" or "unconfirmed" for a connection in a cluster; `None` outside one.
@@ -299,29 +278,11 @@ impl Shard {
             self.claims.handover_truncated += 1;
         }
         let Some((node, _)) = &self.claims.node else { return };
-        let handover = Claim {
-            node: node.to_string(),
-            client: claim.client.clone(),
-            shard: self.id,
-            conn: 0,
-            clean: false,
-            kind: ClaimKind::Handover,
-            will: false,
-            to: Some(HandoverTo { node: claim.node.clone(), shard: claim.shard, conn: claim.conn }),
-            active: false,
-        };
-        let msg = Message {
-            topic: crate::cluster::CLAIM_TOPIC.into(),
-            payload: bytes.into(),
-            // QoS 1: by the spill log through an outage, like an acknowledged publish.
-            qos: 1,
-            retain: false,
-            properties: None,
-            expiry_at_ms: None,
-            origin: s.client_id.clone(),
-        };
-        let wall = self.wall_offset_ms + now_ms as i64;
-        self.outbox.bridge_claim(&Arc::new(msg), handover.encode().into(), wall, &mut self.effects.produce);
+        let to = HandoverTo { node: claim.node.clone(), shard: claim.shard, conn: claim.conn };
+        let handover = Claim { to: Some(to), ..Claim::new(node, &claim.client, self.id, ClaimKind::Handover) };
+        // QoS 1: by the spill log through an outage, like an acknowledged publish.
+        let key = s.client_id.clone();
+        self.send_claim(&handover, key, bytes.into(), 1, now_ms);
         self.claims.handed_over += 1;
     }
 
@@ -373,28 +334,8 @@ impl Shard {
         if now_ms >= self.claims.lease_next_ms {
             self.claims.lease_next_ms = now_ms + lease_ms;
             let lease = format!("lease/{node}/{}", self.id);
-            let claim = Claim {
-                node: node.to_string(),
-                client: lease.clone(),
-                shard: self.id,
-                conn: 0,
-                clean: false,
-                kind: ClaimKind::Lease,
-                will: false,
-                to: None,
-                active: false,
-            };
-            let msg = Message {
-                topic: crate::cluster::CLAIM_TOPIC.into(),
-                payload: Bytes::new(),
-                qos: 0,
-                retain: false,
-                properties: None,
-                expiry_at_ms: None,
-                origin: lease.into(),
-            };
-            let wall = self.wall_offset_ms + now_ms as i64;
-            self.outbox.bridge_claim(&Arc::new(msg), claim.encode().into(), wall, &mut self.effects.produce);
+            let claim = Claim::new(&node, &lease, self.id, ClaimKind::Lease);
+            self.send_claim(&claim, lease.into(), Bytes::new(), 0, now_ms);
         }
         let seen = self.claims.lease_seen_ms.unwrap_or(started);
         if self.claims.fenced || now_ms.saturating_sub(seen) < confirm_ms {

@@ -1771,36 +1771,45 @@ fn admin_page_cost() {
     assert!(matches!(s, AdminReply::Snapshot(_)));
 }
 
-/// A `$share` group of two members on the group's owner, window 2 each: one member never
-/// acknowledges. Once its window is full it must not collect more of the group's messages
-/// while the other member has room (plain round-robin queued every other message behind it).
-#[test]
-fn a_shared_member_that_never_acknowledges_does_not_collect_the_groups_messages() {
+/// Two members of `$share/g/jobs`, window 2 each, both on shard `members_on`: "stuck" never
+/// acknowledges, "worker" does; "producer" on the other shard publishes 20 QoS 1 jobs. Returns
+/// the world and how many jobs each member got (the world's shard `members_on` hosts them).
+fn silent_member_run(members_on_owner: bool) -> (World, usize, usize, usize) {
     let limits = Limits { max_inflight: 2, ..Limits::default() };
     let mut w = World::new(2, limits);
     let owner = shard_of(&share_key("g", "jobs"), 2);
-    let other = 1 - owner;
-    w.connect(owner, 1, V5, "stuck", true);
-    w.send(owner, 1, V5, subscribe("$share/g/jobs", 1));
-    w.recv(owner, 1, V5);
-    w.connect(owner, 2, V5, "worker", true);
-    w.send(owner, 2, V5, subscribe("$share/g/jobs", 1));
-    w.recv(owner, 2, V5);
-    w.connect(other, 3, V5, "producer", true);
+    let members = if members_on_owner { owner } else { 1 - owner };
+    let producer = 1 - members;
+    w.connect(members, 1, V5, "stuck", true);
+    w.send(members, 1, V5, subscribe("$share/g/jobs", 1));
+    w.recv(members, 1, V5);
+    w.connect(members, 2, V5, "worker", true);
+    w.send(members, 2, V5, subscribe("$share/g/jobs", 1));
+    w.recv(members, 2, V5);
+    w.connect(producer, 3, V5, "producer", true);
     let (mut stuck, mut worker) = (0, 0);
     for pid in 1..=20u16 {
-        w.send(other, 3, V5, publish("jobs", 1, pid, b"job"));
-        stuck += w.recv(owner, 1, V5).iter().filter(|p| matches!(p, Packet::Publish(_))).count();
-        for p in w.recv(owner, 2, V5) {
+        w.send(producer, 3, V5, publish("jobs", 1, pid, b"job"));
+        stuck += w.recv(members, 1, V5).iter().filter(|p| matches!(p, Packet::Publish(_))).count();
+        for p in w.recv(members, 2, V5) {
             if let Packet::Publish(p) = p {
                 worker += 1;
-                w.send(owner, 2, V5, Packet::PubAck(resp(p.packet_id)));
+                w.send(members, 2, V5, Packet::PubAck(resp(p.packet_id)));
             }
         }
     }
+    (w, members, stuck, worker)
+}
+
+/// The members on the group's owner. Once the silent one's window is full it must not collect
+/// more of the group's messages while the other member has room (plain round-robin queued every
+/// other message behind it).
+#[test]
+fn a_shared_member_that_never_acknowledges_does_not_collect_the_groups_messages() {
+    let (w, members, stuck, worker) = silent_member_run(true);
     assert_eq!(stuck, 2, "the silent member gets its window, no more");
     assert_eq!(worker, 18, "the rest goes to the member with room, none waits behind the other");
-    let s = w.shards[owner].sessions.get(&ClientId::from("stuck")).unwrap();
+    let s = w.shards[members].sessions.get(&ClientId::from("stuck")).unwrap();
     assert!(s.queue.is_empty(), "nothing queued behind the full window: {}", s.queue.len());
 }
 
@@ -1808,28 +1817,8 @@ fn a_shared_member_that_never_acknowledges_does_not_collect_the_groups_messages(
 /// from their shard that the silent one is busy (`ShareBusy`) and passes it over.
 #[test]
 fn a_shared_member_on_another_shard_that_never_acknowledges_is_passed_over() {
-    let limits = Limits { max_inflight: 2, ..Limits::default() };
-    let mut w = World::new(2, limits);
-    let owner = shard_of(&share_key("g", "jobs"), 2);
-    let other = 1 - owner;
-    w.connect(other, 1, V5, "stuck", true);
-    w.send(other, 1, V5, subscribe("$share/g/jobs", 1));
-    w.recv(other, 1, V5);
-    w.connect(other, 2, V5, "worker", true);
-    w.send(other, 2, V5, subscribe("$share/g/jobs", 1));
-    w.recv(other, 2, V5);
-    w.connect(owner, 3, V5, "producer", true);
-    let (mut stuck, mut worker) = (0, 0);
-    for pid in 1..=20u16 {
-        w.send(owner, 3, V5, publish("jobs", 1, pid, b"job"));
-        stuck += w.recv(other, 1, V5).iter().filter(|p| matches!(p, Packet::Publish(_))).count();
-        for p in w.recv(other, 2, V5) {
-            if let Packet::Publish(p) = p {
-                worker += 1;
-                w.send(other, 2, V5, Packet::PubAck(resp(p.packet_id)));
-            }
-        }
-    }
+    let (mut w, other, stuck, worker) = silent_member_run(false);
+    let owner = 1 - other;
     assert_eq!((stuck, worker), (2, 18));
     // It acknowledges at last: room again, so it takes its turns again.
     w.send(other, 1, V5, Packet::PubAck(resp(1)));
