@@ -284,6 +284,33 @@ pub(crate) fn render(state: &State, snaps: &[Snapshot]) -> String {
                 );
             }
         }
+        let sc = &k.schemas;
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        o.one(
+            "sluice_schema_registry_waits_total",
+            "counter",
+            "MQTT → Kafka records that waited for a schema from the registry.",
+            load(&sc.waited),
+        );
+        o.one("sluice_schema_registry_waiting", "gauge", "Records waiting for the registry now.", load(&sc.waiting));
+        o.one(
+            "sluice_schema_registry_wait_refused_total",
+            "counter",
+            "Records refused because 10,000 already waited for the registry on their Kafka thread.",
+            load(&sc.wait_refused),
+        );
+        o.one(
+            "sluice_kafka_to_mqtt_schema_skipped_total",
+            "counter",
+            "Kafka → MQTT records skipped: they did not validate or decode.",
+            load(&sc.inbound_skipped),
+        );
+        o.one(
+            "sluice_kafka_to_mqtt_registry_failures_total",
+            "counter",
+            "Kafka → MQTT batches stopped because the registry could not answer (read again later).",
+            load(&sc.inbound_registry_failures),
+        );
         if let Some(view) = k.cluster() {
             o.family("sluice_cluster_nodes", "gauge", "Nodes of this node's cluster by state, as its heartbeats say.");
             for state in ["alive", "left", "dead"] {

@@ -189,7 +189,7 @@ async fn consume(
                     })
                     .collect();
                 if let Some(((op, cache, setup), name)) = &check {
-                    if let Some(stop) = apply(op, cache, setup, &mut batch, name, &topic, &mut logged).await {
+                    if let Some(stop) = apply(op, cache, setup, &mut batch, (name, &topic, &health), &mut logged).await {
                         // The registry cannot answer: this record and the rest are fetched
                         // again later (Kafka keeps them).
                         next = stop;
@@ -225,10 +225,10 @@ async fn apply(
     cache: &Arc<std::sync::Mutex<Cache>>,
     setup: &SchemaSetup,
     batch: &mut Vec<InboundRecord>,
-    mapping: &str,
-    topic: &str,
+    (mapping, topic, health): (&str, &str, &KafkaHealth),
     logged: &mut std::collections::HashSet<String>,
 ) -> Option<i64> {
+    use std::sync::atomic::Ordering::Relaxed;
     let mut kept = Vec::with_capacity(batch.len());
     let mut stop = None;
     'records: for mut r in batch.drain(..) {
@@ -243,6 +243,7 @@ async fn apply(
                 Outcome::Pass => {}
                 Outcome::Replace(json) => r.value = Some(bytes::Bytes::from(json)),
                 Outcome::Invalid { schema, error } => {
+                    health.schemas.inbound_skipped.fetch_add(1, Relaxed);
                     let cause = format!("{schema}: {error}");
                     if logged.len() < 64 && logged.insert(cause.clone()) {
                         tracing::warn!(
@@ -270,6 +271,7 @@ async fn apply(
                     continue;
                 }
                 Outcome::Failed(e) => {
+                    health.schemas.inbound_registry_failures.fetch_add(1, Relaxed);
                     tracing::warn!(mapping, topic, offset = r.offset, error = %e, "kafka_to_mqtt: schema registry cannot answer; the record is read again later");
                     stop = Some(r.offset);
                     break 'records;

@@ -74,8 +74,25 @@ pub struct ClusterView {
     pub last_error: Option<String>,
 }
 
+/// Payload schema work off the shards, summed over the Kafka threads (relaxed atomics, bumped
+/// once per record that waits or is refused, never per record checked).
+#[derive(Default)]
+pub struct SchemaCounters {
+    /// MQTT → Kafka records that waited for a schema from the registry, since start.
+    pub waited: AtomicU64,
+    /// Records waiting for the registry now (a gauge).
+    pub waiting: AtomicU64,
+    /// Records refused because `schemas::PARKED_MAX` already waited on their thread.
+    pub wait_refused: AtomicU64,
+    /// Kafka → MQTT records skipped because they did not validate or decode.
+    pub inbound_skipped: AtomicU64,
+    /// Kafka → MQTT batches stopped because the registry could not answer (read again later).
+    pub inbound_registry_failures: AtomicU64,
+}
+
 /// Shared by the Kafka threads and the HTTP endpoint (see the module doc).
 pub struct KafkaHealth {
+    pub schemas: SchemaCounters,
     cluster: Mutex<Option<ClusterView>>,
     clusters: Mutex<Vec<ClusterState>>,
     /// `(mapping, topic, partition)` → lag.
@@ -97,6 +114,7 @@ impl KafkaHealth {
             .map(|(name, &needed)| ClusterState { name: name.clone(), needed, ..ClusterState::default() })
             .collect();
         KafkaHealth {
+            schemas: SchemaCounters::default(),
             cluster: Mutex::new(None),
             clusters: Mutex::new(clusters),
             lag: Mutex::new(BTreeMap::new()),

@@ -219,7 +219,7 @@ pub fn start(
                         consumer::spawn(i as u16, m, cluster, shard, inbound_tx.clone(), positions.clone(), (check, h));
                     }
                     drop(inbound_tx);
-                    let stage = schemas.map(|(cache, setup)| schemas::Stage::new(setup, cache));
+                    let stage = schemas.map(|(cache, setup)| schemas::Stage::new(setup, cache, health.clone()));
                     let producer = producer::Producer::new(shard, own, req_rx, res_tx, stage, health);
                     tokio::select! {
                         _ = producer.run() => {}

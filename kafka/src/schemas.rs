@@ -180,14 +180,15 @@ pub(crate) struct Stage {
     /// Records waiting for a fetch, per mapping, in hand-over order.
     parked: HashMap<u16, VecDeque<ProduceRequest>>,
     parked_total: usize,
+    counters: Arc<crate::health::KafkaHealth>,
     /// The default subject (`<topic>-value`) of the last topic seen: built once per topic, not
     /// per record.
     last_subject: Option<(Arc<str>, Arc<str>)>,
 }
 
 impl Stage {
-    pub(crate) fn new(setup: Arc<SchemaSetup>, cache: Arc<Mutex<Cache>>) -> Stage {
-        Stage { setup, cache, parked: HashMap::new(), parked_total: 0, last_subject: None }
+    pub(crate) fn new(setup: Arc<SchemaSetup>, cache: Arc<Mutex<Cache>>, counters: Arc<crate::health::KafkaHealth>) -> Stage {
+        Stage { setup, cache, parked: HashMap::new(), parked_total: 0, counters, last_subject: None }
     }
 
     pub(crate) fn schemas(&self) -> Arc<Schemas> {
@@ -211,10 +212,14 @@ impl Stage {
     }
 
     fn park(&mut self, req: ProduceRequest) -> Checked {
+        let c = &self.counters.schemas;
         if self.parked_total >= PARKED_MAX {
+            c.wait_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let e = ProduceError::Other(format!("{PARKED_MAX} records already wait for a schema registry"));
             return Checked::Done(req.id, e, None);
         }
+        c.waited.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        c.waiting.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.parked_total += 1;
         self.parked.entry(req.record.mapping).or_default().push_back(req);
         Checked::Parked
@@ -283,6 +288,7 @@ impl Stage {
         for m in mappings {
             while let Some(req) = self.parked.get_mut(&m).and_then(VecDeque::pop_front) {
                 self.parked_total -= 1;
+                self.counters.schemas.waiting.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                 match self.check_now(req, fetch) {
                     Checked::Parked => {
                         // check_now parked it at the back: put it back in front.

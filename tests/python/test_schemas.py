@@ -347,7 +347,7 @@ def test_encode_and_decode_against_a_registry_with_confluent_serdes_and_evolutio
     kafka.create_topic(down, partitions=1)
     v1_up = registry.register(f"{up}-value", TELEMETRY_AVRO)
     v1_down = registry.register(f"{down}-value", TELEMETRY_AVRO)
-    b = broker_with(config=registry_config(kafka, registry, up, down))
+    b = broker_with("--http", "127.0.0.1:0", config=registry_config(kafka, registry, up, down))
     try:
         c = paho(b.shard(0), "enc-pub", v5=True)
         sub = paho(b.shard(1), "dec-sub", v5=True)
@@ -413,6 +413,14 @@ def test_encode_and_decode_against_a_registry_with_confluent_serdes_and_evolutio
         assert puback(c, "enc/car-1", b'{"device":"car-1","temp":3}') == (0, None)
         last = kafka.consume(up, 100, timeout=2)[-1]
         assert last.value()[1:5] == v2_up.to_bytes(4, "big")
+        # Counted: the first record waited for its schema; two records from Kafka were skipped.
+        import urllib.request
+        with urllib.request.urlopen(f"http://{b.http[0]}:{b.http[1]}/metrics", timeout=WAIT) as r:
+            text = r.read().decode()
+        metric = lambda name: float(next(l.split()[-1] for l in text.splitlines() if l.startswith(name + " ")))
+        assert metric("sluice_schema_registry_waits_total") >= 1, text
+        assert metric("sluice_schema_registry_waiting") == 0
+        assert metric("sluice_kafka_to_mqtt_schema_skipped_total") >= 2
     finally:
         b.stop()
 
