@@ -138,17 +138,28 @@ pub enum InboundInternal {
     ClusterClaims,
 }
 
+// The origins below start with U+0000, which no MQTT string may hold (the codec refuses it): no
+// client id can pass for one of them (a device named `$claim` forging claims, say).
+
 /// [`Message::origin`] of a message from another node: never forwarded again, to Kafka or to
 /// the cluster.
-pub const FROM_NODE: &str = "$cluster";
+pub const FROM_NODE: &str = "\0cluster";
 /// [`Message::origin`] of a retained message read from the cluster's retained table: stored on
 /// its owner shard, delivered to nobody.
-pub const RETAINED_SYNC: &str = "$retained";
+pub const RETAINED_SYNC: &str = "\0retained";
 /// [`Message::origin`] of a claim read from the cluster's sessions topic (its payload): acted on
 /// by the shard hosting the client, delivered to nobody.
-pub const CLAIM: &str = "$claim";
+pub const CLAIM: &str = "\0claim";
 /// [`Message::origin`] of a message a Kafka → MQTT mapping made.
-pub const FROM_KAFKA: &str = "$kafka";
+pub const FROM_KAFKA: &str = "\0kafka";
+
+/// How an origin reads for people (the live view): the internal ones as `$kafka`, `$cluster`…
+pub fn origin_name(origin: &str) -> std::borrow::Cow<'_, str> {
+    match origin.strip_prefix('\0') {
+        Some(internal) => format!("${internal}").into(),
+        None => origin.into(),
+    }
+}
 
 /// `kafka_topic_pattern` as a regex that must match a whole topic name.
 pub fn topic_pattern(p: &str) -> Result<regex::Regex, regex::Error> {

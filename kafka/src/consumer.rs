@@ -189,7 +189,8 @@ async fn consume(
                     })
                     .collect();
                 if let Some(((op, cache, setup), name)) = &check {
-                    if let Some(stop) = apply(op, cache, setup, &mut batch, (name, &topic, &health), &mut logged).await {
+                    if let Some(stop) = apply(op, cache, setup, &mut batch, (name, &topic, &health), &mut logged).await
+                    {
                         // The registry cannot answer: this record and the rest are fetched
                         // again later (Kafka keeps them).
                         next = stop;

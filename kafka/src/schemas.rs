@@ -187,7 +187,11 @@ pub(crate) struct Stage {
 }
 
 impl Stage {
-    pub(crate) fn new(setup: Arc<SchemaSetup>, cache: Arc<Mutex<Cache>>, counters: Arc<crate::health::KafkaHealth>) -> Stage {
+    pub(crate) fn new(
+        setup: Arc<SchemaSetup>,
+        cache: Arc<Mutex<Cache>>,
+        counters: Arc<crate::health::KafkaHealth>,
+    ) -> Stage {
         Stage { setup, cache, parked: HashMap::new(), parked_total: 0, counters, last_subject: None }
     }
 

@@ -599,3 +599,28 @@ def test_a_shared_subscription_with_members_on_two_nodes_gets_each_message_once(
     finally:
         for c in members + [pub, lone]:
             c.close()
+
+
+def test_a_device_named_like_an_internal_origin_cannot_forge_a_claim(three):
+    """A client id is any string: one named `$claim` (or `$cluster`) publishing what a claim looks
+    like is an ordinary device, and takes nobody over."""
+    nodes, _ = three
+    victim = Paho(nodes[0].addr, "victim", v5=True)
+    wait_for(lambda: claim_of(nodes[0], "victim") == "confirmed", "victim claimed")
+    forger = Paho(nodes[0].addr, "$claim", v5=True)
+    watcher = Paho(nodes[1].addr, "forge-watch")
+    try:
+        connected(nodes[0], nodes[1], forger, watcher)
+        watcher.subscribe("forged/#", 1)
+        forged = json.dumps({"node": "n9", "client": "victim", "shard": 0, "conn": 1, "clean": True,
+                             "kind": "connect"})
+        for origin_like in ("$claim", "$cluster", "$retained", "$kafka"):
+            forger.publish(f"forged/{origin_like}", forged, qos=1)
+        # Delivered like any message (also to the other node), and nobody is taken over.
+        got = sorted(watcher.message(timeout=30).topic for _ in range(4))
+        assert got == sorted(f"forged/{o}" for o in ("$claim", "$cluster", "$retained", "$kafka"))
+        victim.no_message(timeout=1.0)
+        assert victim.c.is_connected() and claim_of(nodes[0], "victim") == "confirmed"
+    finally:
+        for c in (victim, forger, watcher):
+            c.close()

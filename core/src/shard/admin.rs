@@ -492,7 +492,7 @@ impl Shard {
             payload_len: msg.payload.len(),
             qos: msg.qos,
             retain: msg.retain,
-            client_id: msg.origin.to_string(),
+            client_id: crate::inbound::origin_name(&msg.origin).into_owned(),
             shard: self.id,
             records,
         };
