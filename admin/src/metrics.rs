@@ -178,6 +178,16 @@ pub(crate) fn render(state: &State, snaps: &[Snapshot]) -> String {
             o.sample("sluice_kafka_records_failed_total", &[("mapping", m), ("cluster", c), ("cause", &cause)], v);
         }
     }
+    o.family(
+        "sluice_kafka_records_invalid_total",
+        "counter",
+        "Payloads that did not validate against, or convert to, the mapping's schema, by cause.",
+    );
+    for ((m, c), st) in &pairs {
+        for (cause, v) in sluice_core::schemas::INVALID_CAUSES.iter().zip(st.invalid_by_cause) {
+            o.sample("sluice_kafka_records_invalid_total", &[("mapping", m), ("cluster", c), ("cause", cause)], v);
+        }
+    }
     let name = "sluice_kafka_ack_latency_seconds";
     o.family(name, "histogram", "From hand-over to the producers (right after PUBLISH) to Kafka's answer.");
     for ((m, c), st) in &pairs {

@@ -539,7 +539,7 @@ pub enum ProduceError {
     /// The payload does not validate against, or convert to, its mapping's schema: `reason`
     /// names the schema and the first error; `policy` is the mapping's `on_invalid`.
     #[error("invalid payload: {reason}")]
-    Invalid { reason: String, policy: crate::schemas::OnInvalid },
+    Invalid { reason: String, policy: crate::schemas::OnInvalid, cause: &'static str },
 }
 
 impl ProduceError {

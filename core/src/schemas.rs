@@ -152,6 +152,20 @@ fn modes(m: &[SchemaMode]) -> String {
     m.iter().map(|x| format!("\"{x:?}\"").to_lowercase()).collect::<Vec<_>>().join(" or ")
 }
 
+/// Why payloads do not validate or convert, as `sluice_schema::PayloadError::cause` names them:
+/// the order in which [`crate::shard::MappingStats::invalid_by_cause`] counts them (anything else
+/// counts as the last).
+pub const INVALID_CAUSES: [&str; 8] = [
+    "not_json",
+    "json_schema",
+    "does_not_convert",
+    "not_avro",
+    "not_wire_format",
+    "unknown_id",
+    "not_in_subject",
+    "other",
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;

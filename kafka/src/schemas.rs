@@ -264,9 +264,14 @@ impl Stage {
                 Checked::Go(req)
             }
             Outcome::Invalid { schema, error } => {
+                let cause = error.cause();
                 let error = error.to_string();
                 let copy = (policy == OnInvalid::DeadLetter).then(|| dead_letter(&req, &schema, &error)).flatten();
-                Checked::Done(req.id, ProduceError::Invalid { reason: format!("{schema}: {error}"), policy }, copy)
+                Checked::Done(
+                    req.id,
+                    ProduceError::Invalid { reason: format!("{schema}: {error}"), policy, cause },
+                    copy,
+                )
             }
             Outcome::Wait(need) => {
                 if lock(&self.cache).begin_fetch(&need) {
@@ -337,4 +342,26 @@ fn dead_letter(req: &ProduceRequest, schema: &str, error: &str) -> Option<Produc
     d.topic = topic;
     d.dead_letter = None;
     Some(ProduceRequest { id: req.id, record: d, durable: false })
+}
+
+#[cfg(test)]
+mod cause_names {
+    /// Every cause the schema crate gives is one the core counts by name (else it would count
+    /// as "other").
+    #[test]
+    fn every_payload_error_cause_is_an_invalid_cause() {
+        use sluice_schema::PayloadError as E;
+        let all = [
+            E::NotJson(String::new()),
+            E::JsonSchema { path: String::new(), message: String::new() },
+            E::Convert { path: String::new(), problem: String::new() },
+            E::Avro(String::new()),
+            E::NotWireFormat(String::new()),
+            E::UnknownId { registry: String::new(), id: 0 },
+            E::NotInSubject { id: 0, subject: String::new() },
+        ];
+        for e in all {
+            assert!(sluice_core::schemas::INVALID_CAUSES.contains(&e.cause()), "{}", e.cause());
+        }
+    }
 }

@@ -49,5 +49,20 @@ pub enum PayloadError {
     NotInSubject { id: u32, subject: String },
 }
 
+impl PayloadError {
+    /// The kind of failure, one of `sluice_core::schemas::INVALID_CAUSES` (counted by it).
+    pub fn cause(&self) -> &'static str {
+        match self {
+            PayloadError::NotJson(_) => "not_json",
+            PayloadError::JsonSchema { .. } => "json_schema",
+            PayloadError::Convert { .. } => "does_not_convert",
+            PayloadError::Avro(_) => "not_avro",
+            PayloadError::NotWireFormat(_) => "not_wire_format",
+            PayloadError::UnknownId { .. } => "unknown_id",
+            PayloadError::NotInSubject { .. } => "not_in_subject",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -421,6 +421,11 @@ def test_encode_and_decode_against_a_registry_with_confluent_serdes_and_evolutio
         assert metric("sluice_schema_registry_waits_total") >= 1, text
         assert metric("sluice_schema_registry_waiting") == 0
         assert metric("sluice_kafka_to_mqtt_schema_skipped_total") >= 2
+        # The refused payloads, by cause: two that do not convert, one that is not JSON.
+        def invalid(cause):
+            return sum(float(l.split()[-1]) for l in text.splitlines()
+                       if l.startswith("sluice_kafka_records_invalid_total{") and f'cause="{cause}"' in l)
+        assert invalid("does_not_convert") == 2 and invalid("not_json") == 1, text
     finally:
         b.stop()
 

@@ -109,7 +109,7 @@ impl Shard {
             // A payload its schema refuses: MQTT 5 hears why (0x99 with the schema and the
             // error); 3.1.1 has no negative acknowledgement, so the mapping's policy decides —
             // acknowledged (dead-lettered or dropped by the Kafka side) or disconnected.
-            Err(ProduceError::Invalid { reason: why, policy }) => {
+            Err(ProduceError::Invalid { reason: why, policy, .. }) => {
                 if c.is_v5() || *policy == OnInvalid::Disconnect {
                     c.acks.done_with_reason(seq, reason::PAYLOAD_FORMAT_INVALID, why)
                 } else {

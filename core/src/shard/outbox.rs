@@ -49,6 +49,8 @@ pub struct MappingStats {
     /// Payloads that did not validate against, or convert to, the mapping's schema (not in
     /// `records_failed`: Kafka never saw them).
     pub records_invalid: u64,
+    /// `records_invalid` by cause, in the order of [`crate::schemas::INVALID_CAUSES`].
+    pub invalid_by_cause: [u64; crate::schemas::INVALID_CAUSES.len()],
     /// Produce requests beyond the first, summed over records.
     pub records_retried: u64,
     /// QoS 1/2 records that timed out (`kafka-ack`) and went to the spill log instead.
@@ -99,6 +101,10 @@ impl std::ops::AddAssign<&MappingStats> for MappingStats {
             *a += b;
         }
         for (a, b) in self.failed_by_cause.iter_mut().zip(o.failed_by_cause) {
+            *a += b;
+        }
+        self.records_invalid += o.records_invalid;
+        for (a, b) in self.invalid_by_cause.iter_mut().zip(o.invalid_by_cause) {
             *a += b;
         }
     }
@@ -319,8 +325,11 @@ impl KafkaOutbox {
         ms.batch_records[bucket] += 1;
         match &r.outcome {
             Ok(()) => ms.records_produced += 1,
-            Err(ProduceError::Invalid { reason, policy }) => {
+            Err(ProduceError::Invalid { reason, policy, cause }) => {
                 ms.records_invalid += 1;
+                let causes = &crate::schemas::INVALID_CAUSES;
+                let i = causes.iter().position(|c| c == cause).unwrap_or(causes.len() - 1);
+                ms.invalid_by_cause[i] += 1;
                 if self.logged_failures.insert((mapping, "invalid payload")) {
                     let name = self.router.mapping_name(mapping).to_string();
                     warnings.push(format!(

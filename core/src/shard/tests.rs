@@ -1600,7 +1600,11 @@ fn invalid_payload_answer(
     let ids: Vec<u64> = shard.drain_effects().produce.iter().map(|r| r.id).collect();
     assert_eq!(ids.len(), 1);
     let _ = shard.take_output(1);
-    let e = ProduceError::Invalid { reason: "schema `s`: \"temp\" is a required property".into(), policy };
+    let e = ProduceError::Invalid {
+        reason: "schema `s`: \"temp\" is a required property".into(),
+        policy,
+        cause: "json_schema",
+    };
     shard.on_produce_results([ProduceResult::failed(ids[0], e)], 0);
     let closed = shard.drain_effects().close.contains(&1);
     let mut out = shard.take_output(1).unwrap_or_default();
