@@ -330,7 +330,7 @@ impl KafkaOutbox {
                 let causes = &crate::schemas::INVALID_CAUSES;
                 let i = causes.iter().position(|c| c == cause).unwrap_or(causes.len() - 1);
                 ms.invalid_by_cause[i] += 1;
-                if self.logged_failures.insert((mapping, "invalid payload")) {
+                if self.logged_failures.insert((mapping, cause)) {
                     let name = self.router.mapping_name(mapping).to_string();
                     warnings.push(format!(
                         "payloads of mapping `{name}` do not validate: {reason} (MQTT 3.1.1 publishers: on_invalid = {}); further ones are counted in $SYS/broker/shard/{shard}/kafka/{name}/.../records/invalid",
