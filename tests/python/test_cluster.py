@@ -624,3 +624,53 @@ def test_a_device_named_like_an_internal_origin_cannot_forge_a_claim(three):
     finally:
         for c in (victim, forger, watcher):
             c.close()
+
+
+def test_a_reconnect_storm_of_one_client_id_across_nodes_leaves_one_and_a_canary_unharmed(three):
+    """Raw sockets: the same client id connects to node 1 and node 2 in turn as fast as it can
+    (CONNECT, no DISCONNECT, the old sockets left open) while a canary publishes QoS 1 from node 3
+    to a subscriber on node 1. Every canary message arrives; afterwards at most one of the storm's
+    connections is still served, and both nodes still take new clients."""
+    import socket
+    import threading
+    from rawmqtt import mqtt_str, packet
+    nodes, _ = three
+    pub = Paho(nodes[2].addr, "storm-canary-pub")
+    sub = Paho(nodes[0].addr, "storm-canary-sub")
+    connected(nodes[2], nodes[0], pub, sub)
+    sub.subscribe("canary/#", 1)
+    connect = packet(0x10, mqtt_str("MQTT") + bytes([4, 0x02]) + b"\x00\x3c" + mqtt_str("stormy"))
+    socks, stop = [], threading.Event()
+
+    def storm():
+        i = 0
+        while not stop.is_set() and len(socks) < 400:
+            s = socket.create_connection(nodes[i % 2].addr, timeout=5)
+            s.sendall(connect)
+            socks.append(s)
+            i += 1
+
+    t = threading.Thread(target=storm)
+    t.start()
+    try:
+        for i in range(50):
+            pub.publish("canary/x", f"c{i}", qos=1)
+        got = [sub.message(timeout=30).payload.decode() for _ in range(50)]
+        assert got == [f"c{i}" for i in range(50)]
+    finally:
+        stop.set()
+        t.join()
+
+    def served():
+        return [claim_of(n, "stormy") for n in nodes[:2]]
+
+    # Once the claims are read, at most one node serves the id, and it is confirmed.
+    wait_for(lambda: sum(c is not None for c in served()) <= 1 and "unconfirmed" not in served(), "one left")
+    for s in socks:
+        s.close()
+    for n in nodes[:2]:
+        c = Paho(n.addr, f"after-storm-{n.port}")
+        assert c.rc == 0 or getattr(c.rc, "value", None) == 0
+        c.close()
+    pub.close()
+    sub.close()
