@@ -480,3 +480,118 @@ mode = "validate"
         assert len(kafka.consume(up, 5, timeout=10)) == 5
     finally:
         b.stop()
+
+
+class AuthTlsFront:
+    """HTTPS with basic auth in front of the registry, as Confluent Cloud serves one: requests
+    without `user:password` get 401, the rest go to the registry as they are."""
+
+    def __init__(self, backend_url, d, user="sluice", password="s3cret"):
+        import base64
+        import http.server
+        import ssl
+        import threading
+        import urllib.request
+        from test_kafka_tls import make_certs
+        make_certs(d)
+        self.ca = str(Path(d) / "ca.pem")
+        want = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        self.seen = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def forward(self):
+                self.server.front.seen.append(self.headers.get("Authorization"))
+                if self.headers.get("Authorization") != want:
+                    self.send_response(401)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                n = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(n) if n else None
+                req = urllib.request.Request(backend_url + self.path, data=body, method=self.command)
+                for h in ("Content-Type", "Accept"):
+                    if self.headers.get(h):
+                        req.add_header(h, self.headers[h])
+                try:
+                    with urllib.request.urlopen(req, timeout=10) as r:
+                        code, data, ctype = r.status, r.read(), r.headers.get("Content-Type", "application/json")
+                except urllib.error.HTTPError as e:
+                    code, data, ctype = e.code, e.read(), e.headers.get("Content-Type", "application/json")
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = forward
+
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(Path(d) / "server.pem"), str(Path(d) / "server.key"))
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+        self.httpd.front = self
+        self.url = f"https://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+def test_a_registry_over_https_with_basic_auth_as_confluent_cloud_serves_one(kafka, paho, registry, tmp_path):
+    up, down = topic_name("enc"), topic_name("dec")
+    kafka.create_topic(up, partitions=1)
+    kafka.create_topic(down, partitions=1)
+    v1 = registry.register(f"{up}-value", TELEMETRY_AVRO)
+    registry.register(f"{down}-value", TELEMETRY_AVRO)
+    front = AuthTlsFront(registry.url, tmp_path)
+    extra = f"""
+[schema_registries.wrong_password]
+url = "{front.url}"
+tls = {{ ca_file = "{front.ca}" }}
+username = "sluice"
+password = "guess"
+timeout_ms = 1500
+
+[schema_registries.untrusted]
+url = "{front.url}"
+username = "sluice"
+password = "s3cret"
+timeout_ms = 1500
+
+[[mqtt_to_kafka]]
+name = "wrong-password"
+filters = ["wp/#"]
+destinations = [{{ cluster = "default", topic = "{up}" }}]
+registry = "wrong_password"
+mode = "encode"
+subject = "{up}-value"
+
+[[mqtt_to_kafka]]
+name = "untrusted"
+filters = ["ut/#"]
+destinations = [{{ cluster = "default", topic = "{up}" }}]
+registry = "untrusted"
+mode = "encode"
+subject = "{up}-value"
+"""
+    config = registry_config(kafka, registry, up, down, extra).replace(
+        f'url = "{registry.url}"',
+        f'url = "{front.url}"\ntls = {{ ca_file = "{front.ca}" }}\nusername = "sluice"\npassword = "s3cret"', 1)
+    b = broker_with(config=config)
+    try:
+        c = paho(b.shard(0), "tls-pub", v5=True)
+        assert puback(c, "enc/car-1", b'{"device":"car-1","temp":21.5}') == (0, None)
+        got = kafka.consume(up, 1)
+        assert got[0].value()[:5] == b"\x00" + v1.to_bytes(4, "big")
+        assert any(a and a.startswith("Basic ") for a in front.seen), front.seen
+        # A wrong password and an untrusted certificate: the registry cannot answer, a bridge
+        # error (0x83), and the broker goes on.
+        assert puback(c, "wp/x", b'{"device":"d","temp":1}')[0] == 0x83
+        assert puback(c, "ut/x", b'{"device":"d","temp":1}')[0] == 0x83
+        assert puback(c, "enc/car-1", b'{"device":"car-1","temp":1}') == (0, None)
+    finally:
+        b.stop()
+        front.close()
