@@ -5,6 +5,7 @@ Raw sockets against the real binary (2 shards). The drip clients come from 127.0
 canary (paho, 127.0.0.1) is never caught by the per-address cap meant for them.
 """
 
+import os
 import selectors
 import socket
 import struct
@@ -290,9 +291,12 @@ def test_partial_connects_share_a_budget_and_their_memory_is_returned():
         canary_round(b, 1)
         for s in socks:
             s.close()
-        # The memory they held goes back to the system.
+        # The memory they held goes back to the system. Under io_uring the driver's receive pool
+        # (128 × 8 KiB per core, ARCHITECTURE.md) stays resident once the flood touched it: that
+        # much more may remain (2 shards: 2 MiB).
+        slack = 4 * 1024 + (2 * 1024 if os.environ.get("SLUICE_IO_DRIVER") == "io-uring" else 0)
         deadline = time.monotonic() + WAIT
-        while rss_kib(b.proc.pid) - base > 4 * 1024:
+        while rss_kib(b.proc.pid) - base > slack:
             assert time.monotonic() < deadline, f"RSS stays {rss_kib(b.proc.pid) - base} KiB above its base"
             time.sleep(0.1)
         print(f"after closing: {rss_kib(b.proc.pid)} KiB")
