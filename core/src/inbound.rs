@@ -153,6 +153,12 @@ pub const CLAIM: &str = "\0claim";
 /// [`Message::origin`] of a message a Kafka → MQTT mapping made.
 pub const FROM_KAFKA: &str = "\0kafka";
 
+/// Whether `origin` is one of the internal ones above (never a client id): one byte to look at
+/// on the per-message path.
+pub fn is_internal(origin: &str) -> bool {
+    origin.as_bytes().first() == Some(&0)
+}
+
 /// How an origin reads for people (the live view): the internal ones as `$kafka`, `$cluster`…
 pub fn origin_name(origin: &str) -> std::borrow::Cow<'_, str> {
     match origin.strip_prefix('\0') {

@@ -136,7 +136,7 @@ impl Shard {
         if !self.taps.is_empty() {
             self.tap(&msg, now_ms);
         }
-        if matches!(&*msg.origin, inbound::FROM_KAFKA | inbound::FROM_NODE | inbound::RETAINED_SYNC | inbound::CLAIM) {
+        if inbound::is_internal(&msg.origin) {
             // What came from Kafka does not go back to it: no loops between the two directions,
             // and none between cluster nodes (the node that took it from a device forwarded it).
             return Vec::new();
@@ -150,7 +150,8 @@ impl Shard {
 
     /// Delivery on this shard of a message published anywhere.
     pub(super) fn route_here(&mut self, msg: &Msg, routing: &mut Routing, now_ms: u64) {
-        if &*msg.origin == inbound::CLAIM {
+        let internal = inbound::is_internal(&msg.origin);
+        if internal && &*msg.origin == inbound::CLAIM {
             return self.on_cluster_claim(&msg.payload, now_ms);
         }
         if msg.retain && shard_of(&msg.topic, self.n_shards) == self.id {
@@ -168,7 +169,7 @@ impl Shard {
                 }
             }
         }
-        if &*msg.origin == inbound::RETAINED_SYNC {
+        if internal && &*msg.origin == inbound::RETAINED_SYNC {
             // The cluster's retained table: stored above, delivered by the node it was published
             // on (live subscribers everywhere got it through the cluster's message topic).
             return;
