@@ -12,6 +12,8 @@
 //! - [`bridge`]: MQTT → Kafka mappings — which messages become which Kafka records, keys,
 //!   headers, and Kafka's murmur2 partitioner.
 //! - [`inbound`]: Kafka → MQTT mappings — MQTT topics and payloads rendered from Kafka records.
+//! - [`cluster`]: nodes that share routing, retained messages, client ids and sessions through
+//!   Kafka — the internal mappings and topics, claims, heartbeats and membership.
 //! - [`config`]: limits and listener settings, parsed from TOML with errors that name the key.
 //! - `preconnect`: connections that have not completed CONNECT — their deadline, buffer budget
 //!   and per-address cap (used by [`shard`]).
