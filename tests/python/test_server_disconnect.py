@@ -99,6 +99,7 @@ def test_disconnect_for_receive_maximum_reaches_a_client_that_keeps_writing(echo
     broker = Broker("--max-inflight", str(INFLIGHT))
     try:
         canary = Canary(broker.shard(1), broker.shard(0), "disconnect")
+        acked = []
         for attempt in range(3):
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             # A small window: what the broker writes waits in its kernel buffer, where a reset
@@ -161,11 +162,13 @@ def test_disconnect_for_receive_maximum_reaches_a_client_that_keeps_writing(echo
             assert pids == list(range(1, len(pids) + 1)) and len(pids) < offending, pids[-5:]
             assert all(k == (PUBREC if p in qos2 else PUBACK) for k, p, _ in acks)
             assert all(code in (b"", b"\x00") for _, _, code in acks), "an acknowledgement refused"
-            if not echo:
-                # The broker had read half of the PUBLISHes long before the offending one: most
-                # had their acknowledgement sent (the ones still waiting for a receipt from the
-                # other shard when the connection closed are not sent).
-                assert pids, "no acknowledgement arrived before the DISCONNECT"
+            acked.append(len(pids))
+        if not echo:
+            # The broker had read half of the PUBLISHes long before the offending one, so
+            # acknowledgements went out before the DISCONNECT — unless one turn read the whole
+            # burst before any receipt from the other shard came back (those still waiting when
+            # the connection closed are not sent): in one attempt of three that can happen.
+            assert any(acked), f"no acknowledgement arrived before the DISCONNECT in any attempt: {acked}"
         canary.check(max_gap=3.0)
         assert broker.proc.poll() is None, "the broker died"
     finally:
