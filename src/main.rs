@@ -212,6 +212,12 @@ fn real_main() -> anyhow::Result<()> {
         None => Config::default(),
     };
     apply_flags(&cli, &mut cfg)?;
+    if let Some(c) = cfg.cluster.as_mut() {
+        // This run of the node: its claims and heartbeats say which run made them.
+        c.incarnation = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_millis().max(1) as u64);
+    }
     cfg.add_cluster_mappings();
     let cpus = choose_cpus(&cfg)?;
     let listener_configs = listener_configs(&cli, &cfg);

@@ -222,7 +222,15 @@ pub enum Internal {
     ClusterRetained { node: Bytes },
     /// This node's claims of client ids (see `crate::cluster::Claim`); a connection whose claim
     /// is not read back within `confirm_ms` is closed.
-    ClusterClaims { node: Arc<str>, confirm_ms: u64, lease_ms: Option<u64> },
+    ClusterClaims { node: Arc<str>, confirm_ms: u64, lease_ms: Option<u64>, incarnation: u64 },
+}
+
+/// This node as its claims name it: id, incarnation, and how long a claim may stay unread.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClaimsNode {
+    pub node: Arc<str>,
+    pub incarnation: u64,
+    pub confirm_ms: u64,
 }
 
 impl MappingConfig {
@@ -627,7 +635,7 @@ pub struct Router {
     /// Unix time in ms at the shard's `now_ms == 0`: a message's expiry (shard time) as seconds
     /// left at `now_ms` (Unix time) for cluster records.
     wall_offset_ms: i64,
-    claims: Option<(Arc<str>, u64)>,
+    claims: Option<ClaimsNode>,
     claims_mapping: u16,
     trie: Trie<u16, ()>,
     mappings: Vec<Mapping>,
@@ -677,8 +685,8 @@ impl Router {
                     Some((c as u16, Arc::from(d.topic.as_str())))
                 }
             };
-            if let Some(Internal::ClusterClaims { node, confirm_ms, lease_ms }) = &m.internal {
-                r.claims = Some((node.clone(), *confirm_ms));
+            if let Some(Internal::ClusterClaims { node, confirm_ms, lease_ms, incarnation }) = &m.internal {
+                r.claims = Some(ClaimsNode { node: node.clone(), incarnation: *incarnation, confirm_ms: *confirm_ms });
                 r.lease_ms = *lease_ms;
                 r.claims_mapping = i as u16;
             }
@@ -719,8 +727,8 @@ impl Router {
         self.wall_offset_ms = wall_offset_ms;
     }
 
-    /// The node id and confirmation time of the cluster's claims mapping, if there is one.
-    pub fn cluster_claims(&self) -> Option<(Arc<str>, u64)> {
+    /// The node of the cluster's claims mapping, if there is one.
+    pub fn cluster_claims(&self) -> Option<ClaimsNode> {
         self.claims.clone()
     }
 

@@ -107,6 +107,10 @@ pub struct ClusterConfig {
     /// (available, but a device that reconnects elsewhere meanwhile is served twice).
     #[serde(default = "default_true")]
     pub fence: bool,
+    /// When this node started (ms since the epoch), set at start, not in the file: in every
+    /// heartbeat and claim, so the others tell this run's claims from a previous run's.
+    #[serde(skip)]
+    pub incarnation: u64,
 }
 
 fn default_true() -> bool {
@@ -250,6 +254,7 @@ impl ClusterConfig {
             node: self.node_id.as_str().into(),
             confirm_ms: self.dead_after_ms,
             lease_ms: self.fence.then_some(self.heartbeat_ms),
+            incarnation: self.incarnation,
         });
         m
     }
@@ -359,6 +364,35 @@ pub struct Claim {
     /// For [`ClaimKind::Share`]: the node has members of the group.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub active: bool,
+    /// The incarnation of `node` that made the claim (see [`ClusterConfig::incarnation`]): a
+    /// claim of an earlier one is of a connection that is gone.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub inc: u64,
+    /// With a will: its delay and the session's expiry (seconds). Should `node` die, the will
+    /// goes out after the shorter of the two, unless the client connects again before.
+    #[serde(default, skip_serializing_if = "is_zero32")]
+    pub will_delay: u32,
+    #[serde(default, skip_serializing_if = "is_zero32")]
+    pub expiry: u32,
+    /// A [`ClaimKind::Release`] written by a survivor (this node id) about a dead node's will:
+    /// the survivor whose release is read first publishes the will, so it goes out once even
+    /// when survivors disagree on who should.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+fn is_zero32(v: &u32) -> bool {
+    *v == 0
+}
+
+impl Claim {
+    /// How long after its connection is lost the will of this claim goes out, in ms.
+    pub fn will_after_ms(&self) -> u64 {
+        u64::from(self.will_delay.min(self.expiry)) * 1000
+    }
 }
 
 /// What a `.sessions` record says.
@@ -425,6 +459,10 @@ impl Claim {
             will: false,
             to: None,
             active: false,
+            inc: 0,
+            will_delay: 0,
+            expiry: 0,
+            by: None,
         }
     }
 
@@ -599,6 +637,32 @@ impl Members {
     pub fn alive(&self) -> impl Iterator<Item = &str> {
         self.nodes.values().filter(|m| m.state == MemberState::Alive).map(|m| m.node.as_str())
     }
+
+    /// Whether this node has heard itself for `dead_after_ms` (only then does it tell that
+    /// others are gone, see `healthy_since_ms`), as of the last [`Members::tick`].
+    pub fn settled(&self, now_ms: u64) -> bool {
+        self.healthy_since_ms.is_some_and(|since| now_ms - since >= self.dead_after_ms)
+    }
+
+    /// Whether the connection behind a will that incarnation `inc` of `owner` holds is gone:
+    /// `owner` is dead, or alive as a later incarnation (it restarted, whatever its silence).
+    pub fn connection_gone(&self, owner: &str, inc: u64) -> bool {
+        self.nodes.get(owner).is_some_and(|m| match m.state {
+            MemberState::Dead => true,
+            MemberState::Alive => inc != 0 && m.incarnation > inc,
+            MemberState::Left => false,
+        })
+    }
+
+    /// Whether this node is the one to publish `owner`'s lost wills: the alive node with the
+    /// lowest id other than `owner`, or `owner` itself when it is alone (restarted). Views may
+    /// differ for a while; the log decides between two that both try (`Claim::by`).
+    pub fn publishes_for(&self, owner: &str) -> bool {
+        match self.alive().filter(|n| *n != owner).min() {
+            Some(n) => n == self.me,
+            None => owner == self.me,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -615,6 +679,7 @@ mod tests {
             dead_after_ms: 5000,
             partitions: 8,
             fence: true,
+            incarnation: 0,
         }
     }
 
@@ -795,6 +860,7 @@ mod round_trip {
             dead_after_ms: 5000,
             partitions: 4,
             fence: true,
+            incarnation: 0,
         }
     }
 

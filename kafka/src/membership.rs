@@ -36,18 +36,37 @@ const FETCH_WAIT_MS: i32 = 200;
 /// Wills of other nodes' clients kept, at most; further ones are not kept (counted, logged once).
 pub const WILLS_MAX: usize = 100_000;
 
+/// A will another node holds for a client of its, as its claim carried it.
+struct WillEntry {
+    node: String,
+    /// The incarnation of `node` that holds it (0: not said).
+    inc: u64,
+    /// How long after the connection is lost it goes out (the will delay, at most the session's
+    /// expiry).
+    after_ms: u64,
+    record: Record,
+    /// When this node writes its release (and publishes the will if that release is read
+    /// first); `None`: the connection is not known to be gone, or another node publishes.
+    due_ms: Option<u64>,
+}
+
 /// The latest will of each client id, by the node that holds it (see the module doc).
 #[derive(Default)]
 struct Wills {
-    by_client: HashMap<String, (String, Record)>,
+    by_client: HashMap<String, WillEntry>,
     refused: u64,
     /// Per node, the shared-subscription groups it said it has members of (≤ [`WILLS_MAX`] in
     /// all): when it dies, the survivor says it has none any more.
     shares: HashMap<String, std::collections::HashSet<String>>,
+    /// Wills whose release by this node was read first: this node publishes them.
+    won: Vec<(String, Record)>,
 }
 
+/// A due will whose release was written but not read back is released again after this long.
+const RELEASE_RETRY_MS: u64 = 5_000;
+
 impl Wills {
-    fn apply(&mut self, claim: Claim, record: Record) {
+    fn apply(&mut self, me: &str, claim: Claim, record: Record) {
         match (claim.kind, claim.will) {
             (ClaimKind::Share, _) => {
                 let keys = self.shares.entry(claim.node).or_default();
@@ -67,17 +86,29 @@ impl Wills {
                     self.refused += 1;
                     return;
                 }
-                self.by_client.insert(claim.client, (claim.node, record));
+                let after_ms = claim.will_after_ms();
+                let entry = WillEntry { node: claim.node, inc: claim.inc, after_ms, record, due_ms: None };
+                self.by_client.insert(claim.client, entry);
             }
+            // A new connection of the client, anywhere: the will of the old one is gone (a
+            // client that connects again before its will's delay cancels it).
             (ClaimKind::Connect, false) => {
                 self.by_client.remove(&claim.client);
             }
-            // A release by the node that held the will (not an older node's, read after a newer
-            // claim).
             (ClaimKind::Handover | ClaimKind::Lease, _) => {}
+            // A release of the will by the incarnation that held it (not an older one's, read
+            // after a newer claim), or by a survivor: the first survivor's release read wins.
             (ClaimKind::Release, _) => {
-                if self.by_client.get(&claim.client).is_some_and(|(n, _)| *n == claim.node) {
-                    self.by_client.remove(&claim.client);
+                let held = self
+                    .by_client
+                    .get(&claim.client)
+                    .is_some_and(|e| e.node == claim.node && (claim.inc == 0 || claim.inc == e.inc));
+                if held {
+                    if let Some(e) = self.by_client.remove(&claim.client) {
+                        if claim.by.as_deref() == Some(me) {
+                            self.won.push((claim.client, e.record));
+                        }
+                    }
                 }
             }
         }
@@ -87,10 +118,23 @@ impl Wills {
         self.shares.remove(node).map(|k| k.into_iter().collect()).unwrap_or_default()
     }
 
-    fn take_node(&mut self, node: &str) -> Vec<(String, Record)> {
-        let clients: Vec<String> =
-            self.by_client.iter().filter(|(_, (n, _))| n == node).map(|(c, _)| c.clone()).collect();
-        clients.into_iter().filter_map(|c| self.by_client.remove(&c).map(|(_, r)| (c, r))).collect()
+    /// The wills this node should release now (client, owner, owner's incarnation): of
+    /// connections that are gone (their node dead or restarted) whose delay is over, when this
+    /// node is the one to publish them. A connection seen alive again is not due any more.
+    fn due(&mut self, members: &Members, now_ms: u64) -> Vec<(String, String, u64)> {
+        let mut out = Vec::new();
+        for (client, e) in &mut self.by_client {
+            if !(members.connection_gone(&e.node, e.inc) && members.publishes_for(&e.node)) {
+                e.due_ms = None;
+                continue;
+            }
+            let due = *e.due_ms.get_or_insert(now_ms + e.after_ms);
+            if due <= now_ms {
+                out.push((client.clone(), e.node.clone(), e.inc));
+                e.due_ms = Some(now_ms + RELEASE_RETRY_MS);
+            }
+        }
+        out
     }
 }
 
@@ -109,7 +153,8 @@ pub struct NodeIdentity {
 
 impl NodeIdentity {
     pub fn new(cfg: ClusterConfig, listeners: Vec<String>) -> NodeIdentity {
-        NodeIdentity { cfg, incarnation: wall_ms(), listeners }
+        let incarnation = if cfg.incarnation == 0 { wall_ms() } else { cfg.incarnation };
+        NodeIdentity { cfg, incarnation, listeners }
     }
 
     fn heartbeat(&self, seq: u64, alive: bool) -> Record {
@@ -186,7 +231,7 @@ async fn read_sessions(me: NodeIdentity, kafka: Arc<Cluster>, wills: Arc<Mutex<W
         }
     };
     for partition in 0..n {
-        let (kafka, wills, topic) = (kafka.clone(), wills.clone(), topic.clone());
+        let (kafka, wills, topic, me) = (kafka.clone(), wills.clone(), topic.clone(), me.clone());
         tokio::spawn(async move {
             let pc = loop {
                 match kafka.partition_client(&topic, partition).await {
@@ -203,7 +248,7 @@ async fn read_sessions(me: NodeIdentity, kafka: Arc<Cluster>, wills: Arc<Mutex<W
                             offset = Some(r.offset + 1);
                             let claim = r.record.headers.get(CLAIM_HEADER).and_then(|c| Claim::decode(c));
                             if let Some(claim) = claim {
-                                w.apply(claim, r.record);
+                                w.apply(&me.cfg.node_id, claim, r.record);
                             }
                         }
                     }
@@ -248,52 +293,87 @@ async fn clear_shares(me: &NodeIdentity, gone: &str, kafka: &Cluster, wills: &Mu
     }
 }
 
-/// The surviving node with the lowest id publishes a dead node's wills (see the module doc).
-async fn publish_wills(me: &NodeIdentity, dead: &str, kafka: &Cluster, wills: &Mutex<Wills>) {
-    let taken = match wills.lock() {
-        Ok(mut w) => w.take_node(dead),
+/// Releases the wills that are due (see [`Wills::due`]) in `.sessions`, each as this node's
+/// (`Claim::by`): whichever survivor's release of a will is read first publishes it.
+async fn release_due(me: &NodeIdentity, kafka: &Cluster, wills: &Mutex<Wills>, members: &Members, now_ms: u64) {
+    let due = match wills.lock() {
+        Ok(mut w) => w.due(members, now_ms),
         Err(_) => return,
     };
-    if taken.is_empty() {
+    if due.is_empty() {
         return;
     }
-    let deadline = || Instant::now() + Duration::from_secs(10);
-    let (messages, retained, sessions) = (me.cfg.messages_topic(), me.cfg.retained_topic(), me.cfg.sessions_topic());
-    let mut published = 0;
-    for (client, mut record) in taken {
-        record.headers.remove(CLAIM_HEADER);
-        record.timestamp = Utc.timestamp_millis_opt(wall_ms() as i64).single().unwrap_or_default();
-        let retain = record.headers.get("mqtt.retain").is_some_and(|v| v == b"true");
-        let topic = record.headers.get("mqtt.topic").cloned().unwrap_or_default();
-        let release = Claim::new(dead, &client, 0, ClaimKind::Release);
-        let release = Record {
-            key: Some(client.as_bytes().to_vec()),
+    let timestamp = Utc.timestamp_millis_opt(wall_ms() as i64).single().unwrap_or_default();
+    let records = due.into_iter().map(|(client, owner, inc)| {
+        let release =
+            Claim { inc, by: Some(me.cfg.node_id.clone()), ..Claim::new(&owner, &client, 0, ClaimKind::Release) };
+        Record {
+            key: Some(client.into_bytes()),
             value: None,
             headers: [(CLAIM_HEADER.to_string(), release.encode())].into(),
-            timestamp: record.timestamp,
-        };
-        let mut sends = vec![(messages.clone(), Some(client.as_bytes().to_vec()), record.clone())];
-        if retain {
-            sends.push((retained.clone(), Some(topic), record.clone()));
+            timestamp,
         }
-        sends.push((sessions.clone(), Some(client.as_bytes().to_vec()), release));
-        for (t, key, mut r) in sends {
-            r.key = key.clone();
-            let ok = async {
-                let n = kafka.partitions(&t, deadline()).await.map_err(|e| e.to_string())?;
-                let p = key.as_deref().map_or(0, |k| sluice_core::bridge::partition_for_key(k, n));
-                let pc = kafka.partition_client(&t, p).await.map_err(|e| e.to_string())?;
-                pc.produce(vec![r], Compression::NoCompression).await.map_err(|e| e.to_string())
-            };
-            match tokio::time::timeout(Duration::from_secs(10), ok).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => tracing::warn!(%client, topic = %t, "cluster: publishing a dead node's will failed: {e}"),
-                Err(_) => tracing::warn!(%client, topic = %t, "cluster: publishing a dead node's will timed out"),
-            }
-        }
-        published += 1;
+    });
+    let n = records.len();
+    produce_keyed(kafka, &me.cfg.sessions_topic(), records.collect()).await;
+    tracing::debug!(wills = n, "cluster: released wills of lost connections");
+}
+
+/// Publishes the wills this node's release won (see [`Wills::won`]) into `.messages` as their
+/// node's records (every node delivers them, this one included), retained ones into
+/// `.retained` too.
+async fn publish_won(me: &NodeIdentity, kafka: &Cluster, wills: &Mutex<Wills>) {
+    let won = match wills.lock() {
+        Ok(mut w) => std::mem::take(&mut w.won),
+        Err(_) => return,
+    };
+    if won.is_empty() {
+        return;
     }
-    tracing::info!(node = %dead, wills = published, "cluster: published the wills of a dead node");
+    let timestamp = Utc.timestamp_millis_opt(wall_ms() as i64).single().unwrap_or_default();
+    let (mut messages, mut retained) = (Vec::new(), Vec::new());
+    for (client, mut record) in won {
+        record.headers.remove(CLAIM_HEADER);
+        record.timestamp = timestamp;
+        record.key = Some(client.into_bytes());
+        if record.headers.get("mqtt.retain").is_some_and(|v| v == b"true") {
+            let mut r = record.clone();
+            r.key = record.headers.get("mqtt.topic").cloned();
+            retained.push(r);
+        }
+        messages.push(record);
+    }
+    let n = messages.len();
+    produce_keyed(kafka, &me.cfg.messages_topic(), messages).await;
+    produce_keyed(kafka, &me.cfg.retained_topic(), retained).await;
+    tracing::info!(wills = n, "cluster: published the wills of connections lost with their node");
+}
+
+/// Produces `records` into `topic`, each into its key's partition, one request per partition;
+/// failures are logged (each bounded by ten seconds).
+async fn produce_keyed(kafka: &Cluster, topic: &str, records: Vec<Record>) {
+    if records.is_empty() {
+        return;
+    }
+    let sent = tokio::time::timeout(Duration::from_secs(10), async {
+        let n = kafka.partitions(topic, Instant::now() + Duration::from_secs(10)).await.map_err(|e| e.to_string())?;
+        let mut by_partition: HashMap<i32, Vec<Record>> = HashMap::new();
+        for r in records {
+            let p = r.key.as_deref().map_or(0, |k| sluice_core::bridge::partition_for_key(k, n));
+            by_partition.entry(p).or_default().push(r);
+        }
+        for (p, records) in by_partition {
+            let pc = kafka.partition_client(topic, p).await.map_err(|e| e.to_string())?;
+            pc.produce(records, Compression::NoCompression).await.map_err(|e| e.to_string())?;
+        }
+        Ok::<_, String>(())
+    })
+    .await;
+    match sent {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(%topic, "cluster: producing wills failed: {e}"),
+        Err(_) => tracing::warn!(%topic, "cluster: producing wills timed out"),
+    }
 }
 
 /// The next records of a table read from its beginning: `offset` is where the last fetch ended
@@ -383,11 +463,14 @@ async fn read(
             if let MemberChange::Dead(dead) = &change {
                 let designated = members.alive().filter(|n| n != dead).chain([me.cfg.node_id.as_str()]).min();
                 if designated == Some(me.cfg.node_id.as_str()) {
-                    publish_wills(me, dead, kafka, wills).await;
                     clear_shares(me, dead, kafka, wills).await;
                 }
             }
         }
+        if members.settled(now_ms()) {
+            release_due(me, kafka, wills, &members, now_ms()).await;
+        }
+        publish_won(me, kafka, wills).await;
         let list = members.members();
         health.update_cluster(|v| {
             v.members = list;
@@ -423,5 +506,103 @@ pub(crate) async fn leave(me: &NodeIdentity, kafka: &Cluster, within: Duration) 
         Ok(Ok(_)) => tracing::info!(node = %me.cfg.node_id, "cluster: left"),
         Ok(Err(e)) => tracing::warn!("cluster: the leaving heartbeat failed: {e}"),
         Err(_) => tracing::warn!("cluster: the leaving heartbeat timed out"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_core::cluster::Heartbeat;
+
+    fn hb(node: &str, inc: u64) -> Heartbeat {
+        Heartbeat { node: node.into(), incarnation: inc, seq: 0, alive: true, listeners: vec![] }
+    }
+
+    fn record() -> Record {
+        Record {
+            key: None,
+            value: Some(b"lost".to_vec()),
+            headers: [("mqtt.topic".to_string(), b"wills/x".to_vec())].into(),
+            timestamp: Utc.timestamp_millis_opt(0).single().unwrap_or_default(),
+        }
+    }
+
+    fn connect(node: &str, client: &str, inc: u64, will_delay: u32, expiry: u32) -> Claim {
+        Claim { will: true, inc, will_delay, expiry, ..Claim::new(node, client, 0, ClaimKind::Connect) }
+    }
+
+    fn release_by(owner: &str, client: &str, inc: u64, by: &str) -> Claim {
+        Claim { inc, by: Some(by.into()), ..Claim::new(owner, client, 0, ClaimKind::Release) }
+    }
+
+    /// n1 (this node) and n2 alive for long enough that n1 has heard itself (settled).
+    fn members() -> (Members, u64) {
+        let mut m = Members::new("n1", 1000);
+        for now in (0..=2000).step_by(100) {
+            m.on_heartbeat(hb("n1", 1), 0, now);
+            m.on_heartbeat(hb("n2", 1), 0, now);
+            m.tick(now);
+        }
+        assert!(m.settled(2000));
+        (m, 2000)
+    }
+
+    #[test]
+    fn a_restarted_nodes_older_wills_are_due_at_once_and_its_newer_ones_never() {
+        let (mut m, now) = members();
+        let mut w = Wills::default();
+        w.apply("n1", connect("n2", "old", 1, 0, 0), record());
+        assert!(w.due(&m, now).is_empty(), "n2 alive as the incarnation that holds it");
+        m.on_heartbeat(hb("n2", 2), 0, now + 10);
+        w.apply("n1", connect("n2", "new", 2, 0, 0), record());
+        assert_eq!(w.due(&m, now + 10), vec![("old".to_string(), "n2".to_string(), 1)]);
+        assert!(w.due(&m, now + 20).is_empty(), "released once, then again only after the retry time");
+        assert_eq!(w.due(&m, now + 10 + RELEASE_RETRY_MS).len(), 1);
+    }
+
+    #[test]
+    fn the_first_survivors_release_read_publishes_the_will_and_a_later_one_nothing() {
+        let mut w = Wills::default();
+        w.apply("n1", connect("n3", "c", 7, 0, 0), record());
+        w.apply("n1", release_by("n3", "c", 7, "n2"), record());
+        w.apply("n1", release_by("n3", "c", 7, "n1"), record());
+        assert!(w.won.is_empty(), "n2's release came first: n2 publishes");
+        w.apply("n1", connect("n3", "d", 7, 0, 0), record());
+        w.apply("n1", release_by("n3", "d", 7, "n1"), record());
+        w.apply("n1", release_by("n3", "d", 7, "n2"), record());
+        assert_eq!(w.won.len(), 1);
+        assert_eq!(w.won[0].0, "d");
+    }
+
+    #[test]
+    fn a_will_waits_out_its_delay_capped_by_the_session_expiry_and_a_reconnect_cancels_it() {
+        let (mut m, now) = members();
+        let mut w = Wills::default();
+        w.apply("n1", connect("n2", "slow", 1, 30, 3600), record());
+        w.apply("n1", connect("n2", "short-session", 1, 30, 2), record());
+        w.apply("n1", connect("n2", "back", 1, 30, 3600), record());
+        m.on_heartbeat(hb("n2", 2), 0, now);
+        assert!(w.due(&m, now).is_empty());
+        assert_eq!(w.due(&m, now + 2000), vec![("short-session".to_string(), "n2".to_string(), 1)]);
+        w.apply("n1", release_by("n2", "short-session", 1, "n1"), record());
+        assert_eq!(w.won.len(), 1, "read back: this node publishes it");
+        // The client connects again (anywhere, without a will) before the delay is out.
+        w.apply("n1", Claim::new("n1", "back", 0, ClaimKind::Connect), record());
+        let mut due: Vec<String> = w.due(&m, now + 30_000).into_iter().map(|d| d.0).collect();
+        due.sort();
+        assert_eq!(due, vec!["slow".to_string()]);
+    }
+
+    #[test]
+    fn only_the_lowest_surviving_node_releases_and_a_release_by_an_older_incarnation_is_ignored() {
+        let (mut m, now) = members();
+        m.on_heartbeat(hb("n0", 1), 0, now);
+        m.on_heartbeat(hb("n2", 2), 0, now);
+        let mut w = Wills::default();
+        w.apply("n1", connect("n2", "c", 1, 0, 0), record());
+        assert!(w.due(&m, now).is_empty(), "n0 publishes, not n1");
+        // n2's own release, but of a newer incarnation than the will's: not this will's.
+        w.apply("n1", Claim { inc: 2, ..Claim::new("n2", "c", 0, ClaimKind::Release) }, record());
+        assert!(w.by_client.contains_key("c"));
     }
 }

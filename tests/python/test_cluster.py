@@ -414,6 +414,105 @@ def test_a_dead_nodes_wills_are_published_once_by_the_survivors(three):
             s.close()
 
 
+def wills_seen(sub, want, deadline_s=60):
+    """The will messages `sub` receives until it has one of each topic in `want` (a second copy
+    of one fails), as {topic: (message, monotonic time of arrival)}."""
+    got = {}
+    deadline = time.monotonic() + deadline_s
+    while set(got) != set(want):
+        assert time.monotonic() < deadline, got
+        try:
+            m = sub.message(timeout=1)
+        except Exception:
+            continue
+        assert m.topic not in got, f"{m.topic} published twice"
+        assert m.topic in want, f"unexpected will {m.topic}"
+        got[m.topic] = (m, time.monotonic())
+    return got
+
+
+def test_a_node_restarted_before_it_counts_as_dead_has_its_lost_connections_wills_published_once(kafka):
+    """dead_after_ms is a minute here: no node is declared dead during the test, so the wills
+    can only go out because the node came back as a new incarnation (its old connections are
+    gone). Before the incarnation was in the claims, they were never published."""
+    prefix = f"r{time.monotonic_ns()}"
+    kw = {"dead_after_ms": 60000}
+    n1, n2 = start_node(kafka, "n1", prefix, **kw), start_node(kafka, "n2", prefix, **kw)
+    subs = []
+    try:
+        wait_for(lambda: states(n1).get("n2") == "alive" and states(n2).get("n1") == "alive", "both alive")
+        probe = Paho(n2.addr, "rw-probe")
+        subs = [Paho(n1.addr, "rw-watch-1"), Paho(n2.addr, "rw-watch-2")]
+        connected(n2, subs[0], probe, subs[0])
+        probe.close()
+        for s in subs:
+            s.subscribe("wills/#", 1)
+        w5 = Paho(n2.addr, "rdev-5", v5=True, will=("wills/rdev-5", b"lost-5", 1, False))
+        w3 = Paho(n2.addr, "rdev-3", will=("wills/rdev-3", b"lost-3", 1, False))
+        for cid in ("rdev-5", "rdev-3"):
+            wait_for(lambda cid=cid: claim_of(n2, cid) == "confirmed", f"{cid} claimed")
+        w5.c.loop_stop()
+        w3.c.loop_stop()
+        n2.kill()
+        subs[1].c.loop_stop()
+        n2 = start_node(kafka, "n2", prefix, **kw)
+        got = wills_seen(subs[0], {"wills/rdev-5", "wills/rdev-3"})
+        assert got["wills/rdev-5"][0].payload == b"lost-5"
+        assert got["wills/rdev-3"][0].payload == b"lost-3"
+        # A subscriber on the restarted node gets them too (the will is a record of the cluster).
+        again = Paho(n2.addr, "rw-watch-3")
+        assert states(n1)["n2"] == "alive", "n2 was never declared dead"
+        subs[0].no_message(timeout=2.0)
+        again.close()
+    finally:
+        for s in subs:
+            s.close()
+        n1.stop()
+        n2.stop()
+
+
+def test_a_dead_nodes_will_waits_out_its_delay_and_a_client_back_in_time_cancels_it(three):
+    """MQTT 5 will delay across nodes: the survivors publish a dead node's will only after its
+    delay (capped by the session expiry); a client that connects again, on another node, before
+    then has no will published."""
+    nodes, _ = three
+    sub = Paho(nodes[0].addr, "wd-watch")
+    probe = Paho(nodes[2].addr, "wd-probe")
+    devices = []
+    try:
+        connected(nodes[2], sub, probe, sub)
+        sub.subscribe("wills/#", 1)
+
+        def device(cid, delay):
+            will = Properties(PacketTypes.WILLMESSAGE)
+            will.WillDelayInterval = delay
+            conn = Properties(PacketTypes.CONNECT)
+            conn.SessionExpiryInterval = 600
+            d = Paho(nodes[2].addr, cid, v5=True, clean=False, props=conn,
+                     will=(f"wills/{cid}", f"lost-{cid}".encode(), 1, False, will))
+            devices.append(d)
+            wait_for(lambda: claim_of(nodes[2], cid) == "confirmed", f"{cid} claimed")
+            d.c.loop_stop()
+
+        device("wd-now", 0)
+        device("wd-later", 6)
+        device("wd-back", 6)
+        killed = time.monotonic()
+        nodes[2].kill()
+        # The device that comes back in time: on node 2, session continued (clean start off).
+        conn = Properties(PacketTypes.CONNECT)
+        conn.SessionExpiryInterval = 600
+        back = Paho(nodes[1].addr, "wd-back", v5=True, clean=False, props=conn)
+        devices.append(back)
+        got = wills_seen(sub, {"wills/wd-now", "wills/wd-later"})
+        assert got["wills/wd-later"][1] - killed >= 6, "the delayed will went out before its delay"
+        assert got["wills/wd-later"][0].payload == b"lost-wd-later"
+        sub.no_message(timeout=3.0)  # not the returning client's
+    finally:
+        for d in devices + [sub, probe]:
+            d.close()
+
+
 def queued_on(b, client_id):
     try:
         with urllib.request.urlopen(f"http://{b.http[0]}:{b.http[1]}/api/v1/clients/{client_id}", timeout=WAIT) as r:

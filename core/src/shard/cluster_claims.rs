@@ -17,13 +17,15 @@
 //! holds each at most once.
 
 use super::*;
+use crate::bridge::ClaimsNode;
 use crate::cluster::{Claim, ClaimKind, HandoverTo};
 use crate::packet::Will;
 
 #[derive(Default)]
 pub(super) struct ClusterClaims {
-    /// This node's id and how long a claim may stay unconfirmed; `None`: not in a cluster.
-    node: Option<(Arc<str>, u64)>,
+    /// This node, its incarnation and how long a claim may stay unconfirmed; `None`: not in a
+    /// cluster.
+    node: Option<ClaimsNode>,
     /// Connections whose claim was not read back yet, with their CONNECT's clean start.
     unconfirmed: HashMap<ConnId, bool>,
     /// (deadline, connection, retried), in deadline order: at the first deadline (half the
@@ -81,7 +83,9 @@ impl ClusterClaims {
     /// [`crate::cluster::share_node`]): always outside a cluster or when no other node has
     /// members.
     pub(super) fn share_mine(&self, key: &str, topic: &str) -> bool {
-        let (Some((me, _)), Some(others)) = (&self.node, self.remote_shares.get(key)) else { return true };
+        let (Some(ClaimsNode { node: me, .. }), Some(others)) = (&self.node, self.remote_shares.get(key)) else {
+            return true;
+        };
         let mut nodes: Vec<&str> = others.iter().map(|n| &**n).collect();
         if let Err(i) = nodes.binary_search(&&**me) {
             nodes.insert(i, me);
@@ -91,7 +95,7 @@ impl ClusterClaims {
 }
 
 impl ClusterClaims {
-    pub(super) fn new(node: Option<(Arc<str>, u64)>, lease_ms: Option<u64>) -> Self {
+    pub(super) fn new(node: Option<ClaimsNode>, lease_ms: Option<u64>) -> Self {
         ClusterClaims { node, lease_ms, ..Default::default() }
     }
 }
@@ -99,7 +103,7 @@ impl ClusterClaims {
 impl Shard {
     /// A connection of `client_id` was accepted: claim it for this node, with its will.
     pub(super) fn claim_session(&mut self, conn: ConnId, client_id: &ClientId, clean: bool, now_ms: u64) {
-        let Some((_, confirm_ms)) = self.claims.node.clone() else { return };
+        let Some(confirm_ms) = self.claims.node.as_ref().map(|n| n.confirm_ms) else { return };
         let will = self.conns.get(&conn).and_then(|c| c.will.as_deref().cloned());
         self.write_claim(conn, client_id, clean, ClaimKind::Connect, will, now_ms);
         if self.claims.unconfirmed.insert(conn, clean).is_none() {
@@ -124,8 +128,17 @@ impl Shard {
         will: Option<Will>,
         now_ms: u64,
     ) {
-        let Some((node, _)) = &self.claims.node else { return };
-        let claim = Claim { conn, clean, will: will.is_some(), ..Claim::new(node, client_id, self.id, kind) };
+        let Some(me) = &self.claims.node else { return };
+        let expiry = self.sessions.get(client_id).map_or(0, |s| s.expiry_secs);
+        let claim = Claim {
+            conn,
+            clean,
+            will: will.is_some(),
+            inc: me.incarnation,
+            will_delay: will.as_ref().and_then(|w| w.properties.will_delay_interval).unwrap_or(0),
+            expiry,
+            ..Claim::new(&me.node, client_id, self.id, kind)
+        };
         // The record is the will itself (the others publish it as it is should this node die),
         // or an empty message on the claim topic.
         match will {
@@ -168,10 +181,10 @@ impl Shard {
     /// This node has members of shared-subscription group `key` from now on (`active`), or none
     /// any more: the other nodes hear it (see [`ClaimKind::Share`]).
     pub(super) fn announce_share(&mut self, key: &str, active: bool, now_ms: u64) {
-        let Some((node, _)) = &self.claims.node else { return };
-        let claim = Claim { active, ..Claim::new(node, key, self.id, ClaimKind::Share) };
+        let Some(me) = &self.claims.node else { return };
+        let claim = Claim { active, inc: me.incarnation, ..Claim::new(&me.node, key, self.id, ClaimKind::Share) };
         // The record's key: one per (group, node) in the compacted topic.
-        let record_key = format!("{key}\u{1}{node}").into();
+        let record_key = format!("{key}\u{1}{}", me.node).into();
         self.send_claim(&claim, record_key, Bytes::new(), 1, now_ms);
     }
 
@@ -184,7 +197,8 @@ impl Shard {
     /// A claim read from the cluster's sessions topic (see the module doc): the claim's JSON,
     /// a newline, the record's value.
     pub(super) fn on_cluster_claim(&mut self, payload: &[u8], now_ms: u64) {
-        let Some((node, _)) = &self.claims.node else { return };
+        let Some(me) = self.claims.node.clone() else { return };
+        let node = &me.node;
         let (json, value) = match payload.iter().position(|b| *b == b'\n') {
             Some(i) => (&payload[..i], &payload[i + 1..]),
             None => (payload, &[][..]),
@@ -199,7 +213,7 @@ impl Shard {
                 return;
             }
             ClaimKind::Lease => {
-                if claim.node == **node && claim.shard == self.id {
+                if claim.node == **node && claim.shard == self.id && claim.inc == me.incarnation {
                     self.claims.lease_seen_ms = Some(now_ms);
                     if std::mem::take(&mut self.claims.fenced) {
                         self.effects.warnings.push(format!(
@@ -219,7 +233,9 @@ impl Shard {
             ClaimKind::Connect => {}
         }
         if claim.node == **node {
-            if claim.shard == self.id {
+            // A claim of an earlier run of this node (read after a restart) is of a connection
+            // that is gone: its connection id may be a new connection's now.
+            if claim.shard == self.id && claim.inc == me.incarnation {
                 self.claims.unconfirmed.remove(&claim.conn);
             }
             return;
@@ -277,9 +293,13 @@ impl Shard {
             light.encode(self.wall_offset_ms, &mut bytes);
             self.claims.handover_truncated += 1;
         }
-        let Some((node, _)) = &self.claims.node else { return };
+        let Some(me) = &self.claims.node else { return };
         let to = HandoverTo { node: claim.node.clone(), shard: claim.shard, conn: claim.conn };
-        let handover = Claim { to: Some(to), ..Claim::new(node, &claim.client, self.id, ClaimKind::Handover) };
+        let handover = Claim {
+            to: Some(to),
+            inc: me.incarnation,
+            ..Claim::new(&me.node, &claim.client, self.id, ClaimKind::Handover)
+        };
         // QoS 1: by the spill log through an outage, like an acknowledged publish.
         let key = s.client_id.clone();
         self.send_claim(&handover, key, bytes.into(), 1, now_ms);
@@ -327,14 +347,15 @@ impl Shard {
     /// confirmation time (`dead_after_ms`), closes every client (0x89) and refuses new ones
     /// until one does (see `ClusterConfig::fence`).
     pub(super) fn renew_lease(&mut self, now_ms: u64) {
-        let (Some(lease_ms), Some((node, confirm_ms))) = (self.claims.lease_ms, self.claims.node.clone()) else {
+        let (Some(lease_ms), Some(me)) = (self.claims.lease_ms, self.claims.node.clone()) else {
             return;
         };
+        let (node, confirm_ms) = (me.node, me.confirm_ms);
         let started = *self.claims.started_ms.get_or_insert(now_ms);
         if now_ms >= self.claims.lease_next_ms {
             self.claims.lease_next_ms = now_ms + lease_ms;
             let lease = format!("lease/{node}/{}", self.id);
-            let claim = Claim::new(&node, &lease, self.id, ClaimKind::Lease);
+            let claim = Claim { inc: me.incarnation, ..Claim::new(&node, &lease, self.id, ClaimKind::Lease) };
             self.send_claim(&claim, lease.into(), Bytes::new(), 0, now_ms);
         }
         let seen = self.claims.lease_seen_ms.unwrap_or(started);
@@ -369,7 +390,7 @@ impl Shard {
             let active = self.conns.get(&conn).and_then(|c| c.active_id().cloned());
             if !retried {
                 // Once more: the first claim may have failed (Kafka unreachable for a moment).
-                if let (Some(id), Some((_, confirm_ms))) = (active, self.claims.node.clone()) {
+                if let (Some(id), Some(confirm_ms)) = (active, self.claims.node.as_ref().map(|n| n.confirm_ms)) {
                     self.claim_session(conn, &id, clean, now_ms);
                     self.claims.deadlines.push_back((now_ms + confirm_ms - confirm_ms / 2, conn, true));
                 } else {
