@@ -327,6 +327,32 @@ pub(crate) fn render(state: &State, snaps: &[Snapshot]) -> String {
                 let n = view.members.iter().filter(|m| m.state.name() == state).count();
                 o.sample("sluice_cluster_nodes", &[("cluster", &view.name), ("state", state)], n);
             }
+            let c = &total.cluster;
+            o.family(
+                "sluice_cluster_session_events_total",
+                "counter",
+                "Client ids and sessions moving between cluster nodes, by event.",
+            );
+            for (event, v) in [
+                ("taken_over", c.taken_over),
+                ("unconfirmed_closed", c.unconfirmed_closed),
+                ("fenced_closed", c.fenced_closed),
+                ("handed_over", c.handed_over),
+                ("taken_over_in", c.taken_over_in),
+                ("handover_truncated", c.handover_truncated),
+                ("handover_timeout", c.handover_timeouts),
+                ("handover_gap", c.handover_gap_lost),
+                ("remote_session_refused", c.remote_sessions_refused),
+                ("share_refused", c.shares_refused),
+            ] {
+                o.sample("sluice_cluster_session_events_total", &[("event", event)], v);
+            }
+            o.one(
+                "sluice_cluster_remote_sessions",
+                "gauge",
+                "Client ids whose persistent session another node holds, as this node knows.",
+                c.remote_sessions,
+            );
         }
         let clusters = k.clusters();
         o.family("sluice_kafka_cluster_up", "gauge", "1 when the cluster answered the last probe.");

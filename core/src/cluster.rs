@@ -379,6 +379,11 @@ pub struct Claim {
     /// when survivors disagree on who should.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub by: Option<String>,
+    /// A connection with clean start off whose CONNACK waits for the session: the node this
+    /// node believes holds it. That node answers with a [`ClaimKind::Handover`], empty when it
+    /// has no session to give.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -463,6 +468,7 @@ impl Claim {
             will_delay: 0,
             expiry: 0,
             by: None,
+            from: None,
         }
     }
 

@@ -524,7 +524,8 @@ def queued_on(b, client_id):
 @pytest.mark.parametrize("v5", [False, True], ids=["3.1.1", "5.0"])
 def test_a_persistent_session_moves_to_the_node_its_client_reconnects_to_with_its_queue(three, v5):
     """Created on node 1, its offline queue filled by a publisher on node 2, resumed on node 3:
-    every queued QoS 1 message arrives there, in order."""
+    CONNACK there says the session is present, and every queued QoS 1 message arrives, in
+    order."""
     nodes, _ = three
     cid = f"roamer-{'5' if v5 else '3'}"
     kw = {"v5": True, "clean": False, "props": None} if v5 else {"clean": False}
@@ -544,6 +545,7 @@ def test_a_persistent_session_moves_to_the_node_its_client_reconnects_to_with_it
             pub.publish(f"roam/{i % 3}", f"q{i}", qos=1)
         wait_for(lambda: queued_on(nodes[0], cid) == 10, "10 queued on node 1")
         s3 = Paho(nodes[2].addr, cid, **kw)
+        assert s3.flags.session_present, "CONNACK waits for the handover: the session is there"
         got = [s3.message(timeout=30).payload.decode() for _ in range(10)]
         assert got == [f"q{i}" for i in range(10)]
         # Its subscription came along: a new message reaches it on node 3.
@@ -553,6 +555,111 @@ def test_a_persistent_session_moves_to_the_node_its_client_reconnects_to_with_it
         s3.close()
     finally:
         pub.close()
+
+
+def metric(b, sample):
+    """One sample's value from the node's /metrics (`name{labels}` as written there)."""
+    with urllib.request.urlopen(f"http://{b.http[0]}:{b.http[1]}/metrics", timeout=WAIT) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(sample + " "):
+                return float(line.split()[-1])
+    raise AssertionError(f"{sample} not in /metrics")
+
+
+def test_a_session_taken_to_another_node_while_messages_flow_misses_none_and_a_new_one_is_not_present(three):
+    """A persistent subscriber on node 1 while a publisher on node 2 sends QoS 1 without pause;
+    the client connects to node 3 (taking its session over): every acknowledged message reaches
+    it on node 1 before the move or on node 3 after it. The messages routed between node 1
+    ending the session and node 3 receiving it were lost before node 3 kept them for the
+    waiting connection. A client id no node has a session of gets session present = 0 at once."""
+    import threading
+
+    nodes, _ = three
+    cid = "flow-roamer"
+    conn = Properties(PacketTypes.CONNECT)
+    conn.SessionExpiryInterval = 300
+    kw = {"v5": True, "clean": False, "props": conn}
+    pub = Paho(nodes[1].addr, "flow-pub")
+    s1 = Paho(nodes[0].addr, cid, **kw)
+    stop = threading.Event()
+    sent = []
+    try:
+        connected(nodes[1], nodes[0], pub, s1)
+        s1.subscribe("flow/#", 1)
+        wait_for(lambda: claim_of(nodes[0], cid) == "confirmed", "claimed on node 1")
+
+        def publish():
+            i = 0
+            while not stop.is_set():
+                pub.publish("flow/x", f"m{i}", qos=1)  # returns once acknowledged
+                sent.append(f"m{i}")
+                i += 1
+
+        t = threading.Thread(target=publish, daemon=True)
+        t.start()
+        wait_for(lambda: len(sent) >= 50, "publishing")
+        s3 = Paho(nodes[2].addr, cid, **kw)
+        assert s3.flags.session_present
+        assert disconnect_reason(s1) == 0x8E
+        wait_for(lambda: len(sent) >= 50 + 200, "publishing after the move")
+        stop.set()
+        t.join(timeout=30)
+        got = set()
+        for q in (s1, s3):
+            while True:
+                try:
+                    got.add(q.message(timeout=0 if q is s1 else 3).payload.decode())
+                except Exception:
+                    break
+        missing = [m for m in sent if m not in got]
+        assert not missing, f"{len(missing)} of {len(sent)} acknowledged messages lost: {missing[:20]}"
+        assert metric(nodes[2], 'sluice_cluster_session_events_total{event="taken_over_in"}') >= 1
+        assert metric(nodes[0], 'sluice_cluster_session_events_total{event="handed_over"}') >= 1
+        assert metric(nodes[0], 'sluice_cluster_session_events_total{event="taken_over"}') >= 1
+        assert metric(nodes[2], 'sluice_cluster_session_events_total{event="handover_timeout"}') == 0
+        # A client id nobody has: no wait, no session.
+        fresh = Paho(nodes[2].addr, "flow-nobody", **kw)
+        assert not fresh.flags.session_present
+        fresh.close()
+        s3.close()
+    finally:
+        stop.set()
+        pub.close()
+        s1.close()
+
+
+def test_a_session_whose_node_was_killed_is_waited_for_a_bounded_time_then_not_present(three):
+    """The node holding a persistent session is killed; the client connects to another node:
+    CONNACK waits for a handover that cannot come for at most half of dead_after_ms (1.5 s
+    here), then says no session (counted), and the connection works."""
+    nodes, _ = three
+    conn = Properties(PacketTypes.CONNECT)
+    conn.SessionExpiryInterval = 300
+    kw = {"v5": True, "clean": False, "props": conn}
+    probe, watch = Paho(nodes[2].addr, "orphan-probe"), Paho(nodes[0].addr, "orphan-watch")
+    connected(nodes[2], nodes[0], probe, watch)  # node 1's readers are positioned
+    probe.close()
+    watch.close()
+    s1 = Paho(nodes[2].addr, "orphan", **kw)
+    s1.subscribe("orphan/#", 1)
+    wait_for(lambda: claim_of(nodes[2], "orphan") == "confirmed", "claimed on node 3")
+    # Node 1 read the claim (its reader of claims starts at the end of the topic when it starts).
+    wait_for(lambda: metric(nodes[0], "sluice_cluster_remote_sessions") >= 1, "node 1 knows the session")
+    s1.c.loop_stop()
+    nodes[2].kill()
+    started = time.monotonic()
+    s2 = Paho(nodes[0].addr, "orphan", **kw)
+    try:
+        waited = time.monotonic() - started
+        assert not s2.flags.session_present
+        assert waited < conftest.WAIT, waited
+        assert metric(nodes[0], 'sluice_cluster_session_events_total{event="handover_timeout"}') == 1
+        s2.subscribe("orphan/#", 1)
+        s2.publish("orphan/x", "works", qos=1)
+        assert s2.message().payload == b"works"
+    finally:
+        s2.close()
+        s1.close()
 
 
 @pytest.mark.parametrize("fence", [True, False], ids=["fence", "no-fence"])

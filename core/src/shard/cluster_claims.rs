@@ -16,6 +16,7 @@
 //! Invariant: `unconfirmed` holds at most one entry per connection of this shard; `deadlines`
 //! holds each at most once.
 
+use super::stats::ClusterStats;
 use super::*;
 use crate::bridge::ClaimsNode;
 use crate::cluster::{Claim, ClaimKind, HandoverTo};
@@ -54,7 +55,48 @@ pub(super) struct ClusterClaims {
     pub(super) fenced: bool,
     /// Connections closed because the shard was cut off from Kafka.
     pub(super) fenced_closed: u64,
+    /// Client ids whose directory is this shard and whose persistent session another node
+    /// holds, as the latest claim read says (≤ [`REMOTE_SESSIONS_MAX`]; the node names shared
+    /// through `node_names`): a CONNECT with clean start off waits for that node's handover.
+    remote_sessions: HashMap<ClientId, Arc<str>>,
+    node_names: Vec<Arc<str>>,
+    /// Claims not kept in `remote_sessions` because it was full.
+    pub(super) remote_sessions_refused: u64,
+    /// Connections of this shard whose CONNACK waits for a handover, by client id (the
+    /// directory carries out one claim per client id at a time, so at most one each).
+    awaiting: HashMap<ClientId, Awaiting>,
+    /// Connections claimed before their CONNACK (while awaiting): not claimed again after it.
+    early: HashSet<ConnId>,
+    /// Messages routed on this shard while a connection awaits a handover, numbered from
+    /// `recent_base` (≤ [`RECENT_MAX`]): those after a connection began to wait that match the
+    /// handed-over subscriptions are queued for it (the old node stopped queueing when it read
+    /// the claim, the new one starts when the handover arrives).
+    recent: VecDeque<Msg>,
+    recent_base: u64,
+    /// Handovers awaited in vain (CONNACK then says no session), and awaited ones whose start
+    /// had already left `recent` (messages in between may be missing).
+    pub(super) handover_timeouts: u64,
+    pub(super) handover_gap_lost: u64,
 }
+
+/// A connection whose CONNACK waits for another node's handover of its session.
+struct Awaiting {
+    conn: ConnId,
+    /// Where in `recent` it began to wait.
+    since: u64,
+    deadline_ms: u64,
+    /// The session expiry its CONNECT asks for (for its claim), and the node asked.
+    expiry: u32,
+    from: Arc<str>,
+}
+
+/// Client ids whose session another node holds, kept per directory shard, at most: about 80
+/// bytes each. Beyond it a moving session still moves, but CONNACK says no session (counted).
+pub(super) const REMOTE_SESSIONS_MAX: usize = 1_000_000;
+/// Messages kept for connections awaiting a handover, at most, per shard.
+pub(super) const RECENT_MAX: usize = 65_536;
+/// How long a CONNACK waits for a handover, at most (less with a shorter `dead_after_ms`).
+pub(super) const HANDOVER_WAIT_MAX_MS: u64 = 5_000;
 
 /// Shared-subscription groups with members on other nodes a shard keeps, at most; a group
 /// beyond it is delivered by every node that has members (counted in `shares_refused`).
@@ -98,6 +140,83 @@ impl ClusterClaims {
     pub(super) fn new(node: Option<ClaimsNode>, lease_ms: Option<u64>) -> Self {
         ClusterClaims { node, lease_ms, ..Default::default() }
     }
+
+    /// The node that holds `id`'s persistent session, if another one does (as far as this
+    /// node, the directory of `id`, has read).
+    pub(super) fn remote_holder(&self, id: &str) -> Option<Arc<str>> {
+        self.node.as_ref()?;
+        self.remote_sessions.get(id).cloned()
+    }
+
+    /// `id`'s latest claim is by `holder` with a persistent session, or by nobody else.
+    fn note_remote(&mut self, id: &str, holder: Option<&str>) {
+        let Some(holder) = holder else {
+            self.remote_sessions.remove(id);
+            return;
+        };
+        if !self.remote_sessions.contains_key(id) && self.remote_sessions.len() >= REMOTE_SESSIONS_MAX {
+            self.remote_sessions_refused += 1;
+            return;
+        }
+        let name = match self.node_names.iter().find(|n| ***n == *holder) {
+            Some(n) => n.clone(),
+            None => {
+                let n: Arc<str> = holder.into();
+                self.node_names.push(n.clone());
+                n
+            }
+        };
+        self.remote_sessions.insert(id.into(), name);
+    }
+
+    pub(super) fn stats(&self) -> ClusterStats {
+        ClusterStats {
+            taken_over: self.taken_over,
+            unconfirmed_closed: self.unconfirmed_closed,
+            fenced_closed: self.fenced_closed,
+            handed_over: self.handed_over,
+            taken_over_in: self.taken_over_in,
+            handover_truncated: self.handover_truncated,
+            handover_timeouts: self.handover_timeouts,
+            handover_gap_lost: self.handover_gap_lost,
+            remote_sessions: self.remote_sessions.len() as u64,
+            remote_sessions_refused: self.remote_sessions_refused,
+            shares_refused: self.shares_refused,
+        }
+    }
+
+    /// Whether `conn` was claimed before its CONNACK (see `early`); forgets it.
+    pub(super) fn claimed_before_connack(&mut self, conn: ConnId) -> bool {
+        self.early.remove(&conn)
+    }
+
+    /// A message routed on this shard: kept while a connection awaits a handover.
+    pub(super) fn remember(&mut self, msg: &Msg) {
+        if self.awaiting.is_empty() {
+            return;
+        }
+        if self.recent.len() >= RECENT_MAX {
+            self.recent.pop_front();
+            self.recent_base += 1;
+        }
+        self.recent.push_back(msg.clone());
+    }
+
+    /// Drops what no awaiting connection needs any more.
+    fn trim_recent(&mut self) {
+        let keep_from = self.awaiting.values().map(|a| a.since).min();
+        match keep_from {
+            None => {
+                self.recent_base += self.recent.len() as u64;
+                self.recent.clear();
+            }
+            Some(from) => {
+                while self.recent_base < from && self.recent.pop_front().is_some() {
+                    self.recent_base += 1;
+                }
+            }
+        }
+    }
 }
 
 impl Shard {
@@ -129,8 +248,14 @@ impl Shard {
         now_ms: u64,
     ) {
         let Some(me) = &self.claims.node else { return };
-        let expiry = self.sessions.get(client_id).map_or(0, |s| s.expiry_secs);
+        let awaiting = self.claims.awaiting.get(client_id).filter(|a| a.conn == conn);
+        let expiry = match self.sessions.get(client_id) {
+            Some(s) => s.expiry_secs,
+            None => awaiting.map_or(0, |a| a.expiry),
+        };
+        let from = awaiting.filter(|_| kind == ClaimKind::Connect).map(|a| a.from.to_string());
         let claim = Claim {
+            from,
             conn,
             clean,
             will: will.is_some(),
@@ -232,6 +357,10 @@ impl Shard {
             }
             ClaimKind::Connect => {}
         }
+        if directory_shard(&claim.client, self.n_shards) == self.id {
+            let holder = (claim.node != **node && claim.expiry > 0).then_some(claim.node.as_str());
+            self.claims.note_remote(&claim.client, holder);
+        }
         if claim.node == **node {
             // A claim of an earlier run of this node (read after a restart) is of a connection
             // that is gone: its connection id may be a new connection's now.
@@ -240,7 +369,31 @@ impl Shard {
             }
             return;
         }
-        let Some(s) = self.sessions.get_mut(claim.client.as_str()) else { return };
+        if let Some(a) = self.claims.awaiting.get(claim.client.as_str()) {
+            if !self.claims.unconfirmed.contains_key(&a.conn) {
+                // The client connected elsewhere after this connection's claim, before its
+                // CONNACK: it never gets one.
+                let conn = a.conn;
+                self.claims.taken_over += 1;
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.will = None;
+                }
+                self.close(conn, None, now_ms);
+                let id = self.conns_client_id(&claim.client);
+                self.finish_handover(&id, None, now_ms);
+                return;
+            }
+        }
+        let Some(s) = self.sessions.get_mut(claim.client.as_str()) else {
+            // Asked for a session this node does not have: say so at once (the directory
+            // shard answers when no shard here hosts it).
+            let asked = claim.from.as_deref() == Some(&**node) && !claim.clean;
+            if asked && directory_shard(&claim.client, self.n_shards) == self.id && !self.directory.knows(&claim.client)
+            {
+                self.send_handover(&claim, Vec::new(), now_ms);
+            }
+            return;
+        };
         match s.conn {
             Some(conn) if self.claims.unconfirmed.contains_key(&conn) => {}
             Some(conn) => {
@@ -277,10 +430,16 @@ impl Shard {
     }
 
     /// A claim by another node that continues a persistent session hosted here (clean start
-    /// off): the session's stored form goes to the claiming connection (see [`ClaimKind::Handover`]).
+    /// off): the session's stored form goes to the claiming connection (see
+    /// [`ClaimKind::Handover`]); an empty one when the claimer asked this node and there is no
+    /// session to give.
     fn hand_over(&mut self, claim: &Claim, now_ms: u64) {
         let Some(s) = self.sessions.get(claim.client.as_str()) else { return };
+        let asked = self.claims.node.as_ref().is_some_and(|me| claim.from.as_deref() == Some(&*me.node));
         if claim.clean || s.expiry_secs == 0 {
+            if asked && !claim.clean {
+                self.send_handover(claim, Vec::new(), now_ms);
+            }
             return;
         }
         let mut bytes = Vec::new();
@@ -293,6 +452,13 @@ impl Shard {
             light.encode(self.wall_offset_ms, &mut bytes);
             self.claims.handover_truncated += 1;
         }
+        self.send_handover(claim, bytes, now_ms);
+        self.claims.handed_over += 1;
+    }
+
+    /// A handover record for the connection `claim` names: `session` in its stored form, or
+    /// empty for "no session here".
+    fn send_handover(&mut self, claim: &Claim, session: Vec<u8>, now_ms: u64) {
         let Some(me) = &self.claims.node else { return };
         let to = HandoverTo { node: claim.node.clone(), shard: claim.shard, conn: claim.conn };
         let handover = Claim {
@@ -301,15 +467,117 @@ impl Shard {
             ..Claim::new(&me.node, &claim.client, self.id, ClaimKind::Handover)
         };
         // QoS 1: by the spill log through an outage, like an acknowledged publish.
-        let key = s.client_id.clone();
-        self.send_claim(&handover, key, bytes.into(), 1, now_ms);
-        self.claims.handed_over += 1;
+        let key: ClientId = claim.client.as_str().into();
+        self.send_claim(&handover, key, session.into(), 1, now_ms);
     }
 
-    /// A session handed over for a connection of this shard: its subscriptions join the
-    /// session here, its in-flight and queued messages go to the front of the queue, in order.
+    /// The client id as this shard holds it (one allocation shared by its tables), or a new one.
+    fn conns_client_id(&self, id: &str) -> ClientId {
+        match self.claims.awaiting.get_key_value(id) {
+            Some((k, _)) => k.clone(),
+            None => id.into(),
+        }
+    }
+
+    /// A CONNECT with clean start off, for a client whose session `holder` (another node) has:
+    /// claims the client id now and holds the CONNACK until the handover arrives (or
+    /// [`HANDOVER_WAIT_MAX_MS`] passes). Returns false when it does not wait.
+    pub(super) fn await_handover(&mut self, conn: ConnId, client_id: &ClientId, holder: Arc<str>, now_ms: u64) -> bool {
+        let Some(me) = &self.claims.node else { return false };
+        let wait_ms = (me.confirm_ms / 2).clamp(1, HANDOVER_WAIT_MAX_MS);
+        let expiry = match self.conns.get(&conn).map(|c| &c.state) {
+            Some(ConnState::Pending { client_id: id, connect }) if id == client_id && !connect.clean_start => {
+                if connect.version.is_v5() {
+                    connect.properties.session_expiry_interval.unwrap_or(0).min(self.limits.max_session_expiry_secs)
+                } else {
+                    u32::MAX
+                }
+            }
+            _ => return false,
+        };
+        if self.claims.awaiting.contains_key(client_id) {
+            return false;
+        }
+        let since = self.claims.recent_base + self.claims.recent.len() as u64;
+        let a = Awaiting { conn, since, deadline_ms: now_ms + wait_ms, expiry, from: holder };
+        self.claims.awaiting.insert(client_id.clone(), a);
+        self.claims.early.insert(conn);
+        self.claim_session(conn, client_id, false, now_ms);
+        true
+    }
+
+    /// The wait of `client_id`'s connection is over: CONNACK with the handed-over `session`
+    /// (plus what was routed here meanwhile that its subscriptions take) or with none.
+    fn finish_handover(&mut self, client_id: &ClientId, session: Option<Session>, now_ms: u64) {
+        let Some(a) = self.claims.awaiting.remove(client_id) else { return };
+        let session = session.map(|mut s| {
+            self.queue_recent(&mut s, a.since);
+            self.claims.taken_over_in += 1;
+            Box::new(s)
+        });
+        self.claims.trim_recent();
+        let pending = matches!(self.conns.get(&a.conn).map(|c| &c.state), Some(ConnState::Pending { .. }));
+        if !pending {
+            self.claims.early.remove(&a.conn);
+        }
+        self.on_transfer(client_id.clone(), a.conn, session, None, now_ms);
+    }
+
+    /// Queues for `s` the messages at QoS 1 or 2 routed here since `since` that its
+    /// subscriptions match (the old node may have queued some of them too: at least once).
+    fn queue_recent(&mut self, s: &mut Session, since: u64) {
+        let c = &mut self.claims;
+        let skip = match since.checked_sub(c.recent_base) {
+            Some(skip) => skip as usize,
+            None => {
+                c.handover_gap_lost += 1;
+                0
+            }
+        };
+        for msg in c.recent.iter().skip(skip) {
+            let mut best: Option<Delivery> = None;
+            for (filter, sub) in s.subs.iter() {
+                if topic::parse_shared(filter).is_some() || !topic::matches(filter, &msg.topic) {
+                    continue;
+                }
+                if sub.opts.no_local && msg.origin == s.client_id {
+                    continue;
+                }
+                let qos = sub.opts.qos.min(msg.qos);
+                let d =
+                    best.get_or_insert_with(|| Delivery { msg: msg.clone(), qos, retain: false, sub_ids: Vec::new() });
+                d.qos = d.qos.max(qos);
+                d.retain |= sub.opts.retain_as_published && msg.retain;
+                d.sub_ids.extend(sub.sub_id);
+            }
+            if let Some(d) = best.filter(|d| d.qos > 0) {
+                s.queue.push_back(d);
+            }
+        }
+        s.queue.truncate(self.limits.max_queued_messages.max(1));
+    }
+
+    /// A session handed over for a connection of this shard: if its CONNACK waits for it, it
+    /// is the connection's session; otherwise (CONNACK went out already) its subscriptions
+    /// join the session here, its in-flight and queued messages go to the front of the queue,
+    /// in order.
     fn take_handover(&mut self, claim: &Claim, value: &[u8], now_ms: u64) {
         let Some(to) = &claim.to else { return };
+        if let Some(a) = self.claims.awaiting.get(claim.client.as_str()) {
+            if a.conn == to.conn {
+                let id = self.conns_client_id(&claim.client);
+                let old = if value.is_empty() {
+                    None
+                } else {
+                    Session::decode(id.clone(), 0, value, self.wall_offset_ms, now_ms)
+                };
+                self.finish_handover(&id, old, now_ms);
+            }
+            return;
+        }
+        if value.is_empty() {
+            return;
+        }
         let Some(cur) = self.sessions.get(claim.client.as_str()) else { return };
         if cur.conn.is_some_and(|c| c != to.conn) {
             return; // a newer connection since: this handover is for one that is gone
@@ -381,6 +649,19 @@ impl Shard {
 
     /// Closes connections whose claim was not read back in time.
     pub(super) fn close_unconfirmed(&mut self, now_ms: u64) {
+        if !self.claims.awaiting.is_empty() {
+            let late: Vec<ClientId> = self
+                .claims
+                .awaiting
+                .iter()
+                .filter(|(_, a)| a.deadline_ms <= now_ms)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in late {
+                self.claims.handover_timeouts += 1;
+                self.finish_handover(&id, None, now_ms);
+            }
+        }
         while let Some(&(deadline, conn, retried)) = self.claims.deadlines.front() {
             if deadline > now_ms {
                 break;

@@ -234,8 +234,15 @@ impl Shard {
         client_id: ClientId,
         conn: ConnId,
         session: Option<Box<Session>>,
+        remote: Option<Arc<str>>,
         now_ms: u64,
     ) {
+        if let (None, Some(holder)) = (&session, remote) {
+            // Another cluster node holds the session: CONNACK waits for its handover.
+            if self.await_handover(conn, &client_id, holder, now_ms) {
+                return;
+            }
+        }
         let pending = match self.conns.get_mut(&conn) {
             Some(c) if matches!(&c.state, ConnState::Pending { client_id: id, .. } if *id == client_id) => {
                 match std::mem::replace(&mut c.state, ConnState::Active { client_id: client_id.clone() }) {
@@ -315,7 +322,9 @@ impl Shard {
         }
         self.send(conn, Packet::ConnAck(ConnAck { session_present, code: reason::SUCCESS, properties: props }));
         self.adopt(session);
-        self.claim_session(conn, &client_id, connect.clean_start, now_ms);
+        if !self.claims.claimed_before_connack(conn) {
+            self.claim_session(conn, &client_id, connect.clean_start, now_ms);
+        }
         // Before anything below can end the session (a lost connection sends `Release`).
         self.send_to_shard(dir, ShardMsg::Settled { client_id: client_id.clone(), host: self.id, hosting: true });
         // Redeliver what was in flight, in order, then whatever waited in the queue.

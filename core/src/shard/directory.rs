@@ -91,6 +91,11 @@ impl Directory {
         self.entries.get(id).and_then(|e| e.host)
     }
 
+    /// Whether `id` has an entry: a session hosted here, or a claim under way.
+    pub(super) fn knows(&self, id: &str) -> bool {
+        self.entries.contains_key(id)
+    }
+
     /// The session of `id` ended on `host`.
     pub(super) fn released(&mut self, id: &ClientId, host: ShardId) {
         if self.entries.get(id).is_some_and(|e| !e.busy && e.host == Some(host)) {

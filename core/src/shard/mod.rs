@@ -104,7 +104,7 @@ use routing::Routing;
 pub use shard_msg::ShardMsg;
 pub use share_groups::ShareMember;
 use share_groups::{share_key, ShareGroups};
-pub use stats::Stats;
+pub use stats::{ClusterStats, Stats};
 
 /// What the caller must do besides writing bytes.
 #[derive(Debug, Default)]
@@ -318,6 +318,7 @@ impl Shard {
         s.retained = self.retained.len() as u64;
         s.preconnect_connections = self.preconnect.len() as u64;
         s.preconnect_bytes = self.preconnect.buffered() as u64;
+        s.cluster = self.claims.stats();
         s
     }
 
@@ -438,7 +439,9 @@ impl Shard {
             ShardMsg::Evict { client_id, to, conn, clean_start } => {
                 self.on_evict(client_id, to, conn, clean_start, now_ms)
             }
-            ShardMsg::Transfer { client_id, conn, session } => self.on_transfer(client_id, conn, session, now_ms),
+            ShardMsg::Transfer { client_id, conn, session, remote } => {
+                self.on_transfer(client_id, conn, session, remote, now_ms)
+            }
             // While a claim is under way its claimer reports the outcome (`Settled`); a release
             // from before it must not clear the entry the claim just made.
             ShardMsg::Release { client_id, host } => self.directory.released(&client_id, host),
@@ -490,7 +493,7 @@ impl Shard {
             }
             ShardMsg::Stats { from, stats } => {
                 if let Some(s) = self.shard_stats.get_mut(from) {
-                    *s = stats;
+                    *s = *stats;
                 }
             }
         }

@@ -3,6 +3,8 @@
 //! Each pair of shards has one FIFO channel, so messages from one shard arrive at another in
 //! the order they were sent (per-publisher order, claim before transfer, join before deliver).
 
+use std::sync::Arc;
+
 use super::{ClientId, ConnId, Msg, Receipt, Session, ShardId, ShareMember, Stats, SubOptions};
 
 /// Work one shard asks of another.
@@ -38,11 +40,13 @@ pub enum ShardMsg {
         conn: ConnId,
         clean_start: bool,
     },
-    /// To the new host: the session (if any) for the pending connection `conn`.
+    /// To the new host: the session (if any) for the pending connection `conn`; with none on
+    /// this node, `remote` names the cluster node that holds it, if one does.
     Transfer {
         client_id: ClientId,
         conn: ConnId,
         session: Option<Box<Session>>,
+        remote: Option<Arc<str>>,
     },
     /// To the directory shard: the session ended on `host`.
     Release {
@@ -116,6 +120,6 @@ pub enum ShardMsg {
     /// To shard 0: this shard's counters, for the `$SYS/broker/...` totals.
     Stats {
         from: ShardId,
-        stats: Stats,
+        stats: Box<Stats>,
     },
 }

@@ -42,6 +42,62 @@ pub struct Stats {
     pub acl_denied: u64,
     /// Deliveries not written because the ACL does not let the client read the topic.
     pub acl_dropped: u64,
+    /// Client ids between cluster nodes (zero outside a cluster).
+    pub cluster: ClusterStats,
+}
+
+/// A shard's part in moving client ids between cluster nodes (see `cluster_claims`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClusterStats {
+    /// Connections closed (0x8E) because the client connected to another node.
+    pub taken_over: u64,
+    /// Connections closed (0x89) because their claim was not read back in time.
+    pub unconfirmed_closed: u64,
+    /// Connections closed because the shard was cut off from Kafka (fencing).
+    pub fenced_closed: u64,
+    /// Persistent sessions sent to another node, and received from one.
+    pub handed_over: u64,
+    pub taken_over_in: u64,
+    /// Sessions sent without their messages (too large for one record).
+    pub handover_truncated: u64,
+    /// CONNACKs that waited for a handover in vain (then: no session).
+    pub handover_timeouts: u64,
+    /// Handovers whose wait outlasted the messages kept for it (some may be missing).
+    pub handover_gap_lost: u64,
+    /// Client ids whose session another node holds, known here; and claims not kept (full).
+    pub remote_sessions: u64,
+    pub remote_sessions_refused: u64,
+    /// Shared-subscription groups of other nodes not kept (full).
+    pub shares_refused: u64,
+}
+
+impl std::ops::AddAssign for ClusterStats {
+    fn add_assign(&mut self, o: ClusterStats) {
+        let ClusterStats {
+            taken_over,
+            unconfirmed_closed,
+            fenced_closed,
+            handed_over,
+            taken_over_in,
+            handover_truncated,
+            handover_timeouts,
+            handover_gap_lost,
+            remote_sessions,
+            remote_sessions_refused,
+            shares_refused,
+        } = o;
+        self.taken_over += taken_over;
+        self.unconfirmed_closed += unconfirmed_closed;
+        self.fenced_closed += fenced_closed;
+        self.handed_over += handed_over;
+        self.taken_over_in += taken_over_in;
+        self.handover_truncated += handover_truncated;
+        self.handover_timeouts += handover_timeouts;
+        self.handover_gap_lost += handover_gap_lost;
+        self.remote_sessions += remote_sessions;
+        self.remote_sessions_refused += remote_sessions_refused;
+        self.shares_refused += shares_refused;
+    }
 }
 
 impl std::ops::AddAssign for Stats {
@@ -73,6 +129,7 @@ impl std::ops::AddAssign for Stats {
             auth_busy,
             acl_denied,
             acl_dropped,
+            cluster,
         } = o;
         self.clients_connected += clients_connected;
         self.sessions += sessions;
@@ -102,5 +159,6 @@ impl std::ops::AddAssign for Stats {
         self.auth_busy += auth_busy;
         self.acl_denied += acl_denied;
         self.acl_dropped += acl_dropped;
+        self.cluster += cluster;
     }
 }

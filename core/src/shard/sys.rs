@@ -11,7 +11,7 @@ impl Shard {
         self.shard_stats[self.id] = stats;
         for shard in 0..self.n_shards {
             if shard != self.id {
-                self.effects.to_shards.push((shard, ShardMsg::Stats { from: self.id, stats }));
+                self.effects.to_shards.push((shard, ShardMsg::Stats { from: self.id, stats: Box::new(stats) }));
             }
         }
     }

@@ -25,8 +25,10 @@ impl Shard {
             ClaimGo::Evict { prev, claim: Claim { host, conn, clean_start } } => {
                 self.send_to_shard(prev, ShardMsg::Evict { client_id, to: host, conn, clean_start })
             }
-            ClaimGo::Fresh(Claim { host, conn, .. }) => {
-                self.send_to_shard(host, ShardMsg::Transfer { client_id, conn, session: None })
+            ClaimGo::Fresh(Claim { host, conn, clean_start }) => {
+                // Not on this node: perhaps on another node of the cluster.
+                let remote = if clean_start { None } else { self.claims.remote_holder(&client_id) };
+                self.send_to_shard(host, ShardMsg::Transfer { client_id, conn, session: None, remote })
             }
         }
     }
@@ -71,6 +73,6 @@ impl Shard {
             s.conn = None;
             session = Some(s);
         }
-        self.send_to_shard(to, ShardMsg::Transfer { client_id, conn, session });
+        self.send_to_shard(to, ShardMsg::Transfer { client_id, conn, session, remote: None });
     }
 }
