@@ -424,20 +424,26 @@ pub enum ClaimKind {
 }
 
 /// Of the nodes that have members of a shared-subscription group (`nodes`, sorted, this node
-/// among them), the one that delivers a message on `topic`: by a hash of the topic, the same on
-/// every node (so one topic's messages keep their order within the group).
-pub fn share_node<'a>(nodes: &[&'a str], topic: &str) -> Option<&'a str> {
+/// among them), the one that delivers a message on `topic` with `payload`: by a hash of both
+/// (at most [`SHARE_HASH_PAYLOAD`] bytes of the payload, and its length), the same on every
+/// node, so the messages of one busy topic spread over the nodes' members too.
+pub fn share_node<'a>(nodes: &[&'a str], topic: &str, payload: &[u8]) -> Option<&'a str> {
     if nodes.is_empty() {
         return None;
     }
     // FNV-1a: stable across nodes and releases.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in topic.as_bytes() {
+    let len = (payload.len() as u64).to_le_bytes();
+    let head = &payload[..payload.len().min(SHARE_HASH_PAYLOAD)];
+    for b in topic.as_bytes().iter().chain(&[0xff]).chain(&len).chain(head) {
         h ^= u64::from(*b);
         h = h.wrapping_mul(0x100_0000_01b3);
     }
     Some(nodes[(h % nodes.len() as u64) as usize])
 }
+
+/// Payload bytes [`share_node`] hashes, at most: the pick stays cheap for large messages.
+pub const SHARE_HASH_PAYLOAD: usize = 64;
 
 /// Where a [`ClaimKind::Handover`] goes: the claim it answers.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -743,18 +749,24 @@ mod tests {
     }
 
     #[test]
-    fn one_node_of_a_shared_group_delivers_each_topic_and_every_node_agrees_which() {
-        assert_eq!(share_node(&[], "a"), None);
-        assert_eq!(share_node(&["n1"], "a"), Some("n1"));
+    fn one_node_of_a_shared_group_delivers_each_message_and_every_node_agrees_which() {
+        assert_eq!(share_node(&[], "a", b""), None);
+        assert_eq!(share_node(&["n1"], "a", b"x"), Some("n1"));
         let nodes = ["n1", "n2", "n3"];
-        let mut counts = [0; 3];
-        for i in 0..3000 {
-            let t = format!("fleet/car-{i}/speed");
-            let n = share_node(&nodes, &t).unwrap();
-            assert_eq!(share_node(&nodes, &t), Some(n), "the same answer every time");
-            counts[nodes.iter().position(|x| *x == n).unwrap()] += 1;
+        for many_topics in [true, false] {
+            let mut counts = [0; 3];
+            for i in 0..3000 {
+                let (t, p) = if many_topics {
+                    (format!("fleet/car-{i}/speed"), "55".to_string())
+                } else {
+                    ("orders".to_string(), format!("{{\"order\":{i}}}"))
+                };
+                let n = share_node(&nodes, &t, p.as_bytes()).unwrap();
+                assert_eq!(share_node(&nodes, &t, p.as_bytes()), Some(n), "the same answer every time");
+                counts[nodes.iter().position(|x| *x == n).unwrap()] += 1;
+            }
+            assert!(counts.iter().all(|c| *c > 800), "spread over the nodes: {counts:?}");
         }
-        assert!(counts.iter().all(|c| *c > 800), "spread over the nodes: {counts:?}");
     }
 
     #[test]

@@ -121,10 +121,10 @@ impl ClusterClaims {
         }
     }
 
-    /// Whether this node delivers a message on `topic` to its members of group `key` (see
+    /// Whether this node delivers `msg` to its members of group `key` (see
     /// [`crate::cluster::share_node`]): always outside a cluster or when no other node has
     /// members.
-    pub(super) fn share_mine(&self, key: &str, topic: &str) -> bool {
+    pub(super) fn share_mine(&self, key: &str, msg: &Message) -> bool {
         let (Some(ClaimsNode { node: me, .. }), Some(others)) = (&self.node, self.remote_shares.get(key)) else {
             return true;
         };
@@ -132,7 +132,7 @@ impl ClusterClaims {
         if let Err(i) = nodes.binary_search(&&**me) {
             nodes.insert(i, me);
         }
-        crate::cluster::share_node(&nodes, topic) == Some(&**me)
+        crate::cluster::share_node(&nodes, &msg.topic, &msg.payload) == Some(&**me)
     }
 }
 
