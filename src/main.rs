@@ -278,7 +278,12 @@ fn real_main() -> anyhow::Result<()> {
         )?;
         let links = links
             .into_iter()
-            .map(|l| sluice_net::KafkaLink { requests: l.requests, results: l.results, inbound: l.inbound })
+            .map(|l| sluice_net::KafkaLink {
+                requests: l.requests,
+                results: l.results,
+                inbound: l.inbound,
+                claims: l.claims,
+            })
             .collect();
         for m in &cfg.kafka_to_mqtt {
             tracing::info!(mapping = %m.name, kafka_topics = ?m.kafka_topics, mqtt_topics = ?m.mqtt_topics, "Kafka → MQTT mapping");

@@ -53,6 +53,9 @@ pub struct ShardLink {
     pub results: mpsc::UnboundedReceiver<Vec<ProduceResult>>,
     /// Records of the Kafka partitions placed on this shard (Kafka → MQTT).
     pub inbound: mpsc::Receiver<Vec<InboundRecord>>,
+    /// Records of the cluster's claims placed on this shard: apart from `inbound`, so the
+    /// feed's flow control never holds them back.
+    pub claims: mpsc::Receiver<Vec<InboundRecord>>,
 }
 
 /// Batches of consumed records waiting for a shard before its consumers pause.
@@ -151,12 +154,16 @@ pub fn start(
     let mut threads = Vec::with_capacity(n_shards);
     let mut inbound_rx = Vec::with_capacity(n_shards);
     let mut inbound_tx = Vec::with_capacity(n_shards);
+    let (mut claims_rx, mut claims_tx) = (Vec::with_capacity(n_shards), Vec::with_capacity(n_shards));
     for _ in 0..n_shards {
         let (tx, rx) = mpsc::channel(INBOUND_CHANNEL_BATCHES);
         inbound_tx.push(tx);
         inbound_rx.push(rx);
+        let (tx, rx) = mpsc::channel(INBOUND_CHANNEL_BATCHES);
+        claims_tx.push(tx);
+        claims_rx.push(rx);
     }
-    for (shard, in_rx) in inbound_rx.into_iter().enumerate() {
+    for (shard, (in_rx, claims_rx)) in inbound_rx.into_iter().zip(claims_rx).enumerate() {
         let (req_tx, req_rx) = mpsc::channel(REQUEST_CHANNEL_BATCHES);
         let (res_tx, res_rx) = mpsc::unbounded_channel();
         let (stop_tx, stop_rx) = oneshot::channel();
@@ -169,6 +176,7 @@ pub fn start(
         let inbound = inbound.to_vec();
         let inbound_clusters = inbound_clusters.clone();
         let inbound_tx = inbound_tx.clone();
+        let claims_tx = claims_tx.clone();
         let positions = positions.clone();
         let cpu = cpus.get(shard).copied();
         // One cache per thread: nothing on the record path is shared between cores.
@@ -216,9 +224,12 @@ pub fn start(
                             Some((setup.inbound_op(i as u16)?.clone(), cache.clone(), setup.clone()))
                         });
                         let h = health.clone();
-                        consumer::spawn(i as u16, m, cluster, shard, inbound_tx.clone(), positions.clone(), (check, h));
+                        let claims = matches!(m.internal, Some(sluice_core::inbound::InboundInternal::ClusterClaims));
+                        let to = if claims { claims_tx.clone() } else { inbound_tx.clone() };
+                        consumer::spawn(i as u16, m, cluster, shard, to, positions.clone(), (check, h));
                     }
                     drop(inbound_tx);
+                    drop(claims_tx);
                     let stage = schemas.map(|(cache, setup)| schemas::Stage::new(setup, cache, health.clone()));
                     let producer = producer::Producer::new(shard, own, req_rx, res_tx, stage, health);
                     tokio::select! {
@@ -235,7 +246,7 @@ pub fn start(
             })
             .map_err(|source| StartError::Runtime { shard, source })?;
         threads.push((stop_tx, join));
-        links.push(ShardLink { requests: req_tx, results: res_rx, inbound: in_rx });
+        links.push(ShardLink { requests: req_tx, results: res_rx, inbound: in_rx, claims: claims_rx });
     }
     Ok((KafkaBridge { threads, health }, links))
 }

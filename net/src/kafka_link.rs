@@ -1,4 +1,4 @@
-//! One shard's link to the Kafka side, and the three tasks that move batches over it.
+//! One shard's link to the Kafka side, and the four tasks that move batches over it.
 //!
 //! The Kafka side (sluice-kafka, on tokio) is started by the binary; this crate sees only the
 //! channels of [`KafkaLink`] and the `sluice-core` types that travel on them:
@@ -10,7 +10,9 @@
 //!   read-back of records waiting on disk) and then to the state machine;
 //! - consumed records in (Kafka → MQTT): one task takes a batch only when the state machine
 //!   routed all of the previous one (`kafka_records_waiting`) and the shard is not backlogged, so
-//!   the bounded `inbound` channel fills and the consumers stop fetching: Kafka is the buffer.
+//!   the bounded `inbound` channel fills and the consumers stop fetching: Kafka is the buffer;
+//! - the cluster's claims in: a task of their own hands them over as they come (takeovers,
+//!   handovers and leases never wait behind a slow device's queue).
 
 use std::rc::Rc;
 use std::time::Duration;
@@ -30,11 +32,23 @@ pub struct KafkaLink {
     pub results: mpsc::UnboundedReceiver<Vec<ProduceResult>>,
     /// Records consumed for Kafka → MQTT (bounded by the Kafka side).
     pub inbound: mpsc::Receiver<Vec<InboundRecord>>,
+    /// The cluster's claims consumed on this shard: handed over whenever they come, never
+    /// held back like `inbound` (see `Shard::on_claim_records`).
+    pub claims: mpsc::Receiver<Vec<InboundRecord>>,
 }
 
 /// Starts the link's tasks on this core; they end when their channel closes.
 pub(crate) fn spawn(link: KafkaLink, rt: &Rc<ShardRuntime>) {
-    let KafkaLink { requests, mut results, mut inbound } = link;
+    let KafkaLink { requests, mut results, mut inbound, mut claims } = link;
+    let c = rt.clone();
+    glommio::spawn_local(async move {
+        while let Some(batch) = claims.recv().await {
+            let now = c.now_ms();
+            c.shard.borrow_mut().on_claim_records(batch, now);
+            c.dispatch();
+        }
+    })
+    .detach();
     let c = rt.clone();
     glommio::spawn_local(async move {
         loop {

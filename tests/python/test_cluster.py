@@ -662,6 +662,45 @@ def test_a_session_whose_node_was_killed_is_waited_for_a_bounded_time_then_not_p
         s1.close()
 
 
+def test_a_takeover_is_not_held_back_by_a_node_whose_kafka_feed_waits_for_a_full_queue(kafka):
+    """Node 2's Kafka → MQTT feed waits (up to a minute here) for an offline persistent session
+    whose queue is past half full. The claims of client ids travel on a channel of their own: a
+    client that moves from node 2 to node 1 still closes on node 2 (0x8E) at once. Before, the
+    claim waited behind the feed for kafka_to_mqtt_max_wait_ms."""
+    prefix = f"f{time.monotonic_ns()}"
+    extra = "[kafka]\nkafka_to_mqtt_max_wait_ms = 60000\n[limits]\nmax_queued_messages = 20\n"
+    n1 = broker_with("--http", "127.0.0.1:0", config=extra + node_config(kafka, "n1", prefix))
+    n2 = broker_with("--http", "127.0.0.1:0", config=extra + node_config(kafka, "n2", prefix))
+    pubs = []
+    try:
+        probe, watch = Paho(n1.addr, "fb-probe"), Paho(n2.addr, "fb-watch")
+        connected(n1, n2, probe, watch)
+        probe.close()
+        watch.close()
+        slow = Paho(n2.addr, "fb-slow", clean=False)
+        slow.subscribe("slow/#", 1)
+        slow.close()  # offline, persistent: its queue fills from Kafka
+        mover = Paho(n2.addr, "fb-mover", v5=True)
+        wait_for(lambda: claim_of(n2, "fb-mover") == "confirmed", "claimed on node 2")
+        # Publishers with different client ids: their records spread over every partition, so
+        # every shard's feed on node 2 meets the full queue.
+        pubs = [Paho(n1.addr, f"fb-pub-{i}") for i in range(8)]
+        for r in range(5):
+            for p in pubs:
+                p.publish(f"slow/{r}", "x", qos=1)
+        wait_for(lambda: (queued_on(n2, "fb-slow") or 0) >= 10, "the slow session half full")
+        started = time.monotonic()
+        again = Paho(n1.addr, "fb-mover", v5=True)
+        assert disconnect_reason(mover) == 0x8E
+        assert time.monotonic() - started < 30, "the takeover waited behind the feed"
+        again.close()
+    finally:
+        for p in pubs:
+            p.close()
+        n1.stop()
+        n2.stop()
+
+
 @pytest.mark.parametrize("fence", [True, False], ids=["fence", "no-fence"])
 def test_a_kafka_outage_longer_than_dead_after_kills_nobody_and_publishes_no_will(fence):
     """Kafka (tansu) stopped with SIGSTOP for twice dead_after_ms: every node hears nothing,

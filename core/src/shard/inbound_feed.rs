@@ -86,6 +86,28 @@ impl Shard {
         self.feed_kafka_records(now_ms);
     }
 
+    /// Records of the cluster's claims (`InboundInternal::ClusterClaims`), on a channel of their
+    /// own: handled at once, never behind the feed's flow control (a takeover, a handover or a
+    /// lease must not wait for a slow device's queue), their positions moved at once (a claim is
+    /// not a delivery: nothing of it waits for a store).
+    pub fn on_claim_records(&mut self, records: impl IntoIterator<Item = InboundRecord>, now_ms: u64) {
+        let mut moves: PositionMoves = Vec::new();
+        for r in records {
+            let transformed = self.inbound.transform(&r, now_ms);
+            self.inbound.count(r.mapping, transformed.as_ref().map(Vec::len).map_err(|s| *s));
+            for m in transformed.into_iter().flatten() {
+                self.route(Arc::new(m), &mut Routing::default(), now_ms);
+            }
+            let key = (r.mapping, r.topic.clone(), r.partition);
+            match moves.iter_mut().find(|(k, _)| *k == key) {
+                Some(m) => m.1 = r.offset + 1,
+                None => moves.push((key, r.offset + 1)),
+            }
+        }
+        self.inbound.move_positions(vec![moves]);
+        self.run_local(now_ms);
+    }
+
     /// Records of an earlier batch wait for room: take no new batch (the consumer then pauses)
     /// and call [`Shard::feed_kafka_records`] again soon (acknowledgements, drained output and
     /// other shards' answers make room).
