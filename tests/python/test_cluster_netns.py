@@ -127,7 +127,8 @@ class Net:
             raise
 
     def node(self, i):
-        """Namespace for node `i` (1..): its clients address, `kafka_link(i)` is its cut point."""
+        """Makes node `i`'s (1..) namespace: returns its name and the node's clients address
+        (`kafka_link(i)` is where it is cut)."""
         ns = f"{self.tag}n{i}"
         sh("ip", "netns", "add", ns)
         self.namespaces.append(ns)
