@@ -88,6 +88,11 @@ impl Shard {
             }
             // A reason string only to a client that did not refuse problem information.
             let reason_string = a.reason.filter(|_| c.problem_information).map(|r| r.to_string());
+            if a.code == reason::SUCCESS && reason_string.is_none() {
+                // What `packet::encode` writes for it, without building a packet per message.
+                self.send_plain_resp(conn, if a.qos == 1 { 0x40 } else { 0x50 }, a.pid);
+                continue;
+            }
             let r = PubResp {
                 packet_id: a.pid,
                 code: a.code,
