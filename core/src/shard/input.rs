@@ -169,7 +169,19 @@ impl Shard {
                 }
                 continue;
             }
-            match packet::decode(buf, version, max_size as usize) {
+            // A PUBLISH is decoded as itself and handed on without a `Packet` around it.
+            let decoded = match version.filter(|_| buf.first().is_some_and(|b| b >> 4 == 3)) {
+                Some(v) => match packet::decode_publish(buf, v, max_size as usize) {
+                    Ok(Some(p)) => {
+                        self.on_client_publish(conn, p, now_ms);
+                        continue;
+                    }
+                    Ok(None) => Ok(None),
+                    Err(e) => Err(e),
+                },
+                None => packet::decode(buf, version, max_size as usize),
+            };
+            match decoded {
                 Ok(Some(p)) => self.on_packet(conn, p, now_ms),
                 Ok(None) => return false,
                 Err(e) => {
@@ -220,6 +232,19 @@ impl Shard {
             return self.defer(conn, p);
         }
         self.handle_packet(conn, p, now_ms);
+    }
+
+    /// [`Shard::on_packet`] of a PUBLISH from a connection past CONNECT: the same checks, and
+    /// one that may have to wait (3.1.1 QoS 2 flow control) takes that path as a `Packet`.
+    fn on_client_publish(&mut self, conn: ConnId, p: Publish, now_ms: u64) {
+        let Some(c) = self.conns.get(&conn) else { return };
+        if c.version == Version::V311 && (!c.deferred.is_empty() || p.qos == 2) {
+            return self.on_packet(conn, Packet::Publish(p), now_ms);
+        }
+        if self.held(conn).is_none() {
+            return self.orphaned(conn, now_ms);
+        }
+        self.on_publish(conn, p, now_ms);
     }
 
     /// One packet of an active connection holding its session, in its turn.
