@@ -42,6 +42,11 @@ impl Shard {
     ) {
         let Some(c) = self.conns.get_mut(&conn) else { return };
         let waiting = (records.len() + congested.len() + usize::from(receipt.is_some())) as u32;
+        if waiting == 0 && !matches!(c.state, ConnState::Closing) && c.acks.pass_through() {
+            // Waits for nothing, nothing before it: out now, as `flush_acks` would send it.
+            self.send_plain_resp(conn, if qos == 1 { 0x40 } else { 0x50 }, pid);
+            return;
+        }
         let seq = c.acks.push(pid, qos, waiting);
         if let Some((token, expected)) = receipt {
             self.receipts.expect(token, expected, ReceiptFor::Ack(conn, seq));

@@ -418,5 +418,11 @@ pub(super) fn held_key<'a>(
     let c = conns.get_mut(&conn)?;
     let key = sessions.find(c.session_hint, c.active_id()?)?;
     c.session_hint = key;
+    if let (Some(s), ConnState::Active { client_id }) = (sessions.at(key), &mut c.state) {
+        if !Arc::ptr_eq(client_id, &s.client_id) {
+            // The same id in the session's allocation: the next `find` compares pointers.
+            *client_id = s.client_id.clone();
+        }
+    }
     Some((&mut **c, key))
 }
