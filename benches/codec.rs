@@ -12,9 +12,9 @@ fn publish(payload: usize, v5: bool) -> Packet {
         topic: "fleet/eu/group-3/car-1045107/speed".into(),
         packet_id: 42,
         properties: if v5 {
-            Properties { user_properties: vec![("tenant".into(), "acme".into())], ..Default::default() }
+            Properties { user_properties: vec![("tenant".into(), "acme".into())], ..Default::default() }.into()
         } else {
-            Properties::default()
+            Properties::default().into()
         },
         payload: Bytes::from(vec![7u8; payload]),
     })

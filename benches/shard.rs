@@ -52,7 +52,7 @@ fn publishes(topic: &str, qos: u8, n: u16) -> BytesMut {
             retain: false,
             topic: topic.into(),
             packet_id: if qos > 0 { i + 1 } else { 0 },
-            properties: Properties::default(),
+            properties: Properties::default().into(),
             payload: Bytes::from(vec![7u8; 64]),
         });
         encode(&p, V, &mut b);

@@ -200,8 +200,62 @@ pub struct Publish {
     pub retain: bool,
     pub topic: String,
     pub packet_id: u16,
-    pub properties: Properties,
+    pub properties: PublishProperties,
     pub payload: Bytes,
+}
+
+/// A PUBLISH's properties, boxed only when it has some: every 3.1.1 PUBLISH and most MQTT 5
+/// ones have none, and the decoded packet is moved through the handlers (the whole
+/// [`Properties`] is ~350 bytes). Reads go through `Deref` (no properties reads as
+/// [`Properties::EMPTY`]); `DerefMut` boxes an empty set on first write, so hot paths that
+/// only may write use [`PublishProperties::get_mut`].
+#[derive(Clone, Default)]
+pub struct PublishProperties(Option<Box<Properties>>);
+
+impl PublishProperties {
+    /// The properties if any is set (`None` reads as empty).
+    pub fn get_mut(&mut self) -> Option<&mut Properties> {
+        self.0.as_deref_mut()
+    }
+
+    /// The box, `None` when there are no properties (or only empty ones were written).
+    pub fn into_boxed(self) -> Option<Box<Properties>> {
+        self.0.filter(|p| !p.is_empty())
+    }
+}
+
+impl From<Properties> for PublishProperties {
+    fn from(p: Properties) -> Self {
+        PublishProperties(p.boxed())
+    }
+}
+
+impl std::ops::Deref for PublishProperties {
+    type Target = Properties;
+    fn deref(&self) -> &Properties {
+        static NONE: Properties = Properties::EMPTY;
+        self.0.as_deref().unwrap_or(&NONE)
+    }
+}
+
+impl std::ops::DerefMut for PublishProperties {
+    fn deref_mut(&mut self) -> &mut Properties {
+        self.0.get_or_insert_with(Default::default)
+    }
+}
+
+impl PartialEq for PublishProperties {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for PublishProperties {}
+
+impl std::fmt::Debug for PublishProperties {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        (**self).fmt(f)
+    }
 }
 
 /// PUBACK, PUBREC, PUBREL and PUBCOMP share one shape.
@@ -504,12 +558,9 @@ impl Reader {
     }
 }
 
-/// Decodes one packet from the front of `buf`.
-///
-/// `version` is the connection's negotiated version (`None` before CONNECT: only CONNECT is
-/// accepted then). `max_size` bounds the whole packet, fixed header included. Returns
-/// `Ok(None)` when `buf` does not yet hold a whole packet; nothing is consumed then.
-pub fn decode(buf: &mut BytesMut, version: Option<Version>, max_size: usize) -> Result<Option<Packet>, DecodeError> {
+/// Takes one whole packet off the front of `buf`: its first byte and a reader over its body
+/// (`None` while it is not all there; nothing is consumed then).
+fn take_frame(buf: &mut BytesMut, max_size: usize) -> Result<Option<(u8, Reader)>, DecodeError> {
     if buf.len() < 2 {
         return Ok(None);
     }
@@ -528,7 +579,44 @@ pub fn decode(buf: &mut BytesMut, version: Option<Version>, max_size: usize) -> 
     let first = buf[0];
     let mut frame = buf.split_to(total);
     frame.advance(1 + varint_len);
-    let mut r = Reader(ByteReader::new(frame.freeze()));
+    Ok(Some((first, Reader(ByteReader::new(frame.freeze())))))
+}
+
+/// [`decode`] for a connection past CONNECT whose next packet is a PUBLISH (`buf[0] >> 4 ==
+/// 3`; the caller checked), returned as the [`Publish`] itself: exactly what [`decode`] would
+/// put in [`Packet::Publish`], without building and moving the larger `Packet`.
+pub fn decode_publish(buf: &mut BytesMut, version: Version, max_size: usize) -> Result<Option<Publish>, DecodeError> {
+    debug_assert_eq!(buf.first().map(|b| b >> 4), Some(3));
+    let Some((first, mut r)) = take_frame(buf, max_size)? else { return Ok(None) };
+    publish(&mut r, first & 0x0F, version.is_v5()).map(Some)
+}
+
+/// The body of a PUBLISH with fixed-header `flags`.
+fn publish(r: &mut Reader, flags: u8, v5: bool) -> Result<Publish, DecodeError> {
+    let qos = (flags >> 1) & 0b11;
+    if qos == 3 {
+        return Err(malformed("PUBLISH with QoS 3"));
+    }
+    let dup = flags & 0b1000 != 0;
+    if dup && qos == 0 {
+        return Err(malformed("PUBLISH with DUP set at QoS 0"));
+    }
+    let topic = r.string()?;
+    let packet_id = if qos > 0 { r.u16()? } else { 0 };
+    if qos > 0 && packet_id == 0 {
+        return Err(malformed("packet identifier 0"));
+    }
+    let properties = if v5 { r.properties(Ctx::Publish)?.into() } else { PublishProperties::default() };
+    Ok(Publish { dup, qos, retain: flags & 1 != 0, topic, packet_id, properties, payload: r.rest() })
+}
+
+/// Decodes one packet from the front of `buf`.
+///
+/// `version` is the connection's negotiated version (`None` before CONNECT: only CONNECT is
+/// accepted then). `max_size` bounds the whole packet, fixed header included. Returns
+/// `Ok(None)` when `buf` does not yet hold a whole packet; nothing is consumed then.
+pub fn decode(buf: &mut BytesMut, version: Option<Version>, max_size: usize) -> Result<Option<Packet>, DecodeError> {
+    let Some((first, mut r)) = take_frame(buf, max_size)? else { return Ok(None) };
     let kind = first >> 4;
     let flags = first & 0x0F;
     let Some(version) = version else {
@@ -546,31 +634,7 @@ pub fn decode(buf: &mut BytesMut, version: Option<Version>, max_size: usize) -> 
     };
     let packet = match kind {
         1 => return Err(protocol("second CONNECT")),
-        3 => {
-            let qos = (flags >> 1) & 0b11;
-            if qos == 3 {
-                return Err(malformed("PUBLISH with QoS 3"));
-            }
-            let dup = flags & 0b1000 != 0;
-            if dup && qos == 0 {
-                return Err(malformed("PUBLISH with DUP set at QoS 0"));
-            }
-            let topic = r.string()?;
-            let packet_id = if qos > 0 { r.u16()? } else { 0 };
-            if qos > 0 && packet_id == 0 {
-                return Err(malformed("packet identifier 0"));
-            }
-            let properties = if v5 { r.properties(Ctx::Publish)? } else { Properties::default() };
-            Packet::Publish(Publish {
-                dup,
-                qos,
-                retain: flags & 1 != 0,
-                topic,
-                packet_id,
-                properties,
-                payload: r.rest(),
-            })
-        }
+        3 => Packet::Publish(publish(&mut r, flags, v5)?),
         4..=7 => {
             need_flags(if kind == 6 { 0b0010 } else { 0 })?;
             let packet_id = r.u16()?;
@@ -1317,7 +1381,7 @@ mod tests {
                         retain,
                         topic,
                         packet_id: if qos > 0 { id } else { 0 },
-                        properties: props(p),
+                        properties: props(p).into(),
                         payload,
                     })
                 });
@@ -1426,6 +1490,22 @@ mod tests {
                 let mut b = BytesMut::from(&raw[..]);
                 let v = if pre { None } else if v5 { Some(Version::V5) } else { Some(Version::V311) };
                 let _ = decode(&mut b, v, 1 << 16);
+            }
+
+            /// `decode_publish` is `decode` of a PUBLISH: same packet, same error, same bytes left.
+            #[test]
+            fn decode_publish_is_decode(flags in 0..16u8, body in vec(any::<u8>(), 0..40), more in vec(any::<u8>(), 0..8), v5 in any::<bool>(), max in 2..48usize) {
+                let v = if v5 { Version::V5 } else { Version::V311 };
+                let mut raw = vec![0x30 | flags, body.len() as u8];
+                raw.extend_from_slice(&body);
+                raw.extend_from_slice(&more);
+                let (mut a, mut b) = (BytesMut::from(&raw[..]), BytesMut::from(&raw[..]));
+                let general = decode(&mut a, Some(v), max).map(|p| p.map(|p| match p {
+                    Packet::Publish(p) => p,
+                    other => panic!("not a PUBLISH: {other:?}"),
+                }));
+                prop_assert_eq!(decode_publish(&mut b, v, max), general);
+                prop_assert_eq!(a, b);
             }
         }
     }

@@ -294,7 +294,7 @@ impl StoredMessage {
             retain: true,
             topic: self.topic.clone(),
             packet_id: if self.qos > 0 { 1 } else { 0 },
-            properties: self.properties.clone(),
+            properties: self.properties.clone().into(),
             payload: self.payload.clone(),
         });
         let mut b = BytesMut::new();
@@ -315,7 +315,7 @@ impl StoredMessage {
             topic: p.topic,
             payload: p.payload,
             qos: p.qos,
-            properties: p.properties,
+            properties: p.properties.into_boxed().map(|b| *b).unwrap_or_default(),
             expiry_at_unix_ms,
             origin,
         })

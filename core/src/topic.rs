@@ -1,9 +1,12 @@
 //! Topic names, topic filters and the subscription trie.
 //!
-//! The trie maps filters to entries keyed by `K` (a session's client id, a shared group…). Matching
-//! walks one path per topic level plus the `+` and `#` branches, so its cost follows the depth of
-//! the topic and the number of wildcard branches on the way, not the number of subscriptions.
-//! Topics that start with `$` are not matched by a leading `+` or `#` (MQTT 4.7.2).
+//! The trie maps filters to entries keyed by `K` (a session's client id, a shared group…). A
+//! filter without wildcards is kept by its whole text (one lookup of the whole topic finds it);
+//! a filter with `+` or `#` goes into a tree by level, and matching walks one path per topic
+//! level plus the `+` and `#` branches, so its cost follows the depth of the topic and the
+//! number of wildcard branches on the way, not the number of subscriptions. A trie holding no
+//! wildcard filter (point-to-point subscriptions, most devices' command topics) never splits a
+//! topic. Topics that start with `$` are not matched by a leading `+` or `#` (MQTT 4.7.2).
 
 use crate::HashMap;
 use std::hash::Hash;
@@ -23,7 +26,19 @@ impl Default for TopicLimits {
 
 /// A topic name a client may publish to: no wildcards, within limits.
 pub fn valid_topic_name(t: &str, lim: &TopicLimits) -> bool {
-    !t.is_empty() && t.len() <= lim.max_len && !t.contains(['+', '#']) && t.split('/').count() <= lim.max_levels
+    if t.is_empty() || t.len() > lim.max_len {
+        return false;
+    }
+    // One pass over the bytes (every PUBLISH comes here): levels are separators + 1.
+    let mut separators = 0usize;
+    for b in t.bytes() {
+        match b {
+            b'+' | b'#' => return false,
+            b'/' => separators += 1,
+            _ => {}
+        }
+    }
+    separators < lim.max_levels
 }
 
 /// A topic filter: `+` only as a whole level, `#` only as the whole last level.
@@ -105,15 +120,29 @@ impl<K, V> Node<K, V> {
 }
 
 /// Filters → entries keyed by `K`; one entry per key per filter.
+///
+/// Invariant: a filter with no `+` or `#` character is in `exact` only, any other in the tree
+/// (`root`) only; neither keeps an empty entry map; `len` counts the entries of both and
+/// `wild_len` those of the tree.
 pub struct Trie<K, V> {
+    /// Wildcard-free filters by their whole text: equal text is equal levels, so a topic finds
+    /// them with one hash of the topic instead of one per level.
+    exact: HashMap<Box<str>, HashMap<K, V>>,
     root: Node<K, V>,
     len: usize,
+    wild_len: usize,
 }
 
 impl<K: Eq + Hash, V> Default for Trie<K, V> {
     fn default() -> Self {
-        Trie { root: Node::default(), len: 0 }
+        Trie { exact: HashMap::default(), root: Node::default(), len: 0, wild_len: 0 }
     }
+}
+
+/// Whether `filter` goes to [`Trie::exact`]: no wildcard character anywhere (a character that
+/// is not a whole level, in a filter that was not validated, keeps the tree's literal match).
+fn is_exact(filter: &str) -> bool {
+    !filter.bytes().any(|b| b == b'+' || b == b'#')
 }
 
 impl<K: Eq + Hash, V> Trie<K, V> {
@@ -128,6 +157,17 @@ impl<K: Eq + Hash, V> Trie<K, V> {
 
     /// Inserts or replaces the entry of `key` under `filter`; returns the old value.
     pub fn insert(&mut self, filter: &str, key: K, value: V) -> Option<V> {
+        if is_exact(filter) {
+            let entries = match self.exact.get_mut(filter) {
+                Some(e) => e,
+                None => self.exact.entry(filter.into()).or_default(),
+            };
+            let old = entries.insert(key, value);
+            if old.is_none() {
+                self.len += 1;
+            }
+            return old;
+        }
         let mut node = &mut self.root;
         for level in filter.split('/') {
             node.wild |= wild_bit(level);
@@ -136,12 +176,24 @@ impl<K: Eq + Hash, V> Trie<K, V> {
         let old = node.entries.insert(key, value);
         if old.is_none() {
             self.len += 1;
+            self.wild_len += 1;
         }
         old
     }
 
     /// Removes the entry of `key` under `filter`, pruning empty branches.
     pub fn remove(&mut self, filter: &str, key: &K) -> Option<V> {
+        if is_exact(filter) {
+            let entries = self.exact.get_mut(filter)?;
+            let v = entries.remove(key);
+            if entries.is_empty() {
+                self.exact.remove(filter);
+            }
+            if v.is_some() {
+                self.len -= 1;
+            }
+            return v;
+        }
         fn walk<K: Eq + Hash, V>(node: &mut Node<K, V>, levels: &[&str], key: &K) -> Option<V> {
             match levels.split_first() {
                 None => node.entries.remove(key),
@@ -160,11 +212,15 @@ impl<K: Eq + Hash, V> Trie<K, V> {
         let v = walk(&mut self.root, &levels, key);
         if v.is_some() {
             self.len -= 1;
+            self.wild_len -= 1;
         }
         v
     }
 
     pub fn get_mut(&mut self, filter: &str, key: &K) -> Option<&mut V> {
+        if is_exact(filter) {
+            return self.exact.get_mut(filter)?.get_mut(key);
+        }
         let mut node = &mut self.root;
         for level in filter.split('/') {
             node = node.children.get_mut(level)?;
@@ -173,6 +229,9 @@ impl<K: Eq + Hash, V> Trie<K, V> {
     }
 
     pub fn get(&self, filter: &str, key: &K) -> Option<&V> {
+        if is_exact(filter) {
+            return self.exact.get(filter)?.get(key);
+        }
         let mut node = &self.root;
         for level in filter.split('/') {
             node = node.children.get(level)?;
@@ -209,8 +268,14 @@ impl<K: Eq + Hash, V> Trie<K, V> {
                 walk(c, levels, false, dollar, f);
             }
         }
-        // Nothing to walk (a shard's shared groups, mostly): the topic is not even split.
-        if self.len == 0 {
+        if !self.exact.is_empty() {
+            if let Some(entries) = self.exact.get(topic) {
+                entries.iter().for_each(|(k, v)| f(k, v));
+            }
+        }
+        // No wildcard filter (a shard's shared groups, point-to-point subscribers): the topic is
+        // not even split.
+        if self.wild_len == 0 {
             return;
         }
         walk(&self.root, topic.split('/'), true, topic.starts_with('$'), &mut f);
@@ -248,7 +313,12 @@ impl<K: Eq + Hash, V> Trie<K, V> {
                 }
             }
         }
-        if self.len == 0 {
+        if !self.exact.is_empty() {
+            if let Some(entries) = self.exact.get_mut(topic) {
+                entries.iter_mut().for_each(|(k, v)| f(k, v));
+            }
+        }
+        if self.wild_len == 0 {
             return;
         }
         walk(&mut self.root, topic.split('/'), true, topic.starts_with('$'), &mut f);
@@ -346,6 +416,40 @@ mod tests {
         assert!(trie.remove("a/+", &2).is_some());
         assert!(trie.is_empty());
         assert!(trie.root.children.is_empty());
+        assert!(trie.exact.is_empty());
+    }
+
+    #[test]
+    fn exact_filters_are_found_without_the_tree_and_beside_it() {
+        let mut trie: Trie<u32, u8> = Trie::default();
+        trie.insert("a/b", 1, 10);
+        trie.insert("a/b", 2, 20);
+        assert_eq!(trie.insert("a/b", 1, 11), Some(10));
+        assert_eq!((trie.len(), trie.wild_len), (2, 0));
+        assert!(trie.root.children.is_empty(), "a wildcard-free filter is not split into levels");
+        assert_eq!(trie.get("a/b", &1), Some(&11));
+        *trie.get_mut("a/b", &2).unwrap() = 21;
+        trie.insert("a/+", 3, 30);
+        trie.insert("$SYS/x", 4, 40);
+        let found = |t: &mut Trie<u32, u8>, topic: &str| {
+            let mut a = Vec::new();
+            t.for_each_match(topic, |k, v| a.push((*k, *v)));
+            let mut b = Vec::new();
+            t.for_each_match_mut(topic, |k, v| b.push((*k, *v)));
+            a.sort_unstable();
+            b.sort_unstable();
+            assert_eq!(a, b);
+            a
+        };
+        assert_eq!(found(&mut trie, "a/b"), [(1, 11), (2, 21), (3, 30)]);
+        assert_eq!(found(&mut trie, "$SYS/x"), [(4, 40)]);
+        assert_eq!(found(&mut trie, "a/b/c"), []);
+        assert_eq!(trie.remove("a/b", &1), Some(11));
+        assert_eq!(trie.remove("a/b", &2), Some(21));
+        assert_eq!(trie.remove("a/b", &2), None);
+        assert!(!trie.exact.contains_key("a/b"), "an empty filter's entry map is gone");
+        assert_eq!(found(&mut trie, "a/b"), [(3, 30)]);
+        assert_eq!((trie.len(), trie.wild_len), (2, 1));
     }
 
     #[test]

@@ -725,7 +725,15 @@ fn read_from(host: &impl Host, id: ConnId, src: Src<'_>) {
         }
         let mut input = s.input.take().map(|b| *b).unwrap_or_default();
         let Some(t) = s.transport.as_deref_mut() else {
-            let mut outcome = pull(&mut s.stream, &mut scratch[..], src, |b| input.extend_from_slice(b));
+            let mut outcome = pull(&mut s.stream, &mut scratch[..], src, |b| {
+                // A read that filled the scratch buffer is followed by more (a turn reads at most
+                // READ_BUDGET): room for the whole budget at once, instead of growing (and
+                // copying what came before) chunk by chunk.
+                if b.len() == READ_CHUNK && input.capacity() - input.len() < b.len() {
+                    input.reserve(READ_BUDGET);
+                }
+                input.extend_from_slice(b)
+            });
             if matches!(src, Src::Held) && s.gone {
                 outcome = ReadOutcome::Gone;
             }

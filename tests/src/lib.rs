@@ -318,7 +318,7 @@ impl Client {
             retain,
             topic: topic.into(),
             packet_id,
-            properties,
+            properties: properties.into(),
             payload: Bytes::copy_from_slice(payload),
         }));
         match qos {

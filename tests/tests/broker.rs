@@ -192,7 +192,7 @@ fn incoming_qos2_resend_is_not_delivered_twice() {
         retain: false,
         topic: "x".into(),
         packet_id: 7,
-        properties: props(),
+        properties: props().into(),
         payload: Bytes::from_static(b"m"),
     };
     publ.send(&Packet::Publish(p.clone()));
@@ -520,7 +520,7 @@ fn client_exceeding_our_receive_maximum_is_disconnected_with_0x93() {
             retain: false,
             topic: "rm/x".into(),
             packet_id: pid,
-            properties: props(),
+            properties: props().into(),
             payload: Bytes::from_static(b"x"),
         })
     };

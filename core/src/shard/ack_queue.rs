@@ -42,6 +42,17 @@ impl AckQueue {
         seq
     }
 
+    /// An acknowledgement that waits for nothing, with none queued before it, leaves at once
+    /// (what [`AckQueue::push`] then [`AckQueue::pop_ready`] would do): uses up its number and
+    /// returns true; false (nothing changed) when others are queued.
+    pub(super) fn pass_through(&mut self) -> bool {
+        if !self.acks.is_empty() {
+            return false;
+        }
+        self.front_seq += 1;
+        true
+    }
+
     fn get_mut(&mut self, seq: u64) -> Option<&mut PendingAck> {
         let i = seq.checked_sub(self.front_seq)?;
         self.acks.get_mut(usize::try_from(i).ok()?)
@@ -125,6 +136,19 @@ mod tests {
         assert_eq!(ready(&mut q), vec![], "a failure noted ahead still waits");
         q.done(b, None);
         assert_eq!(ready(&mut q), vec![(2, reason::UNSPECIFIED_ERROR)]);
+    }
+
+    #[test]
+    fn an_acknowledgement_passes_through_only_an_empty_queue_and_uses_up_its_number() {
+        let mut q = AckQueue::default();
+        assert!(q.pass_through());
+        let first = q.push(1, 1, 1);
+        assert_eq!(first, 1, "the number passed through is used up");
+        assert!(!q.pass_through(), "behind one that waits, it queues");
+        assert!(q.done(first, None));
+        assert_eq!(ready(&mut q), [(1, reason::SUCCESS)]);
+        assert!(q.pass_through());
+        assert_eq!(q.push(3, 1, 0), 3);
     }
 
     #[test]

@@ -42,6 +42,11 @@ impl Shard {
     ) {
         let Some(c) = self.conns.get_mut(&conn) else { return };
         let waiting = (records.len() + congested.len() + usize::from(receipt.is_some())) as u32;
+        if waiting == 0 && !matches!(c.state, ConnState::Closing) && c.acks.pass_through() {
+            // Waits for nothing, nothing before it: out now, as `flush_acks` would send it.
+            self.send_plain_resp(conn, if qos == 1 { 0x40 } else { 0x50 }, pid);
+            return;
+        }
         let seq = c.acks.push(pid, qos, waiting);
         if let Some((token, expected)) = receipt {
             self.receipts.expect(token, expected, ReceiptFor::Ack(conn, seq));
@@ -88,6 +93,11 @@ impl Shard {
             }
             // A reason string only to a client that did not refuse problem information.
             let reason_string = a.reason.filter(|_| c.problem_information).map(|r| r.to_string());
+            if a.code == reason::SUCCESS && reason_string.is_none() {
+                // What `packet::encode` writes for it, without building a packet per message.
+                self.send_plain_resp(conn, if a.qos == 1 { 0x40 } else { 0x50 }, a.pid);
+                continue;
+            }
             let r = PubResp {
                 packet_id: a.pid,
                 code: a.code,

@@ -410,7 +410,6 @@ impl Shard {
             .sessions
             .values()
             .filter(|s| (!connected_only || s.conn.is_some()) && matches_page(&s.client_id, search, after))
-            .map(|s| &**s)
             .collect();
         let total = hits.len();
         smallest(&mut hits, limit, |a, b| a.client_id.cmp(&b.client_id));

@@ -8,7 +8,14 @@ impl Shard {
     /// Room for `id`'s queue to move: pump it, and once it is down to a quarter, let go of what
     /// waited for it to drain.
     pub(super) fn pump_and_release(&mut self, id: &ClientId, now_ms: u64) {
-        self.pump(id, now_ms);
+        if let Some(key) = self.sessions.key_of(&**id) {
+            self.pump_and_release_at(id, key, now_ms);
+        }
+    }
+
+    /// [`Shard::pump_and_release`] of `id`'s session, at `key` (found in this handler).
+    pub(super) fn pump_and_release_at(&mut self, id: &ClientId, key: SessionKey, now_ms: u64) {
+        self.pump_at(key, now_ms);
         self.feed_retained(id, now_ms);
         if !self.drain.is_idle()
             && self.sessions.get(id).is_some_and(|s| s.queue.len() * 4 <= self.limits.max_queued_messages)

@@ -14,7 +14,7 @@ use std::collections::VecDeque;
 
 use bytes::BytesMut;
 
-use super::{AckQueue, ClientId, ConnAuth, Connect, Packet, SubAck, SubOptions, Version, Will};
+use super::{AckQueue, ClientId, ConnAuth, Connect, Packet, SessionKey, SubAck, SubOptions, Version, Will};
 #[cfg(doc)]
 use super::{DEFERRED_BYTES_MAX, HELD_INPUT_MAX};
 
@@ -102,6 +102,10 @@ pub(super) struct Conn {
     /// The identity its transport proved (the client certificate's subject CN or DNS name on a
     /// TLS listener with `use_identity_as_username`), set before any packet is read.
     pub(super) identity: Option<Box<str>>,
+    /// Where its session was last found ([`Sessions::find`](super::Sessions::find)): a hint,
+    /// checked against the client id at each use, so a stale one costs a lookup, never a
+    /// wrong session.
+    pub(super) session_hint: SessionKey,
 }
 
 #[derive(Default)]
@@ -150,6 +154,7 @@ impl Conn {
             auth: None,
             listener: 0,
             identity: None,
+            session_hint: SessionKey::default(),
         }
     }
 

@@ -127,6 +127,20 @@ impl Shard {
         }
     }
 
+    /// A PUBACK/PUBREC/PUBREL/PUBCOMP (`first`: its first byte) with success and no
+    /// properties: the four bytes [`packet::encode`] writes for it in either version.
+    pub(super) fn send_plain_resp(&mut self, conn: ConnId, first: u8, pid: u16) -> bool {
+        self.send_encoded(
+            conn,
+            |_| 4,
+            |_, out| {
+                let [hi, lo] = pid.to_be_bytes();
+                out.extend_from_slice(&[first, 2, hi, lo]);
+                4
+            },
+        )
+    }
+
     /// [`Shard::send`] for a delivery, encoded from borrowed parts.
     pub(super) fn send_publish(&mut self, conn: ConnId, p: &PublishRef<'_>) -> bool {
         self.send_encoded(conn, |v| packet::publish_len(p, v), |v, out| packet::encode_publish(p, v, out))

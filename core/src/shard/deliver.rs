@@ -7,10 +7,10 @@ use super::*;
 impl Shard {
     /// PUBACK, PUBREC (`rec`) or PUBCOMP for a message we sent.
     pub(super) fn on_ack(&mut self, conn: ConnId, pid: u16, rec: bool, now_ms: u64) {
-        let Some(c) = self.conns.get(&conn) else { return };
+        // The connection's hint finds its session without hashing the client id.
+        let Some((c, key)) = held_key(&mut self.conns, &self.sessions, conn) else { return };
         let share_busy = c.share_busy;
-        let Some(id) = c.active_id().cloned() else { return };
-        let Some(s) = self.sessions.get_mut(&id) else { return };
+        let Some(s) = self.sessions.at_mut(key) else { return };
         self.commits.touch(s);
         match s.inflight.get(pid) {
             Some(Inflight::Publish(d)) if rec && d.qos == 2 => {
@@ -22,7 +22,8 @@ impl Shard {
             }
             Some(_) if !rec => {
                 s.inflight.remove(pid);
-                self.pump_and_release(&id, now_ms);
+                let id = s.client_id.clone();
+                self.pump_and_release_at(&id, key, now_ms);
                 if share_busy {
                     self.report_share_load(&id);
                 }
@@ -52,7 +53,9 @@ impl Shard {
     /// Hands one message to one session: straight out if connected and the window allows,
     /// otherwise into its bounded queue (QoS 0 is not queued for offline sessions).
     pub(super) fn deliver(&mut self, id: &ClientId, d: Delivery, routing: &mut Routing, now_ms: u64) {
-        let Some(s) = self.sessions.get_mut(id) else { return };
+        // Looked up once; the steps below reach the session by its key.
+        let Some(key) = self.sessions.key_of(&**id) else { return };
+        let Some(s) = self.sessions.at_mut(key) else { return };
         match s.conn {
             Some(conn) if d.qos == 0 => {
                 let Some(c) = self.conns.get(&conn) else { return };
@@ -87,14 +90,14 @@ impl Shard {
                 if congested {
                     routing.note_congested(id);
                 }
-                let Some(s) = self.sessions.get_mut(id) else { return };
+                let Some(s) = self.sessions.at_mut(key) else { return };
                 match s.conn.filter(|_| s.queue.is_empty()) {
                     // Nothing waits before it: what `pump` would do with it, without the
                     // queue's push and pop and the lookups of another pass.
-                    Some(conn) => self.send_or_queue(id, conn, d, now_ms),
+                    Some(conn) => self.send_or_queue(key, conn, d, now_ms),
                     None => {
                         s.queue.push_back(d);
-                        self.pump(id, now_ms);
+                        self.pump_at(key, now_ms);
                     }
                 }
             }
@@ -106,49 +109,56 @@ impl Shard {
     /// this client, a queued one a pointer shared with every other queue it is in, so a client
     /// that stops reading pins at most the window or the buffer limit, whichever comes first.
     pub(super) fn pump(&mut self, id: &ClientId, now_ms: u64) {
+        if let Some(key) = self.sessions.key_of(&**id) {
+            self.pump_at(key, now_ms);
+        }
+    }
+
+    /// [`Shard::pump`] of the session at `key` (found in this handler).
+    pub(super) fn pump_at(&mut self, key: SessionKey, now_ms: u64) {
         loop {
-            let Some(s) = self.sessions.get_mut(id) else { return };
+            let Some(s) = self.sessions.at_mut(key) else { return };
             let Some(conn) = s.conn else { return };
             if !may_send(&mut self.conns, &self.limits, s, conn) {
                 return;
             }
             let Some(d) = s.queue.pop_front() else { return };
-            self.send_now(id, conn, d, now_ms);
+            self.send_now(key, conn, d, now_ms);
         }
     }
 
-    /// A message for the connected session `id` with nothing queued before it: out now if the
-    /// window and the output buffer allow (as [`Shard::pump`] would send it), else queued.
-    fn send_or_queue(&mut self, id: &ClientId, conn: ConnId, d: Delivery, now_ms: u64) {
-        let Some(s) = self.sessions.get_mut(id) else { return };
+    /// A message for the connected session at `key` with nothing queued before it: out now if
+    /// the window and the output buffer allow (as [`Shard::pump`] would send it), else queued.
+    fn send_or_queue(&mut self, key: SessionKey, conn: ConnId, d: Delivery, now_ms: u64) {
+        let Some(s) = self.sessions.at_mut(key) else { return };
         if may_send(&mut self.conns, &self.limits, s, conn) {
-            self.send_now(id, conn, d, now_ms);
+            self.send_now(key, conn, d, now_ms);
         } else {
             s.queue.push_back(d);
         }
     }
 
-    /// Writes `d` to `conn`, session `id`'s connection, whose window has room: QoS 1/2 under a
-    /// new packet id, in flight from then on.
-    fn send_now(&mut self, id: &ClientId, conn: ConnId, d: Delivery, now_ms: u64) {
+    /// Writes `d` to `conn`, the connection of the session at `key`, whose window has room:
+    /// QoS 1/2 under a new packet id, in flight from then on.
+    fn send_now(&mut self, key: SessionKey, conn: ConnId, d: Delivery, now_ms: u64) {
         if d.qos == 0 {
             self.write_publish(conn, &d, 0, false, now_ms);
             return;
         }
-        let Some(s) = self.sessions.get_mut(id) else { return };
+        let Some(s) = self.sessions.at_mut(key) else { return };
         let pid = s.alloc_pid();
         if d.sub_ids.is_empty() {
-            // In flight before it is written (a pointer copy), so that the session is looked
-            // up once per message; taken out again if the message was dropped instead.
+            // In flight before it is written (a pointer copy), so that the session is reached
+            // once per message; taken out again if the message was dropped instead.
             s.inflight.insert(pid, Inflight::Publish(d.clone()));
             if !self.write_publish(conn, &d, pid, false, now_ms) {
-                if let Some(s) = self.sessions.get_mut(id) {
+                if let Some(s) = self.sessions.at_mut(key) {
                     s.inflight.remove(pid);
                 }
             }
         } else if self.write_publish(conn, &d, pid, false, now_ms) {
-            // Subscription ids would make that copy an allocation: a second lookup instead.
-            if let Some(s) = self.sessions.get_mut(id) {
+            // Subscription ids would make that copy an allocation: a second access instead.
+            if let Some(s) = self.sessions.at_mut(key) {
                 s.inflight.insert(pid, Inflight::Publish(d));
             }
         }
@@ -249,7 +259,7 @@ impl Shard {
 /// `id`, hosted here, cannot put one more message on the wire now — offline, its in-flight
 /// window full, messages already queued, or its output buffer full — `None` when it can.
 pub(super) fn member_busy(
-    sessions: &HashMap<ClientId, Box<Session>>,
+    sessions: &Sessions,
     conns: &HashMap<ConnId, Box<Conn>>,
     limits: &Limits,
     id: &ClientId,

@@ -4,6 +4,7 @@
 //! (the deferral queue) lives here too.
 
 use super::*;
+use bytes::Buf;
 
 impl Shard {
     /// Bytes arrived on `conn`. Decodes and handles every whole packet in `buf`, leaving a partial
@@ -154,7 +155,33 @@ impl Shard {
                 None => self.limits.max_connect_packet_bytes.min(self.limits.max_packet_size),
                 Some(_) => self.limits.max_packet_size,
             };
-            match packet::decode(buf, version, max_size as usize) {
+            // The commonest packet of a subscriber, a plain PUBACK (four bytes: what 3.1.1
+            // sends, and MQTT 5 for a success without properties), goes straight to its
+            // handler, past the checks `on_packet` makes of it: no `Packet` (a few hundred
+            // bytes with its properties) is built, moved and dropped. The decoder reads these
+            // four bytes the same way.
+            if let Some(pid) = version.and(plain_puback(buf)).filter(|_| max_size >= 4) {
+                buf.advance(4);
+                if self.held(conn).is_none() {
+                    self.orphaned(conn, now_ms);
+                } else {
+                    self.on_ack(conn, pid, false, now_ms);
+                }
+                continue;
+            }
+            // A PUBLISH is decoded as itself and handed on without a `Packet` around it.
+            let decoded = match version.filter(|_| buf.first().is_some_and(|b| b >> 4 == 3)) {
+                Some(v) => match packet::decode_publish(buf, v, max_size as usize) {
+                    Ok(Some(p)) => {
+                        self.on_client_publish(conn, p, now_ms);
+                        continue;
+                    }
+                    Ok(None) => Ok(None),
+                    Err(e) => Err(e),
+                },
+                None => packet::decode(buf, version, max_size as usize),
+            };
+            match decoded {
                 Ok(Some(p)) => self.on_packet(conn, p, now_ms),
                 Ok(None) => return false,
                 Err(e) => {
@@ -205,6 +232,19 @@ impl Shard {
             return self.defer(conn, p);
         }
         self.handle_packet(conn, p, now_ms);
+    }
+
+    /// [`Shard::on_packet`] of a PUBLISH from a connection past CONNECT: the same checks, and
+    /// one that may have to wait (3.1.1 QoS 2 flow control) takes that path as a `Packet`.
+    fn on_client_publish(&mut self, conn: ConnId, p: Publish, now_ms: u64) {
+        let Some(c) = self.conns.get(&conn) else { return };
+        if c.version == Version::V311 && (!c.deferred.is_empty() || p.qos == 2) {
+            return self.on_packet(conn, Packet::Publish(p), now_ms);
+        }
+        if self.held(conn).is_none() {
+            return self.orphaned(conn, now_ms);
+        }
+        self.on_publish(conn, p, now_ms);
     }
 
     /// One packet of an active connection holding its session, in its turn.
@@ -351,14 +391,38 @@ impl Shard {
     }
 }
 
+/// The packet id of a PUBACK of remaining length 2 at the front of `buf`.
+fn plain_puback(buf: &[u8]) -> Option<u16> {
+    (buf.len() >= 4 && buf[0] == 0x40 && buf[1] == 2).then(|| u16::from_be_bytes([buf[2], buf[3]]))
+}
+
 /// [`Shard::held`] over the two tables only, so that the caller may use the shard's other parts
 /// (limits, the session store) while it holds the connection and its session.
 pub(super) fn held_in<'a>(
     conns: &'a mut HashMap<ConnId, Box<Conn>>,
-    sessions: &'a mut HashMap<ClientId, Box<Session>>,
+    sessions: &'a mut Sessions,
     conn: ConnId,
 ) -> Option<(&'a mut Conn, &'a mut Session)> {
+    let (c, key) = held_key(conns, sessions, conn)?;
+    let s = sessions.at_mut(key)?;
+    (s.conn == Some(conn)).then_some((c, s))
+}
+
+/// The connection and the key of the session it names (found through the connection's hint,
+/// which is brought up to date), without checking that the session names it back.
+pub(super) fn held_key<'a>(
+    conns: &'a mut HashMap<ConnId, Box<Conn>>,
+    sessions: &Sessions,
+    conn: ConnId,
+) -> Option<(&'a mut Conn, SessionKey)> {
     let c = conns.get_mut(&conn)?;
-    let s = sessions.get_mut(c.active_id()?)?;
-    (s.conn == Some(conn)).then_some((&mut **c, &mut **s))
+    let key = sessions.find(c.session_hint, c.active_id()?)?;
+    c.session_hint = key;
+    if let (Some(s), ConnState::Active { client_id }) = (sessions.at(key), &mut c.state) {
+        if !Arc::ptr_eq(client_id, &s.client_id) {
+            // The same id in the session's allocation: the next `find` compares pointers.
+            *client_id = s.client_id.clone();
+        }
+    }
+    Some((&mut **c, key))
 }

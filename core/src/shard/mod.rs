@@ -69,6 +69,7 @@ mod receipt_book;
 mod receipts;
 mod retained_delivery;
 mod routing;
+mod sessions;
 mod shard_msg;
 mod share_groups;
 #[cfg(any(test, feature = "sim"))]
@@ -95,12 +96,13 @@ use drain_waiters::{DrainWaiter, DrainWaiters};
 use inbound_feed::{InboundFeed, FEED_TOKEN};
 use inbound_state::InboundState;
 pub use inbound_state::{InboundCounters, SKIP_CAUSES};
-use input::held_in;
+use input::{held_in, held_key};
 use outbox::KafkaOutbox;
 pub use outbox::{BridgeOptions, MappingStats, FAILURE_CAUSES, LATENCY_BUCKETS_US};
 pub use receipt_book::Receipt;
 use receipt_book::{PositionMoves, ReceiptBook, ReceiptFor};
 use routing::Routing;
+use sessions::{SessionKey, Sessions};
 pub use shard_msg::ShardMsg;
 pub use share_groups::ShareMember;
 use share_groups::{share_key, ShareGroups};
@@ -145,7 +147,8 @@ pub struct Shard {
     conns: HashMap<ConnId, Box<Conn>>,
     /// The connections in `ConnState::AwaitConnect`: deadline, buffer budget, per-address cap.
     preconnect: Preconnect,
-    sessions: HashMap<ClientId, Box<Session>>,
+    /// By client id, each in a slot whose key the per-message paths carry (`sessions.rs`).
+    sessions: Sessions,
     trie: Trie<ClientId, Sub>,
     /// Scratch for [`Shard::route_here`]: the subscriptions one message matched.
     route_matches: Vec<(ClientId, u8, bool, Option<u32>)>,
@@ -244,7 +247,7 @@ impl Shard {
             topic_limits,
             conns: HashMap::default(),
             preconnect,
-            sessions: HashMap::default(),
+            sessions: Sessions::default(),
             route_matches: Vec::new(),
             trie: Trie::default(),
             retained: RetainedTree::default(),

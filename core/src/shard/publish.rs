@@ -17,7 +17,7 @@ impl Shard {
         }) else {
             return self.orphaned(conn, now_ms);
         };
-        if let Some(alias) = p.properties.topic_alias.take() {
+        if let Some(alias) = p.properties.get_mut().and_then(|pr| pr.topic_alias.take()) {
             if alias > self.limits.topic_alias_maximum {
                 return self.protocol_close(conn, reason::TOPIC_ALIAS_INVALID, "topic alias above maximum", now_ms);
             }
@@ -75,16 +75,18 @@ impl Shard {
             s.incoming_qos2.insert(p.packet_id);
             self.commits.touch(s);
         }
-        let mut properties = std::mem::take(&mut p.properties);
-        properties.subscription_identifiers.clear();
-        let expiry = properties.message_expiry_interval.take();
+        let mut expiry = None;
+        if let Some(properties) = p.properties.get_mut() {
+            properties.subscription_identifiers.clear();
+            expiry = properties.message_expiry_interval.take();
+        }
         let (qos, pid) = (p.qos, p.packet_id);
         let msg = Arc::new(Message {
             topic: p.topic,
             payload: p.payload,
             qos,
             retain: p.retain,
-            properties: properties.boxed(),
+            properties: p.properties.into_boxed(),
             expiry_at_ms: expiry.map(|e| now_ms + u64::from(e) * 1000),
             origin: client_id,
         });

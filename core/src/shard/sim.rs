@@ -170,7 +170,7 @@ impl Sim {
                 retain: what & 8 != 0,
                 topic: topic.trim_start_matches("$share/g/").trim_end_matches("/#").into(),
                 packet_id: if what.is_multiple_of(3) { 0 } else { u16::from(what >> 4) + 1 },
-                properties: Properties::default(),
+                properties: Properties::default().into(),
                 payload: Bytes::from_static(b"m"),
             }),
             (Some(_), 3) => Packet::PubRel(PubResp {

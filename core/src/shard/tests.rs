@@ -102,7 +102,7 @@ fn publish(topic: &str, qos: u8, pid: u16, payload: &'static [u8]) -> Packet {
         retain: false,
         topic: topic.into(),
         packet_id: pid,
-        properties: Properties::default(),
+        properties: Properties::default().into(),
         payload: Bytes::from_static(payload),
     })
 }
@@ -299,7 +299,7 @@ fn a_retained_publish_racing_a_new_subscription_arrives_once() {
         retain: true,
         topic: topic.clone(),
         packet_id: 0,
-        properties: Properties::default(),
+        properties: Properties::default().into(),
         payload: Bytes::from_static(b"once"),
     };
     packet::encode(&Packet::Publish(p), V5, &mut b);
@@ -328,7 +328,7 @@ fn world_of_with_retained(shards: usize, n: usize, limits: Limits) -> World {
             retain: true,
             topic: format!("ret/{i}"),
             packet_id: 0,
-            properties: Properties::default(),
+            properties: Properties::default().into(),
             payload: Bytes::from_static(b"r"),
         };
         packet::encode(&Packet::Publish(p), V5, &mut b);
@@ -384,7 +384,7 @@ fn every_retained_message_reaches_an_acknowledging_qos1_subscriber_without_overf
             retain: true,
             topic: format!("ret/{i}"),
             packet_id: (i % 60_000 + 1) as u16,
-            properties: Properties::default(),
+            properties: Properties::default().into(),
             payload: Bytes::from_static(b"r1"),
         };
         packet::encode(&Packet::Publish(p), V5, &mut b);
