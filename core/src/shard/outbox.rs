@@ -20,6 +20,7 @@
 
 use crate::HashSet;
 use std::collections::VecDeque;
+use std::ops::Range;
 
 use crate::bridge::{Delivery, KafkaRecord, ProduceError, ProduceRequest, ProduceResult, Router};
 use crate::config::Qos0Policy;
@@ -151,6 +152,8 @@ pub(super) struct KafkaOutbox {
     copies: IdMap<KafkaRecord>,
     /// Spilling: records waiting for the ones still in flight to be answered first.
     held: Vec<ProduceRequest>,
+    /// The router's output for one message, reused (empty between messages).
+    routed: Vec<KafkaRecord>,
     /// Per (mapping, cluster).
     /// Per (mapping, cluster), at `mapping * clusters + cluster`; `None` until one carried a
     /// record.
@@ -166,6 +169,10 @@ impl Default for KafkaOutbox {
 
 impl KafkaOutbox {
     pub(super) fn new(o: BridgeOptions) -> Self {
+        // Ids in flight span about `max_pending` (plus QoS 0 records waiting their turn, which
+        // `max_pending` also bounds): windows that cover them keep a full backlog off the hash
+        // maps (insert and remove there were 8 % of a QoS 0 profile).
+        let window = o.max_pending_records.saturating_mul(2);
         KafkaOutbox {
             spill_on_timeout: o.spill_on_timeout && o.delivery == Delivery::KafkaAck,
             router: o.router,
@@ -173,14 +180,15 @@ impl KafkaOutbox {
             max_pending: o.max_pending_records.max(1),
             qos0_policy: o.qos0_policy,
             next_id: 0,
-            waiters: IdMap::default(),
-            inflight: IdMap::default(),
+            waiters: IdMap::with_window(window),
+            inflight: IdMap::with_window(window),
             pending: 0,
             pending_qos0: 0,
             qos0_waiting: VecDeque::new(),
             spilling: false,
             copies: IdMap::default(),
             held: Vec::new(),
+            routed: Vec::new(),
             stats: Vec::new(),
             logged_failures: HashSet::default(),
         }
@@ -195,14 +203,17 @@ impl KafkaOutbox {
     }
 
     /// Turns `msg` into records for every mapping it matches; what may go now is appended to
-    /// `out`. Returns the ids of the records (QoS 1/2: the publisher's acknowledgement waits).
-    pub(super) fn bridge(&mut self, msg: &Msg, wall_now_ms: i64, out: &mut Vec<ProduceRequest>) -> Vec<u64> {
+    /// `out`. Returns the ids of the records, consecutive (QoS 1/2: the publisher's
+    /// acknowledgement waits for them).
+    pub(super) fn bridge(&mut self, msg: &Msg, wall_now_ms: i64, out: &mut Vec<ProduceRequest>) -> Range<u64> {
         if self.router.is_empty() {
-            return Vec::new();
+            return 0..0;
         }
-        let mut records = Vec::new();
+        let mut records = std::mem::take(&mut self.routed);
         self.router.route(msg, wall_now_ms, &mut records);
-        self.hand_out(msg, records, out)
+        let ids = self.hand_out(msg, &mut records, out);
+        self.routed = records;
+        ids
     }
 
     /// [`KafkaOutbox::bridge`] for a cluster claim (see `Router::route_claim`).
@@ -212,15 +223,16 @@ impl KafkaOutbox {
         claim: bytes::Bytes,
         wall_now_ms: i64,
         out: &mut Vec<ProduceRequest>,
-    ) -> Vec<u64> {
+    ) -> Range<u64> {
         let mut records = Vec::new();
         self.router.route_claim(msg, claim, wall_now_ms, &mut records);
-        self.hand_out(msg, records, out)
+        self.hand_out(msg, &mut records, out)
     }
 
-    fn hand_out(&mut self, msg: &Msg, records: Vec<KafkaRecord>, out: &mut Vec<ProduceRequest>) -> Vec<u64> {
-        let mut ids = Vec::with_capacity(records.len());
-        for record in records {
+    /// Hands out `records` (left empty), numbered from the next id on.
+    fn hand_out(&mut self, msg: &Msg, records: &mut Vec<KafkaRecord>, out: &mut Vec<ProduceRequest>) -> Range<u64> {
+        let first = self.next_id + 1;
+        for record in records.drain(..) {
             let ms = self.stats_of(record.mapping, record.cluster);
             ms.messages_in += 1;
             ms.bytes_in += msg.payload.len() as u64;
@@ -229,7 +241,6 @@ impl KafkaOutbox {
             let durable = msg.qos > 0 && (self.delivery == Delivery::LocalDurable || self.spilling);
             let qos0 = msg.qos == 0;
             self.track(id, RecordMeta { mapping: record.mapping, cluster: record.cluster, durable, qos0 });
-            ids.push(id);
             let waits = !self.qos0_waiting.is_empty() || self.pending >= self.max_pending;
             if qos0 && self.qos0_policy != Qos0Policy::BackPressure && waits {
                 self.qos0_waiting.push_back(ProduceRequest { id, record, durable });
@@ -262,7 +273,7 @@ impl KafkaOutbox {
             }
             out.push(ProduceRequest { id, record, durable });
         }
-        ids
+        first..self.next_id + 1
     }
 
     /// The acknowledgement `(conn, seq)` waits for record `id`.
@@ -494,7 +505,7 @@ mod tests {
     fn in_flight_latency_buckets_and_failure_causes_are_counted_per_mapping() {
         let mut o = outbox(Delivery::KafkaAck, 100, Qos0Policy::BackPressure, true);
         let (mut out, mut warnings) = (Vec::new(), Vec::new());
-        let ids: Vec<u64> = (0..3).map(|_| o.bridge(&msg(1), 0, &mut out)[0]).collect();
+        let ids: Vec<u64> = (0..3).map(|_| o.bridge(&msg(1), 0, &mut out).start).collect();
         assert_eq!(stats(&o).in_flight, 3);
         let answer = |id, outcome, latency_us| ProduceResult { id, outcome, attempts: 1, batch_records: 1, latency_us };
         o.on_result(answer(ids[0], Ok(()), 700), 0, &mut out, &mut warnings);
@@ -515,8 +526,8 @@ mod tests {
     fn a_timeout_switches_to_spilling_and_later_records_wait_behind_those_in_flight() {
         let mut o = outbox(Delivery::KafkaAck, 100, Qos0Policy::BackPressure, true);
         let (mut out, mut warnings) = (Vec::new(), Vec::new());
-        let a = o.bridge(&msg(1), 0, &mut out)[0];
-        let b = o.bridge(&msg(1), 0, &mut out)[0];
+        let a = o.bridge(&msg(1), 0, &mut out).start;
+        let b = o.bridge(&msg(1), 0, &mut out).start;
         o.wait(a, (1, 0));
         o.wait(b, (1, 1));
         assert_eq!(out.len(), 2);
@@ -528,7 +539,7 @@ mod tests {
         assert_eq!(warnings.len(), 1);
         out.clear();
         // A record routed now is durable and waits behind `b`, still in flight.
-        let c = o.bridge(&msg(1), 0, &mut out)[0];
+        let c = o.bridge(&msg(1), 0, &mut out).start;
         assert!(out.is_empty(), "c must not overtake b");
         assert!(!o.end_spilling(), "b may still time out");
         assert_eq!(o.on_result(result(b, Ok(())), 0, &mut out, &mut warnings), Answered::Publisher((1, 1), Ok(())));
@@ -543,7 +554,7 @@ mod tests {
     fn qos0_records_wait_for_room_and_drop_by_policy_without_stopping_the_shard() {
         let mut o = outbox(Delivery::KafkaAck, 2, Qos0Policy::DropOldest, false);
         let (mut out, mut warnings) = (Vec::new(), Vec::new());
-        let ids: Vec<u64> = (0..5).map(|_| o.bridge(&msg(0), 0, &mut out)[0]).collect();
+        let ids: Vec<u64> = (0..5).map(|_| o.bridge(&msg(0), 0, &mut out).start).collect();
         assert_eq!(out.iter().map(|r| r.id).collect::<Vec<_>>(), ids[..2]);
         assert!(!o.backlogged(), "QoS 0 never stops the shard reading under a drop policy");
         // Room for two waiting, one dropped (the oldest of three waiting).
@@ -559,7 +570,7 @@ mod tests {
     fn qos1_records_stop_the_shard_at_the_bound_and_an_answer_reaches_its_publisher_once() {
         let mut o = outbox(Delivery::KafkaAck, 2, Qos0Policy::BackPressure, false);
         let (mut out, mut warnings) = (Vec::new(), Vec::new());
-        let a = o.bridge(&msg(1), 0, &mut out)[0];
+        let a = o.bridge(&msg(1), 0, &mut out).start;
         o.wait(a, (3, 7));
         assert!(!o.backlogged());
         o.bridge(&msg(1), 0, &mut out);
