@@ -685,12 +685,15 @@ pub struct ProduceResult {
     pub batch_records: u32,
     /// From hand-over to the producers until Kafka's answer.
     pub latency_us: u64,
+    /// A record that timed out, handed back: the shard may put it in its spill log instead of
+    /// failing it (`spill_on_timeout`), so it keeps no copy of each record in flight for that.
+    pub timed_out: Option<Box<KafkaRecord>>,
 }
 
 impl ProduceResult {
     /// A record that failed before it was sent.
     pub fn failed(id: u64, e: ProduceError) -> Self {
-        ProduceResult { id, outcome: Err(e), attempts: 0, batch_records: 0, latency_us: 0 }
+        ProduceResult { id, outcome: Err(e), attempts: 0, batch_records: 0, latency_us: 0, timed_out: None }
     }
 }
 

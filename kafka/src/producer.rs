@@ -387,12 +387,16 @@ impl Producer {
                 self.health.count_dead_letter(item.req.record.mapping);
                 self.dead_letters.push_back(ProduceRequest { id: item.req.id, record, durable: false });
             }
+            let latency_us = item.enqueued.elapsed().as_micros() as u64;
+            // A record that timed out goes back to the shard, which may spill it.
+            let timed_out = matches!(e, ProduceError::TimedOut).then(|| Box::new(item.req.record));
             self.out.push(ProduceResult {
                 id: item.req.id,
                 outcome: Err(e),
                 attempts: 0,
                 batch_records: 0,
-                latency_us: item.enqueued.elapsed().as_micros() as u64,
+                latency_us,
+                timed_out,
             });
         }
     }
@@ -582,6 +586,7 @@ impl Producer {
                     attempts,
                     batch_records: n,
                     latency_us: now.saturating_duration_since(i.enqueued).as_micros() as u64,
+                    timed_out: None,
                 });
             }
         }

@@ -47,6 +47,7 @@ impl<V> IdMap<V> {
         IdMap { max_slots: ids.clamp(MAX_SLOTS, MAX_WINDOW), ..IdMap::default() }
     }
 
+    #[cfg(test)]
     pub(super) fn is_empty(&self) -> bool {
         self.in_slots == 0 && self.others.is_empty()
     }
