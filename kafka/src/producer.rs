@@ -235,8 +235,13 @@ impl Producer {
                 }
             }
             self.flush(now);
-            if !self.out.is_empty() && self.results.send(std::mem::take(&mut self.out)).is_err() {
-                return;
+            if !self.out.is_empty() {
+                // The next turn's results are likely about as many: room for them, so the vector
+                // does not regrow by doubling (copying every result) each turn.
+                let room = self.out.len();
+                if self.results.send(std::mem::replace(&mut self.out, Vec::with_capacity(room))).is_err() {
+                    return;
+                }
             }
             if !open && self.active.is_empty() && self.nothing_in_flight() {
                 return;
