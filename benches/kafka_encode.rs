@@ -27,14 +27,15 @@ fn request(i: u64, size: usize) -> ProduceRequest {
     let topic = format!("fleet/eu/group-3/car-{i}/speed");
     ProduceRequest {
         id: i,
-        record: KafkaRecord {
-            cluster: 0,
-            mapping: 0,
-            topic: Arc::from("iot-telemetry"),
-            key: RecordKey::Topic,
-            value: Bytes::from(vec![(i % 251) as u8; size]),
-            // As the router makes them: key and the four MQTT headers read from the message.
-            source: Some(Arc::new(Message {
+        // As the router makes them: key and the four MQTT headers read from the message.
+        record: KafkaRecord::new(
+            0,
+            Arc::from("iot-telemetry"),
+            Bytes::from(vec![(i % 251) as u8; size]),
+            1_764_000_000_000 + i as i64,
+        )
+        .with_source(
+            Arc::new(Message {
                 topic,
                 payload: Bytes::new(),
                 qos: 1,
@@ -42,14 +43,10 @@ fn request(i: u64, size: usize) -> ProduceRequest {
                 properties: None,
                 expiry_at_ms: None,
                 origin: format!("car-{}", i % 64).into(),
-            })),
-            mqtt_headers: true,
-            node: None,
-            headers: Vec::new(),
-            timestamp_ms: 1_764_000_000_000 + i as i64,
-            dead_letter: None,
-            partition: None,
-        },
+            }),
+            RecordKey::Topic,
+            true,
+        ),
         durable: false,
     }
 }

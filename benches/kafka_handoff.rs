@@ -6,26 +6,14 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use sluice_core::bridge::{KafkaRecord, ProduceRequest, ProduceResult, RecordKey};
+use sluice_core::bridge::{KafkaRecord, ProduceRequest, ProduceResult};
 use tokio::sync::mpsc;
 
 fn record(i: u64) -> ProduceRequest {
     ProduceRequest {
         id: i,
-        record: KafkaRecord {
-            cluster: 0,
-            mapping: 0,
-            topic: Arc::from("iot-telemetry"),
-            key: RecordKey::Bytes(Bytes::from_static(b"fleet/eu/car-1/speed")),
-            source: None,
-            mqtt_headers: false,
-            node: None,
-            value: Bytes::from_static(&[0u8; 100]),
-            headers: Vec::new(),
-            timestamp_ms: 0,
-            dead_letter: None,
-            partition: None,
-        },
+        record: KafkaRecord::new(0, Arc::from("iot-telemetry"), Bytes::from_static(&[0u8; 100]), 0)
+            .with_key(Bytes::from_static(b"fleet/eu/car-1/speed")),
         durable: false,
     }
 }

@@ -269,21 +269,46 @@ fn default_true() -> bool {
     true
 }
 
-/// Where a record's key bytes are: in the record, or in its source message (so routing a
-/// message allocates nothing for its key).
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Where a record's key bytes are: in its source message (so routing a message allocates
+/// nothing for its key), or in the record's own parts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RecordKey {
     None,
-    Bytes(Bytes),
+    /// The record's own bytes ([`KafkaRecord::with_key`]).
+    Own,
     /// The source message's topic.
     Topic,
-    /// Bytes `start..end` of the source message's topic (one level of it).
+    /// Bytes `start..end` of the source message's topic (one level of it; an MQTT topic is at
+    /// most 65,535 bytes).
     Level {
-        start: u32,
-        end: u32,
+        start: u16,
+        end: u16,
     },
     /// The source message's publisher.
     ClientId,
+}
+
+/// What every record of one mapping destination shares, behind one `Arc` per destination:
+/// routing a record clones a pointer instead of carrying these fields in every record.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RecordRoute {
+    /// An explicit partition from the mapping; placement by key otherwise.
+    pub partition: Option<i32>,
+    /// The cluster node that wrote the record, as header [`crate::cluster::NODE_HEADER`] after
+    /// the MQTT ones (cluster mappings only).
+    pub node: Option<Bytes>,
+    /// (cluster, topic) for the record if Kafka refuses it.
+    pub dead_letter: Option<(u16, Arc<str>)>,
+}
+
+/// What only some records have (spill-log replay, claims, expiry, dead-letter causes): boxed,
+/// so the usual record does not carry it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct OwnParts {
+    /// The key of a [`RecordKey::Own`] record.
+    key: Option<Bytes>,
+    /// Headers after the MQTT ones.
+    headers: Vec<(String, Bytes)>,
 }
 
 /// A record for Kafka, before partitioning.
@@ -292,6 +317,11 @@ pub enum RecordKey {
 /// instead of copying them: they are read where the record is encoded, on the Kafka thread, and
 /// nothing per record is allocated on the shard or freed on the other thread but the record
 /// itself. Records replayed from the spill log carry their key and headers as bytes.
+///
+/// Small on purpose (a test holds it to 96 bytes): records are moved by value from the shard's
+/// router through the outbox to the Kafka thread's partition queues, several moves each, so
+/// what a mapping's records share is behind one `Arc` ([`RecordRoute`]) and what few records
+/// have is boxed.
 #[derive(Clone, Debug)]
 pub struct KafkaRecord {
     /// Index of the cluster in [`Router::clusters`].
@@ -299,23 +329,16 @@ pub struct KafkaRecord {
     /// Index of the mapping, for per-mapping metrics and logs.
     pub mapping: u16,
     pub topic: Arc<str>,
-    pub key: RecordKey,
     pub value: Bytes,
-    /// The MQTT message this record was routed from.
-    pub source: Option<Msg>,
+    pub timestamp_ms: i64,
+    key: RecordKey,
     /// Headers `mqtt.topic`, `mqtt.qos`, `mqtt.retain`, `mqtt.client_id`, the MQTT 5 properties
     /// and user properties of `source` come first (see [`KafkaRecord::for_each_header`]).
-    pub mqtt_headers: bool,
-    /// The cluster node that wrote the record, as header [`crate::cluster::NODE_HEADER`] after
-    /// the MQTT ones (cluster mappings only: a shared value, nothing allocated per record).
-    pub node: Option<Bytes>,
-    /// Further headers, after the MQTT ones (spill-log replay, dead-letter causes).
-    pub headers: Vec<(String, Bytes)>,
-    pub timestamp_ms: i64,
-    /// (cluster, topic) for the record if Kafka refuses it.
-    pub dead_letter: Option<(u16, Arc<str>)>,
-    /// An explicit partition from the mapping; placement by key otherwise.
-    pub partition: Option<i32>,
+    mqtt_headers: bool,
+    /// The MQTT message this record was routed from.
+    source: Option<Msg>,
+    route: Option<Arc<RecordRoute>>,
+    own: Option<Box<OwnParts>>,
 }
 
 impl PartialEq for KafkaRecord {
@@ -328,7 +351,7 @@ impl PartialEq for KafkaRecord {
         };
         (self.cluster, self.mapping, &self.topic, self.key(), &self.value, self.timestamp_ms)
             == (o.cluster, o.mapping, &o.topic, o.key(), &o.value, o.timestamp_ms)
-            && (&self.dead_letter, self.partition) == (&o.dead_letter, o.partition)
+            && (self.dead_letter(), self.partition()) == (o.dead_letter(), o.partition())
             && headers(self) == headers(o)
     }
 }
@@ -389,8 +412,8 @@ impl KafkaRecord {
         let cluster = r.str_u32_le()?;
         let topic: Arc<str> = r.str_u32_le()?.into();
         let key = match r.u8()? {
-            0 => RecordKey::None,
-            _ => RecordKey::Bytes(Bytes::copy_from_slice(r.bytes_u32_le()?)),
+            0 => None,
+            _ => Some(Bytes::copy_from_slice(r.bytes_u32_le()?)),
         };
         let value = Bytes::copy_from_slice(r.bytes_u32_le()?);
         let timestamp_ms = r.i64_le()?;
@@ -399,20 +422,13 @@ impl KafkaRecord {
         for _ in 0..n {
             headers.push((r.str_u32_le()?, Bytes::copy_from_slice(r.bytes_u32_le()?)));
         }
-        let r = KafkaRecord {
-            cluster: 0,
-            mapping: 0,
-            topic,
-            key,
-            value,
-            source: None,
-            mqtt_headers: false,
-            node: None,
-            headers,
-            timestamp_ms,
-            dead_letter: None,
-            partition: None,
-        };
+        let mut r = KafkaRecord::new(0, topic, value, timestamp_ms);
+        if let Some(k) = key {
+            r = r.with_key(k);
+        }
+        if !headers.is_empty() {
+            r.own_parts().headers = headers;
+        }
         Ok((cluster, r))
     }
 
@@ -423,13 +439,100 @@ impl KafkaRecord {
         n
     }
 
+    /// A record of its own: no source message, no key, no headers, mapping 0.
+    pub fn new(cluster: u16, topic: Arc<str>, value: Bytes, timestamp_ms: i64) -> KafkaRecord {
+        KafkaRecord {
+            cluster,
+            mapping: 0,
+            topic,
+            value,
+            timestamp_ms,
+            key: RecordKey::None,
+            mqtt_headers: false,
+            source: None,
+            route: None,
+            own: None,
+        }
+    }
+
+    /// The record routed from `msg`: its key read from the message as `key` says, and with
+    /// `mqtt_headers` the message's MQTT headers first.
+    pub fn with_source(mut self, msg: Msg, key: RecordKey, mqtt_headers: bool) -> KafkaRecord {
+        self.source = Some(msg);
+        self.key = key;
+        self.mqtt_headers = mqtt_headers;
+        self
+    }
+
+    /// The record with `key` as its key bytes.
+    pub fn with_key(mut self, key: Bytes) -> KafkaRecord {
+        self.own_parts().key = Some(key);
+        self.key = RecordKey::Own;
+        self
+    }
+
+    /// The record with what its mapping destination's records share.
+    pub fn with_route(mut self, route: Arc<RecordRoute>) -> KafkaRecord {
+        self.route = Some(route);
+        self
+    }
+
+    /// Adds a header after the others.
+    pub fn push_header(&mut self, name: impl Into<String>, value: Bytes) {
+        self.own_parts().headers.push((name.into(), value));
+    }
+
+    fn own_parts(&mut self) -> &mut OwnParts {
+        self.own.get_or_insert_with(Default::default)
+    }
+
+    /// The MQTT message this record was routed from (none for spill-log replays).
+    pub fn source(&self) -> Option<&Msg> {
+        self.source.as_ref()
+    }
+
+    /// An explicit partition from the mapping; placement by key otherwise.
+    pub fn partition(&self) -> Option<i32> {
+        self.route.as_ref().and_then(|r| r.partition)
+    }
+
+    /// The cluster node that wrote the record (cluster mappings only).
+    pub fn node(&self) -> Option<&Bytes> {
+        self.route.as_ref().and_then(|r| r.node.as_ref())
+    }
+
+    /// (cluster, topic) for the record if Kafka refuses it.
+    pub fn dead_letter(&self) -> Option<(u16, &Arc<str>)> {
+        self.route.as_ref().and_then(|r| r.dead_letter.as_ref()).map(|(c, t)| (*c, t))
+    }
+
+    /// The headers after the MQTT ones (spill-log replay, claims, dead-letter causes).
+    pub fn headers(&self) -> &[(String, Bytes)] {
+        self.own.as_ref().map_or(&[], |o| &o.headers)
+    }
+
+    /// The copy of this record for its dead-letter topic, if its mapping has one: `headers`
+    /// added after its own, no dead letter of its own (a refused copy is not copied again).
+    pub fn dead_letter_copy(&self, headers: impl IntoIterator<Item = (String, Bytes)>) -> Option<KafkaRecord> {
+        let (cluster, topic) = self.dead_letter()?;
+        let mut d = self.clone();
+        d.cluster = cluster;
+        d.topic = topic.clone();
+        if let Some(route) = &self.route {
+            d.route =
+                Some(Arc::new(RecordRoute { partition: route.partition, node: route.node.clone(), dead_letter: None }));
+        }
+        d.own_parts().headers.extend(headers);
+        Some(d)
+    }
+
     /// The key's bytes.
     pub fn key(&self) -> Option<&[u8]> {
-        match (&self.key, &self.source) {
+        match (self.key, &self.source) {
             (RecordKey::None, _) => None,
-            (RecordKey::Bytes(b), _) => Some(b),
+            (RecordKey::Own, _) => self.own.as_ref().and_then(|o| o.key.as_deref()),
             (RecordKey::Topic, Some(m)) => Some(m.topic.as_bytes()),
-            (RecordKey::Level { start, end }, Some(m)) => m.topic.as_bytes().get(*start as usize..*end as usize),
+            (RecordKey::Level { start, end }, Some(m)) => m.topic.as_bytes().get(usize::from(start)..usize::from(end)),
             (RecordKey::ClientId, Some(m)) => Some(m.origin.as_bytes()),
             (_, None) => None,
         }
@@ -454,7 +557,8 @@ impl KafkaRecord {
         if let (true, Some(m)) = (self.mqtt_headers, &self.source) {
             let p = m.properties();
             let users = &p.user_properties;
-            let cluster = self.node.is_some();
+            let node = self.node();
+            let cluster = node.is_some();
             let overridden = |name: &str| !cluster && users.iter().any(|(k, _)| k == name);
             let mut std_header = |name: &str, v: &[u8]| {
                 if !overridden(name) {
@@ -477,7 +581,7 @@ impl KafkaRecord {
             if let Some(pf) = p.payload_format_indicator {
                 std_header("mqtt.payload_format", if pf == 0 { b"0" } else { b"1" });
             }
-            if let Some(node) = &self.node {
+            if let Some(node) = node {
                 f(crate::cluster::NODE_HEADER, node);
                 if !users.is_empty() {
                     f(crate::cluster::USER_PROPERTIES_HEADER, &crate::cluster::encode_user_properties(users));
@@ -489,10 +593,10 @@ impl KafkaRecord {
                     }
                 }
             }
-        } else if let Some(node) = &self.node {
+        } else if let Some(node) = self.node() {
             f(crate::cluster::NODE_HEADER, node);
         }
-        for (k, v) in &self.headers {
+        for (k, v) in self.headers() {
             f(k, v);
         }
     }
@@ -589,21 +693,24 @@ pub struct ProduceResult {
     pub batch_records: u32,
     /// From hand-over to the producers until Kafka's answer.
     pub latency_us: u64,
+    /// A record that timed out, handed back: the shard may put it in its spill log instead of
+    /// failing it (`spill_on_timeout`), so it keeps no copy of each record in flight for that.
+    pub timed_out: Option<Box<KafkaRecord>>,
 }
 
 impl ProduceResult {
     /// A record that failed before it was sent.
     pub fn failed(id: u64, e: ProduceError) -> Self {
-        ProduceResult { id, outcome: Err(e), attempts: 0, batch_records: 0, latency_us: 0 }
+        ProduceResult { id, outcome: Err(e), attempts: 0, batch_records: 0, latency_us: 0, timed_out: None }
     }
 }
 
 struct Mapping {
     name: String,
-    destinations: Vec<(u16, TopicTemplate, Option<i32>)>,
+    /// (cluster, topic, what its records share).
+    destinations: Vec<(u16, TopicTemplate, Option<Arc<RecordRoute>>)>,
     key: KeySource,
     headers: bool,
-    dead_letter: Option<(u16, Arc<str>)>,
     /// The node header of a cluster mapping.
     node: Option<Bytes>,
     /// Only retained messages (the cluster's retained table).
@@ -690,17 +797,25 @@ impl Router {
                 r.lease_ms = *lease_ms;
                 r.claims_mapping = i as u16;
             }
+            let node = match &m.internal {
+                Some(Internal::ClusterMessages { node } | Internal::ClusterRetained { node }) => Some(node.clone()),
+                Some(Internal::ClusterClaims { node, .. }) => Some(Bytes::from(node.to_string())),
+                None => None,
+            };
+            // Nothing shared (the usual mapping): no pointer to follow per record.
+            let destinations = destinations
+                .into_iter()
+                .map(|(c, topic, partition)| {
+                    let route = RecordRoute { partition, node: node.clone(), dead_letter: dead_letter.clone() };
+                    (c, topic, (route != RecordRoute::default()).then(|| Arc::new(route)))
+                })
+                .collect();
             r.mappings.push(Mapping {
                 name: m.name.clone(),
                 destinations,
                 key: m.key.clone(),
                 headers: m.headers,
-                dead_letter,
-                node: match &m.internal {
-                    Some(Internal::ClusterMessages { node } | Internal::ClusterRetained { node }) => Some(node.clone()),
-                    Some(Internal::ClusterClaims { node, .. }) => Some(Bytes::from(node.to_string())),
-                    None => None,
-                },
+                node,
                 retained_only: matches!(m.internal, Some(Internal::ClusterRetained { .. })),
             });
         }
@@ -762,7 +877,7 @@ impl Router {
             let from = out.len();
             self.records_of(&[self.claims_mapping], msg, now_ms, out);
             for r in &mut out[from..] {
-                r.headers.push((crate::cluster::CLAIM_HEADER.to_string(), claim.clone()));
+                r.push_header(crate::cluster::CLAIM_HEADER, claim.clone());
             }
         }
     }
@@ -782,43 +897,34 @@ impl Router {
                 },
                 KeySource::None => RecordKey::None,
             };
-            for (cluster, template, partition) in &m.destinations {
+            for (cluster, template, route) in &m.destinations {
                 // A template referring to a level the topic lacks yields no record for it.
                 let Some(topic) = template.render_shared(&msg.topic) else { continue };
+                let mut r = KafkaRecord::new(*cluster, topic, msg.payload.clone(), now_ms).with_source(
+                    msg.clone(),
+                    key,
+                    m.headers,
+                );
+                r.mapping = mi;
+                r.route = route.clone();
                 // Another node must drop the message when it expires here: the seconds left.
-                let mut headers = Vec::new();
                 if let (Some(_), Some(at)) = (&m.node, msg.expiry_at_ms) {
                     let left = (at as i64 + self.wall_offset_ms - now_ms).max(1000) as u64;
-                    headers.push((
-                        crate::cluster::EXPIRY_HEADER.to_string(),
-                        Bytes::from(left.div_ceil(1000).to_string()),
-                    ));
+                    r.push_header(crate::cluster::EXPIRY_HEADER, Bytes::from(left.div_ceil(1000).to_string()));
                 }
-                out.push(KafkaRecord {
-                    cluster: *cluster,
-                    mapping: mi,
-                    topic,
-                    key: key.clone(),
-                    value: msg.payload.clone(),
-                    source: Some(msg.clone()),
-                    mqtt_headers: m.headers,
-                    node: m.node.clone(),
-                    headers,
-                    timestamp_ms: now_ms,
-                    dead_letter: m.dead_letter.clone(),
-                    partition: *partition,
-                });
+                out.push(r);
             }
         }
     }
 }
 
-/// Byte range of level `n` (0-based) of `topic`.
-fn level_range(topic: &str, n: usize) -> Option<(u32, u32)> {
+/// Byte range of level `n` (0-based) of `topic`; `None` past its levels or past 64 KiB (no
+/// MQTT topic is that long).
+fn level_range(topic: &str, n: usize) -> Option<(u16, u16)> {
     let mut start = 0usize;
     for (i, level) in topic.split('/').enumerate() {
         if i == n {
-            return Some((start as u32, (start + level.len()) as u32));
+            return Some((u16::try_from(start).ok()?, u16::try_from(start + level.len()).ok()?));
         }
         start += level.len() + 1;
     }
@@ -997,26 +1103,41 @@ mod tests {
 
     #[test]
     fn spill_form_round_trips() {
-        let r = KafkaRecord {
-            cluster: 3,
-            mapping: 1,
-            topic: "t".into(),
-            key: RecordKey::Bytes(Bytes::from_static(b"k")),
-            value: Bytes::from_static(b"\x00\xffv"),
-            source: None,
-            mqtt_headers: false,
-            node: None,
-            headers: vec![("a".into(), Bytes::from_static(b"1"))],
-            timestamp_ms: -5,
-            dead_letter: None,
-            partition: None,
-        };
+        let mut r =
+            KafkaRecord::new(3, "t".into(), Bytes::from_static(b"\x00\xffv"), -5).with_key(Bytes::from_static(b"k"));
+        r.mapping = 1;
+        r.push_header("a", Bytes::from_static(b"1"));
         let mut b = Vec::new();
         r.encode("main", &mut b);
         let (c, back) = KafkaRecord::decode(&b).unwrap();
         assert_eq!(c, "main");
-        assert_eq!(back, KafkaRecord { cluster: 0, mapping: 0, ..r });
+        r.cluster = 0;
+        r.mapping = 0;
+        assert_eq!(back, r);
         assert!(KafkaRecord::decode(&b[..b.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn a_record_stays_small_because_it_is_moved_by_value_several_times() {
+        assert!(std::mem::size_of::<KafkaRecord>() <= 96, "{}", std::mem::size_of::<KafkaRecord>());
+        assert!(std::mem::size_of::<ProduceRequest>() <= 112, "{}", std::mem::size_of::<ProduceRequest>());
+    }
+
+    #[test]
+    fn a_dead_letter_copy_keeps_the_record_and_adds_why() {
+        let clusters = vec!["a".to_string(), "b".to_string()];
+        let mut m = mapping("m", &["t/#"], &[("a", "k")], "topic");
+        m.destinations[0].partition = Some(2);
+        m.dead_letter = Some(DeadLetter { cluster: "b".into(), topic: "dlq".into() });
+        let r = Router::new(&[m], &clusters).unwrap();
+        let mut out = Vec::new();
+        r.route(&msg("t/1"), 7, &mut out);
+        assert_eq!((out[0].partition(), out[0].dead_letter()), (Some(2), Some((1, &Arc::from("dlq")))));
+        let d = out[0].dead_letter_copy([("why".to_string(), Bytes::from_static(b"no"))]).unwrap();
+        assert_eq!((d.cluster, &*d.topic, d.partition(), d.dead_letter()), (1, "dlq", Some(2), None));
+        assert_eq!(d.key(), Some(&b"t/1"[..]));
+        assert_eq!(d.headers(), &[("why".to_string(), Bytes::from_static(b"no"))]);
+        assert!(d.dead_letter_copy([]).is_none(), "a copy is not copied again");
     }
 
     #[test]

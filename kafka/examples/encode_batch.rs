@@ -9,7 +9,7 @@ use std::io::Write;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use sluice_core::bridge::{KafkaRecord, RecordKey};
+use sluice_core::bridge::KafkaRecord;
 use sluice_core::config::Compression;
 use sluice_kafka::batch::{BatchEncoder, Producer};
 
@@ -17,26 +17,16 @@ fn record(i: usize) -> KafkaRecord {
     // The same rules as `expected(i)` in the Python test.
     let key = (i % 5 != 4).then(|| Bytes::from(format!("key-{i}")));
     let value = if i % 7 == 3 { Bytes::new() } else { Bytes::from(format!("value-{i}-").repeat(i % 13 + 1)) };
-    KafkaRecord {
-        cluster: 0,
-        mapping: 0,
-        topic: Arc::from("unused"),
-        key: key.map_or(RecordKey::None, RecordKey::Bytes),
-        value,
-        source: None,
-        mqtt_headers: false,
-        node: None,
-        // Not sorted by name: Kafka keeps header order, and so must the encoder.
-        headers: vec![
-            ("mqtt.topic".into(), Bytes::from(format!("t/{i}"))),
-            ("mqtt.qos".into(), Bytes::from_static(b"1")),
-            ("z".into(), Bytes::new()),
-            ("a".into(), Bytes::from(i.to_string())),
-        ],
-        timestamp_ms: 1_764_000_000_000 + 3 * i as i64 - (i % 4) as i64,
-        dead_letter: None,
-        partition: None,
+    let mut r = KafkaRecord::new(0, Arc::from("unused"), value, 1_764_000_000_000 + 3 * i as i64 - (i % 4) as i64);
+    if let Some(k) = key {
+        r = r.with_key(k);
     }
+    // Not sorted by name: Kafka keeps header order, and so must the encoder.
+    r.push_header("mqtt.topic", Bytes::from(format!("t/{i}")));
+    r.push_header("mqtt.qos", Bytes::from_static(b"1"));
+    r.push_header("z", Bytes::new());
+    r.push_header("a", Bytes::from(i.to_string()));
+    r
 }
 
 fn main() {

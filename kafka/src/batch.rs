@@ -516,20 +516,14 @@ mod tests {
         [Compression::None, Compression::Gzip, Compression::Snappy, Compression::Lz4, Compression::Zstd];
 
     fn record(key: Option<&[u8]>, value: &[u8], headers: &[(&str, &[u8])], timestamp_ms: i64) -> KafkaRecord {
-        KafkaRecord {
-            cluster: 0,
-            mapping: 0,
-            topic: Arc::from("t"),
-            key: key.map_or(RecordKey::None, |k| RecordKey::Bytes(Bytes::copy_from_slice(k))),
-            value: Bytes::copy_from_slice(value),
-            source: None,
-            mqtt_headers: false,
-            node: None,
-            headers: headers.iter().map(|(k, v)| (k.to_string(), Bytes::copy_from_slice(v))).collect(),
-            timestamp_ms,
-            dead_letter: None,
-            partition: None,
+        let mut r = KafkaRecord::new(0, Arc::from("t"), Bytes::copy_from_slice(value), timestamp_ms);
+        if let Some(k) = key {
+            r = r.with_key(Bytes::copy_from_slice(k));
         }
+        for (k, v) in headers {
+            r.push_header(*k, Bytes::copy_from_slice(v));
+        }
+        r
     }
 
     fn sluice_like(i: usize, size: usize) -> KafkaRecord {
@@ -610,10 +604,11 @@ mod tests {
             expiry_at_ms: None,
             origin: "car-7".into(),
         });
-        let mut r = record(None, b"88", &[("sluice.error", b"x")], 5);
-        r.source = Some(msg);
-        r.mqtt_headers = true;
-        r.key = RecordKey::Level { start: 9, end: 14 };
+        let r = record(None, b"88", &[("sluice.error", b"x")], 5).with_source(
+            msg,
+            RecordKey::Level { start: 9, end: 14 },
+            true,
+        );
         assert_eq!(r.key(), Some(&b"car-7"[..]));
         for c in ALL {
             assert_round_trip(std::slice::from_ref(&r), c);
@@ -753,7 +748,7 @@ mod tests {
                         key: r.key().map(|k| k.to_vec()),
                         value: Some(r.value.to_vec()),
                         headers: r
-                            .headers
+                            .headers()
                             .iter()
                             .map(|(k, v)| RecordHeader { key: k.clone(), value: v.to_vec() })
                             .collect(),
@@ -843,19 +838,15 @@ mod tests {
             proptest::collection::vec(("[a-z.]{0,12}", proptest::collection::vec(any::<u8>(), 0..20)), 0..6),
             -(1i64 << 40)..(1i64 << 42),
         )
-            .prop_map(|(key, value, headers, ts)| KafkaRecord {
-                cluster: 0,
-                mapping: 0,
-                topic: Arc::from("t"),
-                key: key.map_or(RecordKey::None, |k| RecordKey::Bytes(Bytes::from(k))),
-                value: Bytes::from(value),
-                source: None,
-                mqtt_headers: false,
-                node: None,
-                headers: headers.into_iter().map(|(k, v)| (k, Bytes::from(v))).collect(),
-                timestamp_ms: ts,
-                dead_letter: None,
-                partition: None,
+            .prop_map(|(key, value, headers, ts)| {
+                let mut r = KafkaRecord::new(0, Arc::from("t"), Bytes::from(value), ts);
+                if let Some(k) = key {
+                    r = r.with_key(Bytes::from(k));
+                }
+                for (k, v) in headers {
+                    r.push_header(k, Bytes::from(v));
+                }
+                r
             })
     }
 

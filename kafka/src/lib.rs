@@ -255,19 +255,17 @@ pub fn start(
 /// `sluice.error` (the cause) and `sluice.topic` (where it was headed). A time-out is not a
 /// refusal (Kafka may hold the record), and a record too large keeps only its metadata.
 pub(crate) fn dead_letter_copy(r: &KafkaRecord, e: &ProduceError) -> Option<KafkaRecord> {
-    let (cluster, topic) = r.dead_letter.clone()?;
     if matches!(e, ProduceError::TimedOut) {
         return None;
     }
-    let mut d = r.clone();
+    let why = [
+        ("sluice.error".to_string(), bytes::Bytes::from_static(e.cause().as_bytes())),
+        ("sluice.topic".to_string(), bytes::Bytes::copy_from_slice(r.topic.as_bytes())),
+    ];
+    let mut d = r.dead_letter_copy(why)?;
     if matches!(e, ProduceError::TooLarge) {
         d.value = bytes::Bytes::new();
     }
-    d.headers.push(("sluice.error".into(), bytes::Bytes::from_static(e.cause().as_bytes())));
-    d.headers.push(("sluice.topic".into(), bytes::Bytes::copy_from_slice(r.topic.as_bytes())));
-    d.cluster = cluster;
-    d.topic = topic;
-    d.dead_letter = None;
     Some(d)
 }
 

@@ -235,8 +235,13 @@ impl Producer {
                 }
             }
             self.flush(now);
-            if !self.out.is_empty() && self.results.send(std::mem::take(&mut self.out)).is_err() {
-                return;
+            if !self.out.is_empty() {
+                // The next turn's results are likely about as many: room for them, so the vector
+                // does not regrow by doubling (copying every result) each turn.
+                let room = self.out.len();
+                if self.results.send(std::mem::replace(&mut self.out, Vec::with_capacity(room))).is_err() {
+                    return;
+                }
             }
             if !open && self.active.is_empty() && self.nothing_in_flight() {
                 return;
@@ -351,7 +356,7 @@ impl Producer {
             spawn_metadata(&self.events_tx, c.cluster.clone(), cluster, item.req.record.topic.clone(), deadline);
         }
         let n = parts.len() as i32;
-        let partition = match (item.req.record.key(), item.req.record.partition) {
+        let partition = match (item.req.record.key(), item.req.record.partition()) {
             (_, Some(p)) if (0..n).contains(&p) => p,
             (_, Some(p)) => {
                 let e = ProduceError::Other(format!("partition {p} does not exist ({n} partitions)"));
@@ -387,12 +392,16 @@ impl Producer {
                 self.health.count_dead_letter(item.req.record.mapping);
                 self.dead_letters.push_back(ProduceRequest { id: item.req.id, record, durable: false });
             }
+            let latency_us = item.enqueued.elapsed().as_micros() as u64;
+            // A record that timed out goes back to the shard, which may spill it.
+            let timed_out = matches!(e, ProduceError::TimedOut).then(|| Box::new(item.req.record));
             self.out.push(ProduceResult {
                 id: item.req.id,
                 outcome: Err(e),
                 attempts: 0,
                 batch_records: 0,
-                latency_us: item.enqueued.elapsed().as_micros() as u64,
+                latency_us,
+                timed_out,
             });
         }
     }
@@ -561,25 +570,20 @@ impl Producer {
     }
 
     fn queue(&mut self, cluster: u16, topic: &str, p: i32) -> Option<&mut PartitionQueue> {
-        self.clusters
-            .get_mut(usize::from(cluster))?
-            .topics
-            .get_mut(topic)?
-            .parts
-            .as_mut()?
-            .get_mut(usize::try_from(p).ok()?)
+        queue_of(&mut self.clusters, cluster, topic, p)
     }
 
     fn succeed(&mut self, cluster: u16, topic: &str, p: i32) {
-        let Some(q) = self.queue(cluster, topic, p) else { return };
+        let Some(q) = queue_of(&mut self.clusters, cluster, topic, p) else { return };
         q.in_flight = false;
         q.retry_at = None;
         let attempts = std::mem::take(&mut q.attempts);
-        let sent = std::mem::take(&mut q.sent);
-        q.solo = q.solo.saturating_sub(sent.len());
-        let n = sent.len() as u32;
+        q.solo = q.solo.saturating_sub(q.sent.len());
+        let n = q.sent.len() as u32;
         let now = Instant::now();
-        for i in sent {
+        // Drained in place: the vector keeps its capacity for the partition's next batch (a
+        // fresh one regrew by doubling, copying every record, each batch).
+        for i in q.sent.drain(..) {
             if i.report {
                 self.out.push(ProduceResult {
                     id: i.req.id,
@@ -587,6 +591,7 @@ impl Producer {
                     attempts,
                     batch_records: n,
                     latency_us: now.saturating_duration_since(i.enqueued).as_micros() as u64,
+                    timed_out: None,
                 });
             }
         }
@@ -850,6 +855,10 @@ impl Producer {
             let _ = tx.send(Event::Produced { cluster, broker, parts: sent_parts, result });
         });
     }
+}
+
+fn queue_of<'a>(clusters: &'a mut [ClusterState], cluster: u16, topic: &str, p: i32) -> Option<&'a mut PartitionQueue> {
+    clusters.get_mut(usize::from(cluster))?.topics.get_mut(topic)?.parts.as_mut()?.get_mut(usize::try_from(p).ok()?)
 }
 
 /// Puts the sent batch back in front of the queue, in order.

@@ -202,7 +202,7 @@ impl Stage {
     /// Whether records of `mapping` are checked here. Records replayed from the spill log
     /// (no source message) were checked before they were spilled.
     pub(crate) fn checks(&self, r: &KafkaRecord) -> bool {
-        r.source.is_some() && self.setup.outbound.get(usize::from(r.mapping)).is_some_and(Option::is_some)
+        r.source().is_some() && self.setup.outbound.get(usize::from(r.mapping)).is_some_and(Option::is_some)
     }
 
     /// Checks a record from the shard; `fetch` starts a registry fetch.
@@ -333,14 +333,11 @@ impl Stage {
 /// with headers naming the schema, the error and where it was headed.
 fn dead_letter(req: &ProduceRequest, schema: &str, error: &str) -> Option<ProduceRequest> {
     let r = &req.record;
-    let (cluster, topic) = r.dead_letter.clone()?;
-    let mut d = r.clone();
-    d.headers.push(("sluice.schema".into(), Bytes::copy_from_slice(schema.as_bytes())));
-    d.headers.push(("sluice.error".into(), Bytes::copy_from_slice(error.as_bytes())));
-    d.headers.push(("sluice.topic".into(), Bytes::copy_from_slice(r.topic.as_bytes())));
-    d.cluster = cluster;
-    d.topic = topic;
-    d.dead_letter = None;
+    let d = r.dead_letter_copy([
+        ("sluice.schema".to_string(), Bytes::copy_from_slice(schema.as_bytes())),
+        ("sluice.error".to_string(), Bytes::copy_from_slice(error.as_bytes())),
+        ("sluice.topic".to_string(), Bytes::copy_from_slice(r.topic.as_bytes())),
+    ])?;
     Some(ProduceRequest { id: req.id, record: d, durable: false })
 }
 

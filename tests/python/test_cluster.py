@@ -368,6 +368,23 @@ def test_a_node_that_cannot_reach_kafka_does_not_keep_a_client_it_cannot_claim()
         t.stop()
 
 
+def wills_seen(sub, want, deadline_s=60):
+    """The will messages `sub` receives until it has one of each topic in `want` (a second copy
+    of one fails), as {topic: (message, monotonic time of arrival)}."""
+    got = {}
+    deadline = time.monotonic() + deadline_s
+    while set(got) != set(want):
+        assert time.monotonic() < deadline, got
+        try:
+            m = sub.message(timeout=1)
+        except Exception:
+            continue
+        assert m.topic not in got, f"{m.topic} published twice"
+        assert m.topic in want, f"unexpected will {m.topic}"
+        got[m.topic] = (m, time.monotonic())
+    return got
+
+
 def test_a_dead_nodes_wills_are_published_once_by_the_survivors(three):
     nodes, _ = three
     subs = [Paho(nodes[i].addr, f"will-watch-{i}") for i in (0, 1)]
@@ -390,16 +407,8 @@ def test_a_dead_nodes_wills_are_published_once_by_the_survivors(three):
         w3.c.loop_stop()
         nodes[2].kill()
         for s in subs:
-            got = {}
-            deadline = time.monotonic() + 60  # dead_after_ms (3 s), then Kafka round trips
-            while len(got) < 2:
-                assert time.monotonic() < deadline, got
-                try:
-                    m = s.message(timeout=1)
-                except Exception:
-                    continue
-                assert m.topic not in got, f"{m.topic} published twice"
-                got[m.topic] = m
+            # dead_after_ms (3 s), then Kafka round trips
+            got = {t: m for t, (m, _) in wills_seen(s, {"wills/dev-5", "wills/dev-3"}).items()}
             assert got["wills/dev-5"].payload == b"lost-5"
             assert got["wills/dev-3"].payload == b"lost-3"
             s.no_message(timeout=2.0)  # neither a second copy nor the polite client's will
@@ -412,23 +421,6 @@ def test_a_dead_nodes_wills_are_published_once_by_the_survivors(three):
     finally:
         for s in subs + [probe]:
             s.close()
-
-
-def wills_seen(sub, want, deadline_s=60):
-    """The will messages `sub` receives until it has one of each topic in `want` (a second copy
-    of one fails), as {topic: (message, monotonic time of arrival)}."""
-    got = {}
-    deadline = time.monotonic() + deadline_s
-    while set(got) != set(want):
-        assert time.monotonic() < deadline, got
-        try:
-            m = sub.message(timeout=1)
-        except Exception:
-            continue
-        assert m.topic not in got, f"{m.topic} published twice"
-        assert m.topic in want, f"unexpected will {m.topic}"
-        got[m.topic] = (m, time.monotonic())
-    return got
 
 
 def test_a_node_restarted_before_it_counts_as_dead_has_its_lost_connections_wills_published_once(kafka):

@@ -17,7 +17,7 @@ impl Shard {
     /// Queues the PUBACK/PUBREC of a QoS 1/2 publish. It goes out once Kafka acknowledged every
     /// record in `records` (at once when there are none) and every earlier acknowledgement of
     /// this connection went out: MQTT requires them in the order the PUBLISHes arrived.
-    pub(super) fn queue_ack(&mut self, conn: ConnId, pid: u16, qos: u8, records: &[u64]) {
+    pub(super) fn queue_ack(&mut self, conn: ConnId, pid: u16, qos: u8, records: std::ops::Range<u64>) {
         self.queue_ack_waiting(conn, pid, qos, records, &[], None);
     }
 
@@ -36,12 +36,12 @@ impl Shard {
         conn: ConnId,
         pid: u16,
         qos: u8,
-        records: &[u64],
+        records: std::ops::Range<u64>,
         congested: &[ClientId],
         receipt: Option<(u64, u32)>,
     ) {
         let Some(c) = self.conns.get_mut(&conn) else { return };
-        let waiting = (records.len() + congested.len() + usize::from(receipt.is_some())) as u32;
+        let waiting = (records.end - records.start) as u32 + (congested.len() + usize::from(receipt.is_some())) as u32;
         if waiting == 0 && !matches!(c.state, ConnState::Closing) && c.acks.pass_through() {
             // Waits for nothing, nothing before it: out now, as `flush_acks` would send it.
             self.send_plain_resp(conn, if qos == 1 { 0x40 } else { 0x50 }, pid);
@@ -52,7 +52,7 @@ impl Shard {
             self.receipts.expect(token, expected, ReceiptFor::Ack(conn, seq));
         }
         for id in records {
-            self.outbox.wait(*id, (conn, seq));
+            self.outbox.wait(id, (conn, seq));
         }
         for id in congested {
             self.drain.wait(id, DrainWaiter::Ack(conn, seq));

@@ -479,7 +479,7 @@ impl Shard {
                     cluster: router.clusters().get(usize::from(r.cluster)).cloned().unwrap_or_default(),
                     topic: r.topic.to_string(),
                     key: r.key().map(Bytes::copy_from_slice),
-                    partition: r.partition,
+                    partition: r.partition(),
                     headers,
                 }
             })

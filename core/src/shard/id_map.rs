@@ -4,18 +4,24 @@
 //! that order, so a window of slots starting at the oldest id still present holds them: an
 //! insert of the next id is a push, a removal is an index and a pop of answered slots at the
 //! front. An id the window no longer covers (older than its start, or pushed out of a window
-//! that grew past [`MAX_SLOTS`] behind one record that is not answered) lives in a hash map.
+//! that grew past its bound — [`MAX_SLOTS`], or what [`IdMap::with_window`] set — behind one
+//! record that is not answered) lives in a hash map. The outbox sizes its windows to cover
+//! every record it may have in flight, so that under a full backlog (a Kafka slower than the
+//! publishers) ids do not go through the hash map.
 //!
 //! Invariants: every id has at most one value, in the window or in `others`, never both (an
 //! id in `others` is looked up there first); the
-//! window's front slot, when there is one, is occupied; the window holds at most `MAX_SLOTS`.
+//! window's front slot, when there is one, is occupied; the window holds at most `max_slots`.
 
 use std::collections::VecDeque;
 
 use crate::HashMap;
 
-/// Most slots the window holds (a slot is the size of an `Option<V>`).
+/// Most slots the window holds by default (a slot is the size of an `Option<V>`).
 pub(super) const MAX_SLOTS: usize = 1 << 16;
+
+/// The largest window [`IdMap::with_window`] makes: 1,048,576 slots.
+pub(super) const MAX_WINDOW: usize = 1 << 20;
 
 #[derive(Debug)]
 pub(super) struct IdMap<V> {
@@ -24,15 +30,24 @@ pub(super) struct IdMap<V> {
     slots: VecDeque<Option<V>>,
     in_slots: usize,
     others: HashMap<u64, V>,
+    /// Most slots the window holds.
+    max_slots: usize,
 }
 
 impl<V> Default for IdMap<V> {
     fn default() -> Self {
-        IdMap { base: 0, slots: VecDeque::new(), in_slots: 0, others: HashMap::default() }
+        IdMap { base: 0, slots: VecDeque::new(), in_slots: 0, others: HashMap::default(), max_slots: MAX_SLOTS }
     }
 }
 
 impl<V> IdMap<V> {
+    /// A map whose window covers `ids` consecutive ids (at least [`MAX_SLOTS`], at most
+    /// [`MAX_WINDOW`]); the window grows only as far as the ids in it spread.
+    pub(super) fn with_window(ids: usize) -> Self {
+        IdMap { max_slots: ids.clamp(MAX_SLOTS, MAX_WINDOW), ..IdMap::default() }
+    }
+
+    #[cfg(test)]
     pub(super) fn is_empty(&self) -> bool {
         self.in_slots == 0 && self.others.is_empty()
     }
@@ -56,9 +71,9 @@ impl<V> IdMap<V> {
             return self.others.insert(id, v);
         }
         let at = (id - self.base) as usize;
-        if at >= MAX_SLOTS {
+        if at >= self.max_slots {
             // Too far ahead of the oldest id still waiting: the front moves to the map.
-            self.spill_front(at + 1 - MAX_SLOTS);
+            self.spill_front(at + 1 - self.max_slots);
             if id < self.base {
                 return self.others.insert(id, v);
             }
@@ -147,6 +162,19 @@ mod tests {
         assert_eq!(m.len(), 1);
         assert_eq!(m.remove(&1), Some(0), "the old id is still found");
         assert!(m.is_empty());
+    }
+
+    #[test]
+    fn a_wider_window_keeps_a_backlog_of_ids_out_of_the_hash_map() {
+        // 100,000 records in flight (the default `max_pending_records_per_shard`), answered in
+        // order: the default window would move the oldest 34,464 to the hash map.
+        let mut m = IdMap::with_window(100_000);
+        for id in 1..=100_000u64 {
+            m.insert(id, ());
+        }
+        assert_eq!((m.slots.len(), m.others.len()), (100_000, 0));
+        assert_eq!(IdMap::<()>::with_window(usize::MAX).max_slots, MAX_WINDOW);
+        assert_eq!(IdMap::<()>::with_window(0).max_slots, MAX_SLOTS);
     }
 
     proptest! {

@@ -10,7 +10,8 @@
 //!   ([`KafkaOutbox::backlogged`]); QoS 0 records follow `qos0_when_backlogged` (wait their
 //!   turn here, or drop oldest/newest) instead, so they never stop the shard reading.
 //! - **Outage spilling** (`kafka-ack` with a spill log): a QoS 1/2 record that times out goes
-//!   to the spill log instead of failing, the outbox is *spilling* from then on, and records
+//!   to the spill log instead of failing (the Kafka side hands a timed-out record back with its
+//!   result, so no copy is kept here), the outbox is *spilling* from then on, and records
 //!   routed meanwhile wait here behind those still in flight so that order per partition holds
 //!   across the switch, until the caller reports the log drained.
 //!
@@ -20,6 +21,7 @@
 
 use crate::HashSet;
 use std::collections::VecDeque;
+use std::ops::Range;
 
 use crate::bridge::{Delivery, KafkaRecord, ProduceError, ProduceRequest, ProduceResult, Router};
 use crate::config::Qos0Policy;
@@ -118,6 +120,8 @@ struct RecordMeta {
     /// In the spill log: its publisher heard back when it got there.
     durable: bool,
     qos0: bool,
+    /// Goes to the spill log if it times out (QoS 1/2, `spill_on_timeout`).
+    spillable: bool,
 }
 
 /// What a Kafka answer means for the record's publisher.
@@ -147,10 +151,13 @@ pub(super) struct KafkaOutbox {
     /// QoS 0 records waiting for room (drop policies only).
     qos0_waiting: VecDeque<ProduceRequest>,
     spilling: bool,
-    /// Copies of QoS 1/2 records in flight (with `spill_on_timeout`), to spill if they time out.
-    copies: IdMap<KafkaRecord>,
+    /// Spillable records in flight: while there are any, records routed after the switch to
+    /// spilling wait (`held`), since one of them may still time out and go to the log first.
+    spillable: usize,
     /// Spilling: records waiting for the ones still in flight to be answered first.
     held: Vec<ProduceRequest>,
+    /// The router's output for one message, reused (empty between messages).
+    routed: Vec<KafkaRecord>,
     /// Per (mapping, cluster).
     /// Per (mapping, cluster), at `mapping * clusters + cluster`; `None` until one carried a
     /// record.
@@ -166,6 +173,10 @@ impl Default for KafkaOutbox {
 
 impl KafkaOutbox {
     pub(super) fn new(o: BridgeOptions) -> Self {
+        // Ids in flight span about `max_pending` (plus QoS 0 records waiting their turn, which
+        // `max_pending` also bounds): windows that cover them keep a full backlog off the hash
+        // maps (insert and remove there were 8 % of a QoS 0 profile).
+        let window = o.max_pending_records.saturating_mul(2);
         KafkaOutbox {
             spill_on_timeout: o.spill_on_timeout && o.delivery == Delivery::KafkaAck,
             router: o.router,
@@ -173,14 +184,15 @@ impl KafkaOutbox {
             max_pending: o.max_pending_records.max(1),
             qos0_policy: o.qos0_policy,
             next_id: 0,
-            waiters: IdMap::default(),
-            inflight: IdMap::default(),
+            waiters: IdMap::with_window(window),
+            inflight: IdMap::with_window(window),
             pending: 0,
             pending_qos0: 0,
             qos0_waiting: VecDeque::new(),
             spilling: false,
-            copies: IdMap::default(),
+            spillable: 0,
             held: Vec::new(),
+            routed: Vec::new(),
             stats: Vec::new(),
             logged_failures: HashSet::default(),
         }
@@ -195,14 +207,17 @@ impl KafkaOutbox {
     }
 
     /// Turns `msg` into records for every mapping it matches; what may go now is appended to
-    /// `out`. Returns the ids of the records (QoS 1/2: the publisher's acknowledgement waits).
-    pub(super) fn bridge(&mut self, msg: &Msg, wall_now_ms: i64, out: &mut Vec<ProduceRequest>) -> Vec<u64> {
+    /// `out`. Returns the ids of the records, consecutive (QoS 1/2: the publisher's
+    /// acknowledgement waits for them).
+    pub(super) fn bridge(&mut self, msg: &Msg, wall_now_ms: i64, out: &mut Vec<ProduceRequest>) -> Range<u64> {
         if self.router.is_empty() {
-            return Vec::new();
+            return 0..0;
         }
-        let mut records = Vec::new();
+        let mut records = std::mem::take(&mut self.routed);
         self.router.route(msg, wall_now_ms, &mut records);
-        self.hand_out(msg, records, out)
+        let ids = self.hand_out(msg, &mut records, out);
+        self.routed = records;
+        ids
     }
 
     /// [`KafkaOutbox::bridge`] for a cluster claim (see `Router::route_claim`).
@@ -212,15 +227,16 @@ impl KafkaOutbox {
         claim: bytes::Bytes,
         wall_now_ms: i64,
         out: &mut Vec<ProduceRequest>,
-    ) -> Vec<u64> {
+    ) -> Range<u64> {
         let mut records = Vec::new();
         self.router.route_claim(msg, claim, wall_now_ms, &mut records);
-        self.hand_out(msg, records, out)
+        self.hand_out(msg, &mut records, out)
     }
 
-    fn hand_out(&mut self, msg: &Msg, records: Vec<KafkaRecord>, out: &mut Vec<ProduceRequest>) -> Vec<u64> {
-        let mut ids = Vec::with_capacity(records.len());
-        for record in records {
+    /// Hands out `records` (left empty), numbered from the next id on.
+    fn hand_out(&mut self, msg: &Msg, records: &mut Vec<KafkaRecord>, out: &mut Vec<ProduceRequest>) -> Range<u64> {
+        let first = self.next_id + 1;
+        for record in records.drain(..) {
             let ms = self.stats_of(record.mapping, record.cluster);
             ms.messages_in += 1;
             ms.bytes_in += msg.payload.len() as u64;
@@ -228,8 +244,10 @@ impl KafkaOutbox {
             let id = self.next_id;
             let durable = msg.qos > 0 && (self.delivery == Delivery::LocalDurable || self.spilling);
             let qos0 = msg.qos == 0;
-            self.track(id, RecordMeta { mapping: record.mapping, cluster: record.cluster, durable, qos0 });
-            ids.push(id);
+            // Goes out now (neither a QoS 0 record that may wait nor a held durable one).
+            let spillable = !durable && self.spill_on_timeout && msg.qos > 0;
+            let meta = RecordMeta { mapping: record.mapping, cluster: record.cluster, durable, qos0, spillable };
+            self.track(id, meta);
             let waits = !self.qos0_waiting.is_empty() || self.pending >= self.max_pending;
             if qos0 && self.qos0_policy != Qos0Policy::BackPressure && waits {
                 self.qos0_waiting.push_back(ProduceRequest { id, record, durable });
@@ -248,7 +266,7 @@ impl KafkaOutbox {
             if qos0 {
                 self.pending_qos0 += 1;
             }
-            if durable && self.delivery == Delivery::KafkaAck && !self.copies.is_empty() {
+            if durable && self.delivery == Delivery::KafkaAck && self.spillable > 0 {
                 // Spilling after an outage began: behind the records still in flight.
                 self.held.push(ProduceRequest { id, record, durable });
                 continue;
@@ -256,13 +274,13 @@ impl KafkaOutbox {
             // Durable records are bounded by the spill log (disk), not by memory here.
             if !durable {
                 self.pending += 1;
-                if self.spill_on_timeout && msg.qos > 0 {
-                    self.copies.insert(id, record.clone());
+                if spillable {
+                    self.spillable += 1;
                 }
             }
             out.push(ProduceRequest { id, record, durable });
         }
-        ids
+        first..self.next_id + 1
     }
 
     /// The acknowledgement `(conn, seq)` waits for record `id`.
@@ -286,16 +304,19 @@ impl KafkaOutbox {
         warnings: &mut Vec<String>,
     ) -> Answered {
         let meta = self.untrack(r.id);
-        let RecordMeta { mapping, cluster, durable, qos0 } =
-            meta.unwrap_or(RecordMeta { mapping: 0, cluster: 0, durable: false, qos0: false });
+        let RecordMeta { mapping, cluster, durable, qos0, spillable } =
+            meta.unwrap_or(RecordMeta { mapping: 0, cluster: 0, durable: false, qos0: false, spillable: false });
         if !durable {
             self.pending = self.pending.saturating_sub(1);
         }
         if qos0 {
             self.pending_qos0 = self.pending_qos0.saturating_sub(1);
         }
-        let copy = self.copies.remove(&r.id);
-        if let (Err(ProduceError::TimedOut), Some(record)) = (&r.outcome, copy) {
+        if spillable {
+            self.spillable -= 1;
+        }
+        let back = if spillable { r.timed_out } else { None };
+        if let (Err(ProduceError::TimedOut), Some(record)) = (&r.outcome, back) {
             // Kafka is down or hanging: the record goes to the spill log, the publisher hears
             // back once it is on disk, and Kafka gets it on replay.
             if !self.spilling {
@@ -304,9 +325,9 @@ impl KafkaOutbox {
                     "shard {shard}: Kafka timed out; QoS 1/2 records go to the spill log until Kafka takes them again"
                 ));
             }
-            self.track(r.id, RecordMeta { mapping, cluster, durable: true, qos0: false });
+            self.track(r.id, RecordMeta { mapping, cluster, durable: true, qos0: false, spillable: false });
             self.stats_of(mapping, cluster).records_spilled += 1;
-            out.push(ProduceRequest { id: r.id, record, durable: true });
+            out.push(ProduceRequest { id: r.id, record: *record, durable: true });
             return Answered::Nobody;
         }
         let ms = self.stats_of(mapping, cluster);
@@ -365,7 +386,7 @@ impl KafkaOutbox {
     /// After a batch of answers: records that waited (behind in-flight ones while spilling, or
     /// QoS 0 ones for room) go to `out` as far as they may.
     pub(super) fn release(&mut self, out: &mut Vec<ProduceRequest>) {
-        if self.copies.is_empty() && !self.held.is_empty() {
+        if self.spillable == 0 && !self.held.is_empty() {
             out.append(&mut self.held);
         }
         while self.pending < self.max_pending {
@@ -384,7 +405,7 @@ impl KafkaOutbox {
     /// records that may still time out and go to the log are in flight: they must not be
     /// overtaken).
     pub(super) fn end_spilling(&mut self) -> bool {
-        if self.spilling && self.held.is_empty() && self.copies.is_empty() {
+        if self.spilling && self.held.is_empty() && self.spillable == 0 {
             self.spilling = false;
             return true;
         }
@@ -483,7 +504,12 @@ mod tests {
     }
 
     fn result(id: u64, outcome: Result<(), ProduceError>) -> ProduceResult {
-        ProduceResult { id, outcome, attempts: 1, batch_records: 1, latency_us: 10 }
+        ProduceResult { id, outcome, attempts: 1, batch_records: 1, latency_us: 10, timed_out: None }
+    }
+
+    /// A time-out as the Kafka side reports it: with the record handed back.
+    fn timed_out(req: &ProduceRequest) -> ProduceResult {
+        ProduceResult { timed_out: Some(Box::new(req.record.clone())), ..result(req.id, Err(ProduceError::TimedOut)) }
     }
 
     fn stats(o: &KafkaOutbox) -> MappingStats {
@@ -494,13 +520,21 @@ mod tests {
     fn in_flight_latency_buckets_and_failure_causes_are_counted_per_mapping() {
         let mut o = outbox(Delivery::KafkaAck, 100, Qos0Policy::BackPressure, true);
         let (mut out, mut warnings) = (Vec::new(), Vec::new());
-        let ids: Vec<u64> = (0..3).map(|_| o.bridge(&msg(1), 0, &mut out)[0]).collect();
+        let ids: Vec<u64> = (0..3).map(|_| o.bridge(&msg(1), 0, &mut out).start).collect();
         assert_eq!(stats(&o).in_flight, 3);
-        let answer = |id, outcome, latency_us| ProduceResult { id, outcome, attempts: 1, batch_records: 1, latency_us };
+        let answer = |id, outcome, latency_us| ProduceResult {
+            id,
+            outcome,
+            attempts: 1,
+            batch_records: 1,
+            latency_us,
+            timed_out: None,
+        };
         o.on_result(answer(ids[0], Ok(()), 700), 0, &mut out, &mut warnings);
         o.on_result(answer(ids[1], Err(ProduceError::UnknownTopic), 40_000_000), 0, &mut out, &mut warnings);
         // A time-out goes to the spill log: still waiting for Kafka, still in flight.
-        o.on_result(answer(ids[2], Err(ProduceError::TimedOut), 0), 0, &mut out, &mut warnings);
+        let spilled = timed_out(&out[2]);
+        o.on_result(spilled, 0, &mut out, &mut warnings);
         let s = stats(&o);
         assert_eq!(s.in_flight, 1);
         assert_eq!(s.latency_buckets[1], 1, "700 µs is in the ≤ 1 ms bucket");
@@ -515,20 +549,21 @@ mod tests {
     fn a_timeout_switches_to_spilling_and_later_records_wait_behind_those_in_flight() {
         let mut o = outbox(Delivery::KafkaAck, 100, Qos0Policy::BackPressure, true);
         let (mut out, mut warnings) = (Vec::new(), Vec::new());
-        let a = o.bridge(&msg(1), 0, &mut out)[0];
-        let b = o.bridge(&msg(1), 0, &mut out)[0];
+        let a = o.bridge(&msg(1), 0, &mut out).start;
+        let b = o.bridge(&msg(1), 0, &mut out).start;
         o.wait(a, (1, 0));
         o.wait(b, (1, 1));
         assert_eq!(out.len(), 2);
+        let a_timed_out = timed_out(&out[0]);
         out.clear();
         // `a` times out: it goes to the spill log, and nobody is answered yet.
-        assert_eq!(o.on_result(result(a, Err(ProduceError::TimedOut)), 0, &mut out, &mut warnings), Answered::Nobody);
+        assert_eq!(o.on_result(a_timed_out, 0, &mut out, &mut warnings), Answered::Nobody);
         assert!(o.spilling());
         assert_eq!((out.len(), out[0].id, out[0].durable), (1, a, true));
         assert_eq!(warnings.len(), 1);
         out.clear();
         // A record routed now is durable and waits behind `b`, still in flight.
-        let c = o.bridge(&msg(1), 0, &mut out)[0];
+        let c = o.bridge(&msg(1), 0, &mut out).start;
         assert!(out.is_empty(), "c must not overtake b");
         assert!(!o.end_spilling(), "b may still time out");
         assert_eq!(o.on_result(result(b, Ok(())), 0, &mut out, &mut warnings), Answered::Publisher((1, 1), Ok(())));
@@ -543,7 +578,7 @@ mod tests {
     fn qos0_records_wait_for_room_and_drop_by_policy_without_stopping_the_shard() {
         let mut o = outbox(Delivery::KafkaAck, 2, Qos0Policy::DropOldest, false);
         let (mut out, mut warnings) = (Vec::new(), Vec::new());
-        let ids: Vec<u64> = (0..5).map(|_| o.bridge(&msg(0), 0, &mut out)[0]).collect();
+        let ids: Vec<u64> = (0..5).map(|_| o.bridge(&msg(0), 0, &mut out).start).collect();
         assert_eq!(out.iter().map(|r| r.id).collect::<Vec<_>>(), ids[..2]);
         assert!(!o.backlogged(), "QoS 0 never stops the shard reading under a drop policy");
         // Room for two waiting, one dropped (the oldest of three waiting).
@@ -559,7 +594,7 @@ mod tests {
     fn qos1_records_stop_the_shard_at_the_bound_and_an_answer_reaches_its_publisher_once() {
         let mut o = outbox(Delivery::KafkaAck, 2, Qos0Policy::BackPressure, false);
         let (mut out, mut warnings) = (Vec::new(), Vec::new());
-        let a = o.bridge(&msg(1), 0, &mut out)[0];
+        let a = o.bridge(&msg(1), 0, &mut out).start;
         o.wait(a, (3, 7));
         assert!(!o.backlogged());
         o.bridge(&msg(1), 0, &mut out);

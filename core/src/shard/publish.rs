@@ -66,7 +66,7 @@ impl Shard {
             if s.incoming_qos2.contains(&p.packet_id) {
                 // A resend of a message we already took: acknowledge again (after any earlier
                 // acknowledgement still waiting for Kafka), route nothing.
-                self.queue_ack(conn, p.packet_id, 2, &[]);
+                self.queue_ack(conn, p.packet_id, 2, 0..0);
                 return;
             }
             if s.incoming_qos2.len() >= usize::from(self.limits.max_inflight) {
@@ -100,7 +100,7 @@ impl Shard {
         let mut routing = Routing::publisher(conn, receipt);
         let (produced, expected) = self.route_with_receipt(msg, &mut routing, now_ms);
         let receipt = receipt.filter(|_| expected > 0).map(|r| (r.token, expected));
-        self.queue_ack_waiting(conn, pid, qos, &produced, &routing.congested, receipt);
+        self.queue_ack_waiting(conn, pid, qos, produced, &routing.congested, receipt);
     }
 
     pub(super) fn new_receipt(&mut self) -> u64 {
@@ -110,7 +110,12 @@ impl Shard {
     /// [`Shard::route`] under `routing`; returns the Kafka records and, when the routing has a
     /// receipt, how many answers to expect (every other shard, every shard a shared pick was
     /// forwarded to, and this shard's own store commit when it stored something).
-    pub(super) fn route_with_receipt(&mut self, msg: Msg, routing: &mut Routing, now_ms: u64) -> (Vec<u64>, u32) {
+    pub(super) fn route_with_receipt(
+        &mut self,
+        msg: Msg,
+        routing: &mut Routing,
+        now_ms: u64,
+    ) -> (std::ops::Range<u64>, u32) {
         let produced = self.route(msg, routing, now_ms);
         let Some(receipt) = routing.receipt else { return (produced, 0) };
         let mut expected = (self.n_shards - 1) as u32 + routing.forwards;
@@ -124,7 +129,7 @@ impl Shard {
 
     /// A message published on this shard: deliver here and hand it to every other shard.
     /// Returns the ids of the Kafka records the message became (MQTT → Kafka mappings).
-    pub(super) fn route(&mut self, msg: Msg, routing: &mut Routing, now_ms: u64) -> Vec<u64> {
+    pub(super) fn route(&mut self, msg: Msg, routing: &mut Routing, now_ms: u64) -> std::ops::Range<u64> {
         for shard in 0..self.n_shards {
             if shard != self.id {
                 let m = match routing.receipt {
@@ -141,12 +146,12 @@ impl Shard {
         if inbound::is_internal(&msg.origin) {
             // What came from Kafka does not go back to it: no loops between the two directions,
             // and none between cluster nodes (the node that took it from a device forwarded it).
-            return Vec::new();
+            return 0..0;
         }
         self.bridge_to_kafka(&msg, now_ms)
     }
 
-    pub(super) fn bridge_to_kafka(&mut self, msg: &Msg, now_ms: u64) -> Vec<u64> {
+    pub(super) fn bridge_to_kafka(&mut self, msg: &Msg, now_ms: u64) -> std::ops::Range<u64> {
         self.outbox.bridge(msg, self.wall_offset_ms + now_ms as i64, &mut self.effects.produce)
     }
 

@@ -521,7 +521,13 @@ fn kafka_ack_spills_what_times_out_and_keeps_order_across_the_switch() {
         let mut b = BytesMut::new();
         packet::encode(&p, V5, &mut b);
         shard.on_bytes(1, &mut b, 0);
-        shard.drain_effects().produce.into_iter().map(|r| (r.id, r.durable)).collect::<Vec<_>>()
+        shard.drain_effects().produce
+    };
+    let ids = |v: &[ProduceRequest]| v.iter().map(|r| (r.id, r.durable)).collect::<Vec<_>>();
+    // A time-out as the Kafka side reports it: the record handed back with it.
+    let timed_out = |r: &ProduceRequest| ProduceResult {
+        timed_out: Some(Box::new(r.record.clone())),
+        ..ProduceResult::failed(r.id, ProduceError::TimedOut)
     };
     let connect = Connect {
         version: V5,
@@ -546,19 +552,19 @@ fn kafka_ack_spills_what_times_out_and_keeps_order_across_the_switch() {
         pids
     };
     acks(&mut shard);
-    let a = feed(&mut shard, publish("k/1", 1, 1, b"a"));
-    let b = feed(&mut shard, publish("k/1", 1, 2, b"b"));
-    assert!(matches!((a.as_slice(), b.as_slice()), ([(_, false)], [(_, false)])), "straight to Kafka");
-    let (a, b) = (a[0].0, b[0].0);
+    let ra = feed(&mut shard, publish("k/1", 1, 1, b"a"));
+    let rb = feed(&mut shard, publish("k/1", 1, 2, b"b"));
+    assert!(matches!((ids(&ra).as_slice(), ids(&rb).as_slice()), ([(_, false)], [(_, false)])), "straight to Kafka");
+    let (a, b) = (ra[0].id, rb[0].id);
     // Kafka timed out on the first: it goes to the spill log; the shard is spilling now.
-    shard.on_produce_results([ProduceResult::failed(a, ProduceError::TimedOut)], 0);
+    shard.on_produce_results([timed_out(&ra[0])], 0);
     assert_eq!(shard.drain_effects().produce.iter().map(|r| (r.id, r.durable)).collect::<Vec<_>>(), [(a, true)]);
     assert!(shard.kafka_spilling());
     // A new record waits behind the one still in flight (it may time out and spill too).
     assert!(feed(&mut shard, publish("k/1", 1, 3, b"c")).is_empty());
     shard.on_durable(&[a], Ok(()), 0);
     assert_eq!(acks(&mut shard), [1]);
-    shard.on_produce_results([ProduceResult::failed(b, ProduceError::TimedOut)], 0);
+    shard.on_produce_results([timed_out(&rb[0])], 0);
     let spilled: Vec<(u64, bool)> = shard.drain_effects().produce.iter().map(|r| (r.id, r.durable)).collect();
     assert_eq!(spilled.len(), 2);
     assert_eq!(spilled[0], (b, true), "the timed-out record before the held one");
@@ -568,7 +574,7 @@ fn kafka_ack_spills_what_times_out_and_keeps_order_across_the_switch() {
     // The log drained: acknowledgements wait for Kafka again.
     shard.end_spilling();
     assert!(!shard.kafka_spilling());
-    assert!(matches!(feed(&mut shard, publish("k/1", 1, 4, b"d")).as_slice(), [(_, false)]));
+    assert!(matches!(ids(&feed(&mut shard, publish("k/1", 1, 4, b"d"))).as_slice(), [(_, false)]));
     assert!(acks(&mut shard).is_empty());
 }
 
