@@ -10,7 +10,7 @@ from confluent_kafka import Producer
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from conftest import WAIT, Tansu, broker_with, free_port
+from conftest import WAIT, Tansu, broker_with, free_port, wait_for
 
 
 def topic_name(prefix):
@@ -477,6 +477,13 @@ def test_each_shard_produces_on_a_kafka_thread_of_its_own_pinned_to_its_cpu(kafk
     kafka.create_topic(topic, partitions=4)
     b = broker_with("--kafka", kafka.bootstrap, "--map", f"pc/#={topic}", "--cpuset", "0,1")
     try:
+        def pinned():
+            t = threads(b.proc.pid)
+            ours = (n for n in t if n.startswith("sluice-shard-") or n.startswith("sluice-kafka-"))
+            return all(c in ("0", "1") for n in ours for _, c, _ in t[n])
+
+        # A thread pins itself once it runs: on a loaded machine the first look may come before.
+        wait_for(pinned, "every shard and Kafka thread pinned to one CPU")
         before = threads(b.proc.pid)
         kafka_threads = sorted(n for n in before if "kafka" in n or n.startswith("tokio"))
         assert kafka_threads == ["sluice-kafka-0", "sluice-kafka-1"], before.keys()
