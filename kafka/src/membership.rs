@@ -9,11 +9,13 @@
 //!    [`Members`], declares nodes dead when they fall silent, and logs every change once;
 //! 4. at a clean stop ([`leave`]) writes a last heartbeat that says the node left;
 //! 5. reads `<prefix>.sessions` from its beginning into the table of wills ([`Wills`]: the
-//!    latest claim of each client id whose record carries a will), and when a node dies, the
-//!    surviving node with the lowest id publishes the dead node's wills — into
-//!    `<prefix>.messages` as the dead node's records (so every node, itself included, delivers
-//!    them; retained ones into `.retained` too) — and then releases them in `.sessions`, so a
-//!    survivor that takes over later does not publish them again.
+//!    latest claim of each client id whose record carries a will). A will's connection is gone
+//!    when its node is dead or alive as a later incarnation; then the alive node with the lowest
+//!    id other than the owner waits out the will's delay (capped by the session expiry; a new
+//!    claim of the client cancels it) and writes a release naming itself. The node whose
+//!    release is read first publishes the will — into `<prefix>.messages` as the owner's record
+//!    (every node, itself included, delivers it; a retained one into `.retained` too) — so a
+//!    will goes out once even when survivors disagree on who is lowest.
 //!
 //! What it sees is published in [`KafkaHealth`] for the HTTP endpoint (`/api/v1/cluster`,
 //! `/metrics`). A Kafka that does not answer is logged at the first failure of each kind and
@@ -267,30 +269,17 @@ async fn clear_shares(me: &NodeIdentity, gone: &str, kafka: &Cluster, wills: &Mu
         Ok(mut w) => w.take_shares(gone),
         Err(_) => return,
     };
-    let topic = me.cfg.sessions_topic();
-    for key in keys {
-        let claim = Claim::new(gone, &key, 0, ClaimKind::Share);
-        let record_key = format!("{key}\u{1}{gone}").into_bytes();
-        let r = Record {
-            key: Some(record_key.clone()),
+    let timestamp = Utc.timestamp_millis_opt(wall_ms() as i64).single().unwrap_or_default();
+    let records = keys
+        .into_iter()
+        .map(|key| Record {
+            key: Some(format!("{key}\u{1}{gone}").into_bytes()),
             value: None,
-            headers: [(CLAIM_HEADER.to_string(), claim.encode())].into(),
-            timestamp: Utc.timestamp_millis_opt(wall_ms() as i64).single().unwrap_or_default(),
-        };
-        let sent = tokio::time::timeout(Duration::from_secs(10), async {
-            let n =
-                kafka.partitions(&topic, Instant::now() + Duration::from_secs(10)).await.map_err(|e| e.to_string())?;
-            let pc = kafka
-                .partition_client(&topic, sluice_core::bridge::partition_for_key(&record_key, n))
-                .await
-                .map_err(|e| e.to_string())?;
-            pc.produce(vec![r], Compression::NoCompression).await.map_err(|e| e.to_string())
+            headers: [(CLAIM_HEADER.to_string(), Claim::new(gone, &key, 0, ClaimKind::Share).encode())].into(),
+            timestamp,
         })
-        .await;
-        if !matches!(sent, Ok(Ok(_))) {
-            tracing::warn!(node = %gone, group = %key, "cluster: could not clear a gone node's shared subscription");
-        }
-    }
+        .collect();
+    produce_keyed(kafka, &me.cfg.sessions_topic(), records).await;
 }
 
 /// Releases the wills that are due (see [`Wills::due`]) in `.sessions`, each as this node's
@@ -350,7 +339,7 @@ async fn publish_won(me: &NodeIdentity, kafka: &Cluster, wills: &Mutex<Wills>) {
 }
 
 /// Produces `records` into `topic`, each into its key's partition, one request per partition;
-/// failures are logged (each bounded by ten seconds).
+/// failures are logged (all bounded by ten seconds).
 async fn produce_keyed(kafka: &Cluster, topic: &str, records: Vec<Record>) {
     if records.is_empty() {
         return;
@@ -371,8 +360,8 @@ async fn produce_keyed(kafka: &Cluster, topic: &str, records: Vec<Record>) {
     .await;
     match sent {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!(%topic, "cluster: producing wills failed: {e}"),
-        Err(_) => tracing::warn!(%topic, "cluster: producing wills timed out"),
+        Ok(Err(e)) => tracing::warn!(%topic, "cluster: producing to an internal topic failed: {e}"),
+        Err(_) => tracing::warn!(%topic, "cluster: producing to an internal topic timed out"),
     }
 }
 

@@ -11,10 +11,16 @@
 //!   If it is unconfirmed, the other claim is earlier, and is ignored. An offline session here
 //!   ends too.
 //!
+//! - A CONNECT with clean start off for a client whose persistent session another node holds
+//!   (as this client id's directory shard read from the claims) claims at once and waits for
+//!   that node's handover before CONNACK (at most [`HANDOVER_WAIT_MAX_MS`]); messages routed
+//!   here meanwhile are kept (≤ [`RECENT_MAX`]) and queued for the session it brings.
+//!
 //! Every node reads one client id's claims in one order (one partition), so of two nodes
 //! serving one client id at once, exactly one keeps it, once both read both claims.
 //! Invariant: `unconfirmed` holds at most one entry per connection of this shard; `deadlines`
-//! holds each at most once.
+//! holds each at most once; `awaiting` holds at most one connection per client id, and
+//! `recent` is empty whenever `awaiting` is.
 
 use super::stats::ClusterStats;
 use super::*;
@@ -379,7 +385,7 @@ impl Shard {
                     c.will = None;
                 }
                 self.close(conn, None, now_ms);
-                let id = self.conns_client_id(&claim.client);
+                let id = self.awaiting_client_id(&claim.client);
                 self.finish_handover(&id, None, now_ms);
                 return;
             }
@@ -471,8 +477,9 @@ impl Shard {
         self.send_claim(&handover, key, session.into(), 1, now_ms);
     }
 
-    /// The client id as this shard holds it (one allocation shared by its tables), or a new one.
-    fn conns_client_id(&self, id: &str) -> ClientId {
+    /// The client id as the awaiting table holds it (the allocation the connection shares), or
+    /// a new one.
+    fn awaiting_client_id(&self, id: &str) -> ClientId {
         match self.claims.awaiting.get_key_value(id) {
             Some((k, _)) => k.clone(),
             None => id.into(),
@@ -565,7 +572,7 @@ impl Shard {
         let Some(to) = &claim.to else { return };
         if let Some(a) = self.claims.awaiting.get(claim.client.as_str()) {
             if a.conn == to.conn {
-                let id = self.conns_client_id(&claim.client);
+                let id = self.awaiting_client_id(&claim.client);
                 let old = if value.is_empty() {
                     None
                 } else {
