@@ -488,6 +488,10 @@ fn cluster_json(state: &State) -> Value {
         "topics_ready": v.topics_ready,
         "last_error": v.last_error,
         "members": v.members,
+        "floor": v.floor,
+        "sessions_adopted": v.sessions_adopted,
+        "adopted_messages": v.adopted_messages,
+        "adopted_left_out": v.adopted_left_out,
     })
 }
 

@@ -327,6 +327,20 @@ pub(crate) fn render(state: &State, snaps: &[Snapshot]) -> String {
                 let n = view.members.iter().filter(|m| m.state.name() == state).count();
                 o.sample("sluice_cluster_nodes", &[("cluster", &view.name), ("state", state)], n);
             }
+            o.family(
+                "sluice_cluster_sessions_adopted_total",
+                "counter",
+                "Persistent sessions of dead nodes rebuilt here from the log for a client that reconnected.",
+            );
+            o.sample("sluice_cluster_sessions_adopted_total", &[("cluster", &view.name)], view.sessions_adopted);
+            o.family(
+                "sluice_cluster_adopted_messages_total",
+                "counter",
+                "Messages queued for adopted sessions from the log, by outcome (left_out: beyond one record's bound).",
+            );
+            for (outcome, n) in [("queued", view.adopted_messages), ("left_out", view.adopted_left_out)] {
+                o.sample("sluice_cluster_adopted_messages_total", &[("cluster", &view.name), ("outcome", outcome)], n);
+            }
             let c = &total.cluster;
             o.family(
                 "sluice_cluster_session_events_total",

@@ -222,7 +222,7 @@ pub enum Internal {
     ClusterRetained { node: Bytes },
     /// This node's claims of client ids (see `crate::cluster::Claim`); a connection whose claim
     /// is not read back within `confirm_ms` is closed.
-    ClusterClaims { node: Arc<str>, confirm_ms: u64, lease_ms: Option<u64>, incarnation: u64 },
+    ClusterClaims { node: Arc<str>, confirm_ms: u64, lease_ms: Option<u64>, incarnation: u64, fence: bool },
 }
 
 /// This node as its claims name it: id, incarnation, and how long a claim may stay unread.
@@ -231,6 +231,9 @@ pub struct ClaimsNode {
     pub node: Arc<str>,
     pub incarnation: u64,
     pub confirm_ms: u64,
+    /// A shard that has not read its lease back for `confirm_ms` closes its clients
+    /// (`ClusterConfig::fence`).
+    pub fence: bool,
 }
 
 impl MappingConfig {
@@ -792,8 +795,9 @@ impl Router {
                     Some((c as u16, Arc::from(d.topic.as_str())))
                 }
             };
-            if let Some(Internal::ClusterClaims { node, confirm_ms, lease_ms, incarnation }) = &m.internal {
-                r.claims = Some(ClaimsNode { node: node.clone(), incarnation: *incarnation, confirm_ms: *confirm_ms });
+            if let Some(Internal::ClusterClaims { node, confirm_ms, lease_ms, incarnation, fence }) = &m.internal {
+                let (incarnation, confirm_ms, fence) = (*incarnation, *confirm_ms, *fence);
+                r.claims = Some(ClaimsNode { node: node.clone(), incarnation, confirm_ms, fence });
                 r.lease_ms = *lease_ms;
                 r.claims_mapping = i as u16;
             }
@@ -847,7 +851,7 @@ impl Router {
         self.claims.clone()
     }
 
-    /// How often a shard writes its lease, when the cluster fences (`ClusterConfig::fence`).
+    /// How often a shard writes its lease (`ClusterConfig::heartbeat_ms`).
     pub fn cluster_lease_ms(&self) -> Option<u64> {
         self.lease_ms
     }

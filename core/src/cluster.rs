@@ -253,8 +253,9 @@ impl ClusterConfig {
         m.internal = Some(Internal::ClusterClaims {
             node: self.node_id.as_str().into(),
             confirm_ms: self.dead_after_ms,
-            lease_ms: self.fence.then_some(self.heartbeat_ms),
+            lease_ms: Some(self.heartbeat_ms),
             incarnation: self.incarnation,
+            fence: self.fence,
         });
         m
     }
@@ -384,7 +385,28 @@ pub struct Claim {
     /// has no session to give.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
+    /// For a [`ClaimKind::Lease`]: how old (ms) the oldest message at QoS 1/2 still queued or in
+    /// flight for a persistent session on the shard is ([`LOW_UNKNOWN`]: one of unknown age, restored
+    /// from disk or handed over); `None`: there is none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub low: Option<u64>,
+    /// For a [`ClaimKind::Lease`]: the shard's committed positions in `.messages`
+    /// (partition, next offset), and how many shards its node has.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pos: Vec<(i32, i64)>,
+    #[serde(default, skip_serializing_if = "is_zero_usize")]
+    pub shards: usize,
 }
+
+fn is_zero_usize(v: &usize) -> bool {
+    *v == 0
+}
+
+/// Offsets per partition of a topic (partition, next offset): a node's floor.
+pub type Offsets = Vec<(i32, i64)>;
+
+/// [`Claim::low`] of a shard holding a message whose age it does not know.
+pub const LOW_UNKNOWN: u64 = u64::MAX;
 
 fn is_zero(v: &u64) -> bool {
     *v == 0
@@ -421,6 +443,17 @@ pub enum ClaimKind {
     /// `group/filter`) from now on (`active`), or none any more: the nodes with members of a group
     /// pick, by the message's topic, the one of them that delivers it.
     Share,
+    /// `client`'s persistent session lives on `node` from now on, with the subscriptions of
+    /// the record's value (its stored form without messages), or ended there (`active` false
+    /// and no value): what a survivor needs to rebuild it should `node` die (see
+    /// [`adopt_session`]). Keyed apart from the client's claims ([`session_record_key`]) so
+    /// that compaction keeps both.
+    Session,
+}
+
+/// The `.sessions` record key of `client`'s [`ClaimKind::Session`] records.
+pub fn session_record_key(client: &str) -> String {
+    format!("{client}\u{1}session")
 }
 
 /// Of the nodes that have members of a shared-subscription group (`nodes`, sorted, this node
@@ -475,6 +508,9 @@ impl Claim {
             expiry: 0,
             by: None,
             from: None,
+            low: None,
+            pos: Vec::new(),
+            shards: 0,
         }
     }
 
@@ -499,6 +535,12 @@ pub struct Heartbeat {
     /// The node's MQTT listeners, for operators.
     #[serde(default)]
     pub listeners: Vec<String>,
+    /// Where a survivor replays `.messages` from to rebuild this node's persistent sessions
+    /// should it die: per partition, an offset below which nothing is still queued or in
+    /// flight for any of them (see `sluice-kafka`'s membership). `None`, or a partition not
+    /// named: from the earliest record kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub floor: Option<Vec<(i32, i64)>>,
 }
 
 impl Heartbeat {
@@ -519,6 +561,9 @@ pub struct Member {
     /// Milliseconds since something was heard from it (as of the last [`Members::tick`]).
     pub silent_ms: u64,
     pub listeners: Vec<String>,
+    /// Its last heartbeat's [`Heartbeat::floor`].
+    #[serde(skip)]
+    pub floor: Option<Vec<(i32, i64)>>,
     #[serde(skip)]
     last_seen_ms: u64,
 }
@@ -592,6 +637,7 @@ impl Members {
             state: MemberState::Dead,
             silent_ms: 0,
             listeners: Vec::new(),
+            floor: None,
             last_seen_ms: 0,
         });
         if hb.incarnation < m.incarnation || seen < m.last_seen_ms {
@@ -602,6 +648,7 @@ impl Members {
         m.last_seen_ms = seen;
         m.silent_ms = age_ms;
         m.listeners = hb.listeners;
+        m.floor = hb.floor;
         m.state = state;
         match (was, state) {
             ((MemberState::Alive, inc), MemberState::Alive) if inc != hb.incarnation => {
@@ -666,6 +713,11 @@ impl Members {
         })
     }
 
+    /// `node` as last heard, if it was.
+    pub fn get(&self, node: &str) -> Option<&Member> {
+        self.nodes.get(node)
+    }
+
     /// Whether this node is the one to publish `owner`'s lost wills: the alive node with the
     /// lowest id other than `owner`, or `owner` itself when it is alone (restarted). Views may
     /// differ for a while; the log decides between two that both try (`Claim::by`).
@@ -696,7 +748,7 @@ mod tests {
     }
 
     fn hb(node: &str, inc: u64, alive: bool) -> Heartbeat {
-        Heartbeat { node: node.into(), incarnation: inc, seq: 0, alive, listeners: vec![] }
+        Heartbeat { node: node.into(), incarnation: inc, seq: 0, alive, listeners: vec![], floor: None }
     }
 
     #[test]
@@ -771,7 +823,14 @@ mod tests {
 
     #[test]
     fn heartbeats_round_trip_and_garbage_is_none() {
-        let h = Heartbeat { node: "n2".into(), incarnation: 7, seq: 3, alive: true, listeners: vec!["a:1".into()] };
+        let h = Heartbeat {
+            node: "n2".into(),
+            incarnation: 7,
+            seq: 3,
+            alive: true,
+            listeners: vec!["a:1".into()],
+            floor: Some(vec![(0, 5)]),
+        };
         assert_eq!(Heartbeat::decode(&h.encode()), Some(h));
         assert_eq!(Heartbeat::decode(b"\xff{"), None);
     }

@@ -476,7 +476,11 @@ impl Inbound {
 
 /// The message a cluster record carries (see [`crate::bridge::KafkaRecord::for_each_header`]
 /// for the layout), or `None` for this node's own records.
-fn cluster_message(internal: &InboundInternal, r: &InboundRecord, now_ms: u64) -> Result<Option<Message>, Skip> {
+pub(crate) fn cluster_message(
+    internal: &InboundInternal,
+    r: &InboundRecord,
+    now_ms: u64,
+) -> Result<Option<Message>, Skip> {
     if *internal == InboundInternal::ClusterClaims {
         // The claim, and after a newline (compact JSON has none) the record's value: a handed
         // over session.

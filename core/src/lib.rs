@@ -36,6 +36,7 @@
 pub type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 pub type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
+pub mod adoption;
 pub mod auth;
 pub mod bridge;
 pub mod bytes_reader;

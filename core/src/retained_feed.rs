@@ -279,7 +279,9 @@ impl Feed {
         for (idx, msg) in msgs {
             let Some((o, sub_id)) = self.opts.get(idx as usize) else { continue };
             let qos = o.qos.min(msg.qos);
-            self.backlog.push_back(Delivery { msg, qos, retain: true, sub_ids: sub_id.iter().copied().collect() });
+            let sub_ids = sub_id.iter().copied().collect();
+            // Not in the cluster's log: never holds a floor back (see `Delivery::queued_s`).
+            self.backlog.push_back(Delivery { msg, qos, retain: true, sub_ids, queued_s: crate::session::NOT_IN_LOG });
         }
         true
     }

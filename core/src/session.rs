@@ -33,6 +33,29 @@ pub(crate) struct Delivery {
     pub(crate) qos: u8,
     pub(crate) retain: bool,
     pub(crate) sub_ids: Vec<u32>,
+    /// When the shard queued or sent it, as [`queued_tag`] gives; 0: not known (restored from
+    /// disk, handed over). A dead node's floor is taken from the oldest one pending (see
+    /// [`crate::cluster::Claim::low`]).
+    pub(crate) queued_s: u32,
+}
+
+/// [`Delivery::queued_s`] of a message that is not in the cluster's log (a retained message
+/// sent on subscribe): a survivor could not replay it, so it never holds a floor back.
+pub(crate) const NOT_IN_LOG: u32 = u32::MAX;
+
+/// [`Delivery::queued_s`] for `now_ms` (shard time): whole seconds plus one, so never 0.
+pub(crate) fn queued_tag(now_ms: u64) -> u32 {
+    (now_ms / 1000).min(u64::from(u32::MAX - 2)) as u32 + 1
+}
+
+/// The age in ms of a delivery queued with `tag` ([`crate::cluster::LOW_UNKNOWN`] for 0), never
+/// less than its true age.
+pub(crate) fn tag_age_ms(tag: u32, now_ms: u64) -> u64 {
+    match tag {
+        0 => crate::cluster::LOW_UNKNOWN,
+        NOT_IN_LOG => 0,
+        t => now_ms.saturating_sub(u64::from(t - 1) * 1000),
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -230,7 +253,7 @@ fn decode_delivery(r: &mut Reader<'_>, wall_offset_ms: i64, now_ms: u64) -> Opti
     let stored = StoredMessage::decode(r.bytes_u32_le().ok()?)?;
     let Some(mut msg) = stored.into_message(wall_offset_ms, now_ms) else { return Some(None) };
     msg.retain = flags & 2 != 0;
-    Some(Some(Delivery { msg: Arc::new(msg), qos, retain: flags & 1 != 0, sub_ids }))
+    Some(Some(Delivery { msg: Arc::new(msg), qos, retain: flags & 1 != 0, sub_ids, queued_s: 0 }))
 }
 
 /// The stored forms are read through [`ByteReader`]; any [`ReadError`](crate::bytes_reader::ReadError) (a short or corrupt
@@ -363,7 +386,7 @@ mod tests {
                 origin: "pub".into(),
             })
         };
-        let d = |m: Msg| Delivery { msg: m, qos: 1, retain: false, sub_ids: vec![3, 9] };
+        let d = |m: Msg| Delivery { msg: m, qos: 1, retain: false, sub_ids: vec![3, 9], queued_s: 0 };
         let mut s = Session::new("dev".into());
         s.expiry_secs = 3600;
         s.expires_at_ms = Some(10_000);

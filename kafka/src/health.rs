@@ -72,6 +72,13 @@ pub struct ClusterView {
     pub topics_ready: bool,
     pub members: Vec<sluice_core::cluster::Member>,
     pub last_error: Option<String>,
+    /// This node's floor as its last heartbeat said (see `crate::membership`).
+    pub floor: Option<Vec<(i32, i64)>>,
+    /// Dead nodes' persistent sessions rebuilt here for a client that reconnected, the
+    /// messages queued for them from the log, and those left out (a record's bound).
+    pub sessions_adopted: u64,
+    pub adopted_messages: u64,
+    pub adopted_left_out: u64,
 }
 
 /// Payload schema work off the shards, summed over the Kafka threads (relaxed atomics, bumped

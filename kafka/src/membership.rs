@@ -17,18 +17,35 @@
 //!    (every node, itself included, delivers it; a retained one into `.retained` too) — so a
 //!    will goes out once even when survivors disagree on who is lowest.
 //!
+//! 6. keeps this node's *floor* and sends it with every heartbeat: each shard's lease says how
+//!    old its oldest message still queued or in flight for a persistent session is, and where
+//!    its `.messages` partitions are committed; the floor is, per partition, the position this
+//!    node had committed before that oldest message was queued (a snapshot per heartbeat,
+//!    taken back by a margin of `heartbeat_ms` + 1 s for the lease's trip): below it, nothing
+//!    any of its persistent sessions still needs. It also keeps, from the [`ClaimKind::Session`]
+//!    records, which node holds which persistent session with which subscriptions;
+//! 7. rebuilds a dead node's session for a client of this node: when one of its shards claims
+//!    a client id naming a holder (`Claim::from`) that is dead, this thread replays
+//!    `.messages` from the holder's last floor, queues what the session's subscriptions take
+//!    ([`Adoption`]) and sends it to that shard as the handover the holder cannot send.
+//!
 //! What it sees is published in [`KafkaHealth`] for the HTTP endpoint (`/api/v1/cluster`,
 //! `/metrics`). A Kafka that does not answer is logged at the first failure of each kind and
 //! shown there; the node keeps serving its own devices meanwhile.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rskafka::chrono::{TimeZone, Utc};
 use rskafka::client::partition::{Compression, OffsetAt, PartitionClient};
 use rskafka::record::Record;
-use sluice_core::cluster::{Claim, ClaimKind, ClusterConfig, Heartbeat, MemberChange, Members, CLAIM_HEADER};
+use sluice_core::adoption::Adoption;
+use sluice_core::cluster::{
+    Claim, ClaimKind, ClusterConfig, HandoverTo, Heartbeat, MemberChange, MemberState, Members, Offsets, CLAIM_HEADER,
+    LOW_UNKNOWN,
+};
+use sluice_core::inbound::InboundRecord;
 
 use crate::cluster::Cluster;
 use crate::health::{ClusterView, KafkaHealth};
@@ -37,6 +54,89 @@ use crate::health::{ClusterView, KafkaHealth};
 const FETCH_WAIT_MS: i32 = 200;
 /// Wills of other nodes' clients kept, at most; further ones are not kept (counted, logged once).
 pub const WILLS_MAX: usize = 100_000;
+
+/// Persistent sessions of the cluster's nodes kept (their subscriptions, about 100–300 bytes
+/// each), at most; further ones are not kept (counted, logged once): such a session is not
+/// rebuilt when its node dies.
+pub const REGISTRY_MAX: usize = 1_000_000;
+/// Position snapshots kept for this node's floor, at most (one per heartbeat while an old
+/// message stays pending); beyond, the second oldest goes (the floor only gets older).
+const SNAPSHOTS_MAX: usize = 4096;
+/// How long rebuilding one session may read the log, at most.
+const REPLAY_MAX: Duration = Duration::from_secs(3);
+
+/// A persistent session as its latest [`ClaimKind::Session`] record says.
+#[derive(Clone)]
+struct SessionEntry {
+    node: String,
+    /// Its stored form, subscriptions only.
+    value: Vec<u8>,
+}
+
+/// A shard of this node claimed `client` naming `from` as its holder: if `from` is dead, this
+/// node rebuilds the session (until `until_ms`; after that the shard no longer waits).
+struct Adopt {
+    client: String,
+    to: HandoverTo,
+    from: String,
+    until_ms: u64,
+}
+
+/// An adoption to carry out: the claim, the holder's session (if it is known) and floor.
+type AdoptNow = (Adopt, Option<SessionEntry>, Option<Offsets>);
+
+/// What this node's own leases say, for its floor (see the module doc).
+#[derive(Default)]
+struct Floor {
+    /// Per shard: when its latest lease was read (this thread's clock) and its `low`.
+    leases: HashMap<usize, (u64, Option<u64>)>,
+    shards: usize,
+    /// Committed positions in `.messages`: the latest any lease said, per partition.
+    latest: BTreeMap<i32, i64>,
+    /// (when, `latest` then), oldest first.
+    snapshots: VecDeque<(u64, BTreeMap<i32, i64>)>,
+}
+
+impl Floor {
+    fn on_lease(&mut self, claim: &Claim, now_ms: u64) {
+        self.leases.insert(claim.shard, (now_ms, claim.low));
+        self.shards = self.shards.max(claim.shards);
+        for &(p, off) in &claim.pos {
+            let e = self.latest.entry(p).or_insert(off);
+            *e = (*e).max(off);
+        }
+    }
+
+    /// Takes a snapshot and says the floor: the snapshot taken before this node's oldest
+    /// pending message was queued, less `margin_ms`. `None` (replay from the earliest record)
+    /// until every shard's lease was read, while a message of unknown age is pending, or when
+    /// no snapshot is that old.
+    fn tick(&mut self, now_ms: u64, margin_ms: u64) -> Option<Offsets> {
+        self.snapshots.push_back((now_ms, self.latest.clone()));
+        while self.snapshots.len() > SNAPSHOTS_MAX {
+            self.snapshots.remove(1);
+        }
+        if self.shards == 0 || self.leases.len() < self.shards {
+            return None;
+        }
+        let mut low_at = u64::MAX;
+        for &(read_ms, low) in self.leases.values() {
+            let age = match low {
+                None => 0,
+                Some(LOW_UNKNOWN) => return None,
+                Some(age) => age,
+            };
+            low_at = low_at.min(read_ms.saturating_sub(age));
+        }
+        let low_at = low_at.checked_sub(margin_ms)?;
+        // Kept: a margin more than needed now, for a message queued just after a lease that
+        // said nothing was pending (its lease is read later by the trip to Kafka).
+        let keep = self.snapshots.iter().rposition(|(t, _)| *t <= low_at.saturating_sub(margin_ms)).unwrap_or(0);
+        self.snapshots.drain(..keep);
+        let (_, at) = self.snapshots.iter().rev().find(|(t, _)| *t <= low_at)?;
+        Some(at.iter().map(|(p, o)| (*p, *o)).collect())
+    }
+}
 
 /// A will another node holds for a client of its, as its claim carried it.
 struct WillEntry {
@@ -62,13 +162,54 @@ struct Wills {
     shares: HashMap<String, std::collections::HashSet<String>>,
     /// Wills whose release by this node was read first: this node publishes them.
     won: Vec<(String, Record)>,
+    /// Persistent sessions by client id, and those not kept (beyond [`REGISTRY_MAX`]).
+    registry: HashMap<String, SessionEntry>,
+    registry_refused: u64,
+    /// Claims of this node's shards that name a holder, while it may be dead.
+    adopt: Vec<Adopt>,
+    floor: Floor,
 }
 
 /// A due will whose release was written but not read back is released again after this long.
 const RELEASE_RETRY_MS: u64 = 5_000;
 
 impl Wills {
-    fn apply(&mut self, me: &str, claim: Claim, record: Record) {
+    fn apply(&mut self, me: &NodeIdentity, claim: Claim, record: Record, now_ms: u64) {
+        let mine = claim.node == me.cfg.node_id && claim.inc == me.incarnation;
+        match claim.kind {
+            ClaimKind::Lease if mine => self.floor.on_lease(&claim, now_ms),
+            ClaimKind::Session => {
+                let value = record.value.unwrap_or_default();
+                if claim.active && !value.is_empty() {
+                    if self.registry.len() >= REGISTRY_MAX && !self.registry.contains_key(&claim.client) {
+                        if self.registry_refused == 0 {
+                            tracing::warn!(
+                                "cluster: more than {REGISTRY_MAX} persistent sessions; further ones are not kept"
+                            );
+                        }
+                        self.registry_refused += 1;
+                    } else {
+                        self.registry.insert(claim.client, SessionEntry { node: claim.node, value });
+                    }
+                } else if self.registry.get(&claim.client).is_some_and(|e| e.node == claim.node) {
+                    self.registry.remove(&claim.client);
+                }
+                return;
+            }
+            ClaimKind::Connect if claim.clean => {
+                self.registry.remove(&claim.client);
+            }
+            ClaimKind::Connect if mine => {
+                let again = self.adopt.iter().any(|a| a.client == claim.client && a.to.conn == claim.conn);
+                if let (Some(from), false) = (claim.from.clone(), again) {
+                    let to = HandoverTo { node: claim.node.clone(), shard: claim.shard, conn: claim.conn };
+                    let until_ms = now_ms + me.cfg.dead_after_ms + 5_000;
+                    self.adopt.push(Adopt { client: claim.client.clone(), to, from, until_ms });
+                }
+            }
+            _ => {}
+        }
+        let me = me.cfg.node_id.as_str();
         match (claim.kind, claim.will) {
             (ClaimKind::Share, _) => {
                 let keys = self.shares.entry(claim.node).or_default();
@@ -97,7 +238,7 @@ impl Wills {
             (ClaimKind::Connect, false) => {
                 self.by_client.remove(&claim.client);
             }
-            (ClaimKind::Handover | ClaimKind::Lease, _) => {}
+            (ClaimKind::Handover | ClaimKind::Lease | ClaimKind::Session, _) => {}
             // A release of the will by the incarnation that held it (not an older one's, read
             // after a newer claim), or by a survivor: the first survivor's release read wins.
             (ClaimKind::Release, _) => {
@@ -140,6 +281,31 @@ impl Wills {
     }
 }
 
+impl Wills {
+    /// The adoptions to carry out now (their holder is not alive) with the holder's session and
+    /// floor; ones whose shard stopped waiting are dropped.
+    fn adoptions_due(&mut self, members: &Members, now_ms: u64) -> Vec<AdoptNow> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < self.adopt.len() {
+            let a = &self.adopt[i];
+            let holder = members.get(&a.from);
+            let gone = holder.is_none_or(|m| m.state != MemberState::Alive);
+            if gone && members.settled(now_ms) {
+                let a = self.adopt.swap_remove(i);
+                let entry = self.registry.get(&a.client).filter(|e| e.node == a.from).cloned();
+                let floor = holder.and_then(|m| m.floor.clone());
+                out.push((a, entry, floor));
+            } else if a.until_ms <= now_ms {
+                self.adopt.swap_remove(i);
+            } else {
+                i += 1;
+            }
+        }
+        out
+    }
+}
+
 fn wall_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
@@ -151,12 +317,14 @@ pub struct NodeIdentity {
     /// Start time, ms since the epoch.
     pub incarnation: u64,
     pub listeners: Vec<String>,
+    /// The floor this node's last heartbeat said (its leaving one says it too).
+    floor: Arc<Mutex<Option<Offsets>>>,
 }
 
 impl NodeIdentity {
     pub fn new(cfg: ClusterConfig, listeners: Vec<String>) -> NodeIdentity {
         let incarnation = if cfg.incarnation == 0 { wall_ms() } else { cfg.incarnation };
-        NodeIdentity { cfg, incarnation, listeners }
+        NodeIdentity { cfg, incarnation, listeners, floor: Arc::default() }
     }
 
     fn heartbeat(&self, seq: u64, alive: bool) -> Record {
@@ -166,6 +334,7 @@ impl NodeIdentity {
             seq,
             alive,
             listeners: self.listeners.clone(),
+            floor: self.floor.lock().ok().and_then(|f| f.clone()),
         };
         Record {
             key: Some(self.cfg.node_id.as_bytes().to_vec()),
@@ -197,12 +366,19 @@ pub(crate) async fn run(me: NodeIdentity, kafka: Arc<Cluster>, health: Arc<Kafka
             }
         }
     };
+    let wills = Arc::new(Mutex::new(Wills::default()));
     let writer = {
-        let (me, pc, health) = (me.clone(), pc.clone(), health.clone());
+        let (me, pc, health, wills) = (me.clone(), pc.clone(), health.clone(), wills.clone());
         tokio::spawn(async move {
             let every = Duration::from_millis(me.cfg.heartbeat_ms);
+            let margin_ms = me.cfg.heartbeat_ms + 1000;
             let mut failing = false;
             for seq in 0.. {
+                let floor = wills.lock().ok().and_then(|mut w| w.floor.tick(now_ms(), margin_ms));
+                health.update_cluster(|v| v.floor = floor.clone());
+                if let Ok(mut f) = me.floor.lock() {
+                    *f = floor;
+                }
                 let sent = tokio::time::timeout(every.max(Duration::from_secs(1)), async {
                     pc.produce(vec![me.heartbeat(seq, true)], Compression::NoCompression).await
                 })
@@ -216,15 +392,14 @@ pub(crate) async fn run(me: NodeIdentity, kafka: Arc<Cluster>, health: Arc<Kafka
             }
         })
     };
-    let wills = Arc::new(Mutex::new(Wills::default()));
-    let sessions = tokio::spawn(read_sessions(me.clone(), kafka.clone(), wills.clone()));
+    let sessions = tokio::spawn(read_sessions(me.clone(), kafka.clone(), wills.clone(), start));
     read(&me, &pc, &health, now_ms, &kafka, &wills).await;
     writer.abort();
     sessions.abort();
 }
 
 /// Every partition of `.sessions`, from the beginning, into `wills`.
-async fn read_sessions(me: NodeIdentity, kafka: Arc<Cluster>, wills: Arc<Mutex<Wills>>) {
+async fn read_sessions(me: NodeIdentity, kafka: Arc<Cluster>, wills: Arc<Mutex<Wills>>, start: Instant) {
     let topic = me.cfg.sessions_topic();
     let n = loop {
         match kafka.partitions(&topic, Instant::now() + Duration::from_secs(5)).await {
@@ -250,7 +425,7 @@ async fn read_sessions(me: NodeIdentity, kafka: Arc<Cluster>, wills: Arc<Mutex<W
                             offset = Some(r.offset + 1);
                             let claim = r.record.headers.get(CLAIM_HEADER).and_then(|c| Claim::decode(c));
                             if let Some(claim) = claim {
-                                w.apply(&me.cfg.node_id, claim, r.record);
+                                w.apply(&me, claim, r.record, start.elapsed().as_millis() as u64);
                             }
                         }
                     }
@@ -338,6 +513,100 @@ async fn publish_won(me: &NodeIdentity, kafka: &Cluster, wills: &Mutex<Wills>) {
     tracing::info!(wills = n, "cluster: published the wills of connections lost with their node");
 }
 
+/// Rebuilds `a.client`'s session that `a.from` (dead) held, from `entry` (its subscriptions)
+/// and `.messages` from `floor`, and sends it to the shard that waits for it as a handover; an
+/// empty handover (no session) when there is no entry. Bounded by [`REPLAY_MAX`] and one
+/// record ([`Adoption`]): what is left out is counted.
+async fn adopt(
+    me: &NodeIdentity,
+    kafka: &Cluster,
+    health: &KafkaHealth,
+    a: Adopt,
+    entry: Option<SessionEntry>,
+    floor: Option<Offsets>,
+) {
+    let value = match entry.as_ref().and_then(|e| Adoption::new(&a.client, &e.value, wall_ms())) {
+        None => Vec::new(),
+        Some(mut adoption) => {
+            let topic = me.cfg.messages_topic();
+            let read = tokio::time::timeout(REPLAY_MAX, replay(kafka, &topic, floor.as_deref(), &mut adoption)).await;
+            let complete = matches!(read, Ok(Ok(())));
+            match read {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(client = %a.client, "cluster: rebuilding a dead node's session: {e}"),
+                Err(_) => {
+                    tracing::warn!(client = %a.client, "cluster: rebuilding a dead node's session took longer than {REPLAY_MAX:?}: sent with what was read")
+                }
+            }
+            tracing::info!(
+                client = %a.client, holder = %a.from, floor = ?floor, messages = adoption.taken, left_out = adoption.left_out, complete,
+                "cluster: rebuilt the persistent session of a dead node's client from the log"
+            );
+            let (taken, left_out) = (adoption.taken as u64, adoption.left_out as u64);
+            health.update_cluster(|v| {
+                v.sessions_adopted += 1;
+                v.adopted_messages += taken;
+                v.adopted_left_out += left_out;
+            });
+            adoption.finish()
+        }
+    };
+    let handover =
+        Claim { to: Some(a.to), inc: me.incarnation, ..Claim::new(&me.cfg.node_id, &a.client, 0, ClaimKind::Handover) };
+    let record = Record {
+        key: Some(a.client.into_bytes()),
+        value: Some(value),
+        headers: [(CLAIM_HEADER.to_string(), handover.encode())].into(),
+        timestamp: Utc.timestamp_millis_opt(wall_ms() as i64).single().unwrap_or_default(),
+    };
+    produce_keyed(kafka, &me.cfg.sessions_topic(), vec![record]).await;
+}
+
+/// Offers every record of `topic` from `floor` (per partition; the earliest kept where it
+/// names none) to the high watermark read at the start to `adoption`, partition by partition
+/// (one publisher's messages are in one partition, in order).
+async fn replay(
+    kafka: &Cluster,
+    topic: &str,
+    floor: Option<&[(i32, i64)]>,
+    adoption: &mut Adoption,
+) -> Result<(), String> {
+    let n = kafka.partitions(topic, Instant::now() + REPLAY_MAX).await.map_err(|e| e.to_string())?;
+    let topic_name: Arc<str> = topic.into();
+    for partition in 0..n {
+        let pc = kafka.partition_client(topic, partition).await.map_err(|e| e.to_string())?;
+        let from = floor.and_then(|f| f.iter().find(|(p, _)| *p == partition)).map(|(_, o)| *o);
+        let mut at = match from {
+            Some(o) => o,
+            None => pc.get_offset(OffsetAt::Earliest).await.map_err(|e| e.to_string())?,
+        };
+        let end = pc.get_offset(OffsetAt::Latest).await.map_err(|e| e.to_string())?;
+        while at < end {
+            let (records, _) = pc.fetch_records(at, 1..1 << 20, 50).await.map_err(|e| e.to_string())?;
+            if records.is_empty() {
+                break;
+            }
+            for r in records {
+                if r.offset < at || r.offset >= end {
+                    continue;
+                }
+                at = r.offset + 1;
+                let rec = InboundRecord {
+                    mapping: 0,
+                    topic: topic_name.clone(),
+                    partition,
+                    offset: r.offset,
+                    key: r.record.key.map(bytes::Bytes::from),
+                    value: r.record.value.map(bytes::Bytes::from),
+                    headers: r.record.headers.into_iter().map(|(k, v)| (k, bytes::Bytes::from(v))).collect(),
+                };
+                adoption.offer(&rec, wall_ms());
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Produces `records` into `topic`, each into its key's partition, one request per partition;
 /// failures are logged (all bounded by ten seconds).
 async fn produce_keyed(kafka: &Cluster, topic: &str, records: Vec<Record>) {
@@ -411,9 +680,9 @@ async fn ensure_topics(cfg: &ClusterConfig, kafka: &Cluster, health: &KafkaHealt
 async fn read(
     me: &NodeIdentity,
     pc: &PartitionClient,
-    health: &KafkaHealth,
+    health: &Arc<KafkaHealth>,
     now_ms: impl Fn() -> u64,
-    kafka: &Cluster,
+    kafka: &Arc<Cluster>,
     wills: &Mutex<Wills>,
 ) {
     let mut members = Members::new(&me.cfg.node_id, me.cfg.dead_after_ms);
@@ -458,6 +727,11 @@ async fn read(
         }
         if members.settled(now_ms()) {
             release_due(me, kafka, wills, &members, now_ms()).await;
+        }
+        let adoptions = wills.lock().map(|mut w| w.adoptions_due(&members, now_ms())).unwrap_or_default();
+        for (a, entry, floor) in adoptions {
+            let (me, kafka, health) = (me.clone(), kafka.clone(), health.clone());
+            tokio::spawn(async move { adopt(&me, &kafka, &health, a, entry, floor).await });
         }
         publish_won(me, kafka, wills).await;
         let list = members.members();
@@ -504,7 +778,103 @@ mod tests {
     use sluice_core::cluster::Heartbeat;
 
     fn hb(node: &str, inc: u64) -> Heartbeat {
-        Heartbeat { node: node.into(), incarnation: inc, seq: 0, alive: true, listeners: vec![] }
+        Heartbeat { node: node.into(), incarnation: inc, seq: 0, alive: true, listeners: vec![], floor: None }
+    }
+
+    fn me(node: &str) -> NodeIdentity {
+        let cfg = ClusterConfig {
+            name: "c".into(),
+            node_id: node.into(),
+            kafka: "default".into(),
+            topic_prefix: None,
+            heartbeat_ms: 100,
+            dead_after_ms: 1000,
+            partitions: 4,
+            fence: true,
+            incarnation: 1,
+        };
+        NodeIdentity::new(cfg, vec![])
+    }
+
+    fn lease(shard: usize, low: Option<u64>, pos: &[(i32, i64)]) -> Claim {
+        Claim { inc: 1, low, pos: pos.to_vec(), shards: 2, ..Claim::new("n1", "lease", shard, ClaimKind::Lease) }
+    }
+
+    #[test]
+    fn the_floor_is_the_snapshot_taken_before_the_oldest_pending_message_less_the_margin() {
+        let mut f = Floor::default();
+        f.on_lease(&lease(0, None, &[(0, 10)]), 1000);
+        assert_eq!(f.tick(1000, 0), None, "shard 1's lease not read yet: from the earliest");
+        f.on_lease(&lease(1, None, &[(1, 5)]), 2000);
+        f.on_lease(&lease(0, None, &[(0, 20)]), 2000);
+        assert_eq!(f.tick(2000, 0), Some(vec![(0, 20), (1, 5)]), "nothing pending: the positions now");
+        f.on_lease(&lease(0, None, &[(0, 30)]), 3000);
+        f.tick(3000, 0);
+        // Shard 0 now holds a message queued 2.5 s before its lease was read (at 1.5 s).
+        f.on_lease(&lease(0, Some(2500), &[(0, 40)]), 4000);
+        f.on_lease(&lease(1, None, &[(1, 9)]), 4000);
+        assert_eq!(f.tick(4000, 600), None, "no snapshot from before 0.9 s is left");
+        let mut f2 = Floor::default();
+        for (t, off) in [(1000, 10), (2000, 20), (3000, 30)] {
+            f2.on_lease(&lease(0, None, &[(0, off)]), t);
+            f2.on_lease(&lease(1, None, &[(1, 1)]), t);
+            f2.tick(t, 200);
+        }
+        f2.on_lease(&lease(0, Some(1600), &[(0, 40)]), 4000);
+        assert_eq!(f2.tick(4000, 200), Some(vec![(0, 20), (1, 1)]), "queued at 2.4 s, less 0.2: the 2 s snapshot");
+        f2.on_lease(&lease(1, Some(LOW_UNKNOWN), &[(1, 1)]), 5000);
+        assert_eq!(f2.tick(5000, 0), None, "a message of unknown age: from the earliest");
+        f2.on_lease(&lease(1, None, &[(1, 2)]), 6000);
+        f2.on_lease(&lease(0, None, &[(0, 50)]), 6000);
+        assert_eq!(f2.tick(6000, 0), Some(vec![(0, 50), (1, 2)]), "delivered: the floor moves up");
+        assert_eq!(f2.snapshots.len(), 1, "older snapshots are dropped");
+        for t in 0..SNAPSHOTS_MAX as u64 + 10 {
+            f2.on_lease(&lease(1, Some(LOW_UNKNOWN), &[(1, 2)]), 7000 + t);
+            f2.tick(7000 + t, 0);
+        }
+        assert_eq!(f2.snapshots.len(), SNAPSHOTS_MAX, "bounded while the floor is held back");
+        assert_eq!(f2.snapshots[0].0, 6000, "keeping the oldest");
+    }
+
+    #[test]
+    fn a_claim_naming_a_dead_holder_is_adopted_with_its_session_and_floor_and_a_clean_connect_forgets_it() {
+        let me1 = me("n1");
+        let mut w = Wills::default();
+        let session = |node: &str, client: &str, active: bool| Claim {
+            active,
+            ..Claim::new(node, client, 0, ClaimKind::Session)
+        };
+        let with_value = |v: &[u8]| Record { value: Some(v.to_vec()), ..record() };
+        w.apply(&me1, session("n2", "c", true), with_value(b"subs of c"), 0);
+        w.apply(&me1, session("n2", "d", true), with_value(b"subs of d"), 0);
+        w.apply(&me1, session("n3", "d", false), record(), 0);
+        assert!(w.registry.contains_key("d"), "an end on another node than the holder's is not this session's");
+        let claim = |client: &str, conn: u64| Claim {
+            from: Some("n2".into()),
+            conn,
+            inc: 1,
+            ..Claim::new("n1", client, 1, ClaimKind::Connect)
+        };
+        w.apply(&me1, claim("c", 5), record(), 0);
+        w.apply(&me1, claim("c", 5), record(), 0);
+        assert_eq!(w.adopt.len(), 1, "a claim made again is adopted once");
+        let (mut m, now) = members();
+        assert!(w.adoptions_due(&m, now).is_empty(), "the holder is alive: it hands over itself");
+        let n2 = Heartbeat { floor: Some(vec![(0, 7)]), ..hb("n2", 1) };
+        m.on_heartbeat(n2, 0, now);
+        for t in (now..=now + 1500).step_by(100) {
+            m.on_heartbeat(hb("n1", 1), 0, t);
+            m.tick(t);
+        }
+        let due = w.adoptions_due(&m, now + 1500);
+        assert_eq!(due.len(), 1);
+        let (a, entry, floor) = &due[0];
+        assert_eq!((a.client.as_str(), a.to.shard, a.to.conn), ("c", 1, 5));
+        assert_eq!(entry.as_ref().map(|e| e.value.as_slice()), Some(&b"subs of c"[..]));
+        assert_eq!(floor.as_deref(), Some(&[(0, 7)][..]));
+        let clean = Claim { clean: true, ..Claim::new("n3", "d", 0, ClaimKind::Connect) };
+        w.apply(&me1, clean, record(), 0);
+        assert!(!w.registry.contains_key("d"), "a clean start anywhere ends the session");
     }
 
     fn record() -> Record {
@@ -540,10 +910,10 @@ mod tests {
     fn a_restarted_nodes_older_wills_are_due_at_once_and_its_newer_ones_never() {
         let (mut m, now) = members();
         let mut w = Wills::default();
-        w.apply("n1", connect("n2", "old", 1, 0, 0), record());
+        w.apply(&me("n1"), connect("n2", "old", 1, 0, 0), record(), 0);
         assert!(w.due(&m, now).is_empty(), "n2 alive as the incarnation that holds it");
         m.on_heartbeat(hb("n2", 2), 0, now + 10);
-        w.apply("n1", connect("n2", "new", 2, 0, 0), record());
+        w.apply(&me("n1"), connect("n2", "new", 2, 0, 0), record(), 0);
         assert_eq!(w.due(&m, now + 10), vec![("old".to_string(), "n2".to_string(), 1)]);
         assert!(w.due(&m, now + 20).is_empty(), "released once, then again only after the retry time");
         assert_eq!(w.due(&m, now + 10 + RELEASE_RETRY_MS).len(), 1);
@@ -552,13 +922,13 @@ mod tests {
     #[test]
     fn the_first_survivors_release_read_publishes_the_will_and_a_later_one_nothing() {
         let mut w = Wills::default();
-        w.apply("n1", connect("n3", "c", 7, 0, 0), record());
-        w.apply("n1", release_by("n3", "c", 7, "n2"), record());
-        w.apply("n1", release_by("n3", "c", 7, "n1"), record());
+        w.apply(&me("n1"), connect("n3", "c", 7, 0, 0), record(), 0);
+        w.apply(&me("n1"), release_by("n3", "c", 7, "n2"), record(), 0);
+        w.apply(&me("n1"), release_by("n3", "c", 7, "n1"), record(), 0);
         assert!(w.won.is_empty(), "n2's release came first: n2 publishes");
-        w.apply("n1", connect("n3", "d", 7, 0, 0), record());
-        w.apply("n1", release_by("n3", "d", 7, "n1"), record());
-        w.apply("n1", release_by("n3", "d", 7, "n2"), record());
+        w.apply(&me("n1"), connect("n3", "d", 7, 0, 0), record(), 0);
+        w.apply(&me("n1"), release_by("n3", "d", 7, "n1"), record(), 0);
+        w.apply(&me("n1"), release_by("n3", "d", 7, "n2"), record(), 0);
         assert_eq!(w.won.len(), 1);
         assert_eq!(w.won[0].0, "d");
     }
@@ -567,16 +937,16 @@ mod tests {
     fn a_will_waits_out_its_delay_capped_by_the_session_expiry_and_a_reconnect_cancels_it() {
         let (mut m, now) = members();
         let mut w = Wills::default();
-        w.apply("n1", connect("n2", "slow", 1, 30, 3600), record());
-        w.apply("n1", connect("n2", "short-session", 1, 30, 2), record());
-        w.apply("n1", connect("n2", "back", 1, 30, 3600), record());
+        w.apply(&me("n1"), connect("n2", "slow", 1, 30, 3600), record(), 0);
+        w.apply(&me("n1"), connect("n2", "short-session", 1, 30, 2), record(), 0);
+        w.apply(&me("n1"), connect("n2", "back", 1, 30, 3600), record(), 0);
         m.on_heartbeat(hb("n2", 2), 0, now);
         assert!(w.due(&m, now).is_empty());
         assert_eq!(w.due(&m, now + 2000), vec![("short-session".to_string(), "n2".to_string(), 1)]);
-        w.apply("n1", release_by("n2", "short-session", 1, "n1"), record());
+        w.apply(&me("n1"), release_by("n2", "short-session", 1, "n1"), record(), 0);
         assert_eq!(w.won.len(), 1, "read back: this node publishes it");
         // The client connects again (anywhere, without a will) before the delay is out.
-        w.apply("n1", Claim::new("n1", "back", 0, ClaimKind::Connect), record());
+        w.apply(&me("n1"), Claim::new("n1", "back", 0, ClaimKind::Connect), record(), 0);
         let mut due: Vec<String> = w.due(&m, now + 30_000).into_iter().map(|d| d.0).collect();
         due.sort();
         assert_eq!(due, vec!["slow".to_string()]);
@@ -588,10 +958,10 @@ mod tests {
         m.on_heartbeat(hb("n0", 1), 0, now);
         m.on_heartbeat(hb("n2", 2), 0, now);
         let mut w = Wills::default();
-        w.apply("n1", connect("n2", "c", 1, 0, 0), record());
+        w.apply(&me("n1"), connect("n2", "c", 1, 0, 0), record(), 0);
         assert!(w.due(&m, now).is_empty(), "n0 publishes, not n1");
         // n2's own release, but of a newer incarnation than the will's: not this will's.
-        w.apply("n1", Claim { inc: 2, ..Claim::new("n2", "c", 0, ClaimKind::Release) }, record());
+        w.apply(&me("n1"), Claim { inc: 2, ..Claim::new("n2", "c", 0, ClaimKind::Release) }, record(), 0);
         assert!(w.by_client.contains_key("c"));
     }
 }

@@ -116,19 +116,27 @@ def test_retained_messages_acknowledged_on_a_full_disk_survive_sigkill():
 
 
 def fill(mount):
-    """Takes all the space left on the tmpfs."""
-    st = os.statvfs(mount)
+    """Takes all the space left on the tmpfs: unbuffered writes until the disk says it is full (a
+    buffered file raised ENOSPC again when it was closed, flushing what the failed write left)."""
     try:
-        f = open(os.path.join(mount, "filler"), "wb")
+        fd = os.open(os.path.join(mount, "filler"), os.O_WRONLY | os.O_CREAT, 0o600)
     except OSError as e:
         # The broker's own writes may have taken the last block already: full is the goal.
         assert e.errno == errno.ENOSPC, e
         return
-    with f:
-        try:
-            f.write(b"\0" * (st.f_bavail * st.f_frsize))
-        except OSError:
-            pass
+    chunk = b"\0" * (1 << 20)
+    try:
+        while True:
+            try:
+                if os.write(fd, chunk) == 0:
+                    break
+            except OSError as e:
+                assert e.errno == errno.ENOSPC, e
+                if len(chunk) == 1:
+                    break
+                chunk = chunk[: len(chunk) // 2]  # the last blocks
+    finally:
+        os.close(fd)
 
 
 def test_persistent_session_on_a_full_disk_refuses_what_it_cannot_keep():

@@ -36,7 +36,6 @@ impl InflightWindow {
         self.in_slots + self.others.len()
     }
 
-    #[cfg(test)]
     pub(crate) fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -103,6 +102,11 @@ impl InflightWindow {
             return None;
         }
         self.others.remove(&pid)
+    }
+
+    /// Everything in flight, in no particular order.
+    pub(crate) fn values(&self) -> impl Iterator<Item = &Inflight> {
+        self.slots.iter().flatten().map(|(_, v)| v).chain(self.others.values())
     }
 
     /// Everything in flight, in packet id order (as the session's encoding and a redelivery

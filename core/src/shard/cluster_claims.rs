@@ -88,8 +88,9 @@ pub(super) struct ClusterClaims {
 /// A connection whose CONNACK waits for another node's handover of its session.
 struct Awaiting {
     conn: ConnId,
-    /// Where in `recent` it began to wait.
+    /// Where in `recent` it began to wait, and when.
     since: u64,
+    since_ms: u64,
     deadline_ms: u64,
     /// The session expiry its CONNECT asks for (for its claim), and the node asked.
     expiry: u32,
@@ -101,8 +102,10 @@ struct Awaiting {
 pub(super) const REMOTE_SESSIONS_MAX: usize = 1_000_000;
 /// Messages kept for connections awaiting a handover, at most, per shard.
 pub(super) const RECENT_MAX: usize = 65_536;
-/// How long a CONNACK waits for a handover, at most (less with a shorter `dead_after_ms`).
-pub(super) const HANDOVER_WAIT_MAX_MS: u64 = 5_000;
+/// How long a CONNACK waits for a handover beyond `dead_after_ms`: when the holder is dead, the
+/// others declare it so after `dead_after_ms` and this node rebuilds the session from the log
+/// (`sluice-kafka`'s membership), within this.
+pub(super) const HANDOVER_WAIT_EXTRA_MS: u64 = 5_000;
 
 /// Shared-subscription groups with members on other nodes a shard keeps, at most; a group
 /// beyond it is delivered by every node that has members (counted in `shares_refused`).
@@ -336,7 +339,8 @@ impl Shard {
         };
         let Some(claim) = Claim::decode(json) else { return };
         match claim.kind {
-            ClaimKind::Release => return, // for the survivors' table of wills (`sluice-kafka`)
+            // For the survivors' tables of wills and sessions (`sluice-kafka`).
+            ClaimKind::Release | ClaimKind::Session => return,
             ClaimKind::Handover => {
                 if claim.to.as_ref().is_some_and(|t| t.node == **node && t.shard == self.id) {
                     self.take_handover(&claim, value, now_ms);
@@ -491,7 +495,7 @@ impl Shard {
     /// [`HANDOVER_WAIT_MAX_MS`] passes). Returns false when it does not wait.
     pub(super) fn await_handover(&mut self, conn: ConnId, client_id: &ClientId, holder: Arc<str>, now_ms: u64) -> bool {
         let Some(me) = &self.claims.node else { return false };
-        let wait_ms = (me.confirm_ms / 2).clamp(1, HANDOVER_WAIT_MAX_MS);
+        let wait_ms = me.confirm_ms + HANDOVER_WAIT_EXTRA_MS;
         let expiry = match self.conns.get(&conn).map(|c| &c.state) {
             Some(ConnState::Pending { client_id: id, connect }) if id == client_id && !connect.clean_start => {
                 if connect.version.is_v5() {
@@ -506,7 +510,7 @@ impl Shard {
             return false;
         }
         let since = self.claims.recent_base + self.claims.recent.len() as u64;
-        let a = Awaiting { conn, since, deadline_ms: now_ms + wait_ms, expiry, from: holder };
+        let a = Awaiting { conn, since, since_ms: now_ms, deadline_ms: now_ms + wait_ms, expiry, from: holder };
         self.claims.awaiting.insert(client_id.clone(), a);
         self.claims.early.insert(conn);
         self.claim_session(conn, client_id, false, now_ms);
@@ -518,7 +522,7 @@ impl Shard {
     fn finish_handover(&mut self, client_id: &ClientId, session: Option<Session>, now_ms: u64) {
         let Some(a) = self.claims.awaiting.remove(client_id) else { return };
         let session = session.map(|mut s| {
-            self.queue_recent(&mut s, a.since);
+            self.queue_recent(&mut s, a.since, a.since_ms);
             self.claims.taken_over_in += 1;
             Box::new(s)
         });
@@ -527,12 +531,18 @@ impl Shard {
         if !pending {
             self.claims.early.remove(&a.conn);
         }
+        let taken = session.is_some();
         self.on_transfer(client_id.clone(), a.conn, session, None, now_ms);
+        if taken {
+            // It lives here now: should this node die, a survivor rebuilds it from here.
+            self.announce_session(client_id, now_ms);
+        }
     }
 
     /// Queues for `s` the messages at QoS 1 or 2 routed here since `since` that its
     /// subscriptions match (the old node may have queued some of them too: at least once).
-    fn queue_recent(&mut self, s: &mut Session, since: u64) {
+    fn queue_recent(&mut self, s: &mut Session, since: u64, since_ms: u64) {
+        let queued_s = crate::session::queued_tag(since_ms);
         let c = &mut self.claims;
         let skip = match since.checked_sub(c.recent_base) {
             Some(skip) => skip as usize,
@@ -551,8 +561,13 @@ impl Shard {
                     continue;
                 }
                 let qos = sub.opts.qos.min(msg.qos);
-                let d =
-                    best.get_or_insert_with(|| Delivery { msg: msg.clone(), qos, retain: false, sub_ids: Vec::new() });
+                let d = best.get_or_insert_with(|| Delivery {
+                    msg: msg.clone(),
+                    qos,
+                    retain: false,
+                    sub_ids: Vec::new(),
+                    queued_s,
+                });
                 d.qos = d.qos.max(qos);
                 d.retain |= sub.opts.retain_as_published && msg.retain;
                 d.sub_ids.extend(sub.sub_id);
@@ -615,6 +630,7 @@ impl Shard {
         self.commits.touch(&mut cur);
         self.install(cur);
         self.claims.taken_over_in += 1;
+        self.announce_session(&id, now_ms);
         self.pump(&id, now_ms);
     }
 
@@ -630,8 +646,17 @@ impl Shard {
         if now_ms >= self.claims.lease_next_ms {
             self.claims.lease_next_ms = now_ms + lease_ms;
             let lease = format!("lease/{node}/{}", self.id);
-            let claim = Claim { inc: me.incarnation, ..Claim::new(&node, &lease, self.id, ClaimKind::Lease) };
+            let claim = Claim {
+                inc: me.incarnation,
+                low: self.pending_low(now_ms),
+                pos: self.inbound.positions_of(crate::cluster::FORWARD_MAPPING),
+                shards: self.n_shards,
+                ..Claim::new(&node, &lease, self.id, ClaimKind::Lease)
+            };
             self.send_claim(&claim, lease.into(), Bytes::new(), 0, now_ms);
+        }
+        if !me.fence {
+            return;
         }
         let seen = self.claims.lease_seen_ms.unwrap_or(started);
         if self.claims.fenced || now_ms.saturating_sub(seen) < confirm_ms {
@@ -652,6 +677,57 @@ impl Shard {
             }
             self.close_why(conn, Some(reason::SERVER_BUSY), Some("this node is cut off from Kafka"), now_ms);
         }
+    }
+
+    /// The age (ms) of the oldest message at QoS 1/2 queued or in flight for a persistent
+    /// session here ([`crate::cluster::LOW_UNKNOWN`] for one of unknown age), for the lease:
+    /// below what it came with, a survivor need not replay the log (see `crate::adoption`).
+    /// A walk over the sessions once per lease; a queue is read from its front only (its
+    /// tags do not decrease after the unknown ones, see [`Delivery::queued_s`]).
+    fn pending_low(&self, now_ms: u64) -> Option<u64> {
+        use crate::session::{tag_age_ms, NOT_IN_LOG};
+        let mut oldest: Option<u32> = None;
+        let mut note = |t: u32| {
+            if t != NOT_IN_LOG {
+                oldest = Some(oldest.map_or(t, |o| o.min(t)));
+            }
+        };
+        for s in self.sessions.values().filter(|s| s.expiry_secs > 0) {
+            if !s.inflight.is_empty() {
+                for i in s.inflight.values() {
+                    if let Inflight::Publish(d) = i {
+                        if d.qos > 0 {
+                            note(d.queued_s);
+                        }
+                    }
+                }
+            }
+            if let Some(d) = s.queue.iter().find(|d| d.qos > 0 && d.queued_s != NOT_IN_LOG) {
+                note(d.queued_s);
+            }
+        }
+        oldest.map(|t| tag_age_ms(t, now_ms))
+    }
+
+    /// `client_id`'s persistent session lives here now with these subscriptions, or ended here
+    /// (not persistent any more): a [`ClaimKind::Session`] record, what a survivor rebuilds it
+    /// from should this node die.
+    pub(super) fn announce_session(&mut self, client_id: &ClientId, now_ms: u64) {
+        let Some(me) = &self.claims.node else { return };
+        let (node, inc) = (me.node.clone(), me.incarnation);
+        let (value, active, expiry) = match self.sessions.get(client_id) {
+            Some(s) if s.expiry_secs > 0 => {
+                let light =
+                    Session { subs: s.subs.clone(), expiry_secs: s.expiry_secs, ..Session::new(s.client_id.clone()) };
+                let mut bytes = Vec::new();
+                light.encode(self.wall_offset_ms, &mut bytes);
+                (Bytes::from(bytes), true, s.expiry_secs)
+            }
+            _ => (Bytes::new(), false, 0),
+        };
+        let claim = Claim { active, inc, expiry, ..Claim::new(&node, client_id, self.id, ClaimKind::Session) };
+        let key: ClientId = crate::cluster::session_record_key(client_id).into();
+        self.send_claim(&claim, key, value, 1, now_ms);
     }
 
     /// Closes connections whose claim was not read back in time.

@@ -46,6 +46,7 @@ impl Shard {
             retain: opts.retain_as_published && msg.retain,
             sub_ids: sub_id.into_iter().collect(),
             msg,
+            queued_s: crate::session::queued_tag(now_ms),
         };
         self.deliver(id, d, routing, now_ms);
     }

@@ -118,6 +118,18 @@ impl InboundState {
         )
     }
 
+    /// The committed positions of the partitions of `mapping` this shard consumes.
+    pub(super) fn positions_of(&self, mapping: &str) -> Vec<(i32, i64)> {
+        let mut out: Vec<(i32, i64)> = self
+            .positions
+            .iter()
+            .filter(|((m, _, _), _)| self.mapping_name(*m) == mapping)
+            .map(|((_, _, p), off)| (*p, *off))
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
     /// `(mapping name, counters)` per mapping.
     pub(super) fn counters(&self) -> impl Iterator<Item = (&str, &InboundCounters)> {
         self.counters.iter().enumerate().map(|(i, c)| (self.mapping_name(i as u16), c))

@@ -276,7 +276,7 @@ impl Shard {
             }
             Packet::PubComp(r) => self.on_ack(conn, r.packet_id, false, now_ms),
             Packet::Subscribe(s) => self.on_subscribe(conn, s, now_ms),
-            Packet::Unsubscribe(u) => self.on_unsubscribe(conn, u),
+            Packet::Unsubscribe(u) => self.on_unsubscribe(conn, u, now_ms),
             Packet::PingReq => {
                 self.send(conn, Packet::PingResp);
             }

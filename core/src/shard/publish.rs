@@ -210,7 +210,8 @@ impl Shard {
                     feed.live.insert(msg);
                 }
             }
-            let d = Delivery { msg: msg.clone(), qos: qos.min(msg.qos), retain: rap && msg.retain, sub_ids };
+            let queued_s = crate::session::queued_tag(now_ms);
+            let d = Delivery { msg: msg.clone(), qos: qos.min(msg.qos), retain: rap && msg.retain, sub_ids, queued_s };
             self.deliver(&id, d, routing, now_ms);
         }
         matches.clear();

@@ -111,7 +111,7 @@ impl Shard {
                 c.pending_sub = Some(Box::new(pending));
             }
         } else {
-            self.finish_subscribe(conn, client_id, pending);
+            self.finish_subscribe(conn, client_id, pending, now_ms);
         }
     }
 
@@ -130,7 +130,7 @@ impl Shard {
         if p.failed {
             self.refuse_subscribe(&id, v5, &mut p);
         }
-        self.finish_subscribe(conn, id, p);
+        self.finish_subscribe(conn, id, p, now_ms);
         self.run_deferred(conn, now_ms);
         self.resume(conn, now_ms);
     }
@@ -156,9 +156,13 @@ impl Shard {
         }
     }
 
-    /// SUBACK, then the retained messages the new subscriptions asked for.
-    pub(super) fn finish_subscribe(&mut self, conn: ConnId, client_id: ClientId, p: PendingSub) {
+    /// SUBACK, then the retained messages the new subscriptions asked for. In a cluster, a
+    /// persistent session's new subscriptions are announced (`announce_session`).
+    pub(super) fn finish_subscribe(&mut self, conn: ConnId, client_id: ClientId, p: PendingSub, now_ms: u64) {
         self.send(conn, Packet::SubAck(p.suback));
+        if self.sessions.get(&client_id).is_some_and(|s| s.expiry_secs > 0) {
+            self.announce_session(&client_id, now_ms);
+        }
         if p.retained_queries.is_empty() {
             return;
         }
@@ -168,7 +172,7 @@ impl Shard {
         }
     }
 
-    pub(super) fn on_unsubscribe(&mut self, conn: ConnId, u: Unsubscribe) {
+    pub(super) fn on_unsubscribe(&mut self, conn: ConnId, u: Unsubscribe, now_ms: u64) {
         let Some((_, s)) = self.held(conn) else { return };
         let id = s.client_id.clone();
         let mut codes = Vec::with_capacity(u.filters.len());
@@ -189,5 +193,8 @@ impl Shard {
             conn,
             Packet::UnsubAck(UnsubAck { packet_id: u.packet_id, codes, properties: Properties::default() }),
         );
+        if self.sessions.get(&id).is_some_and(|s| s.expiry_secs > 0) {
+            self.announce_session(&id, now_ms);
+        }
     }
 }
