@@ -129,9 +129,11 @@ impl Floor {
             low_at = low_at.min(read_ms.saturating_sub(age));
         }
         let low_at = low_at.checked_sub(margin_ms)?;
-        // Kept: a margin more than needed now, for a message queued just after a lease that
-        // said nothing was pending (its lease is read later by the trip to Kafka).
-        let keep = self.snapshots.iter().rposition(|(t, _)| *t <= low_at.saturating_sub(margin_ms)).unwrap_or(0);
+        // Kept: a margin and two seconds more than needed now, for a message queued just after
+        // a lease that said nothing was pending (its age is rounded up to the second, and its
+        // lease is read later by the trip to Kafka).
+        let keep_from = low_at.saturating_sub(margin_ms + 2_000);
+        let keep = self.snapshots.iter().rposition(|(t, _)| *t <= keep_from).unwrap_or(0);
         self.snapshots.drain(..keep);
         let (_, at) = self.snapshots.iter().rev().find(|(t, _)| *t <= low_at)?;
         Some(at.iter().map(|(p, o)| (*p, *o)).collect())
@@ -201,7 +203,13 @@ impl Wills {
             }
             ClaimKind::Connect if mine => {
                 let again = self.adopt.iter().any(|a| a.client == claim.client && a.to.conn == claim.conn);
-                if let (Some(from), false) = (claim.from.clone(), again) {
+                // Named by the shard (it waits), or known here only (the shard's directory
+                // started after the holder's claim): the handover then joins the session
+                // after CONNACK.
+                let holder = claim.from.clone().or_else(|| {
+                    self.registry.get(&claim.client).map(|e| e.node.clone()).filter(|n| *n != me.cfg.node_id)
+                });
+                if let (Some(from), false) = (holder, again) {
                     let to = HandoverTo { node: claim.node.clone(), shard: claim.shard, conn: claim.conn };
                     let until_ms = now_ms + me.cfg.dead_after_ms + 5_000;
                     self.adopt.push(Adopt { client: claim.client.clone(), to, from, until_ms });
@@ -827,13 +835,14 @@ mod tests {
         f2.on_lease(&lease(1, None, &[(1, 2)]), 6000);
         f2.on_lease(&lease(0, None, &[(0, 50)]), 6000);
         assert_eq!(f2.tick(6000, 0), Some(vec![(0, 50), (1, 2)]), "delivered: the floor moves up");
-        assert_eq!(f2.snapshots.len(), 1, "older snapshots are dropped");
+        let kept: Vec<u64> = f2.snapshots.iter().map(|(t, _)| *t).collect();
+        assert_eq!(kept, [4000, 5000, 6000], "snapshots older than 2 s (and the margin) before the floor go");
         for t in 0..SNAPSHOTS_MAX as u64 + 10 {
             f2.on_lease(&lease(1, Some(LOW_UNKNOWN), &[(1, 2)]), 7000 + t);
             f2.tick(7000 + t, 0);
         }
         assert_eq!(f2.snapshots.len(), SNAPSHOTS_MAX, "bounded while the floor is held back");
-        assert_eq!(f2.snapshots[0].0, 6000, "keeping the oldest");
+        assert_eq!(f2.snapshots[0].0, 4000, "keeping the oldest");
     }
 
     #[test]

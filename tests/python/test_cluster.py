@@ -50,9 +50,21 @@ def states(b):
     return {m["node"]: m["state"] for m in cluster_view(b)["members"]}
 
 
+def claims_read(b, partitions=4):
+    """Whether node `b` reads every partition of the sessions topic (its readers start at the
+    end of the topic once it exists: a claim written before is not read)."""
+    with urllib.request.urlopen(f"http://{b.http[0]}:{b.http[1]}/metrics", timeout=WAIT) as r:
+        lines = r.read().decode().splitlines()
+    prefix = 'sluice_kafka_to_mqtt_lag_records{mapping="$cluster-sessions"'
+    return sum(1 for line in lines if line.startswith(prefix)) >= partitions
+
+
 def connected(a, b, pub, sub, topic="probe/x"):
     """Waits until a message published on node `a` reaches a subscriber on node `b` (each
-    node's consumer of the message topic is positioned at the end of it when it starts)."""
+    node's consumer of the message topic is positioned at the end of it when it starts), and
+    both read every partition of the sessions topic."""
+    for n in (a, b):
+        wait_for(lambda: claims_read(n), "the sessions topic read")
     sub.subscribe("probe/#", 1)
     deadline = time.monotonic() + 30
     n = 0
@@ -721,6 +733,44 @@ def test_a_dead_nodes_persistent_session_is_rebuilt_from_kafka_where_its_client_
         stop.set()
         pub.close()
         s1.close()
+
+
+def test_a_node_started_after_a_dead_nodes_claim_still_rebuilds_the_session_after_connack(kafka, three):
+    """Node 4 starts after the session's claim (its directory of remote sessions starts then, so
+    its CONNACK cannot wait for the session and says it is not present), but its table of
+    sessions reads `.sessions` from the beginning: once node 3 is declared dead, the rebuilt
+    session joins the client's session on node 4 and every queued message arrives, in order."""
+    nodes, prefix = three
+    cid = "orphan-late"
+    pub = Paho(nodes[1].addr, "orphan-late-pub")
+    s1 = Paho(nodes[2].addr, cid, clean=False)
+    n4 = None
+    try:
+        connected(nodes[1], nodes[2], pub, s1)
+        s1.subscribe("late/#", 1)
+        wait_for(lambda: claim_of(nodes[2], cid) == "confirmed", "claimed on node 3")
+        s1.close()
+        wait_for(lambda: claim_of(nodes[2], cid) is None, "offline on node 3")
+        for i in range(10):
+            pub.publish("late/x", f"q{i}", qos=1)
+        wait_for(lambda: queued_on(nodes[2], cid) == 10, "10 queued on node 3")
+        wait_for(lambda: cluster_view(nodes[2])["floor"] is not None, "node 3 sends a floor")
+        n4 = start_node(kafka, "n4", prefix)
+        wait_for(lambda: states(n4).get("n3") == "alive", "node 4 hears node 3")
+        nodes[2].kill()
+        s4 = Paho(n4.addr, cid, clean=False)
+        assert not s4.flags.session_present, "node 4 did not know of the session when it connected"
+        got = [s4.message(timeout=30).payload.decode() for _ in range(10)]
+        assert got == [f"q{i}" for i in range(10)]
+        pub.publish("late/y", "works", qos=1)
+        assert s4.message(timeout=30).payload == b"works", "the subscription came along"
+        assert metric(n4, 'sluice_cluster_sessions_adopted_total{cluster="t"}') == 1
+        s4.close()
+    finally:
+        pub.close()
+        s1.close()
+        if n4:
+            n4.stop()
 
 
 def test_a_takeover_is_not_held_back_by_a_node_whose_kafka_feed_waits_for_a_full_queue(kafka):

@@ -13,19 +13,21 @@
 //!
 //! - A CONNECT with clean start off for a client whose persistent session another node holds
 //!   (as this client id's directory shard read from the claims) claims at once and waits for
-//!   that node's handover before CONNACK (at most [`HANDOVER_WAIT_MAX_MS`]); messages routed
+//!   that node's handover before CONNACK (at most `dead_after_ms` + [`HANDOVER_WAIT_EXTRA_MS`]:
+//!   a dead holder's session is rebuilt from the log meanwhile, see `crate::adoption`); messages routed
 //!   here meanwhile are kept (≤ [`RECENT_MAX`]) and queued for the session it brings.
 //!
 //! Every node reads one client id's claims in one order (one partition), so of two nodes
 //! serving one client id at once, exactly one keeps it, once both read both claims.
 //! Invariant: `unconfirmed` holds at most one entry per connection of this shard; `deadlines`
 //! holds each at most once; `awaiting` holds at most one connection per client id, and
-//! `recent` is empty whenever `awaiting` is.
+//! `recent` holds, in a cluster, the messages routed in the last [`RECENT_LOOKBACK_MS`] and
+//! since the earliest waiting connection's lookback began (≤ [`RECENT_MAX`]).
 
 use super::stats::ClusterStats;
 use super::*;
 use crate::bridge::ClaimsNode;
-use crate::cluster::{Claim, ClaimKind, HandoverTo};
+use crate::cluster::{Claim, ClaimKind, HandoverTo, LOW_UNKNOWN};
 use crate::packet::Will;
 
 #[derive(Default)]
@@ -61,6 +63,9 @@ pub(super) struct ClusterClaims {
     pub(super) fenced: bool,
     /// Connections closed because the shard was cut off from Kafka.
     pub(super) fenced_closed: u64,
+    /// The last walk over the sessions for the lease's `low`: when, and what it found (see
+    /// [`Shard::lease_low`]).
+    low_walk: Option<(u64, Option<u64>)>,
     /// Client ids whose directory is this shard and whose persistent session another node
     /// holds, as the latest claim read says (≤ [`REMOTE_SESSIONS_MAX`]; the node names shared
     /// through `node_names`): a CONNECT with clean start off waits for that node's handover.
@@ -73,11 +78,12 @@ pub(super) struct ClusterClaims {
     awaiting: HashMap<ClientId, Awaiting>,
     /// Connections claimed before their CONNACK (while awaiting): not claimed again after it.
     early: HashSet<ConnId>,
-    /// Messages routed on this shard while a connection awaits a handover, numbered from
-    /// `recent_base` (≤ [`RECENT_MAX`]): those after a connection began to wait that match the
-    /// handed-over subscriptions are queued for it (the old node stopped queueing when it read
-    /// the claim, the new one starts when the handover arrives).
-    recent: VecDeque<Msg>,
+    /// Messages routed on this shard (when), numbered from `recent_base`: the last
+    /// [`RECENT_LOOKBACK_MS`] of them, and while connections await a handover, since the
+    /// lookback of the earliest began (≤ [`RECENT_MAX`]). Those a handed-over session's
+    /// subscriptions match are queued for it: the old node stopped queueing when it read the
+    /// claim, the new one starts when the handover arrives.
+    recent: VecDeque<(u64, Msg)>,
     recent_base: u64,
     /// Handovers awaited in vain (CONNACK then says no session), and awaited ones whose start
     /// had already left `recent` (messages in between may be missing).
@@ -100,6 +106,13 @@ struct Awaiting {
 /// Client ids whose session another node holds, kept per directory shard, at most: about 80
 /// bytes each. Beyond it a moving session still moves, but CONNACK says no session (counted).
 pub(super) const REMOTE_SESSIONS_MAX: usize = 1_000_000;
+/// Sessions a shard walks per lease for its `low`: with more, it walks every
+/// `sessions / LOW_WALK_SESSIONS` leases (the floor it gives is older by as much).
+pub(super) const LOW_WALK_SESSIONS: usize = 50_000;
+/// How far back the messages queued for a handed-over session go from when its connection
+/// began to wait: the old node may read the claim (and stop queueing) after it routed
+/// messages this node routed before the wait began (its feed lagging behind this one's).
+pub(super) const RECENT_LOOKBACK_MS: u64 = 1_000;
 /// Messages kept for connections awaiting a handover, at most, per shard.
 pub(super) const RECENT_MAX: usize = 65_536;
 /// How long a CONNACK waits for a handover beyond `dead_after_ms`: when the holder is dead, the
@@ -199,32 +212,34 @@ impl ClusterClaims {
         self.early.remove(&conn)
     }
 
-    /// A message routed on this shard: kept while a connection awaits a handover.
-    pub(super) fn remember(&mut self, msg: &Msg) {
-        if self.awaiting.is_empty() {
+    /// A message routed on this shard (in a cluster): kept for [`RECENT_LOOKBACK_MS`], and
+    /// while a connection awaits a handover.
+    pub(super) fn remember(&mut self, msg: &Msg, now_ms: u64) {
+        if self.node.is_none() {
             return;
         }
         if self.recent.len() >= RECENT_MAX {
             self.recent.pop_front();
             self.recent_base += 1;
         }
-        self.recent.push_back(msg.clone());
+        self.recent.push_back((now_ms, msg.clone()));
+        self.trim_recent(now_ms);
     }
 
-    /// Drops what no awaiting connection needs any more.
-    fn trim_recent(&mut self) {
-        let keep_from = self.awaiting.values().map(|a| a.since).min();
-        match keep_from {
-            None => {
-                self.recent_base += self.recent.len() as u64;
-                self.recent.clear();
-            }
-            Some(from) => {
-                while self.recent_base < from && self.recent.pop_front().is_some() {
-                    self.recent_base += 1;
-                }
-            }
+    /// Drops what no awaiting connection needs any more and is older than the lookback.
+    fn trim_recent(&mut self, now_ms: u64) {
+        let keep_from = self.awaiting.values().map(|a| a.since).min().unwrap_or(u64::MAX);
+        let old = now_ms.saturating_sub(RECENT_LOOKBACK_MS);
+        while self.recent_base < keep_from && self.recent.front().is_some_and(|(t, _)| *t < old) {
+            self.recent.pop_front();
+            self.recent_base += 1;
         }
+    }
+
+    /// Where in `recent` a wait that begins now starts: at the lookback.
+    fn recent_since(&self, now_ms: u64) -> u64 {
+        let old = now_ms.saturating_sub(RECENT_LOOKBACK_MS);
+        self.recent_base + self.recent.iter().take_while(|(t, _)| *t < old).count() as u64
     }
 }
 
@@ -492,7 +507,7 @@ impl Shard {
 
     /// A CONNECT with clean start off, for a client whose session `holder` (another node) has:
     /// claims the client id now and holds the CONNACK until the handover arrives (or
-    /// [`HANDOVER_WAIT_MAX_MS`] passes). Returns false when it does not wait.
+    /// `dead_after_ms` + [`HANDOVER_WAIT_EXTRA_MS`] passes). Returns false when it does not wait.
     pub(super) fn await_handover(&mut self, conn: ConnId, client_id: &ClientId, holder: Arc<str>, now_ms: u64) -> bool {
         let Some(me) = &self.claims.node else { return false };
         let wait_ms = me.confirm_ms + HANDOVER_WAIT_EXTRA_MS;
@@ -509,7 +524,7 @@ impl Shard {
         if self.claims.awaiting.contains_key(client_id) {
             return false;
         }
-        let since = self.claims.recent_base + self.claims.recent.len() as u64;
+        let since = self.claims.recent_since(now_ms);
         let a = Awaiting { conn, since, since_ms: now_ms, deadline_ms: now_ms + wait_ms, expiry, from: holder };
         self.claims.awaiting.insert(client_id.clone(), a);
         self.claims.early.insert(conn);
@@ -526,7 +541,7 @@ impl Shard {
             self.claims.taken_over_in += 1;
             Box::new(s)
         });
-        self.claims.trim_recent();
+        self.claims.trim_recent(now_ms);
         let pending = matches!(self.conns.get(&a.conn).map(|c| &c.state), Some(ConnState::Pending { .. }));
         if !pending {
             self.claims.early.remove(&a.conn);
@@ -540,9 +555,19 @@ impl Shard {
     }
 
     /// Queues for `s` the messages at QoS 1 or 2 routed here since `since` that its
-    /// subscriptions match (the old node may have queued some of them too: at least once).
+    /// subscriptions match, but not those the session brought: a message equal to one it has
+    /// queued or in flight (topic, payload, QoS) is skipped as often as the session has it.
+    /// The old node may have delivered some of the others already (at least once).
     fn queue_recent(&mut self, s: &mut Session, since: u64, since_ms: u64) {
-        let queued_s = crate::session::queued_tag(since_ms);
+        let queued_s = crate::session::queued_tag(since_ms.saturating_sub(RECENT_LOOKBACK_MS));
+        let mut brought: HashMap<(&str, &[u8], u8), usize> = HashMap::default();
+        let in_flight = s.inflight.values().filter_map(|i| match i {
+            Inflight::Publish(d) => Some(d),
+            Inflight::Release => None,
+        });
+        for d in s.queue.iter().chain(in_flight) {
+            *brought.entry((d.msg.topic.as_str(), d.msg.payload.as_ref(), d.msg.qos)).or_default() += 1;
+        }
         let c = &mut self.claims;
         let skip = match since.checked_sub(c.recent_base) {
             Some(skip) => skip as usize,
@@ -551,7 +576,14 @@ impl Shard {
                 0
             }
         };
-        for msg in c.recent.iter().skip(skip) {
+        let mut add = Vec::new();
+        for (_, msg) in c.recent.iter().skip(skip) {
+            if let Some(n) = brought.get_mut(&(msg.topic.as_str(), msg.payload.as_ref(), msg.qos)) {
+                if *n > 0 {
+                    *n -= 1;
+                    continue;
+                }
+            }
             let mut best: Option<Delivery> = None;
             for (filter, sub) in s.subs.iter() {
                 if topic::parse_shared(filter).is_some() || !topic::matches(filter, &msg.topic) {
@@ -573,9 +605,11 @@ impl Shard {
                 d.sub_ids.extend(sub.sub_id);
             }
             if let Some(d) = best.filter(|d| d.qos > 0) {
-                s.queue.push_back(d);
+                add.push(d);
             }
         }
+        drop(brought);
+        s.queue.extend(add);
         s.queue.truncate(self.limits.max_queued_messages.max(1));
     }
 
@@ -648,7 +682,7 @@ impl Shard {
             let lease = format!("lease/{node}/{}", self.id);
             let claim = Claim {
                 inc: me.incarnation,
-                low: self.pending_low(now_ms),
+                low: self.lease_low(lease_ms, now_ms),
                 pos: self.inbound.positions_of(crate::cluster::FORWARD_MAPPING),
                 shards: self.n_shards,
                 ..Claim::new(&node, &lease, self.id, ClaimKind::Lease)
@@ -676,6 +710,26 @@ impl Shard {
                 c.will = None;
             }
             self.close_why(conn, Some(reason::SERVER_BUSY), Some("this node is cut off from Kafka"), now_ms);
+        }
+    }
+
+    /// The lease's `low`: from a walk over the sessions ([`Shard::pending_low`]) once per lease,
+    /// or with many sessions once per `sessions / LOW_WALK_SESSIONS` leases, aged since:
+    /// what was queued after a walk is newer than what it found, so the age stays an upper
+    /// bound (a walk that found nothing gives the time since it).
+    fn lease_low(&mut self, lease_ms: u64, now_ms: u64) -> Option<u64> {
+        let every = lease_ms * (self.sessions.len() / LOW_WALK_SESSIONS).max(1) as u64;
+        let stale = self.claims.low_walk.is_none_or(|(at, _)| now_ms.saturating_sub(at) + lease_ms / 2 >= every);
+        if stale {
+            let oldest =
+                self.pending_low(now_ms).map(|age| if age == LOW_UNKNOWN { age } else { now_ms - age.min(now_ms) });
+            self.claims.low_walk = Some((now_ms, oldest));
+        }
+        match self.claims.low_walk {
+            Some((_, Some(LOW_UNKNOWN))) => Some(LOW_UNKNOWN),
+            Some((_, Some(queued_ms))) => Some(now_ms.saturating_sub(queued_ms)),
+            Some((at, None)) if at < now_ms => Some(now_ms - at),
+            _ => None,
         }
     }
 

@@ -9,7 +9,12 @@ impl Shard {
     /// A session ends for good: its will (if still waiting) goes out, its subscriptions go away.
     pub(super) fn end_session(&mut self, s: Box<Session>, now_ms: u64) {
         let client_id = s.client_id.clone();
+        let persistent = s.stored;
         self.end_session_quietly(s, now_ms);
+        if persistent {
+            // In a cluster: no survivor rebuilds it should this node die.
+            self.announce_session(&client_id, now_ms);
+        }
         let dir = directory_shard(&client_id, self.n_shards);
         self.send_to_shard(dir, ShardMsg::Release { client_id, host: self.id });
     }

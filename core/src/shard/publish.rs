@@ -181,7 +181,7 @@ impl Shard {
             // on (live subscribers everywhere got it through the cluster's message topic).
             return;
         }
-        self.claims.remember(msg);
+        self.claims.remember(msg, now_ms);
         // One delivery per session: highest QoS over its matching filters, all their ids. The
         // matches are gathered in a reused vector and merged by client id after sorting (most
         // messages match one subscription, and no table is built per message).

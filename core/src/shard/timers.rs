@@ -60,8 +60,6 @@ impl Shard {
         for id in ended {
             if let Some(s) = self.sessions.remove(&id) {
                 self.end_session(s, now_ms);
-                // No survivor rebuilds it should this node die.
-                self.announce_session(&id, now_ms);
             }
         }
     }
