@@ -139,6 +139,7 @@ async fn consume(
     let mut client: Option<PartitionClient> = None;
     // A stored position resumes exactly where the last run's delivery got to.
     let mut offset: Option<i64> = stored;
+    let mut start_offset = stored;
     let mut backoff = Duration::from_millis(100);
     loop {
         let step = async {
@@ -155,6 +156,7 @@ async fn consume(
                     };
                     let o = pc.get_offset(at).await?;
                     offset = Some(o);
+                    start_offset.get_or_insert(o);
                     o
                 }
             };
@@ -171,7 +173,13 @@ async fn consume(
             Ok((records, high_watermark)) => {
                 backoff = Duration::from_millis(100);
                 let mut next = records.last().map_or(offset.unwrap_or(0), |last| last.offset + 1);
-                health.record_lag(&name, &topic, partition, PartitionLag { next_offset: next, high_watermark });
+                let start_offset = start_offset.unwrap_or(0);
+                health.record_lag(
+                    &name,
+                    &topic,
+                    partition,
+                    PartitionLag { next_offset: next, high_watermark, start_offset },
+                );
                 if records.is_empty() {
                     continue;
                 }

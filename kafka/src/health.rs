@@ -55,6 +55,9 @@ pub struct PartitionLag {
     pub next_offset: i64,
     /// The partition's high watermark in the last fetch.
     pub high_watermark: i64,
+    /// Where this run's consumer started: no record below it is routed in this run (a
+    /// node's floor, `crate::membership`, falls back to it).
+    pub start_offset: i64,
 }
 
 impl PartitionLag {
@@ -162,6 +165,12 @@ impl KafkaHealth {
     /// Every cluster a mapping needs answered the last probe.
     pub fn kafka_ready(&self) -> bool {
         self.clusters().iter().filter(|c| c.needed).all(|c| c.connected)
+    }
+
+    /// Per partition of `mapping`'s topics, where this run's consumer started.
+    pub fn start_offsets(&self, mapping: &str) -> Vec<(i32, i64)> {
+        let Ok(l) = self.lag.lock() else { return Vec::new() };
+        l.iter().filter(|((m, _, _), _)| m == mapping).map(|((_, _, p), v)| (*p, v.start_offset)).collect()
     }
 
     pub fn lag(&self) -> Vec<((String, String, i32), PartitionLag)> {

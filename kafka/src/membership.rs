@@ -111,7 +111,7 @@ impl Floor {
     /// pending message was queued, less `margin_ms`. `None` (replay from the earliest record)
     /// until every shard's lease was read, while a message of unknown age is pending, or when
     /// no snapshot is that old.
-    fn tick(&mut self, now_ms: u64, margin_ms: u64) -> Option<Offsets> {
+    fn tick(&mut self, now_ms: u64, margin_ms: u64, starts: &[(i32, i64)]) -> Option<Offsets> {
         self.snapshots.push_back((now_ms, self.latest.clone()));
         while self.snapshots.len() > SNAPSHOTS_MAX {
             self.snapshots.remove(1);
@@ -128,15 +128,22 @@ impl Floor {
             };
             low_at = low_at.min(read_ms.saturating_sub(age));
         }
-        let low_at = low_at.checked_sub(margin_ms)?;
+        // Where this run's readers started bounds everything routed in this run: the floor of a
+        // partition no snapshot names, and of all when no snapshot is old enough (a young node).
+        let from_start = || (!starts.is_empty()).then(|| starts.to_vec());
+        let Some(low_at) = low_at.checked_sub(margin_ms) else { return from_start() };
         // Kept: a margin and two seconds more than needed now, for a message queued just after
         // a lease that said nothing was pending (its age is rounded up to the second, and its
         // lease is read later by the trip to Kafka).
         let keep_from = low_at.saturating_sub(margin_ms + 2_000);
         let keep = self.snapshots.iter().rposition(|(t, _)| *t <= keep_from).unwrap_or(0);
         self.snapshots.drain(..keep);
-        let (_, at) = self.snapshots.iter().rev().find(|(t, _)| *t <= low_at)?;
-        Some(at.iter().map(|(p, o)| (*p, *o)).collect())
+        let Some((_, at)) = self.snapshots.iter().rev().find(|(t, _)| *t <= low_at) else { return from_start() };
+        let mut floor = at.clone();
+        for &(p, o) in starts {
+            floor.entry(p).or_insert(o);
+        }
+        Some(floor.into_iter().collect())
     }
 }
 
@@ -382,7 +389,8 @@ pub(crate) async fn run(me: NodeIdentity, kafka: Arc<Cluster>, health: Arc<Kafka
             let margin_ms = me.cfg.heartbeat_ms + 1000;
             let mut failing = false;
             for seq in 0.. {
-                let floor = wills.lock().ok().and_then(|mut w| w.floor.tick(now_ms(), margin_ms));
+                let starts = health.start_offsets(sluice_core::cluster::FORWARD_MAPPING);
+                let floor = wills.lock().ok().and_then(|mut w| w.floor.tick(now_ms(), margin_ms, &starts));
                 health.update_cluster(|v| v.floor = floor.clone());
                 if let Ok(mut f) = me.floor.lock() {
                     *f = floor;
@@ -812,34 +820,43 @@ mod tests {
     fn the_floor_is_the_snapshot_taken_before_the_oldest_pending_message_less_the_margin() {
         let mut f = Floor::default();
         f.on_lease(&lease(0, None, &[(0, 10)]), 1000);
-        assert_eq!(f.tick(1000, 0), None, "shard 1's lease not read yet: from the earliest");
+        assert_eq!(f.tick(1000, 0, &[]), None, "shard 1's lease not read yet: from the earliest");
         f.on_lease(&lease(1, None, &[(1, 5)]), 2000);
         f.on_lease(&lease(0, None, &[(0, 20)]), 2000);
-        assert_eq!(f.tick(2000, 0), Some(vec![(0, 20), (1, 5)]), "nothing pending: the positions now");
+        assert_eq!(f.tick(2000, 0, &[]), Some(vec![(0, 20), (1, 5)]), "nothing pending: the positions now");
         f.on_lease(&lease(0, None, &[(0, 30)]), 3000);
-        f.tick(3000, 0);
+        f.tick(3000, 0, &[]);
         // Shard 0 now holds a message queued 2.5 s before its lease was read (at 1.5 s).
         f.on_lease(&lease(0, Some(2500), &[(0, 40)]), 4000);
         f.on_lease(&lease(1, None, &[(1, 9)]), 4000);
-        assert_eq!(f.tick(4000, 600), None, "no snapshot from before 0.9 s is left");
+        assert_eq!(f.tick(4000, 600, &[]), None, "no snapshot from before 0.9 s is left");
+        assert_eq!(
+            f.tick(4000, 600, &[(0, 3), (5, 8)]),
+            Some(vec![(0, 3), (5, 8)]),
+            "then where this run's readers started"
+        );
         let mut f2 = Floor::default();
         for (t, off) in [(1000, 10), (2000, 20), (3000, 30)] {
             f2.on_lease(&lease(0, None, &[(0, off)]), t);
             f2.on_lease(&lease(1, None, &[(1, 1)]), t);
-            f2.tick(t, 200);
+            f2.tick(t, 200, &[]);
         }
         f2.on_lease(&lease(0, Some(1600), &[(0, 40)]), 4000);
-        assert_eq!(f2.tick(4000, 200), Some(vec![(0, 20), (1, 1)]), "queued at 2.4 s, less 0.2: the 2 s snapshot");
+        assert_eq!(
+            f2.tick(4000, 200, &[(0, 3), (5, 8)]),
+            Some(vec![(0, 20), (1, 1), (5, 8)]),
+            "queued at 2.4 s, less 0.2: the 2 s snapshot, and a partition it lacks from where its reader started"
+        );
         f2.on_lease(&lease(1, Some(LOW_UNKNOWN), &[(1, 1)]), 5000);
-        assert_eq!(f2.tick(5000, 0), None, "a message of unknown age: from the earliest");
+        assert_eq!(f2.tick(5000, 0, &[]), None, "a message of unknown age: from the earliest");
         f2.on_lease(&lease(1, None, &[(1, 2)]), 6000);
         f2.on_lease(&lease(0, None, &[(0, 50)]), 6000);
-        assert_eq!(f2.tick(6000, 0), Some(vec![(0, 50), (1, 2)]), "delivered: the floor moves up");
+        assert_eq!(f2.tick(6000, 0, &[]), Some(vec![(0, 50), (1, 2)]), "delivered: the floor moves up");
         let kept: Vec<u64> = f2.snapshots.iter().map(|(t, _)| *t).collect();
         assert_eq!(kept, [4000, 5000, 6000], "snapshots older than 2 s (and the margin) before the floor go");
         for t in 0..SNAPSHOTS_MAX as u64 + 10 {
             f2.on_lease(&lease(1, Some(LOW_UNKNOWN), &[(1, 2)]), 7000 + t);
-            f2.tick(7000 + t, 0);
+            f2.tick(7000 + t, 0, &[]);
         }
         assert_eq!(f2.snapshots.len(), SNAPSHOTS_MAX, "bounded while the floor is held back");
         assert_eq!(f2.snapshots[0].0, 4000, "keeping the oldest");

@@ -738,7 +738,7 @@ impl Shard {
     /// below what it came with, a survivor need not replay the log (see `crate::adoption`).
     /// A walk over the sessions once per lease; a queue is read from its front only (its
     /// tags do not decrease after the unknown ones, see [`Delivery::queued_s`]).
-    fn pending_low(&self, now_ms: u64) -> Option<u64> {
+    pub(super) fn pending_low(&self, now_ms: u64) -> Option<u64> {
         use crate::session::{tag_age_ms, NOT_IN_LOG};
         let mut oldest: Option<u32> = None;
         let mut note = |t: u32| {

@@ -1839,3 +1839,64 @@ fn a_shared_member_on_another_shard_that_never_acknowledges_is_passed_over() {
     let back = w.recv(other, 1, V5).iter().filter(|p| matches!(p, Packet::Publish(_))).count();
     assert!(back >= 1, "a member with room again gets messages again");
 }
+
+/// The lease's `low` (what a dead node's floor is taken from): the age of the oldest QoS 1/2
+/// message queued or in flight for a persistent session, never less than its true age; none
+/// once it is acknowledged; a message of unknown age (one restored or handed over) says so.
+#[test]
+fn the_lease_low_is_the_age_of_the_oldest_message_a_persistent_session_still_needs() {
+    let mut w = World::new(1, Limits::default());
+    w.now = 10_000;
+    w.connect(0, 1, V5, "keeper", false);
+    w.send(0, 1, V5, subscribe("t/#", 1));
+    w.recv(0, 1, V5);
+    w.connect(0, 2, V5, "volatile", true);
+    w.send(0, 2, V5, subscribe("t/#", 1));
+    w.recv(0, 2, V5);
+    w.connect(0, 3, V5, "pub", true);
+    assert_eq!(w.shards[0].pending_low(w.now), None, "nothing pending");
+    w.now = 12_300;
+    w.send(0, 3, V5, publish("t/a", 1, 1, b"x"));
+    w.now = 15_000;
+    w.send(0, 3, V5, publish("t/b", 1, 2, b"y"));
+    let low = w.shards[0].pending_low(20_000).expect("in flight for keeper");
+    assert!((7_700..=8_700).contains(&low), "queued at 12.3 s, asked at 20 s: {low}");
+    let pids: Vec<u16> = w
+        .recv(0, 1, V5)
+        .into_iter()
+        .filter_map(|p| if let Packet::Publish(p) = p { Some(p.packet_id) } else { None })
+        .collect();
+    assert_eq!(pids.len(), 2);
+    w.send(0, 1, V5, Packet::PubAck(resp(pids[0])));
+    let low = w.shards[0].pending_low(20_000).expect("the second still in flight");
+    assert!((5_000..=6_000).contains(&low), "{low}");
+    w.send(0, 1, V5, Packet::PubAck(resp(pids[1])));
+    assert_eq!(w.shards[0].pending_low(20_000), None, "acknowledged; the non-persistent session does not count");
+    let s = w.shards[0].sessions.get_mut(&ClientId::from("keeper")).unwrap();
+    let msg = Arc::new(Message {
+        topic: "t/c".into(),
+        payload: Bytes::from_static(b"z"),
+        qos: 1,
+        retain: false,
+        properties: None,
+        expiry_at_ms: None,
+        origin: "pub".into(),
+    });
+    s.queue.push_back(Delivery { msg, qos: 1, retain: false, sub_ids: Vec::new(), queued_s: 0 });
+    assert_eq!(w.shards[0].pending_low(20_000), Some(crate::cluster::LOW_UNKNOWN));
+}
+
+#[test]
+#[ignore = "measurement: cargo test -p sluice-core --release -- --ignored lease_walk_cost"]
+fn lease_walk_cost() {
+    let mut w = World::new(1, Limits::default());
+    let n = 200_000;
+    for i in 0..n {
+        w.connect(0, i as ConnId + 1, Version::V311, &format!("dev-{i:06}"), false);
+        w.shards[0].take_output(i as ConnId + 1);
+    }
+    let t = std::time::Instant::now();
+    let low = w.shards[0].pending_low(1_000);
+    eprintln!("{n} persistent sessions, nothing pending: the lease's walk took {:?}", t.elapsed());
+    assert_eq!(low, None);
+}
