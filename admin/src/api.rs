@@ -492,6 +492,7 @@ fn cluster_json(state: &State) -> Value {
         "sessions_adopted": v.sessions_adopted,
         "adopted_messages": v.adopted_messages,
         "adopted_left_out": v.adopted_left_out,
+        "adoptions_incomplete": v.adoptions_incomplete,
     })
 }
 

@@ -334,6 +334,16 @@ pub(crate) fn render(state: &State, snaps: &[Snapshot]) -> String {
             );
             o.sample("sluice_cluster_sessions_adopted_total", &[("cluster", &view.name)], view.sessions_adopted);
             o.family(
+                "sluice_cluster_adoptions_incomplete_total",
+                "counter",
+                "Of those, replays of the log that failed or ran out of time (sent with what they had read).",
+            );
+            o.sample(
+                "sluice_cluster_adoptions_incomplete_total",
+                &[("cluster", &view.name)],
+                view.adoptions_incomplete,
+            );
+            o.family(
                 "sluice_cluster_adopted_messages_total",
                 "counter",
                 "Messages queued for adopted sessions from the log, by outcome (left_out: beyond one record's bound).",

@@ -82,6 +82,8 @@ pub struct ClusterView {
     pub sessions_adopted: u64,
     pub adopted_messages: u64,
     pub adopted_left_out: u64,
+    /// Of those, replays that failed or ran out of time (sent with what they had read).
+    pub adoptions_incomplete: u64,
 }
 
 /// Payload schema work off the shards, summed over the Kafka threads (relaxed atomics, bumped

@@ -561,6 +561,7 @@ async fn adopt(
             let (taken, left_out) = (adoption.taken as u64, adoption.left_out as u64);
             health.update_cluster(|v| {
                 v.sessions_adopted += 1;
+                v.adoptions_incomplete += u64::from(!complete);
                 v.adopted_messages += taken;
                 v.adopted_left_out += left_out;
             });

@@ -763,6 +763,7 @@ def test_a_node_started_after_a_dead_nodes_claim_still_rebuilds_the_session_afte
         pub.publish("late/y", "works", qos=1)
         assert s4.message(timeout=30).payload == b"works", "the subscription came along"
         assert metric(n4, 'sluice_cluster_sessions_adopted_total{cluster="t"}') == 1
+        assert metric(n4, 'sluice_cluster_adoptions_incomplete_total{cluster="t"}') == 0
         s4.close()
     finally:
         pub.close()
