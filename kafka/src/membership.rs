@@ -580,8 +580,8 @@ async fn adopt(
 }
 
 /// Offers every record of `topic` from `floor` (per partition; the earliest kept where it
-/// names none) to the high watermark read at the start to `adoption`, partition by partition
-/// (one publisher's messages are in one partition, in order).
+/// names none) to what was written when the replay began to `adoption`, partition by
+/// partition (one publisher's messages are in one partition, in order).
 async fn replay(
     kafka: &Cluster,
     topic: &str,
@@ -590,6 +590,7 @@ async fn replay(
 ) -> Result<(), String> {
     let n = kafka.partitions(topic, Instant::now() + REPLAY_MAX).await.map_err(|e| e.to_string())?;
     let topic_name: Arc<str> = topic.into();
+    let started_ms = wall_ms() as i64;
     for partition in 0..n {
         let pc = kafka.partition_client(topic, partition).await.map_err(|e| e.to_string())?;
         let from = floor.and_then(|f| f.iter().find(|(p, _)| *p == partition)).map(|(_, o)| *o);
@@ -598,14 +599,22 @@ async fn replay(
             None => pc.get_offset(OffsetAt::Earliest).await.map_err(|e| e.to_string())?,
         };
         let end = pc.get_offset(OffsetAt::Latest).await.map_err(|e| e.to_string())?;
-        while at < end {
+        // Past the high watermark too (a broker's may lag behind its last batch: tansu's
+        // does), until the partition has no more or its records were written after the
+        // replay began (those the waiting shard keeps itself).
+        let mut done = false;
+        while !done {
             let (records, _) = pc.fetch_records(at, 1..1 << 20, 50).await.map_err(|e| e.to_string())?;
             if records.is_empty() {
                 break;
             }
             for r in records {
-                if r.offset < at || r.offset >= end {
+                if r.offset < at {
                     continue;
+                }
+                if r.offset >= end && r.record.timestamp.timestamp_millis() >= started_ms {
+                    done = true;
+                    break;
                 }
                 at = r.offset + 1;
                 let rec = InboundRecord {

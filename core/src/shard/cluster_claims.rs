@@ -22,7 +22,8 @@
 //! Invariant: `unconfirmed` holds at most one entry per connection of this shard; `deadlines`
 //! holds each at most once; `awaiting` holds at most one connection per client id, and
 //! `recent` holds, in a cluster, the messages routed in the last [`RECENT_LOOKBACK_MS`] and
-//! since the earliest waiting connection's lookback began (≤ [`RECENT_MAX`]).
+//! since the earliest waiting connection's lookback began (≤ [`RECENT_MAX`] messages and
+//! [`RECENT_BYTES_MAX`] payload bytes), and `recent_bytes` is the sum of their payloads.
 
 use super::stats::ClusterStats;
 use super::*;
@@ -85,6 +86,8 @@ pub(super) struct ClusterClaims {
     /// claim, the new one starts when the handover arrives.
     recent: VecDeque<(u64, Msg)>,
     recent_base: u64,
+    /// Payload bytes in `recent` (≤ [`RECENT_BYTES_MAX`]).
+    recent_bytes: usize,
     /// Handovers awaited in vain (CONNACK then says no session), and awaited ones whose start
     /// had already left `recent` (messages in between may be missing).
     pub(super) handover_timeouts: u64,
@@ -113,6 +116,8 @@ pub(super) const LOW_WALK_SESSIONS: usize = 50_000;
 /// began to wait: the old node may read the claim (and stop queueing) after it routed
 /// messages this node routed before the wait began (its feed lagging behind this one's).
 pub(super) const RECENT_LOOKBACK_MS: u64 = 1_000;
+/// Payload bytes of the messages kept in `recent`, at most, per shard.
+pub(super) const RECENT_BYTES_MAX: usize = 16 << 20;
 /// Messages kept for connections awaiting a handover, at most, per shard.
 pub(super) const RECENT_MAX: usize = 65_536;
 /// How long a CONNACK waits for a handover beyond `dead_after_ms`: when the holder is dead, the
@@ -218,10 +223,12 @@ impl ClusterClaims {
         if self.node.is_none() {
             return;
         }
-        if self.recent.len() >= RECENT_MAX {
-            self.recent.pop_front();
+        while self.recent.len() >= RECENT_MAX || self.recent_bytes + msg.payload.len() > RECENT_BYTES_MAX {
+            let Some((_, m)) = self.recent.pop_front() else { break };
+            self.recent_bytes -= m.payload.len();
             self.recent_base += 1;
         }
+        self.recent_bytes += msg.payload.len();
         self.recent.push_back((now_ms, msg.clone()));
         self.trim_recent(now_ms);
     }
@@ -231,7 +238,9 @@ impl ClusterClaims {
         let keep_from = self.awaiting.values().map(|a| a.since).min().unwrap_or(u64::MAX);
         let old = now_ms.saturating_sub(RECENT_LOOKBACK_MS);
         while self.recent_base < keep_from && self.recent.front().is_some_and(|(t, _)| *t < old) {
-            self.recent.pop_front();
+            if let Some((_, m)) = self.recent.pop_front() {
+                self.recent_bytes -= m.payload.len();
+            }
             self.recent_base += 1;
         }
     }
