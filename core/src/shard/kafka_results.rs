@@ -16,6 +16,8 @@ impl Shard {
             }
         }
         self.outbox.release(&mut self.effects.produce);
+        // Sorted first: a batch of answers touches each connection many times, interleaved.
+        touched.sort_unstable();
         touched.dedup();
         for conn in touched {
             self.flush_acks(conn);
@@ -64,6 +66,8 @@ impl Shard {
                 self.resolve_waiter(ack, &outcome, &mut touched);
             }
         }
+        // Sorted first: a batch of answers touches each connection many times, interleaved.
+        touched.sort_unstable();
         touched.dedup();
         for conn in touched {
             self.flush_acks(conn);

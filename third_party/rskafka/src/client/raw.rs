@@ -106,23 +106,9 @@ impl BrokerLink {
     /// Sends one produce request (`acks` -1 = all in-sync replicas, 1 = the leader) and waits
     /// for its answer. Requests on one link may overlap; each gets its own answer.
     pub async fn produce(&self, acks: i16, timeout_ms: i32, topics: Vec<TopicBatches>) -> Result<ProduceAcks, Error> {
-        let request = ProduceRequest {
-            transactional_id: NullableString(None),
-            acks: Int16(acks),
-            timeout_ms: Int32(timeout_ms),
-            topic_data: topics
-                .into_iter()
-                .map(|t| ProduceRequestTopicData {
-                    name: String_(t.topic),
-                    partition_data: t
-                        .partitions
-                        .into_iter()
-                        .map(|(p, b)| ProduceRequestPartitionData { index: Int32(p), records: ProduceRecords::Encoded(b) })
-                        .collect(),
-                })
-                .collect(),
-        };
-        let response = self.conn.request(&request).await.map_err(|e: RequestError| Error::Request(e))?;
+        let request = produce_request(acks, timeout_ms, topics);
+        // The batches go to the socket from their own buffers (one vectored write per request).
+        let response = self.conn.request_vectored(request).await.map_err(|e: RequestError| Error::Request(e))?;
         Ok(ProduceAcks {
             throttle_ms: response.throttle_time_ms.map(|t| t.0).unwrap_or(0),
             partitions: response
@@ -141,3 +127,54 @@ impl BrokerLink {
         })
     }
 }
+
+fn produce_request(acks: i16, timeout_ms: i32, topics: Vec<TopicBatches>) -> ProduceRequest {
+    ProduceRequest {
+        transactional_id: NullableString(None),
+        acks: Int16(acks),
+        timeout_ms: Int32(timeout_ms),
+        topic_data: topics
+            .into_iter()
+            .map(|t| ProduceRequestTopicData {
+                name: String_(t.topic),
+                partition_data: t
+                    .partitions
+                    .into_iter()
+                    .map(|(p, b)| ProduceRequestPartitionData { index: Int32(p), records: ProduceRecords::Encoded(b) })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+/// For sluice's tests (rskafka's own need its dev-dependencies): the produce request body of
+/// `topics` at `version`, written in one buffer (`vectored` false) or as the vectored path
+/// writes it (the fields around the batches, the batches spliced in at their offsets).
+#[doc(hidden)]
+pub fn produce_body_for_tests(topics: Vec<TopicBatches>, version: i16, vectored: bool) -> Vec<u8> {
+    use crate::protocol::{
+        api_version::ApiVersion,
+        messages::{VectoredBody, WriteVersionedType},
+    };
+    let request = produce_request(-1, 1000, topics);
+    let mut buf = Vec::new();
+    if !vectored {
+        request.write_versioned(&mut buf, ApiVersion(Int16(version))).expect("write");
+        return buf;
+    }
+    let mut parts = Vec::new();
+    request.write_vectored_body(&mut buf, ApiVersion(Int16(version)), &mut parts).expect("write");
+    let mut out = Vec::new();
+    let mut at = 0;
+    for (offset, part) in parts {
+        out.extend_from_slice(&buf[at..offset]);
+        out.extend_from_slice(&part);
+        at = offset;
+    }
+    out.extend_from_slice(&buf[at..]);
+    out
+}
+
+/// For sluice's tests: how the messenger writes a frame with parts spliced in.
+#[doc(hidden)]
+pub use crate::messenger::write_spliced;

@@ -91,6 +91,29 @@ impl AsyncWrite for Transport {
         }
     }
 
+    // sluice patch: vectored writes reach the socket (the default writes the first slice only).
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.deref_mut() {
+            Self::Plain { inner } => Pin::new(inner).poll_write_vectored(cx, bufs),
+
+            #[cfg(feature = "transport-tls")]
+            Self::Tls { inner } => inner.as_mut().poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Plain { inner } => inner.is_write_vectored(),
+
+            #[cfg(feature = "transport-tls")]
+            Self::Tls { inner } => inner.is_write_vectored(),
+        }
+    }
+
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.deref_mut() {
             Self::Plain { inner } => Pin::new(inner).poll_flush(cx),

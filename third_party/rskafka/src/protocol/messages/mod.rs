@@ -87,6 +87,25 @@ impl<W: Write, T: WriteVersionedType<W>> WriteVersionedType<W> for &T {
 }
 
 /// Specifies a request body.
+/// sluice patch: a request body that can leave its large parts (already encoded bytes) out of
+/// the frame buffer: they are written to the socket from their own buffers
+/// ([`Messenger::request_vectored`](crate::messenger::Messenger::request_vectored)).
+pub trait VectoredBody {
+    /// Writes the body into `buf` as [`WriteVersionedType::write_versioned`] would, except that
+    /// each large part is pushed to `parts` with the offset in `buf` where its bytes belong.
+    fn write_vectored_body(
+        &self,
+        buf: &mut Vec<u8>,
+        version: ApiVersion,
+        parts: &mut Vec<(usize, bytes::Bytes)>,
+    ) -> Result<(), WriteVersionedError>;
+
+    /// Bytes the body takes in the frame buffer (without its parts), if known.
+    fn inline_size_hint(&self) -> usize {
+        0
+    }
+}
+
 pub trait RequestBody {
     /// The response type that will follow when issuing this request.
     type ResponseBody;

@@ -10,7 +10,8 @@ use crate::protocol::{
 };
 
 use super::{
-    ReadVersionedError, ReadVersionedType, RequestBody, WriteVersionedError, WriteVersionedType,
+    ReadVersionedError, ReadVersionedType, RequestBody, VectoredBody, WriteVersionedError,
+    WriteVersionedType,
 };
 
 #[derive(Debug)]
@@ -132,6 +133,50 @@ where
         write_versioned_array(writer, version, Some(&self.topic_data))?;
 
         Ok(())
+    }
+}
+
+/// sluice patch: the encoded batches are the parts: the frame buffer holds only the fields
+/// around them (the same bytes as `write_versioned`, v3–v7).
+impl VectoredBody for ProduceRequest {
+    fn write_vectored_body(
+        &self,
+        buf: &mut Vec<u8>,
+        version: ApiVersion,
+        parts: &mut Vec<(usize, bytes::Bytes)>,
+    ) -> Result<(), WriteVersionedError> {
+        let v = version.0.0;
+        assert!(v <= 7);
+        let count = |n: usize| {
+            i32::try_from(n)
+                .map(Int32)
+                .map_err(|e| WriteVersionedError::WriteError(crate::protocol::traits::WriteError::Overflow(e)))
+        };
+        if v >= 3 {
+            self.transactional_id.write(buf)?;
+        }
+        self.acks.write(buf)?;
+        self.timeout_ms.write(buf)?;
+        count(self.topic_data.len())?.write(buf)?;
+        for t in &self.topic_data {
+            t.name.write(buf)?;
+            count(t.partition_data.len())?.write(buf)?;
+            for p in &t.partition_data {
+                p.index.write(buf)?;
+                match &p.records {
+                    ProduceRecords::Encoded(b) => {
+                        count(b.len())?.write(buf)?;
+                        parts.push((buf.len(), b.clone()));
+                    }
+                    batches @ ProduceRecords::Batches(_) => batches.write(buf)?,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn inline_size_hint(&self) -> usize {
+        16 + self.topic_data.iter().map(|t| 8 + t.name.0.len() + 8 * t.partition_data.len()).sum::<usize>()
     }
 }
 
