@@ -558,6 +558,25 @@ def test_a_persistent_session_moves_to_the_node_its_client_reconnects_to_with_it
         pub.close()
 
 
+def publish_until(stop, pub, topic, sent, pause=0.0):
+    """Publishes m0, m1, … at QoS 1 on `topic` from a thread until `stop` is set, appending
+    each to `sent` once it is acknowledged; returns the thread."""
+    import threading
+
+    def publish():
+        i = 0
+        while not stop.is_set():
+            pub.publish(topic, f"m{i}", qos=1)  # returns once acknowledged
+            sent.append(f"m{i}")
+            i += 1
+            if pause:
+                stop.wait(pause)
+
+    t = threading.Thread(target=publish, daemon=True)
+    t.start()
+    return t
+
+
 def metric(b, sample):
     """One sample's value from the node's /metrics (`name{labels}` as written there)."""
     with urllib.request.urlopen(f"http://{b.http[0]}:{b.http[1]}/metrics", timeout=WAIT) as r:
@@ -589,15 +608,7 @@ def test_a_session_taken_to_another_node_while_messages_flow_misses_none_and_a_n
         s1.subscribe("flow/#", 1)
         wait_for(lambda: claim_of(nodes[0], cid) == "confirmed", "claimed on node 1")
 
-        def publish():
-            i = 0
-            while not stop.is_set():
-                pub.publish("flow/x", f"m{i}", qos=1)  # returns once acknowledged
-                sent.append(f"m{i}")
-                i += 1
-
-        t = threading.Thread(target=publish, daemon=True)
-        t.start()
+        t = publish_until(stop, pub, "flow/x", sent)
         wait_for(lambda: len(sent) >= 50, "publishing")
         s3 = Paho(nodes[2].addr, cid, **kw)
         assert s3.flags.session_present
@@ -667,20 +678,11 @@ def test_a_dead_nodes_persistent_session_is_rebuilt_from_kafka_where_its_client_
         wait_for(lambda: metric(nodes[0], "sluice_cluster_remote_sessions") >= 1, "node 1 knows the session")
         wait_for(lambda: cluster_view(nodes[2])["floor"] is not None, "node 3 sends a floor")
 
-        def publish():
-            i = 0
-            while not stop.is_set():
-                pub.publish("orphan/x", f"m{i}", qos=1)  # returns once acknowledged
-                sent.append(f"m{i}")
-                i += 1
-                # Paced: what the session gets while its node is dead stays within its queue
-                # (max_queued_messages) with room for what the replay repeats.
-                stop.wait(0.01)
-
         before = []
         if online:
-            t = threading.Thread(target=publish, daemon=True)
-            t.start()
+            # Paced: what the session gets while its node is dead stays within its queue
+            # (max_queued_messages) with room for what the replay repeats.
+            t = publish_until(stop, pub, "orphan/x", sent, pause=0.01)
             while len(before) < 300:
                 before.append(s1.message(timeout=30).payload.decode())
             s1.c.loop_stop()  # what it did not acknowledge yet stays in flight on node 3
