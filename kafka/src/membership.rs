@@ -69,6 +69,8 @@ const REPLAY_MAX: Duration = Duration::from_secs(3);
 #[derive(Clone)]
 struct SessionEntry {
     node: String,
+    /// Its session expiry (seconds; `u32::MAX`: never).
+    expiry: u32,
     /// Its stored form, subscriptions only.
     value: Vec<u8>,
 }
@@ -198,7 +200,8 @@ impl Wills {
                         }
                         self.registry_refused += 1;
                     } else {
-                        self.registry.insert(claim.client, SessionEntry { node: claim.node, value });
+                        self.registry
+                            .insert(claim.client, SessionEntry { node: claim.node, expiry: claim.expiry, value });
                     }
                 } else if self.registry.get(&claim.client).is_some_and(|e| e.node == claim.node) {
                     self.registry.remove(&claim.client);
@@ -308,7 +311,11 @@ impl Wills {
             let gone = holder.is_none_or(|m| m.state != MemberState::Alive);
             if gone && members.settled(now_ms) {
                 let a = self.adopt.swap_remove(i);
-                let entry = self.registry.get(&a.client).filter(|e| e.node == a.from).cloned();
+                // A session that expired since its node was last heard of is gone (it may have
+                // gone earlier: its client may have been offline before).
+                let silent_ms = holder.map_or(0, |m| m.silent_ms);
+                let live = |e: &&SessionEntry| e.expiry == u32::MAX || u64::from(e.expiry) * 1000 > silent_ms;
+                let entry = self.registry.get(&a.client).filter(|e| e.node == a.from).filter(live).cloned();
                 let floor = holder.and_then(|m| m.floor.clone());
                 out.push((a, entry, floor));
             } else if a.until_ms <= now_ms {
@@ -878,6 +885,7 @@ mod tests {
         let mut w = Wills::default();
         let session = |node: &str, client: &str, active: bool| Claim {
             active,
+            expiry: if client == "e" { 1 } else { 3600 },
             ..Claim::new(node, client, 0, ClaimKind::Session)
         };
         let with_value = |v: &[u8]| Record { value: Some(v.to_vec()), ..record() };
@@ -891,9 +899,11 @@ mod tests {
             inc: 1,
             ..Claim::new("n1", client, 1, ClaimKind::Connect)
         };
+        w.apply(&me1, session("n2", "e", true), with_value(b"subs of e"), 0);
         w.apply(&me1, claim("c", 5), record(), 0);
         w.apply(&me1, claim("c", 5), record(), 0);
         assert_eq!(w.adopt.len(), 1, "a claim made again is adopted once");
+        w.apply(&me1, claim("e", 6), record(), 0);
         let (mut m, now) = members();
         assert!(w.adoptions_due(&m, now).is_empty(), "the holder is alive: it hands over itself");
         let n2 = Heartbeat { floor: Some(vec![(0, 7)]), ..hb("n2", 1) };
@@ -902,8 +912,10 @@ mod tests {
             m.on_heartbeat(hb("n1", 1), 0, t);
             m.tick(t);
         }
-        let due = w.adoptions_due(&m, now + 1500);
-        assert_eq!(due.len(), 1);
+        let mut due = w.adoptions_due(&m, now + 1500);
+        due.sort_by(|x, y| x.0.client.cmp(&y.0.client));
+        assert_eq!(due.len(), 2);
+        assert!(due[1].1.is_none(), "e's session (expiry 1 s) expired while its node was silent 1.5 s");
         let (a, entry, floor) = &due[0];
         assert_eq!((a.client.as_str(), a.to.shard, a.to.conn), ("c", 1, 5));
         assert_eq!(entry.as_ref().map(|e| e.value.as_slice()), Some(&b"subs of c"[..]));
