@@ -88,6 +88,9 @@ pub(super) struct ClusterClaims {
     recent_base: u64,
     /// Payload bytes in `recent` (≤ [`RECENT_BYTES_MAX`]).
     recent_bytes: usize,
+    /// The earliest `since` of the connections in `awaiting` (`None`: none waits): kept here,
+    /// not looked up per routed message.
+    recent_keep_from: Option<u64>,
     /// Handovers awaited in vain (CONNACK then says no session), and awaited ones whose start
     /// had already left `recent` (messages in between may be missing).
     pub(super) handover_timeouts: u64,
@@ -235,7 +238,7 @@ impl ClusterClaims {
 
     /// Drops what no awaiting connection needs any more and is older than the lookback.
     fn trim_recent(&mut self, now_ms: u64) {
-        let keep_from = self.awaiting.values().map(|a| a.since).min().unwrap_or(u64::MAX);
+        let keep_from = self.recent_keep_from.unwrap_or(u64::MAX);
         let old = now_ms.saturating_sub(RECENT_LOOKBACK_MS);
         while self.recent_base < keep_from && self.recent.front().is_some_and(|(t, _)| *t < old) {
             if let Some((_, m)) = self.recent.pop_front() {
@@ -536,6 +539,7 @@ impl Shard {
         let since = self.claims.recent_since(now_ms);
         let a = Awaiting { conn, since, since_ms: now_ms, deadline_ms: now_ms + wait_ms, expiry, from: holder };
         self.claims.awaiting.insert(client_id.clone(), a);
+        self.claims.recent_keep_from = Some(self.claims.recent_keep_from.map_or(since, |k| k.min(since)));
         self.claims.early.insert(conn);
         self.claim_session(conn, client_id, false, now_ms);
         true
@@ -545,6 +549,7 @@ impl Shard {
     /// (plus what was routed here meanwhile that its subscriptions take) or with none.
     fn finish_handover(&mut self, client_id: &ClientId, session: Option<Session>, now_ms: u64) {
         let Some(a) = self.claims.awaiting.remove(client_id) else { return };
+        self.claims.recent_keep_from = self.claims.awaiting.values().map(|a| a.since).min();
         let session = session.map(|mut s| {
             self.queue_recent(&mut s, a.since, a.since_ms);
             self.claims.taken_over_in += 1;
