@@ -58,22 +58,11 @@ impl Adoption {
     /// One record of `.messages`, in log order: queued if the subscriptions take it at QoS 1/2.
     pub fn offer(&mut self, r: &InboundRecord, now_ms: u64) {
         let Ok(Some(msg)) = cluster_message(&self.internal, r, now_ms) else { return };
-        let publisher = r.headers.iter().find(|(k, _)| k == "mqtt.client_id").map(|(_, v)| v.as_ref());
-        let s = &self.session;
-        let mut best: Option<(u8, bool, Vec<u32>)> = None;
-        for (filter, sub) in &s.subs {
-            if topic::parse_shared(filter).is_some() || !topic::matches(filter, &msg.topic) {
-                continue;
-            }
-            if sub.opts.no_local && publisher == Some(s.client_id.as_bytes()) {
-                continue;
-            }
-            let b = best.get_or_insert((0, false, Vec::new()));
-            b.0 = b.0.max(sub.opts.qos.min(msg.qos));
-            b.1 |= sub.opts.retain_as_published && msg.retain;
-            b.2.extend(sub.sub_id);
-        }
-        let Some((qos, retain, sub_ids)) = best.filter(|b| b.0 > 0) else { return };
+        let publisher = r.headers.iter().find(|(k, _)| k == "mqtt.client_id").map_or(&[][..], |(_, v)| v.as_ref());
+        let Some((qos, retain, sub_ids)) = self.session.offline_match(&msg.topic, msg.qos, msg.retain, publisher)
+        else {
+            return;
+        };
         let size = msg.topic.len() + msg.payload.len() + 64;
         if self.size + size > crate::cluster::HANDOVER_MAX_BYTES {
             self.left_out += 1;

@@ -165,6 +165,41 @@ impl Session {
         }
     }
 
+    /// [`Session::encode`] of its subscriptions and expiry alone (no messages): a handover too
+    /// large for one record, a cluster's session record.
+    pub(crate) fn encode_subscriptions(&self, wall_offset_ms: i64, out: &mut Vec<u8>) {
+        let light =
+            Session { subs: self.subs.clone(), expiry_secs: self.expiry_secs, ..Session::new(self.client_id.clone()) };
+        light.encode(wall_offset_ms, out);
+    }
+
+    /// What a message on `topic` at `qos` (`retain`, from `publisher` for No Local) is for this
+    /// session outside a live subscription table — a session brought from another node or
+    /// rebuilt from the log: (QoS, retain flag, subscription ids) over its matching non-shared
+    /// subscriptions (the highest QoS, every id), `None` when none takes it at QoS 1 or 2.
+    pub(crate) fn offline_match(
+        &self,
+        topic: &str,
+        qos: u8,
+        retain: bool,
+        publisher: &[u8],
+    ) -> Option<(u8, bool, Vec<u32>)> {
+        let mut best: Option<(u8, bool, Vec<u32>)> = None;
+        for (filter, sub) in &self.subs {
+            if crate::topic::parse_shared(filter).is_some() || !crate::topic::matches(filter, topic) {
+                continue;
+            }
+            if sub.opts.no_local && publisher == self.client_id.as_bytes() {
+                continue;
+            }
+            let b = best.get_or_insert((0, false, Vec::new()));
+            b.0 = b.0.max(sub.opts.qos.min(qos));
+            b.1 |= sub.opts.retain_as_published && retain;
+            b.2.extend(sub.sub_id);
+        }
+        best.filter(|b| b.0 > 0)
+    }
+
     /// The session stored by [`Session::encode`], offline; `None` if the bytes are not one.
     /// Messages that expired while stored are left out.
     pub(crate) fn decode(

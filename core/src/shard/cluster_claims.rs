@@ -483,10 +483,8 @@ impl Shard {
         s.encode(self.wall_offset_ms, &mut bytes);
         if bytes.len() > crate::cluster::HANDOVER_MAX_BYTES {
             // Subscriptions only: the messages do not fit one record.
-            let light =
-                Session { subs: s.subs.clone(), expiry_secs: s.expiry_secs, ..Session::new(s.client_id.clone()) };
             bytes.clear();
-            light.encode(self.wall_offset_ms, &mut bytes);
+            s.encode_subscriptions(self.wall_offset_ms, &mut bytes);
             self.claims.handover_truncated += 1;
         }
         self.send_handover(claim, bytes, now_ms);
@@ -598,28 +596,10 @@ impl Shard {
                     continue;
                 }
             }
-            let mut best: Option<Delivery> = None;
-            for (filter, sub) in s.subs.iter() {
-                if topic::parse_shared(filter).is_some() || !topic::matches(filter, &msg.topic) {
-                    continue;
-                }
-                if sub.opts.no_local && msg.origin == s.client_id {
-                    continue;
-                }
-                let qos = sub.opts.qos.min(msg.qos);
-                let d = best.get_or_insert_with(|| Delivery {
-                    msg: msg.clone(),
-                    qos,
-                    retain: false,
-                    sub_ids: Vec::new(),
-                    queued_s,
-                });
-                d.qos = d.qos.max(qos);
-                d.retain |= sub.opts.retain_as_published && msg.retain;
-                d.sub_ids.extend(sub.sub_id);
-            }
-            if let Some(d) = best.filter(|d| d.qos > 0) {
-                add.push(d);
+            if let Some((qos, retain, sub_ids)) =
+                s.offline_match(&msg.topic, msg.qos, msg.retain, msg.origin.as_bytes())
+            {
+                add.push(Delivery { msg: msg.clone(), qos, retain, sub_ids, queued_s });
             }
         }
         drop(brought);
@@ -785,10 +765,8 @@ impl Shard {
         let (node, inc) = (me.node.clone(), me.incarnation);
         let (value, active, expiry) = match self.sessions.get(client_id) {
             Some(s) if s.expiry_secs > 0 => {
-                let light =
-                    Session { subs: s.subs.clone(), expiry_secs: s.expiry_secs, ..Session::new(s.client_id.clone()) };
                 let mut bytes = Vec::new();
-                light.encode(self.wall_offset_ms, &mut bytes);
+                s.encode_subscriptions(self.wall_offset_ms, &mut bytes);
                 (Bytes::from(bytes), true, s.expiry_secs)
             }
             _ => (Bytes::new(), false, 0),
