@@ -273,7 +273,8 @@ fn real_main() -> anyhow::Result<()> {
             schemas,
             cfg.cluster.clone().map(|c| {
                 let addresses = listener_configs.iter().map(|l| format!("{}://{}", l.kind.name(), l.address)).collect();
-                sluice_kafka::membership::NodeIdentity::new(c, addresses)
+                let topics = c.message_topics(&cfg.mqtt_to_kafka);
+                sluice_kafka::membership::NodeIdentity::new(c, addresses, &topics)
             }),
         )?;
         let links = links

@@ -216,8 +216,10 @@ pub struct MappingConfig {
 /// What an internal mapping does beyond a configured one (see `crate::cluster`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Internal {
-    /// Every message, with a header naming this node.
-    ClusterMessages { node: Bytes },
+    /// Every message, with a header naming this node, but those a user mapping into one of
+    /// `carriers` (topics) takes: that mapping's record carries the node header instead (see
+    /// `crate::cluster::carrier_destination`).
+    ClusterMessages { node: Bytes, carriers: Vec<String> },
     /// Retained messages only (deletions included), with a header naming this node.
     ClusterRetained { node: Bytes },
     /// This node's claims of client ids (see `crate::cluster::Claim`); a connection whose claim
@@ -293,7 +295,7 @@ pub enum RecordKey {
 
 /// What every record of one mapping destination shares, behind one `Arc` per destination:
 /// routing a record clones a pointer instead of carrying these fields in every record.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RecordRoute {
     /// An explicit partition from the mapping; placement by key otherwise.
     pub partition: Option<i32>,
@@ -302,6 +304,10 @@ pub struct RecordRoute {
     pub node: Option<Bytes>,
     /// (cluster, topic) for the record if Kafka refuses it.
     pub dead_letter: Option<(u16, Arc<str>)>,
+    /// A user mapping's record that also carries its message to the cluster's other nodes
+    /// (`node` set): its user properties keep their own headers too, but for names the nodes
+    /// read (`crate::cluster::carrier_header_allowed`).
+    pub carrier: bool,
 }
 
 /// What only some records have (spill-log replay, claims, expiry, dead-letter causes): boxed,
@@ -533,8 +539,7 @@ impl KafkaRecord {
         d.cluster = cluster;
         d.topic = topic.clone();
         if let Some(route) = &self.route {
-            d.route =
-                Some(Arc::new(RecordRoute { partition: route.partition, node: route.node.clone(), dead_letter: None }));
+            d.route = Some(Arc::new(RecordRoute { dead_letter: None, ..(**route).clone() }));
         }
         d.own_parts().headers.extend(headers);
         Some(d)
@@ -599,6 +604,14 @@ impl KafkaRecord {
                 f(crate::cluster::NODE_HEADER, node);
                 if !users.is_empty() {
                     f(crate::cluster::USER_PROPERTIES_HEADER, &crate::cluster::encode_user_properties(users));
+                }
+                if self.route.as_ref().is_some_and(|r| r.carrier) {
+                    for (i, (k, v)) in users.iter().enumerate() {
+                        let last = !users[i + 1..].iter().any(|(later, _)| later == k);
+                        if last && crate::cluster::carrier_header_allowed(k) {
+                            f(k, v.as_bytes());
+                        }
+                    }
                 }
             } else {
                 for (i, (k, v)) in users.iter().enumerate() {
@@ -729,6 +742,9 @@ struct Mapping {
     node: Option<Bytes>,
     /// Only retained messages (the cluster's retained table).
     retained_only: bool,
+    /// A user mapping that carries the messages it takes to the cluster's other nodes: which
+    /// destination, and the route its records take then (the node header on).
+    carrier: Option<(usize, Arc<RecordRoute>)>,
 }
 
 /// Why the `[[mqtt_to_kafka]]` mappings do not make a [`Router`]; each names its mapping.
@@ -758,6 +774,8 @@ pub struct Router {
     wall_offset_ms: i64,
     claims: Option<ClaimsNode>,
     claims_mapping: u16,
+    /// The cluster's `.messages` mapping: left out for a message a carrier took.
+    forward: Option<u16>,
     trie: Trie<u16, ()>,
     mappings: Vec<Mapping>,
     clusters: Vec<String>,
@@ -813,7 +831,7 @@ impl Router {
                 r.claims_mapping = i as u16;
             }
             let node = match &m.internal {
-                Some(Internal::ClusterMessages { node } | Internal::ClusterRetained { node }) => Some(node.clone()),
+                Some(Internal::ClusterMessages { node, .. } | Internal::ClusterRetained { node }) => Some(node.clone()),
                 Some(Internal::ClusterClaims { node, .. }) => Some(Bytes::from(node.to_string())),
                 None => None,
             };
@@ -821,7 +839,8 @@ impl Router {
             let destinations = destinations
                 .into_iter()
                 .map(|(c, topic, partition)| {
-                    let route = RecordRoute { partition, node: node.clone(), dead_letter: dead_letter.clone() };
+                    let route =
+                        RecordRoute { partition, node: node.clone(), dead_letter: dead_letter.clone(), carrier: false };
                     (c, topic, (route != RecordRoute::default()).then(|| Arc::new(route)))
                 })
                 .collect();
@@ -832,9 +851,41 @@ impl Router {
                 headers: m.headers,
                 node,
                 retained_only: matches!(m.internal, Some(Internal::ClusterRetained { .. })),
+                carrier: None,
             });
         }
+        r.mark_carriers(mappings);
         Ok(r)
+    }
+
+    /// Finds the user mappings that carry their messages to the other nodes (their destination
+    /// topic is one the cluster's inbound side reads: `Internal::ClusterMessages::carriers`).
+    fn mark_carriers(&mut self, mappings: &[MappingConfig]) {
+        let Some((fi, node, carriers, kafka)) = mappings.iter().enumerate().find_map(|(i, m)| match &m.internal {
+            Some(Internal::ClusterMessages { node, carriers }) => {
+                Some((i, node.clone(), carriers, m.destinations.first()?.cluster.clone()))
+            }
+            _ => None,
+        }) else {
+            return;
+        };
+        self.forward = Some(fi as u16);
+        for (i, m) in mappings.iter().enumerate() {
+            let Some(d) = crate::cluster::carrier_destination(m, &kafka) else { continue };
+            let Some(topic) = m.destinations[d].topic.fixed_topic() else { continue };
+            if !carriers.iter().any(|c| c == topic) {
+                continue;
+            }
+            let plain = self.mappings[i].destinations[d].2.as_deref().cloned().unwrap_or_default();
+            let route = RecordRoute { node: Some(node.clone()), carrier: true, ..plain };
+            self.mappings[i].carrier = Some((d, Arc::new(route)));
+        }
+    }
+
+    /// Whether mapping `mapping`'s records carry the messages it takes to the cluster's other
+    /// nodes (`crate::cluster::carrier_destination`).
+    pub fn is_carrier(&self, mapping: u16) -> bool {
+        self.mappings.get(usize::from(mapping)).is_some_and(|m| m.carrier.is_some())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -881,7 +932,8 @@ impl Router {
             }
         });
         hit.sort_unstable();
-        self.records_of(&hit, msg, now_ms, out);
+        let forwarded = self.forward.is_some_and(|f| hit.contains(&f));
+        self.records_of(&hit, msg, forwarded, now_ms, out);
     }
 
     /// The record of a claim the shard made, when there is a claims mapping: `msg` is the
@@ -890,15 +942,22 @@ impl Router {
     pub fn route_claim(&self, msg: &Msg, claim: Bytes, now_ms: i64, out: &mut Vec<KafkaRecord>) {
         if self.claims.is_some() {
             let from = out.len();
-            self.records_of(&[self.claims_mapping], msg, now_ms, out);
+            self.records_of(&[self.claims_mapping], msg, false, now_ms, out);
             for r in &mut out[from..] {
                 r.push_header(crate::cluster::CLAIM_HEADER, claim.clone());
             }
         }
     }
 
-    fn records_of(&self, hit: &[u16], msg: &Msg, now_ms: i64, out: &mut Vec<KafkaRecord>) {
+    /// `forwarded`: the message goes to the cluster's other nodes (the `.messages` mapping is in
+    /// `hit`, which is sorted: the user mappings come first). The first carrier's record that
+    /// has a key (or a fixed partition) carries it, and `.messages` gets none.
+    fn records_of(&self, hit: &[u16], msg: &Msg, forwarded: bool, now_ms: i64, out: &mut Vec<KafkaRecord>) {
+        let mut carried = !forwarded;
         for &mi in hit {
+            if carried && forwarded && Some(mi) == self.forward {
+                continue;
+            }
             let m = &self.mappings[usize::from(mi)];
             if m.retained_only && !msg.retain {
                 continue;
@@ -912,7 +971,7 @@ impl Router {
                 },
                 KeySource::None => RecordKey::None,
             };
-            for (cluster, template, route) in &m.destinations {
+            for (di, (cluster, template, route)) in m.destinations.iter().enumerate() {
                 // A template referring to a level the topic lacks yields no record for it.
                 let Some(topic) = template.render_shared(&msg.topic) else { continue };
                 let mut r = KafkaRecord::new(*cluster, topic, msg.payload.clone(), now_ms).with_source(
@@ -922,8 +981,17 @@ impl Router {
                 );
                 r.mapping = mi;
                 r.route = route.clone();
+                let mut to_nodes = m.node.is_some();
+                if let Some((cd, carrying)) = &m.carrier {
+                    // Keyless (a level the topic lacks): sticky placement would not keep the
+                    // topic's order, so `.messages` takes this one.
+                    if !carried && *cd == di && (key != RecordKey::None || carrying.partition.is_some()) {
+                        r.route = Some(carrying.clone());
+                        (carried, to_nodes) = (true, true);
+                    }
+                }
                 // Another node must drop the message when it expires here: the seconds left.
-                if let (Some(_), Some(at)) = (&m.node, msg.expiry_at_ms) {
+                if let (true, Some(at)) = (to_nodes, msg.expiry_at_ms) {
                     let left = (at as i64 + self.wall_offset_ms - now_ms).max(1000) as u64;
                     r.push_header(crate::cluster::EXPIRY_HEADER, Bytes::from(left.div_ceil(1000).to_string()));
                 }

@@ -185,6 +185,22 @@ impl ClusterConfig {
         ]
     }
 
+    /// The Kafka topics the other nodes read this node's messages from: `.messages`, then the
+    /// topic of each user mapping that carries the messages it takes ([`carrier_destination`]),
+    /// each once.
+    pub fn message_topics(&self, mappings: &[MappingConfig]) -> Vec<String> {
+        let mut topics = vec![self.messages_topic()];
+        let internal: Vec<String> = self.internal_topics().into_iter().map(|t| t.name).collect();
+        for m in mappings {
+            let Some(d) = carrier_destination(m, &self.kafka) else { continue };
+            let Some(topic) = m.destinations[d].topic.fixed_topic() else { continue };
+            if !topics.iter().any(|t| t == topic) && !internal.iter().any(|t| t == topic) {
+                topics.push(topic.to_string());
+            }
+        }
+        topics
+    }
+
     /// Checks what the types cannot; `clusters` are the configured Kafka clusters.
     pub fn validate(&self, clusters: &[String]) -> Result<(), ClusterConfigError> {
         let err = |key, problem: &str| Err(ClusterConfigError { key, problem: problem.into() });
@@ -217,15 +233,17 @@ impl ClusterConfig {
         Ok(())
     }
 
-    /// The MQTT → Kafka side: every device message into `.messages`, keyed by publisher.
-    pub fn forward_mapping(&self) -> MappingConfig {
+    /// The MQTT → Kafka side: every device message into `.messages`, keyed by publisher, but
+    /// those a user mapping into one of `topics` carries ([`ClusterConfig::message_topics`]).
+    pub fn forward_mapping(&self, topics: &[String]) -> MappingConfig {
         let mut m = MappingConfig::new(
             FORWARD_MAPPING.into(),
             vec!["#".into()],
             vec![self.destination(self.messages_topic())],
             KeySource::ClientId,
         );
-        m.internal = Some(Internal::ClusterMessages { node: Bytes::from(self.node_id.clone()) });
+        let carriers = topics.iter().filter(|t| **t != self.messages_topic()).cloned().collect();
+        m.internal = Some(Internal::ClusterMessages { node: Bytes::from(self.node_id.clone()), carriers });
         m
     }
 
@@ -272,15 +290,20 @@ impl ClusterConfig {
         Destination { cluster: self.kafka.clone(), topic, partition: None }
     }
 
-    /// The Kafka → MQTT side: other nodes' messages from `.messages`, from the end (a new node
-    /// has no sessions that missed anything; a restarted one resumes at its stored position).
-    pub fn inbound_mapping(&self) -> InboundMappingConfig {
-        self.inbound(
+    /// The Kafka → MQTT side: other nodes' messages from `topics` (`.messages` and the
+    /// carriers', [`ClusterConfig::message_topics`]), from the end (a new node has no sessions
+    /// that missed anything; a restarted one resumes at its stored position).
+    pub fn inbound_mapping(&self, topics: Vec<String>) -> InboundMappingConfig {
+        let mut m = self.inbound(
             FORWARD_MAPPING,
             self.messages_topic(),
             StartAt::Latest,
             InboundInternal::ClusterMessages { node: self.node_id.as_str().into() },
-        )
+        );
+        if !topics.is_empty() {
+            m.kafka_topics = topics;
+        }
+        m
     }
 
     /// Retained messages from `.retained`, from the beginning: stored, not delivered.
@@ -306,6 +329,35 @@ impl ClusterConfig {
             internal: Some(internal),
         }
     }
+}
+
+/// The destination of a user mapping whose records the other nodes can read back as the
+/// messages they were, so that the messages it takes are not also written to `.messages`: the
+/// mapping keeps the message as it is (MQTT headers on, no schema, no dead-letter topic: a
+/// refused record would reach no node) and the destination is in the cluster's Kafka (`kafka`),
+/// one fixed topic, placed by a key that is the same for every message of one MQTT topic or in
+/// one fixed partition, so one publisher's messages on one topic stay in one partition, in
+/// order (what MQTT orders). The first such destination of the mapping; `None` when it has none.
+pub fn carrier_destination(m: &MappingConfig, kafka: &str) -> Option<usize> {
+    let faithful = m.internal.is_none()
+        && m.headers
+        && m.schema.is_none()
+        && m.registry.is_none()
+        && m.mode.is_none()
+        && m.dead_letter.is_none();
+    if !faithful {
+        return None;
+    }
+    m.destinations.iter().position(|d| {
+        d.cluster == kafka && d.topic.fixed_topic().is_some() && (d.partition.is_some() || m.key != KeySource::None)
+    })
+}
+
+/// Whether a user property keeps its own header in a carrier's record (see
+/// [`carrier_destination`]): not under a name the other nodes read as the message's topic, QoS,
+/// properties or node (they read the user properties from [`USER_PROPERTIES_HEADER`]).
+pub fn carrier_header_allowed(name: &str) -> bool {
+    !(name.starts_with("mqtt.") || name.starts_with("sluice.") || name == "content-type")
 }
 
 /// User properties as one header value: for each, name and value as MQTT strings (a 2-byte
@@ -390,10 +442,11 @@ pub struct Claim {
     /// from disk or handed over); `None`: there is none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub low: Option<u64>,
-    /// For a [`ClaimKind::Lease`]: the shard's committed positions in `.messages`
-    /// (partition, next offset), and how many shards its node has.
+    /// For a [`ClaimKind::Lease`]: the shard's committed positions in the topics its node reads
+    /// messages of other nodes from (`.messages` and carriers': topic, partition, next offset),
+    /// and how many shards its node has.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub pos: Vec<(i32, i64)>,
+    pub pos: Offsets,
     #[serde(default, skip_serializing_if = "is_zero_usize")]
     pub shards: usize,
 }
@@ -402,8 +455,8 @@ fn is_zero_usize(v: &usize) -> bool {
     *v == 0
 }
 
-/// Offsets per partition of a topic (partition, next offset): a node's floor.
-pub type Offsets = Vec<(i32, i64)>;
+/// Offsets per partition of the message topics (topic, partition, next offset): a node's floor.
+pub type Offsets = Vec<(String, i32, i64)>;
 
 /// [`Claim::low`] of a shard holding a message whose age it does not know.
 pub const LOW_UNKNOWN: u64 = u64::MAX;
@@ -535,12 +588,17 @@ pub struct Heartbeat {
     /// The node's MQTT listeners, for operators.
     #[serde(default)]
     pub listeners: Vec<String>,
-    /// Where a survivor replays `.messages` from to rebuild this node's persistent sessions
-    /// should it die: per partition, an offset below which nothing is still queued or in
-    /// flight for any of them (see `sluice-kafka`'s membership). `None`, or a partition not
+    /// Where a survivor replays the message topics from to rebuild this node's persistent
+    /// sessions should it die: per partition, an offset below which nothing is still queued or
+    /// in flight for any of them (see `sluice-kafka`'s membership). `None`, or a partition not
     /// named: from the earliest record kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub floor: Option<Vec<(i32, i64)>>,
+    pub floor: Option<Offsets>,
+    /// The topics of the user mappings that carry this node's messages to the others
+    /// ([`ClusterConfig::message_topics`] without `.messages`): a survivor replays them too, and
+    /// a node that does not read one of them says so.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub carriers: Vec<String>,
 }
 
 impl Heartbeat {
@@ -561,9 +619,11 @@ pub struct Member {
     /// Milliseconds since something was heard from it (as of the last [`Members::tick`]).
     pub silent_ms: u64,
     pub listeners: Vec<String>,
-    /// Its last heartbeat's [`Heartbeat::floor`].
+    /// Its last heartbeat's [`Heartbeat::floor`] and [`Heartbeat::carriers`].
     #[serde(skip)]
-    pub floor: Option<Vec<(i32, i64)>>,
+    pub floor: Option<Offsets>,
+    #[serde(skip)]
+    pub carriers: Vec<String>,
     #[serde(skip)]
     last_seen_ms: u64,
 }
@@ -638,6 +698,7 @@ impl Members {
             silent_ms: 0,
             listeners: Vec::new(),
             floor: None,
+            carriers: Vec::new(),
             last_seen_ms: 0,
         });
         if hb.incarnation < m.incarnation || seen < m.last_seen_ms {
@@ -649,6 +710,7 @@ impl Members {
         m.silent_ms = age_ms;
         m.listeners = hb.listeners;
         m.floor = hb.floor;
+        m.carriers = hb.carriers;
         m.state = state;
         match (was, state) {
             ((MemberState::Alive, inc), MemberState::Alive) if inc != hb.incarnation => {
@@ -748,7 +810,7 @@ mod tests {
     }
 
     fn hb(node: &str, inc: u64, alive: bool) -> Heartbeat {
-        Heartbeat { node: node.into(), incarnation: inc, seq: 0, alive, listeners: vec![], floor: None }
+        Heartbeat { node: node.into(), incarnation: inc, seq: 0, alive, listeners: vec![], floor: None, carriers: vec![] }
     }
 
     #[test]
@@ -760,10 +822,10 @@ mod tests {
         assert!(t.iter().any(|t| t.name == "_sluice.prod.sessions" && t.configs[0].1 == "compact"));
         assert!(t.iter().any(|t| t.name == "_sluice.prod.nodes" && t.partitions == 1));
         assert!(t.iter().any(|t| t.name == "_sluice.prod.retained" && t.configs[0].1 == "compact"));
-        let f = c.forward_mapping();
+        let f = c.forward_mapping(&[]);
         assert_eq!(f.destinations[0].topic.fixed_topic(), Some("_sluice.prod.messages"));
         assert_eq!(f.key, KeySource::ClientId);
-        let i = c.inbound_mapping();
+        let i = c.inbound_mapping(c.message_topics(&[]));
         assert_eq!(i.kafka_topics, vec!["_sluice.prod.messages".to_string()]);
         assert!(matches!(i.internal, Some(InboundInternal::ClusterMessages { ref node }) if &**node == "n1"));
         let r = c.retained_inbound_mapping();
@@ -829,7 +891,8 @@ mod tests {
             seq: 3,
             alive: true,
             listeners: vec!["a:1".into()],
-            floor: Some(vec![(0, 5)]),
+            floor: Some(vec![("t".into(), 0, 5)]),
+            carriers: vec!["telemetry".into()],
         };
         assert_eq!(Heartbeat::decode(&h.encode()), Some(h));
         assert_eq!(Heartbeat::decode(b"\xff{"), None);
@@ -981,8 +1044,8 @@ mod round_trip {
     fn setup(me: &str) -> (Router, Inbound) {
         let c = node(me);
         let k = vec!["k".to_string()];
-        let router = Router::new(&[c.forward_mapping(), c.retained_mapping()], &k).unwrap();
-        let inbound = Inbound::new(&[c.inbound_mapping(), c.retained_inbound_mapping()], &k).unwrap();
+        let router = Router::new(&[c.forward_mapping(&[]), c.retained_mapping()], &k).unwrap();
+        let inbound = Inbound::new(&[c.inbound_mapping(vec![]), c.retained_inbound_mapping()], &k).unwrap();
         (router, inbound)
     }
 
@@ -1003,6 +1066,96 @@ mod round_trip {
         assert_eq!((m.topic.as_str(), m.qos, m.retain, &*m.origin), ("fleet/car-1/speed", 2, false, FROM_NODE));
         assert_eq!(m.properties(), msg.properties(), "properties, user properties in order and repeated");
         assert!(inbound_1.transform(&consumed(&out[0], 0), 0).unwrap().is_empty(), "a node skips its own");
+    }
+
+    /// A node with user mappings `user` before the cluster's own, as `Config` puts them.
+    fn setup_with(me: &str, user: &[MappingConfig]) -> (Router, Inbound) {
+        let c = node(me);
+        let k = vec!["k".to_string(), "other".to_string()];
+        let topics = c.message_topics(user);
+        let mut mappings = user.to_vec();
+        mappings.extend([c.forward_mapping(&topics), c.retained_mapping()]);
+        let router = Router::new(&mappings, &k).unwrap();
+        let inbound = Inbound::new(&[c.inbound_mapping(topics), c.retained_inbound_mapping()], &k).unwrap();
+        (router, inbound)
+    }
+
+    fn user_mapping(name: &str, filter: &str, cluster: &str, topic: &str, key: KeySource) -> MappingConfig {
+        let d = Destination { cluster: cluster.into(), topic: TopicTemplate::parse(topic).unwrap(), partition: None };
+        MappingConfig::new(name.into(), vec![filter.into()], vec![d], key)
+    }
+
+    #[test]
+    fn a_user_mapping_into_the_clusters_kafka_carries_its_messages_and_messages_gets_none() {
+        let telemetry = user_mapping("t", "fleet/#", "k", "telemetry", KeySource::Level(1));
+        let (router_1, inbound_1) = setup_with("n1", std::slice::from_ref(&telemetry));
+        let (_, inbound_2) = setup_with("n2", std::slice::from_ref(&telemetry));
+        assert!(router_1.is_carrier(0));
+        let users = [("a", "1"), ("a", "2"), ("mqtt.topic", "secret/x"), (NODE_HEADER, "n9"), ("trace", "t1")];
+        let msg = message("fleet/car-1/speed", 1, false, &users);
+        let mut out = Vec::new();
+        router_1.route(&msg, 1, &mut out);
+        assert_eq!(out.len(), 1, "the user's record only: {out:?}");
+        assert_eq!((&*out[0].topic, out[0].key()), ("telemetry", Some(&b"car-1"[..])));
+        let r = consumed(&out[0], 0);
+        let header = |name: &str| r.headers.iter().find(|(k, _)| k == name).map(|(_, v)| &v[..]);
+        assert_eq!(header("mqtt.topic"), Some(&b"fleet/car-1/speed"[..]), "a user property does not replace it");
+        assert_eq!(header(NODE_HEADER), Some(&b"n1"[..]));
+        assert_eq!((header("trace"), header("a")), (Some(&b"t1"[..]), Some(&b"2"[..])), "the user's consumers see them");
+        let got = inbound_2.transform(&r, 0).unwrap();
+        assert_eq!(got.len(), 1, "read back by the other node");
+        assert_eq!((got[0].topic.as_str(), got[0].qos, &*got[0].origin), ("fleet/car-1/speed", 1, FROM_NODE));
+        assert_eq!(got[0].properties(), msg.properties(), "user properties in order and repeated");
+        assert!(inbound_1.transform(&r, 0).unwrap().is_empty(), "a node skips its own");
+        // Another producer's record in the user's topic is no node's message.
+        let foreign = InboundRecord { headers: vec![("mqtt.topic".into(), Bytes::from_static(b"fleet/x"))], ..r };
+        assert!(inbound_2.transform(&foreign, 0).unwrap().is_empty());
+        // A message the mapping does not take goes to `.messages`.
+        out.clear();
+        router_1.route(&message("home/lamp", 1, false, &[]), 1, &mut out);
+        assert_eq!(out.iter().map(|r| &*r.topic).collect::<Vec<_>>(), ["_sluice.t.messages"]);
+    }
+
+    #[test]
+    fn a_mapping_that_changes_reorders_or_leaves_the_clusters_kafka_carries_nothing() {
+        let mut schema = user_mapping("s", "fleet/#", "k", "telemetry", KeySource::Topic);
+        schema.schema = Some("speed".into());
+        let mut no_headers = user_mapping("h", "fleet/#", "k", "telemetry", KeySource::Topic);
+        no_headers.headers = false;
+        let mut dead_letter = user_mapping("d", "fleet/#", "k", "telemetry", KeySource::Topic);
+        dead_letter.dead_letter = Some(crate::bridge::DeadLetter { cluster: "k".into(), topic: "dl".into() });
+        for m in [
+            user_mapping("n", "fleet/#", "k", "telemetry", KeySource::None),
+            user_mapping("o", "fleet/#", "other", "telemetry", KeySource::Topic),
+            user_mapping("l", "fleet/#", "k", "fleet-{1}", KeySource::Topic),
+            user_mapping("i", "fleet/#", "k", "_sluice.t.messages", KeySource::Topic),
+            schema,
+            no_headers,
+            dead_letter,
+        ] {
+            let (router, _) = setup_with("n1", std::slice::from_ref(&m));
+            assert!(!router.is_carrier(0), "{}", m.name);
+            let mut out = Vec::new();
+            router.route(&message("fleet/car-1/speed", 1, false, &[]), 1, &mut out);
+            let to_nodes = out.iter().filter(|r| r.node().is_some()).map(|r| &*r.topic).collect::<Vec<_>>();
+            assert_eq!(to_nodes, ["_sluice.t.messages"], "{}", m.name);
+        }
+        // A level the topic lacks: no key, so `.messages` takes it.
+        let deep = user_mapping("deep", "fleet/#", "k", "telemetry", KeySource::Level(5));
+        let (router, _) = setup_with("n1", &[deep]);
+        let mut out = Vec::new();
+        router.route(&message("fleet/car-1/speed", 1, false, &[]), 1, &mut out);
+        let to_nodes = out.iter().filter(|r| r.node().is_some()).map(|r| &*r.topic).collect::<Vec<_>>();
+        assert_eq!(to_nodes, ["_sluice.t.messages"]);
+        // Two carriers: the first carries, the second's record is a plain one.
+        let a = user_mapping("a", "fleet/#", "k", "telemetry", KeySource::Topic);
+        let b = user_mapping("b", "fleet/+/speed", "k", "speeds", KeySource::Topic);
+        assert_eq!(node("n1").message_topics(&[a.clone(), b.clone()]), ["_sluice.t.messages", "telemetry", "speeds"]);
+        let (router, _) = setup_with("n1", &[a, b]);
+        out.clear();
+        router.route(&message("fleet/car-1/speed", 1, false, &[]), 1, &mut out);
+        let to_nodes = out.iter().filter(|r| r.node().is_some()).map(|r| &*r.topic).collect::<Vec<_>>();
+        assert_eq!((out.len(), to_nodes), (2, vec!["telemetry"]));
     }
 
     #[test]

@@ -650,10 +650,13 @@ impl Config {
         if self.mqtt_to_kafka.iter().any(|m| m.internal.is_some()) {
             return;
         }
-        self.mqtt_to_kafka.push(c.forward_mapping());
+        // User mappings that carry the messages they take (`cluster::carrier_destination`):
+        // the other nodes read those from there, not from `.messages` too.
+        let topics = c.message_topics(&self.mqtt_to_kafka);
+        self.mqtt_to_kafka.push(c.forward_mapping(&topics));
         self.mqtt_to_kafka.push(c.retained_mapping());
         self.mqtt_to_kafka.push(c.claims_mapping());
-        self.kafka_to_mqtt.push(c.inbound_mapping());
+        self.kafka_to_mqtt.push(c.inbound_mapping(topics));
         self.kafka_to_mqtt.push(c.retained_inbound_mapping());
         self.kafka_to_mqtt.push(c.claims_inbound_mapping());
     }

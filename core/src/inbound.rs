@@ -531,7 +531,9 @@ pub(crate) fn cluster_message(
     }
     let origin = match internal {
         InboundInternal::ClusterMessages { node: me } => {
-            if node.as_deref() == Some(me.as_bytes()) {
+            // This node's own, or not a node's at all: a carrier's topic is a user's topic,
+            // which other producers may write to as well.
+            if node.is_none() || node.as_deref() == Some(me.as_bytes()) {
                 return Ok(None);
             }
             FROM_NODE

@@ -76,7 +76,7 @@ pub struct ClusterView {
     pub members: Vec<sluice_core::cluster::Member>,
     pub last_error: Option<String>,
     /// This node's floor as its last heartbeat said (see `crate::membership`).
-    pub floor: Option<Vec<(i32, i64)>>,
+    pub floor: Option<sluice_core::cluster::Offsets>,
     /// Dead nodes' persistent sessions rebuilt here for a client that reconnected, the
     /// messages queued for them from the log, and those left out (a record's bound).
     pub sessions_adopted: u64,
@@ -169,10 +169,11 @@ impl KafkaHealth {
         self.clusters().iter().filter(|c| c.needed).all(|c| c.connected)
     }
 
-    /// Per partition of `mapping`'s topics, where this run's consumer started.
-    pub fn start_offsets(&self, mapping: &str) -> Vec<(i32, i64)> {
+    /// Per partition of `mapping`'s topics (topic, partition, offset), where this run's
+    /// consumer started.
+    pub fn start_offsets(&self, mapping: &str) -> sluice_core::cluster::Offsets {
         let Ok(l) = self.lag.lock() else { return Vec::new() };
-        l.iter().filter(|((m, _, _), _)| m == mapping).map(|((_, _, p), v)| (*p, v.start_offset)).collect()
+        l.iter().filter(|((m, _, _), _)| m == mapping).map(|((_, t, p), v)| (t.clone(), *p, v.start_offset)).collect()
     }
 
     pub fn lag(&self) -> Vec<((String, String, i32), PartitionLag)> {

@@ -43,7 +43,7 @@ use rskafka::record::Record;
 use sluice_core::adoption::Adoption;
 use sluice_core::cluster::{
     Claim, ClaimKind, ClusterConfig, HandoverTo, Heartbeat, MemberChange, MemberState, Members, Offsets, CLAIM_HEADER,
-    LOW_UNKNOWN,
+    LOW_UNKNOWN, MEMBERS_MAX,
 };
 use sluice_core::inbound::InboundRecord;
 
@@ -84,8 +84,9 @@ struct Adopt {
     until_ms: u64,
 }
 
-/// An adoption to carry out: the claim, the holder's session (if it is known) and floor.
-type AdoptNow = (Adopt, Option<SessionEntry>, Option<Offsets>);
+/// An adoption to carry out: the claim, the holder's session (if it is known), floor and the
+/// user mappings' topics that carried its messages.
+type AdoptNow = (Adopt, Option<SessionEntry>, Option<Offsets>, Vec<String>);
 
 /// What this node's own leases say, for its floor (see the module doc).
 #[derive(Default)]
@@ -93,19 +94,20 @@ struct Floor {
     /// Per shard: when its latest lease was read (this thread's clock) and its `low`.
     leases: HashMap<usize, (u64, Option<u64>)>,
     shards: usize,
-    /// Committed positions in `.messages`: the latest any lease said, per partition.
-    latest: BTreeMap<i32, i64>,
+    /// Committed positions in the message topics: the latest any lease said, per (topic,
+    /// partition).
+    latest: BTreeMap<(String, i32), i64>,
     /// (when, `latest` then), oldest first.
-    snapshots: VecDeque<(u64, BTreeMap<i32, i64>)>,
+    snapshots: VecDeque<(u64, BTreeMap<(String, i32), i64>)>,
 }
 
 impl Floor {
     fn on_lease(&mut self, claim: &Claim, now_ms: u64) {
         self.leases.insert(claim.shard, (now_ms, claim.low));
         self.shards = self.shards.max(claim.shards);
-        for &(p, off) in &claim.pos {
-            let e = self.latest.entry(p).or_insert(off);
-            *e = (*e).max(off);
+        for (t, p, off) in &claim.pos {
+            let e = self.latest.entry((t.clone(), *p)).or_insert(*off);
+            *e = (*e).max(*off);
         }
     }
 
@@ -113,7 +115,7 @@ impl Floor {
     /// pending message was queued, less `margin_ms`. `None` (replay from the earliest record)
     /// until every shard's lease was read, while a message of unknown age is pending, or when
     /// no snapshot is that old.
-    fn tick(&mut self, now_ms: u64, margin_ms: u64, starts: &[(i32, i64)]) -> Option<Offsets> {
+    fn tick(&mut self, now_ms: u64, margin_ms: u64, starts: &[(String, i32, i64)]) -> Option<Offsets> {
         self.snapshots.push_back((now_ms, self.latest.clone()));
         while self.snapshots.len() > SNAPSHOTS_MAX {
             self.snapshots.remove(1);
@@ -142,10 +144,10 @@ impl Floor {
         self.snapshots.drain(..keep);
         let Some((_, at)) = self.snapshots.iter().rev().find(|(t, _)| *t <= low_at) else { return from_start() };
         let mut floor = at.clone();
-        for &(p, o) in starts {
-            floor.entry(p).or_insert(o);
+        for (t, p, o) in starts {
+            floor.entry((t.clone(), *p)).or_insert(*o);
         }
-        Some(floor.into_iter().collect())
+        Some(floor.into_iter().map(|((t, p), o)| (t, p, o)).collect())
     }
 }
 
@@ -317,7 +319,8 @@ impl Wills {
                 let live = |e: &&SessionEntry| e.expiry == u32::MAX || u64::from(e.expiry) * 1000 > silent_ms;
                 let entry = self.registry.get(&a.client).filter(|e| e.node == a.from).filter(live).cloned();
                 let floor = holder.and_then(|m| m.floor.clone());
-                out.push((a, entry, floor));
+                let carriers = holder.map(|m| m.carriers.clone()).unwrap_or_default();
+                out.push((a, entry, floor, carriers));
             } else if a.until_ms <= now_ms {
                 self.adopt.swap_remove(i);
             } else {
@@ -339,14 +342,20 @@ pub struct NodeIdentity {
     /// Start time, ms since the epoch.
     pub incarnation: u64,
     pub listeners: Vec<String>,
+    /// The topics of the user mappings that carry this node's messages to the others
+    /// (`ClusterConfig::message_topics` but `.messages`).
+    pub carriers: Vec<String>,
     /// The floor this node's last heartbeat said (its leaving one says it too).
     floor: Arc<Mutex<Option<Offsets>>>,
 }
 
 impl NodeIdentity {
-    pub fn new(cfg: ClusterConfig, listeners: Vec<String>) -> NodeIdentity {
+    /// `topics`: where the other nodes read this node's messages
+    /// (`ClusterConfig::message_topics`).
+    pub fn new(cfg: ClusterConfig, listeners: Vec<String>, topics: &[String]) -> NodeIdentity {
         let incarnation = if cfg.incarnation == 0 { wall_ms() } else { cfg.incarnation };
-        NodeIdentity { cfg, incarnation, listeners, floor: Arc::default() }
+        let carriers = topics.iter().filter(|t| **t != cfg.messages_topic()).cloned().collect();
+        NodeIdentity { cfg, incarnation, listeners, carriers, floor: Arc::default() }
     }
 
     fn heartbeat(&self, seq: u64, alive: bool) -> Record {
@@ -357,6 +366,7 @@ impl NodeIdentity {
             alive,
             listeners: self.listeners.clone(),
             floor: self.floor.lock().ok().and_then(|f| f.clone()),
+            carriers: self.carriers.clone(),
         };
         Record {
             key: Some(self.cfg.node_id.as_bytes().to_vec()),
@@ -537,9 +547,10 @@ async fn publish_won(me: &NodeIdentity, kafka: &Cluster, wills: &Mutex<Wills>) {
 }
 
 /// Rebuilds `a.client`'s session that `a.from` (dead) held, from `entry` (its subscriptions)
-/// and `.messages` from `floor`, and sends it to the shard that waits for it as a handover; an
-/// empty handover (no session) when there is no entry. Bounded by [`REPLAY_MAX`] and one
-/// record ([`Adoption`]): what is left out is counted.
+/// and the message topics (`.messages` and the holder's `carriers`) from `floor`, and sends it
+/// to the shard that waits for it as a handover; an empty handover (no session) when there is
+/// no entry. Bounded by [`REPLAY_MAX`] and one record ([`Adoption`]): what is left out is
+/// counted.
 async fn adopt(
     me: &NodeIdentity,
     kafka: &Cluster,
@@ -547,12 +558,19 @@ async fn adopt(
     a: Adopt,
     entry: Option<SessionEntry>,
     floor: Option<Offsets>,
+    carriers: Vec<String>,
 ) {
     let value = match entry.as_ref().and_then(|e| Adoption::new(&a.client, &e.value, wall_ms())) {
         None => Vec::new(),
         Some(mut adoption) => {
-            let topic = me.cfg.messages_topic();
-            let read = tokio::time::timeout(REPLAY_MAX, replay(kafka, &topic, floor.as_deref(), &mut adoption)).await;
+            let topics: Vec<String> = std::iter::once(me.cfg.messages_topic()).chain(carriers).collect();
+            let read = tokio::time::timeout(REPLAY_MAX, async {
+                for topic in &topics {
+                    replay(kafka, topic, floor.as_deref(), &mut adoption).await?;
+                }
+                Ok::<_, String>(())
+            })
+            .await;
             let complete = matches!(read, Ok(Ok(())));
             match read {
                 Ok(Ok(())) => {}
@@ -588,11 +606,11 @@ async fn adopt(
 
 /// Offers every record of `topic` from `floor` (per partition; the earliest kept where it
 /// names none) to what was written when the replay began to `adoption`, partition by
-/// partition (one publisher's messages are in one partition, in order).
+/// partition (one publisher's messages on one MQTT topic are in one partition, in order).
 async fn replay(
     kafka: &Cluster,
     topic: &str,
-    floor: Option<&[(i32, i64)]>,
+    floor: Option<&[(String, i32, i64)]>,
     adoption: &mut Adoption,
 ) -> Result<(), String> {
     let n = kafka.partitions(topic, Instant::now() + REPLAY_MAX).await.map_err(|e| e.to_string())?;
@@ -600,7 +618,7 @@ async fn replay(
     let started_ms = wall_ms() as i64;
     for partition in 0..n {
         let pc = kafka.partition_client(topic, partition).await.map_err(|e| e.to_string())?;
-        let from = floor.and_then(|f| f.iter().find(|(p, _)| *p == partition)).map(|(_, o)| *o);
+        let from = floor.and_then(|f| f.iter().find(|(t, p, _)| t == topic && *p == partition)).map(|(_, _, o)| *o);
         let mut at = match from {
             Some(o) => o,
             None => pc.get_offset(OffsetAt::Earliest).await.map_err(|e| e.to_string())?,
@@ -722,6 +740,7 @@ async fn read(
     let mut left: Vec<String> = Vec::new();
     let mut offset = None;
     let mut failing = false;
+    let mut warned = std::collections::HashSet::new();
     loop {
         let timeout = Duration::from_millis(me.cfg.heartbeat_ms.max(1000) + FETCH_WAIT_MS as u64);
         match tokio::time::timeout(timeout, fetch_from_start(pc, &mut offset)).await {
@@ -761,10 +780,11 @@ async fn read(
         if members.settled(now_ms()) {
             release_due(me, kafka, wills, &members, now_ms()).await;
         }
+        warn_unread_carriers(me, &members, &mut warned);
         let adoptions = wills.lock().map(|mut w| w.adoptions_due(&members, now_ms())).unwrap_or_default();
-        for (a, entry, floor) in adoptions {
+        for (a, entry, floor, carriers) in adoptions {
             let (me, kafka, health) = (me.clone(), kafka.clone(), health.clone());
-            tokio::spawn(async move { adopt(&me, &kafka, &health, a, entry, floor).await });
+            tokio::spawn(async move { adopt(&me, &kafka, &health, a, entry, floor, carriers).await });
         }
         publish_won(me, kafka, wills).await;
         let list = members.members();
@@ -776,6 +796,26 @@ async fn read(
         });
         if failing {
             tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+/// Logs once per (node, topic) a topic that carries another node's messages (a user mapping of
+/// its, `ClusterConfig::message_topics`) and that this node does not read: the nodes' mappings
+/// differ, and this node's clients miss what that mapping takes there.
+fn warn_unread_carriers(me: &NodeIdentity, members: &Members, warned: &mut std::collections::HashSet<(String, String)>) {
+    for m in members.members() {
+        for topic in &m.carriers {
+            if m.state == MemberState::Alive
+                && !me.carriers.contains(topic)
+                && warned.len() < MEMBERS_MAX
+                && warned.insert((m.node.clone(), topic.clone()))
+            {
+                tracing::warn!(
+                    node = %m.node, %topic,
+                    "cluster: that node's mapping into this topic carries its messages to the others, and this node has no such mapping: give every node the same [[mqtt_to_kafka]] mappings"
+                );
+            }
         }
     }
 }
@@ -811,7 +851,15 @@ mod tests {
     use sluice_core::cluster::Heartbeat;
 
     fn hb(node: &str, inc: u64) -> Heartbeat {
-        Heartbeat { node: node.into(), incarnation: inc, seq: 0, alive: true, listeners: vec![], floor: None }
+        Heartbeat {
+            node: node.into(),
+            incarnation: inc,
+            seq: 0,
+            alive: true,
+            listeners: vec![],
+            floor: None,
+            carriers: vec![],
+        }
     }
 
     fn me(node: &str) -> NodeIdentity {
@@ -826,11 +874,17 @@ mod tests {
             fence: true,
             incarnation: 1,
         };
-        NodeIdentity::new(cfg, vec![])
+        NodeIdentity::new(cfg, vec![], &[])
     }
 
     fn lease(shard: usize, low: Option<u64>, pos: &[(i32, i64)]) -> Claim {
-        Claim { inc: 1, low, pos: pos.to_vec(), shards: 2, ..Claim::new("n1", "lease", shard, ClaimKind::Lease) }
+        let pos = offsets(pos);
+        Claim { inc: 1, low, pos, shards: 2, ..Claim::new("n1", "lease", shard, ClaimKind::Lease) }
+    }
+
+    /// Offsets in topic `t`.
+    fn offsets(pos: &[(i32, i64)]) -> Offsets {
+        pos.iter().map(|&(p, o)| ("t".to_string(), p, o)).collect()
     }
 
     #[test]
@@ -840,7 +894,7 @@ mod tests {
         assert_eq!(f.tick(1000, 0, &[]), None, "shard 1's lease not read yet: from the earliest");
         f.on_lease(&lease(1, None, &[(1, 5)]), 2000);
         f.on_lease(&lease(0, None, &[(0, 20)]), 2000);
-        assert_eq!(f.tick(2000, 0, &[]), Some(vec![(0, 20), (1, 5)]), "nothing pending: the positions now");
+        assert_eq!(f.tick(2000, 0, &[]), Some(offsets(&[(0, 20), (1, 5)])), "nothing pending: the positions now");
         f.on_lease(&lease(0, None, &[(0, 30)]), 3000);
         f.tick(3000, 0, &[]);
         // Shard 0 now holds a message queued 2.5 s before its lease was read (at 1.5 s).
@@ -848,8 +902,8 @@ mod tests {
         f.on_lease(&lease(1, None, &[(1, 9)]), 4000);
         assert_eq!(f.tick(4000, 600, &[]), None, "no snapshot from before 0.9 s is left");
         assert_eq!(
-            f.tick(4000, 600, &[(0, 3), (5, 8)]),
-            Some(vec![(0, 3), (5, 8)]),
+            f.tick(4000, 600, &offsets(&[(0, 3), (5, 8)])),
+            Some(offsets(&[(0, 3), (5, 8)])),
             "then where this run's readers started"
         );
         let mut f2 = Floor::default();
@@ -860,15 +914,15 @@ mod tests {
         }
         f2.on_lease(&lease(0, Some(1600), &[(0, 40)]), 4000);
         assert_eq!(
-            f2.tick(4000, 200, &[(0, 3), (5, 8)]),
-            Some(vec![(0, 20), (1, 1), (5, 8)]),
+            f2.tick(4000, 200, &offsets(&[(0, 3), (5, 8)])),
+            Some(offsets(&[(0, 20), (1, 1), (5, 8)])),
             "queued at 2.4 s, less 0.2: the 2 s snapshot, and a partition it lacks from where its reader started"
         );
         f2.on_lease(&lease(1, Some(LOW_UNKNOWN), &[(1, 1)]), 5000);
         assert_eq!(f2.tick(5000, 0, &[]), None, "a message of unknown age: from the earliest");
         f2.on_lease(&lease(1, None, &[(1, 2)]), 6000);
         f2.on_lease(&lease(0, None, &[(0, 50)]), 6000);
-        assert_eq!(f2.tick(6000, 0, &[]), Some(vec![(0, 50), (1, 2)]), "delivered: the floor moves up");
+        assert_eq!(f2.tick(6000, 0, &[]), Some(offsets(&[(0, 50), (1, 2)])), "delivered: the floor moves up");
         let kept: Vec<u64> = f2.snapshots.iter().map(|(t, _)| *t).collect();
         assert_eq!(kept, [4000, 5000, 6000], "snapshots older than 2 s (and the margin) before the floor go");
         for t in 0..SNAPSHOTS_MAX as u64 + 10 {
@@ -906,7 +960,7 @@ mod tests {
         w.apply(&me1, claim("e", 6), record(), 0);
         let (mut m, now) = members();
         assert!(w.adoptions_due(&m, now).is_empty(), "the holder is alive: it hands over itself");
-        let n2 = Heartbeat { floor: Some(vec![(0, 7)]), ..hb("n2", 1) };
+        let n2 = Heartbeat { floor: Some(offsets(&[(0, 7)])), ..hb("n2", 1) };
         m.on_heartbeat(n2, 0, now);
         for t in (now..=now + 1500).step_by(100) {
             m.on_heartbeat(hb("n1", 1), 0, t);
@@ -916,10 +970,10 @@ mod tests {
         due.sort_by(|x, y| x.0.client.cmp(&y.0.client));
         assert_eq!(due.len(), 2);
         assert!(due[1].1.is_none(), "e's session (expiry 1 s) expired while its node was silent 1.5 s");
-        let (a, entry, floor) = &due[0];
+        let (a, entry, floor, _) = &due[0];
         assert_eq!((a.client.as_str(), a.to.shard, a.to.conn), ("c", 1, 5));
         assert_eq!(entry.as_ref().map(|e| e.value.as_slice()), Some(&b"subs of c"[..]));
-        assert_eq!(floor.as_deref(), Some(&[(0, 7)][..]));
+        assert_eq!(floor.as_deref(), Some(&offsets(&[(0, 7)])[..]));
         let clean = Claim { clean: true, ..Claim::new("n3", "d", 0, ClaimKind::Connect) };
         w.apply(&me1, clean, record(), 0);
         assert!(!w.registry.contains_key("d"), "a clean start anywhere ends the session");

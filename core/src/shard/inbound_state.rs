@@ -119,12 +119,12 @@ impl InboundState {
     }
 
     /// The committed positions of the partitions of `mapping` this shard consumes.
-    pub(super) fn positions_of(&self, mapping: &str) -> Vec<(i32, i64)> {
-        let mut out: Vec<(i32, i64)> = self
+    pub(super) fn positions_of(&self, mapping: &str) -> crate::cluster::Offsets {
+        let mut out: crate::cluster::Offsets = self
             .positions
             .iter()
             .filter(|((m, _, _), _)| self.mapping_name(*m) == mapping)
-            .map(|((_, _, p), off)| (*p, *off))
+            .map(|((_, t, p), off)| (t.to_string(), *p, *off))
             .collect();
         out.sort_unstable();
         out
