@@ -14,6 +14,9 @@
 //!   stored consumer positions. Both directions reuse the bridge's machinery (the shard's own
 //!   producers, the spill log, the Kafka → MQTT feed's flow control): the cluster is two
 //!   internal mappings ([`ClusterConfig::forward_mapping`], [`ClusterConfig::inbound_mapping`]).
+//!   A message that a user mapping already takes, as it is, into the cluster's Kafka is not
+//!   written twice: that mapping's record carries it ([`carrier_destination`]: it gets the node
+//!   header) and every node reads that topic too ([`ClusterConfig::message_topics`]).
 //! - **Retained messages** are also written to the compacted `<prefix>.retained` (key: the MQTT
 //!   topic; an empty payload deletes). Each node reads it from the beginning once (then from its
 //!   stored position) and only *stores* what it reads there — live subscribers got the message
@@ -24,9 +27,10 @@
 //!   `dead_after_ms`.
 //!
 //! Invariants: a record a node wrote is never routed again by that node (the `.messages`
-//! consumer skips its own [`NODE_HEADER`]); what came from Kafka or another node is never
-//! forwarded (no loops between nodes, or between the cluster and the bridge's mappings);
-//! [`Members`] keeps at most [`MEMBERS_MAX`] nodes.
+//! consumer skips its own [`NODE_HEADER`], and records without one: no node wrote them); a
+//! message reaches the other nodes through one record (`.messages`' or one carrier's); what
+//! came from Kafka or another node is never forwarded (no loops between nodes, or between the
+//! cluster and the bridge's mappings); [`Members`] keeps at most [`MEMBERS_MAX`] nodes.
 //!
 //! Sans-I/O like the rest of the core: the Kafka side (`sluice-kafka`) produces and consumes,
 //! time comes in as `now_ms`.

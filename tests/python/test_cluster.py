@@ -1038,3 +1038,133 @@ def test_a_reconnect_storm_of_one_client_id_across_nodes_leaves_one_and_a_canary
         c.close()
     pub.close()
     sub.close()
+
+
+def carrier_readers(b, topic, partitions=4):
+    """Whether node `b` reads every partition of the user topic `topic` as the cluster's."""
+    with urllib.request.urlopen(f"http://{b.http[0]}:{b.http[1]}/metrics", timeout=WAIT) as r:
+        lines = r.read().decode().splitlines()
+    prefix = f'sluice_kafka_to_mqtt_lag_records{{mapping="$cluster",topic="{topic}"'
+    return sum(1 for line in lines if line.startswith(prefix)) >= partitions
+
+
+def test_messages_a_user_mapping_takes_into_kafka_reach_the_other_nodes_from_there_not_written_twice(kafka):
+    """A user mapping (`fleet/#` into a topic of the cluster's Kafka, keyed by a topic level)
+    carries the messages it takes to the other nodes: its record has the node header, and
+    `.messages` gets none of them (other messages still go there). Subscribers on the other
+    nodes get every message, in order per topic, with its QoS and user properties; another
+    producer's record in the user topic is not delivered; a dead node's persistent session is
+    rebuilt from the user topic too."""
+    from confluent_kafka import Producer
+
+    prefix = f"c{time.monotonic_ns()}"
+    topic = f"{prefix}-telemetry"
+    kafka.create_topic(topic, 4)
+    mapping = f"""
+[[mqtt_to_kafka]]
+name = "telemetry"
+filters = ["fleet/#"]
+destinations = [{{ cluster = "default", topic = "{topic}" }}]
+key = "level:1"
+"""
+    nodes = [broker_with("--http", "127.0.0.1:0", config=node_config(kafka, f"n{i}", prefix) + mapping)
+             for i in (1, 2, 3)]
+    clients = []
+    try:
+        for b in nodes:
+            wait_for(lambda b=b: carrier_readers(b, topic), "every node reads the user topic")
+        pub = Paho(nodes[0].addr, "carrier-pub", v5=True)
+        sub2 = Paho(nodes[1].addr, "carrier-sub-2", v5=True)
+        sub3 = Paho(nodes[2].addr, "carrier-sub-3")
+        clients += [pub, sub2, sub3]
+        for s in (sub2, sub3):
+            connected(nodes[0], None, pub, s)  # `.messages` readers positioned too
+        sub2.subscribe("fleet/#", 1)
+        sub3.subscribe("fleet/+/speed", 2)
+        sub2.subscribe("home/#", 1)
+        sent = []
+        for i in range(40):
+            props = Properties(PacketTypes.PUBLISH)
+            props.UserProperty = [("trace", f"t{i}"), ("mqtt.topic", "elsewhere/x")]
+            t = f"fleet/car-{i % 4}/speed"
+            pub.publish(t, f"m{i}", qos=1, props=props)
+            sent.append((t, f"m{i}"))
+        pub.publish("home/lamp", "on", qos=1)
+        got2 = [sub2.message() for _ in range(41)]
+        got3 = [sub3.message() for _ in range(40)]
+        for got in (got2[:40], got3):
+            assert sorted((m.topic, m.payload.decode()) for m in got) == sorted(sent)
+            for car in range(4):
+                mine = [int(m.payload[1:]) for m in got if m.topic == f"fleet/car-{car}/speed"]
+                assert mine == sorted(mine), f"out of order on car-{car}: {mine}"
+        assert (got2[40].topic, got2[40].payload) == ("home/lamp", b"on")
+        first = next(m for m in got2 if m.payload == b"m5")
+        assert first.qos == 1
+        assert ("trace", "t5") in first.properties.UserProperty, "user properties cross"
+        assert ("mqtt.topic", "elsewhere/x") in first.properties.UserProperty
+        assert {m.qos for m in got3} == {1}, "QoS 1 publishes, delivered at 1 to a QoS 2 subscription"
+
+        # Kafka: the user topic has each fleet message once, written by node 1; `.messages`
+        # has no fleet message, and the home one.
+        records = kafka.consume(topic, 40)
+        assert len(records) == 40
+        heads = [dict(r.headers()) for r in records]
+        assert all(h.get("sluice.node") == b"n1" for h in heads), heads[0]
+        assert all(h.get("mqtt.topic", b"").startswith(b"fleet/car-") for h in heads), "the real topic"
+        assert all("trace" in h for h in heads), "the user's consumers keep the user properties"
+        kafka_messages = kafka.consume(f"{prefix}.messages", 1000, timeout=5)
+        topics = [dict(r.headers()).get("mqtt.topic", b"").decode() for r in kafka_messages]
+        assert "home/lamp" in topics
+        assert not [t for t in topics if t.startswith("fleet/")], "written twice"
+
+        # Another producer's record in the user topic, with MQTT headers but no node: not a
+        # node's message. The next message in its partition arrives, and it does not.
+        p = Producer({"bootstrap.servers": kafka.bootstrap, "partitioner": "murmur2_random"})
+        p.produce(topic, key=b"car-0", value=b"forged",
+                  headers=[("mqtt.topic", b"fleet/car-0/speed"), ("mqtt.qos", b"1")])
+        assert p.flush(WAIT) == 0
+        pub.publish("fleet/car-0/speed", "after", qos=1)
+        assert sub2.message().payload == b"after", "the forged record was delivered"
+
+        # A persistent session on node 3, its queue filled from node 1 through the user topic,
+        # rebuilt on node 2 after node 3 is killed.
+        cid = "carrier-orphan"
+        wait_for(lambda: claims_read(nodes[1]), "node 2 reads every partition of the sessions topic")
+        s1 = Paho(nodes[2].addr, cid, clean=False)
+        clients.append(s1)
+        s1.subscribe("fleet/#", 1)
+        wait_for(lambda: claim_of(nodes[2], cid) == "confirmed", "claimed on node 3")
+        wait_for(lambda: cluster_view(nodes[2])["floor"] is not None, "node 3 sends a floor")
+        floor_topics = {f[0] for f in cluster_view(nodes[2])["floor"]}
+        assert topic in floor_topics, f"the floor names the user topic: {floor_topics}"
+        s1.close()
+        wait_for(lambda: claim_of(nodes[2], cid) is None, "offline on node 3")
+        infos = [pub.c.publish(f"fleet/car-{i % 3}/speed", f"q{i}", qos=1) for i in range(60)]
+        for info in infos:
+            info.wait_for_publish(WAIT)
+            assert info.is_published()
+        wait_for(lambda: queued_on(nodes[2], cid) == 60, "60 queued on node 3")
+        nodes[2].kill()
+        s2 = Paho(nodes[1].addr, cid, clean=False)
+        clients.append(s2)
+        assert s2.flags.session_present, "no session rebuilt"
+        after = []
+        while True:
+            try:
+                after.append(s2.message(timeout=3))
+            except Exception:
+                break
+        payloads = {m.payload.decode() for m in after}
+        missing = [f"q{i}" for i in range(60) if f"q{i}" not in payloads]
+        assert not missing, f"{len(missing)} of 60 acknowledged messages lost: {missing[:20]}"
+        for car in range(3):
+            mine = []
+            for m in after:
+                if m.topic == f"fleet/car-{car}/speed" and m.payload.startswith(b"q") and int(m.payload[1:]) not in mine:
+                    mine.append(int(m.payload[1:]))
+            assert mine == sorted(mine), f"out of order on car-{car}: {mine}"
+    finally:
+        for c in clients:
+            c.close()
+        for b in nodes:
+            b.stop()
