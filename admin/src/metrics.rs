@@ -368,6 +368,9 @@ pub(crate) fn render(state: &State, snaps: &[Snapshot]) -> String {
                 ("handover_gap", c.handover_gap_lost),
                 ("remote_session_refused", c.remote_sessions_refused),
                 ("share_refused", c.shares_refused),
+                ("state_record", c.state_records),
+                ("state_coalesced", c.state_coalesced),
+                ("state_flushed_early", c.state_flushed_early),
             ] {
                 o.sample("sluice_cluster_session_events_total", &[("event", event)], v);
             }
