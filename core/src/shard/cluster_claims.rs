@@ -867,7 +867,7 @@ impl Shard {
         if self.claims.node.is_none() {
             return;
         }
-        if !self.sessions.get(client_id).is_some_and(|s| s.expiry_secs > 0) {
+        if self.sessions.get(client_id).is_none_or(|s| s.expiry_secs == 0) {
             self.claims.sessions_dirty.remove(client_id);
             self.write_session(client_id, now_ms);
             return;
