@@ -101,10 +101,13 @@ struct Floor {
     shards: usize,
     /// Committed positions in the message topics: the latest any lease said, per (topic,
     /// partition).
-    latest: BTreeMap<(String, i32), i64>,
+    latest: Positions,
     /// (when, `latest` then), oldest first.
-    snapshots: VecDeque<(u64, BTreeMap<(String, i32), i64>)>,
+    snapshots: VecDeque<(u64, Positions)>,
 }
+
+/// Committed offsets per (topic, partition).
+type Positions = BTreeMap<(String, i32), i64>;
 
 impl Floor {
     fn on_lease(&mut self, claim: &Claim, now_ms: u64) {
