@@ -1138,6 +1138,8 @@ key = "level:1"
         clients.append(s1)
         s1.subscribe("fleet/#", 1)
         wait_for(lambda: claim_of(nodes[2], cid) == "confirmed", "claimed on node 3")
+        # Node 2's directory read the claim: its CONNACK waits for the rebuilt session.
+        wait_for(lambda: metric(nodes[1], "sluice_cluster_remote_sessions") >= 1, "node 2 knows the session")
         wait_for(lambda: cluster_view(nodes[2])["floor"] is not None, "node 3 sends a floor")
         floor_topics = {f[0] for f in cluster_view(nodes[2])["floor"]}
         assert topic in floor_topics, f"the floor names the user topic: {floor_topics}"
