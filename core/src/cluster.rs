@@ -814,7 +814,15 @@ mod tests {
     }
 
     fn hb(node: &str, inc: u64, alive: bool) -> Heartbeat {
-        Heartbeat { node: node.into(), incarnation: inc, seq: 0, alive, listeners: vec![], floor: None, carriers: vec![] }
+        Heartbeat {
+            node: node.into(),
+            incarnation: inc,
+            seq: 0,
+            alive,
+            listeners: vec![],
+            floor: None,
+            carriers: vec![],
+        }
     }
 
     #[test]
@@ -1105,7 +1113,11 @@ mod round_trip {
         let header = |name: &str| r.headers.iter().find(|(k, _)| k == name).map(|(_, v)| &v[..]);
         assert_eq!(header("mqtt.topic"), Some(&b"fleet/car-1/speed"[..]), "a user property does not replace it");
         assert_eq!(header(NODE_HEADER), Some(&b"n1"[..]));
-        assert_eq!((header("trace"), header("a")), (Some(&b"t1"[..]), Some(&b"2"[..])), "the user's consumers see them");
+        assert_eq!(
+            (header("trace"), header("a")),
+            (Some(&b"t1"[..]), Some(&b"2"[..])),
+            "the user's consumers see them"
+        );
         let got = inbound_2.transform(&r, 0).unwrap();
         assert_eq!(got.len(), 1, "read back by the other node");
         assert_eq!((got[0].topic.as_str(), got[0].qos, &*got[0].origin), ("fleet/car-1/speed", 1, FROM_NODE));

@@ -806,7 +806,11 @@ async fn read(
 /// Logs once per (node, topic) a topic that carries another node's messages (a user mapping of
 /// its, `ClusterConfig::message_topics`) and that this node does not read: the nodes' mappings
 /// differ, and this node's clients miss what that mapping takes there.
-fn warn_unread_carriers(me: &NodeIdentity, members: &Members, warned: &mut std::collections::HashSet<(String, String)>) {
+fn warn_unread_carriers(
+    me: &NodeIdentity,
+    members: &Members,
+    warned: &mut std::collections::HashSet<(String, String)>,
+) {
     for m in members.members() {
         for topic in &m.carriers {
             if m.state == MemberState::Alive
