@@ -493,6 +493,10 @@ fn cluster_json(state: &State) -> Value {
         "adopted_messages": v.adopted_messages,
         "adopted_left_out": v.adopted_left_out,
         "adoptions_incomplete": v.adoptions_incomplete,
+        "settled": v.settled,
+        "wills_held": v.wills_held,
+        "wills_published": v.wills_published,
+        "wills_released_again": v.wills_released_again,
     })
 }
 

@@ -328,6 +328,22 @@ pub(crate) fn render(state: &State, snaps: &[Snapshot]) -> String {
                 o.sample("sluice_cluster_nodes", &[("cluster", &view.name), ("state", state)], n);
             }
             o.family(
+                "sluice_cluster_wills_published_total",
+                "counter",
+                "Wills of connections lost with their node that this node published.",
+            );
+            o.sample("sluice_cluster_wills_published_total", &[("cluster", &view.name)], view.wills_published);
+            o.family(
+                "sluice_cluster_wills_released_again_total",
+                "counter",
+                "Wills released again because the survivor publishing them went before it said it sent them.",
+            );
+            o.sample(
+                "sluice_cluster_wills_released_again_total",
+                &[("cluster", &view.name)],
+                view.wills_released_again,
+            );
+            o.family(
                 "sluice_cluster_sessions_adopted_total",
                 "counter",
                 "Persistent sessions of dead nodes rebuilt here from the log for a client that reconnected.",

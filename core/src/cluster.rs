@@ -433,9 +433,13 @@ pub struct Claim {
     pub expiry: u32,
     /// A [`ClaimKind::Release`] written by a survivor (this node id) about a dead node's will:
     /// the survivor whose release is read first publishes the will, so it goes out once even
-    /// when survivors disagree on who should.
+    /// when survivors disagree on who should. Also the survivor of a [`ClaimKind::WillSent`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub by: Option<String>,
+    /// With `by`: the incarnation of `by` that wrote the record. Only that incarnation
+    /// publishes the will; a later one (`by` restarted) reads its release as another node's.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub by_inc: u64,
     /// A connection with clean start off whose CONNACK waits for the session: the node this
     /// node believes holds it. That node answers with a [`ClaimKind::Handover`], empty when it
     /// has no session to give.
@@ -506,6 +510,11 @@ pub enum ClaimKind {
     /// [`adopt_session`]). Keyed apart from the client's claims ([`session_record_key`]) so
     /// that compaction keeps both.
     Session,
+    /// The survivor `by` (incarnation `by_inc`) published the will of `client` that it released
+    /// (the will `node`, incarnation `inc`, held): nobody publishes it again. Until this is read
+    /// the will stays released by `by`; should `by` die, restart or leave first, another
+    /// survivor releases and publishes it (so a will is lost only with every survivor).
+    WillSent,
 }
 
 /// The `.sessions` record key of `client`'s [`ClaimKind::Session`] records.
@@ -564,6 +573,7 @@ impl Claim {
             will_delay: 0,
             expiry: 0,
             by: None,
+            by_inc: 0,
             from: None,
             low: None,
             pos: Vec::new(),
@@ -757,6 +767,11 @@ impl Members {
 
     pub fn members(&self) -> Vec<Member> {
         self.nodes.values().cloned().collect()
+    }
+
+    /// This node's id.
+    pub fn me(&self) -> &str {
+        &self.me
     }
 
     pub fn alive(&self) -> impl Iterator<Item = &str> {

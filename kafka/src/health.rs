@@ -84,6 +84,15 @@ pub struct ClusterView {
     pub adopted_left_out: u64,
     /// Of those, replays that failed or ran out of time (sent with what they had read).
     pub adoptions_incomplete: u64,
+    /// This node has heard its own heartbeats for `dead_after_ms`: only now does it declare
+    /// other nodes dead and release their wills.
+    pub settled: bool,
+    /// Wills of other nodes' clients known here now; wills of lost connections this node
+    /// published, since start; wills released again because their publisher went before it
+    /// said it sent them.
+    pub wills_held: u64,
+    pub wills_published: u64,
+    pub wills_released_again: u64,
 }
 
 /// Payload schema work off the shards, summed over the Kafka threads (relaxed atomics, bumped

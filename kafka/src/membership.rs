@@ -15,7 +15,12 @@
 //!    claim of the client cancels it) and writes a release naming itself. The node whose
 //!    release is read first publishes the will — into `<prefix>.messages` as the owner's record
 //!    (every node, itself included, delivers it; a retained one into `.retained` too) — so a
-//!    will goes out once even when survivors disagree on who is lowest.
+//!    will goes out once even when survivors disagree on who is lowest. Then it writes that it
+//!    did ([`ClaimKind::WillSent`]); until every node read that, the will stays released by it,
+//!    and should it die, restart or leave first, the will is released and published again by
+//!    another survivor: lost only with every node, sent twice only if its publisher dies
+//!    between publishing and saying so. A node's releases name its incarnation (`by_inc`): after
+//!    a restart it reads its old ones as another node's and does not publish those wills again.
 //!
 //! 6. keeps this node's *floor* and sends it with every heartbeat: each shard's lease says how
 //!    old its oldest message still queued or in flight for a persistent session is, and where
@@ -166,6 +171,25 @@ struct WillEntry {
     /// When this node writes its release (and publishes the will if that release is read
     /// first); `None`: the connection is not known to be gone, or another node publishes.
     due_ms: Option<u64>,
+    /// The survivor whose release was read first (it publishes the will), until its
+    /// [`ClaimKind::WillSent`] is read; cleared when it is gone before that.
+    released: Option<Releaser>,
+}
+
+/// A survivor that released a will: node, incarnation, and when its release was read here.
+struct Releaser {
+    node: String,
+    inc: u64,
+    read_ms: u64,
+}
+
+/// A will this node's release won: it publishes it, then says so ([`ClaimKind::WillSent`]).
+struct Won {
+    client: String,
+    /// The node and incarnation that held the will.
+    owner: String,
+    inc: u64,
+    record: Record,
 }
 
 /// The latest will of each client id, by the node that holds it (see the module doc).
@@ -177,7 +201,9 @@ struct Wills {
     /// all): when it dies, the survivor says it has none any more.
     shares: HashMap<String, std::collections::HashSet<String>>,
     /// Wills whose release by this node was read first: this node publishes them.
-    won: Vec<(String, Record)>,
+    won: Vec<Won>,
+    /// Wills released again (their publisher went before its [`ClaimKind::WillSent`]).
+    released_again: u64,
     /// Persistent sessions by client id, and those not kept (beyond [`REGISTRY_MAX`]).
     registry: HashMap<String, SessionEntry>,
     registry_refused: u64,
@@ -186,7 +212,9 @@ struct Wills {
     floor: Floor,
 }
 
-/// A due will whose release was written but not read back is released again after this long.
+/// A due will whose release was written but not read back is released again after this long;
+/// a will this node won and published whose [`ClaimKind::WillSent`] was not read back is
+/// published again after this long.
 const RELEASE_RETRY_MS: u64 = 5_000;
 
 impl Wills {
@@ -232,7 +260,7 @@ impl Wills {
             }
             _ => {}
         }
-        let me = me.cfg.node_id.as_str();
+        let (me, my_inc) = (me.cfg.node_id.as_str(), me.incarnation);
         match (claim.kind, claim.will) {
             (ClaimKind::Share, _) => {
                 let keys = self.shares.entry(claim.node).or_default();
@@ -253,7 +281,8 @@ impl Wills {
                     return;
                 }
                 let after_ms = claim.will_after_ms();
-                let entry = WillEntry { node: claim.node, inc: claim.inc, after_ms, record, due_ms: None };
+                let entry =
+                    WillEntry { node: claim.node, inc: claim.inc, after_ms, record, due_ms: None, released: None };
                 self.by_client.insert(claim.client, entry);
             }
             // A new connection of the client, anywhere: the will of the old one is gone (a
@@ -263,18 +292,34 @@ impl Wills {
             }
             (ClaimKind::Handover | ClaimKind::Lease | ClaimKind::Session, _) => {}
             // A release of the will by the incarnation that held it (not an older one's, read
-            // after a newer claim), or by a survivor: the first survivor's release read wins.
+            // after a newer claim): its connection ended, the will is gone. Or by a survivor:
+            // the first survivor's release read wins, and that survivor publishes it.
             (ClaimKind::Release, _) => {
-                let held = self
+                let Some(e) = self.by_client.get_mut(&claim.client) else { return };
+                if e.node != claim.node || (claim.inc != 0 && claim.inc != e.inc) {
+                    return;
+                }
+                let Some(by) = claim.by else {
+                    self.by_client.remove(&claim.client);
+                    return;
+                };
+                if e.released.is_some() {
+                    return; // another survivor's release was read first
+                }
+                if by == me && claim.by_inc == my_inc {
+                    let (owner, inc, record) = (e.node.clone(), e.inc, e.record.clone());
+                    self.won.push(Won { client: claim.client, owner, inc, record });
+                }
+                e.released = Some(Releaser { node: by, inc: claim.by_inc, read_ms: now_ms });
+            }
+            // Its publisher says the will went out: gone for good.
+            (ClaimKind::WillSent, _) => {
+                let sent = self
                     .by_client
                     .get(&claim.client)
                     .is_some_and(|e| e.node == claim.node && (claim.inc == 0 || claim.inc == e.inc));
-                if held {
-                    if let Some(e) = self.by_client.remove(&claim.client) {
-                        if claim.by.as_deref() == Some(me) {
-                            self.won.push((claim.client, e.record));
-                        }
-                    }
+                if sent {
+                    self.by_client.remove(&claim.client);
                 }
             }
         }
@@ -286,10 +331,34 @@ impl Wills {
 
     /// The wills this node should release now (client, owner, owner's incarnation): of
     /// connections that are gone (their node dead or restarted) whose delay is over, when this
-    /// node is the one to publish them. A connection seen alive again is not due any more.
-    fn due(&mut self, members: &Members, now_ms: u64) -> Vec<(String, String, u64)> {
+    /// node is the one to publish them. A connection seen alive again is not due any more. A
+    /// will released by a survivor that is gone (dead, left, restarted) before it said it
+    /// published it is due again; one this node (`my_inc`) won and published without its
+    /// [`ClaimKind::WillSent`] read back for [`RELEASE_RETRY_MS`] goes to `won` again.
+    fn due(&mut self, members: &Members, my_inc: u64, now_ms: u64) -> Vec<(String, String, u64)> {
         let mut out = Vec::new();
         for (client, e) in &mut self.by_client {
+            if let Some(r) = &mut e.released {
+                if r.node == members.me() && r.inc == my_inc {
+                    if now_ms >= r.read_ms + RELEASE_RETRY_MS {
+                        r.read_ms = now_ms;
+                        let (owner, inc, record) = (e.node.clone(), e.inc, e.record.clone());
+                        self.won.push(Won { client: client.clone(), owner, inc, record });
+                    }
+                    continue;
+                }
+                let gone = members.get(&r.node).is_none_or(|m| match m.state {
+                    MemberState::Alive => m.incarnation > r.inc,
+                    MemberState::Dead | MemberState::Left => true,
+                });
+                if !gone {
+                    continue;
+                }
+                tracing::info!(client = %client, releaser = %r.node, "cluster: a will's publisher is gone before it said it sent it: released again");
+                self.released_again += 1;
+                e.released = None;
+                e.due_ms = None;
+            }
             if !(members.connection_gone(&e.node, e.inc) && members.publishes_for(&e.node)) {
                 e.due_ms = None;
                 continue;
@@ -497,7 +566,7 @@ async fn clear_shares(me: &NodeIdentity, gone: &str, kafka: &Cluster, wills: &Mu
 /// (`Claim::by`): whichever survivor's release of a will is read first publishes it.
 async fn release_due(me: &NodeIdentity, kafka: &Cluster, wills: &Mutex<Wills>, members: &Members, now_ms: u64) {
     let due = match wills.lock() {
-        Ok(mut w) => w.due(members, now_ms),
+        Ok(mut w) => w.due(members, me.incarnation, now_ms),
         Err(_) => return,
     };
     if due.is_empty() {
@@ -505,8 +574,12 @@ async fn release_due(me: &NodeIdentity, kafka: &Cluster, wills: &Mutex<Wills>, m
     }
     let timestamp = Utc.timestamp_millis_opt(wall_ms() as i64).single().unwrap_or_default();
     let records = due.into_iter().map(|(client, owner, inc)| {
-        let release =
-            Claim { inc, by: Some(me.cfg.node_id.clone()), ..Claim::new(&owner, &client, 0, ClaimKind::Release) };
+        let release = Claim {
+            inc,
+            by: Some(me.cfg.node_id.clone()),
+            by_inc: me.incarnation,
+            ..Claim::new(&owner, &client, 0, ClaimKind::Release)
+        };
         Record {
             key: Some(client.into_bytes()),
             value: None,
@@ -521,32 +594,50 @@ async fn release_due(me: &NodeIdentity, kafka: &Cluster, wills: &Mutex<Wills>, m
 
 /// Publishes the wills this node's release won (see [`Wills::won`]) into `.messages` as their
 /// node's records (every node delivers them, this one included), retained ones into
-/// `.retained` too.
-async fn publish_won(me: &NodeIdentity, kafka: &Cluster, wills: &Mutex<Wills>) {
+/// `.retained` too; once Kafka took them, says so in `.sessions` ([`ClaimKind::WillSent`]).
+/// What Kafka did not take is published again after [`RELEASE_RETRY_MS`] (`Wills::due`).
+async fn publish_won(me: &NodeIdentity, kafka: &Cluster, wills: &Mutex<Wills>) -> u64 {
     let won = match wills.lock() {
         Ok(mut w) => std::mem::take(&mut w.won),
-        Err(_) => return,
+        Err(_) => return 0,
     };
     if won.is_empty() {
-        return;
+        return 0;
     }
     let timestamp = Utc.timestamp_millis_opt(wall_ms() as i64).single().unwrap_or_default();
-    let (mut messages, mut retained) = (Vec::new(), Vec::new());
-    for (client, mut record) in won {
+    let (mut messages, mut retained, mut sent) = (Vec::new(), Vec::new(), Vec::new());
+    for Won { client, owner, inc, mut record } in won {
         record.headers.remove(CLAIM_HEADER);
         record.timestamp = timestamp;
-        record.key = Some(client.into_bytes());
+        record.key = Some(client.clone().into_bytes());
         if record.headers.get("mqtt.retain").is_some_and(|v| v == b"true") {
             let mut r = record.clone();
             r.key = record.headers.get("mqtt.topic").cloned();
             retained.push(r);
         }
         messages.push(record);
+        let claim = Claim {
+            inc,
+            by: Some(me.cfg.node_id.clone()),
+            by_inc: me.incarnation,
+            ..Claim::new(&owner, &client, 0, ClaimKind::WillSent)
+        };
+        sent.push(Record {
+            key: Some(client.into_bytes()),
+            value: None,
+            headers: [(CLAIM_HEADER.to_string(), claim.encode())].into(),
+            timestamp,
+        });
     }
     let n = messages.len();
-    produce_keyed(kafka, &me.cfg.messages_topic(), messages).await;
+    let published = produce_keyed(kafka, &me.cfg.messages_topic(), messages).await;
     produce_keyed(kafka, &me.cfg.retained_topic(), retained).await;
+    if !published {
+        return 0;
+    }
     tracing::info!(wills = n, "cluster: published the wills of connections lost with their node");
+    produce_keyed(kafka, &me.cfg.sessions_topic(), sent).await;
+    n as u64
 }
 
 /// Rebuilds `a.client`'s session that `a.from` (dead) held, from `entry` (its subscriptions)
@@ -663,9 +754,9 @@ async fn replay(
 
 /// Produces `records` into `topic`, each into its key's partition, one request per partition;
 /// failures are logged (all bounded by ten seconds).
-async fn produce_keyed(kafka: &Cluster, topic: &str, records: Vec<Record>) {
+async fn produce_keyed(kafka: &Cluster, topic: &str, records: Vec<Record>) -> bool {
     if records.is_empty() {
-        return;
+        return true;
     }
     let sent = tokio::time::timeout(Duration::from_secs(10), async {
         let n = kafka.partitions(topic, Instant::now() + Duration::from_secs(10)).await.map_err(|e| e.to_string())?;
@@ -682,10 +773,11 @@ async fn produce_keyed(kafka: &Cluster, topic: &str, records: Vec<Record>) {
     })
     .await;
     match sent {
-        Ok(Ok(())) => {}
+        Ok(Ok(())) => return true,
         Ok(Err(e)) => tracing::warn!(%topic, "cluster: producing to an internal topic failed: {e}"),
         Err(_) => tracing::warn!(%topic, "cluster: producing to an internal topic timed out"),
     }
+    false
 }
 
 /// The next records of a table read from its beginning: `offset` is where the last fetch ended
@@ -789,10 +881,14 @@ async fn read(
             let (me, kafka, health) = (me.clone(), kafka.clone(), health.clone());
             tokio::spawn(async move { adopt(&me, &kafka, &health, a, entry, floor, carriers).await });
         }
-        publish_won(me, kafka, wills).await;
+        let published = publish_won(me, kafka, wills).await;
         let list = members.members();
+        let (held, again) = wills.lock().map(|w| (w.by_client.len() as u64, w.released_again)).unwrap_or_default();
+        let settled = members.settled(now_ms());
         health.update_cluster(|v| {
             v.members = list;
+            (v.settled, v.wills_held, v.wills_released_again) = (settled, held, again);
+            v.wills_published += published;
             if !failing {
                 v.last_error = None;
             }
@@ -1000,7 +1096,7 @@ mod tests {
     }
 
     fn release_by(owner: &str, client: &str, inc: u64, by: &str) -> Claim {
-        Claim { inc, by: Some(by.into()), ..Claim::new(owner, client, 0, ClaimKind::Release) }
+        Claim { inc, by: Some(by.into()), by_inc: 1, ..Claim::new(owner, client, 0, ClaimKind::Release) }
     }
 
     /// n1 (this node) and n2 alive for long enough that n1 has heard itself (settled).
@@ -1020,12 +1116,12 @@ mod tests {
         let (mut m, now) = members();
         let mut w = Wills::default();
         w.apply(&me("n1"), connect("n2", "old", 1, 0, 0), record(), 0);
-        assert!(w.due(&m, now).is_empty(), "n2 alive as the incarnation that holds it");
+        assert!(w.due(&m, 1, now).is_empty(), "n2 alive as the incarnation that holds it");
         m.on_heartbeat(hb("n2", 2), 0, now + 10);
         w.apply(&me("n1"), connect("n2", "new", 2, 0, 0), record(), 0);
-        assert_eq!(w.due(&m, now + 10), vec![("old".to_string(), "n2".to_string(), 1)]);
-        assert!(w.due(&m, now + 20).is_empty(), "released once, then again only after the retry time");
-        assert_eq!(w.due(&m, now + 10 + RELEASE_RETRY_MS).len(), 1);
+        assert_eq!(w.due(&m, 1, now + 10), vec![("old".to_string(), "n2".to_string(), 1)]);
+        assert!(w.due(&m, 1, now + 20).is_empty(), "released once, then again only after the retry time");
+        assert_eq!(w.due(&m, 1, now + 10 + RELEASE_RETRY_MS).len(), 1);
     }
 
     #[test]
@@ -1039,7 +1135,7 @@ mod tests {
         w.apply(&me("n1"), release_by("n3", "d", 7, "n1"), record(), 0);
         w.apply(&me("n1"), release_by("n3", "d", 7, "n2"), record(), 0);
         assert_eq!(w.won.len(), 1);
-        assert_eq!(w.won[0].0, "d");
+        assert_eq!(w.won[0].client, "d");
     }
 
     #[test]
@@ -1050,15 +1146,78 @@ mod tests {
         w.apply(&me("n1"), connect("n2", "short-session", 1, 30, 2), record(), 0);
         w.apply(&me("n1"), connect("n2", "back", 1, 30, 3600), record(), 0);
         m.on_heartbeat(hb("n2", 2), 0, now);
-        assert!(w.due(&m, now).is_empty());
-        assert_eq!(w.due(&m, now + 2000), vec![("short-session".to_string(), "n2".to_string(), 1)]);
+        assert!(w.due(&m, 1, now).is_empty());
+        assert_eq!(w.due(&m, 1, now + 2000), vec![("short-session".to_string(), "n2".to_string(), 1)]);
         w.apply(&me("n1"), release_by("n2", "short-session", 1, "n1"), record(), 0);
         assert_eq!(w.won.len(), 1, "read back: this node publishes it");
         // The client connects again (anywhere, without a will) before the delay is out.
         w.apply(&me("n1"), Claim::new("n1", "back", 0, ClaimKind::Connect), record(), 0);
-        let mut due: Vec<String> = w.due(&m, now + 30_000).into_iter().map(|d| d.0).collect();
+        let mut due: Vec<String> = w.due(&m, 1, now + 30_000).into_iter().map(|d| d.0).collect();
         due.sort();
         assert_eq!(due, vec!["slow".to_string()]);
+    }
+
+    fn will_sent(owner: &str, client: &str, inc: u64, by: &str, by_inc: u64) -> Claim {
+        Claim { inc, by: Some(by.into()), by_inc, ..Claim::new(owner, client, 0, ClaimKind::WillSent) }
+    }
+
+    #[test]
+    fn a_will_whose_publisher_dies_before_saying_it_sent_it_is_released_and_published_again() {
+        let (mut m, now) = members();
+        m.on_heartbeat(hb("n3", 7), 5_000, now); // n3 (the will's node) was last heard of long ago
+        let mut w = Wills::default();
+        w.apply(&me("n1"), connect("n3", "c", 7, 0, 0), record(), 0);
+        w.apply(&me("n1"), release_by("n3", "c", 7, "n2"), record(), now);
+        assert!(w.won.is_empty(), "n2's release was read first: n2 publishes");
+        assert!(w.due(&m, 1, now + RELEASE_RETRY_MS).is_empty(), "n2 is alive: it publishes, n1 waits");
+        // n2 dies before its WillSent is read.
+        let mut t = now;
+        while m.get("n2").is_some_and(|n| n.state == MemberState::Alive) {
+            t += 100;
+            m.on_heartbeat(hb("n1", 1), 0, t);
+            m.tick(t);
+        }
+        assert_eq!(w.due(&m, 1, t), vec![("c".to_string(), "n3".to_string(), 7)], "released again by n1");
+        w.apply(&me("n1"), release_by("n3", "c", 7, "n1"), record(), t);
+        assert_eq!(w.won.len(), 1, "n1 publishes it now");
+        w.won.clear();
+        assert!(w.due(&m, 1, t + 10).is_empty());
+        // n1's own WillSent read back: the will is gone for good.
+        w.apply(&me("n1"), will_sent("n3", "c", 7, "n1", 1), record(), t + 20);
+        assert!(!w.by_client.contains_key("c"));
+        assert!(w.due(&m, 1, t + 10 * RELEASE_RETRY_MS).is_empty() && w.won.is_empty());
+    }
+
+    #[test]
+    fn a_won_will_whose_sent_record_is_not_read_back_is_published_again_and_a_restart_does_not_republish() {
+        let (mut m, now) = members();
+        m.on_heartbeat(hb("n3", 7), 5_000, now);
+        let mut w = Wills::default();
+        w.apply(&me("n1"), connect("n3", "c", 7, 0, 0), record(), 0);
+        w.apply(&me("n1"), release_by("n3", "c", 7, "n1"), record(), now);
+        assert_eq!(w.won.len(), 1);
+        w.won.clear(); // published, but its WillSent never came back (Kafka did not take it)
+        assert!(w.due(&m, 1, now + RELEASE_RETRY_MS - 1).is_empty() && w.won.is_empty());
+        assert!(w.due(&m, 1, now + RELEASE_RETRY_MS).is_empty(), "not released again: published again");
+        assert_eq!(w.won.len(), 1);
+
+        // The same log read by n1 restarted as incarnation 2: its first incarnation's release
+        // and WillSent are another node's; the will stays sent.
+        let mut restarted = me("n1");
+        restarted.incarnation = 2;
+        let mut w = Wills::default();
+        w.apply(&restarted, connect("n3", "c", 7, 0, 0), record(), 0);
+        w.apply(&restarted, release_by("n3", "c", 7, "n1"), record(), 0);
+        w.apply(&restarted, will_sent("n3", "c", 7, "n1", 1), record(), 0);
+        assert!(w.won.is_empty(), "the first incarnation's win is not the restarted node's");
+        assert!(!w.by_client.contains_key("c"));
+        // Without the WillSent (the first incarnation died before it): released again.
+        let mut w = Wills::default();
+        w.apply(&restarted, connect("n3", "c", 7, 0, 0), record(), 0);
+        w.apply(&restarted, release_by("n3", "c", 7, "n1"), record(), 0);
+        assert!(w.won.is_empty());
+        m.on_heartbeat(hb("n1", 2), 0, now + 1);
+        assert_eq!(w.due(&m, 2, now + 1), vec![("c".to_string(), "n3".to_string(), 7)]);
     }
 
     #[test]
@@ -1068,7 +1227,7 @@ mod tests {
         m.on_heartbeat(hb("n2", 2), 0, now);
         let mut w = Wills::default();
         w.apply(&me("n1"), connect("n2", "c", 1, 0, 0), record(), 0);
-        assert!(w.due(&m, now).is_empty(), "n0 publishes, not n1");
+        assert!(w.due(&m, 1, now).is_empty(), "n0 publishes, not n1");
         // n2's own release, but of a newer incarnation than the will's: not this will's.
         w.apply(&me("n1"), Claim { inc: 2, ..Claim::new("n2", "c", 0, ClaimKind::Release) }, record(), 0);
         assert!(w.by_client.contains_key("c"));

@@ -367,7 +367,7 @@ impl Shard {
         let Some(claim) = Claim::decode(json) else { return };
         match claim.kind {
             // For the survivors' tables of wills and sessions (`sluice-kafka`).
-            ClaimKind::Release | ClaimKind::Session => return,
+            ClaimKind::Release | ClaimKind::Session | ClaimKind::WillSent => return,
             ClaimKind::Handover => {
                 if claim.to.as_ref().is_some_and(|t| t.node == **node && t.shard == self.id) {
                     self.take_handover(&claim, value, now_ms);
