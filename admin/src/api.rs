@@ -493,6 +493,10 @@ fn cluster_json(state: &State) -> Value {
         "adopted_messages": v.adopted_messages,
         "adopted_left_out": v.adopted_left_out,
         "adoptions_incomplete": v.adoptions_incomplete,
+        "wills_refused": v.wills_refused,
+        "sessions_refused": v.sessions_refused,
+        "shares_refused": v.shares_refused,
+        "adoptions_refused": v.adoptions_refused,
     })
 }
 
