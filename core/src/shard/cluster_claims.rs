@@ -22,7 +22,11 @@
 //!   ([`ClaimKind::Share`]) — are coalesced: a change marks the session or group, and the
 //!   next lease (every `heartbeat_ms`) writes one record each with the state *then*, so a
 //!   client that floods SUBSCRIBE costs one record per heartbeat, not one per packet. What must
-//!   not wait goes at once: a session's end, a group's first member and its last.
+//!   not wait goes at once: a session's end, a group's first member and its last, and a
+//!   session's change when its last record from here is a heartbeat old or more or it has none
+//!   (its first SUBSCRIBE here, a session handed over): held back, a node killed within the
+//!   heartbeat leaves the survivors no record to rebuild the session from, or an old one,
+//!   though its client has its SUBACK. Only changes within a heartbeat of a record wait.
 //!
 //! Every node reads one client id's claims in one order (one partition), so of two nodes
 //! serving one client id at once, exactly one keeps it, once both read both claims.
@@ -859,21 +863,31 @@ impl Shard {
 
     /// `client_id`'s persistent session lives here now with these subscriptions, or ended here
     /// (not persistent any more): a [`ClaimKind::Session`] record, what a survivor rebuilds it
-    /// from should this node die. A live session's record goes with the next lease (with its
-    /// subscriptions then: one record per heartbeat however many SUBSCRIBEs), an end at once:
-    /// held back, it could reach Kafka after the record of a session its client started since
-    /// on another shard of this node, and erase that one from the others' tables (same node).
+    /// from should this node die. An end goes at once: held back, it could reach Kafka after
+    /// the record of a session its client started since on another shard of this node, and
+    /// erase that one from the others' tables (same node). So does a change to a live session
+    /// whose last record from here is a heartbeat old or more, or that has none (new here):
+    /// until the others read it, this node's death loses the session or its new subscriptions
+    /// (the client has its SUBACK). A change within a heartbeat of a record goes with the next
+    /// lease, with the subscriptions then: a client that floods SUBSCRIBE costs a record per
+    /// heartbeat, and a quiet one's change waits for nothing.
     pub(super) fn announce_session(&mut self, client_id: &ClientId, now_ms: u64) {
         if self.claims.node.is_none() {
             return;
         }
-        if self.sessions.get(client_id).is_none_or(|s| s.expiry_secs == 0) {
+        let Some(recorded_ms) = self.sessions.get(client_id).filter(|s| s.expiry_secs > 0).map(|s| s.recorded_ms)
+        else {
             self.claims.sessions_dirty.remove(client_id);
             self.write_session(client_id, now_ms);
             return;
-        }
+        };
         if self.claims.sessions_dirty.contains(client_id) {
             self.claims.state_coalesced += 1;
+            return;
+        }
+        let heartbeat_ms = self.claims.lease_ms.unwrap_or(0);
+        if recorded_ms.is_none_or(|at| now_ms.saturating_sub(at) >= heartbeat_ms) {
+            self.write_session(client_id, now_ms);
             return;
         }
         if self.claims.sessions_dirty.len() >= DIRTY_MAX {
@@ -896,10 +910,11 @@ impl Shard {
     fn write_session(&mut self, client_id: &ClientId, now_ms: u64) {
         let Some(me) = &self.claims.node else { return };
         let (node, inc) = (me.node.clone(), me.incarnation);
-        let (value, active, expiry) = match self.sessions.get(client_id) {
+        let (value, active, expiry) = match self.sessions.get_mut(client_id) {
             Some(s) if s.expiry_secs > 0 => {
                 let mut bytes = Vec::new();
                 s.encode_subscriptions(self.wall_offset_ms, &mut bytes);
+                s.recorded_ms = Some(now_ms);
                 (Bytes::from(bytes), true, s.expiry_secs)
             }
             _ => (Bytes::new(), false, 0),

@@ -1974,10 +1974,11 @@ fn lease_walk_cost() {
     assert_eq!(low, None);
 }
 
-/// SUBSCRIBE packets as fast as a client sends them on a persistent session: one `Session`
-/// record per lease with the subscriptions then, none while nothing changes, an end at once,
-/// a session moving to another shard says its subscriptions before it goes, and a full set is
-/// written out early (never dropped).
+/// SUBSCRIBE packets as fast as a client sends them on a persistent session: its first change
+/// here written at once, the ones within a heartbeat of a record as one `Session` record at
+/// the next lease with the subscriptions then, none while nothing changes, a change after a
+/// quiet heartbeat at once again, an end at once, a session moving to another shard says its
+/// subscriptions before it goes, and a full set is written out early (never dropped).
 #[test]
 fn a_persistent_sessions_subscriptions_are_written_once_per_lease_however_many_subscribes() {
     use crate::cluster::ClaimKind;
@@ -1998,19 +1999,27 @@ fn a_persistent_sessions_subscriptions_are_written_once_per_lease_however_many_s
     }
     let acks = w.recv(0, 1, V5).into_iter().filter(|p| matches!(p, Packet::SubAck(_))).count();
     assert_eq!(acks, 500);
-    assert!(w.claims(ClaimKind::Session).is_empty(), "nothing before the lease");
+    let recs = w.claims(ClaimKind::Session);
+    assert_eq!(recs.len(), 1, "the first change at once, the others wait for the lease");
+    assert_eq!(subs_of(&recs[0].1), ["flood/000"]);
     w.tick(500);
     assert!(w.claims(ClaimKind::Session).is_empty());
     w.tick(1000);
     let recs = w.claims(ClaimKind::Session);
-    assert_eq!(recs.len(), 1, "one record for 500 SUBSCRIBEs");
+    assert_eq!(recs.len(), 1, "one record for the other 499 SUBSCRIBEs");
     assert!(recs[0].0.active && recs[0].0.client == "flood" && recs[0].0.expiry == 600);
     assert_eq!(subs_of(&recs[0].1).len(), 500, "with the subscriptions at the lease");
     w.tick(2000);
     assert!(w.claims(ClaimKind::Session).is_empty(), "nothing changed: no record");
+    // A heartbeat after the last record: the next change goes at once, the one after it waits.
     w.send(0, 1, V5, unsubscribe("flood/000"));
+    commit_sessions(&mut w, &mut store);
+    let recs = w.claims(ClaimKind::Session);
+    assert_eq!(recs.len(), 1);
+    assert_eq!(subs_of(&recs[0].1).len(), 499);
     w.send(0, 1, V5, subscribe("late/#", 1));
     commit_sessions(&mut w, &mut store);
+    assert!(w.claims(ClaimKind::Session).is_empty());
     w.tick(3000);
     let recs = w.claims(ClaimKind::Session);
     assert_eq!(recs.len(), 1);
@@ -2021,11 +2030,12 @@ fn a_persistent_sessions_subscriptions_are_written_once_per_lease_however_many_s
         a += b;
         a
     });
-    assert_eq!((c.state_records, c.state_coalesced), (2, 500), "501 changes before the first lease, 2 after");
+    assert_eq!((c.state_records, c.state_coalesced), (4, 498), "502 changes, 4 records");
 
     // It moves to shard 1 (a reconnect there) with a change not written yet: written as it goes.
     w.send(0, 1, V5, subscribe("moving/#", 1));
     commit_sessions(&mut w, &mut store);
+    assert!(w.claims(ClaimKind::Session).is_empty(), "within a heartbeat of the lease's record");
     w.connect(1, 2, V5, "flood", false);
     let recs = w.claims(ClaimKind::Session);
     assert_eq!(recs.len(), 1, "said by the shard it leaves");
@@ -2035,7 +2045,9 @@ fn a_persistent_sessions_subscriptions_are_written_once_per_lease_however_many_s
 
     // A session that ends says so at once, not at the lease, and nothing after.
     w.send(1, 2, V5, subscribe("last/#", 1));
+    w.send(1, 2, V5, subscribe("after-last/#", 1));
     commit_sessions(&mut w, &mut store);
+    assert_eq!(w.claims(ClaimKind::Session).len(), 1, "a heartbeat after the record it moved with: at once");
     w.send(
         1,
         2,
@@ -2054,10 +2066,13 @@ fn a_persistent_sessions_subscriptions_are_written_once_per_lease_however_many_s
 
     // A full set goes out early (counted): nothing is dropped.
     w.connect(0, 3, V5, "again", false);
+    w.send(0, 3, V5, subscribe("a/#", 1));
+    commit_sessions(&mut w, &mut store);
+    assert_eq!(w.claims(ClaimKind::Session).len(), 1, "new here: at once");
     for i in 0..cluster_claims::DIRTY_MAX {
         w.shards[0].claims.sessions_dirty.insert(format!("gone-{i}").into());
     }
-    w.send(0, 3, V5, subscribe("a/#", 1));
+    w.send(0, 3, V5, subscribe("b/#", 1));
     commit_sessions(&mut w, &mut store);
     assert_eq!(w.shards[0].claims.stats().state_flushed_early, 1);
     assert!(w.claims(ClaimKind::Session).is_empty(), "sessions no longer here write nothing");
@@ -2065,6 +2080,33 @@ fn a_persistent_sessions_subscriptions_are_written_once_per_lease_however_many_s
     w.tick(6000);
     let recs = w.claims(ClaimKind::Session);
     assert_eq!(recs.iter().map(|r| r.0.client.as_str()).collect::<Vec<_>>(), ["again"]);
+}
+
+/// A node killed right after a persistent session's SUBACK: its `Session` record is in Kafka
+/// already, not waiting for a lease that never comes (the survivors rebuild the session from
+/// it); a change that follows within the heartbeat waits for the lease.
+#[test]
+fn a_persistent_session_new_on_this_node_is_recorded_before_the_next_lease() {
+    use crate::cluster::ClaimKind;
+    let mut w = World::cluster(1, 1000);
+    w.tick(0);
+    w.now = 10;
+    let mut store = HashMap::default();
+    w.connect(0, 1, Version::V311, "orphan", false);
+    w.send(0, 1, Version::V311, subscribe("fleet/#", 1));
+    commit_sessions(&mut w, &mut store);
+    assert!(w.recv(0, 1, Version::V311).iter().any(|p| matches!(p, Packet::SubAck(_))));
+    let recs = w.claims(ClaimKind::Session);
+    assert_eq!(recs.len(), 1, "no record before the lease at 1000 ms: a survivor has nothing to rebuild");
+    assert!(recs[0].0.active && recs[0].0.client == "orphan" && recs[0].0.expiry == u32::MAX);
+    let s = Session::decode("orphan".into(), 0, &recs[0].1, 0, 0).expect("a session's stored form");
+    assert!(s.subs.contains_key("fleet/#"));
+    w.now = 20;
+    w.send(0, 1, Version::V311, subscribe("home/#", 1));
+    commit_sessions(&mut w, &mut store);
+    assert!(w.claims(ClaimKind::Session).is_empty(), "10 ms after the record: with the lease");
+    w.tick(1000);
+    assert_eq!(w.claims(ClaimKind::Session).len(), 1);
 }
 
 /// A node's member count of a shared-subscription group: its first member and its last said at
