@@ -68,9 +68,10 @@ pub(super) struct ClusterClaims {
     remote_shares: HashMap<String, Vec<(Arc<str>, u32)>>,
     /// Share records beyond [`SHARE_KEYS_MAX`], not kept.
     pub(super) shares_refused: u64,
-    /// Persistent sessions of this shard whose subscriptions changed since the last lease, and
-    /// groups owned here whose member count on this node differs from the one it announced:
-    /// one record each goes with the next lease (`Shard::flush_records`). ≤ [`DIRTY_MAX`] each.
+    /// Persistent sessions of this shard whose subscriptions changed since the last lease,
+    /// within a heartbeat of their last record (others are written at once), and groups owned
+    /// here whose member count on this node differs from the one it announced: one record each
+    /// goes with the next lease (`Shard::flush_records`). ≤ [`DIRTY_MAX`] each.
     pub(super) sessions_dirty: HashSet<ClientId>,
     shares_dirty: HashSet<String>,
     /// Session and Share records written; changes that joined a record already due (the
