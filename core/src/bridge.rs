@@ -511,13 +511,14 @@ impl KafkaRecord {
         self.source.as_ref()
     }
 
-    /// Drops the record but for its source message, which is returned: the Kafka thread hands
-    /// it back to the shard in the record's [`ProduceResult`] (see [`ProduceResult::source`]).
-    /// The rest of a routed record frees nothing where it is dropped (its topic, route and
-    /// value are shared with the router and the message); spill-log replays and dead-letter
-    /// copies own boxed parts, freed here.
-    pub fn into_source(self) -> Option<Msg> {
-        self.source
+    /// Takes the source message out of a record that is done with (acknowledged by Kafka and
+    /// about to be dropped): the Kafka thread hands it back to the shard in the record's
+    /// [`ProduceResult`] (see [`ProduceResult::source`]). What is left of a routed record frees
+    /// nothing where it is dropped (its topic, route and value are shared with the router and
+    /// the message; spill-log replays and dead-letter copies own boxed parts). Without its
+    /// source, the record has no key or MQTT headers from it any more.
+    pub fn take_source(&mut self) -> Option<Msg> {
+        self.source.take()
     }
 
     /// An explicit partition from the mapping; placement by key otherwise.

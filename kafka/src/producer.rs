@@ -30,6 +30,7 @@ use rskafka::client::raw::{BrokerLink, ProduceAcks, TopicBatches};
 use sluice_core::bridge::{partition_for_key, KafkaRecord, ProduceError, ProduceRequest, ProduceResult};
 // foldhash, not SipHash: the topic map is looked up once per record (SipHash was 2.4 % of the
 // Kafka thread's samples at 100 B QoS 1).
+use sluice_core::config::Compression;
 use sluice_core::HashMap;
 use tokio::sync::mpsc;
 
@@ -668,7 +669,10 @@ impl Producer {
         q.solo = q.solo.saturating_sub(q.sent);
         let n = q.sent as u32;
         let now = Instant::now();
-        for i in q.take_sent() {
+        // Read in place and dropped in place: moving each 160-byte `Item` out of the queue to
+        // read it was 0.9 % of the Kafka thread's samples at 100 B QoS 0.
+        let sent = q.sent;
+        for i in q.records.range_mut(..sent) {
             if i.report {
                 self.out.push(ProduceResult {
                     id: i.req.id,
@@ -678,10 +682,11 @@ impl Producer {
                     latency_us: now.saturating_duration_since(i.enqueued).as_micros() as u64,
                     timed_out: None,
                     // The message goes back to its shard to be freed there.
-                    source: i.req.record.into_source(),
+                    source: i.req.record.take_source(),
                 });
             }
         }
+        drop(q.take_sent());
     }
 
     fn fail_sent(&mut self, cluster: u16, topic: &str, p: i32, e: ProduceError) {
@@ -878,6 +883,11 @@ impl Producer {
             }
             // Take records up to a full batch (at least one; one only after a too-large batch).
             let bytes = q.take_batch(batch_bytes);
+            if compression == Compression::None {
+                // Room for the whole batch: `split` below leaves the buffer only what the last
+                // batch did not use, and growing it mid-batch copies what is written so far.
+                self.buf.reserve(crate::batch::size_hint(q.sent, bytes));
+            }
             if let Err(e) = self.encoder.encode(q.sent_records(), compression, ProducerIds::NONE, &mut self.buf) {
                 // A record no Kafka batch can hold (a field past 2 GiB, a timestamp out of range).
                 tracing::warn!(cluster = %c.cluster.name, %topic, partition = p, error = %e, "cannot encode a record batch");
