@@ -359,7 +359,8 @@ impl Producer {
                 };
                 stage.check(req, &mut fetch)
             }
-            _ => Checked::Go(req),
+            // Straight on: not wrapped in a `Checked` only to be unwrapped (a move per record).
+            _ => return self.accept_checked(req, report, now),
         };
         self.after_check(checked, report, now);
     }
