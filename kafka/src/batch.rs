@@ -51,6 +51,20 @@ const OFF_PRODUCER_EPOCH: usize = 51; // i16
 const OFF_BASE_SEQUENCE: usize = 53; // i32
 const OFF_RECORD_COUNT: usize = 57; // i32
 
+/// Bytes a record takes in a batch beyond its key, value and header bytes, about: its length,
+/// attributes, timestamp and offset deltas, the key, value and header-count lengths and two
+/// lengths per header, as varints of one to three bytes (fields under 8 KiB, timestamps within
+/// ±1,000 s of the batch's first, four headers).
+pub const RECORD_OVERHEAD_BYTES: usize = 32;
+
+/// About what an uncompressed batch of `records` records with `bytes` of keys, values and
+/// headers (`KafkaRecord::size`) takes: reserved before encoding, so the buffer does not regrow
+/// (copying what it holds) in the middle of a batch (`realloc` copies were 1.6 % of the Kafka
+/// thread's samples at 100 B). A hint, not a bound: a batch larger than it still encodes.
+pub fn size_hint(records: usize, bytes: usize) -> usize {
+    HEADER_BYTES + bytes + records * RECORD_OVERHEAD_BYTES
+}
+
 /// Scratch capacity an encoder keeps between batches; a larger batch's buffers are released
 /// after it (so one huge batch does not pin its memory for the life of the producer).
 pub const SCRATCH_RETAIN_BYTES: usize = 4 << 20;
@@ -539,6 +553,21 @@ mod tests {
             ],
             1_764_000_000_000 + i as i64,
         )
+    }
+
+    #[test]
+    fn the_size_hint_holds_a_batch_of_records_like_sluices() {
+        // 100 B and 1 KiB payloads, four MQTT headers, timestamps a millisecond apart: the
+        // producer reserves the hint, so a batch past it would regrow the buffer mid-batch.
+        for (n, size) in [(1, 100), (500, 100), (2_000, 100), (100, 1_000), (10, 8_000)] {
+            let records: Vec<KafkaRecord> = (0..n).map(|i| sluice_like(i, size)).collect();
+            let bytes: usize = records.iter().map(KafkaRecord::size).sum();
+            let (out, _) = encode(&records, Compression::None);
+            let hint = size_hint(n, bytes);
+            assert!(out.len() <= hint, "{n} × {size} B: {} > {hint}", out.len());
+            // And not far above it: the hint is what is reserved.
+            assert!(hint - out.len() <= n * 16 + HEADER_BYTES, "{n} × {size} B: {} ≪ {hint}", out.len());
+        }
     }
 
     fn encode(records: &[KafkaRecord], c: Compression) -> (BytesMut, EncodedBatch) {

@@ -504,7 +504,7 @@ mod tests {
     }
 
     fn result(id: u64, outcome: Result<(), ProduceError>) -> ProduceResult {
-        ProduceResult { id, outcome, attempts: 1, batch_records: 1, latency_us: 10, timed_out: None }
+        ProduceResult { id, outcome, attempts: 1, batch_records: 1, latency_us: 10, timed_out: None, source: None }
     }
 
     /// A time-out as the Kafka side reports it: with the record handed back.
@@ -529,6 +529,7 @@ mod tests {
             batch_records: 1,
             latency_us,
             timed_out: None,
+            source: None,
         };
         o.on_result(answer(ids[0], Ok(()), 700), 0, &mut out, &mut warnings);
         o.on_result(answer(ids[1], Err(ProduceError::UnknownTopic), 40_000_000), 0, &mut out, &mut warnings);
