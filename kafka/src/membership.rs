@@ -101,7 +101,8 @@ type AdoptNow = (Adopt, Option<SessionEntry>, Option<Offsets>, Vec<String>);
 /// What this node's own leases say, for its floor (see the module doc).
 #[derive(Default)]
 struct Floor {
-    /// Per shard: when its latest lease was read (this thread's clock) and its `low`.
+    /// Per shard: when its latest lease was written (this thread's clock, from the record's
+    /// timestamp: not when it was read, which may be late) and its `low`.
     leases: HashMap<usize, (u64, Option<u64>)>,
     shards: usize,
     /// Committed positions in the message topics: the latest any lease said, per (topic,
@@ -230,7 +231,14 @@ impl Wills {
     fn apply(&mut self, me: &NodeIdentity, claim: Claim, record: Record, now_ms: u64) {
         let mine = claim.node == me.cfg.node_id && claim.inc == me.incarnation;
         match claim.kind {
-            ClaimKind::Lease if mine => self.floor.on_lease(&claim, now_ms),
+            ClaimKind::Lease if mine => {
+                // When the lease was written, on this thread's clock (the writer is this node:
+                // one wall clock). Read late — a busy node, a slow fetch — it would otherwise
+                // date the shard's oldest pending message too late, and the floor past it.
+                let written_ms = u64::try_from(record.timestamp.timestamp_millis()).unwrap_or(0);
+                let late_ms = if written_ms == 0 { 0 } else { wall_ms().saturating_sub(written_ms) };
+                self.floor.on_lease(&claim, now_ms.saturating_sub(late_ms))
+            }
             ClaimKind::Session => {
                 let value = record.value.unwrap_or_default();
                 if claim.active && !value.is_empty() {
@@ -1233,6 +1241,21 @@ mod tests {
         let mut due: Vec<String> = w.due(&m, 1, now + 30_000).into_iter().map(|d| d.0).collect();
         due.sort();
         assert_eq!(due, vec!["slow".to_string()]);
+    }
+
+    #[test]
+    fn a_lease_read_late_dates_the_oldest_pending_message_by_when_it_was_written() {
+        let me1 = me("n1");
+        let mut w = Wills::default();
+        let lease = Claim { inc: 1, shards: 1, low: Some(500), ..Claim::new("n1", "lease/n1/0", 0, ClaimKind::Lease) };
+        let written = Record {
+            timestamp: Utc.timestamp_millis_opt(wall_ms() as i64 - 4_000).single().unwrap_or_default(),
+            ..record()
+        };
+        w.apply(&me1, lease, written, 10_000);
+        let (at, low) = w.floor.leases[&0];
+        assert!((5_900..=6_100).contains(&at), "written about 4 s before it was read: {at}");
+        assert_eq!(low, Some(500));
     }
 
     fn will_sent(owner: &str, client: &str, inc: u64, by: &str, by_inc: u64) -> Claim {
