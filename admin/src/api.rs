@@ -497,6 +497,10 @@ fn cluster_json(state: &State) -> Value {
         "wills_held": v.wills_held,
         "wills_published": v.wills_published,
         "wills_released_again": v.wills_released_again,
+        "wills_refused": v.wills_refused,
+        "sessions_refused": v.sessions_refused,
+        "shares_refused": v.shares_refused,
+        "adoptions_refused": v.adoptions_refused,
     })
 }
 

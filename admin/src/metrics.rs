@@ -360,6 +360,19 @@ pub(crate) fn render(state: &State, snaps: &[Snapshot]) -> String {
                 view.adoptions_incomplete,
             );
             o.family(
+                "sluice_cluster_table_refused_total",
+                "counter",
+                "Entries the membership's tables did not keep because they were full, by table.",
+            );
+            for (table, n) in [
+                ("wills", view.wills_refused),
+                ("sessions", view.sessions_refused),
+                ("shares", view.shares_refused),
+                ("adoptions", view.adoptions_refused),
+            ] {
+                o.sample("sluice_cluster_table_refused_total", &[("cluster", &view.name), ("table", table)], n);
+            }
+            o.family(
                 "sluice_cluster_adopted_messages_total",
                 "counter",
                 "Messages queued for adopted sessions from the log, by outcome (left_out: beyond one record's bound).",
@@ -384,6 +397,9 @@ pub(crate) fn render(state: &State, snaps: &[Snapshot]) -> String {
                 ("handover_gap", c.handover_gap_lost),
                 ("remote_session_refused", c.remote_sessions_refused),
                 ("share_refused", c.shares_refused),
+                ("state_record", c.state_records),
+                ("state_coalesced", c.state_coalesced),
+                ("state_flushed_early", c.state_flushed_early),
             ] {
                 o.sample("sluice_cluster_session_events_total", &[("event", event)], v);
             }

@@ -421,6 +421,10 @@ pub struct Claim {
     /// For [`ClaimKind::Share`]: the node has members of the group.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub active: bool,
+    /// For an active [`ClaimKind::Share`]: how many members of the group the node has (its
+    /// weight in [`share_node`]; 0, as an older node writes it: counted as one).
+    #[serde(default, skip_serializing_if = "is_zero32")]
+    pub members: u32,
     /// The incarnation of `node` that made the claim (see [`ClusterConfig::incarnation`]): a
     /// claim of an earlier one is of a connection that is gone.
     #[serde(default, skip_serializing_if = "is_zero")]
@@ -501,8 +505,10 @@ pub enum ClaimKind {
     /// that reads its own back knows it reaches Kafka (see `ClusterConfig::fence`).
     Lease,
     /// This node has members of the shared-subscription group `client` (its share key,
-    /// `group/filter`) from now on (`active`), or none any more: the nodes with members of a group
-    /// pick, by the message's topic, the one of them that delivers it.
+    /// `group/filter`) from now on (`active`, as many as `members`; written again when that
+    /// number changes, at most once a `heartbeat_ms`), or none any more: the nodes with members
+    /// of a group pick, by the message's hash weighted by their members, the one of them that
+    /// delivers it ([`share_node`]).
     Share,
     /// `client`'s persistent session lives on `node` from now on, with the subscriptions of
     /// the record's value (its stored form without messages), or ended there (`active` false
@@ -522,15 +528,21 @@ pub fn session_record_key(client: &str) -> String {
     format!("{client}\u{1}session")
 }
 
-/// Of the nodes that have members of a shared-subscription group (`nodes`, sorted, this node
-/// among them), the one that delivers a message on `topic` with `payload`: by a hash of both
-/// (at most [`SHARE_HASH_PAYLOAD`] bytes of the payload, and its length), the same on every
-/// node, so the messages of one busy topic spread over the nodes' members too.
-pub fn share_node<'a>(nodes: &[&'a str], topic: &str, payload: &[u8]) -> Option<&'a str> {
-    if nodes.is_empty() {
+/// Of the nodes that have members of a shared-subscription group (`nodes`: each with its
+/// number of members, sorted by node, this node among them), the one that delivers a message on
+/// `topic` with `payload`: a hash of both (at most [`SHARE_HASH_PAYLOAD`] bytes of the payload,
+/// and its length) mapped into the range of the summed member counts, each node owning a part
+/// as large as its count. The same answer on every node that has the same counts, so each
+/// message reaches the group once; a node's share of the messages is its share of the members,
+/// and even one busy topic's messages spread over the nodes. A node with no members is never
+/// picked; `None` when no node has any.
+pub fn share_node<'a>(nodes: &[(&'a str, u32)], topic: &str, payload: &[u8]) -> Option<&'a str> {
+    let total: u64 = nodes.iter().map(|(_, n)| u64::from(*n)).sum();
+    if total == 0 {
         return None;
     }
-    // FNV-1a: stable across nodes and releases.
+    // FNV-1a (stable across nodes and releases), then a finalizer: FNV's low bits depend only
+    // on the low bits of the bytes, and the mapping below reads the high ones.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let len = (payload.len() as u64).to_le_bytes();
     let head = &payload[..payload.len().min(SHARE_HASH_PAYLOAD)];
@@ -538,7 +550,20 @@ pub fn share_node<'a>(nodes: &[&'a str], topic: &str, payload: &[u8]) -> Option<
         h ^= u64::from(*b);
         h = h.wrapping_mul(0x100_0000_01b3);
     }
-    Some(nodes[(h % nodes.len() as u64) as usize])
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^= h >> 33;
+    // h scaled into [0, total) by its high bits: no modulo bias.
+    let mut at = ((u128::from(h) * u128::from(total)) >> 64) as u64;
+    for &(node, n) in nodes {
+        if at < u64::from(n) {
+            return Some(node);
+        }
+        at -= u64::from(n);
+    }
+    None
 }
 
 /// Payload bytes [`share_node`] hashes, at most: the pick stays cheap for large messages.
@@ -569,6 +594,7 @@ impl Claim {
             will: false,
             to: None,
             active: false,
+            members: 0,
             inc: 0,
             will_delay: 0,
             expiry: 0,
@@ -892,8 +918,9 @@ mod tests {
     #[test]
     fn one_node_of_a_shared_group_delivers_each_message_and_every_node_agrees_which() {
         assert_eq!(share_node(&[], "a", b""), None);
-        assert_eq!(share_node(&["n1"], "a", b"x"), Some("n1"));
-        let nodes = ["n1", "n2", "n3"];
+        assert_eq!(share_node(&[("n1", 1)], "a", b"x"), Some("n1"));
+        assert_eq!(share_node(&[("n1", 0), ("n2", 0)], "a", b"x"), None, "nobody has members");
+        let nodes = [("n1", 1), ("n2", 1), ("n3", 1)];
         for many_topics in [true, false] {
             let mut counts = [0; 3];
             for i in 0..3000 {
@@ -904,10 +931,42 @@ mod tests {
                 };
                 let n = share_node(&nodes, &t, p.as_bytes()).unwrap();
                 assert_eq!(share_node(&nodes, &t, p.as_bytes()), Some(n), "the same answer every time");
-                counts[nodes.iter().position(|x| *x == n).unwrap()] += 1;
+                counts[nodes.iter().position(|x| x.0 == n).unwrap()] += 1;
             }
             assert!(counts.iter().all(|c| *c > 800), "spread over the nodes: {counts:?}");
         }
+    }
+
+    #[test]
+    fn a_nodes_share_of_a_groups_messages_follows_its_members_and_a_node_without_any_gets_none() {
+        // Messages as devices send them: one busy topic, many topics, short payloads that
+        // differ only in their low bits (FNV alone spreads those badly over a power of two).
+        let cases: [&dyn Fn(usize) -> (String, String); 3] = [
+            &|i| ("orders".into(), format!("{{\"order\":{i}}}")),
+            &|i| (format!("fleet/car-{i}/speed"), "55".into()),
+            &|i| ("work".into(), format!("x{i}")),
+        ];
+        for case in cases {
+            let weighted = [("n1", 1), ("n2", 3), ("n3", 0)];
+            let mut counts = [0usize; 3];
+            for i in 0..4000 {
+                let (t, p) = case(i);
+                let n = share_node(&weighted, &t, p.as_bytes()).unwrap();
+                assert_eq!(share_node(&weighted, &t, p.as_bytes()), Some(n), "the same answer every time");
+                counts[weighted.iter().position(|x| x.0 == n).unwrap()] += 1;
+            }
+            assert_eq!(counts[2], 0, "a node without members is never picked");
+            // 1:3 of 4000: 1000 expected for n1; a fair hash stays within a few standard
+            // deviations (27 here).
+            assert!((850..=1150).contains(&counts[0]), "n1 gets about a quarter: {counts:?}");
+            assert_eq!(counts[0] + counts[1], 4000);
+        }
+        // Another node of the same counts picks the same: the answer depends on the list only.
+        let a = [("a", 2), ("b", 5), ("c", 1)];
+        let b: Vec<(&str, u32)> = ["a", "b", "c"].into_iter().zip([2, 5, 1]).collect();
+        let picks: Vec<_> = (0..200).map(|i| share_node(&a, "t", format!("{i}").as_bytes())).collect();
+        let again: Vec<_> = (0..200).map(|i| share_node(&b, "t", format!("{i}").as_bytes())).collect();
+        assert_eq!(picks, again);
     }
 
     #[test]

@@ -93,6 +93,14 @@ pub struct ClusterView {
     pub wills_held: u64,
     pub wills_published: u64,
     pub wills_released_again: u64,
+    /// Entries of the membership's tables not kept because the table was full (each logged
+    /// once): other nodes' wills (`membership::WILLS_MAX`), persistent sessions
+    /// (`REGISTRY_MAX`), shared-subscription groups per node (`WILLS_MAX`), and claims of
+    /// this node's clients waiting for a dead node's session (`ADOPT_MAX`).
+    pub wills_refused: u64,
+    pub sessions_refused: u64,
+    pub shares_refused: u64,
+    pub adoptions_refused: u64,
 }
 
 /// Payload schema work off the shards, summed over the Kafka threads (relaxed atomics, bumped

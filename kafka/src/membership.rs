@@ -59,6 +59,11 @@ use crate::health::{ClusterView, KafkaHealth};
 const FETCH_WAIT_MS: i32 = 200;
 /// Wills of other nodes' clients kept, at most; further ones are not kept (counted, logged once).
 pub const WILLS_MAX: usize = 100_000;
+/// Claims of this node's shards naming a holder that may be dead, kept at most (each for
+/// `dead_after_ms` + 5 s, about 150 bytes): this node's reconnect storm after a node died.
+/// Beyond it a claim is not kept (counted, logged once): its session is not rebuilt here, and
+/// its CONNACK goes without it when the wait is over.
+pub const ADOPT_MAX: usize = 100_000;
 
 /// Persistent sessions of the cluster's nodes kept (their subscriptions, about 100–300 bytes
 /// each), at most; further ones are not kept (counted, logged once): such a session is not
@@ -198,9 +203,11 @@ struct Won {
 struct Wills {
     by_client: HashMap<String, WillEntry>,
     refused: u64,
-    /// Per node, the shared-subscription groups it said it has members of (≤ [`WILLS_MAX`] in
-    /// all): when it dies, the survivor says it has none any more.
+    /// Per node, the shared-subscription groups it said it has members of (≤ [`WILLS_MAX`] per
+    /// node; further ones not kept, counted): when it dies, the survivor says it has none any
+    /// more.
     shares: HashMap<String, std::collections::HashSet<String>>,
+    shares_refused: u64,
     /// Wills whose release by this node was read first: this node publishes them.
     won: Vec<Won>,
     /// Wills released again (their publisher went before its [`ClaimKind::WillSent`]).
@@ -208,8 +215,10 @@ struct Wills {
     /// Persistent sessions by client id, and those not kept (beyond [`REGISTRY_MAX`]).
     registry: HashMap<String, SessionEntry>,
     registry_refused: u64,
-    /// Claims of this node's shards that name a holder, while it may be dead.
-    adopt: Vec<Adopt>,
+    /// Claims of this node's shards that name a holder, while it may be dead, by client and
+    /// connection (≤ [`ADOPT_MAX`]), and those not kept.
+    adopt: HashMap<(String, u64), Adopt>,
+    adopt_refused: u64,
     floor: Floor,
 }
 
@@ -253,7 +262,7 @@ impl Wills {
                 self.registry.remove(&claim.client);
             }
             ClaimKind::Connect if mine => {
-                let again = self.adopt.iter().any(|a| a.client == claim.client && a.to.conn == claim.conn);
+                let again = self.adopt.contains_key(&(claim.client.clone(), claim.conn));
                 // Named by the shard (it waits), or known here only (the shard's directory
                 // started after the holder's claim): the handover then joins the session
                 // after CONNACK.
@@ -261,9 +270,20 @@ impl Wills {
                     self.registry.get(&claim.client).map(|e| e.node.clone()).filter(|n| *n != me.cfg.node_id)
                 });
                 if let (Some(from), false) = (holder, again) {
-                    let to = HandoverTo { node: claim.node.clone(), shard: claim.shard, conn: claim.conn };
-                    let until_ms = now_ms + me.cfg.dead_after_ms + 5_000;
-                    self.adopt.push(Adopt { client: claim.client.clone(), to, from, until_ms });
+                    if self.adopt.len() >= ADOPT_MAX {
+                        if self.adopt_refused == 0 {
+                            tracing::warn!(
+                                "cluster: more than {ADOPT_MAX} clients wait for a dead node's session here; \
+                                 further ones get none"
+                            );
+                        }
+                        self.adopt_refused += 1;
+                    } else {
+                        let to = HandoverTo { node: claim.node.clone(), shard: claim.shard, conn: claim.conn };
+                        let until_ms = now_ms + me.cfg.dead_after_ms + 5_000;
+                        let a = Adopt { client: claim.client.clone(), to, from, until_ms };
+                        self.adopt.insert((claim.client.clone(), claim.conn), a);
+                    }
                 }
             }
             _ => {}
@@ -273,8 +293,10 @@ impl Wills {
             (ClaimKind::Share, _) => {
                 let keys = self.shares.entry(claim.node).or_default();
                 if claim.active {
-                    if keys.len() < WILLS_MAX {
+                    if keys.len() < WILLS_MAX || keys.contains(&claim.client) {
                         keys.insert(claim.client);
+                    } else {
+                        self.shares_refused += 1;
                     }
                 } else {
                     keys.remove(&claim.client);
@@ -386,28 +408,35 @@ impl Wills {
     /// floor; ones whose shard stopped waiting are dropped.
     fn adoptions_due(&mut self, members: &Members, now_ms: u64) -> Vec<AdoptNow> {
         let mut out = Vec::new();
-        let mut i = 0;
-        while i < self.adopt.len() {
-            let a = &self.adopt[i];
-            let holder = members.get(&a.from);
-            let gone = holder.is_none_or(|m| m.state != MemberState::Alive);
-            if gone && members.settled(now_ms) {
-                let a = self.adopt.swap_remove(i);
-                // A session that expired since its node was last heard of is gone (it may have
-                // gone earlier: its client may have been offline before).
-                let silent_ms = holder.map_or(0, |m| m.silent_ms);
-                let live = |e: &&SessionEntry| e.expiry == u32::MAX || u64::from(e.expiry) * 1000 > silent_ms;
-                let entry = self.registry.get(&a.client).filter(|e| e.node == a.from).filter(live).cloned();
-                let floor = holder.and_then(|m| m.floor.clone());
-                let carriers = holder.map(|m| m.carriers.clone()).unwrap_or_default();
-                out.push((a, entry, floor, carriers));
-            } else if a.until_ms <= now_ms {
-                self.adopt.swap_remove(i);
-            } else {
-                i += 1;
-            }
+        if self.adopt.is_empty() {
+            return out;
         }
+        let gone = |a: &Adopt| members.get(&a.from).is_none_or(|m| m.state != MemberState::Alive);
+        let due: Vec<(String, u64)> = if members.settled(now_ms) {
+            self.adopt.iter().filter(|(_, a)| gone(a)).map(|(k, _)| k.clone()).collect()
+        } else {
+            Vec::new()
+        };
+        for k in due {
+            let Some(a) = self.adopt.remove(&k) else { continue };
+            let holder = members.get(&a.from);
+            // A session that expired since its node was last heard of is gone (it may have
+            // gone earlier: its client may have been offline before).
+            let silent_ms = holder.map_or(0, |m| m.silent_ms);
+            let live = |e: &&SessionEntry| e.expiry == u32::MAX || u64::from(e.expiry) * 1000 > silent_ms;
+            let entry = self.registry.get(&a.client).filter(|e| e.node == a.from).filter(live).cloned();
+            let floor = holder.and_then(|m| m.floor.clone());
+            let carriers = holder.map(|m| m.carriers.clone()).unwrap_or_default();
+            out.push((a, entry, floor, carriers));
+        }
+        // The shard stopped waiting for these.
+        self.adopt.retain(|_, a| a.until_ms > now_ms);
         out
+    }
+
+    /// Entries not kept because a table was full: (wills, sessions, shared groups, adoptions).
+    fn refused(&self) -> (u64, u64, u64, u64) {
+        (self.refused, self.registry_refused, self.shares_refused, self.adopt_refused)
     }
 }
 
@@ -884,7 +913,8 @@ async fn read(
             release_due(me, kafka, wills, &members, now_ms()).await;
         }
         warn_unread_carriers(me, &members, &mut warned);
-        let adoptions = wills.lock().map(|mut w| w.adoptions_due(&members, now_ms())).unwrap_or_default();
+        let (adoptions, refused) =
+            wills.lock().map(|mut w| (w.adoptions_due(&members, now_ms()), w.refused())).unwrap_or_default();
         for (a, entry, floor, carriers) in adoptions {
             let (me, kafka, health) = (me.clone(), kafka.clone(), health.clone());
             tokio::spawn(async move { adopt(&me, &kafka, &health, a, entry, floor, carriers).await });
@@ -897,6 +927,7 @@ async fn read(
             v.members = list;
             (v.settled, v.wills_held, v.wills_released_again) = (settled, held, again);
             v.wills_published += published;
+            (v.wills_refused, v.sessions_refused, v.shares_refused, v.adoptions_refused) = refused;
             if !failing {
                 v.last_error = None;
             }
@@ -1088,6 +1119,53 @@ mod tests {
         let clean = Claim { clean: true, ..Claim::new("n3", "d", 0, ClaimKind::Connect) };
         w.apply(&me1, clean, record(), 0);
         assert!(!w.registry.contains_key("d"), "a clean start anywhere ends the session");
+    }
+
+    #[test]
+    fn the_claims_waiting_for_a_dead_holders_session_are_bounded_and_the_refused_ones_counted() {
+        let me1 = me("n1");
+        let mut w = Wills::default();
+        let claim = |i: usize| Claim {
+            from: Some("n2".into()),
+            conn: i as u64,
+            inc: 1,
+            ..Claim::new("n1", &format!("c{i}"), 0, ClaimKind::Connect)
+        };
+        for i in 0..=ADOPT_MAX {
+            w.apply(&me1, claim(i), record(), 0);
+        }
+        assert_eq!(w.adopt.len(), ADOPT_MAX);
+        assert_eq!(w.refused(), (0, 0, 0, 1), "the one beyond the bound, counted");
+        w.apply(&me1, claim(7), record(), 0);
+        assert_eq!(
+            (w.adopt.len(), w.refused().3),
+            (ADOPT_MAX, 1),
+            "a claim made again is neither kept twice nor refused"
+        );
+        let (m, now) = members();
+        assert!(w.adoptions_due(&m, now).is_empty(), "n2 is alive: it hands over itself");
+        assert_eq!(w.adopt.len(), ADOPT_MAX);
+        // Their shards stop waiting after dead_after_ms + 5 s: the entries go, and there is room.
+        assert!(w.adoptions_due(&m, 1000 + 5_000).is_empty());
+        assert!(w.adopt.is_empty());
+        w.apply(&me1, claim(ADOPT_MAX + 1), record(), 6_000);
+        assert_eq!((w.adopt.len(), w.refused().3), (1, 1));
+    }
+
+    #[test]
+    fn a_nodes_shared_groups_beyond_the_bound_are_counted() {
+        let me1 = me("n1");
+        let mut w = Wills::default();
+        let share =
+            |i: usize, active: bool| Claim { active, ..Claim::new("n2", &format!("g/{i}"), 0, ClaimKind::Share) };
+        for i in 0..=WILLS_MAX {
+            w.apply(&me1, share(i, true), record(), 0);
+        }
+        w.apply(&me1, share(3, true), record(), 0);
+        assert_eq!(w.refused().2, 1, "a count update of a group kept is not refused");
+        w.apply(&me1, share(3, false), record(), 0);
+        w.apply(&me1, share(WILLS_MAX, true), record(), 0);
+        assert_eq!(w.take_shares("n2").len(), WILLS_MAX);
     }
 
     fn record() -> Record {

@@ -17,13 +17,25 @@
 //!   a dead holder's session is rebuilt from the log meanwhile, see `crate::adoption`); messages routed
 //!   here meanwhile are kept (≤ [`RECENT_MAX`]) and queued for the session it brings.
 //!
+//! - Records that describe state rather than events — a persistent session's subscriptions
+//!   ([`ClaimKind::Session`]) and this node's member count of a shared-subscription group
+//!   ([`ClaimKind::Share`]) — are coalesced: a change marks the session or group, and the
+//!   next lease (every `heartbeat_ms`) writes one record each with the state *then*, so a
+//!   client that floods SUBSCRIBE costs one record per heartbeat, not one per packet. What must
+//!   not wait goes at once: a session's end, a group's first member and its last, and a
+//!   session's change when its last record from here is a heartbeat old or more or it has none
+//!   (its first SUBSCRIBE here, a session handed over): held back, a node killed within the
+//!   heartbeat leaves the survivors no record to rebuild the session from, or an old one,
+//!   though its client has its SUBACK. Only changes within a heartbeat of a record wait.
+//!
 //! Every node reads one client id's claims in one order (one partition), so of two nodes
 //! serving one client id at once, exactly one keeps it, once both read both claims.
 //! Invariant: `unconfirmed` holds at most one entry per connection of this shard; `deadlines`
 //! holds each at most once; `awaiting` holds at most one connection per client id, and
 //! `recent` holds, in a cluster, the messages routed in the last [`RECENT_LOOKBACK_MS`] and
 //! since the earliest waiting connection's lookback began (≤ [`RECENT_MAX`] messages and
-//! [`RECENT_BYTES_MAX`] payload bytes), and `recent_bytes` is the sum of their payloads.
+//! [`RECENT_BYTES_MAX`] payload bytes), and `recent_bytes` is the sum of their payloads;
+//! `sessions_dirty` and `shares_dirty` hold at most [`DIRTY_MAX`] entries each.
 
 use super::stats::ClusterStats;
 use super::*;
@@ -51,10 +63,22 @@ pub(super) struct ClusterClaims {
     /// Handovers sent without their messages (too large for one record).
     pub(super) handover_truncated: u64,
     /// Shared-subscription groups owned by this shard (by share key) that other nodes have
-    /// members of: those nodes, sorted. At most [`SHARE_KEYS_MAX`] keys.
-    remote_shares: HashMap<String, Vec<Arc<str>>>,
+    /// members of: those nodes, sorted, with their member counts as their latest record says
+    /// (at least 1). At most [`SHARE_KEYS_MAX`] keys.
+    remote_shares: HashMap<String, Vec<(Arc<str>, u32)>>,
     /// Share records beyond [`SHARE_KEYS_MAX`], not kept.
     pub(super) shares_refused: u64,
+    /// Persistent sessions of this shard whose subscriptions changed since the last lease,
+    /// within a heartbeat of their last record (others are written at once), and groups owned
+    /// here whose member count on this node differs from the one it announced: one record each
+    /// goes with the next lease (`Shard::flush_records`). ≤ [`DIRTY_MAX`] each.
+    pub(super) sessions_dirty: HashSet<ClientId>,
+    shares_dirty: HashSet<String>,
+    /// Session and Share records written; changes that joined a record already due (the
+    /// records coalescing saved); flushes before the lease because a set was full.
+    pub(super) state_records: u64,
+    pub(super) state_coalesced: u64,
+    pub(super) state_flushed_early: u64,
     /// Fencing (`ClusterConfig::fence`): how often this shard writes its lease, when it next
     /// does, when it last read its own back (`None`: not yet), and whether it is cut off now.
     lease_ms: Option<u64>,
@@ -132,19 +156,28 @@ pub(super) const HANDOVER_WAIT_EXTRA_MS: u64 = 5_000;
 /// beyond it is delivered by every node that has members (counted in `shares_refused`).
 pub(super) const SHARE_KEYS_MAX: usize = 100_000;
 
+/// Sessions (and, apart, groups) whose record waits for the next lease, at most per shard.
+/// Nothing is dropped when full: the set is written out at once (counted in
+/// `state_flushed_early`), so a record is early, never lost.
+pub(super) const DIRTY_MAX: usize = 100_000;
+
 impl ClusterClaims {
-    fn remote_share(&mut self, key: &str, node: &str, active: bool) {
+    /// `node` has `members` of group `key` (`active`; 0 from a node that does not say: one),
+    /// or none any more.
+    fn remote_share(&mut self, key: &str, node: &str, active: bool, members: u32) {
         if active {
             if !self.remote_shares.contains_key(key) && self.remote_shares.len() >= SHARE_KEYS_MAX {
                 self.shares_refused += 1;
                 return;
             }
             let nodes = self.remote_shares.entry(key.to_string()).or_default();
-            if let Err(i) = nodes.binary_search_by(|n| (**n).cmp(node)) {
-                nodes.insert(i, node.into());
+            let weight = members.max(1);
+            match nodes.binary_search_by(|(n, _)| (**n).cmp(node)) {
+                Ok(i) => nodes[i].1 = weight,
+                Err(i) => nodes.insert(i, (node.into(), weight)),
             }
         } else if let Some(nodes) = self.remote_shares.get_mut(key) {
-            nodes.retain(|n| **n != *node);
+            nodes.retain(|(n, _)| **n != *node);
             if nodes.is_empty() {
                 self.remote_shares.remove(key);
             }
@@ -152,15 +185,19 @@ impl ClusterClaims {
     }
 
     /// Whether this node delivers `msg` to its members of group `key` (see
-    /// [`crate::cluster::share_node`]): always outside a cluster or when no other node has
-    /// members.
-    pub(super) fn share_mine(&self, key: &str, msg: &Message) -> bool {
+    /// [`crate::cluster::share_node`]), weighing this node by `announced`, the member count
+    /// it last wrote — what the others weigh it by once they read it, not the count now (a
+    /// change not yet written would have two nodes disagree for up to a heartbeat) — and at
+    /// least 1 (it has members). Always outside a cluster or when no other node has members.
+    pub(super) fn share_mine(&self, key: &str, announced: u32, msg: &Message) -> bool {
         let (Some(ClaimsNode { node: me, .. }), Some(others)) = (&self.node, self.remote_shares.get(key)) else {
             return true;
         };
-        let mut nodes: Vec<&str> = others.iter().map(|n| &**n).collect();
-        if let Err(i) = nodes.binary_search(&&**me) {
-            nodes.insert(i, me);
+        let mut nodes: Vec<(&str, u32)> = others.iter().map(|(n, w)| (&**n, *w)).collect();
+        let mine = announced.max(1);
+        match nodes.binary_search_by(|(n, _)| (*n).cmp(me)) {
+            Ok(i) => nodes[i].1 = mine,
+            Err(i) => nodes.insert(i, (me, mine)),
         }
         crate::cluster::share_node(&nodes, &msg.topic, &msg.payload) == Some(&**me)
     }
@@ -212,6 +249,9 @@ impl ClusterClaims {
             remote_sessions: self.remote_sessions.len() as u64,
             remote_sessions_refused: self.remote_sessions_refused,
             shares_refused: self.shares_refused,
+            state_records: self.state_records,
+            state_coalesced: self.state_coalesced,
+            state_flushed_early: self.state_flushed_early,
         }
     }
 
@@ -339,14 +379,78 @@ impl Shard {
         self.outbox.bridge_claim(&Arc::new(msg), claim.encode().into(), wall, &mut self.effects.produce);
     }
 
-    /// This node has members of shared-subscription group `key` from now on (`active`), or none
-    /// any more: the other nodes hear it (see [`ClaimKind::Share`]).
-    pub(super) fn announce_share(&mut self, key: &str, active: bool, now_ms: u64) {
+    /// The members of shared-subscription group `key` on this node changed (`had`: it had some
+    /// before): the other nodes hear it (see [`ClaimKind::Share`]). Its first member and its
+    /// last at once — until the others read it, they leave messages to a node that has no
+    /// members or deliver what this one does — and a new count with the next lease, with the
+    /// count then (a client that joins and leaves without pause costs a record a heartbeat).
+    pub(super) fn share_members_changed(&mut self, key: &str, had: bool, now_ms: u64) {
+        if self.claims.node.is_none() {
+            return;
+        }
+        let n = u32::try_from(self.shared.members(key)).unwrap_or(u32::MAX);
+        if had != (n > 0) {
+            self.claims.shares_dirty.remove(key);
+            self.announce_share(key, n, now_ms);
+        } else if n > 0 && n != self.shared.announced(key) {
+            if self.claims.shares_dirty.contains(key) {
+                self.claims.state_coalesced += 1;
+                return;
+            }
+            if self.claims.shares_dirty.len() >= DIRTY_MAX {
+                self.claims.state_flushed_early += 1;
+                self.flush_shares(now_ms);
+            }
+            self.claims.shares_dirty.insert(key.to_string());
+        }
+    }
+
+    /// This node has `members` of shared-subscription group `key` from now on (0: none any
+    /// more): a [`ClaimKind::Share`] record.
+    fn announce_share(&mut self, key: &str, members: u32, now_ms: u64) {
         let Some(me) = &self.claims.node else { return };
-        let claim = Claim { active, inc: me.incarnation, ..Claim::new(&me.node, key, self.id, ClaimKind::Share) };
+        let claim = Claim {
+            active: members > 0,
+            members,
+            inc: me.incarnation,
+            ..Claim::new(&me.node, key, self.id, ClaimKind::Share)
+        };
         // The record's key: one per (group, node) in the compacted topic.
         let record_key = format!("{key}\u{1}{}", me.node).into();
         self.send_claim(&claim, record_key, Bytes::new(), 1, now_ms);
+        self.claims.state_records += 1;
+        self.shared.set_announced(key, members);
+    }
+
+    /// The records that wait for the lease (see the module doc), with the state now.
+    pub(super) fn flush_records(&mut self, now_ms: u64) {
+        self.flush_sessions(now_ms);
+        self.flush_shares(now_ms);
+    }
+
+    fn flush_shares(&mut self, now_ms: u64) {
+        let mut dirty = std::mem::take(&mut self.claims.shares_dirty);
+        for key in dirty.drain() {
+            // A group whose last member left since said so at once.
+            let n = u32::try_from(self.shared.members(&key)).unwrap_or(u32::MAX);
+            if n > 0 && n != self.shared.announced(&key) {
+                self.announce_share(&key, n, now_ms);
+            }
+        }
+        // Its allocation kept (nothing was marked meanwhile: announcing marks nothing).
+        self.claims.shares_dirty = dirty;
+    }
+
+    fn flush_sessions(&mut self, now_ms: u64) {
+        let mut dirty = std::mem::take(&mut self.claims.sessions_dirty);
+        for id in dirty.drain() {
+            // A session gone from here since ended (said at once) or moved to another shard
+            // (`session_leaves`).
+            if self.sessions.get(&id).is_some_and(|s| s.expiry_secs > 0) {
+                self.write_session(&id, now_ms);
+            }
+        }
+        self.claims.sessions_dirty = dirty;
     }
 
     /// "confirmed" or "unconfirmed" for a connection in a cluster; `None` outside one.
@@ -388,7 +492,7 @@ impl Shard {
             }
             ClaimKind::Share => {
                 if claim.node != **node && shard_of(&claim.client, self.n_shards) == self.id {
-                    self.claims.remote_share(&claim.client, &claim.node, claim.active);
+                    self.claims.remote_share(&claim.client, &claim.node, claim.active, claim.members);
                 }
                 return;
             }
@@ -673,6 +777,7 @@ impl Shard {
         let started = *self.claims.started_ms.get_or_insert(now_ms);
         if now_ms >= self.claims.lease_next_ms {
             self.claims.lease_next_ms = now_ms + lease_ms;
+            self.flush_records(now_ms);
             let lease = format!("lease/{node}/{}", self.id);
             let claim = Claim {
                 inc: me.incarnation,
@@ -759,14 +864,58 @@ impl Shard {
 
     /// `client_id`'s persistent session lives here now with these subscriptions, or ended here
     /// (not persistent any more): a [`ClaimKind::Session`] record, what a survivor rebuilds it
-    /// from should this node die.
+    /// from should this node die. An end goes at once: held back, it could reach Kafka after
+    /// the record of a session its client started since on another shard of this node, and
+    /// erase that one from the others' tables (same node). So does a change to a live session
+    /// whose last record from here is a heartbeat old or more, or that has none (new here):
+    /// until the others read it, this node's death loses the session or its new subscriptions
+    /// (the client has its SUBACK). A change within a heartbeat of a record goes with the next
+    /// lease, with the subscriptions then: a client that floods SUBSCRIBE costs a record per
+    /// heartbeat, and a quiet one's change waits for nothing.
     pub(super) fn announce_session(&mut self, client_id: &ClientId, now_ms: u64) {
+        if self.claims.node.is_none() {
+            return;
+        }
+        let Some(recorded_ms) = self.sessions.get(client_id).filter(|s| s.expiry_secs > 0).map(|s| s.recorded_ms)
+        else {
+            self.claims.sessions_dirty.remove(client_id);
+            self.write_session(client_id, now_ms);
+            return;
+        };
+        if self.claims.sessions_dirty.contains(client_id) {
+            self.claims.state_coalesced += 1;
+            return;
+        }
+        let heartbeat_ms = self.claims.lease_ms.unwrap_or(0);
+        if recorded_ms.is_none_or(|at| now_ms.saturating_sub(at) >= heartbeat_ms) {
+            self.write_session(client_id, now_ms);
+            return;
+        }
+        if self.claims.sessions_dirty.len() >= DIRTY_MAX {
+            self.claims.state_flushed_early += 1;
+            self.flush_sessions(now_ms);
+        }
+        self.claims.sessions_dirty.insert(client_id.clone());
+    }
+
+    /// `client_id`'s session leaves this shard for another one of this node (a reconnect
+    /// there): a record still due for it goes now, with the subscriptions it leaves with (its
+    /// new shard writes none until they change). Not for a clean start: that session ends.
+    pub(super) fn session_leaves(&mut self, client_id: &ClientId, clean_start: bool, now_ms: u64) {
+        if self.claims.sessions_dirty.remove(client_id) && !clean_start {
+            self.write_session(client_id, now_ms);
+        }
+    }
+
+    /// A [`ClaimKind::Session`] record of `client_id`'s session as it is here now.
+    fn write_session(&mut self, client_id: &ClientId, now_ms: u64) {
         let Some(me) = &self.claims.node else { return };
         let (node, inc) = (me.node.clone(), me.incarnation);
-        let (value, active, expiry) = match self.sessions.get(client_id) {
+        let (value, active, expiry) = match self.sessions.get_mut(client_id) {
             Some(s) if s.expiry_secs > 0 => {
                 let mut bytes = Vec::new();
                 s.encode_subscriptions(self.wall_offset_ms, &mut bytes);
+                s.recorded_ms = Some(now_ms);
                 (Bytes::from(bytes), true, s.expiry_secs)
             }
             _ => (Bytes::new(), false, 0),
@@ -774,6 +923,7 @@ impl Shard {
         let claim = Claim { active, inc, expiry, ..Claim::new(&node, client_id, self.id, ClaimKind::Session) };
         let key: ClientId = crate::cluster::session_record_key(client_id).into();
         self.send_claim(&claim, key, value, 1, now_ms);
+        self.claims.state_records += 1;
     }
 
     /// Closes connections whose claim was not read back in time.

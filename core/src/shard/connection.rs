@@ -235,9 +235,13 @@ impl Shard {
             return;
         }
         let Some(s) = self.sessions.get_mut(&id) else { return };
+        let was_stored = s.stored;
         self.commits.touch(s);
         if expiry == 0 {
-            if let Some(s) = self.sessions.remove(&id) {
+            if let Some(mut s) = self.sessions.remove(&id) {
+                // A persistent session whose expiry went to 0 (DISCONNECT, a takeover) ends as
+                // one: in a cluster its end is announced (the touch above cleared `stored`).
+                s.stored |= was_stored;
                 self.end_session(s, now_ms);
             }
         } else if expiry != u32::MAX {

@@ -399,6 +399,8 @@ impl Shard {
 
     /// Clean shutdown: close every connection without publishing wills; sessions stay as they are.
     pub fn shutdown(&mut self, now_ms: u64) {
+        // In a cluster: the records that wait for the next lease go now (there is none).
+        self.flush_records(now_ms);
         let ids: Vec<ConnId> = self.conns.keys().copied().collect();
         for id in ids {
             if let Some(c) = self.conns.get_mut(&id) {
@@ -471,18 +473,14 @@ impl Shard {
                 if let Some(conn) = ack {
                     self.send_to_shard(member.shard, ShardMsg::ShareJoined { conn });
                 }
-                let first = !self.shared.has_members(&key);
+                let had = self.shared.has_members(&key);
                 self.shared.join(&key, member);
-                if first {
-                    self.announce_share(&key, true, now_ms);
-                }
+                self.share_members_changed(&key, had, now_ms);
             }
             ShardMsg::ShareLeave { key, client_id } => {
                 let had = self.shared.has_members(&key);
                 self.shared.leave(&key, &client_id);
-                if had && !self.shared.has_members(&key) {
-                    self.announce_share(&key, false, now_ms);
-                }
+                self.share_members_changed(&key, had, now_ms);
             }
             ShardMsg::ShareBusy { key, client_id, busy } => self.shared.set_busy(&key, &client_id, busy),
             ShardMsg::ShareDeliver { client_id, msg, opts, sub_id, receipt } => {

@@ -37,6 +37,11 @@ struct ShareGroup {
     /// Per member (same index): its shard said it is busy ([`ShareGroups::set_busy`]).
     busy: Vec<bool>,
     next: usize,
+    /// In a cluster: the member count this node last said it has (a [`ClaimKind::Share`]
+    /// record), its weight in the pick of the node that delivers; 0 before the first.
+    ///
+    /// [`ClaimKind::Share`]: crate::cluster::ClaimKind::Share
+    announced: u32,
 }
 
 /// The backlog a pick assumes for a member another shard reported busy: more than any
@@ -106,24 +111,44 @@ impl ShareGroups {
 
     /// Whether group `key` has members here.
     pub(super) fn has_members(&self, key: &str) -> bool {
-        let Some((group, filter)) = split(key) else { return false };
-        self.groups.get(filter, &group).is_some_and(|g| !g.members.is_empty())
+        self.members(key) > 0
     }
 
-    /// One member of every group whose filter matches `topic` and that `mine(key)` lets this
-    /// node deliver to (a cluster: another node may deliver the message to the group).
+    /// How many members group `key` has here (on every shard of this node).
+    pub(super) fn members(&self, key: &str) -> usize {
+        let Some((group, filter)) = split(key) else { return 0 };
+        self.groups.get(filter, &group).map_or(0, |g| g.members.len())
+    }
+
+    /// The member count of group `key` this node last announced (0: none, or no such group).
+    pub(super) fn announced(&self, key: &str) -> u32 {
+        let Some((group, filter)) = split(key) else { return 0 };
+        self.groups.get(filter, &group).map_or(0, |g| g.announced)
+    }
+
+    /// This node said it has `n` members of group `key` (a group that exists here).
+    pub(super) fn set_announced(&mut self, key: &str, n: u32) {
+        let Some((group, filter)) = split(key) else { return };
+        if let Some(g) = self.groups.get_mut(filter, &group) {
+            g.announced = n;
+        }
+    }
+
+    /// One member of every group whose filter matches `topic` and that `mine(key, announced)`
+    /// lets this node deliver to (a cluster: another node may deliver the message to the group;
+    /// `announced`: see [`ShareGroups::announced`]).
     /// `busy(member)` is `Some(backlog)` for a member that cannot take a message now (window
     /// full, messages queued, offline), `None` for one that can or whose state is not known here.
     pub(super) fn pick(
         &mut self,
         topic: &str,
-        mut mine: impl FnMut(&str) -> bool,
+        mut mine: impl FnMut(&str, u32) -> bool,
         mut busy: impl FnMut(&ShareMember) -> Option<usize>,
         picks: &mut Vec<ShareMember>,
     ) {
         self.groups.for_each_match_mut(topic, |_, g| {
             let n = g.members.len();
-            if n == 0 || !mine(&g.key) {
+            if n == 0 || !mine(&g.key, g.announced) {
                 return;
             }
             let start = g.next % n;
@@ -163,7 +188,7 @@ mod tests {
         g.join(&share_key("g", "a/+"), member("x", 1));
         let mut picks = Vec::new();
         for _ in 0..4 {
-            g.pick("a/b", |_| true, |_| None, &mut picks);
+            g.pick("a/b", |_, _| true, |_| None, &mut picks);
         }
         let ids: Vec<&str> = picks.iter().map(|m| &*m.client_id).collect();
         assert_eq!(ids, ["x", "y", "x", "y"], "a client joins once; joining again replaces it");
@@ -171,7 +196,7 @@ mod tests {
         g.leave(&share_key("g", "a/+"), &"x".into());
         g.leave(&share_key("g", "a/+"), &"y".into());
         picks.clear();
-        g.pick("a/b", |_| true, |_| None, &mut picks);
+        g.pick("a/b", |_, _| true, |_| None, &mut picks);
         assert!(picks.is_empty());
         g.leave("malformed", &"x".into());
     }
@@ -185,7 +210,7 @@ mod tests {
         let ids = |g: &mut ShareGroups, busy: &dyn Fn(&str) -> Option<usize>, n: usize| {
             let mut picks = Vec::new();
             for _ in 0..n {
-                g.pick("t", |_| true, |m| busy(&m.client_id), &mut picks);
+                g.pick("t", |_, _| true, |m| busy(&m.client_id), &mut picks);
             }
             picks.into_iter().map(|m| m.client_id.to_string()).collect::<Vec<_>>()
         };

@@ -69,6 +69,12 @@ pub struct ClusterStats {
     pub remote_sessions_refused: u64,
     /// Shared-subscription groups of other nodes not kept (full).
     pub shares_refused: u64,
+    /// Session and Share records written (a session's subscriptions, a group's member count),
+    /// changes that joined a record already waiting for the lease, and flushes of those before
+    /// the lease because a shard's set was full (`cluster_claims::DIRTY_MAX`).
+    pub state_records: u64,
+    pub state_coalesced: u64,
+    pub state_flushed_early: u64,
 }
 
 impl std::ops::AddAssign for ClusterStats {
@@ -85,6 +91,9 @@ impl std::ops::AddAssign for ClusterStats {
             remote_sessions,
             remote_sessions_refused,
             shares_refused,
+            state_records,
+            state_coalesced,
+            state_flushed_early,
         } = o;
         self.taken_over += taken_over;
         self.unconfirmed_closed += unconfirmed_closed;
@@ -97,6 +106,9 @@ impl std::ops::AddAssign for ClusterStats {
         self.remote_sessions += remote_sessions;
         self.remote_sessions_refused += remote_sessions_refused;
         self.shares_refused += shares_refused;
+        self.state_records += state_records;
+        self.state_coalesced += state_coalesced;
+        self.state_flushed_early += state_flushed_early;
     }
 }
 

@@ -11,6 +11,8 @@ struct World {
     retained_turns: usize,
     /// Password checks the shards asked to run off the reactor.
     verify: Vec<VerifyJob>,
+    /// Records for Kafka the shards produced (a bridge's, a cluster's), in order.
+    produced: Vec<ProduceRequest>,
 }
 
 impl World {
@@ -21,7 +23,66 @@ impl World {
             now: 0,
             retained_turns: 0,
             verify: Vec::new(),
+            produced: Vec::new(),
         }
+    }
+
+    /// `n` shards of cluster node `n1` (one lease every `heartbeat_ms`, no fencing), with a
+    /// session store.
+    fn cluster(n: usize, heartbeat_ms: u64) -> World {
+        let mut w = World::new(n, Limits::default());
+        let cfg = crate::cluster::ClusterConfig {
+            name: "t".into(),
+            node_id: "n1".into(),
+            kafka: "k".into(),
+            topic_prefix: None,
+            heartbeat_ms,
+            dead_after_ms: 60_000,
+            partitions: 4,
+            fence: false,
+            incarnation: 1,
+        };
+        let mappings = [cfg.forward_mapping(&[]), cfg.retained_mapping(), cfg.claims_mapping()];
+        w.shards = (0..n)
+            .map(|i| {
+                let router = crate::bridge::Router::new(&mappings, &["k".to_string()]).unwrap();
+                let options = BridgeOptions {
+                    router,
+                    delivery: crate::bridge::Delivery::KafkaAck,
+                    max_pending_records: 1 << 20,
+                    qos0_policy: Default::default(),
+                    spill_on_timeout: false,
+                };
+                Shard::new(i, n, Limits::default(), 0).with_bridge(options).with_session_store()
+            })
+            .collect();
+        w
+    }
+
+    /// Every shard's timer at `now` (time moves on to it).
+    fn tick(&mut self, now: u64) {
+        self.now = now;
+        for s in &mut self.shards {
+            s.tick(now, 0);
+        }
+        self.settle();
+    }
+
+    /// The claims of `kind` produced so far (with their record's value), taken out.
+    fn claims(&mut self, kind: crate::cluster::ClaimKind) -> Vec<(crate::cluster::Claim, Bytes)> {
+        let mut out = Vec::new();
+        for r in std::mem::take(&mut self.produced) {
+            let mut claim = None;
+            r.record.for_each_header(|k, v| {
+                if k == crate::cluster::CLAIM_HEADER {
+                    claim = crate::cluster::Claim::decode(v);
+                }
+            });
+            if let Some(c) = claim.filter(|c| c.kind == kind) {
+                out.push((c, r.record.value.clone()));
+            }
+        }
+        out
     }
 
     fn settle(&mut self) {
@@ -39,6 +100,7 @@ impl World {
                     self.closed.insert((i, c));
                 }
                 self.verify.extend(fx.verify);
+                self.produced.extend(fx.produce);
                 for (to, m) in fx.to_shards {
                     moved = true;
                     self.shards[to].on_shard_msgs([m], self.now);
@@ -113,6 +175,17 @@ fn subscribe(filter: &str, qos: u8) -> Packet {
         filters: vec![(filter.into(), SubOptions { qos, ..Default::default() })],
         properties: Properties::default(),
     })
+}
+
+fn unsubscribe(filter: &str) -> Packet {
+    Packet::Unsubscribe(Unsubscribe { packet_id: 2, filters: vec![filter.into()], properties: Properties::default() })
+}
+
+fn publish_of(p: Packet) -> Publish {
+    match p {
+        Packet::Publish(p) => p,
+        o => panic!("{o:?}"),
+    }
 }
 
 fn resp(pid: u16) -> PubResp {
@@ -1899,4 +1972,201 @@ fn lease_walk_cost() {
     let low = w.shards[0].pending_low(1_000);
     eprintln!("{n} persistent sessions, nothing pending: the lease's walk took {:?}", t.elapsed());
     assert_eq!(low, None);
+}
+
+/// SUBSCRIBE packets as fast as a client sends them on a persistent session: its first change
+/// here written at once, the ones within a heartbeat of a record as one `Session` record at
+/// the next lease with the subscriptions then, none while nothing changes, a change after a
+/// quiet heartbeat at once again, an end at once, a session moving to another shard says its
+/// subscriptions before it goes, and a full set is written out early (never dropped).
+#[test]
+fn a_persistent_sessions_subscriptions_are_written_once_per_lease_however_many_subscribes() {
+    use crate::cluster::ClaimKind;
+    let mut w = World::cluster(2, 1000);
+    w.tick(0);
+    w.connect(0, 1, V5, "flood", false);
+    w.claims(ClaimKind::Session);
+    let subs_of = |value: &Bytes| {
+        let s = Session::decode("flood".into(), 0, value, 0, 0).expect("a session's stored form");
+        let mut f: Vec<String> = s.subs.keys().cloned().collect();
+        f.sort();
+        f
+    };
+    let mut store = HashMap::default();
+    for i in 0..500 {
+        w.send(0, 1, V5, subscribe(&format!("flood/{i:03}"), 1));
+        commit_sessions(&mut w, &mut store);
+    }
+    let acks = w.recv(0, 1, V5).into_iter().filter(|p| matches!(p, Packet::SubAck(_))).count();
+    assert_eq!(acks, 500);
+    let recs = w.claims(ClaimKind::Session);
+    assert_eq!(recs.len(), 1, "the first change at once, the others wait for the lease");
+    assert_eq!(subs_of(&recs[0].1), ["flood/000"]);
+    w.tick(500);
+    assert!(w.claims(ClaimKind::Session).is_empty());
+    w.tick(1000);
+    let recs = w.claims(ClaimKind::Session);
+    assert_eq!(recs.len(), 1, "one record for the other 499 SUBSCRIBEs");
+    assert!(recs[0].0.active && recs[0].0.client == "flood" && recs[0].0.expiry == 600);
+    assert_eq!(subs_of(&recs[0].1).len(), 500, "with the subscriptions at the lease");
+    w.tick(2000);
+    assert!(w.claims(ClaimKind::Session).is_empty(), "nothing changed: no record");
+    // A heartbeat after the last record: the next change goes at once, the one after it waits.
+    w.send(0, 1, V5, unsubscribe("flood/000"));
+    commit_sessions(&mut w, &mut store);
+    let recs = w.claims(ClaimKind::Session);
+    assert_eq!(recs.len(), 1);
+    assert_eq!(subs_of(&recs[0].1).len(), 499);
+    w.send(0, 1, V5, subscribe("late/#", 1));
+    commit_sessions(&mut w, &mut store);
+    assert!(w.claims(ClaimKind::Session).is_empty());
+    w.tick(3000);
+    let recs = w.claims(ClaimKind::Session);
+    assert_eq!(recs.len(), 1);
+    let subs = subs_of(&recs[0].1);
+    assert_eq!(subs.len(), 500);
+    assert!(subs.contains(&"late/#".to_string()) && !subs.contains(&"flood/000".to_string()));
+    let c = w.shards.iter().map(|s| s.claims.stats()).fold(ClusterStats::default(), |mut a, b| {
+        a += b;
+        a
+    });
+    assert_eq!((c.state_records, c.state_coalesced), (4, 498), "502 changes, 4 records");
+
+    // It moves to shard 1 (a reconnect there) with a change not written yet: written as it goes.
+    w.send(0, 1, V5, subscribe("moving/#", 1));
+    commit_sessions(&mut w, &mut store);
+    assert!(w.claims(ClaimKind::Session).is_empty(), "within a heartbeat of the lease's record");
+    w.connect(1, 2, V5, "flood", false);
+    let recs = w.claims(ClaimKind::Session);
+    assert_eq!(recs.len(), 1, "said by the shard it leaves");
+    assert!(subs_of(&recs[0].1).contains(&"moving/#".to_string()));
+    w.tick(4000);
+    assert!(w.claims(ClaimKind::Session).is_empty(), "and not again by either shard");
+
+    // A session that ends says so at once, not at the lease, and nothing after.
+    w.send(1, 2, V5, subscribe("last/#", 1));
+    w.send(1, 2, V5, subscribe("after-last/#", 1));
+    commit_sessions(&mut w, &mut store);
+    assert_eq!(w.claims(ClaimKind::Session).len(), 1, "a heartbeat after the record it moved with: at once");
+    w.send(
+        1,
+        2,
+        V5,
+        Packet::Disconnect(Disconnect {
+            code: 0,
+            properties: Properties { session_expiry_interval: Some(0), ..Default::default() },
+        }),
+    );
+    commit_sessions(&mut w, &mut store);
+    let recs = w.claims(ClaimKind::Session);
+    assert_eq!(recs.len(), 1, "the end, before any lease");
+    assert!(!recs[0].0.active && recs[0].1.is_empty());
+    w.tick(5000);
+    assert!(w.claims(ClaimKind::Session).is_empty(), "its pending change went with it");
+
+    // A full set goes out early (counted): nothing is dropped.
+    w.connect(0, 3, V5, "again", false);
+    w.send(0, 3, V5, subscribe("a/#", 1));
+    commit_sessions(&mut w, &mut store);
+    assert_eq!(w.claims(ClaimKind::Session).len(), 1, "new here: at once");
+    for i in 0..cluster_claims::DIRTY_MAX {
+        w.shards[0].claims.sessions_dirty.insert(format!("gone-{i}").into());
+    }
+    w.send(0, 3, V5, subscribe("b/#", 1));
+    commit_sessions(&mut w, &mut store);
+    assert_eq!(w.shards[0].claims.stats().state_flushed_early, 1);
+    assert!(w.claims(ClaimKind::Session).is_empty(), "sessions no longer here write nothing");
+    assert_eq!(w.shards[0].claims.sessions_dirty.len(), 1);
+    w.tick(6000);
+    let recs = w.claims(ClaimKind::Session);
+    assert_eq!(recs.iter().map(|r| r.0.client.as_str()).collect::<Vec<_>>(), ["again"]);
+}
+
+/// A node killed right after a persistent session's SUBACK: its `Session` record is in Kafka
+/// already, not waiting for a lease that never comes (the survivors rebuild the session from
+/// it); a change that follows within the heartbeat waits for the lease.
+#[test]
+fn a_persistent_session_new_on_this_node_is_recorded_before_the_next_lease() {
+    use crate::cluster::ClaimKind;
+    let mut w = World::cluster(1, 1000);
+    w.tick(0);
+    w.now = 10;
+    let mut store = HashMap::default();
+    w.connect(0, 1, Version::V311, "orphan", false);
+    w.send(0, 1, Version::V311, subscribe("fleet/#", 1));
+    commit_sessions(&mut w, &mut store);
+    assert!(w.recv(0, 1, Version::V311).iter().any(|p| matches!(p, Packet::SubAck(_))));
+    let recs = w.claims(ClaimKind::Session);
+    assert_eq!(recs.len(), 1, "no record before the lease at 1000 ms: a survivor has nothing to rebuild");
+    assert!(recs[0].0.active && recs[0].0.client == "orphan" && recs[0].0.expiry == u32::MAX);
+    let s = Session::decode("orphan".into(), 0, &recs[0].1, 0, 0).expect("a session's stored form");
+    assert!(s.subs.contains_key("fleet/#"));
+    w.now = 20;
+    w.send(0, 1, Version::V311, subscribe("home/#", 1));
+    commit_sessions(&mut w, &mut store);
+    assert!(w.claims(ClaimKind::Session).is_empty(), "10 ms after the record: with the lease");
+    w.tick(1000);
+    assert_eq!(w.claims(ClaimKind::Session).len(), 1);
+}
+
+/// A node's member count of a shared-subscription group: its first member and its last said at
+/// once, a new count with the next lease; and with another node's three members against this
+/// node's one, this node delivers about a quarter of the group's messages.
+#[test]
+fn a_share_groups_member_count_is_announced_coalesced_and_weighs_the_nodes_pick() {
+    use crate::cluster::{Claim, ClaimKind};
+    let mut w = World::cluster(1, 1000);
+    w.tick(0);
+    let key = share_key("g", "work/#");
+    for (conn, id) in [(1, "m1"), (2, "m2"), (3, "m3")] {
+        w.connect(0, conn, V5, id, true);
+        w.send(0, conn, V5, subscribe("$share/g/work/#", 1));
+    }
+    let counts =
+        |w: &mut World| w.claims(ClaimKind::Share).into_iter().map(|(c, _)| (c.active, c.members)).collect::<Vec<_>>();
+    assert_eq!(counts(&mut w), [(true, 1)], "the first member at once, the others wait for the lease");
+    w.tick(1000);
+    assert_eq!(counts(&mut w), [(true, 3)]);
+    w.send(0, 3, V5, unsubscribe("$share/g/work/#"));
+    w.send(0, 3, V5, subscribe("$share/g/work/#", 1));
+    w.tick(2000);
+    assert!(counts(&mut w).is_empty(), "back to the count announced: nothing to say");
+    for conn in [2, 3] {
+        w.send(0, conn, V5, unsubscribe("$share/g/work/#"));
+    }
+    w.tick(3000);
+    assert_eq!(counts(&mut w), [(true, 1)]);
+    assert_eq!(w.shards[0].shared.announced(&key), 1);
+
+    // Node n2 has three members: n1 (one) delivers about a quarter, the same ones every time.
+    let remote = Claim { active: true, members: 3, ..Claim::new("n2", &key, 0, ClaimKind::Share) };
+    w.shards[0].on_cluster_claim(&remote.encode(), w.now);
+    w.connect(0, 9, V5, "pub", true);
+    w.recv(0, 1, V5);
+    let mut mine = Vec::new();
+    for i in 0..400u16 {
+        let p = Publish { payload: Bytes::from(format!("x{i}")), ..publish_of(publish("work/hot", 0, 0, b"")) };
+        w.send(0, 9, V5, Packet::Publish(p));
+        for p in w.recv(0, 1, V5) {
+            if let Packet::Publish(p) = p {
+                mine.push(String::from_utf8_lossy(&p.payload).into_owned());
+            }
+        }
+    }
+    assert!((60..=140).contains(&mine.len()), "about 100 of 400: {}", mine.len());
+    let weights = [("n1", 1), ("n2", 3)];
+    let expected: Vec<String> = (0..400)
+        .map(|i| format!("x{i}"))
+        .filter(|p| crate::cluster::share_node(&weights, "work/hot", p.as_bytes()) == Some("n1"))
+        .collect();
+    assert_eq!(mine, expected, "what every node computes for these counts");
+    // n2's last member leaves: n1 delivers everything again; its first member leaving clears it.
+    let gone = Claim::new("n2", &key, 0, ClaimKind::Share);
+    w.shards[0].on_cluster_claim(&gone.encode(), w.now);
+    w.send(0, 9, V5, publish("work/hot", 0, 0, b"x0"));
+    assert_eq!(w.recv(0, 1, V5).len(), 1);
+    w.send(0, 1, V5, unsubscribe("$share/g/work/#"));
+    assert_eq!(counts(&mut w), [(false, 0)], "the last member at once");
+    w.tick(4000);
+    assert!(counts(&mut w).is_empty());
 }
