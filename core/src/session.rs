@@ -86,11 +86,6 @@ pub struct Session {
     pub(crate) generation: u64,
     /// The session store may hold this session (it was persistent when last written).
     pub(crate) stored: bool,
-    /// In a cluster: when this node last wrote the session's `Session` record (`None`: not
-    /// since the session came to this node). Not stored: a session brought from elsewhere —
-    /// another node, the store after a restart — is new to the cluster's tables as this
-    /// node's, so its first record goes at once.
-    pub(crate) recorded_ms: Option<u64>,
 }
 
 impl Session {
@@ -108,7 +103,6 @@ impl Session {
             pending_will: None,
             generation: 0,
             stored: false,
-            recorded_ms: None,
         }
     }
 

@@ -17,16 +17,15 @@
 //!   a dead holder's session is rebuilt from the log meanwhile, see `crate::adoption`); messages routed
 //!   here meanwhile are kept (≤ [`RECENT_MAX`]) and queued for the session it brings.
 //!
-//! - Records that describe state rather than events — a persistent session's subscriptions
-//!   ([`ClaimKind::Session`]) and this node's member count of a shared-subscription group
-//!   ([`ClaimKind::Share`]) — are coalesced: a change marks the session or group, and the
-//!   next lease (every `heartbeat_ms`) writes one record each with the state *then*, so a
-//!   client that floods SUBSCRIBE costs one record per heartbeat, not one per packet. What must
-//!   not wait goes at once: a session's end, a group's first member and its last, and a
-//!   session's change when its last record from here is a heartbeat old or more or it has none
-//!   (its first SUBSCRIBE here, a session handed over): held back, a node killed within the
-//!   heartbeat leaves the survivors no record to rebuild the session from, or an old one,
-//!   though its client has its SUBACK. Only changes within a heartbeat of a record wait.
+//! - A persistent session's subscriptions ([`ClaimKind::Session`]) are written at once, on
+//!   every change: the client has its SUBACK, so a node killed before the record reaches
+//!   Kafka must lose at most that round trip, never a heartbeat of changes (held back to the
+//!   next lease, a kill within the heartbeat left the survivors an old record to rebuild the
+//!   session from). A shared-subscription group's member count on this node
+//!   ([`ClaimKind::Share`]) is coalesced instead: its first member and its last go at once,
+//!   a new count in between with the next lease (every `heartbeat_ms`), with the count then —
+//!   the count only weighs how the nodes split a group's messages, and a client that joins
+//!   and leaves without pause costs a record a heartbeat, not one per packet.
 //!
 //! Every node reads one client id's claims in one order (one partition), so of two nodes
 //! serving one client id at once, exactly one keeps it, once both read both claims.
@@ -35,7 +34,7 @@
 //! `recent` holds, in a cluster, the messages routed in the last [`RECENT_LOOKBACK_MS`] and
 //! since the earliest waiting connection's lookback began (≤ [`RECENT_MAX`] messages and
 //! [`RECENT_BYTES_MAX`] payload bytes), and `recent_bytes` is the sum of their payloads;
-//! `sessions_dirty` and `shares_dirty` hold at most [`DIRTY_MAX`] entries each.
+//! `shares_dirty` holds at most [`DIRTY_MAX`] groups.
 
 use super::stats::ClusterStats;
 use super::*;
@@ -63,17 +62,14 @@ pub(super) struct ClusterClaims {
     /// Handovers sent without their messages (too large for one record).
     pub(super) handover_truncated: u64,
     /// Shared-subscription groups owned by this shard (by share key) that other nodes have
-    /// members of: those nodes, sorted, with their member counts as their latest record says
-    /// (at least 1). At most [`SHARE_KEYS_MAX`] keys.
-    remote_shares: HashMap<String, Vec<(Arc<str>, u32)>>,
+    /// members of, with their member counts (see [`RemoteShare`]). At most
+    /// [`SHARE_KEYS_MAX`] keys.
+    remote_shares: HashMap<String, RemoteShare>,
     /// Share records beyond [`SHARE_KEYS_MAX`], not kept.
     pub(super) shares_refused: u64,
-    /// Persistent sessions of this shard whose subscriptions changed since the last lease,
-    /// within a heartbeat of their last record (others are written at once), and groups owned
-    /// here whose member count on this node differs from the one it announced: one record each
-    /// goes with the next lease (`Shard::flush_records`). ≤ [`DIRTY_MAX`] each.
-    pub(super) sessions_dirty: HashSet<ClientId>,
-    shares_dirty: HashSet<String>,
+    /// Groups owned here whose member count on this node differs from the one it announced:
+    /// one record each goes with the next lease (`Shard::flush_records`). ≤ [`DIRTY_MAX`].
+    pub(super) shares_dirty: HashSet<String>,
     /// Session and Share records written; changes that joined a record already due (the
     /// records coalescing saved); flushes before the lease because a set was full.
     pub(super) state_records: u64,
@@ -156,50 +152,106 @@ pub(super) const HANDOVER_WAIT_EXTRA_MS: u64 = 5_000;
 /// beyond it is delivered by every node that has members (counted in `shares_refused`).
 pub(super) const SHARE_KEYS_MAX: usize = 100_000;
 
-/// Sessions (and, apart, groups) whose record waits for the next lease, at most per shard.
+/// The other nodes with members of one group, as this node read them.
+#[derive(Default)]
+struct RemoteShare {
+    /// Those nodes, sorted, with their member counts as their latest record says (at least 1).
+    nodes: Vec<(Arc<str>, u32)>,
+    /// `nodes` before the last change, and until when it still counts: the other nodes read
+    /// that change at other times, so for a while some of them pick by the old view.
+    before: Option<(Vec<(Arc<str>, u32)>, u64)>,
+}
+
+/// Groups whose Share record waits for the next lease, at most per shard.
 /// Nothing is dropped when full: the set is written out at once (counted in
 /// `state_flushed_early`), so a record is early, never lost.
 pub(super) const DIRTY_MAX: usize = 100_000;
 
 impl ClusterClaims {
     /// `node` has `members` of group `key` (`active`; 0 from a node that does not say: one),
-    /// or none any more.
-    fn remote_share(&mut self, key: &str, node: &str, active: bool, members: u32) {
+    /// or none any more; read at `now_ms`. The view it replaces stays in force beside the new
+    /// one for [`share_grace_ms`](Self::share_grace_ms) (see [`RemoteShare`]).
+    fn remote_share(&mut self, key: &str, node: &str, active: bool, members: u32, now_ms: u64) {
+        let until = now_ms + self.share_grace_ms();
         if active {
             if !self.remote_shares.contains_key(key) && self.remote_shares.len() >= SHARE_KEYS_MAX {
                 self.shares_refused += 1;
                 return;
             }
-            let nodes = self.remote_shares.entry(key.to_string()).or_default();
+            let share = self.remote_shares.entry(key.to_string()).or_default();
             let weight = members.max(1);
-            match nodes.binary_search_by(|(n, _)| (**n).cmp(node)) {
-                Ok(i) => nodes[i].1 = weight,
-                Err(i) => nodes.insert(i, (node.into(), weight)),
+            let before = share.nodes.clone();
+            match share.nodes.binary_search_by(|(n, _)| (**n).cmp(node)) {
+                Ok(i) if share.nodes[i].1 == weight => return,
+                Ok(i) => share.nodes[i].1 = weight,
+                Err(i) => share.nodes.insert(i, (node.into(), weight)),
             }
-        } else if let Some(nodes) = self.remote_shares.get_mut(key) {
-            nodes.retain(|(n, _)| **n != *node);
-            if nodes.is_empty() {
+            share.before = Some((before, until));
+        } else if let Some(share) = self.remote_shares.get_mut(key) {
+            let before = share.nodes.clone();
+            share.nodes.retain(|(n, _)| **n != *node);
+            if share.nodes.len() != before.len() {
+                share.before = Some((before, until));
+            }
+            // With no other node's members left this node delivers everything (the union of
+            // every view): the entry can go.
+            if share.nodes.is_empty() {
                 self.remote_shares.remove(key);
             }
         }
     }
 
-    /// Whether this node delivers `msg` to its members of group `key` (see
-    /// [`crate::cluster::share_node`]), weighing this node by `announced`, the member count
-    /// it last wrote — what the others weigh it by once they read it, not the count now (a
-    /// change not yet written would have two nodes disagree for up to a heartbeat) — and at
+    /// How long a view of a group's member counts that was replaced stays in force beside the
+    /// new one: a heartbeat and a second, the time a record takes to reach every node (as the
+    /// floor's margin).
+    pub(super) fn share_grace_ms(&self) -> u64 {
+        self.lease_ms.unwrap_or(0) + 1_000
+    }
+
+    /// Whether this node delivers `msg` to its members of group `key` at `now_ms` (see
+    /// [`crate::cluster::share_node`]), weighing this node by `announced`, the member count it
+    /// last wrote — what the others weigh it by once they read it, not the count now — and at
     /// least 1 (it has members). Always outside a cluster or when no other node has members.
-    pub(super) fn share_mine(&self, key: &str, announced: u32, msg: &Message) -> bool {
-        let (Some(ClaimsNode { node: me, .. }), Some(others)) = (&self.node, self.remote_shares.get(key)) else {
+    ///
+    /// While a view was replaced less than [`share_grace_ms`](Self::share_grace_ms) ago — the
+    /// other nodes' counts (`RemoteShare::before`) or this node's own (`announced_before`,
+    /// the count it wrote before, with when that stops counting) — this node delivers what
+    /// any combination of the old and new views gives it. A node that has not read the change
+    /// yet delivers by the old view, one that has by the new, so a message the two views give
+    /// to different nodes reaches the group twice rather than not at all.
+    pub(super) fn share_mine(
+        &self,
+        key: &str,
+        announced: u32,
+        announced_before: Option<(u32, u64)>,
+        msg: &Message,
+        now_ms: u64,
+    ) -> bool {
+        let (Some(ClaimsNode { node: me, .. }), Some(share)) = (&self.node, self.remote_shares.get(key)) else {
             return true;
         };
-        let mut nodes: Vec<(&str, u32)> = others.iter().map(|(n, w)| (&**n, *w)).collect();
-        let mine = announced.max(1);
-        match nodes.binary_search_by(|(n, _)| (*n).cmp(me)) {
-            Ok(i) => nodes[i].1 = mine,
-            Err(i) => nodes.insert(i, (me, mine)),
+        let others_before = share.before.as_ref().filter(|(_, until)| now_ms < *until).map(|(v, _)| v);
+        if others_before.is_some_and(|v| v.is_empty()) {
+            // Before, no other node had members: this one delivered everything.
+            return true;
         }
-        crate::cluster::share_node(&nodes, &msg.topic, &msg.payload) == Some(&**me)
+        // A count of 0 before: this node was in no one's view, so that view gives it nothing.
+        let mine_before = announced_before.filter(|&(n, until)| n > 0 && now_ms < until).map(|(n, _)| n);
+        let mut nodes: Vec<(&str, u32)> = Vec::with_capacity(share.nodes.len() + 1);
+        for others in std::iter::once(&share.nodes).chain(others_before) {
+            for mine in std::iter::once(announced.max(1)).chain(mine_before) {
+                nodes.clear();
+                nodes.extend(others.iter().map(|(n, w)| (&**n, *w)));
+                match nodes.binary_search_by(|(n, _)| (*n).cmp(me)) {
+                    Ok(i) => nodes[i].1 = mine,
+                    Err(i) => nodes.insert(i, (me, mine)),
+                }
+                if crate::cluster::share_node(&nodes, &msg.topic, &msg.payload) == Some(&**me) {
+                    return true;
+                }
+            }
+        }
+        false
     }
 }
 
@@ -419,12 +471,12 @@ impl Shard {
         let record_key = format!("{key}\u{1}{}", me.node).into();
         self.send_claim(&claim, record_key, Bytes::new(), 1, now_ms);
         self.claims.state_records += 1;
-        self.shared.set_announced(key, members);
+        let until = now_ms + self.claims.share_grace_ms();
+        self.shared.set_announced(key, members, until);
     }
 
     /// The records that wait for the lease (see the module doc), with the state now.
     pub(super) fn flush_records(&mut self, now_ms: u64) {
-        self.flush_sessions(now_ms);
         self.flush_shares(now_ms);
     }
 
@@ -439,18 +491,6 @@ impl Shard {
         }
         // Its allocation kept (nothing was marked meanwhile: announcing marks nothing).
         self.claims.shares_dirty = dirty;
-    }
-
-    fn flush_sessions(&mut self, now_ms: u64) {
-        let mut dirty = std::mem::take(&mut self.claims.sessions_dirty);
-        for id in dirty.drain() {
-            // A session gone from here since ended (said at once) or moved to another shard
-            // (`session_leaves`).
-            if self.sessions.get(&id).is_some_and(|s| s.expiry_secs > 0) {
-                self.write_session(&id, now_ms);
-            }
-        }
-        self.claims.sessions_dirty = dirty;
     }
 
     /// "confirmed" or "unconfirmed" for a connection in a cluster; `None` outside one.
@@ -492,7 +532,7 @@ impl Shard {
             }
             ClaimKind::Share => {
                 if claim.node != **node && shard_of(&claim.client, self.n_shards) == self.id {
-                    self.claims.remote_share(&claim.client, &claim.node, claim.active, claim.members);
+                    self.claims.remote_share(&claim.client, &claim.node, claim.active, claim.members, now_ms);
                 }
                 return;
             }
@@ -864,58 +904,14 @@ impl Shard {
 
     /// `client_id`'s persistent session lives here now with these subscriptions, or ended here
     /// (not persistent any more): a [`ClaimKind::Session`] record, what a survivor rebuilds it
-    /// from should this node die. An end goes at once: held back, it could reach Kafka after
-    /// the record of a session its client started since on another shard of this node, and
-    /// erase that one from the others' tables (same node). So does a change to a live session
-    /// whose last record from here is a heartbeat old or more, or that has none (new here):
-    /// until the others read it, this node's death loses the session or its new subscriptions
-    /// (the client has its SUBACK). A change within a heartbeat of a record goes with the next
-    /// lease, with the subscriptions then: a client that floods SUBSCRIBE costs a record per
-    /// heartbeat, and a quiet one's change waits for nothing.
+    /// from should this node die. At once, every change (see the module doc).
     pub(super) fn announce_session(&mut self, client_id: &ClientId, now_ms: u64) {
-        if self.claims.node.is_none() {
-            return;
-        }
-        let Some(recorded_ms) = self.sessions.get(client_id).filter(|s| s.expiry_secs > 0).map(|s| s.recorded_ms)
-        else {
-            self.claims.sessions_dirty.remove(client_id);
-            self.write_session(client_id, now_ms);
-            return;
-        };
-        if self.claims.sessions_dirty.contains(client_id) {
-            self.claims.state_coalesced += 1;
-            return;
-        }
-        let heartbeat_ms = self.claims.lease_ms.unwrap_or(0);
-        if recorded_ms.is_none_or(|at| now_ms.saturating_sub(at) >= heartbeat_ms) {
-            self.write_session(client_id, now_ms);
-            return;
-        }
-        if self.claims.sessions_dirty.len() >= DIRTY_MAX {
-            self.claims.state_flushed_early += 1;
-            self.flush_sessions(now_ms);
-        }
-        self.claims.sessions_dirty.insert(client_id.clone());
-    }
-
-    /// `client_id`'s session leaves this shard for another one of this node (a reconnect
-    /// there): a record still due for it goes now, with the subscriptions it leaves with (its
-    /// new shard writes none until they change). Not for a clean start: that session ends.
-    pub(super) fn session_leaves(&mut self, client_id: &ClientId, clean_start: bool, now_ms: u64) {
-        if self.claims.sessions_dirty.remove(client_id) && !clean_start {
-            self.write_session(client_id, now_ms);
-        }
-    }
-
-    /// A [`ClaimKind::Session`] record of `client_id`'s session as it is here now.
-    fn write_session(&mut self, client_id: &ClientId, now_ms: u64) {
         let Some(me) = &self.claims.node else { return };
         let (node, inc) = (me.node.clone(), me.incarnation);
-        let (value, active, expiry) = match self.sessions.get_mut(client_id) {
+        let (value, active, expiry) = match self.sessions.get(client_id) {
             Some(s) if s.expiry_secs > 0 => {
                 let mut bytes = Vec::new();
                 s.encode_subscriptions(self.wall_offset_ms, &mut bytes);
-                s.recorded_ms = Some(now_ms);
                 (Bytes::from(bytes), true, s.expiry_secs)
             }
             _ => (Bytes::new(), false, 0),

@@ -221,7 +221,7 @@ impl Shard {
         let claims = &self.claims;
         self.shared.pick(
             &msg.topic,
-            |key, announced| claims.share_mine(key, announced, msg),
+            |key, announced, before| claims.share_mine(key, announced, before, msg, now_ms),
             |m| (m.shard == here).then(|| member_busy(sessions, conns, limits, &m.client_id)).flatten(),
             &mut picks,
         );

@@ -42,6 +42,9 @@ struct ShareGroup {
     ///
     /// [`ClaimKind::Share`]: crate::cluster::ClaimKind::Share
     announced: u32,
+    /// The count announced before `announced`, and until when the others may still weigh
+    /// this node by it (`ClusterClaims::share_mine`).
+    announced_before: Option<(u32, u64)>,
 }
 
 /// The backlog a pick assumes for a member another shard reported busy: more than any
@@ -126,29 +129,32 @@ impl ShareGroups {
         self.groups.get(filter, &group).map_or(0, |g| g.announced)
     }
 
-    /// This node said it has `n` members of group `key` (a group that exists here).
-    pub(super) fn set_announced(&mut self, key: &str, n: u32) {
+    /// This node said it has `n` members of group `key` (a group that exists here); the count
+    /// it said before counts beside it until `before_until_ms`.
+    pub(super) fn set_announced(&mut self, key: &str, n: u32, before_until_ms: u64) {
         let Some((group, filter)) = split(key) else { return };
         if let Some(g) = self.groups.get_mut(filter, &group) {
+            g.announced_before = Some((g.announced, before_until_ms));
             g.announced = n;
         }
     }
 
-    /// One member of every group whose filter matches `topic` and that `mine(key, announced)`
-    /// lets this node deliver to (a cluster: another node may deliver the message to the group;
-    /// `announced`: see [`ShareGroups::announced`]).
+    /// One member of every group whose filter matches `topic` and that `mine(key, announced,
+    /// announced_before)` lets this node deliver to (a cluster: another node may deliver the
+    /// message to the group; `announced`: see [`ShareGroups::announced`]; `announced_before`:
+    /// the count before it, with until when it counts).
     /// `busy(member)` is `Some(backlog)` for a member that cannot take a message now (window
     /// full, messages queued, offline), `None` for one that can or whose state is not known here.
     pub(super) fn pick(
         &mut self,
         topic: &str,
-        mut mine: impl FnMut(&str, u32) -> bool,
+        mut mine: impl FnMut(&str, u32, Option<(u32, u64)>) -> bool,
         mut busy: impl FnMut(&ShareMember) -> Option<usize>,
         picks: &mut Vec<ShareMember>,
     ) {
         self.groups.for_each_match_mut(topic, |_, g| {
             let n = g.members.len();
-            if n == 0 || !mine(&g.key, g.announced) {
+            if n == 0 || !mine(&g.key, g.announced, g.announced_before) {
                 return;
             }
             let start = g.next % n;
@@ -188,7 +194,7 @@ mod tests {
         g.join(&share_key("g", "a/+"), member("x", 1));
         let mut picks = Vec::new();
         for _ in 0..4 {
-            g.pick("a/b", |_, _| true, |_| None, &mut picks);
+            g.pick("a/b", |_, _, _| true, |_| None, &mut picks);
         }
         let ids: Vec<&str> = picks.iter().map(|m| &*m.client_id).collect();
         assert_eq!(ids, ["x", "y", "x", "y"], "a client joins once; joining again replaces it");
@@ -196,7 +202,7 @@ mod tests {
         g.leave(&share_key("g", "a/+"), &"x".into());
         g.leave(&share_key("g", "a/+"), &"y".into());
         picks.clear();
-        g.pick("a/b", |_, _| true, |_| None, &mut picks);
+        g.pick("a/b", |_, _, _| true, |_| None, &mut picks);
         assert!(picks.is_empty());
         g.leave("malformed", &"x".into());
     }
@@ -210,7 +216,7 @@ mod tests {
         let ids = |g: &mut ShareGroups, busy: &dyn Fn(&str) -> Option<usize>, n: usize| {
             let mut picks = Vec::new();
             for _ in 0..n {
-                g.pick("t", |_, _| true, |m| busy(&m.client_id), &mut picks);
+                g.pick("t", |_, _, _| true, |m| busy(&m.client_id), &mut picks);
             }
             picks.into_iter().map(|m| m.client_id.to_string()).collect::<Vec<_>>()
         };

@@ -1979,78 +1979,47 @@ fn lease_walk_cost() {
 /// the next lease with the subscriptions then, none while nothing changes, a change after a
 /// quiet heartbeat at once again, an end at once, a session moving to another shard says its
 /// subscriptions before it goes, and a full set is written out early (never dropped).
+/// A node killed right after a persistent session's SUBACK: that session's `Session` record,
+/// with the subscription the SUBACK confirmed, is on its way to Kafka already — every change
+/// is written at once, none waits for a lease that may never come — and the lease writes
+/// nothing more; a session's end is said at once too.
 #[test]
-fn a_persistent_sessions_subscriptions_are_written_once_per_lease_however_many_subscribes() {
+fn a_persistent_sessions_subscriptions_are_recorded_at_every_change_not_at_the_lease() {
     use crate::cluster::ClaimKind;
-    let mut w = World::cluster(2, 1000);
+    let mut w = World::cluster(1, 1000);
     w.tick(0);
-    w.connect(0, 1, V5, "flood", false);
-    w.claims(ClaimKind::Session);
+    w.now = 10;
+    let mut store = HashMap::default();
     let subs_of = |value: &Bytes| {
-        let s = Session::decode("flood".into(), 0, value, 0, 0).expect("a session's stored form");
+        let s = Session::decode("orphan".into(), 0, value, 0, 0).expect("a session's stored form");
         let mut f: Vec<String> = s.subs.keys().cloned().collect();
         f.sort();
         f
     };
-    let mut store = HashMap::default();
-    for i in 0..500 {
-        w.send(0, 1, V5, subscribe(&format!("flood/{i:03}"), 1));
-        commit_sessions(&mut w, &mut store);
-    }
-    let acks = w.recv(0, 1, V5).into_iter().filter(|p| matches!(p, Packet::SubAck(_))).count();
-    assert_eq!(acks, 500);
+    w.connect(0, 1, V5, "orphan", false);
+    w.send(0, 1, V5, subscribe("fleet/#", 1));
+    commit_sessions(&mut w, &mut store);
+    assert!(w.recv(0, 1, V5).iter().any(|p| matches!(p, Packet::SubAck(_))));
     let recs = w.claims(ClaimKind::Session);
-    assert_eq!(recs.len(), 1, "the first change at once, the others wait for the lease");
-    assert_eq!(subs_of(&recs[0].1), ["flood/000"]);
-    w.tick(500);
-    assert!(w.claims(ClaimKind::Session).is_empty());
+    assert_eq!(recs.len(), 1, "no record before the lease at 1000 ms: a survivor has nothing to rebuild");
+    assert!(recs[0].0.active && recs[0].0.client == "orphan" && recs[0].0.expiry == 600);
+    assert_eq!(subs_of(&recs[0].1), ["fleet/#"]);
+    // Changes 10 ms apart, well within a heartbeat: each its own record, with the state then.
+    w.now = 20;
+    w.send(0, 1, V5, unsubscribe("fleet/#"));
+    commit_sessions(&mut w, &mut store);
+    w.now = 30;
+    w.send(0, 1, V5, subscribe("home/#", 1));
+    commit_sessions(&mut w, &mut store);
+    let recs = w.claims(ClaimKind::Session);
+    assert_eq!(recs.len(), 2, "the UNSUBSCRIBE and the SUBSCRIBE, at once");
+    assert!(subs_of(&recs[0].1).is_empty());
+    assert_eq!(subs_of(&recs[1].1), ["home/#"]);
     w.tick(1000);
-    let recs = w.claims(ClaimKind::Session);
-    assert_eq!(recs.len(), 1, "one record for the other 499 SUBSCRIBEs");
-    assert!(recs[0].0.active && recs[0].0.client == "flood" && recs[0].0.expiry == 600);
-    assert_eq!(subs_of(&recs[0].1).len(), 500, "with the subscriptions at the lease");
-    w.tick(2000);
-    assert!(w.claims(ClaimKind::Session).is_empty(), "nothing changed: no record");
-    // A heartbeat after the last record: the next change goes at once, the one after it waits.
-    w.send(0, 1, V5, unsubscribe("flood/000"));
-    commit_sessions(&mut w, &mut store);
-    let recs = w.claims(ClaimKind::Session);
-    assert_eq!(recs.len(), 1);
-    assert_eq!(subs_of(&recs[0].1).len(), 499);
-    w.send(0, 1, V5, subscribe("late/#", 1));
-    commit_sessions(&mut w, &mut store);
-    assert!(w.claims(ClaimKind::Session).is_empty());
-    w.tick(3000);
-    let recs = w.claims(ClaimKind::Session);
-    assert_eq!(recs.len(), 1);
-    let subs = subs_of(&recs[0].1);
-    assert_eq!(subs.len(), 500);
-    assert!(subs.contains(&"late/#".to_string()) && !subs.contains(&"flood/000".to_string()));
-    let c = w.shards.iter().map(|s| s.claims.stats()).fold(ClusterStats::default(), |mut a, b| {
-        a += b;
-        a
-    });
-    assert_eq!((c.state_records, c.state_coalesced), (4, 498), "502 changes, 4 records");
-
-    // It moves to shard 1 (a reconnect there) with a change not written yet: written as it goes.
-    w.send(0, 1, V5, subscribe("moving/#", 1));
-    commit_sessions(&mut w, &mut store);
-    assert!(w.claims(ClaimKind::Session).is_empty(), "within a heartbeat of the lease's record");
-    w.connect(1, 2, V5, "flood", false);
-    let recs = w.claims(ClaimKind::Session);
-    assert_eq!(recs.len(), 1, "said by the shard it leaves");
-    assert!(subs_of(&recs[0].1).contains(&"moving/#".to_string()));
-    w.tick(4000);
-    assert!(w.claims(ClaimKind::Session).is_empty(), "and not again by either shard");
-
-    // A session that ends says so at once, not at the lease, and nothing after.
-    w.send(1, 2, V5, subscribe("last/#", 1));
-    w.send(1, 2, V5, subscribe("after-last/#", 1));
-    commit_sessions(&mut w, &mut store);
-    assert_eq!(w.claims(ClaimKind::Session).len(), 1, "a heartbeat after the record it moved with: at once");
+    assert!(w.claims(ClaimKind::Session).is_empty(), "the lease has nothing left to write");
     w.send(
+        0,
         1,
-        2,
         V5,
         Packet::Disconnect(Disconnect {
             code: 0,
@@ -2059,54 +2028,9 @@ fn a_persistent_sessions_subscriptions_are_written_once_per_lease_however_many_s
     );
     commit_sessions(&mut w, &mut store);
     let recs = w.claims(ClaimKind::Session);
-    assert_eq!(recs.len(), 1, "the end, before any lease");
+    assert_eq!(recs.len(), 1, "its end (expiry 0 at DISCONNECT), at once");
     assert!(!recs[0].0.active && recs[0].1.is_empty());
-    w.tick(5000);
-    assert!(w.claims(ClaimKind::Session).is_empty(), "its pending change went with it");
-
-    // A full set goes out early (counted): nothing is dropped.
-    w.connect(0, 3, V5, "again", false);
-    w.send(0, 3, V5, subscribe("a/#", 1));
-    commit_sessions(&mut w, &mut store);
-    assert_eq!(w.claims(ClaimKind::Session).len(), 1, "new here: at once");
-    for i in 0..cluster_claims::DIRTY_MAX {
-        w.shards[0].claims.sessions_dirty.insert(format!("gone-{i}").into());
-    }
-    w.send(0, 3, V5, subscribe("b/#", 1));
-    commit_sessions(&mut w, &mut store);
-    assert_eq!(w.shards[0].claims.stats().state_flushed_early, 1);
-    assert!(w.claims(ClaimKind::Session).is_empty(), "sessions no longer here write nothing");
-    assert_eq!(w.shards[0].claims.sessions_dirty.len(), 1);
-    w.tick(6000);
-    let recs = w.claims(ClaimKind::Session);
-    assert_eq!(recs.iter().map(|r| r.0.client.as_str()).collect::<Vec<_>>(), ["again"]);
-}
-
-/// A node killed right after a persistent session's SUBACK: its `Session` record is in Kafka
-/// already, not waiting for a lease that never comes (the survivors rebuild the session from
-/// it); a change that follows within the heartbeat waits for the lease.
-#[test]
-fn a_persistent_session_new_on_this_node_is_recorded_before_the_next_lease() {
-    use crate::cluster::ClaimKind;
-    let mut w = World::cluster(1, 1000);
-    w.tick(0);
-    w.now = 10;
-    let mut store = HashMap::default();
-    w.connect(0, 1, Version::V311, "orphan", false);
-    w.send(0, 1, Version::V311, subscribe("fleet/#", 1));
-    commit_sessions(&mut w, &mut store);
-    assert!(w.recv(0, 1, Version::V311).iter().any(|p| matches!(p, Packet::SubAck(_))));
-    let recs = w.claims(ClaimKind::Session);
-    assert_eq!(recs.len(), 1, "no record before the lease at 1000 ms: a survivor has nothing to rebuild");
-    assert!(recs[0].0.active && recs[0].0.client == "orphan" && recs[0].0.expiry == u32::MAX);
-    let s = Session::decode("orphan".into(), 0, &recs[0].1, 0, 0).expect("a session's stored form");
-    assert!(s.subs.contains_key("fleet/#"));
-    w.now = 20;
-    w.send(0, 1, Version::V311, subscribe("home/#", 1));
-    commit_sessions(&mut w, &mut store);
-    assert!(w.claims(ClaimKind::Session).is_empty(), "10 ms after the record: with the lease");
-    w.tick(1000);
-    assert_eq!(w.claims(ClaimKind::Session).len(), 1);
+    assert_eq!(w.shards[0].claims.stats().state_records, 4);
 }
 
 /// A node's member count of a shared-subscription group: its first member and its last said at
@@ -2138,31 +2062,78 @@ fn a_share_groups_member_count_is_announced_coalesced_and_weighs_the_nodes_pick(
     assert_eq!(counts(&mut w), [(true, 1)]);
     assert_eq!(w.shards[0].shared.announced(&key), 1);
 
-    // Node n2 has three members: n1 (one) delivers about a quarter, the same ones every time.
+    // Node n2 has three members: n1 (one) delivers about a quarter, the same ones every time,
+    // once the views replaced (n1's own count of 3, no other node) stopped counting.
+    let grace = w.shards[0].claims.share_grace_ms();
     let remote = Claim { active: true, members: 3, ..Claim::new("n2", &key, 0, ClaimKind::Share) };
     w.shards[0].on_cluster_claim(&remote.encode(), w.now);
     w.connect(0, 9, V5, "pub", true);
     w.recv(0, 1, V5);
-    let mut mine = Vec::new();
-    for i in 0..400u16 {
-        let p = Publish { payload: Bytes::from(format!("x{i}")), ..publish_of(publish("work/hot", 0, 0, b"")) };
-        w.send(0, 9, V5, Packet::Publish(p));
-        for p in w.recv(0, 1, V5) {
-            if let Packet::Publish(p) = p {
-                mine.push(String::from_utf8_lossy(&p.payload).into_owned());
+    let delivered = |w: &mut World| {
+        let mut mine = Vec::new();
+        for i in 0..400u16 {
+            let p = Publish { payload: Bytes::from(format!("x{i}")), ..publish_of(publish("work/hot", 0, 0, b"")) };
+            w.send(0, 9, V5, Packet::Publish(p));
+            for p in w.recv(0, 1, V5) {
+                if let Packet::Publish(p) = p {
+                    mine.push(String::from_utf8_lossy(&p.payload).into_owned());
+                }
             }
         }
-    }
+        mine
+    };
+    let picked = |weights: &[(&str, u32)]| -> Vec<String> {
+        (0..400)
+            .map(|i| format!("x{i}"))
+            .filter(|p| crate::cluster::share_node(weights, "work/hot", p.as_bytes()) == Some("n1"))
+            .collect()
+    };
+    assert_eq!(delivered(&mut w).len(), 400, "n2's members are news: n1 still delivers what it did before");
+    w.now += grace;
+    let mine = delivered(&mut w);
     assert!((60..=140).contains(&mine.len()), "about 100 of 400: {}", mine.len());
-    let weights = [("n1", 1), ("n2", 3)];
-    let expected: Vec<String> = (0..400)
-        .map(|i| format!("x{i}"))
-        .filter(|p| crate::cluster::share_node(&weights, "work/hot", p.as_bytes()) == Some("n1"))
-        .collect();
-    assert_eq!(mine, expected, "what every node computes for these counts");
-    // n2's last member leaves: n1 delivers everything again; its first member leaving clears it.
-    let gone = Claim::new("n2", &key, 0, ClaimKind::Share);
-    w.shards[0].on_cluster_claim(&gone.encode(), w.now);
+    assert_eq!(mine, picked(&[("n1", 1), ("n2", 3)]), "what every node computes for these counts");
+    // A third node, a0, with one member; then it says three: until every node has read that,
+    // n1 delivers what either view gives it (a message twice rather than lost), then by the
+    // new view alone.
+    let a0 = |members| Claim { active: true, members, ..Claim::new("a0", &key, 0, ClaimKind::Share) };
+    w.shards[0].on_cluster_claim(&a0(1).encode(), w.now);
+    w.now += grace;
+    let old_view = picked(&[("a0", 1), ("n1", 1), ("n2", 3)]);
+    assert_eq!(delivered(&mut w), old_view);
+    w.shards[0].on_cluster_claim(&a0(3).encode(), w.now);
+    let new_view = picked(&[("a0", 3), ("n1", 1), ("n2", 3)]);
+    let union: Vec<String> =
+        (0..400).map(|i| format!("x{i}")).filter(|p| old_view.contains(p) || new_view.contains(p)).collect();
+    assert!(union.len() > new_view.len() && union.len() > old_view.len(), "the views give n1 other messages");
+    assert_eq!(delivered(&mut w), union, "within the grace: either view");
+    w.now += grace;
+    assert_eq!(delivered(&mut w), new_view, "after it: the new view");
+    // n1's own count goes to 2, then back to 1 (each written with the lease): the others weigh
+    // it by 2 until they read the 1, so for the grace n1 delivers by either count, then by 1.
+    w.send(0, 2, V5, subscribe("$share/g/work/#", 1));
+    w.recv(0, 2, V5);
+    let next = w.now + 1000;
+    w.tick(next);
+    assert_eq!(counts(&mut w), [(true, 2)]);
+    w.now += grace;
+    w.send(0, 2, V5, unsubscribe("$share/g/work/#"));
+    w.recv(0, 2, V5);
+    let next = w.now + 1000;
+    w.tick(next);
+    assert_eq!(counts(&mut w), [(true, 1)]);
+    let (old_view, new_view) = (picked(&[("a0", 3), ("n1", 2), ("n2", 3)]), new_view);
+    let union: Vec<String> =
+        (0..400).map(|i| format!("x{i}")).filter(|p| old_view.contains(p) || new_view.contains(p)).collect();
+    assert!(union.len() > new_view.len(), "a count of 2 gave n1 more messages");
+    assert_eq!(delivered(&mut w), union, "within the grace: by either count");
+    w.now += grace;
+    assert_eq!(delivered(&mut w), new_view, "after it: by the count it wrote last");
+    // The last members of a0 and n2 leave: n1 delivers everything again, at once; its first
+    // member leaving clears it.
+    for node in ["a0", "n2"] {
+        w.shards[0].on_cluster_claim(&Claim::new(node, &key, 0, ClaimKind::Share).encode(), w.now);
+    }
     w.send(0, 9, V5, publish("work/hot", 0, 0, b"x0"));
     assert_eq!(w.recv(0, 1, V5).len(), 1);
     w.send(0, 1, V5, unsubscribe("$share/g/work/#"));

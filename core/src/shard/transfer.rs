@@ -62,7 +62,6 @@ impl Shard {
         if to != self.id {
             // The feed does not move with the session; the new host's client re-subscribes.
             self.cancel_retained_feed(&client_id);
-            self.session_leaves(&client_id, clean_start, now_ms);
         }
         if let Some(mut s) = self.sessions.remove(&client_id) {
             self.commits.touch(&mut s);
