@@ -152,14 +152,17 @@ pub(super) const HANDOVER_WAIT_EXTRA_MS: u64 = 5_000;
 /// beyond it is delivered by every node that has members (counted in `shares_refused`).
 pub(super) const SHARE_KEYS_MAX: usize = 100_000;
 
+/// Nodes with members of a group and their member counts, sorted by node.
+type ShareWeights = Vec<(Arc<str>, u32)>;
+
 /// The other nodes with members of one group, as this node read them.
 #[derive(Default)]
 struct RemoteShare {
     /// Those nodes, sorted, with their member counts as their latest record says (at least 1).
-    nodes: Vec<(Arc<str>, u32)>,
+    nodes: ShareWeights,
     /// `nodes` before the last change, and until when it still counts: the other nodes read
     /// that change at other times, so for a while some of them pick by the old view.
-    before: Option<(Vec<(Arc<str>, u32)>, u64)>,
+    before: Option<(ShareWeights, u64)>,
 }
 
 /// Groups whose Share record waits for the next lease, at most per shard.
