@@ -183,13 +183,15 @@ impl ClusterClaims {
             }
             let share = self.remote_shares.entry(key.to_string()).or_default();
             let weight = members.max(1);
-            let before = share.nodes.clone();
-            match share.nodes.binary_search_by(|(n, _)| (**n).cmp(node)) {
-                Ok(i) if share.nodes[i].1 == weight => return,
+            let found = share.nodes.binary_search_by(|(n, _)| (**n).cmp(node));
+            if found.is_ok_and(|i| share.nodes[i].1 == weight) {
+                return;
+            }
+            share.before = Some((share.nodes.clone(), until));
+            match found {
                 Ok(i) => share.nodes[i].1 = weight,
                 Err(i) => share.nodes.insert(i, (node.into(), weight)),
             }
-            share.before = Some((before, until));
         } else if let Some(share) = self.remote_shares.get_mut(key) {
             let before = share.nodes.clone();
             share.nodes.retain(|(n, _)| **n != *node);
