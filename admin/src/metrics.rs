@@ -400,6 +400,8 @@ pub(crate) fn render(state: &State, snaps: &[Snapshot]) -> String {
                 ("state_record", c.state_records),
                 ("state_coalesced", c.state_coalesced),
                 ("state_flushed_early", c.state_flushed_early),
+                ("state_failed", c.state_failed),
+                ("state_stale", c.state_stale),
             ] {
                 o.sample("sluice_cluster_session_events_total", &[("event", event)], v);
             }
@@ -408,6 +410,12 @@ pub(crate) fn render(state: &State, snaps: &[Snapshot]) -> String {
                 "gauge",
                 "Client ids whose persistent session another node holds, as this node knows.",
                 c.remote_sessions,
+            );
+            o.one(
+                "sluice_cluster_session_records_in_flight",
+                "gauge",
+                "Persistent sessions whose Session record is on its way to Kafka (their changes meanwhile wait for its answer).",
+                c.session_records_in_flight,
             );
         }
         let clusters = k.clusters();

@@ -149,7 +149,8 @@ impl ShardRuntime {
             }
             if !spilled.is_empty() {
                 // On disk only for now; they come back through `refill` under replay ids.
-                self.shard.borrow_mut().on_spilled(&spilled);
+                let now = self.now_ms();
+                self.shard.borrow_mut().on_spilled(&spilled, now);
             }
             self.to_kafka_from(&mut fx.produce);
             // The emptied vector (the outbox's last one, sized like the last hand-over) serves

@@ -1186,3 +1186,87 @@ key = "level:1"
             c.close()
         for b in nodes:
             b.stop()
+
+
+def test_a_subscribe_flood_on_a_persistent_session_writes_a_record_per_round_trip_and_loses_none(kafka, three):
+    """A client floods its persistent session with SUBSCRIBE packets (100, of 5 filters each),
+    and each `Session` record carries every subscription the session has: one record per packet
+    would turn each small packet into a growing record in Kafka. With Kafka paused during the
+    flood (no record answered), at most one record goes out and the other changes wait for its
+    answer; a canary on the same node keeps its round trips meanwhile. Once Kafka is back, one
+    record carries them all: the node is killed, and the session rebuilt on another node from
+    that record has all 501 subscriptions and gets a message on the last one."""
+    import threading
+
+    nodes, _ = three
+    cid = "flooder"
+    pub = Paho(nodes[1].addr, "flood-pub")
+    watch = Paho(nodes[0].addr, "flood-watch")
+    connected(nodes[1], nodes[0], pub, watch)
+    watch.close()
+    wait_for(lambda: claims_read(nodes[0]), "node 1 reads every partition of the sessions topic")
+    flood = Paho(nodes[2].addr, cid, clean=False)
+    canary_pub = Paho(nodes[2].addr, "flood-canary-pub")
+    canary_sub = Paho(nodes[2].addr, "flood-canary-sub")
+    canary_sub.subscribe("canary/#", 0)
+    stop = threading.Event()
+    worst = []
+
+    def canary():
+        n = 0
+        while not stop.is_set():
+            n += 1
+            t0 = time.monotonic()
+            canary_pub.c.publish("canary/x", f"c{n}", qos=0)
+            while canary_sub.message(timeout=WAIT).payload.decode() != f"c{n}":
+                pass
+            worst.append(time.monotonic() - t0)
+
+    try:
+        connected(nodes[1], nodes[2], pub, flood)
+        flood.subscribe("warm/#", 1)
+        wait_for(lambda: claim_of(nodes[2], cid) == "confirmed", "claimed on node 3")
+        wait_for(lambda: metric(nodes[0], "sluice_cluster_remote_sessions") >= 1, "node 1 knows the session")
+        wait_for(lambda: cluster_view(nodes[2])["floor"] is not None, "node 3 sends a floor")
+        wait_for(lambda: metric(nodes[2], "sluice_cluster_session_records_in_flight") == 0, "the first record answered")
+        records = 'sluice_cluster_session_events_total{event="state_record"}'
+        coalesced = 'sluice_cluster_session_events_total{event="state_coalesced"}'
+        r0, c0 = metric(nodes[2], records), metric(nodes[2], coalesced)
+        t = threading.Thread(target=canary)
+        kafka.pause()
+        try:
+            t.start()
+            for i in range(100):
+                flood.c.subscribe([(f"flood/{i}/{j}", 1) for j in range(5)])
+            for _ in range(100):
+                ev = flood.event("subscribe")
+                assert all(rc_value(rc) == 1 for rc in ev[2]), ev
+            r1, c1 = metric(nodes[2], records), metric(nodes[2], coalesced)
+            canary_rounds = len(worst)
+        finally:
+            kafka.resume()
+        assert r1 - r0 <= 1, f"{r1 - r0} Session records for 100 SUBSCRIBE packets while none was answered"
+        assert c1 - c0 >= 99, c1 - c0
+        assert canary_rounds > 0, "the canary made no round trip during the flood"
+        wait_for(lambda: metric(nodes[2], records) >= r1 + 1, "the changes that waited, as one record")
+        wait_for(lambda: metric(nodes[2], "sluice_cluster_session_records_in_flight") == 0, "that record answered")
+        stop.set()
+        t.join(timeout=WAIT + 5)
+        assert max(worst) < WAIT, f"a canary round trip took {max(worst):.1f} s"
+        flood.c.loop_stop()
+        nodes[2].kill()
+        again = Paho(nodes[0].addr, cid, clean=False)
+        assert again.flags.session_present
+        wait_for(lambda: (queued_on(nodes[0], cid) is not None), "the session rebuilt on node 1")
+        with urllib.request.urlopen(
+                f"http://{nodes[0].http[0]}:{nodes[0].http[1]}/api/v1/clients/{cid}", timeout=WAIT) as r:
+            assert json.load(r)["subscription_count"] == 501
+        pub.publish("flood/99/4", "last", qos=1)
+        assert again.message(timeout=30).payload == b"last"
+        again.close()
+    finally:
+        stop.set()
+        kafka.resume()
+        pub.close()
+        canary_pub.close()
+        canary_sub.close()

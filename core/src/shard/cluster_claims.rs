@@ -36,6 +36,9 @@
 //! [`RECENT_BYTES_MAX`] payload bytes), and `recent_bytes` is the sum of their payloads;
 //! `shares_dirty` holds at most [`DIRTY_MAX`] groups.
 
+use std::ops::Range;
+
+use super::session_records::SessionRecords;
 use super::stats::ClusterStats;
 use super::*;
 use crate::bridge::ClaimsNode;
@@ -70,8 +73,8 @@ pub(super) struct ClusterClaims {
     /// Groups owned here whose member count on this node differs from the one it announced:
     /// one record each goes with the next lease (`Shard::flush_records`). ≤ [`DIRTY_MAX`].
     pub(super) shares_dirty: HashSet<String>,
-    /// Session and Share records written; changes that joined a record already due (the
-    /// records coalescing saved); flushes before the lease because a set was full.
+    /// Session and Share records written; changes that joined a record already due or on its
+    /// way (the records coalescing saved); flushes before the lease because a set was full.
     pub(super) state_records: u64,
     pub(super) state_coalesced: u64,
     pub(super) state_flushed_early: u64,
@@ -115,6 +118,8 @@ pub(super) struct ClusterClaims {
     /// had already left `recent` (messages in between may be missing).
     pub(super) handover_timeouts: u64,
     pub(super) handover_gap_lost: u64,
+    /// Persistent sessions' `Session` records on their way to Kafka, one per session at a time.
+    pub(super) session_records: SessionRecords,
 }
 
 /// A connection whose CONNACK waits for another node's handover of its session.
@@ -309,6 +314,9 @@ impl ClusterClaims {
             state_records: self.state_records,
             state_coalesced: self.state_coalesced,
             state_flushed_early: self.state_flushed_early,
+            state_failed: self.session_records.failed,
+            state_stale: self.session_records.stale,
+            session_records_in_flight: self.session_records.len() as u64,
         }
     }
 
@@ -416,13 +424,16 @@ impl Shard {
                 let wall = self.wall_offset_ms + now_ms as i64;
                 self.outbox.bridge_claim(&Arc::new(msg), claim.encode().into(), wall, &mut self.effects.produce);
             }
-            None => self.send_claim(&claim, client_id.clone(), Bytes::new(), 0, now_ms),
+            None => {
+                self.send_claim(&claim, client_id.clone(), Bytes::new(), 0, now_ms);
+            }
         }
     }
 
     /// `claim` as a record of the claims mapping: key `key`, value `value`, QoS `qos` (1: by
     /// the spill log through an outage).
-    fn send_claim(&mut self, claim: &Claim, key: ClientId, value: Bytes, qos: u8, now_ms: u64) {
+    /// Hands `claim` to the producers; the record ids it went out as.
+    fn send_claim(&mut self, claim: &Claim, key: ClientId, value: Bytes, qos: u8, now_ms: u64) -> Range<u64> {
         let msg = Message {
             topic: crate::cluster::CLAIM_TOPIC.into(),
             payload: value,
@@ -433,7 +444,7 @@ impl Shard {
             origin: key,
         };
         let wall = self.wall_offset_ms + now_ms as i64;
-        self.outbox.bridge_claim(&Arc::new(msg), claim.encode().into(), wall, &mut self.effects.produce);
+        self.outbox.bridge_claim(&Arc::new(msg), claim.encode().into(), wall, &mut self.effects.produce)
     }
 
     /// The members of shared-subscription group `key` on this node changed (`had`: it had some
@@ -483,6 +494,11 @@ impl Shard {
     /// The records that wait for the lease (see the module doc), with the state now.
     pub(super) fn flush_records(&mut self, now_ms: u64) {
         self.flush_shares(now_ms);
+        let mut due = Vec::new();
+        self.claims.session_records.due(now_ms, &mut due);
+        for client in due {
+            self.write_session_record(&client, now_ms);
+        }
     }
 
     fn flush_shares(&mut self, now_ms: u64) {
@@ -909,8 +925,21 @@ impl Shard {
 
     /// `client_id`'s persistent session lives here now with these subscriptions, or ended here
     /// (not persistent any more): a [`ClaimKind::Session`] record, what a survivor rebuilds it
-    /// from should this node die. At once, every change (see the module doc).
+    /// from should this node die. At once, every change (see the module doc) — but one record
+    /// per session at a time: a change while one is on its way goes with its answer
+    /// (`crate::shard::session_records`).
     pub(super) fn announce_session(&mut self, client_id: &ClientId, now_ms: u64) {
+        if self.claims.node.is_none() {
+            return;
+        }
+        if self.claims.session_records.coalesce(client_id) {
+            self.claims.state_coalesced += 1;
+            return;
+        }
+        self.write_session_record(client_id, now_ms);
+    }
+
+    fn write_session_record(&mut self, client_id: &ClientId, now_ms: u64) {
         let Some(me) = &self.claims.node else { return };
         let (node, inc) = (me.node.clone(), me.incarnation);
         let (value, active, expiry) = match self.sessions.get(client_id) {
@@ -923,8 +952,26 @@ impl Shard {
         };
         let claim = Claim { active, inc, expiry, ..Claim::new(&node, client_id, self.id, ClaimKind::Session) };
         let key: ClientId = crate::cluster::session_record_key(client_id).into();
-        self.send_claim(&claim, key, value, 1, now_ms);
+        let ids = self.send_claim(&claim, key, value, 1, now_ms);
+        self.claims.session_records.sent(client_id, ids, now_ms);
         self.claims.state_records += 1;
+    }
+
+    /// Record `id` was answered (`stored`: in Kafka, or on disk for it): if it was a session's
+    /// record and that session changed since, its next record goes now.
+    pub(super) fn session_record_answered(&mut self, id: u64, stored: bool, now_ms: u64) {
+        if let Some(client) = self.claims.session_records.answered(id, stored) {
+            self.write_session_record(&client, now_ms);
+        }
+    }
+
+    /// `client_id`'s session leaves this shard for another of this node: a change of it that
+    /// waited for a record's answer here is written now, while the session is still here (the
+    /// shard it goes to writes nothing for its arrival).
+    pub(super) fn leave_shard_records(&mut self, client_id: &ClientId, now_ms: u64) {
+        if self.claims.session_records.leave(client_id) {
+            self.write_session_record(client_id, now_ms);
+        }
     }
 
     /// Closes connections whose claim was not read back in time.

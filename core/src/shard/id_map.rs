@@ -57,6 +57,17 @@ impl<V> IdMap<V> {
         self.in_slots + self.others.len()
     }
 
+    pub(super) fn contains_key(&self, id: &u64) -> bool {
+        let id = *id;
+        if id >= self.base
+            && ((id - self.base) as usize) < self.slots.len()
+            && self.slots[(id - self.base) as usize].is_some()
+        {
+            return true;
+        }
+        !self.others.is_empty() && self.others.contains_key(&id)
+    }
+
     pub(super) fn insert(&mut self, id: u64, v: V) -> Option<V> {
         // An id in the map stays there (the window may have moved back over it).
         if !self.others.is_empty() {

@@ -10,9 +10,14 @@ impl Shard {
     pub fn on_produce_results(&mut self, results: impl IntoIterator<Item = ProduceResult>, now_ms: u64) {
         let mut touched = Vec::new();
         for r in results {
+            let session_record = self.claims.session_records.waits_for(r.id).then_some((r.id, r.outcome.is_ok()));
             let answered = self.outbox.on_result(r, self.id, &mut self.effects.produce, &mut self.effects.warnings);
             if let Answered::Publisher(ack, outcome) = answered {
                 self.resolve_waiter(ack, &outcome, &mut touched);
+            }
+            // Not when it timed out and went to the spill log instead: answered again from there.
+            if let Some((id, stored)) = session_record.filter(|(id, _)| !self.outbox.tracks(*id)) {
+                self.session_record_answered(id, stored, now_ms);
             }
         }
         self.outbox.release(&mut self.effects.produce);
@@ -46,9 +51,13 @@ impl Shard {
 
     /// `local-durable` records that stay on disk behind a backlog: the net layer replays them to
     /// Kafka itself, so this state machine stops counting them as pending.
-    pub fn on_spilled(&mut self, ids: &[u64]) {
+    pub fn on_spilled(&mut self, ids: &[u64], now_ms: u64) {
         for id in ids {
             self.outbox.forget(*id);
+            if self.claims.session_records.waits_for(*id) {
+                // On disk, and Kafka gets it from there in order: as good as answered.
+                self.session_record_answered(*id, true, now_ms);
+            }
         }
     }
 
@@ -64,6 +73,10 @@ impl Shard {
         for id in ids {
             if let Some(ack) = self.outbox.durable(*id) {
                 self.resolve_waiter(ack, &outcome, &mut touched);
+            }
+            // A failure is answered by `on_produce_results` too.
+            if outcome.is_ok() && self.claims.session_records.waits_for(*id) {
+                self.session_record_answered(*id, true, now_ms);
             }
         }
         // Sorted first: a batch of answers touches each connection many times, interleaved.

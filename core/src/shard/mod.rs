@@ -69,6 +69,7 @@ mod receipt_book;
 mod receipts;
 mod retained_delivery;
 mod routing;
+mod session_records;
 mod sessions;
 mod shard_msg;
 mod share_groups;

@@ -420,6 +420,12 @@ impl KafkaOutbox {
 
     /// Record `id` is handed out (or waits here) until answered; counted in its pair's
     /// `in_flight`.
+    /// Whether record `id` was handed out and is not answered yet (a record that timed out
+    /// and went to the spill log instead is, again).
+    pub(super) fn tracks(&self, id: u64) -> bool {
+        self.inflight.contains_key(&id)
+    }
+
     fn track(&mut self, id: u64, meta: RecordMeta) {
         self.stats_of(meta.mapping, meta.cluster).in_flight += 1;
         if let Some(old) = self.inflight.insert(id, meta) {

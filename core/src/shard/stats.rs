@@ -70,11 +70,19 @@ pub struct ClusterStats {
     /// Shared-subscription groups of other nodes not kept (full).
     pub shares_refused: u64,
     /// Session and Share records written (a session's subscriptions, a group's member count),
-    /// changes that joined a record already waiting for the lease, and flushes of those before
-    /// the lease because a shard's set was full (`cluster_claims::DIRTY_MAX`).
+    /// changes that joined a record already waiting (for the lease, or for the answer to the
+    /// session's record on its way), and flushes of those before the lease because a shard's
+    /// set was full (`cluster_claims::DIRTY_MAX`).
     pub state_records: u64,
     pub state_coalesced: u64,
     pub state_flushed_early: u64,
+    /// `Session` records that failed (written again with the lease), and whose answer never
+    /// came (given up on, written again: `session_records::STALE_MS`).
+    pub state_failed: u64,
+    pub state_stale: u64,
+    /// Persistent sessions whose `Session` record is on its way to Kafka (or waits for the
+    /// lease after a failure): a gauge.
+    pub session_records_in_flight: u64,
 }
 
 impl std::ops::AddAssign for ClusterStats {
@@ -94,6 +102,9 @@ impl std::ops::AddAssign for ClusterStats {
             state_records,
             state_coalesced,
             state_flushed_early,
+            state_failed,
+            state_stale,
+            session_records_in_flight,
         } = o;
         self.taken_over += taken_over;
         self.unconfirmed_closed += unconfirmed_closed;
@@ -109,6 +120,9 @@ impl std::ops::AddAssign for ClusterStats {
         self.state_records += state_records;
         self.state_coalesced += state_coalesced;
         self.state_flushed_early += state_flushed_early;
+        self.state_failed += state_failed;
+        self.state_stale += state_stale;
+        self.session_records_in_flight += session_records_in_flight;
     }
 }
 

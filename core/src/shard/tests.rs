@@ -13,6 +13,8 @@ struct World {
     verify: Vec<VerifyJob>,
     /// Records for Kafka the shards produced (a bridge's, a cluster's), in order.
     produced: Vec<ProduceRequest>,
+    /// The ids of those records, with their shard, not answered yet (see [`World::answer`]).
+    unanswered: Vec<(ShardId, u64)>,
 }
 
 impl World {
@@ -24,6 +26,7 @@ impl World {
             retained_turns: 0,
             verify: Vec::new(),
             produced: Vec::new(),
+            unanswered: Vec::new(),
         }
     }
 
@@ -85,6 +88,20 @@ impl World {
         out
     }
 
+    /// Kafka answers every record produced so far: stored (`Ok`), or failed with `e`.
+    fn answer(&mut self, e: Option<ProduceError>) {
+        for (shard, id) in std::mem::take(&mut self.unanswered) {
+            let r = match &e {
+                Some(e) => ProduceResult::failed(id, e.clone()),
+                None => {
+                    ProduceResult { outcome: Ok(()), attempts: 1, ..ProduceResult::failed(id, ProduceError::SpillFull) }
+                }
+            };
+            self.shards[shard].on_produce_results([r], self.now);
+        }
+        self.settle();
+    }
+
     fn settle(&mut self) {
         loop {
             let mut moved = false;
@@ -100,6 +117,7 @@ impl World {
                     self.closed.insert((i, c));
                 }
                 self.verify.extend(fx.verify);
+                self.unanswered.extend(fx.produce.iter().map(|r| (i, r.id)));
                 self.produced.extend(fx.produce);
                 for (to, m) in fx.to_shards {
                     moved = true;
@@ -1974,20 +1992,18 @@ fn lease_walk_cost() {
     assert_eq!(low, None);
 }
 
-/// SUBSCRIBE packets as fast as a client sends them on a persistent session: its first change
-/// here written at once, the ones within a heartbeat of a record as one `Session` record at
-/// the next lease with the subscriptions then, none while nothing changes, a change after a
-/// quiet heartbeat at once again, an end at once, a session moving to another shard says its
-/// subscriptions before it goes, and a full set is written out early (never dropped).
-/// A node killed right after a persistent session's SUBACK: that session's `Session` record,
-/// with the subscription the SUBACK confirmed, is on its way to Kafka already — every change
-/// is written at once, none waits for a lease that may never come — and the lease writes
-/// nothing more; a session's end is said at once too.
+/// A persistent session's changes in a cluster: each written at once as a `Session` record
+/// (a node killed right after a SUBACK leaves the survivors that subscription, nothing waits
+/// for a lease that may never come), but one record at a time: changes while one is on its
+/// way go as one record with its answer, with the subscriptions then (a SUBSCRIBE flood costs
+/// a record per Kafka round trip, not one per packet). A failed record is written again with
+/// the lease, as is one whose answer never came; a session's end is said at once.
 #[test]
-fn a_persistent_sessions_subscriptions_are_recorded_at_every_change_not_at_the_lease() {
+fn a_persistent_sessions_subscriptions_are_recorded_at_once_one_record_in_flight_at_a_time() {
     use crate::cluster::ClaimKind;
     let mut w = World::cluster(1, 1000);
     w.tick(0);
+    w.answer(None);
     w.now = 10;
     let mut store = HashMap::default();
     let subs_of = |value: &Bytes| {
@@ -2001,22 +2017,49 @@ fn a_persistent_sessions_subscriptions_are_recorded_at_every_change_not_at_the_l
     commit_sessions(&mut w, &mut store);
     assert!(w.recv(0, 1, V5).iter().any(|p| matches!(p, Packet::SubAck(_))));
     let recs = w.claims(ClaimKind::Session);
-    assert_eq!(recs.len(), 1, "no record before the lease at 1000 ms: a survivor has nothing to rebuild");
+    assert_eq!(recs.len(), 1, "at once, not at the lease at 1000 ms");
     assert!(recs[0].0.active && recs[0].0.client == "orphan" && recs[0].0.expiry == 600);
     assert_eq!(subs_of(&recs[0].1), ["fleet/#"]);
-    // Changes 10 ms apart, well within a heartbeat: each its own record, with the state then.
+    w.answer(None);
+    assert!(w.claims(ClaimKind::Session).is_empty(), "answered, nothing changed since: nothing more");
+
+    // A change with nothing on its way: at once. Two more before its answer wait for it.
     w.now = 20;
     w.send(0, 1, V5, unsubscribe("fleet/#"));
-    commit_sessions(&mut w, &mut store);
     w.now = 30;
+    commit_sessions(&mut w, &mut store);
     w.send(0, 1, V5, subscribe("home/#", 1));
     commit_sessions(&mut w, &mut store);
+    w.send(0, 1, V5, subscribe("away/#", 1));
+    commit_sessions(&mut w, &mut store);
     let recs = w.claims(ClaimKind::Session);
-    assert_eq!(recs.len(), 2, "the UNSUBSCRIBE and the SUBSCRIBE, at once");
+    assert_eq!(recs.len(), 1, "the UNSUBSCRIBE at once, the SUBSCRIBEs wait for its answer");
     assert!(subs_of(&recs[0].1).is_empty());
-    assert_eq!(subs_of(&recs[1].1), ["home/#"]);
+    assert_eq!(w.shards[0].claims.stats().state_coalesced, 2);
+    w.answer(None);
+    let recs = w.claims(ClaimKind::Session);
+    assert_eq!(recs.len(), 1, "one record for both, with the subscriptions then");
+    assert_eq!(subs_of(&recs[0].1), ["away/#", "home/#"]);
     w.tick(1000);
-    assert!(w.claims(ClaimKind::Session).is_empty(), "the lease has nothing left to write");
+    assert!(w.claims(ClaimKind::Session).is_empty(), "the lease has nothing to write");
+    w.answer(None);
+    assert_eq!(w.shards[0].claims.session_records.len(), 0);
+
+    // A record Kafka refuses: not again at once (a full disk refuses while it is handed out),
+    // but with the next lease.
+    w.now = 1100;
+    w.send(0, 1, V5, subscribe("b/#", 1));
+    commit_sessions(&mut w, &mut store);
+    assert_eq!(w.claims(ClaimKind::Session).len(), 1);
+    w.answer(Some(ProduceError::SpillFull));
+    assert!(w.claims(ClaimKind::Session).is_empty());
+    w.tick(2000);
+    let recs = w.claims(ClaimKind::Session);
+    assert_eq!(recs.len(), 1, "written again with the lease");
+    assert_eq!(subs_of(&recs[0].1), ["away/#", "b/#", "home/#"]);
+    assert_eq!(w.shards[0].claims.stats().state_failed, 1);
+    w.answer(None);
+
     w.send(
         0,
         1,
@@ -2030,7 +2073,61 @@ fn a_persistent_sessions_subscriptions_are_recorded_at_every_change_not_at_the_l
     let recs = w.claims(ClaimKind::Session);
     assert_eq!(recs.len(), 1, "its end (expiry 0 at DISCONNECT), at once");
     assert!(!recs[0].0.active && recs[0].1.is_empty());
-    assert_eq!(w.shards[0].claims.stats().state_records, 4);
+    w.answer(None);
+
+    // An answer that never comes: given up on at the lease after STALE_MS, written again.
+    w.connect(0, 2, V5, "orphan", false);
+    w.send(0, 2, V5, subscribe("c/#", 1));
+    commit_sessions(&mut w, &mut store);
+    assert_eq!(w.claims(ClaimKind::Session).len(), 1);
+    w.unanswered.clear();
+    let late = w.now + super::session_records::STALE_MS;
+    w.tick(late - 1000);
+    assert!(w.claims(ClaimKind::Session).is_empty(), "not yet given up on");
+    w.tick(late);
+    let recs = w.claims(ClaimKind::Session);
+    assert_eq!(recs.len(), 1);
+    assert_eq!(subs_of(&recs[0].1), ["c/#"]);
+    assert_eq!(w.shards[0].claims.stats().state_stale, 1);
+    assert_eq!(w.shards[0].claims.stats().state_records, 8);
+}
+
+/// A persistent session whose change waits for its record's answer moves to another shard of
+/// the node (its client reconnects there): the change is written before it leaves, by the
+/// shard it leaves (which writes nothing more for it after), and the shard it arrives at
+/// writes nothing for the arrival — never an end for a session that lives on.
+#[test]
+fn a_session_moving_to_another_shard_writes_its_waiting_change_before_it_goes() {
+    use crate::cluster::ClaimKind;
+    let mut w = World::cluster(2, 1000);
+    w.tick(0);
+    w.answer(None);
+    w.now = 10;
+    let id = (0..)
+        .map(|i| format!("mover-{i}"))
+        .find(|id| directory_shard(id, 2) == 0)
+        .expect("an id whose directory is shard 0");
+    w.connect(0, 1, V5, &id, false);
+    let mut store = HashMap::default();
+    w.send(0, 1, V5, subscribe("a/#", 1));
+    commit_sessions(&mut w, &mut store);
+    w.send(0, 1, V5, subscribe("b/#", 1));
+    commit_sessions(&mut w, &mut store);
+    let recs = w.claims(ClaimKind::Session);
+    assert_eq!(recs.len(), 1);
+    w.connect(1, 2, V5, &id, false);
+    let recs = w.claims(ClaimKind::Session);
+    assert_eq!(recs.len(), 1, "the waiting change, as the session leaves shard 0");
+    assert!(recs[0].0.active && recs[0].0.shard == 0);
+    let s = Session::decode(id.as_str().into(), 0, &recs[0].1, 0, 0).expect("stored form");
+    assert_eq!(s.subs.len(), 2);
+    w.answer(None);
+    assert!(w.claims(ClaimKind::Session).is_empty(), "no end from shard 0, no record from shard 1");
+    w.send(1, 2, V5, subscribe("c/#", 1));
+    commit_sessions(&mut w, &mut store);
+    let recs = w.claims(ClaimKind::Session);
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0].0.shard, 1);
 }
 
 /// A node's member count of a shared-subscription group: its first member and its last said at

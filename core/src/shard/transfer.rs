@@ -62,6 +62,7 @@ impl Shard {
         if to != self.id {
             // The feed does not move with the session; the new host's client re-subscribes.
             self.cancel_retained_feed(&client_id);
+            self.leave_shard_records(&client_id, now_ms);
         }
         if let Some(mut s) = self.sessions.remove(&client_id) {
             self.commits.touch(&mut s);
