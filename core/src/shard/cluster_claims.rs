@@ -21,7 +21,8 @@
 //!   every change: the client has its SUBACK, so a node killed before the record reaches
 //!   Kafka must lose at most that round trip, never a heartbeat of changes (held back to the
 //!   next lease, a kill within the heartbeat left the survivors an old record to rebuild the
-//!   session from). A shared-subscription group's member count on this node
+//!   session from) — one record per session on its way at a time, though: changes while one
+//!   is unanswered go as one record with its answer (`super::session_records`). A shared-subscription group's member count on this node
 //!   ([`ClaimKind::Share`]) is coalesced instead: its first member and its last go at once,
 //!   a new count in between with the next lease (every `heartbeat_ms`), with the count then —
 //!   the count only weighs how the nodes split a group's messages, and a client that joins
