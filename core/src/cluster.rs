@@ -537,10 +537,11 @@ pub fn session_record_key(client: &str) -> String {
 /// and even one busy topic's messages spread over the nodes. A node with no members is never
 /// picked; `None` when no node has any.
 pub fn share_node<'a>(nodes: &[(&'a str, u32)], topic: &str, payload: &[u8]) -> Option<&'a str> {
-    let total: u64 = nodes.iter().map(|(_, n)| u64::from(*n)).sum();
-    if total == 0 {
-        return None;
-    }
+    share_pick(share_hash(topic, payload), nodes.iter().copied())
+}
+
+/// The hash [`share_node`] picks by, of `topic` and `payload`.
+pub fn share_hash(topic: &str, payload: &[u8]) -> u64 {
     // FNV-1a (stable across nodes and releases), then a finalizer: FNV's low bits depend only
     // on the low bits of the bytes, and the mapping below reads the high ones.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -555,9 +556,19 @@ pub fn share_node<'a>(nodes: &[(&'a str, u32)], topic: &str, payload: &[u8]) -> 
     h ^= h >> 33;
     h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
     h ^= h >> 33;
+    h
+}
+
+/// [`share_node`] for hash `h` ([`share_hash`]) over `nodes` (sorted by node, as there), read
+/// twice: views a node builds on the fly pick without a vector per message.
+pub fn share_pick<'a>(h: u64, nodes: impl Iterator<Item = (&'a str, u32)> + Clone) -> Option<&'a str> {
+    let total: u64 = nodes.clone().map(|(_, n)| u64::from(n)).sum();
+    if total == 0 {
+        return None;
+    }
     // h scaled into [0, total) by its high bits: no modulo bias.
     let mut at = ((u128::from(h) * u128::from(total)) >> 64) as u64;
-    for &(node, n) in nodes {
+    for (node, n) in nodes {
         if at < u64::from(n) {
             return Some(node);
         }

@@ -227,6 +227,14 @@ struct Wills {
 /// published again after this long.
 const RELEASE_RETRY_MS: u64 = 5_000;
 
+impl WillEntry {
+    /// Whether `claim` comes from the node incarnation that holds this will (a claim that does
+    /// not say its incarnation: from that node).
+    fn held_by(&self, claim: &Claim) -> bool {
+        self.node == claim.node && (claim.inc == 0 || claim.inc == self.inc)
+    }
+}
+
 impl Wills {
     fn apply(&mut self, me: &NodeIdentity, claim: Claim, record: Record, now_ms: u64) {
         let mine = claim.node == me.cfg.node_id && claim.inc == me.incarnation;
@@ -326,7 +334,7 @@ impl Wills {
             // the first survivor's release read wins, and that survivor publishes it.
             (ClaimKind::Release, _) => {
                 let Some(e) = self.by_client.get_mut(&claim.client) else { return };
-                if e.node != claim.node || (claim.inc != 0 && claim.inc != e.inc) {
+                if !e.held_by(&claim) {
                     return;
                 }
                 let Some(by) = claim.by else {
@@ -344,11 +352,7 @@ impl Wills {
             }
             // Its publisher says the will went out: gone for good.
             (ClaimKind::WillSent, _) => {
-                let sent = self
-                    .by_client
-                    .get(&claim.client)
-                    .is_some_and(|e| e.node == claim.node && (claim.inc == 0 || claim.inc == e.inc));
-                if sent {
+                if self.by_client.get(&claim.client).is_some_and(|e| e.held_by(&claim)) {
                     self.by_client.remove(&claim.client);
                 }
             }

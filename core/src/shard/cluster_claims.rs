@@ -248,16 +248,20 @@ impl ClusterClaims {
         }
         // A count of 0 before: this node was in no one's view, so that view gives it nothing.
         let mine_before = announced_before.filter(|&(n, until)| n > 0 && now_ms < until).map(|(n, _)| n);
-        let mut nodes: Vec<(&str, u32)> = Vec::with_capacity(share.nodes.len() + 1);
+        // Each view is the other nodes' with this one's count put in its place (sorted by
+        // node), walked in place: no vector per message.
+        let h = crate::cluster::share_hash(&msg.topic, &msg.payload);
+        let me: &str = me;
         for others in std::iter::once(&share.nodes).chain(others_before) {
+            let at = others.partition_point(|(n, _)| &**n < me);
+            let after = at + usize::from(others.get(at).is_some_and(|(n, _)| &**n == me));
             for mine in std::iter::once(announced.max(1)).chain(mine_before) {
-                nodes.clear();
-                nodes.extend(others.iter().map(|(n, w)| (&**n, *w)));
-                match nodes.binary_search_by(|(n, _)| (*n).cmp(me)) {
-                    Ok(i) => nodes[i].1 = mine,
-                    Err(i) => nodes.insert(i, (me, mine)),
-                }
-                if crate::cluster::share_node(&nodes, &msg.topic, &msg.payload) == Some(&**me) {
+                let view = others[..at]
+                    .iter()
+                    .map(|(n, w)| (&**n, *w))
+                    .chain(std::iter::once((me, mine)))
+                    .chain(others[after..].iter().map(|(n, w)| (&**n, *w)));
+                if crate::cluster::share_pick(h, view) == Some(me) {
                     return true;
                 }
             }
