@@ -402,6 +402,7 @@ pub(crate) fn render(state: &State, snaps: &[Snapshot]) -> String {
                 ("state_flushed_early", c.state_flushed_early),
                 ("state_failed", c.state_failed),
                 ("state_stale", c.state_stale),
+                ("share_redelivered", c.share_redelivered),
             ] {
                 o.sample("sluice_cluster_session_events_total", &[("event", event)], v);
             }

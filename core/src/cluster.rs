@@ -461,6 +461,10 @@ pub struct Claim {
     pub pos: Offsets,
     #[serde(default, skip_serializing_if = "is_zero_usize")]
     pub shards: usize,
+    /// For an inactive [`ClaimKind::Share`]: when (Unix ms, the writer's clock) its node's last
+    /// member of the group left; 0: not said (an older node, or a node declared gone).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub at_ms: u64,
 }
 
 fn is_zero_usize(v: &usize) -> bool {
@@ -615,6 +619,7 @@ impl Claim {
             low: None,
             pos: Vec::new(),
             shards: 0,
+            at_ms: 0,
         }
     }
 

@@ -1270,3 +1270,49 @@ def test_a_subscribe_flood_on_a_persistent_session_writes_a_record_per_round_tri
         pub.close()
         canary_pub.close()
         canary_sub.close()
+
+
+def test_a_shared_groups_messages_reach_it_while_a_nodes_last_member_leaves(three):
+    """Members of one group on two nodes, QoS 1 messages on one busy topic published without
+    pause on node 1. Node 2's only member disconnects: until node 1 reads node 2's record
+    saying so, it leaves node 2 its share, which node 2 has no one for. Once node 1 reads it,
+    it delivers those again to its member, so every message published after the member left
+    reaches the group."""
+    import threading
+
+    nodes, _ = three
+    pub = Paho(nodes[0].addr, "leave-pub")
+    stay = Paho(nodes[0].addr, "leave-stay")
+    go = Paho(nodes[1].addr, "leave-go")
+    stop, sent = threading.Event(), []
+    try:
+        connected(nodes[0], nodes[1], pub, go)
+        for n in nodes[:2]:  # a Share record written before a node reads the topic is not read
+            wait_for(lambda: claims_read(n), "the node reads every partition of the sessions topic")
+        for m in (stay, go):
+            m.subscribe("$share/lv/work/#", 1)
+        deadline = time.monotonic() + 30
+        while True:  # until both nodes weigh each other (each message once)
+            assert time.monotonic() < deadline, "the nodes never agreed who delivers"
+            tag = time.monotonic_ns()
+            for i in range(20):
+                pub.publish(f"work/{tag}/{i}", f"w{i}", qos=1)
+            got = [drain(m) for m in (stay, go)]
+            if sum(len(g) for g in got) == 20 and all(got):
+                break
+        t = publish_until(stop, pub, "work/hot", sent, pause=0.002)
+        wait_for(lambda: len(sent) >= 100, "publishing")
+        go.close()
+        wait_for(lambda: claim_of(nodes[1], "leave-go") is None, "the member gone from node 2")
+        first_after = len(sent)
+        wait_for(lambda: len(sent) >= first_after + 300, "publishing after it left")
+        stop.set()
+        t.join(timeout=30)
+        after = set(sent[first_after:])
+        got = {m.payload.decode() for m in drain(stay, quiet=3.0)}
+        missing = sorted(after - got, key=lambda m: int(m[1:]))
+        assert not missing, f"{len(missing)} of {len(after)} messages published after the member left lost: {missing[:20]}"
+    finally:
+        stop.set()
+        for c in (pub, stay, go):
+            c.close()

@@ -71,6 +71,9 @@ pub(super) struct ClusterClaims {
     remote_shares: HashMap<String, RemoteShare>,
     /// Share records beyond [`SHARE_KEYS_MAX`], not kept.
     pub(super) shares_refused: u64,
+    /// Messages delivered again because the node they were left to had lost its last member
+    /// of the group (see [`Shard::redeliver_left_share`]).
+    pub(super) share_redelivered: u64,
     /// Groups owned here whose member count on this node differs from the one it announced:
     /// one record each goes with the next lease (`Shard::flush_records`). ≤ [`DIRTY_MAX`].
     pub(super) shares_dirty: HashSet<String>,
@@ -248,20 +251,10 @@ impl ClusterClaims {
         }
         // A count of 0 before: this node was in no one's view, so that view gives it nothing.
         let mine_before = announced_before.filter(|&(n, until)| n > 0 && now_ms < until).map(|(n, _)| n);
-        // Each view is the other nodes' with this one's count put in its place (sorted by
-        // node), walked in place: no vector per message.
         let h = crate::cluster::share_hash(&msg.topic, &msg.payload);
-        let me: &str = me;
         for others in std::iter::once(&share.nodes).chain(others_before) {
-            let at = others.partition_point(|(n, _)| &**n < me);
-            let after = at + usize::from(others.get(at).is_some_and(|(n, _)| &**n == me));
             for mine in std::iter::once(announced.max(1)).chain(mine_before) {
-                let view = others[..at]
-                    .iter()
-                    .map(|(n, w)| (&**n, *w))
-                    .chain(std::iter::once((me, mine)))
-                    .chain(others[after..].iter().map(|(n, w)| (&**n, *w)));
-                if crate::cluster::share_pick(h, view) == Some(me) {
+                if pick_in_view(h, others, me, mine) == Some(&**me) {
                     return true;
                 }
             }
@@ -270,7 +263,39 @@ impl ClusterClaims {
     }
 }
 
+/// The node [`crate::cluster::share_pick`] gives hash `h` in the view of the other nodes
+/// `others` with this node (`me`) counted `mine` members, put in its place by name: walked in
+/// place, no vector per message.
+fn pick_in_view<'a>(h: u64, others: &'a ShareWeights, me: &'a str, mine: u32) -> Option<&'a str> {
+    let at = others.partition_point(|(n, _)| &**n < me);
+    let after = at + usize::from(others.get(at).is_some_and(|(n, _)| &**n == me));
+    let view = others[..at]
+        .iter()
+        .map(|(n, w)| (&**n, *w))
+        .chain(std::iter::once((me, mine)))
+        .chain(others[after..].iter().map(|(n, w)| (&**n, *w)));
+    crate::cluster::share_pick(h, view)
+}
+
+/// How long before a node's last member of a group left (its clock) the messages this node
+/// routed count as possibly lost there (see [`Shard::redeliver_left_share`]): how far the
+/// other node's feed may lag behind this one's, with the two clocks' skew.
+pub(super) const SHARE_LEFT_MARGIN_MS: u64 = 500;
+
 impl ClusterClaims {
+    /// The other nodes' member counts of group `key` as this node weighs them now, if `node`
+    /// is among them.
+    fn view_with(&self, key: &str, node: &str) -> Option<ShareWeights> {
+        let share = self.remote_shares.get(key)?;
+        share.nodes.iter().any(|(n, _)| **n == *node).then(|| share.nodes.clone())
+    }
+
+    /// The messages routed here at or after `from_ms` (as far back as `recent` goes).
+    fn recent_routed_from(&self, from_ms: u64) -> impl Iterator<Item = &Msg> {
+        let start = self.recent.partition_point(|(t, _)| *t < from_ms);
+        self.recent.range(start..).map(|(_, m)| m)
+    }
+
     pub(super) fn new(node: Option<ClaimsNode>, lease_ms: Option<u64>) -> Self {
         ClusterClaims { node, lease_ms, ..Default::default() }
     }
@@ -322,6 +347,7 @@ impl ClusterClaims {
             state_failed: self.session_records.failed,
             state_stale: self.session_records.stale,
             session_records_in_flight: self.session_records.len() as u64,
+            share_redelivered: self.share_redelivered,
         }
     }
 
@@ -478,14 +504,62 @@ impl Shard {
         }
     }
 
+    /// Node `gone`'s last member of group `key` left at `at_ms` (its clock; 0: not said), and
+    /// `old` is how this node weighed the other nodes until it read so. Until the others read
+    /// it, they left to `gone` the messages their views gave it, and `gone` had no one to give
+    /// them to: of the messages routed here since (less [`SHARE_LEFT_MARGIN_MS`]; all that
+    /// `recent` holds, its last [`RECENT_LOOKBACK_MS`], when not said), those `old` gave to
+    /// `gone` and the view now gives to this node go to its members now. Every node does the
+    /// same with the same views, so each such message is delivered once more, by one node;
+    /// one `gone` delivered within the margin before its member left arrives twice.
+    fn redeliver_left_share(&mut self, key: &str, gone: &str, old: &ShareWeights, at_ms: u64, now_ms: u64) {
+        if self.shared.members(key) == 0 {
+            return;
+        }
+        let (Some(me), Some((_, filter))) = (self.claims.node.as_ref().map(|n| n.node.clone()), key.split_once('/'))
+        else {
+            return;
+        };
+        let mine = self.shared.announced(key).max(1);
+        let now: ShareWeights = self.claims.remote_shares.get(key).map(|s| s.nodes.clone()).unwrap_or_default();
+        let from_ms = match at_ms {
+            0 => now_ms.saturating_sub(RECENT_LOOKBACK_MS),
+            at => u64::try_from(at as i64 - self.wall_offset_ms).unwrap_or(0).saturating_sub(SHARE_LEFT_MARGIN_MS),
+        };
+        let lost: Vec<Msg> = self
+            .claims
+            .recent_routed_from(from_ms)
+            .filter(|m| topic::matches(filter, &m.topic))
+            .filter(|m| {
+                let h = crate::cluster::share_hash(&m.topic, &m.payload);
+                pick_in_view(h, old, &me, mine) == Some(gone) && pick_in_view(h, &now, &me, mine) == Some(&*me)
+            })
+            .cloned()
+            .collect();
+        for msg in lost {
+            self.claims.share_redelivered += 1;
+            let mut picks = Vec::new();
+            let (sessions, conns, limits, here) = (&self.sessions, &self.conns, &self.limits, self.id);
+            self.shared.pick(
+                &msg.topic,
+                |k, _, _| k == key,
+                |m| (m.shard == here).then(|| member_busy(sessions, conns, limits, &m.client_id)).flatten(),
+                &mut picks,
+            );
+            self.deliver_picks(picks, &msg, &mut Routing::default(), now_ms);
+        }
+    }
+
     /// This node has `members` of shared-subscription group `key` from now on (0: none any
     /// more): a [`ClaimKind::Share`] record.
     fn announce_share(&mut self, key: &str, members: u32, now_ms: u64) {
         let Some(me) = &self.claims.node else { return };
+        let at_ms = if members == 0 { u64::try_from(self.wall_offset_ms + now_ms as i64).unwrap_or(0) } else { 0 };
         let claim = Claim {
             active: members > 0,
             members,
             inc: me.incarnation,
+            at_ms,
             ..Claim::new(&me.node, key, self.id, ClaimKind::Share)
         };
         // The record's key: one per (group, node) in the compacted topic.
@@ -558,7 +632,11 @@ impl Shard {
             }
             ClaimKind::Share => {
                 if claim.node != **node && shard_of(&claim.client, self.n_shards) == self.id {
+                    let left = if claim.active { None } else { self.claims.view_with(&claim.client, &claim.node) };
                     self.claims.remote_share(&claim.client, &claim.node, claim.active, claim.members, now_ms);
+                    if let Some(old) = left {
+                        self.redeliver_left_share(&claim.client, &claim.node, &old, claim.at_ms, now_ms);
+                    }
                 }
                 return;
             }

@@ -225,6 +225,11 @@ impl Shard {
             |m| (m.shard == here).then(|| member_busy(sessions, conns, limits, &m.client_id)).flatten(),
             &mut picks,
         );
+        self.deliver_picks(picks, msg, routing, now_ms);
+    }
+
+    /// `msg` to the shared-subscription members picked for it, here or on their shard.
+    pub(super) fn deliver_picks(&mut self, picks: Vec<ShareMember>, msg: &Msg, routing: &mut Routing, now_ms: u64) {
         for m in picks {
             if m.shard == self.id {
                 self.deliver_shared(&m.client_id, msg.clone(), m.opts, m.sub_id, routing, now_ms);

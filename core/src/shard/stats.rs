@@ -83,6 +83,9 @@ pub struct ClusterStats {
     /// Persistent sessions whose `Session` record is on its way to Kafka (or waits for the
     /// lease after a failure): a gauge.
     pub session_records_in_flight: u64,
+    /// Shared-subscription messages delivered again after the node they were left to lost
+    /// its last member of the group.
+    pub share_redelivered: u64,
 }
 
 impl std::ops::AddAssign for ClusterStats {
@@ -105,6 +108,7 @@ impl std::ops::AddAssign for ClusterStats {
             state_failed,
             state_stale,
             session_records_in_flight,
+            share_redelivered,
         } = o;
         self.taken_over += taken_over;
         self.unconfirmed_closed += unconfirmed_closed;
@@ -123,6 +127,7 @@ impl std::ops::AddAssign for ClusterStats {
         self.state_failed += state_failed;
         self.state_stale += state_stale;
         self.session_records_in_flight += session_records_in_flight;
+        self.share_redelivered += share_redelivered;
     }
 }
 
