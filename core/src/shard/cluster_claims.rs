@@ -35,7 +35,9 @@
 //! `recent` holds, in a cluster, the messages routed in the last [`RECENT_LOOKBACK_MS`] and
 //! since the earliest waiting connection's lookback began (≤ [`RECENT_MAX`] messages and
 //! [`RECENT_BYTES_MAX`] payload bytes), and `recent_bytes` is the sum of their payloads;
-//! `shares_dirty` holds at most [`DIRTY_MAX`] groups.
+//! `shares_dirty` holds at most [`DIRTY_MAX`] groups; `own_shares` holds exactly the groups
+//! owned here whose latest Share record from this node is active; `leases_seen` holds at most
+//! [`crate::cluster::MEMBERS_MAX`] nodes.
 
 use std::ops::Range;
 
@@ -71,6 +73,12 @@ pub(super) struct ClusterClaims {
     remote_shares: HashMap<String, RemoteShare>,
     /// Share records beyond [`SHARE_KEYS_MAX`], not kept.
     pub(super) shares_refused: u64,
+    /// Groups owned by this shard whose latest Share record from this node says it has
+    /// members (what a node that starts later hears again, see `reannounce_shares`).
+    own_shares: HashSet<String>,
+    /// The incarnation of each other node whose lease this shard read (≤
+    /// [`crate::cluster::MEMBERS_MAX`]): a new one is a node that started since.
+    leases_seen: HashMap<Arc<str>, u64>,
     /// Messages delivered again because the node they were left to had lost its last member
     /// of the group (see [`Shard::redeliver_left_share`]).
     pub(super) share_redelivered: u64,
@@ -283,6 +291,24 @@ fn pick_in_view<'a>(h: u64, others: &'a ShareWeights, me: &'a str, mine: u32) ->
 pub(super) const SHARE_LEFT_MARGIN_MS: u64 = 500;
 
 impl ClusterClaims {
+    /// Whether this is the first lease read of `node`'s run `inc` (at most
+    /// [`crate::cluster::MEMBERS_MAX`] nodes are kept; beyond, none counts as new).
+    fn first_lease_of(&mut self, node: &str, inc: u64) -> bool {
+        let full = self.leases_seen.len() >= crate::cluster::MEMBERS_MAX;
+        match self.leases_seen.get_mut(node) {
+            Some(seen) if *seen == inc => false,
+            Some(seen) => {
+                *seen = inc;
+                true
+            }
+            None if !full => {
+                self.leases_seen.insert(node.into(), inc);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// The other nodes' member counts of group `key` as this node weighs them now, if `node`
     /// is among them.
     fn view_with(&self, key: &str, node: &str) -> Option<ShareWeights> {
@@ -565,9 +591,27 @@ impl Shard {
         // The record's key: one per (group, node) in the compacted topic.
         let record_key = format!("{key}\u{1}{}", me.node).into();
         self.send_claim(&claim, record_key, Bytes::new(), 1, now_ms);
+        if members > 0 {
+            self.claims.own_shares.insert(key.to_string());
+        } else {
+            self.claims.own_shares.remove(key);
+        }
         self.claims.state_records += 1;
         let until = now_ms + self.claims.share_grace_ms();
         self.shared.set_announced(key, members, until);
+    }
+
+    /// Every group owned here that has members on this node, its Share record again (with its
+    /// count now).
+    fn reannounce_shares(&mut self, now_ms: u64) {
+        let keys: Vec<String> = self.claims.own_shares.iter().cloned().collect();
+        for key in keys {
+            let n = u32::try_from(self.shared.members(&key)).unwrap_or(u32::MAX);
+            if n > 0 {
+                self.claims.shares_dirty.remove(&key);
+                self.announce_share(&key, n, now_ms);
+            }
+        }
     }
 
     /// The records that wait for the lease (see the module doc), with the state now.
@@ -627,6 +671,10 @@ impl Shard {
                             self.id
                         ));
                     }
+                } else if claim.node != **node && self.claims.first_lease_of(&claim.node, claim.inc) {
+                    // A node (or a new run of one) that started after this shard's Share records:
+                    // its readers begin at the end of the topic, so it hears them again.
+                    self.reannounce_shares(now_ms);
                 }
                 return;
             }

@@ -2130,6 +2130,39 @@ fn a_session_moving_to_another_shard_writes_its_waiting_change_before_it_goes() 
     assert_eq!(recs[0].0.shard, 1);
 }
 
+/// A node that starts after this one's Share records reads the topic from its end: the first
+/// lease of each run of another node has this node's groups with members written again (with
+/// the counts now); a lease of a run already read, nothing.
+#[test]
+fn a_node_that_starts_later_hears_the_share_groups_again() {
+    use crate::cluster::{Claim, ClaimKind};
+    let mut w = World::cluster(1, 1000);
+    w.tick(0);
+    w.connect(0, 1, V5, "m1", true);
+    w.send(0, 1, V5, subscribe("$share/g/work/#", 1));
+    w.connect(0, 2, V5, "m2", true);
+    w.send(0, 2, V5, subscribe("$share/g/work/#", 1));
+    w.send(0, 2, V5, subscribe("$share/h/other/#", 1));
+    w.send(0, 2, V5, unsubscribe("$share/h/other/#"));
+    let counts = |w: &mut World| {
+        let mut c: Vec<(String, bool, u32)> =
+            w.claims(ClaimKind::Share).into_iter().map(|(c, _)| (c.client, c.active, c.members)).collect();
+        c.sort();
+        c
+    };
+    counts(&mut w);
+    let lease = |inc| Claim { inc, ..Claim::new("n2", "lease", 0, ClaimKind::Lease) };
+    w.shards[0].on_cluster_claim(&lease(7).encode(), w.now);
+    w.settle();
+    assert_eq!(counts(&mut w), [(share_key("g", "work/#"), true, 2)], "g with its count now; h has no members");
+    w.shards[0].on_cluster_claim(&lease(7).encode(), w.now);
+    w.settle();
+    assert!(counts(&mut w).is_empty(), "a run already heard");
+    w.shards[0].on_cluster_claim(&lease(8).encode(), w.now);
+    w.settle();
+    assert_eq!(counts(&mut w).len(), 1, "n2 restarted");
+}
+
 /// Node n2's last member of a group leaves while n1 still leaves n2 its share (n1 has not read
 /// it yet): once n1 reads n2's record, what it routed since n2's member left (less the margin)
 /// and left to n2 goes to n1's member — every message reaches the group. What it routed
