@@ -465,6 +465,10 @@ pub struct Claim {
     /// member of the group left; 0: not said (an older node, or a node declared gone).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub at_ms: u64,
+    /// For a [`ClaimKind::Lease`]: its shard has read one of its own leases back (its readers
+    /// of the sessions topic are in place), so the other nodes' Share records reach it now.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reading: bool,
 }
 
 fn is_zero_usize(v: &usize) -> bool {
@@ -620,6 +624,7 @@ impl Claim {
             pos: Vec::new(),
             shards: 0,
             at_ms: 0,
+            reading: false,
         }
     }
 

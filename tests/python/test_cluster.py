@@ -1316,3 +1316,35 @@ def test_a_shared_groups_messages_reach_it_while_a_nodes_last_member_leaves(thre
         stop.set()
         for c in (pub, stay, go):
             c.close()
+
+
+def test_a_node_started_after_a_groups_members_joined_shares_the_groups_messages_once(kafka, three):
+    """A group's member on node 1 joined (its Share record written) before node 4 starts, whose
+    readers begin at the end of the sessions topic. Node 1 writes its groups again once node 4's
+    lease says it reads the topic, so node 4 learns of node 1's member: with a member on each,
+    the group's messages reach it once each, both members with a share. Before, node 4 never
+    heard of node 1's member and delivered every message too."""
+    nodes, prefix = three
+    pub = Paho(nodes[0].addr, "later-pub")
+    early = Paho(nodes[0].addr, "later-early")
+    early.subscribe("$share/lt/work/#", 1)
+    late_node = start_node(kafka, "n4", prefix)
+    late = None
+    try:
+        late = Paho(late_node.addr, "later-late")
+        connected(nodes[0], late_node, pub, late)
+        late.subscribe("$share/lt/work/#", 1)
+        deadline = time.monotonic() + 30
+        while True:
+            assert time.monotonic() < deadline, "node 4 never learned of node 1's member"
+            tag = time.monotonic_ns()
+            for i in range(20):
+                pub.publish(f"work/{tag}/{i}", f"w{i}", qos=1)
+            got = [drain(m) for m in (early, late)]
+            if sum(len(g) for g in got) == 20 and all(got):
+                break
+    finally:
+        for c in (pub, early, late):
+            if c is not None:
+                c.close()
+        late_node.stop()

@@ -291,7 +291,7 @@ fn pick_in_view<'a>(h: u64, others: &'a ShareWeights, me: &'a str, mine: u32) ->
 pub(super) const SHARE_LEFT_MARGIN_MS: u64 = 500;
 
 impl ClusterClaims {
-    /// Whether this is the first lease read of `node`'s run `inc` (at most
+    /// Whether this is the first lease read of `node`'s run `inc` that says it reads (at most
     /// [`crate::cluster::MEMBERS_MAX`] nodes are kept; beyond, none counts as new).
     fn first_lease_of(&mut self, node: &str, inc: u64) -> bool {
         let full = self.leases_seen.len() >= crate::cluster::MEMBERS_MAX;
@@ -671,9 +671,10 @@ impl Shard {
                             self.id
                         ));
                     }
-                } else if claim.node != **node && self.claims.first_lease_of(&claim.node, claim.inc) {
+                } else if claim.node != **node && claim.reading && self.claims.first_lease_of(&claim.node, claim.inc) {
                     // A node (or a new run of one) that started after this shard's Share records:
-                    // its readers begin at the end of the topic, so it hears them again.
+                    // its readers began at the end of the topic, so once they are in place (its
+                    // first lease that says so) it hears them again.
                     self.reannounce_shares(now_ms);
                 }
                 return;
@@ -976,6 +977,7 @@ impl Shard {
                 low: self.lease_low(lease_ms, now_ms),
                 pos: self.inbound.positions_of(crate::cluster::FORWARD_MAPPING),
                 shards: self.n_shards,
+                reading: self.claims.lease_seen_ms.is_some(),
                 ..Claim::new(&node, &lease, self.id, ClaimKind::Lease)
             };
             self.send_claim(&claim, lease.into(), Bytes::new(), 0, now_ms);

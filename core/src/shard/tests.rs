@@ -2131,8 +2131,9 @@ fn a_session_moving_to_another_shard_writes_its_waiting_change_before_it_goes() 
 }
 
 /// A node that starts after this one's Share records reads the topic from its end: the first
-/// lease of each run of another node has this node's groups with members written again (with
-/// the counts now); a lease of a run already read, nothing.
+/// lease of each run of another node that says it reads the topic has this node's groups with
+/// members written again (with the counts now); an earlier lease, or one of a run already
+/// heard, nothing.
 #[test]
 fn a_node_that_starts_later_hears_the_share_groups_again() {
     use crate::cluster::{Claim, ClaimKind};
@@ -2151,7 +2152,11 @@ fn a_node_that_starts_later_hears_the_share_groups_again() {
         c
     };
     counts(&mut w);
-    let lease = |inc| Claim { inc, ..Claim::new("n2", "lease", 0, ClaimKind::Lease) };
+    let lease = |inc| Claim { inc, reading: true, ..Claim::new("n2", "lease", 0, ClaimKind::Lease) };
+    let not_yet = Claim { reading: false, ..lease(7) };
+    w.shards[0].on_cluster_claim(&not_yet.encode(), w.now);
+    w.settle();
+    assert!(counts(&mut w).is_empty(), "n2 does not read the topic yet: it would not hear them");
     w.shards[0].on_cluster_claim(&lease(7).encode(), w.now);
     w.settle();
     assert_eq!(counts(&mut w), [(share_key("g", "work/#"), true, 2)], "g with its count now; h has no members");
