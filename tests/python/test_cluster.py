@@ -939,6 +939,23 @@ def drain(c, quiet=1.0):
             return out
 
 
+def until_each_message_once(pub, members, what, also=()):
+    """Publishes 20 QoS 1 messages on new topics under `work/` until they reach `members` once
+    in all, each member some: the nodes weigh each other's members of the group (they learn of
+    them through Kafka; until then more than one node delivers). `also`: drained each round."""
+    deadline = time.monotonic() + 30
+    while True:
+        assert time.monotonic() < deadline, what
+        tag = time.monotonic_ns()
+        for i in range(20):
+            pub.publish(f"work/{tag}/{i}", f"w{i}", qos=1)
+        got = [drain(m) for m in members]
+        for c in also:
+            drain(c)
+        if sum(len(g) for g in got) == 20 and all(got):
+            return
+
+
 def test_a_shared_subscription_with_members_on_two_nodes_gets_each_message_once(three):
     nodes, _ = three
     pub = Paho(nodes[0].addr, "share-pub")
@@ -950,17 +967,7 @@ def test_a_shared_subscription_with_members_on_two_nodes_gets_each_message_once(
         for m in members:
             m.subscribe("$share/g/work/#", 1)
         lone.subscribe("$share/solo/work/#", 1)
-        # Each node learns through Kafka which others have members; until then both deliver.
-        deadline = time.monotonic() + 30
-        while True:
-            assert time.monotonic() < deadline, "the nodes never agreed who delivers"
-            tag = time.monotonic_ns()
-            for i in range(20):
-                pub.publish(f"work/{tag}/{i}", f"w{i}", qos=1)
-            got = [drain(m) for m in members]
-            drain(lone)
-            if sum(len(g) for g in got) == 20 and all(got):
-                break
+        until_each_message_once(pub, members, "the nodes never agreed who delivers", also=[lone])
         # One busy topic: its messages spread over both nodes' members too.
         tag = time.monotonic_ns()
         for i in range(60):
@@ -1291,15 +1298,7 @@ def test_a_shared_groups_messages_reach_it_while_a_nodes_last_member_leaves(thre
             wait_for(lambda: claims_read(n), "the node reads every partition of the sessions topic")
         for m in (stay, go):
             m.subscribe("$share/lv/work/#", 1)
-        deadline = time.monotonic() + 30
-        while True:  # until both nodes weigh each other (each message once)
-            assert time.monotonic() < deadline, "the nodes never agreed who delivers"
-            tag = time.monotonic_ns()
-            for i in range(20):
-                pub.publish(f"work/{tag}/{i}", f"w{i}", qos=1)
-            got = [drain(m) for m in (stay, go)]
-            if sum(len(g) for g in got) == 20 and all(got):
-                break
+        until_each_message_once(pub, (stay, go), "the nodes never agreed who delivers")
         t = publish_until(stop, pub, "work/hot", sent, pause=0.002)
         wait_for(lambda: len(sent) >= 100, "publishing")
         go.close()
@@ -1334,15 +1333,7 @@ def test_a_node_started_after_a_groups_members_joined_shares_the_groups_messages
         late = Paho(late_node.addr, "later-late")
         connected(nodes[0], late_node, pub, late)
         late.subscribe("$share/lt/work/#", 1)
-        deadline = time.monotonic() + 30
-        while True:
-            assert time.monotonic() < deadline, "node 4 never learned of node 1's member"
-            tag = time.monotonic_ns()
-            for i in range(20):
-                pub.publish(f"work/{tag}/{i}", f"w{i}", qos=1)
-            got = [drain(m) for m in (early, late)]
-            if sum(len(g) for g in got) == 20 and all(got):
-                break
+        until_each_message_once(pub, (early, late), "node 4 never learned of node 1's member")
     finally:
         for c in (pub, early, late):
             if c is not None:
