@@ -652,6 +652,17 @@ def test_a_session_taken_to_another_node_while_messages_flow_misses_none_and_a_n
         s1.close()
 
 
+def ready_to_rebuild(nodes, pub, client, cid, filter):
+    """`client` (`cid`, on node 3) subscribes to `filter` and waits until node 1 could rebuild its
+    session should node 3 die: the claim confirmed on node 3 and read on node 1 (its reader of
+    claims starts at the end of the topic when it starts), node 3 sending a floor."""
+    connected(nodes[1], nodes[2], pub, client)
+    client.subscribe(filter, 1)
+    wait_for(lambda: claim_of(nodes[2], cid) == "confirmed", "claimed on node 3")
+    wait_for(lambda: metric(nodes[0], "sluice_cluster_remote_sessions") >= 1, "node 1 knows the session")
+    wait_for(lambda: cluster_view(nodes[2])["floor"] is not None, "node 3 sends a floor")
+
+
 @pytest.mark.parametrize("case", ["online-5.0", "offline-3.1.1"])
 def test_a_dead_nodes_persistent_session_is_rebuilt_from_kafka_where_its_client_reconnects(three, case):
     """The node holding a persistent session is killed with SIGKILL while a publisher on another
@@ -683,12 +694,7 @@ def test_a_dead_nodes_persistent_session_is_rebuilt_from_kafka_where_its_client_
     stop = threading.Event()
     sent = []
     try:
-        connected(nodes[1], nodes[2], pub, s1)
-        s1.subscribe("orphan/#", 1)
-        wait_for(lambda: claim_of(nodes[2], cid) == "confirmed", "claimed on node 3")
-        # Node 1 read the claim (its reader of claims starts at the end of the topic when it starts).
-        wait_for(lambda: metric(nodes[0], "sluice_cluster_remote_sessions") >= 1, "node 1 knows the session")
-        wait_for(lambda: cluster_view(nodes[2])["floor"] is not None, "node 3 sends a floor")
+        ready_to_rebuild(nodes, pub, s1, cid, "orphan/#")
 
         before = []
         if online:
@@ -1230,11 +1236,7 @@ def test_a_subscribe_flood_on_a_persistent_session_writes_a_record_per_round_tri
             worst.append(time.monotonic() - t0)
 
     try:
-        connected(nodes[1], nodes[2], pub, flood)
-        flood.subscribe("warm/#", 1)
-        wait_for(lambda: claim_of(nodes[2], cid) == "confirmed", "claimed on node 3")
-        wait_for(lambda: metric(nodes[0], "sluice_cluster_remote_sessions") >= 1, "node 1 knows the session")
-        wait_for(lambda: cluster_view(nodes[2])["floor"] is not None, "node 3 sends a floor")
+        ready_to_rebuild(nodes, pub, flood, cid, "warm/#")
         wait_for(lambda: metric(nodes[2], "sluice_cluster_session_records_in_flight") == 0, "the first record answered")
         records = 'sluice_cluster_session_events_total{event="state_record"}'
         coalesced = 'sluice_cluster_session_events_total{event="state_coalesced"}'
