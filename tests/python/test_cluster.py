@@ -276,12 +276,17 @@ def disconnect_reason(p, timeout=WAIT):
     return ev[2].value if hasattr(ev[2], "value") else ev[2]
 
 
-def claim_of(b, client_id):
+def client_info(b, client_id):
+    """Node `b`'s view of a client (`/api/v1/clients/ID`), `{}` when it has none."""
     try:
         with urllib.request.urlopen(f"http://{b.http[0]}:{b.http[1]}/api/v1/clients/{client_id}", timeout=WAIT) as r:
-            return json.load(r).get("cluster_claim")
+            return json.load(r)
     except urllib.error.HTTPError:
-        return None
+        return {}
+
+
+def claim_of(b, client_id):
+    return client_info(b, client_id).get("cluster_claim")
 
 
 def test_a_client_that_moves_to_another_node_is_taken_over_there_with_0x8E(three):
@@ -527,11 +532,7 @@ def test_a_dead_nodes_will_waits_out_its_delay_and_a_client_back_in_time_cancels
 
 
 def queued_on(b, client_id):
-    try:
-        with urllib.request.urlopen(f"http://{b.http[0]}:{b.http[1]}/api/v1/clients/{client_id}", timeout=WAIT) as r:
-            return json.load(r).get("queued")
-    except urllib.error.HTTPError:
-        return None
+    return client_info(b, client_id).get("queued")
 
 
 @pytest.mark.parametrize("v5", [False, True], ids=["3.1.1", "5.0"])
@@ -1266,10 +1267,8 @@ def test_a_subscribe_flood_on_a_persistent_session_writes_a_record_per_round_tri
         nodes[2].kill()
         again = Paho(nodes[0].addr, cid, clean=False)
         assert again.flags.session_present
-        wait_for(lambda: (queued_on(nodes[0], cid) is not None), "the session rebuilt on node 1")
-        with urllib.request.urlopen(
-                f"http://{nodes[0].http[0]}:{nodes[0].http[1]}/api/v1/clients/{cid}", timeout=WAIT) as r:
-            assert json.load(r)["subscription_count"] == 501
+        wait_for(lambda: client_info(nodes[0], cid).get("subscription_count") == 501,
+                 "the session rebuilt on node 1 with every subscription")
         pub.publish("flood/99/4", "last", qos=1)
         assert again.message(timeout=30).payload == b"last"
         again.close()
