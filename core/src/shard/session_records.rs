@@ -19,17 +19,18 @@
 //!
 //! Invariants: `flights` holds a session while some of its record ids are unanswered
 //! (`unanswered > 0`), or while it waits for the lease to write again after a failure
-//! (`unanswered == 0`, `failed`); `by_record` holds exactly the unanswered ids of `flights`, each naming its
-//! session; a session is in `flights` at most once (one record at a time).
+//! (`unanswered == 0`, `failed`); `by_record` holds exactly the unanswered ids of `flights`,
+//! each naming its session; a session is in `flights` at most once (one record at a time).
 
 use std::ops::Range;
 
 use super::ClientId;
 use crate::HashMap;
 
-/// How long a record's answer may take before the lease writes the session again: beyond any
-/// produce timeout a configuration sets (an answer always comes, so this guards against one
-/// lost, not against a slow Kafka).
+/// How long a record's answer may take before the lease writes the session again. An answer
+/// always comes (at the latest when the produce times out), so this guards against one lost,
+/// not against a slow Kafka; with a longer time-out configured, a slow answer only means the
+/// session's state is written twice.
 pub(super) const STALE_MS: u64 = 120_000;
 
 /// One session's record in flight.
