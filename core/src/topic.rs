@@ -283,6 +283,17 @@ impl<K: Eq + Hash, V> Trie<K, V> {
 }
 
 impl<K: Eq + Hash, V> Trie<K, V> {
+    /// Calls `f` for every entry, in no order (a walk of the whole trie: for rare work, not per
+    /// message).
+    pub fn for_each(&self, mut f: impl FnMut(&K, &V)) {
+        fn walk<K, V>(node: &Node<K, V>, f: &mut impl FnMut(&K, &V)) {
+            node.entries.iter().for_each(|(k, v)| f(k, v));
+            node.children.values().for_each(|c| walk(c, f));
+        }
+        self.exact.values().flat_map(|e| e.iter()).for_each(|(k, v)| f(k, v));
+        walk(&self.root, &mut f);
+    }
+
     /// Like [`Trie::for_each_match`], with mutable entries (round-robin counters of shared groups).
     pub fn for_each_match_mut(&mut self, topic: &str, mut f: impl FnMut(&K, &mut V)) {
         fn walk<K, V>(
@@ -387,6 +398,20 @@ mod tests {
         assert_eq!(found(&trie, "a/b"), [3, 4, 5]);
         let mut none: Trie<u32, ()> = Trie::default();
         none.for_each_match_mut("a/b", |_, _| unreachable!());
+    }
+
+    #[test]
+    fn for_each_visits_every_entry_exact_and_wildcard() {
+        let mut t: Trie<&str, u32> = Trie::default();
+        t.insert("a/b", "x", 1);
+        t.insert("a/+", "y", 2);
+        t.insert("#", "z", 3);
+        t.insert("a/b/c", "w", 4);
+        t.remove("a/b/c", &"w");
+        let mut seen = Vec::new();
+        t.for_each(|k, v| seen.push((*k, *v)));
+        seen.sort();
+        assert_eq!(seen, [("x", 1), ("y", 2), ("z", 3)]);
     }
 
     #[test]

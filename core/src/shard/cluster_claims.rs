@@ -35,8 +35,7 @@
 //! `recent` holds, in a cluster, the messages routed in the last [`RECENT_LOOKBACK_MS`] and
 //! since the earliest waiting connection's lookback began (≤ [`RECENT_MAX`] messages and
 //! [`RECENT_BYTES_MAX`] payload bytes), and `recent_bytes` is the sum of their payloads;
-//! `shares_dirty` holds at most [`DIRTY_MAX`] groups; `own_shares` holds exactly the groups
-//! owned here whose latest Share record from this node is active; `leases_seen` holds at most
+//! `shares_dirty` holds at most [`DIRTY_MAX`] groups; `leases_seen` holds at most
 //! [`crate::cluster::MEMBERS_MAX`] nodes.
 
 use std::ops::Range;
@@ -73,9 +72,6 @@ pub(super) struct ClusterClaims {
     remote_shares: HashMap<String, RemoteShare>,
     /// Share records beyond [`SHARE_KEYS_MAX`], not kept.
     pub(super) shares_refused: u64,
-    /// Groups owned by this shard whose latest Share record from this node says it has
-    /// members (what a node that starts later hears again, see `reannounce_shares`).
-    own_shares: HashSet<String>,
     /// The incarnation of each other node whose lease this shard read (≤
     /// [`crate::cluster::MEMBERS_MAX`]): a new one is a node that started since.
     leases_seen: HashMap<Arc<str>, u64>,
@@ -591,11 +587,6 @@ impl Shard {
         // The record's key: one per (group, node) in the compacted topic.
         let record_key = format!("{key}\u{1}{}", me.node).into();
         self.send_claim(&claim, record_key, Bytes::new(), 1, now_ms);
-        if members > 0 {
-            self.claims.own_shares.insert(key.to_string());
-        } else {
-            self.claims.own_shares.remove(key);
-        }
         self.claims.state_records += 1;
         let until = now_ms + self.claims.share_grace_ms();
         self.shared.set_announced(key, members, until);
@@ -604,9 +595,8 @@ impl Shard {
     /// Every group owned here that has members on this node, its Share record again (with its
     /// count now).
     fn reannounce_shares(&mut self, now_ms: u64) {
-        let keys: Vec<String> = self.claims.own_shares.iter().cloned().collect();
-        for key in keys {
-            let n = u32::try_from(self.shared.members(&key)).unwrap_or(u32::MAX);
+        for (key, members) in self.shared.announced_groups() {
+            let n = u32::try_from(members).unwrap_or(u32::MAX);
             if n > 0 {
                 self.claims.shares_dirty.remove(&key);
                 self.announce_share(&key, n, now_ms);

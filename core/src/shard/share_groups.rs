@@ -123,6 +123,17 @@ impl ShareGroups {
         self.groups.get(filter, &group).map_or(0, |g| g.members.len())
     }
 
+    /// The groups here whose last announced member count is not 0, with their member count now.
+    pub(super) fn announced_groups(&self) -> Vec<(String, usize)> {
+        let mut out = Vec::new();
+        self.groups.for_each(|_, g| {
+            if g.announced > 0 {
+                out.push((g.key.clone(), g.members.len()));
+            }
+        });
+        out
+    }
+
     /// The member count of group `key` this node last announced (0: none, or no such group).
     pub(super) fn announced(&self, key: &str) -> u32 {
         let Some((group, filter)) = split(key) else { return 0 };
