@@ -87,6 +87,17 @@ struct Args {
     /// Kafka topic the broker bridges `perf/#` into, for `to-kafka`.
     #[arg(long, default_value = "perf")]
     kafka_topic: String,
+    /// The broker's HTTP endpoint (`--http` of sluice), for `to-kafka`: after publishing, its
+    /// `sluice_kafka_records_produced_total` is read every 10 ms until Kafka has acknowledged
+    /// every record, giving `acked_per_s` — the producer-side rate, counted as a native Kafka
+    /// client counts its own (first send to last acknowledgement), with no consumer poll.
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
+    /// The Kafka broker's process id (a local tansu), for `to-kafka` with `--metrics`: its CPU
+    /// time from the first publish to the last acknowledgement is reported as `kafka_cpu_s`
+    /// (what Kafka spent taking these records, without the read-back that counts them).
+    #[arg(long)]
+    kafka_pid: Option<u32>,
     /// Label for the JSON line (e.g. the broker's name).
     #[arg(long, default_value = "broker")]
     label: String,
@@ -701,6 +712,7 @@ fn main() -> anyhow::Result<()> {
         _ => None,
     };
     let kafka_base = kafka.as_mut().map(KafkaCount::total).transpose()?.unwrap_or(0);
+    let acked_base = args.metrics.map(records_produced).transpose()?.unwrap_or(0);
     // The event loop keeps a QoS 1/2 window and is not paced; other cases use threads.
     let epoll_p2p = args.scenario == Scenario::P2p && args.io == Io::Epoll && args.rate == 0 && args.qos > 0;
     let mut epoll_subs = Vec::new();
@@ -726,6 +738,8 @@ fn main() -> anyhow::Result<()> {
     }
     let broker_pid = args.broker_pid.map(|p| p.to_string());
     let cpu0 = broker_pid.as_deref().and_then(cpu_secs);
+    let kafka_pid = args.kafka_pid.map(|p| p.to_string());
+    let kafka_cpu0 = kafka_pid.as_deref().and_then(cpu_secs);
     let self0 = cpu_secs("self");
     let t0 = Instant::now();
     let mut pubs = Vec::new();
@@ -774,6 +788,24 @@ fn main() -> anyhow::Result<()> {
     }
     let publish_secs = t0.elapsed().as_secs_f64();
     let sent = shared.sent.load(Ordering::Relaxed);
+    // Kafka's acknowledgements as the broker counts them: the time of the last one that came.
+    let acked = match args.metrics {
+        Some(addr) => {
+            let (mut last, mut at) = (0u64, t0.elapsed());
+            loop {
+                let n = records_produced(addr)? - acked_base;
+                if n != last {
+                    (last, at) = (n, t0.elapsed());
+                }
+                if n >= sent || t0.elapsed() - at > Duration::from_secs(5) {
+                    break Some((n, at.as_secs_f64().max(publish_secs)));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        None => None,
+    };
+    let kafka_cpu = kafka_pid.as_deref().and_then(cpu_secs).zip(kafka_cpu0).map(|(b, a)| b - a);
     if let Some(k) = &mut kafka {
         // Wait until Kafka holds every record, or nothing has arrived for 5 s.
         let (mut last, mut still) = (0u64, Instant::now());
@@ -843,7 +875,7 @@ fn main() -> anyhow::Result<()> {
     println!(
         "{{\"label\":\"{}\",\"scenario\":\"{:?}\",\"rate\":{},\"qos\":{},\"payload\":{},\"clients\":{},\"sent\":{sent},\"delivered\":{received},\
          \"sent_per_s\":{sent_rate:.0},\"delivered_per_s\":{recv_rate:.0},\"drop_pct\":{drop_pct:.3},\"p50_us\":{p50:.1},\"p99_us\":{p99:.1},\
-         \"broker_cpu_s\":{},\"broker_cpu_us_per_delivery\":{},\"load_cpu_s\":{}}}",
+         \"broker_cpu_s\":{},\"broker_cpu_us_per_delivery\":{},\"load_cpu_s\":{},\"acked\":{},\"acked_per_s\":{},\"kafka_cpu_s\":{}}}",
         args.label,
         args.scenario,
         args.rate,
@@ -853,6 +885,23 @@ fn main() -> anyhow::Result<()> {
         broker_cpu.map_or("null".into(), |c| format!("{c:.3}")),
         cpu_us.map_or("null".into(), |c| format!("{c:.3}")),
         self_cpu.map_or("null".into(), |c| format!("{c:.3}")),
+        acked.map_or("null".into(), |(n, _)| n.to_string()),
+        acked.map_or("null".into(), |(n, secs)| format!("{:.0}", n as f64 / secs)),
+        kafka_cpu.map_or("null".into(), |c| format!("{c:.2}")),
     );
     Ok(())
+}
+
+/// The broker's `sluice_kafka_records_produced_total`, summed over its labels, from `/metrics`.
+fn records_produced(addr: SocketAddr) -> anyhow::Result<u64> {
+    let mut s = TcpStream::connect(addr).with_context(|| format!("cannot reach the broker's metrics at {addr}"))?;
+    s.write_all(format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    let mut total = 0u64;
+    for line in body.lines().filter(|l| l.starts_with("sluice_kafka_records_produced_total")) {
+        let v = line.rsplit(' ').next().unwrap_or("");
+        total += v.parse::<f64>().with_context(|| format!("metrics line {line:?}"))? as u64;
+    }
+    Ok(total)
 }
