@@ -462,7 +462,8 @@ pub struct Claim {
     #[serde(default, skip_serializing_if = "is_zero_usize")]
     pub shards: usize,
     /// For an inactive [`ClaimKind::Share`]: when (Unix ms, the writer's clock) its node's last
-    /// member of the group left; 0: not said (an older node, or a node declared gone).
+    /// member of the group left; for a [`ClaimKind::Session`]: when it was written. 0: not said
+    /// (an older node, or a node declared gone).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub at_ms: u64,
     /// For a [`ClaimKind::Lease`]: its shard has read one of its own leases back (its readers

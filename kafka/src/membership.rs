@@ -69,6 +69,10 @@ pub const ADOPT_MAX: usize = 100_000;
 /// each), at most; further ones are not kept (counted, logged once): such a session is not
 /// rebuilt when its node dies.
 pub const REGISTRY_MAX: usize = 1_000_000;
+
+/// Ends of persistent sessions remembered (see `Wills::note_ended`), and for how long at least.
+const ENDED_MAX: usize = 100_000;
+const ENDED_KEEP_MS: u64 = 300_000;
 /// Position snapshots kept for this node's floor, at most (one per heartbeat while an old
 /// message stays pending); beyond, the second oldest goes (the floor only gets older).
 const SNAPSHOTS_MAX: usize = 4096;
@@ -79,6 +83,8 @@ const REPLAY_MAX: Duration = Duration::from_secs(3);
 #[derive(Clone)]
 struct SessionEntry {
     node: String,
+    /// When its record was written (Unix ms, the writer's clock; 0: not said — an older node).
+    at_ms: u64,
     /// Its session expiry (seconds; `u32::MAX`: never).
     expiry: u32,
     /// Its stored form, subscriptions only.
@@ -215,6 +221,10 @@ struct Wills {
     /// Persistent sessions by client id, and those not kept (beyond [`REGISTRY_MAX`]).
     registry: HashMap<String, SessionEntry>,
     registry_refused: u64,
+    /// Sessions whose end was read, by client id: (node, when the end was written, when it was
+    /// read here), kept [`ENDED_KEEP_MS`] (≤ [`ENDED_MAX`]) so that a record written before the
+    /// end but read after it does not bring the session back (see [`Wills::stale_session_record`]).
+    ended: HashMap<String, (String, u64, u64)>,
     /// Claims of this node's shards that name a holder, while it may be dead, by client and
     /// connection (≤ [`ADOPT_MAX`]), and those not kept.
     adopt: HashMap<(String, u64), Adopt>,
@@ -236,6 +246,35 @@ impl WillEntry {
 }
 
 impl Wills {
+    /// Whether a [`ClaimKind::Session`] record was written before the one this node holds for
+    /// the client, or before the end it read, by the same node. Each shard writes its own
+    /// sessions' records through its own producer, so when a session ends on one shard and a
+    /// new one starts on another (or a session moves between shards), the two records can reach
+    /// Kafka in either order; the writer's wall clock (one clock per node) puts them back in
+    /// order. Records of different nodes keep the rule of the latest read, and so do records
+    /// that do not say when they were written.
+    fn stale_session_record(&self, claim: &Claim) -> bool {
+        let earlier = |node: &str, at_ms: u64| node == claim.node && claim.at_ms != 0 && claim.at_ms < at_ms;
+        self.registry.get(&claim.client).is_some_and(|e| earlier(&e.node, e.at_ms))
+            || self.ended.get(&claim.client).is_some_and(|(node, at_ms, _)| earlier(node, *at_ms))
+    }
+
+    /// `claim` ended its session: remembered for [`ENDED_KEEP_MS`] (a record of that session
+    /// still on its way is older than that: its shard gives up on one after 120 s and writes
+    /// it again, with a new time).
+    fn note_ended(&mut self, claim: Claim, now_ms: u64) {
+        if claim.at_ms == 0 {
+            return;
+        }
+        if self.ended.len() >= ENDED_MAX {
+            self.ended.retain(|_, (_, _, read_ms)| now_ms.saturating_sub(*read_ms) < ENDED_KEEP_MS);
+            if self.ended.len() >= ENDED_MAX {
+                return;
+            }
+        }
+        self.ended.insert(claim.client, (claim.node, claim.at_ms, now_ms));
+    }
+
     fn apply(&mut self, me: &NodeIdentity, claim: Claim, record: Record, now_ms: u64) {
         let mine = claim.node == me.cfg.node_id && claim.inc == me.incarnation;
         match claim.kind {
@@ -248,6 +287,9 @@ impl Wills {
                 self.floor.on_lease(&claim, now_ms.saturating_sub(late_ms))
             }
             ClaimKind::Session => {
+                if self.stale_session_record(&claim) {
+                    return;
+                }
                 let value = record.value.unwrap_or_default();
                 if claim.active && !value.is_empty() {
                     if self.registry.len() >= REGISTRY_MAX && !self.registry.contains_key(&claim.client) {
@@ -258,11 +300,13 @@ impl Wills {
                         }
                         self.registry_refused += 1;
                     } else {
-                        self.registry
-                            .insert(claim.client, SessionEntry { node: claim.node, expiry: claim.expiry, value });
+                        self.ended.remove(&claim.client);
+                        let entry = SessionEntry { node: claim.node, at_ms: claim.at_ms, expiry: claim.expiry, value };
+                        self.registry.insert(claim.client, entry);
                     }
-                } else if self.registry.get(&claim.client).is_some_and(|e| e.node == claim.node) {
+                } else if self.registry.get(&claim.client).is_none_or(|e| e.node == claim.node) {
                     self.registry.remove(&claim.client);
+                    self.note_ended(claim, now_ms);
                 }
                 return;
             }
@@ -1123,6 +1167,45 @@ mod tests {
         let clean = Claim { clean: true, ..Claim::new("n3", "d", 0, ClaimKind::Connect) };
         w.apply(&me1, clean, record(), 0);
         assert!(!w.registry.contains_key("d"), "a clean start anywhere ends the session");
+    }
+
+    #[test]
+    fn a_nodes_session_records_that_reach_kafka_out_of_order_are_read_in_the_order_written() {
+        let me1 = me("n1");
+        let mut w = Wills::default();
+        let session = |node: &str, shard: usize, active: bool, at_ms: u64| Claim {
+            active,
+            at_ms,
+            expiry: 3600,
+            ..Claim::new(node, "c", shard, ClaimKind::Session)
+        };
+        let with_value = |v: &[u8]| Record { value: Some(v.to_vec()), ..record() };
+        let value = |w: &Wills| w.registry.get("c").map(|e| e.value.clone());
+        // Ended on shard 1 at 100 and started again on shard 0 at 200; the start is read first.
+        w.apply(&me1, session("n2", 1, true, 50), with_value(b"old"), 0);
+        w.apply(&me1, session("n2", 0, true, 200), with_value(b"new"), 0);
+        w.apply(&me1, session("n2", 1, false, 100), record(), 0);
+        assert_eq!(value(&w).as_deref(), Some(&b"new"[..]), "an end written before the new session's record is not its end");
+        w.apply(&me1, session("n2", 1, true, 150), with_value(b"stale"), 0);
+        assert_eq!(value(&w).as_deref(), Some(&b"new"[..]), "nor is a change written before it");
+        // Ended at 300; a change written at 250 on another shard comes after the end.
+        w.apply(&me1, session("n2", 0, false, 300), record(), 1);
+        assert_eq!(value(&w), None);
+        w.apply(&me1, session("n2", 1, true, 250), with_value(b"late"), 2);
+        assert_eq!(value(&w), None, "a record written before the end does not bring the session back");
+        w.apply(&me1, session("n2", 1, true, 400), with_value(b"again"), 3);
+        assert_eq!(value(&w).as_deref(), Some(&b"again"[..]), "one written after it does");
+        // Records that do not say when (older nodes): the latest read wins, as before.
+        w.apply(&me1, session("n2", 0, false, 0), record(), 4);
+        assert_eq!(value(&w), None);
+        w.apply(&me1, session("n2", 0, true, 0), with_value(b"undated"), 4);
+        assert_eq!(value(&w).as_deref(), Some(&b"undated"[..]));
+        // Another node's clock is not compared with this one's: the latest read wins.
+        w.apply(&me1, session("n2", 0, true, 500), with_value(b"n2"), 5);
+        w.apply(&me1, session("n3", 0, true, 10), with_value(b"n3"), 5);
+        assert_eq!(w.registry.get("c").map(|e| e.node.as_str()), Some("n3"));
+        w.apply(&me1, session("n2", 0, false, 600), record(), 6);
+        assert_eq!(value(&w).as_deref(), Some(&b"n3"[..]), "an end on another node than the holder's is not this session's");
     }
 
     #[test]

@@ -1073,7 +1073,10 @@ impl Shard {
             }
             _ => (Bytes::new(), false, 0),
         };
-        let claim = Claim { active, inc, expiry, ..Claim::new(&node, client_id, self.id, ClaimKind::Session) };
+        // When, on the node's one wall clock: readers put this session's records back in the
+        // order they were written, whichever shard's producer got them to Kafka first.
+        let at_ms = u64::try_from(self.wall_offset_ms + now_ms as i64).unwrap_or(0);
+        let claim = Claim { active, inc, expiry, at_ms, ..Claim::new(&node, client_id, self.id, ClaimKind::Session) };
         let key: ClientId = crate::cluster::session_record_key(client_id).into();
         let ids = self.send_claim(&claim, key, value, 1, now_ms);
         self.claims.session_records.sent(client_id, ids, now_ms);

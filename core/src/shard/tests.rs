@@ -2020,6 +2020,8 @@ fn a_persistent_sessions_subscriptions_are_recorded_at_once_one_record_in_flight
     assert_eq!(recs.len(), 1, "at once, not at the lease at 1000 ms");
     assert!(recs[0].0.active && recs[0].0.client == "orphan" && recs[0].0.expiry == 600);
     assert_eq!(subs_of(&recs[0].1), ["fleet/#"]);
+    let wall = |t: u64| u64::try_from(w.shards[0].wall_offset_ms + t as i64).unwrap();
+    assert_eq!(recs[0].0.at_ms, wall(10), "when it was written: readers order a session's records by it");
     w.answer(None);
     assert!(w.claims(ClaimKind::Session).is_empty(), "answered, nothing changed since: nothing more");
 
