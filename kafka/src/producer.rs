@@ -62,13 +62,27 @@ pub(crate) struct Item {
     enqueued: Instant,
     /// `req.record.size()`, worked out once.
     size: usize,
+    /// Nobody waits for it (see [`lingers`]): it may wait `linger_ms` for more even when its
+    /// broker has nothing in flight.
+    lingers: bool,
 }
 
 impl Item {
     fn new(req: ProduceRequest, report: bool, deadline: Instant, enqueued: Instant) -> Item {
         let size = req.record.size();
-        Item { req, report, deadline, enqueued, size }
+        let lingers = lingers(&req.record);
+        Item { req, report, deadline, enqueued, size, lingers }
     }
+}
+
+/// Whether nobody waits for `record`: a QoS 0 MQTT message's, not a cluster claim's. Such a
+/// record waits up to `linger_ms` for others even to an idle broker, like librdkafka's; a
+/// QoS 1/2 record (its publisher's acknowledgement waits) or a claim (a CONNACK, a lease) goes
+/// at once. Sending every record as soon as the broker was idle made requests small: at
+/// 1 KiB QoS 0 Kafka (tansu) spent several times the CPU per record it spends on
+/// librdkafka's batches (BENCHMARKS.md, session 15).
+fn lingers(record: &KafkaRecord) -> bool {
+    record.source().is_some_and(|m| m.qos == 0 && &*m.topic != sluice_core::cluster::CLAIM_TOPIC)
 }
 
 /// What the tasks this loop starts report back.
@@ -104,7 +118,8 @@ pub(crate) enum Event {
 /// of its samples at 100 B QoS 0).
 ///
 /// Invariants: `sent > 0` exactly while a batch of this partition is in flight (a retry sends
-/// the same records again); `queued_bytes` is the size of the records after the first `sent`.
+/// the same records again); `queued_bytes` is the size of the records after the first `sent`,
+/// `urgent` the number of them that do not linger.
 #[derive(Default)]
 struct PartitionQueue {
     leader: i32,
@@ -117,6 +132,9 @@ struct PartitionQueue {
     attempts: u32,
     /// Records still to be sent one per batch, after a batch refused as too large.
     solo: usize,
+    /// Waiting records (after the first `sent`) that do not linger: the partition is due as
+    /// soon as its broker is idle.
+    urgent: usize,
     /// In the producer's `active` list.
     listed: bool,
 }
@@ -138,6 +156,7 @@ impl PartitionQueue {
 
     fn push(&mut self, item: Item) {
         self.queued_bytes += item.size;
+        self.urgent += usize::from(!item.lingers);
         self.records.push_back(item);
     }
 
@@ -151,6 +170,7 @@ impl PartitionQueue {
                 break;
             }
             bytes += i.size;
+            self.urgent -= usize::from(!i.lingers);
             self.sent += 1;
         }
         self.queued_bytes -= bytes;
@@ -172,6 +192,7 @@ impl PartitionQueue {
     fn requeue_sent(&mut self) {
         let n = std::mem::take(&mut self.sent);
         self.queued_bytes += self.records.range(..n).map(|i| i.size).sum::<usize>();
+        self.urgent += self.records.range(..n).filter(|i| !i.lingers).count();
     }
 
     /// Records `records` (taken with [`PartitionQueue::take_sent`]) go back to the head of the
@@ -180,6 +201,7 @@ impl PartitionQueue {
         debug_assert_eq!(self.sent, 0);
         for i in records.into_iter().rev() {
             self.queued_bytes += i.size;
+            self.urgent += usize::from(!i.lingers);
             self.records.push_front(i);
         }
     }
@@ -191,6 +213,7 @@ impl PartitionQueue {
         for (n, i) in self.records.drain(..).enumerate() {
             if n >= self.sent && i.deadline <= now {
                 self.queued_bytes -= i.size;
+                self.urgent -= usize::from(!i.lingers);
                 expired.push(i);
             } else {
                 kept.push_back(i);
@@ -814,7 +837,7 @@ impl Producer {
             // publish waits for one round trip, not for the linger, and a busy broker still gets
             // full batches.
             let broker_idle = c.brokers.get(&q.leader).is_none_or(|b| b.in_flight == 0);
-            let due = broker_idle
+            let due = (broker_idle && q.urgent > 0)
                 || q.queued_bytes >= batch_bytes
                 || q.solo > 0
                 || q.retry_at.is_some()
@@ -1027,6 +1050,41 @@ mod queue_tests {
 
     fn results(p: &mut Producer) -> Vec<ProduceResult> {
         std::mem::take(&mut p.out)
+    }
+
+    /// Places record `id`, routed from a message on `topic` at `qos`.
+    fn place_one(p: &mut Producer, id: u64, topic: &str, qos: u8, now: Instant) {
+        let m = Arc::new(Message {
+            topic: topic.into(),
+            payload: Bytes::from_static(b"x"),
+            qos,
+            retain: false,
+            properties: None,
+            expiry_at_ms: None,
+            origin: "c1".into(),
+        });
+        let record = KafkaRecord::new(0, TOPIC.into(), m.payload.clone(), 0).with_source(m, RecordKey::None, true);
+        p.accept(ProduceRequest { id, record, durable: false }, true, now);
+    }
+
+    #[test]
+    fn only_records_somebody_waits_for_make_a_partition_due_when_its_broker_is_idle() {
+        let mut p = producer();
+        let now = Instant::now();
+        place_one(&mut p, 0, "perf/0", 0, now);
+        place_one(&mut p, 1, "perf/1", 0, now);
+        assert_eq!(queue(&mut p).urgent, 0, "QoS 0 messages' records linger");
+        place_one(&mut p, 2, "perf/2", 1, now);
+        place_one(&mut p, 3, sluice_core::cluster::CLAIM_TOPIC, 0, now);
+        let q = queue(&mut p);
+        assert_eq!((q.records.len(), q.urgent), (4, 2), "a QoS 1 record and a claim do not");
+        q.take_batch(usize::MAX);
+        assert_eq!(q.urgent, 0, "in flight is not waiting");
+        q.requeue_sent();
+        assert_eq!(q.urgent, 2, "back at the head");
+        let mut expired = Vec::new();
+        q.take_expired(now + Duration::from_secs(3600), &mut expired);
+        assert_eq!((expired.len(), q.urgent), (4, 0));
     }
 
     #[test]
