@@ -1185,7 +1185,11 @@ mod tests {
         w.apply(&me1, session("n2", 1, true, 50), with_value(b"old"), 0);
         w.apply(&me1, session("n2", 0, true, 200), with_value(b"new"), 0);
         w.apply(&me1, session("n2", 1, false, 100), record(), 0);
-        assert_eq!(value(&w).as_deref(), Some(&b"new"[..]), "an end written before the new session's record is not its end");
+        assert_eq!(
+            value(&w).as_deref(),
+            Some(&b"new"[..]),
+            "an end written before the new session's record is not its end"
+        );
         w.apply(&me1, session("n2", 1, true, 150), with_value(b"stale"), 0);
         assert_eq!(value(&w).as_deref(), Some(&b"new"[..]), "nor is a change written before it");
         // Ended at 300; a change written at 250 on another shard comes after the end.
@@ -1205,7 +1209,11 @@ mod tests {
         w.apply(&me1, session("n3", 0, true, 10), with_value(b"n3"), 5);
         assert_eq!(w.registry.get("c").map(|e| e.node.as_str()), Some("n3"));
         w.apply(&me1, session("n2", 0, false, 600), record(), 6);
-        assert_eq!(value(&w).as_deref(), Some(&b"n3"[..]), "an end on another node than the holder's is not this session's");
+        assert_eq!(
+            value(&w).as_deref(),
+            Some(&b"n3"[..]),
+            "an end on another node than the holder's is not this session's"
+        );
     }
 
     #[test]
