@@ -303,7 +303,8 @@ pub struct ClusterConfig {
     /// host:port of one or more brokers.
     pub bootstrap: Vec<String>,
     /// How long a partition's records wait for more while a request to their broker is in
-    /// flight (with nothing in flight they go at once).
+    /// flight (with nothing in flight QoS 1/2 records and claims go at once; QoS 0 records,
+    /// which nobody waits for, always wait up to this long).
     pub linger_ms: u64,
     /// Uncompressed bytes that make a batch full.
     pub batch_bytes: usize,
