@@ -90,6 +90,9 @@ pub(super) struct ClusterClaims {
     /// does, when it last read its own back (`None`: not yet), and whether it is cut off now.
     lease_ms: Option<u64>,
     lease_next_ms: u64,
+    /// When this shard next writes its groups' Share records again (see
+    /// [`SHARE_REANNOUNCE_MS`]).
+    reannounce_next_ms: u64,
     lease_seen_ms: Option<u64>,
     started_ms: Option<u64>,
     pub(super) fenced: bool,
@@ -285,6 +288,13 @@ fn pick_in_view<'a>(h: u64, others: &'a ShareWeights, me: &'a str, mine: u32) ->
 /// routed count as possibly lost there (see [`Shard::redeliver_left_share`]): how far the
 /// other node's feed may lag behind this one's, with the two clocks' skew.
 pub(super) const SHARE_LEFT_MARGIN_MS: u64 = 500;
+
+/// How often a shard writes the Share records of its groups again, unchanged. A node that
+/// started later hears them at its first lease that says it reads, but its readers of other
+/// partitions of the topic may come up after that lease (and a record can be missed in other
+/// ways): this bounds how long such a node lacks a group — and delivers its messages a second
+/// time — to about a minute. It costs one record per group and shard a minute.
+pub(super) const SHARE_REANNOUNCE_MS: u64 = 60_000;
 
 impl ClusterClaims {
     /// Whether this is the first lease read of `node`'s run `inc` that says it reads (at most
@@ -961,6 +971,10 @@ impl Shard {
         if now_ms >= self.claims.lease_next_ms {
             self.claims.lease_next_ms = now_ms + lease_ms;
             self.flush_records(now_ms);
+            if now_ms >= self.claims.reannounce_next_ms {
+                self.claims.reannounce_next_ms = now_ms + SHARE_REANNOUNCE_MS;
+                self.reannounce_shares(now_ms);
+            }
             let lease = format!("lease/{node}/{}", self.id);
             let claim = Claim {
                 inc: me.incarnation,

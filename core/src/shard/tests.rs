@@ -2168,6 +2168,31 @@ fn a_node_that_starts_later_hears_the_share_groups_again() {
     w.shards[0].on_cluster_claim(&lease(8).encode(), w.now);
     w.settle();
     assert_eq!(counts(&mut w).len(), 1, "n2 restarted");
+    // Whatever a node missed (its readers of other partitions came up after its first lease
+    // that said it reads), it hears again within a minute. Meanwhile the shard's own leases and
+    // its members' claims are read back (it is not cut off, they stay), and they keep alive.
+    use super::cluster_claims::SHARE_REANNOUNCE_MS;
+    let mut shares = 0;
+    for t in (1000..=SHARE_REANNOUNCE_MS).step_by(1000) {
+        for r in std::mem::take(&mut w.produced) {
+            let mut claim = None;
+            r.record.for_each_header(|k, v| {
+                if k == crate::cluster::CLAIM_HEADER {
+                    claim = Claim::decode(v);
+                }
+            });
+            match claim {
+                Some(c) if c.kind == ClaimKind::Share => shares += 1,
+                Some(c) => w.shards[0].on_cluster_claim(&c.encode(), w.now),
+                None => {}
+            }
+        }
+        assert_eq!(shares, 0, "not before the minute is over ({t} ms)");
+        w.send(0, 1, V5, Packet::PingReq);
+        w.send(0, 2, V5, Packet::PingReq);
+        w.tick(t);
+    }
+    assert_eq!(counts(&mut w), [(share_key("g", "work/#"), true, 2)], "unchanged, written again");
 }
 
 /// Node n2's last member of a group leaves while n1 still leaves n2 its share (n1 has not read
