@@ -225,6 +225,9 @@ struct Wills {
     /// read here), kept [`ENDED_KEEP_MS`] (≤ [`ENDED_MAX`]) so that a record written before the
     /// end but read after it does not bring the session back (see [`Wills::stale_session_record`]).
     ended: HashMap<String, (String, u64, u64)>,
+    /// `ended`'s client ids in the order they were read (with when), oldest first: the ones
+    /// past [`ENDED_KEEP_MS`] leave from the front, so a full table costs no scan per end.
+    ended_order: std::collections::VecDeque<(u64, String)>,
     /// Claims of this node's shards that name a holder, while it may be dead, by client and
     /// connection (≤ [`ADOPT_MAX`]), and those not kept.
     adopt: HashMap<(String, u64), Adopt>,
@@ -261,17 +264,25 @@ impl Wills {
 
     /// `claim` ended its session: remembered for [`ENDED_KEEP_MS`] (a record of that session
     /// still on its way is older than that: its shard gives up on one after 120 s and writes
-    /// it again, with a new time).
+    /// it again, with a new time), the newest [`ENDED_MAX`] at most (beyond, the oldest goes).
     fn note_ended(&mut self, claim: Claim, now_ms: u64) {
         if claim.at_ms == 0 {
             return;
         }
-        if self.ended.len() >= ENDED_MAX {
-            self.ended.retain(|_, (_, _, read_ms)| now_ms.saturating_sub(*read_ms) < ENDED_KEEP_MS);
-            if self.ended.len() >= ENDED_MAX {
-                return;
+        while let Some((read_ms, client)) = self.ended_order.front() {
+            if now_ms.saturating_sub(*read_ms) < ENDED_KEEP_MS && self.ended_order.len() < ENDED_MAX {
+                break;
             }
+            // Its entry goes unless it was read again since (then a later place holds it).
+            if self.ended.get(client).is_some_and(|e| e.2 == *read_ms) {
+                self.ended.remove(client);
+            }
+            self.ended_order.pop_front();
         }
+        if self.ended.len() >= ENDED_MAX {
+            return;
+        }
+        self.ended_order.push_back((now_ms, claim.client.clone()));
         self.ended.insert(claim.client, (claim.node, claim.at_ms, now_ms));
     }
 
@@ -1214,6 +1225,15 @@ mod tests {
             Some(&b"n3"[..]),
             "an end on another node than the holder's is not this session's"
         );
+        // The ends remembered are bounded, the oldest going first, and forgotten with age.
+        let end = |client: &str| Claim { at_ms: 100, ..Claim::new("n2", client, 0, ClaimKind::Session) };
+        for i in 0..ENDED_MAX + 10 {
+            w.apply(&me1, end(&format!("x{i}")), record(), 10);
+        }
+        assert!(w.ended.len() <= ENDED_MAX && w.ended_order.len() <= ENDED_MAX);
+        assert!(!w.ended.contains_key("x0") && w.ended.contains_key(&format!("x{}", ENDED_MAX + 9)));
+        w.apply(&me1, end("late"), record(), 10 + ENDED_KEEP_MS);
+        assert_eq!(w.ended.len(), 1, "five minutes on, only the new one");
     }
 
     #[test]
