@@ -791,35 +791,15 @@ fn main() -> anyhow::Result<()> {
     // Kafka's acknowledgements as the broker counts them: the time of the last one that came.
     let acked = match args.metrics {
         Some(addr) => {
-            let (mut last, mut at) = (0u64, t0.elapsed());
-            loop {
-                let n = records_produced(addr)? - acked_base;
-                if n != last {
-                    (last, at) = (n, t0.elapsed());
-                }
-                if n >= sent || t0.elapsed() - at > Duration::from_secs(5) {
-                    break Some((n, at.as_secs_f64().max(publish_secs)));
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            let (n, at) = follow_count(sent, Duration::from_millis(10), || Ok(records_produced(addr)? - acked_base))?;
+            Some((n, at.duration_since(t0).as_secs_f64().max(publish_secs)))
         }
         None => None,
     };
     let kafka_cpu = kafka_pid.as_deref().and_then(cpu_secs).zip(kafka_cpu0).map(|(b, a)| b - a);
     if let Some(k) = &mut kafka {
         // Wait until Kafka holds every record, or nothing has arrived for 5 s.
-        let (mut last, mut still) = (0u64, Instant::now());
-        let in_kafka = loop {
-            let n = k.total()? - kafka_base;
-            if n >= sent || still.elapsed() > Duration::from_secs(5) {
-                break n;
-            }
-            if n != last {
-                last = n;
-                still = Instant::now();
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
+        let (in_kafka, _) = follow_count(sent, Duration::from_millis(50), || Ok(k.total()? - kafka_base))?;
         shared.received.store(in_kafka, Ordering::Relaxed);
     }
     let expected = match args.scenario {
@@ -890,6 +870,24 @@ fn main() -> anyhow::Result<()> {
         kafka_cpu.map_or("null".into(), |c| format!("{c:.2}")),
     );
     Ok(())
+}
+
+/// Reads `count` every `poll` until it reaches `target` or has not moved for 5 s: the last
+/// count and when it was first seen.
+fn follow_count(
+    target: u64,
+    poll: Duration,
+    mut count: impl FnMut() -> anyhow::Result<u64>,
+) -> anyhow::Result<(u64, Instant)> {
+    let (mut last, mut at) = (count()?, Instant::now());
+    while last < target && at.elapsed() <= Duration::from_secs(5) {
+        std::thread::sleep(poll);
+        let n = count()?;
+        if n != last {
+            (last, at) = (n, Instant::now());
+        }
+    }
+    Ok((last, at))
 }
 
 /// The broker's `sluice_kafka_records_produced_total`, summed over its labels, from `/metrics`.
