@@ -28,7 +28,9 @@
 //!    node had committed before that oldest message was queued (a snapshot per heartbeat,
 //!    taken back by a margin of `heartbeat_ms` + 1 s for the lease's trip): below it, nothing
 //!    any of its persistent sessions still needs. It also keeps, from the [`ClaimKind::Session`]
-//!    records, which node holds which persistent session with which subscriptions;
+//!    records, which node holds which persistent session with which subscriptions (of one
+//!    node's records, the latest written by its wall clock, since its shards' producers can
+//!    reorder them: `Wills::stale_session_record`);
 //! 7. rebuilds a dead node's session for a client of this node: when one of its shards claims
 //!    a client id naming a holder (`Claim::from`) that is dead, this thread replays
 //!    `.messages` from the holder's last floor, queues what the session's subscriptions take
