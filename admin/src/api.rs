@@ -501,6 +501,7 @@ fn cluster_json(state: &State) -> Value {
         "sessions_refused": v.sessions_refused,
         "shares_refused": v.shares_refused,
         "adoptions_refused": v.adoptions_refused,
+        "ends_refused": v.ends_refused,
     })
 }
 

@@ -369,6 +369,7 @@ pub(crate) fn render(state: &State, snaps: &[Snapshot]) -> String {
                 ("sessions", view.sessions_refused),
                 ("shares", view.shares_refused),
                 ("adoptions", view.adoptions_refused),
+                ("ends", view.ends_refused),
             ] {
                 o.sample("sluice_cluster_table_refused_total", &[("cluster", &view.name), ("table", table)], n);
             }
@@ -436,6 +437,26 @@ pub(crate) fn render(state: &State, snaps: &[Snapshot]) -> String {
         for c in &clusters {
             if let Some(e) = &c.last_error {
                 o.sample("sluice_kafka_cluster_last_error_info", &[("cluster", &c.name), ("error", e)], 1);
+            }
+        }
+        let produce = k.produce_totals();
+        for (name, help, value) in [
+            (
+                "sluice_kafka_produce_requests_total",
+                "Produce requests sent (each carries one batch per partition of one broker).",
+                (|t| t.requests) as fn(&sluice_kafka::health::ProduceTotals) -> u64,
+            ),
+            ("sluice_kafka_produce_batches_total", "Record batches sent in produce requests.", |t| t.batches),
+            (
+                "sluice_kafka_produce_batch_records_total",
+                "Records in the batches sent (a retried batch counts again).",
+                |t| t.records,
+            ),
+            ("sluice_kafka_produce_batch_bytes_total", "Bytes of the batches sent, as encoded.", |t| t.bytes),
+        ] {
+            o.family(name, "counter", help);
+            for (c, t) in &produce {
+                o.sample(name, &[("cluster", c)], value(t));
             }
         }
         o.family("sluice_kafka_topic_missing", "gauge", "1 per topic a mapping names that the cluster lacks.");

@@ -96,11 +96,13 @@ pub struct ClusterView {
     /// Entries of the membership's tables not kept because the table was full (each logged
     /// once): other nodes' wills (`membership::WILLS_MAX`), persistent sessions
     /// (`REGISTRY_MAX`), shared-subscription groups per node (`WILLS_MAX`), and claims of
-    /// this node's clients waiting for a dead node's session (`ADOPT_MAX`).
+    /// this node's clients waiting for a dead node's session (`ADOPT_MAX`); and session ends
+    /// forgotten before their five minutes (`ENDED_MAX`).
     pub wills_refused: u64,
     pub sessions_refused: u64,
     pub shares_refused: u64,
     pub adoptions_refused: u64,
+    pub ends_refused: u64,
 }
 
 /// Payload schema work off the shards, summed over the Kafka threads (relaxed atomics, bumped
@@ -119,9 +121,44 @@ pub struct SchemaCounters {
     pub inbound_registry_failures: AtomicU64,
 }
 
+/// One shard's produce requests to one cluster, since start (relaxed atomics bumped once per
+/// request, by that shard's Kafka thread only, on a cache line of their own: no two threads
+/// write one line). What they say: records per batch and bytes per request, the figures that
+/// decide what a produce costs the brokers.
+#[derive(Default)]
+#[repr(align(64))]
+pub struct ProduceCounters {
+    pub requests: AtomicU64,
+    pub batches: AtomicU64,
+    /// Records in those batches (a retried batch counts again).
+    pub records: AtomicU64,
+    /// Bytes of the encoded batches (after compression).
+    pub bytes: AtomicU64,
+}
+
+impl ProduceCounters {
+    pub(crate) fn count(&self, batches: u64, records: u64, bytes: u64) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.batches.fetch_add(batches, Ordering::Relaxed);
+        self.records.fetch_add(records, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+}
+
+/// [`ProduceCounters`] of one cluster summed over the shards.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProduceTotals {
+    pub requests: u64,
+    pub batches: u64,
+    pub records: u64,
+    pub bytes: u64,
+}
+
 /// Shared by the Kafka threads and the HTTP endpoint (see the module doc).
 pub struct KafkaHealth {
     pub schemas: SchemaCounters,
+    /// `[shard][cluster]`.
+    produce: Vec<Vec<ProduceCounters>>,
     cluster: Mutex<Option<ClusterView>>,
     clusters: Mutex<Vec<ClusterState>>,
     /// `(mapping, topic, partition)` → lag.
@@ -136,7 +173,7 @@ pub struct KafkaHealth {
 }
 
 impl KafkaHealth {
-    pub(crate) fn new(cluster_names: &[String], needed: &[bool], outbound: &[MappingConfig]) -> Self {
+    pub(crate) fn new(cluster_names: &[String], needed: &[bool], outbound: &[MappingConfig], shards: usize) -> Self {
         let clusters = cluster_names
             .iter()
             .zip(needed)
@@ -144,6 +181,7 @@ impl KafkaHealth {
             .collect();
         KafkaHealth {
             schemas: SchemaCounters::default(),
+            produce: (0..shards).map(|_| cluster_names.iter().map(|_| ProduceCounters::default()).collect()).collect(),
             cluster: Mutex::new(None),
             clusters: Mutex::new(clusters),
             lag: Mutex::new(BTreeMap::new()),
@@ -179,6 +217,29 @@ impl KafkaHealth {
 
     pub fn clusters(&self) -> Vec<ClusterState> {
         self.clusters.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    /// Shard `shard`'s counters for cluster `cluster` (by the router's numbering).
+    pub(crate) fn produce_counters(&self, shard: usize, cluster: usize) -> Option<&ProduceCounters> {
+        self.produce.get(shard)?.get(cluster)
+    }
+
+    /// `(cluster, its produce requests summed over the shards)`, in the router's order.
+    pub fn produce_totals(&self) -> Vec<(String, ProduceTotals)> {
+        let names = self.clusters().into_iter().map(|c| c.name);
+        names
+            .enumerate()
+            .map(|(i, name)| {
+                let mut t = ProduceTotals::default();
+                for c in self.produce.iter().filter_map(|s| s.get(i)) {
+                    t.requests += c.requests.load(Ordering::Relaxed);
+                    t.batches += c.batches.load(Ordering::Relaxed);
+                    t.records += c.records.load(Ordering::Relaxed);
+                    t.bytes += c.bytes.load(Ordering::Relaxed);
+                }
+                (name, t)
+            })
+            .collect()
     }
 
     /// Every cluster a mapping needs answered the last probe.

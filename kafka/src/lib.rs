@@ -146,9 +146,9 @@ pub fn start(
             }) || inbound.iter().any(|m| m.cluster == *n)
         })
         .collect();
-    let health = Arc::new(health::KafkaHealth::new(&names, &needed, outbound));
-    let required = health::required_topics(&names, outbound, inbound);
     let n_shards = cpus.len().max(1);
+    let health = Arc::new(health::KafkaHealth::new(&names, &needed, outbound, n_shards));
+    let required = health::required_topics(&names, outbound, inbound);
     let positions = Arc::new(positions);
     let mut links = Vec::with_capacity(n_shards);
     let mut threads = Vec::with_capacity(n_shards);

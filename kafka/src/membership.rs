@@ -230,11 +230,25 @@ struct Wills {
     /// `ended`'s client ids in the order they were read (with when), oldest first: the ones
     /// past [`ENDED_KEEP_MS`] leave from the front, so a full table costs no scan per end.
     ended_order: std::collections::VecDeque<(u64, String)>,
+    /// Ends forgotten before [`ENDED_KEEP_MS`] because [`ENDED_MAX`] newer ones came.
+    ended_refused: u64,
     /// Claims of this node's shards that name a holder, while it may be dead, by client and
     /// connection (≤ [`ADOPT_MAX`]), and those not kept.
     adopt: HashMap<(String, u64), Adopt>,
     adopt_refused: u64,
     floor: Floor,
+}
+
+/// Entries of the membership's tables not kept because the table was full, per table (see
+/// [`crate::health::ClusterView`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Refused {
+    wills: u64,
+    sessions: u64,
+    shares: u64,
+    adoptions: u64,
+    /// Remembered ends forgotten early (before [`ENDED_KEEP_MS`]).
+    ends: u64,
 }
 
 /// A due will whose release was written but not read back is released again after this long;
@@ -272,12 +286,25 @@ impl Wills {
             return;
         }
         while let Some((read_ms, client)) = self.ended_order.front() {
-            if now_ms.saturating_sub(*read_ms) < ENDED_KEEP_MS && self.ended_order.len() < ENDED_MAX {
+            let young = now_ms.saturating_sub(*read_ms) < ENDED_KEEP_MS;
+            if young && self.ended_order.len() < ENDED_MAX {
                 break;
             }
             // Its entry goes unless it was read again since (then a later place holds it).
             if self.ended.get(client).is_some_and(|e| e.2 == *read_ms) {
                 self.ended.remove(client);
+                if young {
+                    if self.ended_refused == 0 {
+                        tracing::warn!(
+                            max = ENDED_MAX,
+                            "more persistent sessions ended within {} s than the membership remembers: \
+                             the oldest ends are forgotten early (a record of such a session written before \
+                             its end but read after it would bring the session back)",
+                            ENDED_KEEP_MS / 1000
+                        );
+                    }
+                    self.ended_refused += 1;
+                }
             }
             self.ended_order.pop_front();
         }
@@ -495,9 +522,15 @@ impl Wills {
         out
     }
 
-    /// Entries not kept because a table was full: (wills, sessions, shared groups, adoptions).
-    fn refused(&self) -> (u64, u64, u64, u64) {
-        (self.refused, self.registry_refused, self.shares_refused, self.adopt_refused)
+    /// Entries not kept because a table was full.
+    fn refused(&self) -> Refused {
+        Refused {
+            wills: self.refused,
+            sessions: self.registry_refused,
+            shares: self.shares_refused,
+            adoptions: self.adopt_refused,
+            ends: self.ended_refused,
+        }
     }
 }
 
@@ -988,7 +1021,8 @@ async fn read(
             v.members = list;
             (v.settled, v.wills_held, v.wills_released_again) = (settled, held, again);
             v.wills_published += published;
-            (v.wills_refused, v.sessions_refused, v.shares_refused, v.adoptions_refused) = refused;
+            (v.wills_refused, v.sessions_refused, v.shares_refused, v.adoptions_refused, v.ends_refused) =
+                (refused.wills, refused.sessions, refused.shares, refused.adoptions, refused.ends);
             if !failing {
                 v.last_error = None;
             }
@@ -1234,8 +1268,10 @@ mod tests {
         }
         assert!(w.ended.len() <= ENDED_MAX && w.ended_order.len() <= ENDED_MAX);
         assert!(!w.ended.contains_key("x0") && w.ended.contains_key(&format!("x{}", ENDED_MAX + 9)));
+        assert_eq!(w.refused().ends, 10, "the ten pushed out early are counted");
         w.apply(&me1, end("late"), record(), 10 + ENDED_KEEP_MS);
         assert_eq!(w.ended.len(), 1, "five minutes on, only the new one");
+        assert_eq!(w.refused().ends, 10, "those that leave with age are not");
     }
 
     #[test]
@@ -1252,10 +1288,10 @@ mod tests {
             w.apply(&me1, claim(i), record(), 0);
         }
         assert_eq!(w.adopt.len(), ADOPT_MAX);
-        assert_eq!(w.refused(), (0, 0, 0, 1), "the one beyond the bound, counted");
+        assert_eq!(w.refused(), Refused { adoptions: 1, ..Refused::default() }, "the one beyond the bound, counted");
         w.apply(&me1, claim(7), record(), 0);
         assert_eq!(
-            (w.adopt.len(), w.refused().3),
+            (w.adopt.len(), w.refused().adoptions),
             (ADOPT_MAX, 1),
             "a claim made again is neither kept twice nor refused"
         );
@@ -1266,7 +1302,7 @@ mod tests {
         assert!(w.adoptions_due(&m, 1000 + 5_000).is_empty());
         assert!(w.adopt.is_empty());
         w.apply(&me1, claim(ADOPT_MAX + 1), record(), 6_000);
-        assert_eq!((w.adopt.len(), w.refused().3), (1, 1));
+        assert_eq!((w.adopt.len(), w.refused().adoptions), (1, 1));
     }
 
     #[test]
@@ -1279,7 +1315,7 @@ mod tests {
             w.apply(&me1, share(i, true), record(), 0);
         }
         w.apply(&me1, share(3, true), record(), 0);
-        assert_eq!(w.refused().2, 1, "a count update of a group kept is not refused");
+        assert_eq!(w.refused().shares, 1, "a count update of a group kept is not refused");
         w.apply(&me1, share(3, false), record(), 0);
         w.apply(&me1, share(WILLS_MAX, true), record(), 0);
         assert_eq!(w.take_shares("n2").len(), WILLS_MAX);

@@ -894,6 +894,7 @@ impl Producer {
         let mut topics: Vec<TopicBatches> = Vec::new();
         let mut sent_parts = Vec::with_capacity(parts.len());
         let mut request_bytes = 0usize;
+        let (mut records, mut encoded_bytes) = (0u64, 0u64);
         let mut unencodable = Vec::new();
         for (topic, p) in parts {
             if request_bytes >= REQUEST_BATCHES_BYTES {
@@ -922,6 +923,8 @@ impl Producer {
             }
             // `split` keeps the buffer's spare capacity for the next batch.
             let encoded: Bytes = self.buf.split().freeze();
+            records += q.sent as u64;
+            encoded_bytes += encoded.len() as u64;
             q.retry_at = None;
             q.attempts += 1;
             request_bytes += bytes;
@@ -940,6 +943,9 @@ impl Producer {
         if sent_parts.is_empty() {
             b.in_flight -= 1;
             return;
+        }
+        if let Some(counters) = self.health.produce_counters(self.shard, usize::from(cluster)) {
+            counters.count(sent_parts.len() as u64, records, encoded_bytes);
         }
         let tx = self.events_tx.clone();
         tokio::spawn(async move {
@@ -1005,7 +1011,7 @@ mod queue_tests {
         let cluster = Arc::new(Cluster::new("k".into(), cfg, None));
         let (_, requests) = mpsc::channel(1);
         let (results, _) = mpsc::unbounded_channel();
-        let health = Arc::new(crate::health::KafkaHealth::new(&["k".into()], &[true], &[]));
+        let health = Arc::new(crate::health::KafkaHealth::new(&["k".into()], &[true], &[], 1));
         let mut p = Producer::new(0, vec![cluster], requests, results, None, health);
         let topic = TopicState {
             parts: Some(vec![PartitionQueue::default()]),
