@@ -2,6 +2,7 @@
 (librdkafka), an independent Kafka client."""
 import os
 import time
+import urllib.request
 import uuid
 
 import paho.mqtt.client as mqtt
@@ -505,3 +506,66 @@ def test_each_shard_produces_on_a_kafka_thread_of_its_own_pinned_to_its_cpu(kafk
             assert t1 > t0, f"sluice-kafka-{i} did no work for shard {i}'s {n} records"
     finally:
         b.kill()
+
+
+
+
+def http_counters(b, prefix):
+    """The samples of the broker's /metrics whose names start with `prefix`, summed over labels."""
+    with urllib.request.urlopen(f"http://{b.http[0]}:{b.http[1]}/metrics", timeout=WAIT) as r:
+        out = {}
+        for line in r.read().decode().splitlines():
+            if line.startswith(prefix):
+                name = line.split("{")[0].split(" ")[0]
+                out[name] = out.get(name, 0) + float(line.split()[-1])
+        return out
+
+
+def test_a_burst_beyond_one_requests_bound_goes_in_several_requests_and_lands_in_order(kafka, paho):
+    """Kafka paused while 4.8 MB of QoS 0 messages arrive, so that four partitions' full batches
+    (1 MiB each) are ready at once when it answers: they go in requests of at most 1 MiB of
+    batches each, not in one, and every record lands, in order per key."""
+    topic = topic_name("burst")
+    kafka.create_topic(topic, partitions=4)
+    config = f"""
+[kafka.clusters.default]
+bootstrap = ["{kafka.bootstrap}"]
+request_timeout_ms = 30000
+
+[[mqtt_to_kafka]]
+name = "burst"
+filters = ["b/#"]
+destinations = [{{ cluster = "default", topic = "{topic}" }}]
+"""
+    b = broker_with("--http", "127.0.0.1:0", config=config, cores=1)
+    try:
+        pub = paho(b.shard(0), "burst-pub")
+        n, size = 48, 100_000  # over 8 keys, so over the 4 partitions: 1.2 MB each
+        keys = [f"b/k{i}" for i in range(8)]
+        sent = {k: [] for k in keys}
+        kafka.pause()
+        try:
+            for i in range(n):
+                k = keys[i % len(keys)]
+                payload = f"{k}:{i}:".encode().ljust(size, b".")
+                sent[k].append(payload)
+                pub.publish(k, payload, 0)
+            # Every message routed to the mapping, none answered: they wait for Kafka's metadata.
+            wait_for(lambda: http_counters(b, "sluice_kafka_messages_total").get("sluice_kafka_messages_total") == n,
+                     "every message routed")
+        finally:
+            kafka.resume()
+        got = kafka.consume(topic, n)
+        assert len(got) == n
+        by_key = {}
+        for m in got:
+            by_key.setdefault(m.key().decode(), []).append(m.value())
+        assert by_key == sent, "every record, in order per key"
+        c = wait_for(lambda: (lambda c: c if c.get("sluice_kafka_produce_batch_records_total") == n else None)(
+            http_counters(b, "sluice_kafka_produce_")), "every record counted as sent")
+        requests, sent_bytes = c["sluice_kafka_produce_requests_total"], c["sluice_kafka_produce_batch_bytes_total"]
+        assert sent_bytes > n * size
+        # At most one full batch (ten records) per request: 4.8 MB take five requests at least.
+        assert requests >= 5 and sent_bytes / requests <= (1 << 20) + 4096, c
+    finally:
+        b.stop()
