@@ -443,7 +443,7 @@ pub(crate) fn render(state: &State, snaps: &[Snapshot]) -> String {
         for (name, help, value) in [
             (
                 "sluice_kafka_produce_requests_total",
-                "Produce requests sent (each carries one batch per partition of one broker).",
+                "Produce requests sent (each carries at most one batch per partition of one broker, up to 1 MiB of records).",
                 (|t| t.requests) as fn(&sluice_kafka::health::ProduceTotals) -> u64,
             ),
             ("sluice_kafka_produce_batches_total", "Record batches sent in produce requests.", |t| t.batches),

@@ -230,7 +230,8 @@ struct Wills {
     /// `ended`'s client ids in the order they were read (with when), oldest first: the ones
     /// past [`ENDED_KEEP_MS`] leave from the front, so a full table costs no scan per end.
     ended_order: std::collections::VecDeque<(u64, String)>,
-    /// Ends forgotten before [`ENDED_KEEP_MS`] because [`ENDED_MAX`] newer ones came.
+    /// Ends forgotten before [`ENDED_KEEP_MS`] because `ended_order` held [`ENDED_MAX`] (an
+    /// end read again counts there twice).
     ended_refused: u64,
     /// Claims of this node's shards that name a holder, while it may be dead, by client and
     /// connection (≤ [`ADOPT_MAX`]), and those not kept.

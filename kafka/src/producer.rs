@@ -1,6 +1,7 @@
 //! One shard's producer: every record the shard hands over, placed on a partition, batched per
-//! partition and sent in one produce request per Kafka broker, with the outcome of each record
-//! reported back in order.
+//! partition and sent in produce requests that each carry the ready partitions of one Kafka
+//! broker (up to [`REQUEST_BATCHES_BYTES`]), with the outcome of each record reported back in
+//! order.
 //!
 //! It is one task on the shard's own Kafka thread and owns all its state — topic metadata
 //! (partition leaders), per-partition queues, one connection per broker — so the record path
@@ -42,10 +43,11 @@ use crate::schemas::{spawn_fetch, Checked, Stage};
 use sluice_schema::check::{Fetched, Need};
 use sluice_schema::registry::RegistryError;
 
-/// Most bytes of batches one produce request carries, unless its first batch alone is larger
-/// (librdkafka's `message.max.bytes`, 1 MB by default, bounds its requests alike). The ready
-/// partitions beyond go in the broker's next request, at once when `max_requests_in_flight`
-/// allows. With 16 MiB, requests at 1 KiB QoS 0 carried 2.5 MiB (three partitions' 850 KB
+/// Most bytes of batches one produce request carries (counted as records' sizes, before
+/// encoding), unless its first batch alone is larger; librdkafka's `message.max.bytes`
+/// (1,000,000 by default) bounds its requests alike. The ready partitions beyond go in the
+/// broker's next request: at once while `max_requests_in_flight` allows, else when an answer
+/// frees a slot. With 16 MiB, requests at 1 KiB QoS 0 carried 2.5 MiB (three partitions' 850 KB
 /// batches) and Kafka (tansu) spent 2.1–2.6 µs of CPU per record on them, against 1.8–1.9 µs
 /// at this bound, with 9–41 % more records/s (BENCHMARKS.md, session 16).
 pub(crate) const REQUEST_BATCHES_BYTES: usize = 1 << 20;
@@ -182,6 +184,16 @@ impl PartitionQueue {
         }
         self.queued_bytes -= bytes;
         bytes
+    }
+
+    /// About what [`PartitionQueue::take_batch`] would take now: its bytes.
+    fn next_batch_bytes(&self, batch_bytes: usize) -> usize {
+        let first = self.first_queued().map_or(0, |i| i.size);
+        if self.solo > 0 {
+            first
+        } else {
+            self.queued_bytes.min(batch_bytes).max(first)
+        }
     }
 
     /// The records of the batch in flight.
@@ -819,12 +831,18 @@ impl Producer {
         wake
     }
 
-    /// Sends, per broker, one request with a batch of every partition of it that is ready: its
-    /// linger is over or its batch is full, nothing of it is in flight, it is not backing off.
+    /// Sends, per broker, requests with a batch of every partition of it that is ready (its
+    /// linger is over or its batch is full, nothing of it is in flight, it is not backing off),
+    /// as many as its window allows.
+    ///
+    /// Partitions with a batch in flight move to the back of `active`, so the ones that waited
+    /// come first when the window has room again: with full batches going one per request, a
+    /// fixed order would give every free slot to the same few partitions of a busy broker.
     fn flush(&mut self, now: Instant) {
-        // (cluster, broker) → ready partitions, in the order they became active.
+        // (cluster, broker) → ready partitions, in `active`'s order.
         let mut ready: Vec<((u16, i32), Vec<PartRef>)> = Vec::new();
         let mut still_active = Vec::with_capacity(self.active.len());
+        let mut out = Vec::new();
         for (cluster, topic, p) in std::mem::take(&mut self.active) {
             let Some(c) = self.clusters.get_mut(usize::from(cluster)) else { continue };
             let cfg = c.cluster.config();
@@ -857,8 +875,13 @@ impl Producer {
                     None => ready.push((key, vec![(topic.clone(), p)])),
                 }
             }
-            still_active.push((cluster, topic, p));
+            if q.in_flight() {
+                out.push((cluster, topic, p));
+            } else {
+                still_active.push((cluster, topic, p));
+            }
         }
+        still_active.append(&mut out);
         self.active = still_active;
         for ((cluster, broker), parts) in ready {
             let mut parts = VecDeque::from(parts);
@@ -911,7 +934,7 @@ impl Producer {
             else {
                 continue;
             };
-            if !fits(request_bytes, q.queued_bytes.min(batch_bytes)) {
+            if !fits(request_bytes, q.next_batch_bytes(batch_bytes)) {
                 // For the next request.
                 parts.push_front((topic, p));
                 break;
@@ -1148,6 +1171,13 @@ mod queue_tests {
         let q = queue(&mut p);
         let size = q.records[0].size;
         assert_eq!(q.queued_bytes, 5 * size);
+        // What a request counts the next batch as, before taking it: never less than it takes.
+        assert_eq!(q.next_batch_bytes(2 * size + size / 2), 2 * size + size / 2);
+        assert_eq!(q.next_batch_bytes(usize::MAX), 5 * size);
+        assert_eq!(q.next_batch_bytes(1), size, "a record larger than the batch goes whole");
+        q.solo = 1;
+        assert_eq!(q.next_batch_bytes(usize::MAX), size, "one record per batch after a too-large one");
+        q.solo = 0;
         assert_eq!(q.take_batch(2 * size + size / 2), 2 * size);
         assert_eq!((q.sent, q.queued_bytes, q.first_queued().map(|i| i.req.id)), (2, 3 * size, Some(2)));
         assert!(q.in_flight() && q.has_queued());
