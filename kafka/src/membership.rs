@@ -29,8 +29,8 @@
 //!    taken back by a margin of `heartbeat_ms` + 1 s for the lease's trip): below it, nothing
 //!    any of its persistent sessions still needs. It also keeps, from the [`ClaimKind::Session`]
 //!    records, which node holds which persistent session with which subscriptions (of one
-//!    node's records, the latest written by its wall clock, since its shards' producers can
-//!    reorder them: `Wills::stale_session_record`);
+//!    run's records, the latest written, since its shards' producers can reorder them:
+//!    `Wills::stale_session_record`);
 //! 7. rebuilds a dead node's session for a client of this node: when one of its shards claims
 //!    a client id naming a holder (`Claim::from`) that is dead, this thread replays
 //!    `.messages` from the holder's last floor, queues what the session's subscriptions take
@@ -85,12 +85,23 @@ const REPLAY_MAX: Duration = Duration::from_secs(3);
 #[derive(Clone)]
 struct SessionEntry {
     node: String,
+    /// The run of `node` that wrote its record.
+    inc: u64,
     /// When its record was written (Unix ms, the writer's clock; 0: not said — an older node).
     at_ms: u64,
     /// Its session expiry (seconds; `u32::MAX`: never).
     expiry: u32,
     /// Its stored form, subscriptions only.
     value: Vec<u8>,
+}
+
+/// A persistent session's end as the registry remembers it (see [`Wills::note_ended`]).
+struct Ended {
+    node: String,
+    inc: u64,
+    /// When the end was written (the writer's clock) and when it was read here.
+    at_ms: u64,
+    read_ms: u64,
 }
 
 /// A shard of this node claimed `client` naming `from` as its holder: if `from` is dead, this
@@ -226,7 +237,7 @@ struct Wills {
     /// Sessions whose end was read, by client id: (node, when the end was written, when it was
     /// read here), kept [`ENDED_KEEP_MS`] (≤ [`ENDED_MAX`]) so that a record written before the
     /// end but read after it does not bring the session back (see [`Wills::stale_session_record`]).
-    ended: HashMap<String, (String, u64, u64)>,
+    ended: HashMap<String, Ended>,
     /// `ended`'s client ids in the order they were read (with when), oldest first: the ones
     /// past [`ENDED_KEEP_MS`] leave from the front, so a full table costs no scan per end.
     ended_order: std::collections::VecDeque<(u64, String)>,
@@ -270,13 +281,19 @@ impl Wills {
     /// the client, or before the end it read, by the same node. Each shard writes its own
     /// sessions' records through its own producer, so when a session ends on one shard and a
     /// new one starts on another (or a session moves between shards), the two records can reach
-    /// Kafka in either order; the writer's wall clock (one clock per node) puts them back in
-    /// order. Records of different nodes keep the rule of the latest read, and so do records
-    /// that do not say when they were written.
+    /// Kafka in either order; when they were written puts them back in order. That time is the
+    /// shard's monotonic clock plus the wall clock's offset taken when the node started (the
+    /// same for all its shards, within a millisecond), so a clock stepped during a run does not
+    /// reorder them. Records of different runs of a node (a restart, maybe with a clock set
+    /// back), of different nodes, and records that do not say when they were written keep the
+    /// rule of the latest read: a run's records reach Kafka after its previous run's, which
+    /// ended before it started.
     fn stale_session_record(&self, claim: &Claim) -> bool {
-        let earlier = |node: &str, at_ms: u64| node == claim.node && claim.at_ms != 0 && claim.at_ms < at_ms;
-        self.registry.get(&claim.client).is_some_and(|e| earlier(&e.node, e.at_ms))
-            || self.ended.get(&claim.client).is_some_and(|(node, at_ms, _)| earlier(node, *at_ms))
+        let earlier = |node: &str, inc: u64, at_ms: u64| {
+            node == claim.node && inc == claim.inc && claim.at_ms != 0 && claim.at_ms < at_ms
+        };
+        self.registry.get(&claim.client).is_some_and(|e| earlier(&e.node, e.inc, e.at_ms))
+            || self.ended.get(&claim.client).is_some_and(|e| earlier(&e.node, e.inc, e.at_ms))
     }
 
     /// `claim` ended its session: remembered for [`ENDED_KEEP_MS`] (a record of that session
@@ -292,7 +309,7 @@ impl Wills {
                 break;
             }
             // Its entry goes unless it was read again since (then a later place holds it).
-            if self.ended.get(client).is_some_and(|e| e.2 == *read_ms) {
+            if self.ended.get(client).is_some_and(|e| e.read_ms == *read_ms) {
                 self.ended.remove(client);
                 if young {
                     if self.ended_refused == 0 {
@@ -313,7 +330,8 @@ impl Wills {
             return;
         }
         self.ended_order.push_back((now_ms, claim.client.clone()));
-        self.ended.insert(claim.client, (claim.node, claim.at_ms, now_ms));
+        self.ended
+            .insert(claim.client, Ended { node: claim.node, inc: claim.inc, at_ms: claim.at_ms, read_ms: now_ms });
     }
 
     fn apply(&mut self, me: &NodeIdentity, claim: Claim, record: Record, now_ms: u64) {
@@ -342,7 +360,13 @@ impl Wills {
                         self.registry_refused += 1;
                     } else {
                         self.ended.remove(&claim.client);
-                        let entry = SessionEntry { node: claim.node, at_ms: claim.at_ms, expiry: claim.expiry, value };
+                        let entry = SessionEntry {
+                            node: claim.node,
+                            inc: claim.inc,
+                            at_ms: claim.at_ms,
+                            expiry: claim.expiry,
+                            value,
+                        };
                         self.registry.insert(claim.client, entry);
                     }
                 } else if self.registry.get(&claim.client).is_none_or(|e| e.node == claim.node) {
@@ -1261,6 +1285,20 @@ mod tests {
             value(&w).as_deref(),
             Some(&b"n3"[..]),
             "an end on another node than the holder's is not this session's"
+        );
+        // A restarted node whose clock was set back: its new run's records are not older than
+        // its previous run's, whatever they say (the latest read wins between runs).
+        let run = |inc: u64, active: bool, at_ms: u64| Claim { inc, ..session("n4", 0, active, at_ms) };
+        w.apply(&me1, run(1, true, 10_000), with_value(b"run 1"), 7);
+        w.apply(&me1, run(2, true, 20), with_value(b"run 2"), 8);
+        assert_eq!(value(&w).as_deref(), Some(&b"run 2"[..]), "a new run's record, dated earlier");
+        w.apply(&me1, run(2, false, 30), record(), 9);
+        w.apply(&me1, run(1, false, 20_000), record(), 9);
+        w.apply(&me1, run(3, true, 5), with_value(b"run 3"), 9);
+        assert_eq!(
+            value(&w).as_deref(),
+            Some(&b"run 3"[..]),
+            "an earlier run's end, dated later, does not hide a later run's session"
         );
         // The ends remembered are bounded, the oldest going first, and forgotten with age.
         let end = |client: &str| Claim { at_ms: 100, ..Claim::new("n2", client, 0, ClaimKind::Session) };
