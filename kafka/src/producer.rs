@@ -835,14 +835,13 @@ impl Producer {
     /// linger is over or its batch is full, nothing of it is in flight, it is not backing off),
     /// as many as its window allows.
     ///
-    /// Partitions with a batch in flight move to the back of `active`, so the ones that waited
-    /// come first when the window has room again: with full batches going one per request, a
+    /// Partitions just sent move to the back of `active`, so the ones that waited come first
+    /// when the window has room again: with full batches going one per request, a
     /// fixed order would give every free slot to the same few partitions of a busy broker.
     fn flush(&mut self, now: Instant) {
         // (cluster, broker) → ready partitions, in `active`'s order.
         let mut ready: Vec<((u16, i32), Vec<PartRef>)> = Vec::new();
         let mut still_active = Vec::with_capacity(self.active.len());
-        let mut out = Vec::new();
         for (cluster, topic, p) in std::mem::take(&mut self.active) {
             let Some(c) = self.clusters.get_mut(usize::from(cluster)) else { continue };
             let cfg = c.cluster.config();
@@ -875,19 +874,32 @@ impl Producer {
                     None => ready.push((key, vec![(topic.clone(), p)])),
                 }
             }
-            if q.in_flight() {
-                out.push((cluster, topic, p));
-            } else {
-                still_active.push((cluster, topic, p));
-            }
+            still_active.push((cluster, topic, p));
         }
-        still_active.append(&mut out);
         self.active = still_active;
+        let mut sent = false;
         for ((cluster, broker), parts) in ready {
             let mut parts = VecDeque::from(parts);
             // As many requests as the broker's window allows; what is left goes next turn.
-            while !parts.is_empty() && self.send(cluster, broker, &mut parts, now) {}
+            while !parts.is_empty() && self.send(cluster, broker, &mut parts, now) {
+                sent = true;
+            }
         }
+        if sent {
+            self.in_flight_to_the_back();
+        }
+    }
+
+    /// Moves the partitions with a batch in flight behind the others in `active`, each part in
+    /// its order.
+    fn in_flight_to_the_back(&mut self) {
+        let clusters = &self.clusters;
+        let (mut waiting, out): (Vec<_>, Vec<_>) = self
+            .active
+            .drain(..)
+            .partition(|(c, t, p)| !queue_ref(clusters, *c, t, *p).is_some_and(PartitionQueue::in_flight));
+        waiting.extend(out);
+        self.active = waiting;
     }
 
     /// Sends one request to `broker` with the batches of `parts` from the front, up to
@@ -997,6 +1009,10 @@ impl Producer {
 /// up to [`REQUEST_BATCHES_BYTES`], and always as a request's first.
 fn fits(request_bytes: usize, batch: usize) -> bool {
     request_bytes == 0 || request_bytes + batch <= REQUEST_BATCHES_BYTES
+}
+
+fn queue_ref<'a>(clusters: &'a [ClusterState], cluster: u16, topic: &str, p: i32) -> Option<&'a PartitionQueue> {
+    clusters.get(usize::from(cluster))?.topics.get(topic)?.parts.as_ref()?.get(usize::try_from(p).ok()?)
 }
 
 fn queue_of<'a>(clusters: &'a mut [ClusterState], cluster: u16, topic: &str, p: i32) -> Option<&'a mut PartitionQueue> {
@@ -1118,6 +1134,23 @@ mod queue_tests {
             record.push_header(sluice_core::cluster::CLAIM_HEADER, Bytes::from_static(b"{}"));
         }
         p.accept(ProduceRequest { id, record, durable: false }, true, now);
+    }
+
+    #[test]
+    fn partitions_just_sent_go_behind_those_that_waited() {
+        let mut p = producer();
+        let parts = p.clusters[0].topics.get_mut(TOPIC).and_then(|t| t.parts.as_mut()).unwrap();
+        parts.extend((0..3).map(|_| PartitionQueue::default()));
+        p.active = (0..4).map(|i| (0, Arc::<str>::from(TOPIC), i)).collect();
+        for i in [0, 2] {
+            // A batch of one record in flight (the count is what tells).
+            p.queue(0, TOPIC, i).unwrap().sent = 1;
+        }
+        let order = |p: &Producer| p.active.iter().map(|e| e.2).collect::<Vec<_>>();
+        p.in_flight_to_the_back();
+        assert_eq!(order(&p), [1, 3, 0, 2], "those waiting first, each part in its order");
+        p.in_flight_to_the_back();
+        assert_eq!(order(&p), [1, 3, 0, 2], "stable");
     }
 
     #[test]
