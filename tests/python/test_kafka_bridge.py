@@ -2,7 +2,6 @@
 (librdkafka), an independent Kafka client."""
 import os
 import time
-import urllib.request
 import uuid
 
 import paho.mqtt.client as mqtt
@@ -12,6 +11,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from conftest import WAIT, Tansu, broker_with, free_port, wait_for
+from test_http import metrics, total
 
 
 def topic_name(prefix):
@@ -510,17 +510,6 @@ def test_each_shard_produces_on_a_kafka_thread_of_its_own_pinned_to_its_cpu(kafk
 
 
 
-def http_counters(b, prefix):
-    """The samples of the broker's /metrics whose names start with `prefix`, summed over labels."""
-    with urllib.request.urlopen(f"http://{b.http[0]}:{b.http[1]}/metrics", timeout=WAIT) as r:
-        out = {}
-        for line in r.read().decode().splitlines():
-            if line.startswith(prefix):
-                name = line.split("{")[0].split(" ")[0]
-                out[name] = out.get(name, 0) + float(line.split()[-1])
-        return out
-
-
 def test_a_burst_beyond_one_requests_bound_goes_in_several_requests_and_lands_in_order(kafka, paho):
     """Kafka paused while 4.8 MB of QoS 0 messages arrive, so that four partitions' full batches
     (1 MiB each) are ready at once when it answers: they go in requests of at most 1 MiB of
@@ -551,8 +540,7 @@ destinations = [{{ cluster = "default", topic = "{topic}" }}]
                 sent[k].append(payload)
                 pub.publish(k, payload, 0)
             # Every message routed to the mapping, none answered: they wait for Kafka's metadata.
-            wait_for(lambda: http_counters(b, "sluice_kafka_messages_total").get("sluice_kafka_messages_total") == n,
-                     "every message routed")
+            wait_for(lambda: total(metrics(b), "sluice_kafka_messages_total") == n, "every message routed")
         finally:
             kafka.resume()
         got = kafka.consume(topic, n)
@@ -561,9 +549,11 @@ destinations = [{{ cluster = "default", topic = "{topic}" }}]
         for m in got:
             by_key.setdefault(m.key().decode(), []).append(m.value())
         assert by_key == sent, "every record, in order per key"
-        c = wait_for(lambda: (lambda c: c if c.get("sluice_kafka_produce_batch_records_total") == n else None)(
-            http_counters(b, "sluice_kafka_produce_")), "every record counted as sent")
-        requests, sent_bytes = c["sluice_kafka_produce_requests_total"], c["sluice_kafka_produce_batch_bytes_total"]
+        fam = wait_for(lambda: (lambda f: f if total(f, "sluice_kafka_produce_batch_records_total") == n else None)(
+            metrics(b)), "every record counted as sent")
+        requests = total(fam, "sluice_kafka_produce_requests_total")
+        sent_bytes = total(fam, "sluice_kafka_produce_batch_bytes_total")
+        c = (requests, sent_bytes)
         assert sent_bytes > n * size
         # At most one full batch (ten records) per request: 4.8 MB take five requests at least.
         assert requests >= 5 and sent_bytes / requests <= (1 << 20) + 4096, c
