@@ -90,7 +90,9 @@ struct Args {
     /// The broker's HTTP endpoint (`--http` of sluice), for `to-kafka`: after publishing, its
     /// `sluice_kafka_records_produced_total` is read every 10 ms until Kafka has acknowledged
     /// every record, giving `acked_per_s` — the producer-side rate, counted as a native Kafka
-    /// client counts its own (first send to last acknowledgement), with no consumer poll.
+    /// client counts its own (first send to last acknowledgement), with no consumer poll. At
+    /// the end its produce counters give what the requests carried (`produce_requests`,
+    /// `records_per_batch`, `kib_per_request`; null for a build without them).
     #[arg(long)]
     metrics: Option<SocketAddr>,
     /// The Kafka broker's process id (a local tansu), for `to-kafka` with `--metrics`: its CPU
@@ -835,6 +837,7 @@ fn main() -> anyhow::Result<()> {
     let h = shared.hist.lock().unwrap();
     let p50 = h.value_at_quantile(0.50) as f64 / 1e3;
     let p99 = h.value_at_quantile(0.99) as f64 / 1e3;
+    let shape = args.metrics.map(produce_shape).transpose()?.flatten();
     let sent_rate = sent as f64 / publish_secs;
     let recv_rate = received as f64 / total_secs;
     let drop_pct =
@@ -855,7 +858,8 @@ fn main() -> anyhow::Result<()> {
     println!(
         "{{\"label\":\"{}\",\"scenario\":\"{:?}\",\"rate\":{},\"qos\":{},\"payload\":{},\"clients\":{},\"sent\":{sent},\"delivered\":{received},\
          \"sent_per_s\":{sent_rate:.0},\"delivered_per_s\":{recv_rate:.0},\"drop_pct\":{drop_pct:.3},\"p50_us\":{p50:.1},\"p99_us\":{p99:.1},\
-         \"broker_cpu_s\":{},\"broker_cpu_us_per_delivery\":{},\"load_cpu_s\":{},\"acked\":{},\"acked_per_s\":{},\"kafka_cpu_s\":{}}}",
+         \"broker_cpu_s\":{},\"broker_cpu_us_per_delivery\":{},\"load_cpu_s\":{},\"acked\":{},\"acked_per_s\":{},\"kafka_cpu_s\":{},\
+         \"produce_requests\":{},\"records_per_batch\":{},\"kib_per_request\":{}}}",
         args.label,
         args.scenario,
         args.rate,
@@ -868,6 +872,9 @@ fn main() -> anyhow::Result<()> {
         acked.map_or("null".into(), |(n, _)| n.to_string()),
         acked.map_or("null".into(), |(n, secs)| format!("{:.0}", n as f64 / secs)),
         kafka_cpu.map_or("null".into(), |c| format!("{c:.2}")),
+        shape.map_or("null".into(), |s| s.0.to_string()),
+        shape.map_or("null".into(), |s| format!("{:.1}", s.1)),
+        shape.map_or("null".into(), |s| format!("{:.1}", s.2)),
     );
     Ok(())
 }
@@ -892,14 +899,39 @@ fn follow_count(
 
 /// The broker's `sluice_kafka_records_produced_total`, summed over its labels, from `/metrics`.
 fn records_produced(addr: SocketAddr) -> anyhow::Result<u64> {
+    Ok(metric_totals(addr, &["sluice_kafka_records_produced_total"])?[0])
+}
+
+/// Each of the broker's metrics `names`, summed over its labels, from one read of `/metrics`.
+fn metric_totals(addr: SocketAddr, names: &[&str]) -> anyhow::Result<Vec<u64>> {
     let mut s = TcpStream::connect(addr).with_context(|| format!("cannot reach the broker's metrics at {addr}"))?;
     s.write_all(format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())?;
     let mut body = String::new();
     s.read_to_string(&mut body)?;
-    let mut total = 0u64;
-    for line in body.lines().filter(|l| l.starts_with("sluice_kafka_records_produced_total")) {
-        let v = line.rsplit(' ').next().unwrap_or("");
-        total += v.parse::<f64>().with_context(|| format!("metrics line {line:?}"))? as u64;
+    let mut totals = vec![0u64; names.len()];
+    for line in body.lines() {
+        let name = line.split(['{', ' ']).next().unwrap_or("");
+        if let Some(i) = names.iter().position(|n| *n == name) {
+            let v = line.rsplit(' ').next().unwrap_or("");
+            totals[i] += v.parse::<f64>().with_context(|| format!("metrics line {line:?}"))? as u64;
+        }
     }
-    Ok(total)
+    Ok(totals)
+}
+
+/// What the broker's produce requests carried, from its counters: `(requests, records per
+/// batch, KiB per request)`; `None` for a build without them.
+fn produce_shape(addr: SocketAddr) -> anyhow::Result<Option<(u64, f64, f64)>> {
+    let t = metric_totals(
+        addr,
+        &[
+            "sluice_kafka_produce_requests_total",
+            "sluice_kafka_produce_batches_total",
+            "sluice_kafka_produce_batch_records_total",
+            "sluice_kafka_produce_batch_bytes_total",
+        ],
+    )?;
+    let (requests, batches, records, bytes) = (t[0], t[1], t[2], t[3]);
+    Ok((requests > 0)
+        .then(|| (requests, records as f64 / batches.max(1) as f64, bytes as f64 / 1024.0 / requests as f64)))
 }
