@@ -1093,16 +1093,33 @@ impl Shard {
         let claim = Claim { active, inc, expiry, at_ms, ..Claim::new(&node, client_id, self.id, ClaimKind::Session) };
         let key: ClientId = crate::cluster::session_record_key(client_id).into();
         let ids = self.send_claim(&claim, key, value, 1, now_ms);
-        self.claims.session_records.sent(client_id, ids, now_ms);
+        let unwritten = self.claims.session_records.sent(client_id, ids, now_ms);
         self.claims.state_records += 1;
+        for conn in unwritten {
+            self.subscribe_step_done(conn, true, now_ms);
+        }
     }
 
     /// Record `id` was answered (`stored`: in Kafka, or on disk for it): if it was a session's
-    /// record and that session changed since, its next record goes now.
+    /// record, the SUBACKs that waited for it go, and if that session changed since, its next
+    /// record goes now.
     pub(super) fn session_record_answered(&mut self, id: u64, stored: bool, now_ms: u64) {
-        if let Some(client) = self.claims.session_records.answered(id, stored) {
+        let mut released = Vec::new();
+        let again = self.claims.session_records.answered(id, stored, &mut released);
+        for conn in released {
+            self.subscribe_step_done(conn, true, now_ms);
+        }
+        if let Some(client) = again {
             self.write_session_record(&client, now_ms);
         }
+    }
+
+    /// `conn`'s SUBSCRIBE just changed persistent session `client_id`: the change is written
+    /// to the cluster, and returns whether its SUBACK waits for that record's answer (see
+    /// `session_records`: a SUBACK promises the subscription to the survivors of this node).
+    pub(super) fn announce_subscribe(&mut self, client_id: &ClientId, conn: ConnId, now_ms: u64) -> bool {
+        self.announce_session(client_id, now_ms);
+        self.claims.node.is_some() && self.claims.session_records.wait(client_id, conn)
     }
 
     /// `client_id`'s session leaves this shard for another of this node: a change of it that

@@ -99,6 +99,10 @@ impl Shard {
             self.effects.sessions_urgent = true;
             acks_left += 1;
         }
+        // In a cluster, once the survivors of this node can read it too.
+        if s.expiry_secs > 0 && self.announce_subscribe(&client_id, conn, now_ms) {
+            acks_left += 1;
+        }
         let pending = PendingSub {
             acks_left,
             suback: SubAck { packet_id: sub.packet_id, codes, properties: Properties::default() },
@@ -111,7 +115,7 @@ impl Shard {
                 c.pending_sub = Some(Box::new(pending));
             }
         } else {
-            self.finish_subscribe(conn, client_id, pending, now_ms);
+            self.finish_subscribe(conn, client_id, pending);
         }
     }
 
@@ -129,8 +133,12 @@ impl Shard {
         let mut p = *p;
         if p.failed {
             self.refuse_subscribe(&id, v5, &mut p);
+            // The filters taken back: the cluster's record follows (nothing waits for it).
+            if self.sessions.get(&id).is_some_and(|s| s.expiry_secs > 0) {
+                self.announce_session(&id, now_ms);
+            }
         }
-        self.finish_subscribe(conn, id, p, now_ms);
+        self.finish_subscribe(conn, id, p);
         self.run_deferred(conn, now_ms);
         self.resume(conn, now_ms);
     }
@@ -156,13 +164,9 @@ impl Shard {
         }
     }
 
-    /// SUBACK, then the retained messages the new subscriptions asked for. In a cluster, a
-    /// persistent session's new subscriptions are announced (`announce_session`).
-    pub(super) fn finish_subscribe(&mut self, conn: ConnId, client_id: ClientId, p: PendingSub, now_ms: u64) {
+    /// SUBACK, then the retained messages the new subscriptions asked for.
+    pub(super) fn finish_subscribe(&mut self, conn: ConnId, client_id: ClientId, p: PendingSub) {
         self.send(conn, Packet::SubAck(p.suback));
-        if self.sessions.get(&client_id).is_some_and(|s| s.expiry_secs > 0) {
-            self.announce_session(&client_id, now_ms);
-        }
         if p.retained_queries.is_empty() {
             return;
         }

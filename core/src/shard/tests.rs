@@ -1993,11 +1993,12 @@ fn lease_walk_cost() {
 }
 
 /// A persistent session's changes in a cluster: each written at once as a `Session` record
-/// (a node killed right after a SUBACK leaves the survivors that subscription, nothing waits
-/// for a lease that may never come), but one record at a time: changes while one is on its
-/// way go as one record with its answer, with the subscriptions then (a SUBSCRIBE flood costs
-/// a record per Kafka round trip, not one per packet). A failed record is written again with
-/// the lease, as is one whose answer never came; a session's end is said at once.
+/// (nothing waits for a lease that may never come), but one record at a time: a change while
+/// one is on its way goes with its answer, with the subscriptions then (a SUBSCRIBE flood costs
+/// a record per Kafka round trip, not one per packet). A SUBACK goes only once the record that
+/// carries its change is answered: a node killed right after it leaves the survivors that
+/// subscription. A failed record is written again with the lease, as is one whose answer never
+/// came, and their SUBACKs wait for that; a session's end is said at once.
 #[test]
 fn a_persistent_sessions_subscriptions_are_recorded_at_once_one_record_in_flight_at_a_time() {
     use crate::cluster::ClaimKind;
@@ -2012,10 +2013,12 @@ fn a_persistent_sessions_subscriptions_are_recorded_at_once_one_record_in_flight
         f.sort();
         f
     };
+    let subacks =
+        |w: &mut World, conn: ConnId| w.recv(0, conn, V5).iter().filter(|p| matches!(p, Packet::SubAck(_))).count();
     w.connect(0, 1, V5, "orphan", false);
     w.send(0, 1, V5, subscribe("fleet/#", 1));
     commit_sessions(&mut w, &mut store);
-    assert!(w.recv(0, 1, V5).iter().any(|p| matches!(p, Packet::SubAck(_))));
+    assert_eq!(subacks(&mut w, 1), 0, "stored on this node only: the SUBACK waits for the cluster's record");
     let recs = w.claims(ClaimKind::Session);
     assert_eq!(recs.len(), 1, "at once, not at the lease at 1000 ms");
     assert!(recs[0].0.active && recs[0].0.client == "orphan" && recs[0].0.expiry == 600);
@@ -2023,11 +2026,15 @@ fn a_persistent_sessions_subscriptions_are_recorded_at_once_one_record_in_flight
     let wall = |t: u64| u64::try_from(w.shards[0].wall_offset_ms + t as i64).unwrap();
     assert_eq!(recs[0].0.at_ms, wall(10), "when it was written: readers order a session's records by it");
     w.answer(None);
+    assert_eq!(subacks(&mut w, 1), 1, "the record answered: the SUBACK goes");
     assert!(w.claims(ClaimKind::Session).is_empty(), "answered, nothing changed since: nothing more");
 
-    // A change with nothing on its way: at once. Two more before its answer wait for it.
+    // A change with nothing on its way: at once (an UNSUBACK promises nothing a survivor could
+    // lose, so it does not wait). A SUBSCRIBE before its answer waits for it, and its SUBACK
+    // for the record after; the connection's next SUBSCRIBE waits for that SUBACK.
     w.now = 20;
     w.send(0, 1, V5, unsubscribe("fleet/#"));
+    assert!(w.recv(0, 1, V5).iter().any(|p| matches!(p, Packet::UnsubAck(_))));
     w.now = 30;
     commit_sessions(&mut w, &mut store);
     w.send(0, 1, V5, subscribe("home/#", 1));
@@ -2035,32 +2042,44 @@ fn a_persistent_sessions_subscriptions_are_recorded_at_once_one_record_in_flight
     w.send(0, 1, V5, subscribe("away/#", 1));
     commit_sessions(&mut w, &mut store);
     let recs = w.claims(ClaimKind::Session);
-    assert_eq!(recs.len(), 1, "the UNSUBSCRIBE at once, the SUBSCRIBEs wait for its answer");
+    assert_eq!(recs.len(), 1, "the UNSUBSCRIBE at once, the SUBSCRIBE waits for its answer");
     assert!(subs_of(&recs[0].1).is_empty());
-    assert_eq!(w.shards[0].claims.stats().state_coalesced, 2);
+    assert_eq!(w.shards[0].claims.stats().state_coalesced, 1);
+    assert_eq!(subacks(&mut w, 1), 0);
     w.answer(None);
     let recs = w.claims(ClaimKind::Session);
-    assert_eq!(recs.len(), 1, "one record for both, with the subscriptions then");
+    assert_eq!(recs.len(), 1, "the change that waited, with the subscriptions then");
+    assert_eq!(subs_of(&recs[0].1), ["home/#"]);
+    assert_eq!(subacks(&mut w, 1), 0, "not the answer of a record without home/#");
+    w.answer(None);
+    assert_eq!(subacks(&mut w, 1), 1, "home/#");
+    commit_sessions(&mut w, &mut store);
+    let recs = w.claims(ClaimKind::Session);
+    assert_eq!(recs.len(), 1, "the next SUBSCRIBE, read once the first was answered");
     assert_eq!(subs_of(&recs[0].1), ["away/#", "home/#"]);
+    w.answer(None);
+    assert_eq!(subacks(&mut w, 1), 1, "away/#");
     w.tick(1000);
     assert!(w.claims(ClaimKind::Session).is_empty(), "the lease has nothing to write");
     w.answer(None);
     assert_eq!(w.shards[0].claims.session_records.len(), 0);
 
     // A record Kafka refuses: not again at once (a full disk refuses while it is handed out),
-    // but with the next lease.
+    // but with the next lease; its SUBACK waits for that one.
     w.now = 1100;
     w.send(0, 1, V5, subscribe("b/#", 1));
     commit_sessions(&mut w, &mut store);
     assert_eq!(w.claims(ClaimKind::Session).len(), 1);
     w.answer(Some(ProduceError::SpillFull));
     assert!(w.claims(ClaimKind::Session).is_empty());
+    assert_eq!(subacks(&mut w, 1), 0, "refused by Kafka: nothing promised yet");
     w.tick(2000);
     let recs = w.claims(ClaimKind::Session);
     assert_eq!(recs.len(), 1, "written again with the lease");
     assert_eq!(subs_of(&recs[0].1), ["away/#", "b/#", "home/#"]);
     assert_eq!(w.shards[0].claims.stats().state_failed, 1);
     w.answer(None);
+    assert_eq!(subacks(&mut w, 1), 1, "b/#, once written again");
 
     w.send(
         0,
@@ -2077,7 +2096,8 @@ fn a_persistent_sessions_subscriptions_are_recorded_at_once_one_record_in_flight
     assert!(!recs[0].0.active && recs[0].1.is_empty());
     w.answer(None);
 
-    // An answer that never comes: given up on at the lease after STALE_MS, written again.
+    // An answer that never comes: given up on at the lease after STALE_MS, written again
+    // (its SUBACK waits for that one: `session_records`' unit tests).
     w.connect(0, 2, V5, "orphan", false);
     w.send(0, 2, V5, subscribe("c/#", 1));
     commit_sessions(&mut w, &mut store);
@@ -2091,7 +2111,7 @@ fn a_persistent_sessions_subscriptions_are_recorded_at_once_one_record_in_flight
     assert_eq!(recs.len(), 1);
     assert_eq!(subs_of(&recs[0].1), ["c/#"]);
     assert_eq!(w.shards[0].claims.stats().state_stale, 1);
-    assert_eq!(w.shards[0].claims.stats().state_records, 8);
+    assert_eq!(w.shards[0].claims.stats().state_records, 9);
 }
 
 /// A persistent session whose change waits for its record's answer moves to another shard of
@@ -2111,9 +2131,15 @@ fn a_session_moving_to_another_shard_writes_its_waiting_change_before_it_goes() 
         .expect("an id whose directory is shard 0");
     w.connect(0, 1, V5, &id, false);
     let mut store = HashMap::default();
-    w.send(0, 1, V5, subscribe("a/#", 1));
-    commit_sessions(&mut w, &mut store);
-    w.send(0, 1, V5, subscribe("b/#", 1));
+    for f in ["a/#", "b/#", "c/#"] {
+        w.send(0, 1, V5, subscribe(f, 1));
+        commit_sessions(&mut w, &mut store);
+        w.answer(None);
+    }
+    assert_eq!(w.claims(ClaimKind::Session).len(), 3);
+    // An UNSUBSCRIBE's record on its way, and a second change waiting for its answer.
+    w.send(0, 1, V5, unsubscribe("a/#"));
+    w.send(0, 1, V5, unsubscribe("b/#"));
     commit_sessions(&mut w, &mut store);
     let recs = w.claims(ClaimKind::Session);
     assert_eq!(recs.len(), 1);
@@ -2122,7 +2148,7 @@ fn a_session_moving_to_another_shard_writes_its_waiting_change_before_it_goes() 
     assert_eq!(recs.len(), 1, "the waiting change, as the session leaves shard 0");
     assert!(recs[0].0.active && recs[0].0.shard == 0);
     let s = Session::decode(id.as_str().into(), 0, &recs[0].1, 0, 0).expect("stored form");
-    assert_eq!(s.subs.len(), 2);
+    assert_eq!(s.subs.keys().collect::<Vec<_>>(), ["c/#"]);
     w.answer(None);
     assert!(w.claims(ClaimKind::Session).is_empty(), "no end from shard 0, no record from shard 1");
     w.send(1, 2, V5, subscribe("c/#", 1));
