@@ -108,8 +108,9 @@ struct Args {
     /// to one broker address become possible. 0: let the kernel pick (one source address).
     #[arg(long, default_value_t = 0)]
     source_ips: u32,
-    /// How `p2p` drives its clients: `threads` (a blocking thread per client) or `epoll` (all
-    /// clients non-blocking on `--load-threads` event loops: less load CPU, fewer wake-ups).
+    /// How `p2p` (QoS 1/2) and `to-kafka` (QoS 0/1) drive their clients: `threads` (a blocking
+    /// thread per client) or `epoll` (all clients non-blocking on `--load-threads` event
+    /// loops: less load CPU, fewer wake-ups; not with `--rate`).
     #[arg(long, value_enum, default_value = "threads")]
     io: Io,
     /// Event-loop threads for `--io epoll`.
@@ -291,6 +292,8 @@ fn on_delivery(p: &Publish, hist: &mut Histogram<u64>, acks: &mut BytesMut, a: &
 
 /// QoS 1 messages a publisher keeps unacknowledged.
 const WINDOW: usize = 64;
+/// QoS 0 messages a publisher encodes per write.
+const QOS0_BATCH: usize = 64;
 
 /// Publishes as fast as allowed until told to stop. QoS 0 is written in batches; QoS 1 keeps a
 /// window of 64 in flight.
@@ -304,7 +307,7 @@ fn publisher(
     rate: u64,
 ) -> anyhow::Result<()> {
     let mut c = Conn::connect(addr, &format!("perf-pub-{id}"))?;
-    let batch = 64;
+    let batch = QOS0_BATCH;
     let mut out = BytesMut::with_capacity(batch * (payload + 64));
     let mut pid: u16 = 0;
     let mut inflight = 0usize;
@@ -420,20 +423,20 @@ impl Peer {
     }
 }
 
-/// Publisher → subscriber pairs on one non-blocking event loop: publishers keep `WINDOW` QoS 1
-/// messages in flight and refill after each read of PUBACKs; subscribers acknowledge after each
-/// read. One thread, no wake-ups between load threads: the broker is what is measured.
-fn p2p_event_loop(pairs: Vec<(String, Conn, Conn)>, a: Arc<Shared>, payload: usize, qos: u8) -> anyhow::Result<()> {
+/// Clients on one non-blocking event loop (`--io epoll`): a publisher (`Some(topic)`) keeps
+/// `WINDOW` QoS 1 messages in flight and refills after each read of PUBACKs, or at QoS 0 writes
+/// batches of 64 until the kernel takes no more; a subscriber acknowledges after each read. One
+/// thread, no wake-ups between load threads: the broker is what is measured, and the load's own
+/// CPU stays small (a thread per client costs a wake-up per read).
+fn event_loop(clients: Vec<(Conn, Option<String>)>, a: Arc<Shared>, payload: usize, qos: u8) -> anyhow::Result<()> {
     use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
     let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
     let mut peers = Vec::new();
-    for (topic, p, s) in pairs {
-        for (conn, topic) in [(p, Some(topic)), (s, None)] {
-            conn.s.set_nonblocking(true)?;
-            let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLOUT | EpollFlags::EPOLLET;
-            epoll.add(&conn.s, EpollEvent::new(flags, peers.len() as u64))?;
-            peers.push(Peer { conn, out: BytesMut::new(), topic, inflight: 0, next_pid: 0 });
-        }
+    for (conn, topic) in clients {
+        conn.s.set_nonblocking(true)?;
+        let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLOUT | EpollFlags::EPOLLET;
+        epoll.add(&conn.s, EpollEvent::new(flags, peers.len() as u64))?;
+        peers.push(Peer { conn, out: BytesMut::new(), topic, inflight: 0, next_pid: 0 });
     }
     let mut local = Histogram::<u64>::new_with_bounds(1_000, 60_000_000_000, 3)?;
     let mut body = vec![0u8; payload.max(8)];
@@ -441,7 +444,17 @@ fn p2p_event_loop(pairs: Vec<(String, Conn, Conn)>, a: Arc<Shared>, payload: usi
     let mut chunk = vec![0u8; 1 << 16];
     let mut refill = |p: &mut Peer, a: &Shared| {
         let Some(topic) = &p.topic else { return };
-        let n = if a.stop_publishing.load(Ordering::Relaxed) { 0 } else { WINDOW - p.inflight };
+        if a.stop_publishing.load(Ordering::Relaxed) {
+            return;
+        }
+        if qos == 0 {
+            for _ in 0..QOS0_BATCH {
+                encode_timestamped(&mut p.out, topic, 0, 0, &mut body);
+            }
+            a.sent.fetch_add(QOS0_BATCH as u64, Ordering::Relaxed);
+            return;
+        }
+        let n = WINDOW - p.inflight;
         for _ in 0..n {
             p.next_pid = p.next_pid % u16::MAX + 1;
             encode_timestamped(&mut p.out, topic, qos, p.next_pid, &mut body);
@@ -449,9 +462,19 @@ fn p2p_event_loop(pairs: Vec<(String, Conn, Conn)>, a: Arc<Shared>, payload: usi
         p.inflight += n;
         a.unacked.fetch_add(n as u64, Ordering::Relaxed);
     };
+    // QoS 0: a publisher writes until the kernel takes no more (edge-triggered: the next
+    // EPOLLOUT comes only after a write that would block).
+    let write = |p: &mut Peer, a: &Shared, refill: &mut dyn FnMut(&mut Peer, &Shared)| -> anyhow::Result<()> {
+        p.flush()?;
+        while qos == 0 && p.topic.is_some() && p.out.is_empty() && !a.stop_publishing.load(Ordering::Relaxed) {
+            refill(p, a);
+            p.flush()?;
+        }
+        Ok(())
+    };
     for p in &mut peers {
         refill(p, &a);
-        p.flush()?;
+        write(p, &a, &mut refill)?;
     }
     while !a.stop_receiving.load(Ordering::Relaxed) {
         let n = match epoll.wait(&mut events, 100) {
@@ -487,7 +510,7 @@ fn p2p_event_loop(pairs: Vec<(String, Conn, Conn)>, a: Arc<Shared>, payload: usi
                     refill(p, &a);
                 }
             }
-            p.flush()?;
+            write(p, &a, &mut refill)?;
         }
     }
     a.hist.lock().unwrap().add(&local)?;
@@ -708,6 +731,13 @@ fn main() -> anyhow::Result<()> {
         Scenario::FromKafka => (0, args.clients),
         Scenario::Idle | Scenario::Storm => unreachable!(),
     };
+    // The event loop is not paced, keeps a QoS 1 window, and drives p2p at QoS 1/2 and
+    // to-kafka's publishers at QoS 0/1; other cases use threads.
+    let epoll_p2p = args.scenario == Scenario::P2p && args.io == Io::Epoll && args.rate == 0 && args.qos > 0;
+    let epoll_pubs = args.scenario == Scenario::ToKafka && args.io == Io::Epoll && args.rate == 0 && args.qos <= 1;
+    if args.io == Io::Epoll && !epoll_p2p && !epoll_pubs {
+        bail!("--io epoll drives p2p at QoS 1/2 and to-kafka at QoS 0/1, without --rate");
+    }
     let mut kafka = match (args.scenario, &args.kafka) {
         (Scenario::ToKafka, Some(k)) => Some(KafkaCount::new(k, &args.kafka_topic)?),
         (Scenario::ToKafka, None) => bail!("to-kafka needs --kafka HOST:PORT"),
@@ -715,8 +745,6 @@ fn main() -> anyhow::Result<()> {
     };
     let kafka_base = kafka.as_mut().map(KafkaCount::total).transpose()?.unwrap_or(0);
     let acked_base = args.metrics.map(records_produced).transpose()?.unwrap_or(0);
-    // The event loop keeps a QoS 1/2 window and is not paced; other cases use threads.
-    let epoll_p2p = args.scenario == Scenario::P2p && args.io == Io::Epoll && args.rate == 0 && args.qos > 0;
     let mut epoll_subs = Vec::new();
     let mut subs = Vec::new();
     for i in 0..n_sub {
@@ -745,18 +773,24 @@ fn main() -> anyhow::Result<()> {
     let self0 = cpu_secs("self");
     let t0 = Instant::now();
     let mut pubs = Vec::new();
-    if epoll_p2p {
-        let mut pairs: Vec<Vec<(String, Conn, Conn)>> = (0..args.load_threads.max(1)).map(|_| Vec::new()).collect();
-        for (i, s) in epoll_subs.drain(..).enumerate() {
+    if epoll_p2p || epoll_pubs {
+        let loops = args.load_threads.max(1);
+        let mut groups: Vec<Vec<(Conn, Option<String>)>> = (0..loops).map(|_| Vec::new()).collect();
+        let mut p2p_subs = std::mem::take(&mut epoll_subs).into_iter();
+        for i in 0..n_pub {
             let p = Conn::connect(args.addr, &format!("perf-pub-{i}"))?;
-            pairs[i % args.load_threads.max(1)].push((format!("perf/{i}/data"), p, s));
+            let group = &mut groups[i % loops];
+            group.push((p, Some(format!("perf/{i}/data"))));
+            if let Some(s) = p2p_subs.next() {
+                group.push((s, None));
+            }
         }
-        for group in pairs {
+        for group in groups {
             let (a, payload, qos) = (shared.clone(), args.payload, args.qos);
-            subs.push(std::thread::spawn(move || p2p_event_loop(group, a, payload, qos)));
+            subs.push(std::thread::spawn(move || event_loop(group, a, payload, qos)));
         }
     }
-    for i in 0..if epoll_p2p { 0 } else { n_pub } {
+    for i in 0..if epoll_p2p || epoll_pubs { 0 } else { n_pub } {
         let topic = match args.scenario {
             Scenario::FanIn | Scenario::ToKafka | Scenario::P2p => format!("perf/{i}/data"),
             Scenario::FanOut | Scenario::Idle | Scenario::Storm | Scenario::FromKafka => "perf/fanout".into(),
@@ -799,6 +833,9 @@ fn main() -> anyhow::Result<()> {
         None => None,
     };
     let kafka_cpu = kafka_pid.as_deref().and_then(cpu_secs).zip(kafka_cpu0).map(|(b, a)| b - a);
+    // The load's own CPU while it published (to the last acknowledgement), without the
+    // read-back below that counts the records in Kafka.
+    let publish_cpu = cpu_secs("self").zip(self0).map(|(b, a)| b - a);
     if let Some(k) = &mut kafka {
         // Wait until Kafka holds every record, or nothing has arrived for 5 s.
         let (in_kafka, _) = follow_count(sent, Duration::from_millis(50), || Ok(k.total()? - kafka_base))?;
@@ -833,7 +870,7 @@ fn main() -> anyhow::Result<()> {
         (Some(b), Some(a)) => Some(b - a),
         _ => None,
     };
-    let self_cpu = cpu_secs("self").zip(self0).map(|(b, a)| b - a);
+    let self_cpu = if kafka.is_some() { publish_cpu } else { cpu_secs("self").zip(self0).map(|(b, a)| b - a) };
     let h = shared.hist.lock().unwrap();
     let p50 = h.value_at_quantile(0.50) as f64 / 1e3;
     let p99 = h.value_at_quantile(0.99) as f64 / 1e3;
