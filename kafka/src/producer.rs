@@ -55,6 +55,8 @@ pub(crate) const REQUEST_BATCHES_BYTES: usize = 1 << 20;
 /// How often queued records are checked against their deadlines while their partition cannot
 /// send (no leader, no connection, backing off).
 const EXPIRY_SCAN: Duration = Duration::from_millis(100);
+/// Hand-overs from the shard taken into one turn beyond the one that woke it.
+const MAX_HANDOVERS_PER_TURN: usize = 64;
 
 /// A topic's partition, as requests name it.
 type PartRef = (Arc<str>, i32);
@@ -349,6 +351,18 @@ impl Producer {
                 _ = tokio::time::sleep_until(wake.into()) => {}
             }
             let now = Instant::now();
+            if open {
+                // Every hand-over already waiting goes into this turn's flush: a turn (a flush,
+                // the next wake, clock reads) per hand-over of a few records, or a turn for
+                // Kafka's answers and another for the records that came meanwhile, costs more
+                // than the records. Bounded, so answers are not kept waiting behind a flood.
+                for _ in 0..MAX_HANDOVERS_PER_TURN {
+                    let Ok(batch) = self.requests.try_recv() else { break };
+                    for req in batch {
+                        self.accept(req, true, now);
+                    }
+                }
+            }
             while let Some(req) = self.dead_letters.pop_front() {
                 // Dead-letter copies take the same path, under their own cluster's limits.
                 self.accept(req, false, now);
@@ -800,6 +814,12 @@ impl Producer {
     }
 
     /// When the loop must wake up without an event: the earliest linger end or back-off end.
+    ///
+    /// A partition that only an event can let go — its broker's window is full (an answer frees
+    /// it), its connection is being made, its leader is unknown (metadata) — sets no wake-up:
+    /// its linger long over, it woke the loop at once, every turn, while the broker's requests
+    /// were out (measured: at 1 KiB QoS 0, 8 partitions each filling a request and 5 requests in
+    /// flight, the Kafka thread spun on the 3 partitions left).
     fn next_wake(&self) -> Instant {
         let now = Instant::now();
         let mut wake = now + EXPIRY_SCAN;
@@ -810,7 +830,14 @@ impl Producer {
             else {
                 continue;
             };
-            if q.in_flight() || !q.has_queued() {
+            if q.in_flight() || !q.has_queued() || q.leader < 0 {
+                continue;
+            }
+            let max_in_flight = c.cluster.config().max_requests_in_flight.max(1);
+            if c.brokers
+                .get(&q.leader)
+                .is_some_and(|b| b.in_flight >= max_in_flight || (b.link.is_none() && b.connecting))
+            {
                 continue;
             }
             if let Some(r) = q.retry_at {
