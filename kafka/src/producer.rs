@@ -266,6 +266,18 @@ struct BrokerState {
     failures: u32,
 }
 
+impl BrokerState {
+    /// Whether no request can go to this broker before an event or the end of its hold: it is
+    /// held (throttled, backing off), its window of `max_in_flight` requests is full (an answer
+    /// frees it), or its connection is being made. `send` refuses such a broker, and
+    /// `next_wake` sets no wake-up for its partitions (their hold's end is a wake-up of its own).
+    fn blocked(&self, max_in_flight: usize, now: Instant) -> bool {
+        self.hold_until.is_some_and(|h| h > now)
+            || self.in_flight >= max_in_flight
+            || (self.link.is_none() && self.connecting)
+    }
+}
+
 struct ClusterState {
     cluster: Arc<Cluster>,
     topics: HashMap<Arc<str>, TopicState>,
@@ -340,12 +352,7 @@ impl Producer {
                     }
                 }
                 batch = self.requests.recv(), if open => match batch {
-                    Some(batch) => {
-                        let now = Instant::now();
-                        for req in batch {
-                            self.accept(req, true, now);
-                        }
-                    }
+                    Some(batch) => self.accept_handover(batch, Instant::now()),
                     None => open = false,
                 },
                 _ = tokio::time::sleep_until(wake.into()) => {}
@@ -358,9 +365,7 @@ impl Producer {
                 // than the records. Bounded, so answers are not kept waiting behind a flood.
                 for _ in 0..MAX_HANDOVERS_PER_TURN {
                     let Ok(batch) = self.requests.try_recv() else { break };
-                    for req in batch {
-                        self.accept(req, true, now);
-                    }
+                    self.accept_handover(batch, now);
                 }
             }
             while let Some(req) = self.dead_letters.pop_front() {
@@ -403,6 +408,13 @@ impl Producer {
 
     /// A record from the shard (`report`), or a dead-letter copy of one (its outcome is nobody's
     /// business). A record of a mapping with a schema is checked first.
+    /// One hand-over from the shard: its records, in order, each reported back.
+    fn accept_handover(&mut self, batch: Vec<ProduceRequest>, now: Instant) {
+        for req in batch {
+            self.accept(req, true, now);
+        }
+    }
+
     fn accept(&mut self, req: ProduceRequest, report: bool, now: Instant) {
         let checked = match &mut self.stage {
             Some(stage) if report && stage.checks(&req.record) => {
@@ -815,8 +827,8 @@ impl Producer {
 
     /// When the loop must wake up without an event: the earliest linger end or back-off end.
     ///
-    /// A partition that only an event can let go — its broker's window is full (an answer frees
-    /// it), its connection is being made, its leader is unknown (metadata) — sets no wake-up:
+    /// A partition that only an event or its broker's hold can let go — its broker is
+    /// [`BrokerState::blocked`], its leader is unknown (metadata) — sets no wake-up:
     /// its linger long over, it woke the loop at once, every turn, while the broker's requests
     /// were out (measured: at 1 KiB QoS 0, 8 partitions each filling a request and 5 requests in
     /// flight, the Kafka thread spun on the 3 partitions left).
@@ -834,10 +846,7 @@ impl Producer {
                 continue;
             }
             let max_in_flight = c.cluster.config().max_requests_in_flight.max(1);
-            if c.brokers
-                .get(&q.leader)
-                .is_some_and(|b| b.in_flight >= max_in_flight || (b.link.is_none() && b.connecting))
-            {
+            if c.brokers.get(&q.leader).is_some_and(|b| b.blocked(max_in_flight, now)) {
                 continue;
             }
             if let Some(r) = q.retry_at {
@@ -935,26 +944,25 @@ impl Producer {
         let Some(c) = self.clusters.get_mut(usize::from(cluster)) else { return false };
         let max_in_flight = c.cluster.config().max_requests_in_flight.max(1);
         let b = c.brokers.entry(broker).or_default();
-        if b.hold_until.is_some_and(|h| h > now) || b.in_flight >= max_in_flight {
+        if b.blocked(max_in_flight, now) {
             return false;
         }
         let Some(link) = b.link.clone() else {
-            if !b.connecting {
-                b.connecting = true;
-                let (tx, cl) = (self.events_tx.clone(), c.cluster.clone());
-                tokio::spawn(async move {
-                    let link = match cl.client().await {
-                        Ok(client) => {
-                            match tokio::time::timeout(cl.request_timeout(), client.connect_broker(broker)).await {
-                                Ok(r) => r,
-                                Err(_) => Err(ClientError::Timeout),
-                            }
+            // Not connecting (`blocked` above): start it.
+            b.connecting = true;
+            let (tx, cl) = (self.events_tx.clone(), c.cluster.clone());
+            tokio::spawn(async move {
+                let link = match cl.client().await {
+                    Ok(client) => {
+                        match tokio::time::timeout(cl.request_timeout(), client.connect_broker(broker)).await {
+                            Ok(r) => r,
+                            Err(_) => Err(ClientError::Timeout),
                         }
-                        Err(e) => Err(e),
-                    };
-                    let _ = tx.send(Event::Connected { cluster, broker, link });
-                });
-            }
+                    }
+                    Err(e) => Err(e),
+                };
+                let _ = tx.send(Event::Connected { cluster, broker, link });
+            });
             return false;
         };
         b.in_flight += 1;
